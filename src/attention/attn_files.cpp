@@ -1,0 +1,117 @@
+#include "attention/attn_files.h"
+
+#include <cmath>
+#include <set>
+
+#include "attention/attention_op.h"
+#include "attention/mta_cpu.h"
+#include "util/error.h"
+
+namespace mta {
+namespace {
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  io::Tensor t;
+  t.shape = s;
+  return t.shape_str();
+}
+
+template <typename T>
+std::vector<T> load(const io::SafeTensors& in, const std::string& name, const std::vector<int64_t>& shape) {
+  const io::Tensor& t = in.at(name);
+  if (t.shape != shape)
+    throw InputError("tensor '" + name + "' has shape " + t.shape_str() + ", expected " + shape_str(shape));
+  std::vector<T> x;
+  if constexpr (std::is_same_v<T, double>) x = io::to_f64(t, "tensor '" + name + "'");
+  else x = io::to_f32(t, "tensor '" + name + "'");
+  for (size_t i = 0; i < x.size(); ++i)
+    if (!std::isfinite(x[i]))
+      throw InputError("tensor '" + name + "' contains " + (std::isnan(x[i]) ? "NaN" : "Inf") + " at flat index " +
+                       std::to_string(i));
+  return x;
+}
+
+template <typename T>
+io::SafeTensors run(const AttentionSpec& spec, const io::SafeTensors& in, const AttnDims& dims) {
+  const std::vector<int64_t> qshape{dims.B, dims.H, dims.T, dims.D};
+  std::vector<T> q = load<T>(in, "q", qshape), k = load<T>(in, "k", qshape), v = load<T>(in, "v", qshape);
+  const auto infos = attention_params(spec);
+  std::vector<std::vector<T>> pvals;
+  for (const auto& info : infos) pvals.push_back(load<T>(in, info.name, std::vector<int64_t>(info.shape.begin(), info.shape.end())));
+
+  AttnParams<T> p;
+  std::vector<std::vector<T>> gvals;
+  AttnParamGrads<T> g;
+  for (size_t i = 0; i < infos.size(); ++i) {
+    gvals.emplace_back(pvals[i].size(), T(0));
+    const std::string& n = infos[i].name;
+    const T* pv = pvals[i].data();
+    T* gv = gvals[i].data();
+    if (n == "kq_pre") p.kq_pre = pv, g.kq_pre = gv;
+    else if (n == "head_pre") p.head_pre = pv, g.head_pre = gv;
+    else if (n == "kq_post") p.kq_post = pv, g.kq_post = gv;
+    else if (n == "head_post") p.head_post = pv, g.head_post = gv;
+    else if (n == "norm") p.norm = pv, g.norm = gv;
+    else if (n == "gate_w") p.gate_w = pv, g.gate_w = gv;
+    else if (n == "gate_b") p.gate_b = pv, g.gate_b = gv;
+  }
+
+  const bool backward = in.has("dout");
+  std::vector<T> dout;
+  if (backward) dout = load<T>(in, "dout", qshape);
+
+  io::SafeTensors out;
+  std::vector<T> o(q.size());
+  cpu::mta_forward<T>(spec, dims, q.data(), k.data(), v.data(), p, o.data());
+  out.tensors["out"] = io::make_tensor(qshape, o.data());
+  if (backward) {
+    std::vector<T> dq(q.size()), dk(q.size()), dv(q.size());
+    cpu::mta_backward<T>(spec, dims, q.data(), k.data(), v.data(), p, dout.data(), dq.data(), dk.data(), dv.data(), g);
+    out.tensors["grad_q"] = io::make_tensor(qshape, dq.data());
+    out.tensors["grad_k"] = io::make_tensor(qshape, dk.data());
+    out.tensors["grad_v"] = io::make_tensor(qshape, dv.data());
+    for (size_t i = 0; i < infos.size(); ++i)
+      out.tensors["grad_" + infos[i].name] =
+          io::make_tensor(std::vector<int64_t>(infos[i].shape.begin(), infos[i].shape.end()), gvals[i].data());
+  }
+  out.metadata["producer"] = "mta attn";
+  out.metadata["compute_dtype"] = std::is_same_v<T, double> ? "F64" : "F32";
+  return out;
+}
+
+}  // namespace
+
+Device parse_device(const std::string& name) {
+  if (name == "cpu") return Device::Cpu;
+  if (name == "cuda") return Device::Cuda;
+  throw InputError("--device: must be cpu or cuda (got '" + name + "')");
+}
+
+io::SafeTensors run_attention_tensors(const AttentionSpec& spec, const io::SafeTensors& in, Device device,
+                                      std::vector<std::string>* warnings) {
+  spec.validate();
+  const io::Tensor& q = in.at("q");
+  if (q.shape.size() != 4) throw InputError("tensor 'q' has shape " + q.shape_str() + ", expected [B, H, T, D]");
+  AttnDims dims{static_cast<int>(q.shape[0]), static_cast<int>(q.shape[1]), static_cast<int>(q.shape[2]),
+                static_cast<int>(q.shape[3])};
+  if (q.shape[1] != spec.heads)
+    throw InputError("tensor 'q' has " + std::to_string(q.shape[1]) + " heads (shape " + q.shape_str() +
+                     "), spec.heads = " + std::to_string(spec.heads));
+  if (q.shape[3] != spec.head_dim)
+    throw InputError("tensor 'q' has head dim " + std::to_string(q.shape[3]) + " (shape " + q.shape_str() +
+                     "), spec.head_dim = " + std::to_string(spec.head_dim));
+  for (int i = 0; i < 4; ++i)
+    if (q.shape[i] < 1 || q.shape[i] > (1 << 30)) throw InputError("tensor 'q' has an empty or huge dimension: shape " + q.shape_str());
+
+  if (warnings) {
+    std::set<std::string> used{"q", "k", "v", "dout"};
+    for (const auto& info : attention_params(spec)) used.insert(info.name);
+    for (const auto& [name, t] : in.tensors)
+      if (!used.count(name)) warnings->push_back(name);
+  }
+  if (device == Device::Cuda) throw InputError("--device cuda: this build has no CUDA backend");
+  if (q.dtype == io::DType::F64) return run<double>(spec, in, dims);
+  return run<float>(spec, in, dims);
+}
+
+}  // namespace mta

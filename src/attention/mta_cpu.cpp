@@ -1,0 +1,511 @@
+#include "attention/mta_cpu.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "util/blas.h"
+#include "util/error.h"
+
+namespace mta::cpu {
+namespace {
+
+// Square T x T matrices are stored row-major, one per head. Only the causal part (j <= i) of a score
+// or weight matrix is ever meaningful; the stages below read and write only that part, and buffers
+// start zeroed so that the future part reads as the zero the semantics require.
+
+// out[i, j] = sum_{a,c} W[a,c] * in[i-(cq-1)+a, j-o+c] for j <= i, where `in` is zero outside its
+// causal part. One row i of the output.
+template <typename T>
+void conv_forward_row(const T* in, T* out, const T* W, const KqConv& kc, int n, int i) {
+  const int cq = kc.q, ck = kc.k, o = kc.key_offset();
+  T* orow = out + static_cast<long long>(i) * n;
+  std::fill(orow, orow + i + 1, T(0));
+  for (int a = 0; a < cq; ++a) {
+    const int ii = i - (cq - 1) + a;
+    if (ii < 0) continue;
+    const T* irow = in + static_cast<long long>(ii) * n;
+    for (int c = 0; c < ck; ++c) {
+      const T w = W[a * ck + c];
+      if (w == T(0)) continue;  // exact: inputs are finite
+      const int shift = c - o;  // source column = j + shift, must lie in [0, ii]
+      const int jlo = std::max(0, -shift), jhi = std::min(i, ii - shift);
+      for (int j = jlo; j <= jhi; ++j) orow[j] += w * irow[j + shift];
+    }
+  }
+}
+
+// Adjoint of conv_forward_row over a whole row ii of the input: din[ii, jj] (jj <= ii) =
+// sum_{a,c} W[a,c] * dout[ii+(cq-1)-a, jj+o-c], reading dout only where it is causal (j <= i).
+template <typename T>
+void conv_input_grad_row(const T* dout, T* din, const T* W, const KqConv& kc, int n, int ii) {
+  const int cq = kc.q, ck = kc.k, o = kc.key_offset();
+  T* drow_in = din + static_cast<long long>(ii) * n;
+  std::fill(drow_in, drow_in + ii + 1, T(0));
+  for (int a = 0; a < cq; ++a) {
+    const int i = ii + (cq - 1) - a;
+    if (i >= n) continue;
+    const T* drow = dout + static_cast<long long>(i) * n;
+    for (int c = 0; c < ck; ++c) {
+      const T w = W[a * ck + c];
+      if (w == T(0)) continue;
+      const int shift = o - c;  // dout column j = jj + shift, must lie in [0, i]
+      const int jlo = std::max(0, -shift), jhi = std::min(ii, i - shift);
+      for (int jj = jlo; jj <= jhi; ++jj) drow_in[jj] += w * drow[jj + shift];
+    }
+  }
+}
+
+// dW[a,c] += sum_{i, j<=i} dout[i,j] * in[i-(cq-1)+a, j-o+c] for one head.
+template <typename T>
+void conv_weight_grad(const T* in, const T* dout, T* dW, const KqConv& kc, int n) {
+  const int cq = kc.q, ck = kc.k, o = kc.key_offset();
+  for (int a = 0; a < cq; ++a) {
+    for (int c = 0; c < ck; ++c) {
+      const int shift = c - o;
+      T acc = 0;
+      for (int i = 0; i < n; ++i) {
+        const int ii = i - (cq - 1) + a;
+        if (ii < 0) continue;
+        const T* irow = in + static_cast<long long>(ii) * n;
+        const T* drow = dout + static_cast<long long>(i) * n;
+        const int jlo = std::max(0, -shift), jhi = std::min(i, ii - shift);
+        for (int j = jlo; j <= jhi; ++j) acc += drow[j] * irow[j + shift];
+      }
+      dW[a * ck + c] += acc;
+    }
+  }
+}
+
+// Per-unit state: the score matrices of the coupled heads of one batch element.
+template <typename T>
+struct UnitBuffers {
+  int G = 0, n = 0;
+  std::vector<T> S0, C, A, A2, A3;  // per head, n*n each (empty when aliased)
+  std::vector<T*> s0, c, a, a2, a3;  // per-head views after aliasing
+
+  UnitBuffers(const AttentionSpec& spec, int heads, int n_) : G(heads), n(n_) {
+    const size_t nn = static_cast<size_t>(n) * n * G;
+    S0.assign(nn, T(0));
+    if (spec.kq_pre) C.assign(nn, T(0));
+    if (spec.head_pre || spec.kq_pre) A.assign(nn, T(0));  // holds C' then, in place, the softmax A
+    if (spec.kq_post) A2.assign(nn, T(0));
+    if (spec.head_post) A3.assign(nn, T(0));
+    for (int h = 0; h < G; ++h) {
+      const size_t off = static_cast<size_t>(h) * n * n;
+      s0.push_back(S0.data() + off);
+      c.push_back(spec.kq_pre ? C.data() + off : s0.back());
+      a.push_back(!A.empty() ? A.data() + off : c.back());
+      a2.push_back(spec.kq_post ? A2.data() + off : a.back());
+      a3.push_back(spec.head_post ? A3.data() + off : a2.back());
+    }
+  }
+};
+
+// out[x] = sum_y M[x, y] * in[y] over the causal part of row i, for all heads of the unit.
+// Heads are mixed within groups of g consecutive global heads; h0 is the unit's first global head.
+template <typename T>
+void mix_heads_row(const std::vector<T*>& in, const std::vector<T*>& out, const T* M, int g, int h0, int n, int i) {
+  const int G = static_cast<int>(in.size());
+  const long long row = static_cast<long long>(i) * n;
+  for (int x = 0; x < G; ++x) {
+    const int hx = h0 + x, grp = hx / g, xg = hx % g;
+    const T* m = M + (static_cast<long long>(grp) * g + xg) * g;
+    T* orow = out[x] + row;
+    std::fill(orow, orow + i + 1, T(0));
+    for (int y = 0; y < g; ++y) {
+      const T w = m[y];
+      if (w == T(0)) continue;
+      const T* irow = in[grp * g + y - h0] + row;
+      for (int j = 0; j <= i; ++j) orow[j] += w * irow[j];
+    }
+  }
+}
+
+// dM[grp, x, y] += sum_{i, j<=i} dout[x][i,j] * in[y][i,j] for the unit's groups.
+template <typename T>
+void mix_heads_weight_grad(const std::vector<T*>& in, const std::vector<T*>& dout, T* dM, int g, int h0, int n) {
+  const int G = static_cast<int>(in.size());
+  const int pairs = G * g;
+#pragma omp parallel for schedule(static)
+  for (int p = 0; p < pairs; ++p) {
+    const int x = p / g, y = p % g;
+    const int hx = h0 + x, grp = hx / g, xg = hx % g;
+    const T* a = dout[x];
+    const T* b = in[grp * g + y - h0];
+    T acc = 0;
+    for (int i = 0; i < n; ++i) {
+      const long long row = static_cast<long long>(i) * n;
+      for (int j = 0; j <= i; ++j) acc += a[row + j] * b[row + j];
+    }
+    dM[(static_cast<long long>(grp) * g + xg) * g + y] += acc;
+  }
+}
+
+// Row softmax over j <= i, in place; the future part stays zero.
+template <typename T>
+void softmax_row(T* p, int i) {
+  T m = p[0];
+  for (int j = 1; j <= i; ++j) m = std::max(m, p[j]);
+  T sum = 0;
+  for (int j = 0; j <= i; ++j) {
+    p[j] = std::exp(p[j] - m);
+    sum += p[j];
+  }
+  const T inv = T(1) / sum;
+  for (int j = 0; j <= i; ++j) p[j] *= inv;
+}
+
+// Epilogue of one output row: group norm, depth scaling, gate. `o` holds A3 @ V on entry.
+template <typename T>
+void epilogue_forward_row(const AttentionSpec& spec, const AttnParams<T>& p, const T* o, T* out, int D) {
+  std::copy(o, o + D, out);
+  if (spec.norm) {
+    T ms = 0;
+    for (int d = 0; d < D; ++d) ms += o[d] * o[d];
+    const T r = T(1) / std::sqrt(ms / T(D) + T(kGroupNormEps));
+    for (int d = 0; d < D; ++d) out[d] = o[d] * r * p.norm[d];
+  }
+  if (spec.depth_scale_layer) {
+    const T s = static_cast<T>(spec.depth_scale());
+    for (int d = 0; d < D; ++d) out[d] *= s;
+  }
+  if (spec.gate) {
+    T z = p.gate_b[0];
+    for (int d = 0; d < D; ++d) z += out[d] * p.gate_w[d];
+    z = T(1) / (T(1) + std::exp(-z));
+    for (int d = 0; d < D; ++d) out[d] *= z;
+  }
+}
+
+// Backward of epilogue_forward_row: turns dout into d(A3 @ V) in `dobuf`, adds parameter grads into
+// the unit-local accumulators gn/gw/gb.
+template <typename T>
+void epilogue_backward_row(const AttentionSpec& spec, const AttnParams<T>& p, const T* o, const T* dout, T* dobuf,
+                           T* gnorm, T* ggw, T* ggb, int D, std::vector<T>& tmp) {
+  // Recompute the stages' values: n = normed (or o), s = scaled.
+  tmp.resize(2 * D);
+  T* nrm = tmp.data();
+  T* scl = tmp.data() + D;
+  T r = 1;
+  if (spec.norm) {
+    T ms = 0;
+    for (int d = 0; d < D; ++d) ms += o[d] * o[d];
+    r = T(1) / std::sqrt(ms / T(D) + T(kGroupNormEps));
+    for (int d = 0; d < D; ++d) nrm[d] = o[d] * r * p.norm[d];
+  } else {
+    std::copy(o, o + D, nrm);
+  }
+  const T ds = static_cast<T>(spec.depth_scale());
+  for (int d = 0; d < D; ++d) scl[d] = nrm[d] * ds;
+
+  // d(scaled)
+  if (spec.gate) {
+    T zl = p.gate_b[0];
+    for (int d = 0; d < D; ++d) zl += scl[d] * p.gate_w[d];
+    const T z = T(1) / (T(1) + std::exp(-zl));
+    T dz = 0;
+    for (int d = 0; d < D; ++d) dz += dout[d] * scl[d];
+    const T dzl = dz * z * (T(1) - z);
+    for (int d = 0; d < D; ++d) {
+      dobuf[d] = dout[d] * z + dzl * p.gate_w[d];
+      ggw[d] += dzl * scl[d];
+    }
+    ggb[0] += dzl;
+  } else {
+    std::copy(dout, dout + D, dobuf);
+  }
+  // d(normed)
+  if (spec.depth_scale_layer)
+    for (int d = 0; d < D; ++d) dobuf[d] *= ds;
+  // d(o)
+  if (spec.norm) {
+    T uo = 0;
+    for (int d = 0; d < D; ++d) {
+      gnorm[d] += dobuf[d] * o[d] * r;
+      dobuf[d] *= p.norm[d];  // u = gn * dN
+      uo += dobuf[d] * o[d];
+    }
+    const T c = r * r * r * uo / T(D);
+    for (int d = 0; d < D; ++d) dobuf[d] = r * dobuf[d] - o[d] * c;
+  }
+}
+
+bool epilogue_enabled(const AttentionSpec& s) {
+  return s.norm || s.depth_scale_layer || s.gate;
+}
+
+// The forward pass of one unit up to A3 (the final attention weights), for heads h0 .. h0+G-1 of
+// batch b. Fills buf; writes nothing else.
+template <typename T>
+void unit_scores(const AttentionSpec& spec, const AttnDims& dims, const T* q, const T* k, const AttnParams<T>& p,
+                 int b, int h0, UnitBuffers<T>& buf) {
+  const int G = buf.G, n = dims.T, D = dims.D;
+  const T scale = T(1) / std::sqrt(T(D));
+  const long long hs = static_cast<long long>(n) * D;
+  // 1. Logits, future set to 0 (S0).
+#pragma omp parallel for schedule(static)
+  for (int x = 0; x < G; ++x) {
+    const long long base = (static_cast<long long>(b) * dims.H + h0 + x) * hs;
+    T* s = buf.s0[x];
+    gemm<T>(false, true, n, n, D, scale, q + base, D, k + base, D, T(0), s, n);
+    for (int i = 0; i < n; ++i) std::fill(s + static_cast<long long>(i) * n + i + 1, s + static_cast<long long>(i + 1) * n, T(0));
+  }
+  // 2. Key-query convolution before softmax.
+  if (spec.kq_pre) {
+    const KqConv& kc = *spec.kq_pre;
+#pragma omp parallel for collapse(2) schedule(dynamic, 16)
+    for (int x = 0; x < G; ++x)
+      for (int i = 0; i < n; ++i)
+        conv_forward_row(buf.s0[x], buf.c[x], p.kq_pre + static_cast<long long>(h0 + x) * kc.q * kc.k, kc, n, i);
+  }
+  // 3. Head mixing before softmax (into the A buffers), 4. softmax in place.
+  if (spec.head_pre) {
+#pragma omp parallel for schedule(dynamic, 16)
+    for (int i = 0; i < n; ++i) mix_heads_row(buf.c, buf.a, p.head_pre, spec.head_pre->group, h0, n, i);
+  } else if (buf.a[0] != buf.c[0]) {
+    for (int x = 0; x < G; ++x) std::copy(buf.c[x], buf.c[x] + static_cast<long long>(n) * n, buf.a[x]);
+  }
+#pragma omp parallel for collapse(2) schedule(dynamic, 32)
+  for (int x = 0; x < G; ++x)
+    for (int i = 0; i < n; ++i) softmax_row(buf.a[x] + static_cast<long long>(i) * n, i);
+  // 5. Key-query convolution after softmax, future set to 0 (conv writes only j <= i).
+  if (spec.kq_post) {
+    const KqConv& kc = *spec.kq_post;
+#pragma omp parallel for collapse(2) schedule(dynamic, 16)
+    for (int x = 0; x < G; ++x)
+      for (int i = 0; i < n; ++i)
+        conv_forward_row(buf.a[x], buf.a2[x], p.kq_post + static_cast<long long>(h0 + x) * kc.q * kc.k, kc, n, i);
+  }
+  // 6. Head mixing after softmax.
+  if (spec.head_post) {
+#pragma omp parallel for schedule(dynamic, 16)
+    for (int i = 0; i < n; ++i) mix_heads_row(buf.a2, buf.a3, p.head_post, spec.head_post->group, h0, n, i);
+  }
+}
+
+template <typename T>
+void check_args(const AttentionSpec& spec, const AttnDims& dims) {
+  spec.validate();
+  if (dims.B < 1 || dims.T < 1) throw InputError("attention: B and T must be at least 1");
+  if (dims.H != spec.heads)
+    throw InputError("attention: tensors have " + std::to_string(dims.H) + " heads, spec.heads = " +
+                     std::to_string(spec.heads));
+  if (dims.D != spec.head_dim)
+    throw InputError("attention: tensors have head dim " + std::to_string(dims.D) + ", spec.head_dim = " +
+                     std::to_string(spec.head_dim));
+}
+
+}  // namespace
+
+template <typename T>
+void mta_forward(const AttentionSpec& spec, const AttnDims& dims, const T* q, const T* k, const T* v,
+                 const AttnParams<T>& p, T* out) {
+  check_args<T>(spec, dims);
+  const int G = spec.coupled_heads(), n = dims.T, D = dims.D;
+  const int units = dims.B * (dims.H / G);
+  const long long hs = static_cast<long long>(n) * D;
+  // Parallel over units when there are enough of them; otherwise the loops inside a unit are.
+#pragma omp parallel for schedule(dynamic, 1) if (units >= omp_get_max_threads())
+  for (int u = 0; u < units; ++u) {
+    const int b = u / (dims.H / G), h0 = (u % (dims.H / G)) * G;
+    UnitBuffers<T> buf(spec, G, n);
+    unit_scores(spec, dims, q, k, p, b, h0, buf);
+    // 7. O = A3 @ V, then the per-row epilogue.
+#pragma omp parallel for schedule(static)
+    for (int x = 0; x < G; ++x) {
+      const long long base = (static_cast<long long>(b) * dims.H + h0 + x) * hs;
+      gemm<T>(false, false, n, D, n, T(1), buf.a3[x], n, v + base, D, T(0), out + base, D);
+      if (epilogue_enabled(spec)) {
+        std::vector<T> row(D);
+        for (int i = 0; i < n; ++i) {
+          T* o = out + base + static_cast<long long>(i) * D;
+          std::copy(o, o + D, row.begin());
+          epilogue_forward_row(spec, p, row.data(), o, D);
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, const T* k, const T* v,
+                  const AttnParams<T>& p, const T* dout, T* dq, T* dk, T* dv, const AttnParamGrads<T>& grads) {
+  check_args<T>(spec, dims);
+  const int G = spec.coupled_heads(), n = dims.T, D = dims.D, H = dims.H;
+  const int units = dims.B * (H / G);
+  const long long hs = static_cast<long long>(n) * D;
+  const long long nn = static_cast<long long>(n) * n;
+  const T scale = T(1) / std::sqrt(T(D));
+  auto need = [](bool on, const T* ptr, const char* name) {
+    if (on && !ptr) throw std::invalid_argument(std::string("mta_backward: missing gradient buffer for ") + name);
+  };
+  need(spec.kq_pre.has_value(), grads.kq_pre, "kq_pre");
+  need(spec.head_pre.has_value(), grads.head_pre, "head_pre");
+  need(spec.kq_post.has_value(), grads.kq_post, "kq_post");
+  need(spec.head_post.has_value(), grads.head_post, "head_post");
+  need(spec.norm, grads.norm, "norm");
+  need(spec.gate, grads.gate_w, "gate_w");
+  need(spec.gate, grads.gate_b, "gate_b");
+
+#pragma omp parallel for schedule(dynamic, 1) if (units >= omp_get_max_threads())
+  for (int u = 0; u < units; ++u) {
+    const int b = u / (H / G), h0 = (u % (H / G)) * G;
+    UnitBuffers<T> buf(spec, G, n);
+    unit_scores(spec, dims, q, k, p, b, h0, buf);
+
+    // Unit-local parameter gradients, added to the caller's under a lock at the end.
+    const int cpre = spec.kq_pre ? spec.kq_pre->q * spec.kq_pre->k : 0;
+    const int cpost = spec.kq_post ? spec.kq_post->q * spec.kq_post->k : 0;
+    const int gpre = spec.head_pre ? spec.head_pre->group : 0;
+    const int gpost = spec.head_post ? spec.head_post->group : 0;
+    std::vector<T> g_kq_pre(static_cast<size_t>(H) * cpre, T(0)), g_kq_post(static_cast<size_t>(H) * cpost, T(0));
+    std::vector<T> g_head_pre(static_cast<size_t>(H) * gpre, T(0)), g_head_post(static_cast<size_t>(H) * gpost, T(0));
+    std::vector<T> g_norm(static_cast<size_t>(G) * D, T(0)), g_gw(static_cast<size_t>(G) * D, T(0)), g_gb(G, T(0));
+
+    // dA3 (per head), through the epilogue and O = A3 @ V.
+    std::vector<T> dA3(static_cast<size_t>(G) * nn, T(0));
+#pragma omp parallel for schedule(static)
+    for (int x = 0; x < G; ++x) {
+      const long long base = (static_cast<long long>(b) * H + h0 + x) * hs;
+      const T* dO = dout + base;
+      std::vector<T> dOraw;
+      if (epilogue_enabled(spec)) {
+        std::vector<T> o(hs), tmp;
+        dOraw.resize(hs);
+        gemm<T>(false, false, n, D, n, T(1), buf.a3[x], n, v + base, D, T(0), o.data(), D);
+        for (int i = 0; i < n; ++i)
+          epilogue_backward_row(spec, p, o.data() + static_cast<long long>(i) * D, dO + static_cast<long long>(i) * D,
+                                dOraw.data() + static_cast<long long>(i) * D, g_norm.data() + x * D,
+                                g_gw.data() + x * D, g_gb.data() + x, D, tmp);
+        dO = dOraw.data();
+      }
+      gemm<T>(true, false, n, D, n, T(1), buf.a3[x], n, dO, D, T(0), dv + base, D);       // dV = A3^T dO
+      gemm<T>(false, true, n, n, D, T(1), dO, D, v + base, D, T(0), dA3.data() + x * nn, n);  // dA3 = dO V^T
+    }
+    std::vector<T*> da3(G), da2(G), da(G);
+    for (int x = 0; x < G; ++x) da3[x] = dA3.data() + x * nn;
+
+    // 6. Head mixing after softmax.
+    std::vector<T> dA2;
+    if (spec.head_post) {
+      dA2.assign(static_cast<size_t>(G) * nn, T(0));
+      for (int x = 0; x < G; ++x) da2[x] = dA2.data() + x * nn;
+      mix_heads_weight_grad(buf.a2, da3, g_head_post.data(), gpost, h0, n);
+      // dA2[y] = sum_x M[x,y] dA3[x]: the mix with M transposed within each group.
+      std::vector<T> Mt(static_cast<size_t>(H) * gpost);
+      for (int grp = 0; grp < H / gpost; ++grp)
+        for (int x = 0; x < gpost; ++x)
+          for (int y = 0; y < gpost; ++y)
+            Mt[(static_cast<size_t>(grp) * gpost + y) * gpost + x] = p.head_post[(static_cast<size_t>(grp) * gpost + x) * gpost + y];
+#pragma omp parallel for schedule(dynamic, 16)
+      for (int i = 0; i < n; ++i) mix_heads_row(da3, da2, Mt.data(), gpost, h0, n, i);
+    } else {
+      da2 = da3;
+    }
+    // 5. Key-query convolution after softmax.
+    std::vector<T> dA;
+    if (spec.kq_post) {
+      const KqConv& kc = *spec.kq_post;
+      dA.assign(static_cast<size_t>(G) * nn, T(0));
+      for (int x = 0; x < G; ++x) da[x] = dA.data() + x * nn;
+#pragma omp parallel for schedule(static)
+      for (int x = 0; x < G; ++x)
+        conv_weight_grad(buf.a[x], da2[x], g_kq_post.data() + static_cast<long long>(h0 + x) * cpost, kc, n);
+#pragma omp parallel for collapse(2) schedule(dynamic, 16)
+      for (int x = 0; x < G; ++x)
+        for (int i = 0; i < n; ++i)
+          conv_input_grad_row(da2[x], da[x], p.kq_post + static_cast<long long>(h0 + x) * cpost, kc, n, i);
+    } else {
+      da = da2;
+    }
+    // 4. Softmax, in place: dC' = A * (dA - <dA, A>), zero in the future.
+#pragma omp parallel for collapse(2) schedule(dynamic, 32)
+    for (int x = 0; x < G; ++x)
+      for (int i = 0; i < n; ++i) {
+        const T* a = buf.a[x] + static_cast<long long>(i) * n;
+        T* d = da[x] + static_cast<long long>(i) * n;
+        T dot = 0;
+        for (int j = 0; j <= i; ++j) dot += d[j] * a[j];
+        for (int j = 0; j <= i; ++j) d[j] = a[j] * (d[j] - dot);
+        std::fill(d + i + 1, d + n, T(0));
+      }
+    // 3. Head mixing before softmax.
+    std::vector<T*> dc(G);
+    std::vector<T> dC;
+    if (spec.head_pre) {
+      dC.assign(static_cast<size_t>(G) * nn, T(0));
+      for (int x = 0; x < G; ++x) dc[x] = dC.data() + x * nn;
+      mix_heads_weight_grad(buf.c, da, g_head_pre.data(), gpre, h0, n);
+      std::vector<T> Mt(static_cast<size_t>(H) * gpre);
+      for (int grp = 0; grp < H / gpre; ++grp)
+        for (int x = 0; x < gpre; ++x)
+          for (int y = 0; y < gpre; ++y)
+            Mt[(static_cast<size_t>(grp) * gpre + y) * gpre + x] = p.head_pre[(static_cast<size_t>(grp) * gpre + x) * gpre + y];
+#pragma omp parallel for schedule(dynamic, 16)
+      for (int i = 0; i < n; ++i) mix_heads_row(da, dc, Mt.data(), gpre, h0, n, i);
+    } else {
+      dc = da;
+    }
+    // 2. Key-query convolution before softmax; 1. the first mask keeps only j <= i.
+    std::vector<T*> ds(G);
+    std::vector<T> dS;
+    if (spec.kq_pre) {
+      const KqConv& kc = *spec.kq_pre;
+      dS.assign(static_cast<size_t>(G) * nn, T(0));
+      for (int x = 0; x < G; ++x) ds[x] = dS.data() + x * nn;
+#pragma omp parallel for schedule(static)
+      for (int x = 0; x < G; ++x)
+        conv_weight_grad(buf.s0[x], dc[x], g_kq_pre.data() + static_cast<long long>(h0 + x) * cpre, kc, n);
+#pragma omp parallel for collapse(2) schedule(dynamic, 16)
+      for (int x = 0; x < G; ++x)
+        for (int i = 0; i < n; ++i)
+          conv_input_grad_row(dc[x], ds[x], p.kq_pre + static_cast<long long>(h0 + x) * cpre, kc, n, i);
+    } else {
+      ds = dc;
+    }
+    // dq = s dS K, dk = s dS^T Q (dS is zero in the future part).
+#pragma omp parallel for schedule(static)
+    for (int x = 0; x < G; ++x) {
+      const long long base = (static_cast<long long>(b) * H + h0 + x) * hs;
+      gemm<T>(false, false, n, D, n, scale, ds[x], n, k + base, D, T(0), dq + base, D);
+      gemm<T>(true, false, n, D, n, scale, ds[x], n, q + base, D, T(0), dk + base, D);
+    }
+
+#pragma omp critical(mta_cpu_param_grads)
+    {
+      auto add = [](T* dst, const std::vector<T>& src, size_t off, size_t count) {
+        for (size_t i = 0; i < count; ++i) dst[off + i] += src[off + i];
+      };
+      // Only this unit's heads (or groups) received contributions.
+      if (spec.kq_pre) add(grads.kq_pre, g_kq_pre, static_cast<size_t>(h0) * cpre, static_cast<size_t>(G) * cpre);
+      if (spec.kq_post) add(grads.kq_post, g_kq_post, static_cast<size_t>(h0) * cpost, static_cast<size_t>(G) * cpost);
+      if (spec.head_pre) add(grads.head_pre, g_head_pre, static_cast<size_t>(h0) * gpre, static_cast<size_t>(G) * gpre);
+      if (spec.head_post) add(grads.head_post, g_head_post, static_cast<size_t>(h0) * gpost, static_cast<size_t>(G) * gpost);
+      for (int x = 0; x < G; ++x) {
+        for (int d = 0; d < D; ++d) {
+          if (spec.norm) grads.norm[d] += g_norm[x * D + d];
+          if (spec.gate) grads.gate_w[d] += g_gw[x * D + d];
+        }
+        if (spec.gate) grads.gate_b[0] += g_gb[x];
+      }
+    }
+  }
+}
+
+template void mta_forward<float>(const AttentionSpec&, const AttnDims&, const float*, const float*, const float*,
+                                 const AttnParams<float>&, float*);
+template void mta_forward<double>(const AttentionSpec&, const AttnDims&, const double*, const double*, const double*,
+                                  const AttnParams<double>&, double*);
+template void mta_backward<float>(const AttentionSpec&, const AttnDims&, const float*, const float*, const float*,
+                                  const AttnParams<float>&, const float*, float*, float*, float*,
+                                  const AttnParamGrads<float>&);
+template void mta_backward<double>(const AttentionSpec&, const AttnDims&, const double*, const double*, const double*,
+                                   const AttnParams<double>&, const double*, double*, double*, double*,
+                                   const AttnParamGrads<double>&);
+
+}  // namespace mta::cpu

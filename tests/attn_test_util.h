@@ -1,0 +1,82 @@
+#pragma once
+// Helpers for attention tests: random inputs and parameters for a spec, identity parameters.
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "attention/attention_op.h"
+
+namespace mta::testing {
+
+template <typename T>
+struct AttnCase {
+  AttentionSpec spec;
+  AttnDims dims;
+  std::vector<T> q, k, v, dout;
+  std::map<std::string, std::vector<T>> params;  // by name, as attention_params(spec)
+
+  AttnParams<T> param_ptrs() const {
+    AttnParams<T> p;
+    auto get = [&](const char* n) { auto it = params.find(n); return it == params.end() ? nullptr : it->second.data(); };
+    p.kq_pre = get("kq_pre"), p.head_pre = get("head_pre"), p.kq_post = get("kq_post"), p.head_post = get("head_post");
+    p.norm = get("norm"), p.gate_w = get("gate_w"), p.gate_b = get("gate_b");
+    return p;
+  }
+};
+
+inline long long prod(const std::vector<long long>& s) {
+  long long n = 1;
+  for (auto x : s) n *= x;
+  return n;
+}
+
+// Identity initialisation of the semantics page: Wpre[h, cq-1, o] = 1, M = I, gn = 1.
+template <typename T>
+std::map<std::string, std::vector<T>> identity_params(const AttentionSpec& s) {
+  std::map<std::string, std::vector<T>> m;
+  for (const auto& info : attention_params(s)) {
+    std::vector<T> x(prod(info.shape), T(0));
+    if (info.name == "kq_pre" || info.name == "kq_post") {
+      const KqConv& c = info.name == "kq_pre" ? *s.kq_pre : *s.kq_post;
+      for (int h = 0; h < s.heads; ++h) x[(h * c.q + c.q - 1) * c.k + c.key_offset()] = 1;
+    } else if (info.name == "head_pre" || info.name == "head_post") {
+      const int g = static_cast<int>(info.shape[1]);
+      for (long long G = 0; G < info.shape[0]; ++G)
+        for (int i = 0; i < g; ++i) x[(G * g + i) * g + i] = 1;
+    } else if (info.name == "norm") {
+      std::fill(x.begin(), x.end(), T(1));
+    }
+    m[info.name] = x;
+  }
+  return m;
+}
+
+template <typename T>
+AttnCase<T> random_case(const AttentionSpec& spec, int B, int Tn, unsigned seed, bool identity = false) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  AttnCase<T> c;
+  c.spec = spec;
+  c.dims = AttnDims{B, spec.heads, Tn, spec.head_dim};
+  auto fill = [&](std::vector<T>& x, size_t n, double sd, double mean = 0) {
+    x.resize(n);
+    for (auto& e : x) e = static_cast<T>(mean + sd * nd(rng));
+  };
+  fill(c.q, c.dims.numel(), 1.0);
+  fill(c.k, c.dims.numel(), 1.0);
+  fill(c.v, c.dims.numel(), 1.0);
+  fill(c.dout, c.dims.numel(), 1.0);
+  if (identity) {
+    c.params = identity_params<T>(spec);
+  } else {
+    for (const auto& info : attention_params(spec)) {
+      std::vector<T> x;
+      fill(x, prod(info.shape), info.name == "norm" ? 0.3 : 0.5, info.name == "norm" ? 1.0 : 0.0);
+      c.params[info.name] = x;
+    }
+  }
+  return c;
+}
+
+}  // namespace mta::testing
