@@ -15,6 +15,7 @@ struct AttnCase {
   AttnDims dims;
   std::vector<T> q, k, v, dout;
   std::map<std::string, std::vector<T>> params;  // by name, as attention_params(spec)
+  AttnOptions opt;
 
   AttnParams<T> param_ptrs() const {
     AttnParams<T> p;
@@ -53,20 +54,20 @@ std::map<std::string, std::vector<T>> identity_params(const AttentionSpec& s) {
 }
 
 template <typename T>
-AttnCase<T> random_case(const AttentionSpec& spec, int B, int Tn, unsigned seed, bool identity = false) {
+AttnCase<T> random_case(const AttentionSpec& spec, int B, int Tn, unsigned seed, bool identity = false, int Dv = 0) {
   std::mt19937 rng(seed);
   std::normal_distribution<double> nd(0.0, 1.0);
   AttnCase<T> c;
   c.spec = spec;
-  c.dims = AttnDims{B, spec.heads, Tn, spec.head_dim};
+  c.dims = AttnDims{B, spec.heads, Tn, spec.head_dim, Dv};
   auto fill = [&](std::vector<T>& x, size_t n, double sd, double mean = 0) {
     x.resize(n);
     for (auto& e : x) e = static_cast<T>(mean + sd * nd(rng));
   };
   fill(c.q, c.dims.numel(), 1.0);
   fill(c.k, c.dims.numel(), 1.0);
-  fill(c.v, c.dims.numel(), 1.0);
-  fill(c.dout, c.dims.numel(), 1.0);
+  fill(c.v, c.dims.numel_v(), 1.0);
+  fill(c.dout, c.dims.numel_v(), 1.0);
   if (identity) {
     c.params = identity_params<T>(spec);
   } else {

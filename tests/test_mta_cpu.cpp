@@ -54,8 +54,8 @@ double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
 
 template <typename T>
 std::vector<T> forward(const AttnCase<T>& c) {
-  std::vector<T> out(c.q.size());
-  mta::cpu::mta_forward<T>(c.spec, c.dims, c.q.data(), c.k.data(), c.v.data(), c.param_ptrs(), out.data());
+  std::vector<T> out(c.v.size());
+  mta::cpu::mta_forward<T>(c.spec, c.dims, c.q.data(), c.k.data(), c.v.data(), c.param_ptrs(), out.data(), c.opt);
   return out;
 }
 
@@ -74,14 +74,14 @@ struct Grads {
 
 Grads backward(const AttnCase<double>& c) {
   Grads g;
-  g.dq.assign(c.q.size(), 0), g.dk.assign(c.q.size(), 0), g.dv.assign(c.q.size(), 0);
+  g.dq.assign(c.q.size(), 0), g.dk.assign(c.q.size(), 0), g.dv.assign(c.v.size(), 0);
   mta::AttnParamGrads<double> pg;
   for (const auto& [name, val] : c.params) g.params[name].assign(val.size(), 0.0);
   auto get = [&](const char* n) { auto it = g.params.find(n); return it == g.params.end() ? nullptr : it->second.data(); };
   pg.kq_pre = get("kq_pre"), pg.head_pre = get("head_pre"), pg.kq_post = get("kq_post"), pg.head_post = get("head_post");
   pg.norm = get("norm"), pg.gate_w = get("gate_w"), pg.gate_b = get("gate_b");
   mta::cpu::mta_backward<double>(c.spec, c.dims, c.q.data(), c.k.data(), c.v.data(), c.param_ptrs(), c.dout.data(),
-                                 g.dq.data(), g.dk.data(), g.dv.data(), pg);
+                                 g.dq.data(), g.dk.data(), g.dv.data(), pg, c.opt);
   return g;
 }
 
@@ -101,9 +101,11 @@ std::vector<double> numeric_grad(AttnCase<double>& c, std::vector<double>& x) {
   return g;
 }
 
-void check_gradients(const std::string& spec_json, int B, int T, unsigned seed) {
+void check_gradients(const std::string& spec_json, int B, int T, unsigned seed, int Dv = 0, float dropout = 0) {
   SCOPED_TRACE(spec_json);
-  AttnCase<double> c = random_case<double>(spec(spec_json), B, T, seed);
+  AttnCase<double> c = random_case<double>(spec(spec_json), B, T, seed, false, Dv);
+  c.opt.dropout = dropout;
+  c.opt.dropout_seed = seed * 77 + 1;
   Grads g = backward(c);
   EXPECT_LT(rel_err(g.dq, numeric_grad(c, c.q)), 1e-7) << "grad_q";
   EXPECT_LT(rel_err(g.dk, numeric_grad(c, c.k)), 1e-7) << "grad_k";
@@ -176,6 +178,28 @@ TEST(MtaCpu, FiniteDifferencesEverything) {
   check_gradients(R"({"heads": 4, "head_dim": 3, "kq_pre": {"q": 2, "k": 3}, "head_pre": {"group": 4},
       "kq_post": {"q": 3, "k": 3, "pad_key": "left"}, "head_post": {"group": 2},
       "norm": true, "depth_scale_layer": 1, "gate": true})", 2, 6, 6);
+}
+
+TEST(MtaCpu, FiniteDifferencesWiderValuesAndDropout) {
+  // The model's DIFF attention uses value dim 2D; training uses attention dropout.
+  check_gradients(R"({"heads": 2, "head_dim": 3})", 2, 6, 7, /*Dv=*/6);
+  check_gradients(R"({"heads": 2, "head_dim": 3, "kq_pre": {"q": 2, "k": 3}, "head_post": {"group": 2}, "norm": true})",
+                  2, 7, 8, 0, /*dropout=*/0.3f);
+}
+
+TEST(MtaCpu, DropoutDropsTheRightShareAndIsDeterministic) {
+  AttnCase<double> c = random_case<double>(spec(R"({"heads": 2, "head_dim": 4})"), 2, 30, 9);
+  auto plain = forward(c);
+  c.opt.dropout = 0.5f;
+  c.opt.dropout_seed = 123;
+  auto d1 = forward(c), d2 = forward(c);
+  EXPECT_EQ(d1, d2);
+  EXPECT_GT(rel_err(d1, plain), 0.1);
+  long long kept = 0, total = 0;
+  for (int bh = 0; bh < 4; ++bh)
+    for (int i = 0; i < 30; ++i)
+      for (int j = 0; j <= i; ++j, ++total) kept += mta::dropout_keep(123, bh, 30, i, j, 0.5f);
+  EXPECT_NEAR(static_cast<double>(kept) / total, 0.5, 0.05);
 }
 
 TEST(MtaCpu, SameResultForAnyThreadCount) {

@@ -10,8 +10,28 @@ namespace mta {
 
 struct AttnDims {
   int B = 1, H = 1, T = 1, D = 1;
-  long long numel() const { return 1LL * B * H * T * D; }
+  int Dv = 0;  // value (and output) head dim when it differs from D (DIFF attention); 0 means D
+  int dv() const { return Dv ? Dv : D; }
+  long long numel() const { return 1LL * B * H * T * D; }       // of q and k
+  long long numel_v() const { return 1LL * B * H * T * dv(); }  // of v and out
 };
+
+// Training-time options that are not part of the layer's function (the AttentionSpec).
+struct AttnOptions {
+  // Dropout on the final attention weights A3 (before A3 @ V), as the model applies it. The mask is a
+  // pure function of (seed, batch*heads, i, j), so backward (and the GPU path) regenerate it exactly.
+  float dropout = 0.0f;
+  unsigned long long dropout_seed = 0;
+};
+
+// Keep decision of attention dropout for entry (bh, i, j): splitmix64 of a counter.
+inline bool dropout_keep(unsigned long long seed, long long bh, int T, int i, int j, float p) {
+  unsigned long long x = seed + (static_cast<unsigned long long>((bh * T + i)) * T + j + 1) * 0x9E3779B97F4A7C15ULL;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+  x ^= x >> 31;
+  return static_cast<double>(x >> 11) * (1.0 / 9007199254740992.0) >= p;
+}
 
 template <typename T>
 struct AttnParams {

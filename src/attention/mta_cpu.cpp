@@ -298,17 +298,33 @@ void check_args(const AttentionSpec& spec, const AttnDims& dims) {
   if (dims.D != spec.head_dim)
     throw InputError("attention: tensors have head dim " + std::to_string(dims.D) + ", spec.head_dim = " +
                      std::to_string(spec.head_dim));
+  if (dims.dv() != dims.D && (spec.norm || spec.gate))
+    throw InputError("attention: a value dim different from the key dim is not supported with norm or gate");
+}
+
+// The attention weights that multiply V: A3, or with dropout a copy of A3 with dropped entries zeroed
+// and kept ones scaled by 1/(1-p).
+template <typename T>
+const T* weights_for_values(const T* a3, std::vector<T>& scratch, const AttnOptions& opt, long long bh, int n) {
+  if (opt.dropout <= 0.0f) return a3;
+  scratch.assign(static_cast<size_t>(n) * n, T(0));
+  const T keep_scale = T(1) / (T(1) - static_cast<T>(opt.dropout));
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j <= i; ++j)
+      if (dropout_keep(opt.dropout_seed, bh, n, i, j, opt.dropout))
+        scratch[static_cast<size_t>(i) * n + j] = a3[static_cast<size_t>(i) * n + j] * keep_scale;
+  return scratch.data();
 }
 
 }  // namespace
 
 template <typename T>
 void mta_forward(const AttentionSpec& spec, const AttnDims& dims, const T* q, const T* k, const T* v,
-                 const AttnParams<T>& p, T* out) {
+                 const AttnParams<T>& p, T* out, const AttnOptions& opt) {
   check_args<T>(spec, dims);
-  const int G = spec.coupled_heads(), n = dims.T, D = dims.D;
+  const int G = spec.coupled_heads(), n = dims.T, Dv = dims.dv();
   const int units = dims.B * (dims.H / G);
-  const long long hs = static_cast<long long>(n) * D;
+  const long long hsv = static_cast<long long>(n) * Dv;
   // Parallel over units when there are enough of them; otherwise the loops inside a unit are.
 #pragma omp parallel for schedule(dynamic, 1) if (units >= omp_get_max_threads())
   for (int u = 0; u < units; ++u) {
@@ -318,14 +334,17 @@ void mta_forward(const AttentionSpec& spec, const AttnDims& dims, const T* q, co
     // 7. O = A3 @ V, then the per-row epilogue.
 #pragma omp parallel for schedule(static)
     for (int x = 0; x < G; ++x) {
-      const long long base = (static_cast<long long>(b) * dims.H + h0 + x) * hs;
-      gemm<T>(false, false, n, D, n, T(1), buf.a3[x], n, v + base, D, T(0), out + base, D);
+      const long long bh = static_cast<long long>(b) * dims.H + h0 + x;
+      const long long base = bh * hsv;
+      std::vector<T> scratch;
+      const T* w = weights_for_values(buf.a3[x], scratch, opt, bh, n);
+      gemm<T>(false, false, n, Dv, n, T(1), w, n, v + base, Dv, T(0), out + base, Dv);
       if (epilogue_enabled(spec)) {
-        std::vector<T> row(D);
+        std::vector<T> row(Dv);
         for (int i = 0; i < n; ++i) {
-          T* o = out + base + static_cast<long long>(i) * D;
-          std::copy(o, o + D, row.begin());
-          epilogue_forward_row(spec, p, row.data(), o, D);
+          T* o = out + base + static_cast<long long>(i) * Dv;
+          std::copy(o, o + Dv, row.begin());
+          epilogue_forward_row(spec, p, row.data(), o, Dv);
         }
       }
     }
@@ -334,11 +353,12 @@ void mta_forward(const AttentionSpec& spec, const AttnDims& dims, const T* q, co
 
 template <typename T>
 void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, const T* k, const T* v,
-                  const AttnParams<T>& p, const T* dout, T* dq, T* dk, T* dv, const AttnParamGrads<T>& grads) {
+                  const AttnParams<T>& p, const T* dout, T* dq, T* dk, T* dv, const AttnParamGrads<T>& grads,
+                  const AttnOptions& opt) {
   check_args<T>(spec, dims);
-  const int G = spec.coupled_heads(), n = dims.T, D = dims.D, H = dims.H;
+  const int G = spec.coupled_heads(), n = dims.T, D = dims.D, Dv = dims.dv(), H = dims.H;
   const int units = dims.B * (H / G);
-  const long long hs = static_cast<long long>(n) * D;
+  const long long hs = static_cast<long long>(n) * D, hsv = static_cast<long long>(n) * Dv;
   const long long nn = static_cast<long long>(n) * n;
   const T scale = T(1) / std::sqrt(T(D));
   auto need = [](bool on, const T* ptr, const char* name) {
@@ -365,27 +385,38 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
     const int gpost = spec.head_post ? spec.head_post->group : 0;
     std::vector<T> g_kq_pre(static_cast<size_t>(H) * cpre, T(0)), g_kq_post(static_cast<size_t>(H) * cpost, T(0));
     std::vector<T> g_head_pre(static_cast<size_t>(H) * gpre, T(0)), g_head_post(static_cast<size_t>(H) * gpost, T(0));
-    std::vector<T> g_norm(static_cast<size_t>(G) * D, T(0)), g_gw(static_cast<size_t>(G) * D, T(0)), g_gb(G, T(0));
+    std::vector<T> g_norm(static_cast<size_t>(G) * Dv, T(0)), g_gw(static_cast<size_t>(G) * Dv, T(0)), g_gb(G, T(0));
 
     // dA3 (per head), through the epilogue and O = A3 @ V.
     std::vector<T> dA3(static_cast<size_t>(G) * nn, T(0));
 #pragma omp parallel for schedule(static)
     for (int x = 0; x < G; ++x) {
-      const long long base = (static_cast<long long>(b) * H + h0 + x) * hs;
+      const long long bh = static_cast<long long>(b) * H + h0 + x;
+      const long long base = bh * hsv;
+      std::vector<T> scratch;
+      const T* w = weights_for_values(buf.a3[x], scratch, opt, bh, n);
       const T* dO = dout + base;
       std::vector<T> dOraw;
       if (epilogue_enabled(spec)) {
-        std::vector<T> o(hs), tmp;
-        dOraw.resize(hs);
-        gemm<T>(false, false, n, D, n, T(1), buf.a3[x], n, v + base, D, T(0), o.data(), D);
+        std::vector<T> o(hsv), tmp;
+        dOraw.resize(hsv);
+        gemm<T>(false, false, n, Dv, n, T(1), w, n, v + base, Dv, T(0), o.data(), Dv);
         for (int i = 0; i < n; ++i)
-          epilogue_backward_row(spec, p, o.data() + static_cast<long long>(i) * D, dO + static_cast<long long>(i) * D,
-                                dOraw.data() + static_cast<long long>(i) * D, g_norm.data() + x * D,
-                                g_gw.data() + x * D, g_gb.data() + x, D, tmp);
+          epilogue_backward_row(spec, p, o.data() + static_cast<long long>(i) * Dv, dO + static_cast<long long>(i) * Dv,
+                                dOraw.data() + static_cast<long long>(i) * Dv, g_norm.data() + x * Dv,
+                                g_gw.data() + x * Dv, g_gb.data() + x, Dv, tmp);
         dO = dOraw.data();
       }
-      gemm<T>(true, false, n, D, n, T(1), buf.a3[x], n, dO, D, T(0), dv + base, D);       // dV = A3^T dO
-      gemm<T>(false, true, n, n, D, T(1), dO, D, v + base, D, T(0), dA3.data() + x * nn, n);  // dA3 = dO V^T
+      T* da3x = dA3.data() + x * nn;
+      gemm<T>(true, false, n, Dv, n, T(1), w, n, dO, Dv, T(0), dv + base, Dv);  // dV = W^T dO
+      gemm<T>(false, true, n, n, Dv, T(1), dO, Dv, v + base, Dv, T(0), da3x, n);  // dW = dO V^T
+      if (opt.dropout > 0.0f) {  // through the dropout mask: dA3 = dW * mask / (1 - p)
+        const T keep_scale = T(1) / (T(1) - static_cast<T>(opt.dropout));
+        for (int i = 0; i < n; ++i)
+          for (int j = 0; j <= i; ++j)
+            da3x[static_cast<size_t>(i) * n + j] *=
+                dropout_keep(opt.dropout_seed, bh, n, i, j, opt.dropout) ? keep_scale : T(0);
+      }
     }
     std::vector<T*> da3(G), da2(G), da(G);
     for (int x = 0; x < G; ++x) da3[x] = dA3.data() + x * nn;
@@ -471,7 +502,7 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
     // dq = s dS K, dk = s dS^T Q (dS is zero in the future part).
 #pragma omp parallel for schedule(static)
     for (int x = 0; x < G; ++x) {
-      const long long base = (static_cast<long long>(b) * H + h0 + x) * hs;
+      const long long base = (static_cast<long long>(b) * H + h0 + x) * hs;  // q and k have head dim D
       gemm<T>(false, false, n, D, n, scale, ds[x], n, k + base, D, T(0), dq + base, D);
       gemm<T>(true, false, n, D, n, scale, ds[x], n, q + base, D, T(0), dk + base, D);
     }
@@ -487,9 +518,9 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
       if (spec.head_pre) add(grads.head_pre, g_head_pre, static_cast<size_t>(h0) * gpre, static_cast<size_t>(G) * gpre);
       if (spec.head_post) add(grads.head_post, g_head_post, static_cast<size_t>(h0) * gpost, static_cast<size_t>(G) * gpost);
       for (int x = 0; x < G; ++x) {
-        for (int d = 0; d < D; ++d) {
-          if (spec.norm) grads.norm[d] += g_norm[x * D + d];
-          if (spec.gate) grads.gate_w[d] += g_gw[x * D + d];
+        for (int d = 0; d < Dv; ++d) {
+          if (spec.norm) grads.norm[d] += g_norm[x * Dv + d];
+          if (spec.gate) grads.gate_w[d] += g_gw[x * Dv + d];
         }
         if (spec.gate) grads.gate_b[0] += g_gb[x];
       }
@@ -498,14 +529,14 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
 }
 
 template void mta_forward<float>(const AttentionSpec&, const AttnDims&, const float*, const float*, const float*,
-                                 const AttnParams<float>&, float*);
+                                 const AttnParams<float>&, float*, const AttnOptions&);
 template void mta_forward<double>(const AttentionSpec&, const AttnDims&, const double*, const double*, const double*,
-                                  const AttnParams<double>&, double*);
+                                  const AttnParams<double>&, double*, const AttnOptions&);
 template void mta_backward<float>(const AttentionSpec&, const AttnDims&, const float*, const float*, const float*,
                                   const AttnParams<float>&, const float*, float*, float*, float*,
-                                  const AttnParamGrads<float>&);
+                                  const AttnParamGrads<float>&, const AttnOptions&);
 template void mta_backward<double>(const AttentionSpec&, const AttnDims&, const double*, const double*, const double*,
                                    const AttnParams<double>&, const double*, double*, double*, double*,
-                                   const AttnParamGrads<double>&);
+                                   const AttnParamGrads<double>&, const AttnOptions&);
 
 }  // namespace mta::cpu

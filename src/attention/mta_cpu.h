@@ -11,15 +11,16 @@
 
 namespace mta::cpu {
 
-// out [B,H,T,D].
+// q, k [B,H,T,D]; v and out [B,H,T,Dv] (Dv = D unless dims.Dv is set).
 template <typename T>
 void mta_forward(const AttentionSpec& spec, const AttnDims& dims, const T* q, const T* k, const T* v,
-                 const AttnParams<T>& params, T* out);
+                 const AttnParams<T>& params, T* out, const AttnOptions& opt = {});
 
 // Gradients of sum(out * dout): dq, dk, dv are overwritten; parameter gradients are added into grads.
 // Recomputes the forward pass per unit (no activations are kept between forward and backward).
 template <typename T>
 void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, const T* k, const T* v,
-                  const AttnParams<T>& params, const T* dout, T* dq, T* dk, T* dv, const AttnParamGrads<T>& grads);
+                  const AttnParams<T>& params, const T* dout, T* dq, T* dk, T* dv, const AttnParamGrads<T>& grads,
+                  const AttnOptions& opt = {});
 
 }  // namespace mta::cpu
