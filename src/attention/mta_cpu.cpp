@@ -372,20 +372,35 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
   need(spec.gate, grads.gate_w, "gate_w");
   need(spec.gate, grads.gate_b, "gate_b");
 
+  // Parameter gradients per unit, summed in unit order after the parallel loop so that the result
+  // does not depend on thread timing (exact resume of training relies on it).
+  const int cpre = spec.kq_pre ? spec.kq_pre->q * spec.kq_pre->k : 0;
+  const int cpost = spec.kq_post ? spec.kq_post->q * spec.kq_post->k : 0;
+  const int gpre = spec.head_pre ? spec.head_pre->group : 0;
+  const int gpost = spec.head_post ? spec.head_post->group : 0;
+  struct UnitGrads {
+    std::vector<T> kq_pre, kq_post, head_pre, head_post, norm, gw, gb;
+  };
+  std::vector<UnitGrads> unit_grads(units);
+
 #pragma omp parallel for schedule(dynamic, 1) if (units >= omp_get_max_threads())
   for (int u = 0; u < units; ++u) {
     const int b = u / (H / G), h0 = (u % (H / G)) * G;
     UnitBuffers<T> buf(spec, G, n);
     unit_scores(spec, dims, q, k, p, b, h0, buf);
 
-    // Unit-local parameter gradients, added to the caller's under a lock at the end.
-    const int cpre = spec.kq_pre ? spec.kq_pre->q * spec.kq_pre->k : 0;
-    const int cpost = spec.kq_post ? spec.kq_post->q * spec.kq_post->k : 0;
-    const int gpre = spec.head_pre ? spec.head_pre->group : 0;
-    const int gpost = spec.head_post ? spec.head_post->group : 0;
-    std::vector<T> g_kq_pre(static_cast<size_t>(H) * cpre, T(0)), g_kq_post(static_cast<size_t>(H) * cpost, T(0));
-    std::vector<T> g_head_pre(static_cast<size_t>(H) * gpre, T(0)), g_head_post(static_cast<size_t>(H) * gpost, T(0));
-    std::vector<T> g_norm(static_cast<size_t>(G) * Dv, T(0)), g_gw(static_cast<size_t>(G) * Dv, T(0)), g_gb(G, T(0));
+    // Indexed by global head (or group) like the parameters; only this unit's part is touched.
+    UnitGrads& ug = unit_grads[u];
+    std::vector<T>& g_kq_pre = ug.kq_pre;
+    std::vector<T>& g_kq_post = ug.kq_post;
+    std::vector<T>& g_head_pre = ug.head_pre;
+    std::vector<T>& g_head_post = ug.head_post;
+    std::vector<T>& g_norm = ug.norm;
+    std::vector<T>& g_gw = ug.gw;
+    std::vector<T>& g_gb = ug.gb;
+    g_kq_pre.assign(static_cast<size_t>(H) * cpre, T(0)), g_kq_post.assign(static_cast<size_t>(H) * cpost, T(0));
+    g_head_pre.assign(static_cast<size_t>(H) * gpre, T(0)), g_head_post.assign(static_cast<size_t>(H) * gpost, T(0));
+    g_norm.assign(static_cast<size_t>(G) * Dv, T(0)), g_gw.assign(static_cast<size_t>(G) * Dv, T(0)), g_gb.assign(G, T(0));
 
     // dA3 (per head), through the epilogue and O = A3 @ V.
     std::vector<T> dA3(static_cast<size_t>(G) * nn, T(0));
@@ -507,23 +522,25 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
       gemm<T>(true, false, n, D, n, scale, ds[x], n, q + base, D, T(0), dk + base, D);
     }
 
-#pragma omp critical(mta_cpu_param_grads)
-    {
-      auto add = [](T* dst, const std::vector<T>& src, size_t off, size_t count) {
-        for (size_t i = 0; i < count; ++i) dst[off + i] += src[off + i];
-      };
-      // Only this unit's heads (or groups) received contributions.
-      if (spec.kq_pre) add(grads.kq_pre, g_kq_pre, static_cast<size_t>(h0) * cpre, static_cast<size_t>(G) * cpre);
-      if (spec.kq_post) add(grads.kq_post, g_kq_post, static_cast<size_t>(h0) * cpost, static_cast<size_t>(G) * cpost);
-      if (spec.head_pre) add(grads.head_pre, g_head_pre, static_cast<size_t>(h0) * gpre, static_cast<size_t>(G) * gpre);
-      if (spec.head_post) add(grads.head_post, g_head_post, static_cast<size_t>(h0) * gpost, static_cast<size_t>(G) * gpost);
-      for (int x = 0; x < G; ++x) {
-        for (int d = 0; d < Dv; ++d) {
-          if (spec.norm) grads.norm[d] += g_norm[x * Dv + d];
-          if (spec.gate) grads.gate_w[d] += g_gw[x * Dv + d];
-        }
-        if (spec.gate) grads.gate_b[0] += g_gb[x];
+  }
+
+  for (int u = 0; u < units; ++u) {
+    const UnitGrads& ug = unit_grads[u];
+    const int h0 = (u % (H / G)) * G;
+    auto add = [](T* dst, const std::vector<T>& src, size_t off, size_t count) {
+      for (size_t i = 0; i < count; ++i) dst[off + i] += src[off + i];
+    };
+    // Only this unit's heads (or groups) received contributions.
+    if (spec.kq_pre) add(grads.kq_pre, ug.kq_pre, static_cast<size_t>(h0) * cpre, static_cast<size_t>(G) * cpre);
+    if (spec.kq_post) add(grads.kq_post, ug.kq_post, static_cast<size_t>(h0) * cpost, static_cast<size_t>(G) * cpost);
+    if (spec.head_pre) add(grads.head_pre, ug.head_pre, static_cast<size_t>(h0) * gpre, static_cast<size_t>(G) * gpre);
+    if (spec.head_post) add(grads.head_post, ug.head_post, static_cast<size_t>(h0) * gpost, static_cast<size_t>(G) * gpost);
+    for (int x = 0; x < G; ++x) {
+      for (int d = 0; d < Dv; ++d) {
+        if (spec.norm) grads.norm[d] += ug.norm[x * Dv + d];
+        if (spec.gate) grads.gate_w[d] += ug.gw[x * Dv + d];
       }
+      if (spec.gate) grads.gate_b[0] += ug.gb[x];
     }
   }
 }
