@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "attention/attention_op.h"
+#include "attention/init.h"
 
 namespace mta::testing {
 
@@ -32,22 +33,13 @@ inline long long prod(const std::vector<long long>& s) {
   return n;
 }
 
-// Identity initialisation of the semantics page: Wpre[h, cq-1, o] = 1, M = I, gn = 1.
+// Identity initialisation of the semantics page (the library's).
 template <typename T>
 std::map<std::string, std::vector<T>> identity_params(const AttentionSpec& s) {
   std::map<std::string, std::vector<T>> m;
   for (const auto& info : attention_params(s)) {
-    std::vector<T> x(prod(info.shape), T(0));
-    if (info.name == "kq_pre" || info.name == "kq_post") {
-      const KqConv& c = info.name == "kq_pre" ? *s.kq_pre : *s.kq_post;
-      for (int h = 0; h < s.heads; ++h) x[(h * c.q + c.q - 1) * c.k + c.key_offset()] = 1;
-    } else if (info.name == "head_pre" || info.name == "head_post") {
-      const int g = static_cast<int>(info.shape[1]);
-      for (long long G = 0; G < info.shape[0]; ++G)
-        for (int i = 0; i < g; ++i) x[(G * g + i) * g + i] = 1;
-    } else if (info.name == "norm") {
-      std::fill(x.begin(), x.end(), T(1));
-    }
+    std::vector<T> x(prod(info.shape));
+    init_attention_param_identity(s, info, x.data());
     m[info.name] = x;
   }
   return m;

@@ -24,13 +24,19 @@ struct AttnOptions {
   unsigned long long dropout_seed = 0;
 };
 
-// Keep decision of attention dropout for entry (bh, i, j): splitmix64 of a counter.
-inline bool dropout_keep(unsigned long long seed, long long bh, int T, int i, int j, float p) {
-  unsigned long long x = seed + (static_cast<unsigned long long>((bh * T + i)) * T + j + 1) * 0x9E3779B97F4A7C15ULL;
+// A uniform number in [0, 1) that is a pure function of (seed, counter): splitmix64. Dropout masks
+// come from it, so they are regenerated (not stored) for backward and are the same on every backend.
+inline double hash_uniform(unsigned long long seed, unsigned long long counter) {
+  unsigned long long x = seed + (counter + 1) * 0x9E3779B97F4A7C15ULL;
   x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
   x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
   x ^= x >> 31;
-  return static_cast<double>(x >> 11) * (1.0 / 9007199254740992.0) >= p;
+  return static_cast<double>(x >> 11) * (1.0 / 9007199254740992.0);
+}
+
+// Keep decision of attention dropout for entry (bh, i, j) of the T x T weights.
+inline bool dropout_keep(unsigned long long seed, long long bh, int T, int i, int j, float p) {
+  return hash_uniform(seed, (static_cast<unsigned long long>(bh) * T + i) * T + j) >= p;
 }
 
 template <typename T>

@@ -1,13 +1,11 @@
 #include "attention/spec.h"
 
 #include <cmath>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <numeric>
-#include <set>
-#include <sstream>
 
 #include "util/error.h"
+#include "util/json_fields.h"
 
 namespace mta {
 namespace {
@@ -21,62 +19,30 @@ constexpr int kMaxConvK = 255;
 constexpr int kMaxHeads = 1024;
 constexpr int kMaxHeadDim = 4096;
 
-void check_keys(const json& j, const std::string& where, const std::set<std::string>& allowed) {
-  for (auto it = j.begin(); it != j.end(); ++it) {
-    if (!allowed.count(it.key())) {
-      std::string list;
-      for (const auto& a : allowed) list += (list.empty() ? "" : ", ") + a;
-      throw InputError(where + "." + it.key() + ": unknown field (allowed: " + list + ")");
-    }
+std::optional<KqConv> get_conv(FieldReader& r, const std::string& key) {
+  if (!r.has(key)) {
+    r.raw_if_present(key);
+    return std::nullopt;
   }
-}
-
-int get_int(const json& j, const std::string& key, const std::string& where, int lo, int hi) {
-  const std::string name = where + "." + key;
-  if (!j.contains(key) || j[key].is_null()) throw InputError(name + ": missing (an integer is required)");
-  const json& v = j[key];
-  if (!v.is_number_integer()) throw InputError(name + ": must be an integer (got " + v.dump() + ")");
-  long long x = v.get<long long>();
-  if (x < lo || x > hi)
-    throw InputError(name + ": must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "] (got " +
-                     std::to_string(x) + ")");
-  return static_cast<int>(x);
-}
-
-bool get_bool(const json& j, const std::string& key, const std::string& where) {
-  if (!j.contains(key) || j[key].is_null()) return false;
-  if (!j[key].is_boolean()) throw InputError(where + "." + key + ": must be true or false (got " + j[key].dump() + ")");
-  return j[key].get<bool>();
-}
-
-std::optional<KqConv> get_conv(const json& j, const std::string& key, const std::string& where) {
-  if (!j.contains(key) || j[key].is_null()) return std::nullopt;
-  const std::string name = where + "." + key;
-  const json& v = j[key];
-  if (!v.is_object()) throw InputError(name + ": must be an object {\"q\", \"k\", \"pad_key\"} or null");
-  check_keys(v, name, {"q", "k", "pad_key"});
+  FieldReader cr(r.object(key), r.name(key));
   KqConv c;
-  c.q = get_int(v, "q", name, 1, kMaxConvQ);
-  c.k = get_int(v, "k", name, 1, kMaxConvK);
-  if (v.contains("pad_key") && !v["pad_key"].is_null()) {
-    if (!v["pad_key"].is_string()) throw InputError(name + ".pad_key: must be \"both\", \"left\" or \"right\"");
-    std::string p = v["pad_key"].get<std::string>();
-    if (p == "both") c.pad_key = PadKey::Both;
-    else if (p == "left") c.pad_key = PadKey::Left;
-    else if (p == "right") c.pad_key = PadKey::Right;
-    else throw InputError(name + ".pad_key: must be \"both\", \"left\" or \"right\" (got \"" + p + "\")");
-  }
+  c.q = static_cast<int>(cr.integer("q", 1, kMaxConvQ));
+  c.k = static_cast<int>(cr.integer("k", 1, kMaxConvK));
+  const std::string p = cr.choice_or("pad_key", "both", {"both", "left", "right"});
+  c.pad_key = p == "both" ? PadKey::Both : p == "left" ? PadKey::Left : PadKey::Right;
+  cr.finish();
   return c;
 }
 
-std::optional<HeadMix> get_mix(const json& j, const std::string& key, const std::string& where) {
-  if (!j.contains(key) || j[key].is_null()) return std::nullopt;
-  const std::string name = where + "." + key;
-  const json& v = j[key];
-  if (!v.is_object()) throw InputError(name + ": must be an object {\"group\"} or null");
-  check_keys(v, name, {"group"});
+std::optional<HeadMix> get_mix(FieldReader& r, const std::string& key) {
+  if (!r.has(key)) {
+    r.raw_if_present(key);
+    return std::nullopt;
+  }
+  FieldReader mr(r.object(key), r.name(key));
   HeadMix m;
-  m.group = get_int(v, "group", name, 1, kMaxHeads);
+  m.group = static_cast<int>(mr.integer("group", 1, kMaxHeads));
+  mr.finish();
   return m;
 }
 
@@ -136,24 +102,23 @@ void AttentionSpec::validate() const {
 }
 
 AttentionSpec spec_from_json(const json& j, const std::string& where) {
-  if (!j.is_object()) throw InputError(where + ": must be a JSON object");
-  check_keys(j, where, {"heads", "head_dim", "kq_pre", "head_pre", "kq_post", "head_post", "norm",
-                        "depth_scale_layer", "gate"});
+  FieldReader r(j, where);
   AttentionSpec s;
-  s.heads = get_int(j, "heads", where, 1, kMaxHeads);
-  s.head_dim = get_int(j, "head_dim", where, 1, kMaxHeadDim);
-  s.kq_pre = get_conv(j, "kq_pre", where);
-  s.head_pre = get_mix(j, "head_pre", where);
-  s.kq_post = get_conv(j, "kq_post", where);
-  s.head_post = get_mix(j, "head_post", where);
-  s.norm = get_bool(j, "norm", where);
-  s.gate = get_bool(j, "gate", where);
-  if (j.contains("depth_scale_layer") && !j["depth_scale_layer"].is_null())
-    s.depth_scale_layer = get_int(j, "depth_scale_layer", where, 0, 100000);
+  s.heads = static_cast<int>(r.integer("heads", 1, kMaxHeads));
+  s.head_dim = static_cast<int>(r.integer("head_dim", 1, kMaxHeadDim));
+  s.kq_pre = get_conv(r, "kq_pre");
+  s.head_pre = get_mix(r, "head_pre");
+  s.kq_post = get_conv(r, "kq_post");
+  s.head_post = get_mix(r, "head_post");
+  s.norm = r.boolean_or("norm", false);
+  s.gate = r.boolean_or("gate", false);
+  if (r.has("depth_scale_layer")) s.depth_scale_layer = static_cast<int>(r.integer("depth_scale_layer", 0, 100000));
+  r.raw_if_present("depth_scale_layer");
+  r.finish();
   try {
     s.validate();
   } catch (const InputError& e) {
-    throw InputError(where == "spec" ? e.what() : where + "." + e.what());
+    throw InputError(where + "." + e.what());
   }
   return s;
 }
@@ -172,17 +137,7 @@ json spec_to_json(const AttentionSpec& s) {
   return j;
 }
 
-AttentionSpec load_spec_file(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) throw InputError("spec file " + path + ": cannot be opened");
-  json j;
-  try {
-    j = json::parse(f);
-  } catch (const json::parse_error& e) {
-    throw InputError("spec file " + path + ": not valid JSON (" + e.what() + ")");
-  }
-  return spec_from_json(j, "spec");
-}
+AttentionSpec load_spec_file(const std::string& path) { return spec_from_json(load_json_file(path, "spec file"), "spec"); }
 
 std::vector<AttentionParamInfo> attention_params(const AttentionSpec& s) {
   std::vector<AttentionParamInfo> p;

@@ -1,0 +1,154 @@
+#include "model/layers_cpu.h"
+
+#include <omp.h>
+
+#include <cmath>
+#include <vector>
+
+#include "attention/attention_op.h"
+#include "util/blas.h"
+
+namespace mta::cpu {
+
+template <typename T>
+void linear_forward(const T* x, const T* W, T* y, int N, int in, int out) {
+  gemm<T>(false, true, N, out, in, T(1), x, in, W, in, T(0), y, out);
+}
+
+template <typename T>
+void linear_backward(const T* dy, const T* x, const T* W, T* dx, T* dW, int N, int in, int out,
+                     bool accumulate_dx) {
+  if (dx) gemm<T>(false, false, N, in, out, T(1), dy, out, W, in, accumulate_dx ? T(1) : T(0), dx, in);
+  gemm<T>(true, false, out, in, N, T(1), dy, out, x, in, T(1), dW, in);
+}
+
+template <typename T>
+void rmsnorm_forward(const T* x, const T* w, T* y, T* rstd, int N, int C, T eps) {
+#pragma omp parallel for schedule(static)
+  for (int n = 0; n < N; ++n) {
+    const T* xr = x + static_cast<long long>(n) * C;
+    T* yr = y + static_cast<long long>(n) * C;
+    T ms = 0;
+    for (int c = 0; c < C; ++c) ms += xr[c] * xr[c];
+    const T r = T(1) / std::sqrt(ms / C + eps);
+    rstd[n] = r;
+    for (int c = 0; c < C; ++c) yr[c] = xr[c] * r * w[c];
+  }
+}
+
+template <typename T>
+void rmsnorm_backward(const T* dy, const T* x, const T* w, const T* rstd, T* dx_acc, T* dw,
+                      int N, int C) {
+  // dw needs a sum over rows: per-thread partial sums, combined in thread order for determinism.
+  const int nt = omp_get_max_threads();
+  std::vector<std::vector<T>> part(nt, std::vector<T>(C, T(0)));
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num();
+    std::vector<T>& dwp = part[t];
+#pragma omp for schedule(static)
+    for (int n = 0; n < N; ++n) {
+      const T* xr = x + static_cast<long long>(n) * C;
+      const T* dyr = dy + static_cast<long long>(n) * C;
+      T* dxr = dx_acc + static_cast<long long>(n) * C;
+      const T r = rstd[n];
+      T dot = 0;
+      for (int c = 0; c < C; ++c) {
+        dwp[c] += dyr[c] * xr[c] * r;
+        dot += dyr[c] * w[c] * xr[c];
+      }
+      const T k = r * r * r * dot / C;
+      for (int c = 0; c < C; ++c) dxr[c] += r * dyr[c] * w[c] - xr[c] * k;
+    }
+  }
+  for (int t = 0; t < nt; ++t)
+    for (int c = 0; c < C; ++c) dw[c] += part[t][c];
+}
+
+template <typename T>
+void rope_apply(T* x, int B, int H, int seq, int d, double theta, bool inverse) {
+  const int half = d / 2;
+  std::vector<double> inv_freq(half);
+  for (int i = 0; i < half; ++i) inv_freq[i] = std::pow(theta, -2.0 * i / d);
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int bh = 0; bh < B * H; ++bh)
+    for (int t = 0; t < seq; ++t) {
+      T* row = x + (static_cast<long long>(bh) * seq + t) * d;
+      for (int i = 0; i < half; ++i) {
+        const double ang = t * inv_freq[i];
+        const T c = static_cast<T>(std::cos(ang)), s = static_cast<T>(inverse ? -std::sin(ang) : std::sin(ang));
+        const T a = row[2 * i], b = row[2 * i + 1];
+        row[2 * i] = a * c - b * s;
+        row[2 * i + 1] = a * s + b * c;
+      }
+    }
+}
+
+template <typename T>
+void swiglu_forward(const T* a, const T* b, T* g, long long n) {
+#pragma omp parallel for schedule(static)
+  for (long long i = 0; i < n; ++i) {
+    const T sig = T(1) / (T(1) + std::exp(-a[i]));
+    g[i] = a[i] * sig * b[i];
+  }
+}
+
+template <typename T>
+void swiglu_backward(const T* dg, const T* a, const T* b, T* da, T* db, long long n) {
+#pragma omp parallel for schedule(static)
+  for (long long i = 0; i < n; ++i) {
+    const T sig = T(1) / (T(1) + std::exp(-a[i]));
+    const T silu = a[i] * sig;
+    db[i] = dg[i] * silu;
+    da[i] = dg[i] * b[i] * sig * (T(1) + a[i] * (T(1) - sig));
+  }
+}
+
+template <typename T>
+void to_heads(const T* x, T* y, int B, int seq, int H, int d) {
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h)
+      for (int t = 0; t < seq; ++t) {
+        const T* src = x + ((static_cast<long long>(b) * seq + t) * H + h) * d;
+        T* dst = y + ((static_cast<long long>(b) * H + h) * seq + t) * d;
+        for (int e = 0; e < d; ++e) dst[e] = src[e];
+      }
+}
+
+template <typename T>
+void from_heads(const T* y, T* x, int B, int seq, int H, int d) {
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h)
+      for (int t = 0; t < seq; ++t) {
+        const T* src = y + ((static_cast<long long>(b) * H + h) * seq + t) * d;
+        T* dst = x + ((static_cast<long long>(b) * seq + t) * H + h) * d;
+        for (int e = 0; e < d; ++e) dst[e] = src[e];
+      }
+}
+
+template <typename T>
+void dropout_apply(T* x, long long n, float p, uint64_t seed) {
+  if (p <= T(0)) return;
+  const T scale = T(1) / (T(1) - p);
+#pragma omp parallel for schedule(static)
+  for (long long i = 0; i < n; ++i) x[i] *= hash_uniform(seed, static_cast<unsigned long long>(i)) >= p ? scale : T(0);
+}
+
+#define MTA_INSTANTIATE(T)                                                                                   \
+  template void linear_forward<T>(const T*, const T*, T*, int, int, int);                                  \
+  template void linear_backward<T>(const T*, const T*, const T*, T*, T*, int, int, int, bool);             \
+  template void rmsnorm_forward<T>(const T*, const T*, T*, T*, int, int, T);                               \
+  template void rmsnorm_backward<T>(const T*, const T*, const T*, const T*, T*, T*, int, int);             \
+  template void rope_apply<T>(T*, int, int, int, int, double, bool);                                       \
+  template void swiglu_forward<T>(const T*, const T*, T*, long long);                                      \
+  template void swiglu_backward<T>(const T*, const T*, const T*, T*, T*, long long);                       \
+  template void to_heads<T>(const T*, T*, int, int, int, int);                                             \
+  template void from_heads<T>(const T*, T*, int, int, int, int);                                           \
+  template void dropout_apply<T>(T*, long long, float, uint64_t);
+MTA_INSTANTIATE(float)
+MTA_INSTANTIATE(double)
+#undef MTA_INSTANTIATE
+
+}  // namespace mta::cpu

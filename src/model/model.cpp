@@ -1,0 +1,442 @@
+#include "model/model.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <stdexcept>
+#include <string>
+
+#include "attention/attention_op.h"
+#include "attention/init.h"
+#include "attention/mta_cpu.h"
+#include "model/layers_cpu.h"
+#include "util/blas.h"
+#include "util/error.h"
+
+namespace mta {
+namespace {
+
+std::string lname(int l, const std::string& rest) { return "layers." + std::to_string(l) + "." + rest; }
+
+// Seeds of the dropout sites of a layer, all derived from the step's seed.
+enum DropSite { kDropAttnWeights = 0, kDropAttnOut = 1, kDropFfnOut = 2 };
+uint64_t site_seed(uint64_t base, int layer, int site) {
+  uint64_t x = base ^ (0x9E3779B97F4A7C15ULL * static_cast<uint64_t>(layer * 8 + site + 1));
+  x = (x ^ (x >> 31)) * 0xBF58476D1CE4E5B9ULL;
+  return x ^ (x >> 29);
+}
+
+double diff_lambda_init(int l) { return 0.8 - 0.6 * std::exp(-0.3 * l); }
+
+}  // namespace
+
+double Batch::weight_sum() const {
+  double s = 0;
+  for (float w : weights) s += w;
+  return s;
+}
+
+// Activations saved by the forward pass for the backward pass, for one (B, T).
+template <typename T>
+struct ModelT<T>::Acts {
+  int B = 0, seq = 0;
+  struct Layer {
+    std::vector<T> x_in, xn1, rstd1, q, k, v, att, comb, comb_rstd, a_flat, x_mid, xn2, rstd2, h1, h3, g;
+  };
+  std::vector<Layer> layers;
+  std::vector<T> x_final, xf, rstdf;
+  int N() const { return B * seq; }
+};
+
+template <typename T>
+ModelT<T>::ModelT(const ModelConfig& cfg) : cfg_(cfg) {
+  const long long C = cfg.dim, V = cfg.vocab_size, F = cfg.ffn_hidden, d = cfg.head_dim();
+  layout_.add("tok_embeddings.weight", {V, C}, true);
+  for (int l = 0; l < cfg.n_layers; ++l) {
+    layout_.add(lname(l, "attention_norm.weight"), {C}, false);
+    layout_.add(lname(l, "attention.wq.weight"), {C, C}, true);
+    layout_.add(lname(l, "attention.wk.weight"), {C, C}, true);
+    layout_.add(lname(l, "attention.wv.weight"), {C, C}, true);
+    layout_.add(lname(l, "attention.wo.weight"), {C, C}, true);
+    if (cfg.attention == AttentionKind::Mta) {
+      for (const auto& info : attention_params(cfg.layer_spec(l)))
+        layout_.add(lname(l, "attention." + info.name), info.shape, false);
+    } else if (cfg.attention == AttentionKind::Diff) {
+      for (const char* n : {"lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"}) layout_.add(lname(l, std::string("attention.") + n), {d}, false);
+      layout_.add(lname(l, "attention.subln.weight"), {2 * d}, false);
+    }
+    layout_.add(lname(l, "ffn_norm.weight"), {C}, false);
+    layout_.add(lname(l, "feed_forward.w1.weight"), {F, C}, true);
+    layout_.add(lname(l, "feed_forward.w3.weight"), {F, C}, true);
+    layout_.add(lname(l, "feed_forward.w2.weight"), {C, F}, true);
+  }
+  layout_.add("norm.weight", {C}, false);
+  params_.assign(layout_.total(), T(0));
+  grads_.assign(layout_.total(), T(0));
+  acts_ = std::make_unique<Acts>();
+}
+
+template <typename T>
+ModelT<T>::~ModelT() = default;
+
+template <typename T>
+size_t ModelT<T>::num_params() const {
+  size_t n = 0;
+  for (const auto& v : layout_.views()) n += v.size;
+  return n;
+}
+
+template <typename T>
+void ModelT<T>::zero_grads() { std::fill(grads_.begin(), grads_.end(), T(0)); }
+
+template <typename T>
+void ModelT<T>::init(uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  std::fill(params_.begin(), params_.end(), T(0));
+  for (const auto& v : layout_.views()) {
+    T* x = params_.data() + v.offset;
+    const std::string& n = v.name;
+    auto ends_with = [&](const std::string& suffix) {
+      return n.size() >= suffix.size() && n.compare(n.size() - suffix.size(), suffix.size(), suffix) == 0;
+    };
+    if (v.decay) {
+      for (size_t i = 0; i < v.size; ++i) x[i] = static_cast<T>(cfg_.init_std * nd(rng));
+    } else if (ends_with("norm.weight") || ends_with("subln.weight")) {
+      std::fill(x, x + v.size, 1.0f);
+    } else if (n.find("lambda_") != std::string::npos) {
+      for (size_t i = 0; i < v.size; ++i) x[i] = static_cast<T>(0.1 * nd(rng));
+    } else {
+      // An MTA parameter: identity initialisation.
+      const int l = std::stoi(n.substr(7, n.find('.', 7) - 7));
+      const AttentionSpec spec = cfg_.layer_spec(l);
+      const std::string pname = n.substr(n.rfind('.') + 1);
+      for (const auto& info : attention_params(spec))
+        if (info.name == pname) init_attention_param_identity(spec, info, x);
+    }
+  }
+}
+
+template <typename T>
+LossStats ModelT<T>::forward(const Batch& batch, std::vector<int32_t>* argmax) {
+  return run(batch, false, T(0), false, 0, argmax);
+}
+
+template <typename T>
+LossStats ModelT<T>::forward_backward(const Batch& batch, T grad_scale, bool train, uint64_t dropout_seed) {
+  return run(batch, true, grad_scale, train, dropout_seed, nullptr);
+}
+
+template <typename T>
+void ModelT<T>::attention_forward(int l, Acts& a, bool train, uint64_t seed) {
+  typename Acts::Layer& L = a.layers[l];
+  const int B = a.B, Tn = a.seq, H = cfg_.n_heads, d = cfg_.head_dim();
+  AttnOptions opt;
+  if (train) opt.dropout = cfg_.dropout, opt.dropout_seed = site_seed(seed, l, kDropAttnWeights);
+  const AttentionSpec spec = cfg_.layer_spec(l);
+  if (cfg_.attention != AttentionKind::Diff) {
+    AttnParams<T> p;
+    const std::string pre = lname(l, "attention.");
+    auto ptr = [&](const char* n) { return layout_.has(pre + n) ? params_.data() + layout_.view(pre + n).offset : nullptr; };
+    p.kq_pre = ptr("kq_pre"), p.head_pre = ptr("head_pre"), p.kq_post = ptr("kq_post"), p.head_post = ptr("head_post");
+    p.norm = ptr("norm"), p.gate_w = ptr("gate_w"), p.gate_b = ptr("gate_b");
+    cpu::mta_forward<T>(spec, AttnDims{B, H, Tn, d}, L.q.data(), L.k.data(), L.v.data(), p, L.att.data(), opt);
+    return;
+  }
+  // DIFF: H sub-heads of dim d in pairs (2h, 2h+1) sharing the value head h of dim 2d.
+  const int Hd = H / 2, dv = 2 * d;
+  const long long hs = static_cast<long long>(Tn) * dv;
+  std::vector<T> vdup(static_cast<size_t>(B) * H * hs);
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h)
+      std::copy_n(L.v.data() + (static_cast<long long>(b) * Hd + h / 2) * hs, hs, vdup.data() + (static_cast<long long>(b) * H + h) * hs);
+  std::vector<T> o(vdup.size());
+  cpu::mta_forward<T>(spec, AttnDims{B, H, Tn, d, dv}, L.q.data(), L.k.data(), vdup.data(), {}, o.data(), opt);
+  L.comb.resize(static_cast<size_t>(B) * Hd * hs);
+  const T* lq1 = param(lname(l, "attention.lambda_q1"));
+  const T* lk1 = param(lname(l, "attention.lambda_k1"));
+  const T* lq2 = param(lname(l, "attention.lambda_q2"));
+  const T* lk2 = param(lname(l, "attention.lambda_k2"));
+  double s1 = 0, s2 = 0;
+  for (int e = 0; e < d; ++e) s1 += lq1[e] * lk1[e], s2 += lq2[e] * lk2[e];
+  const T lambda = static_cast<T>(std::exp(s1) - std::exp(s2) + diff_lambda_init(l));
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < Hd; ++h) {
+      const T* o1 = o.data() + (static_cast<long long>(b) * H + 2 * h) * hs;
+      const T* o2 = o1 + hs;
+      T* c = L.comb.data() + (static_cast<long long>(b) * Hd + h) * hs;
+      for (long long i = 0; i < hs; ++i) c[i] = o1[i] - lambda * o2[i];
+    }
+  L.att.assign(o.begin(), o.end());  // keep the sub-head outputs for backward
+  // Per-head RMSNorm, then the (1 - lambda_init) scaling; written to comb_out via a_flat later.
+  const int rows = B * Hd * Tn;
+  L.comb_rstd.resize(rows);
+  std::vector<T> y(L.comb.size());
+  cpu::rmsnorm_forward(L.comb.data(), param(lname(l, "attention.subln.weight")), y.data(), L.comb_rstd.data(), rows, dv,
+                       T(1e-5));
+  const T scale = static_cast<T>(1.0 - diff_lambda_init(l));
+  for (auto& e : y) e *= scale;
+  cpu::from_heads(y.data(), L.a_flat.data(), B, Tn, Hd, dv);
+}
+
+template <typename T>
+void ModelT<T>::attention_backward(int l, Acts& a, const T* da_flat, T* dq, T* dk, T* dv_out, bool train,
+                               uint64_t seed) {
+  typename Acts::Layer& L = a.layers[l];
+  const int B = a.B, Tn = a.seq, H = cfg_.n_heads, d = cfg_.head_dim();
+  AttnOptions opt;
+  if (train) opt.dropout = cfg_.dropout, opt.dropout_seed = site_seed(seed, l, kDropAttnWeights);
+  const AttentionSpec spec = cfg_.layer_spec(l);
+  const std::string pre = lname(l, "attention.");
+  if (cfg_.attention != AttentionKind::Diff) {
+    std::vector<T> datt(static_cast<size_t>(a.N()) * cfg_.dim);
+    cpu::to_heads(da_flat, datt.data(), B, Tn, H, d);
+    AttnParams<T> p;
+    AttnParamGrads<T> g;
+    auto ptr = [&](const char* n) { return layout_.has(pre + n) ? params_.data() + layout_.view(pre + n).offset : nullptr; };
+    auto gptr = [&](const char* n) { return layout_.has(pre + n) ? grads_.data() + layout_.view(pre + n).offset : nullptr; };
+    p.kq_pre = ptr("kq_pre"), p.head_pre = ptr("head_pre"), p.kq_post = ptr("kq_post"), p.head_post = ptr("head_post");
+    p.norm = ptr("norm"), p.gate_w = ptr("gate_w"), p.gate_b = ptr("gate_b");
+    g.kq_pre = gptr("kq_pre"), g.head_pre = gptr("head_pre"), g.kq_post = gptr("kq_post"), g.head_post = gptr("head_post");
+    g.norm = gptr("norm"), g.gate_w = gptr("gate_w"), g.gate_b = gptr("gate_b");
+    cpu::mta_backward<T>(spec, AttnDims{B, H, Tn, d}, L.q.data(), L.k.data(), L.v.data(), p, datt.data(), dq, dk,
+                             dv_out, g, opt);
+    return;
+  }
+  const int Hd = H / 2, dvd = 2 * d;
+  const long long hs = static_cast<long long>(Tn) * dvd;
+  const int rows = B * Hd * Tn;
+  std::vector<T> dy(static_cast<size_t>(rows) * dvd), dcomb(dy.size(), T(0));
+  cpu::to_heads(da_flat, dy.data(), B, Tn, Hd, dvd);
+  const T scale = static_cast<T>(1.0 - diff_lambda_init(l));
+  for (auto& e : dy) e *= scale;
+  cpu::rmsnorm_backward(dy.data(), L.comb.data(), param(pre + "subln.weight"), L.comb_rstd.data(), dcomb.data(),
+                        grads_.data() + layout_.view(pre + "subln.weight").offset, rows, dvd);
+  const T* lq1 = param(pre + "lambda_q1");
+  const T* lk1 = param(pre + "lambda_k1");
+  const T* lq2 = param(pre + "lambda_q2");
+  const T* lk2 = param(pre + "lambda_k2");
+  double s1 = 0, s2 = 0;
+  for (int e = 0; e < d; ++e) s1 += lq1[e] * lk1[e], s2 += lq2[e] * lk2[e];
+  const double e1 = std::exp(s1), e2 = std::exp(s2);
+  const T lambda = static_cast<T>(e1 - e2 + diff_lambda_init(l));
+  // d(sub-head outputs) and d(lambda) = -sum dcomb * o2.
+  std::vector<T> dout(static_cast<size_t>(B) * H * hs);
+  double dlambda = 0;
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < Hd; ++h) {
+      const T* dc = dcomb.data() + (static_cast<long long>(b) * Hd + h) * hs;
+      const T* o2 = L.att.data() + (static_cast<long long>(b) * H + 2 * h + 1) * hs;
+      T* d1 = dout.data() + (static_cast<long long>(b) * H + 2 * h) * hs;
+      T* d2 = d1 + hs;
+      for (long long i = 0; i < hs; ++i) {
+        d1[i] = dc[i];
+        d2[i] = -lambda * dc[i];
+        dlambda -= static_cast<double>(dc[i]) * o2[i];
+      }
+    }
+  T* g_lq1 = grads_.data() + layout_.view(pre + "lambda_q1").offset;
+  T* g_lk1 = grads_.data() + layout_.view(pre + "lambda_k1").offset;
+  T* g_lq2 = grads_.data() + layout_.view(pre + "lambda_q2").offset;
+  T* g_lk2 = grads_.data() + layout_.view(pre + "lambda_k2").offset;
+  for (int e = 0; e < d; ++e) {
+    g_lq1[e] += static_cast<T>(dlambda * e1 * lk1[e]);
+    g_lk1[e] += static_cast<T>(dlambda * e1 * lq1[e]);
+    g_lq2[e] -= static_cast<T>(dlambda * e2 * lk2[e]);
+    g_lk2[e] -= static_cast<T>(dlambda * e2 * lq2[e]);
+  }
+  std::vector<T> vdup(static_cast<size_t>(B) * H * hs), dvdup(vdup.size());
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h)
+      std::copy_n(L.v.data() + (static_cast<long long>(b) * Hd + h / 2) * hs, hs, vdup.data() + (static_cast<long long>(b) * H + h) * hs);
+  cpu::mta_backward<T>(spec, AttnDims{B, H, Tn, d, dvd}, L.q.data(), L.k.data(), vdup.data(), {}, dout.data(), dq, dk,
+                           dvdup.data(), {}, opt);
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < Hd; ++h) {
+      const T* a1 = dvdup.data() + (static_cast<long long>(b) * H + 2 * h) * hs;
+      const T* a2 = a1 + hs;
+      T* dst = dv_out + (static_cast<long long>(b) * Hd + h) * hs;
+      for (long long i = 0; i < hs; ++i) dst[i] = a1[i] + a2[i];
+    }
+}
+
+template <typename T>
+void ModelT<T>::layer_forward(int l, Acts& a, bool train, uint64_t seed) {
+  typename Acts::Layer& L = a.layers[l];
+  const int N = a.N(), C = cfg_.dim, F = cfg_.ffn_hidden, H = cfg_.n_heads, d = cfg_.head_dim();
+  const T eps = static_cast<T>(cfg_.norm_eps);
+  const T* x = L.x_in.data();
+  cpu::rmsnorm_forward(x, param(lname(l, "attention_norm.weight")), L.xn1.data(), L.rstd1.data(), N, C, eps);
+  std::vector<T> tmp(static_cast<size_t>(N) * C);
+  cpu::linear_forward(L.xn1.data(), param(lname(l, "attention.wq.weight")), tmp.data(), N, C, C);
+  cpu::to_heads(tmp.data(), L.q.data(), a.B, a.seq, H, d);
+  cpu::rope_apply(L.q.data(), a.B, H, a.seq, d, cfg_.rope_theta, false);
+  cpu::linear_forward(L.xn1.data(), param(lname(l, "attention.wk.weight")), tmp.data(), N, C, C);
+  cpu::to_heads(tmp.data(), L.k.data(), a.B, a.seq, H, d);
+  cpu::rope_apply(L.k.data(), a.B, H, a.seq, d, cfg_.rope_theta, false);
+  cpu::linear_forward(L.xn1.data(), param(lname(l, "attention.wv.weight")), tmp.data(), N, C, C);
+  const int Hv = cfg_.attention == AttentionKind::Diff ? H / 2 : H;
+  cpu::to_heads(tmp.data(), L.v.data(), a.B, a.seq, Hv, C / Hv);
+  attention_forward(l, a, train, seed);
+  if (cfg_.attention != AttentionKind::Diff) cpu::from_heads(L.att.data(), L.a_flat.data(), a.B, a.seq, H, d);
+  // Residual: x_mid = x + dropout(a_flat Wo^T).
+  cpu::linear_forward(L.a_flat.data(), param(lname(l, "attention.wo.weight")), tmp.data(), N, C, C);
+  if (train) cpu::dropout_apply(tmp.data(), static_cast<long long>(N) * C, cfg_.dropout, site_seed(seed, l, kDropAttnOut));
+  for (long long i = 0; i < static_cast<long long>(N) * C; ++i) L.x_mid[i] = x[i] + tmp[i];
+  // Feed-forward: out = x_mid + dropout(W2 (silu(W1 xn2) * W3 xn2)).
+  cpu::rmsnorm_forward(L.x_mid.data(), param(lname(l, "ffn_norm.weight")), L.xn2.data(), L.rstd2.data(), N, C, eps);
+  cpu::linear_forward(L.xn2.data(), param(lname(l, "feed_forward.w1.weight")), L.h1.data(), N, C, F);
+  cpu::linear_forward(L.xn2.data(), param(lname(l, "feed_forward.w3.weight")), L.h3.data(), N, C, F);
+  cpu::swiglu_forward(L.h1.data(), L.h3.data(), L.g.data(), static_cast<long long>(N) * F);
+  cpu::linear_forward(L.g.data(), param(lname(l, "feed_forward.w2.weight")), tmp.data(), N, F, C);
+  if (train) cpu::dropout_apply(tmp.data(), static_cast<long long>(N) * C, cfg_.dropout, site_seed(seed, l, kDropFfnOut));
+  T* out = l + 1 < cfg_.n_layers ? a.layers[l + 1].x_in.data() : a.x_final.data();
+  for (long long i = 0; i < static_cast<long long>(N) * C; ++i) out[i] = L.x_mid[i] + tmp[i];
+}
+
+template <typename T>
+void ModelT<T>::layer_backward(int l, Acts& a, T* dx, bool train, uint64_t seed) {
+  typename Acts::Layer& L = a.layers[l];
+  const int N = a.N(), C = cfg_.dim, F = cfg_.ffn_hidden, H = cfg_.n_heads, d = cfg_.head_dim();
+  const long long NC = static_cast<long long>(N) * C;
+  auto g = [&](const std::string& n) { return grads_.data() + layout_.view(lname(l, n)).offset; };
+  // Feed-forward. dx holds d(out) = d(x_mid) through the residual.
+  std::vector<T> dy(dx, dx + NC);
+  if (train) cpu::dropout_apply(dy.data(), NC, cfg_.dropout, site_seed(seed, l, kDropFfnOut));
+  std::vector<T> dg(static_cast<size_t>(N) * F), dh1(dg.size()), dh3(dg.size()), dxn(NC);
+  cpu::linear_backward(dy.data(), L.g.data(), param(lname(l, "feed_forward.w2.weight")), dg.data(),
+                       g("feed_forward.w2.weight"), N, F, C);
+  cpu::swiglu_backward(dg.data(), L.h1.data(), L.h3.data(), dh1.data(), dh3.data(), static_cast<long long>(N) * F);
+  cpu::linear_backward(dh1.data(), L.xn2.data(), param(lname(l, "feed_forward.w1.weight")), dxn.data(),
+                       g("feed_forward.w1.weight"), N, C, F);
+  cpu::linear_backward(dh3.data(), L.xn2.data(), param(lname(l, "feed_forward.w3.weight")), dxn.data(),
+                       g("feed_forward.w3.weight"), N, C, F, /*accumulate_dx=*/true);
+  cpu::rmsnorm_backward(dxn.data(), L.x_mid.data(), param(lname(l, "ffn_norm.weight")), L.rstd2.data(), dx,
+                        g("ffn_norm.weight"), N, C);
+  // Attention. dx now holds d(x_mid) = d(x_in) through the residual.
+  std::copy(dx, dx + NC, dy.begin());
+  if (train) cpu::dropout_apply(dy.data(), NC, cfg_.dropout, site_seed(seed, l, kDropAttnOut));
+  std::vector<T> da(NC);
+  cpu::linear_backward(dy.data(), L.a_flat.data(), param(lname(l, "attention.wo.weight")), da.data(),
+                       g("attention.wo.weight"), N, C, C);
+  std::vector<T> dqh(NC), dkh(NC), dvh(NC);
+  attention_backward(l, a, da.data(), dqh.data(), dkh.data(), dvh.data(), train, seed);
+  cpu::rope_apply(dqh.data(), a.B, H, a.seq, d, cfg_.rope_theta, true);
+  cpu::rope_apply(dkh.data(), a.B, H, a.seq, d, cfg_.rope_theta, true);
+  std::vector<T> flat(NC);
+  cpu::from_heads(dqh.data(), flat.data(), a.B, a.seq, H, d);
+  cpu::linear_backward(flat.data(), L.xn1.data(), param(lname(l, "attention.wq.weight")), dxn.data(),
+                       g("attention.wq.weight"), N, C, C);
+  cpu::from_heads(dkh.data(), flat.data(), a.B, a.seq, H, d);
+  cpu::linear_backward(flat.data(), L.xn1.data(), param(lname(l, "attention.wk.weight")), dxn.data(),
+                       g("attention.wk.weight"), N, C, C, true);
+  const int Hv = cfg_.attention == AttentionKind::Diff ? H / 2 : H;
+  cpu::from_heads(dvh.data(), flat.data(), a.B, a.seq, Hv, C / Hv);
+  cpu::linear_backward(flat.data(), L.xn1.data(), param(lname(l, "attention.wv.weight")), dxn.data(),
+                       g("attention.wv.weight"), N, C, C, true);
+  cpu::rmsnorm_backward(dxn.data(), L.x_in.data(), param(lname(l, "attention_norm.weight")), L.rstd1.data(), dx,
+                        g("attention_norm.weight"), N, C);
+}
+
+template <typename T>
+LossStats ModelT<T>::run(const Batch& batch, bool backward, T grad_scale, bool train, uint64_t seed,
+                     std::vector<int32_t>* argmax) {
+  const int B = batch.B, Tn = batch.T, C = cfg_.dim, V = cfg_.vocab_size, F = cfg_.ffn_hidden;
+  if (B < 1 || Tn < 1) throw InputError("batch: B and T must be at least 1");
+  if (Tn > cfg_.max_seq_len)
+    throw InputError("batch: sequence length " + std::to_string(Tn) + " exceeds model.max_seq_len = " +
+                     std::to_string(cfg_.max_seq_len));
+  const size_t N = static_cast<size_t>(B) * Tn;
+  if (batch.inputs.size() != N || batch.targets.size() != N || batch.weights.size() != N)
+    throw InputError("batch: inputs, targets and weights must each hold B*T values");
+  for (size_t i = 0; i < N; ++i) {
+    if (batch.inputs[i] < 0 || batch.inputs[i] >= V)
+      throw InputError("batch: token id " + std::to_string(batch.inputs[i]) + " is outside the vocabulary [0, " +
+                       std::to_string(V) + ")");
+    if (batch.weights[i] != 0 && (batch.targets[i] < 0 || batch.targets[i] >= V))
+      throw InputError("batch: target id " + std::to_string(batch.targets[i]) + " is outside the vocabulary");
+  }
+  Acts& a = *acts_;
+  if (a.B != B || a.seq != Tn || a.layers.size() != static_cast<size_t>(cfg_.n_layers)) {
+    a = Acts();
+    a.B = B, a.seq = Tn;
+    a.layers.resize(cfg_.n_layers);
+    const size_t NC = N * C, NF = N * F;
+    for (auto& L : a.layers) {
+      for (auto* v : {&L.x_in, &L.xn1, &L.q, &L.k, &L.v, &L.a_flat, &L.x_mid, &L.xn2}) v->assign(NC, T(0));
+      L.att.assign(NC, T(0));
+      for (auto* v : {&L.rstd1, &L.rstd2}) v->assign(N, T(0));
+      for (auto* v : {&L.h1, &L.h3, &L.g}) v->assign(NF, T(0));
+    }
+    a.x_final.assign(NC, T(0)), a.xf.assign(NC, T(0)), a.rstdf.assign(N, T(0));
+  }
+  // Embedding.
+  const T* E = param("tok_embeddings.weight");
+#pragma omp parallel for schedule(static)
+  for (long long n = 0; n < static_cast<long long>(N); ++n)
+    std::copy_n(E + static_cast<long long>(batch.inputs[n]) * C, C, a.layers[0].x_in.data() + n * C);
+  for (int l = 0; l < cfg_.n_layers; ++l) layer_forward(l, a, train, seed);
+  cpu::rmsnorm_forward(a.x_final.data(), param("norm.weight"), a.xf.data(), a.rstdf.data(), static_cast<int>(N), C,
+                       static_cast<T>(cfg_.norm_eps));
+
+  // Output layer (tied embedding) and cross-entropy in chunks of rows, so the [N, V] logits never
+  // exist at once; in backward, the chunk's gradient is formed and consumed immediately.
+  LossStats st;
+  std::vector<T> dxf(backward ? N * C : 0, T(0));
+  T* gE = grads_.data() + layout_.view("tok_embeddings.weight").offset;
+  if (argmax) argmax->assign(N, 0);
+  const int R = 256;
+  std::vector<T> logits(static_cast<size_t>(R) * V);
+  for (size_t r0 = 0; r0 < N; r0 += R) {
+    const int rows = static_cast<int>(std::min<size_t>(R, N - r0));
+    cpu::linear_forward(a.xf.data() + r0 * C, E, logits.data(), rows, C, V);
+    // Per-row losses summed serially afterwards: a reduction clause would add in thread-timing order.
+    std::vector<double> row_loss(rows, 0.0);
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < rows; ++r) {
+      T* lg = logits.data() + static_cast<size_t>(r) * V;
+      const size_t n = r0 + r;
+      int best = 0;
+      T m = lg[0];
+      for (int c = 1; c < V; ++c)
+        if (lg[c] > m) m = lg[c], best = c;
+      if (argmax) (*argmax)[n] = best;
+      double sum = 0;
+      for (int c = 0; c < V; ++c) sum += std::exp(static_cast<double>(lg[c] - m));
+      const T w = static_cast<T>(batch.weights[n]);
+      if (w != 0) row_loss[r] = w * (m + std::log(sum) - lg[batch.targets[n]]);
+      if (backward) {
+        // d(loss_sum)/d(logits) = w * (softmax - onehot), scaled.
+        const T s = w * grad_scale;
+        const T inv = static_cast<T>(1.0 / sum);
+        for (int c = 0; c < V; ++c) lg[c] = s * std::exp(lg[c] - m) * inv;
+        if (w != 0) lg[batch.targets[n]] -= s;
+      }
+    }
+    for (int r = 0; r < rows; ++r) {
+      st.loss_sum += row_loss[r];
+      st.weight_sum += batch.weights[r0 + r];
+    }
+    if (backward) cpu::linear_backward(logits.data(), a.xf.data() + r0 * C, E, dxf.data() + r0 * C, gE, rows, C, V);
+  }
+  if (!backward) return st;
+
+  std::vector<T> dx(N * C, T(0));
+  cpu::rmsnorm_backward(dxf.data(), a.x_final.data(), param("norm.weight"), a.rstdf.data(), dx.data(),
+                        grads_.data() + layout_.view("norm.weight").offset, static_cast<int>(N), C);
+  for (int l = cfg_.n_layers - 1; l >= 0; --l) layer_backward(l, a, dx.data(), train, seed);
+  // Embedding gradient: a scatter-add, serial over positions so the sum order is fixed.
+  for (size_t n = 0; n < N; ++n) {
+    T* dst = gE + static_cast<long long>(batch.inputs[n]) * C;
+    const T* src = dx.data() + n * C;
+    for (int c = 0; c < C; ++c) dst[c] += src[c];
+  }
+  return st;
+}
+
+template class ModelT<float>;
+template class ModelT<double>;
+
+}  // namespace mta
