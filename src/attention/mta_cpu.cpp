@@ -62,19 +62,21 @@ void conv_input_grad_row(const T* dout, T* din, const T* W, const KqConv& kc, in
 
 // dW[a,c] += sum_{i, j<=i} dout[i,j] * in[i-(cq-1)+a, j-o+c] for one head.
 template <typename T>
-void conv_weight_grad(const T* in, const T* dout, T* dW, const KqConv& kc, int n) {
+void conv_weight_grad(const T* in, const T* dout, double* dW, const KqConv& kc, int n) {
   const int cq = kc.q, ck = kc.k, o = kc.key_offset();
   for (int a = 0; a < cq; ++a) {
     for (int c = 0; c < ck; ++c) {
       const int shift = c - o;
-      T acc = 0;
+      double acc = 0;  // T^2/2 terms: a float accumulator would lose ~1e-5 relative at T = 64
       for (int i = 0; i < n; ++i) {
         const int ii = i - (cq - 1) + a;
         if (ii < 0) continue;
         const T* irow = in + static_cast<long long>(ii) * n;
         const T* drow = dout + static_cast<long long>(i) * n;
         const int jlo = std::max(0, -shift), jhi = std::min(i, ii - shift);
-        for (int j = jlo; j <= jhi; ++j) acc += drow[j] * irow[j + shift];
+        T row = 0;
+        for (int j = jlo; j <= jhi; ++j) row += drow[j] * irow[j + shift];
+        acc += row;
       }
       dW[a * ck + c] += acc;
     }
@@ -128,7 +130,7 @@ void mix_heads_row(const std::vector<T*>& in, const std::vector<T*>& out, const 
 
 // dM[grp, x, y] += sum_{i, j<=i} dout[x][i,j] * in[y][i,j] for the unit's groups.
 template <typename T>
-void mix_heads_weight_grad(const std::vector<T*>& in, const std::vector<T*>& dout, T* dM, int g, int h0, int n) {
+void mix_heads_weight_grad(const std::vector<T*>& in, const std::vector<T*>& dout, double* dM, int g, int h0, int n) {
   const int G = static_cast<int>(in.size());
   const int pairs = G * g;
 #pragma omp parallel for schedule(static)
@@ -137,10 +139,12 @@ void mix_heads_weight_grad(const std::vector<T*>& in, const std::vector<T*>& dou
     const int hx = h0 + x, grp = hx / g, xg = hx % g;
     const T* a = dout[x];
     const T* b = in[grp * g + y - h0];
-    T acc = 0;
+    double acc = 0;  // summed per row, then across rows in double (see conv_weight_grad)
     for (int i = 0; i < n; ++i) {
       const long long row = static_cast<long long>(i) * n;
-      for (int j = 0; j <= i; ++j) acc += a[row + j] * b[row + j];
+      T r = 0;
+      for (int j = 0; j <= i; ++j) r += a[row + j] * b[row + j];
+      acc += r;
     }
     dM[(static_cast<long long>(grp) * g + xg) * g + y] += acc;
   }
@@ -186,7 +190,7 @@ void epilogue_forward_row(const AttentionSpec& spec, const AttnParams<T>& p, con
 // the unit-local accumulators gn/gw/gb.
 template <typename T>
 void epilogue_backward_row(const AttentionSpec& spec, const AttnParams<T>& p, const T* o, const T* dout, T* dobuf,
-                           T* gnorm, T* ggw, T* ggb, int D, std::vector<T>& tmp) {
+                           double* gnorm, double* ggw, double* ggb, int D, std::vector<T>& tmp) {
   // Recompute the stages' values: n = normed (or o), s = scaled.
   tmp.resize(2 * D);
   T* nrm = tmp.data();
@@ -373,13 +377,14 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
   need(spec.gate, grads.gate_b, "gate_b");
 
   // Parameter gradients per unit, summed in unit order after the parallel loop so that the result
-  // does not depend on thread timing (exact resume of training relies on it).
+  // does not depend on thread timing (exact resume of training relies on it). Accumulated in double
+  // and rounded once: they are sums over B*T*T terms.
   const int cpre = spec.kq_pre ? spec.kq_pre->q * spec.kq_pre->k : 0;
   const int cpost = spec.kq_post ? spec.kq_post->q * spec.kq_post->k : 0;
   const int gpre = spec.head_pre ? spec.head_pre->group : 0;
   const int gpost = spec.head_post ? spec.head_post->group : 0;
   struct UnitGrads {
-    std::vector<T> kq_pre, kq_post, head_pre, head_post, norm, gw, gb;
+    std::vector<double> kq_pre, kq_post, head_pre, head_post, norm, gw, gb;  // double: sums over B*T*T terms
   };
   std::vector<UnitGrads> unit_grads(units);
 
@@ -391,16 +396,16 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
 
     // Indexed by global head (or group) like the parameters; only this unit's part is touched.
     UnitGrads& ug = unit_grads[u];
-    std::vector<T>& g_kq_pre = ug.kq_pre;
-    std::vector<T>& g_kq_post = ug.kq_post;
-    std::vector<T>& g_head_pre = ug.head_pre;
-    std::vector<T>& g_head_post = ug.head_post;
-    std::vector<T>& g_norm = ug.norm;
-    std::vector<T>& g_gw = ug.gw;
-    std::vector<T>& g_gb = ug.gb;
-    g_kq_pre.assign(static_cast<size_t>(H) * cpre, T(0)), g_kq_post.assign(static_cast<size_t>(H) * cpost, T(0));
-    g_head_pre.assign(static_cast<size_t>(H) * gpre, T(0)), g_head_post.assign(static_cast<size_t>(H) * gpost, T(0));
-    g_norm.assign(static_cast<size_t>(G) * Dv, T(0)), g_gw.assign(static_cast<size_t>(G) * Dv, T(0)), g_gb.assign(G, T(0));
+    std::vector<double>& g_kq_pre = ug.kq_pre;
+    std::vector<double>& g_kq_post = ug.kq_post;
+    std::vector<double>& g_head_pre = ug.head_pre;
+    std::vector<double>& g_head_post = ug.head_post;
+    std::vector<double>& g_norm = ug.norm;
+    std::vector<double>& g_gw = ug.gw;
+    std::vector<double>& g_gb = ug.gb;
+    g_kq_pre.assign(static_cast<size_t>(H) * cpre, 0.0), g_kq_post.assign(static_cast<size_t>(H) * cpost, 0.0);
+    g_head_pre.assign(static_cast<size_t>(H) * gpre, 0.0), g_head_post.assign(static_cast<size_t>(H) * gpost, 0.0);
+    g_norm.assign(static_cast<size_t>(G) * Dv, 0.0), g_gw.assign(static_cast<size_t>(G) * Dv, 0.0), g_gb.assign(G, 0.0);
 
     // dA3 (per head), through the epilogue and O = A3 @ V.
     std::vector<T> dA3(static_cast<size_t>(G) * nn, T(0));
@@ -524,25 +529,38 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
 
   }
 
+  UnitGrads total;
+  total.kq_pre.assign(static_cast<size_t>(H) * cpre, 0.0), total.kq_post.assign(static_cast<size_t>(H) * cpost, 0.0);
+  total.head_pre.assign(static_cast<size_t>(H) * gpre, 0.0), total.head_post.assign(static_cast<size_t>(H) * gpost, 0.0);
+  total.norm.assign(Dv, 0.0), total.gw.assign(Dv, 0.0), total.gb.assign(1, 0.0);
   for (int u = 0; u < units; ++u) {
     const UnitGrads& ug = unit_grads[u];
     const int h0 = (u % (H / G)) * G;
-    auto add = [](T* dst, const std::vector<T>& src, size_t off, size_t count) {
+    auto add = [](double* dst, const std::vector<double>& src, size_t off, size_t count) {
       for (size_t i = 0; i < count; ++i) dst[off + i] += src[off + i];
     };
     // Only this unit's heads (or groups) received contributions.
-    if (spec.kq_pre) add(grads.kq_pre, ug.kq_pre, static_cast<size_t>(h0) * cpre, static_cast<size_t>(G) * cpre);
-    if (spec.kq_post) add(grads.kq_post, ug.kq_post, static_cast<size_t>(h0) * cpost, static_cast<size_t>(G) * cpost);
-    if (spec.head_pre) add(grads.head_pre, ug.head_pre, static_cast<size_t>(h0) * gpre, static_cast<size_t>(G) * gpre);
-    if (spec.head_post) add(grads.head_post, ug.head_post, static_cast<size_t>(h0) * gpost, static_cast<size_t>(G) * gpost);
+    if (spec.kq_pre) add(total.kq_pre.data(), ug.kq_pre, static_cast<size_t>(h0) * cpre, static_cast<size_t>(G) * cpre);
+    if (spec.kq_post) add(total.kq_post.data(), ug.kq_post, static_cast<size_t>(h0) * cpost, static_cast<size_t>(G) * cpost);
+    if (spec.head_pre) add(total.head_pre.data(), ug.head_pre, static_cast<size_t>(h0) * gpre, static_cast<size_t>(G) * gpre);
+    if (spec.head_post) add(total.head_post.data(), ug.head_post, static_cast<size_t>(h0) * gpost, static_cast<size_t>(G) * gpost);
     for (int x = 0; x < G; ++x) {
       for (int d = 0; d < Dv; ++d) {
-        if (spec.norm) grads.norm[d] += ug.norm[x * Dv + d];
-        if (spec.gate) grads.gate_w[d] += ug.gw[x * Dv + d];
+        if (spec.norm) total.norm[d] += ug.norm[x * Dv + d];
+        if (spec.gate) total.gw[d] += ug.gw[x * Dv + d];
       }
-      if (spec.gate) grads.gate_b[0] += ug.gb[x];
+      if (spec.gate) total.gb[0] += ug.gb[x];
     }
   }
+  auto put = [](T* dst, const std::vector<double>& src) {
+    for (size_t i = 0; i < src.size(); ++i) dst[i] += static_cast<T>(src[i]);
+  };
+  if (spec.kq_pre) put(grads.kq_pre, total.kq_pre);
+  if (spec.kq_post) put(grads.kq_post, total.kq_post);
+  if (spec.head_pre) put(grads.head_pre, total.head_pre);
+  if (spec.head_post) put(grads.head_post, total.head_post);
+  if (spec.norm) put(grads.norm, total.norm);
+  if (spec.gate) put(grads.gate_w, total.gw), put(grads.gate_b, total.gb);
 }
 
 template void mta_forward<float>(const AttentionSpec&, const AttnDims&, const float*, const float*, const float*,

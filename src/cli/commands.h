@@ -9,5 +9,8 @@ namespace mta::cli {
 using Runner = std::function<int()>;
 
 Runner add_attn_command(CLI::App& app);
+Runner add_train_command(CLI::App& app);
+Runner add_eval_command(CLI::App& app);
+Runner add_compare_command(CLI::App& app);
 
 }  // namespace mta::cli

@@ -31,6 +31,9 @@ int main(int argc, char** argv) {
     auto subs = app.get_subcommands({});
     if (subs.size() > before) runners[subs.back()] = r;
   };
+  add(mta::cli::add_train_command);
+  add(mta::cli::add_eval_command);
+  add(mta::cli::add_compare_command);
   add(mta::cli::add_attn_command);
 
   try {
