@@ -35,6 +35,7 @@ int main(int argc, char** argv) {
   add(mta::cli::add_eval_command);
   add(mta::cli::add_compare_command);
   add(mta::cli::add_attn_command);
+  add(mta::cli::add_bench_command);
 
   try {
     app.parse(argc, argv);
