@@ -6,6 +6,14 @@
 // norm [D], gate_w [D], gate_b [1]. A pointer is only read when the spec enables its option.
 #include "attention/spec.h"
 
+// The dropout hash below is also called from CUDA kernels (attention/mta_cuda.cu): the same code on
+// both sides, so the GPU's masks equal the CPU's bit for bit.
+#ifdef __CUDACC__
+#define MTA_HOST_DEVICE __host__ __device__
+#else
+#define MTA_HOST_DEVICE
+#endif
+
 namespace mta {
 
 struct AttnDims {
@@ -26,7 +34,7 @@ struct AttnOptions {
 
 // A uniform number in [0, 1) that is a pure function of (seed, counter): splitmix64. Dropout masks
 // come from it, so they are regenerated (not stored) for backward and are the same on every backend.
-inline double hash_uniform(unsigned long long seed, unsigned long long counter) {
+MTA_HOST_DEVICE inline double hash_uniform(unsigned long long seed, unsigned long long counter) {
   unsigned long long x = seed + (counter + 1) * 0x9E3779B97F4A7C15ULL;
   x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
   x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
@@ -35,7 +43,7 @@ inline double hash_uniform(unsigned long long seed, unsigned long long counter) 
 }
 
 // Keep decision of attention dropout for entry (bh, i, j) of the T x T weights.
-inline bool dropout_keep(unsigned long long seed, long long bh, int T, int i, int j, float p) {
+MTA_HOST_DEVICE inline bool dropout_keep(unsigned long long seed, long long bh, int T, int i, int j, float p) {
   return hash_uniform(seed, (static_cast<unsigned long long>(bh) * T + i) * T + j) >= p;
 }
 

@@ -7,6 +7,16 @@
 #include "attention/mta_cpu.h"
 #include "util/error.h"
 
+#ifdef MTA_HAVE_CUDA
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <memory>
+#include <stdexcept>
+
+#include "attention/mta_cuda.h"
+#endif
+
 namespace mta {
 namespace {
 
@@ -31,8 +41,75 @@ std::vector<T> load(const io::SafeTensors& in, const std::string& name, const st
   return x;
 }
 
+#ifdef MTA_HAVE_CUDA
+// Host <-> device copies for the CUDA path; any CUDA failure is a std::runtime_error (exit status 1).
+void cuda_check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string("--device cuda: ") + what + ": " + cudaGetErrorString(err));
+}
+
 template <typename T>
-io::SafeTensors run(const AttentionSpec& spec, const io::SafeTensors& in, const AttnDims& dims) {
+class DeviceArray {
+ public:
+  explicit DeviceArray(const std::vector<T>& host) : n_(host.size()) {
+    cuda_check(cudaMalloc(reinterpret_cast<void**>(&p_), std::max<size_t>(n_, 1) * sizeof(T)), "cudaMalloc");
+    if (n_) cuda_check(cudaMemcpy(p_, host.data(), n_ * sizeof(T), cudaMemcpyHostToDevice), "cudaMemcpy to device");
+  }
+  ~DeviceArray() {
+    if (p_) cudaFree(p_);
+  }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+  T* get() const { return p_; }
+  void copy_to(std::vector<T>& host) const {
+    host.resize(n_);
+    if (n_) cuda_check(cudaMemcpy(host.data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost), "cudaMemcpy to host");
+  }
+
+ private:
+  size_t n_ = 0;
+  T* p_ = nullptr;
+};
+
+// The op on the GPU: the same inputs and outputs as the CPU calls in run() below (host vectors).
+template <typename T>
+void run_cuda(const AttentionSpec& spec, const AttnDims& dims, const std::vector<T>& q, const std::vector<T>& k,
+              const std::vector<T>& v, const std::vector<AttentionParamInfo>& infos,
+              const std::vector<std::vector<T>>& pvals, const std::vector<T>* dout, std::vector<T>& o,
+              std::vector<T>& dq, std::vector<T>& dk, std::vector<T>& dv, std::vector<std::vector<T>>& gvals) {
+  if (cuda::device_count() < 1) throw std::runtime_error("--device cuda: no CUDA device is available");
+  DeviceArray<T> d_q(q), d_k(k), d_v(v);
+  std::vector<std::unique_ptr<DeviceArray<T>>> dp, dg;
+  AttnParams<T> p;
+  AttnParamGrads<T> g;
+  for (size_t i = 0; i < infos.size(); ++i) {
+    dp.push_back(std::make_unique<DeviceArray<T>>(pvals[i]));
+    dg.push_back(std::make_unique<DeviceArray<T>>(gvals[i]));  // zeros: gradients are added into
+    const std::string& n = infos[i].name;
+    const T* pv = dp.back()->get();
+    T* gv = dg.back()->get();
+    if (n == "kq_pre") p.kq_pre = pv, g.kq_pre = gv;
+    else if (n == "head_pre") p.head_pre = pv, g.head_pre = gv;
+    else if (n == "kq_post") p.kq_post = pv, g.kq_post = gv;
+    else if (n == "head_post") p.head_post = pv, g.head_post = gv;
+    else if (n == "norm") p.norm = pv, g.norm = gv;
+    else if (n == "gate_w") p.gate_w = pv, g.gate_w = gv;
+    else if (n == "gate_b") p.gate_b = pv, g.gate_b = gv;
+  }
+  DeviceArray<T> d_out(o);
+  cuda::mta_forward<T>(spec, dims, d_q.get(), d_k.get(), d_v.get(), p, d_out.get());
+  d_out.copy_to(o);
+  if (dout) {
+    DeviceArray<T> d_dout(*dout), d_dq(dq), d_dk(dk), d_dv(dv);
+    cuda::mta_backward<T>(spec, dims, d_q.get(), d_k.get(), d_v.get(), p, d_dout.get(), d_dq.get(), d_dk.get(),
+                          d_dv.get(), g);
+    d_dq.copy_to(dq), d_dk.copy_to(dk), d_dv.copy_to(dv);
+    for (size_t i = 0; i < infos.size(); ++i) dg[i]->copy_to(gvals[i]);
+  }
+}
+#endif
+
+template <typename T>
+io::SafeTensors run(const AttentionSpec& spec, const io::SafeTensors& in, const AttnDims& dims, Device device) {
   const std::vector<int64_t> qshape{dims.B, dims.H, dims.T, dims.D};
   std::vector<T> q = load<T>(in, "q", qshape), k = load<T>(in, "k", qshape), v = load<T>(in, "v", qshape);
   const auto infos = attention_params(spec);
@@ -62,11 +139,21 @@ io::SafeTensors run(const AttentionSpec& spec, const io::SafeTensors& in, const 
 
   io::SafeTensors out;
   std::vector<T> o(q.size());
-  cpu::mta_forward<T>(spec, dims, q.data(), k.data(), v.data(), p, o.data());
+  std::vector<T> dq, dk, dv;
+  if (backward) dq.resize(q.size()), dk.resize(q.size()), dv.resize(q.size());
+  if (device == Device::Cuda) {
+#ifdef MTA_HAVE_CUDA
+    run_cuda<T>(spec, dims, q, k, v, infos, pvals, backward ? &dout : nullptr, o, dq, dk, dv, gvals);
+#else
+    throw InputError("--device cuda: this build has no CUDA backend");
+#endif
+  } else {
+    cpu::mta_forward<T>(spec, dims, q.data(), k.data(), v.data(), p, o.data());
+    if (backward)
+      cpu::mta_backward<T>(spec, dims, q.data(), k.data(), v.data(), p, dout.data(), dq.data(), dk.data(), dv.data(), g);
+  }
   out.tensors["out"] = io::make_tensor(qshape, o.data());
   if (backward) {
-    std::vector<T> dq(q.size()), dk(q.size()), dv(q.size());
-    cpu::mta_backward<T>(spec, dims, q.data(), k.data(), v.data(), p, dout.data(), dq.data(), dk.data(), dv.data(), g);
     out.tensors["grad_q"] = io::make_tensor(qshape, dq.data());
     out.tensors["grad_k"] = io::make_tensor(qshape, dk.data());
     out.tensors["grad_v"] = io::make_tensor(qshape, dv.data());
@@ -109,9 +196,11 @@ io::SafeTensors run_attention_tensors(const AttentionSpec& spec, const io::SafeT
     for (const auto& [name, t] : in.tensors)
       if (!used.count(name)) warnings->push_back(name);
   }
+#ifndef MTA_HAVE_CUDA
   if (device == Device::Cuda) throw InputError("--device cuda: this build has no CUDA backend");
-  if (q.dtype == io::DType::F64) return run<double>(spec, in, dims);
-  return run<float>(spec, in, dims);
+#endif
+  if (q.dtype == io::DType::F64) return run<double>(spec, in, dims, device);
+  return run<float>(spec, in, dims, device);
 }
 
 }  // namespace mta

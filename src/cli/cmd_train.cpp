@@ -14,6 +14,7 @@ Runner add_train_command(CLI::App& app) {
     bool resume = false;
     long long steps = 0;
     int threads = 0;
+    std::string device;
   };
   auto o = std::make_shared<Opts>();
   cmd->add_option("config", o->config, "training config JSON")->required();
@@ -21,8 +22,10 @@ Runner add_train_command(CLI::App& app) {
   cmd->add_option("--out", o->out_dir, "output folder (default: the config's out_dir)");
   cmd->add_option("--steps", o->steps, "override train.steps");
   cmd->add_option("--threads", o->threads, "override train.threads");
+  cmd->add_option("--device", o->device, "override train.device (cpu or cuda)");
   return [o]() {
     TrainConfig cfg = load_train_config(o->config);
+    if (!o->device.empty()) cfg.train.device = o->device;
     if (!o->out_dir.empty()) cfg.out_dir = o->out_dir;
     if (o->steps > 0) cfg.train.steps = cfg.train.lr.total_steps = o->steps, cfg.source["train"]["steps"] = o->steps;
     if (o->threads > 0) cfg.train.threads = o->threads;
@@ -36,14 +39,15 @@ Runner add_train_command(CLI::App& app) {
 Runner add_eval_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("eval", "Evaluate a checkpoint on its task's held-out data");
   struct Opts {
-    std::string checkpoint;
+    std::string checkpoint, device;
     int examples = 0;
   };
   auto o = std::make_shared<Opts>();
   cmd->add_option("checkpoint", o->checkpoint, "checkpoint.safetensors written by mta train")->required();
   cmd->add_option("--examples", o->examples, "held-out examples (default: the config's eval_examples)");
+  cmd->add_option("--device", o->device, "cpu or cuda (default: the config's train.device)");
   return [o]() {
-    std::printf("%s\n", evaluate_checkpoint(o->checkpoint, o->examples).dump().c_str());
+    std::printf("%s\n", evaluate_checkpoint(o->checkpoint, o->examples, o->device).dump().c_str());
     return 0;
   };
 }

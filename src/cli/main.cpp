@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cli/commands.h"
+#include "util/blas.h"
 #include "util/error.h"
 
 namespace {
@@ -22,6 +23,7 @@ std::string one_line(std::string s) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  mta::blas_avoid_oversubscription();
   CLI::App app{"mta: train, evaluate and run Transformers with Multi-Token Attention"};
   app.require_subcommand(1);
   std::map<CLI::App*, mta::cli::Runner> runners;

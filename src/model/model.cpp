@@ -341,9 +341,8 @@ void ModelT<T>::layer_backward(int l, Acts& a, T* dx, bool train, uint64_t seed)
 }
 
 template <typename T>
-LossStats ModelT<T>::run(const Batch& batch, bool backward, T grad_scale, bool train, uint64_t seed,
-                     std::vector<int32_t>* argmax) {
-  const int B = batch.B, Tn = batch.T, C = cfg_.dim, V = cfg_.vocab_size, F = cfg_.ffn_hidden;
+void ModelT<T>::check_batch(const Batch& batch) const {
+  const int B = batch.B, Tn = batch.T, V = cfg_.vocab_size;
   if (B < 1 || Tn < 1) throw InputError("batch: B and T must be at least 1");
   if (Tn > cfg_.max_seq_len)
     throw InputError("batch: sequence length " + std::to_string(Tn) + " exceeds model.max_seq_len = " +
@@ -358,6 +357,14 @@ LossStats ModelT<T>::run(const Batch& batch, bool backward, T grad_scale, bool t
     if (batch.weights[i] != 0 && (batch.targets[i] < 0 || batch.targets[i] >= V))
       throw InputError("batch: target id " + std::to_string(batch.targets[i]) + " is outside the vocabulary");
   }
+}
+
+template <typename T>
+LossStats ModelT<T>::run(const Batch& batch, bool backward, T grad_scale, bool train, uint64_t seed,
+                     std::vector<int32_t>* argmax) {
+  const int B = batch.B, Tn = batch.T, C = cfg_.dim, V = cfg_.vocab_size, F = cfg_.ffn_hidden;
+  check_batch(batch);
+  const size_t N = static_cast<size_t>(B) * Tn;
   Acts& a = *acts_;
   if (a.B != B || a.seq != Tn || a.layers.size() != static_cast<size_t>(cfg_.n_layers)) {
     a = Acts();

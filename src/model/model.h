@@ -51,6 +51,8 @@ class ModelT {
   // Forward and backward: adds grad_scale * d(loss_sum)/d(params) into grads(). With train = true,
   // dropout is active with masks derived from dropout_seed.
   LossStats forward_backward(const Batch& batch, T grad_scale, bool train, uint64_t dropout_seed);
+  // Throws InputError when the batch does not fit the model (sizes, token ids, length).
+  void check_batch(const Batch& batch) const;
   // Forward only (no dropout). If argmax is given it receives the most likely token per position.
   LossStats forward(const Batch& batch, std::vector<int32_t>* argmax = nullptr);
 

@@ -25,7 +25,7 @@ class BlocksData : public Task {
   // correctly iff at every label position the argmax equals the true token given the true prefix
   // (once a token is wrong the example is wrong, whatever follows; while all are right, the prefix
   // greedy decoding sees is the true one). So the error rate equals that of token-by-token decoding.
-  nlohmann::json evaluate(Model& model, int examples, int batch_size) const override {
+  nlohmann::json evaluate(TrainableModel& model, int examples, int batch_size) const override {
     long long wrong = 0;
     double loss = 0, weight = 0;
     std::vector<int32_t> argmax;

@@ -7,7 +7,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
-#include "model/model.h"
+#include "model/trainable.h"
 
 namespace mta {
 
@@ -20,7 +20,7 @@ class Task {
   // Training examples [first, first + count) as one batch.
   virtual Batch train_batch(uint64_t first, int count) const = 0;
   // Held-out metrics, e.g. {"error_rate": 0.02, "examples": 1000, "loss": 0.1}.
-  virtual nlohmann::json evaluate(Model& model, int examples, int batch_size) const = 0;
+  virtual nlohmann::json evaluate(TrainableModel& model, int examples, int batch_size) const = 0;
   // The metric the comparison table reports, lower is better ("error_rate", "ppl").
   virtual std::string primary_metric() const = 0;
 };

@@ -43,14 +43,17 @@ void load_view(const io::SafeTensors& st, const std::string& path, const std::st
 
 }  // namespace
 
-void save_checkpoint(const std::string& path, const CheckpointState& state, const Model& model, AdamW* optim) {
+void save_checkpoint(const std::string& path, const CheckpointState& state, TrainableModel& model,
+                     bool with_optimizer) {
+  std::vector<float> p, m, v;
+  model.get_state(&p, with_optimizer ? &m : nullptr, with_optimizer ? &v : nullptr);
   io::SafeTensors st;
-  for (const auto& v : model.layout().views()) {
-    std::vector<int64_t> shape(v.shape.begin(), v.shape.end());
-    st.tensors["model." + v.name] = io::make_tensor(shape, model.params().data() + v.offset);
-    if (optim) {
-      st.tensors["optim.m." + v.name] = io::make_tensor(shape, optim->m().data() + v.offset);
-      st.tensors["optim.v." + v.name] = io::make_tensor(shape, optim->v().data() + v.offset);
+  for (const auto& view : model.layout().views()) {
+    std::vector<int64_t> shape(view.shape.begin(), view.shape.end());
+    st.tensors["model." + view.name] = io::make_tensor(shape, p.data() + view.offset);
+    if (with_optimizer) {
+      st.tensors["optim.m." + view.name] = io::make_tensor(shape, m.data() + view.offset);
+      st.tensors["optim.v." + view.name] = io::make_tensor(shape, v.data() + view.offset);
     }
   }
   st.metadata["format"] = kFormat;
@@ -65,16 +68,20 @@ CheckpointState read_checkpoint_state(const std::string& path) {
   return state_from_metadata(io::read_safetensors(path), path);
 }
 
-CheckpointState load_checkpoint(const std::string& path, Model& model, AdamW* optim) {
+CheckpointState load_checkpoint(const std::string& path, TrainableModel& model, bool with_optimizer) {
   io::SafeTensors st = io::read_safetensors(path);
   CheckpointState s = state_from_metadata(st, path);
-  for (const auto& v : model.layout().views()) {
-    load_view(st, path, "model." + v.name, v, model.params().data() + v.offset);
-    if (optim) {
-      load_view(st, path, "optim.m." + v.name, v, optim->m().data() + v.offset);
-      load_view(st, path, "optim.v." + v.name, v, optim->v().data() + v.offset);
+  const size_t total = model.layout().total();
+  std::vector<float> p(total, 0.0f), m, v;
+  if (with_optimizer) m.assign(total, 0.0f), v.assign(total, 0.0f);
+  for (const auto& view : model.layout().views()) {
+    load_view(st, path, "model." + view.name, view, p.data() + view.offset);
+    if (with_optimizer) {
+      load_view(st, path, "optim.m." + view.name, view, m.data() + view.offset);
+      load_view(st, path, "optim.v." + view.name, view, v.data() + view.offset);
     }
   }
+  model.set_state(p, with_optimizer ? &m : nullptr, with_optimizer ? &v : nullptr);
   return s;
 }
 

@@ -7,8 +7,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
-#include "model/model.h"
-#include "train/optimizer.h"
+#include "model/trainable.h"
 
 namespace mta {
 
@@ -19,11 +18,12 @@ struct CheckpointState {
   nlohmann::json last_eval;  // may be null
 };
 
-void save_checkpoint(const std::string& path, const CheckpointState& state, const Model& model, AdamW* optim);
+// with_optimizer: also store the AdamW moments (training checkpoints); false for weights only.
+void save_checkpoint(const std::string& path, const CheckpointState& state, TrainableModel& model, bool with_optimizer);
 // Reads the metadata only (and validates the file).
 CheckpointState read_checkpoint_state(const std::string& path);
-// Loads weights (and optimizer moments when optim is given) into a model built from the same config.
+// Loads weights (and the optimizer moments when with_optimizer) into a model built from the same config.
 // Refuses (InputError) a missing tensor, a shape mismatch or a non-finite weight.
-CheckpointState load_checkpoint(const std::string& path, Model& model, AdamW* optim);
+CheckpointState load_checkpoint(const std::string& path, TrainableModel& model, bool with_optimizer);
 
 }  // namespace mta

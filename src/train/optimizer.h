@@ -17,6 +17,7 @@ class AdamW {
   AdamW(const ParamLayout& layout, const AdamWConfig& cfg);
   // One update with the given learning rate; `step` counts from 1 (bias correction).
   void update(std::vector<float>& params, const std::vector<float>& grads, double lr, long long step);
+  void set_config(const AdamWConfig& cfg) { cfg_ = cfg; }
   std::vector<float>& m() { return m_; }
   std::vector<float>& v() { return v_; }
 

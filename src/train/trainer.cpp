@@ -65,15 +65,14 @@ std::string checkpoint_path(const TrainConfig& cfg) { return cfg.out_dir + "/che
 
 TrainResult train(const TrainConfig& cfg, const TrainOptions& opt) {
   const auto t0 = std::chrono::steady_clock::now();
-  if (cfg.train.device != "cpu") throw InputError("train.device: \"" + cfg.train.device + "\" is not available in this build");
   if (cfg.train.threads > 0) omp_set_num_threads(cfg.train.threads);
   std::unique_ptr<Task> task = make_task(cfg.task, cfg.seed);
   check_compatible(cfg, *task);
   std::filesystem::create_directories(cfg.out_dir);
 
-  Model model(cfg.model);
+  std::unique_ptr<TrainableModel> model_ptr = make_trainable_model(cfg.model, cfg.train.device);
+  TrainableModel& model = *model_ptr;
   model.init(cfg.seed);
-  AdamW optim(model.layout(), cfg.train.adamw);
   CheckpointState state;
   state.config = cfg.source;
   const std::string ckpt = checkpoint_path(cfg);
@@ -83,7 +82,7 @@ TrainResult train(const TrainConfig& cfg, const TrainOptions& opt) {
     for (const char* section : {"model", "task", "seed"})
       if (saved.config.value(section, nlohmann::json()) != cfg.source.value(section, nlohmann::json()))
         throw InputError(std::string("--resume: the config's \"") + section + "\" differs from the checkpoint's in " + ckpt);
-    state = load_checkpoint(ckpt, model, &optim);
+    state = load_checkpoint(ckpt, model, true);
     state.config = cfg.source;
     truncate_metrics(metrics_path, state.step);
     if (!opt.quiet) std::printf("[%s] resuming from %s at step %lld\n", cfg.name.c_str(), ckpt.c_str(), state.step);
@@ -104,8 +103,9 @@ TrainResult train(const TrainConfig& cfg, const TrainOptions& opt) {
   const int micro = s.micro_batch_size, n_micro = s.batch_size / s.micro_batch_size;
   const long long tokens_per_step = static_cast<long long>(s.batch_size) * task->seq_len();
   if (!opt.quiet)
-    std::printf("[%s] %s attention, %zu parameters, %d threads, %lld steps of %d x %d tokens\n", cfg.name.c_str(),
-                attention_kind_name(cfg.model.attention).c_str(), model.num_params(), omp_get_max_threads(), s.steps,
+    std::printf("[%s] %s attention on %s, %zu parameters, %d threads, %lld steps of %d x %d tokens\n",
+                cfg.name.c_str(), attention_kind_name(cfg.model.attention).c_str(), model.device().c_str(),
+                model.num_params(), omp_get_max_threads(), s.steps,
                 s.batch_size, task->seq_len());
   TrainResult result;
   result.num_params = model.num_params();
@@ -140,9 +140,9 @@ TrainResult train(const TrainConfig& cfg, const TrainOptions& opt) {
     if (!std::isfinite(loss))
       throw std::runtime_error("training loss is " + std::to_string(loss) + " at step " + std::to_string(state.step) +
                                " (diverged; lower train.lr or raise train.warmup); last checkpoint kept in " + ckpt);
-    const double gnorm = clip_grad_norm(model.grads(), s.grad_clip);
+    const double gnorm = model.clip_grad_norm(s.grad_clip);
     const double lr = learning_rate(s.lr, state.step);
-    optim.update(model.params(), model.grads(), lr, state.step + 1);
+    model.optimizer_step(s.adamw, lr, state.step + 1);
     state.step += 1;
     state.data_position += static_cast<uint64_t>(s.batch_size);
     window_loss += loss, window_steps += 1;
@@ -166,10 +166,10 @@ TrainResult train(const TrainConfig& cfg, const TrainOptions& opt) {
     }
     if (s.eval_every > 0 && state.step % s.eval_every == 0 && state.step < s.steps) do_eval();
     if (s.checkpoint_every > 0 && state.step % s.checkpoint_every == 0 && state.step < s.steps)
-      save_checkpoint(ckpt, state, model, &optim);
+      save_checkpoint(ckpt, state, model, true);
   }
   if (state.step >= s.steps && state.step > first_step) do_eval();
-  save_checkpoint(ckpt, state, model, &optim);
+  save_checkpoint(ckpt, state, model, true);
   std::signal(SIGINT, old_int);
   std::signal(SIGTERM, old_term);
   if (g_stop) {
@@ -183,13 +183,13 @@ TrainResult train(const TrainConfig& cfg, const TrainOptions& opt) {
   return result;
 }
 
-nlohmann::json evaluate_checkpoint(const std::string& path, int examples) {
+nlohmann::json evaluate_checkpoint(const std::string& path, int examples, const std::string& device) {
   CheckpointState st = read_checkpoint_state(path);
   TrainConfig cfg = train_config_from_json(st.config);
   std::unique_ptr<Task> task = make_task(cfg.task, cfg.seed);
-  Model model(cfg.model);
-  load_checkpoint(path, model, nullptr);
-  nlohmann::json e = task->evaluate(model, examples > 0 ? examples : cfg.train.eval_examples, cfg.train.eval_batch_size);
+  std::unique_ptr<TrainableModel> model = make_trainable_model(cfg.model, device.empty() ? cfg.train.device : device);
+  load_checkpoint(path, *model, false);
+  nlohmann::json e = task->evaluate(*model, examples > 0 ? examples : cfg.train.eval_examples, cfg.train.eval_batch_size);
   e["step"] = st.step;
   e["checkpoint"] = path;
   return e;

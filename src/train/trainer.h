@@ -24,7 +24,8 @@ struct TrainResult {
 TrainResult train(const TrainConfig& cfg, const TrainOptions& opt);
 
 // Loads a checkpoint and evaluates it on its task's held-out data.
-nlohmann::json evaluate_checkpoint(const std::string& path, int examples);
+// device: "cpu", "cuda" or "" for the config's train.device.
+nlohmann::json evaluate_checkpoint(const std::string& path, int examples, const std::string& device = "");
 
 std::string checkpoint_path(const TrainConfig& cfg);
 

@@ -1,0 +1,39 @@
+#pragma once
+// CUDA path of Multi-Token Attention: a straightforward, materialized implementation (the fused
+// kernel is later work). Computes exactly docs/mta-semantics.md with the CPU reference's semantics
+// (attention/mta_cpu.h): the same stages, the same rounding precision (T throughout, softmax
+// included), the same attention-dropout masks (mta::dropout_keep), parameter gradients summed in
+// double in a fixed order (deterministic: no atomics) and then ADDED into the caller's buffers.
+//
+// Work is split into units of (batch, block of spec.coupled_heads() heads) as on the CPU; units are
+// processed in chunks sized so that the chunk's T x T score matrices stay under about 2 GiB (at least
+// one unit per chunk), so device memory is O(chunk * T^2), never the whole batch's.
+//
+// All tensor and parameter pointers are DEVICE pointers. Work is issued on `stream`; each call
+// allocates its workspace with cudaMalloc, synchronizes `stream` before returning and frees it, so
+// outputs are ready when the call returns. CUDA and cuBLAS failures throw std::runtime_error
+// ("file:line: what: reason"); an invalid spec or shape throws mta::InputError (before any device
+// work), a missing gradient buffer std::invalid_argument. One cuBLAS handle per device is created on
+// first use; calls on the same device are serialized by a mutex.
+#include <cuda_runtime_api.h>
+
+#include "attention/attention_op.h"
+
+namespace mta::cuda {
+
+// q, k [B,H,T,D]; v and out [B,H,T,Dv] (Dv = D unless dims.Dv is set). T = float or double.
+template <typename T>
+void mta_forward(const AttentionSpec& spec, const AttnDims& dims, const T* q, const T* k, const T* v,
+                 const AttnParams<T>& params, T* out, const AttnOptions& opt = {}, cudaStream_t stream = 0);
+
+// Gradients of sum(out * dout): dq, dk, dv are overwritten; parameter gradients are added into grads.
+// Recomputes the forward pass per chunk (no activations are kept between forward and backward).
+template <typename T>
+void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, const T* k, const T* v,
+                  const AttnParams<T>& params, const T* dout, T* dq, T* dk, T* dv, const AttnParamGrads<T>& grads,
+                  const AttnOptions& opt = {}, cudaStream_t stream = 0);
+
+// Number of CUDA devices, 0 when there is none or the driver cannot be reached (never throws).
+int device_count();
+
+}  // namespace mta::cuda

@@ -1,0 +1,604 @@
+// The model on one GPU: the same architecture, parameter layout and names as ModelT (model.cpp),
+// with bf16 activations for the matrix products, fp32 residual stream, fp32 master weights,
+// gradients and AdamW moments, and a bf16 copy of the weights. See src/cuda/layers.h.
+//
+// Attention: standard attention without attention dropout runs the flash kernel (D = 64 or 128);
+// MTA layers, DIFF layers, attention dropout and other head dims run the materialized fp32 op
+// (mta::cuda::mta_forward/backward) on fp32 copies of q, k, v. The fused MTA kernel is later work.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "attention/attention_op.h"
+#include "attention/flash_attn.h"
+#include "attention/mta_cuda.h"
+#include "cuda/gemm.h"
+#include "cuda/layers.h"
+#include "model/trainable.h"
+#include "util/error.h"
+
+namespace mta {
+namespace {
+
+using cuda::bf16;
+
+void check(cudaError_t e, const char* what, int line) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("CUDA error in model_cuda.cu:") + std::to_string(line) + " (" + what +
+                             "): " + cudaGetErrorString(e));
+}
+#define CK(x) check((x), #x, __LINE__)
+#define CK_LAUNCH() check(cudaGetLastError(), "kernel launch", __LINE__)
+
+// A device allocation that frees itself.
+template <typename T>
+class DevBuf {
+ public:
+  DevBuf() = default;
+  explicit DevBuf(size_t n) { resize(n); }
+  ~DevBuf() { release(); }
+  DevBuf(const DevBuf&) = delete;
+  DevBuf& operator=(const DevBuf&) = delete;
+  DevBuf(DevBuf&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr, o.n_ = 0; }
+  DevBuf& operator=(DevBuf&& o) noexcept {
+    if (this != &o) release(), p_ = o.p_, n_ = o.n_, o.p_ = nullptr, o.n_ = 0;
+    return *this;
+  }
+  void resize(size_t n) {
+    if (n == n_) return;
+    release();
+    if (n) CK(cudaMalloc(&p_, n * sizeof(T)));
+    n_ = n;
+  }
+  void zero(cudaStream_t s) {
+    if (n_) CK(cudaMemsetAsync(p_, 0, n_ * sizeof(T), s));
+  }
+  T* get() const { return p_; }
+  size_t size() const { return n_; }
+
+ private:
+  void release() {
+    if (p_) cudaFree(p_);
+    p_ = nullptr;
+    n_ = 0;
+  }
+  T* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+std::string lname(int l, const std::string& rest) { return "layers." + std::to_string(l) + "." + rest; }
+
+// The dropout sites and seeds of model.cpp, so GPU and CPU runs draw the same masks.
+enum DropSite { kDropAttnWeights = 0, kDropAttnOut = 1, kDropFfnOut = 2 };
+uint64_t site_seed(uint64_t base, int layer, int site) {
+  uint64_t x = base ^ (0x9E3779B97F4A7C15ULL * static_cast<uint64_t>(layer * 8 + site + 1));
+  x = (x ^ (x >> 31)) * 0xBF58476D1CE4E5B9ULL;
+  return x ^ (x >> 29);
+}
+double diff_lambda_init(int l) { return 0.8 - 0.6 * std::exp(-0.3 * l); }
+
+constexpr int kThreads = 256;
+inline int blocks_for(long long n) { return static_cast<int>((n + kThreads - 1) / kThreads); }
+
+// DIFF helpers. Sub-head h of [B, H, T, dv] shares value head h/2 of [B, H/2, T, dv].
+__global__ void dup_values_kernel(const bf16* v, float* vdup, int B, int H, long long hs) {
+  const long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
+  const long long total = static_cast<long long>(B) * H * hs;
+  if (i >= total) return;
+  const long long bh = i / hs, e = i % hs;
+  const long long b = bh / H, h = bh % H;
+  vdup[i] = __bfloat162float(v[(b * (H / 2) + h / 2) * hs + e]);
+}
+// comb[b, h] = o[b, 2h] - lambda * o[b, 2h + 1]
+__global__ void diff_combine_kernel(const float* o, float* comb, float lambda, int B, int Hd, long long hs) {
+  const long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
+  if (i >= static_cast<long long>(B) * Hd * hs) return;
+  const long long bh = i / hs, e = i % hs;
+  const long long b = bh / Hd, h = bh % Hd;
+  const float* o1 = o + (b * 2 * Hd + 2 * h) * hs;
+  comb[i] = o1[e] - lambda * o1[hs + e];
+}
+// dout[b, 2h] = dcomb, dout[b, 2h + 1] = -lambda dcomb.
+__global__ void diff_split_grad_kernel(const float* dcomb, float* dout, float lambda, int B, int Hd, long long hs) {
+  const long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
+  if (i >= static_cast<long long>(B) * Hd * hs) return;
+  const long long bh = i / hs, e = i % hs;
+  const long long b = bh / Hd, h = bh % Hd;
+  float* d1 = dout + (b * 2 * Hd + 2 * h) * hs;
+  d1[e] = dcomb[i];
+  d1[hs + e] = -lambda * dcomb[i];
+}
+// dv[b, h] = dvdup[b, 2h] + dvdup[b, 2h + 1], as bf16.
+__global__ void diff_sum_pairs_kernel(const float* dvdup, bf16* dv, int B, int Hd, long long hs) {
+  const long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
+  if (i >= static_cast<long long>(B) * Hd * hs) return;
+  const long long bh = i / hs, e = i % hs;
+  const long long b = bh / Hd, h = bh % Hd;
+  const float* a = dvdup + (b * 2 * Hd + 2 * h) * hs;
+  dv[i] = __float2bfloat16(a[e] + a[hs + e]);
+}
+// Per-block partial sums of -dcomb * o[2h+1] (d lambda), summed on the host in block order.
+__global__ void diff_dlambda_kernel(const float* dcomb, const float* o, double* partial, int B, int Hd, long long hs) {
+  __shared__ double sh[kThreads];
+  const long long total = static_cast<long long>(B) * Hd * hs;
+  double acc = 0;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long bh = i / hs, e = i % hs;
+    const long long b = bh / Hd, h = bh % Hd;
+    acc -= static_cast<double>(dcomb[i]) * o[(b * 2 * Hd + 2 * h + 1) * hs + e];
+  }
+  sh[threadIdx.x] = acc;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partial[blockIdx.x] = sh[0];
+}
+__global__ void scale_bf16_kernel(bf16* x, long long n, float s) {
+  const long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
+  if (i < n) x[i] = __float2bfloat16(__bfloat162float(x[i]) * s);
+}
+
+class CudaModel : public TrainableModel {
+ public:
+  explicit CudaModel(const ModelConfig& cfg) : host_(cfg) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0)
+      throw InputError("device \"cuda\": no CUDA device is available on this machine");
+    CK(cudaStreamCreate(&stream_));
+    const size_t total = layout().total();
+    p32_.resize(total), p16_.resize(total), g32_.resize(total), m_.resize(total), v_.resize(total);
+    decay_.resize(total);
+    std::vector<uint8_t> decay(total, 0);
+    for (const auto& v : layout().views())
+      if (v.decay) std::fill(decay.begin() + v.offset, decay.begin() + v.offset + v.size, 1);
+    CK(cudaMemcpy(decay_.get(), decay.data(), total, cudaMemcpyHostToDevice));
+    g32_.zero(stream_), m_.zero(stream_), v_.zero(stream_);
+    upload_params(host_.params());
+  }
+  ~CudaModel() override {
+    cudaStreamSynchronize(stream_);
+    cudaStreamDestroy(stream_);
+  }
+
+  const ModelConfig& config() const override { return host_.config(); }
+  const ParamLayout& layout() const override { return host_.layout(); }
+  std::string device() const override { return "cuda"; }
+
+  void init(uint64_t seed) override {
+    host_.init(seed);  // the CPU model's initialisation, exactly
+    upload_params(host_.params());
+    m_.zero(stream_), v_.zero(stream_);
+  }
+  void zero_grads() override { g32_.zero(stream_); }
+
+  LossStats forward_backward(const Batch& batch, float grad_scale, bool train, uint64_t seed) override {
+    return run(batch, true, grad_scale, train, seed, nullptr);
+  }
+  LossStats forward(const Batch& batch, std::vector<int32_t>* argmax) override {
+    return run(batch, false, 0.0f, false, 0, argmax);
+  }
+
+  double clip_grad_norm(double max_norm) override {
+    const long long n = static_cast<long long>(layout().total());
+    scratch_d_.resize(cuda::sum_squares_scratch_doubles(n) + 1);
+    cuda::sum_squares(g32_.get(), n, scratch_d_.get(), scratch_d_.get() + 1, stream_);
+    double ss = 0;
+    CK(cudaMemcpyAsync(&ss, scratch_d_.get(), sizeof(double), cudaMemcpyDeviceToHost, stream_));
+    CK(cudaStreamSynchronize(stream_));
+    const double norm = std::sqrt(ss);
+    if (max_norm > 0 && norm > max_norm) cuda::scale(g32_.get(), n, static_cast<float>(max_norm / (norm + 1e-6)), stream_);
+    return norm;
+  }
+
+  void optimizer_step(const AdamWConfig& c, double lr, long long step) override {
+    const double bc1 = 1.0 - std::pow(c.beta1, static_cast<double>(step));
+    const double bc2 = 1.0 - std::pow(c.beta2, static_cast<double>(step));
+    cuda::adamw_update(p32_.get(), p16_.get(), g32_.get(), m_.get(), v_.get(), decay_.get(),
+                       static_cast<long long>(layout().total()), lr, static_cast<float>(c.beta1),
+                       static_cast<float>(c.beta2), static_cast<float>(c.eps), c.weight_decay, bc1, bc2, stream_);
+  }
+
+  void get_state(std::vector<float>* p, std::vector<float>* m, std::vector<float>* v) override {
+    auto down = [&](std::vector<float>* dst, const DevBuf<float>& src) {
+      if (!dst) return;
+      dst->resize(src.size());
+      CK(cudaMemcpyAsync(dst->data(), src.get(), src.size() * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+    };
+    down(p, p32_), down(m, m_), down(v, v_);
+    CK(cudaStreamSynchronize(stream_));
+  }
+  void set_state(const std::vector<float>& p, const std::vector<float>* m, const std::vector<float>* v) override {
+    if (p.size() != layout().total()) throw std::invalid_argument("set_state: wrong parameter count");
+    upload_params(p);
+    if (m) CK(cudaMemcpyAsync(m_.get(), m->data(), m->size() * sizeof(float), cudaMemcpyHostToDevice, stream_));
+    if (v) CK(cudaMemcpyAsync(v_.get(), v->data(), v->size() * sizeof(float), cudaMemcpyHostToDevice, stream_));
+    CK(cudaStreamSynchronize(stream_));
+  }
+
+  std::vector<float> get_grads() override {
+    std::vector<float> g(g32_.size());
+    CK(cudaMemcpyAsync(g.data(), g32_.get(), g.size() * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+    CK(cudaStreamSynchronize(stream_));
+    return g;
+  }
+
+ private:
+  struct Layer {
+    DevBuf<float> x_in, rstd1, x_mid, rstd2;
+    DevBuf<bf16> xn1, q, k, v, att, a_flat, xn2, h1, h3, g;
+    DevBuf<float> lse;                    // flash attention row statistics
+    DevBuf<float> comb, comb_rstd, o_sub;  // DIFF: combined heads (pre-norm), sub-head outputs
+  };
+
+  void upload_params(const std::vector<float>& p) {
+    CK(cudaMemcpyAsync(p32_.get(), p.data(), p.size() * sizeof(float), cudaMemcpyHostToDevice, stream_));
+    cuda::cast_to_bf16(p32_.get(), p16_.get(), static_cast<long long>(p.size()), stream_);
+    CK(cudaStreamSynchronize(stream_));
+  }
+  float* P(const std::string& n) { return p32_.get() + layout().view(n).offset; }
+  bf16* P16(const std::string& n) { return p16_.get() + layout().view(n).offset; }
+  float* G(const std::string& n) { return g32_.get() + layout().view(n).offset; }
+  float* Pl(int l, const std::string& n) { return P(lname(l, n)); }
+  bf16* P16l(int l, const std::string& n) { return P16(lname(l, n)); }
+  float* Gl(int l, const std::string& n) { return G(lname(l, n)); }
+
+  bool use_flash(bool train) const {
+    const int d = config().head_dim();
+    return config().attention == AttentionKind::Standard && (d == 64 || d == 128) && !(train && config().dropout > 0);
+  }
+
+  void ensure_acts(int B, int T) {
+    if (B == B_ && T == T_) return;
+    const ModelConfig& c = config();
+    B_ = B, T_ = T;
+    const size_t N = static_cast<size_t>(B) * T, NC = N * c.dim, NF = N * c.ffn_hidden;
+    layers_.clear();
+    layers_.resize(c.n_layers);
+    for (auto& L : layers_) {
+      L.x_in.resize(NC), L.x_mid.resize(NC), L.rstd1.resize(N), L.rstd2.resize(N);
+      L.xn1.resize(NC), L.q.resize(NC), L.k.resize(NC), L.v.resize(NC), L.att.resize(NC), L.a_flat.resize(NC);
+      L.xn2.resize(NC), L.h1.resize(NF), L.h3.resize(NF), L.g.resize(NF);
+      L.lse.resize(static_cast<size_t>(B) * c.n_heads * T);
+      if (c.attention == AttentionKind::Diff) {
+        L.comb.resize(NC), L.comb_rstd.resize(N * c.n_heads / 2), L.o_sub.resize(2 * NC);
+      }
+    }
+    x_final_.resize(NC), xf_.resize(NC), rstdf_.resize(N);
+    tmp32_.resize(std::max(NC, NF)), tmp32b_.resize(std::max(NC, NF));
+    tmp16_.resize(std::max(NC, NF)), tmp16b_.resize(std::max(NC, NF)), tmp16c_.resize(std::max(NC, NF));
+    dx_.resize(NC);
+    tokens_.resize(N), targets_.resize(N), weights_.resize(N), row_loss_.resize(N), argmax_.resize(N);
+    size_t rs = cuda::rmsnorm_backward_scratch_floats(static_cast<int>(N), c.dim);
+    if (c.attention == AttentionKind::Diff)  // the per-head norm: B * H/2 * T rows of 2 * head_dim
+      rs = std::max(rs, cuda::rmsnorm_backward_scratch_floats(static_cast<int>(N * (c.n_heads / 2)), 2 * c.head_dim()));
+    rms_scratch_.resize(rs);
+  }
+
+  // ---- attention: forward writes L.att (heads) or, for DIFF, L.a_flat directly ----
+  AttnParams<float> mta_params(int l) {
+    AttnParams<float> p;
+    const std::string pre = lname(l, "attention.");
+    auto ptr = [&](const char* n) { return layout().has(pre + n) ? P(pre + n) : nullptr; };
+    p.kq_pre = ptr("kq_pre"), p.head_pre = ptr("head_pre"), p.kq_post = ptr("kq_post"), p.head_post = ptr("head_post");
+    p.norm = ptr("norm"), p.gate_w = ptr("gate_w"), p.gate_b = ptr("gate_b");
+    return p;
+  }
+  AttnParamGrads<float> mta_grads(int l) {
+    AttnParamGrads<float> g;
+    const std::string pre = lname(l, "attention.");
+    auto ptr = [&](const char* n) { return layout().has(pre + n) ? G(pre + n) : nullptr; };
+    g.kq_pre = ptr("kq_pre"), g.head_pre = ptr("head_pre"), g.kq_post = ptr("kq_post"), g.head_post = ptr("head_post");
+    g.norm = ptr("norm"), g.gate_w = ptr("gate_w"), g.gate_b = ptr("gate_b");
+    return g;
+  }
+
+  // lambda of a DIFF layer and its pieces, from the fp32 master weights (4 vectors of head_dim).
+  struct DiffLambda {
+    double e1, e2, lambda;
+    std::vector<float> q1, k1, q2, k2;
+  };
+  DiffLambda diff_lambda(int l) {
+    const int d = config().head_dim();
+    DiffLambda r;
+    for (auto [vec, n] : {std::pair{&r.q1, "lambda_q1"}, {&r.k1, "lambda_k1"}, {&r.q2, "lambda_q2"}, {&r.k2, "lambda_k2"}}) {
+      vec->resize(d);
+      CK(cudaMemcpyAsync(vec->data(), Pl(l, std::string("attention.") + n), d * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+    }
+    CK(cudaStreamSynchronize(stream_));
+    double s1 = 0, s2 = 0;
+    for (int e = 0; e < d; ++e) s1 += r.q1[e] * r.k1[e], s2 += r.q2[e] * r.k2[e];
+    r.e1 = std::exp(s1), r.e2 = std::exp(s2);
+    r.lambda = r.e1 - r.e2 + diff_lambda_init(l);
+    return r;
+  }
+
+  void attention_forward(int l, Layer& L, bool train, uint64_t seed) {
+    const ModelConfig& c = config();
+    const int B = B_, T = T_, H = c.n_heads, d = c.head_dim();
+    const long long n = static_cast<long long>(B) * H * T * d;
+    if (use_flash(train)) {
+      cuda::flash_attn_forward(L.q.get(), L.k.get(), L.v.get(), L.att.get(), L.lse.get(), B, H, T, d, stream_);
+      return;
+    }
+    AttnOptions opt;
+    if (train) opt.dropout = c.dropout, opt.dropout_seed = site_seed(seed, l, kDropAttnWeights);
+    const AttentionSpec spec = c.layer_spec(l);
+    float* q32 = op_q_.get();
+    float* k32 = op_k_.get();
+    cuda::cast_to_f32(L.q.get(), q32, n, stream_);
+    cuda::cast_to_f32(L.k.get(), k32, n, stream_);
+    if (c.attention != AttentionKind::Diff) {
+      cuda::cast_to_f32(L.v.get(), op_v_.get(), n, stream_);
+      cuda::mta_forward<float>(spec, AttnDims{B, H, T, d}, q32, k32, op_v_.get(), mta_params(l), op_o_.get(), opt, stream_);
+      cuda::cast_to_bf16(op_o_.get(), L.att.get(), n, stream_);
+      return;
+    }
+    // DIFF: sub-heads of dim d, values of dim 2d shared by pairs.
+    const int Hd = H / 2, dv = 2 * d;
+    const long long hs = static_cast<long long>(T) * dv;
+    dup_values_kernel<<<blocks_for(2 * n), kThreads, 0, stream_>>>(L.v.get(), op_v_.get(), B, H, hs);
+    CK_LAUNCH();
+    cuda::mta_forward<float>(spec, AttnDims{B, H, T, d, dv}, q32, k32, op_v_.get(), {}, L.o_sub.get(), opt, stream_);
+    const DiffLambda lam = diff_lambda(l);
+    diff_combine_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(L.o_sub.get(), L.comb.get(), static_cast<float>(lam.lambda),
+                                                                  B, Hd, hs);
+    CK_LAUNCH();
+    const int rows = B * Hd * T;
+    cuda::rmsnorm_forward(L.comb.get(), Pl(l, "attention.subln.weight"), tmp16_.get(), L.comb_rstd.get(), rows, dv,
+                          1e-5f, stream_);
+    scale_bf16_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(tmp16_.get(), n, static_cast<float>(1.0 - diff_lambda_init(l)));
+    CK_LAUNCH();
+    cuda::from_heads(tmp16_.get(), L.a_flat.get(), B, T, Hd, dv, false, 0.0, stream_);
+  }
+
+  // da_flat: d(attention output) [N, C] bf16. Writes dq, dk (heads, pre-RoPE-inverse) and dv (heads) bf16.
+  void attention_backward(int l, Layer& L, const bf16* da_flat, bf16* dq, bf16* dk, bf16* dv, bool train, uint64_t seed) {
+    const ModelConfig& c = config();
+    const int B = B_, T = T_, H = c.n_heads, d = c.head_dim();
+    const long long n = static_cast<long long>(B) * H * T * d;
+    if (use_flash(train)) {
+      bf16* datt = tmp16c_.get();
+      cuda::to_heads(da_flat, datt, B, T, H, d, false, 0.0, stream_);
+      flash_scratch_.resize(cuda::flash_attn_backward_scratch_bytes(B, H, T, d));
+      cuda::flash_attn_backward(L.q.get(), L.k.get(), L.v.get(), L.att.get(), datt, L.lse.get(), dq, dk, dv,
+                                flash_scratch_.get(), B, H, T, d, stream_);
+      return;
+    }
+    AttnOptions opt;
+    if (train) opt.dropout = c.dropout, opt.dropout_seed = site_seed(seed, l, kDropAttnWeights);
+    const AttentionSpec spec = c.layer_spec(l);
+    float* q32 = op_q_.get();
+    float* k32 = op_k_.get();
+    cuda::cast_to_f32(L.q.get(), q32, n, stream_);
+    cuda::cast_to_f32(L.k.get(), k32, n, stream_);
+    if (c.attention != AttentionKind::Diff) {
+      cuda::to_heads(da_flat, tmp16c_.get(), B, T, H, d, false, 0.0, stream_);
+      cuda::cast_to_f32(tmp16c_.get(), op_o_.get(), n, stream_);  // d(out)
+      cuda::cast_to_f32(L.v.get(), op_v_.get(), n, stream_);
+      cuda::mta_backward<float>(spec, AttnDims{B, H, T, d}, q32, k32, op_v_.get(), mta_params(l), op_o_.get(),
+                                op_dq_.get(), op_dk_.get(), op_dv_.get(), mta_grads(l), opt, stream_);
+      cuda::cast_to_bf16(op_dq_.get(), dq, n, stream_);
+      cuda::cast_to_bf16(op_dk_.get(), dk, n, stream_);
+      cuda::cast_to_bf16(op_dv_.get(), dv, n, stream_);
+      return;
+    }
+    const int Hd = H / 2, dvd = 2 * d;
+    const long long hs = static_cast<long long>(T) * dvd;
+    const int rows = B * Hd * T;
+    bf16* dy = tmp16c_.get();
+    cuda::to_heads(da_flat, dy, B, T, Hd, dvd, false, 0.0, stream_);
+    scale_bf16_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(dy, n, static_cast<float>(1.0 - diff_lambda_init(l)));
+    CK_LAUNCH();
+    float* dcomb = op_o_.get();  // [B, Hd, T, 2d] = n floats
+    CK(cudaMemsetAsync(dcomb, 0, n * sizeof(float), stream_));
+    cuda::rmsnorm_backward(dy, L.comb.get(), Pl(l, "attention.subln.weight"), L.comb_rstd.get(), dcomb,
+                           Gl(l, "attention.subln.weight"), rms_scratch_.get(), rows, dvd, stream_);
+    const DiffLambda lam = diff_lambda(l);
+    // d lambda, then the lambda vectors' gradients (4 x head_dim floats, updated on the host).
+    const int nb = 256;
+    partial_.resize(nb);
+    diff_dlambda_kernel<<<nb, kThreads, 0, stream_>>>(dcomb, L.o_sub.get(), partial_.get(), B, Hd, hs);
+    CK_LAUNCH();
+    std::vector<double> part(nb);
+    CK(cudaMemcpyAsync(part.data(), partial_.get(), nb * sizeof(double), cudaMemcpyDeviceToHost, stream_));
+    CK(cudaStreamSynchronize(stream_));
+    double dl = 0;
+    for (double x : part) dl += x;
+    for (auto [name, a, b, sign, e] :
+         {std::tuple{"lambda_q1", &lam.k1, 0, 1.0, lam.e1}, std::tuple{"lambda_k1", &lam.q1, 0, 1.0, lam.e1},
+          std::tuple{"lambda_q2", &lam.k2, 0, -1.0, lam.e2}, std::tuple{"lambda_k2", &lam.q2, 0, -1.0, lam.e2}}) {
+      (void)b;
+      std::vector<float> g(d);
+      float* gp = Gl(l, std::string("attention.") + name);
+      CK(cudaMemcpyAsync(g.data(), gp, d * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+      CK(cudaStreamSynchronize(stream_));
+      for (int i = 0; i < d; ++i) g[i] += static_cast<float>(sign * dl * e * (*a)[i]);
+      CK(cudaMemcpyAsync(gp, g.data(), d * sizeof(float), cudaMemcpyHostToDevice, stream_));
+    }
+    float* dsub = op_dv_.get();  // [B, H, T, 2d] = 2n floats (op_dv_ is sized for it)
+    diff_split_grad_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(dcomb, dsub, static_cast<float>(lam.lambda), B, Hd, hs);
+    CK_LAUNCH();
+    dup_values_kernel<<<blocks_for(2 * n), kThreads, 0, stream_>>>(L.v.get(), op_v_.get(), B, H, hs);
+    CK_LAUNCH();
+    float* dvdup = op_o2_.get();
+    cuda::mta_backward<float>(spec, AttnDims{B, H, T, d, dvd}, q32, k32, op_v_.get(), {}, dsub, op_dq_.get(),
+                              op_dk_.get(), dvdup, {}, opt, stream_);
+    cuda::cast_to_bf16(op_dq_.get(), dq, n, stream_);
+    cuda::cast_to_bf16(op_dk_.get(), dk, n, stream_);
+    diff_sum_pairs_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(dvdup, dv, B, Hd, hs);
+    CK_LAUNCH();
+  }
+
+  void ensure_op_buffers(bool train) {
+    if (use_flash(train)) return;
+    const size_t n = static_cast<size_t>(B_) * config().dim * T_;
+    op_q_.resize(n), op_k_.resize(n), op_dq_.resize(n), op_dk_.resize(n);
+    op_v_.resize(2 * n), op_o_.resize(2 * n), op_o2_.resize(2 * n), op_dv_.resize(2 * n);
+  }
+
+  void layer_forward(int l, bool train, uint64_t seed) {
+    const ModelConfig& c = config();
+    Layer& L = layers_[l];
+    const int N = B_ * T_, C = c.dim, F = c.ffn_hidden, H = c.n_heads, d = c.head_dim();
+    const long long NC = static_cast<long long>(N) * C;
+    const float eps = static_cast<float>(c.norm_eps);
+    cuda::rmsnorm_forward(L.x_in.get(), Pl(l, "attention_norm.weight"), L.xn1.get(), L.rstd1.get(), N, C, eps, stream_);
+    bf16* t16 = tmp16_.get();
+    cuda::gemm_bf16(false, true, N, C, C, 1.0f, L.xn1.get(), C, P16l(l, "attention.wq.weight"), C, 0.0f, t16, C, stream_);
+    cuda::to_heads(t16, L.q.get(), B_, T_, H, d, true, c.rope_theta, stream_);
+    cuda::gemm_bf16(false, true, N, C, C, 1.0f, L.xn1.get(), C, P16l(l, "attention.wk.weight"), C, 0.0f, t16, C, stream_);
+    cuda::to_heads(t16, L.k.get(), B_, T_, H, d, true, c.rope_theta, stream_);
+    cuda::gemm_bf16(false, true, N, C, C, 1.0f, L.xn1.get(), C, P16l(l, "attention.wv.weight"), C, 0.0f, t16, C, stream_);
+    const int Hv = c.attention == AttentionKind::Diff ? H / 2 : H;
+    cuda::to_heads(t16, L.v.get(), B_, T_, Hv, C / Hv, false, 0.0, stream_);
+    attention_forward(l, L, train, seed);
+    if (c.attention != AttentionKind::Diff) cuda::from_heads(L.att.get(), L.a_flat.get(), B_, T_, H, d, false, 0.0, stream_);
+    float* t32 = tmp32_.get();
+    cuda::gemm_bf16(false, true, N, C, C, 1.0f, L.a_flat.get(), C, P16l(l, "attention.wo.weight"), C, 0.0f, t32, C, stream_);
+    cuda::residual_dropout_forward(L.x_in.get(), t32, L.x_mid.get(), NC, train ? c.dropout : 0.0f,
+                                   site_seed(seed, l, kDropAttnOut), stream_);
+    cuda::rmsnorm_forward(L.x_mid.get(), Pl(l, "ffn_norm.weight"), L.xn2.get(), L.rstd2.get(), N, C, eps, stream_);
+    cuda::gemm_bf16(false, true, N, F, C, 1.0f, L.xn2.get(), C, P16l(l, "feed_forward.w1.weight"), C, 0.0f, L.h1.get(), F, stream_);
+    cuda::gemm_bf16(false, true, N, F, C, 1.0f, L.xn2.get(), C, P16l(l, "feed_forward.w3.weight"), C, 0.0f, L.h3.get(), F, stream_);
+    cuda::swiglu_forward(L.h1.get(), L.h3.get(), L.g.get(), static_cast<long long>(N) * F, stream_);
+    cuda::gemm_bf16(false, true, N, C, F, 1.0f, L.g.get(), F, P16l(l, "feed_forward.w2.weight"), F, 0.0f, t32, C, stream_);
+    float* out = l + 1 < c.n_layers ? layers_[l + 1].x_in.get() : x_final_.get();
+    cuda::residual_dropout_forward(L.x_mid.get(), t32, out, NC, train ? c.dropout : 0.0f, site_seed(seed, l, kDropFfnOut),
+                                   stream_);
+  }
+
+  void layer_backward(int l, bool train, uint64_t seed) {
+    const ModelConfig& c = config();
+    Layer& L = layers_[l];
+    const int N = B_ * T_, C = c.dim, F = c.ffn_hidden, H = c.n_heads, d = c.head_dim();
+    const long long NC = static_cast<long long>(N) * C, NF = static_cast<long long>(N) * F;
+    float* dx = dx_.get();
+    // Feed-forward; dx holds d(out) = d(x_mid) through the residual.
+    bf16* dy = tmp16_.get();
+    cuda::dropout_to_bf16(dx, dy, NC, train ? c.dropout : 0.0f, site_seed(seed, l, kDropFfnOut), stream_);
+    bf16* dg = tmp16b_.get();
+    cuda::gemm_bf16(false, false, N, F, C, 1.0f, dy, C, P16l(l, "feed_forward.w2.weight"), F, 0.0f, dg, F, stream_);
+    cuda::gemm_bf16(true, false, C, F, N, 1.0f, dy, C, L.g.get(), F, 1.0f, Gl(l, "feed_forward.w2.weight"), F, stream_);
+    swiglu_tmp_.resize(NF);
+    bf16* dh1 = tmp16c_.get();
+    bf16* dh3 = swiglu_tmp_.get();
+    cuda::swiglu_backward(dg, L.h1.get(), L.h3.get(), dh1, dh3, NF, stream_);
+    float* dxn32 = tmp32_.get();
+    cuda::gemm_bf16(false, false, N, C, F, 1.0f, dh1, F, P16l(l, "feed_forward.w1.weight"), C, 0.0f, dxn32, C, stream_);
+    cuda::gemm_bf16(false, false, N, C, F, 1.0f, dh3, F, P16l(l, "feed_forward.w3.weight"), C, 1.0f, dxn32, C, stream_);
+    cuda::gemm_bf16(true, false, F, C, N, 1.0f, dh1, F, L.xn2.get(), C, 1.0f, Gl(l, "feed_forward.w1.weight"), C, stream_);
+    cuda::gemm_bf16(true, false, F, C, N, 1.0f, dh3, F, L.xn2.get(), C, 1.0f, Gl(l, "feed_forward.w3.weight"), C, stream_);
+    bf16* dxn = tmp16_.get();
+    cuda::cast_to_bf16(dxn32, dxn, NC, stream_);
+    cuda::rmsnorm_backward(dxn, L.x_mid.get(), Pl(l, "ffn_norm.weight"), L.rstd2.get(), dx, Gl(l, "ffn_norm.weight"),
+                           rms_scratch_.get(), N, C, stream_);
+    // Attention; dx now holds d(x_mid) = d(x_in) through the residual.
+    cuda::dropout_to_bf16(dx, dy, NC, train ? c.dropout : 0.0f, site_seed(seed, l, kDropAttnOut), stream_);
+    bf16* da = tmp16b_.get();
+    cuda::gemm_bf16(false, false, N, C, C, 1.0f, dy, C, P16l(l, "attention.wo.weight"), C, 0.0f, da, C, stream_);
+    cuda::gemm_bf16(true, false, C, C, N, 1.0f, dy, C, L.a_flat.get(), C, 1.0f, Gl(l, "attention.wo.weight"), C, stream_);
+    dqh_.resize(NC), dkh_.resize(NC), dvh_.resize(NC);
+    attention_backward(l, L, da, dqh_.get(), dkh_.get(), dvh_.get(), train, seed);
+    bf16* flat = tmp16_.get();
+    const int Hv = c.attention == AttentionKind::Diff ? H / 2 : H;
+    cuda::from_heads(dqh_.get(), flat, B_, T_, H, d, true, c.rope_theta, stream_);
+    cuda::gemm_bf16(false, false, N, C, C, 1.0f, flat, C, P16l(l, "attention.wq.weight"), C, 0.0f, dxn32, C, stream_);
+    cuda::gemm_bf16(true, false, C, C, N, 1.0f, flat, C, L.xn1.get(), C, 1.0f, Gl(l, "attention.wq.weight"), C, stream_);
+    cuda::from_heads(dkh_.get(), flat, B_, T_, H, d, true, c.rope_theta, stream_);
+    cuda::gemm_bf16(false, false, N, C, C, 1.0f, flat, C, P16l(l, "attention.wk.weight"), C, 1.0f, dxn32, C, stream_);
+    cuda::gemm_bf16(true, false, C, C, N, 1.0f, flat, C, L.xn1.get(), C, 1.0f, Gl(l, "attention.wk.weight"), C, stream_);
+    cuda::from_heads(dvh_.get(), flat, B_, T_, Hv, C / Hv, false, 0.0, stream_);
+    cuda::gemm_bf16(false, false, N, C, C, 1.0f, flat, C, P16l(l, "attention.wv.weight"), C, 1.0f, dxn32, C, stream_);
+    cuda::gemm_bf16(true, false, C, C, N, 1.0f, flat, C, L.xn1.get(), C, 1.0f, Gl(l, "attention.wv.weight"), C, stream_);
+    cuda::cast_to_bf16(dxn32, dxn, NC, stream_);
+    cuda::rmsnorm_backward(dxn, L.x_in.get(), Pl(l, "attention_norm.weight"), L.rstd1.get(), dx,
+                           Gl(l, "attention_norm.weight"), rms_scratch_.get(), N, C, stream_);
+  }
+
+  LossStats run(const Batch& batch, bool backward, float grad_scale, bool train, uint64_t seed,
+                std::vector<int32_t>* argmax) {
+    const ModelConfig& c = config();
+    const int B = batch.B, T = batch.T, C = c.dim, V = c.vocab_size;
+    host_.check_batch(batch);
+    ensure_acts(B, T);
+    ensure_op_buffers(train);
+    const int N = B * T;
+    CK(cudaMemcpyAsync(tokens_.get(), batch.inputs.data(), N * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+    CK(cudaMemcpyAsync(targets_.get(), batch.targets.data(), N * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+    CK(cudaMemcpyAsync(weights_.get(), batch.weights.data(), N * sizeof(float), cudaMemcpyHostToDevice, stream_));
+    cuda::embedding_forward(tokens_.get(), P("tok_embeddings.weight"), layers_[0].x_in.get(), N, C, stream_);
+    for (int l = 0; l < c.n_layers; ++l) layer_forward(l, train, seed);
+    cuda::rmsnorm_forward(x_final_.get(), P("norm.weight"), xf_.get(), rstdf_.get(), N, C,
+                          static_cast<float>(c.norm_eps), stream_);
+    // Output layer and cross-entropy in row chunks (no [N, V] logits).
+    const int R = std::max(1, std::min(N, static_cast<int>((64LL << 20) / (static_cast<long long>(V) * 4))));
+    logits_.resize(static_cast<size_t>(R) * V), dlogits_.resize(static_cast<size_t>(R) * V);
+    float* dxf32 = tmp32b_.get();
+    for (int r0 = 0; r0 < N; r0 += R) {
+      const int rows = std::min(R, N - r0);
+      cuda::gemm_bf16(false, true, rows, V, C, 1.0f, xf_.get() + static_cast<size_t>(r0) * C, C,
+                      P16("tok_embeddings.weight"), C, 0.0f, logits_.get(), V, stream_);
+      cuda::cross_entropy(logits_.get(), targets_.get() + r0, weights_.get() + r0, grad_scale, row_loss_.get() + r0,
+                          argmax ? argmax_.get() + r0 : nullptr, backward ? dlogits_.get() : nullptr, rows, V, stream_);
+      if (backward) {
+        cuda::gemm_bf16(false, false, rows, C, V, 1.0f, dlogits_.get(), V, P16("tok_embeddings.weight"), C, 0.0f,
+                        dxf32 + static_cast<size_t>(r0) * C, C, stream_);
+        cuda::gemm_bf16(true, false, V, C, rows, 1.0f, dlogits_.get(), V, xf_.get() + static_cast<size_t>(r0) * C, C,
+                        1.0f, G("tok_embeddings.weight"), C, stream_);
+      }
+    }
+    std::vector<float> losses(N);
+    CK(cudaMemcpyAsync(losses.data(), row_loss_.get(), N * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+    if (argmax) {
+      argmax->resize(N);
+      CK(cudaMemcpyAsync(argmax->data(), argmax_.get(), N * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
+    }
+    if (backward) {
+      const long long NC = static_cast<long long>(N) * C;
+      bf16* dxf = tmp16_.get();
+      cuda::cast_to_bf16(dxf32, dxf, NC, stream_);
+      dx_.zero(stream_);
+      cuda::rmsnorm_backward(dxf, x_final_.get(), P("norm.weight"), rstdf_.get(), dx_.get(), G("norm.weight"),
+                             rms_scratch_.get(), N, C, stream_);
+      for (int l = c.n_layers - 1; l >= 0; --l) layer_backward(l, train, seed);
+      cuda::embedding_backward(tokens_.get(), dx_.get(), G("tok_embeddings.weight"), N, C, stream_);
+    }
+    CK(cudaStreamSynchronize(stream_));
+    LossStats st;
+    for (int i = 0; i < N; ++i) st.loss_sum += losses[i], st.weight_sum += batch.weights[i];
+    return st;
+  }
+
+  Model host_;  // configuration, layout, initialisation and batch validation (its buffers stay unused)
+  cudaStream_t stream_ = nullptr;
+  DevBuf<float> p32_, g32_, m_, v_;
+  DevBuf<bf16> p16_;
+  DevBuf<uint8_t> decay_;
+  DevBuf<double> scratch_d_, partial_;
+  int B_ = 0, T_ = 0;
+  std::vector<Layer> layers_;
+  DevBuf<float> x_final_, rstdf_, tmp32_, tmp32b_, dx_, weights_, row_loss_, logits_, rms_scratch_;
+  DevBuf<bf16> xf_, tmp16_, tmp16b_, tmp16c_, dlogits_, dqh_, dkh_, dvh_, swiglu_tmp_;
+  DevBuf<int32_t> tokens_, targets_, argmax_;
+  DevBuf<float> op_q_, op_k_, op_v_, op_o_, op_o2_, op_dq_, op_dk_, op_dv_;
+  DevBuf<char> flash_scratch_;
+};
+
+}  // namespace
+
+std::unique_ptr<TrainableModel> make_cuda_trainable_model(const ModelConfig& cfg) {
+  return std::make_unique<CudaModel>(cfg);
+}
+
+}  // namespace mta

@@ -1,0 +1,298 @@
+// GPU tests of the fused causal attention kernels (attention/flash_attn.h), bf16 in/out, against the
+// CPU reference mta::cpu::mta_forward / mta_backward<double> with a standard spec (plain causal
+// attention) run on the same bf16-rounded inputs converted to double. Checks out, lse, dq, dk, dv
+// (relative L2 error, every entry finite after poisoning the outputs and the scratch with NaN) and
+// that the forward pass is bitwise deterministic. Labelled "gpu"; every test skips itself when
+// cudaGetDeviceCount reports no device.
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "attention/flash_attn.h"
+#include "attention/mta_cpu.h"
+
+namespace {
+
+constexpr double kTolRel = 2e-2;  // ||gpu - ref|| / ||ref|| for out, dq, dk, dv (bf16 outputs)
+constexpr double kTolLse = 1e-2;  // max |gpu - ref| of lse
+
+bool have_gpu() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no device" error
+    return false;
+  }
+  return n > 0;
+}
+
+#define SKIP_WITHOUT_GPU() \
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device (cudaGetDeviceCount reports none)"
+
+void cuda_ok(cudaError_t e, const char* what, int line) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string(__FILE__) + ":" + std::to_string(line) + ": " + what + ": " +
+                             cudaGetErrorString(e));
+}
+#define CUDA_OK(expr) cuda_ok((expr), #expr, __LINE__)
+
+// bf16 <-> float on the host, bit exact (round to nearest even; inputs here are finite).
+uint16_t float_to_bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+float bf16_bits_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// A device buffer of raw bytes, poisoned with 0xFF (NaN in bf16 and fp32).
+class DevMem {
+ public:
+  explicit DevMem(size_t bytes) : bytes_(std::max<size_t>(bytes, 1)) { CUDA_OK(cudaMalloc(&p_, bytes_)); }
+  ~DevMem() { cudaFree(p_); }
+  DevMem(const DevMem&) = delete;
+  DevMem& operator=(const DevMem&) = delete;
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(p_);
+  }
+  void poison() { CUDA_OK(cudaMemset(p_, 0xFF, bytes_)); }
+  template <typename T>
+  void upload(const std::vector<T>& h) {
+    CUDA_OK(cudaMemcpy(p_, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  template <typename T>
+  std::vector<T> download(size_t n) const {
+    std::vector<T> h(n);
+    CUDA_OK(cudaMemcpy(h.data(), p_, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+  }
+
+ private:
+  size_t bytes_;
+  void* p_ = nullptr;
+};
+
+struct Shape {
+  int B, H, T, D;
+  size_t rows() const { return static_cast<size_t>(B) * H * T; }
+  size_t numel() const { return rows() * D; }
+  std::string str() const {
+    return "(B=" + std::to_string(B) + ", H=" + std::to_string(H) + ", T=" + std::to_string(T) +
+           ", D=" + std::to_string(D) + ")";
+  }
+};
+
+// Random bf16 tensor (randn, then rounded): bits for the GPU, the same values in double for the CPU.
+struct Tensor {
+  std::vector<uint16_t> bits;
+  std::vector<double> val;
+};
+Tensor randn_bf16(size_t n, std::mt19937& rng) {
+  std::normal_distribution<float> nd(0.f, 1.f);
+  Tensor t;
+  t.bits.resize(n), t.val.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    t.bits[i] = float_to_bf16_bits(nd(rng));
+    t.val[i] = bf16_bits_to_float(t.bits[i]);
+  }
+  return t;
+}
+
+std::vector<double> to_double(const std::vector<uint16_t>& bits) {
+  std::vector<double> x(bits.size());
+  for (size_t i = 0; i < bits.size(); ++i) x[i] = bf16_bits_to_float(bits[i]);
+  return x;
+}
+
+long long non_finite(const std::vector<double>& a) {
+  long long n = 0;
+  for (double x : a) n += !std::isfinite(x);
+  return n;
+}
+
+// ||a - b|| / ||b||; where the reference is (numerically) zero, the RMS of a - b instead (T = 1 gives
+// dq = dk = 0 exactly).
+double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
+  if (a.size() != b.size() || a.empty()) return INFINITY;
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double d = a[i] - b[i];
+    num += d * d, den += b[i] * b[i];
+  }
+  const double n = static_cast<double>(a.size());
+  if (std::sqrt(den / n) < 1e-6) return std::sqrt(num / n);
+  return std::sqrt(num) / std::sqrt(den);
+}
+
+// Reference lse of row i of head bh (natural log-sum-exp of the scaled causal logits), in double.
+double ref_lse(const std::vector<double>& q, const std::vector<double>& k, const Shape& s, size_t bh, int i) {
+  const double scale = 1.0 / std::sqrt(static_cast<double>(s.D));
+  const double* qi = q.data() + (bh * s.T + i) * s.D;
+  std::vector<double> logit(i + 1);
+  double mx = -INFINITY;
+  for (int j = 0; j <= i; ++j) {
+    const double* kj = k.data() + (bh * s.T + j) * s.D;
+    double dot = 0;
+    for (int d = 0; d < s.D; ++d) dot += qi[d] * kj[d];
+    logit[j] = dot * scale;
+    mx = std::max(mx, logit[j]);
+  }
+  double sum = 0;
+  for (int j = 0; j <= i; ++j) sum += std::exp(logit[j] - mx);
+  return mx + std::log(sum);
+}
+
+struct GpuResult {
+  std::vector<double> out, lse, dq, dk, dv;
+  std::vector<uint16_t> out_bits;
+  std::vector<float> lse_raw;
+};
+
+// Runs forward (and backward when asked) on the GPU; every output and the scratch start as NaN.
+GpuResult run_gpu(const Shape& s, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout,
+                  bool backward) {
+  const size_t n = s.numel(), bytes = n * sizeof(uint16_t);
+  DevMem dq_in(bytes), dk_in(bytes), dv_in(bytes), o(bytes), lse(s.rows() * sizeof(float));
+  dq_in.upload(q.bits), dk_in.upload(k.bits), dv_in.upload(v.bits);
+  o.poison(), lse.poison();
+  cudaStream_t stream;
+  CUDA_OK(cudaStreamCreate(&stream));
+  GpuResult r;
+  try {
+    using bf = __nv_bfloat16;
+    mta::cuda::flash_attn_forward(dq_in.as<bf>(), dk_in.as<bf>(), dv_in.as<bf>(), o.as<bf>(), lse.as<float>(), s.B,
+                                  s.H, s.T, s.D, stream);
+    CUDA_OK(cudaStreamSynchronize(stream));
+    r.out_bits = o.download<uint16_t>(n);
+    r.out = to_double(r.out_bits);
+    r.lse_raw = lse.download<float>(s.rows());
+    r.lse.assign(r.lse_raw.begin(), r.lse_raw.end());
+    if (backward) {
+      DevMem ddo(bytes), gq(bytes), gk(bytes), gv(bytes);
+      DevMem scratch(mta::cuda::flash_attn_backward_scratch_bytes(s.B, s.H, s.T, s.D));
+      ddo.upload(dout.bits);
+      gq.poison(), gk.poison(), gv.poison(), scratch.poison();
+      mta::cuda::flash_attn_backward(dq_in.as<bf>(), dk_in.as<bf>(), dv_in.as<bf>(), o.as<bf>(), ddo.as<bf>(),
+                                     lse.as<float>(), gq.as<bf>(), gk.as<bf>(), gv.as<bf>(), scratch.as<void>(),
+                                     s.B, s.H, s.T, s.D, stream);
+      CUDA_OK(cudaStreamSynchronize(stream));
+      r.dq = to_double(gq.download<uint16_t>(n));
+      r.dk = to_double(gk.download<uint16_t>(n));
+      r.dv = to_double(gv.download<uint16_t>(n));
+    }
+  } catch (...) {
+    cudaStreamDestroy(stream);
+    throw;
+  }
+  CUDA_OK(cudaStreamDestroy(stream));
+  return r;
+}
+
+void check_case(const Shape& s, unsigned seed) {
+  SCOPED_TRACE(s.str());
+  std::mt19937 rng(seed);
+  const size_t n = s.numel();
+  const Tensor q = randn_bf16(n, rng), k = randn_bf16(n, rng), v = randn_bf16(n, rng), dout = randn_bf16(n, rng);
+
+  const GpuResult g = run_gpu(s, q, k, v, dout, /*backward=*/true);
+
+  // CPU reference in double on the bf16-rounded inputs; a standard spec is plain causal attention.
+  mta::AttentionSpec spec;
+  spec.heads = s.H, spec.head_dim = s.D;
+  ASSERT_TRUE(spec.is_standard());
+  const mta::AttnDims dims{s.B, s.H, s.T, s.D};
+  std::vector<double> out(n), dq(n), dk(n), dv(n);
+  mta::cpu::mta_forward<double>(spec, dims, q.val.data(), k.val.data(), v.val.data(), mta::AttnParams<double>{},
+                                out.data());
+  mta::cpu::mta_backward<double>(spec, dims, q.val.data(), k.val.data(), v.val.data(), mta::AttnParams<double>{},
+                                 dout.val.data(), dq.data(), dk.data(), dv.data(), mta::AttnParamGrads<double>{});
+
+  EXPECT_EQ(non_finite(g.out), 0) << "out has non-finite entries";
+  EXPECT_EQ(non_finite(g.lse), 0) << "lse has non-finite entries";
+  EXPECT_EQ(non_finite(g.dq), 0) << "dq has non-finite entries";
+  EXPECT_EQ(non_finite(g.dk), 0) << "dk has non-finite entries";
+  EXPECT_EQ(non_finite(g.dv), 0) << "dv has non-finite entries";
+  const double e_out = rel_err(g.out, out), e_dq = rel_err(g.dq, dq), e_dk = rel_err(g.dk, dk),
+               e_dv = rel_err(g.dv, dv);
+  EXPECT_LE(e_out, kTolRel) << "out";
+  EXPECT_LE(e_dq, kTolRel) << "dq";
+  EXPECT_LE(e_dk, kTolRel) << "dk";
+  EXPECT_LE(e_dv, kTolRel) << "dv";
+
+  // lse: every row of small cases; a strided subset of rows (all heads, first and last rows included)
+  // of large ones, to keep the O(T^2 D) double loop short.
+  const int stride = s.rows() * static_cast<size_t>(s.T) > (1u << 22) ? 7 : 1;
+  double e_lse = 0;
+  for (size_t bh = 0; bh < static_cast<size_t>(s.B) * s.H; ++bh)
+    for (int i = 0; i < s.T; ++i) {
+      if (i % stride != 0 && i != s.T - 1) continue;
+      const double got = g.lse[bh * s.T + i];
+      e_lse = std::max(e_lse, std::isfinite(got) ? std::abs(got - ref_lse(q.val, k.val, s, bh, i)) : INFINITY);
+    }
+  EXPECT_LE(e_lse, kTolLse) << "lse (max abs error)";
+  std::printf("[ flash ] %s rel err out %.2e dq %.2e dk %.2e dv %.2e; lse max abs err %.2e\n", s.str().c_str(),
+              e_out, e_dq, e_dk, e_dv, e_lse);
+}
+
+class FlashAttnShapes : public ::testing::TestWithParam<Shape> {};
+
+TEST_P(FlashAttnShapes, MatchesCpuReference) {
+  SKIP_WITHOUT_GPU();
+  const Shape s = GetParam();
+  check_case(s, 1234u + static_cast<unsigned>(s.B * 1000003 + s.H * 10007 + s.T * 101 + s.D));
+}
+
+INSTANTIATE_TEST_SUITE_P(FlashAttn, FlashAttnShapes,
+                         ::testing::Values(Shape{1, 1, 1, 64}, Shape{2, 3, 17, 64}, Shape{1, 2, 128, 64},
+                                           Shape{2, 2, 200, 128}, Shape{1, 4, 1000, 64}, Shape{1, 2, 513, 128}),
+                         [](const ::testing::TestParamInfo<Shape>& i) {
+                           const Shape& s = i.param;
+                           return "B" + std::to_string(s.B) + "_H" + std::to_string(s.H) + "_T" +
+                                  std::to_string(s.T) + "_D" + std::to_string(s.D);
+                         });
+
+TEST(FlashAttnLarge, B2H16T2048D128) {
+  SKIP_WITHOUT_GPU();
+  check_case(Shape{2, 16, 2048, 128}, 77u);
+}
+
+// The same inputs twice give bitwise-identical forward outputs (o and lse).
+TEST(FlashAttnDeterminism, ForwardIsBitwiseReproducible) {
+  SKIP_WITHOUT_GPU();
+  for (const Shape& s : {Shape{2, 3, 300, 64}, Shape{1, 2, 257, 128}}) {
+    SCOPED_TRACE(s.str());
+    std::mt19937 rng(99);
+    const size_t n = s.numel();
+    const Tensor q = randn_bf16(n, rng), k = randn_bf16(n, rng), v = randn_bf16(n, rng);
+    const GpuResult a = run_gpu(s, q, k, v, v, /*backward=*/false);
+    const GpuResult b = run_gpu(s, q, k, v, v, /*backward=*/false);
+    EXPECT_EQ(non_finite(a.out), 0);
+    EXPECT_TRUE(a.out_bits == b.out_bits) << "forward output differs between two identical runs";
+    EXPECT_EQ(std::memcmp(a.lse_raw.data(), b.lse_raw.data(), a.lse_raw.size() * sizeof(float)), 0)
+        << "lse differs between two identical runs";
+  }
+}
+
+// Invalid arguments are refused on the host, before any device work.
+TEST(FlashAttnArgs, RejectsUnsupportedHeadDim) {
+  EXPECT_THROW(mta::cuda::flash_attn_backward_scratch_bytes(1, 1, 16, 96), std::invalid_argument);
+  EXPECT_THROW(mta::cuda::flash_attn_backward_scratch_bytes(1, 1, 0, 64), std::invalid_argument);
+  EXPECT_THROW(mta::cuda::flash_attn_forward(nullptr, nullptr, nullptr, nullptr, nullptr, 1, 1, 16, 64, 0),
+               std::invalid_argument);
+}
+
+}  // namespace

@@ -1,0 +1,115 @@
+// The CUDA model against the CPU model: same config, same initial weights, same batches. The GPU
+// computes matrix products in bf16, so losses agree to ~1e-2 and gradients to a few percent.
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "model/trainable.h"
+
+using nlohmann::json;
+
+namespace {
+
+bool have_gpu() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+mta::ModelConfig config(const json& attention, int dim, int heads, float dropout = 0.0f) {
+  return mta::model_config_from_json(json{{"vocab_size", 50}, {"dim", dim}, {"n_layers", 2}, {"n_heads", heads},
+                                          {"max_seq_len", 96}, {"ffn_multiple_of", 32}, {"dropout", dropout},
+                                          {"attention", attention}});
+}
+
+mta::Batch batch(int B, int T, int V, unsigned seed) {
+  std::mt19937 rng(seed);
+  mta::Batch b;
+  b.B = B, b.T = T;
+  for (int i = 0; i < B * T; ++i) {
+    b.inputs.push_back(static_cast<int32_t>(rng() % V));
+    b.targets.push_back(static_cast<int32_t>(rng() % V));
+    b.weights.push_back(rng() % 4 == 0 ? 0.0f : 1.0f);
+  }
+  return b;
+}
+
+double rel(const float* a, const float* b, size_t n) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < n; ++i) num += double(a[i] - b[i]) * (a[i] - b[i]), den += double(b[i]) * b[i];
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+void compare(const json& attention, int dim, int heads, float dropout) {
+  SCOPED_TRACE(attention.dump() + " dim " + std::to_string(dim) + " heads " + std::to_string(heads));
+  const mta::ModelConfig cfg = config(attention, dim, heads, dropout);
+  auto cpu = mta::make_trainable_model(cfg, "cpu");
+  auto gpu = mta::make_trainable_model(cfg, "cuda");
+  cpu->init(11), gpu->init(11);
+  // Move MTA kernels and lambdas off their initial values so every path matters.
+  std::vector<float> p;
+  cpu->get_state(&p, nullptr, nullptr);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0, 0.05f);
+  for (const auto& v : cpu->layout().views())
+    if (!v.decay)
+      for (size_t i = 0; i < v.size; ++i) p[v.offset + i] += nd(rng);
+  cpu->set_state(p, nullptr, nullptr), gpu->set_state(p, nullptr, nullptr);
+
+  const mta::Batch b = batch(3, 77, cfg.vocab_size, 5);
+  const float scale = static_cast<float>(1.0 / b.weight_sum());
+  cpu->zero_grads(), gpu->zero_grads();
+  const bool train = dropout > 0;
+  const mta::LossStats lc = cpu->forward_backward(b, scale, train, 99);
+  const mta::LossStats lg = gpu->forward_backward(b, scale, train, 99);
+  EXPECT_NEAR(lg.loss_sum / lg.weight_sum, lc.loss_sum / lc.weight_sum, 1e-2 * lc.loss_sum / lc.weight_sum);
+  const std::vector<float> gc = cpu->get_grads(), gg = gpu->get_grads();
+  for (const auto& v : cpu->layout().views()) {
+    const double e = rel(gg.data() + v.offset, gc.data() + v.offset, v.size);
+    // A DIFF lambda's gradient is one scalar, d lambda = -sum(dcomb * o2) over B*T*2d*H/2 terms that
+    // largely cancel; from bf16 activations it was measured 11% off on an H200 (layer 0), while every
+    // other tensor of the same run is within 5%. Loss curves still track (checked below).
+    const bool lambda = v.name.find("lambda_") != std::string::npos;
+    EXPECT_LT(e, lambda ? 0.25 : 5e-2) << v.name;
+    for (size_t i = 0; i < v.size; ++i) ASSERT_TRUE(std::isfinite(gg[v.offset + i])) << v.name;
+  }
+  // A short training run: the GPU's loss curve tracks the CPU's.
+  mta::AdamWConfig ac;
+  ac.beta2 = 0.98;
+  for (int step = 1; step <= 20; ++step) {
+    const mta::Batch bs = batch(4, 64, cfg.vocab_size, 100 + step);
+    const float s = static_cast<float>(1.0 / bs.weight_sum());
+    cpu->zero_grads(), gpu->zero_grads();
+    const double c = cpu->forward_backward(bs, s, train, step).loss_sum * s;
+    const double g = gpu->forward_backward(bs, s, train, step).loss_sum * s;
+    cpu->clip_grad_norm(1.0), gpu->clip_grad_norm(1.0);
+    cpu->optimizer_step(ac, 3e-3, step), gpu->optimizer_step(ac, 3e-3, step);
+    EXPECT_NEAR(g, c, 0.03 * c) << "step " << step;
+  }
+}
+
+}  // namespace
+
+TEST(ModelCuda, StandardFlashMatchesCpu) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  compare({{"type", "standard"}}, 128, 2, 0.0f);  // head dim 64: the flash kernel
+}
+
+TEST(ModelCuda, StandardWithDropoutMatchesCpu) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  compare({{"type", "standard"}}, 64, 2, 0.1f);  // attention dropout: the materialized op
+}
+
+TEST(ModelCuda, MtaMatchesCpu) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  compare(json::parse(R"({"type": "mta", "kq_pre": {"q": 2, "k": 5}, "head_pre": {"group": 2},
+      "kq_post": {"q": 2, "k": 3}, "head_post": {"group": 2}, "norm": true, "gate": true, "kq_layers": [1]})"),
+          64, 2, 0.0f);
+}
+
+TEST(ModelCuda, DiffMatchesCpu) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  compare({{"type", "diff"}}, 64, 4, 0.0f);
+}
