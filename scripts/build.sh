@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 BUILD_DIR=${MTA_BUILD_DIR:-build}
 JOBS=${MTA_JOBS:-$(nproc)}
 cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release ${MTA_CMAKE_ARGS:-} >/dev/null
-cmake --build "$BUILD_DIR" -j "$JOBS"
+# MTA_BUILD_TARGET=mta builds the command alone (the quick start), skipping the tests.
+cmake --build "$BUILD_DIR" -j "$JOBS" ${MTA_BUILD_TARGET:+--target "$MTA_BUILD_TARGET"}

@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
-bash scripts/build.sh
+MTA_BUILD_TARGET=mta bash scripts/build.sh
 exec build/src/mta compare configs/toy/cpu-transformer.json configs/toy/cpu-mta.json

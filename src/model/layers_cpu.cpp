@@ -68,18 +68,24 @@ void rmsnorm_backward(const T* dy, const T* x, const T* w, const T* rstd, T* dx_
 template <typename T>
 void rope_apply(T* x, int B, int H, int seq, int d, double theta, bool inverse) {
   const int half = d / 2;
-  std::vector<double> inv_freq(half);
-  for (int i = 0; i < half; ++i) inv_freq[i] = std::pow(theta, -2.0 * i / d);
+  // cos / sin of t * theta^(-2i/d), computed once per call in double (then rounded), not per head.
+  std::vector<T> cs(static_cast<size_t>(seq) * half), sn(cs.size());
+  for (int t = 0; t < seq; ++t)
+    for (int i = 0; i < half; ++i) {
+      const double ang = t * std::pow(theta, -2.0 * i / d);
+      cs[static_cast<size_t>(t) * half + i] = static_cast<T>(std::cos(ang));
+      sn[static_cast<size_t>(t) * half + i] = static_cast<T>(inverse ? -std::sin(ang) : std::sin(ang));
+    }
 #pragma omp parallel for collapse(2) schedule(static)
   for (int bh = 0; bh < B * H; ++bh)
     for (int t = 0; t < seq; ++t) {
       T* row = x + (static_cast<long long>(bh) * seq + t) * d;
+      const T* c = cs.data() + static_cast<size_t>(t) * half;
+      const T* s = sn.data() + static_cast<size_t>(t) * half;
       for (int i = 0; i < half; ++i) {
-        const double ang = t * inv_freq[i];
-        const T c = static_cast<T>(std::cos(ang)), s = static_cast<T>(inverse ? -std::sin(ang) : std::sin(ang));
         const T a = row[2 * i], b = row[2 * i + 1];
-        row[2 * i] = a * c - b * s;
-        row[2 * i + 1] = a * s + b * c;
+        row[2 * i] = a * c[i] - b * s[i];
+        row[2 * i + 1] = a * s[i] + b * c[i];
       }
     }
 }

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The GPU test suite (label "gpu"): on a machine with an NVIDIA GPU. Two ways:
+#  - from a checkout with the build dependencies: builds with CUDA and runs `ctest -L gpu`;
+#  - from .device/ made by scripts/gpu-pack.sh (the GPU machine has no Debian packages): runs the
+#    packed test binary with the packed libraries.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+if [ -x "$here/mta_gpu_tests" ]; then
+  export LD_LIBRARY_PATH="$here/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+  exec "$here/mta_gpu_tests" "$@"
+fi
+cd "$here/.."
+MTA_BUILD_DIR=${MTA_BUILD_DIR:-build-gpu} MTA_CMAKE_ARGS="-DMTA_CUDA=ON" bash scripts/build.sh
+ctest --test-dir "${MTA_BUILD_DIR:-build-gpu}" -L gpu --output-on-failure
