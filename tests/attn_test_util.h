@@ -19,11 +19,10 @@ struct AttnCase {
   AttnOptions opt;
 
   AttnParams<T> param_ptrs() const {
-    AttnParams<T> p;
-    auto get = [&](const char* n) { auto it = params.find(n); return it == params.end() ? nullptr : it->second.data(); };
-    p.kq_pre = get("kq_pre"), p.head_pre = get("head_pre"), p.kq_post = get("kq_post"), p.head_post = get("head_post");
-    p.norm = get("norm"), p.gate_w = get("gate_w"), p.gate_b = get("gate_b");
-    return p;
+    return attn_pointers<AttnParams<T>>([&](const char* n) -> const T* {
+      auto it = params.find(n);
+      return it == params.end() ? nullptr : it->second.data();
+    });
   }
 };
 

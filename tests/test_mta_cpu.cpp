@@ -75,11 +75,11 @@ struct Grads {
 Grads backward(const AttnCase<double>& c) {
   Grads g;
   g.dq.assign(c.q.size(), 0), g.dk.assign(c.q.size(), 0), g.dv.assign(c.v.size(), 0);
-  mta::AttnParamGrads<double> pg;
   for (const auto& [name, val] : c.params) g.params[name].assign(val.size(), 0.0);
-  auto get = [&](const char* n) { auto it = g.params.find(n); return it == g.params.end() ? nullptr : it->second.data(); };
-  pg.kq_pre = get("kq_pre"), pg.head_pre = get("head_pre"), pg.kq_post = get("kq_post"), pg.head_post = get("head_post");
-  pg.norm = get("norm"), pg.gate_w = get("gate_w"), pg.gate_b = get("gate_b");
+  const auto pg = mta::attn_pointers<mta::AttnParamGrads<double>>([&](const char* n) -> double* {
+    auto it = g.params.find(n);
+    return it == g.params.end() ? nullptr : it->second.data();
+  });
   mta::cpu::mta_backward<double>(c.spec, c.dims, c.q.data(), c.k.data(), c.v.data(), c.param_ptrs(), c.dout.data(),
                                  g.dq.data(), g.dk.data(), g.dv.data(), pg, c.opt);
   return g;

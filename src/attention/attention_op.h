@@ -71,6 +71,21 @@ struct AttnParamGrads {
   T* gate_b = nullptr;
 };
 
+// AttnParams<T> or AttnParamGrads<T> with each pointer taken from lookup(name), name as in
+// attention_params() ("kq_pre", ..., "gate_b"); lookup returns nullptr for a disabled option.
+template <typename Pointers, typename Lookup>
+Pointers attn_pointers(Lookup&& lookup) {
+  Pointers p;
+  p.kq_pre = lookup("kq_pre");
+  p.head_pre = lookup("head_pre");
+  p.kq_post = lookup("kq_post");
+  p.head_post = lookup("head_post");
+  p.norm = lookup("norm");
+  p.gate_w = lookup("gate_w");
+  p.gate_b = lookup("gate_b");
+  return p;
+}
+
 constexpr double kGroupNormEps = 1e-5;
 
 }  // namespace mta

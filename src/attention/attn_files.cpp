@@ -26,6 +26,16 @@ std::string shape_str(const std::vector<int64_t>& s) {
   return t.shape_str();
 }
 
+// Pointers of the enabled parameters, at(i) giving the storage of infos[i].
+template <typename Pointers, typename At>
+Pointers by_info(const std::vector<AttentionParamInfo>& infos, At&& at) {
+  return attn_pointers<Pointers>([&](const char* name) -> decltype(at(0)) {
+    for (size_t i = 0; i < infos.size(); ++i)
+      if (infos[i].name == name) return at(i);
+    return nullptr;
+  });
+}
+
 template <typename T>
 std::vector<T> load(const io::SafeTensors& in, const std::string& name, const std::vector<int64_t>& shape) {
   const io::Tensor& t = in.at(name);
@@ -79,22 +89,12 @@ void run_cuda(const AttentionSpec& spec, const AttnDims& dims, const std::vector
   if (cuda::device_count() < 1) throw std::runtime_error("--device cuda: no CUDA device is available");
   DeviceArray<T> d_q(q), d_k(k), d_v(v);
   std::vector<std::unique_ptr<DeviceArray<T>>> dp, dg;
-  AttnParams<T> p;
-  AttnParamGrads<T> g;
   for (size_t i = 0; i < infos.size(); ++i) {
     dp.push_back(std::make_unique<DeviceArray<T>>(pvals[i]));
     dg.push_back(std::make_unique<DeviceArray<T>>(gvals[i]));  // zeros: gradients are added into
-    const std::string& n = infos[i].name;
-    const T* pv = dp.back()->get();
-    T* gv = dg.back()->get();
-    if (n == "kq_pre") p.kq_pre = pv, g.kq_pre = gv;
-    else if (n == "head_pre") p.head_pre = pv, g.head_pre = gv;
-    else if (n == "kq_post") p.kq_post = pv, g.kq_post = gv;
-    else if (n == "head_post") p.head_post = pv, g.head_post = gv;
-    else if (n == "norm") p.norm = pv, g.norm = gv;
-    else if (n == "gate_w") p.gate_w = pv, g.gate_w = gv;
-    else if (n == "gate_b") p.gate_b = pv, g.gate_b = gv;
   }
+  const auto p = by_info<AttnParams<T>>(infos, [&](size_t i) -> const T* { return dp[i]->get(); });
+  const auto g = by_info<AttnParamGrads<T>>(infos, [&](size_t i) -> T* { return dg[i]->get(); });
   DeviceArray<T> d_out(o);
   cuda::mta_forward<T>(spec, dims, d_q.get(), d_k.get(), d_v.get(), p, d_out.get());
   d_out.copy_to(o);
@@ -116,22 +116,10 @@ io::SafeTensors run(const AttentionSpec& spec, const io::SafeTensors& in, const 
   std::vector<std::vector<T>> pvals;
   for (const auto& info : infos) pvals.push_back(load<T>(in, info.name, std::vector<int64_t>(info.shape.begin(), info.shape.end())));
 
-  AttnParams<T> p;
   std::vector<std::vector<T>> gvals;
-  AttnParamGrads<T> g;
-  for (size_t i = 0; i < infos.size(); ++i) {
-    gvals.emplace_back(pvals[i].size(), T(0));
-    const std::string& n = infos[i].name;
-    const T* pv = pvals[i].data();
-    T* gv = gvals[i].data();
-    if (n == "kq_pre") p.kq_pre = pv, g.kq_pre = gv;
-    else if (n == "head_pre") p.head_pre = pv, g.head_pre = gv;
-    else if (n == "kq_post") p.kq_post = pv, g.kq_post = gv;
-    else if (n == "head_post") p.head_post = pv, g.head_post = gv;
-    else if (n == "norm") p.norm = pv, g.norm = gv;
-    else if (n == "gate_w") p.gate_w = pv, g.gate_w = gv;
-    else if (n == "gate_b") p.gate_b = pv, g.gate_b = gv;
-  }
+  for (const auto& pv : pvals) gvals.emplace_back(pv.size(), T(0));
+  const auto p = by_info<AttnParams<T>>(infos, [&](size_t i) -> const T* { return pvals[i].data(); });
+  const auto g = by_info<AttnParamGrads<T>>(infos, [&](size_t i) -> T* { return gvals[i].data(); });
 
   const bool backward = in.has("dout");
   std::vector<T> dout;

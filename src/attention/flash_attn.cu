@@ -27,6 +27,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda/check.h"
+
 namespace mta::cuda {
 namespace {
 
@@ -35,14 +37,8 @@ using bf16 = __nv_bfloat16;
 // ---------------------------------------------------------------------------------------------
 // Error checking: every CUDA call and every launch (cudaGetLastError) goes through these.
 
-void fa_check(cudaError_t err, const char* what, const char* file, int line) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string(file) + ":" + std::to_string(line) + ": CUDA error in " + what + ": " +
-                             cudaGetErrorString(err));
-}
-
-#define FA_CHECK(expr) fa_check((expr), #expr, __FILE__, __LINE__)
-#define FA_CHECK_LAUNCH(name) fa_check(cudaGetLastError(), "launch of " name, __FILE__, __LINE__)
+#define FA_CHECK(expr) MTA_CUDA_CHECK(expr)
+#define FA_CHECK_LAUNCH(name) MTA_CUDA_CHECK_LAUNCH(name)
 
 void fa_require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument("flash_attn: " + what);

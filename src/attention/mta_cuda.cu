@@ -26,6 +26,8 @@
 
 #include "util/error.h"
 
+#include "cuda/check.h"
+
 namespace mta::cuda {
 namespace {
 
@@ -33,11 +35,6 @@ namespace {
 // Error checking: every CUDA and cuBLAS call goes through these; a failure throws
 // std::runtime_error naming the file, the line, the call and the reason.
 
-void check_cuda(cudaError_t err, const char* what, const char* file, int line) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string(file) + ":" + std::to_string(line) + ": CUDA error in " + what + ": " +
-                             cudaGetErrorString(err));
-}
 
 void check_cublas(cublasStatus_t st, const char* what, const char* file, int line) {
   if (st != CUBLAS_STATUS_SUCCESS)

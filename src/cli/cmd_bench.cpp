@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <map>
 #include <chrono>
 #include <cstdio>
 #include <nlohmann/json.hpp>
@@ -45,27 +46,19 @@ Runner add_bench_command(CLI::App& app) {
                        dout = randn(dims.numel(), 1), out(dims.numel()), dq(dims.numel()), dk(dims.numel()),
                        dv(dims.numel());
     // Identity kernels plus noise: timing must not depend on zero weights being skipped.
-    std::vector<std::vector<float>> pv, gv;
-    AttnParams<float> p;
-    AttnParamGrads<float> g;
+    std::map<std::string, std::vector<float>> pv, gv;
     for (const auto& info : attention_params(spec)) {
       long long n = 1;
       for (auto d : info.shape) n *= d;
       std::vector<float> x(n);
       init_attention_param_identity(spec, info, x.data());
       for (auto& e : x) e += 0.1f * nd(rng);
-      pv.push_back(x);
-      gv.emplace_back(n, 0.0f);
-      const float* pp = pv.back().data();
-      float* gp = gv.back().data();
-      if (info.name == "kq_pre") p.kq_pre = pp, g.kq_pre = gp;
-      if (info.name == "head_pre") p.head_pre = pp, g.head_pre = gp;
-      if (info.name == "kq_post") p.kq_post = pp, g.kq_post = gp;
-      if (info.name == "head_post") p.head_post = pp, g.head_post = gp;
-      if (info.name == "norm") p.norm = pp, g.norm = gp;
-      if (info.name == "gate_w") p.gate_w = pp, g.gate_w = gp;
-      if (info.name == "gate_b") p.gate_b = pp, g.gate_b = gp;
+      pv[info.name] = x;
+      gv[info.name].assign(n, 0.0f);
     }
+    auto find = [](auto& m, const char* name) { auto it = m.find(name); return it == m.end() ? nullptr : it->second.data(); };
+    const auto p = attn_pointers<AttnParams<float>>([&](const char* n) -> const float* { return find(pv, n); });
+    const auto g = attn_pointers<AttnParamGrads<float>>([&](const char* n) -> float* { return find(gv, n); });
     auto time_ms = [&](auto&& fn) {
       for (int i = 0; i < o->warmup; ++i) fn();
       std::vector<double> t;

@@ -24,14 +24,11 @@
 #include <string>
 #include <tuple>
 
+#include "cuda/check.h"
+
 namespace mta::cuda {
 namespace {
 
-void check_cuda(cudaError_t err, const char* what, const char* file, int line) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string(file) + ":" + std::to_string(line) + ": CUDA error in " + what + ": " +
-                             cudaGetErrorString(err));
-}
 
 void check_cublas(cublasStatus_t st, const char* what, const char* file, int line) {
   if (st != CUBLAS_STATUS_SUCCESS)

@@ -23,6 +23,8 @@
 
 #include "attention/attention_op.h"  // hash_uniform (MTA_HOST_DEVICE): the dropout masks of every backend
 
+#include "cuda/check.h"
+
 namespace mta::cuda {
 namespace {
 
@@ -30,11 +32,6 @@ namespace {
 // Error checking: a failure throws std::runtime_error naming the file, the line, the call and the
 // reason.
 
-void check_cuda(cudaError_t err, const char* what, const char* file, int line) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string(file) + ":" + std::to_string(line) + ": CUDA error in " + what + ": " +
-                             cudaGetErrorString(err));
-}
 
 #define CUDA_CHECK(expr) check_cuda((expr), #expr, __FILE__, __LINE__)
 // After every kernel launch: a bad launch configuration is reported here, not at the next sync.

@@ -20,6 +20,7 @@
 #include "attention/attention_op.h"
 #include "attention/flash_attn.h"
 #include "attention/mta_cuda.h"
+#include "cuda/check.h"
 #include "cuda/gemm.h"
 #include "cuda/layers.h"
 #include "model/trainable.h"
@@ -30,13 +31,8 @@ namespace {
 
 using cuda::bf16;
 
-void check(cudaError_t e, const char* what, int line) {
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("CUDA error in model_cuda.cu:") + std::to_string(line) + " (" + what +
-                             "): " + cudaGetErrorString(e));
-}
-#define CK(x) check((x), #x, __LINE__)
-#define CK_LAUNCH() check(cudaGetLastError(), "kernel launch", __LINE__)
+#define CK(x) MTA_CUDA_CHECK(x)
+#define CK_LAUNCH() MTA_CUDA_CHECK_LAUNCH("kernel")
 
 // A device allocation that frees itself.
 template <typename T>
@@ -287,20 +283,12 @@ class CudaModel : public TrainableModel {
 
   // ---- attention: forward writes L.att (heads) or, for DIFF, L.a_flat directly ----
   AttnParams<float> mta_params(int l) {
-    AttnParams<float> p;
     const std::string pre = lname(l, "attention.");
-    auto ptr = [&](const char* n) { return layout().has(pre + n) ? P(pre + n) : nullptr; };
-    p.kq_pre = ptr("kq_pre"), p.head_pre = ptr("head_pre"), p.kq_post = ptr("kq_post"), p.head_post = ptr("head_post");
-    p.norm = ptr("norm"), p.gate_w = ptr("gate_w"), p.gate_b = ptr("gate_b");
-    return p;
+    return attn_pointers<AttnParams<float>>([&](const char* n) -> const float* { return layout().has(pre + n) ? P(pre + n) : nullptr; });
   }
   AttnParamGrads<float> mta_grads(int l) {
-    AttnParamGrads<float> g;
     const std::string pre = lname(l, "attention.");
-    auto ptr = [&](const char* n) { return layout().has(pre + n) ? G(pre + n) : nullptr; };
-    g.kq_pre = ptr("kq_pre"), g.head_pre = ptr("head_pre"), g.kq_post = ptr("kq_post"), g.head_post = ptr("head_post");
-    g.norm = ptr("norm"), g.gate_w = ptr("gate_w"), g.gate_b = ptr("gate_b");
-    return g;
+    return attn_pointers<AttnParamGrads<float>>([&](const char* n) -> float* { return layout().has(pre + n) ? G(pre + n) : nullptr; });
   }
 
   // lambda of a DIFF layer and its pieces, from the fp32 master weights (4 vectors of head_dim).

@@ -137,11 +137,9 @@ void ModelT<T>::attention_forward(int l, Acts& a, bool train, uint64_t seed) {
   if (train) opt.dropout = cfg_.dropout, opt.dropout_seed = site_seed(seed, l, kDropAttnWeights);
   const AttentionSpec spec = cfg_.layer_spec(l);
   if (cfg_.attention != AttentionKind::Diff) {
-    AttnParams<T> p;
     const std::string pre = lname(l, "attention.");
-    auto ptr = [&](const char* n) { return layout_.has(pre + n) ? params_.data() + layout_.view(pre + n).offset : nullptr; };
-    p.kq_pre = ptr("kq_pre"), p.head_pre = ptr("head_pre"), p.kq_post = ptr("kq_post"), p.head_post = ptr("head_post");
-    p.norm = ptr("norm"), p.gate_w = ptr("gate_w"), p.gate_b = ptr("gate_b");
+    const auto p = attn_pointers<AttnParams<T>>(
+        [&](const char* n) -> const T* { return layout_.has(pre + n) ? params_.data() + layout_.view(pre + n).offset : nullptr; });
     cpu::mta_forward<T>(spec, AttnDims{B, H, Tn, d}, L.q.data(), L.k.data(), L.v.data(), p, L.att.data(), opt);
     return;
   }
@@ -193,14 +191,10 @@ void ModelT<T>::attention_backward(int l, Acts& a, const T* da_flat, T* dq, T* d
   if (cfg_.attention != AttentionKind::Diff) {
     std::vector<T> datt(static_cast<size_t>(a.N()) * cfg_.dim);
     cpu::to_heads(da_flat, datt.data(), B, Tn, H, d);
-    AttnParams<T> p;
-    AttnParamGrads<T> g;
-    auto ptr = [&](const char* n) { return layout_.has(pre + n) ? params_.data() + layout_.view(pre + n).offset : nullptr; };
-    auto gptr = [&](const char* n) { return layout_.has(pre + n) ? grads_.data() + layout_.view(pre + n).offset : nullptr; };
-    p.kq_pre = ptr("kq_pre"), p.head_pre = ptr("head_pre"), p.kq_post = ptr("kq_post"), p.head_post = ptr("head_post");
-    p.norm = ptr("norm"), p.gate_w = ptr("gate_w"), p.gate_b = ptr("gate_b");
-    g.kq_pre = gptr("kq_pre"), g.head_pre = gptr("head_pre"), g.kq_post = gptr("kq_post"), g.head_post = gptr("head_post");
-    g.norm = gptr("norm"), g.gate_w = gptr("gate_w"), g.gate_b = gptr("gate_b");
+    const auto p = attn_pointers<AttnParams<T>>(
+        [&](const char* n) -> const T* { return layout_.has(pre + n) ? params_.data() + layout_.view(pre + n).offset : nullptr; });
+    const auto g = attn_pointers<AttnParamGrads<T>>(
+        [&](const char* n) -> T* { return layout_.has(pre + n) ? grads_.data() + layout_.view(pre + n).offset : nullptr; });
     cpu::mta_backward<T>(spec, AttnDims{B, H, Tn, d}, L.q.data(), L.k.data(), L.v.data(), p, datt.data(), dq, dk,
                              dv_out, g, opt);
     return;

@@ -99,14 +99,10 @@ struct Result {
 
 template <typename P, typename M>
 P ptrs(M& m) {
-  P p;
-  auto get = [&](const char* n) -> decltype(p.kq_pre) {
+  return mta::attn_pointers<P>([&](const char* n) -> decltype(P{}.kq_pre) {
     auto it = m.find(n);
     return it == m.end() ? nullptr : it->second;
-  };
-  p.kq_pre = get("kq_pre"), p.head_pre = get("head_pre"), p.kq_post = get("kq_post"), p.head_post = get("head_post");
-  p.norm = get("norm"), p.gate_w = get("gate_w"), p.gate_b = get("gate_b");
-  return p;
+  });
 }
 
 // Parameter gradients start from these (non-zero) values: the op must ADD into them.
