@@ -13,9 +13,82 @@
 #include "attention/init.h"
 #include "attention/mta_cpu.h"
 #include "cli/commands.h"
+#include "model/trainable.h"
+#include "train/train_config.h"
 #include "util/error.h"
 
 namespace mta::cli {
+namespace {
+
+// `mta bench train CONFIG [--device cuda] [--batch B] [--seq T] [--steps S]`: training throughput of a
+// config's model on random tokens (every position scored): tokens/s and model FLOP utilisation.
+struct TrainBenchOpts {
+  std::string config, device;
+  int B = 0, T = 0, steps = 10, warmup = 2;
+  double peak_tflops = 0;
+  bool parsed = false;
+};
+TrainBenchOpts g_train_bench;
+
+void add_bench_train(CLI::App* bench) {
+  auto* t = bench->add_subcommand("train", "Time training steps of a config's model on random tokens");
+  TrainBenchOpts& o = g_train_bench;
+  t->add_option("config", o.config, "training config JSON (its model section is used)")->required();
+  t->add_option("--device", o.device, "cpu or cuda (default: the config's train.device)");
+  t->add_option("--batch", o.B, "sequences per step (default: the config's batch_size)");
+  t->add_option("--seq", o.T, "tokens per sequence (default: model.max_seq_len)");
+  t->add_option("--steps", o.steps, "timed steps")->capture_default_str();
+  t->add_option("--warmup", o.warmup, "untimed steps first")->capture_default_str();
+  t->add_option("--peak-tflops", o.peak_tflops,
+                "peak dense bf16 TFLOP/s for the utilisation figure (default: 989 on cuda, none on cpu)");
+  t->callback([] { g_train_bench.parsed = true; });
+}
+
+int run_bench_train() {
+  const TrainBenchOpts& o = g_train_bench;
+  TrainConfig cfg = load_train_config(o.config);
+  const std::string device = o.device.empty() ? cfg.train.device : o.device;
+  const int B = o.B > 0 ? o.B : cfg.train.batch_size, T = o.T > 0 ? o.T : cfg.model.max_seq_len;
+  if (T > cfg.model.max_seq_len) throw InputError("--seq: longer than model.max_seq_len");
+  if (o.steps < 1 || o.warmup < 0) throw InputError("--steps must be at least 1 and --warmup at least 0");
+  auto model = make_trainable_model(cfg.model, device);
+  model->init(cfg.seed);
+  std::mt19937_64 rng(1);
+  Batch batch;
+  batch.B = B, batch.T = T;
+  for (int i = 0; i < B * T; ++i) {
+    batch.inputs.push_back(static_cast<int32_t>(rng() % cfg.model.vocab_size));
+    batch.targets.push_back(static_cast<int32_t>(rng() % cfg.model.vocab_size));
+    batch.weights.push_back(1.0f);
+  }
+  const float scale = 1.0f / static_cast<float>(B * T);
+  auto step = [&](long long s) {
+    model->zero_grads();
+    model->forward_backward(batch, scale, true, static_cast<uint64_t>(s));
+    model->clip_grad_norm(cfg.train.grad_clip);  // reads the norm back: the step has finished
+    model->optimizer_step(cfg.train.adamw, cfg.train.lr.lr, s + 1);
+  };
+  for (int s = 0; s < o.warmup; ++s) step(s);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int s = 0; s < o.steps; ++s) step(o.warmup + s);
+  model->get_grads();  // waits for the last optimizer step
+  const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double tok_s = static_cast<double>(B) * T * o.steps / sec;
+  // Model FLOPs per token (PaLM's convention, causal attention not halved): 6 x (parameters
+  // without the embedding) + 6 x V x C for the tied output layer + 12 x layers x C x T for attention.
+  const ModelConfig& m = cfg.model;
+  const double n_matrix = static_cast<double>(model->num_params()) - static_cast<double>(m.vocab_size) * m.dim;
+  const double flops_tok = 6.0 * n_matrix + 6.0 * m.vocab_size * m.dim + 12.0 * m.n_layers * m.dim * T;
+  const double peak = o.peak_tflops > 0 ? o.peak_tflops : (device == "cuda" ? 989.0 : 0.0);
+  nlohmann::json j{{"config", o.config}, {"device", device}, {"attention", attention_kind_name(m.attention)},
+                   {"params", model->num_params()}, {"B", B}, {"T", T}, {"steps", o.steps},
+                   {"tokens_per_s", tok_s}, {"model_tflops", flops_tok * tok_s / 1e12}};
+  if (peak > 0) j["mfu"] = flops_tok * tok_s / (peak * 1e12), j["peak_tflops"] = peak;
+  std::printf("%s\n", j.dump().c_str());
+  return 0;
+}
+
+}  // namespace
 
 Runner add_bench_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("bench", "Benchmarks (see bench/)");
@@ -31,7 +104,9 @@ Runner add_bench_command(CLI::App& app) {
   attn->add_option("--seq", o->T, "sequence length")->capture_default_str();
   attn->add_option("--reps", o->reps, "timed repetitions (median reported)")->capture_default_str();
   attn->add_option("--warmup", o->warmup, "untimed repetitions first")->capture_default_str();
-  return [o]() {
+  add_bench_train(cmd);
+  return [o, attn]() {
+    if (!attn->parsed()) return run_bench_train();
     const AttentionSpec spec = load_spec_file(o->spec);
     if (o->B < 1 || o->T < 1 || o->reps < 1) throw InputError("--batch, --seq and --reps must be at least 1");
     const AttnDims dims{o->B, spec.heads, o->T, spec.head_dim};
