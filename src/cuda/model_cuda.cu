@@ -23,6 +23,7 @@
 #include "cuda/check.h"
 #include "cuda/gemm.h"
 #include "cuda/layers.h"
+#include "model/layer_naming.h"
 #include "model/trainable.h"
 #include "util/error.h"
 
@@ -70,16 +71,8 @@ class DevBuf {
   size_t n_ = 0;
 };
 
-std::string lname(int l, const std::string& rest) { return "layers." + std::to_string(l) + "." + rest; }
-
-// The dropout sites and seeds of model.cpp, so GPU and CPU runs draw the same masks.
-enum DropSite { kDropAttnWeights = 0, kDropAttnOut = 1, kDropFfnOut = 2 };
-uint64_t site_seed(uint64_t base, int layer, int site) {
-  uint64_t x = base ^ (0x9E3779B97F4A7C15ULL * static_cast<uint64_t>(layer * 8 + site + 1));
-  x = (x ^ (x >> 31)) * 0xBF58476D1CE4E5B9ULL;
-  return x ^ (x >> 29);
-}
-double diff_lambda_init(int l) { return 0.8 - 0.6 * std::exp(-0.3 * l); }
+std::string lname(int l, const std::string& rest) { return layer_param_name(l, rest); }
+uint64_t site_seed(uint64_t base, int layer, int site) { return dropout_site_seed(base, layer, site); }
 
 constexpr int kThreads = 256;
 inline int blocks_for(long long n) { return static_cast<int>((n + kThreads - 1) / kThreads); }

@@ -11,6 +11,7 @@
 #include "attention/attention_op.h"
 #include "attention/init.h"
 #include "attention/mta_cpu.h"
+#include "model/layer_naming.h"
 #include "model/layers_cpu.h"
 #include "util/blas.h"
 #include "util/error.h"
@@ -18,17 +19,8 @@
 namespace mta {
 namespace {
 
-std::string lname(int l, const std::string& rest) { return "layers." + std::to_string(l) + "." + rest; }
-
-// Seeds of the dropout sites of a layer, all derived from the step's seed.
-enum DropSite { kDropAttnWeights = 0, kDropAttnOut = 1, kDropFfnOut = 2 };
-uint64_t site_seed(uint64_t base, int layer, int site) {
-  uint64_t x = base ^ (0x9E3779B97F4A7C15ULL * static_cast<uint64_t>(layer * 8 + site + 1));
-  x = (x ^ (x >> 31)) * 0xBF58476D1CE4E5B9ULL;
-  return x ^ (x >> 29);
-}
-
-double diff_lambda_init(int l) { return 0.8 - 0.6 * std::exp(-0.3 * l); }
+std::string lname(int l, const std::string& rest) { return layer_param_name(l, rest); }
+uint64_t site_seed(uint64_t base, int layer, int site) { return dropout_site_seed(base, layer, site); }
 
 }  // namespace
 
