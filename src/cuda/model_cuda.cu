@@ -396,16 +396,17 @@ class CudaModel : public TrainableModel {
     CK(cudaStreamSynchronize(stream_));
     double dl = 0;
     for (double x : part) dl += x;
-    for (auto [name, a, b, sign, e] :
-         {std::tuple{"lambda_q1", &lam.k1, 0, 1.0, lam.e1}, std::tuple{"lambda_k1", &lam.q1, 0, 1.0, lam.e1},
-          std::tuple{"lambda_q2", &lam.k2, 0, -1.0, lam.e2}, std::tuple{"lambda_k2", &lam.q2, 0, -1.0, lam.e2}}) {
-      (void)b;
+    // lambda = exp(q1.k1) - exp(q2.k2) + lambda_init: d/dq1 = e1 k1, d/dk1 = e1 q1, d/dq2 = -e2 k2, ...
+    for (auto [name, other, sign, e] :
+         {std::tuple{"lambda_q1", &lam.k1, 1.0, lam.e1}, std::tuple{"lambda_k1", &lam.q1, 1.0, lam.e1},
+          std::tuple{"lambda_q2", &lam.k2, -1.0, lam.e2}, std::tuple{"lambda_k2", &lam.q2, -1.0, lam.e2}}) {
       std::vector<float> g(d);
       float* gp = Gl(l, std::string("attention.") + name);
       CK(cudaMemcpyAsync(g.data(), gp, d * sizeof(float), cudaMemcpyDeviceToHost, stream_));
       CK(cudaStreamSynchronize(stream_));
-      for (int i = 0; i < d; ++i) g[i] += static_cast<float>(sign * dl * e * (*a)[i]);
+      for (int i = 0; i < d; ++i) g[i] += static_cast<float>(sign * dl * e * (*other)[i]);
       CK(cudaMemcpyAsync(gp, g.data(), d * sizeof(float), cudaMemcpyHostToDevice, stream_));
+      CK(cudaStreamSynchronize(stream_));  // g is freed at the end of the iteration
     }
     float* dsub = op_dv_.get();  // [B, H, T, 2d] = 2n floats (op_dv_ is sized for it)
     diff_split_grad_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(dcomb, dsub, static_cast<float>(lam.lambda), B, Hd, hs);
