@@ -30,6 +30,7 @@ Runner add_train_command(CLI::App& app) {
     if (o->steps > 0) cfg.train.steps = cfg.train.lr.total_steps = o->steps, cfg.source["train"]["steps"] = o->steps;
     if (o->threads > 0) cfg.train.threads = o->threads;
     TrainResult r = train(cfg, TrainOptions{o->resume, false});
+    if (r.interrupted) return 130;  // the conventional status of a run stopped by a signal
     std::printf("[%s] done: %lld steps in %s, final eval %s\n", cfg.name.c_str(), r.steps,
                 human_duration(r.seconds).c_str(), r.eval.dump().c_str());
     return 0;
@@ -72,6 +73,7 @@ Runner add_compare_command(CLI::App& app) {
     for (auto& cfg : cfgs) {
       if (o->threads > 0) cfg.train.threads = o->threads;
       TrainResult r = train(cfg, TrainOptions{false, false});
+      if (r.interrupted) return 130;
       rows.push_back({cfg.name, attention_kind_name(cfg.model.attention), "error_rate", r});
     }
     std::printf("\n%-22s %-9s %10s %8s %10s %11s %9s\n", "run", "attention", "params", "steps", "train loss",

@@ -38,6 +38,7 @@ TrainConfig train_config_from_json(const nlohmann::json& j) {
   s.eval_examples = static_cast<int>(t.integer_or("eval_examples", 1000, 1, 1 << 24));
   s.eval_batch_size = static_cast<int>(t.integer_or("eval_batch_size", 64, 1, 1 << 20));
   s.checkpoint_every = static_cast<int>(t.integer_or("checkpoint_every", 200, 0, 1 << 30));
+  s.checkpoint_minutes = t.number_or("checkpoint_minutes", 0.0, 0.0, 1e6);
   s.threads = static_cast<int>(t.integer_or("threads", 0, 0, 4096));
   s.device = t.choice_or("device", "cpu", {"cpu", "cuda"});
   t.finish();

@@ -20,6 +20,7 @@ struct TrainSettings {
   int eval_examples = 1000;
   int eval_batch_size = 64;
   int checkpoint_every = 200; // 0: only at the end
+  double checkpoint_minutes = 0;  // also checkpoint when this much wall time passed since the last (0: off)
   int threads = 0;            // 0: all cores
   std::string device = "cpu";
 };

@@ -113,6 +113,7 @@ TrainResult train(const TrainConfig& cfg, const TrainOptions& opt) {
   int window_steps = 0;
   auto window_start = std::chrono::steady_clock::now();
   const long long first_step = state.step;
+  auto last_checkpoint = std::chrono::steady_clock::now();
 
   auto do_eval = [&]() {
     nlohmann::json e = task->evaluate(model, s.eval_examples, s.eval_batch_size);
@@ -148,7 +149,8 @@ TrainResult train(const TrainConfig& cfg, const TrainOptions& opt) {
     window_loss += loss, window_steps += 1;
 
     const auto now = std::chrono::steady_clock::now();
-    if (state.step % s.log_every == 0 || state.step == s.steps) {
+    // The first step of an invocation is always reported: on a slow machine it shows the run is alive.
+    if (state.step % s.log_every == 0 || state.step == s.steps || state.step == first_step + 1) {
       const double elapsed = std::chrono::duration<double>(now - t0).count();
       const double win = std::chrono::duration<double>(now - window_start).count();
       const double tok_s = tokens_per_step * window_steps / std::max(win, 1e-9);
@@ -165,8 +167,13 @@ TrainResult train(const TrainConfig& cfg, const TrainOptions& opt) {
       window_loss = 0, window_steps = 0, window_start = now;
     }
     if (s.eval_every > 0 && state.step % s.eval_every == 0 && state.step < s.steps) do_eval();
-    if (s.checkpoint_every > 0 && state.step % s.checkpoint_every == 0 && state.step < s.steps)
+    const bool by_steps = s.checkpoint_every > 0 && state.step % s.checkpoint_every == 0;
+    const bool by_time = s.checkpoint_minutes > 0 &&
+                         std::chrono::duration<double>(now - last_checkpoint).count() >= 60.0 * s.checkpoint_minutes;
+    if ((by_steps || by_time) && state.step < s.steps) {
       save_checkpoint(ckpt, state, model, true);
+      last_checkpoint = std::chrono::steady_clock::now();
+    }
   }
   if (state.step >= s.steps && state.step > first_step) do_eval();
   save_checkpoint(ckpt, state, model, true);
@@ -175,7 +182,8 @@ TrainResult train(const TrainConfig& cfg, const TrainOptions& opt) {
   if (g_stop) {
     std::printf("[%s] interrupted at step %lld; checkpoint written to %s (resume with --resume)\n", cfg.name.c_str(),
                 state.step, ckpt.c_str());
-    throw std::runtime_error("interrupted");
+    std::fflush(stdout);
+    result.interrupted = true;
   }
   result.steps = state.step;
   result.eval = state.last_eval;

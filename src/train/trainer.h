@@ -19,6 +19,7 @@ struct TrainResult {
   nlohmann::json eval;     // last evaluation
   double seconds = 0;      // wall time of this invocation
   size_t num_params = 0;
+  bool interrupted = false;  // stopped by SIGINT/SIGTERM after writing a checkpoint
 };
 
 TrainResult train(const TrainConfig& cfg, const TrainOptions& opt);

@@ -56,11 +56,17 @@ def write(path, obj):
     return str(path)
 
 
-def resume_case(mta, tmp, name, attention):
+def resume_case(mta, tmp, name, attention, train_overrides=None):
     full_dir, killed_dir = tmp / f"{name}-full", tmp / f"{name}-killed"
     steps = 40
-    full_cfg = write(tmp / f"{name}-full.json", tiny_config(full_dir, attention, steps))
-    killed_cfg = write(tmp / f"{name}-killed.json", tiny_config(killed_dir, attention, steps))
+
+    def cfg(out_dir):
+        c = tiny_config(out_dir, attention, steps)
+        c["train"].update(train_overrides or {})
+        return c
+
+    full_cfg = write(tmp / f"{name}-full.json", cfg(full_dir))
+    killed_cfg = write(tmp / f"{name}-killed.json", cfg(killed_dir))
     r = run(mta, ["train", full_cfg])
     check(f"{name}: uninterrupted run", r.returncode == 0, r.stderr)
     # Start the second run and kill it once a checkpoint exists and a few more steps were logged.
@@ -113,6 +119,8 @@ def main():
         resume_case(mta, tmp, "mta", {"type": "mta", "kq_pre": {"q": 2, "k": 5}, "head_post": {"group": 2},
                                       "norm": True, "gate": True})
         resume_case(mta, tmp, "diff", {"type": "diff"})
+        # Checkpoints by wall time only (train.checkpoint_minutes), as the paper-size configs also do.
+        resume_case(mta, tmp, "by-time", {"type": "standard"}, {"checkpoint_every": 0, "checkpoint_minutes": 0.001})
 
         def cfg_with(path, mutate):
             c = tiny_config(tmp / "refused", {"type": "standard"})
