@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mta_torch as mt  # noqa: E402
 
 SUBLN_EPS = 1e-5
+USE_SDPA = False  # bench/train_gpu.py sets it: standard attention through F.scaled_dot_product_attention
 MTA_KEYS = ("kq_pre", "head_pre", "kq_post", "head_post", "norm", "gate")
 
 
@@ -137,9 +138,9 @@ def rms_norm(x, w, eps):
 def rope(x, theta):
     """x [B, H, T, d]: rotate the interleaved pairs (2i, 2i+1) by angle t * theta^(-2i/d)."""
     B, H, T, d = x.shape
-    i = torch.arange(d // 2, dtype=torch.float64)
-    t = torch.arange(T, dtype=torch.float64)
-    ang = t[:, None] * torch.pow(torch.tensor(float(theta), dtype=torch.float64), -2.0 * i / d)[None, :]
+    i = torch.arange(d // 2, dtype=torch.float64, device=x.device)
+    t = torch.arange(T, dtype=torch.float64, device=x.device)
+    ang = t[:, None] * torch.pow(torch.tensor(float(theta), dtype=torch.float64, device=x.device), -2.0 * i / d)[None, :]
     c, s = torch.cos(ang).to(x.dtype), torch.sin(ang).to(x.dtype)  # [T, d/2]
     xp = x.reshape(B, H, T, d // 2, 2)
     a, b = xp[..., 0], xp[..., 1]
@@ -197,6 +198,8 @@ def attention(cfg, params, l, x, p_drop, training):
     drop = p_drop if training else 0.0
     kind = attn_type(cfg)
     if kind == "standard":
+        if USE_SDPA and drop == 0:  # the benchmark's fast baseline (PyTorch >= 2.0): same function
+            return merge_heads(F.scaled_dot_product_attention(q, k, split_heads(v_flat, H), is_causal=True))
         A = causal_softmax(q, k)
         return merge_heads(torch.matmul(F.dropout(A, drop, training), split_heads(v_flat, H)))
     if kind == "mta":

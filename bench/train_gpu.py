@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""GPU training throughput: mta against the same models in PyTorch on the same GPU, in one run.
+
+    python3 bench/train_gpu.py [--mta .device/mta] [--configs a.json,b.json] [--seq 2048] [--batch 8]
+
+For each config (default: configs/bench/lm-{125m,350m}-{transformer,mta}.json) it runs
+`mta bench train CONFIG --device cuda` (random tokens, every position scored) and the same
+architecture in PyTorch (tests/oracle/model_torch.py; bf16 autocast, fp32 master weights, fused
+AdamW, torch.compile, standard attention through SDPA flash; MTA materialized, as the paper's code
+does), and prints tokens/s, MFU and the ratio mta/PyTorch as a markdown table. PyTorch's MTA needs
+T x T tensors per layer: on out-of-memory the batch is halved (reported). --device cpu runs a smoke
+test of the PyTorch side without compile or SDPA.
+"""
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "oracle"))
+import model_torch as mtm  # noqa: E402
+
+PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16, the denominator of MFU on both sides
+
+
+def flops_per_token(m, n_params, T):
+    """PaLM's count, as `mta bench train`: 6 x non-embedding params + 6 V C (tied output) + 12 L C T."""
+    V, C, L = m["vocab_size"], m["dim"], m["n_layers"]
+    return 6.0 * (n_params - V * C) + 6.0 * V * C + 12.0 * L * C * T
+
+
+def bench_mta(binary, cfg_path, B, T, steps, device):
+    out = subprocess.run([binary, "bench", "train", cfg_path, "--device", device, "--batch", str(B), "--seq", str(T),
+                          "--steps", str(steps)], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def bench_torch(cfg, B, T, steps, warmup, device, compile_model):
+    m, tr = cfg["model"], cfg["train"]
+    torch.manual_seed(0)
+    params = {n: p.to(device).requires_grad_(True) for n, p in mtm.init_params(m, None, torch.float32).items()}
+    shapes = mtm.param_shapes(m)
+    groups = [{"params": [p for n, p in params.items() if shapes[n][1]], "weight_decay": float(tr.get("weight_decay", 0))},
+              {"params": [p for n, p in params.items() if not shapes[n][1]], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=float(tr["lr"]), betas=(float(tr.get("beta1", 0.9)), float(tr.get("beta2", 0.95))),
+                            eps=float(tr.get("eps", 1e-8)), **({"fused": True} if device == "cuda" else {}))
+    V = int(m["vocab_size"])
+    inputs = torch.randint(0, V, (B, T), device=device)
+    targets = torch.randint(0, V, (B, T), device=device)
+    weights = torch.ones(B, T, device=device)
+
+    def loss_of(inp, tgt, w):
+        return mtm.loss_fn(m, params, inp, tgt, w, training=False)
+
+    fn = torch.compile(loss_of) if compile_model else loss_of
+
+    def step():
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = fn(inputs, targets, weights)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), float(tr.get("grad_clip", 1.0)))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    n_params = sum(p.numel() for p in params.values())
+    tok_s = B * T / statistics.median(times)
+    return tok_s, n_params
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mta", default=str(ROOT / ".device" / "mta"))
+    ap.add_argument("--configs", default=",".join(str(ROOT / "configs" / "bench" / f"lm-{s}-{k}.json")
+                                                  for s in ("125m", "350m") for k in ("transformer", "mta")))
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args()
+    on_gpu = args.device == "cuda"
+    mtm.USE_SDPA = on_gpu and hasattr(torch.nn.functional, "scaled_dot_product_attention")
+    print(f"# training throughput, {torch.cuda.get_device_name() if on_gpu else 'cpu'}, torch {torch.__version__}, "
+          f"T={args.seq}, median of {args.steps} steps after {args.warmup}")
+    print("| config | params | batch (mta / torch) | mta tok/s | mta MFU | torch tok/s | torch MFU | mta / torch |")
+    print("|---|---|---|---|---|---|---|---|")
+    for path in args.configs.split(","):
+        cfg = json.loads(pathlib.Path(path).read_text())
+        mj = bench_mta(args.mta, path, args.batch, args.seq, args.steps, args.device)
+        B, torch_res = args.batch, None
+        while B >= 1 and torch_res is None:
+            try:
+                torch_res = bench_torch(cfg, B, args.seq, args.steps, args.warmup, args.device,
+                                        on_gpu and not args.no_compile)
+            except torch.cuda.OutOfMemoryError if on_gpu else MemoryError:
+                torch.cuda.empty_cache()
+                B //= 2
+        name = pathlib.Path(path).stem
+        if torch_res is None:
+            print(f"| {name} | {mj['params']:,} | {args.batch} / OOM at 1 | {mj['tokens_per_s']:,.0f} | "
+                  f"{mj.get('mfu', 0):.1%} | OOM | - | - |", flush=True)
+            continue
+        tok_s, n_params = torch_res
+        mfu = flops_per_token(cfg["model"], n_params, args.seq) * tok_s / (PEAK_TFLOPS * 1e12)
+        print(f"| {name} | {mj['params']:,} | {args.batch} / {B} | {mj['tokens_per_s']:,.0f} | {mj.get('mfu', 0):.1%} | "
+              f"{tok_s:,.0f} | {mfu:.1%} | {mj['tokens_per_s'] / tok_s:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
