@@ -88,4 +88,8 @@ Pointers attn_pointers(Lookup&& lookup) {
 
 constexpr double kGroupNormEps = 1e-5;
 
+// The checks every backend makes before any work: a valid spec, and tensors whose heads and head
+// dim match it (InputError otherwise).
+void check_attention_args(const AttentionSpec& spec, const AttnDims& dims);
+
 }  // namespace mta

@@ -292,20 +292,6 @@ void unit_scores(const AttentionSpec& spec, const AttnDims& dims, const T* q, co
   }
 }
 
-template <typename T>
-void check_args(const AttentionSpec& spec, const AttnDims& dims) {
-  spec.validate();
-  if (dims.B < 1 || dims.T < 1) throw InputError("attention: B and T must be at least 1");
-  if (dims.H != spec.heads)
-    throw InputError("attention: tensors have " + std::to_string(dims.H) + " heads, spec.heads = " +
-                     std::to_string(spec.heads));
-  if (dims.D != spec.head_dim)
-    throw InputError("attention: tensors have head dim " + std::to_string(dims.D) + ", spec.head_dim = " +
-                     std::to_string(spec.head_dim));
-  if (dims.dv() != dims.D && (spec.norm || spec.gate))
-    throw InputError("attention: a value dim different from the key dim is not supported with norm or gate");
-}
-
 // The attention weights that multiply V: A3, or with dropout a copy of A3 with dropped entries zeroed
 // and kept ones scaled by 1/(1-p).
 template <typename T>
@@ -325,7 +311,7 @@ const T* weights_for_values(const T* a3, std::vector<T>& scratch, const AttnOpti
 template <typename T>
 void mta_forward(const AttentionSpec& spec, const AttnDims& dims, const T* q, const T* k, const T* v,
                  const AttnParams<T>& p, T* out, const AttnOptions& opt) {
-  check_args<T>(spec, dims);
+  check_attention_args(spec, dims);
   const int G = spec.coupled_heads(), n = dims.T, Dv = dims.dv();
   const int units = dims.B * (dims.H / G);
   const long long hsv = static_cast<long long>(n) * Dv;
@@ -359,7 +345,7 @@ template <typename T>
 void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, const T* k, const T* v,
                   const AttnParams<T>& p, const T* dout, T* dq, T* dk, T* dv, const AttnParamGrads<T>& grads,
                   const AttnOptions& opt) {
-  check_args<T>(spec, dims);
+  check_attention_args(spec, dims);
   const int G = spec.coupled_heads(), n = dims.T, D = dims.D, Dv = dims.dv(), H = dims.H;
   const int units = dims.B * (H / G);
   const long long hs = static_cast<long long>(n) * D, hsv = static_cast<long long>(n) * Dv;

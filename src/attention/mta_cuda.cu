@@ -546,19 +546,6 @@ void gemm_rm(cublasHandle_t h, bool ta, bool tb, int M, int N, int K, T alpha, c
                                        &alpha, B, ldb, sB, A, lda, sA, &beta, C, ldc, sC, batch));
 }
 
-// The same argument checks as the CPU reference.
-void check_args(const AttentionSpec& spec, const AttnDims& dims) {
-  spec.validate();
-  if (dims.B < 1 || dims.T < 1) throw InputError("attention: B and T must be at least 1");
-  if (dims.H != spec.heads)
-    throw InputError("attention: tensors have " + std::to_string(dims.H) + " heads, spec.heads = " +
-                     std::to_string(spec.heads));
-  if (dims.D != spec.head_dim)
-    throw InputError("attention: tensors have head dim " + std::to_string(dims.D) + ", spec.head_dim = " +
-                     std::to_string(spec.head_dim));
-  if (dims.dv() != dims.D && (spec.norm || spec.gate))
-    throw InputError("attention: a value dim different from the key dim is not supported with norm or gate");
-}
 
 bool epilogue_enabled(const AttentionSpec& s) { return s.norm || s.depth_scale_layer || s.gate; }
 
@@ -766,7 +753,7 @@ int device_count() {
 template <typename T>
 void mta_forward(const AttentionSpec& spec, const AttnDims& dims, const T* q, const T* k, const T* v,
                  const AttnParams<T>& params, T* out, const AttnOptions& opt, cudaStream_t stream) {
-  check_args(spec, dims);
+  check_attention_args(spec, dims);
   require_device();
   clear_stale_error();
   int device = 0;
@@ -788,7 +775,7 @@ template <typename T>
 void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, const T* k, const T* v,
                   const AttnParams<T>& p, const T* dout, T* dq, T* dk, T* dv, const AttnParamGrads<T>& grads,
                   const AttnOptions& opt, cudaStream_t stream) {
-  check_args(spec, dims);
+  check_attention_args(spec, dims);
   auto need = [](bool on, const T* ptr, const char* name) {
     if (on && !ptr) throw std::invalid_argument(std::string("mta_backward: missing gradient buffer for ") + name);
   };

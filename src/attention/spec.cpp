@@ -1,5 +1,7 @@
 #include "attention/spec.h"
 
+#include "attention/attention_op.h"
+
 #include <cmath>
 #include <nlohmann/json.hpp>
 #include <numeric>
@@ -138,6 +140,19 @@ json spec_to_json(const AttentionSpec& s) {
 }
 
 AttentionSpec load_spec_file(const std::string& path) { return spec_from_json(load_json_file(path, "spec file"), "spec"); }
+
+void check_attention_args(const AttentionSpec& spec, const AttnDims& dims) {
+  spec.validate();
+  if (dims.B < 1 || dims.T < 1) throw InputError("attention: B and T must be at least 1");
+  if (dims.H != spec.heads)
+    throw InputError("attention: tensors have " + std::to_string(dims.H) + " heads, spec.heads = " +
+                     std::to_string(spec.heads));
+  if (dims.D != spec.head_dim)
+    throw InputError("attention: tensors have head dim " + std::to_string(dims.D) + ", spec.head_dim = " +
+                     std::to_string(spec.head_dim));
+  if (dims.dv() != dims.D && (spec.norm || spec.gate))
+    throw InputError("attention: a value dim different from the key dim is not supported with norm or gate");
+}
 
 std::vector<AttentionParamInfo> attention_params(const AttentionSpec& s) {
   std::vector<AttentionParamInfo> p;
