@@ -69,9 +69,10 @@ int run_bench_train() {
     model->optimizer_step(cfg.train.adamw, cfg.train.lr.lr, s + 1);
   };
   for (int s = 0; s < o.warmup; ++s) step(s);
+  model->synchronize();
   const auto t0 = std::chrono::steady_clock::now();
   for (int s = 0; s < o.steps; ++s) step(o.warmup + s);
-  model->get_grads();  // waits for the last optimizer step
+  model->synchronize();  // the last optimizer step has finished
   const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const double tok_s = static_cast<double>(B) * T * o.steps / sec;
   // Model FLOPs per token (PaLM's convention, causal attention not halved): 6 x (parameters

@@ -13,6 +13,8 @@ Runner add_train_command(CLI::App& app) {
     std::string config, out_dir;
     bool resume = false;
     long long steps = 0;
+    long long seed = -1;
+    double time_limit = 0;
     int threads = 0;
     std::string device;
   };
@@ -23,13 +25,18 @@ Runner add_train_command(CLI::App& app) {
   cmd->add_option("--steps", o->steps, "override train.steps");
   cmd->add_option("--threads", o->threads, "override train.threads");
   cmd->add_option("--device", o->device, "override train.device (cpu or cuda)");
+  cmd->add_option("--seed", o->seed, "override the config's seed (weights, data and dropout)")->check(CLI::Range(0LL, 1LL << 62));
+  cmd->add_option("--time-limit", o->time_limit,
+                  "stop after this many minutes of training, then evaluate and checkpoint (--resume continues)")
+      ->check(CLI::NonNegativeNumber);
   return [o]() {
     TrainConfig cfg = load_train_config(o->config);
+    if (o->seed >= 0) cfg.seed = static_cast<uint64_t>(o->seed), cfg.source["seed"] = o->seed;
     if (!o->device.empty()) cfg.train.device = o->device;
     if (!o->out_dir.empty()) cfg.out_dir = o->out_dir;
     if (o->steps > 0) cfg.train.steps = cfg.train.lr.total_steps = o->steps, cfg.source["train"]["steps"] = o->steps;
     if (o->threads > 0) cfg.train.threads = o->threads;
-    TrainResult r = train(cfg, TrainOptions{o->resume, false});
+    TrainResult r = train(cfg, TrainOptions{o->resume, false, o->time_limit});
     if (r.interrupted) return 130;  // the conventional status of a run stopped by a signal
     std::printf("[%s] done: %lld steps in %s, final eval %s\n", cfg.name.c_str(), r.steps,
                 human_duration(r.seconds).c_str(), r.eval.dump().c_str());

@@ -23,6 +23,7 @@
 #include "cuda/check.h"
 #include "cuda/gemm.h"
 #include "cuda/layers.h"
+#include "cuda/phase_timer.h"
 #include "model/layer_naming.h"
 #include "model/trainable.h"
 #include "util/error.h"
@@ -180,6 +181,7 @@ class CudaModel : public TrainableModel {
 
   double clip_grad_norm(double max_norm) override {
     const long long n = static_cast<long long>(layout().total());
+    prof_.begin(stream_);
     scratch_d_.resize(cuda::sum_squares_scratch_doubles(n) + 1);
     cuda::sum_squares(g32_.get(), n, scratch_d_.get(), scratch_d_.get() + 1, stream_);
     double ss = 0;
@@ -187,6 +189,7 @@ class CudaModel : public TrainableModel {
     CK(cudaStreamSynchronize(stream_));
     const double norm = std::sqrt(ss);
     if (max_norm > 0 && norm > max_norm) cuda::scale(g32_.get(), n, static_cast<float>(max_norm / (norm + 1e-6)), stream_);
+    prof_.mark("clip_grad_norm", stream_);
     return norm;
   }
 
@@ -196,6 +199,8 @@ class CudaModel : public TrainableModel {
     cuda::adamw_update(p32_.get(), p16_.get(), g32_.get(), m_.get(), v_.get(), decay_.get(),
                        static_cast<long long>(layout().total()), lr, static_cast<float>(c.beta1),
                        static_cast<float>(c.beta2), static_cast<float>(c.eps), c.weight_decay, bc1, bc2, stream_);
+    prof_.mark("adamw", stream_);
+    prof_.collect();
   }
 
   void get_state(std::vector<float>* p, std::vector<float>* m, std::vector<float>* v) override {
@@ -214,6 +219,8 @@ class CudaModel : public TrainableModel {
     if (v) CK(cudaMemcpyAsync(v_.get(), v->data(), v->size() * sizeof(float), cudaMemcpyHostToDevice, stream_));
     CK(cudaStreamSynchronize(stream_));
   }
+
+  void synchronize() override { CK(cudaStreamSynchronize(stream_)); }
 
   std::vector<float> get_grads() override {
     std::vector<float> g(g32_.size());
@@ -444,12 +451,15 @@ class CudaModel : public TrainableModel {
     cuda::gemm_bf16(false, true, N, C, C, 1.0f, L.xn1.get(), C, P16l(l, "attention.wv.weight"), C, 0.0f, t16, C, stream_);
     const int Hv = c.attention == AttentionKind::Diff ? H / 2 : H;
     cuda::to_heads(t16, L.v.get(), B_, T_, Hv, C / Hv, false, 0.0, stream_);
+    prof_.mark("fwd.norm+qkv", stream_);
     attention_forward(l, L, train, seed);
+    prof_.mark("fwd.attention", stream_);
     if (c.attention != AttentionKind::Diff) cuda::from_heads(L.att.get(), L.a_flat.get(), B_, T_, H, d, false, 0.0, stream_);
     float* t32 = tmp32_.get();
     cuda::gemm_bf16(false, true, N, C, C, 1.0f, L.a_flat.get(), C, P16l(l, "attention.wo.weight"), C, 0.0f, t32, C, stream_);
     cuda::residual_dropout_forward(L.x_in.get(), t32, L.x_mid.get(), NC, train ? c.dropout : 0.0f,
                                    site_seed(seed, l, kDropAttnOut), stream_);
+    prof_.mark("fwd.wo+residual", stream_);
     cuda::rmsnorm_forward(L.x_mid.get(), Pl(l, "ffn_norm.weight"), L.xn2.get(), L.rstd2.get(), N, C, eps, stream_);
     cuda::gemm_bf16(false, true, N, F, C, 1.0f, L.xn2.get(), C, P16l(l, "feed_forward.w1.weight"), C, 0.0f, L.h1.get(), F, stream_);
     cuda::gemm_bf16(false, true, N, F, C, 1.0f, L.xn2.get(), C, P16l(l, "feed_forward.w3.weight"), C, 0.0f, L.h3.get(), F, stream_);
@@ -458,6 +468,7 @@ class CudaModel : public TrainableModel {
     float* out = l + 1 < c.n_layers ? layers_[l + 1].x_in.get() : x_final_.get();
     cuda::residual_dropout_forward(L.x_mid.get(), t32, out, NC, train ? c.dropout : 0.0f, site_seed(seed, l, kDropFfnOut),
                                    stream_);
+    prof_.mark("fwd.norm+ffn", stream_);
   }
 
   void layer_backward(int l, bool train, uint64_t seed) {
@@ -485,13 +496,16 @@ class CudaModel : public TrainableModel {
     cuda::cast_to_bf16(dxn32, dxn, NC, stream_);
     cuda::rmsnorm_backward(dxn, L.x_mid.get(), Pl(l, "ffn_norm.weight"), L.rstd2.get(), dx, Gl(l, "ffn_norm.weight"),
                            rms_scratch_.get(), N, C, stream_);
+    prof_.mark("bwd.norm+ffn", stream_);
     // Attention; dx now holds d(x_mid) = d(x_in) through the residual.
     cuda::dropout_to_bf16(dx, dy, NC, train ? c.dropout : 0.0f, site_seed(seed, l, kDropAttnOut), stream_);
     bf16* da = tmp16b_.get();
     cuda::gemm_bf16(false, false, N, C, C, 1.0f, dy, C, P16l(l, "attention.wo.weight"), C, 0.0f, da, C, stream_);
     cuda::gemm_bf16(true, false, C, C, N, 1.0f, dy, C, L.a_flat.get(), C, 1.0f, Gl(l, "attention.wo.weight"), C, stream_);
     dqh_.resize(NC), dkh_.resize(NC), dvh_.resize(NC);
+    prof_.mark("bwd.wo", stream_);
     attention_backward(l, L, da, dqh_.get(), dkh_.get(), dvh_.get(), train, seed);
+    prof_.mark("bwd.attention", stream_);
     bf16* flat = tmp16_.get();
     const int Hv = c.attention == AttentionKind::Diff ? H / 2 : H;
     cuda::from_heads(dqh_.get(), flat, B_, T_, H, d, true, c.rope_theta, stream_);
@@ -506,6 +520,7 @@ class CudaModel : public TrainableModel {
     cuda::cast_to_bf16(dxn32, dxn, NC, stream_);
     cuda::rmsnorm_backward(dxn, L.x_in.get(), Pl(l, "attention_norm.weight"), L.rstd1.get(), dx,
                            Gl(l, "attention_norm.weight"), rms_scratch_.get(), N, C, stream_);
+    prof_.mark("bwd.qkv+norm", stream_);
   }
 
   LossStats run(const Batch& batch, bool backward, float grad_scale, bool train, uint64_t seed,
@@ -516,15 +531,18 @@ class CudaModel : public TrainableModel {
     ensure_acts(B, T);
     ensure_op_buffers(train);
     const int N = B * T;
+    prof_.begin(stream_);
     CK(cudaMemcpyAsync(tokens_.get(), batch.inputs.data(), N * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
     CK(cudaMemcpyAsync(targets_.get(), batch.targets.data(), N * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
     CK(cudaMemcpyAsync(weights_.get(), batch.weights.data(), N * sizeof(float), cudaMemcpyHostToDevice, stream_));
     cuda::embedding_forward(tokens_.get(), P("tok_embeddings.weight"), layers_[0].x_in.get(), N, C, stream_);
+    prof_.mark("fwd.embedding", stream_);
     for (int l = 0; l < c.n_layers; ++l) layer_forward(l, train, seed);
     cuda::rmsnorm_forward(x_final_.get(), P("norm.weight"), xf_.get(), rstdf_.get(), N, C,
                           static_cast<float>(c.norm_eps), stream_);
     // Output layer and cross-entropy in row chunks (no [N, V] logits).
-    const int R = std::max(1, std::min(N, static_cast<int>((64LL << 20) / (static_cast<long long>(V) * 4))));
+    // 256 MB of fp32 logits per chunk: few, large matrix products (M >= 2048 rows at V = 32000).
+    const int R = std::max(1, std::min(N, static_cast<int>((256LL << 20) / (static_cast<long long>(V) * 4))));
     logits_.resize(static_cast<size_t>(R) * V), dlogits_.resize(static_cast<size_t>(R) * V);
     float* dxf32 = tmp32b_.get();
     for (int r0 = 0; r0 < N; r0 += R) {
@@ -540,6 +558,7 @@ class CudaModel : public TrainableModel {
                         1.0f, G("tok_embeddings.weight"), C, stream_);
       }
     }
+    prof_.mark(backward ? "output+cross_entropy (f+b)" : "output+cross_entropy", stream_);
     std::vector<float> losses(N);
     CK(cudaMemcpyAsync(losses.data(), row_loss_.get(), N * sizeof(float), cudaMemcpyDeviceToHost, stream_));
     if (argmax) {
@@ -555,13 +574,16 @@ class CudaModel : public TrainableModel {
                              rms_scratch_.get(), N, C, stream_);
       for (int l = c.n_layers - 1; l >= 0; --l) layer_backward(l, train, seed);
       cuda::embedding_backward(tokens_.get(), dx_.get(), G("tok_embeddings.weight"), N, C, stream_);
+      prof_.mark("bwd.embedding", stream_);
     }
     CK(cudaStreamSynchronize(stream_));
+    prof_.collect();
     LossStats st;
     for (int i = 0; i < N; ++i) st.loss_sum += losses[i], st.weight_sum += batch.weights[i];
     return st;
   }
 
+  cuda::PhaseTimer prof_;  // MTA_CUDA_PROFILE=1: device time by phase
   Model host_;  // configuration, layout, initialisation and batch validation (its buffers stay unused)
   cudaStream_t stream_ = nullptr;
   DevBuf<float> p32_, g32_, m_, v_;

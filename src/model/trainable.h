@@ -30,6 +30,9 @@ class TrainableModel {
   // One AdamW step (step counts from 1).
   virtual void optimizer_step(const AdamWConfig& cfg, double lr, long long step) = 0;
 
+  // Waits until the device has finished all work queued so far (benchmarks time whole steps with it).
+  virtual void synchronize() {}
+
   // Host copy of the gradients (tests compare devices with it).
   virtual std::vector<float> get_grads() = 0;
   // Host copies of weights and AdamW moments (layout().total() floats each), for checkpoints.

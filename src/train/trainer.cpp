@@ -124,7 +124,8 @@ TrainResult train(const TrainConfig& cfg, const TrainOptions& opt) {
     if (!opt.quiet) std::printf("[%s] eval at step %lld: %s\n", cfg.name.c_str(), state.step, e.dump().c_str());
   };
 
-  while (state.step < s.steps && !g_stop) {
+  bool out_of_time = false;
+  while (state.step < s.steps && !g_stop && !out_of_time) {
     model.zero_grads();
     std::vector<Batch> batches;
     double weight = 0;
@@ -149,8 +150,10 @@ TrainResult train(const TrainConfig& cfg, const TrainOptions& opt) {
     window_loss += loss, window_steps += 1;
 
     const auto now = std::chrono::steady_clock::now();
+    out_of_time = opt.time_limit_minutes > 0 &&
+                  std::chrono::duration<double>(now - t0).count() >= 60.0 * opt.time_limit_minutes;
     // The first step of an invocation is always reported: on a slow machine it shows the run is alive.
-    if (state.step % s.log_every == 0 || state.step == s.steps || state.step == first_step + 1) {
+    if (state.step % s.log_every == 0 || state.step == s.steps || state.step == first_step + 1 || out_of_time) {
       const double elapsed = std::chrono::duration<double>(now - t0).count();
       const double win = std::chrono::duration<double>(now - window_start).count();
       const double tok_s = tokens_per_step * window_steps / std::max(win, 1e-9);
@@ -175,7 +178,10 @@ TrainResult train(const TrainConfig& cfg, const TrainOptions& opt) {
       last_checkpoint = std::chrono::steady_clock::now();
     }
   }
-  if (state.step >= s.steps && state.step > first_step) do_eval();
+  if (out_of_time && !g_stop && !opt.quiet)
+    std::printf("[%s] time limit of %g minutes reached at step %lld\n", cfg.name.c_str(), opt.time_limit_minutes,
+                state.step);
+  if ((state.step >= s.steps || (out_of_time && !g_stop)) && state.step > first_step) do_eval();
   save_checkpoint(ckpt, state, model, true);
   std::signal(SIGINT, old_int);
   std::signal(SIGTERM, old_term);

@@ -11,6 +11,10 @@ namespace mta {
 struct TrainOptions {
   bool resume = false;   // continue from out_dir/checkpoint.safetensors when it exists
   bool quiet = false;    // no progress lines
+  // Wall-clock budget of this invocation in minutes (0: none). When it is spent the run stops after the
+  // current step, evaluates and checkpoints, as if train.steps had been reached there: a GPU budget
+  // decides the step count, not a guess of the step rate. --resume continues toward train.steps.
+  double time_limit_minutes = 0;
 };
 
 struct TrainResult {
