@@ -13,5 +13,6 @@ Runner add_train_command(CLI::App& app);
 Runner add_eval_command(CLI::App& app);
 Runner add_compare_command(CLI::App& app);
 Runner add_bench_command(CLI::App& app);
+Runner add_generate_command(CLI::App& app);
 
 }  // namespace mta::cli

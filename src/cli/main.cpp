@@ -36,6 +36,7 @@ int main(int argc, char** argv) {
   add(mta::cli::add_train_command);
   add(mta::cli::add_eval_command);
   add(mta::cli::add_compare_command);
+  add(mta::cli::add_generate_command);
   add(mta::cli::add_attn_command);
   add(mta::cli::add_bench_command);
 

@@ -66,13 +66,13 @@ void rmsnorm_backward(const T* dy, const T* x, const T* w, const T* rstd, T* dx_
 }
 
 template <typename T>
-void rope_apply(T* x, int B, int H, int seq, int d, double theta, bool inverse) {
+void rope_apply(T* x, int B, int H, int seq, int d, double theta, bool inverse, int pos0) {
   const int half = d / 2;
   // cos / sin of t * theta^(-2i/d), computed once per call in double (then rounded), not per head.
   std::vector<T> cs(static_cast<size_t>(seq) * half), sn(cs.size());
   for (int t = 0; t < seq; ++t)
     for (int i = 0; i < half; ++i) {
-      const double ang = t * std::pow(theta, -2.0 * i / d);
+      const double ang = static_cast<double>(pos0 + t) * std::pow(theta, -2.0 * i / d);
       cs[static_cast<size_t>(t) * half + i] = static_cast<T>(std::cos(ang));
       sn[static_cast<size_t>(t) * half + i] = static_cast<T>(inverse ? -std::sin(ang) : std::sin(ang));
     }
@@ -147,7 +147,7 @@ void dropout_apply(T* x, long long n, float p, uint64_t seed) {
   template void linear_backward<T>(const T*, const T*, const T*, T*, T*, int, int, int, bool);             \
   template void rmsnorm_forward<T>(const T*, const T*, T*, T*, int, int, T);                               \
   template void rmsnorm_backward<T>(const T*, const T*, const T*, const T*, T*, T*, int, int);             \
-  template void rope_apply<T>(T*, int, int, int, int, double, bool);                                       \
+  template void rope_apply<T>(T*, int, int, int, int, double, bool, int);                                  \
   template void swiglu_forward<T>(const T*, const T*, T*, long long);                                      \
   template void swiglu_backward<T>(const T*, const T*, const T*, T*, T*, long long);                       \
   template void to_heads<T>(const T*, T*, int, int, int, int);                                             \

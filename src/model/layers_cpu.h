@@ -24,8 +24,10 @@ void rmsnorm_backward(const T* dy, const T* x, const T* w, const T* rstd, T* dx_
 
 // Rotary position embedding on [B, H, T, d] in place, interleaved pairs (x[2i], x[2i+1]) rotated by
 // t * theta^(-2i/d) (Llama / Lingua convention). inverse = true applies the transpose (backward).
+// Row t of each head sits at position pos0 + t (incremental decoding rotates a new token at its
+// place in the sequence).
 template <typename T>
-void rope_apply(T* x, int B, int H, int seq, int d, double theta, bool inverse);
+void rope_apply(T* x, int B, int H, int seq, int d, double theta, bool inverse, int pos0 = 0);
 
 // g = silu(a) * b; backward gives da, db (overwritten).
 template <typename T>

@@ -119,6 +119,9 @@ LossStats ModelT<T>::forward(const Batch& batch, std::vector<int32_t>* argmax) {
 }
 
 template <typename T>
+const std::vector<T>& ModelT<T>::final_hidden() const { return acts_->xf; }
+
+template <typename T>
 LossStats ModelT<T>::forward_backward(const Batch& batch, T grad_scale, bool train, uint64_t dropout_seed) {
   return run(batch, true, grad_scale, train, dropout_seed, nullptr);
 }

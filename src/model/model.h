@@ -55,6 +55,9 @@ class ModelT {
   void check_batch(const Batch& batch) const;
   // Forward only (no dropout). If argmax is given it receives the most likely token per position.
   LossStats forward(const Batch& batch, std::vector<int32_t>* argmax = nullptr);
+  // After a forward pass: the hidden states after the final RMSNorm, [B*T, dim], which the tied
+  // output layer maps to logits (generation without a cache takes the last row's).
+  const std::vector<T>& final_hidden() const;
 
  private:
   struct Acts;

@@ -1,6 +1,9 @@
 // The toy block task as a training Task: loss on the label tokens only; evaluation by greedy
-// decoding of the label on the held-out (test) stream.
+// decoding of the label on the held-out (test) stream; text is one character per token.
 #include <omp.h>
+
+#include <algorithm>
+#include <cstdio>
 
 #include "tasks/blocks_task.h"
 #include "tasks/task.h"
@@ -9,6 +12,20 @@
 
 namespace mta {
 namespace {
+
+// The character at text[pos] for an error message: printable ASCII quoted, a UTF-8 sequence quoted
+// whole, anything else as its byte value.
+std::string describe_char(const std::string& text, size_t pos) {
+  const unsigned char c = static_cast<unsigned char>(text[pos]);
+  if (c >= 0x20 && c < 0x7f) return std::string("'") + text[pos] + "'";
+  const int len = c >= 0xf0 && c < 0xf8 ? 4 : c >= 0xe0 ? 3 : c >= 0xc0 ? 2 : 1;
+  bool utf8 = len > 1 && pos + len <= text.size() && c < 0xf8;
+  for (int i = 1; utf8 && i < len; ++i) utf8 = (static_cast<unsigned char>(text[pos + i]) & 0xc0) == 0x80;
+  if (utf8) return "'" + text.substr(pos, len) + "'";
+  char buf[16];
+  std::snprintf(buf, sizeof buf, "byte 0x%02x", c);
+  return buf;
+}
 
 class BlocksData : public Task {
  public:
@@ -20,6 +37,34 @@ class BlocksData : public Task {
   std::string primary_metric() const override { return "error_rate"; }
 
   Batch train_batch(uint64_t first, int count) const override { return batch(tasks::Stream::Train, first, count); }
+
+  // The prompt laid out as training examples are: BOS, the left padding of an example, then the
+  // characters, so that a prompt of the configured number of blocks ending in '#' and the query
+  // letters puts the label where training put it. Text starting with '^' (BOS) is taken verbatim.
+  std::vector<int32_t> encode(const std::string& text) const override {
+    std::vector<int32_t> ids;
+    const bool verbatim = !text.empty() && text[0] == '^';
+    if (!verbatim) {
+      const long long pad = static_cast<long long>(task_.config().length) - task_.label_len() -
+                            static_cast<long long>(text.size());
+      ids.push_back(tasks::kBos);
+      ids.insert(ids.end(), static_cast<size_t>(std::max(0LL, pad)), tasks::kPad);
+    }
+    for (size_t i = 0; i < text.size(); ++i) {
+      const int32_t id = tasks::char_token(text[i]);
+      if (id < 0)
+        throw InputError("blocks task: character " + describe_char(text, i) + " at position " + std::to_string(i) +
+                         " is not in its alphabet (a-z, '.', '#', '_' padding, '^' BOS)");
+      ids.push_back(id);
+    }
+    return ids;
+  }
+
+  std::string decode(const std::vector<int32_t>& ids) const override {
+    std::string s;
+    for (int32_t id : ids) s += tasks::token_char(id);
+    return s;
+  }
 
   // Greedy decoding of the label, computed with one teacher-forced pass: the label is decoded
   // correctly iff at every label position the argmax equals the true token given the true prefix

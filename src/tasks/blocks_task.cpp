@@ -220,4 +220,13 @@ char token_char(int32_t t) {
   return '?';
 }
 
+int32_t char_token(char c) {
+  if (c == '_') return kPad;
+  if (c == '^') return kBos;
+  if (c == '.') return kDot;
+  if (c == '#') return kHash;
+  if (c >= 'a' && c <= 'z') return letter_token(c);
+  return -1;
+}
+
 }  // namespace mta::tasks

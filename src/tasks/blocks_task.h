@@ -50,6 +50,7 @@ class BlocksTask {
 
 std::string variant_name(BlocksVariant v);
 BlocksVariant parse_variant(const std::string& s);  // "all" | "first" | "last", InputError otherwise
-char token_char(int32_t t);                          // '_' PAD, '^' BOS, '.', '#', 'a'..'z'
+char token_char(int32_t t);                          // '_' PAD, '^' BOS, '.', '#', 'a'..'z'; '?' otherwise
+int32_t char_token(char c);                          // the inverse of token_char; -1 for any other character
 
 }  // namespace mta::tasks
