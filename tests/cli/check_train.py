@@ -101,6 +101,35 @@ def resume_case(mta, tmp, name, attention, train_overrides=None):
     check(f"{name}: mta eval reproduces the final evaluation", ok, r.stdout + r.stderr)
 
 
+def time_limit_case(mta, tmp):
+    """--time-limit stops early with an evaluation and a checkpoint; --resume then finishes the run
+    with the losses of an uninterrupted one; --seed changes the run."""
+    cfg = tiny_config(tmp / "tl-full", {"type": "standard"}, steps=400)
+    cfg["train"].update(checkpoint_every=0, eval_every=0, log_every=1)
+    full = write(tmp / "tl-full.json", cfg)
+    r = run(mta, ["train", full])
+    check("time-limit: reference run", r.returncode == 0, r.stderr)
+    cfg["out_dir"] = str(tmp / "tl-cut")
+    cut = write(tmp / "tl-cut.json", cfg)
+    r = run(mta, ["train", cut, "--time-limit", "0.002"])  # 0.12 s: far fewer than 400 steps
+    ref_losses, _ = losses(tmp / "tl-full")
+    cut_losses, cut_evals = losses(tmp / "tl-cut")
+    stopped = cut_losses[-1][0] if cut_losses else 0
+    check("time-limit: stops early, evaluates, says so",
+          r.returncode == 0 and 0 < stopped < 400 and cut_evals and cut_evals[-1][0] == stopped
+          and "time limit" in r.stdout, f"rc {r.returncode}, stopped at {stopped}, {r.stdout[-300:]} {r.stderr}")
+    r = run(mta, ["train", cut, "--resume"])
+    res_losses, _ = losses(tmp / "tl-cut")
+    check("time-limit: --resume finishes with the uninterrupted losses",
+          r.returncode == 0 and [x for x in res_losses if x[0] > stopped] == [x for x in ref_losses if x[0] > stopped],
+          r.stderr)
+    cfg["out_dir"] = str(tmp / "tl-seed")
+    cfg["train"]["steps"] = 3
+    r = run(mta, ["train", write(tmp / "tl-seed.json", cfg), "--seed", "8"])
+    seed_losses, _ = losses(tmp / "tl-seed")
+    check("--seed changes the run", r.returncode == 0 and seed_losses[0][1] != ref_losses[0][1], r.stderr)
+
+
 def refusal(mta, tmp, label, args, needle):
     out_dir = tmp / "refused"
     r = run(mta, args)
@@ -121,6 +150,7 @@ def main():
         resume_case(mta, tmp, "diff", {"type": "diff"})
         # Checkpoints by wall time only (train.checkpoint_minutes), as the paper-size configs also do.
         resume_case(mta, tmp, "by-time", {"type": "standard"}, {"checkpoint_every": 0, "checkpoint_minutes": 0.001})
+        time_limit_case(mta, tmp)
 
         def cfg_with(path, mutate):
             c = tiny_config(tmp / "refused", {"type": "standard"})
