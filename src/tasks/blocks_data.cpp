@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include "tasks/blocks_task.h"
+#include "tasks/lm_task.h"
 #include "tasks/task.h"
 #include "util/error.h"
 #include "util/json_fields.h"
@@ -20,6 +21,30 @@ class BlocksData : public Task {
   std::string primary_metric() const override { return "error_rate"; }
 
   Batch train_batch(uint64_t first, int count) const override { return batch(tasks::Stream::Train, first, count); }
+
+  // One token per character, as examples are displayed: '_' PAD, '^' BOS, '.', '#', 'a'..'z'.
+  std::vector<int32_t> encode(const std::string& text) const override {
+    std::vector<int32_t> ids;
+    for (char c : text) {
+      int32_t id = -1;
+      for (int32_t t = 0; t < tasks::kBlocksVocab; ++t)
+        if (tasks::token_char(t) == c) id = t;
+      if (id < 0)
+        throw InputError(std::string("blocks task: character '") + c + "' is not in its vocabulary (a-z . # _ ^)");
+      ids.push_back(id);
+    }
+    return ids;
+  }
+  std::string decode(const std::vector<int32_t>& ids) const override {
+    std::string text;
+    for (int32_t id : ids) {
+      if (id < 0 || id >= tasks::kBlocksVocab)
+        throw InputError("blocks task: token id " + std::to_string(id) + " is outside its vocabulary [0, " +
+                         std::to_string(tasks::kBlocksVocab) + ")");
+      text += tasks::token_char(id);
+    }
+    return text;
+  }
 
   // Greedy decoding of the label, computed with one teacher-forced pass: the label is decoded
   // correctly iff at every label position the argmax equals the true token given the true prefix
@@ -85,7 +110,8 @@ std::unique_ptr<Task> make_task(const nlohmann::json& j, uint64_t seed) {
     r.finish();
     return std::make_unique<BlocksData>(c, seed);
   }
-  throw InputError("task.name: unknown task \"" + name + "\" (known: blocks)");
+  if (name == "lm") return make_lm_task(j, seed);
+  throw InputError("task.name: unknown task \"" + name + "\" (known: blocks, lm)");
 }
 
 }  // namespace mta

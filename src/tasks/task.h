@@ -6,6 +6,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 #include "model/trainable.h"
 
@@ -23,6 +24,10 @@ class Task {
   virtual nlohmann::json evaluate(TrainableModel& model, int examples, int batch_size) const = 0;
   // The metric the comparison table reports, lower is better ("error_rate", "ppl").
   virtual std::string primary_metric() const = 0;
+  // Text <-> the task's token ids (for prompts and generated text). encode adds no BOS; decode
+  // throws InputError for an id outside the vocabulary, encode for text the vocabulary cannot express.
+  virtual std::vector<int32_t> encode(const std::string& text) const = 0;
+  virtual std::string decode(const std::vector<int32_t>& ids) const = 0;
 };
 
 // Builds the task of a config's "task" section; `seed` is the run's data seed.
