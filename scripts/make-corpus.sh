@@ -54,7 +54,8 @@ declare -A NEEDS=(
 
 mkdir -p "$CACHE"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/mta-corpus.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
+STAGE="$OUT.tmp.$$"  # the new corpus, until it is complete
+trap 'rm -rf "$WORK" "$STAGE"' EXIT
 declare -A FAILED=()
 t0=$SECONDS
 
@@ -98,12 +99,10 @@ for src in "${!NEEDS[@]}"; do
 done
 echo "make-corpus: downloads ready ($((SECONDS - t0)) s); extracting text"
 
-STAGE="$OUT.tmp.$$"
-rm -rf "$STAGE"
 mkdir -p "$STAGE"
 "$PYTHON" scripts/corpus/build_corpus.py --debroot "$WORK/root" --npm "$WORK/npm" --out "$STAGE" \
-  ${skip[@]:+--skip "${skip[@]}"} || { rm -rf "$STAGE"; exit 1; }
-(cd "$CACHE" && sha256sum -- *.deb *.tgz) > "$STAGE/DOWNLOADS.sha256"
+  ${skip[@]:+--skip "${skip[@]}"}
+(cd "$CACHE" && shopt -s nullglob && files=(*.deb *.tgz) && sha256sum -- "${files[@]}") > "$STAGE/DOWNLOADS.sha256"
 
 # Replace the previous corpus only now that the new one is complete.
 if [ -e "$OUT" ]; then mv "$OUT" "$OUT.old.$$"; fi

@@ -88,7 +88,6 @@ class LmData : public ::testing::Test {
     mta::data::TokenizerTrainOptions o;
     o.input_dir = (*root_ / input).string();
     o.vocab_size = vocab;
-    o.threads = 2;
     return mta::data::train_tokenizer(o);
   }
   static Shard encode(const Tokenizer& tok, const std::string& split) {

@@ -108,6 +108,8 @@ def main():
             s[1] += len(data)
         print(f"make-corpus: {source}: {len(docs)} documents", flush=True)
 
+    if not used:
+        sys.exit("make-corpus: no source could be read (see the warnings above)")
     lines = []
     for split in ("train", "valid"):
         base = os.path.join(args.out, split)
@@ -131,8 +133,6 @@ def main():
         print(f"{split:6} {'(all)':10} {n:5d} {b / 1e6:7.2f}")
     if skipped:
         print("make-corpus: WARNING: skipped sources: " + ", ".join(skipped), file=sys.stderr)
-    if not used:
-        sys.exit("make-corpus: no source could be read")
 
 
 if __name__ == "__main__":

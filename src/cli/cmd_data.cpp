@@ -38,13 +38,11 @@ Runner add_tokenizer_command(CLI::App& app) {
     std::string out, model, text;
   };
   auto o = std::make_shared<Opts>();
-  o->train.threads = 0;
   auto* train = cmd->add_subcommand("train", "Train BPE on every line of a corpus folder's documents");
   train->add_option("--input", o->train.input_dir, "corpus folder, e.g. data/corpus/train")->required();
   train->add_option("--vocab", o->train.vocab_size, "vocabulary size (default 16000)");
   train->add_option("--out", o->out, "model file to write, e.g. data/tok/corpus-16k.model")->required();
   train->add_option("--max-lines", o->train.max_lines, "train on a fixed sample of this many lines (default: all)");
-  train->add_option("--threads", o->train.threads, "threads (default: all cores)");
   train->add_flag("--verbose", o->train.verbose, "show SentencePiece's progress log");
   auto* encode = cmd->add_subcommand("encode", "Print the token ids and pieces of a text, and its round trip");
   encode->add_option("--tokenizer", o->model, "model file")->required();
@@ -52,7 +50,6 @@ Runner add_tokenizer_command(CLI::App& app) {
   return [o, train, encode]() {
     if (train->parsed()) {
       const auto t0 = std::chrono::steady_clock::now();
-      if (o->train.threads <= 0) o->train.threads = omp_get_max_threads();
       const std::string model = data::train_tokenizer(o->train);
       make_parent_dirs(o->out);
       io::write_file_atomic(o->out, model.data(), model.size());

@@ -119,7 +119,7 @@ std::string train_tokenizer(const TokenizerTrainOptions& opt) {
       {"max_sentence_length", std::to_string(kMaxChunk)},
       {"input_sentence_size", std::to_string(opt.max_lines)},
       {"shuffle_input_sentence", "true"},
-      {"num_threads", std::to_string(std::max(1, opt.threads))},
+      {"num_threads", "1"},  // recorded in the model: see tokenizer.h
       {"minloglevel", opt.verbose ? "0" : "2"},
   };
   std::string model;

@@ -24,12 +24,13 @@ struct TokenizerTrainOptions {
   std::string input_dir;       // a corpus folder (data/text_files.h): every line of every document
   int vocab_size = 16000;
   long long max_lines = 0;     // train on a fixed-seed sample of this many lines (0: all)
-  int threads = 1;
   bool verbose = false;        // SentencePiece's own progress log on stderr
 };
 
 // Trains BPE and returns the serialized model (the bytes of a .model file). Deterministic: the same
-// input and options give the same bytes. InputError for a folder without text or a vocabulary
+// input and options give the same bytes, on any machine. (One thread: SentencePiece records the
+// thread count in the model, which would change its bytes and checksum; its BPE training is
+// sequential anyway.) InputError for a folder without text or a vocabulary
 // that does not fit the text.
 std::string train_tokenizer(const TokenizerTrainOptions& opt);
 
