@@ -1,8 +1,11 @@
-// `mta train CONFIG [--resume]`, `mta eval CHECKPOINT`, `mta compare CONFIG...`.
+// `mta train CONFIG [--resume]`, `mta eval CHECKPOINT [--task ppl]`, `mta compare CONFIG...`.
+#include <algorithm>
 #include <cstdio>
 
 #include "cli/commands.h"
+#include "train/checkpoint.h"
 #include "train/trainer.h"
+#include "util/error.h"
 #include "util/format.h"
 
 namespace mta::cli {
@@ -44,18 +47,47 @@ Runner add_train_command(CLI::App& app) {
   };
 }
 
+namespace {
+
+// `mta eval --task ppl`: the perplexity table of a language-model checkpoint.
+void print_ppl_table(const nlohmann::json& e) {
+  std::printf("%-14s %12s %9s %10s\n", "group", "tokens", "loss", "ppl");
+  for (const auto& [group, g] : e["groups"].items())
+    std::printf("%-14s %12lld %9.4f %10.3f\n", group.c_str(), g["tokens"].get<long long>(), g["loss"].get<double>(),
+                g["ppl"].get<double>());
+  std::printf("%-14s %12lld %9.4f %10.3f\n", "all", e["tokens"].get<long long>(), e["loss"].get<double>(),
+              e["ppl"].get<double>());
+  std::printf("%-14s %12s %9s %10.3f\n", "mean of groups", "", "", e["ppl_mean_of_groups"].get<double>());
+  std::printf("(checkpoint %s at step %lld, %lld windows)\n", e["checkpoint"].get<std::string>().c_str(),
+              e["step"].get<long long>(), e["windows"].get<long long>());
+}
+
+}  // namespace
+
 Runner add_eval_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("eval", "Evaluate a checkpoint on its task's held-out data");
   struct Opts {
-    std::string checkpoint, device;
+    std::string checkpoint, device, task;
     int examples = 0;
   };
   auto o = std::make_shared<Opts>();
   cmd->add_option("checkpoint", o->checkpoint, "checkpoint.safetensors written by mta train")->required();
-  cmd->add_option("--examples", o->examples, "held-out examples (default: the config's eval_examples)");
+  cmd->add_option("--examples", o->examples,
+                  "held-out examples, or windows for a language model (default: the config's eval_examples)");
   cmd->add_option("--device", o->device, "cpu or cuda (default: the config's train.device)");
+  cmd->add_option("--task", o->task, "ppl: a language model's perplexity per validation group, as a table "
+                                     "(default: the task's metrics as one JSON line)")
+      ->check(CLI::IsMember({"ppl"}));
   return [o]() {
-    std::printf("%s\n", evaluate_checkpoint(o->checkpoint, o->examples, o->device).dump().c_str());
+    if (o->task == "ppl") {
+      const std::string task = read_checkpoint_state(o->checkpoint).config["task"].value("name", "");
+      if (task != "lm")
+        throw InputError("--task ppl: " + o->checkpoint + " is a \"" + task +
+                         "\" checkpoint, not a language model (task \"lm\")");
+    }
+    const nlohmann::json e = evaluate_checkpoint(o->checkpoint, o->examples, o->device);
+    if (o->task == "ppl") print_ppl_table(e);
+    else std::printf("%s\n", e.dump().c_str());
     return 0;
   };
 }
@@ -81,14 +113,18 @@ Runner add_compare_command(CLI::App& app) {
       if (o->threads > 0) cfg.train.threads = o->threads;
       TrainResult r = train(cfg, TrainOptions{false, false});
       if (r.interrupted) return 130;
-      rows.push_back({cfg.name, attention_kind_name(cfg.model.attention), "error_rate", r});
+      rows.push_back({cfg.name, attention_kind_name(cfg.model.attention), r.eval.contains("ppl") ? "ppl" : "error_rate", r});
     }
+    const bool any_ppl = std::any_of(rows.begin(), rows.end(), [](const Row& r) { return r.metric == "ppl"; });
     std::printf("\n%-22s %-9s %10s %8s %10s %11s %9s\n", "run", "attention", "params", "steps", "train loss",
-                "error rate", "time");
-    for (const auto& row : rows)
-      std::printf("%-22s %-9s %10zu %8lld %10.4f %10.1f%% %9s\n", row.name.c_str(), row.attention.c_str(),
-                  row.r.num_params, row.r.steps, row.r.final_loss, 100.0 * row.r.eval.value("error_rate", -0.01),
-                  human_duration(row.r.seconds).c_str());
+                any_ppl ? "eval" : "error rate", "time");
+    for (const auto& row : rows) {
+      char metric[32];
+      if (row.metric == "ppl") std::snprintf(metric, sizeof metric, "ppl %.2f", row.r.eval.value("ppl", -1.0));
+      else std::snprintf(metric, sizeof metric, "%.1f%%", 100.0 * row.r.eval.value("error_rate", -0.01));
+      std::printf("%-22s %-9s %10zu %8lld %10.4f %11s %9s\n", row.name.c_str(), row.attention.c_str(),
+                  row.r.num_params, row.r.steps, row.r.final_loss, metric, human_duration(row.r.seconds).c_str());
+    }
     return 0;
   };
 }

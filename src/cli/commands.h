@@ -14,5 +14,7 @@ Runner add_eval_command(CLI::App& app);
 Runner add_compare_command(CLI::App& app);
 Runner add_bench_command(CLI::App& app);
 Runner add_generate_command(CLI::App& app);
+Runner add_tokenizer_command(CLI::App& app);
+Runner add_tokenize_command(CLI::App& app);
 
 }  // namespace mta::cli

@@ -39,6 +39,8 @@ int main(int argc, char** argv) {
   add(mta::cli::add_generate_command);
   add(mta::cli::add_attn_command);
   add(mta::cli::add_bench_command);
+  add(mta::cli::add_tokenizer_command);
+  add(mta::cli::add_tokenize_command);
 
   try {
     app.parse(argc, argv);

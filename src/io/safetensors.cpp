@@ -1,7 +1,5 @@
 #include "io/safetensors.h"
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <bit>
 #include <cerrno>
@@ -13,6 +11,7 @@
 #include <stdexcept>
 #include <utility>
 
+#include "io/atomic_file.h"
 #include "util/error.h"
 
 // Tensor bytes are little-endian on disk and are copied to / from native values with memcpy.
@@ -326,20 +325,7 @@ std::vector<uint8_t> serialize_safetensors(const SafeTensors& st) {
 
 void write_safetensors(const std::string& path, const SafeTensors& st) {
   const std::vector<uint8_t> bytes = serialize_safetensors(st);
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  auto fail = [&](const char* step, int err, FILE* f) {
-    if (f) std::fclose(f);
-    std::remove(tmp.c_str());
-    throw std::runtime_error(path + ": cannot write (" + step + " " + tmp + "): " + std::strerror(err));
-  };
-  FILE* f = std::fopen(tmp.c_str(), "wb");
-  if (!f) fail("open", errno, nullptr);
-  if (std::fwrite(bytes.data(), 1, bytes.size(), f) != bytes.size()) fail("write", errno, f);
-  if (std::fflush(f) != 0) fail("flush", errno, f);
-  // fsync before rename: otherwise a crash can leave the new name pointing at unwritten blocks.
-  if (::fsync(::fileno(f)) != 0) fail("fsync", errno, f);
-  if (std::fclose(f) != 0) fail("close", errno, nullptr);
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) fail("rename", errno, nullptr);
+  write_file_atomic(path, bytes.data(), bytes.size());
 }
 
 Tensor make_tensor(const std::vector<int64_t>& shape, const float* data) { return make_from(DType::F32, shape, data); }

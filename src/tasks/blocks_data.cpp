@@ -6,6 +6,7 @@
 #include <cstdio>
 
 #include "tasks/blocks_task.h"
+#include "tasks/lm_task.h"
 #include "tasks/task.h"
 #include "util/error.h"
 #include "util/json_fields.h"
@@ -130,7 +131,8 @@ std::unique_ptr<Task> make_task(const nlohmann::json& j, uint64_t seed) {
     r.finish();
     return std::make_unique<BlocksData>(c, seed);
   }
-  throw InputError("task.name: unknown task \"" + name + "\" (known: blocks)");
+  if (name == "lm") return make_lm_task(j, seed);
+  throw InputError("task.name: unknown task \"" + name + "\" (known: blocks, lm)");
 }
 
 }  // namespace mta
