@@ -136,6 +136,12 @@ def main():
         rows = {l.split()[0] for l in r.stdout.splitlines() if l.strip()}
         check("mta eval --task ppl prints the group table",
               r.returncode == 0 and {"prose", "lists", "all", "mean"} <= rows, r.stdout + r.stderr)
+        # Generation from an LM checkpoint: the prompt goes through the tokenizer; cached and
+        # uncached decoding agree.
+        gen = [run(mta, ["generate", ckpt, "--prompt", "the sea", "--max-new", 12] + extra) for extra in ([], ["--no-cache"])]
+        check("mta generate on an LM checkpoint, with and without the cache",
+              all(g.returncode == 0 for g in gen) and gen[0].stdout == gen[1].stdout and gen[0].stdout.strip() != "",
+              " | ".join(g.stdout + g.stderr for g in gen))
 
         blocks = tmp / "blocks.json"
         blocks.write_text(json.dumps({
