@@ -108,7 +108,11 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for path in args.configs.split(","):
         cfg = json.loads(pathlib.Path(path).read_text())
+        t0 = time.time()
         mj = bench_mta(args.mta, path, args.batch, args.seq, args.steps, args.device)
+        print(f"[{pathlib.Path(path).stem}] mta: {mj['tokens_per_s']:,.0f} tok/s ({time.time() - t0:.0f} s); "
+              f"PyTorch next (compile included)", file=sys.stderr, flush=True)
+        t0 = time.time()
         B, torch_res = args.batch, None
         while B >= 1 and torch_res is None:
             try:
@@ -118,6 +122,7 @@ def main():
                 torch.cuda.empty_cache()
                 B //= 2
         name = pathlib.Path(path).stem
+        print(f"[{name}] PyTorch done ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
         if torch_res is None:
             print(f"| {name} | {mj['params']:,} | {args.batch} / OOM at 1 | {mj['tokens_per_s']:,.0f} | "
                   f"{mj.get('mfu', 0):.1%} | OOM | - | - |", flush=True)
