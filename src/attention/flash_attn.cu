@@ -1,21 +1,7 @@
 // Fused causal attention (FlashAttention-2 algorithm), bf16 in/out, fp32 accumulation. See
-// flash_attn.h for the contract. Layout of this file: error checking, device primitives (inline PTX:
-// cp.async, ldmatrix, mma.sync), tile traits, the kernels (forward; backward preprocess, main, dq
-// conversion), then the host launch code.
-//
-// Fragment conventions (PTX ISA, mma.m16n8k16 with .bf16 operands; lane = 4 * g + t, g = lane / 4,
-// t = lane % 4):
-//   A (16 x 16, row-major), 4 x b32:  a0 = A[g][2t..2t+1],   a1 = A[g+8][2t..2t+1],
-//                                     a2 = A[g][2t+8..+9],   a3 = A[g+8][2t+8..+9]
-//   B (16 x 8, k x n),      2 x b32:  b0 = B[2t..2t+1][g],   b1 = B[2t+8..+9][g]
-//   C (16 x 8, fp32),       4 x f32:  c0,c1 = C[g][2t..2t+1], c2,c3 = C[g+8][2t..2t+1]
-// The lower-indexed element of a pair sits in the low 16 bits of the b32 register.
-// ldmatrix.x4 loads four 8 x 8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, and
-// register i of every lane receives matrix i's element pair (row g, columns 2t, 2t+1), or with .trans
-// the pair (rows 2t, 2t+1, column g), i.e. the pair of the transposed matrix.
-//
-// Shared-memory tiles are row-major with rows padded by 8 bf16 (16 bytes): the 8 row addresses of one
-// ldmatrix phase then fall into 8 distinct groups of 4 banks (no bank conflicts, no swizzle needed).
+// flash_attn.h for the contract. Layout of this file: error checking, tile traits, the kernels
+// (forward; backward preprocess, main, dq conversion), then the host launch code. The device
+// primitives (cp.async, ldmatrix, mma.sync) and the fragment conventions are in mma_sm80.cuh.
 #include "attention/flash_attn.h"
 
 #include <cuda_runtime.h>
@@ -27,12 +13,15 @@
 #include <stdexcept>
 #include <string>
 
+#include "attention/flash_common.cuh"
+#include "attention/mma_sm80.cuh"
 #include "cuda/check.h"
 
 namespace mta::cuda {
 namespace {
 
 using bf16 = __nv_bfloat16;
+using namespace mma;  // NOLINT: the kernels below are written in terms of these primitives
 
 // ---------------------------------------------------------------------------------------------
 // Error checking: every CUDA call and every launch (cudaGetLastError) goes through these.
@@ -42,90 +31,6 @@ using bf16 = __nv_bfloat16;
 
 void fa_require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument("flash_attn: " + what);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Device primitives.
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global -> shared copy; src_bytes = 0 reads nothing and fills the 16 bytes with zeros.
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem), "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p))
-               : "memory");
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p))
-               : "memory");
-}
-
-// c += a * b (16 x 8 x 16, fp32 accumulators).
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two floats -> one b32 holding two bf16 (lo in the low half), round to nearest even.
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-// Address offsets (in elements) of this lane's ldmatrix.x4 row for the three operand patterns used.
-// All tiles are row-major with `stride` elements per row; (r0, c0) is the 16 x 16 block's corner.
-//  * A operand, stored row-major (rows = M, cols = K), non-trans: matrices (rows 0-7|8-15) x (cols 0-7|8-15)
-//    in the order a0 a1 a2 a3.
-__device__ __forceinline__ int a_offset(int lane, int r0, int c0, int stride) {
-  return (r0 + (lane & 15)) * stride + c0 + (lane >> 4) * 8;
-}
-//  * B operand stored as [n][k] (e.g. K for Q K^T), non-trans: gives {b0, b1} of n-block r0..r0+7 in
-//    registers 0, 1 and of n-block r0+8..r0+15 in registers 2, 3 (k = c0..c0+15).
-__device__ __forceinline__ int bnk_offset(int lane, int r0, int c0, int stride) {
-  return (r0 + (lane & 7) + (lane >> 4) * 8) * stride + c0 + ((lane >> 3) & 1) * 8;
-}
-//  * B operand stored as [k][n] (e.g. V for P V), with .trans: k = r0..r0+15, gives {b0, b1} of
-//    n-block c0..c0+7 in registers 0, 1 and of n-block c0+8..c0+15 in registers 2, 3.
-__device__ __forceinline__ int bkn_offset(int lane, int r0, int c0, int stride) {
-  return (r0 + (lane & 7) + ((lane >> 3) & 1) * 8) * stride + c0 + (lane >> 4) * 8;
-}
-//  * A operand stored transposed, as [k][m] (dS^T for dS K), with .trans: m = c0..c0+15, k = r0..r0+15.
-__device__ __forceinline__ int at_offset(int lane, int r0, int c0, int stride) {
-  return (r0 + (lane & 7) + (lane >> 4) * 8) * stride + c0 + ((lane >> 3) & 1) * 8;
-}
-
-// Copies a kRows x kD bf16 tile (global rows contiguous, kD elements each) into shared memory with
-// row stride `stride`; rows >= rows_valid are zero-filled (and not read). The tile's row 0 must be a
-// valid row (it is also the dummy source address of zero-filled chunks).
-template <int kRows, int kD, int kThreads>
-__device__ __forceinline__ void load_tile_async(bf16* smem, int stride, const bf16* gmem, int rows_valid, int tid) {
-  constexpr int kChunksPerRow = kD / 8;  // 16-byte chunks
-  constexpr int kChunks = kRows * kChunksPerRow;
-#pragma unroll
-  for (int c = tid; c < kChunks; c += kThreads) {
-    const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
-    const bool ok = r < rows_valid;
-    const bf16* src = ok ? gmem + static_cast<size_t>(r) * kD + col : gmem;
-    cp_async_16(smem + r * stride + col, src, ok ? 16 : 0);
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -327,28 +232,6 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
       *reinterpret_cast<uint4*>(o + static_cast<size_t>(row) * D + col) =
           *reinterpret_cast<const uint4*>(sO + r * S + col);
   }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Backward preprocessing: delta_i = sum_d dO[i,d] * O[i,d] in fp32 (one warp per row).
-template <int D>
-__global__ void flash_bwd_preprocess_kernel(const bf16* __restrict__ o, const bf16* __restrict__ dout,
-                                            float* __restrict__ delta, long long rows) {
-  const long long row = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  if (row >= rows) return;  // whole warps leave together (rows are per warp)
-  const __nv_bfloat162* o2 = reinterpret_cast<const __nv_bfloat162*>(o + row * D);
-  const __nv_bfloat162* d2 = reinterpret_cast<const __nv_bfloat162*>(dout + row * D);
-  float acc = 0.f;
-#pragma unroll
-  for (int c = lane; c < D / 2; c += 32) {
-    const float2 a = __bfloat1622float2(o2[c]), b = __bfloat1622float2(d2[c]);
-    acc = fmaf(a.x, b.x, acc);
-    acc = fmaf(a.y, b.y, acc);
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (lane == 0) delta[row] = acc;
 }
 
 // Loads lse (pre-multiplied by log2 e) and delta of query rows m0 .. m0 + BM - 1 into shared memory
@@ -588,19 +471,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   }
 }
 
-// dq = bf16(scale * dq_accum), 4 elements per thread per step (n is a multiple of 4).
-__global__ void flash_bwd_convert_dq_kernel(const float* __restrict__ acc, bf16* __restrict__ dq, long long n4,
-                                            float scale) {
-  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n4;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const float4 a = reinterpret_cast<const float4*>(acc)[i];
-    uint2 out;
-    out.x = pack_bf16(a.x * scale, a.y * scale);
-    out.y = pack_bf16(a.z * scale, a.w * scale);
-    reinterpret_cast<uint2*>(dq)[i] = out;
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
@@ -644,11 +514,7 @@ void launch_backward(const bf16* q, const bf16* k, const bf16* v, const bf16* o,
 
   FA_CHECK(cudaMemsetAsync(dq_accum, 0, static_cast<size_t>(numel) * sizeof(float), s));
 
-  constexpr int kPreThreads = 256, kPreRowsPerBlock = kPreThreads / 32;
-  const long long pre_blocks = (rows + kPreRowsPerBlock - 1) / kPreRowsPerBlock;
-  fa_require(pre_blocks <= INT_MAX, "B * H * T too large");
-  flash_bwd_preprocess_kernel<D><<<static_cast<unsigned>(pre_blocks), kPreThreads, 0, s>>>(o, dout, delta, rows);
-  FA_CHECK_LAUNCH("flash_bwd_preprocess_kernel");
+  launch_row_dot<D>(o, dout, delta, rows, s);
 
   const dim3 grid(static_cast<unsigned>(B * H), static_cast<unsigned>(n_blocks));
   FA_CHECK(cudaFuncSetAttribute(flash_bwd_kernel<Tr>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -657,11 +523,7 @@ void launch_backward(const bf16* q, const bf16* k, const bf16* v, const bf16* o,
                                                                    scale * kLog2e, scale);
   FA_CHECK_LAUNCH("flash_bwd_kernel");
 
-  constexpr int kConvThreads = 256;
-  const long long n4 = numel / 4;
-  const long long conv_blocks = std::min<long long>((n4 + kConvThreads - 1) / kConvThreads, 1 << 16);
-  flash_bwd_convert_dq_kernel<<<static_cast<unsigned>(conv_blocks), kConvThreads, 0, s>>>(dq_accum, dq, n4, scale);
-  FA_CHECK_LAUNCH("flash_bwd_convert_dq_kernel");
+  launch_convert_accum(dq_accum, dq, numel, scale, s);
 }
 
 }  // namespace

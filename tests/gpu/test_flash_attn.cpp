@@ -19,72 +19,14 @@
 
 #include "attention/flash_attn.h"
 #include "attention/mta_cpu.h"
+#include "gpu/gpu_test_util.h"
 
 namespace {
 
 constexpr double kTolRel = 2e-2;  // ||gpu - ref|| / ||ref|| for out, dq, dk, dv (bf16 outputs)
 constexpr double kTolLse = 1e-2;  // max |gpu - ref| of lse
 
-bool have_gpu() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky "no device" error
-    return false;
-  }
-  return n > 0;
-}
-
-#define SKIP_WITHOUT_GPU() \
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device (cudaGetDeviceCount reports none)"
-
-void cuda_ok(cudaError_t e, const char* what, int line) {
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string(__FILE__) + ":" + std::to_string(line) + ": " + what + ": " +
-                             cudaGetErrorString(e));
-}
-#define CUDA_OK(expr) cuda_ok((expr), #expr, __LINE__)
-
-// bf16 <-> float on the host, bit exact (round to nearest even; inputs here are finite).
-uint16_t float_to_bf16_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-float bf16_bits_to_float(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// A device buffer of raw bytes, poisoned with 0xFF (NaN in bf16 and fp32).
-class DevMem {
- public:
-  explicit DevMem(size_t bytes) : bytes_(std::max<size_t>(bytes, 1)) { CUDA_OK(cudaMalloc(&p_, bytes_)); }
-  ~DevMem() { cudaFree(p_); }
-  DevMem(const DevMem&) = delete;
-  DevMem& operator=(const DevMem&) = delete;
-  template <typename T>
-  T* as() const {
-    return static_cast<T*>(p_);
-  }
-  void poison() { CUDA_OK(cudaMemset(p_, 0xFF, bytes_)); }
-  template <typename T>
-  void upload(const std::vector<T>& h) {
-    CUDA_OK(cudaMemcpy(p_, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  template <typename T>
-  std::vector<T> download(size_t n) const {
-    std::vector<T> h(n);
-    CUDA_OK(cudaMemcpy(h.data(), p_, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return h;
-  }
-
- private:
-  size_t bytes_;
-  void* p_ = nullptr;
-};
+using namespace gpu_test;  // NOLINT
 
 struct Shape {
   int B, H, T, D;
@@ -95,48 +37,6 @@ struct Shape {
            ", D=" + std::to_string(D) + ")";
   }
 };
-
-// Random bf16 tensor (randn, then rounded): bits for the GPU, the same values in double for the CPU.
-struct Tensor {
-  std::vector<uint16_t> bits;
-  std::vector<double> val;
-};
-Tensor randn_bf16(size_t n, std::mt19937& rng) {
-  std::normal_distribution<float> nd(0.f, 1.f);
-  Tensor t;
-  t.bits.resize(n), t.val.resize(n);
-  for (size_t i = 0; i < n; ++i) {
-    t.bits[i] = float_to_bf16_bits(nd(rng));
-    t.val[i] = bf16_bits_to_float(t.bits[i]);
-  }
-  return t;
-}
-
-std::vector<double> to_double(const std::vector<uint16_t>& bits) {
-  std::vector<double> x(bits.size());
-  for (size_t i = 0; i < bits.size(); ++i) x[i] = bf16_bits_to_float(bits[i]);
-  return x;
-}
-
-long long non_finite(const std::vector<double>& a) {
-  long long n = 0;
-  for (double x : a) n += !std::isfinite(x);
-  return n;
-}
-
-// ||a - b|| / ||b||; where the reference is (numerically) zero, the RMS of a - b instead (T = 1 gives
-// dq = dk = 0 exactly).
-double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
-  if (a.size() != b.size() || a.empty()) return INFINITY;
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    const double d = a[i] - b[i];
-    num += d * d, den += b[i] * b[i];
-  }
-  const double n = static_cast<double>(a.size());
-  if (std::sqrt(den / n) < 1e-6) return std::sqrt(num / n);
-  return std::sqrt(num) / std::sqrt(den);
-}
 
 // Reference lse of row i of head bh (natural log-sum-exp of the scaled causal logits), in double.
 double ref_lse(const std::vector<double>& q, const std::vector<double>& k, const Shape& s, size_t bh, int i) {

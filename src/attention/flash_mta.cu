@@ -1,0 +1,697 @@
+// FlashMTA forward for the pre-softmax key-query convolution (see flash_mta.h and docs/flash-mta.md).
+//
+// The kernel is FlashAttention-2's forward with one detour. A CTA owns kBlockM query rows and walks
+// the key tiles up to the diagonal. For each key tile it
+//   1. computes the logits on an EXTENDED tile, 16 halo rows above the query tile (the convolution
+//      reads up to cq - 1 <= 7 earlier queries) and 16 halo columns around the key tile (it reads keys
+//      j - o .. j - o + ck - 1, ck <= 15), applies the first causal mask (future -> 0) and stores the
+//      tile as fp16 in shared memory (sS);
+//   2. convolves on the tensor cores: for each query shift a, the output block of 8 keys at n is
+//      (rows of sS shifted by a, columns n .. n + 31) x (a 32 x 8 banded matrix holding W[a, k - n]).
+//      The banded matrices do not depend on the tile, so each thread keeps its B fragments in registers
+//      for the whole kernel. The result lands in the mma C-fragment layout, exactly where
+//      FlashAttention's softmax expects its logits;
+//   3. continues as FlashAttention: second causal mask (-inf), online softmax, P V.
+// The extended tile costs (kBlockM + 16) x (kBlockN + 16) logits for kBlockM x kBlockN outputs (1.56x
+// at 64 x 64); the convolution adds cq x 2 mma per 16 x 8 outputs.
+#include "attention/flash_mta.h"
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "attention/flash_common.cuh"
+#include "attention/mma_sm80.cuh"
+#include "cuda/check.h"
+
+namespace mta::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+using namespace mma;  // NOLINT: the kernel is written in terms of these primitives
+
+constexpr int kMaxCq = 8;   // query taps: halo rows cq - 1 <= 7 < 16
+constexpr int kMaxCk = 15;  // key taps: halo columns ck - 1 <= 14 <= 16; band rows n + c <= 21 < 32
+constexpr int kBandWords = kMaxCq * 2 * 2 * 32;  // banded-operand fragments, see build_band
+
+void fm_require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("flash_mta: " + what);
+}
+
+template <int kHeadDim, int kBlockM_, int kBlockN_, int kWarps_>
+struct KqFwdTraits {
+  static constexpr int D = kHeadDim;
+  static constexpr int kBlockM = kBlockM_;  // output query rows per CTA (16 per warp)
+  static constexpr int kBlockN = kBlockN_;  // output keys per iteration
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kHalo = 16;                  // extra rows above / columns around (one mma block)
+  static constexpr int kRowsE = kBlockM + kHalo;    // rows of the extended tile
+  static constexpr int kColsE = kBlockN + kHalo;    // columns of the extended tile
+  static constexpr int kStride = D + 8;             // bf16 row stride of sQ, sK, sV (odd x 16 bytes)
+  static constexpr int kStrideS = kBlockN + 24;     // fp16 row stride of sS: the convolution reads
+                                                    // columns up to kBlockN + 23 (odd x 16 bytes)
+  static_assert(kBlockM == 16 * kWarps, "one warp per 16 output rows");
+  static_assert(kBlockN % 16 == 0 && D % 16 == 0, "tile sizes must be multiples of 16");
+  static_assert((kStride * 2 / 16) % 2 == 1 && (kStrideS * 2 / 16) % 2 == 1, "conflict-free ldmatrix rows");
+  // sQ [kRowsE][kStride]; sK [2][kColsE][kStride]; sV [2][kBlockN][kStride]; sS [kRowsE][kStrideS] fp16;
+  // then the band fragments (kBandWords u32).
+  static constexpr size_t kSmemBytes =
+      (static_cast<size_t>(kRowsE + 2 * kColsE + 2 * kBlockN) * kStride + static_cast<size_t>(kRowsE) * kStrideS) * 2 +
+      kBandWords * 4;
+};
+
+using KqFwd64 = KqFwdTraits<64, 64, 64, 4>;
+using KqFwd128 = KqFwdTraits<128, 64, 64, 4>;
+
+// Copies global rows first_row .. first_row + kRows - 1 of one head ([T][kD] bf16 at head_base) into
+// shared memory (row stride `stride`); rows outside [0, T) are zero-filled. T >= 1, so head_base is a
+// valid dummy source for the zero fills.
+template <int kRows, int kD, int kThreads>
+__device__ __forceinline__ void load_rows_async(bf16* smem, int stride, const bf16* head_base, int first_row, int T,
+                                                int tid) {
+  constexpr int kChunksPerRow = kD / 8;
+  constexpr int kChunks = kRows * kChunksPerRow;
+#pragma unroll
+  for (int c = tid; c < kChunks; c += kThreads) {
+    const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8, gr = first_row + r;
+    const bool ok = gr >= 0 && gr < T;
+    const bf16* src = ok ? head_base + static_cast<size_t>(gr) * kD + col : head_base;
+    cp_async_16(smem + r * stride + col, src, ok ? 16 : 0);
+  }
+}
+
+// Fragments of the banded B operands, one u32 (two fp16 or bf16) per (a, k-step, half, lane), at
+// sBand[((a * 2 + ks) * 2 + half) * 32 + lane]: rows kk = 16 ks + 2t + 8 half (+1), column n = g of
+//   forward:    Band_a[kk][n] = W[a, kk - n]        (C from S0, the convolution)
+//   transposed: Band_a[kk][n] = W[a, 16 + n - kk]   (dS0 from dC, its adjoint)
+// and zero where the tap index is outside [0, ck) or a >= cq.
+
+template <bool kTransposed, bool kFp16>
+__device__ __forceinline__ void build_band(uint32_t* sBand, const float* W, int cq, int ck, int tid, int nthreads) {
+  for (int idx = tid; idx < kBandWords; idx += nthreads) {
+    const int lane = idx & 31, half = (idx >> 5) & 1, ks = (idx >> 6) & 1, a = idx >> 7;
+    const int g = lane >> 2, t = lane & 3;
+    float w2[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int kk = 16 * ks + 2 * t + 8 * half + e;
+      const int c = kTransposed ? 16 + g - kk : kk - g;
+      w2[e] = (a < cq && c >= 0 && c < ck) ? W[a * ck + c] : 0.f;
+    }
+    sBand[idx] = kFp16 ? pack_f16(w2[0], w2[1]) : pack_bf16(w2[0], w2[1]);
+  }
+}
+
+// S0 on the extended tile: rows m0 - 16 + lr (lr < kRowsE) of sQ against keys n0 - o + lc (lc < kColsE)
+// of sK, scaled, future (key > query) set to 0, in 16 x 16 units spread over the warps. Rows and keys
+// outside the sequence were loaded as zeros, so only the causal mask is needed. Written as fp16 to sS
+// (the convolution's operand) and, when sSb is given, as bf16 to sSb (the weight gradient's operand).
+template <class Tr>
+__device__ __forceinline__ void s0_extended(const bf16* sQ, const bf16* sK, __half* sS, bf16* sSb, int m0, int n0,
+                                            int key_off, float scale, int warp, int lane) {
+  constexpr int D = Tr::D, S = Tr::kStride, SS = Tr::kStrideS;
+  constexpr int kUnitRows = Tr::kRowsE / 16, kUnitCols = Tr::kColsE / 16;
+  const int g = lane >> 2, t = lane & 3;
+  for (int u = warp; u < kUnitRows * kUnitCols; u += Tr::kWarps) {
+    const int rb = u / kUnitCols, cb = u % kUnitCols;
+    float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[4], b[4];
+      ldmatrix_x4(a, sQ + a_offset(lane, rb * 16, kk * 16, S));
+      ldmatrix_x4(b, sK + bnk_offset(lane, cb * 16, kk * 16, S));
+      mma_bf16(acc[0], a, b[0], b[1]);
+      mma_bf16(acc[1], a, b[2], b[3]);
+    }
+#pragma unroll
+    for (int nn = 0; nn < 2; ++nn)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int lr = rb * 16 + g + 8 * r, lc = cb * 16 + nn * 8 + 2 * t;
+        const int ii = m0 - Tr::kHalo + lr, jj = n0 - key_off + lc;
+        const float s0 = jj > ii ? 0.f : acc[nn][2 * r] * scale;
+        const float s1 = jj + 1 > ii ? 0.f : acc[nn][2 * r + 1] * scale;
+        *reinterpret_cast<uint32_t*>(sS + lr * SS + lc) = pack_f16(s0, s1);
+        if (sSb) *reinterpret_cast<uint32_t*>(sSb + lr * SS + lc) = pack_bf16(s0, s1);
+      }
+  }
+}
+
+// C for this warp's 16 output rows (local rows 16 warp ..) and the tile's kBlockN keys, in mma
+// accumulator layout: sum over a < cq of (sS rows shifted by a, 32 columns from 8 nj) x Band_a.
+template <class Tr>
+__device__ __forceinline__ void conv_tile(const __half* sS, const uint32_t* sBand, int cq, int warp, int lane,
+                                          float (&acc)[Tr::kBlockN / 8][4]) {
+  constexpr int BN = Tr::kBlockN, SS = Tr::kStrideS;
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  for (int a = 0; a < cq; ++a) {
+    const int lr0 = Tr::kHalo + warp * 16 - (cq - 1) + a;  // sS row of output row 0
+    uint32_t b[2][2];
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) b[ks][half] = sBand[((a * 2 + ks) * 2 + half) * 32 + lane];
+#pragma unroll
+    for (int nj = 0; nj < BN / 8; ++nj)
+#pragma unroll
+      for (int ks = 0; ks < 2; ++ks) {
+        uint32_t af[4];
+        ldmatrix_x4(af, reinterpret_cast<const bf16*>(sS) + a_offset(lane, lr0, nj * 8 + 16 * ks, SS));
+        mma_f16(acc[nj], af, b[ks][0], b[ks][1]);
+      }
+  }
+}
+
+// Grid (B*H, ceil(T / kBlockM)), heavy (late) query tiles first. W: [H][cq][ck] fp32.
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kThreads)
+    flash_mta_kq_fwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                            const float* __restrict__ W, bf16* __restrict__ o, float* __restrict__ lse, int T, int H,
+                            int cq, int ck, int key_off, float scale) {
+  constexpr int D = Tr::D, BM = Tr::kBlockM, BN = Tr::kBlockN, S = Tr::kStride, SS = Tr::kStrideS;
+  constexpr int kThreads = Tr::kThreads, kHalo = Tr::kHalo;
+  constexpr int kRowsE = Tr::kRowsE, kColsE = Tr::kColsE;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  bf16* sQ = reinterpret_cast<bf16*>(smem_raw);  // query rows m0 - 16 .. m0 + BM - 1
+  bf16* sK = sQ + kRowsE * S;                     // [2][kColsE][S]: keys n0 - o .. n0 - o + kColsE - 1
+  bf16* sV = sK + 2 * kColsE * S;                 // [2][BN][S]: keys n0 .. n0 + BN - 1
+  __half* sS = reinterpret_cast<__half*>(sV + 2 * BN * S);  // [kRowsE][SS]: S0 on the extended tile
+  uint32_t* sBand = reinterpret_cast<uint32_t*>(sS + kRowsE * SS);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;
+  const int h = blockIdx.x % H;
+  const size_t head = static_cast<size_t>(blockIdx.x) * T;
+  q += head * D, k += head * D, v += head * D, o += head * D, lse += head;
+  W += static_cast<size_t>(h) * cq * ck;
+
+  const int kv_end = min(T, m0 + BM);  // output keys 0 .. kv_end - 1
+  const int n_blocks = (kv_end + BN - 1) / BN;
+
+  load_rows_async<kRowsE, D, kThreads>(sQ, S, q, m0 - kHalo, T, tid);
+  load_rows_async<kColsE, D, kThreads>(sK, S, k, -key_off, T, tid);
+  load_rows_async<BN, D, kThreads>(sV, S, v, 0, T, tid);
+  cp_async_commit();
+
+  // Columns kColsE .. SS - 1 of sS are read by the convolution with zero weights only; they must
+  // hold finite values (0 * NaN = NaN), so they are zeroed once.
+  for (int i = tid; i < kRowsE * (SS - kColsE); i += kThreads)
+    sS[(i / (SS - kColsE)) * SS + kColsE + i % (SS - kColsE)] = __float2half(0.f);
+
+  build_band</*kTransposed=*/false, /*kFp16=*/true>(sBand, W, cq, ck, tid, kThreads);
+
+  float acc_o[D / 8][4];
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) acc_o[j][0] = acc_o[j][1] = acc_o[j][2] = acc_o[j][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY};  // log2 domain
+  float row_sum[2] = {0.f, 0.f};
+  const int row_w = m0 + warp * 16;  // first output row of this warp
+
+  for (int nb = 0; nb < n_blocks; ++nb) {
+    // Tile nb has landed, and every warp is done with iteration nb - 1 (its sS reads, its buffers).
+    cp_async_wait_all();
+    __syncthreads();
+    const int n0 = nb * BN;
+    if (nb + 1 < n_blocks) {
+      const int n1 = n0 + BN, buf1 = (nb + 1) & 1;
+      load_rows_async<kColsE, D, kThreads>(sK + buf1 * kColsE * S, S, k, n1 - key_off, T, tid);
+      load_rows_async<BN, D, kThreads>(sV + buf1 * BN * S, S, v, n1, T, tid);
+      cp_async_commit();
+    }
+    const bf16* cK = sK + (nb & 1) * kColsE * S;
+    const bf16* cV = sV + (nb & 1) * BN * S;
+
+    // 1. S0 on the extended tile (all warps).
+    s0_extended<Tr>(sQ, cK, sS, nullptr, m0, n0, key_off, scale, warp, lane);
+    __syncthreads();  // sS complete
+    if (row_w >= T || n0 > row_w + 15) continue;  // padding rows only, or every key in the future
+
+    // 2. C = sum_a (S0 rows shifted by a) x Band_a, per output block of 8 keys.
+    float acc_s[BN / 8][4];
+    conv_tile<Tr>(sS, sBand, cq, warp, lane, acc_s);
+
+    // 3. Second causal mask and the sequence end, then FlashAttention's online softmax (C already
+    //    carries the 1/sqrt(D) scale: only log2(e) remains).
+    if (n0 + BN > row_w + 1 || n0 + BN > T) {
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = n0 + 8 * j + 2 * t + (e & 1), row = row_w + g + 8 * (e >> 1);
+          if (col > row || col >= T) acc_s[j][e] = -INFINITY;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) mx = fmaxf(mx, fmaxf(acc_s[j][2 * r], acc_s[j][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(row_max[r], mx * kLog2e);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = exp2f(row_max[r] - m_use);
+      row_max[r] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int e = 2 * r; e < 2 * r + 2; ++e) {
+          const float p = exp2f(fmaf(acc_s[j][e], kLog2e, -m_use));
+          acc_s[j][e] = p;
+          sum += p;
+        }
+      row_sum[r] = row_sum[r] * alpha + sum;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) acc_o[j][2 * r] *= alpha, acc_o[j][2 * r + 1] *= alpha;
+    }
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      const uint32_t a[4] = {pack_bf16(acc_s[2 * kk][0], acc_s[2 * kk][1]),
+                             pack_bf16(acc_s[2 * kk][2], acc_s[2 * kk][3]),
+                             pack_bf16(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]),
+                             pack_bf16(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3])};
+#pragma unroll
+      for (int dn = 0; dn < D / 16; ++dn) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, cV + bkn_offset(lane, kk * 16, dn * 16, S));
+        mma_bf16(acc_o[2 * dn], a, b[0], b[1]);
+        mma_bf16(acc_o[2 * dn + 1], a, b[2], b[3]);
+      }
+    }
+  }
+
+  // Epilogue: normalize, lse, stage the warp's rows in its own (no longer read) rows of sQ, store.
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = row_sum[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv[r] = l > 0.f ? 1.f / l : 0.f;
+    const int row = row_w + g + 8 * r;
+    if (t == 0 && row < T) lse[row] = l > 0.f ? row_max[r] * kLn2 + logf(l) : -INFINITY;
+  }
+  __syncwarp();
+  bf16* sO = sQ + (kHalo + warp * 16) * S;
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      *reinterpret_cast<uint32_t*>(sO + (g + 8 * r) * S + 8 * j + 2 * t) =
+          pack_bf16(acc_o[j][2 * r] * inv[r], acc_o[j][2 * r + 1] * inv[r]);
+  __syncwarp();
+  constexpr int kChunksPerRow = D / 8;
+#pragma unroll
+  for (int c = lane; c < 16 * kChunksPerRow; c += 32) {
+    const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8, row = row_w + r;
+    if (row < T)
+      *reinterpret_cast<uint4*>(o + static_cast<size_t>(row) * D + col) =
+          *reinterpret_cast<const uint4*>(sO + r * S + col);
+  }
+}
+
+
+// Backward: a CTA owns kBlockN keys and walks the query tiles from the diagonal down. One warp per 16
+// query rows for C, P, dP, dC (as in the forward); per 16 keys for dV and dW; 16 x 16 units spread
+// over the warps for the extended-tile products.
+template <int kHeadDim>
+struct KqBwdTraits {
+  static constexpr int D = kHeadDim;
+  static constexpr int kBlockM = 64, kBlockN = 64, kWarps = 4, kThreads = 32 * kWarps, kHalo = 16;
+  static constexpr int kRowsE = kBlockM + kHalo, kColsE = kBlockN + kHalo;
+  static constexpr int kStride = D + 8;          // bf16 rows of sK, sV, sQ, sdO
+  static constexpr int kStrideS = kBlockN + 24;  // fp16/bf16 rows of sS, sSb, sdS (88: odd x 16 bytes)
+  // The dC frame: dC at rows 16 .. 16 + kBlockM - 1, columns 16 .. 16 + kBlockN - 1, zeros around it,
+  // so the transposed convolution can read any shift without bounds checks. Rows up to
+  // 16 * (kRowsE / 16 - 1) + 7 + 15 = 86, columns up to 16 * (kColsE / 16) + 23 = 103.
+  static constexpr int kRowsF = 88, kStrideF = 104;
+  static constexpr int kStrideP = kBlockM + 8;  // sP [kBlockM][kStrideP] bf16
+  static_assert(kBlockM == 16 * kWarps && kBlockN == 16 * kWarps, "one warp per 16 rows and per 16 keys");
+  static_assert((kStrideF * 2 / 16) % 2 == 1 && (kStrideP * 2 / 16) % 2 == 1, "conflict-free ldmatrix rows");
+  static constexpr size_t kBf16Elems = static_cast<size_t>(kColsE + kBlockN + kRowsE + kBlockM) * kStride +
+                                       3 * static_cast<size_t>(kRowsE) * kStrideS +
+                                       static_cast<size_t>(kRowsF) * kStrideF + static_cast<size_t>(kBlockM) * kStrideP;
+  static constexpr size_t kFloats = static_cast<size_t>(kColsE) * D + 2 * kBlockM + kWarps * 16 * 33;
+  static constexpr size_t kSmemBytes = kBf16Elems * 2 + kFloats * 4 + 2 * kBandWords * 4;
+};
+
+using KqBwd64 = KqBwdTraits<64>;
+using KqBwd128 = KqBwdTraits<128>;
+
+// Gradients of the kq_pre layer for one key tile (see docs/flash-mta.md, "Backward plan"). Per query
+// tile: recompute S0 (extended) and C exactly as the forward did, P = exp(C - lse), dP = dO V^T,
+// dC = P (dP - delta); dV += P^T dO; dW[a, c] += sum dC[i,j] S0[i-(cq-1)+a, j-o+c] (band diagonals of
+// dC^T S0_a); dS0 on the extended tile = transposed convolution of dC, masked; dQ (extended rows)
+// += dS0 K by fp32 atomics; dK (extended keys) += dS0^T Q in shared memory, added to the fp32
+// accumulator once at the end (the halo keys belong to neighbouring CTAs). dQ and dK still lack the
+// 1/sqrt(D) factor (applied when converting); dW and dV are complete.
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kThreads)
+    flash_mta_kq_bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                            const bf16* __restrict__ dout, const float* __restrict__ lse,
+                            const float* __restrict__ delta, const float* __restrict__ W, float* __restrict__ dq_acc,
+                            float* __restrict__ dk_acc, bf16* __restrict__ dv, float* __restrict__ dW_acc, int T,
+                            int H, int cq, int ck, int key_off, float scale) {
+  constexpr int D = Tr::D, BM = Tr::kBlockM, BN = Tr::kBlockN, S = Tr::kStride, SS = Tr::kStrideS;
+  constexpr int FS = Tr::kStrideF, SP = Tr::kStrideP, kThreads = Tr::kThreads, kWarps = Tr::kWarps;
+  constexpr int kHalo = Tr::kHalo, kRowsE = Tr::kRowsE, kColsE = Tr::kColsE;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // keys n0 - o .. n0 - o + kColsE - 1 (fixed)
+  bf16* sV = sK + kColsE * S;                     // keys n0 .. n0 + BN - 1 (fixed)
+  bf16* sQ = sV + BN * S;                         // query rows m0 - 16 .. m0 + BM - 1
+  bf16* sdO = sQ + kRowsE * S;                    // dO rows m0 .. m0 + BM - 1
+  __half* sS = reinterpret_cast<__half*>(sdO + BM * S);  // S0 extended, fp16 (recomputing C)
+  bf16* sSb = reinterpret_cast<bf16*>(sS + kRowsE * SS);  // S0 extended, bf16 (dW)
+  bf16* sdS = sSb + kRowsE * SS;                          // dS0 extended, bf16
+  bf16* sF = sdS + kRowsE * SS;                           // the dC frame [kRowsF][FS]
+  bf16* sP = sF + Tr::kRowsF * FS;                        // P [BM][SP]
+  float* sdK = reinterpret_cast<float*>(sP + BM * SP);    // [kColsE][D]
+  float* sLse = sdK + kColsE * D;                         // lse * log2(e) of rows m0 ..
+  float* sDelta = sLse + BM;
+  float* sScr = sDelta + BM;  // [kWarps][16][33]: band extraction of dW
+  uint32_t* sBandF = reinterpret_cast<uint32_t*>(sScr + kWarps * 16 * 33);
+  uint32_t* sBandT = sBandF + kBandWords;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.y * BN;
+  const int h = blockIdx.x % H;
+  const size_t head = static_cast<size_t>(blockIdx.x) * T;
+  q += head * D, k += head * D, v += head * D, dout += head * D, dv += head * D;
+  dq_acc += head * D, dk_acc += head * D, lse += head, delta += head;
+  W += static_cast<size_t>(h) * cq * ck, dW_acc += static_cast<size_t>(h) * cq * ck;
+
+  load_rows_async<kColsE, D, kThreads>(sK, S, k, n0 - key_off, T, tid);
+  load_rows_async<BN, D, kThreads>(sV, S, v, n0, T, tid);
+  cp_async_commit();
+  build_band<false, true>(sBandF, W, cq, ck, tid, kThreads);
+  build_band<true, false>(sBandT, W, cq, ck, tid, kThreads);
+  // Zeros that stay: the dC frame around its interior, the columns of sS past the extended tile.
+  for (int i = tid; i < Tr::kRowsF * FS; i += kThreads) sF[i] = __float2bfloat16(0.f);
+  for (int i = tid; i < kRowsE * SS; i += kThreads) sS[i] = __float2half(0.f), sSb[i] = __float2bfloat16(0.f);
+  for (int i = tid; i < kColsE * D; i += kThreads) sdK[i] = 0.f;
+
+  float acc_dv[D / 8][4];
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) acc_dv[j][0] = acc_dv[j][1] = acc_dv[j][2] = acc_dv[j][3] = 0.f;
+  float acc_dw[kMaxCq];
+#pragma unroll
+  for (int a = 0; a < kMaxCq; ++a) acc_dw[a] = 0.f;
+
+  for (int m0 = (n0 / BM) * BM; m0 < T; m0 += BM) {
+    __syncthreads();  // the previous query tile is done with every buffer below
+    load_rows_async<kRowsE, D, kThreads>(sQ, S, q, m0 - kHalo, T, tid);
+    load_rows_async<BM, D, kThreads>(sdO, S, dout, m0, T, tid);
+    cp_async_commit();
+    for (int i = tid; i < BM; i += kThreads) {
+      const int row = m0 + i;
+      sLse[i] = row < T ? lse[row] * kLog2e : 0.f;
+      sDelta[i] = row < T ? delta[row] : 0.f;
+    }
+    cp_async_wait_all();
+    __syncthreads();
+
+    // 1. S0 on the extended tile, as the forward pass computed it.
+    s0_extended<Tr>(sQ, sK, sS, sSb, m0, n0, key_off, scale, warp, lane);
+    __syncthreads();
+
+    // 2. This warp's 16 query rows: C, then P, dP = dO V^T, dC = P (dP - delta).
+    float acc_p[BN / 8][4];
+    conv_tile<Tr>(sS, sBandF, cq, warp, lane, acc_p);
+    float acc_dp[BN / 8][4];
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) acc_dp[j][0] = acc_dp[j][1] = acc_dp[j][2] = acc_dp[j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[4];
+      ldmatrix_x4(a, sdO + a_offset(lane, warp * 16, kk * 16, S));
+#pragma unroll
+      for (int nn = 0; nn < BN / 16; ++nn) {
+        uint32_t b[4];
+        ldmatrix_x4(b, sV + bnk_offset(lane, nn * 16, kk * 16, S));
+        mma_bf16(acc_dp[2 * nn], a, b[0], b[1]);
+        mma_bf16(acc_dp[2 * nn + 1], a, b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int lrow = warp * 16 + g + 8 * hh, row = m0 + lrow, lcol = 8 * j + 2 * t;
+        float p[2], dc[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = n0 + lcol + e;
+          const bool ok = row < T && col <= row;  // col <= row < T
+          p[e] = ok ? exp2f(fmaf(acc_p[j][2 * hh + e], kLog2e, -sLse[lrow])) : 0.f;
+          dc[e] = p[e] * (acc_dp[j][2 * hh + e] - sDelta[lrow]);
+        }
+        *reinterpret_cast<uint32_t*>(sP + lrow * SP + lcol) = pack_bf16(p[0], p[1]);
+        *reinterpret_cast<uint32_t*>(sF + (kHalo + lrow) * FS + kHalo + lcol) = pack_bf16(dc[0], dc[1]);
+      }
+    __syncthreads();  // sP and the dC frame complete
+
+    // 3. dV for this warp's 16 keys: P^T dO.
+#pragma unroll
+    for (int ks = 0; ks < BM / 16; ++ks) {
+      uint32_t a[4];
+      ldmatrix_x4_trans(a, sP + at_offset(lane, ks * 16, warp * 16, SP));
+#pragma unroll
+      for (int dn = 0; dn < D / 16; ++dn) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, sdO + bkn_offset(lane, ks * 16, dn * 16, S));
+        mma_bf16(acc_dv[2 * dn], a, b[0], b[1]);
+        mma_bf16(acc_dv[2 * dn + 1], a, b[2], b[3]);
+      }
+    }
+
+    // 4. dW for this warp's 16 keys j (local 16 warp + r): for each a, M = dC^T X_a with
+    //    X_a[i][col] = S0 row i - (cq-1) + a (sS row 16 + i - (cq-1) + a), columns col = 16 warp .. + 31;
+    //    dW[a, c] gets the band M[r][r + c].
+    float* scr = sScr + warp * 16 * 33;
+#pragma unroll
+    for (int a = 0; a < kMaxCq; ++a) {
+      if (a >= cq) break;
+      float m[4][4] = {};
+#pragma unroll
+      for (int ks = 0; ks < BM / 16; ++ks) {
+        uint32_t af[4];
+        ldmatrix_x4_trans(af, sF + at_offset(lane, kHalo + ks * 16, kHalo + warp * 16, FS));
+#pragma unroll
+        for (int np = 0; np < 2; ++np) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, sSb + bkn_offset(lane, kHalo - (cq - 1) + a + ks * 16, warp * 16 + np * 16, SS));
+          mma_bf16(m[2 * np], af, b[0], b[1]);
+          mma_bf16(m[2 * np + 1], af, b[2], b[3]);
+        }
+      }
+#pragma unroll
+      for (int nb = 0; nb < 4; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) scr[(g + 8 * (e >> 1)) * 33 + 8 * nb + 2 * t + (e & 1)] = m[nb][e];
+      __syncwarp();
+      if (lane < ck) {
+        float sum = 0.f;
+#pragma unroll
+        for (int r = 0; r < 16; ++r) sum += scr[r * 33 + r + lane];
+        acc_dw[a] += sum;
+      }
+      __syncwarp();
+    }
+
+    // 5. dS0 on the extended tile: sum_a (dC frame rows shifted by cq - 1 - a) x transposed Band_a,
+    //    masked like S0 (future and outside the sequence -> 0).
+    constexpr int kUnitRows = kRowsE / 16, kUnitCols = kColsE / 16;
+    for (int u = warp; u < kUnitRows * kUnitCols; u += kWarps) {
+      const int rb = u / kUnitCols, cb = u % kUnitCols;
+      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+      for (int a = 0; a < cq; ++a) {
+        const int fr = rb * 16 + cq - 1 - a;  // frame row of extended row rb * 16
+#pragma unroll
+        for (int ks = 0; ks < 2; ++ks) {
+          const uint32_t b0 = sBandT[((a * 2 + ks) * 2 + 0) * 32 + lane], b1 = sBandT[((a * 2 + ks) * 2 + 1) * 32 + lane];
+#pragma unroll
+          for (int nn = 0; nn < 2; ++nn) {
+            uint32_t af[4];
+            ldmatrix_x4(af, sF + a_offset(lane, fr, cb * 16 + nn * 8 + ks * 16, FS));
+            mma_bf16(acc[nn], af, b0, b1);
+          }
+        }
+      }
+#pragma unroll
+      for (int nn = 0; nn < 2; ++nn)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int lr = rb * 16 + g + 8 * r, lc = cb * 16 + nn * 8 + 2 * t;
+          const int ii = m0 - kHalo + lr, jj = n0 - key_off + lc;
+          const bool row_ok = ii >= 0 && ii < T;
+          const float d0 = (row_ok && jj >= 0 && jj <= ii) ? acc[nn][2 * r] : 0.f;
+          const float d1 = (row_ok && jj + 1 >= 0 && jj + 1 <= ii) ? acc[nn][2 * r + 1] : 0.f;
+          *reinterpret_cast<uint32_t*>(sdS + lr * SS + lc) = pack_bf16(d0, d1);
+        }
+    }
+    __syncthreads();  // sdS complete
+
+    // 6. dQ (extended rows) += dS0 K, by atomics; 7. dK (extended keys) += dS0^T Q, in shared memory.
+    //    The same 16 x 16 units go to the same warp in every iteration, so sdK needs no atomics.
+    for (int u = warp; u < kUnitRows * (D / 16); u += kWarps) {
+      const int rb = u / (D / 16), dn = u % (D / 16);
+      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+      for (int ks = 0; ks < kColsE / 16; ++ks) {
+        uint32_t af[4], b[4];
+        ldmatrix_x4(af, sdS + a_offset(lane, rb * 16, ks * 16, SS));
+        ldmatrix_x4_trans(b, sK + bkn_offset(lane, ks * 16, dn * 16, S));
+        mma_bf16(acc[0], af, b[0], b[1]);
+        mma_bf16(acc[1], af, b[2], b[3]);
+      }
+#pragma unroll
+      for (int nn = 0; nn < 2; ++nn)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int row = m0 - kHalo + rb * 16 + g + 8 * r, col = dn * 16 + nn * 8 + 2 * t;
+          if (row >= 0 && row < T) {
+            atomicAdd(dq_acc + static_cast<size_t>(row) * D + col, acc[nn][2 * r]);
+            atomicAdd(dq_acc + static_cast<size_t>(row) * D + col + 1, acc[nn][2 * r + 1]);
+          }
+        }
+    }
+    for (int u = warp; u < (kColsE / 16) * (D / 16); u += kWarps) {
+      const int rb = u / (D / 16), dn = u % (D / 16);
+      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+      for (int ks = 0; ks < kRowsE / 16; ++ks) {
+        uint32_t af[4], b[4];
+        ldmatrix_x4_trans(af, sdS + at_offset(lane, ks * 16, rb * 16, SS));
+        ldmatrix_x4_trans(b, sQ + bkn_offset(lane, ks * 16, dn * 16, S));
+        mma_bf16(acc[0], af, b[0], b[1]);
+        mma_bf16(acc[1], af, b[2], b[3]);
+      }
+#pragma unroll
+      for (int nn = 0; nn < 2; ++nn)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          sdK[(rb * 16 + g + 8 * (e >> 1)) * D + dn * 16 + nn * 8 + 2 * t + (e & 1)] += acc[nn][e];
+    }
+  }
+  __syncthreads();  // sdK complete
+
+  // dV of this warp's 16 keys (exact: no other CTA touches them).
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = n0 + warp * 16 + g + 8 * r;
+      if (row < T)
+        *reinterpret_cast<uint32_t*>(dv + static_cast<size_t>(row) * D + 8 * j + 2 * t) =
+            pack_bf16(acc_dv[j][2 * r], acc_dv[j][2 * r + 1]);
+    }
+  // dK of the extended keys (the halo ones are shared with the neighbouring CTAs).
+  for (int i = tid; i < kColsE * D; i += kThreads) {
+    const int row = n0 - key_off + i / D;
+    if (row >= 0 && row < T) atomicAdd(dk_acc + static_cast<size_t>(row) * D + i % D, sdK[i]);
+  }
+#pragma unroll
+  for (int a = 0; a < kMaxCq; ++a)
+    if (a < cq && lane < ck) atomicAdd(dW_acc + a * ck + lane, acc_dw[a]);
+}
+
+template <class Tr>
+void launch_kq_forward(const bf16* q, const bf16* k, const bf16* v, const float* W, bf16* o, float* lse, int B, int H,
+                       int T, int cq, int ck, int key_off, cudaStream_t s) {
+  const long long m_blocks = (static_cast<long long>(T) + Tr::kBlockM - 1) / Tr::kBlockM;
+  fm_require(m_blocks <= 65535, "T too large for the forward grid");
+  const dim3 grid(static_cast<unsigned>(B * H), static_cast<unsigned>(m_blocks));
+  MTA_CUDA_CHECK(cudaFuncSetAttribute(flash_mta_kq_fwd_kernel<Tr>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(Tr::kSmemBytes)));
+  flash_mta_kq_fwd_kernel<Tr><<<grid, Tr::kThreads, Tr::kSmemBytes, s>>>(
+      q, k, v, W, o, lse, T, H, cq, ck, key_off, 1.0f / std::sqrt(static_cast<float>(Tr::D)));
+  MTA_CUDA_CHECK_LAUNCH("flash_mta_kq_fwd_kernel");
+}
+
+template <class Tr>
+void launch_kq_backward(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
+                        const float* delta, const float* W, float* dq_acc, float* dk_acc, bf16* dv, float* dW, int B,
+                        int H, int T, int cq, int ck, int key_off, cudaStream_t s) {
+  const long long n_blocks = (static_cast<long long>(T) + Tr::kBlockN - 1) / Tr::kBlockN;
+  fm_require(n_blocks <= 65535, "T too large for the backward grid");
+  const dim3 grid(static_cast<unsigned>(B * H), static_cast<unsigned>(n_blocks));
+  MTA_CUDA_CHECK(cudaFuncSetAttribute(flash_mta_kq_bwd_kernel<Tr>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(Tr::kSmemBytes)));
+  flash_mta_kq_bwd_kernel<Tr><<<grid, Tr::kThreads, Tr::kSmemBytes, s>>>(
+      q, k, v, dout, lse, delta, W, dq_acc, dk_acc, dv, dW, T, H, cq, ck, key_off,
+      1.0f / std::sqrt(static_cast<float>(Tr::D)));
+  MTA_CUDA_CHECK_LAUNCH("flash_mta_kq_bwd_kernel");
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+}  // namespace
+
+bool flash_mta_supported(const AttentionSpec& spec, int D) {
+  return (D == 64 || D == 128) && spec.kq_pre && spec.kq_pre->q <= kMaxCq && spec.kq_pre->k <= kMaxCk &&
+         !spec.head_pre && !spec.kq_post && !spec.head_post && !spec.norm && !spec.depth_scale_layer && !spec.gate;
+}
+
+void flash_mta_forward(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const float* kq_pre_w,
+                       bf16* o, float* lse, int B, int T, cudaStream_t s) {
+  const int H = spec.heads, D = spec.head_dim;
+  fm_require(flash_mta_supported(spec, D),
+             "this spec is not supported by the fused kernel yet (only kq_pre with cq <= 8, ck <= 15, D = 64 or 128)");
+  fm_require(B >= 1 && T >= 1 && H >= 1, "B, H and T must be >= 1");
+  fm_require(static_cast<long long>(B) * H <= INT_MAX, "B * H too large");
+  fm_require(q && k && v && o && aligned16(q) && aligned16(k) && aligned16(v) && aligned16(o),
+             "q, k, v, o must be non-null and 16-byte aligned");
+  fm_require(kq_pre_w != nullptr && lse != nullptr, "kq_pre weights and lse must be non-null");
+  const KqConv& kc = *spec.kq_pre;
+  if (D == 64)
+    launch_kq_forward<KqFwd64>(q, k, v, kq_pre_w, o, lse, B, H, T, kc.q, kc.k, kc.key_offset(), s);
+  else
+    launch_kq_forward<KqFwd128>(q, k, v, kq_pre_w, o, lse, B, H, T, kc.q, kc.k, kc.key_offset(), s);
+}
+
+size_t flash_mta_backward_scratch_bytes(int B, int H, int T, int D) {
+  const size_t rows = static_cast<size_t>(B) * H * T;
+  return (2 * rows * D + rows) * sizeof(float);
+}
+
+void flash_mta_backward(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const float* kq_pre_w,
+                        const bf16* o, const bf16* dout, const float* lse, bf16* dq, bf16* dk, bf16* dv,
+                        float* grad_kq_pre, void* scratch, int B, int T, cudaStream_t s) {
+  const int H = spec.heads, D = spec.head_dim;
+  fm_require(flash_mta_supported(spec, D),
+             "this spec is not supported by the fused kernel yet (only kq_pre with cq <= 8, ck <= 15, D = 64 or 128)");
+  fm_require(B >= 1 && T >= 1 && H >= 1, "B, H and T must be >= 1");
+  fm_require(static_cast<long long>(B) * H <= INT_MAX, "B * H too large");
+  for (const void* p : {static_cast<const void*>(q), static_cast<const void*>(k), static_cast<const void*>(v),
+                        static_cast<const void*>(o), static_cast<const void*>(dout), static_cast<const void*>(dq),
+                        static_cast<const void*>(dk), static_cast<const void*>(dv), static_cast<const void*>(scratch)})
+    fm_require(p != nullptr && aligned16(p), "tensors and scratch must be non-null and 16-byte aligned");
+  fm_require(kq_pre_w && lse && grad_kq_pre, "kq_pre weights, lse and grad_kq_pre must be non-null");
+  const KqConv& kc = *spec.kq_pre;
+  const size_t rows = static_cast<size_t>(B) * H * T, numel = rows * D;
+  float* dq_acc = static_cast<float*>(scratch);
+  float* dk_acc = dq_acc + numel;
+  float* delta = dk_acc + numel;
+  MTA_CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, 2 * numel * sizeof(float), s));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  if (D == 64) {
+    launch_row_dot<64>(o, dout, delta, static_cast<long long>(rows), s);
+    launch_kq_backward<KqBwd64>(q, k, v, dout, lse, delta, kq_pre_w, dq_acc, dk_acc, dv, grad_kq_pre, B, H, T, kc.q,
+                                kc.k, kc.key_offset(), s);
+  } else {
+    launch_row_dot<128>(o, dout, delta, static_cast<long long>(rows), s);
+    launch_kq_backward<KqBwd128>(q, k, v, dout, lse, delta, kq_pre_w, dq_acc, dk_acc, dv, grad_kq_pre, B, H, T, kc.q,
+                                 kc.k, kc.key_offset(), s);
+  }
+  launch_convert_accum(dq_acc, dq, static_cast<long long>(numel), scale, s);
+  launch_convert_accum(dk_acc, dk, static_cast<long long>(numel), scale, s);
+}
+
+}  // namespace mta::cuda

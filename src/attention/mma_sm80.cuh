@@ -1,0 +1,125 @@
+#pragma once
+// Device primitives shared by the fused attention kernels (flash_attn.cu, flash_mta.cu): cp.async
+// copies, ldmatrix, mma.sync (m16n8k16, bf16 and fp16 operands, fp32 accumulators), packing, and the
+// ldmatrix address patterns. sm_80 instructions (run on sm_90).
+//
+// Fragment conventions (PTX ISA, mma.m16n8k16 with .bf16 operands; lane = 4 * g + t, g = lane / 4,
+// t = lane % 4):
+//   A (16 x 16, row-major), 4 x b32:  a0 = A[g][2t..2t+1],   a1 = A[g+8][2t..2t+1],
+//                                     a2 = A[g][2t+8..+9],   a3 = A[g+8][2t+8..+9]
+//   B (16 x 8, k x n),      2 x b32:  b0 = B[2t..2t+1][g],   b1 = B[2t+8..+9][g]
+//   C (16 x 8, fp32),       4 x f32:  c0,c1 = C[g][2t..2t+1], c2,c3 = C[g+8][2t..2t+1]
+// The lower-indexed element of a pair sits in the low 16 bits of the b32 register.
+// ldmatrix.x4 loads four 8 x 8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, and
+// register i of every lane receives matrix i's element pair (row g, columns 2t, 2t+1), or with .trans
+// the pair (rows 2t, 2t+1, column g), i.e. the pair of the transposed matrix.
+//
+// Shared-memory tiles are row-major with rows padded by 8 bf16 (16 bytes): the 8 row addresses of one
+// ldmatrix phase then fall into 8 distinct groups of 4 banks (no bank conflicts, no swizzle needed).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace mta::cuda::mma {
+
+using bf16 = __nv_bfloat16;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy; src_bytes = 0 reads nothing and fills the 16 bytes with zeros.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem), "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p))
+               : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p))
+               : "memory");
+}
+
+// c += a * b (16 x 8 x 16, fp32 accumulators).
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// c += a * b with fp16 operands (16 x 8 x 16, fp32 accumulators).
+__device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats -> one b32 holding two fp16 (lo in the low half), round to nearest.
+__device__ __forceinline__ uint32_t pack_f16(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// Two floats -> one b32 holding two bf16 (lo in the low half), round to nearest even.
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// Address offsets (in elements) of this lane's ldmatrix.x4 row for the three operand patterns used.
+// All tiles are row-major with `stride` elements per row; (r0, c0) is the 16 x 16 block's corner.
+//  * A operand, stored row-major (rows = M, cols = K), non-trans: matrices (rows 0-7|8-15) x (cols 0-7|8-15)
+//    in the order a0 a1 a2 a3.
+__device__ __forceinline__ int a_offset(int lane, int r0, int c0, int stride) {
+  return (r0 + (lane & 15)) * stride + c0 + (lane >> 4) * 8;
+}
+//  * B operand stored as [n][k] (e.g. K for Q K^T), non-trans: gives {b0, b1} of n-block r0..r0+7 in
+//    registers 0, 1 and of n-block r0+8..r0+15 in registers 2, 3 (k = c0..c0+15).
+__device__ __forceinline__ int bnk_offset(int lane, int r0, int c0, int stride) {
+  return (r0 + (lane & 7) + (lane >> 4) * 8) * stride + c0 + ((lane >> 3) & 1) * 8;
+}
+//  * B operand stored as [k][n] (e.g. V for P V), with .trans: k = r0..r0+15, gives {b0, b1} of
+//    n-block c0..c0+7 in registers 0, 1 and of n-block c0+8..c0+15 in registers 2, 3.
+__device__ __forceinline__ int bkn_offset(int lane, int r0, int c0, int stride) {
+  return (r0 + (lane & 7) + ((lane >> 3) & 1) * 8) * stride + c0 + (lane >> 4) * 8;
+}
+//  * A operand stored transposed, as [k][m] (dS^T for dS K), with .trans: m = c0..c0+15, k = r0..r0+15.
+__device__ __forceinline__ int at_offset(int lane, int r0, int c0, int stride) {
+  return (r0 + (lane & 7) + (lane >> 4) * 8) * stride + c0 + ((lane >> 3) & 1) * 8;
+}
+
+// Copies a kRows x kD bf16 tile (global rows contiguous, kD elements each) into shared memory with
+// row stride `stride`; rows >= rows_valid are zero-filled (and not read). The tile's row 0 must be a
+// valid row (it is also the dummy source address of zero-filled chunks).
+template <int kRows, int kD, int kThreads>
+__device__ __forceinline__ void load_tile_async(bf16* smem, int stride, const bf16* gmem, int rows_valid, int tid) {
+  constexpr int kChunksPerRow = kD / 8;  // 16-byte chunks
+  constexpr int kChunks = kRows * kChunksPerRow;
+#pragma unroll
+  for (int c = tid; c < kChunks; c += kThreads) {
+    const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+    const bool ok = r < rows_valid;
+    const bf16* src = ok ? gmem + static_cast<size_t>(r) * kD + col : gmem;
+    cp_async_16(smem + r * stride + col, src, ok ? 16 : 0);
+  }
+}
+
+}  // namespace mta::cuda::mma
