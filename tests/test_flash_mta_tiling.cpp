@@ -1,0 +1,196 @@
+// The tiling of the FlashMTA kq_pre kernels (src/attention/flash_mta.cu), replayed on the CPU in
+// float64 and compared with the reference op: the 16-row / 16-column halo tile, the 32 x 8 banded
+// matrices of the convolution and of its transpose, the zero-padded dC frame, the band diagonals that
+// give dW, the extended-tile dQ / dK products. Each loop below mirrors one stage of the kernels with
+// the same index arithmetic (only the mma fragment mechanics, shared with the tested flash kernels,
+// are left out), so an indexing error in the design shows here, on any machine, before the GPU test.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "attention/mta_cpu.h"
+
+namespace {
+
+constexpr int BM = 64, BN = 64, kHalo = 16, kRowsE = BM + kHalo, kColsE = BN + kHalo;
+constexpr int SS = BN + 24, kRowsF = 88, FS = 104;
+
+struct Head {
+  int T, D, cq, ck, o;
+  const double *q, *k, *v, *W;
+  double scale() const { return 1.0 / std::sqrt(static_cast<double>(D)); }
+  double qk(int i, int j) const {
+    double s = 0;
+    for (int d = 0; d < D; ++d) s += q[i * D + d] * k[j * D + d];
+    return s;
+  }
+};
+
+// Band_a[kk][n] of the forward convolution and of its transpose (build_band).
+double band(const Head& h, int a, int kk, int n, bool transposed) {
+  const int c = transposed ? 16 + n - kk : kk - n;
+  return (a < h.cq && c >= 0 && c < h.ck) ? h.W[a * h.ck + c] : 0.0;
+}
+
+// s0_extended: S0 on the halo tile of (m0, n0).
+std::vector<double> s0_tile(const Head& h, int m0, int n0) {
+  std::vector<double> sS(static_cast<size_t>(kRowsE) * SS, 0.0);
+  for (int lr = 0; lr < kRowsE; ++lr)
+    for (int lc = 0; lc < kColsE; ++lc) {
+      const int ii = m0 - kHalo + lr, jj = n0 - h.o + lc;
+      const bool in = ii >= 0 && ii < h.T && jj >= 0 && jj < h.T;  // rows and keys outside load as zeros
+      sS[lr * SS + lc] = (!in || jj > ii) ? 0.0 : h.scale() * h.qk(ii, jj);
+    }
+  return sS;
+}
+
+// conv_tile for all 64 rows of the tile: C[r][8 nj + n] = sum_a sum_kk sS[16 + r - (cq-1) + a][8 nj + kk] Band_a[kk][n].
+std::vector<double> conv_tile(const Head& h, const std::vector<double>& sS) {
+  std::vector<double> C(BM * BN, 0.0);
+  for (int a = 0; a < h.cq; ++a)
+    for (int r = 0; r < BM; ++r)
+      for (int nj = 0; nj < BN / 8; ++nj)
+        for (int n = 0; n < 8; ++n)
+          for (int kk = 0; kk < 32; ++kk)
+            C[r * BN + 8 * nj + n] += sS[(kHalo + r - (h.cq - 1) + a) * SS + 8 * nj + kk] * band(h, a, kk, n, false);
+  return C;
+}
+
+void forward(const Head& h, std::vector<double>& out, std::vector<double>& lse) {
+  out.assign(static_cast<size_t>(h.T) * h.D, 0.0), lse.assign(h.T, 0.0);
+  for (int m0 = 0; m0 < h.T; m0 += BM) {
+    std::vector<std::vector<double>> rowC(BM);  // the full rows; the kernel's online softmax is exact
+    for (int n0 = 0; n0 < std::min(h.T, m0 + BM); n0 += BN) {
+      const std::vector<double> C = conv_tile(h, s0_tile(h, m0, n0));
+      for (int r = 0; r < BM; ++r)
+        for (int n = 0; n < BN; ++n)
+          if (n0 + n <= m0 + r && n0 + n < h.T) rowC[r].push_back(C[r * BN + n]);
+    }
+    for (int r = 0; r < BM && m0 + r < h.T; ++r) {
+      const int i = m0 + r;
+      double mx = -INFINITY, sum = 0;
+      for (double c : rowC[r]) mx = std::max(mx, c);
+      for (double c : rowC[r]) sum += std::exp(c - mx);
+      lse[i] = mx + std::log(sum);
+      for (int j = 0; j <= i; ++j)
+        for (int d = 0; d < h.D; ++d) out[i * h.D + d] += std::exp(rowC[r][j] - lse[i]) * h.v[j * h.D + d];
+    }
+  }
+}
+
+void backward(const Head& h, const std::vector<double>& out, const std::vector<double>& lse, const double* dout,
+              std::vector<double>& dq, std::vector<double>& dk, std::vector<double>& dv, std::vector<double>& dW) {
+  const int T = h.T, D = h.D;
+  dq.assign(static_cast<size_t>(T) * D, 0.0), dk = dq, dv = dq, dW.assign(h.cq * h.ck, 0.0);
+  std::vector<double> delta(T, 0.0);
+  for (int i = 0; i < T; ++i)
+    for (int d = 0; d < D; ++d) delta[i] += dout[i * D + d] * out[i * D + d];
+  for (int n0 = 0; n0 < T; n0 += BN) {
+    for (int m0 = (n0 / BM) * BM; m0 < T; m0 += BM) {
+      const std::vector<double> sS = s0_tile(h, m0, n0);
+      const std::vector<double> C = conv_tile(h, sS);
+      std::vector<double> frame(static_cast<size_t>(kRowsF) * FS, 0.0), P(BM * BN, 0.0);
+      for (int r = 0; r < BM; ++r)
+        for (int n = 0; n < BN; ++n) {
+          const int row = m0 + r, col = n0 + n;
+          if (!(row < T && col <= row)) continue;
+          double dp = 0;
+          for (int d = 0; d < D; ++d) dp += dout[row * D + d] * h.v[col * D + d];
+          P[r * BN + n] = std::exp(C[r * BN + n] - lse[row]);
+          frame[(kHalo + r) * FS + kHalo + n] = P[r * BN + n] * (dp - delta[row]);
+        }
+      for (int n = 0; n < BN; ++n)  // dV: P^T dO
+        for (int r = 0; r < BM; ++r)
+          for (int d = 0; d < D && n0 + n < T && m0 + r < T; ++d) dv[(n0 + n) * D + d] += P[r * BN + n] * dout[(m0 + r) * D + d];
+      // dW: per 16 keys (warp w), M = dC^T X_a over a 32-column window, band M[rr][rr + c].
+      for (int a = 0; a < h.cq; ++a)
+        for (int w = 0; w < BN / 16; ++w)
+          for (int rr = 0; rr < 16; ++rr)
+            for (int c = 0; c < h.ck; ++c) {
+              double m = 0;
+              for (int i = 0; i < BM; ++i)
+                m += frame[(kHalo + i) * FS + kHalo + 16 * w + rr] *
+                     sS[(kHalo - (h.cq - 1) + a + i) * SS + 16 * w + rr + c];
+              dW[a * h.ck + c] += m;
+            }
+      // dS0 on the extended tile: frame rows shifted by cq - 1 - a times the transposed bands, masked.
+      std::vector<double> dS(static_cast<size_t>(kRowsE) * kColsE, 0.0);
+      for (int lr = 0; lr < kRowsE; ++lr)
+        for (int lc = 0; lc < kColsE; ++lc) {
+          const int rb = lr / 16, row = lr % 16, cb = lc / 16, nn = (lc % 16) / 8, n = lc % 8;
+          const int ii = m0 - kHalo + lr, jj = n0 - h.o + lc;
+          if (!(ii >= 0 && ii < T && jj >= 0 && jj <= ii)) continue;
+          double acc = 0;
+          for (int a = 0; a < h.cq; ++a)
+            for (int kk = 0; kk < 32; ++kk)
+              acc += frame[(rb * 16 + h.cq - 1 - a + row) * FS + cb * 16 + nn * 8 + kk] * band(h, a, kk, n, true);
+          dS[lr * kColsE + lc] = acc;
+        }
+      for (int lr = 0; lr < kRowsE; ++lr)
+        for (int lc = 0; lc < kColsE; ++lc) {
+          const double g = dS[lr * kColsE + lc];
+          if (g == 0.0) continue;
+          const int ii = m0 - kHalo + lr, jj = n0 - h.o + lc;
+          for (int d = 0; d < D; ++d) {
+            dq[ii * D + d] += g * h.k[jj * D + d] * h.scale();
+            dk[jj * D + d] += g * h.q[ii * D + d] * h.scale();
+          }
+        }
+    }
+  }
+}
+
+double rel(const std::vector<double>& a, const std::vector<double>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) num += (a[i] - b[i]) * (a[i] - b[i]), den += b[i] * b[i];
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+TEST(FlashMtaTiling, ForwardAndBackwardMatchTheReference) {
+  std::mt19937 rng(11);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  std::uniform_real_distribution<double> ud(-0.5, 0.5);
+  struct Case {
+    int T, cq, ck;
+    mta::PadKey pad;
+  };
+  for (const Case& cs : {Case{70, 2, 9, mta::PadKey::Both}, Case{130, 6, 11, mta::PadKey::Both},
+                         Case{65, 8, 15, mta::PadKey::Left}, Case{40, 3, 14, mta::PadKey::Right},
+                         Case{129, 1, 1, mta::PadKey::Both}, Case{5, 4, 7, mta::PadKey::Both}}) {
+    const int T = cs.T, D = 16;
+    SCOPED_TRACE("T=" + std::to_string(T) + " kq " + std::to_string(cs.cq) + "x" + std::to_string(cs.ck));
+    mta::AttentionSpec spec;
+    spec.heads = 1, spec.head_dim = D;
+    spec.kq_pre = mta::KqConv{cs.cq, cs.ck, cs.pad};
+    std::vector<double> q(T * D), k(T * D), v(T * D), dout(T * D), W(cs.cq * cs.ck);
+    for (auto* x : {&q, &k, &v, &dout})
+      for (double& e : *x) e = nd(rng);
+    for (double& e : W) e = ud(rng);
+    W[(cs.cq - 1) * cs.ck + spec.kq_pre->key_offset()] += 1.0;
+    const Head h{T, D, cs.cq, cs.ck, spec.kq_pre->key_offset(), q.data(), k.data(), v.data(), W.data()};
+
+    std::vector<double> out, lse, dq, dk, dv, dW;
+    forward(h, out, lse);
+    backward(h, out, lse, dout.data(), dq, dk, dv, dW);
+
+    mta::AttnParams<double> p;
+    p.kq_pre = W.data();
+    std::vector<double> ro(T * D), rq(T * D), rk(T * D), rv(T * D), rW(W.size(), 0.0);
+    mta::AttnParamGrads<double> pg;
+    pg.kq_pre = rW.data();
+    const mta::AttnDims dims{1, 1, T, D};
+    mta::cpu::mta_forward<double>(spec, dims, q.data(), k.data(), v.data(), p, ro.data());
+    mta::cpu::mta_backward<double>(spec, dims, q.data(), k.data(), v.data(), p, dout.data(), rq.data(), rk.data(),
+                                   rv.data(), pg);
+    EXPECT_LT(rel(out, ro), 1e-12) << "out";
+    EXPECT_LT(rel(dq, rq), 1e-12) << "dq";
+    EXPECT_LT(rel(dk, rk), 1e-12) << "dk";
+    EXPECT_LT(rel(dv, rv), 1e-12) << "dv";
+    EXPECT_LT(rel(dW, rW), 1e-12) << "dW";
+  }
+}
+
+}  // namespace
