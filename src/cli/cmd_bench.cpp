@@ -13,6 +13,9 @@
 #include "attention/init.h"
 #include "attention/mta_cpu.h"
 #include "cli/commands.h"
+#ifdef MTA_HAVE_CUDA
+#include "attention/attn_bench_cuda.h"
+#endif
 #include "model/trainable.h"
 #include "train/train_config.h"
 #include "util/error.h"
@@ -98,6 +101,7 @@ Runner add_bench_command(CLI::App& app) {
   struct Opts {
     std::string spec;
     int B = 1, T = 256, reps = 5, warmup = 1;
+    std::string device = "cpu", impl = "fused";
   };
   auto o = std::make_shared<Opts>();
   attn->add_option("--spec", o->spec, "AttentionSpec JSON file")->required();
@@ -105,11 +109,23 @@ Runner add_bench_command(CLI::App& app) {
   attn->add_option("--seq", o->T, "sequence length")->capture_default_str();
   attn->add_option("--reps", o->reps, "timed repetitions (median reported)")->capture_default_str();
   attn->add_option("--warmup", o->warmup, "untimed repetitions first")->capture_default_str();
+  attn->add_option("--device", o->device, "cpu, or cuda: the fused GPU kernels (bf16)")->capture_default_str();
+  attn->add_option("--impl", o->impl, "with --device cuda: fused (FlashMTA) or flash (standard attention)")
+      ->capture_default_str();
   add_bench_train(cmd);
   return [o, attn]() {
     if (!attn->parsed()) return run_bench_train();
     const AttentionSpec spec = load_spec_file(o->spec);
     if (o->B < 1 || o->T < 1 || o->reps < 1) throw InputError("--batch, --seq and --reps must be at least 1");
+    if (o->device == "cuda") {
+#ifdef MTA_HAVE_CUDA
+      std::printf("%s\n", cuda::bench_attention(spec, o->B, o->T, o->impl, o->reps, o->warmup).dump().c_str());
+      return 0;
+#else
+      throw InputError("--device cuda: this build has no CUDA backend");
+#endif
+    }
+    if (o->device != "cpu") throw InputError("--device: must be cpu or cuda (got '" + o->device + "')");
     const AttnDims dims{o->B, spec.heads, o->T, spec.head_dim};
     std::mt19937 rng(0);
     std::normal_distribution<float> nd(0.0f, 1.0f);

@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""GPU benchmark of one attention layer (issue 5): PyTorch SDPA flash, the materialized MTA in PyTorch
+(the paper's approach: T x T scores, conv2d, softmax, head mixing) and mta's fused kernels
+(`mta bench attn --device cuda --impl fused`), side by side in one run.
+
+    python3 bench/attn_gpu.py [--mta .device/mta] [--seqs 2048,4096,8192,16384] [--dims 64,128]
+
+B=2, H=16 by default. Configurations (docs/mta-semantics.md): kq-only (6x11 pre), toy (2x9 pre),
+paper LM (6x11 pre and post, g=16 pre and post, norm, gate), head-mix only (g=16 pre and post).
+For each: forward and backward times (CUDA events, median) and peak device memory; the ratios of the
+fused path to SDPA on the same shape are the figure of merit (goals: kq-only <= 2.5x, paper LM <= 6x,
+head-mix <= 2x forward+backward; memory <= 1.5x SDPA). Where the fused kernels do not cover a
+configuration yet, its row says so; where the materialized path runs out of memory, it says OOM.
+"""
+import argparse
+import json
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "oracle"))
+import mta_torch as mt  # noqa: E402
+
+CONV = {"q": 6, "k": 11, "pad_key": "both"}
+CONFIGS = {
+    "kq-only": {"kq_pre": CONV},
+    "toy": {"kq_pre": {"q": 2, "k": 9, "pad_key": "both"}},
+    "paper-lm": {"kq_pre": CONV, "head_pre": {"group": 16}, "kq_post": CONV, "head_post": {"group": 16},
+                 "norm": True, "gate": True},
+    "head-mix": {"head_pre": {"group": 16}, "head_post": {"group": 16}},
+}
+
+
+def cuda_ms(fn, reps, warmup):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def torch_case(kind, spec, B, T, reps, warmup):
+    """(fwd_ms, bwd_ms, peak_bytes) of SDPA (kind 'sdpa') or the materialized MTA (kind 'materialized')."""
+    H, D = spec["heads"], spec["head_dim"]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, dout = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
+    leaves = [x.requires_grad_(True) for x in (q, k, v)]
+    params = {}
+    if kind == "materialized":
+        params = {n: (p + 0.05 * torch.randn(p.shape, dtype=torch.float64)).to("cuda", torch.bfloat16).requires_grad_(True)
+                  for n, p in mt.identity_params(spec, torch.float64).items()}
+
+    def forward():
+        if kind == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return mt.mta_attention(spec, q, k, v, params)
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        fwd = cuda_ms(forward, reps, warmup)
+    out = forward()
+    wrt = leaves + list(params.values())
+    bwd = cuda_ms(lambda: torch.autograd.grad(out, wrt, grad_outputs=dout, retain_graph=True), reps, warmup)
+    peak = torch.cuda.max_memory_allocated() - base + sum(x.numel() * x.element_size() for x in (q, k, v, dout))
+    del out
+    torch.cuda.empty_cache()
+    return fwd, bwd, peak
+
+
+def mta_case(binary, spec, B, T, reps, warmup):
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    r = subprocess.run([binary, "bench", "attn", "--device", "cuda", "--impl", "fused", "--spec", f.name,
+                        "--batch", str(B), "--seq", str(T), "--reps", str(reps), "--warmup", str(warmup)],
+                       capture_output=True, text=True)
+    pathlib.Path(f.name).unlink()
+    if r.returncode == 2 and "do not cover" in r.stderr:
+        return None
+    if r.returncode != 0:
+        raise RuntimeError(f"mta bench attn failed: {r.stderr.strip()}")
+    j = json.loads(r.stdout.strip().splitlines()[-1])
+    return j["fwd_ms"], j["bwd_ms"], j["device_bytes"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mta", default=str(ROOT / ".device" / "mta"))
+    ap.add_argument("--seqs", default="2048,4096,8192,16384")
+    ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--max-materialized-t", type=int, default=8192,
+                    help="skip the materialized path above this T (its T x T tensors: ~74 GB at 16384)")
+    args = ap.parse_args()
+    B, H = args.batch, args.heads
+    print(f"# attention layer, {torch.cuda.get_device_name()}, torch {torch.__version__}, B={B}, H={H}, bf16, "
+          f"median of {args.reps}; times in ms, memory in GB; ratios = fused / SDPA")
+    print("| config | D | T | SDPA fwd / bwd | SDPA mem | materialized fwd / bwd | mat. mem | fused fwd / bwd | fused mem |"
+          " fused/SDPA f+b | fused/SDPA mem |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for D in map(int, args.dims.split(",")):
+        for T in map(int, args.seqs.split(",")):
+            sdpa = torch_case("sdpa", {"heads": H, "head_dim": D}, B, T, args.reps, args.warmup)
+            for name in args.configs.split(","):
+                spec = dict(CONFIGS[name], heads=H, head_dim=D)
+                if T <= args.max_materialized_t:
+                    try:
+                        m = torch_case("materialized", spec, B, T, max(2, args.reps // 3), 1)
+                        mat = f"{m[0]:.2f} / {m[1]:.2f} | {m[2] / 1e9:.2f}"
+                    except torch.cuda.OutOfMemoryError:
+                        torch.cuda.empty_cache()
+                        mat = "OOM | -"
+                else:
+                    mat = "skipped | -"
+                fused = mta_case(args.mta, spec, B, T, args.reps, args.warmup)
+                if fused is None:
+                    fcols = "not covered yet | - | - | -"
+                else:
+                    fcols = (f"{fused[0]:.2f} / {fused[1]:.2f} | {fused[2] / 1e9:.2f} | "
+                             f"{(fused[0] + fused[1]) / (sdpa[0] + sdpa[1]):.2f}x | {fused[2] / sdpa[2]:.2f}x")
+                print(f"| {name} | {D} | {T} | {sdpa[0]:.2f} / {sdpa[1]:.2f} | {sdpa[2] / 1e9:.2f} | {mat} | {fcols} |",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()

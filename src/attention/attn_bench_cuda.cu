@@ -1,0 +1,125 @@
+// See attn_bench_cuda.h.
+#include "attention/attn_bench_cuda.h"
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+#include <stdexcept>
+#include <vector>
+
+#include "attention/flash_attn.h"
+#include "attention/flash_mta.h"
+#include "attention/init.h"
+#include "attention/mta_cuda.h"
+#include "cuda/check.h"
+#include "util/error.h"
+
+namespace mta::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+// Uniform values in [-1, 1) from a hash of (seed, index): cheap, reproducible, never all zeros.
+__global__ void fill_uniform_bf16(bf16* x, long long n, uint64_t seed) {
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    uint64_t h = (static_cast<uint64_t>(i) + seed) * 0x9E3779B97F4A7C15ull;
+    h ^= h >> 31, h *= 0xBF58476D1CE4E5B9ull, h ^= h >> 29;
+    x[i] = __float2bfloat16(static_cast<float>(h >> 40) / static_cast<float>(1ull << 23) - 1.0f);
+  }
+}
+
+// Device allocations of one benchmark, counted.
+class Arena {
+ public:
+  ~Arena() {
+    for (void* p : ptrs_) cudaFree(p);
+  }
+  template <typename T>
+  T* alloc(size_t n) {
+    void* p = nullptr;
+    MTA_CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)));
+    ptrs_.push_back(p);
+    bytes_ += n * sizeof(T);
+    return static_cast<T*>(p);
+  }
+  bf16* random_bf16(size_t n, uint64_t seed) {
+    bf16* p = alloc<bf16>(n);
+    fill_uniform_bf16<<<1024, 256>>>(p, static_cast<long long>(n), seed);
+    MTA_CUDA_CHECK_LAUNCH("fill_uniform_bf16");
+    return p;
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  std::vector<void*> ptrs_;
+  size_t bytes_ = 0;
+};
+
+double median_ms(const std::function<void()>& fn, int reps, int warmup) {
+  for (int i = 0; i < warmup; ++i) fn();
+  cudaEvent_t a, b;
+  MTA_CUDA_CHECK(cudaEventCreate(&a));
+  MTA_CUDA_CHECK(cudaEventCreate(&b));
+  std::vector<double> t;
+  for (int i = 0; i < reps; ++i) {
+    MTA_CUDA_CHECK(cudaEventRecord(a));
+    fn();
+    MTA_CUDA_CHECK(cudaEventRecord(b));
+    MTA_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    MTA_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms);
+  }
+  cudaEventDestroy(a), cudaEventDestroy(b);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+}  // namespace
+
+nlohmann::json bench_attention(const AttentionSpec& spec, int B, int T, const std::string& impl, int reps, int warmup) {
+  const int H = spec.heads, D = spec.head_dim;
+  if (impl == "flash" && !spec.is_standard())
+    throw InputError("--impl flash: only for standard attention (this spec has MTA options)");
+  if (impl == "fused" && !flash_mta_supported(spec, D))
+    throw InputError("--impl fused: the fused kernels do not cover this spec yet (see docs/flash-mta.md)");
+  if (impl != "flash" && impl != "fused") throw InputError("--impl: must be flash or fused (got '" + impl + "')");
+  if (device_count() < 1) throw std::runtime_error("--device cuda: no CUDA device is available");
+  const size_t n = static_cast<size_t>(B) * H * T * D, rows = static_cast<size_t>(B) * H * T;
+  Arena mem;
+  bf16 *q = mem.random_bf16(n, 1), *k = mem.random_bf16(n, 2), *v = mem.random_bf16(n, 3),
+       *dout = mem.random_bf16(n, 4);
+  bf16 *o = mem.alloc<bf16>(n), *dq = mem.alloc<bf16>(n), *dk = mem.alloc<bf16>(n), *dv = mem.alloc<bf16>(n);
+  float* lse = mem.alloc<float>(rows);
+  float *w = nullptr, *gw = nullptr;
+  void* scratch = nullptr;
+  std::function<void()> fwd, bwd;
+  if (impl == "flash") {
+    scratch = mem.alloc<unsigned char>(flash_attn_backward_scratch_bytes(B, H, T, D));
+    fwd = [&] { flash_attn_forward(q, k, v, o, lse, B, H, T, D, nullptr); };
+    bwd = [&] { flash_attn_backward(q, k, v, o, dout, lse, dq, dk, dv, scratch, B, H, T, D, nullptr); };
+  } else {
+    const size_t nw = static_cast<size_t>(H) * spec.kq_pre->q * spec.kq_pre->k;
+    std::vector<float> hw(nw);
+    for (const auto& info : attention_params(spec))
+      if (info.name == "kq_pre") init_attention_param_identity(spec, info, hw.data());
+    for (size_t i = 0; i < nw; ++i) hw[i] += 0.05f * static_cast<float>(static_cast<int>(i * 7919 % 21) - 10) / 10.f;
+    w = mem.alloc<float>(nw), gw = mem.alloc<float>(nw);
+    MTA_CUDA_CHECK(cudaMemcpy(w, hw.data(), nw * sizeof(float), cudaMemcpyHostToDevice));
+    MTA_CUDA_CHECK(cudaMemset(gw, 0, nw * sizeof(float)));
+    scratch = mem.alloc<unsigned char>(flash_mta_backward_scratch_bytes(B, H, T, D));
+    fwd = [&] { flash_mta_forward(spec, q, k, v, w, o, lse, B, T, nullptr); };
+    bwd = [&] { flash_mta_backward(spec, q, k, v, w, o, dout, lse, dq, dk, dv, gw, scratch, B, T, nullptr); };
+  }
+  MTA_CUDA_CHECK(cudaDeviceSynchronize());
+  const double fwd_ms = median_ms(fwd, reps, warmup);
+  const double bwd_ms = median_ms(bwd, reps, warmup);
+  return {{"impl", impl}, {"B", B}, {"H", H}, {"T", T}, {"D", D}, {"fwd_ms", fwd_ms}, {"bwd_ms", bwd_ms},
+          {"fwd_bwd_ms", fwd_ms + bwd_ms}, {"device_bytes", mem.bytes()}, {"reps", reps}};
+}
+
+}  // namespace mta::cuda

@@ -1,0 +1,17 @@
+#pragma once
+// One attention layer timed on the GPU (`mta bench attn --device cuda`): bf16 inputs drawn at random
+// on the device (never zeros), the layer's parameters at identity plus noise, forward and backward
+// each timed with CUDA events (median of `reps` after `warmup`), and the device memory the layer
+// used: every buffer it reads or writes, scratch included (the fused kernels allocate nothing else).
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "attention/spec.h"
+
+namespace mta::cuda {
+
+// impl: "flash" (standard attention only) or "fused" (FlashMTA; flash_mta_supported(spec)).
+// Throws InputError for an impl that does not cover the spec.
+nlohmann::json bench_attention(const AttentionSpec& spec, int B, int T, const std::string& impl, int reps, int warmup);
+
+}  // namespace mta::cuda
