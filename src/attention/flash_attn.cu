@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   bf16* sK = sQ + BM * S;      // [2][BN][S]
   bf16* sV = sK + 2 * BN * S;  // [2][BN][S]
 
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;
   const size_t head = static_cast<size_t>(blockIdx.x) * T;
   q += head * D, k += head * D, v += head * D, o += head * D, lse += head;
@@ -149,89 +149,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
       }
     }
 
-    // Causal mask (key > query) and the sequence end (key >= T), only where the tile can need it.
-    if (n0 + BN > row_w + 1 || n0 + BN > T) {
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = n0 + 8 * j + 2 * t + (e & 1), row = row_w + g + 8 * (e >> 1);
-          if (col > row || col >= T) acc_s[j][e] = -INFINITY;
-        }
-    }
-
-    // Online softmax, per row half r (row g, row g + 8); a row is spread over the 4 lanes of a quad.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j) mx = fmaxf(mx, fmaxf(acc_s[j][2 * r], acc_s[j][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(row_max[r], mx * scale_log2);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet
-      const float alpha = exp2f(row_max[r] - m_use);          // exp2(-inf) = 0 on the first visit
-      row_max[r] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-        for (int e = 2 * r; e < 2 * r + 2; ++e) {
-          const float p = exp2f(fmaf(acc_s[j][e], scale_log2, -m_use));
-          acc_s[j][e] = p;
-          sum += p;
-        }
-      row_sum[r] = row_sum[r] * alpha + sum;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) acc_o[j][2 * r] *= alpha, acc_o[j][2 * r + 1] *= alpha;
-    }
-
-    // O += P V: P (fp32 C fragments) becomes the bf16 A operand directly.
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      const uint32_t a[4] = {pack_bf16(acc_s[2 * kk][0], acc_s[2 * kk][1]),
-                             pack_bf16(acc_s[2 * kk][2], acc_s[2 * kk][3]),
-                             pack_bf16(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]),
-                             pack_bf16(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3])};
-#pragma unroll
-      for (int dn = 0; dn < D / 16; ++dn) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, cV + bkn_offset(lane, kk * 16, dn * 16, S));
-        mma_bf16(acc_o[2 * dn], a, b[0], b[1]);
-        mma_bf16(acc_o[2 * dn + 1], a, b[2], b[3]);
-      }
-    }
+    mask_future<BN>(acc_s, n0, row_w, T, lane);
+    online_softmax<BN, D>(acc_s, row_max, row_sum, acc_o, scale_log2);
+    accumulate_pv<BN, D, S>(acc_s, cV, acc_o, lane);
   }
 
-  // Epilogue: normalize, write lse, stage this warp's 16 output rows in its own rows of sQ (read only
-  // by this warp) and store them with 16-byte writes.
-  float inv[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = row_sum[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[r] = l > 0.f ? 1.f / l : 0.f;
-    const int row = row_w + g + 8 * r;
-    if (t == 0 && row < T) lse[row] = l > 0.f ? row_max[r] * kLn2 + logf(l) : -INFINITY;
-  }
-  __syncwarp();
-  bf16* sO = sQ + warp * 16 * S;
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-      *reinterpret_cast<uint32_t*>(sO + (g + 8 * r) * S + 8 * j + 2 * t) =
-          pack_bf16(acc_o[j][2 * r] * inv[r], acc_o[j][2 * r + 1] * inv[r]);
-  __syncwarp();
-  constexpr int kChunksPerRow = D / 8;
-#pragma unroll
-  for (int c = lane; c < 16 * kChunksPerRow; c += 32) {
-    const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8, row = row_w + r;
-    if (row < T)
-      *reinterpret_cast<uint4*>(o + static_cast<size_t>(row) * D + col) =
-          *reinterpret_cast<const uint4*>(sO + r * S + col);
-  }
+  // Epilogue: this warp's 16 output rows are staged in its own rows of sQ (read only by this warp).
+  store_output_rows<D, S>(acc_o, row_max, row_sum, sQ + warp * 16 * S, o, lse, row_w, T, lane);
 }
 
 // Loads lse (pre-multiplied by log2 e) and delta of query rows m0 .. m0 + BM - 1 into shared memory

@@ -1,12 +1,15 @@
 #pragma once
-// Kernels shared by the fused attention backward passes (flash_attn.cu, flash_mta.cu): the row dot
-// products delta_i = dO_i . O_i and the conversion of fp32 gradient accumulators to bf16. Internal to
-// those two files (unnamed namespace: each includes its own copy).
+// Device code shared by the fused attention kernels (flash_attn.cu, flash_mta.cu): the forward pass's
+// per-tile steps (mask, online softmax, P V, epilogue), the row dot products delta_i = dO_i . O_i and
+// the conversion of fp32 gradient accumulators to bf16. Internal to those two files (unnamed
+// namespace: each includes its own copy).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <climits>
+#include <cmath>
+#include <cstdint>
 #include <stdexcept>
 
 #include "attention/mma_sm80.cuh"
@@ -14,6 +17,114 @@
 
 namespace mta::cuda {
 namespace {
+
+// ---- The forward pass's per-tile steps, shared by flash_fwd_kernel and the FlashMTA forward. A warp
+// holds the logits of its 16 query rows x BN keys in mma accumulator layout (acc_s), its output rows
+// (acc_o, D columns) and per row half r (row g, row g + 8) the running max (log2 domain) and this
+// thread's part of the running sum.
+
+// Second causal mask (key > query) and the sequence end (key >= T), only where the tile can need it.
+template <int BN>
+__device__ __forceinline__ void mask_future(float (&acc_s)[BN / 8][4], int n0, int row_w, int T, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  if (n0 + BN > row_w + 1 || n0 + BN > T) {
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = n0 + 8 * j + 2 * t + (e & 1), row = row_w + g + 8 * (e >> 1);
+        if (col > row || col >= T) acc_s[j][e] = -INFINITY;
+      }
+  }
+}
+
+// Online softmax: x = acc_s * scale_log2, new running max, rescale of the sum and of acc_o, and
+// acc_s replaced by exp2(x - max). A row is spread over the 4 lanes of a quad.
+template <int BN, int D>
+__device__ __forceinline__ void online_softmax(float (&acc_s)[BN / 8][4], float (&row_max)[2], float (&row_sum)[2],
+                                               float (&acc_o)[D / 8][4], float scale_log2) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) mx = fmaxf(mx, fmaxf(acc_s[j][2 * r], acc_s[j][2 * r + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(row_max[r], mx * scale_log2);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet
+    const float alpha = exp2f(row_max[r] - m_use);          // exp2(-inf) = 0 on the first visit
+    row_max[r] = m_new;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+      for (int e = 2 * r; e < 2 * r + 2; ++e) {
+        const float p = exp2f(fmaf(acc_s[j][e], scale_log2, -m_use));
+        acc_s[j][e] = p;
+        sum += p;
+      }
+    row_sum[r] = row_sum[r] * alpha + sum;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) acc_o[j][2 * r] *= alpha, acc_o[j][2 * r + 1] *= alpha;
+  }
+}
+
+// acc_o += P V: P (fp32 accumulator fragments) becomes the bf16 A operand directly; cV is the key
+// tile's values in shared memory ([BN][S] bf16).
+template <int BN, int D, int S>
+__device__ __forceinline__ void accumulate_pv(const float (&acc_s)[BN / 8][4], const __nv_bfloat16* cV,
+                                              float (&acc_o)[D / 8][4], int lane) {
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) {
+    const uint32_t a[4] = {mma::pack_bf16(acc_s[2 * kk][0], acc_s[2 * kk][1]),
+                           mma::pack_bf16(acc_s[2 * kk][2], acc_s[2 * kk][3]),
+                           mma::pack_bf16(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]),
+                           mma::pack_bf16(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3])};
+#pragma unroll
+    for (int dn = 0; dn < D / 16; ++dn) {
+      uint32_t b[4];
+      mma::ldmatrix_x4_trans(b, cV + mma::bkn_offset(lane, kk * 16, dn * 16, S));
+      mma::mma_bf16(acc_o[2 * dn], a, b[0], b[1]);
+      mma::mma_bf16(acc_o[2 * dn + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// Epilogue: normalize, write lse (natural log-sum-exp of the logits as scaled into the log2 domain
+// by the caller), stage the warp's 16 output rows in sO (16 rows of stride S, read only by this warp)
+// and store them to o (rows row_w .., [T][D]) with 16-byte writes.
+template <int D, int S>
+__device__ __forceinline__ void store_output_rows(const float (&acc_o)[D / 8][4], const float (&row_max)[2],
+                                                  const float (&row_sum)[2], __nv_bfloat16* sO, __nv_bfloat16* o,
+                                                  float* lse, int row_w, int T, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = row_sum[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv[r] = l > 0.f ? 1.f / l : 0.f;
+    const int row = row_w + g + 8 * r;
+    if (t == 0 && row < T) lse[row] = l > 0.f ? row_max[r] * mma::kLn2 + logf(l) : -INFINITY;
+  }
+  __syncwarp();
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      *reinterpret_cast<uint32_t*>(sO + (g + 8 * r) * S + 8 * j + 2 * t) =
+          mma::pack_bf16(acc_o[j][2 * r] * inv[r], acc_o[j][2 * r + 1] * inv[r]);
+  __syncwarp();
+  constexpr int kChunksPerRow = D / 8;
+#pragma unroll
+  for (int c = lane; c < 16 * kChunksPerRow; c += 32) {
+    const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8, row = row_w + r;
+    if (row < T)
+      *reinterpret_cast<uint4*>(o + static_cast<size_t>(row) * D + col) =
+          *reinterpret_cast<const uint4*>(sO + r * S + col);
+  }
+}
 
 // delta_i = sum_d dO[i,d] * O[i,d] in fp32 (one warp per row).
 template <int D>

@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
   __half* sS = reinterpret_cast<__half*>(sV + 2 * BN * S);  // [kRowsE][SS]: S0 on the extended tile
   uint32_t* sBand = reinterpret_cast<uint32_t*>(sS + kRowsE * SS);
 
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;
   const int h = blockIdx.x % H;
   const size_t head = static_cast<size_t>(blockIdx.x) * T;
@@ -237,84 +237,14 @@ __global__ void __launch_bounds__(Tr::kThreads)
     conv_tile<Tr>(sS, sBand, cq, warp, lane, acc_s);
 
     // 3. Second causal mask and the sequence end, then FlashAttention's online softmax (C already
-    //    carries the 1/sqrt(D) scale: only log2(e) remains).
-    if (n0 + BN > row_w + 1 || n0 + BN > T) {
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = n0 + 8 * j + 2 * t + (e & 1), row = row_w + g + 8 * (e >> 1);
-          if (col > row || col >= T) acc_s[j][e] = -INFINITY;
-        }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j) mx = fmaxf(mx, fmaxf(acc_s[j][2 * r], acc_s[j][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(row_max[r], mx * kLog2e);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      const float alpha = exp2f(row_max[r] - m_use);
-      row_max[r] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-        for (int e = 2 * r; e < 2 * r + 2; ++e) {
-          const float p = exp2f(fmaf(acc_s[j][e], kLog2e, -m_use));
-          acc_s[j][e] = p;
-          sum += p;
-        }
-      row_sum[r] = row_sum[r] * alpha + sum;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) acc_o[j][2 * r] *= alpha, acc_o[j][2 * r + 1] *= alpha;
-    }
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      const uint32_t a[4] = {pack_bf16(acc_s[2 * kk][0], acc_s[2 * kk][1]),
-                             pack_bf16(acc_s[2 * kk][2], acc_s[2 * kk][3]),
-                             pack_bf16(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]),
-                             pack_bf16(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3])};
-#pragma unroll
-      for (int dn = 0; dn < D / 16; ++dn) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, cV + bkn_offset(lane, kk * 16, dn * 16, S));
-        mma_bf16(acc_o[2 * dn], a, b[0], b[1]);
-        mma_bf16(acc_o[2 * dn + 1], a, b[2], b[3]);
-      }
-    }
+    //    carries the 1/sqrt(D) scale: only log2(e) remains) and P V.
+    mask_future<BN>(acc_s, n0, row_w, T, lane);
+    online_softmax<BN, D>(acc_s, row_max, row_sum, acc_o, kLog2e);
+    accumulate_pv<BN, D, S>(acc_s, cV, acc_o, lane);
   }
 
-  // Epilogue: normalize, lse, stage the warp's rows in its own (no longer read) rows of sQ, store.
-  float inv[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = row_sum[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[r] = l > 0.f ? 1.f / l : 0.f;
-    const int row = row_w + g + 8 * r;
-    if (t == 0 && row < T) lse[row] = l > 0.f ? row_max[r] * kLn2 + logf(l) : -INFINITY;
-  }
-  __syncwarp();
-  bf16* sO = sQ + (kHalo + warp * 16) * S;
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-      *reinterpret_cast<uint32_t*>(sO + (g + 8 * r) * S + 8 * j + 2 * t) =
-          pack_bf16(acc_o[j][2 * r] * inv[r], acc_o[j][2 * r + 1] * inv[r]);
-  __syncwarp();
-  constexpr int kChunksPerRow = D / 8;
-#pragma unroll
-  for (int c = lane; c < 16 * kChunksPerRow; c += 32) {
-    const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8, row = row_w + r;
-    if (row < T)
-      *reinterpret_cast<uint4*>(o + static_cast<size_t>(row) * D + col) =
-          *reinterpret_cast<const uint4*>(sO + r * S + col);
-  }
+  // Epilogue: the warp's rows are staged in its own (no longer read) rows of sQ.
+  store_output_rows<D, S>(acc_o, row_max, row_sum, sQ + (kHalo + warp * 16) * S, o, lse, row_w, T, lane);
 }
 
 
