@@ -6,7 +6,8 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 if [ -x "$here/mta_gpu_tests" ]; then
-  export LD_LIBRARY_PATH="$here/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+  # shellcheck source=/dev/null
+  source "$here/env.sh"
   exec "$here/mta_gpu_tests" "$@"
 fi
 cd "$here/.."
