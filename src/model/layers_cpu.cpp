@@ -7,6 +7,7 @@
 
 #include "attention/attention_op.h"
 #include "util/blas.h"
+#include "util/fast_exp.h"
 
 namespace mta::cpu {
 
@@ -94,7 +95,7 @@ template <typename T>
 void swiglu_forward(const T* a, const T* b, T* g, long long n) {
 #pragma omp parallel for schedule(static)
   for (long long i = 0; i < n; ++i) {
-    const T sig = T(1) / (T(1) + std::exp(-a[i]));
+    const T sig = T(1) / (T(1) + exp_vec(-a[i]));
     g[i] = a[i] * sig * b[i];
   }
 }
@@ -103,7 +104,7 @@ template <typename T>
 void swiglu_backward(const T* dg, const T* a, const T* b, T* da, T* db, long long n) {
 #pragma omp parallel for schedule(static)
   for (long long i = 0; i < n; ++i) {
-    const T sig = T(1) / (T(1) + std::exp(-a[i]));
+    const T sig = T(1) / (T(1) + exp_vec(-a[i]));
     const T silu = a[i] * sig;
     db[i] = dg[i] * silu;
     da[i] = dg[i] * b[i] * sig * (T(1) + a[i] * (T(1) - sig));
