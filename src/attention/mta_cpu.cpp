@@ -77,6 +77,7 @@ void conv_weight_grad(const T* in, const T* dout, double* dW, const KqConv& kc, 
         const T* drow = dout + static_cast<long long>(i) * n;
         const int jlo = std::max(0, -shift), jhi = std::min(i, ii - shift);
         T row = 0;
+#pragma omp simd reduction(+ : row)
         for (int j = jlo; j <= jhi; ++j) row += drow[j] * irow[j + shift];
         acc += row;
       }
@@ -145,6 +146,7 @@ void mix_heads_weight_grad(const std::vector<T*>& in, const std::vector<T*>& dou
     for (int i = 0; i < n; ++i) {
       const long long row = static_cast<long long>(i) * n;
       T r = 0;
+#pragma omp simd reduction(+ : r)
       for (int j = 0; j <= i; ++j) r += a[row + j] * b[row + j];
       acc += r;
     }
@@ -152,20 +154,21 @@ void mix_heads_weight_grad(const std::vector<T*>& in, const std::vector<T*>& dou
   }
 }
 
-// Row softmax over j <= i, in place; the future part stays zero.
+// Row softmax over j <= i, in place, on a row of len >= i + 1 entries whose entries i < j < len are
+// set to 0 (a len rounded up to the vector width spares the loops their scalar tails).
 template <typename T>
-void softmax_row(T* p, int i) {
-  // Vectorized reductions (omp simd): a fixed order for a given build, whatever the threads. The max
-  // starts at j = 0 so that its trip count is i + 1, a multiple of the vector width in the row path.
+void softmax_row(T* p, int i, int len) {
+  std::fill(p + std::min(i + 1, len), p + len, -std::numeric_limits<T>::infinity());  // exp -> 0
+  // Vectorized reductions (omp simd): a fixed order for a given build, whatever the threads.
   T m = p[0];
 #pragma omp simd reduction(max : m)
-  for (int j = 0; j <= i; ++j) m = std::max(m, p[j]);
-  for (int j = 0; j <= i; ++j) p[j] = exp_vec(p[j] - m);  // a loop of its own: it vectorizes
+  for (int j = 0; j < len; ++j) m = p[j] > m ? p[j] : m;  // (std::max, taking a reference, does not vectorize)
+  for (int j = 0; j < len; ++j) p[j] = exp_vec(p[j] - m);  // a loop of its own: it vectorizes
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int j = 0; j <= i; ++j) sum += p[j];
+  for (int j = 0; j < len; ++j) sum += p[j];
   const T inv = T(1) / sum;
-  for (int j = 0; j <= i; ++j) p[j] *= inv;
+  for (int j = 0; j < len; ++j) p[j] *= inv;
 }
 
 // Epilogue of one output row: group norm, depth scaling, gate. `o` holds A3 @ V on entry.
@@ -280,7 +283,7 @@ void unit_scores(const AttentionSpec& spec, const AttnDims& dims, const T* q, co
   }
 #pragma omp parallel for collapse(2) schedule(dynamic, 32)
   for (int x = 0; x < G; ++x)
-    for (int i = 0; i < n; ++i) softmax_row(buf.a[x] + static_cast<long long>(i) * n, i);
+    for (int i = 0; i < n; ++i) softmax_row(buf.a[x] + static_cast<long long>(i) * n, i, std::min(n, (i + 8) / 8 * 8));
   // 5. Key-query convolution after softmax, future set to 0 (conv writes only j <= i).
   if (spec.kq_post) {
     const KqConv& kc = *spec.kq_post;
@@ -457,7 +460,7 @@ struct RowScratch {
 };
 
 // Attention weights of rows i0 .. i0+R-1 of head bh from their logits in s (R x ld, keys < nkp
-// filled): causal mask, softmax, and, with dropout, the mask and 1/(1-p), in place. With dropout the
+// filled): causal mask and softmax, and, with dropout, the mask and 1/(1-p), in place. With dropout the
 // weights before it are copied to p (backward needs both); without, p is not touched.
 template <typename T>
 void block_weights(T* s, T* p, int ld, int nkp, const AttnOptions& opt, long long bh, int n, int i0) {
@@ -465,8 +468,7 @@ void block_weights(T* s, T* p, int ld, int nkp, const AttnOptions& opt, long lon
   for (int r = 0; r < kRowBlock; ++r) {
     const int i = i0 + r;
     T* row = s + static_cast<long long>(r) * ld;
-    std::fill(row + std::min(i + 1, nkp), row + nkp, -std::numeric_limits<T>::infinity());  // exp -> 0
-    softmax_row(row, nkp - 1);
+    softmax_row(row, i, nkp);
     if (opt.dropout <= 0.0f || i >= n) continue;
     T* prow = p + static_cast<long long>(r) * ld;
     std::copy(row, row + nkp, prow);
