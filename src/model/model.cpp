@@ -192,7 +192,7 @@ void ModelT<T>::attention_forward(int l, Acts& a, bool train, uint64_t seed) {
 }
 
 template <typename T>
-void ModelT<T>::attention_backward(int l, Acts& a, const T* da_flat, T* dq, T* dk, T* dv_out, bool train,
+void ModelT<T>::attention_backward(int l, Acts& a, const T* datt, T* dq, T* dk, T* dv_out, bool train,
                                uint64_t seed) {
   typename Acts::Layer& L = a.layers[l];
   const int B = a.B, Tn = a.seq, H = cfg_.n_heads, d = cfg_.head_dim();
@@ -201,21 +201,18 @@ void ModelT<T>::attention_backward(int l, Acts& a, const T* da_flat, T* dq, T* d
   const AttentionSpec spec = cfg_.layer_spec(l);
   const std::string pre = lname(l, "attention.");
   if (cfg_.attention != AttentionKind::Diff) {
-    std::vector<T>& datt = a.s_datt;
-    cpu::to_heads(da_flat, datt.data(), B, Tn, H, d);
     const auto p = attn_pointers<AttnParams<T>>(
         [&](const char* n) -> const T* { return layout_.has(pre + n) ? params_.data() + layout_.view(pre + n).offset : nullptr; });
     const auto g = attn_pointers<AttnParamGrads<T>>(
         [&](const char* n) -> T* { return layout_.has(pre + n) ? grads_.data() + layout_.view(pre + n).offset : nullptr; });
-    cpu::mta_backward<T>(spec, AttnDims{B, H, Tn, d}, L.q.data(), L.k.data(), L.v.data(), p, datt.data(), dq, dk,
-                             dv_out, g, opt);
+    cpu::mta_backward<T>(spec, AttnDims{B, H, Tn, d}, L.q.data(), L.k.data(), L.v.data(), p, datt, dq, dk, dv_out, g,
+                         opt);
     return;
   }
   const int Hd = H / 2, dvd = 2 * d;
   const long long hs = static_cast<long long>(Tn) * dvd;
   const int rows = B * Hd * Tn;
-  std::vector<T> dy(static_cast<size_t>(rows) * dvd), dcomb(dy.size(), T(0));
-  cpu::to_heads(da_flat, dy.data(), B, Tn, Hd, dvd);
+  std::vector<T> dy(datt, datt + static_cast<size_t>(rows) * dvd), dcomb(dy.size(), T(0));
   const T scale = static_cast<T>(1.0 - diff_lambda_init(l));
   for (auto& e : dy) e *= scale;
   cpu::rmsnorm_backward(dy.data(), L.comb.data(), param(pre + "subln.weight"), L.comb_rstd.data(), dcomb.data(),
@@ -335,7 +332,8 @@ void ModelT<T>::layer_backward(int l, Acts& a, T* dx, bool train, uint64_t seed)
   auto p = [&](const char* n) { return param(lname(l, n)); };
   auto g = [&](const char* n) { return grads_.data() + layout_.view(lname(l, n)).offset; };
   T *dy = a.s_dy.data(), *dy2 = a.s_dy2.data(), *dg = a.s_dg.data(), *dh1 = a.s_dh1.data(), *dh3 = a.s_dh3.data(),
-    *dxn = a.s_dxn.data(), *da = a.s_da.data();
+    *dxn = a.s_dxn.data(), *da = a.s_da.data(), *datt = a.s_datt.data();
+  const cpu::RopeTable<T>* const no_rope = nullptr;
   std::vector<T> parts(static_cast<size_t>(omp_get_max_threads()) * C, T(0));  // per-thread RMSNorm dw
   // Feed-forward: dx holds d(out) = d(x_mid) through the residual; then the attention's output
   // projection: dx holds d(x_mid) = d(x_in) through the residual.
@@ -355,6 +353,7 @@ void ModelT<T>::layer_backward(int l, Acts& a, T* dx, bool train, uint64_t seed)
     std::copy(dx + o, dx + o + nc, dy2 + o);
     cpu::dropout_apply(dy2 + o, nc, drop, site_seed(seed, l, kDropAttnOut), o);
     cpu::linear_backward_input(dy2 + o, p("attention.wo.weight"), da + o, rows, C, C);
+    cpu::to_heads_tokens(da, datt, a.seq, Hv, C / Hv, no_rope, r0, r1);  // the layout of v, for either kind
 #pragma omp barrier
     const auto [c0, c1] = thread_share(C);
     const auto [f0, f1] = thread_share(F);
@@ -365,13 +364,12 @@ void ModelT<T>::layer_backward(int l, Acts& a, T* dx, bool train, uint64_t seed)
     add_thread_parts(g("ffn_norm.weight"), parts, C);
   }
   T *dqh = a.s_dqh.data(), *dkh = a.s_dkh.data(), *dvh = a.s_dvh.data();
-  attention_backward(l, a, da, dqh, dkh, dvh, train, seed);
+  attention_backward(l, a, datt, dqh, dkh, dvh, train, seed);
   // q, k, v projections and the attention norm.
   std::fill(parts.begin(), parts.end(), T(0));
   T* flat[] = {a.s_fq.data(), a.s_fk.data(), a.s_fv.data()};
   const T* w_qkv[] = {p("attention.wq.weight"), p("attention.wk.weight"), p("attention.wv.weight")};
   T* g_qkv[] = {g("attention.wq.weight"), g("attention.wk.weight"), g("attention.wv.weight")};
-  const cpu::RopeTable<T>* const no_rope = nullptr;
 #pragma omp parallel
   {
     const auto [r0, r1] = thread_share(N);
