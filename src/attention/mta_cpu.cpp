@@ -349,11 +349,10 @@ struct Simd {
   typedef T V __attribute__((vector_size(32)));
   static constexpr int N = 32 / sizeof(T);  // lanes
 };
+// (Vectors pass by reference: by value they would change the ABI between AVX and non-AVX builds.)
 template <typename T>
-inline typename Simd<T>::V vload(const T* p) {
-  typename Simd<T>::V v;
+inline void vload(typename Simd<T>::V& v, const T* p) {
   std::memcpy(&v, p, sizeof v);
-  return v;
 }
 template <typename T>
 inline void vstore(T* p, const typename Simd<T>::V& v) {
@@ -370,7 +369,7 @@ void rows_dot_cols(const T* x, int ldx, const T* yt, int ldy, int D, T c, int nk
     V a[R][NV] = {};
     for (int d = 0; d < D; ++d) {
       V y[NV];
-      for (int u = 0; u < NV; ++u) y[u] = vload(yt + static_cast<long long>(d) * ldy + j0 + u * Simd<T>::N);
+      for (int u = 0; u < NV; ++u) vload(y[u], yt + static_cast<long long>(d) * ldy + j0 + u * Simd<T>::N);
       for (int r = 0; r < R; ++r)
         for (int u = 0; u < NV; ++u) a[r][u] += x[r * ldx + d] * y[u];
     }
@@ -387,7 +386,7 @@ void weighted_rows_block(const T* w, int ldw, const T* y, int ldy, int nk, T* ou
   V a[R][NV] = {};
   for (int j = 0; j < nk; ++j) {
     V yj[NV];
-    for (int u = 0; u < NV; ++u) yj[u] = vload(y + static_cast<long long>(j) * ldy + u * Simd<T>::N);
+    for (int u = 0; u < NV; ++u) vload(yj[u], y + static_cast<long long>(j) * ldy + u * Simd<T>::N);
     for (int r = 0; r < R; ++r)
       for (int u = 0; u < NV; ++u) a[r][u] += w[r * ldw + j] * yj[u];
   }
@@ -418,10 +417,11 @@ void add_rank_rows(const T* w, int ldw, const T* x, int D, int nk, T* y) {
   int d = 0;
   for (; d + N <= D; d += N) {
     V xr[R];
-    for (int r = 0; r < R; ++r) xr[r] = vload(x + r * D + d);
+    for (int r = 0; r < R; ++r) vload(xr[r], x + r * D + d);
     for (int j = 0; j < nk; ++j) {
       T* yj = y + static_cast<long long>(j) * D + d;
-      V acc = vload(yj);
+      V acc;
+      vload(acc, yj);
       for (int r = 0; r < R; ++r) acc += w[r * ldw + j] * xr[r];
       vstore(yj, acc);
     }
