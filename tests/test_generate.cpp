@@ -115,8 +115,11 @@ void check_cache_equals_full(const json& attention, double tol) {
 
 }  // namespace
 
+// In float the two paths sum in different orders (the full forward's softmax and exp are vectorized,
+// the cached row path is not), so they differ by rounding: ~1e-5 on logits of magnitude ~4, i.e. a
+// few float ulps per layer. 5e-5 bounds that; exactness itself is the double test's job (1e-12).
 TEST(Decode, CachedLogitsEqualFullForwardFloat) {
-  for (const json& a : attention_cases()) check_cache_equals_full<float>(a, 1e-5);
+  for (const json& a : attention_cases()) check_cache_equals_full<float>(a, 5e-5);
 }
 
 TEST(Decode, CachedLogitsEqualFullForwardDouble) {

@@ -161,6 +161,46 @@ TEST(MtaCpu, NonIdentityKernelsChangeTheOutput) {
 
 TEST(MtaCpu, FiniteDifferencesStandard) { check_gradients(R"({"heads": 2, "head_dim": 3})", 2, 5, 1); }
 
+// Standard specs take mta_cpu.cpp's row path up to T = 128 and the general path beyond; both are
+// checked against finite differences (with dropout and wider values too), and against each other.
+TEST(MtaCpu, FiniteDifferencesStandardBothPaths) {
+  check_gradients(R"({"heads": 2, "head_dim": 5})", 2, 9, 21, /*Dv=*/10, /*dropout=*/0.3f);
+  check_gradients(R"({"heads": 1, "head_dim": 9})", 1, 19, 22);
+  check_gradients(R"({"heads": 1, "head_dim": 1})", 1, 129, 23, 0, 0.2f);  // T > 128: the general path
+}
+
+// A 1x1 identity key-query convolution computes standard attention through the general path: the
+// row path's outputs and gradients must match it (head dims around the vector widths, Dv = 2D,
+// dropout, the longest T of the row path).
+TEST(MtaCpu, RowPathMatchesGeneralPath) {
+  struct Case {
+    int H, D, Dv, T;
+    float dropout;
+  };
+  for (const Case& k : {Case{2, 19, 0, 37, 0.0f}, Case{3, 5, 10, 70, 0.2f}, Case{1, 32, 0, 128, 0.1f},
+                        Case{2, 8, 0, 1, 0.0f}, Case{2, 17, 34, 16, 0.0f}}) {
+    const std::string dims = "\"heads\": " + std::to_string(k.H) + ", \"head_dim\": " + std::to_string(k.D);
+    SCOPED_TRACE(dims + " Dv=" + std::to_string(k.Dv) + " T=" + std::to_string(k.T));
+    // Same seed: the same q, k, v and dout (parameters are drawn after them).
+    AttnCase<double> row = random_case<double>(spec("{" + dims + "}"), 2, k.T, 31, true, k.Dv);
+    AttnCase<double> gen =
+        random_case<double>(spec("{" + dims + R"(, "kq_pre": {"q": 1, "k": 1}})"), 2, k.T, 31, true, k.Dv);
+    row.opt.dropout = gen.opt.dropout = k.dropout;
+    row.opt.dropout_seed = gen.opt.dropout_seed = 99;
+    EXPECT_LT(rel_err(forward(row), forward(gen)), 1e-13);
+    Grads gr = backward(row), gg = backward(gen);
+    EXPECT_LT(rel_err(gr.dq, gg.dq), 1e-12);
+    EXPECT_LT(rel_err(gr.dk, gg.dk), 1e-12);
+    EXPECT_LT(rel_err(gr.dv, gg.dv), 1e-12);
+    // float: the vector kernels' other instantiation.
+    AttnCase<float> rowf = random_case<float>(row.spec, 2, k.T, 31, true, k.Dv);
+    AttnCase<float> genf = random_case<float>(gen.spec, 2, k.T, 31, true, k.Dv);
+    rowf.opt = row.opt, genf.opt = gen.opt;
+    auto of = forward(rowf), og = forward(genf);
+    EXPECT_LT(rel_err(std::vector<double>(of.begin(), of.end()), std::vector<double>(og.begin(), og.end())), 1e-5);
+  }
+}
+
 TEST(MtaCpu, FiniteDifferencesKqPre) {
   check_gradients(R"({"heads": 2, "head_dim": 3, "kq_pre": {"q": 3, "k": 5, "pad_key": "both"}})", 1, 7, 2);
   check_gradients(R"({"heads": 1, "head_dim": 2, "kq_pre": {"q": 4, "k": 6, "pad_key": "left"}})", 1, 3, 3);
@@ -203,23 +243,28 @@ TEST(MtaCpu, DropoutDropsTheRightShareAndIsDeterministic) {
 }
 
 TEST(MtaCpu, SameResultForAnyThreadCount) {
-  auto s = spec(R"({"heads": 4, "head_dim": 8, "kq_pre": {"q": 3, "k": 5}, "head_pre": {"group": 2},
-      "kq_post": {"q": 2, "k": 3}, "head_post": {"group": 4}, "norm": true, "gate": true})");
-  for (int B : {1, 3}) {
-    AttnCase<double> c = random_case<double>(s, B, 21, 11);
-    const int saved = omp_get_max_threads();
-    omp_set_num_threads(1);
-    auto out1 = forward(c);
-    Grads g1 = backward(c);
-    omp_set_num_threads(4);
-    auto out4 = forward(c);
-    Grads g4 = backward(c);
-    omp_set_num_threads(saved);
-    EXPECT_LT(rel_err(out4, out1), 1e-14);
-    EXPECT_LT(rel_err(g4.dq, g1.dq), 1e-14);
-    EXPECT_LT(rel_err(g4.dk, g1.dk), 1e-14);
-    EXPECT_LT(rel_err(g4.dv, g1.dv), 1e-14);
-    for (auto& [name, val] : g1.params) EXPECT_LT(rel_err(g4.params[name], val), 1e-13) << name;
+  const AttentionSpec specs[] = {
+      spec(R"({"heads": 4, "head_dim": 8, "kq_pre": {"q": 3, "k": 5}, "head_pre": {"group": 2},
+          "kq_post": {"q": 2, "k": 3}, "head_post": {"group": 4}, "norm": true, "gate": true})"),
+      spec(R"({"heads": 4, "head_dim": 8})"),  // the row path
+  };
+  for (const AttentionSpec& s : specs) {
+    for (int B : {1, 3}) {
+      AttnCase<double> c = random_case<double>(s, B, 21, 11);
+      const int saved = omp_get_max_threads();
+      omp_set_num_threads(1);
+      auto out1 = forward(c);
+      Grads g1 = backward(c);
+      omp_set_num_threads(4);
+      auto out4 = forward(c);
+      Grads g4 = backward(c);
+      omp_set_num_threads(saved);
+      EXPECT_LT(rel_err(out4, out1), 1e-14);
+      EXPECT_LT(rel_err(g4.dq, g1.dq), 1e-14);
+      EXPECT_LT(rel_err(g4.dk, g1.dk), 1e-14);
+      EXPECT_LT(rel_err(g4.dv, g1.dv), 1e-14);
+      for (auto& [name, val] : g1.params) EXPECT_LT(rel_err(g4.params[name], val), 1e-13) << name;
+    }
   }
 }
 

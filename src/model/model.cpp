@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -21,6 +22,22 @@ namespace {
 
 std::string lname(int l, const std::string& rest) { return layer_param_name(l, rest); }
 uint64_t site_seed(uint64_t base, int layer, int site) { return dropout_site_seed(base, layer, site); }
+
+// The calling thread's contiguous share [lo, hi) of n items (all of them outside a parallel region).
+std::pair<int, int> thread_share(int n) {
+  const long long nt = omp_get_num_threads(), t = omp_get_thread_num();
+  return {static_cast<int>(n * t / nt), static_cast<int>(n * (t + 1) / nt)};
+}
+
+// dw += the per-thread partial sums parts[t * C + c], added in thread order (deterministic), each
+// thread of the team adding its share of the C columns.
+template <typename T>
+void add_thread_parts(T* dw, const std::vector<T>& parts, int C) {
+  const auto [c0, c1] = thread_share(C);
+  const int nt = static_cast<int>(parts.size() / C);
+  for (int t = 0; t < nt; ++t)
+    for (int c = c0; c < c1; ++c) dw[c] += parts[static_cast<size_t>(t) * C + c];
+}
 
 }  // namespace
 
@@ -40,7 +57,8 @@ struct ModelT<T>::Acts {
   std::vector<Layer> layers;
   std::vector<T> x_final, xf, rstdf;
   // Scratch reused by every layer and step (allocating and zeroing them per call cost ~4% of a step).
-  std::vector<T> s_tmp, s_dy, s_dg, s_dh1, s_dh3, s_dxn, s_da, s_dqh, s_dkh, s_dvh, s_flat, s_datt;
+  std::vector<T> s_tmp, s_dy, s_dy2, s_dg, s_dh1, s_dh3, s_dxn, s_da, s_dqh, s_dkh, s_dvh, s_fq, s_fk, s_fv, s_datt;
+  std::optional<cpu::RopeTable<T>> rope;  // for positions < seq
   int N() const { return B * seq; }
 };
 
@@ -177,7 +195,7 @@ void ModelT<T>::attention_forward(int l, Acts& a, bool train, uint64_t seed) {
 }
 
 template <typename T>
-void ModelT<T>::attention_backward(int l, Acts& a, const T* da_flat, T* dq, T* dk, T* dv_out, bool train,
+void ModelT<T>::attention_backward(int l, Acts& a, const T* datt, T* dq, T* dk, T* dv_out, bool train,
                                uint64_t seed) {
   typename Acts::Layer& L = a.layers[l];
   const int B = a.B, Tn = a.seq, H = cfg_.n_heads, d = cfg_.head_dim();
@@ -186,21 +204,18 @@ void ModelT<T>::attention_backward(int l, Acts& a, const T* da_flat, T* dq, T* d
   const AttentionSpec spec = cfg_.layer_spec(l);
   const std::string pre = lname(l, "attention.");
   if (cfg_.attention != AttentionKind::Diff) {
-    std::vector<T>& datt = a.s_datt;
-    cpu::to_heads(da_flat, datt.data(), B, Tn, H, d);
     const auto p = attn_pointers<AttnParams<T>>(
         [&](const char* n) -> const T* { return layout_.has(pre + n) ? params_.data() + layout_.view(pre + n).offset : nullptr; });
     const auto g = attn_pointers<AttnParamGrads<T>>(
         [&](const char* n) -> T* { return layout_.has(pre + n) ? grads_.data() + layout_.view(pre + n).offset : nullptr; });
-    cpu::mta_backward<T>(spec, AttnDims{B, H, Tn, d}, L.q.data(), L.k.data(), L.v.data(), p, datt.data(), dq, dk,
-                             dv_out, g, opt);
+    cpu::mta_backward<T>(spec, AttnDims{B, H, Tn, d}, L.q.data(), L.k.data(), L.v.data(), p, datt, dq, dk, dv_out, g,
+                         opt);
     return;
   }
   const int Hd = H / 2, dvd = 2 * d;
   const long long hs = static_cast<long long>(Tn) * dvd;
   const int rows = B * Hd * Tn;
-  std::vector<T> dy(static_cast<size_t>(rows) * dvd), dcomb(dy.size(), T(0));
-  cpu::to_heads(da_flat, dy.data(), B, Tn, Hd, dvd);
+  std::vector<T> dy(datt, datt + static_cast<size_t>(rows) * dvd), dcomb(dy.size(), T(0));
   const T scale = static_cast<T>(1.0 - diff_lambda_init(l));
   for (auto& e : dy) e *= scale;
   cpu::rmsnorm_backward(dy.data(), L.comb.data(), param(pre + "subln.weight"), L.comb_rstd.data(), dcomb.data(),
@@ -253,83 +268,127 @@ void ModelT<T>::attention_backward(int l, Acts& a, const T* da_flat, T* dq, T* d
     }
 }
 
+// The token-wise parts of a layer (norms, projections, RoPE, residuals, feed-forward) run in one
+// parallel region per side of the attention op, which alone needs all tokens of a sequence at once:
+// each thread takes a contiguous share of the N token rows through the whole chain, calling the
+// kernels on its rows (inside a parallel region they and BLAS run single-threaded). Weight
+// gradients, sums over all rows, follow a barrier, each thread computing a share of their rows.
+// Why: at the toy models' sizes the ~50 parallel regions a layer (one per kernel and GEMM) cost
+// more than their work, and on a shared machine every barrier waits for the slowest thread.
 template <typename T>
 void ModelT<T>::layer_forward(int l, Acts& a, bool train, uint64_t seed) {
   typename Acts::Layer& L = a.layers[l];
   const int N = a.N(), C = cfg_.dim, F = cfg_.ffn_hidden, H = cfg_.n_heads, d = cfg_.head_dim();
-  const T eps = static_cast<T>(cfg_.norm_eps);
-  const T* x = L.x_in.data();
-  cpu::rmsnorm_forward(x, param(lname(l, "attention_norm.weight")), L.xn1.data(), L.rstd1.data(), N, C, eps);
-  std::vector<T>& tmp = a.s_tmp;
-  cpu::linear_forward(L.xn1.data(), param(lname(l, "attention.wq.weight")), tmp.data(), N, C, C);
-  cpu::to_heads(tmp.data(), L.q.data(), a.B, a.seq, H, d);
-  cpu::rope_apply(L.q.data(), a.B, H, a.seq, d, cfg_.rope_theta, false);
-  cpu::linear_forward(L.xn1.data(), param(lname(l, "attention.wk.weight")), tmp.data(), N, C, C);
-  cpu::to_heads(tmp.data(), L.k.data(), a.B, a.seq, H, d);
-  cpu::rope_apply(L.k.data(), a.B, H, a.seq, d, cfg_.rope_theta, false);
-  cpu::linear_forward(L.xn1.data(), param(lname(l, "attention.wv.weight")), tmp.data(), N, C, C);
   const int Hv = cfg_.attention == AttentionKind::Diff ? H / 2 : H;
-  cpu::to_heads(tmp.data(), L.v.data(), a.B, a.seq, Hv, C / Hv);
+  const T eps = static_cast<T>(cfg_.norm_eps);
+  const float drop = train ? cfg_.dropout : 0.0f;
+  const T *w_norm1 = param(lname(l, "attention_norm.weight")), *wq = param(lname(l, "attention.wq.weight")),
+          *wk = param(lname(l, "attention.wk.weight")), *wv = param(lname(l, "attention.wv.weight")),
+          *wo = param(lname(l, "attention.wo.weight")), *w_norm2 = param(lname(l, "ffn_norm.weight")),
+          *w1 = param(lname(l, "feed_forward.w1.weight")), *w3 = param(lname(l, "feed_forward.w3.weight")),
+          *w2 = param(lname(l, "feed_forward.w2.weight"));
+  T* tmp = a.s_tmp.data();
+  const cpu::RopeTable<T>* const no_rope = nullptr;
+  // Attention inputs: q, k (with RoPE) and v in heads-major layout.
+#pragma omp parallel
+  {
+    const auto [r0, r1] = thread_share(N);
+    const int rows = r1 - r0;
+    const long long o = static_cast<long long>(r0) * C;
+    cpu::rmsnorm_forward(L.x_in.data() + o, w_norm1, L.xn1.data() + o, L.rstd1.data() + r0, rows, C, eps);
+    cpu::linear_forward(L.xn1.data() + o, wq, tmp + o, rows, C, C);
+    cpu::to_heads_tokens(tmp, L.q.data(), a.seq, H, d, &*a.rope, r0, r1);
+    cpu::linear_forward(L.xn1.data() + o, wk, tmp + o, rows, C, C);
+    cpu::to_heads_tokens(tmp, L.k.data(), a.seq, H, d, &*a.rope, r0, r1);
+    cpu::linear_forward(L.xn1.data() + o, wv, tmp + o, rows, C, C);
+    cpu::to_heads_tokens(tmp, L.v.data(), a.seq, Hv, C / Hv, no_rope, r0, r1);
+  }
   attention_forward(l, a, train, seed);
-  if (cfg_.attention != AttentionKind::Diff) cpu::from_heads(L.att.data(), L.a_flat.data(), a.B, a.seq, H, d);
-  // Residual: x_mid = x + dropout(a_flat Wo^T).
-  cpu::linear_forward(L.a_flat.data(), param(lname(l, "attention.wo.weight")), tmp.data(), N, C, C);
-  if (train) cpu::dropout_apply(tmp.data(), static_cast<long long>(N) * C, cfg_.dropout, site_seed(seed, l, kDropAttnOut));
-  for (long long i = 0; i < static_cast<long long>(N) * C; ++i) L.x_mid[i] = x[i] + tmp[i];
-  // Feed-forward: out = x_mid + dropout(W2 (silu(W1 xn2) * W3 xn2)).
-  cpu::rmsnorm_forward(L.x_mid.data(), param(lname(l, "ffn_norm.weight")), L.xn2.data(), L.rstd2.data(), N, C, eps);
-  cpu::linear_forward(L.xn2.data(), param(lname(l, "feed_forward.w1.weight")), L.h1.data(), N, C, F);
-  cpu::linear_forward(L.xn2.data(), param(lname(l, "feed_forward.w3.weight")), L.h3.data(), N, C, F);
-  cpu::swiglu_forward(L.h1.data(), L.h3.data(), L.g.data(), static_cast<long long>(N) * F);
-  cpu::linear_forward(L.g.data(), param(lname(l, "feed_forward.w2.weight")), tmp.data(), N, F, C);
-  if (train) cpu::dropout_apply(tmp.data(), static_cast<long long>(N) * C, cfg_.dropout, site_seed(seed, l, kDropFfnOut));
+  // x_mid = x + dropout(a_flat Wo^T); out = x_mid + dropout(W2 (silu(W1 xn2) * W3 xn2)), xn2 = norm(x_mid).
   T* out = l + 1 < cfg_.n_layers ? a.layers[l + 1].x_in.data() : a.x_final.data();
-  for (long long i = 0; i < static_cast<long long>(N) * C; ++i) out[i] = L.x_mid[i] + tmp[i];
+#pragma omp parallel
+  {
+    const auto [r0, r1] = thread_share(N);
+    const int rows = r1 - r0;
+    const long long o = static_cast<long long>(r0) * C, of = static_cast<long long>(r0) * F, nc = 1LL * rows * C;
+    if (cfg_.attention != AttentionKind::Diff)  // (DIFF attention writes a_flat itself)
+      cpu::from_heads_tokens(L.att.data(), L.a_flat.data(), a.seq, H, d, no_rope, r0, r1);
+    cpu::linear_forward(L.a_flat.data() + o, wo, tmp + o, rows, C, C);
+    cpu::dropout_apply(tmp + o, nc, drop, site_seed(seed, l, kDropAttnOut), o);
+    for (long long i = o; i < o + nc; ++i) L.x_mid[i] = L.x_in[i] + tmp[i];
+    cpu::rmsnorm_forward(L.x_mid.data() + o, w_norm2, L.xn2.data() + o, L.rstd2.data() + r0, rows, C, eps);
+    cpu::linear_forward(L.xn2.data() + o, w1, L.h1.data() + of, rows, C, F);
+    cpu::linear_forward(L.xn2.data() + o, w3, L.h3.data() + of, rows, C, F);
+    cpu::swiglu_forward(L.h1.data() + of, L.h3.data() + of, L.g.data() + of, 1LL * rows * F);
+    cpu::linear_forward(L.g.data() + of, w2, tmp + o, rows, F, C);
+    cpu::dropout_apply(tmp + o, nc, drop, site_seed(seed, l, kDropFfnOut), o);
+    for (long long i = o; i < o + nc; ++i) out[i] = L.x_mid[i] + tmp[i];
+  }
 }
 
 template <typename T>
 void ModelT<T>::layer_backward(int l, Acts& a, T* dx, bool train, uint64_t seed) {
   typename Acts::Layer& L = a.layers[l];
   const int N = a.N(), C = cfg_.dim, F = cfg_.ffn_hidden, H = cfg_.n_heads, d = cfg_.head_dim();
-  const long long NC = static_cast<long long>(N) * C;
-  auto g = [&](const std::string& n) { return grads_.data() + layout_.view(lname(l, n)).offset; };
-  // Feed-forward. dx holds d(out) = d(x_mid) through the residual.
-  std::vector<T>& dy = a.s_dy;
-  std::copy(dx, dx + NC, dy.begin());
-  if (train) cpu::dropout_apply(dy.data(), NC, cfg_.dropout, site_seed(seed, l, kDropFfnOut));
-  std::vector<T>&dg = a.s_dg, &dh1 = a.s_dh1, &dh3 = a.s_dh3, &dxn = a.s_dxn;
-  cpu::linear_backward(dy.data(), L.g.data(), param(lname(l, "feed_forward.w2.weight")), dg.data(),
-                       g("feed_forward.w2.weight"), N, F, C);
-  cpu::swiglu_backward(dg.data(), L.h1.data(), L.h3.data(), dh1.data(), dh3.data(), static_cast<long long>(N) * F);
-  cpu::linear_backward(dh1.data(), L.xn2.data(), param(lname(l, "feed_forward.w1.weight")), dxn.data(),
-                       g("feed_forward.w1.weight"), N, C, F);
-  cpu::linear_backward(dh3.data(), L.xn2.data(), param(lname(l, "feed_forward.w3.weight")), dxn.data(),
-                       g("feed_forward.w3.weight"), N, C, F, /*accumulate_dx=*/true);
-  cpu::rmsnorm_backward(dxn.data(), L.x_mid.data(), param(lname(l, "ffn_norm.weight")), L.rstd2.data(), dx,
-                        g("ffn_norm.weight"), N, C);
-  // Attention. dx now holds d(x_mid) = d(x_in) through the residual.
-  std::copy(dx, dx + NC, dy.begin());
-  if (train) cpu::dropout_apply(dy.data(), NC, cfg_.dropout, site_seed(seed, l, kDropAttnOut));
-  std::vector<T>& da = a.s_da;
-  cpu::linear_backward(dy.data(), L.a_flat.data(), param(lname(l, "attention.wo.weight")), da.data(),
-                       g("attention.wo.weight"), N, C, C);
-  std::vector<T>&dqh = a.s_dqh, &dkh = a.s_dkh, &dvh = a.s_dvh;
-  attention_backward(l, a, da.data(), dqh.data(), dkh.data(), dvh.data(), train, seed);
-  cpu::rope_apply(dqh.data(), a.B, H, a.seq, d, cfg_.rope_theta, true);
-  cpu::rope_apply(dkh.data(), a.B, H, a.seq, d, cfg_.rope_theta, true);
-  std::vector<T>& flat = a.s_flat;
-  cpu::from_heads(dqh.data(), flat.data(), a.B, a.seq, H, d);
-  cpu::linear_backward(flat.data(), L.xn1.data(), param(lname(l, "attention.wq.weight")), dxn.data(),
-                       g("attention.wq.weight"), N, C, C);
-  cpu::from_heads(dkh.data(), flat.data(), a.B, a.seq, H, d);
-  cpu::linear_backward(flat.data(), L.xn1.data(), param(lname(l, "attention.wk.weight")), dxn.data(),
-                       g("attention.wk.weight"), N, C, C, true);
   const int Hv = cfg_.attention == AttentionKind::Diff ? H / 2 : H;
-  cpu::from_heads(dvh.data(), flat.data(), a.B, a.seq, Hv, C / Hv);
-  cpu::linear_backward(flat.data(), L.xn1.data(), param(lname(l, "attention.wv.weight")), dxn.data(),
-                       g("attention.wv.weight"), N, C, C, true);
-  cpu::rmsnorm_backward(dxn.data(), L.x_in.data(), param(lname(l, "attention_norm.weight")), L.rstd1.data(), dx,
-                        g("attention_norm.weight"), N, C);
+  const float drop = train ? cfg_.dropout : 0.0f;
+  auto p = [&](const char* n) { return param(lname(l, n)); };
+  auto g = [&](const char* n) { return grads_.data() + layout_.view(lname(l, n)).offset; };
+  T *dy = a.s_dy.data(), *dy2 = a.s_dy2.data(), *dg = a.s_dg.data(), *dh1 = a.s_dh1.data(), *dh3 = a.s_dh3.data(),
+    *dxn = a.s_dxn.data(), *da = a.s_da.data(), *datt = a.s_datt.data();
+  const cpu::RopeTable<T>* const no_rope = nullptr;
+  std::vector<T> parts(static_cast<size_t>(omp_get_max_threads()) * C, T(0));  // per-thread RMSNorm dw
+  // Feed-forward: dx holds d(out) = d(x_mid) through the residual; then the attention's output
+  // projection: dx holds d(x_mid) = d(x_in) through the residual.
+#pragma omp parallel
+  {
+    const auto [r0, r1] = thread_share(N);
+    const int rows = r1 - r0;
+    const long long o = static_cast<long long>(r0) * C, of = static_cast<long long>(r0) * F, nc = 1LL * rows * C;
+    std::copy(dx + o, dx + o + nc, dy + o);
+    cpu::dropout_apply(dy + o, nc, drop, site_seed(seed, l, kDropFfnOut), o);
+    cpu::linear_backward_input(dy + o, p("feed_forward.w2.weight"), dg + of, rows, F, C);
+    cpu::swiglu_backward(dg + of, L.h1.data() + of, L.h3.data() + of, dh1 + of, dh3 + of, 1LL * rows * F);
+    cpu::linear_backward_input(dh1 + of, p("feed_forward.w1.weight"), dxn + o, rows, C, F);
+    cpu::linear_backward_input(dh3 + of, p("feed_forward.w3.weight"), dxn + o, rows, C, F, /*accumulate_dx=*/true);
+    cpu::rmsnorm_backward(dxn + o, L.x_mid.data() + o, p("ffn_norm.weight"), L.rstd2.data() + r0, dx + o,
+                          parts.data() + static_cast<size_t>(omp_get_thread_num()) * C, rows, C);
+    std::copy(dx + o, dx + o + nc, dy2 + o);
+    cpu::dropout_apply(dy2 + o, nc, drop, site_seed(seed, l, kDropAttnOut), o);
+    cpu::linear_backward_input(dy2 + o, p("attention.wo.weight"), da + o, rows, C, C);
+    cpu::to_heads_tokens(da, datt, a.seq, Hv, C / Hv, no_rope, r0, r1);  // the layout of v, for either kind
+#pragma omp barrier
+    const auto [c0, c1] = thread_share(C);
+    const auto [f0, f1] = thread_share(F);
+    cpu::linear_backward_weight(dy, L.g.data(), g("feed_forward.w2.weight"), N, F, C, c0, c1);
+    cpu::linear_backward_weight(dh1, L.xn2.data(), g("feed_forward.w1.weight"), N, C, F, f0, f1);
+    cpu::linear_backward_weight(dh3, L.xn2.data(), g("feed_forward.w3.weight"), N, C, F, f0, f1);
+    cpu::linear_backward_weight(dy2, L.a_flat.data(), g("attention.wo.weight"), N, C, C, c0, c1);
+    add_thread_parts(g("ffn_norm.weight"), parts, C);
+  }
+  T *dqh = a.s_dqh.data(), *dkh = a.s_dkh.data(), *dvh = a.s_dvh.data();
+  attention_backward(l, a, datt, dqh, dkh, dvh, train, seed);
+  // q, k, v projections and the attention norm.
+  std::fill(parts.begin(), parts.end(), T(0));
+  T* flat[] = {a.s_fq.data(), a.s_fk.data(), a.s_fv.data()};
+  const T* w_qkv[] = {p("attention.wq.weight"), p("attention.wk.weight"), p("attention.wv.weight")};
+  T* g_qkv[] = {g("attention.wq.weight"), g("attention.wk.weight"), g("attention.wv.weight")};
+#pragma omp parallel
+  {
+    const auto [r0, r1] = thread_share(N);
+    const int rows = r1 - r0;
+    const long long o = static_cast<long long>(r0) * C;
+    cpu::from_heads_tokens(dqh, flat[0], a.seq, H, d, &*a.rope, r0, r1);
+    cpu::from_heads_tokens(dkh, flat[1], a.seq, H, d, &*a.rope, r0, r1);
+    cpu::from_heads_tokens(dvh, flat[2], a.seq, Hv, C / Hv, no_rope, r0, r1);
+    for (int i = 0; i < 3; ++i) cpu::linear_backward_input(flat[i] + o, w_qkv[i], dxn + o, rows, C, C, i > 0);
+    cpu::rmsnorm_backward(dxn + o, L.x_in.data() + o, p("attention_norm.weight"), L.rstd1.data() + r0, dx + o,
+                          parts.data() + static_cast<size_t>(omp_get_thread_num()) * C, rows, C);
+#pragma omp barrier
+    const auto [c0, c1] = thread_share(C);
+    for (int i = 0; i < 3; ++i) cpu::linear_backward_weight(flat[i], L.xn1.data(), g_qkv[i], N, C, C, c0, c1);
+    add_thread_parts(g("attention_norm.weight"), parts, C);
+  }
 }
 
 template <typename T>
@@ -370,9 +429,11 @@ LossStats ModelT<T>::run(const Batch& batch, bool backward, T grad_scale, bool t
       for (auto* v : {&L.h1, &L.h3, &L.g}) v->assign(NF, T(0));
     }
     a.x_final.assign(NC, T(0)), a.xf.assign(NC, T(0)), a.rstdf.assign(N, T(0));
-    for (auto* v : {&a.s_tmp, &a.s_dy, &a.s_dxn, &a.s_da, &a.s_dqh, &a.s_dkh, &a.s_dvh, &a.s_flat, &a.s_datt})
+    for (auto* v : {&a.s_tmp, &a.s_dy, &a.s_dy2, &a.s_dxn, &a.s_da, &a.s_dqh, &a.s_dkh, &a.s_dvh, &a.s_fq, &a.s_fk,
+                    &a.s_fv, &a.s_datt})
       v->assign(NC, T(0));
     for (auto* v : {&a.s_dg, &a.s_dh1, &a.s_dh3}) v->assign(NF, T(0));
+    a.rope.emplace(Tn, cfg_.head_dim(), cfg_.rope_theta);
   }
   // Embedding.
   const T* E = param("tok_embeddings.weight");
@@ -383,13 +444,15 @@ LossStats ModelT<T>::run(const Batch& batch, bool backward, T grad_scale, bool t
   cpu::rmsnorm_forward(a.x_final.data(), param("norm.weight"), a.xf.data(), a.rstdf.data(), static_cast<int>(N), C,
                        static_cast<T>(cfg_.norm_eps));
 
-  // Output layer (tied embedding) and cross-entropy in chunks of rows, so the [N, V] logits never
-  // exist at once; in backward, the chunk's gradient is formed and consumed immediately.
+  // Output layer (tied embedding) and cross-entropy in chunks of rows, so that the [N, V] logits of a
+  // large vocabulary never exist at once (a chunk holds up to ~1M logits; a small vocabulary is done
+  // in one chunk, fewer and larger GEMMs); in backward, the chunk's gradient is formed and consumed
+  // immediately.
   LossStats st;
   std::vector<T> dxf(backward ? N * C : 0, T(0));
   T* gE = grads_.data() + layout_.view("tok_embeddings.weight").offset;
   if (argmax) argmax->assign(N, 0);
-  const int R = 256;
+  const int R = static_cast<int>(std::min<size_t>(N, std::max(256, (1 << 20) / V)));
   std::vector<T> logits(static_cast<size_t>(R) * V);
   for (size_t r0 = 0; r0 < N; r0 += R) {
     const int rows = static_cast<int>(std::min<size_t>(R, N - r0));

@@ -66,6 +66,7 @@ class ModelT {
   void layer_forward(int l, Acts& a, bool train, uint64_t seed);
   void layer_backward(int l, Acts& a, T* dx, bool train, uint64_t seed);
   void attention_forward(int l, Acts& a, bool train, uint64_t seed);
+  // datt: the gradient of the attention's output in the heads-major layout of v, [B, Hv, T, C / Hv].
   void attention_backward(int l, Acts& a, const T* datt, T* dq, T* dk, T* dv, bool train, uint64_t seed);
 
   ModelConfig cfg_;
