@@ -4,6 +4,7 @@
 // give dW, the extended-tile dQ / dK products. Each loop below mirrors one stage of the kernels with
 // the same index arithmetic (only the mma fragment mechanics, shared with the tested flash kernels,
 // are left out), so an indexing error in the design shows here, on any machine, before the GPU test.
+// Attention dropout is replayed the way the kernels apply it (after the row sums, through the mask).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -21,6 +22,13 @@ constexpr int SS = BN + 24, kRowsF = 88, FS = 104;
 struct Head {
   int T, D, cq, ck, o;
   const double *q, *k, *v, *W;
+  float dropout;  // attention dropout with the shared mask (dropout_keep of (seed, bh = 0, i, j))
+  unsigned long long seed;
+  // The dropout factor of weight (i, j): 1 without dropout, else 0 or 1 / (1 - p).
+  double mask(int i, int j) const {
+    if (dropout <= 0.f) return 1.0;
+    return mta::dropout_keep(seed, 0, T, i, j, dropout) ? 1.0 / (1.0 - static_cast<double>(dropout)) : 0.0;
+  }
   double scale() const { return 1.0 / std::sqrt(static_cast<double>(D)); }
   double qk(int i, int j) const {
     double s = 0;
@@ -76,7 +84,8 @@ void forward(const Head& h, std::vector<double>& out, std::vector<double>& lse) 
       for (double c : rowC[r]) sum += std::exp(c - mx);
       lse[i] = mx + std::log(sum);
       for (int j = 0; j <= i; ++j)
-        for (int d = 0; d < h.D; ++d) out[i * h.D + d] += std::exp(rowC[r][j] - lse[i]) * h.v[j * h.D + d];
+        for (int d = 0; d < h.D; ++d)
+          out[i * h.D + d] += std::exp(rowC[r][j] - lse[i]) * h.mask(i, j) * h.v[j * h.D + d];
     }
   }
 }
@@ -99,8 +108,10 @@ void backward(const Head& h, const std::vector<double>& out, const std::vector<d
           if (!(row < T && col <= row)) continue;
           double dp = 0;
           for (int d = 0; d < D; ++d) dp += dout[row * D + d] * h.v[col * D + d];
-          P[r * BN + n] = std::exp(C[r * BN + n] - lse[row]);
-          frame[(kHalo + r) * FS + kHalo + n] = P[r * BN + n] * (dp - delta[row]);
+          // As the kernel: P for the softmax's adjoint, the dropped P for dV, dP through the mask.
+          const double p = std::exp(C[r * BN + n] - lse[row]), mask = h.mask(row, col);
+          P[r * BN + n] = p * mask;
+          frame[(kHalo + r) * FS + kHalo + n] = p * (dp * mask - delta[row]);
         }
       for (int n = 0; n < BN; ++n)  // dV: P^T dO
         for (int r = 0; r < BM; ++r)
@@ -156,12 +167,15 @@ TEST(FlashMtaTiling, ForwardAndBackwardMatchTheReference) {
   struct Case {
     int T, cq, ck;
     mta::PadKey pad;
+    float dropout;
   };
-  for (const Case& cs : {Case{70, 2, 9, mta::PadKey::Both}, Case{130, 6, 11, mta::PadKey::Both},
-                         Case{65, 8, 15, mta::PadKey::Left}, Case{40, 3, 14, mta::PadKey::Right},
-                         Case{129, 1, 1, mta::PadKey::Both}, Case{5, 4, 7, mta::PadKey::Both}}) {
+  for (const Case& cs : {Case{70, 2, 9, mta::PadKey::Both, 0.f}, Case{130, 6, 11, mta::PadKey::Both, 0.f},
+                         Case{65, 8, 15, mta::PadKey::Left, 0.f}, Case{40, 3, 14, mta::PadKey::Right, 0.f},
+                         Case{129, 1, 1, mta::PadKey::Both, 0.f}, Case{5, 4, 7, mta::PadKey::Both, 0.f},
+                         Case{100, 2, 9, mta::PadKey::Both, 0.2f}}) {
     const int T = cs.T, D = 16;
-    SCOPED_TRACE("T=" + std::to_string(T) + " kq " + std::to_string(cs.cq) + "x" + std::to_string(cs.ck));
+    SCOPED_TRACE("T=" + std::to_string(T) + " kq " + std::to_string(cs.cq) + "x" + std::to_string(cs.ck) +
+                 " dropout " + std::to_string(cs.dropout));
     mta::AttentionSpec spec;
     spec.heads = 1, spec.head_dim = D;
     spec.kq_pre = mta::KqConv{cs.cq, cs.ck, cs.pad};
@@ -170,7 +184,10 @@ TEST(FlashMtaTiling, ForwardAndBackwardMatchTheReference) {
       for (double& e : *x) e = nd(rng);
     for (double& e : W) e = ud(rng);
     W[(cs.cq - 1) * cs.ck + spec.kq_pre->key_offset()] += 1.0;
-    const Head h{T, D, cs.cq, cs.ck, spec.kq_pre->key_offset(), q.data(), k.data(), v.data(), W.data()};
+    const Head h{T, D, cs.cq, cs.ck, spec.kq_pre->key_offset(), q.data(), k.data(), v.data(), W.data(),
+                 cs.dropout, 4242ull};
+    mta::AttnOptions opt;
+    opt.dropout = cs.dropout, opt.dropout_seed = h.seed;
 
     std::vector<double> out, lse, dq, dk, dv, dW;
     forward(h, out, lse);
@@ -182,9 +199,9 @@ TEST(FlashMtaTiling, ForwardAndBackwardMatchTheReference) {
     mta::AttnParamGrads<double> pg;
     pg.kq_pre = rW.data();
     const mta::AttnDims dims{1, 1, T, D};
-    mta::cpu::mta_forward<double>(spec, dims, q.data(), k.data(), v.data(), p, ro.data());
+    mta::cpu::mta_forward<double>(spec, dims, q.data(), k.data(), v.data(), p, ro.data(), opt);
     mta::cpu::mta_backward<double>(spec, dims, q.data(), k.data(), v.data(), p, dout.data(), rq.data(), rk.data(),
-                                   rv.data(), pg);
+                                   rv.data(), pg, opt);
     EXPECT_LT(rel(out, ro), 1e-12) << "out";
     EXPECT_LT(rel(dq, rq), 1e-12) << "dq";
     EXPECT_LT(rel(dk, rk), 1e-12) << "dk";

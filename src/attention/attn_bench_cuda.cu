@@ -112,8 +112,8 @@ nlohmann::json bench_attention(const AttentionSpec& spec, int B, int T, const st
     MTA_CUDA_CHECK(cudaMemcpy(w, hw.data(), nw * sizeof(float), cudaMemcpyHostToDevice));
     MTA_CUDA_CHECK(cudaMemset(gw, 0, nw * sizeof(float)));
     scratch = mem.alloc<unsigned char>(flash_mta_backward_scratch_bytes(B, H, T, D));
-    fwd = [&] { flash_mta_forward(spec, q, k, v, w, o, lse, B, T, nullptr); };
-    bwd = [&] { flash_mta_backward(spec, q, k, v, w, o, dout, lse, dq, dk, dv, gw, scratch, B, T, nullptr); };
+    fwd = [&] { flash_mta_forward(spec, q, k, v, w, o, lse, B, T, AttnOptions{}, nullptr); };
+    bwd = [&] { flash_mta_backward(spec, q, k, v, w, o, dout, lse, dq, dk, dv, gw, scratch, B, T, AttnOptions{}, nullptr); };
   }
   MTA_CUDA_CHECK(cudaDeviceSynchronize());
   const double fwd_ms = median_ms(fwd, reps, warmup);

@@ -168,12 +168,29 @@ __device__ __forceinline__ void conv_tile(const __half* sS, const uint32_t* sBan
   }
 }
 
+// Attention dropout on a warp's 16 x BN weights (rows row_w .., keys n0 ..), in place: kept entries
+// scaled by 1 / (1 - p), the others 0, with the mask of every other backend (dropout_keep of
+// (seed, bh, i, j)); entries outside the causal triangle are left as they are (0 there).
+template <int BN>
+__device__ __forceinline__ void apply_dropout(float (&acc)[BN / 8][4], long long bh, int T, int row_w, int n0, float p,
+                                              unsigned long long seed, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const float keep_scale = 1.0f / (1.0f - p);
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = row_w + g + 8 * (e >> 1), col = n0 + 8 * j + 2 * t + (e & 1);
+      if (row < T && col <= row) acc[j][e] *= dropout_keep(seed, bh, T, row, col, p) ? keep_scale : 0.f;
+    }
+}
+
 // Grid (B*H, ceil(T / kBlockM)), heavy (late) query tiles first. W: [H][cq][ck] fp32.
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads)
     flash_mta_kq_fwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                             const float* __restrict__ W, bf16* __restrict__ o, float* __restrict__ lse, int T, int H,
-                            int cq, int ck, int key_off, float scale) {
+                            int cq, int ck, int key_off, float scale, float p_drop, unsigned long long drop_seed) {
   constexpr int D = Tr::D, BM = Tr::kBlockM, BN = Tr::kBlockN, S = Tr::kStride, SS = Tr::kStrideS;
   constexpr int kThreads = Tr::kThreads, kHalo = Tr::kHalo;
   constexpr int kRowsE = Tr::kRowsE, kColsE = Tr::kColsE;
@@ -240,6 +257,8 @@ __global__ void __launch_bounds__(Tr::kThreads)
     //    carries the 1/sqrt(D) scale: only log2(e) remains) and P V.
     mask_future<BN>(acc_s, n0, row_w, T, lane);
     online_softmax<BN, D>(acc_s, row_max, row_sum, acc_o, kLog2e);
+    // Dropout after the row sums took the weights: the output is (dropped A) V with A normalized.
+    if (p_drop > 0.f) apply_dropout<BN>(acc_s, blockIdx.x, T, row_w, n0, p_drop, drop_seed, lane);
     accumulate_pv<BN, D, S>(acc_s, cV, acc_o, lane);
   }
 
@@ -288,7 +307,8 @@ __global__ void __launch_bounds__(Tr::kThreads)
                             const bf16* __restrict__ dout, const float* __restrict__ lse,
                             const float* __restrict__ delta, const float* __restrict__ W, float* __restrict__ dq_acc,
                             float* __restrict__ dk_acc, bf16* __restrict__ dv, float* __restrict__ dW_acc, int T,
-                            int H, int cq, int ck, int key_off, float scale) {
+                            int H, int cq, int ck, int key_off, float scale, float p_drop,
+                            unsigned long long drop_seed) {
   constexpr int D = Tr::D, BM = Tr::kBlockM, BN = Tr::kBlockN, S = Tr::kStride, SS = Tr::kStrideS;
   constexpr int FS = Tr::kStrideF, SP = Tr::kStrideP, kThreads = Tr::kThreads, kWarps = Tr::kWarps;
   constexpr int kHalo = Tr::kHalo, kRowsE = Tr::kRowsE, kColsE = Tr::kColsE;
@@ -351,7 +371,9 @@ __global__ void __launch_bounds__(Tr::kThreads)
     s0_extended<Tr>(sQ, sK, sS, sSb, m0, n0, key_off, scale, warp, lane);
     __syncthreads();
 
-    // 2. This warp's 16 query rows: C, then P, dP = dO V^T, dC = P (dP - delta).
+    // 2. This warp's 16 query rows: C, then P, dP = dO V^T, dC = P (dP - delta). With dropout, the
+    //    weights that met V are the dropped ones (for dV) and dP reaches P through the same mask;
+    //    delta = dO . O still equals sum_j P dP since O was computed from the dropped weights.
     float acc_p[BN / 8][4];
     conv_tile<Tr>(sS, sBandF, cq, warp, lane, acc_p);
     float acc_dp[BN / 8][4];
@@ -369,20 +391,24 @@ __global__ void __launch_bounds__(Tr::kThreads)
         mma_bf16(acc_dp[2 * nn + 1], a, b[2], b[3]);
       }
     }
+    const float keep_scale = p_drop > 0.f ? 1.0f / (1.0f - p_drop) : 1.0f;
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         const int lrow = warp * 16 + g + 8 * hh, row = m0 + lrow, lcol = 8 * j + 2 * t;
-        float p[2], dc[2];
+        float p[2], pd[2], dc[2];
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int col = n0 + lcol + e;
           const bool ok = row < T && col <= row;  // col <= row < T
           p[e] = ok ? exp2f(fmaf(acc_p[j][2 * hh + e], kLog2e, -sLse[lrow])) : 0.f;
-          dc[e] = p[e] * (acc_dp[j][2 * hh + e] - sDelta[lrow]);
+          const float mask =
+              (p_drop > 0.f && ok) ? (dropout_keep(drop_seed, blockIdx.x, T, row, col, p_drop) ? keep_scale : 0.f) : 1.f;
+          pd[e] = p[e] * mask;
+          dc[e] = p[e] * (acc_dp[j][2 * hh + e] * mask - sDelta[lrow]);
         }
-        *reinterpret_cast<uint32_t*>(sP + lrow * SP + lcol) = pack_bf16(p[0], p[1]);
+        *reinterpret_cast<uint32_t*>(sP + lrow * SP + lcol) = pack_bf16(pd[0], pd[1]);
         *reinterpret_cast<uint32_t*>(sF + (kHalo + lrow) * FS + kHalo + lcol) = pack_bf16(dc[0], dc[1]);
       }
     __syncthreads();  // sP and the dC frame complete
@@ -534,21 +560,22 @@ __global__ void __launch_bounds__(Tr::kThreads)
 
 template <class Tr>
 void launch_kq_forward(const bf16* q, const bf16* k, const bf16* v, const float* W, bf16* o, float* lse, int B, int H,
-                       int T, int cq, int ck, int key_off, cudaStream_t s) {
+                       int T, int cq, int ck, int key_off, const AttnOptions& opt, cudaStream_t s) {
   const long long m_blocks = (static_cast<long long>(T) + Tr::kBlockM - 1) / Tr::kBlockM;
   fm_require(m_blocks <= 65535, "T too large for the forward grid");
   const dim3 grid(static_cast<unsigned>(B * H), static_cast<unsigned>(m_blocks));
   MTA_CUDA_CHECK(cudaFuncSetAttribute(flash_mta_kq_fwd_kernel<Tr>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(Tr::kSmemBytes)));
   flash_mta_kq_fwd_kernel<Tr><<<grid, Tr::kThreads, Tr::kSmemBytes, s>>>(
-      q, k, v, W, o, lse, T, H, cq, ck, key_off, 1.0f / std::sqrt(static_cast<float>(Tr::D)));
+      q, k, v, W, o, lse, T, H, cq, ck, key_off, 1.0f / std::sqrt(static_cast<float>(Tr::D)), opt.dropout,
+      opt.dropout_seed);
   MTA_CUDA_CHECK_LAUNCH("flash_mta_kq_fwd_kernel");
 }
 
 template <class Tr>
 void launch_kq_backward(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
                         const float* delta, const float* W, float* dq_acc, float* dk_acc, bf16* dv, float* dW, int B,
-                        int H, int T, int cq, int ck, int key_off, cudaStream_t s) {
+                        int H, int T, int cq, int ck, int key_off, const AttnOptions& opt, cudaStream_t s) {
   const long long n_blocks = (static_cast<long long>(T) + Tr::kBlockN - 1) / Tr::kBlockN;
   fm_require(n_blocks <= 65535, "T too large for the backward grid");
   const dim3 grid(static_cast<unsigned>(B * H), static_cast<unsigned>(n_blocks));
@@ -556,7 +583,7 @@ void launch_kq_backward(const bf16* q, const bf16* k, const bf16* v, const bf16*
                                       static_cast<int>(Tr::kSmemBytes)));
   flash_mta_kq_bwd_kernel<Tr><<<grid, Tr::kThreads, Tr::kSmemBytes, s>>>(
       q, k, v, dout, lse, delta, W, dq_acc, dk_acc, dv, dW, T, H, cq, ck, key_off,
-      1.0f / std::sqrt(static_cast<float>(Tr::D)));
+      1.0f / std::sqrt(static_cast<float>(Tr::D)), opt.dropout, opt.dropout_seed);
   MTA_CUDA_CHECK_LAUNCH("flash_mta_kq_bwd_kernel");
 }
 
@@ -570,7 +597,7 @@ bool flash_mta_supported(const AttentionSpec& spec, int D) {
 }
 
 void flash_mta_forward(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const float* kq_pre_w,
-                       bf16* o, float* lse, int B, int T, cudaStream_t s) {
+                       bf16* o, float* lse, int B, int T, const AttnOptions& opt, cudaStream_t s) {
   const int H = spec.heads, D = spec.head_dim;
   fm_require(flash_mta_supported(spec, D),
              "this spec is not supported by the fused kernel yet (only kq_pre with cq <= 8, ck <= 15, D = 64 or 128)");
@@ -579,11 +606,12 @@ void flash_mta_forward(const AttentionSpec& spec, const bf16* q, const bf16* k, 
   fm_require(q && k && v && o && aligned16(q) && aligned16(k) && aligned16(v) && aligned16(o),
              "q, k, v, o must be non-null and 16-byte aligned");
   fm_require(kq_pre_w != nullptr && lse != nullptr, "kq_pre weights and lse must be non-null");
+  fm_require(opt.dropout >= 0.f && opt.dropout < 1.f, "dropout must be in [0, 1)");
   const KqConv& kc = *spec.kq_pre;
   if (D == 64)
-    launch_kq_forward<KqFwd64>(q, k, v, kq_pre_w, o, lse, B, H, T, kc.q, kc.k, kc.key_offset(), s);
+    launch_kq_forward<KqFwd64>(q, k, v, kq_pre_w, o, lse, B, H, T, kc.q, kc.k, kc.key_offset(), opt, s);
   else
-    launch_kq_forward<KqFwd128>(q, k, v, kq_pre_w, o, lse, B, H, T, kc.q, kc.k, kc.key_offset(), s);
+    launch_kq_forward<KqFwd128>(q, k, v, kq_pre_w, o, lse, B, H, T, kc.q, kc.k, kc.key_offset(), opt, s);
 }
 
 size_t flash_mta_backward_scratch_bytes(int B, int H, int T, int D) {
@@ -593,7 +621,7 @@ size_t flash_mta_backward_scratch_bytes(int B, int H, int T, int D) {
 
 void flash_mta_backward(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const float* kq_pre_w,
                         const bf16* o, const bf16* dout, const float* lse, bf16* dq, bf16* dk, bf16* dv,
-                        float* grad_kq_pre, void* scratch, int B, int T, cudaStream_t s) {
+                        float* grad_kq_pre, void* scratch, int B, int T, const AttnOptions& opt, cudaStream_t s) {
   const int H = spec.heads, D = spec.head_dim;
   fm_require(flash_mta_supported(spec, D),
              "this spec is not supported by the fused kernel yet (only kq_pre with cq <= 8, ck <= 15, D = 64 or 128)");
@@ -604,6 +632,7 @@ void flash_mta_backward(const AttentionSpec& spec, const bf16* q, const bf16* k,
                         static_cast<const void*>(dk), static_cast<const void*>(dv), static_cast<const void*>(scratch)})
     fm_require(p != nullptr && aligned16(p), "tensors and scratch must be non-null and 16-byte aligned");
   fm_require(kq_pre_w && lse && grad_kq_pre, "kq_pre weights, lse and grad_kq_pre must be non-null");
+  fm_require(opt.dropout >= 0.f && opt.dropout < 1.f, "dropout must be in [0, 1)");
   const KqConv& kc = *spec.kq_pre;
   const size_t rows = static_cast<size_t>(B) * H * T, numel = rows * D;
   float* dq_acc = static_cast<float*>(scratch);
@@ -614,11 +643,11 @@ void flash_mta_backward(const AttentionSpec& spec, const bf16* q, const bf16* k,
   if (D == 64) {
     launch_row_dot<64>(o, dout, delta, static_cast<long long>(rows), s);
     launch_kq_backward<KqBwd64>(q, k, v, dout, lse, delta, kq_pre_w, dq_acc, dk_acc, dv, grad_kq_pre, B, H, T, kc.q,
-                                kc.k, kc.key_offset(), s);
+                                kc.k, kc.key_offset(), opt, s);
   } else {
     launch_row_dot<128>(o, dout, delta, static_cast<long long>(rows), s);
     launch_kq_backward<KqBwd128>(q, k, v, dout, lse, delta, kq_pre_w, dq_acc, dk_acc, dv, grad_kq_pre, B, H, T, kc.q,
-                                 kc.k, kc.key_offset(), s);
+                                 kc.k, kc.key_offset(), opt, s);
   }
   launch_convert_accum(dq_acc, dq, static_cast<long long>(numel), scale, s);
   launch_convert_accum(dk_acc, dk, static_cast<long long>(numel), scale, s);

@@ -31,10 +31,11 @@ constexpr double kTolDw = 5e-2;    // relative L2 error of d kq_pre (a sum over 
 struct Case {
   int B, H, T, D, cq, ck;
   mta::PadKey pad;
+  float dropout = 0.0f;  // attention dropout (training), same masks as the CPU reference
   std::string str() const {
     return "(B=" + std::to_string(B) + " H=" + std::to_string(H) + " T=" + std::to_string(T) + " D=" +
            std::to_string(D) + " kq_pre " + std::to_string(cq) + "x" + std::to_string(ck) + " pad " +
-           std::to_string(static_cast<int>(pad)) + ")";
+           std::to_string(static_cast<int>(pad)) + " dropout " + std::to_string(dropout) + ")";
   }
 };
 
@@ -96,8 +97,10 @@ void check_case(const Case& c, unsigned seed) {
   dq.upload(q.bits), dk.upload(k.bits), dv.upload(v.bits), dw.upload(w);
   dout.poison(), dlse.poison();
   using bf = __nv_bfloat16;
+  mta::AttnOptions opt;
+  opt.dropout = c.dropout, opt.dropout_seed = seed * 977ull + 5;
   mta::cuda::flash_mta_forward(spec, dq.as<bf>(), dk.as<bf>(), dv.as<bf>(), dw.as<float>(), dout.as<bf>(),
-                               dlse.as<float>(), c.B, c.T, nullptr);
+                               dlse.as<float>(), c.B, c.T, opt, nullptr);
   CUDA_OK(cudaDeviceSynchronize());
   const std::vector<double> out = to_double(dout.download<uint16_t>(n));
   const std::vector<float> lse_f = dlse.download<float>(rows);
@@ -110,7 +113,7 @@ void check_case(const Case& c, unsigned seed) {
   CUDA_OK(cudaMemset(gw.as<void>(), 0, w.size() * 4));
   mta::cuda::flash_mta_backward(spec, dq.as<bf>(), dk.as<bf>(), dv.as<bf>(), dw.as<float>(), dout.as<bf>(), ddo.as<bf>(),
                                 dlse.as<float>(), gq.as<bf>(), gk.as<bf>(), gv.as<bf>(), gw.as<float>(),
-                                scratch.as<void>(), c.B, c.T, nullptr);
+                                scratch.as<void>(), c.B, c.T, opt, nullptr);
   CUDA_OK(cudaDeviceSynchronize());
   const std::vector<double> g_q = to_double(gq.download<uint16_t>(n)), g_k = to_double(gk.download<uint16_t>(n)),
                             g_v = to_double(gv.download<uint16_t>(n));
@@ -121,7 +124,7 @@ void check_case(const Case& c, unsigned seed) {
   p.kq_pre = wd.data();
   std::vector<double> ref(n);
   mta::cpu::mta_forward<double>(spec, mta::AttnDims{c.B, c.H, c.T, c.D}, q.val.data(), k.val.data(), v.val.data(), p,
-                                ref.data());
+                                ref.data(), opt);
   EXPECT_EQ(non_finite(out), 0) << "out has non-finite (unwritten) entries";
   const double e_out = rel_err(out, ref);
   EXPECT_LE(e_out, kTolOut) << "out";
@@ -131,7 +134,7 @@ void check_case(const Case& c, unsigned seed) {
   mta::AttnParamGrads<double> pg;
   pg.kq_pre = rw.data();
   mta::cpu::mta_backward<double>(spec, mta::AttnDims{c.B, c.H, c.T, c.D}, q.val.data(), k.val.data(), v.val.data(), p,
-                                 gout.val.data(), rq.data(), rk.data(), rv.data(), pg);
+                                 gout.val.data(), rq.data(), rk.data(), rv.data(), pg, opt);
   for (const auto& [name, got] : {std::pair{"dq", &g_q}, {"dk", &g_k}, {"dv", &g_v}})
     EXPECT_EQ(non_finite(*got), 0) << name << " has non-finite (unwritten) entries";
   const double e_q = rel_err(g_q, rq), e_k = rel_err(g_k, rk), e_v = rel_err(g_v, rv), e_w = rel_err(g_w, rw);
@@ -155,9 +158,11 @@ void check_case(const Case& c, unsigned seed) {
 
 TEST(FlashMta, PaperConfigurations) {
   SKIP_WITHOUT_GPU();
-  // The toy (2 x 9, both) and kq-only (6 x 11, both) configurations, T across tile boundaries.
+  // The toy (2 x 9, both; with the toy's attention dropout 0.1 too) and kq-only (6 x 11, both)
+  // configurations, T across tile boundaries.
   for (const Case& c : {Case{2, 2, 130, 64, 2, 9, mta::PadKey::Both}, Case{1, 2, 200, 128, 6, 11, mta::PadKey::Both},
-                        Case{1, 1, 64, 64, 6, 11, mta::PadKey::Both}, Case{1, 1, 1, 128, 2, 9, mta::PadKey::Both}})
+                        Case{1, 1, 64, 64, 6, 11, mta::PadKey::Both}, Case{1, 1, 1, 128, 2, 9, mta::PadKey::Both},
+                        Case{2, 2, 321, 128, 2, 9, mta::PadKey::Both, 0.1f}})
     check_case(c, 7u + static_cast<unsigned>(c.T * 31 + c.D));
 }
 
@@ -175,6 +180,7 @@ TEST(FlashMta, RandomSpecs) {
     c.pad = static_cast<mta::PadKey>(rng() % 3);
     c.ck = 1 + static_cast<int>(rng() % 15);
     if (c.pad == mta::PadKey::Both && c.ck % 2 == 0) c.ck += c.ck == 14 ? -1 : 1;
+    c.dropout = trial % 4 == 3 ? 0.2f : 0.0f;
     check_case(c, 100u + static_cast<unsigned>(trial));
   }
 }
@@ -187,8 +193,9 @@ TEST(FlashMta, RefusesWhatItDoesNotCover) {
   EXPECT_FALSE(mta::cuda::flash_mta_supported(s, 32));
   s.gate = true;
   EXPECT_FALSE(mta::cuda::flash_mta_supported(s, 64));
-  EXPECT_THROW(mta::cuda::flash_mta_forward(s, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, 8, nullptr),
-               std::invalid_argument);
+  EXPECT_THROW(
+      mta::cuda::flash_mta_forward(s, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, 8, {}, nullptr),
+      std::invalid_argument);
   s.gate = false;
   s.kq_pre = mta::KqConv{9, 3, mta::PadKey::Both};
   EXPECT_FALSE(mta::cuda::flash_mta_supported(s, 64));
