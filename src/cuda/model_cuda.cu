@@ -4,11 +4,14 @@
 //
 // Attention: standard attention without attention dropout runs the flash kernel (D = 64 or 128);
 // MTA layers, DIFF layers, attention dropout and other head dims run the materialized fp32 op
-// (mta::cuda::mta_forward/backward) on fp32 copies of q, k, v. The fused MTA kernel is later work.
+// (mta::cuda::mta_forward/backward) on fp32 copies of q, k, v. With MTA_FLASH_MTA=1 in the
+// environment, MTA layers the fused kernels cover (attention/flash_mta.h: kq_pre only, D = 64 or 128,
+// dropout included) run those instead. Opt-in until the fused kernels have passed the GPU tests.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <map>
 #include <memory>
@@ -19,6 +22,7 @@
 
 #include "attention/attention_op.h"
 #include "attention/flash_attn.h"
+#include "attention/flash_mta.h"
 #include "attention/mta_cuda.h"
 #include "cuda/check.h"
 #include "cuda/gemm.h"
@@ -249,6 +253,13 @@ class CudaModel : public TrainableModel {
   bf16* P16l(int l, const std::string& n) { return P16(lname(l, n)); }
   float* Gl(int l, const std::string& n) { return G(lname(l, n)); }
 
+  // The fused MTA path for layer l (see the top of the file).
+  bool use_flash_mta(int l) const {
+    const char* e = std::getenv("MTA_FLASH_MTA");  // read per call: tests switch it
+    return e != nullptr && std::string(e) == "1" && config().attention == AttentionKind::Mta &&
+           cuda::flash_mta_supported(config().layer_spec(l), config().head_dim());
+  }
+
   bool use_flash(bool train) const {
     const int d = config().head_dim();
     return config().attention == AttentionKind::Standard && (d == 64 || d == 128) && !(train && config().dropout > 0);
@@ -322,6 +333,11 @@ class CudaModel : public TrainableModel {
     AttnOptions opt;
     if (train) opt.dropout = c.dropout, opt.dropout_seed = site_seed(seed, l, kDropAttnWeights);
     const AttentionSpec spec = c.layer_spec(l);
+    if (use_flash_mta(l)) {
+      cuda::flash_mta_forward(spec, L.q.get(), L.k.get(), L.v.get(), mta_params(l).kq_pre, L.att.get(), L.lse.get(), B, T,
+                              opt, stream_);
+      return;
+    }
     float* q32 = op_q_.get();
     float* k32 = op_k_.get();
     cuda::cast_to_f32(L.q.get(), q32, n, stream_);
@@ -366,6 +382,14 @@ class CudaModel : public TrainableModel {
     AttnOptions opt;
     if (train) opt.dropout = c.dropout, opt.dropout_seed = site_seed(seed, l, kDropAttnWeights);
     const AttentionSpec spec = c.layer_spec(l);
+    if (use_flash_mta(l)) {
+      bf16* datt = tmp16c_.get();
+      cuda::to_heads(da_flat, datt, B, T, H, d, false, 0.0, stream_);
+      flash_scratch_.resize(cuda::flash_mta_backward_scratch_bytes(B, H, T, d));
+      cuda::flash_mta_backward(spec, L.q.get(), L.k.get(), L.v.get(), mta_params(l).kq_pre, L.att.get(), datt,
+                               L.lse.get(), dq, dk, dv, mta_grads(l).kq_pre, flash_scratch_.get(), B, T, opt, stream_);
+      return;
+    }
     float* q32 = op_q_.get();
     float* k32 = op_k_.get();
     cuda::cast_to_f32(L.q.get(), q32, n, stream_);

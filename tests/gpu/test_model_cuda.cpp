@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <nlohmann/json.hpp>
 #include <random>
 
@@ -107,6 +108,17 @@ TEST(ModelCuda, MtaMatchesCpu) {
   compare(json::parse(R"({"type": "mta", "kq_pre": {"q": 2, "k": 5}, "head_pre": {"group": 2},
       "kq_post": {"q": 2, "k": 3}, "head_post": {"group": 2}, "norm": true, "gate": true, "kq_layers": [1]})"),
           64, 2, 0.0f);
+}
+
+// The fused MTA kernels in the model (opt-in, MTA_FLASH_MTA=1): the toy layout (kq_pre 2 x 9 in every
+// layer), head dim 64, with and without the toy's attention dropout.
+TEST(ModelCuda, MtaFusedKqPreMatchesCpu) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  setenv("MTA_FLASH_MTA", "1", 1);
+  const json toy = json::parse(R"({"type": "mta", "kq_pre": {"q": 2, "k": 9, "pad_key": "both"}})");
+  compare(toy, 128, 2, 0.0f);
+  compare(toy, 128, 2, 0.1f);
+  unsetenv("MTA_FLASH_MTA");
 }
 
 TEST(ModelCuda, DiffMatchesCpu) {
