@@ -134,20 +134,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
 
     // S = Q K^T for this warp's 16 rows x BN keys.
     float acc_s[BN / 8][4];
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j) acc_s[j][0] = acc_s[j][1] = acc_s[j][2] = acc_s[j][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      ldmatrix_x4(a, sQ + a_offset(lane, warp * 16, kk * 16, S));
-#pragma unroll
-      for (int nn = 0; nn < BN / 16; ++nn) {
-        uint32_t b[4];
-        ldmatrix_x4(b, cK + bnk_offset(lane, nn * 16, kk * 16, S));
-        mma_bf16(acc_s[2 * nn], a, b[0], b[1]);
-        mma_bf16(acc_s[2 * nn + 1], a, b[2], b[3]);
-      }
-    }
+    warp_gemm_abt<BN, D, S>(acc_s, sQ + warp * 16 * S, cK, lane);
 
     mask_future<BN>(acc_s, n0, row_w, T, lane);
     online_softmax<BN, D>(acc_s, row_max, row_sum, acc_o, scale_log2);
@@ -238,20 +225,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
     // S^T = K Q^T: this warp's 16 keys x BM queries.
     float acc_s[BM / 8][4];
-#pragma unroll
-    for (int j = 0; j < BM / 8; ++j) acc_s[j][0] = acc_s[j][1] = acc_s[j][2] = acc_s[j][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      ldmatrix_x4(a, sK + a_offset(lane, warp * 16, kk * 16, S));
-#pragma unroll
-      for (int nn = 0; nn < BM / 16; ++nn) {
-        uint32_t b[4];
-        ldmatrix_x4(b, cQ + bnk_offset(lane, nn * 16, kk * 16, S));
-        mma_bf16(acc_s[2 * nn], a, b[0], b[1]);
-        mma_bf16(acc_s[2 * nn + 1], a, b[2], b[3]);
-      }
-    }
+    warp_gemm_abt<BM, D, S>(acc_s, sK + warp * 16 * S, cQ, lane);
 
     // P^T in fp32 (exactly 0 where masked: query < key, query >= T or key >= T).
     const bool need_mask = m0 < kw0 + 15 || m0 + BM > T || kw0 + 16 > T;
@@ -286,20 +260,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
     // dP^T = V dO^T: 16 keys x BM queries.
     float acc_dp[BM / 8][4];
-#pragma unroll
-    for (int j = 0; j < BM / 8; ++j) acc_dp[j][0] = acc_dp[j][1] = acc_dp[j][2] = acc_dp[j][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      ldmatrix_x4(a, sV + a_offset(lane, warp * 16, kk * 16, S));
-#pragma unroll
-      for (int nn = 0; nn < BM / 16; ++nn) {
-        uint32_t b[4];
-        ldmatrix_x4(b, cdO + bnk_offset(lane, nn * 16, kk * 16, S));
-        mma_bf16(acc_dp[2 * nn], a, b[0], b[1]);
-        mma_bf16(acc_dp[2 * nn + 1], a, b[2], b[3]);
-      }
-    }
+    warp_gemm_abt<BM, D, S>(acc_dp, sV + warp * 16 * S, cdO, lane);
 
     // dS^T = P^T * (dP^T - delta) in fp32 (gradient of the scaled logits).
 #pragma unroll

@@ -119,15 +119,8 @@ __device__ __forceinline__ void s0_extended(const bf16* sQ, const bf16* sK, __ha
   const int g = lane >> 2, t = lane & 3;
   for (int u = warp; u < kUnitRows * kUnitCols; u += Tr::kWarps) {
     const int rb = u / kUnitCols, cb = u % kUnitCols;
-    float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4], b[4];
-      ldmatrix_x4(a, sQ + a_offset(lane, rb * 16, kk * 16, S));
-      ldmatrix_x4(b, sK + bnk_offset(lane, cb * 16, kk * 16, S));
-      mma_bf16(acc[0], a, b[0], b[1]);
-      mma_bf16(acc[1], a, b[2], b[3]);
-    }
+    float acc[2][4];
+    warp_gemm_abt<16, D, S>(acc, sQ + rb * 16 * S, sK + cb * 16 * S, lane);
 #pragma unroll
     for (int nn = 0; nn < 2; ++nn)
 #pragma unroll
@@ -377,20 +370,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
     float acc_p[BN / 8][4];
     conv_tile<Tr>(sS, sBandF, cq, warp, lane, acc_p);
     float acc_dp[BN / 8][4];
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j) acc_dp[j][0] = acc_dp[j][1] = acc_dp[j][2] = acc_dp[j][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      ldmatrix_x4(a, sdO + a_offset(lane, warp * 16, kk * 16, S));
-#pragma unroll
-      for (int nn = 0; nn < BN / 16; ++nn) {
-        uint32_t b[4];
-        ldmatrix_x4(b, sV + bnk_offset(lane, nn * 16, kk * 16, S));
-        mma_bf16(acc_dp[2 * nn], a, b[0], b[1]);
-        mma_bf16(acc_dp[2 * nn + 1], a, b[2], b[3]);
-      }
-    }
+    warp_gemm_abt<BN, D, S>(acc_dp, sdO + warp * 16 * S, sV, lane);
     const float keep_scale = p_drop > 0.f ? 1.0f / (1.0f - p_drop) : 1.0f;
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j)

@@ -122,4 +122,25 @@ __device__ __forceinline__ void load_tile_async(bf16* smem, int stride, const bf
   }
 }
 
+// A warp's product acc = A B^T with A = 16 rows x K and B = N rows x K, both bf16 row-major in shared
+// memory with row stride S (A at sA, B at sB: e.g. S = Q K^T, dP = dO V^T). acc is in the mma
+// accumulator layout: acc[j] holds columns 8j .. 8j + 7.
+template <int N, int K, int S>
+__device__ __forceinline__ void warp_gemm_abt(float (&acc)[N / 8][4], const bf16* sA, const bf16* sB, int lane) {
+#pragma unroll
+  for (int j = 0; j < N / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[4];
+    ldmatrix_x4(a, sA + a_offset(lane, 0, kk * 16, S));
+#pragma unroll
+    for (int nn = 0; nn < N / 16; ++nn) {
+      uint32_t b[4];
+      ldmatrix_x4(b, sB + bnk_offset(lane, nn * 16, kk * 16, S));
+      mma_bf16(acc[2 * nn], a, b[0], b[1]);
+      mma_bf16(acc[2 * nn + 1], a, b[2], b[3]);
+    }
+  }
+}
+
 }  // namespace mta::cuda::mma
