@@ -229,11 +229,12 @@ __global__ void column_sum_add_kernel(const float* __restrict__ part, float* __r
 // ---------------------------------------------------------------------------------------------
 // Head layout and RoPE. Element (b, t, h, e) of [B, T, H, d] <-> (b, h, t, e) of [B, H, T, d]. A thread
 // handles P consecutive pairs (2P elements) of one row; the rotation of pair i of position t is by
-// angle t * theta^(-2i/d), computed in double then rounded to float as rope_apply<float> does.
+// angle t * theta^(-2i/d), computed in double then rounded to float as rope_apply<float> does. The
+// token-major side has `ld` elements between consecutive tokens (ld >= H * d; H * d when dense).
 
 template <int P>
 __global__ void heads_kernel(const bf16* __restrict__ in, bf16* __restrict__ out, int B, int T, int H, int d,
-                             bool rope, double theta, bool inverse, bool to_heads) {
+                             long long ld, bool rope, double theta, bool inverse, bool to_heads) {
   const int groups = d / (2 * P);  // per row
   const long long total = static_cast<long long>(B) * T * H * groups;
   for (long long idx = global_thread(); idx < total; idx += grid_threads()) {
@@ -242,7 +243,7 @@ __global__ void heads_kernel(const bf16* __restrict__ in, bf16* __restrict__ out
     const int h = static_cast<int>(row % H);
     const int t = static_cast<int>((row / H) % T);
     const int b = static_cast<int>(row / (static_cast<long long>(H) * T));
-    const long long tok_off = ((static_cast<long long>(b) * T + t) * H + h) * d + 2 * P * gi;
+    const long long tok_off = (static_cast<long long>(b) * T + t) * ld + static_cast<long long>(h) * d + 2 * P * gi;
     const long long head_off = ((static_cast<long long>(b) * H + h) * T + t) * d + 2 * P * gi;
     Pack<2 * P, bf16> v = load<2 * P>(in + (to_heads ? tok_off : head_off));
     if (rope) {
@@ -264,7 +265,7 @@ __global__ void heads_kernel(const bf16* __restrict__ in, bf16* __restrict__ out
 
 // Odd d (no RoPE): one element per thread.
 __global__ void heads_scalar_kernel(const bf16* __restrict__ in, bf16* __restrict__ out, int B, int T, int H, int d,
-                                    bool to_heads) {
+                                    long long ld, bool to_heads) {
   const long long total = static_cast<long long>(B) * T * H * d;
   for (long long idx = global_thread(); idx < total; idx += grid_threads()) {
     const int e = static_cast<int>(idx % d);
@@ -272,7 +273,7 @@ __global__ void heads_scalar_kernel(const bf16* __restrict__ in, bf16* __restric
     const int h = static_cast<int>(row % H);
     const int t = static_cast<int>((row / H) % T);
     const int b = static_cast<int>(row / (static_cast<long long>(H) * T));
-    const long long tok_off = ((static_cast<long long>(b) * T + t) * H + h) * d + e;
+    const long long tok_off = (static_cast<long long>(b) * T + t) * ld + static_cast<long long>(h) * d + e;
     const long long head_off = ((static_cast<long long>(b) * H + h) * T + t) * d + e;
     if (to_heads)
       out[head_off] = in[tok_off];
@@ -281,21 +282,30 @@ __global__ void heads_scalar_kernel(const bf16* __restrict__ in, bf16* __restric
   }
 }
 
-void launch_heads(const bf16* in, bf16* out, int B, int T, int H, int d, bool rope, double theta, bool inverse,
-                  bool to_heads, cudaStream_t s, const char* fn) {
+void launch_heads(const bf16* in, bf16* out, int B, int T, int H, int d, long long row_stride, bool rope,
+                  double theta, bool inverse, bool to_heads, cudaStream_t s, const char* fn) {
   require(B >= 0 && T >= 0 && H >= 0 && d >= 1, fn, "B, T, H must be >= 0 and d >= 1");
   require(!rope || d % 2 == 0, fn, "RoPE needs an even head dimension (got d = " + std::to_string(d) + ")");
+  const long long hd = static_cast<long long>(H) * d;
+  require(row_stride == 0 || row_stride >= hd, fn,
+          "row_stride must be 0 (dense) or >= H * d (got " + std::to_string(row_stride) + ", H * d = " +
+              std::to_string(hd) + ")");
+  const long long ld = row_stride == 0 ? hd : row_stride;
   const long long total = static_cast<long long>(B) * T * H * d;
   if (total == 0) return;
-  if (d % 8 == 0 && aligned(in, 16) && aligned(out, 16)) {
-    heads_kernel<4><<<grid_for(total / 8, kBlock), kBlock, 0, s>>>(in, out, B, T, H, d, rope, theta, inverse, to_heads);
+  // A vector of 2P elements stays aligned on the token-major side only if every row start is: ld a
+  // multiple of 2P too.
+  if (d % 8 == 0 && ld % 8 == 0 && aligned(in, 16) && aligned(out, 16)) {
+    heads_kernel<4><<<grid_for(total / 8, kBlock), kBlock, 0, s>>>(in, out, B, T, H, d, ld, rope, theta, inverse,
+                                                                   to_heads);
     CUDA_CHECK_LAUNCH("heads_kernel<4>");
-  } else if (d % 2 == 0 && aligned(in, 4) && aligned(out, 4)) {
-    heads_kernel<1><<<grid_for(total / 2, kBlock), kBlock, 0, s>>>(in, out, B, T, H, d, rope, theta, inverse, to_heads);
+  } else if (d % 2 == 0 && ld % 2 == 0 && aligned(in, 4) && aligned(out, 4)) {
+    heads_kernel<1><<<grid_for(total / 2, kBlock), kBlock, 0, s>>>(in, out, B, T, H, d, ld, rope, theta, inverse,
+                                                                   to_heads);
     CUDA_CHECK_LAUNCH("heads_kernel<1>");
   } else {
-    require(!rope, fn, "RoPE needs bf16 pointers aligned to 4 bytes");
-    heads_scalar_kernel<<<grid_for(total, kBlock), kBlock, 0, s>>>(in, out, B, T, H, d, to_heads);
+    require(!rope, fn, "RoPE needs bf16 pointers aligned to 4 bytes and an even row_stride");
+    heads_scalar_kernel<<<grid_for(total, kBlock), kBlock, 0, s>>>(in, out, B, T, H, d, ld, to_heads);
     CUDA_CHECK_LAUNCH("heads_scalar_kernel");
   }
 }
@@ -615,12 +625,14 @@ void rmsnorm_backward(const bf16* dy, const float* x, const float* w, const floa
   CUDA_CHECK_LAUNCH("column_sum_add_kernel");
 }
 
-void to_heads(const bf16* x, bf16* y, int B, int T, int H, int d, bool rope, double theta, cudaStream_t s) {
-  launch_heads(x, y, B, T, H, d, rope, theta, /*inverse=*/false, /*to_heads=*/true, s, "to_heads");
+void to_heads(const bf16* x, bf16* y, int B, int T, int H, int d, bool rope, double theta, cudaStream_t s,
+              long long row_stride) {
+  launch_heads(x, y, B, T, H, d, row_stride, rope, theta, /*inverse=*/false, /*to_heads=*/true, s, "to_heads");
 }
 
-void from_heads(const bf16* y, bf16* x, int B, int T, int H, int d, bool rope, double theta, cudaStream_t s) {
-  launch_heads(y, x, B, T, H, d, rope, theta, /*inverse=*/true, /*to_heads=*/false, s, "from_heads");
+void from_heads(const bf16* y, bf16* x, int B, int T, int H, int d, bool rope, double theta, cudaStream_t s,
+                long long row_stride) {
+  launch_heads(y, x, B, T, H, d, row_stride, rope, theta, /*inverse=*/true, /*to_heads=*/false, s, "from_heads");
 }
 
 void swiglu_forward(const bf16* a, const bf16* b, bf16* g, long long n, cudaStream_t s) {

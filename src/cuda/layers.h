@@ -30,9 +30,14 @@ void rmsnorm_backward(const bf16* dy, const float* x, const float* w, const floa
 
 // [B, T, H, d] (a linear layer's output) -> [B, H, T, d], applying RoPE when `rope` (interleaved
 // pairs, angle t * theta^(-2i/d), as rope_apply on the CPU).
-void to_heads(const bf16* x, bf16* y, int B, int T, int H, int d, bool rope, double theta, cudaStream_t s);
-// [B, H, T, d] -> [B, T, H, d], applying the inverse rotation when `rope` (for gradients).
-void from_heads(const bf16* y, bf16* x, int B, int T, int H, int d, bool rope, double theta, cudaStream_t s);
+// `row_stride`: elements between consecutive tokens on the token-major side (0: dense, H * d; else
+// >= H * d), so that q, k and v can be read from one [N, 3C] product (x = qkv + j * C, row_stride = 3C).
+void to_heads(const bf16* x, bf16* y, int B, int T, int H, int d, bool rope, double theta, cudaStream_t s,
+              long long row_stride = 0);
+// [B, H, T, d] -> [B, T, H, d], applying the inverse rotation when `rope` (for gradients); `row_stride`
+// as for to_heads (the stride of x, the token-major output: elements between its rows are not written).
+void from_heads(const bf16* y, bf16* x, int B, int T, int H, int d, bool rope, double theta, cudaStream_t s,
+                long long row_stride = 0);
 
 // g = silu(a) * b; backward writes da, db.
 void swiglu_forward(const bf16* a, const bf16* b, bf16* g, long long n, cudaStream_t s);

@@ -155,6 +155,7 @@ class CudaModel : public TrainableModel {
     CK(cudaMemcpy(decay_.get(), decay.data(), total, cudaMemcpyHostToDevice));
     g32_.zero(stream_), m_.zero(stream_), v_.zero(stream_);
     upload_params(host_.params());
+    check_packed_layout();
   }
   ~CudaModel() override {
     cudaStreamSynchronize(stream_);
@@ -237,6 +238,26 @@ class CudaModel : public TrainableModel {
     DevBuf<float> comb, comb_rstd, o_sub;  // DIFF: combined heads (pre-norm), sub-head outputs
   };
 
+  // The fused products multiply wq|wk|wv as one [3C, C] matrix (and their gradients as one): the
+  // layout must hold them back to back (model.cpp adds them with pack_next).
+  void check_packed_layout() const {
+    const int C = config().dim;
+    for (int l = 0; l < config().n_layers; ++l) {
+      const std::vector<const char*> names = {"attention.wq.weight", "attention.wk.weight", "attention.wv.weight"};
+      size_t next = layout().view(lname(l, names[0])).offset;
+      for (const char* n : names) {
+        const ParamView& v = layout().view(lname(l, n));
+        if (v.offset != next || v.size != static_cast<size_t>(C) * C)
+          throw std::logic_error("CudaModel: the parameter layout does not hold " + lname(l, "attention.wq|wk|wv.weight") +
+                                 " back to back as one [3C, C] matrix (" + v.name + " at offset " +
+                                 std::to_string(v.offset) + ", size " + std::to_string(v.size) + "; expected offset " +
+                                 std::to_string(next) + ", size C * C): the fused q/k/v product needs them contiguous "
+                                 "(see ParamLayout::add's pack_next)");
+        next = v.offset + v.size;
+      }
+    }
+  }
+
   void upload_params(const std::vector<float>& p) {
     CK(cudaMemcpyAsync(p32_.get(), p.data(), p.size() * sizeof(float), cudaMemcpyHostToDevice, stream_));
     cuda::cast_to_bf16(p32_.get(), p16_.get(), static_cast<long long>(p.size()), stream_);
@@ -273,6 +294,7 @@ class CudaModel : public TrainableModel {
     x_final_.resize(NC), xf_.resize(NC), rstdf_.resize(N);
     tmp32_.resize(std::max(NC, NF)), tmp32b_.resize(std::max(NC, NF));
     tmp16_.resize(std::max(NC, NF)), tmp16b_.resize(std::max(NC, NF)), tmp16c_.resize(std::max(NC, NF));
+    wide16_.resize(3 * NC);
     dx_.resize(NC);
     tokens_.resize(N), targets_.resize(N), weights_.resize(N), row_loss_.resize(N), argmax_.resize(N);
     size_t rs = cuda::rmsnorm_backward_scratch_floats(static_cast<int>(N), c.dim);
@@ -443,14 +465,16 @@ class CudaModel : public TrainableModel {
     const long long NC = static_cast<long long>(N) * C;
     const float eps = static_cast<float>(c.norm_eps);
     cuda::rmsnorm_forward(L.x_in.get(), Pl(l, "attention_norm.weight"), L.xn1.get(), L.rstd1.get(), N, C, eps, stream_);
-    bf16* t16 = tmp16_.get();
-    cuda::gemm_bf16(false, true, N, C, C, 1.0f, L.xn1.get(), C, P16l(l, "attention.wq.weight"), C, 0.0f, t16, C, stream_);
-    cuda::to_heads(t16, L.q.get(), B_, T_, H, d, true, c.rope_theta, stream_);
-    cuda::gemm_bf16(false, true, N, C, C, 1.0f, L.xn1.get(), C, P16l(l, "attention.wk.weight"), C, 0.0f, t16, C, stream_);
-    cuda::to_heads(t16, L.k.get(), B_, T_, H, d, true, c.rope_theta, stream_);
-    cuda::gemm_bf16(false, true, N, C, C, 1.0f, L.xn1.get(), C, P16l(l, "attention.wv.weight"), C, 0.0f, t16, C, stream_);
+    // q|k|v = xn1 Wqkv^T: one [N, 3C] product with the packed [3C, C] weight wq|wk|wv, then each third
+    // to the head layout (rows of 3C). DIFF values: H/2 heads of 2d, the same C columns.
+    bf16* qkv = wide16_.get();
+    const long long C3 = 3LL * C;
+    cuda::gemm_bf16(false, true, N, 3 * C, C, 1.0f, L.xn1.get(), C, P16l(l, "attention.wq.weight"), C, 0.0f, qkv,
+                    3 * C, stream_);
+    cuda::to_heads(qkv, L.q.get(), B_, T_, H, d, true, c.rope_theta, stream_, C3);
+    cuda::to_heads(qkv + C, L.k.get(), B_, T_, H, d, true, c.rope_theta, stream_, C3);
     const int Hv = c.attention == AttentionKind::Diff ? H / 2 : H;
-    cuda::to_heads(t16, L.v.get(), B_, T_, Hv, C / Hv, false, 0.0, stream_);
+    cuda::to_heads(qkv + 2 * C, L.v.get(), B_, T_, Hv, C / Hv, false, 0.0, stream_, C3);
     prof_.mark("fwd.norm+qkv", stream_);
     attention_forward(l, L, train, seed);
     prof_.mark("fwd.attention", stream_);
@@ -506,17 +530,18 @@ class CudaModel : public TrainableModel {
     prof_.mark("bwd.wo", stream_);
     attention_backward(l, L, da, dqh_.get(), dkh_.get(), dvh_.get(), train, seed);
     prof_.mark("bwd.attention", stream_);
-    bf16* flat = tmp16_.get();
+    // dq|dk|dv into one [N, 3C] matrix (rows of 3C), then d(xn1) = dqkv Wqkv (K = 3C) and
+    // d(wq|wk|wv) += dqkv^T xn1 into the packed [3C, C] gradient.
+    bf16* dqkv = wide16_.get();
+    const long long C3 = 3LL * C;
     const int Hv = c.attention == AttentionKind::Diff ? H / 2 : H;
-    cuda::from_heads(dqh_.get(), flat, B_, T_, H, d, true, c.rope_theta, stream_);
-    cuda::gemm_bf16(false, false, N, C, C, 1.0f, flat, C, P16l(l, "attention.wq.weight"), C, 0.0f, dxn32, C, stream_);
-    cuda::gemm_bf16(true, false, C, C, N, 1.0f, flat, C, L.xn1.get(), C, 1.0f, Gl(l, "attention.wq.weight"), C, stream_);
-    cuda::from_heads(dkh_.get(), flat, B_, T_, H, d, true, c.rope_theta, stream_);
-    cuda::gemm_bf16(false, false, N, C, C, 1.0f, flat, C, P16l(l, "attention.wk.weight"), C, 1.0f, dxn32, C, stream_);
-    cuda::gemm_bf16(true, false, C, C, N, 1.0f, flat, C, L.xn1.get(), C, 1.0f, Gl(l, "attention.wk.weight"), C, stream_);
-    cuda::from_heads(dvh_.get(), flat, B_, T_, Hv, C / Hv, false, 0.0, stream_);
-    cuda::gemm_bf16(false, false, N, C, C, 1.0f, flat, C, P16l(l, "attention.wv.weight"), C, 1.0f, dxn32, C, stream_);
-    cuda::gemm_bf16(true, false, C, C, N, 1.0f, flat, C, L.xn1.get(), C, 1.0f, Gl(l, "attention.wv.weight"), C, stream_);
+    cuda::from_heads(dqh_.get(), dqkv, B_, T_, H, d, true, c.rope_theta, stream_, C3);
+    cuda::from_heads(dkh_.get(), dqkv + C, B_, T_, H, d, true, c.rope_theta, stream_, C3);
+    cuda::from_heads(dvh_.get(), dqkv + 2 * C, B_, T_, Hv, C / Hv, false, 0.0, stream_, C3);
+    cuda::gemm_bf16(false, false, N, C, 3 * C, 1.0f, dqkv, 3 * C, P16l(l, "attention.wq.weight"), C, 0.0f, dxn32, C,
+                    stream_);
+    cuda::gemm_bf16(true, false, 3 * C, C, N, 1.0f, dqkv, 3 * C, L.xn1.get(), C, 1.0f, Gl(l, "attention.wq.weight"), C,
+                    stream_);
     cuda::cast_to_bf16(dxn32, dxn, NC, stream_);
     cuda::rmsnorm_backward(dxn, L.x_in.get(), Pl(l, "attention_norm.weight"), L.rstd1.get(), dx,
                            Gl(l, "attention_norm.weight"), rms_scratch_.get(), N, C, stream_);
@@ -594,6 +619,7 @@ class CudaModel : public TrainableModel {
   std::vector<Layer> layers_;
   DevBuf<float> x_final_, rstdf_, tmp32_, tmp32b_, dx_, weights_, row_loss_, logits_, rms_scratch_;
   DevBuf<bf16> xf_, tmp16_, tmp16b_, tmp16c_, dlogits_, dqh_, dkh_, dvh_, swiglu_tmp_;
+  DevBuf<bf16> wide16_;  // [N, 3C]: q|k|v out of the fused product (forward), dq|dk|dv (backward)
   DevBuf<int32_t> tokens_, targets_, argmax_;
   DevBuf<float> op_q_, op_k_, op_v_, op_o_, op_o2_, op_dq_, op_dk_, op_dv_;
   DevBuf<char> flash_scratch_;

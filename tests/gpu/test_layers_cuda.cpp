@@ -279,6 +279,98 @@ TEST(CudaLayers, HeadsAndRope) {
   }
 }
 
+// q, k and v read from one [N, 3C] product, and their gradients written into one: to_heads /
+// from_heads with a row stride on the token-major side. Against the CPU on the dense slice, bit for bit
+// against the dense GPU call (where both take the same kernel variant), and from_heads leaves the
+// other columns of the wide matrix untouched (still poisoned).
+TEST(CudaLayers, HeadsRowStride) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(11);
+  const int Bn = 2, T = 37;
+  const double theta = 1e4;
+  struct Case {
+    int H, d;
+    bool rope;
+    long long ld, col;  // row stride of the wide matrix, first column of the slice
+  };
+  const Case cases[] = {
+      {3, 64, true, 3 * 192, 0},       {3, 64, true, 3 * 192, 192},  {3, 64, false, 3 * 192, 384},
+      {2, 128, true, 3 * 256, 256},    {1, 128, false, 3 * 128, 256},  // DIFF values: H/2 heads of 2d
+      {3, 6, true, 3 * 18, 18},        // d % 8 != 0: pairs
+      {3, 64, true, 3 * 192 + 2, 192}, // row stride not a multiple of 8: pairs
+      {3, 5, false, 3 * 15 + 1, 15},   // odd d and stride: element by element
+  };
+  for (const Case& cs : cases) {
+    const int H = cs.H, d = cs.d, C = H * d;
+    const long long ld = cs.ld, col = cs.col;
+    SCOPED_TRACE("H=" + std::to_string(H) + " d=" + std::to_string(d) + " rope=" + std::to_string(cs.rope) +
+                 " ld=" + std::to_string(ld) + " col=" + std::to_string(col));
+    const size_t N = static_cast<size_t>(Bn) * T, n = N * C;
+    // Both launches pick the same kernel (so the same rounding sequence) unless the stride alone
+    // demotes the strided one from 8-element vectors to pairs.
+    const bool same_variant = d % 8 != 0 || ld % 8 == 0;
+    // to_heads from the slice [:, col, col + C) of a wide [N, ld] matrix.
+    const auto wb = rnd_bf(N * ld, rng);
+    std::vector<uint16_t> sb(n);
+    for (size_t r = 0; r < N; ++r)
+      for (int c = 0; c < C; ++c) sb[r * C + c] = wb[r * ld + col + c];
+    const auto sf = widen(sb);
+    std::vector<float> want(n);
+    mta::cpu::to_heads<float>(sf.data(), want.data(), Bn, T, H, d);
+    if (cs.rope) mta::cpu::rope_apply<float>(want.data(), Bn, H, T, d, theta, false);
+    Dev<uint16_t> dw(wb), ds(sb), dy(n), dy_dense(n);
+    dy.poison(), dy_dense.poison();
+    mta::cuda::to_heads(bfp(dw) + col, bfp(dy), Bn, T, H, d, cs.rope, theta, 0, ld);
+    mta::cuda::to_heads(bfp(ds), bfp(dy_dense), Bn, T, H, d, cs.rope, theta, 0);
+    sync();
+    const auto got_b = dy.host();
+    const auto got = widen(got_b);
+    EXPECT_TRUE(all_finite(got));
+    if (cs.rope) {
+      EXPECT_LT(rel_err(got, want), 1e-2);
+      if (same_variant) EXPECT_EQ(got_b, dy_dense.host());
+    } else {
+      EXPECT_TRUE(same_bits(got, want));
+    }
+    // from_heads into the slice of a poisoned wide matrix.
+    const auto yb = rnd_bf(n, rng);
+    std::vector<float> yf = widen(yb), want2(n);
+    if (cs.rope) mta::cpu::rope_apply<float>(yf.data(), Bn, H, T, d, theta, true);
+    mta::cpu::from_heads<float>(yf.data(), want2.data(), Bn, T, H, d);
+    Dev<uint16_t> dyin(yb), dx(N * ld), dx_dense(n);
+    dx.poison(), dx_dense.poison();
+    mta::cuda::from_heads(bfp(dyin), bfp(dx) + col, Bn, T, H, d, cs.rope, theta, 0, ld);
+    mta::cuda::from_heads(bfp(dyin), bfp(dx_dense), Bn, T, H, d, cs.rope, theta, 0);
+    sync();
+    const auto wide = dx.host();
+    std::vector<uint16_t> got2_b(n);
+    size_t untouched = 0, outside = 0;
+    for (size_t r = 0; r < N; ++r)
+      for (long long c = 0; c < ld; ++c) {
+        const uint16_t x = wide[r * ld + c];
+        if (c >= col && c < col + C) {
+          got2_b[r * C + (c - col)] = x;
+        } else {
+          ++outside;
+          untouched += x == 0xFFFFu;
+        }
+      }
+    EXPECT_EQ(untouched, outside) << "from_heads wrote outside its columns";
+    const auto got2 = widen(got2_b);
+    EXPECT_TRUE(all_finite(got2));
+    if (cs.rope) {
+      EXPECT_LT(rel_err(got2, want2), 1e-2);
+      if (same_variant) EXPECT_EQ(got2_b, dx_dense.host());
+    } else {
+      EXPECT_TRUE(same_bits(got2, want2));
+    }
+  }
+  // A row stride shorter than a row is refused.
+  Dev<uint16_t> a(64 * 8), b(64 * 8);
+  EXPECT_THROW(mta::cuda::to_heads(bfp(a), bfp(b), 1, 8, 2, 32, false, theta, 0, 63), std::invalid_argument);
+  EXPECT_THROW(mta::cuda::from_heads(bfp(a), bfp(b), 1, 8, 2, 32, false, theta, 0, 32), std::invalid_argument);
+}
+
 TEST(CudaLayers, SwiGLU) {
   SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(4);
