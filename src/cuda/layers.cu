@@ -315,19 +315,35 @@ void launch_heads(const bf16* in, bf16* out, int B, int T, int H, int d, long lo
 
 __device__ inline float sigmoid(float a) { return 1.0f / (1.0f + expf(-a)); }
 
+// SwiGLU on V elements; shared by the dense and the row-strided ops (the same arithmetic).
+template <int V>
+__device__ inline Pack<V, bf16> swiglu_fwd_pack(const Pack<V, bf16>& av, const Pack<V, bf16>& bv) {
+  Pack<V, bf16> gv;
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const float x = to_f(av.v[k]);
+    gv.v[k] = to_bf(x * sigmoid(x) * to_f(bv.v[k]));
+  }
+  return gv;
+}
+template <int V>
+__device__ inline void swiglu_bwd_pack(const Pack<V, bf16>& gv, const Pack<V, bf16>& av, const Pack<V, bf16>& bv,
+                                       Pack<V, bf16>& dav, Pack<V, bf16>& dbv) {
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const float x = to_f(av.v[k]), y = to_f(bv.v[k]), d = to_f(gv.v[k]);
+    const float sig = sigmoid(x);
+    dbv.v[k] = to_bf(d * (x * sig));
+    dav.v[k] = to_bf(d * y * sig * (1.0f + x * (1.0f - sig)));
+  }
+}
+
 struct SwigluFwd {
   const bf16 *a, *b;
   bf16* g;
   template <int V>
   __device__ void apply(long long i) const {
-    const Pack<V, bf16> av = load<V>(a + i), bv = load<V>(b + i);
-    Pack<V, bf16> gv;
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const float x = to_f(av.v[k]);
-      gv.v[k] = to_bf(x * sigmoid(x) * to_f(bv.v[k]));
-    }
-    store<V>(g + i, gv);
+    store<V>(g + i, swiglu_fwd_pack<V>(load<V>(a + i), load<V>(b + i)));
   }
 };
 
@@ -336,17 +352,39 @@ struct SwigluBwd {
   bf16 *da, *db;
   template <int V>
   __device__ void apply(long long i) const {
-    const Pack<V, bf16> gv = load<V>(dg + i), av = load<V>(a + i), bv = load<V>(b + i);
     Pack<V, bf16> dav, dbv;
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const float x = to_f(av.v[k]), y = to_f(bv.v[k]), d = to_f(gv.v[k]);
-      const float sig = sigmoid(x);
-      dbv.v[k] = to_bf(d * (x * sig));
-      dav.v[k] = to_bf(d * y * sig * (1.0f + x * (1.0f - sig)));
-    }
+    swiglu_bwd_pack<V>(load<V>(dg + i), load<V>(a + i), load<V>(b + i), dav, dbv);
     store<V>(da + i, dav);
     store<V>(db + i, dbv);
+  }
+};
+
+// Row-strided: i indexes the dense [rows, cols] g / dg; a, b, da, db have row stride ld. A vector of V
+// never spans two rows (the launcher vectorizes only when cols % V == 0).
+struct SwigluFwdStrided {
+  const bf16 *a, *b;
+  bf16* g;
+  long long ld;
+  int cols;
+  template <int V>
+  __device__ void apply(long long i) const {
+    const long long r = i / cols, j = r * ld + (i - r * cols);
+    store<V>(g + i, swiglu_fwd_pack<V>(load<V>(a + j), load<V>(b + j)));
+  }
+};
+
+struct SwigluBwdStrided {
+  const bf16 *dg, *a, *b;
+  bf16 *da, *db;
+  long long ld;
+  int cols;
+  template <int V>
+  __device__ void apply(long long i) const {
+    const long long r = i / cols, j = r * ld + (i - r * cols);
+    Pack<V, bf16> dav, dbv;
+    swiglu_bwd_pack<V>(load<V>(dg + i), load<V>(a + j), load<V>(b + j), dav, dbv);
+    store<V>(da + j, dav);
+    store<V>(db + j, dbv);
   }
 };
 
@@ -643,6 +681,22 @@ void swiglu_forward(const bf16* a, const bf16* b, bf16* g, long long n, cudaStre
 void swiglu_backward(const bf16* dg, const bf16* a, const bf16* b, bf16* da, bf16* db, long long n, cudaStream_t s) {
   const bool vec = aligned(dg, 16) && aligned(a, 16) && aligned(b, 16) && aligned(da, 16) && aligned(db, 16);
   launch_elementwise<8>(SwigluBwd{dg, a, b, da, db}, n, vec, s, "swiglu_backward");
+}
+
+void swiglu_forward_strided(const bf16* a, const bf16* b, long long ld, bf16* g, int rows, int cols, cudaStream_t s) {
+  require(rows >= 0 && cols >= 0 && ld >= cols, "swiglu_forward_strided", "need rows, cols >= 0 and ld >= cols");
+  const bool vec = cols % 8 == 0 && ld % 8 == 0 && aligned(a, 16) && aligned(b, 16) && aligned(g, 16);
+  launch_elementwise<8>(SwigluFwdStrided{a, b, g, ld, cols}, static_cast<long long>(rows) * cols, vec, s,
+                        "swiglu_forward_strided");
+}
+
+void swiglu_backward_strided(const bf16* dg, const bf16* a, const bf16* b, long long ld, bf16* da, bf16* db, int rows,
+                             int cols, cudaStream_t s) {
+  require(rows >= 0 && cols >= 0 && ld >= cols, "swiglu_backward_strided", "need rows, cols >= 0 and ld >= cols");
+  const bool vec = cols % 8 == 0 && ld % 8 == 0 && aligned(dg, 16) && aligned(a, 16) && aligned(b, 16) &&
+                   aligned(da, 16) && aligned(db, 16);
+  launch_elementwise<8>(SwigluBwdStrided{dg, a, b, da, db, ld, cols}, static_cast<long long>(rows) * cols, vec, s,
+                        "swiglu_backward_strided");
 }
 
 void residual_dropout_forward(const float* x, const float* y, float* out, long long n, float p, uint64_t seed,

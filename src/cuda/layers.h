@@ -42,6 +42,12 @@ void from_heads(const bf16* y, bf16* x, int B, int T, int H, int d, bool rope, d
 // g = silu(a) * b; backward writes da, db.
 void swiglu_forward(const bf16* a, const bf16* b, bf16* g, long long n, cudaStream_t s);
 void swiglu_backward(const bf16* dg, const bf16* a, const bf16* b, bf16* da, bf16* db, long long n, cudaStream_t s);
+// The same on [rows, cols] matrices whose a and b (and da, db) have row stride `ld` (>= cols), e.g. the
+// two halves of one [N, 2F] product: a = h, b = h + F, ld = 2F (and da = dh, db = dh + F). g and dg are
+// dense [rows, cols]. Bit-identical to the dense functions on the same values.
+void swiglu_forward_strided(const bf16* a, const bf16* b, long long ld, bf16* g, int rows, int cols, cudaStream_t s);
+void swiglu_backward_strided(const bf16* dg, const bf16* a, const bf16* b, long long ld, bf16* da, bf16* db, int rows,
+                             int cols, cudaStream_t s);
 
 // out = x + dropout(y) with the CPU's mask (hash_uniform(seed, i) >= p keeps, scaled 1/(1-p)).
 void residual_dropout_forward(const float* x, const float* y, float* out, long long n, float p, uint64_t seed,

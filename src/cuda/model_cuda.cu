@@ -233,29 +233,39 @@ class CudaModel : public TrainableModel {
  private:
   struct Layer {
     DevBuf<float> x_in, rstd1, x_mid, rstd2;
-    DevBuf<bf16> xn1, q, k, v, att, a_flat, xn2, h1, h3, g;
+    DevBuf<bf16> xn1, q, k, v, att, a_flat, xn2, h13, g;  // h13: [N, 2F], xn2 w1^T | xn2 w3^T
     DevBuf<float> lse;                    // flash attention row statistics
     DevBuf<float> comb, comb_rstd, o_sub;  // DIFF: combined heads (pre-norm), sub-head outputs
   };
 
-  // The fused products multiply wq|wk|wv as one [3C, C] matrix (and their gradients as one): the
-  // layout must hold them back to back (model.cpp adds them with pack_next).
+  // The fused products multiply wq|wk|wv as one [3C, C] matrix and w1|w3 as one [2F, C] matrix (and
+  // their gradients as one each): the layout must hold them back to back (model.cpp adds them with
+  // pack_next).
   void check_packed_layout() const {
-    const int C = config().dim;
-    for (int l = 0; l < config().n_layers; ++l) {
-      const std::vector<const char*> names = {"attention.wq.weight", "attention.wk.weight", "attention.wv.weight"};
-      size_t next = layout().view(lname(l, names[0])).offset;
-      for (const char* n : names) {
-        const ParamView& v = layout().view(lname(l, n));
-        if (v.offset != next || v.size != static_cast<size_t>(C) * C)
-          throw std::logic_error("CudaModel: the parameter layout does not hold " + lname(l, "attention.wq|wk|wv.weight") +
-                                 " back to back as one [3C, C] matrix (" + v.name + " at offset " +
-                                 std::to_string(v.offset) + ", size " + std::to_string(v.size) + "; expected offset " +
-                                 std::to_string(next) + ", size C * C): the fused q/k/v product needs them contiguous "
-                                 "(see ParamLayout::add's pack_next)");
-        next = v.offset + v.size;
+    const size_t C = config().dim, F = config().ffn_hidden;
+    struct Group {
+      std::vector<const char*> names;
+      size_t size;  // of each member
+      const char* what;
+    };
+    const Group groups[] = {{{"attention.wq.weight", "attention.wk.weight", "attention.wv.weight"}, C * C, "[3C, C]"},
+                            {{"feed_forward.w1.weight", "feed_forward.w3.weight"}, F * C, "[2F, C]"}};
+    for (int l = 0; l < config().n_layers; ++l)
+      for (const Group& g : groups) {
+        size_t next = layout().view(lname(l, g.names[0])).offset;
+        std::string joined;
+        for (const char* n : g.names) joined += std::string(joined.empty() ? "" : " | ") + n;
+        for (const char* n : g.names) {
+          const ParamView& v = layout().view(lname(l, n));
+          if (v.offset != next || v.size != g.size)
+            throw std::logic_error("CudaModel: layer " + std::to_string(l) + ": the parameter layout does not hold " +
+                                   joined + " back to back as one " + g.what + " matrix (" + v.name + " at offset " +
+                                   std::to_string(v.offset) + ", size " + std::to_string(v.size) + "; expected offset " +
+                                   std::to_string(next) + ", size " + std::to_string(g.size) +
+                                   "): the fused products need them contiguous (see ParamLayout::add's pack_next)");
+          next = v.offset + v.size;
+        }
       }
-    }
   }
 
   void upload_params(const std::vector<float>& p) {
@@ -285,7 +295,7 @@ class CudaModel : public TrainableModel {
     for (auto& L : layers_) {
       L.x_in.resize(NC), L.x_mid.resize(NC), L.rstd1.resize(N), L.rstd2.resize(N);
       L.xn1.resize(NC), L.q.resize(NC), L.k.resize(NC), L.v.resize(NC), L.att.resize(NC), L.a_flat.resize(NC);
-      L.xn2.resize(NC), L.h1.resize(NF), L.h3.resize(NF), L.g.resize(NF);
+      L.xn2.resize(NC), L.h13.resize(2 * NF), L.g.resize(NF);
       L.lse.resize(static_cast<size_t>(B) * c.n_heads * T);
       if (c.attention == AttentionKind::Diff) {
         L.comb.resize(NC), L.comb_rstd.resize(N * c.n_heads / 2), L.o_sub.resize(2 * NC);
@@ -293,8 +303,8 @@ class CudaModel : public TrainableModel {
     }
     x_final_.resize(NC), xf_.resize(NC), rstdf_.resize(N);
     tmp32_.resize(std::max(NC, NF)), tmp32b_.resize(std::max(NC, NF));
-    tmp16_.resize(std::max(NC, NF)), tmp16b_.resize(std::max(NC, NF)), tmp16c_.resize(std::max(NC, NF));
-    wide16_.resize(3 * NC);
+    tmp16_.resize(NC), tmp16b_.resize(std::max(NC, NF)), tmp16c_.resize(NC);
+    wide16_.resize(std::max(3 * NC, 2 * NF));
     dx_.resize(NC);
     tokens_.resize(N), targets_.resize(N), weights_.resize(N), row_loss_.resize(N), argmax_.resize(N);
     size_t rs = cuda::rmsnorm_backward_scratch_floats(static_cast<int>(N), c.dim);
@@ -485,9 +495,11 @@ class CudaModel : public TrainableModel {
                                    site_seed(seed, l, kDropAttnOut), stream_);
     prof_.mark("fwd.wo+residual", stream_);
     cuda::rmsnorm_forward(L.x_mid.get(), Pl(l, "ffn_norm.weight"), L.xn2.get(), L.rstd2.get(), N, C, eps, stream_);
-    cuda::gemm_bf16(false, true, N, F, C, 1.0f, L.xn2.get(), C, P16l(l, "feed_forward.w1.weight"), C, 0.0f, L.h1.get(), F, stream_);
-    cuda::gemm_bf16(false, true, N, F, C, 1.0f, L.xn2.get(), C, P16l(l, "feed_forward.w3.weight"), C, 0.0f, L.h3.get(), F, stream_);
-    cuda::swiglu_forward(L.h1.get(), L.h3.get(), L.g.get(), static_cast<long long>(N) * F, stream_);
+    // h1|h3 = xn2 W13^T: one [N, 2F] product with the packed [2F, C] weight w1|w3; SwiGLU reads the
+    // two halves of each row.
+    cuda::gemm_bf16(false, true, N, 2 * F, C, 1.0f, L.xn2.get(), C, P16l(l, "feed_forward.w1.weight"), C, 0.0f,
+                    L.h13.get(), 2 * F, stream_);
+    cuda::swiglu_forward_strided(L.h13.get(), L.h13.get() + F, 2LL * F, L.g.get(), N, F, stream_);
     cuda::gemm_bf16(false, true, N, C, F, 1.0f, L.g.get(), F, P16l(l, "feed_forward.w2.weight"), F, 0.0f, t32, C, stream_);
     float* out = l + 1 < c.n_layers ? layers_[l + 1].x_in.get() : x_final_.get();
     cuda::residual_dropout_forward(L.x_mid.get(), t32, out, NC, train ? c.dropout : 0.0f, site_seed(seed, l, kDropFfnOut),
@@ -499,7 +511,7 @@ class CudaModel : public TrainableModel {
     const ModelConfig& c = config();
     Layer& L = layers_[l];
     const int N = B_ * T_, C = c.dim, F = c.ffn_hidden, H = c.n_heads, d = c.head_dim();
-    const long long NC = static_cast<long long>(N) * C, NF = static_cast<long long>(N) * F;
+    const long long NC = static_cast<long long>(N) * C;
     float* dx = dx_.get();
     // Feed-forward; dx holds d(out) = d(x_mid) through the residual.
     bf16* dy = tmp16_.get();
@@ -507,15 +519,15 @@ class CudaModel : public TrainableModel {
     bf16* dg = tmp16b_.get();
     cuda::gemm_bf16(false, false, N, F, C, 1.0f, dy, C, P16l(l, "feed_forward.w2.weight"), F, 0.0f, dg, F, stream_);
     cuda::gemm_bf16(true, false, C, F, N, 1.0f, dy, C, L.g.get(), F, 1.0f, Gl(l, "feed_forward.w2.weight"), F, stream_);
-    swiglu_tmp_.resize(NF);
-    bf16* dh1 = tmp16c_.get();
-    bf16* dh3 = swiglu_tmp_.get();
-    cuda::swiglu_backward(dg, L.h1.get(), L.h3.get(), dh1, dh3, NF, stream_);
+    // dh1|dh3 into one [N, 2F] matrix, then d(xn2) = dh13 W13 (K = 2F) and d(w1|w3) += dh13^T xn2 into
+    // the packed [2F, C] gradient.
+    bf16* dh13 = wide16_.get();
+    cuda::swiglu_backward_strided(dg, L.h13.get(), L.h13.get() + F, 2LL * F, dh13, dh13 + F, N, F, stream_);
     float* dxn32 = tmp32_.get();
-    cuda::gemm_bf16(false, false, N, C, F, 1.0f, dh1, F, P16l(l, "feed_forward.w1.weight"), C, 0.0f, dxn32, C, stream_);
-    cuda::gemm_bf16(false, false, N, C, F, 1.0f, dh3, F, P16l(l, "feed_forward.w3.weight"), C, 1.0f, dxn32, C, stream_);
-    cuda::gemm_bf16(true, false, F, C, N, 1.0f, dh1, F, L.xn2.get(), C, 1.0f, Gl(l, "feed_forward.w1.weight"), C, stream_);
-    cuda::gemm_bf16(true, false, F, C, N, 1.0f, dh3, F, L.xn2.get(), C, 1.0f, Gl(l, "feed_forward.w3.weight"), C, stream_);
+    cuda::gemm_bf16(false, false, N, C, 2 * F, 1.0f, dh13, 2 * F, P16l(l, "feed_forward.w1.weight"), C, 0.0f, dxn32, C,
+                    stream_);
+    cuda::gemm_bf16(true, false, 2 * F, C, N, 1.0f, dh13, 2 * F, L.xn2.get(), C, 1.0f, Gl(l, "feed_forward.w1.weight"),
+                    C, stream_);
     bf16* dxn = tmp16_.get();
     cuda::cast_to_bf16(dxn32, dxn, NC, stream_);
     cuda::rmsnorm_backward(dxn, L.x_mid.get(), Pl(l, "ffn_norm.weight"), L.rstd2.get(), dx, Gl(l, "ffn_norm.weight"),
@@ -618,8 +630,9 @@ class CudaModel : public TrainableModel {
   int B_ = 0, T_ = 0;
   std::vector<Layer> layers_;
   DevBuf<float> x_final_, rstdf_, tmp32_, tmp32b_, dx_, weights_, row_loss_, logits_, rms_scratch_;
-  DevBuf<bf16> xf_, tmp16_, tmp16b_, tmp16c_, dlogits_, dqh_, dkh_, dvh_, swiglu_tmp_;
-  DevBuf<bf16> wide16_;  // [N, 3C]: q|k|v out of the fused product (forward), dq|dk|dv (backward)
+  DevBuf<bf16> xf_, tmp16_, tmp16b_, tmp16c_, dlogits_, dqh_, dkh_, dvh_;
+  // [N, 3C] or [N, 2F]: q|k|v out of the fused product (forward); dh1|dh3, then dq|dk|dv (backward).
+  DevBuf<bf16> wide16_;
   DevBuf<int32_t> tokens_, targets_, argmax_;
   DevBuf<float> op_q_, op_k_, op_v_, op_o_, op_o2_, op_dq_, op_dk_, op_dv_;
   DevBuf<char> flash_scratch_;

@@ -395,6 +395,71 @@ TEST(CudaLayers, SwiGLU) {
     }
 }
 
+// SwiGLU on the two halves of one [N, 2F] product (a = h, b = h + F, row stride ld >= 2F), gradients
+// written into one [N, 2F] matrix the same way: against the CPU on the dense halves, bit for bit
+// against the dense GPU functions, and columns past 2F of the gradient matrix stay untouched.
+TEST(CudaLayers, SwiGLURowStride) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(12);
+  struct Case {
+    int rows, cols;
+    long long ld;
+  };
+  // Vectors of 8 (cols and ld multiples of 8), element by element (cols or ld not), a single element.
+  const Case cases[] = {{37, 64, 128}, {300, 2048, 4096}, {7, 24, 56}, {37, 50, 100}, {5, 64, 130}, {1, 1, 2}};
+  for (const Case& cs : cases) {
+    const int R = cs.rows, F = cs.cols;
+    const long long ld = cs.ld;
+    SCOPED_TRACE("rows=" + std::to_string(R) + " cols=" + std::to_string(F) + " ld=" + std::to_string(ld));
+    const size_t n = static_cast<size_t>(R) * F, nw = static_cast<size_t>(R) * ld;
+    const auto hb = rnd_bf(nw, rng, 0.05f, 4.0f), gb = rnd_bf(n, rng);
+    std::vector<uint16_t> ab(n), bb(n);
+    for (size_t r = 0; r < static_cast<size_t>(R); ++r)
+      for (int c = 0; c < F; ++c) ab[r * F + c] = hb[r * ld + c], bb[r * F + c] = hb[r * ld + F + c];
+    const auto a = widen(ab), b = widen(bb), dg = widen(gb);
+    std::vector<float> g(n), da(n), db(n);
+    mta::cpu::swiglu_forward<float>(a.data(), b.data(), g.data(), static_cast<long long>(n));
+    mta::cpu::swiglu_backward<float>(dg.data(), a.data(), b.data(), da.data(), db.data(), static_cast<long long>(n));
+    Dev<uint16_t> dh(hb), d_dg(gb), d_g(n), d_dh(nw);
+    d_g.poison(), d_dh.poison();
+    mta::cuda::swiglu_forward_strided(bfp(dh), bfp(dh) + F, ld, bfp(d_g), R, F, 0);
+    mta::cuda::swiglu_backward_strided(bfp(d_dg), bfp(dh), bfp(dh) + F, ld, bfp(d_dh), bfp(d_dh) + F, R, F, 0);
+    // The dense functions on the same values.
+    Dev<uint16_t> d_a(ab), d_b(bb), d_g2(n), d_da2(n), d_db2(n);
+    mta::cuda::swiglu_forward(bfp(d_a), bfp(d_b), bfp(d_g2), static_cast<long long>(n), 0);
+    mta::cuda::swiglu_backward(bfp(d_dg), bfp(d_a), bfp(d_b), bfp(d_da2), bfp(d_db2), static_cast<long long>(n), 0);
+    sync();
+    const auto gg_b = d_g.host(), wide = d_dh.host();
+    std::vector<uint16_t> gda_b(n), gdb_b(n);
+    size_t untouched = 0, outside = 0;
+    for (size_t r = 0; r < static_cast<size_t>(R); ++r)
+      for (long long c = 0; c < ld; ++c) {
+        const uint16_t x = wide[r * ld + c];
+        if (c < F) {
+          gda_b[r * F + c] = x;
+        } else if (c < 2 * F) {
+          gdb_b[r * F + (c - F)] = x;
+        } else {
+          ++outside;
+          untouched += x == 0xFFFFu;
+        }
+      }
+    EXPECT_EQ(untouched, outside) << "swiglu_backward_strided wrote past its columns";
+    EXPECT_EQ(gg_b, d_g2.host());
+    EXPECT_EQ(gda_b, d_da2.host());
+    EXPECT_EQ(gdb_b, d_db2.host());
+    const auto gg = widen(gg_b), gda = widen(gda_b), gdb = widen(gdb_b);
+    EXPECT_TRUE(all_finite(gg) && all_finite(gda) && all_finite(gdb));
+    EXPECT_LT(rel_err(gg, g), 1e-2);
+    EXPECT_LT(rel_err(gda, da), 1e-2);
+    EXPECT_LT(rel_err(gdb, db), 1e-2);
+  }
+  Dev<uint16_t> x(64);
+  EXPECT_THROW(mta::cuda::swiglu_forward_strided(bfp(x), bfp(x), 3, bfp(x), 2, 4, 0), std::invalid_argument);
+  EXPECT_THROW(mta::cuda::swiglu_backward_strided(bfp(x), bfp(x), bfp(x), 3, bfp(x), bfp(x), 2, 4, 0),
+               std::invalid_argument);
+}
+
 TEST(CudaLayers, DropoutMasksEqualCpu) {
   SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(5);
