@@ -229,12 +229,35 @@ __global__ void column_sum_add_kernel(const float* __restrict__ part, float* __r
 // ---------------------------------------------------------------------------------------------
 // Head layout and RoPE. Element (b, t, h, e) of [B, T, H, d] <-> (b, h, t, e) of [B, H, T, d]. A thread
 // handles P consecutive pairs (2P elements) of one row; the rotation of pair i of position t is by
-// angle t * theta^(-2i/d), computed in double then rounded to float as rope_apply<float> does. The
+// angle t * theta^(-2i/d), computed in double then rounded to float as rope_apply<float> does, either
+// in the kernel or once into a table (rope_table_kernel, the same function) that the kernel reads. The
 // token-major side has `ld` elements between consecutive tokens (ld >= H * d; H * d when dense).
 
+// cos and sin of pair i's angle at position t, rounded to float.
+__device__ inline void rope_cos_sin(int t, int i, int d, double theta, float& c, float& s) {
+  const double ang = t * pow(theta, -2.0 * i / d);
+  double sd, cd;
+  sincos(ang, &sd, &cd);
+  c = static_cast<float>(cd), s = static_cast<float>(sd);
+}
+
+__global__ void rope_table_kernel(float* __restrict__ cs, int T, int d, double theta) {
+  const int half = d / 2;
+  const long long total = static_cast<long long>(T) * half;
+  for (long long idx = global_thread(); idx < total; idx += grid_threads()) {
+    const int t = static_cast<int>(idx / half), i = static_cast<int>(idx % half);
+    float c, s;
+    rope_cos_sin(t, i, d, theta, c, s);
+    cs[2 * idx] = c;
+    cs[2 * idx + 1] = s;
+  }
+}
+
+// `tab`: null (compute the rotations) or a table of >= T positions for this d and theta.
 template <int P>
 __global__ void heads_kernel(const bf16* __restrict__ in, bf16* __restrict__ out, int B, int T, int H, int d,
-                             long long ld, bool rope, double theta, bool inverse, bool to_heads) {
+                             long long ld, bool rope, double theta, const float* __restrict__ tab, bool inverse,
+                             bool to_heads) {
   const int groups = d / (2 * P);  // per row
   const long long total = static_cast<long long>(B) * T * H * groups;
   for (long long idx = global_thread(); idx < total; idx += grid_threads()) {
@@ -247,13 +270,17 @@ __global__ void heads_kernel(const bf16* __restrict__ in, bf16* __restrict__ out
     const long long head_off = ((static_cast<long long>(b) * H + h) * T + t) * d + 2 * P * gi;
     Pack<2 * P, bf16> v = load<2 * P>(in + (to_heads ? tok_off : head_off));
     if (rope) {
+      // (cos, sin) of the P pairs. Negating the rounded sine equals rounding the negated one.
+      Pack<2 * P, float> cs;
+      if (tab) {
+        cs = load<2 * P>(tab + 2 * (static_cast<long long>(t) * (d / 2) + P * gi));
+      } else {
+#pragma unroll
+        for (int q = 0; q < P; ++q) rope_cos_sin(t, P * gi + q, d, theta, cs.v[2 * q], cs.v[2 * q + 1]);
+      }
 #pragma unroll
       for (int q = 0; q < P; ++q) {
-        const int i = P * gi + q;  // pair index
-        const double ang = t * pow(theta, -2.0 * i / d);
-        double sd, cd;
-        sincos(ang, &sd, &cd);
-        const float c = static_cast<float>(cd), s = static_cast<float>(inverse ? -sd : sd);
+        const float c = cs.v[2 * q], s = inverse ? -cs.v[2 * q + 1] : cs.v[2 * q + 1];
         const float a = to_f(v.v[2 * q]), bb = to_f(v.v[2 * q + 1]);
         v.v[2 * q] = to_bf(a * c - bb * s);
         v.v[2 * q + 1] = to_bf(a * s + bb * c);
@@ -283,7 +310,7 @@ __global__ void heads_scalar_kernel(const bf16* __restrict__ in, bf16* __restric
 }
 
 void launch_heads(const bf16* in, bf16* out, int B, int T, int H, int d, long long row_stride, bool rope,
-                  double theta, bool inverse, bool to_heads, cudaStream_t s, const char* fn) {
+                  double theta, const RopeTable* table, bool inverse, bool to_heads, cudaStream_t s, const char* fn) {
   require(B >= 0 && T >= 0 && H >= 0 && d >= 1, fn, "B, T, H must be >= 0 and d >= 1");
   require(!rope || d % 2 == 0, fn, "RoPE needs an even head dimension (got d = " + std::to_string(d) + ")");
   const long long hd = static_cast<long long>(H) * d;
@@ -293,15 +320,24 @@ void launch_heads(const bf16* in, bf16* out, int B, int T, int H, int d, long lo
   const long long ld = row_stride == 0 ? hd : row_stride;
   const long long total = static_cast<long long>(B) * T * H * d;
   if (total == 0) return;
+  const float* tab = nullptr;
+  if (rope && table) {
+    require(table->cs != nullptr && table->d == d && table->theta == theta && table->T >= T, fn,
+            "the RoPE table (T = " + std::to_string(table->T) + ", d = " + std::to_string(table->d) + ", theta = " +
+                std::to_string(table->theta) + ") does not cover T = " + std::to_string(T) + ", d = " +
+                std::to_string(d) + ", theta = " + std::to_string(theta));
+    require(aligned(table->cs, 32), fn, "the RoPE table must be 32-byte aligned");
+    tab = table->cs;
+  }
   // A vector of 2P elements stays aligned on the token-major side only if every row start is: ld a
   // multiple of 2P too.
   if (d % 8 == 0 && ld % 8 == 0 && aligned(in, 16) && aligned(out, 16)) {
-    heads_kernel<4><<<grid_for(total / 8, kBlock), kBlock, 0, s>>>(in, out, B, T, H, d, ld, rope, theta, inverse,
-                                                                   to_heads);
+    heads_kernel<4><<<grid_for(total / 8, kBlock), kBlock, 0, s>>>(in, out, B, T, H, d, ld, rope, theta, tab,
+                                                                   inverse, to_heads);
     CUDA_CHECK_LAUNCH("heads_kernel<4>");
   } else if (d % 2 == 0 && ld % 2 == 0 && aligned(in, 4) && aligned(out, 4)) {
-    heads_kernel<1><<<grid_for(total / 2, kBlock), kBlock, 0, s>>>(in, out, B, T, H, d, ld, rope, theta, inverse,
-                                                                   to_heads);
+    heads_kernel<1><<<grid_for(total / 2, kBlock), kBlock, 0, s>>>(in, out, B, T, H, d, ld, rope, theta, tab,
+                                                                   inverse, to_heads);
     CUDA_CHECK_LAUNCH("heads_kernel<1>");
   } else {
     require(!rope, fn, "RoPE needs bf16 pointers aligned to 4 bytes and an even row_stride");
@@ -663,14 +699,27 @@ void rmsnorm_backward(const bf16* dy, const float* x, const float* w, const floa
   CUDA_CHECK_LAUNCH("column_sum_add_kernel");
 }
 
+size_t rope_table_floats(int T, int d) { return T > 0 && d > 0 ? static_cast<size_t>(T) * (d / 2) * 2 : 0; }
+
+RopeTable make_rope_table(float* cs, int T, int d, double theta, cudaStream_t s) {
+  require(T >= 0 && d >= 2 && d % 2 == 0, "make_rope_table", "need T >= 0 and an even d >= 2");
+  require(T == 0 || (cs != nullptr && aligned(cs, 32)), "make_rope_table", "cs must be a 32-byte aligned buffer");
+  if (T > 0) {
+    rope_table_kernel<<<grid_for(static_cast<long long>(T) * (d / 2), kBlock), kBlock, 0, s>>>(cs, T, d, theta);
+    CUDA_CHECK_LAUNCH("rope_table_kernel");
+  }
+  return RopeTable{cs, T, d, theta};
+}
+
 void to_heads(const bf16* x, bf16* y, int B, int T, int H, int d, bool rope, double theta, cudaStream_t s,
-              long long row_stride) {
-  launch_heads(x, y, B, T, H, d, row_stride, rope, theta, /*inverse=*/false, /*to_heads=*/true, s, "to_heads");
+              long long row_stride, const RopeTable* table) {
+  launch_heads(x, y, B, T, H, d, row_stride, rope, theta, table, /*inverse=*/false, /*to_heads=*/true, s, "to_heads");
 }
 
 void from_heads(const bf16* y, bf16* x, int B, int T, int H, int d, bool rope, double theta, cudaStream_t s,
-                long long row_stride) {
-  launch_heads(y, x, B, T, H, d, row_stride, rope, theta, /*inverse=*/true, /*to_heads=*/false, s, "from_heads");
+                long long row_stride, const RopeTable* table) {
+  launch_heads(y, x, B, T, H, d, row_stride, rope, theta, table, /*inverse=*/true, /*to_heads=*/false, s,
+               "from_heads");
 }
 
 void swiglu_forward(const bf16* a, const bf16* b, bf16* g, long long n, cudaStream_t s) {

@@ -311,6 +311,10 @@ class CudaModel : public TrainableModel {
     if (c.attention == AttentionKind::Diff)  // the per-head norm: B * H/2 * T rows of 2 * head_dim
       rs = std::max(rs, cuda::rmsnorm_backward_scratch_floats(static_cast<int>(N * (c.n_heads / 2)), 2 * c.head_dim()));
     rms_scratch_.resize(rs);
+    if (rope_.T != T) {  // RoPE's cos / sin for positions 0 .. T-1, once per T (not per call of to_heads)
+      rope_cs_.resize(cuda::rope_table_floats(T, c.head_dim()));
+      rope_ = cuda::make_rope_table(rope_cs_.get(), T, c.head_dim(), c.rope_theta, stream_);
+    }
   }
 
   // ---- attention: forward writes L.att (heads) or, for DIFF, L.a_flat directly ----
@@ -481,8 +485,8 @@ class CudaModel : public TrainableModel {
     const long long C3 = 3LL * C;
     cuda::gemm_bf16(false, true, N, 3 * C, C, 1.0f, L.xn1.get(), C, P16l(l, "attention.wq.weight"), C, 0.0f, qkv,
                     3 * C, stream_);
-    cuda::to_heads(qkv, L.q.get(), B_, T_, H, d, true, c.rope_theta, stream_, C3);
-    cuda::to_heads(qkv + C, L.k.get(), B_, T_, H, d, true, c.rope_theta, stream_, C3);
+    cuda::to_heads(qkv, L.q.get(), B_, T_, H, d, true, c.rope_theta, stream_, C3, &rope_);
+    cuda::to_heads(qkv + C, L.k.get(), B_, T_, H, d, true, c.rope_theta, stream_, C3, &rope_);
     const int Hv = c.attention == AttentionKind::Diff ? H / 2 : H;
     cuda::to_heads(qkv + 2 * C, L.v.get(), B_, T_, Hv, C / Hv, false, 0.0, stream_, C3);
     prof_.mark("fwd.norm+qkv", stream_);
@@ -547,8 +551,8 @@ class CudaModel : public TrainableModel {
     bf16* dqkv = wide16_.get();
     const long long C3 = 3LL * C;
     const int Hv = c.attention == AttentionKind::Diff ? H / 2 : H;
-    cuda::from_heads(dqh_.get(), dqkv, B_, T_, H, d, true, c.rope_theta, stream_, C3);
-    cuda::from_heads(dkh_.get(), dqkv + C, B_, T_, H, d, true, c.rope_theta, stream_, C3);
+    cuda::from_heads(dqh_.get(), dqkv, B_, T_, H, d, true, c.rope_theta, stream_, C3, &rope_);
+    cuda::from_heads(dkh_.get(), dqkv + C, B_, T_, H, d, true, c.rope_theta, stream_, C3, &rope_);
     cuda::from_heads(dvh_.get(), dqkv + 2 * C, B_, T_, Hv, C / Hv, false, 0.0, stream_, C3);
     cuda::gemm_bf16(false, false, N, C, 3 * C, 1.0f, dqkv, 3 * C, P16l(l, "attention.wq.weight"), C, 0.0f, dxn32, C,
                     stream_);
@@ -634,6 +638,8 @@ class CudaModel : public TrainableModel {
   // [N, 3C] or [N, 2F]: q|k|v out of the fused product (forward); dh1|dh3, then dq|dk|dv (backward).
   DevBuf<bf16> wide16_;
   DevBuf<int32_t> tokens_, targets_, argmax_;
+  DevBuf<float> rope_cs_;  // RoPE table for T_ positions (rope_ describes it)
+  cuda::RopeTable rope_;
   DevBuf<float> op_q_, op_k_, op_v_, op_o_, op_o2_, op_dq_, op_dk_, op_dv_;
   DevBuf<char> flash_scratch_;
 };

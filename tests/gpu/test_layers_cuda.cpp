@@ -371,6 +371,88 @@ TEST(CudaLayers, HeadsRowStride) {
   EXPECT_THROW(mta::cuda::from_heads(bfp(a), bfp(b), 1, 8, 2, 32, false, theta, 0, 32), std::invalid_argument);
 }
 
+// RoPE from a table (make_rope_table): the table holds the rotations of rope_apply (cos / sin of
+// t * theta^(-2i/d) in double, rounded to float), and to_heads / from_heads give the same bits with the
+// table as without (where the kernel computes every angle), dense and with a row stride, also when
+// the table covers more positions than the call.
+TEST(CudaLayers, RopeTable) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(13);
+  const int Bn = 2, T = 37;
+  struct Case {
+    int H, d;
+    double theta;
+    long long ld;  // 0: dense
+    int table_T;
+  };
+  const Case cases[] = {{3, 64, 1e4, 0, T},        {2, 128, 5e5, 0, T},      {3, 64, 1e4, 3 * 192, 50},
+                        {3, 6, 1e4, 0, T},         {3, 6, 1e4, 3 * 18, 40},  {3, 64, 1e4, 3 * 192 + 2, T}};
+  for (const Case& cs : cases) {
+    const int H = cs.H, d = cs.d, C = H * d, half = d / 2;
+    const long long ld = cs.ld == 0 ? C : cs.ld;
+    SCOPED_TRACE("H=" + std::to_string(H) + " d=" + std::to_string(d) + " theta=" + std::to_string(cs.theta) +
+                 " ld=" + std::to_string(ld) + " table_T=" + std::to_string(cs.table_T));
+    Dev<float> dtab(mta::cuda::rope_table_floats(cs.table_T, d));
+    dtab.poison();
+    const mta::cuda::RopeTable tab = mta::cuda::make_rope_table(dtab.get(), cs.table_T, d, cs.theta, 0);
+    EXPECT_EQ(tab.cs, dtab.get());
+    EXPECT_EQ(tab.T, cs.table_T);
+    EXPECT_EQ(tab.d, d);
+    sync();
+    // The table against the host's double-precision cos / sin rounded to float (rope_apply's values):
+    // the device's pow / sincos may differ from the host's in the last bits of the double, which
+    // survives the rounding to float rarely, and then by one ulp.
+    const auto ht = dtab.host();
+    ASSERT_EQ(ht.size(), static_cast<size_t>(cs.table_T) * d);
+    size_t exact = 0, total = 0;
+    for (int t = 0; t < cs.table_T; ++t)
+      for (int i = 0; i < half; ++i) {
+        const double ang = static_cast<double>(t) * std::pow(cs.theta, -2.0 * i / d);
+        const float want[2] = {static_cast<float>(std::cos(ang)), static_cast<float>(std::sin(ang))};
+        for (int k = 0; k < 2; ++k) {
+          const float got = ht[2 * (static_cast<size_t>(t) * half + i) + k];
+          ++total;
+          exact += got == want[k];
+          EXPECT_LE(std::fabs(got - want[k]), std::max(std::fabs(want[k]), 1e-30f) * 1.2e-7f)
+              << "t=" << t << " i=" << i << (k ? " sin" : " cos");
+        }
+      }
+    EXPECT_GE(exact, total * 99 / 100);
+    // to_heads / from_heads with the table: the bits of the table-free kernel.
+    const size_t N = static_cast<size_t>(Bn) * T, n = N * C;
+    const auto xb = rnd_bf(N * ld, rng);
+    Dev<uint16_t> dx(xb), y1(n), y2(n);
+    y1.poison(), y2.poison();
+    mta::cuda::to_heads(bfp(dx), bfp(y1), Bn, T, H, d, true, cs.theta, 0, cs.ld);
+    mta::cuda::to_heads(bfp(dx), bfp(y2), Bn, T, H, d, true, cs.theta, 0, cs.ld, &tab);
+    Dev<uint16_t> x1(N * ld), x2(N * ld);
+    x1.poison(), x2.poison();
+    mta::cuda::from_heads(bfp(y1), bfp(x1), Bn, T, H, d, true, cs.theta, 0, cs.ld);
+    mta::cuda::from_heads(bfp(y1), bfp(x2), Bn, T, H, d, true, cs.theta, 0, cs.ld, &tab);
+    sync();
+    const auto h1 = y1.host();
+    EXPECT_EQ(y2.host(), h1);
+    EXPECT_EQ(x2.host(), x1.host());
+    // And against the CPU (dense slice): RoPE of the bf16 inputs, rounded once.
+    std::vector<float> sf(n), want(n);
+    for (size_t r = 0; r < N; ++r)
+      for (int c = 0; c < C; ++c) sf[r * C + c] = bf2f(xb[r * ld + c]);
+    mta::cpu::to_heads<float>(sf.data(), want.data(), Bn, T, H, d);
+    mta::cpu::rope_apply<float>(want.data(), Bn, H, T, d, cs.theta, false);
+    EXPECT_LT(rel_err(widen(h1), want), 1e-2);
+  }
+  // A table that does not fit the call is refused: too few positions, another d or theta.
+  Dev<float> dtab(mta::cuda::rope_table_floats(8, 64));
+  const mta::cuda::RopeTable tab = mta::cuda::make_rope_table(dtab.get(), 8, 64, 1e4, 0);
+  Dev<uint16_t> a(2 * 16 * 64), b(2 * 16 * 64);
+  EXPECT_THROW(mta::cuda::to_heads(bfp(a), bfp(b), 1, 16, 2, 64, true, 1e4, 0, 0, &tab), std::invalid_argument);
+  EXPECT_THROW(mta::cuda::to_heads(bfp(a), bfp(b), 1, 8, 4, 32, true, 1e4, 0, 0, &tab), std::invalid_argument);
+  EXPECT_THROW(mta::cuda::from_heads(bfp(a), bfp(b), 1, 8, 2, 64, true, 5e5, 0, 0, &tab), std::invalid_argument);
+  // Without RoPE the table is not used.
+  EXPECT_NO_THROW(mta::cuda::to_heads(bfp(a), bfp(b), 1, 16, 2, 64, false, 1e4, 0, 0, &tab));
+  sync();
+}
+
 TEST(CudaLayers, SwiGLU) {
   SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(4);
