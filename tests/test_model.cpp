@@ -169,6 +169,48 @@ TEST(Model, RefusesBadBatch) {
   EXPECT_THROW(m.forward(longb), mta::InputError);
 }
 
+// wq|wk|wv and w1|w3 are packed back to back (the GPU multiplies each block as one matrix), also
+// when their sizes are not multiples of 16 floats; every other view stays 16-float aligned, and names,
+// shapes and order are unchanged.
+TEST(Model, PackedProjectionLayout) {
+  json cj = tiny_config({{"type", "standard"}});
+  cj["dim"] = 6, cj["n_heads"] = 3, cj["ffn_hidden"] = 7;  // 36 and 42 floats: not multiples of 16
+  const ModelConfig cfg = mta::model_config_from_json(cj);
+  mta::Model m(cfg);
+  const mta::ParamLayout& lay = m.layout();
+  for (int l = 0; l < cfg.n_layers; ++l) {
+    const std::string p = "layers." + std::to_string(l) + ".";
+    const auto& wq = lay.view(p + "attention.wq.weight");
+    const auto& wk = lay.view(p + "attention.wk.weight");
+    const auto& wv = lay.view(p + "attention.wv.weight");
+    const auto& w1 = lay.view(p + "feed_forward.w1.weight");
+    const auto& w3 = lay.view(p + "feed_forward.w3.weight");
+    EXPECT_EQ(wk.offset, wq.offset + 36);
+    EXPECT_EQ(wv.offset, wk.offset + 36);
+    EXPECT_EQ(w3.offset, w1.offset + 42);
+    EXPECT_EQ(wk.shape, (std::vector<long long>{6, 6}));
+    EXPECT_EQ(w3.shape, (std::vector<long long>{7, 6}));
+  }
+  std::vector<std::string> names;
+  size_t end = 0;
+  for (const auto& v : lay.views()) {
+    names.push_back(v.name);
+    EXPECT_GE(v.offset, end) << v.name;  // no overlap
+    end = v.offset + v.size;
+    const bool packed = v.name.find("wk.weight") != std::string::npos || v.name.find("wv.weight") != std::string::npos ||
+                        v.name.find("w3.weight") != std::string::npos;
+    if (!packed) EXPECT_EQ(v.offset % 16, 0u) << v.name;
+  }
+  EXPECT_LE(end, lay.total());
+  EXPECT_EQ(lay.total() % 16, 0u);
+  ASSERT_GE(names.size(), 10u);
+  EXPECT_EQ(names[0], "tok_embeddings.weight");
+  const std::vector<std::string> layer0 = {"attention_norm.weight", "attention.wq.weight", "attention.wk.weight",
+                                           "attention.wv.weight",   "attention.wo.weight", "ffn_norm.weight",
+                                           "feed_forward.w1.weight", "feed_forward.w3.weight", "feed_forward.w2.weight"};
+  for (size_t i = 0; i < layer0.size(); ++i) EXPECT_EQ(names[1 + i], "layers.0." + layer0[i]);
+}
+
 TEST(Model, LlamaHiddenRule) {
   EXPECT_EQ(mta::llama_ffn_hidden(256, 256), 768);
   EXPECT_EQ(mta::llama_ffn_hidden(4096, 256), 11008);

@@ -229,11 +229,35 @@ __global__ void column_sum_add_kernel(const float* __restrict__ part, float* __r
 // ---------------------------------------------------------------------------------------------
 // Head layout and RoPE. Element (b, t, h, e) of [B, T, H, d] <-> (b, h, t, e) of [B, H, T, d]. A thread
 // handles P consecutive pairs (2P elements) of one row; the rotation of pair i of position t is by
-// angle t * theta^(-2i/d), computed in double then rounded to float as rope_apply<float> does.
+// angle t * theta^(-2i/d), computed in double then rounded to float as rope_apply<float> does, either
+// in the kernel or once into a table (rope_table_kernel, the same function) that the kernel reads. The
+// token-major side has `ld` elements between consecutive tokens (ld >= H * d; H * d when dense).
 
+// cos and sin of pair i's angle at position t, rounded to float.
+__device__ inline void rope_cos_sin(int t, int i, int d, double theta, float& c, float& s) {
+  const double ang = t * pow(theta, -2.0 * i / d);
+  double sd, cd;
+  sincos(ang, &sd, &cd);
+  c = static_cast<float>(cd), s = static_cast<float>(sd);
+}
+
+__global__ void rope_table_kernel(float* __restrict__ cs, int T, int d, double theta) {
+  const int half = d / 2;
+  const long long total = static_cast<long long>(T) * half;
+  for (long long idx = global_thread(); idx < total; idx += grid_threads()) {
+    const int t = static_cast<int>(idx / half), i = static_cast<int>(idx % half);
+    float c, s;
+    rope_cos_sin(t, i, d, theta, c, s);
+    cs[2 * idx] = c;
+    cs[2 * idx + 1] = s;
+  }
+}
+
+// `tab`: null (compute the rotations) or a table of >= T positions for this d and theta.
 template <int P>
 __global__ void heads_kernel(const bf16* __restrict__ in, bf16* __restrict__ out, int B, int T, int H, int d,
-                             bool rope, double theta, bool inverse, bool to_heads) {
+                             long long ld, bool rope, double theta, const float* __restrict__ tab, bool inverse,
+                             bool to_heads) {
   const int groups = d / (2 * P);  // per row
   const long long total = static_cast<long long>(B) * T * H * groups;
   for (long long idx = global_thread(); idx < total; idx += grid_threads()) {
@@ -242,17 +266,21 @@ __global__ void heads_kernel(const bf16* __restrict__ in, bf16* __restrict__ out
     const int h = static_cast<int>(row % H);
     const int t = static_cast<int>((row / H) % T);
     const int b = static_cast<int>(row / (static_cast<long long>(H) * T));
-    const long long tok_off = ((static_cast<long long>(b) * T + t) * H + h) * d + 2 * P * gi;
+    const long long tok_off = (static_cast<long long>(b) * T + t) * ld + static_cast<long long>(h) * d + 2 * P * gi;
     const long long head_off = ((static_cast<long long>(b) * H + h) * T + t) * d + 2 * P * gi;
     Pack<2 * P, bf16> v = load<2 * P>(in + (to_heads ? tok_off : head_off));
     if (rope) {
+      // (cos, sin) of the P pairs. Negating the rounded sine equals rounding the negated one.
+      Pack<2 * P, float> cs;
+      if (tab) {
+        cs = load<2 * P>(tab + 2 * (static_cast<long long>(t) * (d / 2) + P * gi));
+      } else {
+#pragma unroll
+        for (int q = 0; q < P; ++q) rope_cos_sin(t, P * gi + q, d, theta, cs.v[2 * q], cs.v[2 * q + 1]);
+      }
 #pragma unroll
       for (int q = 0; q < P; ++q) {
-        const int i = P * gi + q;  // pair index
-        const double ang = t * pow(theta, -2.0 * i / d);
-        double sd, cd;
-        sincos(ang, &sd, &cd);
-        const float c = static_cast<float>(cd), s = static_cast<float>(inverse ? -sd : sd);
+        const float c = cs.v[2 * q], s = inverse ? -cs.v[2 * q + 1] : cs.v[2 * q + 1];
         const float a = to_f(v.v[2 * q]), bb = to_f(v.v[2 * q + 1]);
         v.v[2 * q] = to_bf(a * c - bb * s);
         v.v[2 * q + 1] = to_bf(a * s + bb * c);
@@ -264,7 +292,7 @@ __global__ void heads_kernel(const bf16* __restrict__ in, bf16* __restrict__ out
 
 // Odd d (no RoPE): one element per thread.
 __global__ void heads_scalar_kernel(const bf16* __restrict__ in, bf16* __restrict__ out, int B, int T, int H, int d,
-                                    bool to_heads) {
+                                    long long ld, bool to_heads) {
   const long long total = static_cast<long long>(B) * T * H * d;
   for (long long idx = global_thread(); idx < total; idx += grid_threads()) {
     const int e = static_cast<int>(idx % d);
@@ -272,7 +300,7 @@ __global__ void heads_scalar_kernel(const bf16* __restrict__ in, bf16* __restric
     const int h = static_cast<int>(row % H);
     const int t = static_cast<int>((row / H) % T);
     const int b = static_cast<int>(row / (static_cast<long long>(H) * T));
-    const long long tok_off = ((static_cast<long long>(b) * T + t) * H + h) * d + e;
+    const long long tok_off = (static_cast<long long>(b) * T + t) * ld + static_cast<long long>(h) * d + e;
     const long long head_off = ((static_cast<long long>(b) * H + h) * T + t) * d + e;
     if (to_heads)
       out[head_off] = in[tok_off];
@@ -281,21 +309,39 @@ __global__ void heads_scalar_kernel(const bf16* __restrict__ in, bf16* __restric
   }
 }
 
-void launch_heads(const bf16* in, bf16* out, int B, int T, int H, int d, bool rope, double theta, bool inverse,
-                  bool to_heads, cudaStream_t s, const char* fn) {
+void launch_heads(const bf16* in, bf16* out, int B, int T, int H, int d, long long row_stride, bool rope,
+                  double theta, const RopeTable* table, bool inverse, bool to_heads, cudaStream_t s, const char* fn) {
   require(B >= 0 && T >= 0 && H >= 0 && d >= 1, fn, "B, T, H must be >= 0 and d >= 1");
   require(!rope || d % 2 == 0, fn, "RoPE needs an even head dimension (got d = " + std::to_string(d) + ")");
+  const long long hd = static_cast<long long>(H) * d;
+  require(row_stride == 0 || row_stride >= hd, fn,
+          "row_stride must be 0 (dense) or >= H * d (got " + std::to_string(row_stride) + ", H * d = " +
+              std::to_string(hd) + ")");
+  const long long ld = row_stride == 0 ? hd : row_stride;
   const long long total = static_cast<long long>(B) * T * H * d;
   if (total == 0) return;
-  if (d % 8 == 0 && aligned(in, 16) && aligned(out, 16)) {
-    heads_kernel<4><<<grid_for(total / 8, kBlock), kBlock, 0, s>>>(in, out, B, T, H, d, rope, theta, inverse, to_heads);
+  const float* tab = nullptr;
+  if (rope && table) {
+    require(table->cs != nullptr && table->d == d && table->theta == theta && table->T >= T, fn,
+            "the RoPE table (T = " + std::to_string(table->T) + ", d = " + std::to_string(table->d) + ", theta = " +
+                std::to_string(table->theta) + ") does not cover T = " + std::to_string(T) + ", d = " +
+                std::to_string(d) + ", theta = " + std::to_string(theta));
+    require(aligned(table->cs, 32), fn, "the RoPE table must be 32-byte aligned");
+    tab = table->cs;
+  }
+  // A vector of 2P elements stays aligned on the token-major side only if every row start is: ld a
+  // multiple of 2P too.
+  if (d % 8 == 0 && ld % 8 == 0 && aligned(in, 16) && aligned(out, 16)) {
+    heads_kernel<4><<<grid_for(total / 8, kBlock), kBlock, 0, s>>>(in, out, B, T, H, d, ld, rope, theta, tab,
+                                                                   inverse, to_heads);
     CUDA_CHECK_LAUNCH("heads_kernel<4>");
-  } else if (d % 2 == 0 && aligned(in, 4) && aligned(out, 4)) {
-    heads_kernel<1><<<grid_for(total / 2, kBlock), kBlock, 0, s>>>(in, out, B, T, H, d, rope, theta, inverse, to_heads);
+  } else if (d % 2 == 0 && ld % 2 == 0 && aligned(in, 4) && aligned(out, 4)) {
+    heads_kernel<1><<<grid_for(total / 2, kBlock), kBlock, 0, s>>>(in, out, B, T, H, d, ld, rope, theta, tab,
+                                                                   inverse, to_heads);
     CUDA_CHECK_LAUNCH("heads_kernel<1>");
   } else {
-    require(!rope, fn, "RoPE needs bf16 pointers aligned to 4 bytes");
-    heads_scalar_kernel<<<grid_for(total, kBlock), kBlock, 0, s>>>(in, out, B, T, H, d, to_heads);
+    require(!rope, fn, "RoPE needs bf16 pointers aligned to 4 bytes and an even row_stride");
+    heads_scalar_kernel<<<grid_for(total, kBlock), kBlock, 0, s>>>(in, out, B, T, H, d, ld, to_heads);
     CUDA_CHECK_LAUNCH("heads_scalar_kernel");
   }
 }
@@ -305,19 +351,35 @@ void launch_heads(const bf16* in, bf16* out, int B, int T, int H, int d, bool ro
 
 __device__ inline float sigmoid(float a) { return 1.0f / (1.0f + expf(-a)); }
 
+// SwiGLU on V elements; shared by the dense and the row-strided ops (the same arithmetic).
+template <int V>
+__device__ inline Pack<V, bf16> swiglu_fwd_pack(const Pack<V, bf16>& av, const Pack<V, bf16>& bv) {
+  Pack<V, bf16> gv;
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const float x = to_f(av.v[k]);
+    gv.v[k] = to_bf(x * sigmoid(x) * to_f(bv.v[k]));
+  }
+  return gv;
+}
+template <int V>
+__device__ inline void swiglu_bwd_pack(const Pack<V, bf16>& gv, const Pack<V, bf16>& av, const Pack<V, bf16>& bv,
+                                       Pack<V, bf16>& dav, Pack<V, bf16>& dbv) {
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const float x = to_f(av.v[k]), y = to_f(bv.v[k]), d = to_f(gv.v[k]);
+    const float sig = sigmoid(x);
+    dbv.v[k] = to_bf(d * (x * sig));
+    dav.v[k] = to_bf(d * y * sig * (1.0f + x * (1.0f - sig)));
+  }
+}
+
 struct SwigluFwd {
   const bf16 *a, *b;
   bf16* g;
   template <int V>
   __device__ void apply(long long i) const {
-    const Pack<V, bf16> av = load<V>(a + i), bv = load<V>(b + i);
-    Pack<V, bf16> gv;
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const float x = to_f(av.v[k]);
-      gv.v[k] = to_bf(x * sigmoid(x) * to_f(bv.v[k]));
-    }
-    store<V>(g + i, gv);
+    store<V>(g + i, swiglu_fwd_pack<V>(load<V>(a + i), load<V>(b + i)));
   }
 };
 
@@ -326,17 +388,39 @@ struct SwigluBwd {
   bf16 *da, *db;
   template <int V>
   __device__ void apply(long long i) const {
-    const Pack<V, bf16> gv = load<V>(dg + i), av = load<V>(a + i), bv = load<V>(b + i);
     Pack<V, bf16> dav, dbv;
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const float x = to_f(av.v[k]), y = to_f(bv.v[k]), d = to_f(gv.v[k]);
-      const float sig = sigmoid(x);
-      dbv.v[k] = to_bf(d * (x * sig));
-      dav.v[k] = to_bf(d * y * sig * (1.0f + x * (1.0f - sig)));
-    }
+    swiglu_bwd_pack<V>(load<V>(dg + i), load<V>(a + i), load<V>(b + i), dav, dbv);
     store<V>(da + i, dav);
     store<V>(db + i, dbv);
+  }
+};
+
+// Row-strided: i indexes the dense [rows, cols] g / dg; a, b, da, db have row stride ld. A vector of V
+// never spans two rows (the launcher vectorizes only when cols % V == 0).
+struct SwigluFwdStrided {
+  const bf16 *a, *b;
+  bf16* g;
+  long long ld;
+  int cols;
+  template <int V>
+  __device__ void apply(long long i) const {
+    const long long r = i / cols, j = r * ld + (i - r * cols);
+    store<V>(g + i, swiglu_fwd_pack<V>(load<V>(a + j), load<V>(b + j)));
+  }
+};
+
+struct SwigluBwdStrided {
+  const bf16 *dg, *a, *b;
+  bf16 *da, *db;
+  long long ld;
+  int cols;
+  template <int V>
+  __device__ void apply(long long i) const {
+    const long long r = i / cols, j = r * ld + (i - r * cols);
+    Pack<V, bf16> dav, dbv;
+    swiglu_bwd_pack<V>(load<V>(dg + i), load<V>(a + j), load<V>(b + j), dav, dbv);
+    store<V>(da + j, dav);
+    store<V>(db + j, dbv);
   }
 };
 
@@ -447,8 +531,15 @@ struct CastToF32 {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Cross-entropy: one block per row (three passes over the row: max and argmax, sum of exponentials,
-// gradient).
+// Cross-entropy: one block per row, two passes over the row: (1) the maximum, its lowest index and the
+// sum of exponentials together (each thread keeps a running maximum and rescales its partial sum when
+// the maximum grows, the "online softmax"), (2) the gradient. The logits are read in vectors of VEC
+// floats (VEC = 4 when V % 4 == 0 and the pointers are aligned for it).
+//
+// Before, a separate first pass found the maximum and a second summed exp(x - max): one more read of
+// the [R, V] fp32 logits (R * V * 4 bytes; 2.1 GB per step at B * T = 16384, V = 32000). The online
+// sum rounds differently (one extra rounding per rescale); the loss is still within the GPU test's
+// 1e-5 of the CPU's double-precision sum.
 
 struct MaxIdx {
   float v;
@@ -462,6 +553,23 @@ __device__ inline MaxIdx better(MaxIdx a, MaxIdx b) {
   return a;
 }
 
+// Adds logit x (index c) to a thread's running maximum `mi` (mi.i < 0: none yet) and its sum
+// `part` of exp(logit - mi.v). Indices arrive in increasing order, so a strictly larger value is
+// needed to move the maximum (the lowest index wins ties). -inf logits add 0 (also while the maximum
+// is -inf, where exp(x - max) would be NaN); NaN propagates into the sum.
+__device__ inline void ce_add(float x, int c, MaxIdx& mi, float& part) {
+  if (mi.i < 0) {
+    mi = MaxIdx{x, c};
+    part = x == -INFINITY ? 0.0f : 1.0f;
+  } else if (x > mi.v) {
+    part = part * expf(mi.v - x) + 1.0f;
+    mi = MaxIdx{x, c};
+  } else {
+    part += x == -INFINITY ? 0.0f : expf(x - mi.v);
+  }
+}
+
+template <int VEC>
 __global__ void cross_entropy_kernel(const float* __restrict__ logits, const int32_t* __restrict__ targets,
                                      const float* __restrict__ weights, float grad_scale, float* __restrict__ loss,
                                      int32_t* __restrict__ argmax, bf16* __restrict__ dlogits, int R, int V) {
@@ -469,13 +577,20 @@ __global__ void cross_entropy_kernel(const float* __restrict__ logits, const int
   __shared__ MaxIdx sh_best;
   __shared__ float sh_sum[kWarps + 1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nvec = V / VEC;  // VEC divides V
   for (int r = blockIdx.x; r < R; r += gridDim.x) {
     const float* lg = logits + static_cast<long long>(r) * V;
-    // Max and its lowest index. Each thread starts from its first element (not -inf), so a row of
-    // -inf still yields index 0 like the CPU.
-    MaxIdx mi{threadIdx.x < V ? lg[threadIdx.x] : -INFINITY, threadIdx.x < V ? static_cast<int>(threadIdx.x) : V};
-    for (int c = threadIdx.x + blockDim.x; c < V; c += blockDim.x)
-      if (lg[c] > mi.v) mi = MaxIdx{lg[c], c};
+    // Pass 1. A thread's first element seeds its maximum (not -inf), so a row of -inf still yields
+    // index 0 like the CPU; a thread without elements offers (-inf, V), which loses every tie.
+    MaxIdx mi{-INFINITY, -1};
+    float part = 0.0f;
+    for (int j = threadIdx.x; j < nvec; j += blockDim.x) {
+      const Pack<VEC, float> x = load<VEC>(lg + static_cast<long long>(j) * VEC);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) ce_add(x.v[k], j * VEC + k, mi, part);
+    }
+    if (mi.i < 0) mi.i = V;
+    const float my_max = mi.v;
     for (int off = 16; off > 0; off >>= 1) {
       const MaxIdx o{__shfl_xor_sync(0xffffffffu, mi.v, off), __shfl_xor_sync(0xffffffffu, mi.i, off)};
       mi = better(mi, o);
@@ -491,9 +606,8 @@ __global__ void cross_entropy_kernel(const float* __restrict__ logits, const int
     __syncthreads();
     const MaxIdx best = sh_best;
     const float m = best.v;
-    float part = 0.0f;
-    for (int c = threadIdx.x; c < V; c += blockDim.x) part += expf(lg[c] - m);
-    const float sum = block_sum(part, sh_sum);
+    // Each thread's sum rescaled to the row's maximum (a thread with only -inf or no logits adds 0).
+    const float sum = block_sum(part == 0.0f ? 0.0f : part * expf(my_max - m), sh_sum);
     const float w = weights[r];
     if (threadIdx.x == 0) {
       if (argmax) argmax[r] = best.i;
@@ -502,15 +616,21 @@ __global__ void cross_entropy_kernel(const float* __restrict__ logits, const int
         loss[r] = w != 0.0f ? static_cast<float>(w * (m + log(static_cast<double>(sum)) - lt)) : 0.0f;
       }
     }
-    if (dlogits) {
+    if (dlogits) {  // pass 2
       bf16* dr = dlogits + static_cast<long long>(r) * V;
       const float s = w * grad_scale;
       const float inv = static_cast<float>(1.0 / static_cast<double>(sum));
       const int tgt = w != 0.0f ? targets[r] : -1;
-      for (int c = threadIdx.x; c < V; c += blockDim.x) {
-        float d = s * expf(lg[c] - m) * inv;
-        if (c == tgt) d -= s;
-        dr[c] = to_bf(d);
+      for (int j = threadIdx.x; j < nvec; j += blockDim.x) {
+        const Pack<VEC, float> x = load<VEC>(lg + static_cast<long long>(j) * VEC);
+        Pack<VEC, bf16> o;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          float d = s * expf(x.v[k] - m) * inv;
+          if (j * VEC + k == tgt) d -= s;
+          o.v[k] = to_bf(d);
+        }
+        store<VEC>(dr + static_cast<long long>(j) * VEC, o);
       }
     }
   }
@@ -615,12 +735,27 @@ void rmsnorm_backward(const bf16* dy, const float* x, const float* w, const floa
   CUDA_CHECK_LAUNCH("column_sum_add_kernel");
 }
 
-void to_heads(const bf16* x, bf16* y, int B, int T, int H, int d, bool rope, double theta, cudaStream_t s) {
-  launch_heads(x, y, B, T, H, d, rope, theta, /*inverse=*/false, /*to_heads=*/true, s, "to_heads");
+size_t rope_table_floats(int T, int d) { return T > 0 && d > 0 ? static_cast<size_t>(T) * (d / 2) * 2 : 0; }
+
+RopeTable make_rope_table(float* cs, int T, int d, double theta, cudaStream_t s) {
+  require(T >= 0 && d >= 2 && d % 2 == 0, "make_rope_table", "need T >= 0 and an even d >= 2");
+  require(T == 0 || (cs != nullptr && aligned(cs, 32)), "make_rope_table", "cs must be a 32-byte aligned buffer");
+  if (T > 0) {
+    rope_table_kernel<<<grid_for(static_cast<long long>(T) * (d / 2), kBlock), kBlock, 0, s>>>(cs, T, d, theta);
+    CUDA_CHECK_LAUNCH("rope_table_kernel");
+  }
+  return RopeTable{cs, T, d, theta};
 }
 
-void from_heads(const bf16* y, bf16* x, int B, int T, int H, int d, bool rope, double theta, cudaStream_t s) {
-  launch_heads(y, x, B, T, H, d, rope, theta, /*inverse=*/true, /*to_heads=*/false, s, "from_heads");
+void to_heads(const bf16* x, bf16* y, int B, int T, int H, int d, bool rope, double theta, cudaStream_t s,
+              long long row_stride, const RopeTable* table) {
+  launch_heads(x, y, B, T, H, d, row_stride, rope, theta, table, /*inverse=*/false, /*to_heads=*/true, s, "to_heads");
+}
+
+void from_heads(const bf16* y, bf16* x, int B, int T, int H, int d, bool rope, double theta, cudaStream_t s,
+                long long row_stride, const RopeTable* table) {
+  launch_heads(y, x, B, T, H, d, row_stride, rope, theta, table, /*inverse=*/true, /*to_heads=*/false, s,
+               "from_heads");
 }
 
 void swiglu_forward(const bf16* a, const bf16* b, bf16* g, long long n, cudaStream_t s) {
@@ -631,6 +766,22 @@ void swiglu_forward(const bf16* a, const bf16* b, bf16* g, long long n, cudaStre
 void swiglu_backward(const bf16* dg, const bf16* a, const bf16* b, bf16* da, bf16* db, long long n, cudaStream_t s) {
   const bool vec = aligned(dg, 16) && aligned(a, 16) && aligned(b, 16) && aligned(da, 16) && aligned(db, 16);
   launch_elementwise<8>(SwigluBwd{dg, a, b, da, db}, n, vec, s, "swiglu_backward");
+}
+
+void swiglu_forward_strided(const bf16* a, const bf16* b, long long ld, bf16* g, int rows, int cols, cudaStream_t s) {
+  require(rows >= 0 && cols >= 0 && ld >= cols, "swiglu_forward_strided", "need rows, cols >= 0 and ld >= cols");
+  const bool vec = cols % 8 == 0 && ld % 8 == 0 && aligned(a, 16) && aligned(b, 16) && aligned(g, 16);
+  launch_elementwise<8>(SwigluFwdStrided{a, b, g, ld, cols}, static_cast<long long>(rows) * cols, vec, s,
+                        "swiglu_forward_strided");
+}
+
+void swiglu_backward_strided(const bf16* dg, const bf16* a, const bf16* b, long long ld, bf16* da, bf16* db, int rows,
+                             int cols, cudaStream_t s) {
+  require(rows >= 0 && cols >= 0 && ld >= cols, "swiglu_backward_strided", "need rows, cols >= 0 and ld >= cols");
+  const bool vec = cols % 8 == 0 && ld % 8 == 0 && aligned(dg, 16) && aligned(a, 16) && aligned(b, 16) &&
+                   aligned(da, 16) && aligned(db, 16);
+  launch_elementwise<8>(SwigluBwdStrided{dg, a, b, da, db, ld, cols}, static_cast<long long>(rows) * cols, vec, s,
+                        "swiglu_backward_strided");
 }
 
 void residual_dropout_forward(const float* x, const float* y, float* out, long long n, float p, uint64_t seed,
@@ -652,9 +803,16 @@ void cross_entropy(const float* logits, const int32_t* targets, const float* wei
                    int32_t* argmax, bf16* dlogits, int R, int V, cudaStream_t s) {
   require(R >= 0 && V >= 1, "cross_entropy", "R must be >= 0 and V >= 1");
   if (R == 0) return;
-  cross_entropy_kernel<<<grid_for(R, 1), kBlock, 0, s>>>(logits, targets, weights, grad_scale, loss, argmax, dlogits,
-                                                         R, V);
-  CUDA_CHECK_LAUNCH("cross_entropy_kernel");
+  // Rows start 16-byte aligned (logits) and 8-byte aligned (dlogits) when V % 4 == 0.
+  if (V % 4 == 0 && aligned(logits, 16) && (!dlogits || aligned(dlogits, 8))) {
+    cross_entropy_kernel<4><<<grid_for(R, 1), kBlock, 0, s>>>(logits, targets, weights, grad_scale, loss, argmax,
+                                                              dlogits, R, V);
+    CUDA_CHECK_LAUNCH("cross_entropy_kernel<4>");
+  } else {
+    cross_entropy_kernel<1><<<grid_for(R, 1), kBlock, 0, s>>>(logits, targets, weights, grad_scale, loss, argmax,
+                                                              dlogits, R, V);
+    CUDA_CHECK_LAUNCH("cross_entropy_kernel<1>");
+  }
 }
 
 void adamw_update(float* p, bf16* p_bf16, const float* g, float* m, float* v, const uint8_t* decay, long long n,

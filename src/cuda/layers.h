@@ -28,15 +28,40 @@ size_t rmsnorm_backward_scratch_floats(int N, int C);
 void rmsnorm_backward(const bf16* dy, const float* x, const float* w, const float* rstd, float* dx_acc, float* dw,
                       float* scratch, int N, int C, cudaStream_t s);
 
+// RoPE's rotations as a table: for position t < T and pair i < d/2, the cos and sin of the angle
+// t * theta^(-2i/d), computed in double and rounded to float exactly as the head kernels compute them
+// without a table, at cs[2 * (t * d/2 + i)] (cos) and cs[2 * (t * d/2 + i) + 1] (sin).
+struct RopeTable {
+  const float* cs = nullptr;  // device, rope_table_floats(T, d) floats, 32-byte aligned (as from cudaMalloc)
+  int T = 0, d = 0;
+  double theta = 0;
+};
+size_t rope_table_floats(int T, int d);
+// Fills `cs` (rope_table_floats(T, d) floats, 32-byte aligned) on stream s and describes it. d even.
+RopeTable make_rope_table(float* cs, int T, int d, double theta, cudaStream_t s);
+
 // [B, T, H, d] (a linear layer's output) -> [B, H, T, d], applying RoPE when `rope` (interleaved
 // pairs, angle t * theta^(-2i/d), as rope_apply on the CPU).
-void to_heads(const bf16* x, bf16* y, int B, int T, int H, int d, bool rope, double theta, cudaStream_t s);
-// [B, H, T, d] -> [B, T, H, d], applying the inverse rotation when `rope` (for gradients).
-void from_heads(const bf16* y, bf16* x, int B, int T, int H, int d, bool rope, double theta, cudaStream_t s);
+// `row_stride`: elements between consecutive tokens on the token-major side (0: dense, H * d; else
+// >= H * d), so that q, k and v can be read from one [N, 3C] product (x = qkv + j * C, row_stride = 3C).
+// `table`: with RoPE, read the rotations from a table of the same d and theta and at least T positions
+// (the results are the same bits as without one, where the kernel computes every angle in double).
+void to_heads(const bf16* x, bf16* y, int B, int T, int H, int d, bool rope, double theta, cudaStream_t s,
+              long long row_stride = 0, const RopeTable* table = nullptr);
+// [B, H, T, d] -> [B, T, H, d], applying the inverse rotation when `rope` (for gradients); `row_stride`
+// (of x, the token-major output: elements between its rows are not written) and `table` as for to_heads.
+void from_heads(const bf16* y, bf16* x, int B, int T, int H, int d, bool rope, double theta, cudaStream_t s,
+                long long row_stride = 0, const RopeTable* table = nullptr);
 
 // g = silu(a) * b; backward writes da, db.
 void swiglu_forward(const bf16* a, const bf16* b, bf16* g, long long n, cudaStream_t s);
 void swiglu_backward(const bf16* dg, const bf16* a, const bf16* b, bf16* da, bf16* db, long long n, cudaStream_t s);
+// The same on [rows, cols] matrices whose a and b (and da, db) have row stride `ld` (>= cols), e.g. the
+// two halves of one [N, 2F] product: a = h, b = h + F, ld = 2F (and da = dh, db = dh + F). g and dg are
+// dense [rows, cols]. Bit-identical to the dense functions on the same values.
+void swiglu_forward_strided(const bf16* a, const bf16* b, long long ld, bf16* g, int rows, int cols, cudaStream_t s);
+void swiglu_backward_strided(const bf16* dg, const bf16* a, const bf16* b, long long ld, bf16* da, bf16* db, int rows,
+                             int cols, cudaStream_t s);
 
 // out = x + dropout(y) with the CPU's mask (hash_uniform(seed, i) >= p keeps, scaled 1/(1-p)).
 void residual_dropout_forward(const float* x, const float* y, float* out, long long n, float p, uint64_t seed,

@@ -159,6 +159,7 @@ class CudaModel : public TrainableModel {
     CK(cudaMemcpy(decay_.get(), decay.data(), total, cudaMemcpyHostToDevice));
     g32_.zero(stream_), m_.zero(stream_), v_.zero(stream_);
     upload_params(host_.params());
+    check_packed_layout();
   }
   ~CudaModel() override {
     cudaStreamSynchronize(stream_);
@@ -236,10 +237,40 @@ class CudaModel : public TrainableModel {
  private:
   struct Layer {
     DevBuf<float> x_in, rstd1, x_mid, rstd2;
-    DevBuf<bf16> xn1, q, k, v, att, a_flat, xn2, h1, h3, g;
+    DevBuf<bf16> xn1, q, k, v, att, a_flat, xn2, h13, g;  // h13: [N, 2F], xn2 w1^T | xn2 w3^T
     DevBuf<float> lse;                    // flash attention row statistics
     DevBuf<float> comb, comb_rstd, o_sub;  // DIFF: combined heads (pre-norm), sub-head outputs
   };
+
+  // The fused products multiply wq|wk|wv as one [3C, C] matrix and w1|w3 as one [2F, C] matrix (and
+  // their gradients as one each): the layout must hold them back to back (model.cpp adds them with
+  // pack_next).
+  void check_packed_layout() const {
+    const size_t C = config().dim, F = config().ffn_hidden;
+    struct Group {
+      std::vector<const char*> names;
+      size_t size;  // of each member
+      const char* what;
+    };
+    const Group groups[] = {{{"attention.wq.weight", "attention.wk.weight", "attention.wv.weight"}, C * C, "[3C, C]"},
+                            {{"feed_forward.w1.weight", "feed_forward.w3.weight"}, F * C, "[2F, C]"}};
+    for (int l = 0; l < config().n_layers; ++l)
+      for (const Group& g : groups) {
+        size_t next = layout().view(lname(l, g.names[0])).offset;
+        std::string joined;
+        for (const char* n : g.names) joined += std::string(joined.empty() ? "" : " | ") + n;
+        for (const char* n : g.names) {
+          const ParamView& v = layout().view(lname(l, n));
+          if (v.offset != next || v.size != g.size)
+            throw std::logic_error("CudaModel: layer " + std::to_string(l) + ": the parameter layout does not hold " +
+                                   joined + " back to back as one " + g.what + " matrix (" + v.name + " at offset " +
+                                   std::to_string(v.offset) + ", size " + std::to_string(v.size) + "; expected offset " +
+                                   std::to_string(next) + ", size " + std::to_string(g.size) +
+                                   "): the fused products need them contiguous (see ParamLayout::add's pack_next)");
+          next = v.offset + v.size;
+        }
+      }
+  }
 
   void upload_params(const std::vector<float>& p) {
     CK(cudaMemcpyAsync(p32_.get(), p.data(), p.size() * sizeof(float), cudaMemcpyHostToDevice, stream_));
@@ -275,7 +306,7 @@ class CudaModel : public TrainableModel {
     for (auto& L : layers_) {
       L.x_in.resize(NC), L.x_mid.resize(NC), L.rstd1.resize(N), L.rstd2.resize(N);
       L.xn1.resize(NC), L.q.resize(NC), L.k.resize(NC), L.v.resize(NC), L.att.resize(NC), L.a_flat.resize(NC);
-      L.xn2.resize(NC), L.h1.resize(NF), L.h3.resize(NF), L.g.resize(NF);
+      L.xn2.resize(NC), L.h13.resize(2 * NF), L.g.resize(NF);
       L.lse.resize(static_cast<size_t>(B) * c.n_heads * T);
       if (c.attention == AttentionKind::Diff) {
         L.comb.resize(NC), L.comb_rstd.resize(N * c.n_heads / 2), L.o_sub.resize(2 * NC);
@@ -283,13 +314,18 @@ class CudaModel : public TrainableModel {
     }
     x_final_.resize(NC), xf_.resize(NC), rstdf_.resize(N);
     tmp32_.resize(std::max(NC, NF)), tmp32b_.resize(std::max(NC, NF));
-    tmp16_.resize(std::max(NC, NF)), tmp16b_.resize(std::max(NC, NF)), tmp16c_.resize(std::max(NC, NF));
+    tmp16_.resize(NC), tmp16b_.resize(std::max(NC, NF)), tmp16c_.resize(NC);
+    wide16_.resize(std::max(3 * NC, 2 * NF));
     dx_.resize(NC);
     tokens_.resize(N), targets_.resize(N), weights_.resize(N), row_loss_.resize(N), argmax_.resize(N);
     size_t rs = cuda::rmsnorm_backward_scratch_floats(static_cast<int>(N), c.dim);
     if (c.attention == AttentionKind::Diff)  // the per-head norm: B * H/2 * T rows of 2 * head_dim
       rs = std::max(rs, cuda::rmsnorm_backward_scratch_floats(static_cast<int>(N * (c.n_heads / 2)), 2 * c.head_dim()));
     rms_scratch_.resize(rs);
+    if (rope_.T != T) {  // RoPE's cos / sin for positions 0 .. T-1, once per T (not per call of to_heads)
+      rope_cs_.resize(cuda::rope_table_floats(T, c.head_dim()));
+      rope_ = cuda::make_rope_table(rope_cs_.get(), T, c.head_dim(), c.rope_theta, stream_);
+    }
   }
 
   // ---- attention: forward writes L.att (heads) or, for DIFF, L.a_flat directly ----
@@ -467,14 +503,16 @@ class CudaModel : public TrainableModel {
     const long long NC = static_cast<long long>(N) * C;
     const float eps = static_cast<float>(c.norm_eps);
     cuda::rmsnorm_forward(L.x_in.get(), Pl(l, "attention_norm.weight"), L.xn1.get(), L.rstd1.get(), N, C, eps, stream_);
-    bf16* t16 = tmp16_.get();
-    cuda::gemm_bf16(false, true, N, C, C, 1.0f, L.xn1.get(), C, P16l(l, "attention.wq.weight"), C, 0.0f, t16, C, stream_);
-    cuda::to_heads(t16, L.q.get(), B_, T_, H, d, true, c.rope_theta, stream_);
-    cuda::gemm_bf16(false, true, N, C, C, 1.0f, L.xn1.get(), C, P16l(l, "attention.wk.weight"), C, 0.0f, t16, C, stream_);
-    cuda::to_heads(t16, L.k.get(), B_, T_, H, d, true, c.rope_theta, stream_);
-    cuda::gemm_bf16(false, true, N, C, C, 1.0f, L.xn1.get(), C, P16l(l, "attention.wv.weight"), C, 0.0f, t16, C, stream_);
+    // q|k|v = xn1 Wqkv^T: one [N, 3C] product with the packed [3C, C] weight wq|wk|wv, then each third
+    // to the head layout (rows of 3C). DIFF values: H/2 heads of 2d, the same C columns.
+    bf16* qkv = wide16_.get();
+    const long long C3 = 3LL * C;
+    cuda::gemm_bf16(false, true, N, 3 * C, C, 1.0f, L.xn1.get(), C, P16l(l, "attention.wq.weight"), C, 0.0f, qkv,
+                    3 * C, stream_);
+    cuda::to_heads(qkv, L.q.get(), B_, T_, H, d, true, c.rope_theta, stream_, C3, &rope_);
+    cuda::to_heads(qkv + C, L.k.get(), B_, T_, H, d, true, c.rope_theta, stream_, C3, &rope_);
     const int Hv = c.attention == AttentionKind::Diff ? H / 2 : H;
-    cuda::to_heads(t16, L.v.get(), B_, T_, Hv, C / Hv, false, 0.0, stream_);
+    cuda::to_heads(qkv + 2 * C, L.v.get(), B_, T_, Hv, C / Hv, false, 0.0, stream_, C3);
     prof_.mark("fwd.norm+qkv", stream_);
     attention_forward(l, L, train, seed);
     prof_.mark("fwd.attention", stream_);
@@ -485,9 +523,11 @@ class CudaModel : public TrainableModel {
                                    site_seed(seed, l, kDropAttnOut), stream_);
     prof_.mark("fwd.wo+residual", stream_);
     cuda::rmsnorm_forward(L.x_mid.get(), Pl(l, "ffn_norm.weight"), L.xn2.get(), L.rstd2.get(), N, C, eps, stream_);
-    cuda::gemm_bf16(false, true, N, F, C, 1.0f, L.xn2.get(), C, P16l(l, "feed_forward.w1.weight"), C, 0.0f, L.h1.get(), F, stream_);
-    cuda::gemm_bf16(false, true, N, F, C, 1.0f, L.xn2.get(), C, P16l(l, "feed_forward.w3.weight"), C, 0.0f, L.h3.get(), F, stream_);
-    cuda::swiglu_forward(L.h1.get(), L.h3.get(), L.g.get(), static_cast<long long>(N) * F, stream_);
+    // h1|h3 = xn2 W13^T: one [N, 2F] product with the packed [2F, C] weight w1|w3; SwiGLU reads the
+    // two halves of each row.
+    cuda::gemm_bf16(false, true, N, 2 * F, C, 1.0f, L.xn2.get(), C, P16l(l, "feed_forward.w1.weight"), C, 0.0f,
+                    L.h13.get(), 2 * F, stream_);
+    cuda::swiglu_forward_strided(L.h13.get(), L.h13.get() + F, 2LL * F, L.g.get(), N, F, stream_);
     cuda::gemm_bf16(false, true, N, C, F, 1.0f, L.g.get(), F, P16l(l, "feed_forward.w2.weight"), F, 0.0f, t32, C, stream_);
     float* out = l + 1 < c.n_layers ? layers_[l + 1].x_in.get() : x_final_.get();
     cuda::residual_dropout_forward(L.x_mid.get(), t32, out, NC, train ? c.dropout : 0.0f, site_seed(seed, l, kDropFfnOut),
@@ -499,7 +539,7 @@ class CudaModel : public TrainableModel {
     const ModelConfig& c = config();
     Layer& L = layers_[l];
     const int N = B_ * T_, C = c.dim, F = c.ffn_hidden, H = c.n_heads, d = c.head_dim();
-    const long long NC = static_cast<long long>(N) * C, NF = static_cast<long long>(N) * F;
+    const long long NC = static_cast<long long>(N) * C;
     float* dx = dx_.get();
     // Feed-forward; dx holds d(out) = d(x_mid) through the residual.
     bf16* dy = tmp16_.get();
@@ -507,15 +547,15 @@ class CudaModel : public TrainableModel {
     bf16* dg = tmp16b_.get();
     cuda::gemm_bf16(false, false, N, F, C, 1.0f, dy, C, P16l(l, "feed_forward.w2.weight"), F, 0.0f, dg, F, stream_);
     cuda::gemm_bf16(true, false, C, F, N, 1.0f, dy, C, L.g.get(), F, 1.0f, Gl(l, "feed_forward.w2.weight"), F, stream_);
-    swiglu_tmp_.resize(NF);
-    bf16* dh1 = tmp16c_.get();
-    bf16* dh3 = swiglu_tmp_.get();
-    cuda::swiglu_backward(dg, L.h1.get(), L.h3.get(), dh1, dh3, NF, stream_);
+    // dh1|dh3 into one [N, 2F] matrix, then d(xn2) = dh13 W13 (K = 2F) and d(w1|w3) += dh13^T xn2 into
+    // the packed [2F, C] gradient.
+    bf16* dh13 = wide16_.get();
+    cuda::swiglu_backward_strided(dg, L.h13.get(), L.h13.get() + F, 2LL * F, dh13, dh13 + F, N, F, stream_);
     float* dxn32 = tmp32_.get();
-    cuda::gemm_bf16(false, false, N, C, F, 1.0f, dh1, F, P16l(l, "feed_forward.w1.weight"), C, 0.0f, dxn32, C, stream_);
-    cuda::gemm_bf16(false, false, N, C, F, 1.0f, dh3, F, P16l(l, "feed_forward.w3.weight"), C, 1.0f, dxn32, C, stream_);
-    cuda::gemm_bf16(true, false, F, C, N, 1.0f, dh1, F, L.xn2.get(), C, 1.0f, Gl(l, "feed_forward.w1.weight"), C, stream_);
-    cuda::gemm_bf16(true, false, F, C, N, 1.0f, dh3, F, L.xn2.get(), C, 1.0f, Gl(l, "feed_forward.w3.weight"), C, stream_);
+    cuda::gemm_bf16(false, false, N, C, 2 * F, 1.0f, dh13, 2 * F, P16l(l, "feed_forward.w1.weight"), C, 0.0f, dxn32, C,
+                    stream_);
+    cuda::gemm_bf16(true, false, 2 * F, C, N, 1.0f, dh13, 2 * F, L.xn2.get(), C, 1.0f, Gl(l, "feed_forward.w1.weight"),
+                    C, stream_);
     bf16* dxn = tmp16_.get();
     cuda::cast_to_bf16(dxn32, dxn, NC, stream_);
     cuda::rmsnorm_backward(dxn, L.x_mid.get(), Pl(l, "ffn_norm.weight"), L.rstd2.get(), dx, Gl(l, "ffn_norm.weight"),
@@ -530,17 +570,18 @@ class CudaModel : public TrainableModel {
     prof_.mark("bwd.wo", stream_);
     attention_backward(l, L, da, dqh_.get(), dkh_.get(), dvh_.get(), train, seed);
     prof_.mark("bwd.attention", stream_);
-    bf16* flat = tmp16_.get();
+    // dq|dk|dv into one [N, 3C] matrix (rows of 3C), then d(xn1) = dqkv Wqkv (K = 3C) and
+    // d(wq|wk|wv) += dqkv^T xn1 into the packed [3C, C] gradient.
+    bf16* dqkv = wide16_.get();
+    const long long C3 = 3LL * C;
     const int Hv = c.attention == AttentionKind::Diff ? H / 2 : H;
-    cuda::from_heads(dqh_.get(), flat, B_, T_, H, d, true, c.rope_theta, stream_);
-    cuda::gemm_bf16(false, false, N, C, C, 1.0f, flat, C, P16l(l, "attention.wq.weight"), C, 0.0f, dxn32, C, stream_);
-    cuda::gemm_bf16(true, false, C, C, N, 1.0f, flat, C, L.xn1.get(), C, 1.0f, Gl(l, "attention.wq.weight"), C, stream_);
-    cuda::from_heads(dkh_.get(), flat, B_, T_, H, d, true, c.rope_theta, stream_);
-    cuda::gemm_bf16(false, false, N, C, C, 1.0f, flat, C, P16l(l, "attention.wk.weight"), C, 1.0f, dxn32, C, stream_);
-    cuda::gemm_bf16(true, false, C, C, N, 1.0f, flat, C, L.xn1.get(), C, 1.0f, Gl(l, "attention.wk.weight"), C, stream_);
-    cuda::from_heads(dvh_.get(), flat, B_, T_, Hv, C / Hv, false, 0.0, stream_);
-    cuda::gemm_bf16(false, false, N, C, C, 1.0f, flat, C, P16l(l, "attention.wv.weight"), C, 1.0f, dxn32, C, stream_);
-    cuda::gemm_bf16(true, false, C, C, N, 1.0f, flat, C, L.xn1.get(), C, 1.0f, Gl(l, "attention.wv.weight"), C, stream_);
+    cuda::from_heads(dqh_.get(), dqkv, B_, T_, H, d, true, c.rope_theta, stream_, C3, &rope_);
+    cuda::from_heads(dkh_.get(), dqkv + C, B_, T_, H, d, true, c.rope_theta, stream_, C3, &rope_);
+    cuda::from_heads(dvh_.get(), dqkv + 2 * C, B_, T_, Hv, C / Hv, false, 0.0, stream_, C3);
+    cuda::gemm_bf16(false, false, N, C, 3 * C, 1.0f, dqkv, 3 * C, P16l(l, "attention.wq.weight"), C, 0.0f, dxn32, C,
+                    stream_);
+    cuda::gemm_bf16(true, false, 3 * C, C, N, 1.0f, dqkv, 3 * C, L.xn1.get(), C, 1.0f, Gl(l, "attention.wq.weight"), C,
+                    stream_);
     cuda::cast_to_bf16(dxn32, dxn, NC, stream_);
     cuda::rmsnorm_backward(dxn, L.x_in.get(), Pl(l, "attention_norm.weight"), L.rstd1.get(), dx,
                            Gl(l, "attention_norm.weight"), rms_scratch_.get(), N, C, stream_);
@@ -617,8 +658,12 @@ class CudaModel : public TrainableModel {
   int B_ = 0, T_ = 0;
   std::vector<Layer> layers_;
   DevBuf<float> x_final_, rstdf_, tmp32_, tmp32b_, dx_, weights_, row_loss_, logits_, rms_scratch_;
-  DevBuf<bf16> xf_, tmp16_, tmp16b_, tmp16c_, dlogits_, dqh_, dkh_, dvh_, swiglu_tmp_;
+  DevBuf<bf16> xf_, tmp16_, tmp16b_, tmp16c_, dlogits_, dqh_, dkh_, dvh_;
+  // [N, 3C] or [N, 2F]: q|k|v out of the fused product (forward); dh1|dh3, then dq|dk|dv (backward).
+  DevBuf<bf16> wide16_;
   DevBuf<int32_t> tokens_, targets_, argmax_;
+  DevBuf<float> rope_cs_;  // RoPE table for T_ positions (rope_ describes it)
+  cuda::RopeTable rope_;
   DevBuf<float> op_q_, op_k_, op_v_, op_o_, op_o2_, op_dq_, op_dk_, op_dv_;
   DevBuf<char> flash_scratch_;
 };

@@ -68,8 +68,10 @@ ModelT<T>::ModelT(const ModelConfig& cfg) : cfg_(cfg) {
   layout_.add("tok_embeddings.weight", {V, C}, true);
   for (int l = 0; l < cfg.n_layers; ++l) {
     layout_.add(lname(l, "attention_norm.weight"), {C}, false);
-    layout_.add(lname(l, "attention.wq.weight"), {C, C}, true);
-    layout_.add(lname(l, "attention.wk.weight"), {C, C}, true);
+    // wq|wk|wv and w1|w3 are packed back to back (no padding between them): one [3C, C] and one
+    // [2F, C] matrix, which the GPU model multiplies as one product each (src/cuda/model_cuda.cu).
+    layout_.add(lname(l, "attention.wq.weight"), {C, C}, true, /*pack_next=*/true);
+    layout_.add(lname(l, "attention.wk.weight"), {C, C}, true, /*pack_next=*/true);
     layout_.add(lname(l, "attention.wv.weight"), {C, C}, true);
     layout_.add(lname(l, "attention.wo.weight"), {C, C}, true);
     if (cfg.attention == AttentionKind::Mta) {
@@ -80,7 +82,7 @@ ModelT<T>::ModelT(const ModelConfig& cfg) : cfg_(cfg) {
       layout_.add(lname(l, "attention.subln.weight"), {2 * d}, false);
     }
     layout_.add(lname(l, "ffn_norm.weight"), {C}, false);
-    layout_.add(lname(l, "feed_forward.w1.weight"), {F, C}, true);
+    layout_.add(lname(l, "feed_forward.w1.weight"), {F, C}, true, /*pack_next=*/true);
     layout_.add(lname(l, "feed_forward.w3.weight"), {F, C}, true);
     layout_.add(lname(l, "feed_forward.w2.weight"), {C, F}, true);
   }

@@ -4,15 +4,16 @@
 
 namespace mta {
 
-size_t ParamLayout::add(const std::string& name, std::vector<long long> shape, bool decay) {
+size_t ParamLayout::add(const std::string& name, std::vector<long long> shape, bool decay, bool pack_next) {
   if (index_.count(name)) throw std::logic_error("duplicate parameter " + name);
   size_t n = 1;
   for (long long d : shape) n *= static_cast<size_t>(d);
   ParamView v{name, std::move(shape), total_, n, decay};
   index_[name] = views_.size();
   views_.push_back(v);
-  // Keep every view 16-float aligned (64 bytes) for vector loads.
-  total_ += (n + 15) / 16 * 16;
+  total_ += n;
+  // Keep the next view 16-float aligned (64 bytes) for vector loads, unless it is packed onto this one.
+  if (!pack_next) total_ = (total_ + 15) / 16 * 16;
   return v.offset;
 }
 

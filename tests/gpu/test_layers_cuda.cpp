@@ -279,6 +279,180 @@ TEST(CudaLayers, HeadsAndRope) {
   }
 }
 
+// q, k and v read from one [N, 3C] product, and their gradients written into one: to_heads /
+// from_heads with a row stride on the token-major side. Against the CPU on the dense slice, bit for bit
+// against the dense GPU call (where both take the same kernel variant), and from_heads leaves the
+// other columns of the wide matrix untouched (still poisoned).
+TEST(CudaLayers, HeadsRowStride) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(11);
+  const int Bn = 2, T = 37;
+  const double theta = 1e4;
+  struct Case {
+    int H, d;
+    bool rope;
+    long long ld, col;  // row stride of the wide matrix, first column of the slice
+  };
+  const Case cases[] = {
+      {3, 64, true, 3 * 192, 0},       {3, 64, true, 3 * 192, 192},  {3, 64, false, 3 * 192, 384},
+      {2, 128, true, 3 * 256, 256},    {1, 128, false, 3 * 128, 256},  // DIFF values: H/2 heads of 2d
+      {3, 6, true, 3 * 18, 18},        // d % 8 != 0: pairs
+      {3, 64, true, 3 * 192 + 2, 192}, // row stride not a multiple of 8: pairs
+      {3, 5, false, 3 * 15 + 1, 15},   // odd d and stride: element by element
+  };
+  for (const Case& cs : cases) {
+    const int H = cs.H, d = cs.d, C = H * d;
+    const long long ld = cs.ld, col = cs.col;
+    SCOPED_TRACE("H=" + std::to_string(H) + " d=" + std::to_string(d) + " rope=" + std::to_string(cs.rope) +
+                 " ld=" + std::to_string(ld) + " col=" + std::to_string(col));
+    const size_t N = static_cast<size_t>(Bn) * T, n = N * C;
+    // Both launches pick the same kernel (so the same rounding sequence) unless the stride alone
+    // demotes the strided one from 8-element vectors to pairs.
+    const bool same_variant = d % 8 != 0 || ld % 8 == 0;
+    // to_heads from the slice [:, col, col + C) of a wide [N, ld] matrix.
+    const auto wb = rnd_bf(N * ld, rng);
+    std::vector<uint16_t> sb(n);
+    for (size_t r = 0; r < N; ++r)
+      for (int c = 0; c < C; ++c) sb[r * C + c] = wb[r * ld + col + c];
+    const auto sf = widen(sb);
+    std::vector<float> want(n);
+    mta::cpu::to_heads<float>(sf.data(), want.data(), Bn, T, H, d);
+    if (cs.rope) mta::cpu::rope_apply<float>(want.data(), Bn, H, T, d, theta, false);
+    Dev<uint16_t> dw(wb), ds(sb), dy(n), dy_dense(n);
+    dy.poison(), dy_dense.poison();
+    mta::cuda::to_heads(bfp(dw) + col, bfp(dy), Bn, T, H, d, cs.rope, theta, 0, ld);
+    mta::cuda::to_heads(bfp(ds), bfp(dy_dense), Bn, T, H, d, cs.rope, theta, 0);
+    sync();
+    const auto got_b = dy.host();
+    const auto got = widen(got_b);
+    EXPECT_TRUE(all_finite(got));
+    if (cs.rope) {
+      EXPECT_LT(rel_err(got, want), 1e-2);
+      if (same_variant) EXPECT_EQ(got_b, dy_dense.host());
+    } else {
+      EXPECT_TRUE(same_bits(got, want));
+    }
+    // from_heads into the slice of a poisoned wide matrix.
+    const auto yb = rnd_bf(n, rng);
+    std::vector<float> yf = widen(yb), want2(n);
+    if (cs.rope) mta::cpu::rope_apply<float>(yf.data(), Bn, H, T, d, theta, true);
+    mta::cpu::from_heads<float>(yf.data(), want2.data(), Bn, T, H, d);
+    Dev<uint16_t> dyin(yb), dx(N * ld), dx_dense(n);
+    dx.poison(), dx_dense.poison();
+    mta::cuda::from_heads(bfp(dyin), bfp(dx) + col, Bn, T, H, d, cs.rope, theta, 0, ld);
+    mta::cuda::from_heads(bfp(dyin), bfp(dx_dense), Bn, T, H, d, cs.rope, theta, 0);
+    sync();
+    const auto wide = dx.host();
+    std::vector<uint16_t> got2_b(n);
+    size_t untouched = 0, outside = 0;
+    for (size_t r = 0; r < N; ++r)
+      for (long long c = 0; c < ld; ++c) {
+        const uint16_t x = wide[r * ld + c];
+        if (c >= col && c < col + C) {
+          got2_b[r * C + (c - col)] = x;
+        } else {
+          ++outside;
+          untouched += x == 0xFFFFu;
+        }
+      }
+    EXPECT_EQ(untouched, outside) << "from_heads wrote outside its columns";
+    const auto got2 = widen(got2_b);
+    EXPECT_TRUE(all_finite(got2));
+    if (cs.rope) {
+      EXPECT_LT(rel_err(got2, want2), 1e-2);
+      if (same_variant) EXPECT_EQ(got2_b, dx_dense.host());
+    } else {
+      EXPECT_TRUE(same_bits(got2, want2));
+    }
+  }
+  // A row stride shorter than a row is refused.
+  Dev<uint16_t> a(64 * 8), b(64 * 8);
+  EXPECT_THROW(mta::cuda::to_heads(bfp(a), bfp(b), 1, 8, 2, 32, false, theta, 0, 63), std::invalid_argument);
+  EXPECT_THROW(mta::cuda::from_heads(bfp(a), bfp(b), 1, 8, 2, 32, false, theta, 0, 32), std::invalid_argument);
+}
+
+// RoPE from a table (make_rope_table): the table holds the rotations of rope_apply (cos / sin of
+// t * theta^(-2i/d) in double, rounded to float), and to_heads / from_heads give the same bits with the
+// table as without (where the kernel computes every angle), dense and with a row stride, also when
+// the table covers more positions than the call.
+TEST(CudaLayers, RopeTable) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(13);
+  const int Bn = 2, T = 37;
+  struct Case {
+    int H, d;
+    double theta;
+    long long ld;  // 0: dense
+    int table_T;
+  };
+  const Case cases[] = {{3, 64, 1e4, 0, T},        {2, 128, 5e5, 0, T},      {3, 64, 1e4, 3 * 192, 50},
+                        {3, 6, 1e4, 0, T},         {3, 6, 1e4, 3 * 18, 40},  {3, 64, 1e4, 3 * 192 + 2, T}};
+  for (const Case& cs : cases) {
+    const int H = cs.H, d = cs.d, C = H * d, half = d / 2;
+    const long long ld = cs.ld == 0 ? C : cs.ld;
+    SCOPED_TRACE("H=" + std::to_string(H) + " d=" + std::to_string(d) + " theta=" + std::to_string(cs.theta) +
+                 " ld=" + std::to_string(ld) + " table_T=" + std::to_string(cs.table_T));
+    Dev<float> dtab(mta::cuda::rope_table_floats(cs.table_T, d));
+    dtab.poison();
+    const mta::cuda::RopeTable tab = mta::cuda::make_rope_table(dtab.get(), cs.table_T, d, cs.theta, 0);
+    EXPECT_EQ(tab.cs, dtab.get());
+    EXPECT_EQ(tab.T, cs.table_T);
+    EXPECT_EQ(tab.d, d);
+    sync();
+    // The table against the host's double-precision cos / sin rounded to float (rope_apply's values):
+    // the device's pow / sincos may differ from the host's in the last bits of the double, which
+    // survives the rounding to float rarely, and then by one ulp.
+    const auto ht = dtab.host();
+    ASSERT_EQ(ht.size(), static_cast<size_t>(cs.table_T) * d);
+    size_t exact = 0, total = 0;
+    for (int t = 0; t < cs.table_T; ++t)
+      for (int i = 0; i < half; ++i) {
+        const double ang = static_cast<double>(t) * std::pow(cs.theta, -2.0 * i / d);
+        const float want[2] = {static_cast<float>(std::cos(ang)), static_cast<float>(std::sin(ang))};
+        for (int k = 0; k < 2; ++k) {
+          const float got = ht[2 * (static_cast<size_t>(t) * half + i) + k];
+          ++total;
+          exact += got == want[k];
+          EXPECT_LE(std::fabs(got - want[k]), std::max(std::fabs(want[k]), 1e-30f) * 1.2e-7f)
+              << "t=" << t << " i=" << i << (k ? " sin" : " cos");
+        }
+      }
+    EXPECT_GE(exact, total * 99 / 100);
+    // to_heads / from_heads with the table: the bits of the table-free kernel.
+    const size_t N = static_cast<size_t>(Bn) * T, n = N * C;
+    const auto xb = rnd_bf(N * ld, rng);
+    Dev<uint16_t> dx(xb), y1(n), y2(n);
+    y1.poison(), y2.poison();
+    mta::cuda::to_heads(bfp(dx), bfp(y1), Bn, T, H, d, true, cs.theta, 0, cs.ld);
+    mta::cuda::to_heads(bfp(dx), bfp(y2), Bn, T, H, d, true, cs.theta, 0, cs.ld, &tab);
+    Dev<uint16_t> x1(N * ld), x2(N * ld);
+    x1.poison(), x2.poison();
+    mta::cuda::from_heads(bfp(y1), bfp(x1), Bn, T, H, d, true, cs.theta, 0, cs.ld);
+    mta::cuda::from_heads(bfp(y1), bfp(x2), Bn, T, H, d, true, cs.theta, 0, cs.ld, &tab);
+    sync();
+    const auto h1 = y1.host();
+    EXPECT_EQ(y2.host(), h1);
+    EXPECT_EQ(x2.host(), x1.host());
+    // And against the CPU (dense slice): RoPE of the bf16 inputs, rounded once.
+    std::vector<float> sf(n), want(n);
+    for (size_t r = 0; r < N; ++r)
+      for (int c = 0; c < C; ++c) sf[r * C + c] = bf2f(xb[r * ld + c]);
+    mta::cpu::to_heads<float>(sf.data(), want.data(), Bn, T, H, d);
+    mta::cpu::rope_apply<float>(want.data(), Bn, H, T, d, cs.theta, false);
+    EXPECT_LT(rel_err(widen(h1), want), 1e-2);
+  }
+  // A table that does not fit the call is refused: too few positions, another d or theta.
+  Dev<float> dtab(mta::cuda::rope_table_floats(8, 64));
+  const mta::cuda::RopeTable tab = mta::cuda::make_rope_table(dtab.get(), 8, 64, 1e4, 0);
+  Dev<uint16_t> a(2 * 16 * 64), b(2 * 16 * 64);
+  EXPECT_THROW(mta::cuda::to_heads(bfp(a), bfp(b), 1, 16, 2, 64, true, 1e4, 0, 0, &tab), std::invalid_argument);
+  EXPECT_THROW(mta::cuda::to_heads(bfp(a), bfp(b), 1, 8, 4, 32, true, 1e4, 0, 0, &tab), std::invalid_argument);
+  EXPECT_THROW(mta::cuda::from_heads(bfp(a), bfp(b), 1, 8, 2, 64, true, 5e5, 0, 0, &tab), std::invalid_argument);
+  // Without RoPE the table is not used.
+  EXPECT_NO_THROW(mta::cuda::to_heads(bfp(a), bfp(b), 1, 16, 2, 64, false, 1e4, 0, 0, &tab));
+  sync();
+}
+
 TEST(CudaLayers, SwiGLU) {
   SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(4);
@@ -301,6 +475,71 @@ TEST(CudaLayers, SwiGLU) {
       EXPECT_LT(rel_err(gda, da), 1e-2);
       EXPECT_LT(rel_err(gdb, db), 1e-2);
     }
+}
+
+// SwiGLU on the two halves of one [N, 2F] product (a = h, b = h + F, row stride ld >= 2F), gradients
+// written into one [N, 2F] matrix the same way: against the CPU on the dense halves, bit for bit
+// against the dense GPU functions, and columns past 2F of the gradient matrix stay untouched.
+TEST(CudaLayers, SwiGLURowStride) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(12);
+  struct Case {
+    int rows, cols;
+    long long ld;
+  };
+  // Vectors of 8 (cols and ld multiples of 8), element by element (cols or ld not), a single element.
+  const Case cases[] = {{37, 64, 128}, {300, 2048, 4096}, {7, 24, 56}, {37, 50, 100}, {5, 64, 130}, {1, 1, 2}};
+  for (const Case& cs : cases) {
+    const int R = cs.rows, F = cs.cols;
+    const long long ld = cs.ld;
+    SCOPED_TRACE("rows=" + std::to_string(R) + " cols=" + std::to_string(F) + " ld=" + std::to_string(ld));
+    const size_t n = static_cast<size_t>(R) * F, nw = static_cast<size_t>(R) * ld;
+    const auto hb = rnd_bf(nw, rng, 0.05f, 4.0f), gb = rnd_bf(n, rng);
+    std::vector<uint16_t> ab(n), bb(n);
+    for (size_t r = 0; r < static_cast<size_t>(R); ++r)
+      for (int c = 0; c < F; ++c) ab[r * F + c] = hb[r * ld + c], bb[r * F + c] = hb[r * ld + F + c];
+    const auto a = widen(ab), b = widen(bb), dg = widen(gb);
+    std::vector<float> g(n), da(n), db(n);
+    mta::cpu::swiglu_forward<float>(a.data(), b.data(), g.data(), static_cast<long long>(n));
+    mta::cpu::swiglu_backward<float>(dg.data(), a.data(), b.data(), da.data(), db.data(), static_cast<long long>(n));
+    Dev<uint16_t> dh(hb), d_dg(gb), d_g(n), d_dh(nw);
+    d_g.poison(), d_dh.poison();
+    mta::cuda::swiglu_forward_strided(bfp(dh), bfp(dh) + F, ld, bfp(d_g), R, F, 0);
+    mta::cuda::swiglu_backward_strided(bfp(d_dg), bfp(dh), bfp(dh) + F, ld, bfp(d_dh), bfp(d_dh) + F, R, F, 0);
+    // The dense functions on the same values.
+    Dev<uint16_t> d_a(ab), d_b(bb), d_g2(n), d_da2(n), d_db2(n);
+    mta::cuda::swiglu_forward(bfp(d_a), bfp(d_b), bfp(d_g2), static_cast<long long>(n), 0);
+    mta::cuda::swiglu_backward(bfp(d_dg), bfp(d_a), bfp(d_b), bfp(d_da2), bfp(d_db2), static_cast<long long>(n), 0);
+    sync();
+    const auto gg_b = d_g.host(), wide = d_dh.host();
+    std::vector<uint16_t> gda_b(n), gdb_b(n);
+    size_t untouched = 0, outside = 0;
+    for (size_t r = 0; r < static_cast<size_t>(R); ++r)
+      for (long long c = 0; c < ld; ++c) {
+        const uint16_t x = wide[r * ld + c];
+        if (c < F) {
+          gda_b[r * F + c] = x;
+        } else if (c < 2 * F) {
+          gdb_b[r * F + (c - F)] = x;
+        } else {
+          ++outside;
+          untouched += x == 0xFFFFu;
+        }
+      }
+    EXPECT_EQ(untouched, outside) << "swiglu_backward_strided wrote past its columns";
+    EXPECT_EQ(gg_b, d_g2.host());
+    EXPECT_EQ(gda_b, d_da2.host());
+    EXPECT_EQ(gdb_b, d_db2.host());
+    const auto gg = widen(gg_b), gda = widen(gda_b), gdb = widen(gdb_b);
+    EXPECT_TRUE(all_finite(gg) && all_finite(gda) && all_finite(gdb));
+    EXPECT_LT(rel_err(gg, g), 1e-2);
+    EXPECT_LT(rel_err(gda, da), 1e-2);
+    EXPECT_LT(rel_err(gdb, db), 1e-2);
+  }
+  Dev<uint16_t> x(64);
+  EXPECT_THROW(mta::cuda::swiglu_forward_strided(bfp(x), bfp(x), 3, bfp(x), 2, 4, 0), std::invalid_argument);
+  EXPECT_THROW(mta::cuda::swiglu_backward_strided(bfp(x), bfp(x), bfp(x), 3, bfp(x), bfp(x), 2, 4, 0),
+               std::invalid_argument);
 }
 
 TEST(CudaLayers, DropoutMasksEqualCpu) {
@@ -376,6 +615,10 @@ TEST(CudaLayers, CrossEntropy) {
         weights[r] = r % 5 == 3 ? 0.0f : (r % 2 ? 0.5f : 1.0f);
         targets[r] = weights[r] == 0.0f ? -1 : tgt(rng);  // never read where the weight is 0
       }
+      // Masked logits (-inf, never the target): they add nothing to the sum. Columns 8..11 are all of
+      // one thread's logits when V = 1000 (vectors of 4), one thread each when V = 30.
+      for (int c = 8; c < 12; ++c) logits[c] = -INFINITY;
+      if (targets[0] >= 8 && targets[0] < 12) targets[0] = 0;
       const float gs = 0.25f;
       std::vector<float> loss, dl;
       std::vector<int32_t> am;
