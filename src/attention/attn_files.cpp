@@ -14,7 +14,11 @@
 #include <memory>
 #include <stdexcept>
 
+#include <cstdint>
+
+#include "attention/flash_mta.h"
 #include "attention/mta_cuda.h"
+#include "util/bf16_bits.h"
 #endif
 
 namespace mta {
@@ -106,10 +110,67 @@ void run_cuda(const AttentionSpec& spec, const AttnDims& dims, const std::vector
     for (size_t i = 0; i < infos.size(); ++i) dg[i]->copy_to(gvals[i]);
   }
 }
+std::vector<uint16_t> to_bf16(const std::vector<float>& x) {
+  std::vector<uint16_t> r(x.size());
+  for (size_t i = 0; i < x.size(); ++i) r[i] = float_to_bf16_bits(x[i]);
+  return r;
+}
+void from_bf16(const DeviceArray<uint16_t>& d, std::vector<float>& host) {
+  std::vector<uint16_t> bits;
+  d.copy_to(bits);
+  host.resize(bits.size());
+  for (size_t i = 0; i < bits.size(); ++i) host[i] = bf16_bits_to_float(bits[i]);
+}
+__nv_bfloat16* bf(const DeviceArray<uint16_t>& d) { return reinterpret_cast<__nv_bfloat16*>(d.get()); }
+
+// The fused kernels (attention/flash_mta.h) on float32 tensors: q, k, v and dout are rounded to bf16,
+// the outputs come back from bf16; the kernel weights and their gradient stay float32.
+void run_cuda_fused(const AttentionSpec& spec, const AttnDims& dims, const std::vector<float>& q,
+                    const std::vector<float>& k, const std::vector<float>& v,
+                    const std::vector<AttentionParamInfo>& infos, const std::vector<std::vector<float>>& pvals,
+                    const std::vector<float>* dout, std::vector<float>& o, std::vector<float>& dq,
+                    std::vector<float>& dk, std::vector<float>& dv, std::vector<std::vector<float>>& gvals) {
+  if (cuda::device_count() < 1) throw std::runtime_error("--device cuda: no CUDA device is available");
+  if (infos.size() != 1 || infos[0].name != "kq_pre")
+    throw std::logic_error("run_cuda_fused: flash_mta_supported admitted a spec with parameters other than kq_pre");
+  DeviceArray<uint16_t> d_q(to_bf16(q)), d_k(to_bf16(k)), d_v(to_bf16(v)), d_o(std::vector<uint16_t>(q.size()));
+  DeviceArray<float> d_w(pvals[0]), d_lse(std::vector<float>(static_cast<size_t>(dims.B) * dims.H * dims.T));
+  const AttnOptions opt;
+  cuda::flash_mta_forward(spec, bf(d_q), bf(d_k), bf(d_v), d_w.get(), bf(d_o), d_lse.get(), dims.B, dims.T, opt, 0);
+  cuda_check(cudaDeviceSynchronize(), "flash_mta_forward");
+  from_bf16(d_o, o);
+  if (!dout) return;
+  DeviceArray<uint16_t> d_dout(to_bf16(*dout)), d_dq(std::vector<uint16_t>(q.size())),
+      d_dk(std::vector<uint16_t>(q.size())), d_dv(std::vector<uint16_t>(q.size()));
+  DeviceArray<float> d_gw(gvals[0]);  // zeros: the kernel adds into it
+  DeviceArray<uint8_t> scratch(
+      std::vector<uint8_t>(cuda::flash_mta_backward_scratch_bytes(dims.B, dims.H, dims.T, dims.D)));
+  cuda::flash_mta_backward(spec, bf(d_q), bf(d_k), bf(d_v), d_w.get(), bf(d_o), bf(d_dout), d_lse.get(), bf(d_dq),
+                           bf(d_dk), bf(d_dv), d_gw.get(), scratch.get(), dims.B, dims.T, opt, 0);
+  cuda_check(cudaDeviceSynchronize(), "flash_mta_backward");
+  from_bf16(d_dq, dq), from_bf16(d_dk, dk), from_bf16(d_dv, dv);
+  d_gw.copy_to(gvals[0]);
+}
+#endif
+
+#ifdef MTA_HAVE_CUDA
+// Which CUDA path runs: the fused kernels where they cover the spec (auto) or when asked for; the
+// materialized op otherwise, and always for float64 input (the fused kernels compute in bf16).
+bool fused_path(const AttentionSpec& spec, const AttnDims& dims, AttnImpl impl, bool float32) {
+  const bool covered = cuda::flash_mta_supported(spec, dims.D) && dims.dv() == dims.D;
+  if (impl == AttnImpl::Fused) {
+    if (!covered)
+      throw InputError("--impl fused: the fused kernels do not cover this spec yet (kq_pre only, head_dim 64 or "
+                       "128; see docs/flash-mta.md); use --impl auto or materialized");
+    if (!float32) throw InputError("--impl fused: the fused kernels take F32 input (they compute in bf16), not F64");
+  }
+  return impl != AttnImpl::Materialized && covered && float32;
+}
 #endif
 
 template <typename T>
-io::SafeTensors run(const AttentionSpec& spec, const io::SafeTensors& in, const AttnDims& dims, Device device) {
+io::SafeTensors run(const AttentionSpec& spec, const io::SafeTensors& in, const AttnDims& dims, Device device,
+                    AttnImpl impl) {
   const std::vector<int64_t> qshape{dims.B, dims.H, dims.T, dims.D};
   std::vector<T> q = load<T>(in, "q", qshape), k = load<T>(in, "k", qshape), v = load<T>(in, "v", qshape);
   const auto infos = attention_params(spec);
@@ -129,10 +190,16 @@ io::SafeTensors run(const AttentionSpec& spec, const io::SafeTensors& in, const 
   std::vector<T> o(q.size());
   std::vector<T> dq, dk, dv;
   if (backward) dq.resize(q.size()), dk.resize(q.size()), dv.resize(q.size());
+  bool fused = false;
   if (device == Device::Cuda) {
 #ifdef MTA_HAVE_CUDA
-    run_cuda<T>(spec, dims, q, k, v, infos, pvals, backward ? &dout : nullptr, o, dq, dk, dv, gvals);
+    fused = fused_path(spec, dims, impl, std::is_same_v<T, float>);
+    if constexpr (std::is_same_v<T, float>) {
+      if (fused) run_cuda_fused(spec, dims, q, k, v, infos, pvals, backward ? &dout : nullptr, o, dq, dk, dv, gvals);
+    }
+    if (!fused) run_cuda<T>(spec, dims, q, k, v, infos, pvals, backward ? &dout : nullptr, o, dq, dk, dv, gvals);
 #else
+    (void)impl;
     throw InputError("--device cuda: this build has no CUDA backend");
 #endif
   } else {
@@ -150,7 +217,8 @@ io::SafeTensors run(const AttentionSpec& spec, const io::SafeTensors& in, const 
           io::make_tensor(std::vector<int64_t>(infos[i].shape.begin(), infos[i].shape.end()), gvals[i].data());
   }
   out.metadata["producer"] = "mta attn";
-  out.metadata["compute_dtype"] = std::is_same_v<T, double> ? "F64" : "F32";
+  out.metadata["compute_dtype"] = fused ? "BF16" : std::is_same_v<T, double> ? "F64" : "F32";
+  out.metadata["impl"] = device == Device::Cpu ? "cpu" : fused ? "fused" : "materialized";
   return out;
 }
 
@@ -162,8 +230,15 @@ Device parse_device(const std::string& name) {
   throw InputError("--device: must be cpu or cuda (got '" + name + "')");
 }
 
+AttnImpl parse_attn_impl(const std::string& name) {
+  if (name == "auto") return AttnImpl::Auto;
+  if (name == "fused") return AttnImpl::Fused;
+  if (name == "materialized") return AttnImpl::Materialized;
+  throw InputError("--impl: must be auto, fused or materialized (got '" + name + "')");
+}
+
 io::SafeTensors run_attention_tensors(const AttentionSpec& spec, const io::SafeTensors& in, Device device,
-                                      std::vector<std::string>* warnings) {
+                                      std::vector<std::string>* warnings, AttnImpl impl) {
   spec.validate();
   const io::Tensor& q = in.at("q");
   if (q.shape.size() != 4) throw InputError("tensor 'q' has shape " + q.shape_str() + ", expected [B, H, T, D]");
@@ -187,8 +262,8 @@ io::SafeTensors run_attention_tensors(const AttentionSpec& spec, const io::SafeT
 #ifndef MTA_HAVE_CUDA
   if (device == Device::Cuda) throw InputError("--device cuda: this build has no CUDA backend");
 #endif
-  if (q.dtype == io::DType::F64) return run<double>(spec, in, dims, device);
-  return run<float>(spec, in, dims, device);
+  if (q.dtype == io::DType::F64) return run<double>(spec, in, dims, device, impl);
+  return run<float>(spec, in, dims, device, impl);
 }
 
 }  // namespace mta

@@ -108,11 +108,148 @@ __global__ void mask_future_kernel(T* s, int n, long long total) {
   }
 }
 
-// Key-query convolution (steps 2 and 5): out[x][i][j] = sum_{a,c} W[h][a][c] * in[x][i-(cq-1)+a][j-o+c]
+// Key-query convolution (steps 2 and 5) and its adjoint, on 32 x 32 output tiles: a block stages the
+// tile's input window (the tile plus its halo of cq - 1 rows and ck - 1 columns) in shared memory,
+// zero where the input is outside the sequence or in its future part, so the inner loop has no
+// branches and every input element is read from device memory once per tile instead of cq * ck times.
+// Block (column tile, row tile, chunk head x), kConvTile x kConvRowsPerPass threads.
+constexpr int kConvTile = 32;
+constexpr int kConvRowsPerPass = kBlock / kConvTile;  // 8: each thread computes 4 rows of its column
+constexpr int kMaxCq = 8, kMaxCk = 15;                // the spec's limits (spec.cpp validate)
+constexpr int kHaloRows = kConvTile + kMaxCq - 1, kHaloCols = kConvTile + kMaxCk - 1;
+
+// Stages in[x][r0 + r][c0 + c] for r < rows, c < cols into win (row pitch kHaloCols), 0 where the
+// element is outside the matrix or in its future part (c0 + c > r0 + r).
+template <typename T>
+__device__ inline void stage_causal_window(const T* __restrict__ src, T* win, int r0, int c0, int rows, int cols,
+                                           int n) {
+  for (int t = threadIdx.y * blockDim.x + threadIdx.x; t < rows * cols; t += blockDim.x * blockDim.y) {
+    const int r = t / cols, c = t % cols;
+    const int i = r0 + r, j = c0 + c;
+    win[r * kHaloCols + c] = (i >= 0 && i < n && j >= 0 && j <= i) ? src[static_cast<long long>(i) * n + j] : T(0);
+  }
+}
+
+// out[x][i][j] = sum_{a,c} W[h][a][c] * in[x][i-(cq-1)+a][j-o+c] for j <= i (0 in the future), reading
+// `in` only in its causal part. W is [H][cq][ck], h the global head of chunk head x. Summed in the
+// CPU's order (a, then c); the zeros staged for skipped inputs add nothing.
+template <typename T>
+__global__ void __launch_bounds__(kBlock) conv_forward_kernel(const T* __restrict__ in, T* __restrict__ out,
+                                                              const T* __restrict__ W, int cq, int ck, int o, int n,
+                                                              int H, long long bh0) {
+  __shared__ T win[kHaloRows * kHaloCols];
+  __shared__ T w[kMaxCq * kMaxCk];
+  const long long x = blockIdx.z;
+  const int i0 = blockIdx.y * kConvTile, j0 = blockIdx.x * kConvTile;
+  const long long nn = static_cast<long long>(n) * n;
+  T* dst = out + x * nn;
+  if (j0 > i0 + kConvTile - 1) {  // wholly in the future
+    for (int r = threadIdx.y; r < kConvTile; r += kConvRowsPerPass) {
+      const int i = i0 + r, j = j0 + threadIdx.x;
+      if (i < n && j < n) dst[static_cast<long long>(i) * n + j] = T(0);
+    }
+    return;
+  }
+  const int h = static_cast<int>((bh0 + x) % H);
+  for (int t = threadIdx.y * blockDim.x + threadIdx.x; t < cq * ck; t += kBlock) w[t] = W[static_cast<long long>(h) * cq * ck + t];
+  stage_causal_window(in + x * nn, win, i0 - (cq - 1), j0 - o, kConvTile + cq - 1, kConvTile + ck - 1, n);
+  __syncthreads();
+  for (int r = threadIdx.y; r < kConvTile; r += kConvRowsPerPass) {
+    const int i = i0 + r, j = j0 + threadIdx.x;
+    if (i >= n || j >= n) continue;
+    T acc = T(0);
+    if (j <= i)
+      for (int a = 0; a < cq; ++a) {
+        const T* row = win + (r + a) * kHaloCols + threadIdx.x;
+        for (int c = 0; c < ck; ++c) acc += w[a * ck + c] * row[c];
+      }
+    dst[static_cast<long long>(i) * n + j] = acc;
+  }
+}
+
+// Adjoint of conv_forward_kernel with respect to its input: din[x][ii][jj] (jj <= ii) =
+// sum_{a,c} W[h][a][c] * dout[x][ii+(cq-1)-a][jj+o-c], reading dout only where it is causal.
+template <typename T>
+__global__ void __launch_bounds__(kBlock) conv_input_grad_kernel(const T* __restrict__ dout, T* __restrict__ din,
+                                                                 const T* __restrict__ W, int cq, int ck, int o,
+                                                                 int n, int H, long long bh0) {
+  __shared__ T win[kHaloRows * kHaloCols];
+  __shared__ T w[kMaxCq * kMaxCk];
+  const long long x = blockIdx.z;
+  const int i0 = blockIdx.y * kConvTile, j0 = blockIdx.x * kConvTile;
+  const long long nn = static_cast<long long>(n) * n;
+  T* dst = din + x * nn;
+  if (j0 > i0 + kConvTile - 1) {
+    for (int r = threadIdx.y; r < kConvTile; r += kConvRowsPerPass) {
+      const int i = i0 + r, j = j0 + threadIdx.x;
+      if (i < n && j < n) dst[static_cast<long long>(i) * n + j] = T(0);
+    }
+    return;
+  }
+  const int h = static_cast<int>((bh0 + x) % H);
+  for (int t = threadIdx.y * blockDim.x + threadIdx.x; t < cq * ck; t += kBlock) w[t] = W[static_cast<long long>(h) * cq * ck + t];
+  // Window rows ii0 .. ii0 + 31 + cq - 1, columns jj0 + o - (ck - 1) .. jj0 + 31 + o.
+  const int c0 = j0 + o - (ck - 1);
+  stage_causal_window(dout + x * nn, win, i0, c0, kConvTile + cq - 1, kConvTile + ck - 1, n);
+  __syncthreads();
+  for (int r = threadIdx.y; r < kConvTile; r += kConvRowsPerPass) {
+    const int ii = i0 + r, jj = j0 + threadIdx.x;
+    if (ii >= n || jj >= n) continue;
+    T acc = T(0);
+    if (jj <= ii)
+      for (int a = 0; a < cq; ++a) {
+        // dout row ii + (cq-1) - a is window row r + (cq-1) - a; column jj + o - c is window column
+        // threadIdx.x + (ck-1) - c.
+        const T* row = win + (r + cq - 1 - a) * kHaloCols + threadIdx.x + ck - 1;
+        for (int c = 0; c < ck; ++c) acc += w[a * ck + c] * row[-c];
+      }
+    dst[static_cast<long long>(ii) * n + jj] = acc;
+  }
+}
+
+// Head mixing (steps 3 and 6) over the causal part: out[x][i][j] = sum_y M[grp][xg][y] * in[x-xg+y][i][j]
+// with hx = global head of x, grp = hx / g, xg = hx % g; M is [H/g][g][g]. With `transpose`, M[grp][y][xg]
+// (the adjoint, used by backward). One thread per (group of the chunk, position): it reads the g
+// inputs once and writes the g outputs, instead of each output re-reading all g inputs.
+constexpr int kMaxGroup = 16;  // H <= 16 heads per mixing group (the semantics page's limit)
+template <typename T>
+__global__ void mix_heads_kernel(const T* __restrict__ in, T* __restrict__ out, const T* __restrict__ M, int g, int n,
+                                 int H, long long bh0, bool transpose, long long total) {
+  const long long nn = static_cast<long long>(n) * n;
+  for (long long idx = global_thread(); idx < total; idx += grid_threads()) {
+    const long long within = idx % nn;
+    const int j = static_cast<int>(within % n);
+    const int i = static_cast<int>(within / n);
+    const long long x0 = (idx / nn) * g;  // first chunk head of the group
+    if (j > i) {
+      for (int xg = 0; xg < g; ++xg) out[(x0 + xg) * nn + within] = T(0);
+      continue;
+    }
+    T v[kMaxGroup];
+#pragma unroll
+    for (int y = 0; y < kMaxGroup; ++y) v[y] = y < g ? in[(x0 + y) * nn + within] : T(0);
+    const int grp = static_cast<int>((bh0 + x0) % H) / g;
+    const T* m = M + static_cast<long long>(grp) * g * g;
+    for (int xg = 0; xg < g; ++xg) {
+      T acc = T(0);
+#pragma unroll
+      for (int y = 0; y < kMaxGroup; ++y)
+        if (y < g) acc += (transpose ? m[y * g + xg] : m[xg * g + y]) * v[y];
+      out[(x0 + xg) * nn + within] = acc;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generic forms of the convolution and mixing stages, one thread per output element, for kernels
+// larger than the tiled kernels take (cq > 8, ck > 15, g > 16: the spec allows them; the paper uses
+// none).
+
+// Key-query convolution, generic form (steps 2 and 5): out[x][i][j] = sum_{a,c} W[h][a][c] * in[x][i-(cq-1)+a][j-o+c]
 // for j <= i (0 in the future), reading `in` only in its causal part. W is [H][cq][ck], h the global
 // head of chunk head x. Summed in the CPU's order (a, then c).
 template <typename T>
-__global__ void conv_forward_kernel(const T* __restrict__ in, T* __restrict__ out, const T* __restrict__ W, int cq,
+__global__ void conv_forward_generic_kernel(const T* __restrict__ in, T* __restrict__ out, const T* __restrict__ W, int cq,
                                     int ck, int o, int n, int H, long long bh0, long long total) {
   const long long nn = static_cast<long long>(n) * n;
   for (long long idx = global_thread(); idx < total; idx += grid_threads()) {
@@ -139,10 +276,10 @@ __global__ void conv_forward_kernel(const T* __restrict__ in, T* __restrict__ ou
   }
 }
 
-// Adjoint of conv_forward_kernel with respect to its input: din[x][ii][jj] (jj <= ii) =
+// Adjoint of conv_forward_generic_kernel with respect to its input: din[x][ii][jj] (jj <= ii) =
 // sum_{a,c} W[h][a][c] * dout[x][ii+(cq-1)-a][jj+o-c], reading dout only where it is causal.
 template <typename T>
-__global__ void conv_input_grad_kernel(const T* __restrict__ dout, T* __restrict__ din, const T* __restrict__ W,
+__global__ void conv_input_grad_generic_kernel(const T* __restrict__ dout, T* __restrict__ din, const T* __restrict__ W,
                                        int cq, int ck, int o, int n, int H, long long bh0, long long total) {
   const long long nn = static_cast<long long>(n) * n;
   for (long long idx = global_thread(); idx < total; idx += grid_threads()) {
@@ -173,7 +310,7 @@ __global__ void conv_input_grad_kernel(const T* __restrict__ dout, T* __restrict
 // with hx = global head of x, grp = hx / g, xg = hx % g; M is [H/g][g][g]. With `transpose`, M[grp][y][xg]
 // (the adjoint, used by backward).
 template <typename T>
-__global__ void mix_heads_kernel(const T* __restrict__ in, T* __restrict__ out, const T* __restrict__ M, int g, int n,
+__global__ void mix_heads_generic_kernel(const T* __restrict__ in, T* __restrict__ out, const T* __restrict__ M, int g, int n,
                                  int H, long long bh0, bool transpose, long long total) {
   const long long nn = static_cast<long long>(n) * n;
   for (long long idx = global_thread(); idx < total; idx += grid_threads()) {
@@ -377,11 +514,97 @@ __global__ void epilogue_backward_kernel(const T* __restrict__ obuf, const T* __
 int rows_per_tile(int n) { return std::max(1, 8192 / n); }
 int tiles_for(int n) { return (n + rows_per_tile(n) - 1) / rows_per_tile(n); }
 
-// Convolution weight gradient, stage 1: block (tile, a*ck+c, x) sums
+// Convolution weight gradient, stage 1, for cq <= 8, ck <= 15: block (strip of 32 rows, chunk head x)
+// walks the causal 32 x 32 tiles of its rows, staging the tile of dout and the window of `in` it meets
+// (as conv_forward_kernel), and sums dout[x][i][j] * in[x][i-(cq-1)+a][j-o+c] for every tap (a, c) at
+// once: warp w owns taps w, w + 8, ...; lane = column. Each input is read from device memory once per
+// tile instead of once per tap. partial[(x * cq*ck + ac) * strips + strip].
+constexpr int kMaxTapsPerWarp = (kMaxCq * kMaxCk + kConvRowsPerPass - 1) / kConvRowsPerPass;  // 15
+template <typename T>
+__global__ void __launch_bounds__(kBlock) conv_weight_grad_kernel(const T* __restrict__ in, const T* __restrict__ dout,
+                                                                  double* __restrict__ partial, int cq, int ck, int o,
+                                                                  int n) {
+  __shared__ T win[kHaloRows * kHaloCols];
+  __shared__ T dtile[kConvTile * kHaloCols];
+  const int strip = blockIdx.x;
+  const long long x = blockIdx.y;
+  const int i0 = strip * kConvTile, C = cq * ck, lane = threadIdx.x, warp = threadIdx.y;
+  const long long nn = static_cast<long long>(n) * n;
+  int off[kMaxTapsPerWarp];  // window offset of each of this warp's taps
+#pragma unroll
+  for (int t = 0; t < kMaxTapsPerWarp; ++t) {
+    const int ac = warp + kConvRowsPerPass * t;
+    off[t] = ac < C ? (ac / ck) * kHaloCols + ac % ck : 0;
+  }
+  double acc[kMaxTapsPerWarp] = {};
+  for (int j0 = 0; j0 <= i0 + kConvTile - 1 && j0 < n; j0 += kConvTile) {
+    __syncthreads();  // the previous tile's reads are done
+    stage_causal_window(dout + x * nn, dtile, i0, j0, kConvTile, kConvTile, n);
+    stage_causal_window(in + x * nn, win, i0 - (cq - 1), j0 - o, kConvTile + cq - 1, kConvTile + ck - 1, n);
+    __syncthreads();
+    for (int r = 0; r < kConvTile; ++r) {
+      const T d = dtile[r * kHaloCols + lane];
+      const T* wrow = win + r * kHaloCols + lane;
+#pragma unroll
+      for (int t = 0; t < kMaxTapsPerWarp; ++t)
+        if (warp + kConvRowsPerPass * t < C) acc[t] += static_cast<double>(d * wrow[off[t]]);
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kMaxTapsPerWarp; ++t) {
+    const int ac = warp + kConvRowsPerPass * t;
+    const double v = warp_sum(acc[t]);
+    if (ac < C && lane == 0) partial[(x * C + ac) * gridDim.x + strip] = v;
+  }
+}
+
+// Head-mixing weight gradient, stage 1, for g <= 16: block (chunk head x, tile) sums
+// dout[x][i][j] * in[x-xg+y][i][j] over its rows and j <= i for every y of x's group at once (dout read
+// once, not g times). Blocks are numbered with x fastest (blockIdx.x = tile * nh + x), so the g blocks
+// of one group and tile, which read the same inputs, run close together and share them in L2.
+// partial[(x * g + y) * tiles + tile].
+template <typename T>
+__global__ void __launch_bounds__(kBlock) mix_weight_grad_kernel(const T* __restrict__ in, const T* __restrict__ dout,
+                                                                 double* __restrict__ partial, int g, int n, int H,
+                                                                 long long bh0, int nh, int rows_tile, int tiles) {
+  __shared__ double red[kMaxGroup][kWarpsPerBlock];
+  const long long x = blockIdx.x % nh;
+  const int tile = static_cast<int>(blockIdx.x / nh);
+  const int xg = static_cast<int>((bh0 + x) % H) % g;
+  const long long nn = static_cast<long long>(n) * n;
+  const T* a = dout + x * nn;
+  const T* b = in + (x - xg) * nn;
+  const int i0 = tile * rows_tile, i1 = min(n, i0 + rows_tile);
+  const long long count = static_cast<long long>(i1 - i0) * n;
+  double s[kMaxGroup] = {};
+  for (long long t = threadIdx.x; t < count; t += blockDim.x) {
+    const int i = i0 + static_cast<int>(t / n), j = static_cast<int>(t % n);
+    if (j > i) continue;
+    const long long e = static_cast<long long>(i) * n + j;
+    const T av = a[e];
+#pragma unroll
+    for (int y = 0; y < kMaxGroup; ++y)
+      if (y < g) s[y] += static_cast<double>(av * b[y * nn + e]);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int y = 0; y < kMaxGroup; ++y) {
+    const double v = warp_sum(s[y]);
+    if (y < g && lane == 0) red[y][warp] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < g) {
+    double v = 0.0;
+    for (int w = 0; w < kWarpsPerBlock; ++w) v += red[threadIdx.x][w];
+    partial[(x * g + threadIdx.x) * tiles + tile] = v;
+  }
+}
+
+// Generic forms (cq > 8, ck > 15, g > 16). Convolution weight gradient, stage 1: block (tile, a*ck+c, x) sums
 // dout[x][i][j] * in[x][i-(cq-1)+a][j-o+c] over its rows i and j <= i (inputs read only where causal).
 // partial[(x * cq*ck + ac) * tiles + tile].
 template <typename T>
-__global__ void conv_weight_grad_kernel(const T* __restrict__ in, const T* __restrict__ dout, double* __restrict__ partial,
+__global__ void conv_weight_grad_generic_kernel(const T* __restrict__ in, const T* __restrict__ dout, double* __restrict__ partial,
                                         int cq, int ck, int o, int n, int rows_tile) {
   const int tile = blockIdx.x, ac = blockIdx.y;
   const long long x = blockIdx.z;
@@ -408,7 +631,7 @@ __global__ void conv_weight_grad_kernel(const T* __restrict__ in, const T* __res
 // Head-mixing weight gradient, stage 1: block (tile, y, x) sums dout[x][i][j] * in[x-xg+y][i][j] over
 // its rows and j <= i. partial[(x * g + y) * tiles + tile].
 template <typename T>
-__global__ void mix_weight_grad_kernel(const T* __restrict__ in, const T* __restrict__ dout, double* __restrict__ partial,
+__global__ void mix_weight_grad_generic_kernel(const T* __restrict__ in, const T* __restrict__ dout, double* __restrict__ partial,
                                        int g, int n, int H, long long bh0, int rows_tile) {
   const int tile = blockIdx.x, y = blockIdx.y;
   const long long x = blockIdx.z;
@@ -576,7 +799,8 @@ struct Op {
   T scale;
   bool epi;
   Epilogue<T> ep;
-  int tiles = 1;
+  int tiles = 1;   // row tiles of the generic weight-gradient kernels and the mixing one
+  int strips = 1;  // 32-row strips of the tiled convolution weight gradient
   int wgrad_cols = 0;  // the largest C of the weight-gradient partials (cq*ck or g), 0 when none
 
   // Per-chunk buffers, sized for chunk_units units; the views alias as on the CPU.
@@ -598,6 +822,7 @@ struct Op {
     ep.ds = static_cast<T>(spec.depth_scale());
     ep.gn = p.norm, ep.gw = p.gate_w, ep.gb = p.gate_b;
     tiles = tiles_for(n);
+    strips = (n + kConvTile - 1) / kConvTile;
     if (spec.kq_pre) wgrad_cols = std::max(wgrad_cols, spec.kq_pre->q * spec.kq_pre->k);
     if (spec.kq_post) wgrad_cols = std::max(wgrad_cols, spec.kq_post->q * spec.kq_post->k);
     if (spec.head_pre) wgrad_cols = std::max(wgrad_cols, spec.head_pre->group);
@@ -608,7 +833,7 @@ struct Op {
                      (backward ? 2 : 0);
     long long per_head = mats * nn * static_cast<long long>(sizeof(T));
     if (backward && epi) per_head += (4LL * n * Dv + n) * static_cast<long long>(sizeof(T));
-    if (backward) per_head += static_cast<long long>(wgrad_cols) * tiles * static_cast<long long>(sizeof(double));
+    if (backward) per_head += static_cast<long long>(wgrad_cols) * std::max(tiles, strips) * static_cast<long long>(sizeof(double));
     const long long per_unit = per_head * G;
     long long cu = std::max(1LL, workspace_budget() / per_unit);
     cu = std::min<long long>(cu, units);
@@ -638,7 +863,7 @@ struct Op {
           pgb = static_cast<T*>(alloc(heads * n, sizeof(T)));
         }
       }
-      if (wgrad_cols) partial = static_cast<double*>(alloc(heads * wgrad_cols * tiles, sizeof(double)));
+      if (wgrad_cols) partial = static_cast<double*>(alloc(heads * wgrad_cols * std::max(tiles, strips), sizeof(double)));
     }
   }
 
@@ -646,13 +871,36 @@ struct Op {
   unsigned grid_elems(int nh) const { return grid_for(elems(nh), kBlock); }
   unsigned grid_rows(long long rows) const { return grid_for(rows, kWarpsPerBlock); }
 
+  // The tiled kernels take the paper's sizes (cq <= 8, ck <= 15, g <= 16); larger ones the generic forms.
+  static bool tiled(const KqConv& kc) { return kc.q <= kMaxCq && kc.k <= kMaxCk; }
+  dim3 conv_grid(int nh) const {
+    const unsigned t = static_cast<unsigned>((n + kConvTile - 1) / kConvTile);
+    return dim3(t, t, static_cast<unsigned>(nh));
+  }
   void conv_forward(const T* in, T* out, const T* W, const KqConv& kc, long long bh0, int nh) {
-    conv_forward_kernel<T><<<grid_elems(nh), kBlock, 0, stream>>>(in, out, W, kc.q, kc.k, kc.key_offset(), n, H, bh0,
-                                                                    elems(nh));
+    if (tiled(kc))
+      conv_forward_kernel<T><<<conv_grid(nh), dim3(kConvTile, kConvRowsPerPass), 0, stream>>>(in, out, W, kc.q, kc.k,
+                                                                                           kc.key_offset(), n, H, bh0);
+    else
+      conv_forward_generic_kernel<T><<<grid_elems(nh), kBlock, 0, stream>>>(in, out, W, kc.q, kc.k, kc.key_offset(),
+                                                                            n, H, bh0, elems(nh));
     CUDA_CHECK_LAUNCH("conv_forward_kernel");
   }
+  void conv_input_grad(const T* dout, T* din, const T* W, const KqConv& kc, long long bh0, int nh) {
+    if (tiled(kc))
+      conv_input_grad_kernel<T><<<conv_grid(nh), dim3(kConvTile, kConvRowsPerPass), 0, stream>>>(
+          dout, din, W, kc.q, kc.k, kc.key_offset(), n, H, bh0);
+    else
+      conv_input_grad_generic_kernel<T><<<grid_elems(nh), kBlock, 0, stream>>>(dout, din, W, kc.q, kc.k,
+                                                                               kc.key_offset(), n, H, bh0, elems(nh));
+    CUDA_CHECK_LAUNCH("conv_input_grad_kernel");
+  }
   void mix(const T* in, T* out, const T* M, int g, bool transpose, long long bh0, int nh) {
-    mix_heads_kernel<T><<<grid_elems(nh), kBlock, 0, stream>>>(in, out, M, g, n, H, bh0, transpose, elems(nh));
+    if (g <= kMaxGroup)
+      mix_heads_kernel<T><<<grid_for(elems(nh / g), kBlock), kBlock, 0, stream>>>(in, out, M, g, n, H, bh0, transpose,
+                                                                                 elems(nh / g));
+    else
+      mix_heads_generic_kernel<T><<<grid_elems(nh), kBlock, 0, stream>>>(in, out, M, g, n, H, bh0, transpose, elems(nh));
     CUDA_CHECK_LAUNCH("mix_heads_kernel");
   }
   T keep_scale() const { return T(1) / (T(1) - static_cast<T>(opt.dropout)); }
@@ -699,20 +947,33 @@ struct Op {
   // Weight gradients, stage 1 and 2: acc [H][C] += this chunk's terms.
   void conv_weight_grad(const T* in, const T* dout, const KqConv& kc, double* acc, long long bh0, int nh) {
     const int C = kc.q * kc.k;
-    conv_weight_grad_kernel<T><<<dim3(tiles, C, nh), kBlock, 0, stream>>>(in, dout, partial, kc.q, kc.k,
-                                                                           kc.key_offset(), n, rows_per_tile(n));
-    CUDA_CHECK_LAUNCH("conv_weight_grad_kernel");
-    reduce_partials(acc, C, bh0, nh);
+    if (tiled(kc)) {
+      conv_weight_grad_kernel<T><<<dim3(strips, nh), dim3(kConvTile, kConvRowsPerPass), 0, stream>>>(
+          in, dout, partial, kc.q, kc.k, kc.key_offset(), n);
+      CUDA_CHECK_LAUNCH("conv_weight_grad_kernel");
+      reduce_partials(acc, C, bh0, nh, strips);
+    } else {
+      conv_weight_grad_generic_kernel<T><<<dim3(tiles, C, nh), kBlock, 0, stream>>>(in, dout, partial, kc.q, kc.k,
+                                                                                     kc.key_offset(), n, rows_per_tile(n));
+      CUDA_CHECK_LAUNCH("conv_weight_grad_generic_kernel");
+      reduce_partials(acc, C, bh0, nh, tiles);
+    }
   }
   void mix_weight_grad(const T* in, const T* dout, int g, double* acc, long long bh0, int nh) {
-    mix_weight_grad_kernel<T><<<dim3(tiles, g, nh), kBlock, 0, stream>>>(in, dout, partial, g, n, H, bh0,
-                                                                          rows_per_tile(n));
-    CUDA_CHECK_LAUNCH("mix_weight_grad_kernel");
-    reduce_partials(acc, g, bh0, nh);
+    if (g <= kMaxGroup) {
+      mix_weight_grad_kernel<T><<<static_cast<unsigned>(static_cast<long long>(tiles) * nh), kBlock, 0, stream>>>(
+          in, dout, partial, g, n, H, bh0, nh, rows_per_tile(n), tiles);
+      CUDA_CHECK_LAUNCH("mix_weight_grad_kernel");
+    } else {
+      mix_weight_grad_generic_kernel<T><<<dim3(tiles, g, nh), kBlock, 0, stream>>>(in, dout, partial, g, n, H, bh0,
+                                                                                    rows_per_tile(n));
+      CUDA_CHECK_LAUNCH("mix_weight_grad_generic_kernel");
+    }
+    reduce_partials(acc, g, bh0, nh, tiles);
   }
-  void reduce_partials(double* acc, int C, long long bh0, int nh) {
+  void reduce_partials(double* acc, int C, long long bh0, int nh, int count) {
     reduce_head_partials_kernel<<<grid_for(static_cast<long long>(H) * C, kBlock), kBlock, 0, stream>>>(
-        partial, acc, nh, C, tiles, H, bh0);
+        partial, acc, nh, C, count, H, bh0);
     CUDA_CHECK_LAUNCH("reduce_head_partials_kernel");
   }
   void column_sum(const T* part, double* acc, long long rows, int cols) {
@@ -861,9 +1122,7 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
     if (spec.kq_post) {
       const KqConv& kc = *spec.kq_post;
       op.conv_weight_grad(op.a, cur, kc, acc.kq_post, bh0, nh);
-      conv_input_grad_kernel<T><<<op.grid_elems(nh), kBlock, 0, stream>>>(cur, other, p.kq_post, kc.q, kc.k,
-                                                                          kc.key_offset(), n, H, bh0, op.elems(nh));
-      CUDA_CHECK_LAUNCH("conv_input_grad_kernel");
+      op.conv_input_grad(cur, other, p.kq_post, kc, bh0, nh);
       std::swap(cur, other);
     }
     // 4. Softmax, in place: dC' = A * (dA - <dA, A>).
@@ -879,9 +1138,7 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
     if (spec.kq_pre) {
       const KqConv& kc = *spec.kq_pre;
       op.conv_weight_grad(op.s0, cur, kc, acc.kq_pre, bh0, nh);
-      conv_input_grad_kernel<T><<<op.grid_elems(nh), kBlock, 0, stream>>>(cur, other, p.kq_pre, kc.q, kc.k,
-                                                                          kc.key_offset(), n, H, bh0, op.elems(nh));
-      CUDA_CHECK_LAUNCH("conv_input_grad_kernel");
+      op.conv_input_grad(cur, other, p.kq_pre, kc, bh0, nh);
       std::swap(cur, other);
     }
     // 1. dq = s dS K, dk = s dS^T Q (dS is zero in the future part).

@@ -4,9 +4,9 @@
 //
 // Attention: standard attention without attention dropout runs the flash kernel (D = 64 or 128);
 // MTA layers, DIFF layers, attention dropout and other head dims run the materialized fp32 op
-// (mta::cuda::mta_forward/backward) on fp32 copies of q, k, v. With MTA_FLASH_MTA=1 in the
-// environment, MTA layers the fused kernels cover (attention/flash_mta.h: kq_pre only, D = 64 or 128,
-// dropout included) run those instead. Opt-in until the fused kernels have passed the GPU tests.
+// (mta::cuda::mta_forward/backward) on fp32 copies of q, k, v. MTA layers the fused kernels cover
+// (attention/flash_mta.h: kq_pre only, D = 64 or 128, dropout included) run those instead;
+// MTA_FLASH_MTA=0 in the environment sends them through the materialized op (for comparisons).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -287,7 +287,7 @@ class CudaModel : public TrainableModel {
   // The fused MTA path for layer l (see the top of the file).
   bool use_flash_mta(int l) const {
     const char* e = std::getenv("MTA_FLASH_MTA");  // read per call: tests switch it
-    return e != nullptr && std::string(e) == "1" && config().attention == AttentionKind::Mta &&
+    return !(e != nullptr && std::string(e) == "0") && config().attention == AttentionKind::Mta &&
            cuda::flash_mta_supported(config().layer_spec(l), config().head_dim());
   }
 

@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include "util/bf16_bits.h"
+
 namespace gpu_test {
 
 inline bool have_gpu() {
@@ -36,18 +38,8 @@ inline void cuda_ok(cudaError_t e, const char* what, int line) {
 #define CUDA_OK(expr) gpu_test::cuda_ok((expr), #expr, __LINE__)
 
 // bf16 <-> float on the host, bit exact (round to nearest even; inputs here are finite).
-inline uint16_t float_to_bf16_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-inline float bf16_bits_to_float(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+using mta::bf16_bits_to_float;
+using mta::float_to_bf16_bits;
 
 // A device buffer of raw bytes, poisoned with 0xFF (NaN in bf16 and fp32).
 class DevMem {

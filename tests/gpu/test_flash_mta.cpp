@@ -10,13 +10,16 @@
 
 #include <cmath>
 #include <cstdio>
+#include <map>
 #include <random>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "attention/attn_files.h"
 #include "attention/flash_mta.h"
 #include "attention/mta_cpu.h"
+#include "util/error.h"
 #include "gpu/gpu_test_util.h"
 
 namespace {
@@ -199,6 +202,61 @@ TEST(FlashMta, RefusesWhatItDoesNotCover) {
   s.gate = false;
   s.kq_pre = mta::KqConv{9, 3, mta::PadKey::Both};
   EXPECT_FALSE(mta::cuda::flash_mta_supported(s, 64));
+}
+
+// What `mta attn --device cuda` runs (run_attention_tensors): F32 input of a covered spec goes through
+// the fused kernels (metadata impl "fused", compute_dtype "BF16") and matches the float64 CPU op within
+// bf16 tolerance; --impl materialized and F64 input take the materialized path (float32 tolerance).
+TEST(FlashMta, AttnCommandPaths) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(99);
+  mta::AttentionSpec spec;
+  spec.heads = 2, spec.head_dim = 64;
+  spec.kq_pre = mta::KqConv{3, 5, mta::PadKey::Left};
+  const int B = 2, T = 77;
+  const std::vector<int64_t> shape{B, spec.heads, T, spec.head_dim};
+  const size_t n = static_cast<size_t>(B) * spec.heads * T * spec.head_dim;
+  // bf16-exact values, so the fused path's rounding of its inputs changes nothing.
+  auto values = [&](size_t count) { return randn_bf16(count, rng).val; };
+  std::map<std::string, std::vector<double>> vals{{"q", values(n)}, {"k", values(n)}, {"v", values(n)},
+                                                  {"dout", values(n)}};
+  std::vector<double> w(static_cast<size_t>(spec.heads) * 3 * 5);
+  std::uniform_real_distribution<double> ud(-0.5, 0.5);
+  for (auto& x : w) x = ud(rng);
+  for (int h = 0; h < spec.heads; ++h) w[(h * 3 + 2) * 5 + 4] += 1.0;  // identity at a = cq-1, c = o = ck-1
+  mta::io::SafeTensors in32, in64;
+  for (const auto& [name, v] : vals) {
+    const std::vector<float> f(v.begin(), v.end());
+    in32.tensors[name] = mta::io::make_tensor(shape, f.data());
+    in64.tensors[name] = mta::io::make_tensor(shape, v.data());
+  }
+  const std::vector<float> wf(w.begin(), w.end());
+  in32.tensors["kq_pre"] = mta::io::make_tensor({spec.heads, 3, 5}, wf.data());
+  in64.tensors["kq_pre"] = mta::io::make_tensor({spec.heads, 3, 5}, w.data());
+
+  const auto ref = mta::run_attention_tensors(spec, in64, mta::Device::Cpu);
+  const auto fused = mta::run_attention_tensors(spec, in32, mta::Device::Cuda);
+  const auto mat = mta::run_attention_tensors(spec, in32, mta::Device::Cuda, nullptr, mta::AttnImpl::Materialized);
+  const auto mat64 = mta::run_attention_tensors(spec, in64, mta::Device::Cuda);
+  EXPECT_EQ(fused.metadata.at("impl"), "fused");
+  EXPECT_EQ(fused.metadata.at("compute_dtype"), "BF16");
+  EXPECT_EQ(mat.metadata.at("impl"), "materialized");
+  EXPECT_EQ(mat64.metadata.at("impl"), "materialized");
+  for (const char* name : {"out", "grad_q", "grad_k", "grad_v", "grad_kq_pre"}) {
+    SCOPED_TRACE(name);
+    const std::vector<double> r = mta::io::to_f64(ref.at(name), name);
+    const double tol = std::string(name) == "grad_kq_pre" ? kTolDw : std::string(name) == "out" ? kTolOut : kTolGrad;
+    EXPECT_LE(rel_err(mta::io::to_f64(fused.at(name), name), r), tol);
+    EXPECT_LE(rel_err(mta::io::to_f64(mat.at(name), name), r), 1e-5);
+    EXPECT_LE(rel_err(mta::io::to_f64(mat64.at(name), name), r), 1e-10);
+  }
+  // Asking for the fused path where it cannot run is an input error, not a silent fallback.
+  EXPECT_THROW(mta::run_attention_tensors(spec, in64, mta::Device::Cuda, nullptr, mta::AttnImpl::Fused),
+               mta::InputError);
+  mta::AttentionSpec gated = spec;
+  gated.gate = true;
+  EXPECT_THROW(mta::run_attention_tensors(gated, in32, mta::Device::Cuda, nullptr, mta::AttnImpl::Fused),
+               mta::InputError);
 }
 
 }  // namespace

@@ -112,13 +112,15 @@ TEST(ModelCuda, MtaMatchesCpu) {
           64, 2, 0.0f);
 }
 
-// The fused MTA kernels in the model (opt-in, MTA_FLASH_MTA=1): the toy layout (kq_pre 2 x 9 in every
-// layer), head dim 64, with and without the toy's attention dropout.
+// The fused MTA kernels in the model (the default for the layers they cover): the toy layout (kq_pre
+// 2 x 9 in every layer), head dim 64, with and without the toy's attention dropout; and the same model
+// through the materialized op (MTA_FLASH_MTA=0), which must still work.
 TEST(ModelCuda, MtaFusedKqPreMatchesCpu) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  setenv("MTA_FLASH_MTA", "1", 1);
   const json toy = json::parse(R"({"type": "mta", "kq_pre": {"q": 2, "k": 9, "pad_key": "both"}})");
   compare(toy, 128, 2, 0.0f);
+  compare(toy, 128, 2, 0.1f);
+  setenv("MTA_FLASH_MTA", "0", 1);
   compare(toy, 128, 2, 0.1f);
   unsetenv("MTA_FLASH_MTA");
 }

@@ -473,6 +473,26 @@ TEST(MtaCudaSpecial, IdentityParameters) {
   expect_close(run_gpu(c, g0), run_cpu(c, g0), kTolF64, kTolF64);
 }
 
+// Kernels larger than the tiled stage kernels take (cq > 8, ck > 15, g > 16) run the generic forms:
+// both are checked against the CPU, in float64 and float32, with T crossing several 32 x 32 tiles.
+TEST(MtaCudaSpecial, BeyondTheTiledSizes) {
+  SKIP_WITHOUT_GPU();
+  CaseDesc d;
+  AttentionSpec& s = d.spec;
+  s.heads = 32, s.head_dim = 8;
+  s.kq_pre = KqConv{10, 17, PadKey::Both};
+  s.head_pre = mta::HeadMix{32};
+  s.kq_post = KqConv{9, 16, PadKey::Left};
+  s.head_post = mta::HeadMix{2};
+  s.validate();
+  d.B = 1, d.T = 70, d.seed = 31;
+  check_case<double>(d, kTolF64, kTolF64);
+  check_case<float>(d, kTolOutF32, kTolGradF32);
+  d.spec.head_pre = mta::HeadMix{16}, d.spec.head_post = mta::HeadMix{32};  // tiled mixing, generic convolution
+  d.T = 33;
+  check_case<double>(d, kTolF64, kTolF64);
+}
+
 // Invalid arguments are refused before any device work, as on the CPU.
 TEST(MtaCudaSpecial, RefusesWhatTheCpuRefuses) {
   AttentionSpec s;
