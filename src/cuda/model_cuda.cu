@@ -2,8 +2,9 @@
 // with bf16 activations for the matrix products, fp32 residual stream, fp32 master weights,
 // gradients and AdamW moments, and a bf16 copy of the weights. See src/cuda/layers.h.
 //
-// Attention: standard attention without attention dropout runs the flash kernel (D = 64 or 128);
-// MTA layers, DIFF layers, attention dropout and other head dims run the materialized fp32 op
+// Attention: standard attention and DIFF attention without attention dropout run the flash kernel
+// (D = 64 or 128; DIFF as two calls per sub-head, one per half of its 2D-wide values);
+// MTA layers, attention dropout and other head dims run the materialized fp32 op
 // (mta::cuda::mta_forward/backward) on fp32 copies of q, k, v. MTA layers the fused kernels cover
 // (attention/flash_mta.h: kq_pre only, D = 64 or 128, dropout included) run those instead;
 // MTA_FLASH_MTA=0 in the environment sends them through the materialized op (for comparisons).
@@ -119,6 +120,53 @@ __global__ void diff_sum_pairs_kernel(const float* dvdup, bf16* dv, int B, int H
   const float* a = dvdup + (b * 2 * Hd + 2 * h) * hs;
   dv[i] = __float2bfloat16(a[e] + a[hs + e]);
 }
+// DIFF through the flash kernel (head dim d = 64 or 128, values of 2d shared by sub-head pairs): the
+// 2d-wide values are two d-wide value tensors, so a sub-head is two flash calls with the same q, k
+// (and the same lse); their outputs are joined and their gradients added (dq, dk: the softmax
+// gradient is linear in dO V^T and in rowsum(dO * O), so the halves' contributions simply add).
+// vhalf_e[b, h, t, i] = v[b, h/2, t, e*d + i] for e = 0, 1.
+__global__ void diff_value_halves_kernel(const bf16* v, bf16* v0, bf16* v1, int H, int T, int d, long long total) {
+  const long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
+  if (i >= total) return;
+  const long long row = i / d, bh = row / T, t = row % T, b = bh / H, h = bh % H;
+  const bf16* src = v + ((b * (H / 2) + h / 2) * T + t) * (2LL * d) + i % d;
+  v0[i] = src[0];
+  v1[i] = src[d];
+}
+// o[r, e*d + i] = half_e[r, i] (r = b, h, t), as float.
+__global__ void diff_join_halves_kernel(const bf16* h0, const bf16* h1, float* o, int d, long long total) {
+  const long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
+  if (i >= total) return;
+  float* dst = o + (i / d) * (2LL * d) + i % d;
+  dst[0] = __bfloat162float(h0[i]);
+  dst[d] = __bfloat162float(h1[i]);
+}
+// half_e[r, i] = bf16(o[r, e*d + i]).
+__global__ void diff_split_halves_kernel(const float* o, bf16* h0, bf16* h1, int d, long long total) {
+  const long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
+  if (i >= total) return;
+  const float* src = o + (i / d) * (2LL * d) + i % d;
+  h0[i] = __float2bfloat16(src[0]);
+  h1[i] = __float2bfloat16(src[d]);
+}
+// out = a + b, summed in fp32.
+__global__ void add_bf16_kernel(const bf16* a, const bf16* b, bf16* out, long long n) {
+  const long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
+  if (i < n) out[i] = __float2bfloat16(__bfloat162float(a[i]) + __bfloat162float(b[i]));
+}
+// dv[b, m, t, e*d + i] = dv_e[b, 2m, t, i] + dv_e[b, 2m+1, t, i] (total = B * H/2 * T * 2d).
+__global__ void diff_value_grad_kernel(const bf16* dv0, const bf16* dv1, bf16* dv, int Hd, int T, int d,
+                                       long long total) {
+  const long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
+  if (i >= total) return;
+  const long long row = i / (2LL * d), col = i % (2LL * d), bm = row / T, t = row % T;
+  const long long b = bm / Hd, m = bm % Hd;
+  const int e = static_cast<int>(col / d);
+  const bf16* src = e ? dv1 : dv0;
+  const long long sub0 = ((b * 2 * Hd + 2 * m) * T + t) * d + col % d, step = static_cast<long long>(T) * d;
+  dv[i] = __float2bfloat16(__bfloat162float(src[sub0]) + __bfloat162float(src[sub0 + step]));
+}
+
 // Per-block partial sums of -dcomb * o[2h+1] (d lambda), summed on the host in block order.
 __global__ void diff_dlambda_kernel(const float* dcomb, const float* o, double* partial, int B, int Hd, long long hs) {
   __shared__ double sh[kThreads];
@@ -295,6 +343,11 @@ class CudaModel : public TrainableModel {
     const int d = config().head_dim();
     return config().attention == AttentionKind::Standard && (d == 64 || d == 128) && !(train && config().dropout > 0);
   }
+  // DIFF layers through the flash kernel (two calls per sub-head, see diff_value_halves_kernel).
+  bool use_flash_diff(bool train) const {
+    const int d = config().head_dim();
+    return config().attention == AttentionKind::Diff && (d == 64 || d == 128) && !(train && config().dropout > 0);
+  }
 
   void ensure_acts(int B, int T) {
     if (B == B_ && T == T_) return;
@@ -374,22 +427,34 @@ class CudaModel : public TrainableModel {
                               opt, stream_);
       return;
     }
-    float* q32 = op_q_.get();
-    float* k32 = op_k_.get();
-    cuda::cast_to_f32(L.q.get(), q32, n, stream_);
-    cuda::cast_to_f32(L.k.get(), k32, n, stream_);
-    if (c.attention != AttentionKind::Diff) {
-      cuda::cast_to_f32(L.v.get(), op_v_.get(), n, stream_);
-      cuda::mta_forward<float>(spec, AttnDims{B, H, T, d}, q32, k32, op_v_.get(), mta_params(l), op_o_.get(), opt, stream_);
-      cuda::cast_to_bf16(op_o_.get(), L.att.get(), n, stream_);
-      return;
-    }
     // DIFF: sub-heads of dim d, values of dim 2d shared by pairs.
     const int Hd = H / 2, dv = 2 * d;
     const long long hs = static_cast<long long>(T) * dv;
-    dup_values_kernel<<<blocks_for(2 * n), kThreads, 0, stream_>>>(L.v.get(), op_v_.get(), B, H, hs);
-    CK_LAUNCH();
-    cuda::mta_forward<float>(spec, AttnDims{B, H, T, d, dv}, q32, k32, op_v_.get(), {}, L.o_sub.get(), opt, stream_);
+    if (use_flash_diff(train)) {
+      diff16_.resize(kDiffFlashBufs * static_cast<size_t>(n));  // one size for forward and backward: no reallocation
+      bf16 *v0 = diff16_.get(), *v1 = v0 + n, *o0 = v1 + n, *o1 = o0 + n;
+      diff_value_halves_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(L.v.get(), v0, v1, H, T, d, n);
+      CK_LAUNCH();
+      cuda::flash_attn_forward(L.q.get(), L.k.get(), v0, o0, L.lse.get(), B, H, T, d, stream_);
+      cuda::flash_attn_forward(L.q.get(), L.k.get(), v1, o1, L.lse.get(), B, H, T, d, stream_);
+      diff_join_halves_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(o0, o1, L.o_sub.get(), d, n);
+      CK_LAUNCH();
+    } else {
+      float* q32 = op_q_.get();
+      float* k32 = op_k_.get();
+      cuda::cast_to_f32(L.q.get(), q32, n, stream_);
+      cuda::cast_to_f32(L.k.get(), k32, n, stream_);
+      if (c.attention != AttentionKind::Diff) {
+        cuda::cast_to_f32(L.v.get(), op_v_.get(), n, stream_);
+        cuda::mta_forward<float>(spec, AttnDims{B, H, T, d}, q32, k32, op_v_.get(), mta_params(l), op_o_.get(), opt,
+                                 stream_);
+        cuda::cast_to_bf16(op_o_.get(), L.att.get(), n, stream_);
+        return;
+      }
+      dup_values_kernel<<<blocks_for(2 * n), kThreads, 0, stream_>>>(L.v.get(), op_v_.get(), B, H, hs);
+      CK_LAUNCH();
+      cuda::mta_forward<float>(spec, AttnDims{B, H, T, d, dv}, q32, k32, op_v_.get(), {}, L.o_sub.get(), opt, stream_);
+    }
     const DiffLambda lam = diff_lambda(l);
     diff_combine_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(L.o_sub.get(), L.comb.get(), static_cast<float>(lam.lambda),
                                                                   B, Hd, hs);
@@ -428,9 +493,9 @@ class CudaModel : public TrainableModel {
     }
     float* q32 = op_q_.get();
     float* k32 = op_k_.get();
-    cuda::cast_to_f32(L.q.get(), q32, n, stream_);
-    cuda::cast_to_f32(L.k.get(), k32, n, stream_);
     if (c.attention != AttentionKind::Diff) {
+      cuda::cast_to_f32(L.q.get(), q32, n, stream_);
+      cuda::cast_to_f32(L.k.get(), k32, n, stream_);
       cuda::to_heads(da_flat, tmp16c_.get(), B, T, H, d, false, 0.0, stream_);
       cuda::cast_to_f32(tmp16c_.get(), op_o_.get(), n, stream_);  // d(out)
       cuda::cast_to_f32(L.v.get(), op_v_.get(), n, stream_);
@@ -478,6 +543,32 @@ class CudaModel : public TrainableModel {
     float* dsub = op_dv_.get();  // [B, H, T, 2d] = 2n floats (op_dv_ is sized for it)
     diff_split_grad_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(dcomb, dsub, static_cast<float>(lam.lambda), B, Hd, hs);
     CK_LAUNCH();
+    if (use_flash_diff(train)) {
+      diff16_.resize(kDiffFlashBufs * static_cast<size_t>(n));
+      bf16* b16 = diff16_.get();
+      bf16 *v0 = b16, *v1 = v0 + n, *o0 = v1 + n, *o1 = o0 + n, *do0 = o1 + n, *do1 = do0 + n;
+      bf16 *dq0 = do1 + n, *dq1 = dq0 + n, *dk0 = dq1 + n, *dk1 = dk0 + n, *dv0 = dk1 + n, *dv1 = dv0 + n;
+      diff_value_halves_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(L.v.get(), v0, v1, H, T, d, n);
+      CK_LAUNCH();
+      diff_split_halves_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(L.o_sub.get(), o0, o1, d, n);  // exact
+      CK_LAUNCH();
+      diff_split_halves_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(dsub, do0, do1, d, n);
+      CK_LAUNCH();
+      flash_scratch_.resize(cuda::flash_attn_backward_scratch_bytes(B, H, T, d));
+      cuda::flash_attn_backward(L.q.get(), L.k.get(), v0, o0, do0, L.lse.get(), dq0, dk0, dv0, flash_scratch_.get(), B,
+                                H, T, d, stream_);
+      cuda::flash_attn_backward(L.q.get(), L.k.get(), v1, o1, do1, L.lse.get(), dq1, dk1, dv1, flash_scratch_.get(), B,
+                                H, T, d, stream_);
+      add_bf16_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(dq0, dq1, dq, n);
+      CK_LAUNCH();
+      add_bf16_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(dk0, dk1, dk, n);
+      CK_LAUNCH();
+      diff_value_grad_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(dv0, dv1, dv, Hd, T, d, n);
+      CK_LAUNCH();
+      return;
+    }
+    cuda::cast_to_f32(L.q.get(), q32, n, stream_);
+    cuda::cast_to_f32(L.k.get(), k32, n, stream_);
     dup_values_kernel<<<blocks_for(2 * n), kThreads, 0, stream_>>>(L.v.get(), op_v_.get(), B, H, hs);
     CK_LAUNCH();
     float* dvdup = op_o2_.get();
@@ -666,6 +757,9 @@ class CudaModel : public TrainableModel {
   cuda::RopeTable rope_;
   DevBuf<float> op_q_, op_k_, op_v_, op_o_, op_o2_, op_dq_, op_dk_, op_dv_;
   DevBuf<char> flash_scratch_;
+  // DIFF through flash: value, output, output-gradient and q / k / v gradient halves, n = B*H*T*d each.
+  static constexpr int kDiffFlashBufs = 12;
+  DevBuf<bf16> diff16_;
 };
 
 }  // namespace

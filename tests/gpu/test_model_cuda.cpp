@@ -125,9 +125,17 @@ TEST(ModelCuda, MtaFusedKqPreMatchesCpu) {
   unsetenv("MTA_FLASH_MTA");
 }
 
+// DIFF: head dim 16 runs the materialized op, head dim 64 the flash kernel (two calls per sub-head),
+// and head dim 64 with attention dropout the materialized op again.
 TEST(ModelCuda, DiffMatchesCpu) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   compare({{"type", "diff"}}, 64, 4, 0.0f);
+}
+
+TEST(ModelCuda, DiffFlashMatchesCpu) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  compare({{"type", "diff"}}, 256, 4, 0.0f);
+  compare({{"type", "diff"}}, 256, 4, 0.1f);
 }
 
 // Sizes that are not multiples of 16 floats: wk, wv and w3 start unaligned right after wq, wk and w1
