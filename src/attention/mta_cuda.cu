@@ -130,13 +130,15 @@ __device__ inline void stage_causal_window(const T* __restrict__ src, T* win, in
   }
 }
 
-// out[x][i][j] = sum_{a,c} W[h][a][c] * in[x][i-(cq-1)+a][j-o+c] for j <= i (0 in the future), reading
-// `in` only in its causal part. W is [H][cq][ck], h the global head of chunk head x. Summed in the
-// CPU's order (a, then c); the zeros staged for skipped inputs add nothing.
-template <typename T>
-__global__ void __launch_bounds__(kBlock) conv_forward_kernel(const T* __restrict__ in, T* __restrict__ out,
-                                                              const T* __restrict__ W, int cq, int ck, int o, int n,
-                                                              int H, long long bh0) {
+// The convolution (kAdjoint = false): out[x][i][j] = sum_{a,c} W[h][a][c] * in[x][i-(cq-1)+a][j-o+c]
+// for j <= i (0 in the future), reading `in` only in its causal part; W is [H][cq][ck], h the global
+// head of chunk head x. Its adjoint with respect to the input (kAdjoint = true): out[x][ii][jj]
+// (jj <= ii) = sum_{a,c} W[h][a][c] * in[x][ii+(cq-1)-a][jj+o-c]. Summed in the CPU's order (a, then
+// c); the zeros staged for skipped inputs add nothing.
+template <typename T, bool kAdjoint>
+__global__ void __launch_bounds__(kBlock) conv_tile_kernel(const T* __restrict__ in, T* __restrict__ out,
+                                                           const T* __restrict__ W, int cq, int ck, int o, int n, int H,
+                                                           long long bh0) {
   __shared__ T win[kHaloRows * kHaloCols];
   __shared__ T w[kMaxCq * kMaxCk];
   const long long x = blockIdx.z;
@@ -152,7 +154,12 @@ __global__ void __launch_bounds__(kBlock) conv_forward_kernel(const T* __restric
   }
   const int h = static_cast<int>((bh0 + x) % H);
   for (int t = threadIdx.y * blockDim.x + threadIdx.x; t < cq * ck; t += kBlock) w[t] = W[static_cast<long long>(h) * cq * ck + t];
-  stage_causal_window(in + x * nn, win, i0 - (cq - 1), j0 - o, kConvTile + cq - 1, kConvTile + ck - 1, n);
+  // The window: input rows i0 - (cq-1) .. i0 + 31 and columns j0 - o .. j0 + 31 - o + ck - 1 (forward);
+  // rows i0 .. i0 + 31 + cq - 1 and columns j0 + o - (ck-1) .. j0 + 31 + o (adjoint).
+  if (kAdjoint)
+    stage_causal_window(in + x * nn, win, i0, j0 + o - (ck - 1), kConvTile + cq - 1, kConvTile + ck - 1, n);
+  else
+    stage_causal_window(in + x * nn, win, i0 - (cq - 1), j0 - o, kConvTile + cq - 1, kConvTile + ck - 1, n);
   __syncthreads();
   for (int r = threadIdx.y; r < kConvTile; r += kConvRowsPerPass) {
     const int i = i0 + r, j = j0 + threadIdx.x;
@@ -160,50 +167,17 @@ __global__ void __launch_bounds__(kBlock) conv_forward_kernel(const T* __restric
     T acc = T(0);
     if (j <= i)
       for (int a = 0; a < cq; ++a) {
-        const T* row = win + (r + a) * kHaloCols + threadIdx.x;
-        for (int c = 0; c < ck; ++c) acc += w[a * ck + c] * row[c];
+        if (kAdjoint) {
+          // input row i + (cq-1) - a is window row r + (cq-1) - a; column j + o - c is window column
+          // threadIdx.x + (ck-1) - c.
+          const T* row = win + (r + cq - 1 - a) * kHaloCols + threadIdx.x + ck - 1;
+          for (int c = 0; c < ck; ++c) acc += w[a * ck + c] * row[-c];
+        } else {
+          const T* row = win + (r + a) * kHaloCols + threadIdx.x;
+          for (int c = 0; c < ck; ++c) acc += w[a * ck + c] * row[c];
+        }
       }
     dst[static_cast<long long>(i) * n + j] = acc;
-  }
-}
-
-// Adjoint of conv_forward_kernel with respect to its input: din[x][ii][jj] (jj <= ii) =
-// sum_{a,c} W[h][a][c] * dout[x][ii+(cq-1)-a][jj+o-c], reading dout only where it is causal.
-template <typename T>
-__global__ void __launch_bounds__(kBlock) conv_input_grad_kernel(const T* __restrict__ dout, T* __restrict__ din,
-                                                                 const T* __restrict__ W, int cq, int ck, int o,
-                                                                 int n, int H, long long bh0) {
-  __shared__ T win[kHaloRows * kHaloCols];
-  __shared__ T w[kMaxCq * kMaxCk];
-  const long long x = blockIdx.z;
-  const int i0 = blockIdx.y * kConvTile, j0 = blockIdx.x * kConvTile;
-  const long long nn = static_cast<long long>(n) * n;
-  T* dst = din + x * nn;
-  if (j0 > i0 + kConvTile - 1) {
-    for (int r = threadIdx.y; r < kConvTile; r += kConvRowsPerPass) {
-      const int i = i0 + r, j = j0 + threadIdx.x;
-      if (i < n && j < n) dst[static_cast<long long>(i) * n + j] = T(0);
-    }
-    return;
-  }
-  const int h = static_cast<int>((bh0 + x) % H);
-  for (int t = threadIdx.y * blockDim.x + threadIdx.x; t < cq * ck; t += kBlock) w[t] = W[static_cast<long long>(h) * cq * ck + t];
-  // Window rows ii0 .. ii0 + 31 + cq - 1, columns jj0 + o - (ck - 1) .. jj0 + 31 + o.
-  const int c0 = j0 + o - (ck - 1);
-  stage_causal_window(dout + x * nn, win, i0, c0, kConvTile + cq - 1, kConvTile + ck - 1, n);
-  __syncthreads();
-  for (int r = threadIdx.y; r < kConvTile; r += kConvRowsPerPass) {
-    const int ii = i0 + r, jj = j0 + threadIdx.x;
-    if (ii >= n || jj >= n) continue;
-    T acc = T(0);
-    if (jj <= ii)
-      for (int a = 0; a < cq; ++a) {
-        // dout row ii + (cq-1) - a is window row r + (cq-1) - a; column jj + o - c is window column
-        // threadIdx.x + (ck-1) - c.
-        const T* row = win + (r + cq - 1 - a) * kHaloCols + threadIdx.x + ck - 1;
-        for (int c = 0; c < ck; ++c) acc += w[a * ck + c] * row[-c];
-      }
-    dst[static_cast<long long>(ii) * n + jj] = acc;
   }
 }
 
@@ -516,7 +490,7 @@ int tiles_for(int n) { return (n + rows_per_tile(n) - 1) / rows_per_tile(n); }
 
 // Convolution weight gradient, stage 1, for cq <= 8, ck <= 15: block (strip of 32 rows, chunk head x)
 // walks the causal 32 x 32 tiles of its rows, staging the tile of dout and the window of `in` it meets
-// (as conv_forward_kernel), and sums dout[x][i][j] * in[x][i-(cq-1)+a][j-o+c] for every tap (a, c) at
+// (as conv_tile_kernel), and sums dout[x][i][j] * in[x][i-(cq-1)+a][j-o+c] for every tap (a, c) at
 // once: warp w owns taps w, w + 8, ...; lane = column. Each input is read from device memory once per
 // tile instead of once per tap. partial[(x * cq*ck + ac) * strips + strip].
 constexpr int kMaxTapsPerWarp = (kMaxCq * kMaxCk + kConvRowsPerPass - 1) / kConvRowsPerPass;  // 15
@@ -879,8 +853,8 @@ struct Op {
   }
   void conv_forward(const T* in, T* out, const T* W, const KqConv& kc, long long bh0, int nh) {
     if (tiled(kc))
-      conv_forward_kernel<T><<<conv_grid(nh), dim3(kConvTile, kConvRowsPerPass), 0, stream>>>(in, out, W, kc.q, kc.k,
-                                                                                           kc.key_offset(), n, H, bh0);
+      conv_tile_kernel<T, false><<<conv_grid(nh), dim3(kConvTile, kConvRowsPerPass), 0, stream>>>(
+          in, out, W, kc.q, kc.k, kc.key_offset(), n, H, bh0);
     else
       conv_forward_generic_kernel<T><<<grid_elems(nh), kBlock, 0, stream>>>(in, out, W, kc.q, kc.k, kc.key_offset(),
                                                                             n, H, bh0, elems(nh));
@@ -888,7 +862,7 @@ struct Op {
   }
   void conv_input_grad(const T* dout, T* din, const T* W, const KqConv& kc, long long bh0, int nh) {
     if (tiled(kc))
-      conv_input_grad_kernel<T><<<conv_grid(nh), dim3(kConvTile, kConvRowsPerPass), 0, stream>>>(
+      conv_tile_kernel<T, true><<<conv_grid(nh), dim3(kConvTile, kConvRowsPerPass), 0, stream>>>(
           dout, din, W, kc.q, kc.k, kc.key_offset(), n, H, bh0);
     else
       conv_input_grad_generic_kernel<T><<<grid_elems(nh), kBlock, 0, stream>>>(dout, din, W, kc.q, kc.k,
