@@ -5,9 +5,13 @@
 // included), the same attention-dropout masks (mta::dropout_keep), parameter gradients summed in
 // double in a fixed order (deterministic: no atomics) and then ADDED into the caller's buffers.
 //
-// Work is split into units of (batch, block of spec.coupled_heads() heads) as on the CPU; units are
-// processed in chunks sized so that the chunk's T x T score matrices stay under about 2 GiB (at least
-// one unit per chunk), so device memory is O(chunk * T^2), never the whole batch's.
+// Work is split into units of (batch, block of spec.coupled_heads() heads) as on the CPU, and the query
+// rows into row blocks (a quarter of T once T > 256, fewer when the budget requires; MTA_CUDA_ROW_BLOCK
+// overrides): a block holds its rows plus the halo rows its key-query convolutions need (cq - 1 above
+// per convolution; in the backward pass as many below), and only the key columns up to its last row.
+// Units are processed in chunks sized so that a chunk's block matrices stay under about 2 GiB
+// (MTA_CUDA_WORKSPACE_MB), so device memory is O(chunk * rows per block * T), never O(T^2) of the
+// whole batch; row blocks also skip the causal future past each block (about a third of the work).
 //
 // All tensor and parameter pointers are DEVICE pointers. Work is issued on `stream`; each call
 // allocates its workspace with cudaMalloc, synchronizes `stream` before returning and frees it, so
@@ -27,7 +31,8 @@ void mta_forward(const AttentionSpec& spec, const AttnDims& dims, const T* q, co
                  const AttnParams<T>& params, T* out, const AttnOptions& opt = {}, cudaStream_t stream = 0);
 
 // Gradients of sum(out * dout): dq, dk, dv are overwritten; parameter gradients are added into grads.
-// Recomputes the forward pass per chunk (no activations are kept between forward and backward).
+// Recomputes the forward pass per chunk and row block (no activations are kept between forward and
+// backward).
 template <typename T>
 void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, const T* k, const T* v,
                   const AttnParams<T>& params, const T* dout, T* dq, T* dk, T* dv, const AttnParamGrads<T>& grads,
