@@ -10,6 +10,7 @@
 // a unit boundary (a multiple of spec.coupled_heads()), so the heads of a mixing group are consecutive
 // inside the chunk.
 #include "attention/mta_cuda.h"
+#include "attention/row_blocks.h"
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -774,16 +775,13 @@ struct Op {
   T *obuf = nullptr, *dobuf = nullptr, *pn = nullptr, *pgw = nullptr, *pgb = nullptr;  // backward epilogue
   double* partial = nullptr;                                                // weight-gradient partials
 
-  // One row block: owned rows [r0, r1); rows [base, end) computed; key columns [0, end).
-  struct Block {
-    int r0, r1, base, end;
+  // One row block (attention/row_blocks.h) and where its rows live.
+  struct Block : RowBlock {
     Geom g;
   };
   Block block(int r0) const {
     Block b;
-    b.r0 = r0, b.r1 = std::min(n, r0 + R);
-    b.base = std::max(0, r0 - hq - hp);
-    b.end = backward ? std::min(n, b.r1 + hq + hp) : b.r1;
+    static_cast<RowBlock&>(b) = row_block(n, R, hq, hp, r0, backward);
     b.g = Geom{n, b.base, cap};
     return b;
   }
@@ -802,7 +800,7 @@ struct Op {
     if (spec.kq_post) hp = spec.kq_post->q - 1, wgrad_cols = std::max(wgrad_cols, spec.kq_post->q * spec.kq_post->k);
     if (spec.head_pre) wgrad_cols = std::max(wgrad_cols, spec.head_pre->group);
     if (spec.head_post) wgrad_cols = std::max(wgrad_cols, spec.head_post->group);
-    const int halo = (hq + hp) * (backward ? 2 : 1);
+    const int halo = row_block_capacity(n, 0, hq, hp, backward);
 
     // The T x T matrices of a chunk stay under the budget: first the rows per block, then the units.
     const int mats = 1 + !!spec.kq_pre + !!spec.head_pre + !!spec.kq_post + !!spec.head_post + (opt.dropout > 0.0f) +
@@ -810,7 +808,7 @@ struct Op {
     const long long budget = workspace_budget();
     const long long row_bytes = static_cast<long long>(mats) * G * n * static_cast<long long>(sizeof(T));
     R = row_block_rows(n, std::max(1LL, budget / row_bytes - halo));
-    cap = std::min(n, R + halo);
+    cap = row_block_capacity(n, R, hq, hp, backward);
     part_cols = std::max((R + kConvTile - 1) / kConvTile, (R + rows_per_tile(n) - 1) / rows_per_tile(n));
     const int erows = std::min(n, R + (backward ? hq + hp : 0));  // rows of the backward epilogue buffers
     long long per_head = mats * static_cast<long long>(cap) * n * static_cast<long long>(sizeof(T));
@@ -905,7 +903,7 @@ struct Op {
     const Span all{b.base, b.end, b.end};
     mask_future_kernel<T><<<grid_span(all, nh), kBlock, 0, stream>>>(s0, b.g, all, all.size(nh));
     CUDA_CHECK_LAUNCH("mask_future_kernel");
-    const Span pre{std::max(0, b.r0 - hp), b.end, b.end};
+    const Span pre{b.pre, b.end, b.end};
     // 2. Key-query convolution before softmax.
     if (spec.kq_pre) conv<false>(s0, c, p.kq_pre, *spec.kq_pre, b, pre, b.base, b.end, bh0, nh);
     // 3. Head mixing before softmax.
@@ -1142,8 +1140,8 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
       int endA = b.end;
       if (spec.kq_post) {
         const KqConv& kc = *spec.kq_post;
-        op.conv_weight_grad(op.a, cur, kc, acc.kq_post, b, std::max(0, r0 - op.hp), bh0, nh);
-        endA = b.end == n ? n : b.end - op.hp;
+        op.conv_weight_grad(op.a, cur, kc, acc.kq_post, b, b.pre, bh0, nh);
+        endA = b.endA;
         op.template conv<true>(cur, other, p.kq_post, kc, b, Span{r0, endA, b.end}, r0, b.end, bh0, nh);
         std::swap(cur, other);
       }
