@@ -651,12 +651,16 @@ __global__ void add_gradient_kernel(T* __restrict__ grad, const double* __restri
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
+// Workspace bytes of the current (then last) op call on this thread: mta_last_workspace_bytes().
+thread_local size_t t_workspace_bytes = 0;
+
 // Device memory owned by one op call.
 class DeviceMem {
  public:
   DeviceMem() = default;
   explicit DeviceMem(size_t bytes) {
     if (bytes) CUDA_CHECK(cudaMalloc(&p_, bytes));
+    t_workspace_bytes += bytes;
   }
   ~DeviceMem() {
     if (p_) cudaFree(p_);  // errors ignored: a destructor must not throw
@@ -1006,6 +1010,8 @@ void require_device() {
 
 }  // namespace
 
+size_t mta_last_workspace_bytes() { return t_workspace_bytes; }
+
 int device_count() {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess) {
@@ -1021,6 +1027,7 @@ void mta_forward(const AttentionSpec& spec, const AttnDims& dims, const T* q, co
   check_attention_args(spec, dims);
   require_device();
   clear_stale_error();
+  t_workspace_bytes = 0;
   int device = 0;
   CUDA_CHECK(cudaGetDevice(&device));
   BlasHandle& bh = blas_handle(device);
@@ -1053,6 +1060,7 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
   need(spec.gate, grads.gate_b, "gate_b");
   require_device();
   clear_stale_error();
+  t_workspace_bytes = 0;
   int device = 0;
   CUDA_CHECK(cudaGetDevice(&device));
   BlasHandle& bh = blas_handle(device);

@@ -21,6 +21,8 @@
 // first use; calls on the same device are serialized by a mutex.
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
+
 #include "attention/attention_op.h"
 
 namespace mta::cuda {
@@ -37,6 +39,10 @@ template <typename T>
 void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, const T* k, const T* v,
                   const AttnParams<T>& params, const T* dout, T* dq, T* dk, T* dv, const AttnParamGrads<T>& grads,
                   const AttnOptions& opt = {}, cudaStream_t stream = 0);
+
+// Device bytes the last mta_forward / mta_backward call on this thread allocated for its workspace
+// (freed before it returned): what a benchmark adds to its own buffers for the peak.
+size_t mta_last_workspace_bytes();
 
 // Number of CUDA devices, 0 when there is none or the driver cannot be reached (never throws).
 int device_count();
