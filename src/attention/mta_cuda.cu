@@ -654,42 +654,43 @@ __global__ void add_gradient_kernel(T* __restrict__ grad, const double* __restri
 // Workspace bytes of the current (then last) op call on this thread: mta_last_workspace_bytes().
 thread_local size_t t_workspace_bytes = 0;
 
-// Device memory owned by one op call.
-class DeviceMem {
+// The op's device workspace: one grow-only buffer per device and role, kept between calls. A training
+// step calls the op twice per MTA layer, and allocating and freeing its gigabytes each time (cudaFree
+// synchronizes the device) costs more than some of the work. Calls on a device hold its handle's mutex
+// (DeviceState below), so one call at a time uses a device's buffers, and each call drains its stream
+// before returning, so the next call may reuse them. Kept for the process, as the cuBLAS handle.
+class Workspace {
  public:
-  DeviceMem() = default;
-  explicit DeviceMem(size_t bytes) {
-    if (bytes) CUDA_CHECK(cudaMalloc(&p_, bytes));
+  void* get(size_t bytes) {
     t_workspace_bytes += bytes;
-  }
-  ~DeviceMem() {
-    if (p_) cudaFree(p_);  // errors ignored: a destructor must not throw
-  }
-  DeviceMem(DeviceMem&& o) noexcept : p_(std::exchange(o.p_, nullptr)) {}
-  DeviceMem& operator=(DeviceMem&&) = delete;
-  DeviceMem(const DeviceMem&) = delete;
-  DeviceMem& operator=(const DeviceMem&) = delete;
-  template <typename U>
-  U* as() const {
-    return static_cast<U*>(p_);
+    if (bytes > cap_) {
+      if (p_) CUDA_CHECK(cudaFree(p_));
+      p_ = nullptr, cap_ = 0;
+      CUDA_CHECK(cudaMalloc(&p_, bytes));
+      cap_ = bytes;
+    }
+    return p_;
   }
 
  private:
   void* p_ = nullptr;
+  size_t cap_ = 0;
 };
 
-// Declared after the op's DeviceMem objects: on every exit, normal or by exception, the stream is
-// drained before the memory its work uses is freed.
+// On every exit of an op call, normal or by exception, the stream is drained before the workspace its
+// work uses can be handed to the next call.
 struct StreamDrain {
   cudaStream_t s;
   ~StreamDrain() { cudaStreamSynchronize(s); }
 };
 
-// One cuBLAS handle per device, created on first use and kept for the process (destroying it at exit
-// could run after the CUDA runtime has shut down). Calls on one device hold its mutex.
+// One cuBLAS handle and the workspace buffers per device, created on first use and kept for the
+// process (destroying them at exit could run after the CUDA runtime has shut down). Calls on one device
+// hold its mutex.
 struct BlasHandle {
   cublasHandle_t h = nullptr;
   std::mutex m;
+  Workspace mats, acc;  // the op's matrices and partial sums; the backward pass's gradient accumulators
 };
 
 BlasHandle& blas_handle(int device) {
@@ -773,7 +774,6 @@ struct Op {
   int wgrad_cols = 0;  // the largest C of the weight-gradient partials (cq*ck or g), 0 when none
 
   // Per-chunk buffers, sized for chunk_units units; the views alias as on the CPU.
-  std::vector<DeviceMem> mem;
   T *s0 = nullptr, *c = nullptr, *a = nullptr, *a2 = nullptr, *a3 = nullptr, *w = nullptr;
   T *g0 = nullptr, *g1 = nullptr;                                           // backward: ping-pong gradients
   T *obuf = nullptr, *dobuf = nullptr, *pn = nullptr, *pgw = nullptr, *pgb = nullptr;  // backward epilogue
@@ -791,7 +791,7 @@ struct Op {
   }
 
   Op(const AttentionSpec& s, const AttnDims& d, const AttnParams<T>& params, const AttnOptions& o, cudaStream_t st,
-     cublasHandle_t h, bool bwd)
+     cublasHandle_t h, Workspace& ws, bool bwd)
       : spec(s), dims(d), opt(o), p(params), stream(st), blas(h), backward(bwd) {
     n = dims.T, D = dims.D, Dv = dims.dv(), H = dims.H, G = spec.coupled_heads();
     units = dims.B * (H / G);
@@ -824,31 +824,39 @@ struct Op {
     cu = std::min<long long>(cu, std::max(1, 16384 / G));  // cuBLAS batch and grid.z stay small
     chunk_units = static_cast<int>(cu);
 
+    // The buffers, carved out of the device's workspace: `carve` lays them out from `base` and returns
+    // the bytes they take; it runs once to size the workspace and once to place them.
     const long long heads = static_cast<long long>(chunk_units) * G;
-    auto alloc = [&](long long count, size_t elem) -> void* {
-      mem.emplace_back(static_cast<size_t>(count) * elem);
-      return mem.back().template as<void>();
-    };
-    auto mat = [&]() { return static_cast<T*>(alloc(heads * cap * static_cast<long long>(n), sizeof(T))); };
-    s0 = mat();
-    c = spec.kq_pre ? mat() : s0;
-    a = spec.head_pre ? mat() : c;  // softmax runs in place on a (C is not needed later without head_pre)
-    a2 = spec.kq_post ? mat() : a;
-    a3 = spec.head_post ? mat() : a2;
-    w = opt.dropout > 0.0f ? mat() : a3;
-    if (backward) {
-      g0 = mat(), g1 = mat();
-      if (epi) {
-        obuf = static_cast<T*>(alloc(heads * erows * Dv, sizeof(T)));
-        dobuf = static_cast<T*>(alloc(heads * erows * Dv, sizeof(T)));
-        if (spec.norm) pn = static_cast<T*>(alloc(heads * erows * Dv, sizeof(T)));
-        if (spec.gate) {
-          pgw = static_cast<T*>(alloc(heads * erows * Dv, sizeof(T)));
-          pgb = static_cast<T*>(alloc(heads * erows, sizeof(T)));
+    auto carve = [&](char* base) {
+      size_t off = 0;
+      auto alloc = [&](long long count, size_t elem) -> void* {
+        void* r = base + off;
+        off += (static_cast<size_t>(count) * elem + 255) / 256 * 256;
+        return r;
+      };
+      auto mat = [&]() { return static_cast<T*>(alloc(heads * cap * static_cast<long long>(n), sizeof(T))); };
+      s0 = mat();
+      c = spec.kq_pre ? mat() : s0;
+      a = spec.head_pre ? mat() : c;  // softmax runs in place on a (C is not needed later without head_pre)
+      a2 = spec.kq_post ? mat() : a;
+      a3 = spec.head_post ? mat() : a2;
+      w = opt.dropout > 0.0f ? mat() : a3;
+      if (backward) {
+        g0 = mat(), g1 = mat();
+        if (epi) {
+          obuf = static_cast<T*>(alloc(heads * erows * Dv, sizeof(T)));
+          dobuf = static_cast<T*>(alloc(heads * erows * Dv, sizeof(T)));
+          if (spec.norm) pn = static_cast<T*>(alloc(heads * erows * Dv, sizeof(T)));
+          if (spec.gate) {
+            pgw = static_cast<T*>(alloc(heads * erows * Dv, sizeof(T)));
+            pgb = static_cast<T*>(alloc(heads * erows, sizeof(T)));
+          }
         }
+        if (wgrad_cols) partial = static_cast<double*>(alloc(heads * wgrad_cols * part_cols, sizeof(double)));
       }
-      if (wgrad_cols) partial = static_cast<double*>(alloc(heads * wgrad_cols * part_cols, sizeof(double)));
-    }
+      return off;
+    };
+    carve(static_cast<char*>(ws.get(carve(nullptr))));
   }
 
   // Rows per block: MTA_CUDA_ROW_BLOCK when set (the tests use it), else a quarter of T (rounded up to
@@ -1034,7 +1042,7 @@ void mta_forward(const AttentionSpec& spec, const AttnDims& dims, const T* q, co
   std::lock_guard<std::mutex> lock(bh.m);
   CUBLAS_CHECK(cublasSetStream(bh.h, stream));
 
-  Op<T> op(spec, dims, params, opt, stream, bh.h, /*backward=*/false);
+  Op<T> op(spec, dims, params, opt, stream, bh.h, bh.mats, /*backward=*/false);
   StreamDrain drain{stream};
   for (int u0 = 0; u0 < op.units; u0 += op.chunk_units) {
     const int nu = std::min(op.chunk_units, op.units - u0);
@@ -1067,7 +1075,7 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
   std::lock_guard<std::mutex> lock(bh.m);
   CUBLAS_CHECK(cublasSetStream(bh.h, stream));
 
-  Op<T> op(spec, dims, p, opt, stream, bh.h, /*backward=*/true);
+  Op<T> op(spec, dims, p, opt, stream, bh.h, bh.mats, /*backward=*/true);
   const int H = op.H, n = op.n, D = op.D, Dv = op.Dv;
   const long long hs = static_cast<long long>(n) * D, hsv = static_cast<long long>(n) * Dv;
   const int cpre = spec.kq_pre ? spec.kq_pre->q * spec.kq_pre->k : 0;
@@ -1078,10 +1086,10 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
   // Double accumulators of the parameter gradients, in one buffer.
   const long long n_acc = static_cast<long long>(H) * (cpre + cpost + gpre + gpost) + (spec.norm ? Dv : 0) +
                           (spec.gate ? Dv + 1 : 0);
-  DeviceMem acc_mem(static_cast<size_t>(std::max(1LL, n_acc)) * sizeof(double));
+  double* acc_base = static_cast<double*>(bh.acc.get(static_cast<size_t>(std::max(1LL, n_acc)) * sizeof(double)));
   GradAcc acc;
   {
-    double* cur = acc_mem.as<double>();
+    double* cur = acc_base;
     auto take = [&](long long count) {
       double* r = count ? cur : nullptr;
       cur += count;
@@ -1096,7 +1104,7 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
     acc.gb = take(spec.gate ? 1 : 0);
   }
   StreamDrain drain{stream};
-  if (n_acc) CUDA_CHECK(cudaMemsetAsync(acc_mem.as<double>(), 0, static_cast<size_t>(n_acc) * sizeof(double), stream));
+  if (n_acc) CUDA_CHECK(cudaMemsetAsync(acc_base, 0, static_cast<size_t>(n_acc) * sizeof(double), stream));
 
   for (int u0 = 0; u0 < op.units; u0 += op.chunk_units) {
     const int nu = std::min(op.chunk_units, op.units - u0);

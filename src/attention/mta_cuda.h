@@ -14,8 +14,10 @@
 // whole batch; row blocks also skip the causal future past each block (about a third of the work).
 //
 // All tensor and parameter pointers are DEVICE pointers. Work is issued on `stream`; each call
-// allocates its workspace with cudaMalloc, synchronizes `stream` before returning and frees it, so
-// outputs are ready when the call returns. CUDA and cuBLAS failures throw std::runtime_error
+// synchronizes `stream` before returning, so outputs are ready when the call returns. The workspace
+// is one device buffer per device, allocated on first use, grown when a call needs more and kept for
+// the process (about the budget above: allocating and freeing it per call cost more than some of the
+// work in training). CUDA and cuBLAS failures throw std::runtime_error
 // ("file:line: what: reason"); an invalid spec or shape throws mta::InputError (before any device
 // work), a missing gradient buffer std::invalid_argument. One cuBLAS handle per device is created on
 // first use; calls on the same device are serialized by a mutex.
@@ -40,8 +42,8 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
                   const AttnParams<T>& params, const T* dout, T* dq, T* dk, T* dv, const AttnParamGrads<T>& grads,
                   const AttnOptions& opt = {}, cudaStream_t stream = 0);
 
-// Device bytes the last mta_forward / mta_backward call on this thread allocated for its workspace
-// (freed before it returned): what a benchmark adds to its own buffers for the peak.
+// Device bytes of workspace the last mta_forward / mta_backward call on this thread used: what a
+// benchmark adds to its own buffers for the peak.
 size_t mta_last_workspace_bytes();
 
 // Number of CUDA devices, 0 when there is none or the driver cannot be reached (never throws).
