@@ -29,6 +29,7 @@
 #include "util/error.h"
 
 #include "cuda/check.h"
+#include "cuda/phase_timer.h"
 
 namespace mta::cuda {
 namespace {
@@ -772,6 +773,10 @@ struct Op {
   int R = 0, hq = 0, hp = 0, cap = 0;
   int part_cols = 1;  // partial sums per (head, weight-gradient column): the most strips / tiles of a block
   int wgrad_cols = 0;  // the largest C of the weight-gradient partials (cq*ck or g), 0 when none
+  PhaseTimer* prof = nullptr;  // MTA_CUDA_PROFILE=1: time by stage (op_profiler())
+  void mark(const char* name) const {
+    if (prof) prof->mark((std::string(backward ? "bwd " : "fwd ") + name).c_str(), stream);
+  }
 
   // Per-chunk buffers, sized for chunk_units units; the views alias as on the CPU.
   T *s0 = nullptr, *c = nullptr, *a = nullptr, *a2 = nullptr, *a3 = nullptr, *w = nullptr;
@@ -915,25 +920,40 @@ struct Op {
     const Span all{b.base, b.end, b.end};
     mask_future_kernel<T><<<grid_span(all, nh), kBlock, 0, stream>>>(s0, b.g, all, all.size(nh));
     CUDA_CHECK_LAUNCH("mask_future_kernel");
+    mark("scores QK^T");
     const Span pre{b.pre, b.end, b.end};
     // 2. Key-query convolution before softmax.
-    if (spec.kq_pre) conv<false>(s0, c, p.kq_pre, *spec.kq_pre, b, pre, b.base, b.end, bh0, nh);
+    if (spec.kq_pre) {
+      conv<false>(s0, c, p.kq_pre, *spec.kq_pre, b, pre, b.base, b.end, bh0, nh);
+      mark("scores kq_pre");
+    }
     // 3. Head mixing before softmax.
-    if (spec.head_pre) mix(c, a, p.head_pre, spec.head_pre->group, false, b, pre, bh0, nh);
+    if (spec.head_pre) {
+      mix(c, a, p.head_pre, spec.head_pre->group, false, b, pre, bh0, nh);
+      mark("scores head_pre");
+    }
     // 4. Softmax (the second mask: the future part is excluded and written as 0).
     const long long rows = static_cast<long long>(nh) * pre.rows();
     softmax_rows_kernel<T><<<grid_rows(rows), kBlock, 0, stream>>>(a, b.g, pre, rows);
     CUDA_CHECK_LAUNCH("softmax_rows_kernel");
+    mark("scores softmax");
     const Span post{b.r0, b.end, b.end};
     // 5. Key-query convolution after softmax, future 0.
-    if (spec.kq_post) conv<false>(a, a2, p.kq_post, *spec.kq_post, b, post, pre.ra, b.end, bh0, nh);
+    if (spec.kq_post) {
+      conv<false>(a, a2, p.kq_post, *spec.kq_post, b, post, pre.ra, b.end, bh0, nh);
+      mark("scores kq_post");
+    }
     // 6. Head mixing after softmax.
-    if (spec.head_post) mix(a2, a3, p.head_post, spec.head_post->group, false, b, post, bh0, nh);
+    if (spec.head_post) {
+      mix(a2, a3, p.head_post, spec.head_post->group, false, b, post, bh0, nh);
+      mark("scores head_post");
+    }
     // Attention dropout on A3.
     if (opt.dropout > 0.0f) {
       dropout_kernel<T><<<grid_span(post, nh), kBlock, 0, stream>>>(a3, w, b.g, post, bh0, opt.dropout_seed,
                                                                     opt.dropout, keep_scale(), post.size(nh));
       CUDA_CHECK_LAUNCH("dropout_kernel");
+      mark("scores dropout");
     }
   }
 
@@ -952,6 +972,7 @@ struct Op {
                                                                             b.r1 - b.r0, rows);
         CUDA_CHECK_LAUNCH("epilogue_forward_kernel");
       }
+      mark("W V + epilogue");
     }
   }
 
@@ -1020,6 +1041,15 @@ void require_device() {
 
 size_t mta_last_workspace_bytes() { return t_workspace_bytes; }
 
+namespace {
+// MTA_CUDA_PROFILE=1: the op's GPU time by stage, one timeline per call, printed at exit. Calls on a
+// device are serialized, and profiling is for single-device runs (mta bench, mta train).
+PhaseTimer* op_profiler() {
+  static PhaseTimer prof("one per call of the materialized MTA op; summed over its row blocks and chunks");
+  return prof.on() ? &prof : nullptr;
+}
+}  // namespace
+
 int device_count() {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess) {
@@ -1044,10 +1074,13 @@ void mta_forward(const AttentionSpec& spec, const AttnDims& dims, const T* q, co
 
   Op<T> op(spec, dims, params, opt, stream, bh.h, bh.mats, /*backward=*/false);
   StreamDrain drain{stream};
+  op.prof = op_profiler();
+  if (op.prof) op.prof->begin(stream);
   for (int u0 = 0; u0 < op.units; u0 += op.chunk_units) {
     const int nu = std::min(op.chunk_units, op.units - u0);
     op.forward_chunk(q, k, v, out, static_cast<long long>(u0) * op.G, nu * op.G);
   }
+  if (op.prof) op.prof->collect();
   CUDA_CHECK(cudaStreamSynchronize(stream));
 }
 
@@ -1076,6 +1109,7 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
   CUBLAS_CHECK(cublasSetStream(bh.h, stream));
 
   Op<T> op(spec, dims, p, opt, stream, bh.h, bh.mats, /*backward=*/true);
+  op.prof = op_profiler();
   const int H = op.H, n = op.n, D = op.D, Dv = op.Dv;
   const long long hs = static_cast<long long>(n) * D, hsv = static_cast<long long>(n) * Dv;
   const int cpre = spec.kq_pre ? spec.kq_pre->q * spec.kq_pre->k : 0;
@@ -1105,6 +1139,7 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
   }
   StreamDrain drain{stream};
   if (n_acc) CUDA_CHECK(cudaMemsetAsync(acc_base, 0, static_cast<size_t>(n_acc) * sizeof(double), stream));
+  if (op.prof) op.prof->begin(stream);
 
   for (int u0 = 0; u0 < op.units; u0 += op.chunk_units) {
     const int nu = std::min(op.chunk_units, op.units - u0);
@@ -1132,6 +1167,7 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
         if (spec.norm) op.column_sum(op.pn, acc.norm, rows, Dv);
         if (spec.gate) op.column_sum(op.pgw, acc.gw, rows, Dv), op.column_sum(op.pgb, acc.gb, rows, 1);
         dO = op.dobuf, dO_stride = static_cast<long long>(nr) * Dv;
+        op.mark("epilogue");
       }
       // 7. dV += W^T dO over the owned rows, dA3 = dO V^T for rows [r0, end) (causal, through the
       // dropout mask).
@@ -1144,6 +1180,7 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
                                                                          opt.dropout_seed, opt.dropout, op.keep_scale(),
                                                                          post.size(nh));
       CUDA_CHECK_LAUNCH("grad_mask_kernel");
+      op.mark("dV, dA3");
       T* cur = op.g0;
       T* other = op.g1;
       // 6. Head mixing after softmax: weight gradient, then dA2 = M^T-mix of dA3.
@@ -1151,6 +1188,7 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
         op.mix_weight_grad(op.a2, cur, gpost, acc.head_post, b, bh0, nh);
         op.mix(cur, other, p.head_post, gpost, /*transpose=*/true, b, post, bh0, nh);
         std::swap(cur, other);
+        op.mark("head_post");
       }
       // 5. Key-query convolution after softmax: dA for rows [r0, endA) reads dA2 rows up to endA - 1 + hp.
       int endA = b.end;
@@ -1160,17 +1198,20 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
         endA = b.endA;
         op.template conv<true>(cur, other, p.kq_post, kc, b, Span{r0, endA, b.end}, r0, b.end, bh0, nh);
         std::swap(cur, other);
+        op.mark("kq_post");
       }
       // 4. Softmax, in place: dC' = A * (dA - <dA, A>).
       const Span pre{r0, endA, b.end};
       const long long prow = static_cast<long long>(nh) * pre.rows();
       softmax_backward_kernel<T><<<op.grid_rows(prow), kBlock, 0, stream>>>(op.a, cur, b.g, pre, prow);
       CUDA_CHECK_LAUNCH("softmax_backward_kernel");
+      op.mark("softmax");
       // 3. Head mixing before softmax.
       if (spec.head_pre) {
         op.mix_weight_grad(op.c, cur, gpre, acc.head_pre, b, bh0, nh);
         op.mix(cur, other, p.head_pre, gpre, /*transpose=*/true, b, pre, bh0, nh);
         std::swap(cur, other);
+        op.mark("head_pre");
       }
       // 2. Key-query convolution before softmax (its input S0 is zero in the future part): dS0 for the
       // owned rows reads dC rows up to r1 - 1 + hq < endA.
@@ -1179,12 +1220,14 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
         op.conv_weight_grad(op.s0, cur, kc, acc.kq_pre, b, b.base, bh0, nh);
         op.template conv<true>(cur, other, p.kq_pre, kc, b, Span{r0, b.r1, b.end}, r0, endA, bh0, nh);
         std::swap(cur, other);
+        op.mark("kq_pre");
       }
       // 1. dq = s dS K for the owned rows, dk += s dS^T Q (dS is zero in the future part).
       gemm_rm<T>(op.blas, false, false, b.r1 - r0, D, b.r1, op.scale, cur + b.g.at(0, r0, 0), n, stride, k + bh0 * hs,
                  D, hs, dq + bh0 * hs + static_cast<long long>(r0) * D, D, hs, nh);
       gemm_rm<T>(op.blas, true, false, b.r1, D, b.r1 - r0, op.scale, cur + b.g.at(0, r0, 0), n, stride,
                  q + bh0 * hs + static_cast<long long>(r0) * D, D, hs, dk + bh0 * hs, D, hs, nh, T(1));
+      op.mark("dQ, dK");
     }
   }
 
@@ -1203,6 +1246,7 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
   put(grads.norm, acc.norm, spec.norm ? Dv : 0, "add_gradient_kernel (norm)");
   put(grads.gate_w, acc.gw, spec.gate ? Dv : 0, "add_gradient_kernel (gate_w)");
   put(grads.gate_b, acc.gb, spec.gate ? 1 : 0, "add_gradient_kernel (gate_b)");
+  if (op.prof) op.mark("parameter gradients"), op.prof->collect();
   CUDA_CHECK(cudaStreamSynchronize(stream));
 }
 
