@@ -1,0 +1,33 @@
+#pragma once
+// FlashMix: fused, IO-aware head mixing on the GPU (no T x T tensor in device memory). Work in
+// progress (issue 5): this first part is the FORWARD pass of the specs whose options are head mixing
+// before and / or after the softmax (head_pre, head_post), nothing else; the backward pass is the
+// next step, so training and `mta attn` with dout still take the materialized path (mta_cuda.h).
+// Design: docs/flash-mta.md ("one warp per head").
+//
+// Contract (docs/mta-semantics.md steps 1, 3, 4, 6, 7 with bf16 inputs):
+//   S_y = q_y k_y^T / sqrt(D) with the future (j > i) set to 0;
+//   C'_x = sum_y Mpre[x, y] S_y over x's head_pre group (C' = S without head_pre);
+//   A_x = softmax_j(C'_x with the future set to -inf);  lse_x[i] = log sum_{j<=i} exp(C'_x[i, j]);
+//   A3_x = sum_y Mpost[x, y] A_y over x's head_post group (A3 = A without head_post);  O_x = A3_x v_x.
+// Precision: q k^T, the mixing and the softmax in fp32 (bf16 operands, fp32 accumulation); A3 rounded
+// to bf16 for A3 v, as FlashAttention rounds P. Layout: q, k, v, o [B, H, T, D] bf16 contiguous;
+// Mpre, Mpost [H / g, g, g] fp32 (nullptr when the option is off); lse [B, H, T] fp32. Device
+// pointers; work is queued on `s`. Bad arguments throw std::invalid_argument before any device work.
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include "attention/spec.h"
+
+namespace mta::cuda {
+
+// Whether the fused forward computes this spec at head dim D: head_pre and / or head_post only, with
+// coupled heads G = spec.coupled_heads() <= 16 at D = 64 and <= 8 at D = 128 (one warp per head of a
+// group in one CTA: the registers and shared memory of larger groups do not fit an SM).
+bool flash_mix_supported(const AttentionSpec& spec, int D);
+
+void flash_mix_forward(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                       const __nv_bfloat16* v, const float* head_pre, const float* head_post, __nv_bfloat16* o,
+                       float* lse, int B, int T, cudaStream_t s);
+
+}  // namespace mta::cuda

@@ -1,0 +1,177 @@
+// GPU tests of the fused head-mixing forward (attention/flash_mix.h) against the CPU reference
+// mta::cpu::mta_forward<double> on the same bf16-rounded inputs, for random specs (head_pre and / or
+// head_post, every group size dividing H, H up to 16), random mixing matrices (identity plus noise),
+// head dims 64 and 128, and T below, at and across the 16-row tile. Outputs start as NaN; every entry
+// must be finite. lse is checked against a direct float64 evaluation of the mixed logits.
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "attention/flash_mix.h"
+#include "attention/mta_cpu.h"
+#include "gpu/gpu_test_util.h"
+
+namespace {
+
+using namespace gpu_test;  // NOLINT
+
+constexpr double kTolOut = 2e-2;  // relative L2 error of out (bf16 inputs and A3, fp32 accumulation)
+constexpr double kTolLse = 2e-2;  // max abs error of lse
+
+// Random mixing matrices [H/g][g][g]: identity plus noise, so the mixing matters and is well posed.
+std::vector<float> mixing(int H, int g, std::mt19937& rng) {
+  std::uniform_real_distribution<float> ud(-0.3f, 0.3f);
+  std::vector<float> m(static_cast<size_t>(H) * g);
+  for (int grp = 0; grp < H / g; ++grp)
+    for (int x = 0; x < g; ++x)
+      for (int y = 0; y < g; ++y) m[(static_cast<size_t>(grp) * g + x) * g + y] = (x == y ? 1.f : 0.f) + ud(rng);
+  return m;
+}
+
+// lse of head h of batch b: log sum_{j<=i} exp(C'[i, j]), C' = Mpre-mixed S0 (S0 without head_pre).
+std::vector<double> ref_lse(const std::vector<double>& q, const std::vector<double>& k, const std::vector<float>& mpre,
+                            int gpre, int H, int T, int D, int b, int h) {
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  auto s0 = [&](int y, int i, int j) {
+    double d = 0;
+    const size_t qo = ((static_cast<size_t>(b) * H + y) * T + i) * D, ko = ((static_cast<size_t>(b) * H + y) * T + j) * D;
+    for (int e = 0; e < D; ++e) d += q[qo + e] * k[ko + e];
+    return scale * d;
+  };
+  std::vector<double> lse(T);
+  for (int i = 0; i < T; ++i) {
+    std::vector<double> row(i + 1);
+    double mx = -INFINITY;
+    for (int j = 0; j <= i; ++j) {
+      if (gpre) {
+        const int grp = h / gpre, x = h % gpre;
+        row[j] = 0;
+        for (int y = 0; y < gpre; ++y) row[j] += mpre[(static_cast<size_t>(grp) * gpre + x) * gpre + y] * s0(grp * gpre + y, i, j);
+      } else {
+        row[j] = s0(h, i, j);
+      }
+      mx = std::max(mx, row[j]);
+    }
+    double sum = 0;
+    for (double x : row) sum += std::exp(x - mx);
+    lse[i] = mx + std::log(sum);
+  }
+  return lse;
+}
+
+struct Case {
+  int B, H, T, D, gpre, gpost;  // g = 0: the option is off
+  std::string str() const {
+    return "(B=" + std::to_string(B) + " H=" + std::to_string(H) + " T=" + std::to_string(T) + " D=" +
+           std::to_string(D) + " head_pre " + std::to_string(gpre) + " head_post " + std::to_string(gpost) + ")";
+  }
+};
+
+void check_case(const Case& c, unsigned seed) {
+  SCOPED_TRACE(c.str());
+  mta::AttentionSpec spec;
+  spec.heads = c.H, spec.head_dim = c.D;
+  if (c.gpre) spec.head_pre = mta::HeadMix{c.gpre};
+  if (c.gpost) spec.head_post = mta::HeadMix{c.gpost};
+  ASSERT_TRUE(mta::cuda::flash_mix_supported(spec, c.D));
+  std::mt19937 rng(seed);
+  const size_t n = static_cast<size_t>(c.B) * c.H * c.T * c.D, rows = static_cast<size_t>(c.B) * c.H * c.T;
+  const Tensor q = randn_bf16(n, rng), k = randn_bf16(n, rng), v = randn_bf16(n, rng);
+  const std::vector<float> mpre = c.gpre ? mixing(c.H, c.gpre, rng) : std::vector<float>{};
+  const std::vector<float> mpost = c.gpost ? mixing(c.H, c.gpost, rng) : std::vector<float>{};
+
+  DevMem dq(n * 2), dk(n * 2), dv(n * 2), dout(n * 2), dlse(rows * 4), dpre(mpre.size() * 4 + 4),
+      dpost(mpost.size() * 4 + 4);
+  dq.upload(q.bits), dk.upload(k.bits), dv.upload(v.bits);
+  if (c.gpre) dpre.upload(mpre);
+  if (c.gpost) dpost.upload(mpost);
+  dout.poison(), dlse.poison();
+  using bf = __nv_bfloat16;
+  mta::cuda::flash_mix_forward(spec, dq.as<bf>(), dk.as<bf>(), dv.as<bf>(), c.gpre ? dpre.as<float>() : nullptr,
+                               c.gpost ? dpost.as<float>() : nullptr, dout.as<bf>(), dlse.as<float>(), c.B, c.T,
+                               nullptr);
+  CUDA_OK(cudaDeviceSynchronize());
+  const std::vector<double> out = to_double(dout.download<uint16_t>(n));
+  const std::vector<float> lse = dlse.download<float>(rows);
+
+  const std::vector<double> pre_d(mpre.begin(), mpre.end()), post_d(mpost.begin(), mpost.end());
+  mta::AttnParams<double> p;
+  p.head_pre = c.gpre ? pre_d.data() : nullptr;
+  p.head_post = c.gpost ? post_d.data() : nullptr;
+  std::vector<double> ref(n);
+  mta::cpu::mta_forward<double>(spec, mta::AttnDims{c.B, c.H, c.T, c.D}, q.val.data(), k.val.data(), v.val.data(), p,
+                                ref.data());
+  EXPECT_EQ(non_finite(out), 0) << "out has non-finite (unwritten) entries";
+  EXPECT_LE(rel_err(out, ref), kTolOut) << "out";
+  double e_lse = 0;
+  for (int b = 0; b < c.B; ++b)
+    for (int h = 0; h < c.H; ++h) {
+      const std::vector<double> r = ref_lse(q.val, k.val, mpre, c.gpre, c.H, c.T, c.D, b, h);
+      for (int i = 0; i < c.T; ++i) {
+        const float got = lse[(static_cast<size_t>(b) * c.H + h) * c.T + i];
+        e_lse = std::max(e_lse, std::isfinite(got) ? std::abs(got - r[i]) : INFINITY);
+      }
+    }
+  EXPECT_LE(e_lse, kTolLse) << "lse";
+}
+
+TEST(FlashMix, PaperGroups) {
+  SKIP_WITHOUT_GPU();
+  check_case(Case{2, 16, 200, 64, 16, 16}, 1);   // the paper LM's mixing, both sides
+  check_case(Case{1, 8, 129, 128, 8, 8}, 2);     // the largest group at D = 128
+  check_case(Case{2, 8, 64, 64, 8, 0}, 3);       // before the softmax only
+  check_case(Case{1, 8, 33, 64, 0, 8}, 4);       // after the softmax only
+  check_case(Case{1, 4, 1, 64, 2, 4}, 5);        // T = 1, different groups before and after
+}
+
+TEST(FlashMix, RandomSpecs) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(77);
+  const int Ts[] = {1, 5, 15, 16, 17, 31, 48, 100, 257};
+  for (int trial = 0; trial < 20; ++trial) {
+    Case c;
+    c.D = trial % 3 == 2 ? 128 : 64;
+    const std::vector<int> hs = c.D == 64 ? std::vector<int>{1, 2, 4, 8, 16} : std::vector<int>{1, 2, 4, 8};
+    c.H = hs[rng() % hs.size()];
+    auto divisor = [&]() {
+      int g;
+      do g = 1 + static_cast<int>(rng() % c.H);
+      while (c.H % g != 0);
+      return g;
+    };
+    c.gpre = rng() % 3 ? divisor() : 0;
+    c.gpost = c.gpre == 0 || rng() % 3 ? divisor() : 0;
+    c.B = 1 + static_cast<int>(rng() % 2);
+    c.T = Ts[rng() % (sizeof(Ts) / sizeof(Ts[0]))];
+    check_case(c, 300u + static_cast<unsigned>(trial));
+  }
+}
+
+TEST(FlashMix, CoverageAndRefusals) {
+  mta::AttentionSpec s;
+  s.heads = 16, s.head_dim = 64;
+  s.head_pre = mta::HeadMix{16};
+  EXPECT_TRUE(mta::cuda::flash_mix_supported(s, 64));
+  s.head_dim = 128;
+  EXPECT_FALSE(mta::cuda::flash_mix_supported(s, 128));  // 16 heads at D = 128: not in one CTA
+  s.heads = 8, s.head_pre = mta::HeadMix{8};
+  EXPECT_TRUE(mta::cuda::flash_mix_supported(s, 128));
+  s.gate = true;
+  EXPECT_FALSE(mta::cuda::flash_mix_supported(s, 128));
+  s.gate = false;
+  s.kq_pre = mta::KqConv{2, 3, mta::PadKey::Both};
+  EXPECT_FALSE(mta::cuda::flash_mix_supported(s, 128));
+  mta::AttentionSpec plain;
+  plain.heads = 4, plain.head_dim = 64;
+  EXPECT_FALSE(mta::cuda::flash_mix_supported(plain, 64));  // standard attention: flash_attn
+  EXPECT_THROW(mta::cuda::flash_mix_forward(s, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, 8,
+                                            nullptr),
+               std::invalid_argument);
+}
+
+}  // namespace
