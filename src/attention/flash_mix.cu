@@ -20,6 +20,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "attention/flash_common.cuh"
 #include "attention/mma_sm80.cuh"
 #include "cuda/check.h"
 
@@ -32,8 +33,8 @@ using namespace mma;  // NOLINT: the kernels are written in terms of these primi
 constexpr int kTile = 16;  // query rows per CTA and keys per step: one m16 block, two n8 blocks
 constexpr int kMaxG = 16;  // heads per CTA (one warp each)
 // fp32 row stride of the exchange tiles: a half-warp's 8-byte accesses (rows g = 0..3, columns
-// 2t, 2t + 1) then fall into 16 distinct bank pairs (kXS = 8 mod 32).
-constexpr int kXS = 40;
+// 2t, 2t + 1) then fall into 16 distinct bank pairs (g * kXS mod 32 = 0, 24, 16, 8).
+constexpr int kXS = 24;
 
 void mix_require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument("flash_mix: " + what);
@@ -242,6 +243,375 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG) flash_mix_f
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Backward. Groups of up to 8 heads (one CTA of 8 warps keeps, per thread, dK and dV of its head's
+// 16 keys, V fragments and the mixing-gradient sums in registers).
+constexpr int kMaxGBwd = 8;
+
+// This head's coefficients: rows (C'_x = sum_y M[x, y] S_y) and columns (the adjoint,
+// dS_y = sum_x M[x, y] dC'_x) of its head_pre and head_post groups, into sCoef [4][G][kMaxG].
+__device__ __forceinline__ void load_coefficients(float* sCoef, const float* mpre, int gpre, const float* mpost,
+                                                  int gpost, int h, int G, int warp, int lane) {
+  if (lane >= kMaxG) return;
+  const int y = lane;
+  float* row_pre = sCoef + warp * kMaxG;
+  float* row_post = sCoef + (G + warp) * kMaxG;
+  float* col_pre = sCoef + (2 * G + warp) * kMaxG;
+  float* col_post = sCoef + (3 * G + warp) * kMaxG;
+  const bool pre = gpre && y < gpre, post = gpost && y < gpost;
+  const size_t bpre = gpre ? static_cast<size_t>(h / gpre) * gpre * gpre : 0;
+  const size_t bpost = gpost ? static_cast<size_t>(h / gpost) * gpost * gpost : 0;
+  row_pre[y] = pre ? mpre[bpre + (h % gpre) * gpre + y] : 0.f;
+  col_pre[y] = pre ? mpre[bpre + y * gpre + h % gpre] : 0.f;
+  row_post[y] = post ? mpost[bpost + (h % gpost) * gpost + y] : 0.f;
+  col_post[y] = post ? mpost[bpost + y * gpost + h % gpost] : 0.f;
+}
+
+// A operand fragments of a warp's 16-row tile (row-major, stride S) for a product over D.
+template <int D, int S>
+__device__ __forceinline__ void load_a_frags(uint32_t (&fr)[D / 16][4], const bf16* tile, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(fr[kk], tile + a_offset(lane, 0, kk * 16, S));
+}
+
+// acc = A B^T for 16 x 16 with A as fragments (16 rows x D) and B the 16 rows of a tile (stride S).
+template <int D, int S>
+__device__ __forceinline__ void frag_gemm_abt(float (&acc)[2][4], const uint32_t (&a)[D / 16][4], const bf16* tile,
+                                              int lane) {
+#pragma unroll
+  for (int j = 0; j < 2; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t bb[4];
+    ldmatrix_x4(bb, tile + bnk_offset(lane, 0, kk * 16, S));
+    mma_bf16(acc[0], a[kk], bb[0], bb[1]);
+    mma_bf16(acc[1], a[kk], bb[2], bb[3]);
+  }
+}
+
+// acc (16 x D) += P B with P a 16 x 16 tile in accumulator layout (rounded to bf16) and B = 16 rows x D
+// of a tile (stride S), k = P's columns.
+template <int D, int S>
+__device__ __forceinline__ void accumulate_p_b(float (&acc)[D / 8][4], const float (&p)[2][4], const bf16* tile,
+                                               int lane) {
+  const uint32_t a[4] = {pack_bf16(p[0][0], p[0][1]), pack_bf16(p[0][2], p[0][3]), pack_bf16(p[1][0], p[1][1]),
+                         pack_bf16(p[1][2], p[1][3])};
+#pragma unroll
+  for (int dn = 0; dn < D / 16; ++dn) {
+    uint32_t bb[4];
+    ldmatrix_x4_trans(bb, tile + bkn_offset(lane, 0, dn * 16, S));
+    mma_bf16(acc[2 * dn], a, bb[0], bb[1]);
+    mma_bf16(acc[2 * dn + 1], a, bb[2], bb[3]);
+  }
+}
+
+// Backward, pass 1: delta_y[i] = sum_j A_y[i, j] dA_y[i, j], dA_y = sum_x Mpost[x, y] dA3_x,
+// dA3_x = dO_x V_x^T (causal). A CTA = 16 query rows of one group, one warp per head, as the forward.
+template <int D>
+__global__ void __launch_bounds__(32 * kMaxGBwd) flash_mix_bwd_delta_kernel(
+    const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v, const bf16* __restrict__ dout,
+    const float* __restrict__ lse, const float* __restrict__ mpre, int gpre, const float* __restrict__ mpost, int gpost,
+    float* __restrict__ delta, int H, int T, int G, float scale) {
+  constexpr int S = D + 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  bf16* sK = reinterpret_cast<bf16*>(smem_raw);                 // [G][16][S]
+  bf16* sV = sK + G * kTile * S;                                 // [G][16][S]
+  float* sX = reinterpret_cast<float*>(sV + G * kTile * S);      // [G][16][kXS]: S0
+  float* sD = sX + G * kTile * kXS;                              // [G][16][kXS]: dA3
+  float* sCoef = sD + G * kTile * kXS;                           // [4][G][kMaxG]
+  const int units = H / G, b = blockIdx.x / units, u = blockIdx.x % units, h = u * G + warp;
+  const size_t head = static_cast<size_t>(b * H + h) * T;
+  const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;
+  q += head * D, k += head * D, v += head * D, dout += head * D;
+  load_coefficients(sCoef, mpre, gpre, mpost, gpost, h, G, warp, lane);
+  const float* cpre = sCoef + warp * kMaxG;
+  const float* cpostT = sCoef + (3 * G + warp) * kMaxG;
+  const int fpre = gpre ? warp - h % gpre : warp, fpost = gpost ? warp - h % gpost : warp;
+
+  bf16* myK = sK + warp * kTile * S;
+  bf16* myV = sV + warp * kTile * S;
+  float* myX = sX + warp * kTile * kXS;
+  float* myD = sD + warp * kTile * kXS;
+  warp_load_rows<D, S>(myK, q, m0, T, lane);
+  warp_load_rows<D, S>(myV, dout, m0, T, lane);
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncwarp();
+  uint32_t qa[D / 16][4], da[D / 16][4];
+  load_a_frags<D, S>(qa, myK, lane);
+  load_a_frags<D, S>(da, myV, lane);
+  __syncwarp();
+  float lse2[2], dpart[2] = {0.f, 0.f};
+#pragma unroll
+  for (int r = 0; r < 2; ++r) lse2[r] = m0 + g + 8 * r < T ? lse[head + m0 + g + 8 * r] * kLog2e : 0.f;
+
+  const int n_end = min(T, m0 + kTile);
+  for (int n0 = 0; n0 < n_end; n0 += kTile) {
+    warp_load_rows<D, S>(myK, k, n0, T, lane);
+    warp_load_rows<D, S>(myV, v, n0, T, lane);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncwarp();
+    float acc_s[2][4], acc_d[2][4];
+    frag_gemm_abt<D, S>(acc_s, qa, myK, lane);
+    frag_gemm_abt<D, S>(acc_d, da, myV, lane);
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int rl = g + 8 * r, cl = 8 * j + 2 * t, row = m0 + rl, col = n0 + cl;
+        const bool v0 = col <= row && col < T, v1 = col + 1 <= row && col + 1 < T;
+        *reinterpret_cast<float2*>(myX + rl * kXS + cl) =
+            make_float2(v0 ? acc_s[j][2 * r] * scale : 0.f, v1 ? acc_s[j][2 * r + 1] * scale : 0.f);
+        *reinterpret_cast<float2*>(myD + rl * kXS + cl) = make_float2(v0 ? acc_d[j][2 * r] : 0.f, v1 ? acc_d[j][2 * r + 1] : 0.f);
+      }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int rl = g + 8 * r, cl = 8 * j + 2 * t, row = m0 + rl, col = n0 + cl;
+        const float2 c = gpre ? mix_pair(sX, cpre, fpre, gpre, rl, cl) : *reinterpret_cast<const float2*>(myX + rl * kXS + cl);
+        const float2 d = gpost ? mix_pair(sD, cpostT, fpost, gpost, rl, cl) : *reinterpret_cast<const float2*>(myD + rl * kXS + cl);
+        const float a0 = col <= row && col < T ? exp2f(c.x * kLog2e - lse2[r]) : 0.f;
+        const float a1 = col + 1 <= row && col + 1 < T ? exp2f(c.y * kLog2e - lse2[r]) : 0.f;
+        dpart[r] += a0 * d.x + a1 * d.y;
+      }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float s = dpart[r];
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    s += __shfl_xor_sync(0xffffffffu, s, 2);
+    const int row = m0 + g + 8 * r;
+    if (t == 0 && row < T) delta[head + row] = s;
+  }
+}
+
+// Backward, pass 2, FlashAttention-2's order: a CTA = 16 keys of one group (one warp per head), over
+// the query blocks from the diagonal on, with transposed tiles (rows = keys, columns = queries):
+//   S^T = K Q^T -> exchange -> C'^T -> A^T = exp(C' - lse) -> exchange -> A3^T;  dV += A3^T dO;
+//   dA3^T = V dO^T -> exchange -> dA^T (Mpost^T);  dC'^T = A^T (dA^T - delta) -> exchange -> dS^T
+//   (Mpre^T);  dK += dS^T Q;  dQ += dS K (fp32 atomics, scaled at conversion);
+//   dMpost[x, y] += dA3_x . A_y and dMpre[x, y] += dC'_x . S_y, per-thread sums, then per-CTA partials
+//   part[(cta * G + x) * kMaxGBwd + y] reduced in a fixed order (deterministic).
+template <int D>
+__global__ void __launch_bounds__(32 * kMaxGBwd) flash_mix_bwd_kernel(
+    const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v, const bf16* __restrict__ dout,
+    const float* __restrict__ lse, const float* __restrict__ delta, const float* __restrict__ mpre, int gpre,
+    const float* __restrict__ mpost, int gpost, float* __restrict__ dq_acc, bf16* __restrict__ dk,
+    bf16* __restrict__ dv, float* __restrict__ part_pre, float* __restrict__ part_post, int H, int T, int G,
+    float scale) {
+  constexpr int S = D + 8, SS = kTile + 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  bf16* sK = reinterpret_cast<bf16*>(smem_raw);                // [G][16][S]
+  bf16* sQ = sK + G * kTile * S;                                // [G][16][S]
+  bf16* sO = sQ + G * kTile * S;                                // [G][16][S]: dO
+  bf16* sdS = sO + G * kTile * S;                               // [G][16][SS]: dS^T (keys x queries)
+  float* sX = reinterpret_cast<float*>(sdS + G * kTile * SS);   // [G][16][kXS]: S0^T
+  float* sA = sX + G * kTile * kXS;                             // [G][16][kXS]: A^T, then dC'^T
+  float* sD = sA + G * kTile * kXS;                             // [G][16][kXS]: dA3^T
+  float* sCoef = sD + G * kTile * kXS;                          // [4][G][kMaxG]
+  const int units = H / G, b = blockIdx.x / units, u = blockIdx.x % units, h = u * G + warp;
+  const size_t head = static_cast<size_t>(b * H + h) * T;
+  const int n0 = static_cast<int>(blockIdx.y) * kTile;  // tile 0 has the most query blocks: it starts first
+  q += head * D, k += head * D, v += head * D, dout += head * D, dq_acc += head * D, dk += head * D, dv += head * D;
+  load_coefficients(sCoef, mpre, gpre, mpost, gpost, h, G, warp, lane);
+  const float* cpre = sCoef + warp * kMaxG;
+  const float* cpost = sCoef + (G + warp) * kMaxG;
+  const float* cpreT = sCoef + (2 * G + warp) * kMaxG;
+  const float* cpostT = sCoef + (3 * G + warp) * kMaxG;
+  const int fpre = gpre ? warp - h % gpre : warp, fpost = gpost ? warp - h % gpost : warp;
+
+  bf16* myK = sK + warp * kTile * S;
+  bf16* myQ = sQ + warp * kTile * S;
+  bf16* myO = sO + warp * kTile * S;
+  bf16* mydS = sdS + warp * kTile * SS;
+  float* myX = sX + warp * kTile * kXS;
+  float* myA = sA + warp * kTile * kXS;
+  float* myD = sD + warp * kTile * kXS;
+  // K of the CTA's keys stays in shared memory; V as A fragments in registers (staged through sQ).
+  warp_load_rows<D, S>(myK, k, n0, T, lane);
+  warp_load_rows<D, S>(myQ, v, n0, T, lane);
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncwarp();
+  uint32_t va[D / 16][4];
+  load_a_frags<D, S>(va, myQ, lane);
+  __syncwarp();
+
+  float acc_dk[D / 8][4] = {}, acc_dv[D / 8][4] = {};
+  float gpre_sum[kMaxGBwd] = {}, gpost_sum[kMaxGBwd] = {};
+  for (int m0 = n0; m0 < T; m0 += kTile) {
+    warp_load_rows<D, S>(myQ, q, m0, T, lane);
+    warp_load_rows<D, S>(myO, dout, m0, T, lane);
+    cp_async_commit();
+    // The row statistics of this lane's query columns (8j + 2t + e), while the tiles land.
+    float lse2[2][2], dlt[2][2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int qi = m0 + 8 * j + 2 * t + e;
+        lse2[j][e] = qi < T ? lse[head + qi] * kLog2e : 0.f;
+        dlt[j][e] = qi < T ? delta[head + qi] : 0.f;
+      }
+    cp_async_wait_all();
+    __syncwarp();
+    float acc_s[2][4], d3[2][4];
+    warp_gemm_abt<16, D, S>(acc_s, myK, myQ, lane);
+    frag_gemm_abt<D, S>(d3, va, myO, lane);
+    bool ok[2][4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = n0 + g + 8 * (e >> 1), qi = m0 + 8 * j + 2 * t + (e & 1);
+        ok[j][e] = key <= qi && qi < T && key < T;
+        acc_s[j][e] = ok[j][e] ? acc_s[j][e] * scale : 0.f;
+        d3[j][e] = ok[j][e] ? d3[j][e] : 0.f;
+      }
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        *reinterpret_cast<float2*>(myX + (g + 8 * r) * kXS + 8 * j + 2 * t) = make_float2(acc_s[j][2 * r], acc_s[j][2 * r + 1]);
+    __syncthreads();  // (1) S0^T of every head
+    float a[2][4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int rl = g + 8 * r, cl = 8 * j + 2 * t;
+        const float2 c = gpre ? mix_pair(sX, cpre, fpre, gpre, rl, cl) : make_float2(acc_s[j][2 * r], acc_s[j][2 * r + 1]);
+        a[j][2 * r] = ok[j][2 * r] ? exp2f(c.x * kLog2e - lse2[j][0]) : 0.f;
+        a[j][2 * r + 1] = ok[j][2 * r + 1] ? exp2f(c.y * kLog2e - lse2[j][1]) : 0.f;
+        *reinterpret_cast<float2*>(myA + rl * kXS + cl) = make_float2(a[j][2 * r], a[j][2 * r + 1]);
+        *reinterpret_cast<float2*>(myD + rl * kXS + cl) = make_float2(d3[j][2 * r], d3[j][2 * r + 1]);
+      }
+    __syncthreads();  // (2) A^T and dA3^T of every head
+    float p[2][4], dc[2][4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int rl = g + 8 * r, cl = 8 * j + 2 * t;
+        const float2 a3 = gpost ? mix_pair(sA, cpost, fpost, gpost, rl, cl) : make_float2(a[j][2 * r], a[j][2 * r + 1]);
+        p[j][2 * r] = a3.x, p[j][2 * r + 1] = a3.y;
+        const float2 da = gpost ? mix_pair(sD, cpostT, fpost, gpost, rl, cl) : make_float2(d3[j][2 * r], d3[j][2 * r + 1]);
+        dc[j][2 * r] = a[j][2 * r] * (da.x - dlt[j][0]);
+        dc[j][2 * r + 1] = a[j][2 * r + 1] * (da.y - dlt[j][1]);
+#pragma unroll
+        for (int y = 0; y < kMaxGBwd; ++y) {
+          if (y < gpost) {
+            const float2 ay = *reinterpret_cast<const float2*>(sA + ((fpost + y) * kTile + rl) * kXS + cl);
+            gpost_sum[y] += d3[j][2 * r] * ay.x + d3[j][2 * r + 1] * ay.y;
+          }
+          if (y < gpre) {
+            const float2 sy = *reinterpret_cast<const float2*>(sX + ((fpre + y) * kTile + rl) * kXS + cl);
+            gpre_sum[y] += dc[j][2 * r] * sy.x + dc[j][2 * r + 1] * sy.y;
+          }
+        }
+      }
+    accumulate_p_b<D, S>(acc_dv, p, myO, lane);  // dV += A3^T dO
+    __syncthreads();  // (3) every head is done with A^T: dC'^T goes in its place
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        *reinterpret_cast<float2*>(myA + (g + 8 * r) * kXS + 8 * j + 2 * t) = make_float2(dc[j][2 * r], dc[j][2 * r + 1]);
+    __syncthreads();  // (4) dC'^T of every head
+    float ds[2][4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int rl = g + 8 * r, cl = 8 * j + 2 * t;
+        const float2 x = gpre ? mix_pair(sA, cpreT, fpre, gpre, rl, cl) : make_float2(dc[j][2 * r], dc[j][2 * r + 1]);
+        ds[j][2 * r] = x.x, ds[j][2 * r + 1] = x.y;
+        *reinterpret_cast<uint32_t*>(mydS + rl * SS + cl) = pack_bf16(x.x, x.y);
+      }
+    accumulate_p_b<D, S>(acc_dk, ds, myQ, lane);  // dK += dS^T Q (scaled at the end)
+    __syncwarp();
+    // dQ[m0 .. m0 + 15] += dS K: A = dS (queries x keys) read transposed from dS^T.
+    uint32_t aq[4];
+    ldmatrix_x4_trans(aq, mydS + at_offset(lane, 0, 0, SS));
+#pragma unroll
+    for (int dn = 0; dn < D / 16; ++dn) {
+      uint32_t bb[4];
+      ldmatrix_x4_trans(bb, myK + bkn_offset(lane, 0, dn * 16, S));
+      float acc[2][4] = {};
+      mma_bf16(acc[0], aq, bb[0], bb[1]);
+      mma_bf16(acc[1], aq, bb[2], bb[3]);
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int row = m0 + g + 8 * r;
+          if (row < T)
+            atomicAdd(reinterpret_cast<float2*>(dq_acc + static_cast<size_t>(row) * D + dn * 16 + 8 * jj + 2 * t),
+                      make_float2(acc[jj][2 * r], acc[jj][2 * r + 1]));
+        }
+    }
+    __syncwarp();
+  }
+
+  // dK (scaled) and dV of the CTA's 16 keys, staged through the warp's Q tile, 16-byte stores.
+  __syncwarp();
+#pragma unroll
+  for (int pass = 0; pass < 2; ++pass) {
+    const float f = pass == 0 ? scale : 1.f;
+    float (&acc)[D / 8][4] = pass == 0 ? acc_dk : acc_dv;
+    bf16* dst = pass == 0 ? dk : dv;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        *reinterpret_cast<uint32_t*>(myQ + (g + 8 * r) * S + 8 * j + 2 * t) = pack_bf16(acc[j][2 * r] * f, acc[j][2 * r + 1] * f);
+    __syncwarp();
+    constexpr int kChunksPerRow = D / 8;
+#pragma unroll
+    for (int cc = lane; cc < kTile * kChunksPerRow; cc += 32) {
+      const int r = cc / kChunksPerRow, col = (cc % kChunksPerRow) * 8, key = n0 + r;
+      if (key < T)
+        *reinterpret_cast<uint4*>(dst + static_cast<size_t>(key) * D + col) = *reinterpret_cast<const uint4*>(myQ + r * S + col);
+    }
+    __syncwarp();
+  }
+  // The mixing-gradient sums of this CTA: over the warp, then one partial per (CTA, head, y).
+  const size_t cta = static_cast<size_t>(blockIdx.x) * gridDim.y + blockIdx.y;
+#pragma unroll
+  for (int y = 0; y < kMaxGBwd; ++y) {
+    float sp = gpre_sum[y], so = gpost_sum[y];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      sp += __shfl_xor_sync(0xffffffffu, sp, off);
+      so += __shfl_xor_sync(0xffffffffu, so, off);
+    }
+    if (lane == 0) {
+      part_pre[(cta * G + warp) * kMaxGBwd + y] = sp;
+      part_post[(cta * G + warp) * kMaxGBwd + y] = so;
+    }
+  }
+}
+
+// grad[h][y] += sum over the batch and the key tiles (fixed order, double) of the partials of head h:
+// grad is [H / g][g][g] = [H][g]. One thread per (h, y).
+__global__ void reduce_mix_grad_kernel(const float* __restrict__ part, float* __restrict__ grad, int B, int H, int G,
+                                       int gs, int ntiles) {
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= H * gs) return;
+  const int h = idx / gs, y = idx % gs, units = H / G, u = h / G, w = h % G;
+  double s = 0.0;
+  for (int b = 0; b < B; ++b)
+    for (int tile = 0; tile < ntiles; ++tile)
+      s += part[((static_cast<size_t>(b * units + u) * ntiles + tile) * G + w) * kMaxGBwd + y];
+  grad[idx] += static_cast<float>(s);
+}
+
 template <int D, bool kOut>
 void launch_pass(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const float* mpre,
                  const float* mpost, bf16* o, float* lse, int B, int T, cudaStream_t s) {
@@ -261,6 +631,45 @@ void launch_forward(const AttentionSpec& spec, const bf16* q, const bf16* k, con
                     const float* mpost, bf16* o, float* lse, int B, int T, cudaStream_t s) {
   launch_pass<D, false>(spec, q, k, v, mpre, mpost, o, lse, B, T, s);
   launch_pass<D, true>(spec, q, k, v, mpre, mpost, o, lse, B, T, s);
+}
+
+template <int D>
+void launch_backward(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const float* mpre,
+                     const float* mpost, const bf16* dout, const float* lse, bf16* dq, bf16* dk, bf16* dv,
+                     float* grad_pre, float* grad_post, void* scratch, int B, int T, cudaStream_t s) {
+  constexpr int S = D + 8, SS = kTile + 8;
+  const int H = spec.heads, G = spec.coupled_heads(), ntiles = (T + kTile - 1) / kTile;
+  const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const size_t rows = static_cast<size_t>(B) * H * T, parts = static_cast<size_t>(B) * H * ntiles * kMaxGBwd;
+  auto up = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
+  char* base = static_cast<char*>(scratch);
+  float* delta = reinterpret_cast<float*>(base);
+  float* dq_acc = reinterpret_cast<float*>(base + up(rows * 4));
+  float* part_pre = reinterpret_cast<float*>(base + up(rows * 4) + up(rows * D * 4));
+  float* part_post = part_pre + up(parts * 4) / 4;
+  MTA_CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, rows * D * sizeof(float), s));
+  const dim3 grid(static_cast<unsigned>(B * (H / G)), static_cast<unsigned>(ntiles));
+  const size_t coef = 4 * static_cast<size_t>(G) * kMaxG * sizeof(float);
+  const size_t smem_delta = 2 * static_cast<size_t>(G) * kTile * S * 2 + 2 * static_cast<size_t>(G) * kTile * kXS * 4 + coef;
+  MTA_CUDA_CHECK(cudaFuncSetAttribute(flash_mix_bwd_delta_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem_delta)));
+  flash_mix_bwd_delta_kernel<D><<<grid, 32 * G, smem_delta, s>>>(q, k, v, dout, lse, mpre, gpre, mpost, gpost, delta, H,
+                                                                  T, G, scale);
+  MTA_CUDA_CHECK_LAUNCH("flash_mix_bwd_delta_kernel");
+  const size_t smem_main = 3 * static_cast<size_t>(G) * kTile * S * 2 + static_cast<size_t>(G) * kTile * SS * 2 +
+                           3 * static_cast<size_t>(G) * kTile * kXS * 4 + coef;
+  MTA_CUDA_CHECK(cudaFuncSetAttribute(flash_mix_bwd_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem_main)));
+  flash_mix_bwd_kernel<D><<<grid, 32 * G, smem_main, s>>>(q, k, v, dout, lse, delta, mpre, gpre, mpost, gpost, dq_acc,
+                                                           dk, dv, part_pre, part_post, H, T, G, scale);
+  MTA_CUDA_CHECK_LAUNCH("flash_mix_bwd_kernel");
+  launch_convert_accum(dq_acc, dq, static_cast<long long>(rows) * D, scale, s);
+  for (auto [part, grad, gs] : {std::tuple{part_pre, grad_pre, gpre}, std::tuple{part_post, grad_post, gpost}}) {
+    if (!gs) continue;
+    reduce_mix_grad_kernel<<<(H * gs + 255) / 256, 256, 0, s>>>(part, grad, B, H, G, gs, ntiles);
+    MTA_CUDA_CHECK_LAUNCH("reduce_mix_grad_kernel");
+  }
 }
 
 }  // namespace
@@ -285,6 +694,41 @@ void flash_mix_forward(const AttentionSpec& spec, const bf16* q, const bf16* k, 
   mix_require(!spec.head_post || head_post, "head_post weights missing");
   if (D == 64) launch_forward<64>(spec, q, k, v, head_pre, head_post, o, lse, B, T, s);
   else launch_forward<128>(spec, q, k, v, head_pre, head_post, o, lse, B, T, s);
+}
+
+}  // namespace mta::cuda
+
+namespace mta::cuda {
+
+bool flash_mix_backward_supported(const AttentionSpec& spec, int D) {
+  return flash_mix_supported(spec, D) && spec.coupled_heads() <= kMaxGBwd;
+}
+
+size_t flash_mix_backward_scratch_bytes(int B, int H, int T, int D) {
+  auto up = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
+  const size_t rows = static_cast<size_t>(B) * H * T;
+  const size_t parts = static_cast<size_t>(B) * H * ((T + kTile - 1) / kTile) * kMaxGBwd;
+  return up(rows * 4) + up(rows * D * 4) + 2 * up(parts * 4);
+}
+
+void flash_mix_backward(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const float* head_pre,
+                        const float* head_post, const bf16* dout, const float* lse, bf16* dq, bf16* dk, bf16* dv,
+                        float* grad_head_pre, float* grad_head_post, void* scratch, int B, int T, cudaStream_t s) {
+  const int D = spec.head_dim;
+  mix_require(flash_mix_backward_supported(spec, D), "backward: spec not covered (head_pre / head_post only, "
+                                                     "coupled heads <= 8, head dim 64 or 128)");
+  mix_require(B >= 1 && T >= 1, "B and T must be >= 1");
+  mix_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
+              "B * H or T too large");
+  mix_require(q && k && v && dout && lse && dq && dk && dv && scratch, "null tensor or scratch");
+  mix_require(!spec.head_pre || (head_pre && grad_head_pre), "head_pre weights or gradient missing");
+  mix_require(!spec.head_post || (head_post && grad_head_post), "head_post weights or gradient missing");
+  if (D == 64)
+    launch_backward<64>(spec, q, k, v, head_pre, head_post, dout, lse, dq, dk, dv, grad_head_pre, grad_head_post,
+                        scratch, B, T, s);
+  else
+    launch_backward<128>(spec, q, k, v, head_pre, head_post, dout, lse, dq, dk, dv, grad_head_pre, grad_head_post,
+                         scratch, B, T, s);
 }
 
 }  // namespace mta::cuda

@@ -1,9 +1,8 @@
 #pragma once
 // FlashMix: fused, IO-aware head mixing on the GPU (no T x T tensor in device memory). Work in
-// progress (issue 5): this first part is the FORWARD pass of the specs whose options are head mixing
-// before and / or after the softmax (head_pre, head_post), nothing else; the backward pass is the
-// next step, so training and `mta attn` with dout still take the materialized path (mta_cuda.h).
-// Design: docs/flash-mta.md ("one warp per head").
+// progress (issue 5): the specs whose options are head mixing before and / or after the softmax
+// (head_pre, head_post), nothing else; not yet used by the model or `mta attn` (they take the
+// materialized path, mta_cuda.h). Design: docs/flash-mta.md ("one warp per head").
 //
 // Contract (docs/mta-semantics.md steps 1, 3, 4, 6, 7 with bf16 inputs):
 //   S_y = q_y k_y^T / sqrt(D) with the future (j > i) set to 0;
@@ -17,6 +16,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
+
 #include "attention/spec.h"
 
 namespace mta::cuda {
@@ -29,5 +30,19 @@ bool flash_mix_supported(const AttentionSpec& spec, int D);
 void flash_mix_forward(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
                        const __nv_bfloat16* v, const float* head_pre, const float* head_post, __nv_bfloat16* o,
                        float* lse, int B, int T, cudaStream_t s);
+
+// The backward pass covers coupled groups of up to 8 heads (D = 64 or 128).
+bool flash_mix_backward_supported(const AttentionSpec& spec, int D);
+
+// Gradients given dout and the lse of flash_mix_forward: dq, dk, dv [B, H, T, D] bf16 (overwritten);
+// grad_head_pre / grad_head_post [H / g, g, g] fp32 are ADDED to (deterministic: fixed-order sums;
+// dq is accumulated with fp32 atomics, so it is not bitwise reproducible). `scratch`:
+// flash_mix_backward_scratch_bytes(B, H, T, D) bytes, untouched until the queued work ends.
+size_t flash_mix_backward_scratch_bytes(int B, int H, int T, int D);
+void flash_mix_backward(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                        const __nv_bfloat16* v, const float* head_pre, const float* head_post,
+                        const __nv_bfloat16* dout, const float* lse, __nv_bfloat16* dq, __nv_bfloat16* dk,
+                        __nv_bfloat16* dv, float* grad_head_pre, float* grad_head_post, void* scratch, int B, int T,
+                        cudaStream_t s);
 
 }  // namespace mta::cuda

@@ -1,5 +1,6 @@
-// GPU tests of the fused head-mixing forward (attention/flash_mix.h) against the CPU reference
-// mta::cpu::mta_forward<double> on the same bf16-rounded inputs, for random specs (head_pre and / or
+// GPU tests of the fused head-mixing kernels (attention/flash_mix.h) against the CPU reference
+// mta::cpu::mta_forward / mta_backward<double> on the same bf16-rounded inputs (out, lse, and where
+// the backward covers the group size dq, dk, dv and the mixing-weight gradients), for random specs (head_pre and / or
 // head_post, every group size dividing H, H up to 16), random mixing matrices (identity plus noise),
 // head dims 64 and 128, and T below, at and across the 16-row tile. Outputs start as NaN; every entry
 // must be finite. lse is checked against a direct float64 evaluation of the mixed logits.
@@ -22,6 +23,8 @@ using namespace gpu_test;  // NOLINT
 
 constexpr double kTolOut = 2e-2;  // relative L2 error of out (bf16 inputs and A3, fp32 accumulation)
 constexpr double kTolLse = 2e-2;  // max abs error of lse
+constexpr double kTolGrad = 3e-2;  // relative L2 error of dq, dk, dv (bf16 operands of every product)
+constexpr double kTolDm = 5e-2;    // relative L2 error of the mixing-weight gradients (sums over T^2 terms)
 
 // Random mixing matrices [H/g][g][g]: identity plus noise, so the mixing matters and is well posed.
 std::vector<float> mixing(int H, int g, std::mt19937& rng) {
@@ -118,11 +121,48 @@ void check_case(const Case& c, unsigned seed) {
       }
     }
   EXPECT_LE(e_lse, kTolLse) << "lse";
+  if (!mta::cuda::flash_mix_backward_supported(spec, c.D)) return;
+
+  // Backward: every output poisoned; the weight gradients are added to, so they start at zero.
+  const Tensor gout = randn_bf16(n, rng);
+  DevMem ddo(n * 2), gq(n * 2), gk(n * 2), gv(n * 2), gpre(mpre.size() * 4 + 4), gpost(mpost.size() * 4 + 4);
+  DevMem scratch(mta::cuda::flash_mix_backward_scratch_bytes(c.B, c.H, c.T, c.D));
+  ddo.upload(gout.bits);
+  gq.poison(), gk.poison(), gv.poison(), scratch.poison();
+  CUDA_OK(cudaMemset(gpre.as<void>(), 0, mpre.size() * 4 + 4));
+  CUDA_OK(cudaMemset(gpost.as<void>(), 0, mpost.size() * 4 + 4));
+  mta::cuda::flash_mix_backward(spec, dq.as<bf>(), dk.as<bf>(), dv.as<bf>(), c.gpre ? dpre.as<float>() : nullptr,
+                                c.gpost ? dpost.as<float>() : nullptr, ddo.as<bf>(), dlse.as<float>(), gq.as<bf>(),
+                                gk.as<bf>(), gv.as<bf>(), c.gpre ? gpre.as<float>() : nullptr,
+                                c.gpost ? gpost.as<float>() : nullptr, scratch.as<void>(), c.B, c.T, nullptr);
+  CUDA_OK(cudaDeviceSynchronize());
+  std::vector<double> rq(n), rk(n), rv(n), rpre(mpre.size(), 0.0), rpost(mpost.size(), 0.0);
+  mta::AttnParamGrads<double> pg;
+  pg.head_pre = c.gpre ? rpre.data() : nullptr;
+  pg.head_post = c.gpost ? rpost.data() : nullptr;
+  mta::cpu::mta_backward<double>(spec, mta::AttnDims{c.B, c.H, c.T, c.D}, q.val.data(), k.val.data(), v.val.data(), p,
+                                 gout.val.data(), rq.data(), rk.data(), rv.data(), pg);
+  const std::vector<double> g_q = to_double(gq.download<uint16_t>(n)), g_k = to_double(gk.download<uint16_t>(n)),
+                            g_v = to_double(gv.download<uint16_t>(n));
+  for (const auto& [name, got] : {std::pair{"dq", &g_q}, {"dk", &g_k}, {"dv", &g_v}})
+    EXPECT_EQ(non_finite(*got), 0) << name << " has non-finite (unwritten) entries";
+  EXPECT_LE(rel_err(g_q, rq), kTolGrad) << "dq";
+  EXPECT_LE(rel_err(g_k, rk), kTolGrad) << "dk";
+  EXPECT_LE(rel_err(g_v, rv), kTolGrad) << "dv";
+  if (c.gpre) {
+    const std::vector<float> f = gpre.download<float>(mpre.size());
+    EXPECT_LE(rel_err(std::vector<double>(f.begin(), f.end()), rpre), kTolDm) << "d head_pre";
+  }
+  if (c.gpost) {
+    const std::vector<float> f = gpost.download<float>(mpost.size());
+    EXPECT_LE(rel_err(std::vector<double>(f.begin(), f.end()), rpost), kTolDm) << "d head_post";
+  }
 }
 
 TEST(FlashMix, PaperGroups) {
   SKIP_WITHOUT_GPU();
-  check_case(Case{2, 16, 200, 64, 16, 16}, 1);   // the paper LM's mixing, both sides
+  check_case(Case{2, 16, 200, 64, 16, 16}, 1);   // the paper LM's mixing, both sides (forward only)
+  check_case(Case{2, 8, 150, 64, 8, 8}, 6);      // the 35M LM configs' mixing
   check_case(Case{1, 8, 129, 128, 8, 8}, 2);     // the largest group at D = 128
   check_case(Case{2, 8, 64, 64, 8, 0}, 3);       // before the softmax only
   check_case(Case{1, 8, 33, 64, 0, 8}, 4);       // after the softmax only
@@ -157,10 +197,12 @@ TEST(FlashMix, CoverageAndRefusals) {
   s.heads = 16, s.head_dim = 64;
   s.head_pre = mta::HeadMix{16};
   EXPECT_TRUE(mta::cuda::flash_mix_supported(s, 64));
+  EXPECT_FALSE(mta::cuda::flash_mix_backward_supported(s, 64));  // the backward stops at 8 heads
   s.head_dim = 128;
   EXPECT_FALSE(mta::cuda::flash_mix_supported(s, 128));  // 16 heads at D = 128: not in one CTA
   s.heads = 8, s.head_pre = mta::HeadMix{8};
   EXPECT_TRUE(mta::cuda::flash_mix_supported(s, 128));
+  EXPECT_TRUE(mta::cuda::flash_mix_backward_supported(s, 128));
   s.gate = true;
   EXPECT_FALSE(mta::cuda::flash_mix_supported(s, 128));
   s.gate = false;
