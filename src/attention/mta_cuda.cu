@@ -10,6 +10,7 @@
 // a unit boundary (a multiple of spec.coupled_heads()), so the heads of a mixing group are consecutive
 // inside the chunk.
 #include "attention/mta_cuda.h"
+#include "attention/epilogue.cuh"
 #include "attention/row_blocks.h"
 
 #include <cublas_v2.h>
@@ -50,53 +51,6 @@ void check_cublas(cublasStatus_t st, const char* what, const char* file, int lin
 // After every kernel launch: a bad launch configuration is reported here, not at the next sync.
 #define CUDA_CHECK_LAUNCH(name) check_cuda(cudaGetLastError(), "launch of " name, __FILE__, __LINE__)
 
-// ---------------------------------------------------------------------------------------------
-// Device helpers.
-
-constexpr int kBlock = 256;          // threads per block of every kernel
-constexpr int kWarpsPerBlock = kBlock / 32;
-
-__device__ inline float dev_exp(float x) { return expf(x); }
-__device__ inline double dev_exp(double x) { return exp(x); }
-__device__ inline float dev_sqrt(float x) { return sqrtf(x); }
-__device__ inline double dev_sqrt(double x) { return sqrt(x); }
-
-template <typename V>
-__device__ inline V warp_sum(V v) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-template <typename V>
-__device__ inline V warp_max(V v) {
-  for (int off = 16; off > 0; off >>= 1) {
-    const V o = __shfl_xor_sync(0xffffffffu, v, off);
-    v = o > v ? o : v;
-  }
-  return v;
-}
-
-// Sum over the block (blockDim.x == kBlock) in a fixed order; the result is valid in thread 0. Call
-// at most once per kernel, from every thread of the block.
-__device__ inline double block_sum(double v) {
-  __shared__ double partial[kWarpsPerBlock];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_sum(v);
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < kWarpsPerBlock ? partial[threadIdx.x] : 0.0;
-  if (warp == 0) v = warp_sum(v);
-  return v;
-}
-
-__device__ inline long long global_thread() { return blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; }
-__device__ inline long long grid_threads() { return static_cast<long long>(gridDim.x) * blockDim.x; }
-
-// Grid of a grid-stride loop over `work` items (threads, or warps for the row kernels).
-unsigned grid_for(long long work, long long per_block) {
-  const long long g = (work + per_block - 1) / per_block;
-  return static_cast<unsigned>(std::clamp<long long>(g, 1, 1 << 20));
-}
 
 // ---------------------------------------------------------------------------------------------
 // Row blocks. The op walks the query rows in blocks (Op::R rows each): a block's T x T matrices hold
@@ -372,114 +326,6 @@ __global__ void grad_mask_kernel(T* d, Geom g, Span sp, long long bh0, bool drop
   }
 }
 
-// The epilogue's switches and parameters (device pointers).
-template <typename T>
-struct Epilogue {
-  bool norm = false, depth = false, gate = false;
-  T ds = T(1);  // static_cast<T>(spec.depth_scale()), 1 when depth scaling is off
-  const T* gn = nullptr;
-  const T* gw = nullptr;
-  const T* gb = nullptr;
-};
-
-// 8-10. Group norm, depth scaling, gate, in place on rows of length Dv: rows [ra, ra + nr) of each
-// chunk head of `out` ([heads][n][Dv], rows = heads * nr). One warp per row.
-template <typename T>
-__global__ void epilogue_forward_kernel(T* out, Epilogue<T> ep, int Dv, int n, int ra, int nr, long long rows) {
-  const int lane = threadIdx.x & 31;
-  for (long long r = global_thread() >> 5; r < rows; r += grid_threads() >> 5) {
-    T* o = out + ((r / nr) * n + ra + r % nr) * Dv;
-    T rr = T(1);
-    if (ep.norm) {
-      T ms = T(0);
-      for (int e = lane; e < Dv; e += 32) ms += o[e] * o[e];
-      ms = warp_sum(ms);
-      rr = T(1) / dev_sqrt(ms / T(Dv) + T(kGroupNormEps));
-    }
-    // The value after norm and depth scaling, recomputed where needed (each lane owns its e's).
-    auto scaled = [&](int e) {
-      T val = ep.norm ? o[e] * rr * ep.gn[e] : o[e];
-      if (ep.depth) val *= ep.ds;
-      return val;
-    };
-    T z = T(1);
-    if (ep.gate) {
-      T zl = T(0);
-      for (int e = lane; e < Dv; e += 32) zl += scaled(e) * ep.gw[e];
-      zl = warp_sum(zl) + ep.gb[0];
-      z = T(1) / (T(1) + dev_exp(-zl));
-    }
-    for (int e = lane; e < Dv; e += 32) {
-      T val = scaled(e);
-      if (ep.gate) val *= z;
-      o[e] = val;
-    }
-  }
-}
-
-// Backward of the epilogue for rows [ra, ra + nr) of each chunk head: o = A3 @ V (recomputed, compact
-// [heads][nr][Dv]), dout the incoming gradient ([heads][n][Dv]); writes d(A3 @ V) into dobuf (compact)
-// and each row's parameter-gradient terms into pn [rows][Dv] (norm), pgw [rows][Dv] and pgb [rows]
-// (gate), summed later in a fixed order; rows at or past `owned_end` (the next block's) write zero
-// terms. Mirrors epilogue_backward_row of the CPU reference.
-template <typename T>
-__global__ void epilogue_backward_kernel(const T* __restrict__ obuf, const T* __restrict__ dout, T* __restrict__ dobuf,
-                                         T* __restrict__ pn, T* __restrict__ pgw, T* __restrict__ pgb, Epilogue<T> ep,
-                                         int Dv, int n, int ra, int nr, int owned_end, long long rows) {
-  const int lane = threadIdx.x & 31;
-  for (long long r = global_thread() >> 5; r < rows; r += grid_threads() >> 5) {
-    const int i = ra + static_cast<int>(r % nr);
-    const bool owned = i < owned_end;
-    const T* o = obuf + r * Dv;
-    const T* g = dout + ((r / nr) * n + i) * Dv;
-    T* d = dobuf + r * Dv;
-    T rr = T(1);
-    if (ep.norm) {
-      T ms = T(0);
-      for (int e = lane; e < Dv; e += 32) ms += o[e] * o[e];
-      ms = warp_sum(ms);
-      rr = T(1) / dev_sqrt(ms / T(Dv) + T(kGroupNormEps));
-    }
-    auto scaled = [&](int e) {  // nrm * ds, as the CPU's scl
-      const T nrm = ep.norm ? o[e] * rr * ep.gn[e] : o[e];
-      return nrm * ep.ds;
-    };
-    if (ep.gate) {
-      T zl = T(0), dz = T(0);
-      for (int e = lane; e < Dv; e += 32) {
-        const T s = scaled(e);
-        zl += s * ep.gw[e];
-        dz += g[e] * s;
-      }
-      zl = warp_sum(zl) + ep.gb[0];
-      dz = warp_sum(dz);
-      const T z = T(1) / (T(1) + dev_exp(-zl));
-      const T dzl = dz * z * (T(1) - z);
-      for (int e = lane; e < Dv; e += 32) {
-        d[e] = g[e] * z + dzl * ep.gw[e];
-        pgw[r * Dv + e] = owned ? dzl * scaled(e) : T(0);
-      }
-      if (lane == 0) pgb[r] = owned ? dzl : T(0);
-    } else {
-      for (int e = lane; e < Dv; e += 32) d[e] = g[e];
-    }
-    if (ep.depth)
-      for (int e = lane; e < Dv; e += 32) d[e] *= ep.ds;
-    if (ep.norm) {
-      T uo = T(0);
-      for (int e = lane; e < Dv; e += 32) {
-        pn[r * Dv + e] = owned ? d[e] * o[e] * rr : T(0);
-        const T u = d[e] * ep.gn[e];
-        d[e] = u;
-        uo += u * o[e];
-      }
-      uo = warp_sum(uo);
-      const T c = rr * rr * rr * uo / T(Dv);
-      for (int e = lane; e < Dv; e += 32) d[e] = rr * d[e] - o[e] * c;
-    }
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Deterministic parameter-gradient reductions: no atomics. Stage 1 writes one double partial per
 // block; stage 2 sums the partials in a fixed order and adds into a double accumulator. Stage 1 sums
@@ -632,22 +478,6 @@ __global__ void reduce_head_partials_kernel(const double* __restrict__ partial, 
   }
 }
 
-// acc[col] += sum over rows (ascending within each thread, then a fixed tree) of part[r * cols + col].
-// One block per column.
-template <typename T>
-__global__ void column_sum_kernel(const T* __restrict__ part, double* __restrict__ acc, long long rows, int cols) {
-  const int col = blockIdx.x;
-  double s = 0.0;
-  for (long long r = threadIdx.x; r < rows; r += blockDim.x) s += static_cast<double>(part[r * cols + col]);
-  s = block_sum(s);
-  if (threadIdx.x == 0) acc[col] += s;
-}
-
-// grads[i] += (T) acc[i]: the caller's gradient, rounded once as the CPU does.
-template <typename T>
-__global__ void add_gradient_kernel(T* __restrict__ grad, const double* __restrict__ acc, long long count) {
-  for (long long idx = global_thread(); idx < count; idx += grid_threads()) grad[idx] += static_cast<T>(acc[idx]);
-}
 
 // ---------------------------------------------------------------------------------------------
 // Host side.
@@ -968,8 +798,8 @@ struct Op {
       // 8-10. Epilogue, in place.
       if (epi) {
         const long long rows = static_cast<long long>(nh) * (b.r1 - b.r0);
-        epilogue_forward_kernel<T><<<grid_rows(rows), kBlock, 0, stream>>>(out + bh0 * hsv, ep, Dv, n, b.r0,
-                                                                            b.r1 - b.r0, rows);
+        epilogue_forward_kernel<T, T><<<grid_rows(rows), kBlock, 0, stream>>>(out + bh0 * hsv, out + bh0 * hsv, ep,
+                                                                               Dv, n, b.r0, b.r1 - b.r0, rows);
         CUDA_CHECK_LAUNCH("epilogue_forward_kernel");
       }
       mark("W V + epilogue");
@@ -1161,7 +991,7 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
         gemm_rm<T>(op.blas, false, false, nr, Dv, b.end, T(1), op.w + b.g.at(0, r0, 0), n, stride, v + bh0 * hsv, Dv,
                    hsv, op.obuf, Dv, static_cast<long long>(nr) * Dv, nh);
         const long long rows = static_cast<long long>(nh) * nr;
-        epilogue_backward_kernel<T><<<op.grid_rows(rows), kBlock, 0, stream>>>(
+        epilogue_backward_kernel<T, T><<<op.grid_rows(rows), kBlock, 0, stream>>>(
             op.obuf, dout + bh0 * hsv, op.dobuf, op.pn, op.pgw, op.pgb, op.ep, Dv, n, r0, nr, b.r1, rows);
         CUDA_CHECK_LAUNCH("epilogue_backward_kernel");
         if (spec.norm) op.column_sum(op.pn, acc.norm, rows, Dv);

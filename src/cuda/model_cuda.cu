@@ -5,9 +5,11 @@
 // Attention: standard attention and DIFF attention without attention dropout run the flash kernel
 // (D = 64 or 128; DIFF as two calls per sub-head, one per half of its 2D-wide values);
 // MTA layers, attention dropout and other head dims run the materialized fp32 op
-// (mta::cuda::mta_forward/backward) on fp32 copies of q, k, v. MTA layers the fused kernels cover
-// (attention/flash_mta.h: kq_pre only, D = 64 or 128, dropout included) run those instead;
-// MTA_FLASH_MTA=0 in the environment sends them through the materialized op (for comparisons).
+// (mta::cuda::mta_forward/backward) on fp32 copies of q, k, v. MTA layers whose options apart from
+// the epilogue (norm, depth scaling, gate) the fused kernels cover run those plus the epilogue
+// kernels (attention/epilogue_cuda.h): kq_pre only (attention/flash_mta.h, dropout included) or head
+// mixing only (attention/flash_mix.h: groups of up to 8 heads, no attention dropout in training);
+// D = 64 or 128. MTA_FLASH_MTA=0 in the environment sends them through the materialized op.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -23,6 +25,8 @@
 
 #include "attention/attention_op.h"
 #include "attention/flash_attn.h"
+#include "attention/epilogue_cuda.h"
+#include "attention/flash_mix.h"
 #include "attention/flash_mta.h"
 #include "attention/mta_cuda.h"
 #include "cuda/check.h"
@@ -288,6 +292,7 @@ class CudaModel : public TrainableModel {
     DevBuf<bf16> xn1, q, k, v, att, a_flat, xn2, h13, g;  // h13: [N, 2F], xn2 w1^T | xn2 w3^T
     DevBuf<float> lse;                    // flash attention row statistics
     DevBuf<float> comb, comb_rstd, o_sub;  // DIFF: combined heads (pre-norm), sub-head outputs
+    DevBuf<bf16> att_core;                 // fused MTA layers with an epilogue: the core's output
   };
 
   // The fused products multiply wq|wk|wv as one [3C, C] matrix and w1|w3 as one [2F, C] matrix (and
@@ -332,11 +337,16 @@ class CudaModel : public TrainableModel {
   bf16* P16l(int l, const std::string& n) { return P16(lname(l, n)); }
   float* Gl(int l, const std::string& n) { return G(lname(l, n)); }
 
-  // The fused MTA path for layer l (see the top of the file).
-  bool use_flash_mta(int l) const {
+  // The fused MTA path of layer l (see the top of the file): which core kernels, if any.
+  enum class Fused { None, KqPre, Mix };
+  Fused fused_kind(int l, bool train) const {
     const char* e = std::getenv("MTA_FLASH_MTA");  // read per call: tests switch it
-    return !(e != nullptr && std::string(e) == "0") && config().attention == AttentionKind::Mta &&
-           cuda::flash_mta_supported(config().layer_spec(l), config().head_dim());
+    if ((e != nullptr && std::string(e) == "0") || config().attention != AttentionKind::Mta) return Fused::None;
+    const AttentionSpec core = cuda::attn_core_spec(config().layer_spec(l));
+    const int d = config().head_dim();
+    if (cuda::flash_mta_supported(core, d)) return Fused::KqPre;
+    if (cuda::flash_mix_backward_supported(core, d) && !(train && config().dropout > 0)) return Fused::Mix;
+    return Fused::None;
   }
 
   bool use_flash(bool train) const {
@@ -422,9 +432,18 @@ class CudaModel : public TrainableModel {
     AttnOptions opt;
     if (train) opt.dropout = c.dropout, opt.dropout_seed = site_seed(seed, l, kDropAttnWeights);
     const AttentionSpec spec = c.layer_spec(l);
-    if (use_flash_mta(l)) {
-      cuda::flash_mta_forward(spec, L.q.get(), L.k.get(), L.v.get(), mta_params(l).kq_pre, L.att.get(), L.lse.get(), B, T,
-                              opt, stream_);
+    if (const Fused fk = fused_kind(l, train); fk != Fused::None) {
+      const AttentionSpec core = cuda::attn_core_spec(spec);
+      const bool epi = cuda::attn_epilogue_enabled(spec);
+      const AttnParams<float> p = mta_params(l);
+      if (epi) L.att_core.resize(static_cast<size_t>(n));
+      bf16* out = epi ? L.att_core.get() : L.att.get();
+      if (fk == Fused::KqPre)
+        cuda::flash_mta_forward(core, L.q.get(), L.k.get(), L.v.get(), p.kq_pre, out, L.lse.get(), B, T, opt, stream_);
+      else
+        cuda::flash_mix_forward(core, L.q.get(), L.k.get(), L.v.get(), p.head_pre, p.head_post, out, L.lse.get(), B, T,
+                                stream_);
+      if (epi) cuda::attn_epilogue_forward(spec, out, p.norm, p.gate_w, p.gate_b, L.att.get(), n / d, d, stream_);
       return;
     }
     // DIFF: sub-heads of dim d, values of dim 2d shared by pairs.
@@ -483,12 +502,31 @@ class CudaModel : public TrainableModel {
     AttnOptions opt;
     if (train) opt.dropout = c.dropout, opt.dropout_seed = site_seed(seed, l, kDropAttnWeights);
     const AttentionSpec spec = c.layer_spec(l);
-    if (use_flash_mta(l)) {
+    if (const Fused fk = fused_kind(l, train); fk != Fused::None) {
+      const AttentionSpec core = cuda::attn_core_spec(spec);
+      const bool epi = cuda::attn_epilogue_enabled(spec);
+      const AttnParams<float> p = mta_params(l);
+      const AttnParamGrads<float> gr = mta_grads(l);
       bf16* datt = tmp16c_.get();
       cuda::to_heads(da_flat, datt, B, T, H, d, false, 0.0, stream_);
-      flash_scratch_.resize(cuda::flash_mta_backward_scratch_bytes(B, H, T, d));
-      cuda::flash_mta_backward(spec, L.q.get(), L.k.get(), L.v.get(), mta_params(l).kq_pre, L.att.get(), datt,
-                               L.lse.get(), dq, dk, dv, mta_grads(l).kq_pre, flash_scratch_.get(), B, T, opt, stream_);
+      const bf16* core_out = epi ? L.att_core.get() : L.att.get();
+      const bf16* dcore = datt;
+      if (epi) {
+        epi_scratch_.resize(cuda::attn_epilogue_backward_scratch_bytes(n / d, d));
+        dcore_.resize(static_cast<size_t>(n));
+        cuda::attn_epilogue_backward(spec, core_out, datt, p.norm, p.gate_w, p.gate_b, dcore_.get(), gr.norm, gr.gate_w,
+                                     gr.gate_b, epi_scratch_.get(), n / d, d, stream_);
+        dcore = dcore_.get();
+      }
+      if (fk == Fused::KqPre) {
+        flash_scratch_.resize(cuda::flash_mta_backward_scratch_bytes(B, H, T, d));
+        cuda::flash_mta_backward(core, L.q.get(), L.k.get(), L.v.get(), p.kq_pre, core_out, dcore, L.lse.get(), dq, dk,
+                                 dv, gr.kq_pre, flash_scratch_.get(), B, T, opt, stream_);
+      } else {
+        flash_scratch_.resize(cuda::flash_mix_backward_scratch_bytes(B, H, T, d));
+        cuda::flash_mix_backward(core, L.q.get(), L.k.get(), L.v.get(), p.head_pre, p.head_post, dcore, L.lse.get(), dq,
+                                 dk, dv, gr.head_pre, gr.head_post, flash_scratch_.get(), B, T, stream_);
+      }
       return;
     }
     float* q32 = op_q_.get();
@@ -756,7 +794,8 @@ class CudaModel : public TrainableModel {
   DevBuf<float> rope_cs_;  // RoPE table for T_ positions (rope_ describes it)
   cuda::RopeTable rope_;
   DevBuf<float> op_q_, op_k_, op_v_, op_o_, op_o2_, op_dq_, op_dk_, op_dv_;
-  DevBuf<char> flash_scratch_;
+  DevBuf<char> flash_scratch_, epi_scratch_;
+  DevBuf<bf16> dcore_;  // fused MTA layers with an epilogue: d(core output)
   // DIFF through flash: value, output, output-gradient and q / k / v gradient halves, n = B*H*T*d each.
   static constexpr int kDiffFlashBufs = 12;
   DevBuf<bf16> diff16_;

@@ -7,13 +7,17 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include <cmath>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "attention/attn_files.h"
 #include "attention/flash_mix.h"
+#include "attention/init.h"
 #include "attention/mta_cpu.h"
 #include "gpu/gpu_test_util.h"
 
@@ -214,6 +218,59 @@ TEST(FlashMix, CoverageAndRefusals) {
   EXPECT_THROW(mta::cuda::flash_mix_forward(s, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, 8,
                                             nullptr),
                std::invalid_argument);
+}
+
+// What `mta attn --device cuda` runs for F32 input of specs the fused core covers once the epilogue is
+// split off (run_attention_tensors): head mixing with norm, depth scaling and gate, and kq_pre with
+// norm and gate -- the fused core plus the epilogue kernels -- against the float64 CPU op.
+void check_attn_command(const mta::AttentionSpec& spec, unsigned seed) {
+  SCOPED_TRACE(mta::spec_to_json(spec).dump());
+  std::mt19937 rng(seed);
+  const int B = 2, T = 45;
+  const std::vector<int64_t> shape{B, spec.heads, T, spec.head_dim};
+  const size_t n = static_cast<size_t>(B) * spec.heads * T * spec.head_dim;
+  mta::io::SafeTensors in32, in64;
+  for (const char* name : {"q", "k", "v", "dout"}) {
+    const std::vector<double> val = randn_bf16(n, rng).val;  // bf16-exact: the fused path's rounding is exact
+    const std::vector<float> f(val.begin(), val.end());
+    in32.tensors[name] = mta::io::make_tensor(shape, f.data());
+    in64.tensors[name] = mta::io::make_tensor(shape, val.data());
+  }
+  std::uniform_real_distribution<double> ud(-0.2, 0.2);
+  for (const auto& info : mta::attention_params(spec)) {
+    size_t cnt = 1;
+    for (auto d : info.shape) cnt *= static_cast<size_t>(d);
+    std::vector<double> x(cnt);
+    std::vector<float> init(cnt);
+    mta::init_attention_param_identity(spec, info, init.data());
+    for (size_t i = 0; i < cnt; ++i) x[i] = init[i] + ud(rng);
+    const std::vector<float> f(x.begin(), x.end());
+    const std::vector<int64_t> shp(info.shape.begin(), info.shape.end());
+    in32.tensors[info.name] = mta::io::make_tensor(shp, f.data());
+    in64.tensors[info.name] = mta::io::make_tensor(shp, x.data());
+  }
+  const auto ref = mta::run_attention_tensors(spec, in64, mta::Device::Cpu);
+  const auto got = mta::run_attention_tensors(spec, in32, mta::Device::Cuda);
+  EXPECT_EQ(got.metadata.at("impl"), "fused");
+  for (const auto& [name, t] : ref.tensors) {
+    SCOPED_TRACE(name);
+    const double tol = name == "out" ? kTolOut : name.rfind("grad_", 0) == 0 && t.shape.size() == 4 ? kTolGrad : kTolDm;
+    EXPECT_LE(rel_err(mta::io::to_f64(got.at(name), name), mta::io::to_f64(t, name)), tol);
+  }
+}
+
+TEST(FlashMix, AttnCommandWithEpilogue) {
+  SKIP_WITHOUT_GPU();
+  mta::AttentionSpec mix;
+  mix.heads = 4, mix.head_dim = 64;
+  mix.head_pre = mta::HeadMix{4}, mix.head_post = mta::HeadMix{2};
+  mix.norm = true, mix.depth_scale_layer = 3, mix.gate = true;
+  check_attn_command(mix, 11);
+  mta::AttentionSpec kq;
+  kq.heads = 2, kq.head_dim = 128;
+  kq.kq_pre = mta::KqConv{3, 5, mta::PadKey::Both};
+  kq.norm = true, kq.gate = true;
+  check_attn_command(kq, 12);
 }
 
 }  // namespace

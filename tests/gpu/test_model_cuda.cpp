@@ -125,6 +125,19 @@ TEST(ModelCuda, MtaFusedKqPreMatchesCpu) {
   unsetenv("MTA_FLASH_MTA");
 }
 
+// The paper LM layout at head dim 64: layer 0 (head mixing, norm, gate) runs the fused head-mixing
+// kernels and the epilogue kernels, layer 1 (with the key-query convolutions) the materialized op;
+// and kq_pre with norm and gate (fused kq_pre kernels plus the epilogue), with attention dropout.
+TEST(ModelCuda, MtaFusedMixAndEpilogueMatchCpu) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  compare(json::parse(R"({"type": "mta", "kq_pre": {"q": 2, "k": 5}, "head_pre": {"group": 4},
+      "kq_post": {"q": 2, "k": 3}, "head_post": {"group": 4}, "norm": true, "gate": true, "kq_layers": [1]})"),
+          256, 4, 0.0f);
+  compare(json::parse(R"({"type": "mta", "kq_pre": {"q": 2, "k": 9, "pad_key": "both"}, "norm": true,
+      "gate": true})"),
+          256, 4, 0.1f);
+}
+
 // DIFF: head dim 16 runs the materialized op, head dim 64 the flash kernel (two calls per sub-head),
 // and head dim 64 with attention dropout the materialized op again.
 TEST(ModelCuda, DiffMatchesCpu) {
