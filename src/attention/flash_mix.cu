@@ -41,12 +41,12 @@ void mix_require(bool ok, const std::string& what) {
 }
 
 // Shared memory: K (and V) tiles [G][16][D + 8] bf16, the exchange tiles [G][16][kXS] fp32 (S, and A
-// in pass 2), and the mixing coefficients [2][G][kMaxG] fp32.
+// in pass 2), and the mixing coefficients [4][G][kMaxG] fp32 (load_coefficients).
 template <int D>
 size_t smem_bytes(int G, bool out) {
   const size_t tiles = static_cast<size_t>(G) * kTile * (D + 8) * sizeof(bf16) * (out ? 2 : 1);
   const size_t xch = static_cast<size_t>(G) * kTile * kXS * sizeof(float) * (out ? 2 : 1);
-  return tiles + xch + 2 * static_cast<size_t>(G) * kMaxG * sizeof(float);
+  return tiles + xch + 4 * static_cast<size_t>(G) * kMaxG * sizeof(float);
 }
 
 // Rows r0 .. r0 + 15 of one head ([T][D] bf16 at `head`) into shared memory (row stride S) with one
@@ -74,6 +74,50 @@ __device__ __forceinline__ float2 mix_pair(const float* xch, const float* coef, 
   return acc;
 }
 
+// This head's coefficients: rows (C'_x = sum_y M[x, y] S_y) and columns (the adjoint,
+// dS_y = sum_x M[x, y] dC'_x) of its head_pre and head_post groups, into sCoef [4][G][kMaxG].
+__device__ __forceinline__ void load_coefficients(float* sCoef, const float* mpre, int gpre, const float* mpost,
+                                                  int gpost, int h, int G, int warp, int lane) {
+  if (lane >= kMaxG) return;
+  const int y = lane;
+  float* row_pre = sCoef + warp * kMaxG;
+  float* row_post = sCoef + (G + warp) * kMaxG;
+  float* col_pre = sCoef + (2 * G + warp) * kMaxG;
+  float* col_post = sCoef + (3 * G + warp) * kMaxG;
+  const bool pre = gpre && y < gpre, post = gpost && y < gpost;
+  const size_t bpre = gpre ? static_cast<size_t>(h / gpre) * gpre * gpre : 0;
+  const size_t bpost = gpost ? static_cast<size_t>(h / gpost) * gpost * gpost : 0;
+  row_pre[y] = pre ? mpre[bpre + (h % gpre) * gpre + y] : 0.f;
+  col_pre[y] = pre ? mpre[bpre + y * gpre + h % gpre] : 0.f;
+  row_post[y] = post ? mpost[bpost + (h % gpost) * gpost + y] : 0.f;
+  col_post[y] = post ? mpost[bpost + y * gpost + h % gpost] : 0.f;
+}
+
+// A warp's place in a CTA of these kernels (blockIdx.x = batch * units + unit of G coupled heads, one
+// warp per head) and its mixing coefficients (loaded by load_coefficients into sCoef).
+struct MixWarp {
+  int warp, lane, g, t, h;  // h: the head within its batch element
+  size_t head;              // the head's first row in [B * H * T]
+  int fpre, fpost;          // the first warp of its head_pre / head_post group in the CTA
+  // Its rows (cpre, cpost) and columns (cpreT, cpostT) of the groups' matrices in sCoef.
+  __device__ __forceinline__ const float* cpre(const float* sCoef) const { return sCoef + warp * kMaxG; }
+  __device__ __forceinline__ const float* cpost(const float* sCoef, int G) const { return sCoef + (G + warp) * kMaxG; }
+  __device__ __forceinline__ const float* cpreT(const float* sCoef, int G) const { return sCoef + (2 * G + warp) * kMaxG; }
+  __device__ __forceinline__ const float* cpostT(const float* sCoef, int G) const { return sCoef + (3 * G + warp) * kMaxG; }
+};
+__device__ __forceinline__ MixWarp mix_warp(float* sCoef, const float* mpre, int gpre, const float* mpost, int gpost,
+                                            int H, int T, int G) {
+  MixWarp w;
+  w.warp = threadIdx.x >> 5, w.lane = threadIdx.x & 31, w.g = w.lane >> 2, w.t = w.lane & 3;
+  const int units = H / G, b = blockIdx.x / units, u = blockIdx.x % units;
+  w.h = u * G + w.warp;
+  w.head = static_cast<size_t>(b * H + w.h) * T;
+  w.fpre = gpre ? w.warp - w.h % gpre : w.warp;
+  w.fpost = gpost ? w.warp - w.h % gpost : w.warp;
+  load_coefficients(sCoef, mpre, gpre, mpost, gpost, w.h, G, w.warp, w.lane);
+  return w;
+}
+
 // At D = 128 the groups stop at 8 heads (256 threads), which leaves each thread the registers for its
 // 64 output accumulators and 32 Q fragment words.
 template <int D, bool kOut>
@@ -83,27 +127,16 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG) flash_mix_f
     int G, float scale) {
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   bf16* sK = reinterpret_cast<bf16*>(smem_raw);        // [G][16][S]
   bf16* sV = sK + G * kTile * S;                        // [G][16][S], pass 2
   float* sX = reinterpret_cast<float*>(sV + (kOut ? G * kTile * S : 0));  // [G][16][kXS]: S0
   float* sA = sX + G * kTile * kXS;                     // [G][16][kXS]: A, pass 2
-  float* sCoef = sA + (kOut ? G * kTile * kXS : 0);     // [2][G][kMaxG]: Mpre, Mpost rows
-
-  const int units = H / G, b = blockIdx.x / units, u = blockIdx.x % units;
-  const int h = u * G + warp;  // this warp's head
-  const size_t head = static_cast<size_t>(b * H + h) * T;
+  float* sCoef = sA + (kOut ? G * kTile * kXS : 0);     // [4][G][kMaxG]: mixing coefficients
+  const MixWarp mw = mix_warp(sCoef, mpre, gpre, mpost, gpost, H, T, G);
+  const int warp = mw.warp, lane = mw.lane, g = mw.g, t = mw.t;
+  const size_t head = mw.head;
   const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
   q += head * D, k += head * D, v += head * D;
-
-  // This head's rows of its groups' mixing matrices; its group's first warp in the CTA.
-  const int xpre = gpre ? h % gpre : 0, xpost = gpost ? h % gpost : 0;
-  float* cpre = sCoef + warp * kMaxG;
-  float* cpost = sCoef + (G + warp) * kMaxG;
-  if (lane < kMaxG) {
-    cpre[lane] = gpre && lane < gpre ? mpre[(static_cast<size_t>(h / gpre) * gpre + xpre) * gpre + lane] : 0.f;
-    cpost[lane] = gpost && lane < gpost ? mpost[(static_cast<size_t>(h / gpost) * gpost + xpost) * gpost + lane] : 0.f;
-  }
 
   // Q of the warp's 16 rows as mma A fragments, staged through its K tile.
   bf16* myK = sK + warp * kTile * S;
@@ -163,7 +196,7 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG) flash_mix_f
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int rl = g + 8 * r, cl = 8 * j + 2 * t, row = m0 + rl, col = n0 + cl;
-        const float2 x = gpre ? mix_pair(sX, cpre, warp - xpre, gpre, rl, cl)
+        const float2 x = gpre ? mix_pair(sX, mw.cpre(sCoef), mw.fpre, gpre, rl, cl)
                               : *reinterpret_cast<const float2*>(myX + rl * kXS + cl);
         c[j][2 * r] = col <= row && col < T ? x.x * kLog2e : -INFINITY;
         c[j][2 * r + 1] = col + 1 <= row && col + 1 < T ? x.y * kLog2e : -INFINITY;
@@ -196,7 +229,7 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG) flash_mix_f
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int rl = g + 8 * r, cl = 8 * j + 2 * t;
-          const float2 x = gpost ? mix_pair(sA, cpost, warp - xpost, gpost, rl, cl)
+          const float2 x = gpost ? mix_pair(sA, mw.cpost(sCoef, G), mw.fpost, gpost, rl, cl)
                                  : *reinterpret_cast<const float2*>(myA + rl * kXS + cl);
           a3[j][2 * r] = x.x, a3[j][2 * r + 1] = x.y;
         }
@@ -248,25 +281,6 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG) flash_mix_f
 // 16 keys, V fragments and the mixing-gradient sums in registers).
 constexpr int kMaxGBwd = 8;
 
-// This head's coefficients: rows (C'_x = sum_y M[x, y] S_y) and columns (the adjoint,
-// dS_y = sum_x M[x, y] dC'_x) of its head_pre and head_post groups, into sCoef [4][G][kMaxG].
-__device__ __forceinline__ void load_coefficients(float* sCoef, const float* mpre, int gpre, const float* mpost,
-                                                  int gpost, int h, int G, int warp, int lane) {
-  if (lane >= kMaxG) return;
-  const int y = lane;
-  float* row_pre = sCoef + warp * kMaxG;
-  float* row_post = sCoef + (G + warp) * kMaxG;
-  float* col_pre = sCoef + (2 * G + warp) * kMaxG;
-  float* col_post = sCoef + (3 * G + warp) * kMaxG;
-  const bool pre = gpre && y < gpre, post = gpost && y < gpost;
-  const size_t bpre = gpre ? static_cast<size_t>(h / gpre) * gpre * gpre : 0;
-  const size_t bpost = gpost ? static_cast<size_t>(h / gpost) * gpost * gpost : 0;
-  row_pre[y] = pre ? mpre[bpre + (h % gpre) * gpre + y] : 0.f;
-  col_pre[y] = pre ? mpre[bpre + y * gpre + h % gpre] : 0.f;
-  row_post[y] = post ? mpost[bpost + (h % gpost) * gpost + y] : 0.f;
-  col_post[y] = post ? mpost[bpost + y * gpost + h % gpost] : 0.f;
-}
-
 // A operand fragments of a warp's 16-row tile (row-major, stride S) for a product over D.
 template <int D, int S>
 __device__ __forceinline__ void load_a_frags(uint32_t (&fr)[D / 16][4], const bf16* tile, int lane) {
@@ -314,20 +328,16 @@ __global__ void __launch_bounds__(32 * kMaxGBwd) flash_mix_bwd_delta_kernel(
     float* __restrict__ delta, int H, int T, int G, float scale) {
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   bf16* sK = reinterpret_cast<bf16*>(smem_raw);                 // [G][16][S]
   bf16* sV = sK + G * kTile * S;                                 // [G][16][S]
   float* sX = reinterpret_cast<float*>(sV + G * kTile * S);      // [G][16][kXS]: S0
   float* sD = sX + G * kTile * kXS;                              // [G][16][kXS]: dA3
   float* sCoef = sD + G * kTile * kXS;                           // [4][G][kMaxG]
-  const int units = H / G, b = blockIdx.x / units, u = blockIdx.x % units, h = u * G + warp;
-  const size_t head = static_cast<size_t>(b * H + h) * T;
+  const MixWarp mw = mix_warp(sCoef, mpre, gpre, mpost, gpost, H, T, G);
+  const int warp = mw.warp, lane = mw.lane, g = mw.g, t = mw.t;
+  const size_t head = mw.head;
   const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;
   q += head * D, k += head * D, v += head * D, dout += head * D;
-  load_coefficients(sCoef, mpre, gpre, mpost, gpost, h, G, warp, lane);
-  const float* cpre = sCoef + warp * kMaxG;
-  const float* cpostT = sCoef + (3 * G + warp) * kMaxG;
-  const int fpre = gpre ? warp - h % gpre : warp, fpost = gpost ? warp - h % gpost : warp;
 
   bf16* myK = sK + warp * kTile * S;
   bf16* myV = sV + warp * kTile * S;
@@ -372,8 +382,10 @@ __global__ void __launch_bounds__(32 * kMaxGBwd) flash_mix_bwd_delta_kernel(
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int rl = g + 8 * r, cl = 8 * j + 2 * t, row = m0 + rl, col = n0 + cl;
-        const float2 c = gpre ? mix_pair(sX, cpre, fpre, gpre, rl, cl) : *reinterpret_cast<const float2*>(myX + rl * kXS + cl);
-        const float2 d = gpost ? mix_pair(sD, cpostT, fpost, gpost, rl, cl) : *reinterpret_cast<const float2*>(myD + rl * kXS + cl);
+        const float2 c = gpre ? mix_pair(sX, mw.cpre(sCoef), mw.fpre, gpre, rl, cl)
+                              : *reinterpret_cast<const float2*>(myX + rl * kXS + cl);
+        const float2 d = gpost ? mix_pair(sD, mw.cpostT(sCoef, G), mw.fpost, gpost, rl, cl)
+                               : *reinterpret_cast<const float2*>(myD + rl * kXS + cl);
         const float a0 = col <= row && col < T ? exp2f(c.x * kLog2e - lse2[r]) : 0.f;
         const float a1 = col + 1 <= row && col + 1 < T ? exp2f(c.y * kLog2e - lse2[r]) : 0.f;
         dpart[r] += a0 * d.x + a1 * d.y;
@@ -406,7 +418,6 @@ __global__ void __launch_bounds__(32 * kMaxGBwd) flash_mix_bwd_kernel(
     float scale) {
   constexpr int S = D + 8, SS = kTile + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   bf16* sK = reinterpret_cast<bf16*>(smem_raw);                // [G][16][S]
   bf16* sQ = sK + G * kTile * S;                                // [G][16][S]
   bf16* sO = sQ + G * kTile * S;                                // [G][16][S]: dO
@@ -415,16 +426,11 @@ __global__ void __launch_bounds__(32 * kMaxGBwd) flash_mix_bwd_kernel(
   float* sA = sX + G * kTile * kXS;                             // [G][16][kXS]: A^T, then dC'^T
   float* sD = sA + G * kTile * kXS;                             // [G][16][kXS]: dA3^T
   float* sCoef = sD + G * kTile * kXS;                          // [4][G][kMaxG]
-  const int units = H / G, b = blockIdx.x / units, u = blockIdx.x % units, h = u * G + warp;
-  const size_t head = static_cast<size_t>(b * H + h) * T;
+  const MixWarp mw = mix_warp(sCoef, mpre, gpre, mpost, gpost, H, T, G);
+  const int warp = mw.warp, lane = mw.lane, g = mw.g, t = mw.t, fpre = mw.fpre, fpost = mw.fpost;
+  const size_t head = mw.head;
   const int n0 = static_cast<int>(blockIdx.y) * kTile;  // tile 0 has the most query blocks: it starts first
   q += head * D, k += head * D, v += head * D, dout += head * D, dq_acc += head * D, dk += head * D, dv += head * D;
-  load_coefficients(sCoef, mpre, gpre, mpost, gpost, h, G, warp, lane);
-  const float* cpre = sCoef + warp * kMaxG;
-  const float* cpost = sCoef + (G + warp) * kMaxG;
-  const float* cpreT = sCoef + (2 * G + warp) * kMaxG;
-  const float* cpostT = sCoef + (3 * G + warp) * kMaxG;
-  const int fpre = gpre ? warp - h % gpre : warp, fpost = gpost ? warp - h % gpost : warp;
 
   bf16* myK = sK + warp * kTile * S;
   bf16* myQ = sQ + warp * kTile * S;
@@ -486,7 +492,7 @@ __global__ void __launch_bounds__(32 * kMaxGBwd) flash_mix_bwd_kernel(
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int rl = g + 8 * r, cl = 8 * j + 2 * t;
-        const float2 c = gpre ? mix_pair(sX, cpre, fpre, gpre, rl, cl) : make_float2(acc_s[j][2 * r], acc_s[j][2 * r + 1]);
+        const float2 c = gpre ? mix_pair(sX, mw.cpre(sCoef), fpre, gpre, rl, cl) : make_float2(acc_s[j][2 * r], acc_s[j][2 * r + 1]);
         a[j][2 * r] = ok[j][2 * r] ? exp2f(c.x * kLog2e - lse2[j][0]) : 0.f;
         a[j][2 * r + 1] = ok[j][2 * r + 1] ? exp2f(c.y * kLog2e - lse2[j][1]) : 0.f;
         *reinterpret_cast<float2*>(myA + rl * kXS + cl) = make_float2(a[j][2 * r], a[j][2 * r + 1]);
@@ -499,9 +505,9 @@ __global__ void __launch_bounds__(32 * kMaxGBwd) flash_mix_bwd_kernel(
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int rl = g + 8 * r, cl = 8 * j + 2 * t;
-        const float2 a3 = gpost ? mix_pair(sA, cpost, fpost, gpost, rl, cl) : make_float2(a[j][2 * r], a[j][2 * r + 1]);
+        const float2 a3 = gpost ? mix_pair(sA, mw.cpost(sCoef, G), fpost, gpost, rl, cl) : make_float2(a[j][2 * r], a[j][2 * r + 1]);
         p[j][2 * r] = a3.x, p[j][2 * r + 1] = a3.y;
-        const float2 da = gpost ? mix_pair(sD, cpostT, fpost, gpost, rl, cl) : make_float2(d3[j][2 * r], d3[j][2 * r + 1]);
+        const float2 da = gpost ? mix_pair(sD, mw.cpostT(sCoef, G), fpost, gpost, rl, cl) : make_float2(d3[j][2 * r], d3[j][2 * r + 1]);
         dc[j][2 * r] = a[j][2 * r] * (da.x - dlt[j][0]);
         dc[j][2 * r + 1] = a[j][2 * r + 1] * (da.y - dlt[j][1]);
 #pragma unroll
@@ -530,7 +536,7 @@ __global__ void __launch_bounds__(32 * kMaxGBwd) flash_mix_bwd_kernel(
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int rl = g + 8 * r, cl = 8 * j + 2 * t;
-        const float2 x = gpre ? mix_pair(sA, cpreT, fpre, gpre, rl, cl) : make_float2(dc[j][2 * r], dc[j][2 * r + 1]);
+        const float2 x = gpre ? mix_pair(sA, mw.cpreT(sCoef, G), fpre, gpre, rl, cl) : make_float2(dc[j][2 * r], dc[j][2 * r + 1]);
         ds[j][2 * r] = x.x, ds[j][2 * r + 1] = x.y;
         *reinterpret_cast<uint32_t*>(mydS + rl * SS + cl) = pack_bf16(x.x, x.y);
       }
