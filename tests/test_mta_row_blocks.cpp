@@ -95,10 +95,14 @@ struct Replay {
           at(s0, h, i, j) = j <= i ? scale * d : 0.0;
         }
     const Span pre{b.pre, b.end, b.end}, post{b.r0, b.end, b.end};
-    if (s.kq_pre) conv(s0, c, p.kq_pre, *s.kq_pre, false, pre, b.base, b.end);
-    else c = s0;
-    if (s.head_pre) mix(c, cp, p.head_pre, s.head_pre->group, false, pre);
-    else cp = c;
+    if (s.kq_pre)
+      conv(s0, c, p.kq_pre, *s.kq_pre, false, pre, b.base, b.end);
+    else
+      c = s0;
+    if (s.head_pre)
+      mix(c, cp, p.head_pre, s.head_pre->group, false, pre);
+    else
+      cp = c;
     for (int h = 0; h < H; ++h)
       for (int i = pre.ra; i < pre.rb; ++i) {
         double m = -INFINITY, sum = 0;
@@ -106,10 +110,14 @@ struct Replay {
         for (int j = 0; j <= i; ++j) sum += std::exp(get(cp, h, i, j) - m);
         for (int j = 0; j < pre.cols; ++j) at(a, h, i, j) = j <= i ? std::exp(get(cp, h, i, j) - m) / sum : 0.0;
       }
-    if (s.kq_post) conv(a, a2, p.kq_post, *s.kq_post, false, post, b.pre, b.end);
-    else a2 = a;
-    if (s.head_post) mix(a2, a3, p.head_post, s.head_post->group, false, post);
-    else a3 = a2;
+    if (s.kq_post)
+      conv(a, a2, p.kq_post, *s.kq_post, false, post, b.pre, b.end);
+    else
+      a2 = a;
+    if (s.head_post)
+      mix(a2, a3, p.head_post, s.head_post->group, false, post);
+    else
+      a3 = a2;
     for (int h = 0; h < H; ++h)
       for (int i = post.ra; i < post.rb; ++i)
         for (int j = 0; j < post.cols; ++j) at(w, h, i, j) = j <= i ? get(a3, h, i, j) * keep(h, i, j) : 0.0;
@@ -207,7 +215,8 @@ struct Replay {
         for (int i = pre.ra; i < pre.rb; ++i) {
           double dot = 0;
           for (int j = 0; j <= i; ++j) dot += get(cur, h, i, j) * get(a, h, i, j);
-          for (int j = 0; j < pre.cols; ++j) at(cur, h, i, j) = j <= i ? get(a, h, i, j) * (get(cur, h, i, j) - dot) : 0.0;
+          for (int j = 0; j < pre.cols; ++j)
+            at(cur, h, i, j) = j <= i ? get(a, h, i, j) * (get(cur, h, i, j) - dot) : 0.0;
         }
       if (s.head_pre) {
         mix_wgrad(c, cur, s.head_pre->group, r.head_pre, b);
@@ -230,7 +239,8 @@ struct Replay {
             r.dq[(h * T + i) * D + e] = scale * acc;
           }
           for (int j = 0; j < b.r1; ++j)  // dK += dS^T Q over the owned rows
-            for (int i = b.r0; i < b.r1; ++i) r.dk[(h * T + j) * D + e] += scale * get(cur, h, i, j) * q[(h * T + i) * D + e];
+            for (int i = b.r0; i < b.r1; ++i)
+              r.dk[(h * T + j) * D + e] += scale * get(cur, h, i, j) * q[(h * T + i) * D + e];
         }
     }
     return r;
@@ -253,8 +263,8 @@ void check(const AttentionSpec& spec, int T, int R, float dropout, unsigned seed
   auto c = mta::testing::random_case<double>(spec, 1, T, seed);
   c.opt.dropout = dropout, c.opt.dropout_seed = seed * 13ull + 1;
   const auto p = c.param_ptrs();
-  const Replay rp{spec, spec.heads, T, spec.head_dim, c.q.data(), c.k.data(), c.v.data(), c.dout.data(),
-                  p, dropout, c.opt.dropout_seed};
+  const Replay rp{spec,       spec.heads,    T, spec.head_dim, c.q.data(),        c.k.data(),
+                  c.v.data(), c.dout.data(), p, dropout,       c.opt.dropout_seed};
   const auto got = rp.run(R);
 
   std::vector<double> out(c.q.size()), dq(c.q.size()), dk(c.q.size()), dv(c.q.size());

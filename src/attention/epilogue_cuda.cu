@@ -52,8 +52,8 @@ void attn_epilogue_forward(const AttentionSpec& spec, const bf16* core, const fl
   check_rows(rows, D);
   const Epilogue<float> ep = epilogue_of(spec, norm, gate_w, gate_b);
   const int n = static_cast<int>(rows);
-  epilogue_forward_kernel<float, bf16><<<grid_for(rows, kWarpsPerBlock), kBlock, 0, s>>>(core, out, ep, D, n, 0, n,
-                                                                                          rows);
+  epilogue_forward_kernel<float, bf16>
+      <<<grid_for(rows, kWarpsPerBlock), kBlock, 0, s>>>(core, out, ep, D, n, 0, n, rows);
   MTA_CUDA_CHECK_LAUNCH("epilogue_forward_kernel");
 }
 
@@ -63,9 +63,8 @@ size_t attn_epilogue_backward_scratch_bytes(long long rows, int D) {
 }
 
 void attn_epilogue_backward(const AttentionSpec& spec, const bf16* core, const bf16* dout, const float* norm,
-                            const float* gate_w, const float* gate_b, bf16* dcore, float* grad_norm,
-                            float* grad_gate_w, float* grad_gate_b, void* scratch, long long rows, int D,
-                            cudaStream_t s) {
+                            const float* gate_w, const float* gate_b, bf16* dcore, float* grad_norm, float* grad_gate_w,
+                            float* grad_gate_b, void* scratch, long long rows, int D, cudaStream_t s) {
   check_rows(rows, D);
   const Epilogue<float> ep = epilogue_of(spec, norm, gate_w, gate_b);
   if ((ep.norm && !grad_norm) || (ep.gate && (!grad_gate_w || !grad_gate_b)))
@@ -79,8 +78,8 @@ void attn_epilogue_backward(const AttentionSpec& spec, const bf16* core, const b
   double* acc = reinterpret_cast<double*>(base + 3 * up(rd) + up(static_cast<size_t>(rows) * sizeof(float)));
   MTA_CUDA_CHECK(cudaMemsetAsync(acc, 0, (2 * static_cast<size_t>(D) + 1) * sizeof(double), s));
   const int n = static_cast<int>(rows);
-  epilogue_backward_kernel<float, bf16><<<grid_for(rows, kWarpsPerBlock), kBlock, 0, s>>>(
-      core, dout, dobuf, pn, pgw, pgb, ep, D, n, 0, n, n, rows);
+  epilogue_backward_kernel<float, bf16>
+      <<<grid_for(rows, kWarpsPerBlock), kBlock, 0, s>>>(core, dout, dobuf, pn, pgw, pgb, ep, D, n, 0, n, n, rows);
   MTA_CUDA_CHECK_LAUNCH("epilogue_backward_kernel");
   if (ep.norm) {
     column_sum_kernel<float><<<D, kBlock, 0, s>>>(pn, acc, rows, D);

@@ -20,9 +20,8 @@ AttentionSpec attn_core_spec(const AttentionSpec& spec);
 
 // out = epilogue(core), rows x D ([B, H, T, D] flattened); norm, gate_w [D], gate_b [1] fp32 (nullptr
 // when off). core and out may be the same buffer.
-void attn_epilogue_forward(const AttentionSpec& spec, const __nv_bfloat16* core, const float* norm,
-                           const float* gate_w, const float* gate_b, __nv_bfloat16* out, long long rows, int D,
-                           cudaStream_t s);
+void attn_epilogue_forward(const AttentionSpec& spec, const __nv_bfloat16* core, const float* norm, const float* gate_w,
+                           const float* gate_b, __nv_bfloat16* out, long long rows, int D, cudaStream_t s);
 
 // dcore = d epilogue / d core applied to dout; grad_norm, grad_gate_w, grad_gate_b are added to.
 // `scratch`: attn_epilogue_backward_scratch_bytes(rows, D) bytes.

@@ -102,8 +102,12 @@ struct MixWarp {
   // Its rows (cpre, cpost) and columns (cpreT, cpostT) of the groups' matrices in sCoef.
   __device__ __forceinline__ const float* cpre(const float* sCoef) const { return sCoef + warp * kMaxG; }
   __device__ __forceinline__ const float* cpost(const float* sCoef, int G) const { return sCoef + (G + warp) * kMaxG; }
-  __device__ __forceinline__ const float* cpreT(const float* sCoef, int G) const { return sCoef + (2 * G + warp) * kMaxG; }
-  __device__ __forceinline__ const float* cpostT(const float* sCoef, int G) const { return sCoef + (3 * G + warp) * kMaxG; }
+  __device__ __forceinline__ const float* cpreT(const float* sCoef, int G) const {
+    return sCoef + (2 * G + warp) * kMaxG;
+  }
+  __device__ __forceinline__ const float* cpostT(const float* sCoef, int G) const {
+    return sCoef + (3 * G + warp) * kMaxG;
+  }
 };
 __device__ __forceinline__ MixWarp mix_warp(float* sCoef, const float* mpre, int gpre, const float* mpost, int gpost,
                                             int H, int T, int G) {
@@ -121,17 +125,17 @@ __device__ __forceinline__ MixWarp mix_warp(float* sCoef, const float* mpre, int
 // At D = 128 the groups stop at 8 heads (256 threads), which leaves each thread the registers for its
 // 64 output accumulators and 32 Q fragment words.
 template <int D, bool kOut>
-__global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG) flash_mix_fwd_kernel(
-    const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v, const float* __restrict__ mpre,
-    int gpre, const float* __restrict__ mpost, int gpost, bf16* __restrict__ o, float* __restrict__ lse, int H, int T,
-    int G, float scale) {
+__global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
+    flash_mix_fwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                         const float* __restrict__ mpre, int gpre, const float* __restrict__ mpost, int gpost,
+                         bf16* __restrict__ o, float* __restrict__ lse, int H, int T, int G, float scale) {
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* sK = reinterpret_cast<bf16*>(smem_raw);        // [G][16][S]
-  bf16* sV = sK + G * kTile * S;                        // [G][16][S], pass 2
+  bf16* sK = reinterpret_cast<bf16*>(smem_raw);                           // [G][16][S]
+  bf16* sV = sK + G * kTile * S;                                          // [G][16][S], pass 2
   float* sX = reinterpret_cast<float*>(sV + (kOut ? G * kTile * S : 0));  // [G][16][kXS]: S0
-  float* sA = sX + G * kTile * kXS;                     // [G][16][kXS]: A, pass 2
-  float* sCoef = sA + (kOut ? G * kTile * kXS : 0);     // [4][G][kMaxG]: mixing coefficients
+  float* sA = sX + G * kTile * kXS;                                       // [G][16][kXS]: A, pass 2
+  float* sCoef = sA + (kOut ? G * kTile * kXS : 0);                       // [4][G][kMaxG]: mixing coefficients
   const MixWarp mw = mix_warp(sCoef, mpre, gpre, mpost, gpost, H, T, G);
   const int warp = mw.warp, lane = mw.lane, g = mw.g, t = mw.t;
   const size_t head = mw.head;
@@ -263,7 +267,8 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG) flash_mix_f
   for (int j = 0; j < (kOut ? D / 8 : 0); ++j)
 #pragma unroll
     for (int r = 0; r < 2; ++r)
-      *reinterpret_cast<uint32_t*>(myK + (g + 8 * r) * S + 8 * j + 2 * t) = pack_bf16(acc_o[j][2 * r], acc_o[j][2 * r + 1]);
+      *reinterpret_cast<uint32_t*>(myK + (g + 8 * r) * S + 8 * j + 2 * t) =
+          pack_bf16(acc_o[j][2 * r], acc_o[j][2 * r + 1]);
   __syncwarp();
   constexpr int kChunksPerRow = D / 8;
   bf16* out = o + head * D;
@@ -322,17 +327,18 @@ __device__ __forceinline__ void accumulate_p_b(float (&acc)[D / 8][4], const flo
 // Backward, pass 1: delta_y[i] = sum_j A_y[i, j] dA_y[i, j], dA_y = sum_x Mpost[x, y] dA3_x,
 // dA3_x = dO_x V_x^T (causal). A CTA = 16 query rows of one group, one warp per head, as the forward.
 template <int D>
-__global__ void __launch_bounds__(32 * kMaxGBwd) flash_mix_bwd_delta_kernel(
-    const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v, const bf16* __restrict__ dout,
-    const float* __restrict__ lse, const float* __restrict__ mpre, int gpre, const float* __restrict__ mpost, int gpost,
-    float* __restrict__ delta, int H, int T, int G, float scale) {
+__global__ void __launch_bounds__(32 * kMaxGBwd)
+    flash_mix_bwd_delta_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                               const bf16* __restrict__ dout, const float* __restrict__ lse,
+                               const float* __restrict__ mpre, int gpre, const float* __restrict__ mpost, int gpost,
+                               float* __restrict__ delta, int H, int T, int G, float scale) {
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* sK = reinterpret_cast<bf16*>(smem_raw);                 // [G][16][S]
-  bf16* sV = sK + G * kTile * S;                                 // [G][16][S]
-  float* sX = reinterpret_cast<float*>(sV + G * kTile * S);      // [G][16][kXS]: S0
-  float* sD = sX + G * kTile * kXS;                              // [G][16][kXS]: dA3
-  float* sCoef = sD + G * kTile * kXS;                           // [4][G][kMaxG]
+  bf16* sK = reinterpret_cast<bf16*>(smem_raw);              // [G][16][S]
+  bf16* sV = sK + G * kTile * S;                             // [G][16][S]
+  float* sX = reinterpret_cast<float*>(sV + G * kTile * S);  // [G][16][kXS]: S0
+  float* sD = sX + G * kTile * kXS;                          // [G][16][kXS]: dA3
+  float* sCoef = sD + G * kTile * kXS;                       // [4][G][kMaxG]
   const MixWarp mw = mix_warp(sCoef, mpre, gpre, mpost, gpost, H, T, G);
   const int warp = mw.warp, lane = mw.lane, g = mw.g, t = mw.t;
   const size_t head = mw.head;
@@ -374,7 +380,8 @@ __global__ void __launch_bounds__(32 * kMaxGBwd) flash_mix_bwd_delta_kernel(
         const bool v0 = col <= row && col < T, v1 = col + 1 <= row && col + 1 < T;
         *reinterpret_cast<float2*>(myX + rl * kXS + cl) =
             make_float2(v0 ? acc_s[j][2 * r] * scale : 0.f, v1 ? acc_s[j][2 * r + 1] * scale : 0.f);
-        *reinterpret_cast<float2*>(myD + rl * kXS + cl) = make_float2(v0 ? acc_d[j][2 * r] : 0.f, v1 ? acc_d[j][2 * r + 1] : 0.f);
+        *reinterpret_cast<float2*>(myD + rl * kXS + cl) =
+            make_float2(v0 ? acc_d[j][2 * r] : 0.f, v1 ? acc_d[j][2 * r + 1] : 0.f);
       }
     __syncthreads();
 #pragma unroll
@@ -410,22 +417,23 @@ __global__ void __launch_bounds__(32 * kMaxGBwd) flash_mix_bwd_delta_kernel(
 //   dMpost[x, y] += dA3_x . A_y and dMpre[x, y] += dC'_x . S_y, per-thread sums, then per-CTA partials
 //   part[(cta * G + x) * kMaxGBwd + y] reduced in a fixed order (deterministic).
 template <int D>
-__global__ void __launch_bounds__(32 * kMaxGBwd) flash_mix_bwd_kernel(
-    const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v, const bf16* __restrict__ dout,
-    const float* __restrict__ lse, const float* __restrict__ delta, const float* __restrict__ mpre, int gpre,
-    const float* __restrict__ mpost, int gpost, float* __restrict__ dq_acc, bf16* __restrict__ dk,
-    bf16* __restrict__ dv, float* __restrict__ part_pre, float* __restrict__ part_post, int H, int T, int G,
-    float scale) {
+__global__ void __launch_bounds__(32 * kMaxGBwd)
+    flash_mix_bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                         const bf16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
+                         const float* __restrict__ mpre, int gpre, const float* __restrict__ mpost, int gpost,
+                         float* __restrict__ dq_acc, bf16* __restrict__ dk, bf16* __restrict__ dv,
+                         float* __restrict__ part_pre, float* __restrict__ part_post, int H, int T, int G,
+                         float scale) {
   constexpr int S = D + 8, SS = kTile + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* sK = reinterpret_cast<bf16*>(smem_raw);                // [G][16][S]
-  bf16* sQ = sK + G * kTile * S;                                // [G][16][S]
-  bf16* sO = sQ + G * kTile * S;                                // [G][16][S]: dO
-  bf16* sdS = sO + G * kTile * S;                               // [G][16][SS]: dS^T (keys x queries)
-  float* sX = reinterpret_cast<float*>(sdS + G * kTile * SS);   // [G][16][kXS]: S0^T
-  float* sA = sX + G * kTile * kXS;                             // [G][16][kXS]: A^T, then dC'^T
-  float* sD = sA + G * kTile * kXS;                             // [G][16][kXS]: dA3^T
-  float* sCoef = sD + G * kTile * kXS;                          // [4][G][kMaxG]
+  bf16* sQ = sK + G * kTile * S;                               // [G][16][S]
+  bf16* sO = sQ + G * kTile * S;                               // [G][16][S]: dO
+  bf16* sdS = sO + G * kTile * S;                              // [G][16][SS]: dS^T (keys x queries)
+  float* sX = reinterpret_cast<float*>(sdS + G * kTile * SS);  // [G][16][kXS]: S0^T
+  float* sA = sX + G * kTile * kXS;                            // [G][16][kXS]: A^T, then dC'^T
+  float* sD = sA + G * kTile * kXS;                            // [G][16][kXS]: dA3^T
+  float* sCoef = sD + G * kTile * kXS;                         // [4][G][kMaxG]
   const MixWarp mw = mix_warp(sCoef, mpre, gpre, mpost, gpost, H, T, G);
   const int warp = mw.warp, lane = mw.lane, g = mw.g, t = mw.t, fpre = mw.fpre, fpost = mw.fpost;
   const size_t head = mw.head;
@@ -484,7 +492,8 @@ __global__ void __launch_bounds__(32 * kMaxGBwd) flash_mix_bwd_kernel(
     for (int j = 0; j < 2; ++j)
 #pragma unroll
       for (int r = 0; r < 2; ++r)
-        *reinterpret_cast<float2*>(myX + (g + 8 * r) * kXS + 8 * j + 2 * t) = make_float2(acc_s[j][2 * r], acc_s[j][2 * r + 1]);
+        *reinterpret_cast<float2*>(myX + (g + 8 * r) * kXS + 8 * j + 2 * t) =
+            make_float2(acc_s[j][2 * r], acc_s[j][2 * r + 1]);
     __syncthreads();  // (1) S0^T of every head
     float a[2][4];
 #pragma unroll
@@ -492,7 +501,8 @@ __global__ void __launch_bounds__(32 * kMaxGBwd) flash_mix_bwd_kernel(
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int rl = g + 8 * r, cl = 8 * j + 2 * t;
-        const float2 c = gpre ? mix_pair(sX, mw.cpre(sCoef), fpre, gpre, rl, cl) : make_float2(acc_s[j][2 * r], acc_s[j][2 * r + 1]);
+        const float2 c =
+            gpre ? mix_pair(sX, mw.cpre(sCoef), fpre, gpre, rl, cl) : make_float2(acc_s[j][2 * r], acc_s[j][2 * r + 1]);
         a[j][2 * r] = ok[j][2 * r] ? exp2f(c.x * kLog2e - lse2[j][0]) : 0.f;
         a[j][2 * r + 1] = ok[j][2 * r + 1] ? exp2f(c.y * kLog2e - lse2[j][1]) : 0.f;
         *reinterpret_cast<float2*>(myA + rl * kXS + cl) = make_float2(a[j][2 * r], a[j][2 * r + 1]);
@@ -505,9 +515,11 @@ __global__ void __launch_bounds__(32 * kMaxGBwd) flash_mix_bwd_kernel(
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int rl = g + 8 * r, cl = 8 * j + 2 * t;
-        const float2 a3 = gpost ? mix_pair(sA, mw.cpost(sCoef, G), fpost, gpost, rl, cl) : make_float2(a[j][2 * r], a[j][2 * r + 1]);
+        const float2 a3 =
+            gpost ? mix_pair(sA, mw.cpost(sCoef, G), fpost, gpost, rl, cl) : make_float2(a[j][2 * r], a[j][2 * r + 1]);
         p[j][2 * r] = a3.x, p[j][2 * r + 1] = a3.y;
-        const float2 da = gpost ? mix_pair(sD, mw.cpostT(sCoef, G), fpost, gpost, rl, cl) : make_float2(d3[j][2 * r], d3[j][2 * r + 1]);
+        const float2 da = gpost ? mix_pair(sD, mw.cpostT(sCoef, G), fpost, gpost, rl, cl)
+                                : make_float2(d3[j][2 * r], d3[j][2 * r + 1]);
         dc[j][2 * r] = a[j][2 * r] * (da.x - dlt[j][0]);
         dc[j][2 * r + 1] = a[j][2 * r + 1] * (da.y - dlt[j][1]);
 #pragma unroll
@@ -523,12 +535,13 @@ __global__ void __launch_bounds__(32 * kMaxGBwd) flash_mix_bwd_kernel(
         }
       }
     accumulate_p_b<D, S>(acc_dv, p, myO, lane);  // dV += A3^T dO
-    __syncthreads();  // (3) every head is done with A^T: dC'^T goes in its place
+    __syncthreads();                             // (3) every head is done with A^T: dC'^T goes in its place
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
       for (int r = 0; r < 2; ++r)
-        *reinterpret_cast<float2*>(myA + (g + 8 * r) * kXS + 8 * j + 2 * t) = make_float2(dc[j][2 * r], dc[j][2 * r + 1]);
+        *reinterpret_cast<float2*>(myA + (g + 8 * r) * kXS + 8 * j + 2 * t) =
+            make_float2(dc[j][2 * r], dc[j][2 * r + 1]);
     __syncthreads();  // (4) dC'^T of every head
     float ds[2][4];
 #pragma unroll
@@ -536,7 +549,8 @@ __global__ void __launch_bounds__(32 * kMaxGBwd) flash_mix_bwd_kernel(
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int rl = g + 8 * r, cl = 8 * j + 2 * t;
-        const float2 x = gpre ? mix_pair(sA, mw.cpreT(sCoef, G), fpre, gpre, rl, cl) : make_float2(dc[j][2 * r], dc[j][2 * r + 1]);
+        const float2 x =
+            gpre ? mix_pair(sA, mw.cpreT(sCoef, G), fpre, gpre, rl, cl) : make_float2(dc[j][2 * r], dc[j][2 * r + 1]);
         ds[j][2 * r] = x.x, ds[j][2 * r + 1] = x.y;
         *reinterpret_cast<uint32_t*>(mydS + rl * SS + cl) = pack_bf16(x.x, x.y);
       }
@@ -570,20 +584,22 @@ __global__ void __launch_bounds__(32 * kMaxGBwd) flash_mix_bwd_kernel(
 #pragma unroll
   for (int pass = 0; pass < 2; ++pass) {
     const float f = pass == 0 ? scale : 1.f;
-    float (&acc)[D / 8][4] = pass == 0 ? acc_dk : acc_dv;
+    float(&acc)[D / 8][4] = pass == 0 ? acc_dk : acc_dv;
     bf16* dst = pass == 0 ? dk : dv;
 #pragma unroll
     for (int j = 0; j < D / 8; ++j)
 #pragma unroll
       for (int r = 0; r < 2; ++r)
-        *reinterpret_cast<uint32_t*>(myQ + (g + 8 * r) * S + 8 * j + 2 * t) = pack_bf16(acc[j][2 * r] * f, acc[j][2 * r + 1] * f);
+        *reinterpret_cast<uint32_t*>(myQ + (g + 8 * r) * S + 8 * j + 2 * t) =
+            pack_bf16(acc[j][2 * r] * f, acc[j][2 * r + 1] * f);
     __syncwarp();
     constexpr int kChunksPerRow = D / 8;
 #pragma unroll
     for (int cc = lane; cc < kTile * kChunksPerRow; cc += 32) {
       const int r = cc / kChunksPerRow, col = (cc % kChunksPerRow) * 8, key = n0 + r;
       if (key < T)
-        *reinterpret_cast<uint4*>(dst + static_cast<size_t>(key) * D + col) = *reinterpret_cast<const uint4*>(myQ + r * S + col);
+        *reinterpret_cast<uint4*>(dst + static_cast<size_t>(key) * D + col) =
+            *reinterpret_cast<const uint4*>(myQ + r * S + col);
     }
     __syncwarp();
   }
@@ -628,7 +644,7 @@ void launch_pass(const AttentionSpec& spec, const bf16* q, const bf16* k, const 
                                       static_cast<int>(smem)));
   const dim3 grid(static_cast<unsigned>(B * (H / G)), static_cast<unsigned>((T + kTile - 1) / kTile));
   flash_mix_fwd_kernel<D, kOut><<<grid, 32 * G, smem, s>>>(q, k, v, mpre, gpre, mpost, gpost, o, lse, H, T, G,
-                                                          1.0f / std::sqrt(static_cast<float>(D)));
+                                                           1.0f / std::sqrt(static_cast<float>(D)));
   MTA_CUDA_CHECK_LAUNCH("flash_mix_fwd_kernel");
 }
 
@@ -657,18 +673,19 @@ void launch_backward(const AttentionSpec& spec, const bf16* q, const bf16* k, co
   MTA_CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, rows * D * sizeof(float), s));
   const dim3 grid(static_cast<unsigned>(B * (H / G)), static_cast<unsigned>(ntiles));
   const size_t coef = 4 * static_cast<size_t>(G) * kMaxG * sizeof(float);
-  const size_t smem_delta = 2 * static_cast<size_t>(G) * kTile * S * 2 + 2 * static_cast<size_t>(G) * kTile * kXS * 4 + coef;
+  const size_t smem_delta =
+      2 * static_cast<size_t>(G) * kTile * S * 2 + 2 * static_cast<size_t>(G) * kTile * kXS * 4 + coef;
   MTA_CUDA_CHECK(cudaFuncSetAttribute(flash_mix_bwd_delta_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem_delta)));
-  flash_mix_bwd_delta_kernel<D><<<grid, 32 * G, smem_delta, s>>>(q, k, v, dout, lse, mpre, gpre, mpost, gpost, delta, H,
-                                                                  T, G, scale);
+  flash_mix_bwd_delta_kernel<D>
+      <<<grid, 32 * G, smem_delta, s>>>(q, k, v, dout, lse, mpre, gpre, mpost, gpost, delta, H, T, G, scale);
   MTA_CUDA_CHECK_LAUNCH("flash_mix_bwd_delta_kernel");
   const size_t smem_main = 3 * static_cast<size_t>(G) * kTile * S * 2 + static_cast<size_t>(G) * kTile * SS * 2 +
                            3 * static_cast<size_t>(G) * kTile * kXS * 4 + coef;
   MTA_CUDA_CHECK(cudaFuncSetAttribute(flash_mix_bwd_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem_main)));
   flash_mix_bwd_kernel<D><<<grid, 32 * G, smem_main, s>>>(q, k, v, dout, lse, delta, mpre, gpre, mpost, gpost, dq_acc,
-                                                           dk, dv, part_pre, part_post, H, T, G, scale);
+                                                          dk, dv, part_pre, part_post, H, T, G, scale);
   MTA_CUDA_CHECK_LAUNCH("flash_mix_bwd_kernel");
   launch_convert_accum(dq_acc, dq, static_cast<long long>(rows) * D, scale, s);
   for (auto [part, grad, gs] : {std::tuple{part_pre, grad_pre, gpre}, std::tuple{part_post, grad_post, gpost}}) {
@@ -690,16 +707,19 @@ bool flash_mix_supported(const AttentionSpec& spec, int D) {
 void flash_mix_forward(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const float* head_pre,
                        const float* head_post, bf16* o, float* lse, int B, int T, cudaStream_t s) {
   const int D = spec.head_dim;
-  mix_require(flash_mix_supported(spec, D), "spec not covered (head_pre / head_post only, coupled heads <= 16 at "
-                                            "head dim 64, <= 8 at 128)");
+  mix_require(flash_mix_supported(spec, D),
+              "spec not covered (head_pre / head_post only, coupled heads <= 16 at "
+              "head dim 64, <= 8 at 128)");
   mix_require(B >= 1 && T >= 1, "B and T must be >= 1");
   mix_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
               "B * H or T too large");
   mix_require(q && k && v && o && lse, "null tensor");
   mix_require(!spec.head_pre || head_pre, "head_pre weights missing");
   mix_require(!spec.head_post || head_post, "head_post weights missing");
-  if (D == 64) launch_forward<64>(spec, q, k, v, head_pre, head_post, o, lse, B, T, s);
-  else launch_forward<128>(spec, q, k, v, head_pre, head_post, o, lse, B, T, s);
+  if (D == 64)
+    launch_forward<64>(spec, q, k, v, head_pre, head_post, o, lse, B, T, s);
+  else
+    launch_forward<128>(spec, q, k, v, head_pre, head_post, o, lse, B, T, s);
 }
 
 }  // namespace mta::cuda
@@ -721,8 +741,9 @@ void flash_mix_backward(const AttentionSpec& spec, const bf16* q, const bf16* k,
                         const float* head_post, const bf16* dout, const float* lse, bf16* dq, bf16* dk, bf16* dv,
                         float* grad_head_pre, float* grad_head_post, void* scratch, int B, int T, cudaStream_t s) {
   const int D = spec.head_dim;
-  mix_require(flash_mix_backward_supported(spec, D), "backward: spec not covered (head_pre / head_post only, "
-                                                     "coupled heads <= 8, head dim 64 or 128)");
+  mix_require(flash_mix_backward_supported(spec, D),
+              "backward: spec not covered (head_pre / head_post only, "
+              "coupled heads <= 8, head dim 64 or 128)");
   mix_require(B >= 1 && T >= 1, "B and T must be >= 1");
   mix_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
               "B * H or T too large");

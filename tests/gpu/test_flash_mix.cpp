@@ -25,8 +25,8 @@ namespace {
 
 using namespace gpu_test;  // NOLINT
 
-constexpr double kTolOut = 2e-2;  // relative L2 error of out (bf16 inputs and A3, fp32 accumulation)
-constexpr double kTolLse = 2e-2;  // max abs error of lse
+constexpr double kTolOut = 2e-2;   // relative L2 error of out (bf16 inputs and A3, fp32 accumulation)
+constexpr double kTolLse = 2e-2;   // max abs error of lse
 constexpr double kTolGrad = 3e-2;  // relative L2 error of dq, dk, dv (bf16 operands of every product)
 constexpr double kTolDm = 5e-2;    // relative L2 error of the mixing-weight gradients (sums over T^2 terms)
 
@@ -46,7 +46,8 @@ std::vector<double> ref_lse(const std::vector<double>& q, const std::vector<doub
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   auto s0 = [&](int y, int i, int j) {
     double d = 0;
-    const size_t qo = ((static_cast<size_t>(b) * H + y) * T + i) * D, ko = ((static_cast<size_t>(b) * H + y) * T + j) * D;
+    const size_t qo = ((static_cast<size_t>(b) * H + y) * T + i) * D,
+                 ko = ((static_cast<size_t>(b) * H + y) * T + j) * D;
     for (int e = 0; e < D; ++e) d += q[qo + e] * k[ko + e];
     return scale * d;
   };
@@ -58,7 +59,8 @@ std::vector<double> ref_lse(const std::vector<double>& q, const std::vector<doub
       if (gpre) {
         const int grp = h / gpre, x = h % gpre;
         row[j] = 0;
-        for (int y = 0; y < gpre; ++y) row[j] += mpre[(static_cast<size_t>(grp) * gpre + x) * gpre + y] * s0(grp * gpre + y, i, j);
+        for (int y = 0; y < gpre; ++y)
+          row[j] += mpre[(static_cast<size_t>(grp) * gpre + x) * gpre + y] * s0(grp * gpre + y, i, j);
       } else {
         row[j] = s0(h, i, j);
       }
@@ -74,8 +76,9 @@ std::vector<double> ref_lse(const std::vector<double>& q, const std::vector<doub
 struct Case {
   int B, H, T, D, gpre, gpost;  // g = 0: the option is off
   std::string str() const {
-    return "(B=" + std::to_string(B) + " H=" + std::to_string(H) + " T=" + std::to_string(T) + " D=" +
-           std::to_string(D) + " head_pre " + std::to_string(gpre) + " head_post " + std::to_string(gpost) + ")";
+    return "(B=" + std::to_string(B) + " H=" + std::to_string(H) + " T=" + std::to_string(T) +
+           " D=" + std::to_string(D) + " head_pre " + std::to_string(gpre) + " head_post " + std::to_string(gpost) +
+           ")";
   }
 };
 
@@ -165,12 +168,12 @@ void check_case(const Case& c, unsigned seed) {
 
 TEST(FlashMix, PaperGroups) {
   SKIP_WITHOUT_GPU();
-  check_case(Case{2, 16, 200, 64, 16, 16}, 1);   // the paper LM's mixing, both sides (forward only)
-  check_case(Case{2, 8, 150, 64, 8, 8}, 6);      // the 35M LM configs' mixing
-  check_case(Case{1, 8, 129, 128, 8, 8}, 2);     // the largest group at D = 128
-  check_case(Case{2, 8, 64, 64, 8, 0}, 3);       // before the softmax only
-  check_case(Case{1, 8, 33, 64, 0, 8}, 4);       // after the softmax only
-  check_case(Case{1, 4, 1, 64, 2, 4}, 5);        // T = 1, different groups before and after
+  check_case(Case{2, 16, 200, 64, 16, 16}, 1);  // the paper LM's mixing, both sides (forward only)
+  check_case(Case{2, 8, 150, 64, 8, 8}, 6);     // the 35M LM configs' mixing
+  check_case(Case{1, 8, 129, 128, 8, 8}, 2);    // the largest group at D = 128
+  check_case(Case{2, 8, 64, 64, 8, 0}, 3);      // before the softmax only
+  check_case(Case{1, 8, 33, 64, 0, 8}, 4);      // after the softmax only
+  check_case(Case{1, 4, 1, 64, 2, 4}, 5);       // T = 1, different groups before and after
 }
 
 TEST(FlashMix, RandomSpecs) {
@@ -215,9 +218,9 @@ TEST(FlashMix, CoverageAndRefusals) {
   mta::AttentionSpec plain;
   plain.heads = 4, plain.head_dim = 64;
   EXPECT_FALSE(mta::cuda::flash_mix_supported(plain, 64));  // standard attention: flash_attn
-  EXPECT_THROW(mta::cuda::flash_mix_forward(s, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, 8,
-                                            nullptr),
-               std::invalid_argument);
+  EXPECT_THROW(
+      mta::cuda::flash_mix_forward(s, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, 8, nullptr),
+      std::invalid_argument);
 }
 
 // What `mta attn --device cuda` runs for F32 input of specs the fused core covers once the epilogue is
