@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <map>
 #include <memory>
@@ -662,10 +663,10 @@ struct Op {
     // The buffers, carved out of the device's workspace: `carve` lays them out from `base` and returns
     // the bytes they take; it runs once to size the workspace and once to place them.
     const long long heads = static_cast<long long>(chunk_units) * G;
-    auto carve = [&](char* base) {
+    auto carve = [&](uintptr_t base) {
       size_t off = 0;
       auto alloc = [&](long long count, size_t elem) -> void* {
-        void* r = base + off;
+        void* r = reinterpret_cast<void*>(base + off);
         off += (static_cast<size_t>(count) * elem + 255) / 256 * 256;
         return r;
       };
@@ -691,7 +692,7 @@ struct Op {
       }
       return off;
     };
-    carve(static_cast<char*>(ws.get(carve(nullptr))));
+    carve(reinterpret_cast<uintptr_t>(ws.get(carve(0))));
   }
 
   // Rows per block: MTA_CUDA_ROW_BLOCK when set (the tests use it), else a quarter of T (rounded up to
