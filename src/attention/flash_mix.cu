@@ -62,6 +62,12 @@ __device__ __forceinline__ void warp_load_rows(bf16* smem, const bf16* head, int
   }
 }
 
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
 // sum_y coef[y] * x[y tile](row, col .. col + 1) over n tiles starting at `first` (pairs of positions).
 __device__ __forceinline__ float2 mix_pair(const float* xch, const float* coef, int first, int n, int row, int col) {
   float2 acc = make_float2(0.f, 0.f);
@@ -282,9 +288,9 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward. Groups of up to 8 heads (one CTA of 8 warps keeps, per thread, dK and dV of its head's
-// 16 keys, V fragments and the mixing-gradient sums in registers).
-constexpr int kMaxGBwd = 8;
+// Backward: the same groups as the forward (16 heads at D = 64, 8 at D = 128); each thread keeps dK
+// and dV of its head's 16 keys and the V fragments in registers.
+constexpr int kMaxGBwd = kMaxG;
 
 // A operand fragments of a warp's 16-row tile (row-major, stride S) for a product over D.
 template <int D, int S>
@@ -327,7 +333,7 @@ __device__ __forceinline__ void accumulate_p_b(float (&acc)[D / 8][4], const flo
 // Backward, pass 1: delta_y[i] = sum_j A_y[i, j] dA_y[i, j], dA_y = sum_x Mpost[x, y] dA3_x,
 // dA3_x = dO_x V_x^T (causal). A CTA = 16 query rows of one group, one warp per head, as the forward.
 template <int D>
-__global__ void __launch_bounds__(32 * kMaxGBwd)
+__global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
     flash_mix_bwd_delta_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                                const bf16* __restrict__ dout, const float* __restrict__ lse,
                                const float* __restrict__ mpre, int gpre, const float* __restrict__ mpost, int gpost,
@@ -414,10 +420,11 @@ __global__ void __launch_bounds__(32 * kMaxGBwd)
 //   S^T = K Q^T -> exchange -> C'^T -> A^T = exp(C' - lse) -> exchange -> A3^T;  dV += A3^T dO;
 //   dA3^T = V dO^T -> exchange -> dA^T (Mpost^T);  dC'^T = A^T (dA^T - delta) -> exchange -> dS^T
 //   (Mpre^T);  dK += dS^T Q;  dQ += dS K (fp32 atomics, scaled at conversion);
-//   dMpost[x, y] += dA3_x . A_y and dMpre[x, y] += dC'_x . S_y, per-thread sums, then per-CTA partials
+//   dMpost[x, y] += dA3_x . A_y and dMpre[x, y] += dC'_x . S_y, summed over the warp per query block
+//   into shared memory (registers are short at 16 heads), then per-CTA partials
 //   part[(cta * G + x) * kMaxGBwd + y] reduced in a fixed order (deterministic).
 template <int D>
-__global__ void __launch_bounds__(32 * kMaxGBwd)
+__global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
     flash_mix_bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                          const bf16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
                          const float* __restrict__ mpre, int gpre, const float* __restrict__ mpost, int gpost,
@@ -433,9 +440,13 @@ __global__ void __launch_bounds__(32 * kMaxGBwd)
   float* sX = reinterpret_cast<float*>(sdS + G * kTile * SS);  // [G][16][kXS]: S0^T
   float* sA = sX + G * kTile * kXS;                            // [G][16][kXS]: A^T, then dC'^T
   float* sD = sA + G * kTile * kXS;                            // [G][16][kXS]: dA3^T
-  float* sCoef = sD + G * kTile * kXS;                         // [4][G][kMaxG]
+  float* sCoef = sD + G * kTile * kXS;  // [4][G][kMaxG]
+  float* sMpre = sCoef + 4 * G * kMaxG;  // [G][kMaxG]: this CTA's d head_pre rows
+  float* sMpost = sMpre + G * kMaxG;     // [G][kMaxG]: d head_post rows
   const MixWarp mw = mix_warp(sCoef, mpre, gpre, mpost, gpost, H, T, G);
   const int warp = mw.warp, lane = mw.lane, g = mw.g, t = mw.t, fpre = mw.fpre, fpost = mw.fpost;
+  if (lane < kMaxG) sMpre[warp * kMaxG + lane] = 0.f, sMpost[warp * kMaxG + lane] = 0.f;
+  __syncwarp();
   const size_t head = mw.head;
   const int n0 = static_cast<int>(blockIdx.y) * kTile;  // tile 0 has the most query blocks: it starts first
   q += head * D, k += head * D, v += head * D, dout += head * D, dq_acc += head * D, dk += head * D, dv += head * D;
@@ -458,7 +469,6 @@ __global__ void __launch_bounds__(32 * kMaxGBwd)
   __syncwarp();
 
   float acc_dk[D / 8][4] = {}, acc_dv[D / 8][4] = {};
-  float gpre_sum[kMaxGBwd] = {}, gpost_sum[kMaxGBwd] = {};
   for (int m0 = n0; m0 < T; m0 += kTile) {
     warp_load_rows<D, S>(myQ, q, m0, T, lane);
     warp_load_rows<D, S>(myO, dout, m0, T, lane);
@@ -522,18 +532,35 @@ __global__ void __launch_bounds__(32 * kMaxGBwd)
                                 : make_float2(d3[j][2 * r], d3[j][2 * r + 1]);
         dc[j][2 * r] = a[j][2 * r] * (da.x - dlt[j][0]);
         dc[j][2 * r + 1] = a[j][2 * r + 1] * (da.y - dlt[j][1]);
-#pragma unroll
-        for (int y = 0; y < kMaxGBwd; ++y) {
-          if (y < gpost) {
-            const float2 ay = *reinterpret_cast<const float2*>(sA + ((fpost + y) * kTile + rl) * kXS + cl);
-            gpost_sum[y] += d3[j][2 * r] * ay.x + d3[j][2 * r + 1] * ay.y;
-          }
-          if (y < gpre) {
-            const float2 sy = *reinterpret_cast<const float2*>(sX + ((fpre + y) * kTile + rl) * kXS + cl);
-            gpre_sum[y] += dc[j][2 * r] * sy.x + dc[j][2 * r + 1] * sy.y;
-          }
-        }
       }
+    // The mixing-weight gradient terms of this block: dA3_x . A_y and dC'_x . S_y over the warp's
+    // positions, summed over the warp into its rows of sMpost / sMpre.
+    for (int y = 0; y < gpost; ++y) {
+      float v = 0.f;
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float2 ay =
+              *reinterpret_cast<const float2*>(sA + ((fpost + y) * kTile + g + 8 * r) * kXS + 8 * j + 2 * t);
+          v += d3[j][2 * r] * ay.x + d3[j][2 * r + 1] * ay.y;
+        }
+      v = warp_sum(v);
+      if (lane == 0) sMpost[warp * kMaxG + y] += v;
+    }
+    for (int y = 0; y < gpre; ++y) {
+      float v = 0.f;
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float2 sy =
+              *reinterpret_cast<const float2*>(sX + ((fpre + y) * kTile + g + 8 * r) * kXS + 8 * j + 2 * t);
+          v += dc[j][2 * r] * sy.x + dc[j][2 * r + 1] * sy.y;
+        }
+      v = warp_sum(v);
+      if (lane == 0) sMpre[warp * kMaxG + y] += v;
+    }
     accumulate_p_b<D, S>(acc_dv, p, myO, lane);  // dV += A3^T dO
     __syncthreads();                             // (3) every head is done with A^T: dC'^T goes in its place
 #pragma unroll
@@ -603,20 +630,12 @@ __global__ void __launch_bounds__(32 * kMaxGBwd)
     }
     __syncwarp();
   }
-  // The mixing-gradient sums of this CTA: over the warp, then one partial per (CTA, head, y).
+  // This CTA's mixing-gradient sums: one partial per (CTA, head, y).
+  __syncwarp();
   const size_t cta = static_cast<size_t>(blockIdx.x) * gridDim.y + blockIdx.y;
-#pragma unroll
-  for (int y = 0; y < kMaxGBwd; ++y) {
-    float sp = gpre_sum[y], so = gpost_sum[y];
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      sp += __shfl_xor_sync(0xffffffffu, sp, off);
-      so += __shfl_xor_sync(0xffffffffu, so, off);
-    }
-    if (lane == 0) {
-      part_pre[(cta * G + warp) * kMaxGBwd + y] = sp;
-      part_post[(cta * G + warp) * kMaxGBwd + y] = so;
-    }
+  if (lane < kMaxGBwd) {
+    part_pre[(cta * G + warp) * kMaxGBwd + lane] = sMpre[warp * kMaxG + lane];
+    part_post[(cta * G + warp) * kMaxGBwd + lane] = sMpost[warp * kMaxG + lane];
   }
 }
 
@@ -681,7 +700,8 @@ void launch_backward(const AttentionSpec& spec, const bf16* q, const bf16* k, co
       <<<grid, 32 * G, smem_delta, s>>>(q, k, v, dout, lse, mpre, gpre, mpost, gpost, delta, H, T, G, scale);
   MTA_CUDA_CHECK_LAUNCH("flash_mix_bwd_delta_kernel");
   const size_t smem_main = 3 * static_cast<size_t>(G) * kTile * S * 2 + static_cast<size_t>(G) * kTile * SS * 2 +
-                           3 * static_cast<size_t>(G) * kTile * kXS * 4 + coef;
+                           3 * static_cast<size_t>(G) * kTile * kXS * 4 + coef +
+                           2 * static_cast<size_t>(G) * kMaxG * sizeof(float);
   MTA_CUDA_CHECK(cudaFuncSetAttribute(flash_mix_bwd_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem_main)));
   flash_mix_bwd_kernel<D><<<grid, 32 * G, smem_main, s>>>(q, k, v, dout, lse, delta, mpre, gpre, mpost, gpost, dq_acc,
@@ -727,7 +747,7 @@ void flash_mix_forward(const AttentionSpec& spec, const bf16* q, const bf16* k, 
 namespace mta::cuda {
 
 bool flash_mix_backward_supported(const AttentionSpec& spec, int D) {
-  return flash_mix_supported(spec, D) && spec.coupled_heads() <= kMaxGBwd;
+  return flash_mix_supported(spec, D);
 }
 
 size_t flash_mix_backward_scratch_bytes(int B, int H, int T, int D) {

@@ -31,7 +31,7 @@ void flash_mix_forward(const AttentionSpec& spec, const __nv_bfloat16* q, const 
                        const __nv_bfloat16* v, const float* head_pre, const float* head_post, __nv_bfloat16* o,
                        float* lse, int B, int T, cudaStream_t s);
 
-// The backward pass covers coupled groups of up to 8 heads (D = 64 or 128).
+// The backward pass covers the same specs as the forward pass.
 bool flash_mix_backward_supported(const AttentionSpec& spec, int D);
 
 // Gradients given dout and the lse of flash_mix_forward: dq, dk, dv [B, H, T, D] bf16 (overwritten);
