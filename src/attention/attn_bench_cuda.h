@@ -11,7 +11,7 @@
 
 namespace mta::cuda {
 
-// impl: "flash" (standard attention only), "fused" (FlashMTA; flash_mta_supported(spec)) or
+// impl: "flash" (standard attention only), "fused" (fused_attention.h; fused_attention_supported) or
 // "materialized" (mta_cuda.h in float32, every spec; the same input values).
 // Throws InputError for an impl that does not cover the spec.
 nlohmann::json bench_attention(const AttentionSpec& spec, int B, int T, const std::string& impl, int reps, int warmup);

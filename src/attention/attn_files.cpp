@@ -16,9 +16,7 @@
 
 #include <cstdint>
 
-#include "attention/epilogue_cuda.h"
-#include "attention/flash_mix.h"
-#include "attention/flash_mta.h"
+#include "attention/fused_attention.h"
 #include "attention/mta_cuda.h"
 #include "util/bf16_bits.h"
 #endif
@@ -125,19 +123,14 @@ void from_bf16(const DeviceArray<uint16_t>& d, std::vector<float>& host) {
 }
 __nv_bfloat16* bf(const DeviceArray<uint16_t>& d) { return reinterpret_cast<__nv_bfloat16*>(d.get()); }
 
-// The fused kernels on float32 tensors: the core (attention/flash_mta.h: kq_pre only, or
-// attention/flash_mix.h: head mixing only) and the epilogue kernels (attention/epilogue_cuda.h). q, k,
-// v and dout are rounded to bf16, the outputs come back from bf16; parameters and their gradients stay
-// float32.
+// The fused path (attention/fused_attention.h) on float32 tensors: q, k, v and dout are rounded to
+// bf16, the outputs come back from bf16; parameters and their gradients stay float32.
 void run_cuda_fused(const AttentionSpec& spec, const AttnDims& dims, const std::vector<float>& q,
                     const std::vector<float>& k, const std::vector<float>& v,
                     const std::vector<AttentionParamInfo>& infos, const std::vector<std::vector<float>>& pvals,
                     const std::vector<float>* dout, std::vector<float>& o, std::vector<float>& dq,
                     std::vector<float>& dk, std::vector<float>& dv, std::vector<std::vector<float>>& gvals) {
   if (cuda::device_count() < 1) throw std::runtime_error("--device cuda: no CUDA device is available");
-  const AttentionSpec core = cuda::attn_core_spec(spec);
-  const bool epi = cuda::attn_epilogue_enabled(spec), kq = cuda::flash_mta_supported(core, dims.D);
-  const long long rows = static_cast<long long>(dims.B) * dims.H * dims.T;
   std::vector<std::unique_ptr<DeviceArray<float>>> dp, dg;
   for (size_t i = 0; i < infos.size(); ++i) {
     dp.push_back(std::make_unique<DeviceArray<float>>(pvals[i]));
@@ -145,43 +138,22 @@ void run_cuda_fused(const AttentionSpec& spec, const AttnDims& dims, const std::
   }
   const auto p = by_info<AttnParams<float>>(infos, [&](size_t i) -> const float* { return dp[i]->get(); });
   const auto g = by_info<AttnParamGrads<float>>(infos, [&](size_t i) -> float* { return dg[i]->get(); });
+  const bool epi = cuda::fused_attention_has_epilogue(spec);
   DeviceArray<uint16_t> d_q(to_bf16(q)), d_k(to_bf16(k)), d_v(to_bf16(v)), d_o(std::vector<uint16_t>(q.size())),
       d_core(std::vector<uint16_t>(epi ? q.size() : 0));
-  DeviceArray<float> d_lse(std::vector<float>(static_cast<size_t>(rows)));
-  const DeviceArray<uint16_t>& core_out = epi ? d_core : d_o;
+  DeviceArray<float> d_lse(std::vector<float>(static_cast<size_t>(dims.B) * dims.H * dims.T));
   const AttnOptions opt;
-  if (kq)
-    cuda::flash_mta_forward(core, bf(d_q), bf(d_k), bf(d_v), p.kq_pre, bf(core_out), d_lse.get(), dims.B, dims.T, opt, 0);
-  else
-    cuda::flash_mix_forward(core, bf(d_q), bf(d_k), bf(d_v), p.head_pre, p.head_post, bf(core_out), d_lse.get(), dims.B,
-                            dims.T, 0);
-  if (epi) cuda::attn_epilogue_forward(spec, bf(d_core), p.norm, p.gate_w, p.gate_b, bf(d_o), rows, dims.D, 0);
+  cuda::fused_attention_forward(spec, bf(d_q), bf(d_k), bf(d_v), p, epi ? bf(d_core) : nullptr, bf(d_o), d_lse.get(),
+                                dims.B, dims.T, opt, 0);
   cuda_check(cudaDeviceSynchronize(), "fused forward");
   from_bf16(d_o, o);
   if (!dout) return;
   DeviceArray<uint16_t> d_dout(to_bf16(*dout)), d_dq(std::vector<uint16_t>(q.size())),
-      d_dk(std::vector<uint16_t>(q.size())), d_dv(std::vector<uint16_t>(q.size())),
-      d_dcore(std::vector<uint16_t>(epi ? q.size() : 0));
-  if (epi) {
-    DeviceArray<uint8_t> scratch(std::vector<uint8_t>(cuda::attn_epilogue_backward_scratch_bytes(rows, dims.D)));
-    cuda::attn_epilogue_backward(spec, bf(d_core), bf(d_dout), p.norm, p.gate_w, p.gate_b, bf(d_dcore), g.norm,
-                                 g.gate_w, g.gate_b, scratch.get(), rows, dims.D, 0);
-    cuda_check(cudaDeviceSynchronize(), "epilogue backward");
-  }
-  const DeviceArray<uint16_t>& dcore = epi ? d_dcore : d_dout;
-  if (kq) {
-    DeviceArray<uint8_t> scratch(
-        std::vector<uint8_t>(cuda::flash_mta_backward_scratch_bytes(dims.B, dims.H, dims.T, dims.D)));
-    cuda::flash_mta_backward(core, bf(d_q), bf(d_k), bf(d_v), p.kq_pre, bf(core_out), bf(dcore), d_lse.get(), bf(d_dq),
-                             bf(d_dk), bf(d_dv), g.kq_pre, scratch.get(), dims.B, dims.T, opt, 0);
-    cuda_check(cudaDeviceSynchronize(), "flash_mta_backward");
-  } else {
-    DeviceArray<uint8_t> scratch(
-        std::vector<uint8_t>(cuda::flash_mix_backward_scratch_bytes(dims.B, dims.H, dims.T, dims.D)));
-    cuda::flash_mix_backward(core, bf(d_q), bf(d_k), bf(d_v), p.head_pre, p.head_post, bf(dcore), d_lse.get(),
-                             bf(d_dq), bf(d_dk), bf(d_dv), g.head_pre, g.head_post, scratch.get(), dims.B, dims.T, 0);
-    cuda_check(cudaDeviceSynchronize(), "flash_mix_backward");
-  }
+      d_dk(std::vector<uint16_t>(q.size())), d_dv(std::vector<uint16_t>(q.size()));
+  DeviceArray<uint8_t> scratch(std::vector<uint8_t>(cuda::fused_attention_backward_scratch_bytes(spec, dims.B, dims.T)));
+  cuda::fused_attention_backward(spec, bf(d_q), bf(d_k), bf(d_v), p, epi ? bf(d_core) : bf(d_o), bf(d_dout),
+                                 d_lse.get(), bf(d_dq), bf(d_dk), bf(d_dv), g, scratch.get(), dims.B, dims.T, opt, 0);
+  cuda_check(cudaDeviceSynchronize(), "fused backward");
   from_bf16(d_dq, dq), from_bf16(d_dk, dk), from_bf16(d_dv, dv);
   for (size_t i = 0; i < infos.size(); ++i) dg[i]->copy_to(gvals[i]);
 }
@@ -190,12 +162,8 @@ void run_cuda_fused(const AttentionSpec& spec, const AttnDims& dims, const std::
 #ifdef MTA_HAVE_CUDA
 // Which CUDA path runs: the fused kernels where they cover the spec (auto) or when asked for; the
 // materialized op otherwise, and always for float64 input (the fused kernels compute in bf16).
-bool fused_path(const AttentionSpec& spec, const AttnDims& dims, AttnImpl impl, bool float32, bool backward) {
-  const AttentionSpec core = cuda::attn_core_spec(spec);
-  const int D = dims.D;
-  const bool covered = dims.dv() == D && (cuda::flash_mta_supported(core, D) ||
-                                          (cuda::flash_mix_supported(core, D) &&
-                                           (!backward || cuda::flash_mix_backward_supported(core, D))));
+bool fused_path(const AttentionSpec& spec, const AttnDims& dims, AttnImpl impl, bool float32) {
+  const bool covered = dims.dv() == dims.D && cuda::fused_attention_supported(spec, dims.D);
   if (impl == AttnImpl::Fused) {
     if (!covered)
       throw InputError("--impl fused: the fused kernels do not cover this spec yet (kq_pre only or head mixing "
@@ -232,7 +200,7 @@ io::SafeTensors run(const AttentionSpec& spec, const io::SafeTensors& in, const 
   bool fused = false;
   if (device == Device::Cuda) {
 #ifdef MTA_HAVE_CUDA
-    fused = fused_path(spec, dims, impl, std::is_same_v<T, float>, backward);
+    fused = fused_path(spec, dims, impl, std::is_same_v<T, float>);
     if constexpr (std::is_same_v<T, float>) {
       if (fused) run_cuda_fused(spec, dims, q, k, v, infos, pvals, backward ? &dout : nullptr, o, dq, dk, dv, gvals);
     }

@@ -25,9 +25,7 @@
 
 #include "attention/attention_op.h"
 #include "attention/flash_attn.h"
-#include "attention/epilogue_cuda.h"
-#include "attention/flash_mix.h"
-#include "attention/flash_mta.h"
+#include "attention/fused_attention.h"
 #include "attention/mta_cuda.h"
 #include "cuda/check.h"
 #include "cuda/gemm.h"
@@ -337,16 +335,11 @@ class CudaModel : public TrainableModel {
   bf16* P16l(int l, const std::string& n) { return P16(lname(l, n)); }
   float* Gl(int l, const std::string& n) { return G(lname(l, n)); }
 
-  // The fused MTA path of layer l (see the top of the file): which core kernels, if any.
-  enum class Fused { None, KqPre, Mix };
-  Fused fused_kind(int l, bool train) const {
+  // Whether MTA layer l runs the fused path (see the top of the file).
+  bool use_fused(int l, bool train) const {
     const char* e = std::getenv("MTA_FLASH_MTA");  // read per call: tests switch it
-    if ((e != nullptr && std::string(e) == "0") || config().attention != AttentionKind::Mta) return Fused::None;
-    const AttentionSpec core = cuda::attn_core_spec(config().layer_spec(l));
-    const int d = config().head_dim();
-    if (cuda::flash_mta_supported(core, d)) return Fused::KqPre;
-    if (cuda::flash_mix_backward_supported(core, d) && !(train && config().dropout > 0)) return Fused::Mix;
-    return Fused::None;
+    if ((e != nullptr && std::string(e) == "0") || config().attention != AttentionKind::Mta) return false;
+    return cuda::fused_attention_supported(config().layer_spec(l), config().head_dim(), train ? config().dropout : 0.f);
   }
 
   bool use_flash(bool train) const {
@@ -432,18 +425,10 @@ class CudaModel : public TrainableModel {
     AttnOptions opt;
     if (train) opt.dropout = c.dropout, opt.dropout_seed = site_seed(seed, l, kDropAttnWeights);
     const AttentionSpec spec = c.layer_spec(l);
-    if (const Fused fk = fused_kind(l, train); fk != Fused::None) {
-      const AttentionSpec core = cuda::attn_core_spec(spec);
-      const bool epi = cuda::attn_epilogue_enabled(spec);
-      const AttnParams<float> p = mta_params(l);
-      if (epi) L.att_core.resize(static_cast<size_t>(n));
-      bf16* out = epi ? L.att_core.get() : L.att.get();
-      if (fk == Fused::KqPre)
-        cuda::flash_mta_forward(core, L.q.get(), L.k.get(), L.v.get(), p.kq_pre, out, L.lse.get(), B, T, opt, stream_);
-      else
-        cuda::flash_mix_forward(core, L.q.get(), L.k.get(), L.v.get(), p.head_pre, p.head_post, out, L.lse.get(), B, T,
-                                stream_);
-      if (epi) cuda::attn_epilogue_forward(spec, out, p.norm, p.gate_w, p.gate_b, L.att.get(), n / d, d, stream_);
+    if (use_fused(l, train)) {
+      if (cuda::fused_attention_has_epilogue(spec)) L.att_core.resize(static_cast<size_t>(n));
+      cuda::fused_attention_forward(spec, L.q.get(), L.k.get(), L.v.get(), mta_params(l), L.att_core.get(), L.att.get(),
+                                    L.lse.get(), B, T, opt, stream_);
       return;
     }
     // DIFF: sub-heads of dim d, values of dim 2d shared by pairs.
@@ -502,31 +487,13 @@ class CudaModel : public TrainableModel {
     AttnOptions opt;
     if (train) opt.dropout = c.dropout, opt.dropout_seed = site_seed(seed, l, kDropAttnWeights);
     const AttentionSpec spec = c.layer_spec(l);
-    if (const Fused fk = fused_kind(l, train); fk != Fused::None) {
-      const AttentionSpec core = cuda::attn_core_spec(spec);
-      const bool epi = cuda::attn_epilogue_enabled(spec);
-      const AttnParams<float> p = mta_params(l);
-      const AttnParamGrads<float> gr = mta_grads(l);
+    if (use_fused(l, train)) {
       bf16* datt = tmp16c_.get();
       cuda::to_heads(da_flat, datt, B, T, H, d, false, 0.0, stream_);
-      const bf16* core_out = epi ? L.att_core.get() : L.att.get();
-      const bf16* dcore = datt;
-      if (epi) {
-        epi_scratch_.resize(cuda::attn_epilogue_backward_scratch_bytes(n / d, d));
-        dcore_.resize(static_cast<size_t>(n));
-        cuda::attn_epilogue_backward(spec, core_out, datt, p.norm, p.gate_w, p.gate_b, dcore_.get(), gr.norm, gr.gate_w,
-                                     gr.gate_b, epi_scratch_.get(), n / d, d, stream_);
-        dcore = dcore_.get();
-      }
-      if (fk == Fused::KqPre) {
-        flash_scratch_.resize(cuda::flash_mta_backward_scratch_bytes(B, H, T, d));
-        cuda::flash_mta_backward(core, L.q.get(), L.k.get(), L.v.get(), p.kq_pre, core_out, dcore, L.lse.get(), dq, dk,
-                                 dv, gr.kq_pre, flash_scratch_.get(), B, T, opt, stream_);
-      } else {
-        flash_scratch_.resize(cuda::flash_mix_backward_scratch_bytes(B, H, T, d));
-        cuda::flash_mix_backward(core, L.q.get(), L.k.get(), L.v.get(), p.head_pre, p.head_post, dcore, L.lse.get(), dq,
-                                 dk, dv, gr.head_pre, gr.head_post, flash_scratch_.get(), B, T, stream_);
-      }
+      flash_scratch_.resize(cuda::fused_attention_backward_scratch_bytes(spec, B, T));
+      const bf16* core_out = cuda::fused_attention_has_epilogue(spec) ? L.att_core.get() : L.att.get();
+      cuda::fused_attention_backward(spec, L.q.get(), L.k.get(), L.v.get(), mta_params(l), core_out, datt, L.lse.get(),
+                                     dq, dk, dv, mta_grads(l), flash_scratch_.get(), B, T, opt, stream_);
       return;
     }
     float* q32 = op_q_.get();
@@ -794,8 +761,7 @@ class CudaModel : public TrainableModel {
   DevBuf<float> rope_cs_;  // RoPE table for T_ positions (rope_ describes it)
   cuda::RopeTable rope_;
   DevBuf<float> op_q_, op_k_, op_v_, op_o_, op_o2_, op_dq_, op_dk_, op_dv_;
-  DevBuf<char> flash_scratch_, epi_scratch_;
-  DevBuf<bf16> dcore_;  // fused MTA layers with an epilogue: d(core output)
+  DevBuf<char> flash_scratch_;
   // DIFF through flash: value, output, output-gradient and q / k / v gradient halves, n = B*H*T*d each.
   static constexpr int kDiffFlashBufs = 12;
   DevBuf<bf16> diff16_;
