@@ -72,6 +72,15 @@ struct Epilogue {
   const T* gb = nullptr;
 };
 
+// 1 / sqrt(mean(o^2) + eps) of a row of length Dv read through o(e), one warp per row (all lanes get it).
+template <typename T, typename Row>
+__device__ inline T inv_rms(const Row& o, int Dv, int lane) {
+  T ms = T(0);
+  for (int e = lane; e < Dv; e += 32) ms += o(e) * o(e);
+  ms = warp_sum(ms);
+  return T(1) / dev_sqrt(ms / T(Dv) + T(kGroupNormEps));
+}
+
 // 8-10. Group norm, depth scaling, gate on rows of length Dv: rows [ra, ra + nr) of each head of `in`
 // into the same rows of `out` (both [heads][n][Dv], rows = heads * nr; in == out works in place), in
 // T's precision (TIo: the rows' storage type). One warp per row.
@@ -84,13 +93,7 @@ __global__ void epilogue_forward_kernel(const TIo* in, TIo* out, Epilogue<T> ep,
     const TIo* src = in + off;
     TIo* dst = out + off;
     auto o = [&](int e) { return static_cast<T>(src[e]); };
-    T rr = T(1);
-    if (ep.norm) {
-      T ms = T(0);
-      for (int e = lane; e < Dv; e += 32) ms += o(e) * o(e);
-      ms = warp_sum(ms);
-      rr = T(1) / dev_sqrt(ms / T(Dv) + T(kGroupNormEps));
-    }
+    const T rr = ep.norm ? inv_rms<T>(o, Dv, lane) : T(1);
     // The value after norm and depth scaling, recomputed where needed (each lane owns its e's).
     auto scaled = [&](int e) {
       T val = ep.norm ? o(e) * rr * ep.gn[e] : o(e);
@@ -131,13 +134,7 @@ __global__ void epilogue_backward_kernel(const TIo* __restrict__ obuf, const TIo
     auto o = [&](int e) { return static_cast<T>(ob[e]); };
     auto g = [&](int e) { return static_cast<T>(gb[e]); };
     T* d = dobuf + r * Dv;
-    T rr = T(1);
-    if (ep.norm) {
-      T ms = T(0);
-      for (int e = lane; e < Dv; e += 32) ms += o(e) * o(e);
-      ms = warp_sum(ms);
-      rr = T(1) / dev_sqrt(ms / T(Dv) + T(kGroupNormEps));
-    }
+    const T rr = ep.norm ? inv_rms<T>(o, Dv, lane) : T(1);
     auto scaled = [&](int e) {  // nrm * ds, as the CPU's scl
       const T nrm = ep.norm ? o(e) * rr * ep.gn[e] : o(e);
       return nrm * ep.ds;

@@ -68,6 +68,20 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// sum over the warp's 16 x 16 positions of x (accumulator layout) times an exchange tile, reduced over
+// the warp (every lane gets the sum).
+__device__ __forceinline__ float warp_dot_tile(const float (&x)[2][4], const float* tile, int g, int t) {
+  float v = 0.f;
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float2 y = *reinterpret_cast<const float2*>(tile + (g + 8 * r) * kXS + 8 * j + 2 * t);
+      v += x[j][2 * r] * y.x + x[j][2 * r + 1] * y.y;
+    }
+  return warp_sum(v);
+}
+
 // sum_y coef[y] * x[y tile](row, col .. col + 1) over n tiles starting at `first` (pairs of positions).
 __device__ __forceinline__ float2 mix_pair(const float* xch, const float* coef, int first, int n, int row, int col) {
   float2 acc = make_float2(0.f, 0.f);
@@ -536,29 +550,11 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
     // The mixing-weight gradient terms of this block: dA3_x . A_y and dC'_x . S_y over the warp's
     // positions, summed over the warp into its rows of sMpost / sMpre.
     for (int y = 0; y < gpost; ++y) {
-      float v = 0.f;
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const float2 ay =
-              *reinterpret_cast<const float2*>(sA + ((fpost + y) * kTile + g + 8 * r) * kXS + 8 * j + 2 * t);
-          v += d3[j][2 * r] * ay.x + d3[j][2 * r + 1] * ay.y;
-        }
-      v = warp_sum(v);
+      const float v = warp_dot_tile(d3, sA + (fpost + y) * kTile * kXS, g, t);
       if (lane == 0) sMpost[warp * kMaxG + y] += v;
     }
     for (int y = 0; y < gpre; ++y) {
-      float v = 0.f;
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const float2 sy =
-              *reinterpret_cast<const float2*>(sX + ((fpre + y) * kTile + g + 8 * r) * kXS + 8 * j + 2 * t);
-          v += dc[j][2 * r] * sy.x + dc[j][2 * r + 1] * sy.y;
-        }
-      v = warp_sum(v);
+      const float v = warp_dot_tile(dc, sX + (fpre + y) * kTile * kXS, g, t);
       if (lane == 0) sMpre[warp * kMaxG + y] += v;
     }
     accumulate_p_b<D, S>(acc_dv, p, myO, lane);  // dV += A3^T dO
