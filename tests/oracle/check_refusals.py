@@ -270,7 +270,7 @@ def del_field(h, name, field):
 
 
 # ---------------------------------------------------------------------------------------- runner --
-def run_one(mta, spec, tens, work):
+def run_one(mta, spec, tens, work, extra=()):
     """Writes the files into a fresh folder under `work`; returns (rc, stderr, outdir, out_path)."""
     d = tempfile.mkdtemp(dir=work)
     outdir = os.path.join(d, "outdir")
@@ -289,7 +289,7 @@ def run_one(mta, spec, tens, work):
         with open(in_path, "wb") as f:
             f.write(tens if isinstance(tens, (bytes, bytearray)) else st.serialize(tens))
     try:
-        p = subprocess.run([mta, "attn", "--spec", spec_path, "--in", in_path, "--out", out_path],
+        p = subprocess.run([mta, "attn", "--spec", spec_path, "--in", in_path, "--out", out_path, *extra],
                            capture_output=True, text=True, timeout=120, errors="replace")
     except subprocess.TimeoutExpired:
         return None, "(timed out)", outdir, out_path
@@ -345,8 +345,11 @@ def main():
         print(f"{'ok  ' if ok else 'FAIL'} baseline (valid all-on spec and input) is accepted{': ' + why if why else ''}")
         passed += ok
         failed += not ok
-        for name, spec, tens, groups in build_cases():
-            rc, err, outdir, out_path = run_one(mta, spec, tens, work)
+        # bad option values: valid files, one bad flag
+        flag_cases = [("--impl bogus", BASE_SPEC, base_tensors(), [[r"--impl"]], ["--impl", "bogus"]),
+                      ("--device tpu", BASE_SPEC, base_tensors(), [[r"--device"]], ["--device", "tpu"])]
+        for name, spec, tens, groups, extra in [(n, s, t, g, ()) for n, s, t, g in build_cases()] + flag_cases:
+            rc, err, outdir, out_path = run_one(mta, spec, tens, work, extra)
             problems = judge(rc, err, outdir, out_path, groups)
             line = err.rstrip("\n")
             if problems:
