@@ -7,7 +7,9 @@ For each config (default: configs/bench/lm-{125m,350m}-{transformer,mta}.json) i
 `mta bench train CONFIG --device cuda` (random tokens, every position scored) and the same
 architecture in PyTorch (tests/oracle/model_torch.py; bf16 autocast, fp32 master weights, fused
 AdamW, torch.compile, standard attention through SDPA flash; MTA materialized, as the paper's code
-does), and prints tokens/s, MFU and the ratio mta/PyTorch as a markdown table. PyTorch's MTA needs
+does), and prints tokens/s, MFU and the ratio mta/PyTorch as a markdown table; then, for each MTA config
+whose baseline (the same name with "transformer" for "mta") was measured in the run, the MTA model's
+tokens/s as a fraction of its baseline's, on each side (issue 5; the paper's code: 10.5%). PyTorch's MTA needs
 T x T tensors per layer: on out-of-memory the batch is halved (reported). --device cpu runs a smoke
 test of the PyTorch side without compile or SDPA.
 """
@@ -106,6 +108,7 @@ def main():
           f"T={args.seq}, median of {args.steps} steps after {args.warmup}")
     print("| config | params | batch (mta / torch) | mta tok/s | mta MFU | torch tok/s | torch MFU | mta / torch |")
     print("|---|---|---|---|---|---|---|---|")
+    measured = {}  # config name -> (mta tok/s, PyTorch tok/s or None)
     for path in args.configs.split(","):
         cfg = json.loads(pathlib.Path(path).read_text())
         t0 = time.time()
@@ -126,11 +129,20 @@ def main():
         if torch_res is None:
             print(f"| {name} | {mj['params']:,} | {args.batch} / OOM at 1 | {mj['tokens_per_s']:,.0f} | "
                   f"{mj.get('mfu', 0):.1%} | OOM | - | - |", flush=True)
+            measured[name] = (mj["tokens_per_s"], None)
             continue
         tok_s, n_params = torch_res
         mfu = flops_per_token(cfg["model"], n_params, args.seq) * tok_s / (PEAK_TFLOPS * 1e12)
         print(f"| {name} | {mj['params']:,} | {args.batch} / {B} | {mj['tokens_per_s']:,.0f} | {mj.get('mfu', 0):.1%} | "
               f"{tok_s:,.0f} | {mfu:.1%} | {mj['tokens_per_s'] / tok_s:.2f}x |", flush=True)
+        measured[name] = (mj["tokens_per_s"], tok_s)
+    for name, (m_tok, t_tok) in measured.items():
+        base = measured.get(name.replace("mta", "transformer")) if "mta" in name else None
+        if base is None:
+            continue
+        torch_part = f"{t_tok / base[1]:.1%}" if t_tok and base[1] else "-"
+        print(f"\n{name}: MTA tokens/s as a fraction of the baseline's: mta {m_tok / base[0]:.1%}, "
+              f"PyTorch {torch_part} (the paper's code: 10.5%; issue 5's goal for mta: >= 75%)", flush=True)
 
 
 if __name__ == "__main__":

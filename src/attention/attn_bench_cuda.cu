@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "attention/flash_attn.h"
-#include "attention/flash_mta.h"
+#include "attention/fused_attention.h"
 #include "attention/init.h"
 #include "attention/mta_cuda.h"
 #include "cuda/check.h"
@@ -79,15 +79,22 @@ double median_ms(const std::function<void()>& fn, int reps, int warmup) {
   return t[t.size() / 2];
 }
 
+__global__ void cast_bf16_to_f32(const bf16* x, float* y, long long n) {
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x)
+    y[i] = __bfloat162float(x[i]);
+}
+
 }  // namespace
 
 nlohmann::json bench_attention(const AttentionSpec& spec, int B, int T, const std::string& impl, int reps, int warmup) {
   const int H = spec.heads, D = spec.head_dim;
   if (impl == "flash" && !spec.is_standard())
     throw InputError("--impl flash: only for standard attention (this spec has MTA options)");
-  if (impl == "fused" && !flash_mta_supported(spec, D))
+  if (impl == "fused" && !fused_attention_supported(spec, D))
     throw InputError("--impl fused: the fused kernels do not cover this spec yet (see docs/flash-mta.md)");
-  if (impl != "flash" && impl != "fused") throw InputError("--impl: must be flash or fused (got '" + impl + "')");
+  if (impl != "flash" && impl != "fused" && impl != "materialized")
+    throw InputError("--impl: must be flash, fused or materialized (got '" + impl + "')");
   if (device_count() < 1) throw std::runtime_error("--device cuda: no CUDA device is available");
   const size_t n = static_cast<size_t>(B) * H * T * D, rows = static_cast<size_t>(B) * H * T;
   Arena mem;
@@ -95,31 +102,68 @@ nlohmann::json bench_attention(const AttentionSpec& spec, int B, int T, const st
        *dout = mem.random_bf16(n, 4);
   bf16 *o = mem.alloc<bf16>(n), *dq = mem.alloc<bf16>(n), *dk = mem.alloc<bf16>(n), *dv = mem.alloc<bf16>(n);
   float* lse = mem.alloc<float>(rows);
-  float *w = nullptr, *gw = nullptr;
   void* scratch = nullptr;
   std::function<void()> fwd, bwd;
-  if (impl == "flash") {
+  // Parameters at identity plus noise (fp32); for the materialized op (mta_cuda.h, float32) also fp32
+  // copies of the same (bf16) input values.
+  float *q32 = nullptr, *k32 = nullptr, *v32 = nullptr, *o32 = nullptr, *do32 = nullptr, *dq32 = nullptr,
+        *dk32 = nullptr, *dv32 = nullptr;
+  const auto infos = attention_params(spec);
+  std::vector<float*> pdev(infos.size(), nullptr), gdev(infos.size(), nullptr);
+  if (impl == "materialized") {
+    q32 = mem.alloc<float>(n), k32 = mem.alloc<float>(n), v32 = mem.alloc<float>(n), do32 = mem.alloc<float>(n);
+    o32 = mem.alloc<float>(n), dq32 = mem.alloc<float>(n), dk32 = mem.alloc<float>(n), dv32 = mem.alloc<float>(n);
+    for (auto [from, to] : {std::pair{q, q32}, {k, k32}, {v, v32}, {dout, do32}}) {
+      cast_bf16_to_f32<<<1024, 256>>>(from, to, static_cast<long long>(n));
+      MTA_CUDA_CHECK_LAUNCH("cast_bf16_to_f32");
+    }
+  }
+  for (size_t p = 0; p < infos.size(); ++p) {
+    size_t cnt = 1;
+    for (auto d : infos[p].shape) cnt *= static_cast<size_t>(d);
+    std::vector<float> hp(cnt);
+    init_attention_param_identity(spec, infos[p], hp.data());
+    for (size_t i = 0; i < cnt; ++i) hp[i] += 0.05f * static_cast<float>(static_cast<int>(i * 7919 % 21) - 10) / 10.f;
+    pdev[p] = mem.alloc<float>(cnt), gdev[p] = mem.alloc<float>(cnt);
+    MTA_CUDA_CHECK(cudaMemcpy(pdev[p], hp.data(), cnt * sizeof(float), cudaMemcpyHostToDevice));
+    MTA_CUDA_CHECK(cudaMemset(gdev[p], 0, cnt * sizeof(float)));
+  }
+  auto lookup = [&](const std::vector<float*>& bufs, const char* name) -> float* {
+    for (size_t i = 0; i < infos.size(); ++i)
+      if (infos[i].name == name) return bufs[i];
+    return nullptr;
+  };
+  const auto params = attn_pointers<AttnParams<float>>([&](const char* nm) -> const float* { return lookup(pdev, nm); });
+  const auto grads = attn_pointers<AttnParamGrads<float>>([&](const char* nm) -> float* { return lookup(gdev, nm); });
+  size_t workspace = 0;  // the materialized op's own allocations, the larger of forward and backward
+  if (impl == "materialized") {
+    const AttnDims dims{B, H, T, D};
+    fwd = [&] {
+      mta_forward<float>(spec, dims, q32, k32, v32, params, o32);
+      workspace = std::max(workspace, mta_last_workspace_bytes());
+    };
+    bwd = [&] {
+      mta_backward<float>(spec, dims, q32, k32, v32, params, do32, dq32, dk32, dv32, grads);
+      workspace = std::max(workspace, mta_last_workspace_bytes());
+    };
+  } else if (impl == "flash") {
     scratch = mem.alloc<unsigned char>(flash_attn_backward_scratch_bytes(B, H, T, D));
     fwd = [&] { flash_attn_forward(q, k, v, o, lse, B, H, T, D, nullptr); };
     bwd = [&] { flash_attn_backward(q, k, v, o, dout, lse, dq, dk, dv, scratch, B, H, T, D, nullptr); };
   } else {
-    const size_t nw = static_cast<size_t>(H) * spec.kq_pre->q * spec.kq_pre->k;
-    std::vector<float> hw(nw);
-    for (const auto& info : attention_params(spec))
-      if (info.name == "kq_pre") init_attention_param_identity(spec, info, hw.data());
-    for (size_t i = 0; i < nw; ++i) hw[i] += 0.05f * static_cast<float>(static_cast<int>(i * 7919 % 21) - 10) / 10.f;
-    w = mem.alloc<float>(nw), gw = mem.alloc<float>(nw);
-    MTA_CUDA_CHECK(cudaMemcpy(w, hw.data(), nw * sizeof(float), cudaMemcpyHostToDevice));
-    MTA_CUDA_CHECK(cudaMemset(gw, 0, nw * sizeof(float)));
-    scratch = mem.alloc<unsigned char>(flash_mta_backward_scratch_bytes(B, H, T, D));
-    fwd = [&] { flash_mta_forward(spec, q, k, v, w, o, lse, B, T, AttnOptions{}, nullptr); };
-    bwd = [&] { flash_mta_backward(spec, q, k, v, w, o, dout, lse, dq, dk, dv, gw, scratch, B, T, AttnOptions{}, nullptr); };
+    bf16* core = fused_attention_has_epilogue(spec) ? mem.alloc<bf16>(n) : nullptr;
+    scratch = mem.alloc<unsigned char>(fused_attention_backward_scratch_bytes(spec, B, T));
+    fwd = [&, core] { fused_attention_forward(spec, q, k, v, params, core, o, lse, B, T, AttnOptions{}, nullptr); };
+    bwd = [&, core] {
+      fused_attention_backward(spec, q, k, v, params, core ? core : o, dout, lse, dq, dk, dv, grads, scratch, B, T,
+                               AttnOptions{}, nullptr);
+    };
   }
   MTA_CUDA_CHECK(cudaDeviceSynchronize());
   const double fwd_ms = median_ms(fwd, reps, warmup);
   const double bwd_ms = median_ms(bwd, reps, warmup);
   return {{"impl", impl}, {"B", B}, {"H", H}, {"T", T}, {"D", D}, {"fwd_ms", fwd_ms}, {"bwd_ms", bwd_ms},
-          {"fwd_bwd_ms", fwd_ms + bwd_ms}, {"device_bytes", mem.bytes()}, {"reps", reps}};
+          {"fwd_bwd_ms", fwd_ms + bwd_ms}, {"device_bytes", mem.bytes() + workspace}, {"reps", reps}};
 }
 
 }  // namespace mta::cuda

@@ -2,7 +2,8 @@
 // One attention layer timed on the GPU (`mta bench attn --device cuda`): bf16 inputs drawn at random
 // on the device (never zeros), the layer's parameters at identity plus noise, forward and backward
 // each timed with CUDA events (median of `reps` after `warmup`), and the device memory the layer
-// used: every buffer it reads or writes, scratch included (the fused kernels allocate nothing else).
+// used: every buffer it reads or writes, scratch included (the fused kernels allocate nothing else;
+// the materialized op's own workspace is added).
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -10,7 +11,8 @@
 
 namespace mta::cuda {
 
-// impl: "flash" (standard attention only) or "fused" (FlashMTA; flash_mta_supported(spec)).
+// impl: "flash" (standard attention only), "fused" (fused_attention.h; fused_attention_supported) or
+// "materialized" (mta_cuda.h in float32, every spec; the same input values).
 // Throws InputError for an impl that does not cover the spec.
 nlohmann::json bench_attention(const AttentionSpec& spec, int B, int T, const std::string& impl, int reps, int warmup);
 

@@ -16,7 +16,7 @@
 
 #include <cstdint>
 
-#include "attention/flash_mta.h"
+#include "attention/fused_attention.h"
 #include "attention/mta_cuda.h"
 #include "util/bf16_bits.h"
 #endif
@@ -123,33 +123,39 @@ void from_bf16(const DeviceArray<uint16_t>& d, std::vector<float>& host) {
 }
 __nv_bfloat16* bf(const DeviceArray<uint16_t>& d) { return reinterpret_cast<__nv_bfloat16*>(d.get()); }
 
-// The fused kernels (attention/flash_mta.h) on float32 tensors: q, k, v and dout are rounded to bf16,
-// the outputs come back from bf16; the kernel weights and their gradient stay float32.
+// The fused path (attention/fused_attention.h) on float32 tensors: q, k, v and dout are rounded to
+// bf16, the outputs come back from bf16; parameters and their gradients stay float32.
 void run_cuda_fused(const AttentionSpec& spec, const AttnDims& dims, const std::vector<float>& q,
                     const std::vector<float>& k, const std::vector<float>& v,
                     const std::vector<AttentionParamInfo>& infos, const std::vector<std::vector<float>>& pvals,
                     const std::vector<float>* dout, std::vector<float>& o, std::vector<float>& dq,
                     std::vector<float>& dk, std::vector<float>& dv, std::vector<std::vector<float>>& gvals) {
   if (cuda::device_count() < 1) throw std::runtime_error("--device cuda: no CUDA device is available");
-  if (infos.size() != 1 || infos[0].name != "kq_pre")
-    throw std::logic_error("run_cuda_fused: flash_mta_supported admitted a spec with parameters other than kq_pre");
-  DeviceArray<uint16_t> d_q(to_bf16(q)), d_k(to_bf16(k)), d_v(to_bf16(v)), d_o(std::vector<uint16_t>(q.size()));
-  DeviceArray<float> d_w(pvals[0]), d_lse(std::vector<float>(static_cast<size_t>(dims.B) * dims.H * dims.T));
+  std::vector<std::unique_ptr<DeviceArray<float>>> dp, dg;
+  for (size_t i = 0; i < infos.size(); ++i) {
+    dp.push_back(std::make_unique<DeviceArray<float>>(pvals[i]));
+    dg.push_back(std::make_unique<DeviceArray<float>>(gvals[i]));  // zeros: gradients are added into
+  }
+  const auto p = by_info<AttnParams<float>>(infos, [&](size_t i) -> const float* { return dp[i]->get(); });
+  const auto g = by_info<AttnParamGrads<float>>(infos, [&](size_t i) -> float* { return dg[i]->get(); });
+  const bool epi = cuda::fused_attention_has_epilogue(spec);
+  DeviceArray<uint16_t> d_q(to_bf16(q)), d_k(to_bf16(k)), d_v(to_bf16(v)), d_o(std::vector<uint16_t>(q.size())),
+      d_core(std::vector<uint16_t>(epi ? q.size() : 0));
+  DeviceArray<float> d_lse(std::vector<float>(static_cast<size_t>(dims.B) * dims.H * dims.T));
   const AttnOptions opt;
-  cuda::flash_mta_forward(spec, bf(d_q), bf(d_k), bf(d_v), d_w.get(), bf(d_o), d_lse.get(), dims.B, dims.T, opt, 0);
-  cuda_check(cudaDeviceSynchronize(), "flash_mta_forward");
+  cuda::fused_attention_forward(spec, bf(d_q), bf(d_k), bf(d_v), p, epi ? bf(d_core) : nullptr, bf(d_o), d_lse.get(),
+                                dims.B, dims.T, opt, 0);
+  cuda_check(cudaDeviceSynchronize(), "fused forward");
   from_bf16(d_o, o);
   if (!dout) return;
   DeviceArray<uint16_t> d_dout(to_bf16(*dout)), d_dq(std::vector<uint16_t>(q.size())),
       d_dk(std::vector<uint16_t>(q.size())), d_dv(std::vector<uint16_t>(q.size()));
-  DeviceArray<float> d_gw(gvals[0]);  // zeros: the kernel adds into it
-  DeviceArray<uint8_t> scratch(
-      std::vector<uint8_t>(cuda::flash_mta_backward_scratch_bytes(dims.B, dims.H, dims.T, dims.D)));
-  cuda::flash_mta_backward(spec, bf(d_q), bf(d_k), bf(d_v), d_w.get(), bf(d_o), bf(d_dout), d_lse.get(), bf(d_dq),
-                           bf(d_dk), bf(d_dv), d_gw.get(), scratch.get(), dims.B, dims.T, opt, 0);
-  cuda_check(cudaDeviceSynchronize(), "flash_mta_backward");
+  DeviceArray<uint8_t> scratch(std::vector<uint8_t>(cuda::fused_attention_backward_scratch_bytes(spec, dims.B, dims.T)));
+  cuda::fused_attention_backward(spec, bf(d_q), bf(d_k), bf(d_v), p, epi ? bf(d_core) : bf(d_o), bf(d_dout),
+                                 d_lse.get(), bf(d_dq), bf(d_dk), bf(d_dv), g, scratch.get(), dims.B, dims.T, opt, 0);
+  cuda_check(cudaDeviceSynchronize(), "fused backward");
   from_bf16(d_dq, dq), from_bf16(d_dk, dk), from_bf16(d_dv, dv);
-  d_gw.copy_to(gvals[0]);
+  for (size_t i = 0; i < infos.size(); ++i) dg[i]->copy_to(gvals[i]);
 }
 #endif
 
@@ -157,11 +163,12 @@ void run_cuda_fused(const AttentionSpec& spec, const AttnDims& dims, const std::
 // Which CUDA path runs: the fused kernels where they cover the spec (auto) or when asked for; the
 // materialized op otherwise, and always for float64 input (the fused kernels compute in bf16).
 bool fused_path(const AttentionSpec& spec, const AttnDims& dims, AttnImpl impl, bool float32) {
-  const bool covered = cuda::flash_mta_supported(spec, dims.D) && dims.dv() == dims.D;
+  const bool covered = dims.dv() == dims.D && cuda::fused_attention_supported(spec, dims.D);
   if (impl == AttnImpl::Fused) {
     if (!covered)
-      throw InputError("--impl fused: the fused kernels do not cover this spec yet (kq_pre only, head_dim 64 or "
-                       "128; see docs/flash-mta.md); use --impl auto or materialized");
+      throw InputError("--impl fused: the fused kernels do not cover this spec yet (kq_pre only or head mixing "
+                       "only, plus norm / depth scaling / gate; head_dim 64 or 128; see docs/flash-mta.md); use "
+                       "--impl auto or materialized");
     if (!float32) throw InputError("--impl fused: the fused kernels take F32 input (they compute in bf16), not F64");
   }
   return impl != AttnImpl::Materialized && covered && float32;

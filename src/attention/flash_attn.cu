@@ -86,10 +86,12 @@ using Bwd128 = BwdTraits<128, 32, 64, 4>;
 // x = s * scale * log2(e), m = running max of x, l = running sum of exp2(x - m) (kept per thread
 // and reduced over the 4 threads of a row at the end), o rescaled by exp2(m_old - m_new).
 // lse = (m * ln 2) + ln(l): natural log-sum-exp of the scaled logits.
-template <class Tr>
+// kDrop: attention dropout (a separate instantiation, so the kernels without it are unchanged).
+template <class Tr, bool kDrop>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
     flash_fwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
-                     bf16* __restrict__ o, float* __restrict__ lse, int T, float scale_log2) {
+                     bf16* __restrict__ o, float* __restrict__ lse, int T, float scale_log2, float p_drop,
+                     unsigned long long drop_seed) {
   constexpr int D = Tr::D, BM = Tr::kBlockM, BN = Tr::kBlockN, S = Tr::kStride, kThreads = Tr::kThreads;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
@@ -138,6 +140,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
 
     mask_future<BN>(acc_s, n0, row_w, T, lane);
     online_softmax<BN, D>(acc_s, row_max, row_sum, acc_o, scale_log2);
+    if (kDrop) apply_dropout<BN>(acc_s, blockIdx.x, T, row_w, n0, p_drop, drop_seed, lane);  // after the row sums
     accumulate_pv<BN, D, S>(acc_s, cV, acc_o, lane);
   }
 
@@ -165,12 +168,12 @@ __device__ __forceinline__ void load_row_stats(float* s_lse, float* s_delta, con
 //   dV += P^T dO,  dP^T = V dO^T,  dS^T = P^T * (dP^T - delta),  dK += dS^T Q,
 //   dS^T -> shared memory (bf16), then all warps compute dQ_tile += dS K and add it to the fp32
 //   accumulator with atomicAdd (the scale is applied when dq is converted). dK is scaled at the end.
-template <class Tr>
+template <class Tr, bool kDrop>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     flash_bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                      const bf16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
                      float* __restrict__ dq_accum, bf16* __restrict__ dk, bf16* __restrict__ dv, int T,
-                     float scale_log2, float scale) {
+                     float scale_log2, float scale, float p_drop, unsigned long long drop_seed) {
   constexpr int D = Tr::D, BM = Tr::kBlockM, BN = Tr::kBlockN, S = Tr::kStride, SS = Tr::kStrideS;
   constexpr int kThreads = Tr::kThreads, kWarps = Tr::kWarps;
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -242,13 +245,20 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         acc_s[j][e] = p;
       }
 
-    // dV += P^T dO (k = queries).
+    // With attention dropout, the weights that met V are P^T times the mask factor (the forward's mask).
+    auto drop = [&](int j, int e) {
+      return kDrop ? dropout_factor(blockIdx.x, T, m0 + 8 * j + 2 * t + (e & 1), kw0 + g + 8 * (e >> 1), p_drop,
+                                    drop_seed)
+                   : 1.f;
+    };
+    // dV += (P^T * mask) dO (k = queries).
 #pragma unroll
     for (int kk = 0; kk < BM / 16; ++kk) {
-      const uint32_t a[4] = {pack_bf16(acc_s[2 * kk][0], acc_s[2 * kk][1]),
-                             pack_bf16(acc_s[2 * kk][2], acc_s[2 * kk][3]),
-                             pack_bf16(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]),
-                             pack_bf16(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3])};
+      const int j0 = 2 * kk, j1 = 2 * kk + 1;
+      const uint32_t a[4] = {pack_bf16(acc_s[j0][0] * drop(j0, 0), acc_s[j0][1] * drop(j0, 1)),
+                             pack_bf16(acc_s[j0][2] * drop(j0, 2), acc_s[j0][3] * drop(j0, 3)),
+                             pack_bf16(acc_s[j1][0] * drop(j1, 0), acc_s[j1][1] * drop(j1, 1)),
+                             pack_bf16(acc_s[j1][2] * drop(j1, 2), acc_s[j1][3] * drop(j1, 3))};
 #pragma unroll
       for (int dn = 0; dn < D / 16; ++dn) {
         uint32_t b[4];
@@ -262,11 +272,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     float acc_dp[BM / 8][4];
     warp_gemm_abt<BM, D, S>(acc_dp, sV + warp * 16 * S, cdO, lane);
 
-    // dS^T = P^T * (dP^T - delta) in fp32 (gradient of the scaled logits).
+    // dS^T = P^T * (dP^T * mask - delta) in fp32 (gradient of the scaled logits; delta = dO . O with
+    // the dropped-out O).
 #pragma unroll
     for (int j = 0; j < BM / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc_dp[j][e] = acc_s[j][e] * (acc_dp[j][e] - cDelta[8 * j + 2 * t + (e & 1)]);
+      for (int e = 0; e < 4; ++e)
+        acc_dp[j][e] = acc_s[j][e] * (acc_dp[j][e] * drop(j, e) - cDelta[8 * j + 2 * t + (e & 1)]);
 
     // dK += dS^T Q (k = queries), and dS^T -> shared memory for the dQ step.
 #pragma unroll
@@ -375,21 +387,21 @@ void check_tensor(const void* p, const char* name) {
 
 template <class Tr>
 void launch_forward(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int B, int H, int T,
-                    cudaStream_t s) {
+                    cudaStream_t s, float p_drop, unsigned long long seed) {
   const long long m_blocks = (static_cast<long long>(T) + Tr::kBlockM - 1) / Tr::kBlockM;
   fa_require(m_blocks <= 65535, "T too large for the forward grid");
   const float scale = 1.0f / std::sqrt(static_cast<float>(Tr::D));
   const dim3 grid(static_cast<unsigned>(B * H), static_cast<unsigned>(m_blocks));
-  FA_CHECK(cudaFuncSetAttribute(flash_fwd_kernel<Tr>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                static_cast<int>(Tr::kSmemBytes)));
-  flash_fwd_kernel<Tr><<<grid, Tr::kThreads, Tr::kSmemBytes, s>>>(q, k, v, o, lse, T, scale * kLog2e);
+  auto kernel = p_drop > 0.f ? flash_fwd_kernel<Tr, true> : flash_fwd_kernel<Tr, false>;
+  FA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Tr::kSmemBytes)));
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, s>>>(q, k, v, o, lse, T, scale * kLog2e, p_drop, seed);
   FA_CHECK_LAUNCH("flash_fwd_kernel");
 }
 
 template <class Tr>
 void launch_backward(const bf16* q, const bf16* k, const bf16* v, const bf16* o, const bf16* dout, const float* lse,
                      bf16* dq, bf16* dk, bf16* dv, float* dq_accum, float* delta, int B, int H, int T,
-                     cudaStream_t s) {
+                     cudaStream_t s, float p_drop, unsigned long long seed) {
   constexpr int D = Tr::D;
   const long long n_blocks = (static_cast<long long>(T) + Tr::kBlockN - 1) / Tr::kBlockN;
   fa_require(n_blocks <= 65535, "T too large for the backward grid");
@@ -402,10 +414,10 @@ void launch_backward(const bf16* q, const bf16* k, const bf16* v, const bf16* o,
   launch_row_dot<D>(o, dout, delta, rows, s);
 
   const dim3 grid(static_cast<unsigned>(B * H), static_cast<unsigned>(n_blocks));
-  FA_CHECK(cudaFuncSetAttribute(flash_bwd_kernel<Tr>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                static_cast<int>(Tr::kSmemBytes)));
-  flash_bwd_kernel<Tr><<<grid, Tr::kThreads, Tr::kSmemBytes, s>>>(q, k, v, dout, lse, delta, dq_accum, dk, dv, T,
-                                                                   scale * kLog2e, scale);
+  auto kernel = p_drop > 0.f ? flash_bwd_kernel<Tr, true> : flash_bwd_kernel<Tr, false>;
+  FA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Tr::kSmemBytes)));
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, s>>>(q, k, v, dout, lse, delta, dq_accum, dk, dv, T, scale * kLog2e,
+                                                    scale, p_drop, seed);
   FA_CHECK_LAUNCH("flash_bwd_kernel");
 
   launch_convert_accum(dq_accum, dq, numel, scale, s);
@@ -414,14 +426,16 @@ void launch_backward(const bf16* q, const bf16* k, const bf16* v, const bf16* o,
 }  // namespace
 
 void flash_attn_forward(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* o,
-                        float* lse, int B, int H, int T, int D, cudaStream_t s) {
+                        float* lse, int B, int H, int T, int D, cudaStream_t s, float dropout,
+                        unsigned long long dropout_seed) {
   check_shape(B, H, T, D);
   check_tensor(q, "q"), check_tensor(k, "k"), check_tensor(v, "v"), check_tensor(o, "o");
   fa_require(lse != nullptr && aligned(lse, alignof(float)), "lse is null or misaligned");
+  fa_require(dropout >= 0.f && dropout < 1.f, "dropout must be in [0, 1)");
   if (D == 64)
-    launch_forward<Fwd64>(q, k, v, o, lse, B, H, T, s);
+    launch_forward<Fwd64>(q, k, v, o, lse, B, H, T, s, dropout, dropout_seed);
   else
-    launch_forward<Fwd128>(q, k, v, o, lse, B, H, T, s);
+    launch_forward<Fwd128>(q, k, v, o, lse, B, H, T, s, dropout, dropout_seed);
 }
 
 size_t flash_attn_backward_scratch_bytes(int B, int H, int T, int D) {
@@ -434,19 +448,20 @@ size_t flash_attn_backward_scratch_bytes(int B, int H, int T, int D) {
 void flash_attn_backward(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                          const __nv_bfloat16* o, const __nv_bfloat16* dout, const float* lse, __nv_bfloat16* dq,
                          __nv_bfloat16* dk, __nv_bfloat16* dv, void* scratch, int B, int H, int T, int D,
-                         cudaStream_t s) {
+                         cudaStream_t s, float dropout, unsigned long long dropout_seed) {
   check_shape(B, H, T, D);
   check_tensor(q, "q"), check_tensor(k, "k"), check_tensor(v, "v"), check_tensor(o, "o");
   check_tensor(dout, "dout"), check_tensor(dq, "dq"), check_tensor(dk, "dk"), check_tensor(dv, "dv");
   check_tensor(scratch, "scratch");
   fa_require(lse != nullptr && aligned(lse, alignof(float)), "lse is null or misaligned");
+  fa_require(dropout >= 0.f && dropout < 1.f, "dropout must be in [0, 1)");
   const size_t rows = static_cast<size_t>(B) * H * T;
   float* dq_accum = static_cast<float*>(scratch);
   float* delta = dq_accum + rows * D;
   if (D == 64)
-    launch_backward<Bwd64>(q, k, v, o, dout, lse, dq, dk, dv, dq_accum, delta, B, H, T, s);
+    launch_backward<Bwd64>(q, k, v, o, dout, lse, dq, dk, dv, dq_accum, delta, B, H, T, s, dropout, dropout_seed);
   else
-    launch_backward<Bwd128>(q, k, v, o, dout, lse, dq, dk, dv, dq_accum, delta, B, H, T, s);
+    launch_backward<Bwd128>(q, k, v, o, dout, lse, dq, dk, dv, dq_accum, delta, B, H, T, s, dropout, dropout_seed);
 }
 
 }  // namespace mta::cuda

@@ -17,6 +17,10 @@
 //     CUDA failures (also launch errors, checked with cudaGetLastError after every launch) throw
 //     std::runtime_error("file:line: ..."); invalid arguments throw std::invalid_argument before any
 //     device work.
+//   * Attention dropout (training): with dropout = p > 0 the weights that meet v are dropped by the
+//     mask every backend uses (mta::dropout_keep of (dropout_seed, b * H + h, i, j)), kept ones scaled
+//     by 1 / (1 - p); lse stays that of the undropped weights. The backward pass regenerates the mask
+//     from the same seed.
 //   * Determinism: the forward pass is deterministic (the same inputs give bitwise-identical o, lse).
 //     The backward pass accumulates dq with fp32 atomicAdd across key tiles, so dq may differ in the
 //     last bits from run to run; dk and dv are deterministic.
@@ -30,7 +34,8 @@ namespace mta::cuda {
 // Causal softmax attention, scale 1/sqrt(D): q, k, v, o [B, H, T, D] bf16 (contiguous), lse [B, H, T]
 // fp32 (log-sum-exp of each row's scaled logits, saved for backward). D in {64, 128}.
 void flash_attn_forward(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* o,
-                        float* lse, int B, int H, int T, int D, cudaStream_t s);
+                        float* lse, int B, int H, int T, int D, cudaStream_t s, float dropout = 0.0f,
+                        unsigned long long dropout_seed = 0);
 
 // Gradients given dout: dq, dk, dv [B, H, T, D] bf16 (overwritten). `scratch` holds at least
 // flash_attn_backward_scratch_bytes(B, H, T, D) bytes: an fp32 dq accumulator [B, H, T, D] followed by
@@ -40,6 +45,7 @@ size_t flash_attn_backward_scratch_bytes(int B, int H, int T, int D);
 void flash_attn_backward(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                          const __nv_bfloat16* o, const __nv_bfloat16* dout, const float* lse,
                          __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv, void* scratch,
-                         int B, int H, int T, int D, cudaStream_t s);
+                         int B, int H, int T, int D, cudaStream_t s, float dropout = 0.0f,
+                         unsigned long long dropout_seed = 0);
 
 }  // namespace mta::cuda

@@ -1,7 +1,7 @@
 #pragma once
-// Device code shared by the fused attention kernels (flash_attn.cu, flash_mta.cu): the forward pass's
-// per-tile steps (mask, online softmax, P V, epilogue), the row dot products delta_i = dO_i . O_i and
-// the conversion of fp32 gradient accumulators to bf16. Internal to those two files (unnamed
+// Device code shared by the fused attention kernels (flash_attn.cu, flash_mta.cu, flash_mix.cu): the
+// forward pass's per-tile steps (mask, online softmax, attention dropout, P V, epilogue), the row dot
+// products delta_i = dO_i . O_i and the conversion of fp32 gradient accumulators to bf16. Internal to those two files (unnamed
 // namespace: each includes its own copy).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "attention/attention_op.h"
 #include "attention/mma_sm80.cuh"
 #include "cuda/check.h"
 
@@ -124,6 +125,30 @@ __device__ __forceinline__ void store_output_rows(const float (&acc_o)[D / 8][4]
       *reinterpret_cast<uint4*>(o + static_cast<size_t>(row) * D + col) =
           *reinterpret_cast<const uint4*>(sO + r * S + col);
   }
+}
+
+// Attention dropout on a warp's 16 x BN weights (rows row_w .., keys n0 ..), in place: kept entries
+// scaled by 1 / (1 - p), the others 0, with the mask of every other backend (dropout_keep of
+// (seed, bh, i, j)); entries outside the causal triangle are left as they are (0 there).
+template <int BN>
+__device__ __forceinline__ void apply_dropout(float (&acc)[BN / 8][4], long long bh, int T, int row_w, int n0, float p,
+                                              unsigned long long seed, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const float keep_scale = 1.0f / (1.0f - p);
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = row_w + g + 8 * (e >> 1), col = n0 + 8 * j + 2 * t + (e & 1);
+      if (row < T && col <= row) acc[j][e] *= dropout_keep(seed, bh, T, row, col, p) ? keep_scale : 0.f;
+    }
+}
+
+// The dropout factor of weight (row, col) in the backward pass: 1 without dropout or outside the causal
+// part, else 0 or 1 / (1 - p) by the same mask as apply_dropout.
+__device__ __forceinline__ float dropout_factor(long long bh, int T, int row, int col, float p, unsigned long long seed) {
+  if (p <= 0.f || row >= T || col > row) return 1.f;
+  return dropout_keep(seed, bh, T, row, col, p) ? 1.0f / (1.0f - p) : 0.f;
 }
 
 // delta_i = sum_d dO[i,d] * O[i,d] in fp32 (one warp per row).

@@ -161,23 +161,6 @@ __device__ __forceinline__ void conv_tile(const __half* sS, const uint32_t* sBan
   }
 }
 
-// Attention dropout on a warp's 16 x BN weights (rows row_w .., keys n0 ..), in place: kept entries
-// scaled by 1 / (1 - p), the others 0, with the mask of every other backend (dropout_keep of
-// (seed, bh, i, j)); entries outside the causal triangle are left as they are (0 there).
-template <int BN>
-__device__ __forceinline__ void apply_dropout(float (&acc)[BN / 8][4], long long bh, int T, int row_w, int n0, float p,
-                                              unsigned long long seed, int lane) {
-  const int g = lane >> 2, t = lane & 3;
-  const float keep_scale = 1.0f / (1.0f - p);
-#pragma unroll
-  for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = row_w + g + 8 * (e >> 1), col = n0 + 8 * j + 2 * t + (e & 1);
-      if (row < T && col <= row) acc[j][e] *= dropout_keep(seed, bh, T, row, col, p) ? keep_scale : 0.f;
-    }
-}
-
 // Grid (B*H, ceil(T / kBlockM)), heavy (late) query tiles first. W: [H][cq][ck] fp32.
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads)

@@ -110,7 +110,9 @@ Runner add_bench_command(CLI::App& app) {
   attn->add_option("--reps", o->reps, "timed repetitions (median reported)")->capture_default_str();
   attn->add_option("--warmup", o->warmup, "untimed repetitions first")->capture_default_str();
   attn->add_option("--device", o->device, "cpu, or cuda: the fused GPU kernels (bf16)")->capture_default_str();
-  attn->add_option("--impl", o->impl, "with --device cuda: fused (FlashMTA) or flash (standard attention)")
+  attn->add_option("--impl", o->impl,
+                   "with --device cuda: fused (the fused kernels, where they cover the spec), flash (standard attention) or "
+                   "materialized (every spec, fp32)")
       ->capture_default_str();
   add_bench_train(cmd);
   return [o, attn]() {

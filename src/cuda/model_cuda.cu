@@ -2,12 +2,14 @@
 // with bf16 activations for the matrix products, fp32 residual stream, fp32 master weights,
 // gradients and AdamW moments, and a bf16 copy of the weights. See src/cuda/layers.h.
 //
-// Attention: standard attention and DIFF attention without attention dropout run the flash kernel
+// Attention: standard attention and DIFF attention run the flash kernel, attention dropout included
 // (D = 64 or 128; DIFF as two calls per sub-head, one per half of its 2D-wide values);
-// MTA layers, attention dropout and other head dims run the materialized fp32 op
-// (mta::cuda::mta_forward/backward) on fp32 copies of q, k, v. MTA layers the fused kernels cover
-// (attention/flash_mta.h: kq_pre only, D = 64 or 128, dropout included) run those instead;
-// MTA_FLASH_MTA=0 in the environment sends them through the materialized op (for comparisons).
+// MTA layers and other head dims run the materialized fp32 op
+// (mta::cuda::mta_forward/backward) on fp32 copies of q, k, v. MTA layers whose options apart from
+// the epilogue (norm, depth scaling, gate) the fused kernels cover run those plus the epilogue
+// kernels (attention/epilogue_cuda.h): kq_pre only (attention/flash_mta.h, dropout included) or head
+// mixing only (attention/flash_mix.h: groups of up to 8 heads, no attention dropout in training);
+// D = 64 or 128. MTA_FLASH_MTA=0 in the environment sends them through the materialized op.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -23,7 +25,7 @@
 
 #include "attention/attention_op.h"
 #include "attention/flash_attn.h"
-#include "attention/flash_mta.h"
+#include "attention/fused_attention.h"
 #include "attention/mta_cuda.h"
 #include "cuda/check.h"
 #include "cuda/gemm.h"
@@ -288,6 +290,7 @@ class CudaModel : public TrainableModel {
     DevBuf<bf16> xn1, q, k, v, att, a_flat, xn2, h13, g;  // h13: [N, 2F], xn2 w1^T | xn2 w3^T
     DevBuf<float> lse;                    // flash attention row statistics
     DevBuf<float> comb, comb_rstd, o_sub;  // DIFF: combined heads (pre-norm), sub-head outputs
+    DevBuf<bf16> att_core;                 // fused MTA layers with an epilogue: the core's output
   };
 
   // The fused products multiply wq|wk|wv as one [3C, C] matrix and w1|w3 as one [2F, C] matrix (and
@@ -332,21 +335,21 @@ class CudaModel : public TrainableModel {
   bf16* P16l(int l, const std::string& n) { return P16(lname(l, n)); }
   float* Gl(int l, const std::string& n) { return G(lname(l, n)); }
 
-  // The fused MTA path for layer l (see the top of the file).
-  bool use_flash_mta(int l) const {
+  // Whether MTA layer l runs the fused path (see the top of the file).
+  bool use_fused(int l, bool train) const {
     const char* e = std::getenv("MTA_FLASH_MTA");  // read per call: tests switch it
-    return !(e != nullptr && std::string(e) == "0") && config().attention == AttentionKind::Mta &&
-           cuda::flash_mta_supported(config().layer_spec(l), config().head_dim());
+    if ((e != nullptr && std::string(e) == "0") || config().attention != AttentionKind::Mta) return false;
+    return cuda::fused_attention_supported(config().layer_spec(l), config().head_dim(), train ? config().dropout : 0.f);
   }
 
-  bool use_flash(bool train) const {
+  bool use_flash() const {
     const int d = config().head_dim();
-    return config().attention == AttentionKind::Standard && (d == 64 || d == 128) && !(train && config().dropout > 0);
+    return config().attention == AttentionKind::Standard && (d == 64 || d == 128);
   }
   // DIFF layers through the flash kernel (two calls per sub-head, see diff_value_halves_kernel).
-  bool use_flash_diff(bool train) const {
+  bool use_flash_diff() const {
     const int d = config().head_dim();
-    return config().attention == AttentionKind::Diff && (d == 64 || d == 128) && !(train && config().dropout > 0);
+    return config().attention == AttentionKind::Diff && (d == 64 || d == 128);
   }
 
   void ensure_acts(int B, int T) {
@@ -415,28 +418,33 @@ class CudaModel : public TrainableModel {
     const ModelConfig& c = config();
     const int B = B_, T = T_, H = c.n_heads, d = c.head_dim();
     const long long n = static_cast<long long>(B) * H * T * d;
-    if (use_flash(train)) {
-      cuda::flash_attn_forward(L.q.get(), L.k.get(), L.v.get(), L.att.get(), L.lse.get(), B, H, T, d, stream_);
-      return;
-    }
     AttnOptions opt;
     if (train) opt.dropout = c.dropout, opt.dropout_seed = site_seed(seed, l, kDropAttnWeights);
+    if (use_flash()) {
+      cuda::flash_attn_forward(L.q.get(), L.k.get(), L.v.get(), L.att.get(), L.lse.get(), B, H, T, d, stream_,
+                               opt.dropout, opt.dropout_seed);
+      return;
+    }
     const AttentionSpec spec = c.layer_spec(l);
-    if (use_flash_mta(l)) {
-      cuda::flash_mta_forward(spec, L.q.get(), L.k.get(), L.v.get(), mta_params(l).kq_pre, L.att.get(), L.lse.get(), B, T,
-                              opt, stream_);
+    if (use_fused(l, train)) {
+      if (cuda::fused_attention_has_epilogue(spec)) L.att_core.resize(static_cast<size_t>(n));
+      cuda::fused_attention_forward(spec, L.q.get(), L.k.get(), L.v.get(), mta_params(l), L.att_core.get(), L.att.get(),
+                                    L.lse.get(), B, T, opt, stream_);
       return;
     }
     // DIFF: sub-heads of dim d, values of dim 2d shared by pairs.
     const int Hd = H / 2, dv = 2 * d;
     const long long hs = static_cast<long long>(T) * dv;
-    if (use_flash_diff(train)) {
+    if (use_flash_diff()) {
       diff16_.resize(kDiffFlashBufs * static_cast<size_t>(n));  // one size for forward and backward: no reallocation
       bf16 *v0 = diff16_.get(), *v1 = v0 + n, *o0 = v1 + n, *o1 = o0 + n;
       diff_value_halves_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(L.v.get(), v0, v1, H, T, d, n);
       CK_LAUNCH();
-      cuda::flash_attn_forward(L.q.get(), L.k.get(), v0, o0, L.lse.get(), B, H, T, d, stream_);
-      cuda::flash_attn_forward(L.q.get(), L.k.get(), v1, o1, L.lse.get(), B, H, T, d, stream_);
+      // The same weights (and dropout mask) meet both halves of the values.
+      cuda::flash_attn_forward(L.q.get(), L.k.get(), v0, o0, L.lse.get(), B, H, T, d, stream_, opt.dropout,
+                               opt.dropout_seed);
+      cuda::flash_attn_forward(L.q.get(), L.k.get(), v1, o1, L.lse.get(), B, H, T, d, stream_, opt.dropout,
+                               opt.dropout_seed);
       diff_join_halves_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(o0, o1, L.o_sub.get(), d, n);
       CK_LAUNCH();
     } else {
@@ -472,23 +480,24 @@ class CudaModel : public TrainableModel {
     const ModelConfig& c = config();
     const int B = B_, T = T_, H = c.n_heads, d = c.head_dim();
     const long long n = static_cast<long long>(B) * H * T * d;
-    if (use_flash(train)) {
+    AttnOptions opt;
+    if (train) opt.dropout = c.dropout, opt.dropout_seed = site_seed(seed, l, kDropAttnWeights);
+    if (use_flash()) {
       bf16* datt = tmp16c_.get();
       cuda::to_heads(da_flat, datt, B, T, H, d, false, 0.0, stream_);
       flash_scratch_.resize(cuda::flash_attn_backward_scratch_bytes(B, H, T, d));
       cuda::flash_attn_backward(L.q.get(), L.k.get(), L.v.get(), L.att.get(), datt, L.lse.get(), dq, dk, dv,
-                                flash_scratch_.get(), B, H, T, d, stream_);
+                                flash_scratch_.get(), B, H, T, d, stream_, opt.dropout, opt.dropout_seed);
       return;
     }
-    AttnOptions opt;
-    if (train) opt.dropout = c.dropout, opt.dropout_seed = site_seed(seed, l, kDropAttnWeights);
     const AttentionSpec spec = c.layer_spec(l);
-    if (use_flash_mta(l)) {
+    if (use_fused(l, train)) {
       bf16* datt = tmp16c_.get();
       cuda::to_heads(da_flat, datt, B, T, H, d, false, 0.0, stream_);
-      flash_scratch_.resize(cuda::flash_mta_backward_scratch_bytes(B, H, T, d));
-      cuda::flash_mta_backward(spec, L.q.get(), L.k.get(), L.v.get(), mta_params(l).kq_pre, L.att.get(), datt,
-                               L.lse.get(), dq, dk, dv, mta_grads(l).kq_pre, flash_scratch_.get(), B, T, opt, stream_);
+      flash_scratch_.resize(cuda::fused_attention_backward_scratch_bytes(spec, B, T));
+      const bf16* core_out = cuda::fused_attention_has_epilogue(spec) ? L.att_core.get() : L.att.get();
+      cuda::fused_attention_backward(spec, L.q.get(), L.k.get(), L.v.get(), mta_params(l), core_out, datt, L.lse.get(),
+                                     dq, dk, dv, mta_grads(l), flash_scratch_.get(), B, T, opt, stream_);
       return;
     }
     float* q32 = op_q_.get();
@@ -543,7 +552,7 @@ class CudaModel : public TrainableModel {
     float* dsub = op_dv_.get();  // [B, H, T, 2d] = 2n floats (op_dv_ is sized for it)
     diff_split_grad_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(dcomb, dsub, static_cast<float>(lam.lambda), B, Hd, hs);
     CK_LAUNCH();
-    if (use_flash_diff(train)) {
+    if (use_flash_diff()) {
       diff16_.resize(kDiffFlashBufs * static_cast<size_t>(n));
       bf16* b16 = diff16_.get();
       bf16 *v0 = b16, *v1 = v0 + n, *o0 = v1 + n, *o1 = o0 + n, *do0 = o1 + n, *do1 = do0 + n;
@@ -556,9 +565,9 @@ class CudaModel : public TrainableModel {
       CK_LAUNCH();
       flash_scratch_.resize(cuda::flash_attn_backward_scratch_bytes(B, H, T, d));
       cuda::flash_attn_backward(L.q.get(), L.k.get(), v0, o0, do0, L.lse.get(), dq0, dk0, dv0, flash_scratch_.get(), B,
-                                H, T, d, stream_);
+                                H, T, d, stream_, opt.dropout, opt.dropout_seed);
       cuda::flash_attn_backward(L.q.get(), L.k.get(), v1, o1, do1, L.lse.get(), dq1, dk1, dv1, flash_scratch_.get(), B,
-                                H, T, d, stream_);
+                                H, T, d, stream_, opt.dropout, opt.dropout_seed);
       add_bf16_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(dq0, dq1, dq, n);
       CK_LAUNCH();
       add_bf16_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(dk0, dk1, dk, n);
@@ -580,8 +589,8 @@ class CudaModel : public TrainableModel {
     CK_LAUNCH();
   }
 
-  void ensure_op_buffers(bool train) {
-    if (use_flash(train)) return;
+  void ensure_op_buffers() {
+    if (use_flash()) return;
     const size_t n = static_cast<size_t>(B_) * config().dim * T_;
     op_q_.resize(n), op_k_.resize(n), op_dq_.resize(n), op_dk_.resize(n);
     op_v_.resize(2 * n), op_o_.resize(2 * n), op_o2_.resize(2 * n), op_dv_.resize(2 * n);
@@ -685,7 +694,7 @@ class CudaModel : public TrainableModel {
     const int B = batch.B, T = batch.T, C = c.dim, V = c.vocab_size;
     host_.check_batch(batch);
     ensure_acts(B, T);
-    ensure_op_buffers(train);
+    ensure_op_buffers();
     const int N = B * T;
     prof_.begin(stream_);
     CK(cudaMemcpyAsync(tokens_.get(), batch.inputs.data(), N * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));

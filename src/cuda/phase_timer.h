@@ -20,7 +20,8 @@ namespace mta::cuda {
 
 class PhaseTimer {
  public:
-  PhaseTimer() {
+  // `title` heads the table: what one timeline is.
+  explicit PhaseTimer(const char* title = "one per forward/backward, clip, step") : title_(title) {
     const char* e = std::getenv("MTA_CUDA_PROFILE");
     on_ = e != nullptr && std::string(e) == "1";
   }
@@ -85,7 +86,7 @@ class PhaseTimer {
     double all = 0;
     for (const auto& [n, h] : history_) med[n] = median(h), all += med[n].ms;
     if (all <= 0) return;
-    std::fprintf(stderr, "# MTA_CUDA_PROFILE: GPU time by phase, median over timelines (one per forward/backward, clip, step)\n");
+    std::fprintf(stderr, "# MTA_CUDA_PROFILE: GPU time by phase, median over timelines (%s)\n", title_.c_str());
     std::fprintf(stderr, "%-28s %10s %8s %8s %7s\n", "phase", "ms", "calls", "samples", "share");
     for (const auto& n : order_) {
       const Total& t = med.at(n);
@@ -94,6 +95,7 @@ class PhaseTimer {
     }
   }
 
+  std::string title_;
   bool on_ = false;
   std::vector<cudaEvent_t> pool_;
   std::vector<std::string> marks_;

@@ -30,11 +30,13 @@ using namespace gpu_test;  // NOLINT
 
 struct Shape {
   int B, H, T, D;
+  float dropout = 0.0f;  // attention dropout (training), the mask every backend uses
+  unsigned long long seed = 0;
   size_t rows() const { return static_cast<size_t>(B) * H * T; }
   size_t numel() const { return rows() * D; }
   std::string str() const {
     return "(B=" + std::to_string(B) + ", H=" + std::to_string(H) + ", T=" + std::to_string(T) +
-           ", D=" + std::to_string(D) + ")";
+           ", D=" + std::to_string(D) + ", dropout=" + std::to_string(dropout) + ")";
   }
 };
 
@@ -75,7 +77,7 @@ GpuResult run_gpu(const Shape& s, const Tensor& q, const Tensor& k, const Tensor
   try {
     using bf = __nv_bfloat16;
     mta::cuda::flash_attn_forward(dq_in.as<bf>(), dk_in.as<bf>(), dv_in.as<bf>(), o.as<bf>(), lse.as<float>(), s.B,
-                                  s.H, s.T, s.D, stream);
+                                  s.H, s.T, s.D, stream, s.dropout, s.seed);
     CUDA_OK(cudaStreamSynchronize(stream));
     r.out_bits = o.download<uint16_t>(n);
     r.out = to_double(r.out_bits);
@@ -88,7 +90,7 @@ GpuResult run_gpu(const Shape& s, const Tensor& q, const Tensor& k, const Tensor
       gq.poison(), gk.poison(), gv.poison(), scratch.poison();
       mta::cuda::flash_attn_backward(dq_in.as<bf>(), dk_in.as<bf>(), dv_in.as<bf>(), o.as<bf>(), ddo.as<bf>(),
                                      lse.as<float>(), gq.as<bf>(), gk.as<bf>(), gv.as<bf>(), scratch.as<void>(),
-                                     s.B, s.H, s.T, s.D, stream);
+                                     s.B, s.H, s.T, s.D, stream, s.dropout, s.seed);
       CUDA_OK(cudaStreamSynchronize(stream));
       r.dq = to_double(gq.download<uint16_t>(n));
       r.dk = to_double(gk.download<uint16_t>(n));
@@ -116,10 +118,12 @@ void check_case(const Shape& s, unsigned seed) {
   ASSERT_TRUE(spec.is_standard());
   const mta::AttnDims dims{s.B, s.H, s.T, s.D};
   std::vector<double> out(n), dq(n), dk(n), dv(n);
+  mta::AttnOptions opt;
+  opt.dropout = s.dropout, opt.dropout_seed = s.seed;
   mta::cpu::mta_forward<double>(spec, dims, q.val.data(), k.val.data(), v.val.data(), mta::AttnParams<double>{},
-                                out.data());
+                                out.data(), opt);
   mta::cpu::mta_backward<double>(spec, dims, q.val.data(), k.val.data(), v.val.data(), mta::AttnParams<double>{},
-                                 dout.val.data(), dq.data(), dk.data(), dv.data(), mta::AttnParamGrads<double>{});
+                                 dout.val.data(), dq.data(), dk.data(), dv.data(), mta::AttnParamGrads<double>{}, opt);
 
   EXPECT_EQ(non_finite(g.out), 0) << "out has non-finite entries";
   EXPECT_EQ(non_finite(g.lse), 0) << "lse has non-finite entries";
@@ -164,6 +168,15 @@ INSTANTIATE_TEST_SUITE_P(FlashAttn, FlashAttnShapes,
                            return "B" + std::to_string(s.B) + "_H" + std::to_string(s.H) + "_T" +
                                   std::to_string(s.T) + "_D" + std::to_string(s.D);
                          });
+
+// Attention dropout: the kernels drop the weights by the shared mask (after the row sums) and the
+// backward pass regenerates it; against the CPU reference with the same mask.
+TEST(FlashAttnDropout, MatchesCpuReference) {
+  SKIP_WITHOUT_GPU();
+  check_case(Shape{2, 3, 77, 64, 0.1f, 11}, 5u);
+  check_case(Shape{1, 2, 200, 128, 0.3f, 12}, 6u);
+  check_case(Shape{1, 4, 1000, 64, 0.1f, 13}, 7u);
+}
 
 TEST(FlashAttnLarge, B2H16T2048D128) {
   SKIP_WITHOUT_GPU();

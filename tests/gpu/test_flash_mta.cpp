@@ -253,9 +253,9 @@ TEST(FlashMta, AttnCommandPaths) {
   // Asking for the fused path where it cannot run is an input error, not a silent fallback.
   EXPECT_THROW(mta::run_attention_tensors(spec, in64, mta::Device::Cuda, nullptr, mta::AttnImpl::Fused),
                mta::InputError);
-  mta::AttentionSpec gated = spec;
-  gated.gate = true;
-  EXPECT_THROW(mta::run_attention_tensors(gated, in32, mta::Device::Cuda, nullptr, mta::AttnImpl::Fused),
+  mta::AttentionSpec mixed = spec;  // kq_pre with head mixing: not covered by the fused kernels yet
+  mixed.head_pre = mta::HeadMix{2};
+  EXPECT_THROW(mta::run_attention_tensors(mixed, in32, mta::Device::Cuda, nullptr, mta::AttnImpl::Fused),
                mta::InputError);
 }
 

@@ -220,13 +220,15 @@ struct CaseDesc {
   int B = 1, T = 1, Dv = 0;
   float dropout = 0;
   unsigned long long dropout_seed = 0;
-  bool small_workspace = false;  // MTA_CUDA_WORKSPACE_MB=1: several chunks of units
+  bool small_workspace = false;  // MTA_CUDA_WORKSPACE_MB=1: several chunks of units (and row blocks)
+  int row_block = 0;             // MTA_CUDA_ROW_BLOCK: rows per block (0: the op's choice)
   unsigned seed = 0;
 
   std::string str() const {
     return mta::spec_to_json(spec).dump() + " B=" + std::to_string(B) + " T=" + std::to_string(T) +
            " Dv=" + std::to_string(Dv) + " dropout=" + std::to_string(dropout) +
-           (small_workspace ? " workspace=1MiB" : "");
+           (small_workspace ? " workspace=1MiB" : "") +
+           (row_block ? " row_block=" + std::to_string(row_block) : "");
   }
 };
 
@@ -291,6 +293,7 @@ CaseDesc describe(int idx) {
   if (!s.norm && !s.gate && idx % 5 == 2) c.Dv = uni(1, 64);  // value dim != key dim (DIFF attention)
   if (idx % 8 == 5) c.dropout = 0.1f + 0.1f * static_cast<float>(idx % 4), c.dropout_seed = 77 + idx;
   c.small_workspace = idx % 4 == 3;
+  if (idx % 3 == 2) c.row_block = uni(1, 48);  // many row blocks, halos wider than a block included
   s.validate();
   return c;
 }
@@ -317,6 +320,8 @@ void check_case(const CaseDesc& d, double tol_out, double tol_grad) {
   Result<double> ref64;
   if constexpr (std::is_same_v<T, float>) ref64 = cpu_f64(d);
   ScopedEnv env("MTA_CUDA_WORKSPACE_MB", d.small_workspace ? "1" : nullptr);
+  const std::string rows = std::to_string(d.row_block);
+  ScopedEnv rows_env("MTA_CUDA_ROW_BLOCK", d.row_block ? rows.c_str() : nullptr);
   const Result<T> got = run_gpu(c, g0);
   expect_close(got, ref, tol_out, tol_grad, std::is_same_v<T, float> ? &ref64 : nullptr);
 }
@@ -437,7 +442,8 @@ TEST(MtaCudaLarge, PaperLmT1024) {
   EXPECT_EQ(again.grads, got.grads);
 }
 
-// The chunking does not change the result beyond rounding, and repeated runs are bitwise equal.
+// The chunking (of units and of rows) does not change the result beyond rounding, and repeated runs are
+// bitwise equal.
 TEST(MtaCudaLarge, ChunkingAndDeterminism) {
   SKIP_WITHOUT_GPU();
   CaseDesc d;
@@ -462,6 +468,16 @@ TEST(MtaCudaLarge, ChunkingAndDeterminism) {
   EXPECT_EQ(chunked.dk, chunked2.dk);
   EXPECT_EQ(chunked.dv, chunked2.dv);
   EXPECT_EQ(chunked.grads, chunked2.grads);
+  // Row blocks of 37 rows (the 6 x 11 halos span several blocks' edges), also with chunks of units.
+  Result<double> rowed, rowed2;
+  {
+    ScopedEnv rows("MTA_CUDA_ROW_BLOCK", "37");
+    rowed = run_gpu(c, g0);
+    ScopedEnv env("MTA_CUDA_WORKSPACE_MB", "1");
+    rowed2 = run_gpu(c, g0);
+  }
+  expect_close(rowed, ref, kTolF64, kTolF64);
+  expect_close(rowed2, ref, kTolF64, kTolF64);
 }
 
 // Identity parameters: the layer is standard attention (then norm and gate), on the GPU too.

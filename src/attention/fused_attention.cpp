@@ -1,0 +1,89 @@
+// See fused_attention.h.
+#include "attention/fused_attention.h"
+
+#include <stdexcept>
+
+#include "attention/epilogue_cuda.h"
+#include "attention/flash_mix.h"
+#include "attention/flash_mta.h"
+
+namespace mta::cuda {
+namespace {
+
+size_t up(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+// Which core kernels compute spec's options apart from the epilogue.
+enum class Core { None, KqPre, Mix };
+Core core_of(const AttentionSpec& spec, int D, float dropout) {
+  const AttentionSpec core = attn_core_spec(spec);
+  if (flash_mta_supported(core, D)) return Core::KqPre;
+  if (flash_mix_supported(core, D) && dropout <= 0.0f) return Core::Mix;
+  return Core::None;
+}
+
+}  // namespace
+
+bool fused_attention_supported(const AttentionSpec& spec, int D, float dropout) {
+  return core_of(spec, D, dropout) != Core::None;
+}
+
+bool fused_attention_has_epilogue(const AttentionSpec& spec) { return attn_epilogue_enabled(spec); }
+
+void fused_attention_forward(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                             const __nv_bfloat16* v, const AttnParams<float>& p, __nv_bfloat16* core,
+                             __nv_bfloat16* o, float* lse, int B, int T, const AttnOptions& opt, cudaStream_t s) {
+  const int D = spec.head_dim;
+  const Core which = core_of(spec, D, opt.dropout);
+  if (which == Core::None) throw std::invalid_argument("fused_attention_forward: spec not covered");
+  const AttentionSpec cs = attn_core_spec(spec);
+  const bool epi = attn_epilogue_enabled(spec);
+  if (epi && !core) throw std::invalid_argument("fused_attention_forward: the epilogue needs the core buffer");
+  __nv_bfloat16* out = epi ? core : o;
+  if (which == Core::KqPre)
+    flash_mta_forward(cs, q, k, v, p.kq_pre, out, lse, B, T, opt, s);
+  else
+    flash_mix_forward(cs, q, k, v, p.head_pre, p.head_post, out, lse, B, T, s);
+  if (epi)
+    attn_epilogue_forward(spec, core, p.norm, p.gate_w, p.gate_b, o, static_cast<long long>(B) * spec.heads * T, D,
+                          s);
+}
+
+size_t fused_attention_backward_scratch_bytes(const AttentionSpec& spec, int B, int T) {
+  const int H = spec.heads, D = spec.head_dim;
+  const long long rows = static_cast<long long>(B) * H * T;
+  const AttentionSpec cs = attn_core_spec(spec);
+  const size_t core = flash_mta_supported(cs, D) ? flash_mta_backward_scratch_bytes(B, H, T, D)
+                                                 : flash_mix_backward_scratch_bytes(B, H, T, D);
+  if (!attn_epilogue_enabled(spec)) return core;
+  return up(core) + up(attn_epilogue_backward_scratch_bytes(rows, D)) + up(static_cast<size_t>(rows) * D * 2);
+}
+
+void fused_attention_backward(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                              const __nv_bfloat16* v, const AttnParams<float>& p, const __nv_bfloat16* core_out,
+                              const __nv_bfloat16* dout, const float* lse, __nv_bfloat16* dq, __nv_bfloat16* dk,
+                              __nv_bfloat16* dv, const AttnParamGrads<float>& g, void* scratch, int B, int T,
+                              const AttnOptions& opt, cudaStream_t s) {
+  const int H = spec.heads, D = spec.head_dim;
+  const Core which = core_of(spec, D, opt.dropout);
+  if (which == Core::None) throw std::invalid_argument("fused_attention_backward: spec not covered");
+  const AttentionSpec cs = attn_core_spec(spec);
+  const long long rows = static_cast<long long>(B) * H * T;
+  char* base = static_cast<char*>(scratch);
+  const size_t core_bytes = which == Core::KqPre ? flash_mta_backward_scratch_bytes(B, H, T, D)
+                                                 : flash_mix_backward_scratch_bytes(B, H, T, D);
+  const __nv_bfloat16* dcore = dout;
+  if (attn_epilogue_enabled(spec)) {
+    void* epi_scratch = base + up(core_bytes);
+    auto* d = reinterpret_cast<__nv_bfloat16*>(base + up(core_bytes) + up(attn_epilogue_backward_scratch_bytes(rows, D)));
+    attn_epilogue_backward(spec, core_out, dout, p.norm, p.gate_w, p.gate_b, d, g.norm, g.gate_w, g.gate_b,
+                           epi_scratch, rows, D, s);
+    dcore = d;
+  }
+  if (which == Core::KqPre)
+    flash_mta_backward(cs, q, k, v, p.kq_pre, core_out, dcore, lse, dq, dk, dv, g.kq_pre, base, B, T, opt, s);
+  else
+    flash_mix_backward(cs, q, k, v, p.head_pre, p.head_post, dcore, lse, dq, dk, dv, g.head_pre, g.head_post, base, B,
+                       T, s);
+}
+
+}  // namespace mta::cuda

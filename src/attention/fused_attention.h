@@ -1,0 +1,39 @@
+#pragma once
+// The fused GPU path of an MTA layer, as one call per pass: the core kernels for the options apart
+// from the epilogue -- kq_pre alone (flash_mta.h) or head mixing alone (flash_mix.h) -- then the
+// epilogue kernels for norm, depth scaling and gate (epilogue_cuda.h). Used by the CUDA model,
+// `mta attn --device cuda` and `mta bench attn --device cuda --impl fused`. bf16 q, k, v, o
+// [B, H, T, D]; parameters and their gradients fp32 (device pointers, AttnParams / AttnParamGrads);
+// parameter gradients are ADDED to. Work is queued on `s`.
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+
+#include "attention/attention_op.h"
+#include "attention/spec.h"
+
+namespace mta::cuda {
+
+// Whether the fused path computes this spec at head dim D, with attention dropout `dropout` (the
+// head-mixing kernels have none yet).
+bool fused_attention_supported(const AttentionSpec& spec, int D, float dropout = 0.0f);
+
+// The core's output, which the backward pass needs: with an epilogue, `core` ([B, H, T, D] bf16,
+// caller-owned) receives it; without one it is `o` itself and `core` may be null.
+bool fused_attention_has_epilogue(const AttentionSpec& spec);
+
+void fused_attention_forward(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                             const __nv_bfloat16* v, const AttnParams<float>& p, __nv_bfloat16* core,
+                             __nv_bfloat16* o, float* lse, int B, int T, const AttnOptions& opt, cudaStream_t s);
+
+// `core_out`: the core's output of the forward pass (`core` with an epilogue, else `o`); `scratch`:
+// fused_attention_backward_scratch_bytes(spec, B, T) bytes.
+size_t fused_attention_backward_scratch_bytes(const AttentionSpec& spec, int B, int T);
+void fused_attention_backward(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                              const __nv_bfloat16* v, const AttnParams<float>& p, const __nv_bfloat16* core_out,
+                              const __nv_bfloat16* dout, const float* lse, __nv_bfloat16* dq, __nv_bfloat16* dk,
+                              __nv_bfloat16* dv, const AttnParamGrads<float>& g, void* scratch, int B, int T,
+                              const AttnOptions& opt, cudaStream_t s);
+
+}  // namespace mta::cuda
