@@ -1,14 +1,13 @@
-// FlashMix forward: head mixing before and / or after the softmax, fused (see flash_mix.h and
+// FlashMix: head mixing before and / or after the softmax, fused (see flash_mix.h and
 // docs/flash-mta.md, "one warp per head").
 //
 // A CTA owns 16 query rows of one batch element and one coupled group of G heads, one warp per head.
 // Per block of 16 keys, each warp computes its head's logit tile S (mma, Q fragments in registers,
-// its K tile in shared memory), writes it to an exchange buffer, and after a barrier forms its mixed
-// logits C' = sum_y Mpre[x, y] S_y from the G tiles (mixing is position-wise, so each lane mixes its
-// own positions with CUDA-core FMAs). Two passes, as the post-softmax mixing needs every head's
-// normalized weights:
+// its K tile in shared memory); the mixed logits C'_x = sum_y Mpre[x, y] S_y of every head are one
+// tensor-core product over the CTA's tiles (head_mix_mma.cuh), and each warp reads its head's back.
+// Two forward passes, as the post-softmax mixing needs every head's normalized weights:
 //   pass 1 (kOut = false): online row max / sum of C' per head -> lse;
-//   pass 2 (kOut = true):  A = exp(C' - lse) -> exchange -> A3 = sum_y Mpost[x, y] A_y -> O += A3 V.
+//   pass 2 (kOut = true):  A = exp(C' - lse) -> A3 = sum_y Mpost[x, y] A_y (the same product) -> O += A3 V.
 // K and V of one batch element's group stay in L2 while its CTAs run, so the re-reads by the small
 // query tiles are L2 traffic.
 #include "attention/flash_mix.h"
@@ -21,6 +20,7 @@
 #include <string>
 
 #include "attention/flash_common.cuh"
+#include "attention/head_mix_mma.cuh"
 #include "attention/mma_sm80.cuh"
 #include "cuda/check.h"
 
@@ -28,25 +28,23 @@ namespace mta::cuda {
 namespace {
 
 using bf16 = __nv_bfloat16;
-using namespace mma;  // NOLINT: the kernels are written in terms of these primitives
-
-constexpr int kTile = 16;  // query rows per CTA and keys per step: one m16 block, two n8 blocks
-constexpr int kMaxG = 16;  // heads per CTA (one warp each)
-// fp32 row stride of the exchange tiles: a half-warp's 8-byte accesses (rows g = 0..3, columns
-// 2t, 2t + 1) then fall into 16 distinct bank pairs (g * kXS mod 32 = 0, 24, 16, 8).
-constexpr int kXS = 24;
+using namespace mma;      // NOLINT: the kernels are written in terms of these primitives
+using namespace headmix;  // NOLINT: kTile, kMaxG, the mixing buffers and products
 
 void mix_require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument("flash_mix: " + what);
 }
 
-// Shared memory: K (and V) tiles [G][16][D + 8] bf16, the exchange tiles [G][16][kXS] fp32 (S, and A
-// in pass 2), and the mixing coefficients [4][G][kMaxG] fp32 (load_coefficients).
+constexpr size_t kInBytes = kInElems * sizeof(bf16);
+constexpr size_t kFragBytes = kFragWords * sizeof(uint32_t);
+size_t out_bytes(int G) { return static_cast<size_t>(G) * kXT * sizeof(float); }
+
+// Forward shared memory: K (and V) tiles [G][16][D + 8] bf16, the coefficient fragments, MixIn hi and
+// lo (S, then A in pass 2) and one MixOut (C', then A3).
 template <int D>
 size_t smem_bytes(int G, bool out) {
   const size_t tiles = static_cast<size_t>(G) * kTile * (D + 8) * sizeof(bf16) * (out ? 2 : 1);
-  const size_t xch = static_cast<size_t>(G) * kTile * kXS * sizeof(float) * (out ? 2 : 1);
-  return tiles + xch + 4 * static_cast<size_t>(G) * kMaxG * sizeof(float);
+  return tiles + kFragBytes + 2 * kInBytes + out_bytes(G);
 }
 
 // Rows r0 .. r0 + 15 of one head ([T][D] bf16 at `head`) into shared memory (row stride S) with one
@@ -62,83 +60,20 @@ __device__ __forceinline__ void warp_load_rows(bf16* smem, const bf16* head, int
   }
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-// sum over the warp's 16 x 16 positions of x (accumulator layout) times an exchange tile, reduced over
-// the warp (every lane gets the sum).
-__device__ __forceinline__ float warp_dot_tile(const float (&x)[2][4], const float* tile, int g, int t) {
-  float v = 0.f;
-#pragma unroll
-  for (int j = 0; j < 2; ++j)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float2 y = *reinterpret_cast<const float2*>(tile + (g + 8 * r) * kXS + 8 * j + 2 * t);
-      v += x[j][2 * r] * y.x + x[j][2 * r + 1] * y.y;
-    }
-  return warp_sum(v);
-}
-
-// sum_y coef[y] * x[y tile](row, col .. col + 1) over n tiles starting at `first` (pairs of positions).
-__device__ __forceinline__ float2 mix_pair(const float* xch, const float* coef, int first, int n, int row, int col) {
-  float2 acc = make_float2(0.f, 0.f);
-  for (int y = 0; y < n; ++y) {
-    const float w = coef[y];
-    const float2 val = *reinterpret_cast<const float2*>(xch + ((first + y) * kTile + row) * kXS + col);
-    acc.x = fmaf(w, val.x, acc.x);
-    acc.y = fmaf(w, val.y, acc.y);
-  }
-  return acc;
-}
-
-// This head's coefficients: rows (C'_x = sum_y M[x, y] S_y) and columns (the adjoint,
-// dS_y = sum_x M[x, y] dC'_x) of its head_pre and head_post groups, into sCoef [4][G][kMaxG].
-__device__ __forceinline__ void load_coefficients(float* sCoef, const float* mpre, int gpre, const float* mpost,
-                                                  int gpost, int h, int G, int warp, int lane) {
-  if (lane >= kMaxG) return;
-  const int y = lane;
-  float* row_pre = sCoef + warp * kMaxG;
-  float* row_post = sCoef + (G + warp) * kMaxG;
-  float* col_pre = sCoef + (2 * G + warp) * kMaxG;
-  float* col_post = sCoef + (3 * G + warp) * kMaxG;
-  const bool pre = gpre && y < gpre, post = gpost && y < gpost;
-  const size_t bpre = gpre ? static_cast<size_t>(h / gpre) * gpre * gpre : 0;
-  const size_t bpost = gpost ? static_cast<size_t>(h / gpost) * gpost * gpost : 0;
-  row_pre[y] = pre ? mpre[bpre + (h % gpre) * gpre + y] : 0.f;
-  col_pre[y] = pre ? mpre[bpre + y * gpre + h % gpre] : 0.f;
-  row_post[y] = post ? mpost[bpost + (h % gpost) * gpost + y] : 0.f;
-  col_post[y] = post ? mpost[bpost + y * gpost + h % gpost] : 0.f;
-}
-
-// A warp's place in a CTA of these kernels (blockIdx.x = batch * units + unit of G coupled heads, one
-// warp per head) and its mixing coefficients (loaded by load_coefficients into sCoef).
+// A warp's place in a CTA of these kernels: blockIdx.x = batch * units + unit of G coupled heads, one
+// warp per head. Also builds the CTA's coefficient fragments (the caller synchronizes).
 struct MixWarp {
   int warp, lane, g, t, h;  // h: the head within its batch element
   size_t head;              // the head's first row in [B * H * T]
-  int fpre, fpost;          // the first warp of its head_pre / head_post group in the CTA
-  // Its rows (cpre, cpost) and columns (cpreT, cpostT) of the groups' matrices in sCoef.
-  __device__ __forceinline__ const float* cpre(const float* sCoef) const { return sCoef + warp * kMaxG; }
-  __device__ __forceinline__ const float* cpost(const float* sCoef, int G) const { return sCoef + (G + warp) * kMaxG; }
-  __device__ __forceinline__ const float* cpreT(const float* sCoef, int G) const {
-    return sCoef + (2 * G + warp) * kMaxG;
-  }
-  __device__ __forceinline__ const float* cpostT(const float* sCoef, int G) const {
-    return sCoef + (3 * G + warp) * kMaxG;
-  }
 };
-__device__ __forceinline__ MixWarp mix_warp(float* sCoef, const float* mpre, int gpre, const float* mpost, int gpost,
-                                            int H, int T, int G) {
+__device__ __forceinline__ MixWarp mix_warp(uint32_t* sFrag, const float* mpre, int gpre, const float* mpost,
+                                            int gpost, int H, int T, int G) {
   MixWarp w;
   w.warp = threadIdx.x >> 5, w.lane = threadIdx.x & 31, w.g = w.lane >> 2, w.t = w.lane & 3;
   const int units = H / G, b = blockIdx.x / units, u = blockIdx.x % units;
   w.h = u * G + w.warp;
   w.head = static_cast<size_t>(b * H + w.h) * T;
-  w.fpre = gpre ? w.warp - w.h % gpre : w.warp;
-  w.fpost = gpost ? w.warp - w.h % gpost : w.warp;
-  load_coefficients(sCoef, mpre, gpre, mpost, gpost, w.h, G, w.warp, w.lane);
+  build_frags(sFrag, mpre, gpre, mpost, gpost, u * G, G);
   return w;
 }
 
@@ -151,12 +86,14 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
                          bf16* __restrict__ o, float* __restrict__ lse, int H, int T, int G, float scale) {
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* sK = reinterpret_cast<bf16*>(smem_raw);                           // [G][16][S]
-  bf16* sV = sK + G * kTile * S;                                          // [G][16][S], pass 2
-  float* sX = reinterpret_cast<float*>(sV + (kOut ? G * kTile * S : 0));  // [G][16][kXS]: S0
-  float* sA = sX + G * kTile * kXS;                                       // [G][16][kXS]: A, pass 2
-  float* sCoef = sA + (kOut ? G * kTile * kXS : 0);                       // [4][G][kMaxG]: mixing coefficients
-  const MixWarp mw = mix_warp(sCoef, mpre, gpre, mpost, gpost, H, T, G);
+  bf16* sK = reinterpret_cast<bf16*>(smem_raw);                        // [G][16][S]
+  bf16* sV = sK + G * kTile * S;                                       // [G][16][S], pass 2
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sV + (kOut ? G * kTile * S : 0));
+  bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);           // MixIn: S, then A
+  bf16* sInLo = sInHi + kInElems;
+  float* sOut = reinterpret_cast<float*>(sInLo + kInElems);            // MixOut: C', then A3
+  const MixWarp mw = mix_warp(sFrag, mpre, gpre, mpost, gpost, H, T, G);
+  zero_in(sInHi), zero_in(sInLo);
   const int warp = mw.warp, lane = mw.lane, g = mw.g, t = mw.t;
   const size_t head = mw.head;
   const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
@@ -165,8 +102,6 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
   // Q of the warp's 16 rows as mma A fragments, staged through its K tile.
   bf16* myK = sK + warp * kTile * S;
   bf16* myV = sV + warp * kTile * S;
-  float* myX = sX + warp * kTile * kXS;
-  float* myA = sA + warp * kTile * kXS;
   warp_load_rows<D, S>(myK, q, m0, T, lane);
   cp_async_commit();
   cp_async_wait_all();
@@ -174,7 +109,7 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
   uint32_t qa[D / 16][4];
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(qa[kk], myK + a_offset(lane, 0, kk * 16, S));
-  __syncwarp();
+  __syncthreads();  // the fragments, the zeroed MixIn, and every warp's Q read before K overwrites it
 
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // pass 1 (log2 domain)
   float lse2[2] = {0.f, 0.f};                                          // pass 2: lse * log2(e)
@@ -201,18 +136,22 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
       mma_bf16(acc_s[0], qa[kk], bb[0], bb[1]);
       mma_bf16(acc_s[1], qa[kk], bb[2], bb[3]);
     }
-    // S0: scaled logits, the future (and keys past T) as 0, into the exchange.
+    // S0: scaled logits, the future (and keys past T) as 0.
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int rl = g + 8 * r, cl = 8 * j + 2 * t, row = m0 + rl, col = n0 + cl;
-        float2 val;
-        val.x = col <= row && col < T ? acc_s[j][2 * r] * scale : 0.f;
-        val.y = col + 1 <= row && col + 1 < T ? acc_s[j][2 * r + 1] * scale : 0.f;
-        *reinterpret_cast<float2*>(myX + rl * kXS + cl) = val;
-      }
-    __syncthreads();
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int row = m0 + g + 8 * r, col = n0 + 8 * j + 2 * t + e;
+          acc_s[j][2 * r + e] = col <= row && col < T ? acc_s[j][2 * r + e] * scale : 0.f;
+        }
+    if (gpre) {
+      put_tile<true>(sInHi, sInLo, warp, acc_s, g, t);
+      __syncthreads();  // every head's S0
+      mix_tiles<true>(sInHi, sInLo, sFrag, kPre, sOut, G, warp, lane);
+      __syncthreads();  // every head's C'
+    }
     // C' of this warp's head at its positions (log2 domain), the future as -inf.
     float c[2][4];
 #pragma unroll
@@ -220,8 +159,7 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int rl = g + 8 * r, cl = 8 * j + 2 * t, row = m0 + rl, col = n0 + cl;
-        const float2 x = gpre ? mix_pair(sX, mw.cpre(sCoef), mw.fpre, gpre, rl, cl)
-                              : *reinterpret_cast<const float2*>(myX + rl * kXS + cl);
+        const float2 x = gpre ? get_pair(sOut, warp, rl, cl) : make_float2(acc_s[j][2 * r], acc_s[j][2 * r + 1]);
         c[j][2 * r] = col <= row && col < T ? x.x * kLog2e : -INFINITY;
         c[j][2 * r + 1] = col + 1 <= row && col + 1 < T ? x.y * kLog2e : -INFINITY;
       }
@@ -239,24 +177,25 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
         row_max[r] = m_new;
       }
     } else {
-      // A = exp(C' - lse) into the exchange, then A3 = sum_y Mpost[x, y] A_y, then O += A3 V.
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-          *reinterpret_cast<float2*>(myA + (g + 8 * r) * kXS + 8 * j + 2 * t) =
-              make_float2(exp2f(c[j][2 * r] - lse2[r]), exp2f(c[j][2 * r + 1] - lse2[r]));
-      __syncthreads();
+      // A = exp(C' - lse), then A3 = sum_y Mpost[x, y] A_y, then O += A3 V.
       float a3[2][4];
 #pragma unroll
       for (int j = 0; j < 2; ++j)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int rl = g + 8 * r, cl = 8 * j + 2 * t;
-          const float2 x = gpost ? mix_pair(sA, mw.cpost(sCoef, G), mw.fpost, gpost, rl, cl)
-                                 : *reinterpret_cast<const float2*>(myA + rl * kXS + cl);
-          a3[j][2 * r] = x.x, a3[j][2 * r + 1] = x.y;
-        }
+        for (int e = 0; e < 4; ++e) a3[j][e] = exp2f(c[j][e] - lse2[e >> 1]);
+      if (gpost) {
+        put_tile<true>(sInHi, sInLo, warp, a3, g, t);  // every warp is done with S0 and C' (barrier above)
+        __syncthreads();                               // every head's A
+        mix_tiles<true>(sInHi, sInLo, sFrag, kPost, sOut, G, warp, lane);
+        __syncthreads();  // every head's A3
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const float2 x = get_pair(sOut, warp, g + 8 * r, 8 * j + 2 * t);
+            a3[j][2 * r] = x.x, a3[j][2 * r + 1] = x.y;
+          }
+      }
       const uint32_t a[4] = {pack_bf16(a3[0][0], a3[0][1]), pack_bf16(a3[0][2], a3[0][3]),
                              pack_bf16(a3[1][0], a3[1][1]), pack_bf16(a3[1][2], a3[1][3])};
 #pragma unroll
@@ -267,7 +206,9 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
         mma_bf16(acc_o[2 * dn + 1], a, bb[2], bb[3]);
       }
     }
-    __syncthreads();  // every warp is done reading the exchange before the next block writes it
+    // No barrier here: the next block's put_tile follows the barrier after this block's last mix (so
+    // MixIn is free), and its mix writes MixOut only after a barrier that every warp reaches once it
+    // has read this block's values. A warp's K / V tiles are its own (program order).
   }
 
   if (!kOut) {
@@ -346,6 +287,7 @@ __device__ __forceinline__ void accumulate_p_b(float (&acc)[D / 8][4], const flo
 
 // Backward, pass 1: delta_y[i] = sum_j A_y[i, j] dA_y[i, j], dA_y = sum_x Mpost[x, y] dA3_x,
 // dA3_x = dO_x V_x^T (causal). A CTA = 16 query rows of one group, one warp per head, as the forward.
+// dA3 is mixed from bf16, as in the key-tile pass, so delta matches the dA it is subtracted from.
 template <int D>
 __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
     flash_mix_bwd_delta_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
@@ -354,12 +296,16 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
                                float* __restrict__ delta, int H, int T, int G, float scale) {
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* sK = reinterpret_cast<bf16*>(smem_raw);              // [G][16][S]
-  bf16* sV = sK + G * kTile * S;                             // [G][16][S]
-  float* sX = reinterpret_cast<float*>(sV + G * kTile * S);  // [G][16][kXS]: S0
-  float* sD = sX + G * kTile * kXS;                          // [G][16][kXS]: dA3
-  float* sCoef = sD + G * kTile * kXS;                       // [4][G][kMaxG]
-  const MixWarp mw = mix_warp(sCoef, mpre, gpre, mpost, gpost, H, T, G);
+  bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [G][16][S]
+  bf16* sV = sK + G * kTile * S;                 // [G][16][S]
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sV + G * kTile * S);
+  bf16* sSHi = reinterpret_cast<bf16*>(sFrag + kFragWords);  // MixIn: S0 (hi, lo), dA3
+  bf16* sSLo = sSHi + kInElems;
+  bf16* sD = sSLo + kInElems;
+  float* sC = reinterpret_cast<float*>(sD + kInElems);  // MixOut: C', dA
+  float* sDA = sC + G * kXT;
+  const MixWarp mw = mix_warp(sFrag, mpre, gpre, mpost, gpost, H, T, G);
+  zero_in(sSHi), zero_in(sSLo), zero_in(sD);
   const int warp = mw.warp, lane = mw.lane, g = mw.g, t = mw.t;
   const size_t head = mw.head;
   const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;
@@ -367,8 +313,6 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
 
   bf16* myK = sK + warp * kTile * S;
   bf16* myV = sV + warp * kTile * S;
-  float* myX = sX + warp * kTile * kXS;
-  float* myD = sD + warp * kTile * kXS;
   warp_load_rows<D, S>(myK, q, m0, T, lane);
   warp_load_rows<D, S>(myV, dout, m0, T, lane);
   cp_async_commit();
@@ -377,7 +321,7 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
   uint32_t qa[D / 16][4], da[D / 16][4];
   load_a_frags<D, S>(qa, myK, lane);
   load_a_frags<D, S>(da, myV, lane);
-  __syncwarp();
+  __syncthreads();  // the fragments and the zeroed MixIn buffers
   float lse2[2], dpart[2] = {0.f, 0.f};
 #pragma unroll
   for (int r = 0; r < 2; ++r) lse2[r] = m0 + g + 8 * r < T ? lse[head + m0 + g + 8 * r] * kLog2e : 0.f;
@@ -395,29 +339,31 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int rl = g + 8 * r, cl = 8 * j + 2 * t, row = m0 + rl, col = n0 + cl;
-        const bool v0 = col <= row && col < T, v1 = col + 1 <= row && col + 1 < T;
-        *reinterpret_cast<float2*>(myX + rl * kXS + cl) =
-            make_float2(v0 ? acc_s[j][2 * r] * scale : 0.f, v1 ? acc_s[j][2 * r + 1] * scale : 0.f);
-        *reinterpret_cast<float2*>(myD + rl * kXS + cl) =
-            make_float2(v0 ? acc_d[j][2 * r] : 0.f, v1 ? acc_d[j][2 * r + 1] : 0.f);
+      for (int e = 0; e < 4; ++e) {
+        const int row = m0 + g + 8 * (e >> 1), col = n0 + 8 * j + 2 * t + (e & 1);
+        const bool ok = col <= row && col < T;
+        acc_s[j][e] = ok ? acc_s[j][e] * scale : 0.f;
+        acc_d[j][e] = ok ? acc_d[j][e] : 0.f;
       }
-    __syncthreads();
+    if (gpre) put_tile<true>(sSHi, sSLo, warp, acc_s, g, t);
+    if (gpost) put_tile<false>(sD, nullptr, warp, acc_d, g, t);
+    __syncthreads();  // every head's S0 and dA3
+    if (gpre) mix_tiles<true>(sSHi, sSLo, sFrag, kPre, sC, G, warp, lane);
+    if (gpost) mix_tiles<false>(sD, nullptr, sFrag, kPostT, sDA, G, warp, lane);
+    __syncthreads();  // every head's C' and dA
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int rl = g + 8 * r, cl = 8 * j + 2 * t, row = m0 + rl, col = n0 + cl;
-        const float2 c = gpre ? mix_pair(sX, mw.cpre(sCoef), mw.fpre, gpre, rl, cl)
-                              : *reinterpret_cast<const float2*>(myX + rl * kXS + cl);
-        const float2 d = gpost ? mix_pair(sD, mw.cpostT(sCoef, G), mw.fpost, gpost, rl, cl)
-                               : *reinterpret_cast<const float2*>(myD + rl * kXS + cl);
+        const float2 c = gpre ? get_pair(sC, warp, rl, cl) : make_float2(acc_s[j][2 * r], acc_s[j][2 * r + 1]);
+        const float2 d = gpost ? get_pair(sDA, warp, rl, cl) : make_float2(acc_d[j][2 * r], acc_d[j][2 * r + 1]);
         const float a0 = col <= row && col < T ? exp2f(c.x * kLog2e - lse2[r]) : 0.f;
         const float a1 = col + 1 <= row && col + 1 < T ? exp2f(c.y * kLog2e - lse2[r]) : 0.f;
         dpart[r] += a0 * d.x + a1 * d.y;
       }
-    __syncthreads();
+    // No barrier: the next block writes MixIn after every warp's mix (barrier above) and MixOut only
+    // after its own first barrier, which every warp reaches after reading this block's values.
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -431,12 +377,14 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
 
 // Backward, pass 2, FlashAttention-2's order: a CTA = 16 keys of one group (one warp per head), over
 // the query blocks from the diagonal on, with transposed tiles (rows = keys, columns = queries):
-//   S^T = K Q^T -> exchange -> C'^T -> A^T = exp(C' - lse) -> exchange -> A3^T;  dV += A3^T dO;
-//   dA3^T = V dO^T -> exchange -> dA^T (Mpost^T);  dC'^T = A^T (dA^T - delta) -> exchange -> dS^T
-//   (Mpre^T);  dK += dS^T Q;  dQ += dS K (fp32 atomics, scaled at conversion);
-//   dMpost[x, y] += dA3_x . A_y and dMpre[x, y] += dC'_x . S_y, summed over the warp per query block
-//   into shared memory (registers are short at 16 heads), then per-CTA partials
-//   part[(cta * G + x) * kMaxGBwd + y] reduced in a fixed order (deterministic).
+//   S^T = K Q^T -> C'^T (mixed) -> A^T = exp(C' - lse) -> A3^T (mixed);  dV += A3^T dO;
+//   dA3^T = V dO^T -> dA^T (mixed with Mpost^T);  dC'^T = A^T (dA^T - delta) -> dS^T (Mpre^T);
+//   dK += dS^T Q;  dQ += dS K (fp32 atomics, scaled at conversion);
+//   dMpost[x, y] += dA3_x . A_y and dMpre[x, y] += dC'_x . S_y: tensor-core products over the same
+//   MixIn buffers, accumulated per warp in registers, summed over the warps at the end into per-CTA
+//   partials part[(cta * G + x) * kMaxGBwd + y] (y within x's group), reduced in a fixed order.
+// The mixes are the forward's (head_mix_mma.cuh): S0 with its remainder (the logits go into exp and
+// must match the forward's lse), A, dA3 and dC' as bf16 (their products are bf16 MMAs anyway).
 template <int D>
 __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
     flash_mix_bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
@@ -447,20 +395,20 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
                          float scale) {
   constexpr int S = D + 8, SS = kTile + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* sK = reinterpret_cast<bf16*>(smem_raw);                // [G][16][S]
-  bf16* sQ = sK + G * kTile * S;                               // [G][16][S]
-  bf16* sO = sQ + G * kTile * S;                               // [G][16][S]: dO
-  bf16* sdS = sO + G * kTile * S;                              // [G][16][SS]: dS^T (keys x queries)
-  float* sX = reinterpret_cast<float*>(sdS + G * kTile * SS);  // [G][16][kXS]: S0^T
-  float* sA = sX + G * kTile * kXS;                            // [G][16][kXS]: A^T, then dC'^T
-  float* sD = sA + G * kTile * kXS;                            // [G][16][kXS]: dA3^T
-  float* sCoef = sD + G * kTile * kXS;  // [4][G][kMaxG]
-  float* sMpre = sCoef + 4 * G * kMaxG;  // [G][kMaxG]: this CTA's d head_pre rows
-  float* sMpost = sMpre + G * kMaxG;     // [G][kMaxG]: d head_post rows
-  const MixWarp mw = mix_warp(sCoef, mpre, gpre, mpost, gpost, H, T, G);
-  const int warp = mw.warp, lane = mw.lane, g = mw.g, t = mw.t, fpre = mw.fpre, fpost = mw.fpost;
-  if (lane < kMaxG) sMpre[warp * kMaxG + lane] = 0.f, sMpost[warp * kMaxG + lane] = 0.f;
-  __syncwarp();
+  bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [G][16][S]
+  bf16* sQ = sK + G * kTile * S;                 // [G][16][S]
+  bf16* sO = sQ + G * kTile * S;                 // [G][16][S]: dO
+  bf16* sdS = sO + G * kTile * S;                // [G][16][SS]: dS^T (keys x queries)
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sdS + G * kTile * SS);
+  bf16* sSHi = reinterpret_cast<bf16*>(sFrag + kFragWords);  // MixIn: S0^T (hi, lo), A^T then dC'^T, dA3^T
+  bf16* sSLo = sSHi + kInElems;
+  bf16* sA = sSLo + kInElems;
+  bf16* sD = sA + kInElems;
+  float* sX1 = reinterpret_cast<float*>(sD + kInElems);  // MixOut: C'^T, then A3^T, then dS^T
+  float* sX2 = sX1 + G * kXT;                             // MixOut: dA^T
+  const MixWarp mw = mix_warp(sFrag, mpre, gpre, mpost, gpost, H, T, G);
+  zero_in(sSHi), zero_in(sSLo), zero_in(sA), zero_in(sD);
+  const int warp = mw.warp, lane = mw.lane, g = mw.g, t = mw.t;
   const size_t head = mw.head;
   const int n0 = static_cast<int>(blockIdx.y) * kTile;  // tile 0 has the most query blocks: it starts first
   q += head * D, k += head * D, v += head * D, dout += head * D, dq_acc += head * D, dk += head * D, dv += head * D;
@@ -469,9 +417,6 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
   bf16* myQ = sQ + warp * kTile * S;
   bf16* myO = sO + warp * kTile * S;
   bf16* mydS = sdS + warp * kTile * SS;
-  float* myX = sX + warp * kTile * kXS;
-  float* myA = sA + warp * kTile * kXS;
-  float* myD = sD + warp * kTile * kXS;
   // K of the CTA's keys stays in shared memory; V as A fragments in registers (staged through sQ).
   warp_load_rows<D, S>(myK, k, n0, T, lane);
   warp_load_rows<D, S>(myQ, v, n0, T, lane);
@@ -480,9 +425,10 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
   __syncwarp();
   uint32_t va[D / 16][4];
   load_a_frags<D, S>(va, myQ, lane);
-  __syncwarp();
+  __syncthreads();  // the fragments and the zeroed MixIn buffers; every warp's V read before Q lands
 
   float acc_dk[D / 8][4] = {}, acc_dv[D / 8][4] = {};
+  float gpre_acc[2][4] = {}, gpost_acc[2][4] = {};  // this warp's share of dMpre / dMpost (head_mix_mma.cuh)
   for (int m0 = n0; m0 < T; m0 += kTile) {
     warp_load_rows<D, S>(myQ, q, m0, T, lane);
     warp_load_rows<D, S>(myO, dout, m0, T, lane);
@@ -512,71 +458,73 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
         acc_s[j][e] = ok[j][e] ? acc_s[j][e] * scale : 0.f;
         d3[j][e] = ok[j][e] ? d3[j][e] : 0.f;
       }
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-        *reinterpret_cast<float2*>(myX + (g + 8 * r) * kXS + 8 * j + 2 * t) =
-            make_float2(acc_s[j][2 * r], acc_s[j][2 * r + 1]);
-    __syncthreads();  // (1) S0^T of every head
+    if (gpre) {
+      put_tile<true>(sSHi, sSLo, warp, acc_s, g, t);
+      __syncthreads();  // (1) S0^T of every head
+      mix_tiles<true>(sSHi, sSLo, sFrag, kPre, sX1, G, warp, lane);
+      __syncthreads();  // (2) C'^T of every head
+    }
     float a[2][4];
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const int rl = g + 8 * r, cl = 8 * j + 2 * t;
         const float2 c =
-            gpre ? mix_pair(sX, mw.cpre(sCoef), fpre, gpre, rl, cl) : make_float2(acc_s[j][2 * r], acc_s[j][2 * r + 1]);
+            gpre ? get_pair(sX1, warp, g + 8 * r, 8 * j + 2 * t) : make_float2(acc_s[j][2 * r], acc_s[j][2 * r + 1]);
         a[j][2 * r] = ok[j][2 * r] ? exp2f(c.x * kLog2e - lse2[j][0]) : 0.f;
         a[j][2 * r + 1] = ok[j][2 * r + 1] ? exp2f(c.y * kLog2e - lse2[j][1]) : 0.f;
-        *reinterpret_cast<float2*>(myA + rl * kXS + cl) = make_float2(a[j][2 * r], a[j][2 * r + 1]);
-        *reinterpret_cast<float2*>(myD + rl * kXS + cl) = make_float2(d3[j][2 * r], d3[j][2 * r + 1]);
       }
-    __syncthreads();  // (2) A^T and dA3^T of every head
     float p[2][4], dc[2][4];
+    if (gpost) {
+      put_tile<false>(sA, nullptr, warp, a, g, t);
+      put_tile<false>(sD, nullptr, warp, d3, g, t);
+      __syncthreads();  // (3) A^T and dA3^T of every head; every warp has read C'^T
+      mix_tiles<false>(sA, nullptr, sFrag, kPost, sX1, G, warp, lane);
+      mix_tiles<false>(sD, nullptr, sFrag, kPostT, sX2, G, warp, lane);
+      grad_tiles(gpost_acc, sD, sA, nullptr, G, warp, lane);  // dMpost += dA3^T A
+      __syncthreads();  // (4) A3^T and dA^T of every head; every warp is done with sA
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+      for (int j = 0; j < 2; ++j)
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int rl = g + 8 * r, cl = 8 * j + 2 * t;
-        const float2 a3 =
-            gpost ? mix_pair(sA, mw.cpost(sCoef, G), fpost, gpost, rl, cl) : make_float2(a[j][2 * r], a[j][2 * r + 1]);
-        p[j][2 * r] = a3.x, p[j][2 * r + 1] = a3.y;
-        const float2 da = gpost ? mix_pair(sD, mw.cpostT(sCoef, G), fpost, gpost, rl, cl)
-                                : make_float2(d3[j][2 * r], d3[j][2 * r + 1]);
-        dc[j][2 * r] = a[j][2 * r] * (da.x - dlt[j][0]);
-        dc[j][2 * r + 1] = a[j][2 * r + 1] * (da.y - dlt[j][1]);
-      }
-    // The mixing-weight gradient terms of this block: dA3_x . A_y and dC'_x . S_y over the warp's
-    // positions, summed over the warp into its rows of sMpost / sMpre.
-    for (int y = 0; y < gpost; ++y) {
-      const float v = warp_dot_tile(d3, sA + (fpost + y) * kTile * kXS, g, t);
-      if (lane == 0) sMpost[warp * kMaxG + y] += v;
-    }
-    for (int y = 0; y < gpre; ++y) {
-      const float v = warp_dot_tile(dc, sX + (fpre + y) * kTile * kXS, g, t);
-      if (lane == 0) sMpre[warp * kMaxG + y] += v;
+        for (int r = 0; r < 2; ++r) {
+          const float2 a3 = get_pair(sX1, warp, g + 8 * r, 8 * j + 2 * t);
+          const float2 da = get_pair(sX2, warp, g + 8 * r, 8 * j + 2 * t);
+          p[j][2 * r] = a3.x, p[j][2 * r + 1] = a3.y;
+          dc[j][2 * r] = a[j][2 * r] * (da.x - dlt[j][0]);
+          dc[j][2 * r + 1] = a[j][2 * r + 1] * (da.y - dlt[j][1]);
+        }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) p[j][e] = a[j][e], dc[j][e] = a[j][e] * (d3[j][e] - dlt[j][e & 1]);
     }
     accumulate_p_b<D, S>(acc_dv, p, myO, lane);  // dV += A3^T dO
-    __syncthreads();                             // (3) every head is done with A^T: dC'^T goes in its place
+    float ds[2][4];
+    if (gpre) {
+      put_tile<false>(sA, nullptr, warp, dc, g, t);  // A^T is done with (barrier (4), or no post mix)
+      __syncthreads();  // (5) dC'^T of every head; every warp has read A3^T and dA^T
+      mix_tiles<false>(sA, nullptr, sFrag, kPreT, sX1, G, warp, lane);
+      grad_tiles(gpre_acc, sA, sSHi, sSLo, G, warp, lane);  // dMpre += dC'^T S0
+      __syncthreads();  // (6) dS^T of every head; every warp is done with sA and sS
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float2 x = get_pair(sX1, warp, g + 8 * r, 8 * j + 2 * t);
+          ds[j][2 * r] = x.x, ds[j][2 * r + 1] = x.y;
+        }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) ds[j][e] = dc[j][e];
+    }
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
       for (int r = 0; r < 2; ++r)
-        *reinterpret_cast<float2*>(myA + (g + 8 * r) * kXS + 8 * j + 2 * t) =
-            make_float2(dc[j][2 * r], dc[j][2 * r + 1]);
-    __syncthreads();  // (4) dC'^T of every head
-    float ds[2][4];
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int rl = g + 8 * r, cl = 8 * j + 2 * t;
-        const float2 x =
-            gpre ? mix_pair(sA, mw.cpreT(sCoef, G), fpre, gpre, rl, cl) : make_float2(dc[j][2 * r], dc[j][2 * r + 1]);
-        ds[j][2 * r] = x.x, ds[j][2 * r + 1] = x.y;
-        *reinterpret_cast<uint32_t*>(mydS + rl * SS + cl) = pack_bf16(x.x, x.y);
-      }
+        *reinterpret_cast<uint32_t*>(mydS + (g + 8 * r) * SS + 8 * j + 2 * t) = pack_bf16(ds[j][2 * r], ds[j][2 * r + 1]);
     accumulate_p_b<D, S>(acc_dk, ds, myQ, lane);  // dK += dS^T Q (scaled at the end)
     __syncwarp();
     // dQ[m0 .. m0 + 15] += dS K: A = dS (queries x keys) read transposed from dS^T.
@@ -600,6 +548,8 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
         }
     }
     __syncwarp();
+    // No barrier at the end: the next block's first shared write of each buffer follows a barrier
+    // that every warp reaches only after its last read of it in this block.
   }
 
   // dK (scaled) and dV of the CTA's 16 keys, staged through the warp's Q tile, 16-byte stores.
@@ -626,12 +576,30 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
     }
     __syncwarp();
   }
-  // This CTA's mixing-gradient sums: one partial per (CTA, head, y).
-  __syncwarp();
+  // The mixing-weight gradient: each warp's 16 x 16 share (rows x, columns y of the CTA's heads) into
+  // shared memory (the MixOut buffers, free now), then one partial per (CTA, head x, y in x's group),
+  // summed over the warps in a fixed order.
+  __syncthreads();
+  float* sG = sX1;  // [2][G warps][16][16]: needs 2 * G * 256 <= 2 * G * kXT floats
+  for (int kind = 0; kind < 2; ++kind) {
+    const float(&acc)[2][4] = kind == 0 ? gpre_acc : gpost_acc;
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        sG[((kind * G + warp) * kMaxG + g + 8 * (e >> 1)) * kMaxG + 8 * nb + 2 * t + (e & 1)] = acc[nb][e];
+  }
+  __syncthreads();
   const size_t cta = static_cast<size_t>(blockIdx.x) * gridDim.y + blockIdx.y;
-  if (lane < kMaxGBwd) {
-    part_pre[(cta * G + warp) * kMaxGBwd + lane] = sMpre[warp * kMaxG + lane];
-    part_post[(cta * G + warp) * kMaxGBwd + lane] = sMpost[warp * kMaxG + lane];
+  for (int i = threadIdx.x; i < 2 * G * kMaxGBwd; i += blockDim.x) {
+    const int kind = i / (G * kMaxGBwd), x = (i / kMaxGBwd) % G, yy = i % kMaxGBwd;
+    const int gs = kind == 0 ? gpre : gpost;
+    float* part = kind == 0 ? part_pre : part_post;
+    if (!gs || yy >= gs) continue;
+    const int y = x - x % gs + yy;
+    float sum = 0.f;
+    for (int w = 0; w < G; ++w) sum += sG[((kind * G + w) * kMaxG + x) * kMaxG + y];
+    part[(cta * G + x) * kMaxGBwd + yy] = sum;
   }
 }
 
@@ -687,17 +655,15 @@ void launch_backward(const AttentionSpec& spec, const bf16* q, const bf16* k, co
   float* part_post = part_pre + up(parts * 4) / 4;
   MTA_CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, rows * D * sizeof(float), s));
   const dim3 grid(static_cast<unsigned>(B * (H / G)), static_cast<unsigned>(ntiles));
-  const size_t coef = 4 * static_cast<size_t>(G) * kMaxG * sizeof(float);
-  const size_t smem_delta =
-      2 * static_cast<size_t>(G) * kTile * S * 2 + 2 * static_cast<size_t>(G) * kTile * kXS * 4 + coef;
+  const size_t tile = static_cast<size_t>(G) * kTile * S * sizeof(bf16);
+  const size_t smem_delta = 2 * tile + kFragBytes + 3 * kInBytes + 2 * out_bytes(G);
   MTA_CUDA_CHECK(cudaFuncSetAttribute(flash_mix_bwd_delta_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem_delta)));
   flash_mix_bwd_delta_kernel<D>
       <<<grid, 32 * G, smem_delta, s>>>(q, k, v, dout, lse, mpre, gpre, mpost, gpost, delta, H, T, G, scale);
   MTA_CUDA_CHECK_LAUNCH("flash_mix_bwd_delta_kernel");
-  const size_t smem_main = 3 * static_cast<size_t>(G) * kTile * S * 2 + static_cast<size_t>(G) * kTile * SS * 2 +
-                           3 * static_cast<size_t>(G) * kTile * kXS * 4 + coef +
-                           2 * static_cast<size_t>(G) * kMaxG * sizeof(float);
+  const size_t smem_main = 3 * tile + static_cast<size_t>(G) * kTile * SS * sizeof(bf16) + kFragBytes +
+                           4 * kInBytes + 2 * out_bytes(G);
   MTA_CUDA_CHECK(cudaFuncSetAttribute(flash_mix_bwd_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem_main)));
   flash_mix_bwd_kernel<D><<<grid, 32 * G, smem_main, s>>>(q, k, v, dout, lse, delta, mpre, gpre, mpost, gpost, dq_acc,

@@ -1,0 +1,155 @@
+#pragma once
+// Head mixing on tensor cores, for the FlashMix kernels (flash_mix.cu).
+//
+// A CTA holds one 16 x 16 tile of positions for each of its G <= 16 heads, one warp per head.
+// Mixing them, out_x = sum_y M[x, y] in_y at every position, is the product
+//   Out[p, x] = sum_y In[p, y] M[x, y]  over the CTA's 256 positions p,
+// one m16n8k16 MMA pair per tile row, with the heads as the k dimension:
+//   * put_tile: each warp writes its tile as bf16 into a MixIn buffer, [16 heads][kYS], position
+//     (r, c) at r * kPS + c. The layout is head-major, so a warp's writes are 4-byte pairs with no
+//     bank conflicts. An optional second buffer holds the rounding remainder (hi + lo: ~16 bits of
+//     mantissa), for logits that go into exp. Heads >= G stay zero (zero_in).
+//   * mix_tiles: tile row r is the A operand of one MMA (ldmatrix.trans from [k = head][m = position]).
+//     The coefficients are B fragments, prepared once per CTA per lane (build_frags: hi and lo parts).
+//     The fp32 results go to a MixOut buffer [G][kXT] in the warps' tile layout (row stride kXS),
+//     where each warp reads its own head back.
+//   * grad_tiles: the mixing weights' gradient terms sum_p D_x(p) V_y(p) are the product D^T V over
+//     the same buffers (A = D from [m = head][k = position], B = V from [n = head][k = position]).
+// The first version mixed with CUDA cores: 16 fp32 shared-memory reads and FMAs per position, head and
+// mix, ~2,000 cycles of shared-memory bandwidth per mix and step on an SM (bench/RESULTS.md). Here
+// each position and head costs one 2-byte write, one 4-byte write and read, and 1/16 of an MMA pair.
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "attention/mma_sm80.cuh"
+
+namespace mta::cuda::headmix {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kTile = 16;          // positions per tile side (query rows and keys per step)
+constexpr int kMaxG = 16;          // heads per CTA: the k of one MMA
+constexpr int kPS = kTile + 8;     // bf16 per tile row in MixIn (16-byte aligned rows)
+constexpr int kYS = kTile * kPS + 8;  // bf16 per head in MixIn: 784 bytes = 16 (mod 128), so the 8
+                                      // heads of one ldmatrix phase hit 8 distinct 16-byte bank groups
+constexpr int kXS = 24;            // fp32 per tile row in MixOut (half-warp float2 reads: no conflicts)
+constexpr int kXT = kTile * kXS + 4;  // fp32 per head in MixOut: 4 (mod 32), so an MMA's result
+                                      // stores (8 positions x 4 head pairs) hit 32 distinct banks
+constexpr int kInElems = kMaxG * kYS;   // bf16 per MixIn buffer
+constexpr int kFragWords = 4 * 32 * 8;  // 4 kinds x 32 lanes x (hi, lo) x 4 b32
+
+// The kinds of coefficient fragments (build_frags): head_pre and head_post, each as M (mixing) and as
+// M^T (its adjoint, dIn_y = sum_x M[x, y] dOut_x).
+enum MixKind { kPre = 0, kPost = 1, kPreT = 2, kPostT = 3 };
+
+// The CTA's mixing matrix entry (x, y) (CTA-local heads) of a group size gs: block-diagonal with the
+// gs x gs blocks of m (the CTA's first head is head0, a multiple of gs), zero outside.
+__device__ __forceinline__ float cta_coef(const float* m, int gs, int head0, int G, int x, int y) {
+  if (!gs || x >= G || y >= G || x / gs != y / gs) return 0.f;
+  return m[static_cast<size_t>((head0 + x) / gs) * gs * gs + (x % gs) * gs + y % gs];
+}
+
+// Per lane, the B fragments of the four kinds, hi and lo parts, into sFrag (kFragWords b32):
+// B[k][n] = M[n][k] (mixing: k = input head, n = output head), or M[k][n] for the adjoint.
+__device__ __forceinline__ void build_frags(uint32_t* sFrag, const float* mpre, int gpre, const float* mpost,
+                                            int gpost, int head0, int G) {
+  for (int i = threadIdx.x; i < 4 * 32; i += blockDim.x) {
+    const int kind = i / 32, lane = i % 32, g = lane >> 2, t = lane & 3;
+    const float* m = (kind == kPre || kind == kPreT) ? mpre : mpost;
+    const int gs = (kind == kPre || kind == kPreT) ? gpre : gpost;
+    const bool adj = kind >= kPreT;
+    uint32_t* out = sFrag + i * 8;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int reg = 0; reg < 2; ++reg) {
+        const int n = 8 * nt + g, k0 = 2 * t + 8 * reg;
+        float v[2], hi[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int k = k0 + e;
+          v[e] = adj ? cta_coef(m, gs, head0, G, k, n) : cta_coef(m, gs, head0, G, n, k);
+          hi[e] = __bfloat162float(__float2bfloat16(v[e]));
+        }
+        out[2 * nt + reg] = mma::pack_bf16(v[0], v[1]);
+        out[4 + 2 * nt + reg] = mma::pack_bf16(v[0] - hi[0], v[1] - hi[1]);
+      }
+  }
+}
+
+// Zeroes a MixIn buffer (heads >= G are never written and must read as 0: 0 * NaN would not be).
+__device__ __forceinline__ void zero_in(bf16* in) {
+  for (int i = threadIdx.x; i < kInElems / 2; i += blockDim.x) reinterpret_cast<uint32_t*>(in)[i] = 0u;
+}
+
+// Warp x's 16 x 16 tile v, in the mma accumulator layout (v[j][2r + e] at row g + 8r, column
+// 8j + 2t + e), into MixIn (and its rounding remainder into lo when kLo).
+template <bool kLo>
+__device__ __forceinline__ void put_tile(bf16* hi, bf16* lo, int x, const float (&v)[2][4], int g, int t) {
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int off = x * kYS + (g + 8 * r) * kPS + 8 * j + 2 * t;
+      const float a = v[j][2 * r], b = v[j][2 * r + 1];
+      const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+      *reinterpret_cast<__nv_bfloat162*>(hi + off) = h;
+      if (kLo)
+        *reinterpret_cast<__nv_bfloat162*>(lo + off) =
+            __floats2bfloat162_rn(a - __low2float(h), b - __high2float(h));
+    }
+}
+
+// Out = mix of the G tiles in MixIn (hi, + lo when kLo) with the coefficients of `kind`, into MixOut
+// (heads < G). Warp w computes tile rows w, w + G, ...; the caller synchronizes before (MixIn
+// complete) and after (MixOut complete).
+template <bool kLo>
+__device__ __forceinline__ void mix_tiles(const bf16* hi, const bf16* lo, const uint32_t* sFrag, int kind, float* out,
+                                          int G, int warp, int lane) {
+  const uint4* fp = reinterpret_cast<const uint4*>(sFrag + (kind * 32 + lane) * 8);
+  const uint4 fh = fp[0], fl = fp[1];
+  const uint32_t bh[4] = {fh.x, fh.y, fh.z, fh.w}, bl[4] = {fl.x, fl.y, fl.z, fl.w};
+  const int g = lane >> 2, t = lane & 3;
+  for (int r = warp; r < kTile; r += G) {
+    uint32_t ah[4], al[4];
+    mma::ldmatrix_x4_trans(ah, hi + mma::at_offset(lane, 0, r * kPS, kYS));
+    if (kLo) mma::ldmatrix_x4_trans(al, lo + mma::at_offset(lane, 0, r * kPS, kYS));
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
+      mma::mma_bf16(c, ah, bl[2 * nt], bl[2 * nt + 1]);  // the small terms first
+      if (kLo) mma::mma_bf16(c, al, bh[2 * nt], bh[2 * nt + 1]);
+      mma::mma_bf16(c, ah, bh[2 * nt], bh[2 * nt + 1]);
+      // c0, c1: position (r, g), heads x0, x0 + 1; c2, c3: position (r, g + 8).
+      const int x0 = 8 * nt + 2 * t;
+      if (x0 < G) out[x0 * kXT + r * kXS + g] = c[0], out[x0 * kXT + r * kXS + g + 8] = c[2];
+      if (x0 + 1 < G) out[(x0 + 1) * kXT + r * kXS + g] = c[1], out[(x0 + 1) * kXT + r * kXS + g + 8] = c[3];
+    }
+  }
+}
+
+// acc[n-block] += D^T V summed over the positions of tile rows warp, warp + G, ...: acc[nb][e] is
+// (head x = g + 8 (e >> 1), head y = 8 nb + 2t + (e & 1)). V's remainder is added when v_lo is given.
+__device__ __forceinline__ void grad_tiles(float (&acc)[2][4], const bf16* d, const bf16* v, const bf16* v_lo, int G,
+                                           int warp, int lane) {
+  for (int r = warp; r < kTile; r += G) {
+    uint32_t a[4], b[4];
+    mma::ldmatrix_x4(a, d + mma::a_offset(lane, 0, r * kPS, kYS));
+    mma::ldmatrix_x4(b, v + mma::bnk_offset(lane, 0, r * kPS, kYS));
+    mma::mma_bf16(acc[0], a, b[0], b[1]);
+    mma::mma_bf16(acc[1], a, b[2], b[3]);
+    if (v_lo) {
+      mma::ldmatrix_x4(b, v_lo + mma::bnk_offset(lane, 0, r * kPS, kYS));
+      mma::mma_bf16(acc[0], a, b[0], b[1]);
+      mma::mma_bf16(acc[1], a, b[2], b[3]);
+    }
+  }
+}
+
+// This warp's head's values at its tile positions from MixOut (the mma accumulator layout).
+__device__ __forceinline__ float2 get_pair(const float* out, int x, int row, int col) {
+  return *reinterpret_cast<const float2*>(out + x * kXT + row * kXS + col);
+}
+
+}  // namespace mta::cuda::headmix
