@@ -59,7 +59,8 @@ void attn_epilogue_forward(const AttentionSpec& spec, const bf16* core, const fl
 
 size_t attn_epilogue_backward_scratch_bytes(long long rows, int D) {
   const size_t rd = static_cast<size_t>(rows) * D * sizeof(float);
-  return 3 * up(rd) + up(static_cast<size_t>(rows) * sizeof(float)) + up((2 * static_cast<size_t>(D) + 1) * 8);
+  return 3 * up(rd) + up(static_cast<size_t>(rows) * sizeof(float)) + up((2 * static_cast<size_t>(D) + 1) * 8) +
+         up(static_cast<size_t>(kColumnBlocks) * D * 8);
 }
 
 void attn_epilogue_backward(const AttentionSpec& spec, const bf16* core, const bf16* dout, const float* norm,
@@ -76,18 +77,19 @@ void attn_epilogue_backward(const AttentionSpec& spec, const bf16* core, const b
   float* pgw = reinterpret_cast<float*>(base + 2 * up(rd));
   float* pgb = reinterpret_cast<float*>(base + 3 * up(rd));
   double* acc = reinterpret_cast<double*>(base + 3 * up(rd) + up(static_cast<size_t>(rows) * sizeof(float)));
+  double* colpart = reinterpret_cast<double*>(reinterpret_cast<char*>(acc) + up((2 * static_cast<size_t>(D) + 1) * 8));
   MTA_CUDA_CHECK(cudaMemsetAsync(acc, 0, (2 * static_cast<size_t>(D) + 1) * sizeof(double), s));
   const int n = static_cast<int>(rows);
   epilogue_backward_kernel<float, bf16>
       <<<grid_for(rows, kWarpsPerBlock), kBlock, 0, s>>>(core, dout, dobuf, pn, pgw, pgb, ep, D, n, 0, n, n, rows);
   MTA_CUDA_CHECK_LAUNCH("epilogue_backward_kernel");
   if (ep.norm) {
-    column_sum_kernel<float><<<D, kBlock, 0, s>>>(pn, acc, rows, D);
+    column_sum<float>(pn, colpart, acc, rows, D, s);
     add_gradient_kernel<float><<<grid_for(D, kBlock), kBlock, 0, s>>>(grad_norm, acc, D);
   }
   if (ep.gate) {
-    column_sum_kernel<float><<<D, kBlock, 0, s>>>(pgw, acc + D, rows, D);
-    column_sum_kernel<float><<<1, kBlock, 0, s>>>(pgb, acc + 2 * D, rows, 1);
+    column_sum<float>(pgw, colpart, acc + D, rows, D, s);
+    column_sum<float>(pgb, colpart, acc + 2 * D, rows, 1, s);
     add_gradient_kernel<float><<<grid_for(D, kBlock), kBlock, 0, s>>>(grad_gate_w, acc + D, D);
     add_gradient_kernel<float><<<1, kBlock, 0, s>>>(grad_gate_b, acc + 2 * D, 1);
   }

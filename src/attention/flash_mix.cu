@@ -603,18 +603,22 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
   }
 }
 
-// grad[h][y] += sum over the batch and the key tiles (fixed order, double) of the partials of head h:
-// grad is [H / g][g][g] = [H][g]. One thread per (h, y).
+// grad[h][y] += sum over the batch and the key tiles of the partials of head h: one warp per (h, y),
+// lane l taking the (batch, tile) pairs l, l + 32, ... in ascending order, then a fixed shuffle tree
+// (deterministic). grad is [H / g][g][g] = [H][g].
 __global__ void reduce_mix_grad_kernel(const float* __restrict__ part, float* __restrict__ grad, int B, int H, int G,
                                        int gs, int ntiles) {
-  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+  const int idx = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
   if (idx >= H * gs) return;
   const int h = idx / gs, y = idx % gs, units = H / G, u = h / G, w = h % G;
   double s = 0.0;
-  for (int b = 0; b < B; ++b)
-    for (int tile = 0; tile < ntiles; ++tile)
-      s += part[((static_cast<size_t>(b * units + u) * ntiles + tile) * G + w) * kMaxGBwd + y];
-  grad[idx] += static_cast<float>(s);
+  for (int e = lane; e < B * ntiles; e += 32) {
+    const int b = e / ntiles, tile = e % ntiles;
+    s += part[((static_cast<size_t>(b * units + u) * ntiles + tile) * G + w) * kMaxGBwd + y];
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  if (lane == 0) grad[idx] += static_cast<float>(s);
 }
 
 template <int D, bool kOut>
@@ -672,7 +676,7 @@ void launch_backward(const AttentionSpec& spec, const bf16* q, const bf16* k, co
   launch_convert_accum(dq_acc, dq, static_cast<long long>(rows) * D, scale, s);
   for (auto [part, grad, gs] : {std::tuple{part_pre, grad_pre, gpre}, std::tuple{part_post, grad_post, gpost}}) {
     if (!gs) continue;
-    reduce_mix_grad_kernel<<<(H * gs + 255) / 256, 256, 0, s>>>(part, grad, B, H, G, gs, ntiles);
+    reduce_mix_grad_kernel<<<(H * gs * 32 + 255) / 256, 256, 0, s>>>(part, grad, B, H, G, gs, ntiles);
     MTA_CUDA_CHECK_LAUNCH("reduce_mix_grad_kernel");
   }
 }

@@ -393,16 +393,16 @@ __global__ void __launch_bounds__(kBlock) mix_weight_grad_kernel(const T* __rest
   const int tile = static_cast<int>(blockIdx.x / nh);
   const int xg = static_cast<int>((bh0 + x) % H) % gsize;
   const int i0 = r0 + tile * rows_tile, i1 = min(r1, i0 + rows_tile);
-  const long long count = static_cast<long long>(i1 - i0) * g.n;
   double s[kMaxGroup] = {};
-  for (long long t = threadIdx.x; t < count; t += blockDim.x) {
-    const int i = i0 + static_cast<int>(t / g.n), j = static_cast<int>(t % g.n);
-    if (j > i) continue;
-    const T av = dout[g.at(x, i, j)];
+  // Row by row over the causal columns only (no 64-bit division per element, no idle threads on the
+  // masked future).
+  for (int i = i0; i < i1; ++i)
+    for (int j = threadIdx.x; j <= i && j < g.n; j += blockDim.x) {
+      const T av = dout[g.at(x, i, j)];
 #pragma unroll
-    for (int y = 0; y < kMaxGroup; ++y)
-      if (y < gsize) s[y] += static_cast<double>(av * in[g.at(x - xg + y, i, j)]);
-  }
+      for (int y = 0; y < kMaxGroup; ++y)
+        if (y < gsize) s[y] += static_cast<double>(av * in[g.at(x - xg + y, i, j)]);
+    }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int y = 0; y < kMaxGroup; ++y) {
@@ -464,18 +464,25 @@ __global__ void mix_weight_grad_generic_kernel(const T* __restrict__ in, const T
   if (threadIdx.x == 0) partial[(x * gsize + y) * gridDim.x + tile] = s;
 }
 
-// Stage 2 of both: acc[h][col] += sum over the chunk's heads x of global head h (ascending x), then
-// over tiles (ascending), of partial[(x * C + col) * tiles + tile]. One thread per (h, col).
+// Stage 2 of both: acc[h][col] += sum over the chunk's heads x of global head h and over the tiles of
+// partial[(x * C + col) * tiles + tile]: one warp per (h, col), lane l taking the (x, tile) pairs
+// l, l + 32, ... in ascending order, then the fixed shuffle tree (deterministic). (One thread per
+// (h, col), the first version, ran as a single block: ~0.1 ms per call.)
 __global__ void reduce_head_partials_kernel(const double* __restrict__ partial, double* __restrict__ acc, int nh, int C,
                                             int tiles, int H, long long bh0) {
   const long long total = static_cast<long long>(H) * C;
-  for (long long idx = global_thread(); idx < total; idx += grid_threads()) {
+  const int lane = threadIdx.x & 31;
+  for (long long idx = global_thread() >> 5; idx < total; idx += grid_threads() >> 5) {
     const int h = static_cast<int>(idx / C), col = static_cast<int>(idx % C);
     const int x0 = static_cast<int>(((h - bh0 % H) % H + H) % H);
+    const int nx = x0 < nh ? (nh - x0 + H - 1) / H : 0;  // heads x0, x0 + H, ... < nh
     double s = 0.0;
-    for (int x = x0; x < nh; x += H)
-      for (int t = 0; t < tiles; ++t) s += partial[(static_cast<long long>(x) * C + col) * tiles + t];
-    acc[idx] += s;
+    for (long long e = lane; e < static_cast<long long>(nx) * tiles; e += 32) {
+      const long long x = x0 + (e / tiles) * H, t = e % tiles;
+      s += partial[(x * C + col) * tiles + t];
+    }
+    s = warp_sum(s);
+    if (lane == 0) acc[idx] += s;
   }
 }
 
@@ -614,6 +621,7 @@ struct Op {
   T *g0 = nullptr, *g1 = nullptr;                                           // backward: ping-pong gradients
   T *obuf = nullptr, *dobuf = nullptr, *pn = nullptr, *pgw = nullptr, *pgb = nullptr;  // backward epilogue
   double* partial = nullptr;                                                // weight-gradient partials
+  double* colpart = nullptr;  // the epilogue's column-sum partials (kColumnBlocks x Dv)
 
   // One row block (attention/row_blocks.h) and where its rows live.
   struct Block : RowBlock {
@@ -687,6 +695,7 @@ struct Op {
             pgw = static_cast<T*>(alloc(heads * erows * Dv, sizeof(T)));
             pgb = static_cast<T*>(alloc(heads * erows, sizeof(T)));
           }
+          colpart = static_cast<double*>(alloc(static_cast<long long>(kColumnBlocks) * Dv, sizeof(double)));
         }
         if (wgrad_cols) partial = static_cast<double*>(alloc(heads * wgrad_cols * part_cols, sizeof(double)));
       }
@@ -840,13 +849,13 @@ struct Op {
     reduce_partials(acc, gs, bh0, nh, tiles);
   }
   void reduce_partials(double* acc, int C, long long bh0, int nh, int count) {
-    reduce_head_partials_kernel<<<grid_for(static_cast<long long>(H) * C, kBlock), kBlock, 0, stream>>>(
+    reduce_head_partials_kernel<<<grid_for(static_cast<long long>(H) * C, kWarpsPerBlock), kBlock, 0, stream>>>(
         partial, acc, nh, C, count, H, bh0);
     CUDA_CHECK_LAUNCH("reduce_head_partials_kernel");
   }
   void column_sum(const T* part, double* acc, long long rows, int cols) {
-    column_sum_kernel<T><<<cols, kBlock, 0, stream>>>(part, acc, rows, cols);
-    CUDA_CHECK_LAUNCH("column_sum_kernel");
+    cuda::column_sum<T>(part, colpart, acc, rows, cols, stream);
+    CUDA_CHECK_LAUNCH("column_sum");
   }
 };
 
