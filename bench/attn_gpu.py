@@ -16,7 +16,6 @@ where PyTorch's materialized path runs out of memory, its columns say OOM.
 import argparse
 import json
 import pathlib
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,17 +38,19 @@ CONFIGS = {
 
 
 def cuda_ms(fn, reps, warmup):
+    """Device time per call: `reps` calls back to back between two events, divided by reps. (Timing each
+    call between its own events, as this did first, counted the host's launch gaps too: autograd's
+    ~0.1 ms per backward call made SDPA's 0.3 ms backward read anywhere from 0.27 to 0.54 ms.)"""
     for _ in range(warmup):
         fn()
-    times = []
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
     for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
         fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / reps
 
 
 def torch_case(kind, spec, B, T, reps, warmup):
@@ -117,7 +118,7 @@ def main():
     args = ap.parse_args()
     B, H = args.batch, args.heads
     print(f"# attention layer, {torch.cuda.get_device_name()}, torch {torch.__version__}, B={B}, H={H}, bf16, "
-          f"median of {args.reps}; times in ms, memory in GB; ratios = mta / SDPA; mta path = fused kernels, or "
+          f"mean of {args.reps} back-to-back calls; times in ms, memory in GB; ratios = mta / SDPA; mta path = fused kernels, or "
           f"mta's materialized op where they do not cover the config yet")
     print("| config | D | T | SDPA fwd / bwd | SDPA mem | PyTorch materialized fwd / bwd | its mem | mta path |"
           " mta fwd / bwd | mta mem | mta/SDPA f+b | mta/SDPA mem |")

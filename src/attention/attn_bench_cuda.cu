@@ -59,24 +59,22 @@ class Arena {
   size_t bytes_ = 0;
 };
 
-double median_ms(const std::function<void()>& fn, int reps, int warmup) {
+// Device time per call: reps calls back to back between two events, divided by reps (bench/attn_gpu.py
+// times PyTorch the same way), so host launch gaps between calls do not count.
+double mean_ms(const std::function<void()>& fn, int reps, int warmup) {
   for (int i = 0; i < warmup; ++i) fn();
   cudaEvent_t a, b;
   MTA_CUDA_CHECK(cudaEventCreate(&a));
   MTA_CUDA_CHECK(cudaEventCreate(&b));
-  std::vector<double> t;
-  for (int i = 0; i < reps; ++i) {
-    MTA_CUDA_CHECK(cudaEventRecord(a));
-    fn();
-    MTA_CUDA_CHECK(cudaEventRecord(b));
-    MTA_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    MTA_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms);
-  }
+  MTA_CUDA_CHECK(cudaDeviceSynchronize());
+  MTA_CUDA_CHECK(cudaEventRecord(a));
+  for (int i = 0; i < reps; ++i) fn();
+  MTA_CUDA_CHECK(cudaEventRecord(b));
+  MTA_CUDA_CHECK(cudaEventSynchronize(b));
+  float ms = 0;
+  MTA_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
   cudaEventDestroy(a), cudaEventDestroy(b);
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+  return ms / reps;
 }
 
 __global__ void cast_bf16_to_f32(const bf16* x, float* y, long long n) {
@@ -160,8 +158,8 @@ nlohmann::json bench_attention(const AttentionSpec& spec, int B, int T, const st
     };
   }
   MTA_CUDA_CHECK(cudaDeviceSynchronize());
-  const double fwd_ms = median_ms(fwd, reps, warmup);
-  const double bwd_ms = median_ms(bwd, reps, warmup);
+  const double fwd_ms = mean_ms(fwd, reps, warmup);
+  const double bwd_ms = mean_ms(bwd, reps, warmup);
   return {{"impl", impl}, {"B", B}, {"H", H}, {"T", T}, {"D", D}, {"fwd_ms", fwd_ms}, {"bwd_ms", bwd_ms},
           {"fwd_bwd_ms", fwd_ms + bwd_ms}, {"device_bytes", mem.bytes() + workspace}, {"reps", reps}};
 }

@@ -260,10 +260,18 @@ struct KqBwdTraits {
   static constexpr int kStrideP = kBlockM + 8;  // sP [kBlockM][kStrideP] bf16
   static_assert(kBlockM == 16 * kWarps && kBlockN == 16 * kWarps, "one warp per 16 rows and per 16 keys");
   static_assert((kStrideF * 2 / 16) % 2 == 1 && (kStrideP * 2 / 16) % 2 == 1, "conflict-free ldmatrix rows");
+  // dK of the extended keys: at D = 64 in registers (5 units of 16 x 16 per warp), so that with the
+  // aliases below two CTAs fit on an SM (one did: 4 warps per SM); at D = 128 (10 units) in shared memory.
+  static constexpr bool kDkInRegs = D == 64;
+  static constexpr int kDkUnits = (kColsE / 16) * (D / 16) / kWarps;
+  static_assert((kColsE / 16) * (D / 16) % kWarps == 0, "dK units split evenly over the warps");
+  // Aliases: dS0 (written in step 5) lives in sS (read last in step 2); the dW scratch (step 4) in sP
+  // (read last in step 3, with a barrier between).
   static constexpr size_t kBf16Elems = static_cast<size_t>(kColsE + kBlockN + kRowsE + kBlockM) * kStride +
-                                       3 * static_cast<size_t>(kRowsE) * kStrideS +
+                                       2 * static_cast<size_t>(kRowsE) * kStrideS +
                                        static_cast<size_t>(kRowsF) * kStrideF + static_cast<size_t>(kBlockM) * kStrideP;
-  static constexpr size_t kFloats = static_cast<size_t>(kColsE) * D + 2 * kBlockM + kWarps * 16 * 33;
+  static_assert(kWarps * 16 * 33 * 4 <= kBlockM * kStrideP * 2, "the dW scratch fits in sP");
+  static constexpr size_t kFloats = (kDkInRegs ? 0 : static_cast<size_t>(kColsE) * D) + 2 * kBlockM;
   static constexpr size_t kSmemBytes = kBf16Elems * 2 + kFloats * 4 + 2 * kBandWords * 4;
 };
 
@@ -295,14 +303,14 @@ __global__ void __launch_bounds__(Tr::kThreads)
   bf16* sdO = sQ + kRowsE * S;                    // dO rows m0 .. m0 + BM - 1
   __half* sS = reinterpret_cast<__half*>(sdO + BM * S);  // S0 extended, fp16 (recomputing C)
   bf16* sSb = reinterpret_cast<bf16*>(sS + kRowsE * SS);  // S0 extended, bf16 (dW)
-  bf16* sdS = sSb + kRowsE * SS;                          // dS0 extended, bf16
-  bf16* sF = sdS + kRowsE * SS;                           // the dC frame [kRowsF][FS]
+  bf16* sdS = reinterpret_cast<bf16*>(sS);                // dS0 extended, bf16 (in sS: see the traits)
+  bf16* sF = sSb + kRowsE * SS;                           // the dC frame [kRowsF][FS]
   bf16* sP = sF + Tr::kRowsF * FS;                        // P [BM][SP]
-  float* sdK = reinterpret_cast<float*>(sP + BM * SP);    // [kColsE][D]
-  float* sLse = sdK + kColsE * D;                         // lse * log2(e) of rows m0 ..
+  float* sScr = reinterpret_cast<float*>(sP);             // [kWarps][16][33]: band extraction of dW (in sP)
+  float* sdK = reinterpret_cast<float*>(sP + BM * SP);    // [kColsE][D] unless kDkInRegs
+  float* sLse = sdK + (Tr::kDkInRegs ? 0 : kColsE * D);   // lse * log2(e) of rows m0 ..
   float* sDelta = sLse + BM;
-  float* sScr = sDelta + BM;  // [kWarps][16][33]: band extraction of dW
-  uint32_t* sBandF = reinterpret_cast<uint32_t*>(sScr + kWarps * 16 * 33);
+  uint32_t* sBandF = reinterpret_cast<uint32_t*>(sDelta + BM);
   uint32_t* sBandT = sBandF + kBandWords;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -321,7 +329,9 @@ __global__ void __launch_bounds__(Tr::kThreads)
   // Zeros that stay: the dC frame around its interior, the columns of sS past the extended tile.
   for (int i = tid; i < Tr::kRowsF * FS; i += kThreads) sF[i] = __float2bfloat16(0.f);
   for (int i = tid; i < kRowsE * SS; i += kThreads) sS[i] = __float2half(0.f), sSb[i] = __float2bfloat16(0.f);
-  for (int i = tid; i < kColsE * D; i += kThreads) sdK[i] = 0.f;
+  if (!Tr::kDkInRegs)
+    for (int i = tid; i < kColsE * D; i += kThreads) sdK[i] = 0.f;
+  float acc_dk[Tr::kDkInRegs ? Tr::kDkUnits : 1][2][4] = {};
 
   float acc_dv[D / 8][4];
 #pragma unroll
@@ -389,6 +399,8 @@ __global__ void __launch_bounds__(Tr::kThreads)
         mma_bf16(acc_dv[2 * dn + 1], a, b[2], b[3]);
       }
     }
+
+    __syncthreads();  // every warp is done with sP: the dW scratch takes its place
 
     // 4. dW for this warp's 16 keys j (local 16 warp + r): for each a, M = dC^T X_a with
     //    X_a[i][col] = S0 row i - (cq-1) + a (sS row 16 + i - (cq-1) + a), columns col = 16 warp .. + 31;
@@ -481,8 +493,9 @@ __global__ void __launch_bounds__(Tr::kThreads)
           }
         }
     }
-    for (int u = warp; u < (kColsE / 16) * (D / 16); u += kWarps) {
-      const int rb = u / (D / 16), dn = u % (D / 16);
+#pragma unroll
+    for (int i = 0; i < Tr::kDkUnits; ++i) {
+      const int u = warp + i * kWarps, rb = u / (D / 16), dn = u % (D / 16);
       float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
       for (int ks = 0; ks < kRowsE / 16; ++ks) {
@@ -495,8 +508,12 @@ __global__ void __launch_bounds__(Tr::kThreads)
 #pragma unroll
       for (int nn = 0; nn < 2; ++nn)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-          sdK[(rb * 16 + g + 8 * (e >> 1)) * D + dn * 16 + nn * 8 + 2 * t + (e & 1)] += acc[nn][e];
+        for (int e = 0; e < 4; ++e) {
+          if constexpr (Tr::kDkInRegs)
+            acc_dk[i][nn][e] += acc[nn][e];
+          else
+            sdK[(rb * 16 + g + 8 * (e >> 1)) * D + dn * 16 + nn * 8 + 2 * t + (e & 1)] += acc[nn][e];
+        }
     }
   }
   __syncthreads();  // sdK complete
@@ -512,9 +529,23 @@ __global__ void __launch_bounds__(Tr::kThreads)
             pack_bf16(acc_dv[j][2 * r], acc_dv[j][2 * r + 1]);
     }
   // dK of the extended keys (the halo ones are shared with the neighbouring CTAs).
-  for (int i = tid; i < kColsE * D; i += kThreads) {
-    const int row = n0 - key_off + i / D;
-    if (row >= 0 && row < T) atomicAdd(dk_acc + static_cast<size_t>(row) * D + i % D, sdK[i]);
+  if constexpr (Tr::kDkInRegs) {
+#pragma unroll
+    for (int i = 0; i < Tr::kDkUnits; ++i) {
+      const int u = warp + i * kWarps, rb = u / (D / 16), dn = u % (D / 16);
+#pragma unroll
+      for (int nn = 0; nn < 2; ++nn)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = n0 - key_off + rb * 16 + g + 8 * (e >> 1), col = dn * 16 + nn * 8 + 2 * t + (e & 1);
+          if (row >= 0 && row < T) atomicAdd(dk_acc + static_cast<size_t>(row) * D + col, acc_dk[i][nn][e]);
+        }
+    }
+  } else {
+    for (int i = tid; i < kColsE * D; i += kThreads) {
+      const int row = n0 - key_off + i / D;
+      if (row >= 0 && row < T) atomicAdd(dk_acc + static_cast<size_t>(row) * D + i % D, sdK[i]);
+    }
   }
 #pragma unroll
   for (int a = 0; a < kMaxCq; ++a)

@@ -107,7 +107,7 @@ Runner add_bench_command(CLI::App& app) {
   attn->add_option("--spec", o->spec, "AttentionSpec JSON file")->required();
   attn->add_option("--batch", o->B, "batch size")->capture_default_str();
   attn->add_option("--seq", o->T, "sequence length")->capture_default_str();
-  attn->add_option("--reps", o->reps, "timed repetitions (median reported)")->capture_default_str();
+  attn->add_option("--reps", o->reps, "timed repetitions (on CUDA: the mean of back-to-back calls; on the CPU: the median)")->capture_default_str();
   attn->add_option("--warmup", o->warmup, "untimed repetitions first")->capture_default_str();
   attn->add_option("--device", o->device, "cpu, or cuda: the fused GPU kernels (bf16)")->capture_default_str();
   attn->add_option("--impl", o->impl,
