@@ -39,11 +39,12 @@ constexpr size_t kInBytes = kInElems * sizeof(bf16);
 constexpr size_t kFragBytes = kFragWords * sizeof(uint32_t);
 size_t out_bytes(int G) { return static_cast<size_t>(G) * kXT * sizeof(float); }
 
-// Forward shared memory: K (and V) tiles [G][16][D + 8] bf16, the coefficient fragments, MixIn hi and
-// lo (S, then A in pass 2) and one MixOut (C', then A3).
+// Forward shared memory: K (and V) tiles [2 stages][G][16][D + 8] bf16 (the next key block's tiles
+// load while this one is used), the coefficient fragments, MixIn hi and lo (S, then A in pass 2) and
+// one MixOut (C', then A3).
 template <int D>
 size_t smem_bytes(int G, bool out) {
-  const size_t tiles = static_cast<size_t>(G) * kTile * (D + 8) * sizeof(bf16) * (out ? 2 : 1);
+  const size_t tiles = 2 * static_cast<size_t>(G) * kTile * (D + 8) * sizeof(bf16) * (out ? 2 : 1);
   return tiles + kFragBytes + 2 * kInBytes + out_bytes(G);
 }
 
@@ -86,9 +87,9 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
                          bf16* __restrict__ o, float* __restrict__ lse, int H, int T, int G, float scale) {
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* sK = reinterpret_cast<bf16*>(smem_raw);                        // [G][16][S]
-  bf16* sV = sK + G * kTile * S;                                       // [G][16][S], pass 2
-  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sV + (kOut ? G * kTile * S : 0));
+  bf16* sK = reinterpret_cast<bf16*>(smem_raw);                        // [2][G][16][S]
+  bf16* sV = sK + 2 * G * kTile * S;                                   // [2][G][16][S], pass 2
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sV + (kOut ? 2 * G * kTile * S : 0));
   bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);           // MixIn: S, then A
   bf16* sInLo = sInHi + kInElems;
   float* sOut = reinterpret_cast<float*>(sInLo + kInElems);            // MixOut: C', then A3
@@ -99,9 +100,11 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
   const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
   q += head * D, k += head * D, v += head * D;
 
-  // Q of the warp's 16 rows as mma A fragments, staged through its K tile.
+  // Q of the warp's 16 rows as mma A fragments, staged through its K tile. K and V tiles are the
+  // warp's own, in two stages (stage s of warp w at (s * G + w) * 16 rows).
   bf16* myK = sK + warp * kTile * S;
   bf16* myV = sV + warp * kTile * S;
+  const int stage_step = G * kTile * S;
   warp_load_rows<D, S>(myK, q, m0, T, lane);
   cp_async_commit();
   cp_async_wait_all();
@@ -122,17 +125,28 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
     }
 
   const int n_end = min(T, m0 + kTile);  // keys up to the tile's last row
-  for (int n0 = 0; n0 < n_end; n0 += kTile) {
-    warp_load_rows<D, S>(myK, k, n0, T, lane);
-    if (kOut) warp_load_rows<D, S>(myV, v, n0, T, lane);
-    cp_async_commit();
-    cp_async_wait_all();
+  warp_load_rows<D, S>(myK, k, 0, T, lane);
+  if (kOut) warp_load_rows<D, S>(myV, v, 0, T, lane);
+  cp_async_commit();
+  for (int n0 = 0, stage = 0; n0 < n_end; n0 += kTile, stage ^= 1) {
+    // The next block's tiles into the other stage (its last readers, this warp's MMAs of the previous
+    // block, have completed: their results were consumed), then wait for this block's.
+    bf16* tK = myK + stage * stage_step;
+    bf16* tV = myV + stage * stage_step;
+    if (n0 + kTile < n_end) {
+      warp_load_rows<D, S>(myK + (stage ^ 1) * stage_step, k, n0 + kTile, T, lane);
+      if (kOut) warp_load_rows<D, S>(myV + (stage ^ 1) * stage_step, v, n0 + kTile, T, lane);
+      cp_async_commit();
+      cp_async_wait_group<1>();
+    } else {
+      cp_async_wait_group<0>();
+    }
     __syncwarp();
     float acc_s[2][4] = {};
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t bb[4];
-      ldmatrix_x4(bb, myK + bnk_offset(lane, 0, kk * 16, S));
+      ldmatrix_x4(bb, tK + bnk_offset(lane, 0, kk * 16, S));
       mma_bf16(acc_s[0], qa[kk], bb[0], bb[1]);
       mma_bf16(acc_s[1], qa[kk], bb[2], bb[3]);
     }
@@ -201,7 +215,7 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
 #pragma unroll
       for (int dn = 0; dn < D / 16; ++dn) {
         uint32_t bb[4];
-        ldmatrix_x4_trans(bb, myV + bkn_offset(lane, 0, dn * 16, S));
+        ldmatrix_x4_trans(bb, tV + bkn_offset(lane, 0, dn * 16, S));
         mma_bf16(acc_o[2 * dn], a, bb[0], bb[1]);
         mma_bf16(acc_o[2 * dn + 1], a, bb[2], bb[3]);
       }
