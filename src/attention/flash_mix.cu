@@ -743,7 +743,7 @@ void flash_mix_backward(const AttentionSpec& spec, const bf16* q, const bf16* k,
   const int D = spec.head_dim;
   mix_require(flash_mix_backward_supported(spec, D),
               "backward: spec not covered (head_pre / head_post only, "
-              "coupled heads <= 8, head dim 64 or 128)");
+              "coupled heads <= 16 at head dim 64, <= 8 at 128)");
   mix_require(B >= 1 && T >= 1, "B and T must be >= 1");
   mix_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
               "B * H or T too large");
