@@ -112,13 +112,14 @@ constexpr int kHaloRows = kConvTile + kMaxCq - 1, kHaloCols = kConvTile + kMaxCk
 // Stages src rows r0 + r (r < rows), columns c0 + c (c < cols) of chunk head x into win (row pitch
 // kHaloCols): 0 where the element is outside the sequence, in its future part (c0 + c > r0 + r), or
 // in a row outside [rlo, rhi) (rows another block owns, or rows the buffer does not hold).
-template <typename T>
-__device__ inline void stage_causal_window(const T* __restrict__ src, Geom g, long long x, T* win, int r0, int c0,
+// W (the window's element type) may be wider than T: the values are converted once as they are staged.
+template <typename T, typename W = T>
+__device__ inline void stage_causal_window(const T* __restrict__ src, Geom g, long long x, W* win, int r0, int c0,
                                            int rows, int cols, int rlo, int rhi) {
   for (int t = threadIdx.y * blockDim.x + threadIdx.x; t < rows * cols; t += blockDim.x * blockDim.y) {
     const int r = t / cols, c = t % cols;
     const int i = r0 + r, j = c0 + c;
-    win[r * kHaloCols + c] = (i >= rlo && i < rhi && j >= 0 && j <= i) ? src[g.at(x, i, j)] : T(0);
+    win[r * kHaloCols + c] = (i >= rlo && i < rhi && j >= 0 && j <= i) ? static_cast<W>(src[g.at(x, i, j)]) : W(0);
   }
 }
 
@@ -347,13 +348,16 @@ int rows_per_tile(int n) { return std::max(1, 8192 / n); }
 // head x) walks the causal 32 x 32 tiles of its rows, staging the tile of dout and the window of `in`
 // it meets (as conv_tile_kernel), and sums dout[x][i][j] * in[x][i-(cq-1)+a][j-o+c] for every tap
 // (a, c) at once: warp w owns taps w, w + 8, ...; lane = column. Each input is read from device memory
-// once per tile instead of once per tap. partial[(x * cq*ck + ac) * strips + strip].
+// once per tile instead of once per tap. The window is staged in double (converted once per element,
+// not once per tap and element, and each term is one double FMA: the float product, converted, and a
+// double add, cost ~3x more, most of it in the float -> double conversion).
+// partial[(x * cq*ck + ac) * strips + strip].
 constexpr int kMaxTapsPerWarp = (kMaxCq * kMaxCk + kConvRowsPerPass - 1) / kConvRowsPerPass;  // 15
 template <typename T>
 __global__ void __launch_bounds__(kBlock) conv_weight_grad_kernel(const T* __restrict__ in, const T* __restrict__ dout,
                                                                   double* __restrict__ partial, int cq, int ck, int o,
                                                                   Geom g, int r0, int r1, int in_lo, int in_hi) {
-  __shared__ T win[kHaloRows * kHaloCols];
+  __shared__ double win[kHaloRows * kHaloCols];
   __shared__ T dtile[kConvTile * kHaloCols];
   const int strip = blockIdx.x;
   const long long x = blockIdx.y;
@@ -371,11 +375,11 @@ __global__ void __launch_bounds__(kBlock) conv_weight_grad_kernel(const T* __res
     stage_causal_window(in, g, x, win, i0 - (cq - 1), j0 - o, kConvTile + cq - 1, kConvTile + ck - 1, in_lo, in_hi);
     __syncthreads();
     for (int r = 0; r < kConvTile; ++r) {
-      const T d = dtile[r * kHaloCols + lane];
-      const T* wrow = win + r * kHaloCols + lane;
+      const double d = static_cast<double>(dtile[r * kHaloCols + lane]);
+      const double* wrow = win + r * kHaloCols + lane;
 #pragma unroll
       for (int t = 0; t < kMaxTapsPerWarp; ++t)
-        if (warp + kConvRowsPerPass * t < C) acc[t] += static_cast<double>(d * wrow[off[t]]);
+        if (warp + kConvRowsPerPass * t < C) acc[t] = fma(d, wrow[off[t]], acc[t]);
     }
   }
 #pragma unroll
