@@ -429,6 +429,54 @@ __global__ void __launch_bounds__(kBlock) mix_weight_grad_kernel(const T* __rest
   }
 }
 
+// Head-mixing weight gradient, stage 1, for g <= 8: block (group u of the chunk, tile of owned rows);
+// each thread takes positions and sums all g x g terms dout[x0+x][i][j] * in[x0+y][i][j] of its
+// group, so every value is read and converted to double once (the form above reads and converts
+// each input once per member of the group: g (g + 1) conversions per position against 2g here, and
+// the conversion is the slow part). Chunks start at a unit, so x0 = u * g is a group's first head.
+// partial[(x * g + y) * tiles + tile], as the form above.
+// kG: the group size rounded up to 2, 4 or 8 (the accumulators are kG x kG doubles).
+constexpr int kMaxPairGroup = 8;
+template <typename T, int kG>
+__global__ void __launch_bounds__(kBlock) mix_weight_grad_pairs_kernel(const T* __restrict__ in, const T* __restrict__ dout,
+                                                                       double* __restrict__ partial, int gsize, Geom g,
+                                                                       int r0, int r1, int groups, int rows_tile,
+                                                                       int tiles) {
+  __shared__ double red[kG * kG][kWarpsPerBlock];
+  const long long u = blockIdx.x % groups, x0 = u * gsize;
+  const int tile = static_cast<int>(blockIdx.x / groups);
+  const int i0 = r0 + tile * rows_tile, i1 = min(r1, i0 + rows_tile);
+  double s[kG][kG] = {};
+  for (int i = i0; i < i1; ++i)
+    for (int j = threadIdx.x; j <= i && j < g.n; j += blockDim.x) {
+      double dv[kG], iv[kG];
+#pragma unroll
+      for (int x = 0; x < kG; ++x) {
+        dv[x] = x < gsize ? static_cast<double>(dout[g.at(x0 + x, i, j)]) : 0.0;
+        iv[x] = x < gsize ? static_cast<double>(in[g.at(x0 + x, i, j)]) : 0.0;
+      }
+#pragma unroll
+      for (int x = 0; x < kG; ++x)
+#pragma unroll
+        for (int y = 0; y < kG; ++y) s[x][y] = fma(dv[x], iv[y], s[x][y]);
+    }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int x = 0; x < kG; ++x)
+#pragma unroll
+    for (int y = 0; y < kG; ++y) {
+      const double v = warp_sum(s[x][y]);
+      if (lane == 0) red[x * kG + y][warp] = v;
+    }
+  __syncthreads();
+  for (int p = threadIdx.x; p < gsize * gsize; p += blockDim.x) {
+    const int x = p / gsize, y = p % gsize;
+    double v = 0.0;
+    for (int w = 0; w < kWarpsPerBlock; ++w) v += red[x * kG + y][w];
+    partial[((x0 + x) * gsize + y) * tiles + tile] = v;
+  }
+}
+
 // Generic forms (cq > 8, ck > 15, g > 16). Convolution weight gradient, stage 1: block (tile, a*ck+c, x)
 // sums dout[x][i][j] * in[x][i-(cq-1)+a][j-o+c] over its owned rows i and j <= i (inputs read only
 // where causal). partial[(x * cq*ck + ac) * tiles + tile].
@@ -849,7 +897,20 @@ struct Op {
   }
   void mix_weight_grad(const T* in, const T* dout, int gs, double* acc, const Block& b, long long bh0, int nh) {
     const int rt = rows_per_tile(n), tiles = (b.r1 - b.r0 + rt - 1) / rt;
-    if (gs <= kMaxGroup) {
+    if (gs <= kMaxPairGroup) {
+      const int groups = nh / gs;
+      const unsigned blocks = static_cast<unsigned>(static_cast<long long>(tiles) * groups);
+      auto pairs = [&](auto kernel) {
+        kernel<<<blocks, kBlock, 0, stream>>>(in, dout, partial, gs, b.g, b.r0, b.r1, groups, rt, tiles);
+        CUDA_CHECK_LAUNCH("mix_weight_grad_pairs_kernel");
+      };
+      if (gs <= 2)
+        pairs(mix_weight_grad_pairs_kernel<T, 2>);
+      else if (gs <= 4)
+        pairs(mix_weight_grad_pairs_kernel<T, 4>);
+      else
+        pairs(mix_weight_grad_pairs_kernel<T, 8>);
+    } else if (gs <= kMaxGroup) {
       mix_weight_grad_kernel<T><<<static_cast<unsigned>(static_cast<long long>(tiles) * nh), kBlock, 0, stream>>>(
           in, dout, partial, gs, b.g, b.r0, b.r1, H, bh0, nh, rt, tiles);
       CUDA_CHECK_LAUNCH("mix_weight_grad_kernel");
