@@ -10,6 +10,7 @@
 #include <cmath>
 
 #include "attention/attention_op.h"
+#include "cuda/warp_reduce.cuh"
 
 namespace mta::cuda {
 namespace {
@@ -24,12 +25,6 @@ __device__ inline float dev_exp(float x) { return expf(x); }
 __device__ inline double dev_exp(double x) { return exp(x); }
 __device__ inline float dev_sqrt(float x) { return sqrtf(x); }
 __device__ inline double dev_sqrt(double x) { return sqrt(x); }
-
-template <typename V>
-__device__ inline V warp_sum(V v) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
 
 template <typename V>
 __device__ inline V warp_max(V v) {

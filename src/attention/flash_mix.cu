@@ -23,6 +23,7 @@
 #include "attention/head_mix_mma.cuh"
 #include "attention/mma_sm80.cuh"
 #include "cuda/check.h"
+#include "cuda/warp_reduce.cuh"
 
 namespace mta::cuda {
 namespace {
@@ -632,8 +633,7 @@ __global__ void reduce_mix_grad_kernel(const float* __restrict__ part, float* __
     const int b = e / ntiles, tile = e % ntiles;
     s += part[((static_cast<size_t>(b * units + u) * ntiles + tile) * G + w) * kMaxGBwd + y];
   }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  s = warp_sum(s);
   if (lane == 0) grad[idx] += static_cast<float>(s);
 }
 

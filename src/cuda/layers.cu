@@ -24,6 +24,7 @@
 #include "attention/attention_op.h"  // hash_uniform (MTA_HOST_DEVICE): the dropout masks of every backend
 
 #include "cuda/check.h"
+#include "cuda/warp_reduce.cuh"
 
 namespace mta::cuda {
 namespace {
@@ -53,12 +54,6 @@ __device__ inline long long grid_threads() { return static_cast<long long>(gridD
 unsigned grid_for(long long work, long long per_block) {
   const long long g = (work + per_block - 1) / per_block;
   return static_cast<unsigned>(std::clamp<long long>(g, 1, 1 << 16));
-}
-
-template <typename V>
-__device__ inline V warp_sum(V v) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
 }
 
 // Sum over a block of kBlock threads in a fixed order; the result is returned to every thread.

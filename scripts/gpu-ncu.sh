@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Nsight Compute on the GPU machine, from a .device/ made by scripts/gpu-pack.sh (carry .device): the
+# two profiles bench/RESULTS.md quotes. Reports go to OUT_DIR (default $OUT, the device tool's folder).
+#   bash .device/gpu-ncu.sh kernels [SPEC.json]   sections (speed of light, memory, warp states,
+#        occupancy) of the fused kernels on one attention layer, B=2, T=4096 (default: head-mix,
+#        g=16 pre and post, H=16, D=64)
+#   bash .device/gpu-ncu.sh step CONFIG           the duration of every kernel of one training step
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+cd "$here/.."
+# shellcheck source=/dev/null
+source "$here/env.sh"
+out=${OUT_DIR:-${OUT:-/tmp/gpu-ncu}}
+mkdir -p "$out"
+case "${1:-}" in
+  kernels)
+    spec=${2:-}
+    if [ -z "$spec" ]; then
+      spec=$out/head-mix.json
+      echo '{"head_pre":{"group":16},"head_post":{"group":16},"heads":16,"head_dim":64}' >"$spec"
+    fi
+    ncu --clock-control none -k regex:"flash_m" --launch-count 4 --section SpeedOfLight \
+      --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+      --section ComputeWorkloadAnalysis --section LaunchStats "$here/mta" bench attn --device cuda \
+      --impl fused --spec "$spec" --batch 2 --seq 4096 --reps 1 --warmup 0 >"$out/ncu-kernels.txt" 2>&1
+    grep -E "^  [a-z_ ]+.*\(|Duration|Warp Cycles Per Issued|Issue Slots Busy|Achieved Occupancy|Registers Per" \
+      "$out/ncu-kernels.txt" | cut -c1-120 ;;
+  step)
+    ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel "$here/mta" bench train \
+      "${2:?a config}" --device cuda --steps 1 --warmup 0 >"$out/ncu-step.txt" 2>&1
+    echo "per-kernel durations in $out/ncu-step.txt" ;;
+  *) echo "usage: gpu-ncu.sh kernels [SPEC.json] | step CONFIG" >&2; exit 2 ;;
+esac

@@ -1,0 +1,17 @@
+#pragma once
+// Warp-wide sum over the 32 lanes in a fixed butterfly order (every lane gets the result), shared by
+// the CUDA layers (layers.cu), the materialized MTA op and the epilogue (epilogue.cuh) and FlashMix's
+// reductions (flash_mix.cu). Internal to each file that includes it (unnamed namespace).
+#include <cuda_runtime.h>
+
+namespace mta::cuda {
+namespace {
+
+template <typename V>
+__device__ inline V warp_sum(V v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+}  // namespace
+}  // namespace mta::cuda
