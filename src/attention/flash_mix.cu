@@ -400,8 +400,10 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
 //   partials part[(cta * G + x) * kMaxGBwd + y] (y within x's group), reduced in a fixed order.
 // The mixes are the forward's (head_mix_mma.cuh): S0 with its remainder (the logits go into exp and
 // must match the forward's lse), A, dA3 and dC' as bf16 (their products are bf16 MMAs anyway).
-template <int D>
-__global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
+// kMaxThreads: 512 for 16 heads (128 registers per thread: this kernel spills there), 256 for groups
+// of up to 8 (255 registers, no spills). Shared memory allows one CTA per SM either way at D = 64.
+template <int D, int kMaxThreads>
+__global__ void __launch_bounds__(kMaxThreads)
     flash_mix_bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                          const bf16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
                          const float* __restrict__ mpre, int gpre, const float* __restrict__ mpost, int gpost,
@@ -682,11 +684,17 @@ void launch_backward(const AttentionSpec& spec, const bf16* q, const bf16* k, co
   MTA_CUDA_CHECK_LAUNCH("flash_mix_bwd_delta_kernel");
   const size_t smem_main = 3 * tile + static_cast<size_t>(G) * kTile * SS * sizeof(bf16) + kFragBytes +
                            4 * kInBytes + 2 * out_bytes(G);
-  MTA_CUDA_CHECK(cudaFuncSetAttribute(flash_mix_bwd_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem_main)));
-  flash_mix_bwd_kernel<D><<<grid, 32 * G, smem_main, s>>>(q, k, v, dout, lse, delta, mpre, gpre, mpost, gpost, dq_acc,
-                                                          dk, dv, part_pre, part_post, H, T, G, scale);
-  MTA_CUDA_CHECK_LAUNCH("flash_mix_bwd_kernel");
+  auto key_tiles = [&](auto kernel) {
+    MTA_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_main)));
+    kernel<<<grid, 32 * G, smem_main, s>>>(q, k, v, dout, lse, delta, mpre, gpre, mpost, gpost, dq_acc, dk, dv,
+                                           part_pre, part_post, H, T, G, scale);
+    MTA_CUDA_CHECK_LAUNCH("flash_mix_bwd_kernel");
+  };
+  if constexpr (D == 64) {  // groups of 16 heads exist only at D = 64 (flash_mix_supported)
+    if (G > 8) key_tiles(flash_mix_bwd_kernel<D, 32 * kMaxG>);
+  }
+  if (G <= 8) key_tiles(flash_mix_bwd_kernel<D, 16 * kMaxG>);
   launch_convert_accum(dq_acc, dq, static_cast<long long>(rows) * D, scale, s);
   for (auto [part, grad, gs] : {std::tuple{part_pre, grad_pre, gpre}, std::tuple{part_post, grad_post, gpost}}) {
     if (!gs) continue;

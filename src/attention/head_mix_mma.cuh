@@ -22,40 +22,19 @@
 
 #include <cstdint>
 
+#include "attention/head_mix_layout.h"
 #include "attention/mma_sm80.cuh"
 
 namespace mta::cuda::headmix {
 
 using bf16 = __nv_bfloat16;
 
-constexpr int kTile = 16;          // positions per tile side (query rows and keys per step)
-constexpr int kMaxG = 16;          // heads per CTA: the k of one MMA
-constexpr int kPS = kTile + 8;     // bf16 per tile row in MixIn (16-byte aligned rows)
-constexpr int kYS = kTile * kPS + 8;  // bf16 per head in MixIn: 784 bytes = 16 (mod 128), so the 8
-                                      // heads of one ldmatrix phase hit 8 distinct 16-byte bank groups
-constexpr int kXS = 24;            // fp32 per tile row in MixOut (half-warp float2 reads: no conflicts)
-constexpr int kXT = kTile * kXS + 4;  // fp32 per head in MixOut: 4 (mod 32), so an MMA's result
-                                      // stores (8 positions x 4 head pairs) hit 32 distinct banks
-constexpr int kInElems = kMaxG * kYS;   // bf16 per MixIn buffer
-constexpr int kFragWords = 4 * 32 * 8;  // 4 kinds x 32 lanes x (hi, lo) x 4 b32
-
-// The kinds of coefficient fragments (build_frags): head_pre and head_post, each as M (mixing) and as
-// M^T (its adjoint, dIn_y = sum_x M[x, y] dOut_x).
-enum MixKind { kPre = 0, kPost = 1, kPreT = 2, kPostT = 3 };
-
-// The CTA's mixing matrix entry (x, y) (CTA-local heads) of a group size gs: block-diagonal with the
-// gs x gs blocks of m (the CTA's first head is head0, a multiple of gs), zero outside.
-__device__ __forceinline__ float cta_coef(const float* m, int gs, int head0, int G, int x, int y) {
-  if (!gs || x >= G || y >= G || x / gs != y / gs) return 0.f;
-  return m[static_cast<size_t>((head0 + x) / gs) * gs * gs + (x % gs) * gs + y % gs];
-}
-
-// Per lane, the B fragments of the four kinds, hi and lo parts, into sFrag (kFragWords b32):
-// B[k][n] = M[n][k] (mixing: k = input head, n = output head), or M[k][n] for the adjoint.
+// Per lane, the B fragments of the four kinds, hi and lo parts, into sFrag (kFragWords b32): word
+// 2 nt + reg (hi) and 4 + 2 nt + reg (lo) of lane i of kind k at sFrag[(k * 32 + i) * 8].
 __device__ __forceinline__ void build_frags(uint32_t* sFrag, const float* mpre, int gpre, const float* mpost,
                                             int gpost, int head0, int G) {
   for (int i = threadIdx.x; i < 4 * 32; i += blockDim.x) {
-    const int kind = i / 32, lane = i % 32, g = lane >> 2, t = lane & 3;
+    const int kind = i / 32, lane = i % 32;
     const float* m = (kind == kPre || kind == kPreT) ? mpre : mpost;
     const int gs = (kind == kPre || kind == kPreT) ? gpre : gpost;
     const bool adj = kind >= kPreT;
@@ -64,12 +43,12 @@ __device__ __forceinline__ void build_frags(uint32_t* sFrag, const float* mpre, 
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int reg = 0; reg < 2; ++reg) {
-        const int n = 8 * nt + g, k0 = 2 * t + 8 * reg;
         float v[2], hi[2];
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int k = k0 + e;
-          v[e] = adj ? cta_coef(m, gs, head0, G, k, n) : cta_coef(m, gs, head0, G, n, k);
+          int k, n;
+          b_frag_kn(lane, nt, reg, e, k, n);
+          v[e] = frag_coef(m, gs, head0, G, adj, k, n);
           hi[e] = __bfloat162float(__float2bfloat16(v[e]));
         }
         out[2 * nt + reg] = mma::pack_bf16(v[0], v[1]);
@@ -91,7 +70,7 @@ __device__ __forceinline__ void put_tile(bf16* hi, bf16* lo, int x, const float 
   for (int j = 0; j < 2; ++j)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int off = x * kYS + (g + 8 * r) * kPS + 8 * j + 2 * t;
+      const int off = in_offset(x, g + 8 * r, 8 * j + 2 * t);
       const float a = v[j][2 * r], b = v[j][2 * r + 1];
       const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
       *reinterpret_cast<__nv_bfloat162*>(hi + off) = h;
@@ -113,8 +92,8 @@ __device__ __forceinline__ void mix_tiles(const bf16* hi, const bf16* lo, const 
   const int g = lane >> 2, t = lane & 3;
   for (int r = warp; r < kTile; r += G) {
     uint32_t ah[4], al[4];
-    mma::ldmatrix_x4_trans(ah, hi + mma::at_offset(lane, 0, r * kPS, kYS));
-    if (kLo) mma::ldmatrix_x4_trans(al, lo + mma::at_offset(lane, 0, r * kPS, kYS));
+    mma::ldmatrix_x4_trans(ah, hi + mix_a_offset(lane, r));
+    if (kLo) mma::ldmatrix_x4_trans(al, lo + mix_a_offset(lane, r));
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
       float c[4] = {0.f, 0.f, 0.f, 0.f};
@@ -123,8 +102,8 @@ __device__ __forceinline__ void mix_tiles(const bf16* hi, const bf16* lo, const 
       mma::mma_bf16(c, ah, bh[2 * nt], bh[2 * nt + 1]);
       // c0, c1: position (r, g), heads x0, x0 + 1; c2, c3: position (r, g + 8).
       const int x0 = 8 * nt + 2 * t;
-      if (x0 < G) out[x0 * kXT + r * kXS + g] = c[0], out[x0 * kXT + r * kXS + g + 8] = c[2];
-      if (x0 + 1 < G) out[(x0 + 1) * kXT + r * kXS + g] = c[1], out[(x0 + 1) * kXT + r * kXS + g + 8] = c[3];
+      if (x0 < G) out[out_offset(x0, r, g)] = c[0], out[out_offset(x0, r, g + 8)] = c[2];
+      if (x0 + 1 < G) out[out_offset(x0 + 1, r, g)] = c[1], out[out_offset(x0 + 1, r, g + 8)] = c[3];
     }
   }
 }
@@ -135,12 +114,12 @@ __device__ __forceinline__ void grad_tiles(float (&acc)[2][4], const bf16* d, co
                                            int warp, int lane) {
   for (int r = warp; r < kTile; r += G) {
     uint32_t a[4], b[4];
-    mma::ldmatrix_x4(a, d + mma::a_offset(lane, 0, r * kPS, kYS));
-    mma::ldmatrix_x4(b, v + mma::bnk_offset(lane, 0, r * kPS, kYS));
+    mma::ldmatrix_x4(a, d + grad_a_offset(lane, r));
+    mma::ldmatrix_x4(b, v + grad_b_offset(lane, r));
     mma::mma_bf16(acc[0], a, b[0], b[1]);
     mma::mma_bf16(acc[1], a, b[2], b[3]);
     if (v_lo) {
-      mma::ldmatrix_x4(b, v_lo + mma::bnk_offset(lane, 0, r * kPS, kYS));
+      mma::ldmatrix_x4(b, v_lo + grad_b_offset(lane, r));
       mma::mma_bf16(acc[0], a, b[0], b[1]);
       mma::mma_bf16(acc[1], a, b[2], b[3]);
     }
@@ -149,7 +128,7 @@ __device__ __forceinline__ void grad_tiles(float (&acc)[2][4], const bf16* d, co
 
 // This warp's head's values at its tile positions from MixOut (the mma accumulator layout).
 __device__ __forceinline__ float2 get_pair(const float* out, int x, int row, int col) {
-  return *reinterpret_cast<const float2*>(out + x * kXT + row * kXS + col);
+  return *reinterpret_cast<const float2*>(out + out_offset(x, row, col));
 }
 
 }  // namespace mta::cuda::headmix

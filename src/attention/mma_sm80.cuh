@@ -22,6 +22,8 @@
 
 #include <cstdint>
 
+#include "attention/mma_layout.h"
+
 namespace mta::cuda::mma {
 
 using bf16 = __nv_bfloat16;
@@ -89,27 +91,8 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-// Address offsets (in elements) of this lane's ldmatrix.x4 row for the three operand patterns used.
-// All tiles are row-major with `stride` elements per row; (r0, c0) is the 16 x 16 block's corner.
-//  * A operand, stored row-major (rows = M, cols = K), non-trans: matrices (rows 0-7|8-15) x (cols 0-7|8-15)
-//    in the order a0 a1 a2 a3.
-__device__ __forceinline__ int a_offset(int lane, int r0, int c0, int stride) {
-  return (r0 + (lane & 15)) * stride + c0 + (lane >> 4) * 8;
-}
-//  * B operand stored as [n][k] (e.g. K for Q K^T), non-trans: gives {b0, b1} of n-block r0..r0+7 in
-//    registers 0, 1 and of n-block r0+8..r0+15 in registers 2, 3 (k = c0..c0+15).
-__device__ __forceinline__ int bnk_offset(int lane, int r0, int c0, int stride) {
-  return (r0 + (lane & 7) + (lane >> 4) * 8) * stride + c0 + ((lane >> 3) & 1) * 8;
-}
-//  * B operand stored as [k][n] (e.g. V for P V), with .trans: k = r0..r0+15, gives {b0, b1} of
-//    n-block c0..c0+7 in registers 0, 1 and of n-block c0+8..c0+15 in registers 2, 3.
-__device__ __forceinline__ int bkn_offset(int lane, int r0, int c0, int stride) {
-  return (r0 + (lane & 7) + ((lane >> 3) & 1) * 8) * stride + c0 + (lane >> 4) * 8;
-}
-//  * A operand stored transposed, as [k][m] (dS^T for dS K), with .trans: m = c0..c0+15, k = r0..r0+15.
-__device__ __forceinline__ int at_offset(int lane, int r0, int c0, int stride) {
-  return (r0 + (lane & 7) + (lane >> 4) * 8) * stride + c0 + ((lane >> 3) & 1) * 8;
-}
+// The ldmatrix address patterns (a_offset, bnk_offset, bkn_offset, at_offset) are in mma_layout.h,
+// callable from the host too (tests/test_head_mix_mma.cpp replays the fragment mechanics with them).
 
 // Copies a kRows x kD bf16 tile (global rows contiguous, kD elements each) into shared memory with
 // row stride `stride`; rows >= rows_valid are zero-filled (and not read). The tile's row 0 must be a

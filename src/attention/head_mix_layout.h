@@ -1,0 +1,55 @@
+#pragma once
+// The layout of FlashMix's tensor-core head mixing (head_mix_mma.cuh), host- and device-callable, so
+// that tests/test_head_mix_mma.cpp replays the fragment mechanics with the functions the kernels use.
+#include <cstddef>
+
+#include "attention/mma_layout.h"
+
+namespace mta::cuda::headmix {
+
+constexpr int kTile = 16;             // positions per tile side (query rows and keys per step)
+constexpr int kMaxG = 16;             // heads per CTA: the k of one MMA
+constexpr int kPS = kTile + 8;        // bf16 per tile row in MixIn (16-byte aligned rows)
+constexpr int kYS = kTile * kPS + 8;  // bf16 per head in MixIn: 784 bytes = 16 (mod 128), so the 8
+                                      // heads of one ldmatrix phase hit 8 distinct 16-byte bank groups
+constexpr int kXS = 24;               // fp32 per tile row in MixOut (half-warp float2 reads: no conflicts)
+constexpr int kXT = kTile * kXS + 4;  // fp32 per head in MixOut: 4 (mod 32), so an MMA's result
+                                      // stores (8 positions x 4 head pairs) hit 32 distinct banks
+constexpr int kInElems = kMaxG * kYS;   // bf16 per MixIn buffer
+constexpr int kFragWords = 4 * 32 * 8;  // 4 kinds x 32 lanes x (hi, lo) x 4 b32
+
+// The kinds of coefficient fragments: head_pre and head_post, each as M (mixing) and as M^T (its
+// adjoint, dIn_y = sum_x M[x, y] dOut_x).
+enum MixKind { kPre = 0, kPost = 1, kPreT = 2, kPostT = 3 };
+
+// MixIn element of head x at tile position (row, col); MixOut element likewise.
+MTA_HD int in_offset(int x, int row, int col) { return x * kYS + row * kPS + col; }
+MTA_HD int out_offset(int x, int row, int col) { return x * kXT + row * kXS + col; }
+
+// ldmatrix addresses of the products over tile row r (16 positions):
+//  * mixing, A = the tiles as [k = head][m = position] (.trans): Out[p, x] = sum_y In[p, y] B[y, x];
+//  * weight gradients, A = D as [m = head][k = position] and B = V as [n = head][k = position]
+//    (both non-trans): G[x, y] = sum_p D[p, x] V[p, y].
+MTA_HD int mix_a_offset(int lane, int r) { return mma::at_offset(lane, 0, r * kPS, kYS); }
+MTA_HD int grad_a_offset(int lane, int r) { return mma::a_offset(lane, 0, r * kPS, kYS); }
+MTA_HD int grad_b_offset(int lane, int r) { return mma::bnk_offset(lane, 0, r * kPS, kYS); }
+
+// The CTA's mixing matrix entry (x, y) (CTA-local heads) of a group size gs: block-diagonal with the
+// gs x gs blocks of m (the CTA's first head is head0, a multiple of gs), zero outside.
+MTA_HD float cta_coef(const float* m, int gs, int head0, int G, int x, int y) {
+  if (!gs || x >= G || y >= G || x / gs != y / gs) return 0.f;
+  return m[static_cast<size_t>((head0 + x) / gs) * gs * gs + (x % gs) * gs + y % gs];
+}
+
+// Element e (0, 1) of B-fragment register reg (0, 1) of n-block nt for `lane`, as (k, n) of the
+// m16n8k16 B operand (b0 = B[2t..2t+1][g], b1 = B[2t+8..+9][g]), and its coefficient: B[k][n] =
+// M[n][k] for mixing (k = input head, n = output head), M[k][n] for the adjoint.
+MTA_HD void b_frag_kn(int lane, int nt, int reg, int e, int& k, int& n) {
+  n = 8 * nt + (lane >> 2);
+  k = 2 * (lane & 3) + 8 * reg + e;
+}
+MTA_HD float frag_coef(const float* m, int gs, int head0, int G, bool adjoint, int k, int n) {
+  return adjoint ? cta_coef(m, gs, head0, G, k, n) : cta_coef(m, gs, head0, G, n, k);
+}
+
+}  // namespace mta::cuda::headmix

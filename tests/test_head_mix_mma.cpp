@@ -1,0 +1,253 @@
+// The fragment mechanics of FlashMix's tensor-core head mixing (src/attention/head_mix_mma.cuh),
+// replayed on the CPU with the layout functions the kernels themselves call (head_mix_layout.h,
+// mma_layout.h): put_tile's bf16 writes and rounding remainders at in_offset, ldmatrix.x4 (plain and
+// .trans) from mix_a_offset / grad_a_offset / grad_b_offset, the coefficient fragments of b_frag_kn
+// and frag_coef (hi and lo parts), mma.m16n8k16 by the PTX fragment definitions (mma_sm80.cuh), and
+// the result stores at out_offset. The replayed mixes (every kind, hi + lo and hi only) and
+// weight-gradient products must equal the direct sums. A wrong offset, fragment index or layout
+// constant fails it on any machine (the GPU tests, tests/gpu/test_flash_mix.cpp, need an H200).
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "attention/head_mix_layout.h"
+#include "util/bf16_bits.h"
+
+namespace {
+
+using namespace mta::cuda::headmix;  // NOLINT: the layout under test
+namespace mma = mta::cuda::mma;
+
+using Bits = std::vector<uint16_t>;                   // a shared-memory buffer of bf16
+using Tile = std::array<std::array<float, 16>, 16>;  // one head's 16 x 16 positions
+
+float bf(float x) { return mta::bf16_bits_to_float(mta::float_to_bf16_bits(x)); }
+
+// Per lane, four b32 registers of two bf16 each (as floats): ldmatrix.x4 results and A fragments.
+using Regs = std::array<std::array<std::array<float, 2>, 4>, 32>;
+// Per lane, B fragments {b0, b1} (two bf16 each) and fp32 accumulators.
+using BFrag = std::array<std::array<std::array<float, 2>, 2>, 32>;
+using Acc = std::array<std::array<double, 4>, 32>;
+
+// ldmatrix.x4: lanes 8i .. 8i + 7 give the 8 row addresses of matrix i; register i of lane (g, t)
+// receives (row g, columns 2t, 2t + 1), or with .trans (rows 2t, 2t + 1, column g).
+Regs ldmatrix_x4(const Bits& buf, const std::array<int, 32>& addr, bool trans) {
+  Regs out{};
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane >> 2, t = lane & 3;
+    for (int i = 0; i < 4; ++i)
+      for (int e = 0; e < 2; ++e) {
+        const int a = trans ? addr[8 * i + 2 * t + e] + g : addr[8 * i + g] + 2 * t + e;
+        EXPECT_GE(a, 0);
+        EXPECT_LT(a, static_cast<int>(buf.size()));
+        out[lane][i][e] = mta::bf16_bits_to_float(buf.at(a));
+      }
+  }
+  return out;
+}
+
+// c += A B, m16n8k16: a0 = A[g][2t..], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..];
+// b0 = B[2t..][g], b1 = B[2t+8..][g]; c0, c1 = C[g][2t..], c2, c3 = C[g+8][2t..].
+void mma_m16n8k16(Acc& c, const Regs& a, const BFrag& b) {
+  double A[16][16], B[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane >> 2, t = lane & 3;
+    for (int e = 0; e < 2; ++e) {
+      A[g][2 * t + e] = a[lane][0][e];
+      A[g + 8][2 * t + e] = a[lane][1][e];
+      A[g][2 * t + 8 + e] = a[lane][2][e];
+      A[g + 8][2 * t + 8 + e] = a[lane][3][e];
+      B[2 * t + e][g] = b[lane][0][e];
+      B[2 * t + 8 + e][g] = b[lane][1][e];
+    }
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane >> 2, t = lane & 3;
+    for (int e4 = 0; e4 < 4; ++e4) {
+      const int row = g + 8 * (e4 >> 1), col = 2 * t + (e4 & 1);
+      double s = 0;
+      for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
+      c[lane][e4] += s;
+    }
+  }
+}
+
+// put_tile: warp x's tile, lane (g, t) holding rows g + 8r, columns 8j + 2t + e.
+void put_tile(Bits& hi, Bits* lo, int x, const Tile& v) {
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane >> 2, t = lane & 3;
+    for (int j = 0; j < 2; ++j)
+      for (int r = 0; r < 2; ++r)
+        for (int e = 0; e < 2; ++e) {
+          const float val = v[g + 8 * r][8 * j + 2 * t + e];
+          const int off = in_offset(x, g + 8 * r, 8 * j + 2 * t) + e;
+          const uint16_t h = mta::float_to_bf16_bits(val);
+          hi.at(off) = h;
+          if (lo) lo->at(off) = mta::float_to_bf16_bits(val - mta::bf16_bits_to_float(h));
+        }
+  }
+}
+
+struct Coefs {
+  BFrag hi[2], lo[2];  // per n-block
+};
+// build_frags for one kind.
+Coefs frags(const float* m, int gs, int head0, int G, bool adjoint) {
+  Coefs c{};
+  for (int lane = 0; lane < 32; ++lane)
+    for (int nt = 0; nt < 2; ++nt)
+      for (int reg = 0; reg < 2; ++reg)
+        for (int e = 0; e < 2; ++e) {
+          int k, n;
+          b_frag_kn(lane, nt, reg, e, k, n);
+          EXPECT_EQ(n / 8, nt);
+          const float v = frag_coef(m, gs, head0, G, adjoint, k, n);
+          c.hi[nt][lane][reg][e] = bf(v);
+          c.lo[nt][lane][reg][e] = bf(v - bf(v));
+        }
+  return c;
+}
+
+// mix_tiles: every warp's tile rows, results into MixOut (heads < G).
+void mix_tiles(const Bits& hi, const Bits* lo, const Coefs& cf, std::vector<float>& out, int G) {
+  for (int warp = 0; warp < G; ++warp)
+    for (int r = warp; r < kTile; r += G) {
+      std::array<int, 32> addr;
+      for (int lane = 0; lane < 32; ++lane) addr[lane] = mix_a_offset(lane, r);
+      const Regs ah = ldmatrix_x4(hi, addr, true);
+      Regs al{};
+      if (lo) al = ldmatrix_x4(*lo, addr, true);
+      for (int nt = 0; nt < 2; ++nt) {
+        Acc c{};
+        mma_m16n8k16(c, ah, cf.lo[nt]);
+        if (lo) mma_m16n8k16(c, al, cf.hi[nt]);
+        mma_m16n8k16(c, ah, cf.hi[nt]);
+        for (int lane = 0; lane < 32; ++lane) {
+          const int g = lane >> 2, t = lane & 3, x0 = 8 * nt + 2 * t;
+          if (x0 < G) out.at(out_offset(x0, r, g)) = c[lane][0], out.at(out_offset(x0, r, g + 8)) = c[lane][2];
+          if (x0 + 1 < G)
+            out.at(out_offset(x0 + 1, r, g)) = c[lane][1], out.at(out_offset(x0 + 1, r, g + 8)) = c[lane][3];
+        }
+      }
+    }
+}
+
+struct Case {
+  int G, gs, units, unit;
+  bool adjoint, with_lo;
+  unsigned seed;
+  std::string str() const {
+    return "G=" + std::to_string(G) + " gs=" + std::to_string(gs) + " unit " + std::to_string(unit) + "/" +
+           std::to_string(units) + (adjoint ? " adjoint" : "") + (with_lo ? " hi+lo" : " hi");
+  }
+};
+
+std::vector<Case> cases() {
+  std::vector<Case> out;
+  unsigned seed = 1;
+  for (int G : {1, 2, 3, 4, 6, 8, 12, 16})
+    for (int gs = 1; gs <= G; ++gs) {
+      if (G % gs) continue;
+      for (bool adjoint : {false, true})
+        for (bool with_lo : {true, false}) out.push_back({G, gs, 3, static_cast<int>(seed % 3), adjoint, with_lo, seed++});
+    }
+  return out;
+}
+
+std::vector<Tile> random_tiles(int G, std::mt19937& rng, float scale) {
+  std::normal_distribution<float> nd(0.f, scale);
+  std::vector<Tile> v(G);
+  for (auto& tile : v)
+    for (auto& row : tile)
+      for (auto& x : row) x = rng() % 7 == 0 ? 0.f : nd(rng);  // some masked (zero) positions
+  return v;
+}
+
+TEST(HeadMixMma, MixingMatchesDirectSums) {
+  for (const Case& cs : cases()) {
+    SCOPED_TRACE(cs.str());
+    std::mt19937 rng(cs.seed);
+    std::normal_distribution<float> nd(0.f, 0.7f);
+    const int H = cs.G * cs.units, head0 = cs.unit * cs.G;
+    std::vector<float> m(static_cast<size_t>(H / cs.gs) * cs.gs * cs.gs);
+    for (auto& x : m) x = nd(rng);
+    const std::vector<Tile> in = random_tiles(cs.G, rng, 6.f);  // logit-sized values
+    Bits hi(kInElems, 0), lo(kInElems, 0);
+    for (int x = 0; x < cs.G; ++x) put_tile(hi, cs.with_lo ? &lo : nullptr, x, in[x]);
+    std::vector<float> out(static_cast<size_t>(cs.G) * kXT, NAN);
+    mix_tiles(hi, cs.with_lo ? &lo : nullptr, frags(m.data(), cs.gs, head0, cs.G, cs.adjoint), out, cs.G);
+    // hi + lo keeps ~16 bits of every operand; hi alone 8.
+    const double rel = cs.with_lo ? 1e-4 : 1.5e-2;
+    double worst = 0;
+    for (int x = 0; x < cs.G; ++x)
+      for (int row = 0; row < kTile; ++row)
+        for (int col = 0; col < kTile; ++col) {
+          double want = 0, mag = 0;
+          for (int y = 0; y < cs.G; ++y) {
+            const double c = cs.adjoint ? cta_coef(m.data(), cs.gs, head0, cs.G, y, x)
+                                        : cta_coef(m.data(), cs.gs, head0, cs.G, x, y);
+            want += c * in[y][row][col], mag += std::abs(c * in[y][row][col]);
+          }
+          // As get_pair reads it: a float2 at the even column's offset.
+          const double got = out.at(out_offset(x, row, col & ~1) + (col & 1));
+          ASSERT_TRUE(std::isfinite(got)) << "head " << x << " (" << row << ", " << col << ") not written";
+          worst = std::max(worst, std::abs(got - want) / (mag + 1e-30));
+          ASSERT_LE(std::abs(got - want), rel * mag + 1e-6) << "head " << x << " (" << row << ", " << col << ")";
+        }
+    if (cs.with_lo) EXPECT_LT(worst, 1e-4);
+  }
+}
+
+// The weight-gradient product G[x][y] = sum_p D_x(p) V_y(p) over the 256 positions, summed over the
+// warps' tile rows, with V's remainder (as dMpre takes S0's) or without.
+TEST(HeadMixMma, GradientProductMatchesDirectSums) {
+  for (int G : {1, 2, 4, 5, 8, 16})
+    for (bool with_lo : {true, false}) {
+      SCOPED_TRACE("G=" + std::to_string(G) + (with_lo ? " hi+lo" : " hi"));
+      std::mt19937 rng(100 + G);
+      const std::vector<Tile> d = random_tiles(G, rng, 0.01f), v = random_tiles(G, rng, 5.f);
+      Bits dh(kInElems, 0), vh(kInElems, 0), vl(kInElems, 0);
+      for (int x = 0; x < G; ++x) put_tile(dh, nullptr, x, d[x]), put_tile(vh, with_lo ? &vl : nullptr, x, v[x]);
+      double got[16][16] = {};
+      for (int warp = 0; warp < G; ++warp) {
+        Acc acc[2]{};
+        for (int r = warp; r < kTile; r += G) {
+          std::array<int, 32> aa, ba;
+          for (int lane = 0; lane < 32; ++lane) aa[lane] = grad_a_offset(lane, r), ba[lane] = grad_b_offset(lane, r);
+          const Regs a = ldmatrix_x4(dh, aa, false);
+          for (int part = 0; part < (with_lo ? 2 : 1); ++part) {
+            const Regs b = ldmatrix_x4(part ? vl : vh, ba, false);
+            for (int nb = 0; nb < 2; ++nb) {
+              BFrag bf{};
+              for (int lane = 0; lane < 32; ++lane) bf[lane][0] = b[lane][2 * nb], bf[lane][1] = b[lane][2 * nb + 1];
+              mma_m16n8k16(acc[nb], a, bf);
+            }
+          }
+        }
+        for (int lane = 0; lane < 32; ++lane)
+          for (int nb = 0; nb < 2; ++nb)
+            for (int e = 0; e < 4; ++e)
+              got[(lane >> 2) + 8 * (e >> 1)][8 * nb + 2 * (lane & 3) + (e & 1)] += acc[nb][lane][e];
+      }
+      for (int x = 0; x < 16; ++x)
+        for (int y = 0; y < 16; ++y) {
+          double want = 0, mag = 0;
+          if (x < G && y < G)
+            for (int row = 0; row < kTile; ++row)
+              for (int col = 0; col < kTile; ++col) {
+                const double term = static_cast<double>(bf(d[x][row][col])) * v[y][row][col];
+                want += term, mag += std::abs(term);
+              }
+          const double tol = (with_lo ? 1e-4 : 1.5e-2) * mag + 1e-12;
+          ASSERT_LE(std::abs(got[x][y] - want), tol) << "x " << x << " y " << y;
+        }
+    }
+}
+
+}  // namespace
