@@ -88,15 +88,13 @@ __device__ inline void span_pos(const Span& s, long long idx, long long& x, int&
 // ---------------------------------------------------------------------------------------------
 // Stage kernels (docs/mta-semantics.md steps 1-7), each over a Span of the chunk's heads.
 
-// 1. The first causal mask: the future part of the logits set to 0.
+// 1. The first causal mask: the future part of the logits set to 0. Block (row sp.ra + blockIdx.x,
+// chunk head blockIdx.y): only the row's future columns are touched.
 template <typename T>
-__global__ void mask_future_kernel(T* s, Geom g, Span sp, long long total) {
-  for (long long idx = global_thread(); idx < total; idx += grid_threads()) {
-    long long x;
-    int i, j;
-    span_pos(sp, idx, x, i, j);
-    if (j > i) s[g.at(x, i, j)] = T(0);
-  }
+__global__ void mask_future_kernel(T* s, Geom g, Span sp) {
+  const int i = sp.ra + static_cast<int>(blockIdx.x);
+  T* row = s + g.at(blockIdx.y, i, 0);
+  for (int j = i + 1 + static_cast<int>(threadIdx.x); j < sp.cols; j += blockDim.x) row[j] = T(0);
 }
 
 // Key-query convolution (steps 2 and 5) and its adjoint, on 32 x 32 output tiles: a block stages the
@@ -113,13 +111,14 @@ constexpr int kHaloRows = kConvTile + kMaxCq - 1, kHaloCols = kConvTile + kMaxCk
 // kHaloCols): 0 where the element is outside the sequence, in its future part (c0 + c > r0 + r), or
 // in a row outside [rlo, rhi) (rows another block owns, or rows the buffer does not hold).
 // W (the window's element type) may be wider than T: the values are converted once as they are staged.
-template <typename T, typename W = T>
+// kPitch: the window's row pitch (elements).
+template <typename T, typename W = T, int kPitch = kHaloCols>
 __device__ inline void stage_causal_window(const T* __restrict__ src, Geom g, long long x, W* win, int r0, int c0,
                                            int rows, int cols, int rlo, int rhi) {
   for (int t = threadIdx.y * blockDim.x + threadIdx.x; t < rows * cols; t += blockDim.x * blockDim.y) {
     const int r = t / cols, c = t % cols;
     const int i = r0 + r, j = c0 + c;
-    win[r * kHaloCols + c] = (i >= rlo && i < rhi && j >= 0 && j <= i) ? static_cast<W>(src[g.at(x, i, j)]) : W(0);
+    win[r * kPitch + c] = (i >= rlo && i < rhi && j >= 0 && j <= i) ? static_cast<W>(src[g.at(x, i, j)]) : W(0);
   }
 }
 
@@ -184,33 +183,41 @@ __global__ void __launch_bounds__(kBlock) conv_tile_kernel(const T* __restrict__
 // Head mixing (steps 3 and 6) over the causal part: out[x][i][j] = sum_y M[grp][xg][y] * in[x-xg+y][i][j]
 // with hx = global head of x, grp = hx / g, xg = hx % g; M is [H/g][g][g]. With `transpose`, M[grp][y][xg]
 // (the adjoint, used by backward). One thread per (group of the chunk, position): it reads the g
-// inputs once and writes the g outputs, instead of each output re-reading all g inputs.
-// total = sp.size(chunk heads / g).
+// inputs once and writes the g outputs, instead of each output re-reading all g inputs. Block
+// (row sp.ra + blockIdx.x / col_blocks, kBlock columns from (blockIdx.x % col_blocks) * kBlock; group
+// blockIdx.y of the chunk): no per-element 64-bit index division (a grid-stride loop over flat indices
+// spent more on those than on the mixing), and the group's g x g weights are read once into shared
+// memory. Every output sums y = 0, 1, ... (bitwise as before).
 constexpr int kMaxGroup = 16;  // the largest group the register-cached form takes
 template <typename T>
-__global__ void mix_heads_kernel(const T* __restrict__ in, T* __restrict__ out, const T* __restrict__ M, int gsize,
-                                 Geom g, Span sp, int H, long long bh0, bool transpose, long long total) {
-  for (long long idx = global_thread(); idx < total; idx += grid_threads()) {
-    long long grp_x;
-    int i, j;
-    span_pos(sp, idx, grp_x, i, j);
-    const long long x0 = grp_x * gsize;  // first chunk head of the group
-    if (j > i) {
-      for (int xg = 0; xg < gsize; ++xg) out[g.at(x0 + xg, i, j)] = T(0);
-      continue;
-    }
-    T v[kMaxGroup];
+__global__ void __launch_bounds__(kBlock) mix_heads_kernel(const T* __restrict__ in, T* __restrict__ out,
+                                                           const T* __restrict__ M, int gsize, Geom g, Span sp, int H,
+                                                           long long bh0, bool transpose, int col_blocks) {
+  __shared__ T m[kMaxGroup * kMaxGroup];
+  const int i = sp.ra + static_cast<int>(blockIdx.x / col_blocks);
+  const int j = static_cast<int>(blockIdx.x % col_blocks) * kBlock + threadIdx.x;
+  const long long x0 = static_cast<long long>(blockIdx.y) * gsize;  // first chunk head of the group
+  const int grp = static_cast<int>((bh0 + x0) % H) / gsize;
+  const T* mg = M + static_cast<long long>(grp) * gsize * gsize;
+  for (int t = threadIdx.x; t < gsize * gsize; t += kBlock) {
+    const int xg = t / gsize, y = t % gsize;
+    m[xg * kMaxGroup + y] = transpose ? mg[y * gsize + xg] : mg[xg * gsize + y];
+  }
+  __syncthreads();
+  if (j >= sp.cols) return;
+  if (j > i) {
+    for (int xg = 0; xg < gsize; ++xg) out[g.at(x0 + xg, i, j)] = T(0);
+    return;
+  }
+  T v[kMaxGroup];
 #pragma unroll
-    for (int y = 0; y < kMaxGroup; ++y) v[y] = y < gsize ? in[g.at(x0 + y, i, j)] : T(0);
-    const int grp = static_cast<int>((bh0 + x0) % H) / gsize;
-    const T* m = M + static_cast<long long>(grp) * gsize * gsize;
-    for (int xg = 0; xg < gsize; ++xg) {
-      T acc = T(0);
+  for (int y = 0; y < kMaxGroup; ++y) v[y] = y < gsize ? in[g.at(x0 + y, i, j)] : T(0);
+  for (int xg = 0; xg < gsize; ++xg) {
+    T acc = T(0);
 #pragma unroll
-      for (int y = 0; y < kMaxGroup; ++y)
-        if (y < gsize) acc += (transpose ? m[y * gsize + xg] : m[xg * gsize + y]) * v[y];
-      out[g.at(x0 + xg, i, j)] = acc;
-    }
+    for (int y = 0; y < kMaxGroup; ++y)
+      if (y < gsize) acc += m[xg * kMaxGroup + y] * v[y];
+    out[g.at(x0 + xg, i, j)] = acc;
   }
 }
 
@@ -319,20 +326,20 @@ __global__ void dropout_kernel(const T* __restrict__ a3, T* __restrict__ w, Geom
   }
 }
 
-// The gradient dA3 = dO V^T restricted to the causal part and, with dropout, through the mask.
+// The gradient dA3 = dO V^T restricted to the causal part and, with dropout, through the mask. Block
+// (row sp.ra + blockIdx.x, chunk head blockIdx.y), as mask_future_kernel.
 template <typename T>
 __global__ void grad_mask_kernel(T* d, Geom g, Span sp, long long bh0, bool dropout, unsigned long long seed, float p,
-                                 T keep_scale, long long total) {
-  for (long long idx = global_thread(); idx < total; idx += grid_threads()) {
-    long long x;
-    int i, j;
-    span_pos(sp, idx, x, i, j);
-    const long long e = g.at(x, i, j);
-    if (j > i) {
-      d[e] = T(0);
-    } else if (dropout) {
-      d[e] *= dropout_keep(seed, bh0 + x, g.n, i, j, p) ? keep_scale : T(0);
-    }
+                                 T keep_scale) {
+  const long long x = blockIdx.y;
+  const int i = sp.ra + static_cast<int>(blockIdx.x);
+  T* row = d + g.at(x, i, 0);
+  for (int j = dropout ? static_cast<int>(threadIdx.x) : i + 1 + static_cast<int>(threadIdx.x); j < sp.cols;
+       j += blockDim.x) {
+    if (j > i)
+      row[j] = T(0);
+    else
+      row[j] *= dropout_keep(seed, bh0 + x, g.n, i, j, p) ? keep_scale : T(0);
   }
 }
 
@@ -390,6 +397,9 @@ __global__ void __launch_bounds__(kBlock) conv_weight_grad_kernel(const T* __res
   }
 }
 
+// The same two kernels for the paper's kernel sizes, compiled for them (float32).
+#include "attention/conv_fixed.cuh"
+
 // Head-mixing weight gradient, stage 1, for g <= 16: block (chunk head x, tile of owned rows) sums
 // dout[x][i][j] * in[x-xg+y][i][j] over its rows and j <= i for every y of x's group at once (dout read
 // once, not g times). Blocks are numbered with x fastest (blockIdx.x = tile * nh + x), so the g blocks
@@ -431,11 +441,12 @@ __global__ void __launch_bounds__(kBlock) mix_weight_grad_kernel(const T* __rest
 
 // Head-mixing weight gradient, stage 1, for g <= 8: block (group u of the chunk, tile of owned rows);
 // each thread takes positions and sums all g x g terms dout[x0+x][i][j] * in[x0+y][i][j] of its
-// group, so every value is read and converted to double once (the form above reads and converts
-// each input once per member of the group: g (g + 1) conversions per position against 2g here, and
-// the conversion is the slow part). Chunks start at a unit, so x0 = u * g is a group's first head.
-// partial[(x * g + y) * tiles + tile], as the form above.
-// kG: the group size rounded up to 2, 4 or 8 (the accumulators are kG x kG doubles).
+// group, so every value is read once (the form above reads each input once per member of the group).
+// A thread's sums are in T: a tile holds ~8192 positions (rows_per_tile), so each float sum has ~32
+// terms (~1e-7 relative); they are converted to double for the sums over threads and tiles. (Double
+// accumulators, 128 registers for g = 8, held one block per SM and ran at ~3% of the FP64 rate.)
+// Chunks start at a unit, so x0 = u * g is a group's first head. partial[(x * g + y) * tiles + tile],
+// as the form above. kG: the group size rounded up to 2, 4 or 8.
 constexpr int kMaxPairGroup = 8;
 template <typename T, int kG>
 __global__ void __launch_bounds__(kBlock) mix_weight_grad_pairs_kernel(const T* __restrict__ in, const T* __restrict__ dout,
@@ -446,14 +457,14 @@ __global__ void __launch_bounds__(kBlock) mix_weight_grad_pairs_kernel(const T* 
   const long long u = blockIdx.x % groups, x0 = u * gsize;
   const int tile = static_cast<int>(blockIdx.x / groups);
   const int i0 = r0 + tile * rows_tile, i1 = min(r1, i0 + rows_tile);
-  double s[kG][kG] = {};
+  T s[kG][kG] = {};
   for (int i = i0; i < i1; ++i)
     for (int j = threadIdx.x; j <= i && j < g.n; j += blockDim.x) {
-      double dv[kG], iv[kG];
+      T dv[kG], iv[kG];
 #pragma unroll
       for (int x = 0; x < kG; ++x) {
-        dv[x] = x < gsize ? static_cast<double>(dout[g.at(x0 + x, i, j)]) : 0.0;
-        iv[x] = x < gsize ? static_cast<double>(in[g.at(x0 + x, i, j)]) : 0.0;
+        dv[x] = x < gsize ? dout[g.at(x0 + x, i, j)] : T(0);
+        iv[x] = x < gsize ? in[g.at(x0 + x, i, j)] : T(0);
       }
 #pragma unroll
       for (int x = 0; x < kG; ++x)
@@ -465,7 +476,7 @@ __global__ void __launch_bounds__(kBlock) mix_weight_grad_pairs_kernel(const T* 
   for (int x = 0; x < kG; ++x)
 #pragma unroll
     for (int y = 0; y < kG; ++y) {
-      const double v = warp_sum(s[x][y]);
+      const double v = warp_sum(static_cast<double>(s[x][y]));
       if (lane == 0) red[x * kG + y][warp] = v;
     }
   __syncthreads();
@@ -672,6 +683,12 @@ struct Op {
   int part_cols = 1;  // partial sums per (head, weight-gradient column): the most strips / tiles of a block
   int wgrad_cols = 0;  // the largest C of the weight-gradient partials (cq*ck or g), 0 when none
   PhaseTimer* prof = nullptr;  // MTA_CUDA_PROFILE=1: time by stage (op_profiler())
+  // The compile-time-size convolution kernels (conv_fixed.cuh) where they exist; MTA_CUDA_GENERIC_CONV=1
+  // takes the runtime-size forms instead (the tests compare the two).
+  const bool fixed_conv = [] {
+    const char* e = std::getenv("MTA_CUDA_GENERIC_CONV");
+    return !(e && e[0] == '1');
+  }();
   void mark(const char* name) const {
     if (prof) prof->mark((std::string(backward ? "bwd " : "fwd ") + name).c_str(), stream);
   }
@@ -788,6 +805,17 @@ struct Op {
   void conv(const T* in, T* out, const T* W, const KqConv& kc, const Block& b, Span sp, int in_lo, int in_hi,
             long long bh0, int nh) {
     if (sp.rows() <= 0) return;
+    if constexpr (std::is_same_v<T, float>) {
+      const bool fixed = fixed_conv && with_fixed_conv(kc.q, kc.k, [&]<int CQ, int CK>() {
+        const dim3 grid((sp.cols + kFixCols - 1) / kFixCols, (sp.rows() + kFixRows - 1) / kFixRows, nh);
+        conv_fixed_kernel<CQ, CK, kAdjoint><<<grid, kBlock, 0, stream>>>(in, out, W, kc.key_offset(), b.g, sp, in_lo,
+                                                                         in_hi, H, bh0);
+      });
+      if (fixed) {
+        CUDA_CHECK_LAUNCH("conv_fixed_kernel");
+        return;
+      }
+    }
     if (tiled(kc)) {
       const dim3 grid((sp.cols + kConvTile - 1) / kConvTile, (sp.rows() + kConvTile - 1) / kConvTile, nh);
       conv_tile_kernel<T, kAdjoint><<<grid, dim3(kConvTile, kConvRowsPerPass), 0, stream>>>(
@@ -800,10 +828,12 @@ struct Op {
   }
   void mix(const T* in, T* out, const T* M, int gs, bool transpose, const Block& b, Span sp, long long bh0, int nh) {
     if (sp.rows() <= 0) return;
-    if (gs <= kMaxGroup)
-      mix_heads_kernel<T><<<grid_span(sp, nh / gs), kBlock, 0, stream>>>(in, out, M, gs, b.g, sp, H, bh0, transpose,
-                                                                        sp.size(nh / gs));
-    else
+    if (gs <= kMaxGroup) {
+      const int col_blocks = (sp.cols + kBlock - 1) / kBlock;
+      const dim3 grid(static_cast<unsigned>(static_cast<long long>(sp.rows()) * col_blocks),
+                      static_cast<unsigned>(nh / gs));
+      mix_heads_kernel<T><<<grid, kBlock, 0, stream>>>(in, out, M, gs, b.g, sp, H, bh0, transpose, col_blocks);
+    } else
       mix_heads_generic_kernel<T><<<grid_span(sp, nh), kBlock, 0, stream>>>(in, out, M, gs, b.g, sp, H, bh0, transpose,
                                                                             sp.size(nh));
     CUDA_CHECK_LAUNCH("mix_heads_kernel");
@@ -818,7 +848,7 @@ struct Op {
     gemm_rm<T>(blas, false, true, b.end - b.base, b.end, D, scale, q + bh0 * hs + static_cast<long long>(b.base) * D, D,
                hs, k + bh0 * hs, D, hs, s0, n, stride, nh);
     const Span all{b.base, b.end, b.end};
-    mask_future_kernel<T><<<grid_span(all, nh), kBlock, 0, stream>>>(s0, b.g, all, all.size(nh));
+    if (all.rows() > 0) mask_future_kernel<T><<<dim3(all.rows(), nh), kBlock, 0, stream>>>(s0, b.g, all);
     CUDA_CHECK_LAUNCH("mask_future_kernel");
     mark("scores QK^T");
     const Span pre{b.pre, b.end, b.end};
@@ -881,6 +911,18 @@ struct Op {
   void conv_weight_grad(const T* in, const T* dout, const KqConv& kc, double* acc, const Block& b, int in_lo,
                         long long bh0, int nh) {
     const int C = kc.q * kc.k;
+    if constexpr (std::is_same_v<T, float>) {
+      const int strips = (b.r1 - b.r0 + kFixRows - 1) / kFixRows;  // as below: the partials' layout
+      const bool fixed = fixed_conv && with_fixed_conv(kc.q, kc.k, [&]<int CQ, int CK>() {
+        conv_weight_grad_fixed_kernel<CQ, CK><<<dim3(strips, nh), 32 * CQ, 0, stream>>>(
+            in, dout, partial, kc.key_offset(), b.g, b.r0, b.r1, in_lo, b.end);
+      });
+      if (fixed) {
+        CUDA_CHECK_LAUNCH("conv_weight_grad_fixed_kernel");
+        reduce_partials(acc, C, bh0, nh, strips);
+        return;
+      }
+    }
     if (tiled(kc)) {
       const int strips = (b.r1 - b.r0 + kConvTile - 1) / kConvTile;
       conv_weight_grad_kernel<T><<<dim3(strips, nh), dim3(kConvTile, kConvRowsPerPass), 0, stream>>>(
@@ -1089,9 +1131,9 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
       gemm_rm<T>(op.blas, false, true, nr, b.end, Dv, T(1), dO, Dv, dO_stride, v + bh0 * hsv, Dv, hsv,
                  op.g0 + b.g.at(0, r0, 0), n, stride, nh);
       const Span post{r0, b.end, b.end};
-      grad_mask_kernel<T><<<op.grid_span(post, nh), kBlock, 0, stream>>>(op.g0, b.g, post, bh0, opt.dropout > 0.0f,
-                                                                         opt.dropout_seed, opt.dropout, op.keep_scale(),
-                                                                         post.size(nh));
+      if (post.rows() > 0)
+        grad_mask_kernel<T><<<dim3(post.rows(), nh), kBlock, 0, stream>>>(op.g0, b.g, post, bh0, opt.dropout > 0.0f,
+                                                                        opt.dropout_seed, opt.dropout, op.keep_scale());
       CUDA_CHECK_LAUNCH("grad_mask_kernel");
       op.mark("dV, dA3");
       T* cur = op.g0;

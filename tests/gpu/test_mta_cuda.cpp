@@ -509,6 +509,45 @@ TEST(MtaCudaSpecial, BeyondTheTiledSizes) {
   check_case<double>(d, kTolF64, kTolF64);
 }
 
+// The kernels compiled for the paper's convolution sizes (6 x 11, and the toy task's 2 x 9; float32,
+// attention/conv_fixed.cuh) against the CPU, for every pad mode, T shorter than one tile and crossing
+// several, row blocks whose halos cross their edges; and against the runtime-size kernels
+// (MTA_CUDA_GENERIC_CONV=1): the convolution adds the same terms in the same order, so the output is
+// bitwise equal; the weight gradients differ by float partial sums only.
+TEST(MtaCudaSpecial, FixedSizeConvolutions) {
+  SKIP_WITHOUT_GPU();
+  const std::pair<int, int> sizes[] = {{6, 11}, {2, 9}};
+  int n = 0;
+  for (const auto& [cq, ck] : sizes)
+    for (int pad = 0; pad < 3; ++pad) {
+      CaseDesc d;
+      AttentionSpec& s = d.spec;
+      s.heads = 4, s.head_dim = 16;
+      s.kq_pre = KqConv{cq, ck, static_cast<PadKey>(pad)};
+      s.kq_post = KqConv{cq, ck, static_cast<PadKey>((pad + 1) % 3)};
+      s.head_pre = mta::HeadMix{2};
+      s.validate();
+      d.B = 2, d.seed = 600 + n;
+      d.T = n % 3 == 0 ? 5 : n % 3 == 1 ? 160 : 300;
+      d.row_block = n % 2 == 1 ? 37 : 0;
+      SCOPED_TRACE(d.str());
+      check_case<float>(d, kTolOutF32, kTolGradF32);
+      const AttnCase<float> c = make_case<float>(d);
+      const auto g0 = initial_grads(c, d.seed + 5);
+      const std::string rows = std::to_string(d.row_block);
+      ScopedEnv rows_env("MTA_CUDA_ROW_BLOCK", d.row_block ? rows.c_str() : nullptr);
+      const Result<float> fixed = run_gpu(c, g0);
+      Result<float> runtime;
+      {
+        ScopedEnv env("MTA_CUDA_GENERIC_CONV", "1");
+        runtime = run_gpu(c, g0);
+      }
+      EXPECT_EQ(fixed.out, runtime.out);
+      expect_close(fixed, runtime, 0.0, 1e-6);
+      ++n;
+    }
+}
+
 // Invalid arguments are refused before any device work, as on the CPU.
 TEST(MtaCudaSpecial, RefusesWhatTheCpuRefuses) {
   AttentionSpec s;
