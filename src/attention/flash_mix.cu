@@ -37,7 +37,6 @@ void mix_require(bool ok, const std::string& what) {
 }
 
 constexpr size_t kInBytes = kInElems * sizeof(bf16);
-constexpr size_t kMaxSmemPerBlock = 227 * 1024;  // sm_90's opt-in limit of dynamic shared memory per CTA
 constexpr size_t kFragBytes = kFragWords * sizeof(uint32_t);
 size_t out_bytes(int G) { return static_cast<size_t>(G) * kXT * sizeof(float); }
 
@@ -304,9 +303,7 @@ __device__ __forceinline__ void accumulate_p_b(float (&acc)[D / 8][4], const flo
 // Backward, pass 1: delta_y[i] = sum_j A_y[i, j] dA_y[i, j], dA_y = sum_x Mpost[x, y] dA3_x,
 // dA3_x = dO_x V_x^T (causal). A CTA = 16 query rows of one group, one warp per head, as the forward.
 // dA3 is mixed from bf16, as in the key-tile pass, so delta matches the dA it is subtracted from.
-// kPrefetch: K and V in two stages (the next key block's tiles load while this one is used), where the
-// shared memory allows it (groups of up to 8 heads).
-template <int D, bool kPrefetch>
+template <int D>
 __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
     flash_mix_bwd_delta_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                                const bf16* __restrict__ dout, const float* __restrict__ lse,
@@ -314,10 +311,9 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
                                float* __restrict__ delta, int H, int T, int G, float scale) {
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  constexpr int kStages = kPrefetch ? 2 : 1;
-  bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [kStages][G][16][S]
-  bf16* sV = sK + kStages * G * kTile * S;       // [kStages][G][16][S]
-  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sV + kStages * G * kTile * S);
+  bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [G][16][S]
+  bf16* sV = sK + G * kTile * S;                 // [G][16][S]
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sV + G * kTile * S);
   bf16* sSHi = reinterpret_cast<bf16*>(sFrag + kFragWords);  // MixIn: S0 (hi, lo), dA3
   bf16* sSLo = sSHi + kInElems;
   bf16* sD = sSLo + kInElems;
@@ -346,34 +342,15 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
   for (int r = 0; r < 2; ++r) lse2[r] = m0 + g + 8 * r < T ? lse[head + m0 + g + 8 * r] * kLog2e : 0.f;
 
   const int n_end = min(T, m0 + kTile);
-  const int stage_step = G * kTile * S;
-  if (kPrefetch) {  // the first block's tiles (every warp has read its Q / dO fragments: barrier above)
-    warp_load_rows<D, S>(myK, k, 0, T, lane);
-    warp_load_rows<D, S>(myV, v, 0, T, lane);
+  for (int n0 = 0; n0 < n_end; n0 += kTile) {
+    warp_load_rows<D, S>(myK, k, n0, T, lane);
+    warp_load_rows<D, S>(myV, v, n0, T, lane);
     cp_async_commit();
-  }
-  for (int n0 = 0, stage = 0; n0 < n_end; n0 += kTile, stage ^= kPrefetch ? 1 : 0) {
-    bf16* tK = myK + stage * stage_step;
-    bf16* tV = myV + stage * stage_step;
-    if (!kPrefetch) {
-      warp_load_rows<D, S>(tK, k, n0, T, lane);
-      warp_load_rows<D, S>(tV, v, n0, T, lane);
-      cp_async_commit();
-      cp_async_wait_group<0>();
-    } else if (n0 + kTile < n_end) {
-      // The next block into the other stage: its last reader, this warp's products of the previous
-      // block, has completed (their results were consumed).
-      warp_load_rows<D, S>(myK + (stage ^ 1) * stage_step, k, n0 + kTile, T, lane);
-      warp_load_rows<D, S>(myV + (stage ^ 1) * stage_step, v, n0 + kTile, T, lane);
-      cp_async_commit();
-      cp_async_wait_group<1>();
-    } else {
-      cp_async_wait_group<0>();
-    }
+    cp_async_wait_all();
     __syncwarp();
     float acc_s[2][4], acc_d[2][4];
-    frag_gemm_abt<D, S>(acc_s, qa, tK, lane);
-    frag_gemm_abt<D, S>(acc_d, da, tV, lane);
+    frag_gemm_abt<D, S>(acc_s, qa, myK, lane);
+    frag_gemm_abt<D, S>(acc_d, da, myV, lane);
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
@@ -425,9 +402,7 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
 // must match the forward's lse), A, dA3 and dC' as bf16 (their products are bf16 MMAs anyway).
 // kMaxThreads: 512 for 16 heads (128 registers per thread: this kernel spills there), 256 for groups
 // of up to 8 (255 registers, no spills). Shared memory allows one CTA per SM either way at D = 64.
-// kPrefetch: Q and dO in two stages (the next query block's tiles load while this one is used), where
-// the shared memory allows it.
-template <int D, int kMaxThreads, bool kPrefetch>
+template <int D, int kMaxThreads>
 __global__ void __launch_bounds__(kMaxThreads)
     flash_mix_bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                          const bf16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -437,11 +412,10 @@ __global__ void __launch_bounds__(kMaxThreads)
                          float scale) {
   constexpr int S = D + 8, SS = kTile + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  constexpr int kStages = kPrefetch ? 2 : 1;
   bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [G][16][S]
-  bf16* sQ = sK + G * kTile * S;                 // [kStages][G][16][S]
-  bf16* sO = sQ + kStages * G * kTile * S;       // [kStages][G][16][S]: dO
-  bf16* sdS = sO + kStages * G * kTile * S;      // [G][16][SS]: dS^T (keys x queries)
+  bf16* sQ = sK + G * kTile * S;                 // [G][16][S]
+  bf16* sO = sQ + G * kTile * S;                 // [G][16][S]: dO
+  bf16* sdS = sO + G * kTile * S;                // [G][16][SS]: dS^T (keys x queries)
   uint32_t* sFrag = reinterpret_cast<uint32_t*>(sdS + G * kTile * SS);
   bf16* sSHi = reinterpret_cast<bf16*>(sFrag + kFragWords);  // MixIn: S0^T (hi, lo), A^T then dC'^T, dA3^T
   bf16* sSLo = sSHi + kInElems;
@@ -457,43 +431,25 @@ __global__ void __launch_bounds__(kMaxThreads)
   q += head * D, k += head * D, v += head * D, dout += head * D, dq_acc += head * D, dk += head * D, dv += head * D;
 
   bf16* myK = sK + warp * kTile * S;
-  bf16* myQ0 = sQ + warp * kTile * S;
-  bf16* myO0 = sO + warp * kTile * S;
+  bf16* myQ = sQ + warp * kTile * S;
+  bf16* myO = sO + warp * kTile * S;
   bf16* mydS = sdS + warp * kTile * SS;
-  const int stage_step = G * kTile * S;
   // K of the CTA's keys stays in shared memory; V as A fragments in registers (staged through sQ).
   warp_load_rows<D, S>(myK, k, n0, T, lane);
-  warp_load_rows<D, S>(myQ0, v, n0, T, lane);
+  warp_load_rows<D, S>(myQ, v, n0, T, lane);
   cp_async_commit();
   cp_async_wait_all();
   __syncwarp();
   uint32_t va[D / 16][4];
-  load_a_frags<D, S>(va, myQ0, lane);
-  __syncwarp();  // every lane's V read before the first Q lands on it
-  if (kPrefetch) {
-    warp_load_rows<D, S>(myQ0, q, n0, T, lane);
-    warp_load_rows<D, S>(myO0, dout, n0, T, lane);
-    cp_async_commit();
-  }
-  __syncthreads();  // the fragments and the zeroed MixIn buffers
+  load_a_frags<D, S>(va, myQ, lane);
+  __syncthreads();  // the fragments and the zeroed MixIn buffers; every warp's V read before Q lands
 
   float acc_dk[D / 8][4] = {}, acc_dv[D / 8][4] = {};
   float gpre_acc[2][4] = {}, gpost_acc[2][4] = {};  // this warp's share of dMpre / dMpost (head_mix_mma.cuh)
-  for (int m0 = n0, stage = 0; m0 < T; m0 += kTile, stage ^= kPrefetch ? 1 : 0) {
-    bf16* myQ = myQ0 + stage * stage_step;
-    bf16* myO = myO0 + stage * stage_step;
-    const bool next = kPrefetch && m0 + kTile < T;
-    if (!kPrefetch) {
-      warp_load_rows<D, S>(myQ, q, m0, T, lane);
-      warp_load_rows<D, S>(myO, dout, m0, T, lane);
-      cp_async_commit();
-    } else if (next) {
-      // The next block into the other stage: its last readers, this warp's dV / dK products of the
-      // previous block, have completed (__syncwarp at the end of the block).
-      warp_load_rows<D, S>(myQ0 + (stage ^ 1) * stage_step, q, m0 + kTile, T, lane);
-      warp_load_rows<D, S>(myO0 + (stage ^ 1) * stage_step, dout, m0 + kTile, T, lane);
-      cp_async_commit();
-    }
+  for (int m0 = n0; m0 < T; m0 += kTile) {
+    warp_load_rows<D, S>(myQ, q, m0, T, lane);
+    warp_load_rows<D, S>(myO, dout, m0, T, lane);
+    cp_async_commit();
     // The row statistics of this lane's query columns (8j + 2t + e), while the tiles land.
     float lse2[2][2], dlt[2][2];
 #pragma unroll
@@ -504,10 +460,7 @@ __global__ void __launch_bounds__(kMaxThreads)
         lse2[j][e] = qi < T ? lse[head + qi] * kLog2e : 0.f;
         dlt[j][e] = qi < T ? delta[head + qi] : 0.f;
       }
-    if (next)
-      cp_async_wait_group<1>();
-    else
-      cp_async_wait_group<0>();
+    cp_async_wait_all();
     __syncwarp();
     float acc_s[2][4], d3[2][4];
     warp_gemm_abt<16, D, S>(acc_s, myK, myQ, lane);
@@ -617,7 +570,6 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 
   // dK (scaled) and dV of the CTA's 16 keys, staged through the warp's Q tile, 16-byte stores.
-  bf16* myQ = myQ0;
   __syncwarp();
 #pragma unroll
   for (int pass = 0; pass < 2; ++pass) {
@@ -724,36 +676,25 @@ void launch_backward(const AttentionSpec& spec, const bf16* q, const bf16* k, co
   MTA_CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, rows * D * sizeof(float), s));
   const dim3 grid(static_cast<unsigned>(B * (H / G)), static_cast<unsigned>(ntiles));
   const size_t tile = static_cast<size_t>(G) * kTile * S * sizeof(bf16);
-  // The two-stage (prefetching) forms where their shared memory fits an SM.
   const size_t smem_delta = 2 * tile + kFragBytes + 3 * kInBytes + 2 * out_bytes(G);
-  const bool delta_prefetch = smem_delta + 2 * tile <= kMaxSmemPerBlock;
-  auto delta_pass = [&](auto kernel, size_t smem) {
-    MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    kernel<<<grid, 32 * G, smem, s>>>(q, k, v, dout, lse, mpre, gpre, mpost, gpost, delta, H, T, G, scale);
-    MTA_CUDA_CHECK_LAUNCH("flash_mix_bwd_delta_kernel");
-  };
-  if (delta_prefetch)
-    delta_pass(flash_mix_bwd_delta_kernel<D, true>, smem_delta + 2 * tile);
-  else
-    delta_pass(flash_mix_bwd_delta_kernel<D, false>, smem_delta);
+  MTA_CUDA_CHECK(cudaFuncSetAttribute(flash_mix_bwd_delta_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem_delta)));
+  flash_mix_bwd_delta_kernel<D>
+      <<<grid, 32 * G, smem_delta, s>>>(q, k, v, dout, lse, mpre, gpre, mpost, gpost, delta, H, T, G, scale);
+  MTA_CUDA_CHECK_LAUNCH("flash_mix_bwd_delta_kernel");
   const size_t smem_main = 3 * tile + static_cast<size_t>(G) * kTile * SS * sizeof(bf16) + kFragBytes +
                            4 * kInBytes + 2 * out_bytes(G);
-  const bool main_prefetch = smem_main + 2 * tile <= kMaxSmemPerBlock;
-  auto key_tiles = [&](auto kernel, size_t smem) {
-    MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    kernel<<<grid, 32 * G, smem, s>>>(q, k, v, dout, lse, delta, mpre, gpre, mpost, gpost, dq_acc, dk, dv, part_pre,
-                                      part_post, H, T, G, scale);
+  auto key_tiles = [&](auto kernel) {
+    MTA_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_main)));
+    kernel<<<grid, 32 * G, smem_main, s>>>(q, k, v, dout, lse, delta, mpre, gpre, mpost, gpost, dq_acc, dk, dv,
+                                           part_pre, part_post, H, T, G, scale);
     MTA_CUDA_CHECK_LAUNCH("flash_mix_bwd_kernel");
   };
   if constexpr (D == 64) {  // groups of 16 heads exist only at D = 64 (flash_mix_supported)
-    if (G > 8) key_tiles(flash_mix_bwd_kernel<D, 32 * kMaxG, false>, smem_main);
+    if (G > 8) key_tiles(flash_mix_bwd_kernel<D, 32 * kMaxG>);
   }
-  if (G <= 8) {
-    if (main_prefetch)
-      key_tiles(flash_mix_bwd_kernel<D, 16 * kMaxG, true>, smem_main + 2 * tile);
-    else
-      key_tiles(flash_mix_bwd_kernel<D, 16 * kMaxG, false>, smem_main);
-  }
+  if (G <= 8) key_tiles(flash_mix_bwd_kernel<D, 16 * kMaxG>);
   launch_convert_accum(dq_acc, dq, static_cast<long long>(rows) * D, scale, s);
   for (auto [part, grad, gs] : {std::tuple{part_pre, grad_pre, gpre}, std::tuple{part_post, grad_post, gpost}}) {
     if (!gs) continue;

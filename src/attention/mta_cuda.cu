@@ -25,7 +25,6 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -190,16 +189,13 @@ __global__ void __launch_bounds__(kBlock) conv_tile_kernel(const T* __restrict__
 // spent more on those than on the mixing), and the group's g x g weights are read once into shared
 // memory. Every output sums y = 0, 1, ... (bitwise as before).
 constexpr int kMaxGroup = 16;  // the largest group the register-cached form takes
-// kVec: consecutive columns per thread (4 when the rows are 16-byte aligned: n % 4 == 0), so each
-// thread has g 16-byte loads in flight instead of g 4-byte ones (the kernel is bound by memory
-// latency: g separate streams per warp).
-template <typename T, int kVec>
+template <typename T>
 __global__ void __launch_bounds__(kBlock) mix_heads_kernel(const T* __restrict__ in, T* __restrict__ out,
                                                            const T* __restrict__ M, int gsize, Geom g, Span sp, int H,
                                                            long long bh0, bool transpose, int col_blocks) {
   __shared__ T m[kMaxGroup * kMaxGroup];
   const int i = sp.ra + static_cast<int>(blockIdx.x / col_blocks);
-  const int j0 = (static_cast<int>(blockIdx.x % col_blocks) * kBlock + threadIdx.x) * kVec;
+  const int j = static_cast<int>(blockIdx.x % col_blocks) * kBlock + threadIdx.x;
   const long long x0 = static_cast<long long>(blockIdx.y) * gsize;  // first chunk head of the group
   const int grp = static_cast<int>((bh0 + x0) % H) / gsize;
   const T* mg = M + static_cast<long long>(grp) * gsize * gsize;
@@ -208,43 +204,20 @@ __global__ void __launch_bounds__(kBlock) mix_heads_kernel(const T* __restrict__
     m[xg * kMaxGroup + y] = transpose ? mg[y * gsize + xg] : mg[xg * gsize + y];
   }
   __syncthreads();
-  if (j0 >= sp.cols) return;
-  if (kVec > 1 && j0 + kVec <= sp.cols) {
-    using V = std::conditional_t<std::is_same_v<T, float>, float4, double4>;
-    V v[kMaxGroup];
-#pragma unroll
-    for (int y = 0; y < kMaxGroup; ++y)
-      if (y < gsize) v[y] = *reinterpret_cast<const V*>(in + g.at(x0 + y, i, j0));
-    for (int xg = 0; xg < gsize; ++xg) {
-      T acc[4] = {T(0), T(0), T(0), T(0)};
-#pragma unroll
-      for (int y = 0; y < kMaxGroup; ++y)
-        if (y < gsize) {
-          const T c = m[xg * kMaxGroup + y];
-          acc[0] += c * v[y].x, acc[1] += c * v[y].y, acc[2] += c * v[y].z, acc[3] += c * v[y].w;
-        }
-      V r;  // the future (j > i) as 0; its inputs are 0 there too, but need not be
-      r.x = j0 <= i ? acc[0] : T(0), r.y = j0 + 1 <= i ? acc[1] : T(0);
-      r.z = j0 + 2 <= i ? acc[2] : T(0), r.w = j0 + 3 <= i ? acc[3] : T(0);
-      *reinterpret_cast<V*>(out + g.at(x0 + xg, i, j0)) = r;
-    }
+  if (j >= sp.cols) return;
+  if (j > i) {
+    for (int xg = 0; xg < gsize; ++xg) out[g.at(x0 + xg, i, j)] = T(0);
     return;
   }
-  for (int j = j0; j < j0 + kVec && j < sp.cols; ++j) {
-    if (j > i) {
-      for (int xg = 0; xg < gsize; ++xg) out[g.at(x0 + xg, i, j)] = T(0);
-      continue;
-    }
-    T v[kMaxGroup];
+  T v[kMaxGroup];
 #pragma unroll
-    for (int y = 0; y < kMaxGroup; ++y) v[y] = y < gsize ? in[g.at(x0 + y, i, j)] : T(0);
-    for (int xg = 0; xg < gsize; ++xg) {
-      T acc = T(0);
+  for (int y = 0; y < kMaxGroup; ++y) v[y] = y < gsize ? in[g.at(x0 + y, i, j)] : T(0);
+  for (int xg = 0; xg < gsize; ++xg) {
+    T acc = T(0);
 #pragma unroll
-      for (int y = 0; y < kMaxGroup; ++y)
-        if (y < gsize) acc += m[xg * kMaxGroup + y] * v[y];
-      out[g.at(x0 + xg, i, j)] = acc;
-    }
+    for (int y = 0; y < kMaxGroup; ++y)
+      if (y < gsize) acc += m[xg * kMaxGroup + y] * v[y];
+    out[g.at(x0 + xg, i, j)] = acc;
   }
 }
 
@@ -856,15 +829,10 @@ struct Op {
   void mix(const T* in, T* out, const T* M, int gs, bool transpose, const Block& b, Span sp, long long bh0, int nh) {
     if (sp.rows() <= 0) return;
     if (gs <= kMaxGroup) {
-      // 16-byte rows: n a multiple of 4 (the buffers themselves are 256-byte aligned).
-      const bool vec = n % 4 == 0 && reinterpret_cast<uintptr_t>(in) % 32 == 0 && reinterpret_cast<uintptr_t>(out) % 32 == 0;
-      const int per_block = kBlock * (vec ? 4 : 1), col_blocks = (sp.cols + per_block - 1) / per_block;
+      const int col_blocks = (sp.cols + kBlock - 1) / kBlock;
       const dim3 grid(static_cast<unsigned>(static_cast<long long>(sp.rows()) * col_blocks),
                       static_cast<unsigned>(nh / gs));
-      if (vec)
-        mix_heads_kernel<T, 4><<<grid, kBlock, 0, stream>>>(in, out, M, gs, b.g, sp, H, bh0, transpose, col_blocks);
-      else
-        mix_heads_kernel<T, 1><<<grid, kBlock, 0, stream>>>(in, out, M, gs, b.g, sp, H, bh0, transpose, col_blocks);
+      mix_heads_kernel<T><<<grid, kBlock, 0, stream>>>(in, out, M, gs, b.g, sp, H, bh0, transpose, col_blocks);
     } else
       mix_heads_generic_kernel<T><<<grid_span(sp, nh), kBlock, 0, stream>>>(in, out, M, gs, b.g, sp, H, bh0, transpose,
                                                                             sp.size(nh));
