@@ -4,7 +4,8 @@
 #   bash .device/gpu-ncu.sh kernels [SPEC.json]   sections (speed of light, memory, warp states,
 #        occupancy) of the fused kernels on one attention layer, B=2, T=4096 (default: head-mix,
 #        g=16 pre and post, H=16, D=64)
-#   bash .device/gpu-ncu.sh step CONFIG           the duration of every kernel of one training step
+#   bash .device/gpu-ncu.sh step CONFIG           the duration of every kernel of one training step, and
+#        each kernel's total over its launches (ncu-kernel-totals.py)
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here/.."
@@ -28,6 +29,6 @@ case "${1:-}" in
   step)
     ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel "$here/mta" bench train \
       "${2:?a config}" --device cuda --steps 1 --warmup 0 >"$out/ncu-step.txt" 2>&1
-    echo "per-kernel durations in $out/ncu-step.txt" ;;
+    python3 "$here/ncu-kernel-totals.py" "$out/ncu-step.txt" 30 ;;
   *) echo "usage: gpu-ncu.sh kernels [SPEC.json] | step CONFIG" >&2; exit 2 ;;
 esac
