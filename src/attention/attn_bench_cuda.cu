@@ -137,7 +137,7 @@ nlohmann::json bench_attention(const AttentionSpec& spec, int B, int T, const st
   if (impl == "materialized") {
     const AttnDims dims{B, H, T, D};
     AttnOptions opt;
-    opt.bf16_products = true;  // the inputs are bf16 values: the products as the model runs them
+    opt.bf16_products = true;  // the inputs are bf16 values: the op as the model runs it
     fwd = [&] {
       mta_forward<float>(spec, dims, q32, k32, v32, params, o32, opt);
       workspace = std::max(workspace, mta_last_workspace_bytes());

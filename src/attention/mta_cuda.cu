@@ -730,10 +730,10 @@ struct Op {
   T *g0 = nullptr, *g1 = nullptr;                                           // backward: ping-pong gradients
   T *obuf = nullptr, *dobuf = nullptr, *pn = nullptr, *pgw = nullptr, *pgb = nullptr;  // backward epilogue
   double* partial = nullptr;                                                // weight-gradient partials
-  // AttnOptions::bf16_products (float32 only): bf16 copies of q, k, v (whole tensors, made once per
-  // call), of a row block's dO rows, and of one T x T operand at a time (m16: the chunk's geometry).
+  // AttnOptions::bf16_products (float32 only): bf16 copies of q and k (whole tensors, made once per
+  // call) and of a row block's dS (m16: the chunk's geometry).
   bool use_bf16 = false;
-  bf16 *q16 = nullptr, *k16 = nullptr, *v16 = nullptr, *do16 = nullptr, *m16 = nullptr;
+  bf16 *q16 = nullptr, *k16 = nullptr, *m16 = nullptr;
   double* colpart = nullptr;  // the epilogue's column-sum partials (kColumnBlocks x Dv)
 
   // One row block (attention/row_blocks.h) and where its rows live.
@@ -766,7 +766,7 @@ struct Op {
     // The T x T matrices of a chunk stay under the budget: first the rows per block, then the units.
     use_bf16 = opt.bf16_products && std::is_same_v<T, float>;
     const int mats = 1 + !!spec.kq_pre + !!spec.head_pre + !!spec.kq_post + !!spec.head_post + (opt.dropout > 0.0f) +
-                     (backward ? 2 : 0) + (use_bf16 ? 1 : 0);  // (m16 is half a matrix: counted whole)
+                     (backward ? 2 + (use_bf16 ? 1 : 0) : 0);  // (m16 is half a matrix: counted whole)
     const long long budget = workspace_budget();
     const long long row_bytes = static_cast<long long>(mats) * G * n * static_cast<long long>(sizeof(T));
     R = row_block_rows(n, std::max(1LL, budget / row_bytes - halo));
@@ -817,9 +817,7 @@ struct Op {
         const long long all = static_cast<long long>(dims.B) * H * n;
         q16 = static_cast<bf16*>(alloc(all * D, sizeof(bf16)));
         k16 = static_cast<bf16*>(alloc(all * D, sizeof(bf16)));
-        v16 = static_cast<bf16*>(alloc(all * Dv, sizeof(bf16)));
-        if (backward) do16 = static_cast<bf16*>(alloc(heads * cap * static_cast<long long>(Dv), sizeof(bf16)));
-        m16 = static_cast<bf16*>(alloc(heads * cap * static_cast<long long>(n), sizeof(bf16)));
+        if (backward) m16 = static_cast<bf16*>(alloc(heads * cap * static_cast<long long>(n), sizeof(bf16)));
       }
       return off;
     };
@@ -852,18 +850,19 @@ struct Op {
       CUDA_CHECK_LAUNCH("cast_heads_bf16_kernel");
     }
   }
-  // The whole q, k, v as bf16 (once per call).
-  void cast_inputs(const T* q, const T* k, const T* v) const {
+  // The whole q and k as bf16 (once per call).
+  void cast_inputs(const T* q, const T* k) const {
     if (!use_bf16) return;
     const long long all = static_cast<long long>(dims.B) * H * n;
-    cast_heads(q, 0, q16, 0, all * D, 1), cast_heads(k, 0, k16, 0, all * D, 1), cast_heads(v, 0, v16, 0, all * Dv, 1);
+    cast_heads(q, 0, q16, 0, all * D, 1), cast_heads(k, 0, k16, 0, all * D, 1);
   }
-  // gemm_rm, or with bf16_products gemm16_rm on the bf16 copies A16, B16 (same offsets as A, B).
+  // gemm_rm, or with bf16_products gemm16_rm on the bf16 copies A16, B16 (same offsets as A, B) when
+  // the caller gives them.
   void mm(bool ta, bool tb, int M, int N, int K, T alpha, const T* A, const bf16* A16, int lda, long long sA,
           const T* B, const bf16* B16, int ldb, long long sB, T* C, int ldc, long long sC, int batch,
           T beta = T(0)) const {
     if constexpr (std::is_same_v<T, float>) {
-      if (use_bf16) return gemm16_rm(blas, ta, tb, M, N, K, alpha, A16, lda, sA, B16, ldb, sB, C, ldc, sC, batch, beta);
+      if (use_bf16 && A16 && B16) return gemm16_rm(blas, ta, tb, M, N, K, alpha, A16, lda, sA, B16, ldb, sB, C, ldc, sC, batch, beta);
     }
     gemm_rm<T>(blas, ta, tb, M, N, K, alpha, A, lda, sA, B, ldb, sB, C, ldc, sC, batch, beta);
   }
@@ -972,9 +971,8 @@ struct Op {
       const Block b = block(r0);
       scores(q, k, b, bh0, nh);
       // 7. O = W V for the block's rows (keys up to its last row).
-      if (use_bf16) cast_span(w, b, Span{b.r0, b.r1, b.r1}, nh);
-      mm(false, false, b.r1 - b.r0, Dv, b.r1, T(1), w + b.g.at(0, b.r0, 0), off16(m16, b.g.at(0, b.r0, 0)), n,
-         b.g.per_head(), v + bh0 * hsv, off16(v16, bh0 * hsv), Dv, hsv, out + bh0 * hsv + static_cast<long long>(b.r0) * Dv, Dv, hsv, nh);
+      gemm_rm<T>(blas, false, false, b.r1 - b.r0, Dv, b.r1, T(1), w + b.g.at(0, b.r0, 0), n, b.g.per_head(),
+                 v + bh0 * hsv, Dv, hsv, out + bh0 * hsv + static_cast<long long>(b.r0) * Dv, Dv, hsv, nh);
       // 8-10. Epilogue, in place.
       if (epi) {
         const long long rows = static_cast<long long>(nh) * (b.r1 - b.r0);
@@ -1111,7 +1109,7 @@ void mta_forward(const AttentionSpec& spec, const AttnDims& dims, const T* q, co
   StreamDrain drain{stream};
   op.prof = op_profiler();
   if (op.prof) op.prof->begin(stream);
-  op.cast_inputs(q, k, v);
+  op.cast_inputs(q, k);
   for (int u0 = 0; u0 < op.units; u0 += op.chunk_units) {
     const int nu = std::min(op.chunk_units, op.units - u0);
     op.forward_chunk(q, k, v, out, static_cast<long long>(u0) * op.G, nu * op.G);
@@ -1176,7 +1174,7 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
   StreamDrain drain{stream};
   if (n_acc) CUDA_CHECK(cudaMemsetAsync(acc_base, 0, static_cast<size_t>(n_acc) * sizeof(double), stream));
   if (op.prof) op.prof->begin(stream);
-  op.cast_inputs(q, k, v);
+  op.cast_inputs(q, k);
 
   for (int u0 = 0; u0 < op.units; u0 += op.chunk_units) {
     const int nu = std::min(op.chunk_units, op.units - u0);
@@ -1194,11 +1192,9 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
       // Through the epilogue: dO of A3 @ V, and the epilogue's parameter-gradient terms (owned rows).
       const T* dO = dout + bh0 * hsv + static_cast<long long>(r0) * Dv;
       long long dO_stride = hsv;
-      const bf16* const m16 = off16(op.m16, b.g.at(0, r0, 0));  // W's rows [r0, end), then dS's
-      if (op.use_bf16) op.cast_span(op.w, b, Span{r0, b.end, b.end}, nh);
       if (op.epi) {
-        op.mm(false, false, nr, Dv, b.end, T(1), op.w + b.g.at(0, r0, 0), m16, n, stride, v + bh0 * hsv,
-              off16(op.v16, bh0 * hsv), Dv, hsv, op.obuf, Dv, static_cast<long long>(nr) * Dv, nh);
+        gemm_rm<T>(op.blas, false, false, nr, Dv, b.end, T(1), op.w + b.g.at(0, r0, 0), n, stride, v + bh0 * hsv, Dv,
+                   hsv, op.obuf, Dv, static_cast<long long>(nr) * Dv, nh);
         const long long rows = static_cast<long long>(nh) * nr;
         epilogue_backward_kernel<T, T><<<op.grid_rows(rows), kBlock, 0, stream>>>(
             op.obuf, dout + bh0 * hsv, op.dobuf, op.pn, op.pgw, op.pgb, op.ep, Dv, n, r0, nr, b.r1, rows);
@@ -1210,13 +1206,13 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
       }
       // 7. dV += W^T dO over the owned rows, dA3 = dO V^T for rows [r0, end) (causal, through the
       // dropout mask).
-      // dO's rows [r0, end) as bf16, [nh][nr][Dv].
-      const long long do16_stride = static_cast<long long>(nr) * Dv;
-      if (op.use_bf16) op.cast_heads(dO, dO_stride, op.do16, do16_stride, do16_stride, nh);
-      op.mm(true, false, b.r1, Dv, b.r1 - r0, T(1), op.w + b.g.at(0, r0, 0), m16, n, stride, dO, op.do16, Dv,
-            op.use_bf16 ? do16_stride : dO_stride, dv + bh0 * hsv, Dv, hsv, nh, T(1));
-      op.mm(false, true, nr, b.end, Dv, T(1), dO, op.do16, Dv, op.use_bf16 ? do16_stride : dO_stride, v + bh0 * hsv,
-            off16(op.v16, bh0 * hsv), Dv, hsv, op.g0 + b.g.at(0, r0, 0), n, stride, nh);
+      // (float32 products with bf16_products too: rounding W or an epilogue's dO here costs the mixing
+      // gradients their precision where they are small differences -- ModelCuda at near-uniform
+      // attention measured 6-60% errors in head_post's gradient.)
+      gemm_rm<T>(op.blas, true, false, b.r1, Dv, b.r1 - r0, T(1), op.w + b.g.at(0, r0, 0), n, stride, dO, Dv, dO_stride,
+                 dv + bh0 * hsv, Dv, hsv, nh, T(1));
+      gemm_rm<T>(op.blas, false, true, nr, b.end, Dv, T(1), dO, Dv, dO_stride, v + bh0 * hsv, Dv, hsv,
+                 op.g0 + b.g.at(0, r0, 0), n, stride, nh);
       const Span post{r0, b.end, b.end};
       if (post.rows() > 0)
         grad_mask_kernel<T><<<dim3(post.rows(), nh), kBlock, 0, stream>>>(op.g0, b.g, post, bh0, opt.dropout > 0.0f,
@@ -1265,7 +1261,8 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
         op.mark("kq_pre");
       }
       // 1. dq = s dS K for the owned rows, dk += s dS^T Q (dS is zero in the future part).
-      if (op.use_bf16) op.cast_span(cur, b, Span{r0, b.r1, b.r1}, nh);  // dS (W is done with)
+      if (op.use_bf16) op.cast_span(cur, b, Span{r0, b.r1, b.r1}, nh);  // dS as bf16, as FlashAttention rounds it
+      const bf16* const m16 = off16(op.m16, b.g.at(0, r0, 0));
       const long long qoff = bh0 * hs + static_cast<long long>(r0) * D;
       op.mm(false, false, b.r1 - r0, D, b.r1, op.scale, cur + b.g.at(0, r0, 0), m16, n, stride, k + bh0 * hs,
             off16(op.k16, bh0 * hs), D, hs, dq + qoff, D, hs, nh);
