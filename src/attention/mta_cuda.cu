@@ -731,9 +731,9 @@ struct Op {
   T *obuf = nullptr, *dobuf = nullptr, *pn = nullptr, *pgw = nullptr, *pgb = nullptr;  // backward epilogue
   double* partial = nullptr;                                                // weight-gradient partials
   // AttnOptions::bf16_products (float32 only): bf16 copies of q and k (whole tensors, made once per
-  // call) and of a row block's dS (m16: the chunk's geometry).
+  // call); a row block's dS goes as bf16 into the free ping-pong gradient buffer (cast_span).
   bool use_bf16 = false;
-  bf16 *q16 = nullptr, *k16 = nullptr, *m16 = nullptr;
+  bf16 *q16 = nullptr, *k16 = nullptr;
   double* colpart = nullptr;  // the epilogue's column-sum partials (kColumnBlocks x Dv)
 
   // One row block (attention/row_blocks.h) and where its rows live.
@@ -766,7 +766,7 @@ struct Op {
     // The T x T matrices of a chunk stay under the budget: first the rows per block, then the units.
     use_bf16 = opt.bf16_products && std::is_same_v<T, float>;
     const int mats = 1 + !!spec.kq_pre + !!spec.head_pre + !!spec.kq_post + !!spec.head_post + (opt.dropout > 0.0f) +
-                     (backward ? 2 + (use_bf16 ? 1 : 0) : 0);  // (m16 is half a matrix: counted whole)
+                     (backward ? 2 : 0);
     const long long budget = workspace_budget();
     const long long row_bytes = static_cast<long long>(mats) * G * n * static_cast<long long>(sizeof(T));
     R = row_block_rows(n, std::max(1LL, budget / row_bytes - halo));
@@ -817,7 +817,6 @@ struct Op {
         const long long all = static_cast<long long>(dims.B) * H * n;
         q16 = static_cast<bf16*>(alloc(all * D, sizeof(bf16)));
         k16 = static_cast<bf16*>(alloc(all * D, sizeof(bf16)));
-        if (backward) m16 = static_cast<bf16*>(alloc(heads * cap * static_cast<long long>(n), sizeof(bf16)));
       }
       return off;
     };
@@ -862,15 +861,17 @@ struct Op {
           const T* B, const bf16* B16, int ldb, long long sB, T* C, int ldc, long long sC, int batch,
           T beta = T(0)) const {
     if constexpr (std::is_same_v<T, float>) {
-      if (use_bf16 && A16 && B16) return gemm16_rm(blas, ta, tb, M, N, K, alpha, A16, lda, sA, B16, ldb, sB, C, ldc, sC, batch, beta);
+      if (use_bf16 && A16 && B16)
+        return gemm16_rm(blas, ta, tb, M, N, K, alpha, A16, lda, sA, B16, ldb, sB, C, ldc, sC, batch, beta);
     }
     gemm_rm<T>(blas, ta, tb, M, N, K, alpha, A, lda, sA, B, ldb, sB, C, ldc, sC, batch, beta);
   }
-  // A span of a chunk matrix into m16 (same offsets).
-  void cast_span(const T* src, const Block& b, Span sp, int nh) const {
+  // A span of a chunk matrix as bf16 into dst, a chunk matrix buffer (at the same element offsets: the
+  // bf16 copy takes half of its bytes).
+  void cast_span(const T* src, T* dst, const Block& b, Span sp, int nh) const {
     if constexpr (std::is_same_v<T, float>) {
       if (sp.rows() <= 0) return;
-      cast_span_bf16_kernel<<<dim3(sp.rows(), nh), kBlock, 0, stream>>>(src, m16, b.g, sp);
+      cast_span_bf16_kernel<<<dim3(sp.rows(), nh), kBlock, 0, stream>>>(src, reinterpret_cast<bf16*>(dst), b.g, sp);
       CUDA_CHECK_LAUNCH("cast_span_bf16_kernel");
     }
   }
@@ -1261,8 +1262,9 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
         op.mark("kq_pre");
       }
       // 1. dq = s dS K for the owned rows, dk += s dS^T Q (dS is zero in the future part).
-      if (op.use_bf16) op.cast_span(cur, b, Span{r0, b.r1, b.r1}, nh);  // dS as bf16, as FlashAttention rounds it
-      const bf16* const m16 = off16(op.m16, b.g.at(0, r0, 0));
+      // With bf16_products dS as bf16 (as FlashAttention rounds it) into `other`, free now.
+      if (op.use_bf16) op.cast_span(cur, other, b, Span{r0, b.r1, b.r1}, nh);
+      const bf16* const m16 = op.use_bf16 ? reinterpret_cast<const bf16*>(other) + b.g.at(0, r0, 0) : nullptr;
       const long long qoff = bh0 * hs + static_cast<long long>(r0) * D;
       op.mm(false, false, b.r1 - r0, D, b.r1, op.scale, cur + b.g.at(0, r0, 0), m16, n, stride, k + bh0 * hs,
             off16(op.k16, bh0 * hs), D, hs, dq + qoff, D, hs, nh);
