@@ -30,6 +30,12 @@ struct AttnOptions {
   // pure function of (seed, batch*heads, i, j), so backward (and the GPU path) regenerate it exactly.
   float dropout = 0.0f;
   unsigned long long dropout_seed = 0;
+  // The GPU's materialized op in float32 only (mta_cuda.h), for callers whose q and k hold bf16 values
+  // (the model): the products whose bf16 operands are exact (S = Q K^T) or rounded as FlashAttention
+  // rounds them (dS for dQ, dK) run on tensor cores with fp32 accumulation. W V, dV and dA3 stay
+  // float32: rounding W or an epilogue's dO there cost the head-mixing gradients their precision where
+  // they are small differences. The CPU and the fused kernels ignore it.
+  bool bf16_products = false;
 };
 
 // A uniform number in [0, 1) that is a pure function of (seed, counter): splitmix64. Dropout masks

@@ -136,12 +136,14 @@ nlohmann::json bench_attention(const AttentionSpec& spec, int B, int T, const st
   size_t workspace = 0;  // the materialized op's own allocations, the larger of forward and backward
   if (impl == "materialized") {
     const AttnDims dims{B, H, T, D};
+    AttnOptions opt;
+    opt.bf16_products = true;  // the inputs are bf16 values: the op as the model runs it
     fwd = [&] {
-      mta_forward<float>(spec, dims, q32, k32, v32, params, o32);
+      mta_forward<float>(spec, dims, q32, k32, v32, params, o32, opt);
       workspace = std::max(workspace, mta_last_workspace_bytes());
     };
     bwd = [&] {
-      mta_backward<float>(spec, dims, q32, k32, v32, params, do32, dq32, dk32, dv32, grads);
+      mta_backward<float>(spec, dims, q32, k32, v32, params, do32, dq32, dk32, dv32, grads, opt);
       workspace = std::max(workspace, mta_last_workspace_bytes());
     };
   } else if (impl == "flash") {

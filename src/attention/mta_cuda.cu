@@ -14,6 +14,7 @@
 #include "attention/row_blocks.h"
 
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -648,6 +649,37 @@ void gemm_rm(cublasHandle_t h, bool ta, bool tb, int M, int N, int K, T alpha, c
                                        &alpha, B, ldb, sB, A, lda, sA, &beta, C, ldc, sC, batch));
 }
 
+// gemm_rm with bf16 operands and a float32 result (tensor cores, fp32 accumulation): the products of
+// AttnOptions::bf16_products.
+using bf16 = __nv_bfloat16;
+void gemm16_rm(cublasHandle_t h, bool ta, bool tb, int M, int N, int K, float alpha, const bf16* A, int lda,
+               long long sA, const bf16* B, int ldb, long long sB, float* C, int ldc, long long sC, int batch,
+               float beta = 0.0f) {
+  if (M <= 0 || N <= 0) return;
+  CUBLAS_CHECK(cublasGemmStridedBatchedEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K,
+                                          &alpha, B, CUDA_R_16BF, ldb, sB, A, CUDA_R_16BF, lda, sA, &beta, C,
+                                          CUDA_R_32F, ldc, sC, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+// p + o for a bf16 copy that may be absent (no arithmetic on a null pointer).
+inline const bf16* off16(const bf16* p, long long o) { return p ? p + o : nullptr; }
+
+// bf16 copies for gemm16_rm. Dense: `per` elements of each of gridDim.y heads, from src + y * s_stride
+// to dst + y * d_stride. Span: the span's rows of chunk head blockIdx.y (block per row, as
+// mask_future_kernel), at the same offsets in dst (a buffer of the same geometry).
+__global__ void cast_heads_bf16_kernel(const float* __restrict__ src, long long s_stride, bf16* __restrict__ dst,
+                                       long long d_stride, long long per) {
+  const float* s = src + blockIdx.y * s_stride;
+  bf16* d = dst + blockIdx.y * d_stride;
+  for (long long e = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; e < per;
+       e += static_cast<long long>(gridDim.x) * blockDim.x)
+    d[e] = __float2bfloat16(s[e]);
+}
+__global__ void cast_span_bf16_kernel(const float* __restrict__ src, bf16* __restrict__ dst, Geom g, Span sp) {
+  const long long off = g.at(blockIdx.y, sp.ra + static_cast<int>(blockIdx.x), 0);
+  for (int j = threadIdx.x; j < sp.cols; j += blockDim.x) dst[off + j] = __float2bfloat16(src[off + j]);
+}
+
 
 bool epilogue_enabled(const AttentionSpec& s) { return s.norm || s.depth_scale_layer || s.gate; }
 
@@ -698,6 +730,10 @@ struct Op {
   T *g0 = nullptr, *g1 = nullptr;                                           // backward: ping-pong gradients
   T *obuf = nullptr, *dobuf = nullptr, *pn = nullptr, *pgw = nullptr, *pgb = nullptr;  // backward epilogue
   double* partial = nullptr;                                                // weight-gradient partials
+  // AttnOptions::bf16_products (float32 only): bf16 copies of q and k (whole tensors, made once per
+  // call); a row block's dS goes as bf16 into the free ping-pong gradient buffer (cast_span).
+  bool use_bf16 = false;
+  bf16 *q16 = nullptr, *k16 = nullptr;
   double* colpart = nullptr;  // the epilogue's column-sum partials (kColumnBlocks x Dv)
 
   // One row block (attention/row_blocks.h) and where its rows live.
@@ -728,6 +764,7 @@ struct Op {
     const int halo = row_block_capacity(n, 0, hq, hp, backward);
 
     // The T x T matrices of a chunk stay under the budget: first the rows per block, then the units.
+    use_bf16 = opt.bf16_products && std::is_same_v<T, float>;
     const int mats = 1 + !!spec.kq_pre + !!spec.head_pre + !!spec.kq_post + !!spec.head_post + (opt.dropout > 0.0f) +
                      (backward ? 2 : 0);
     const long long budget = workspace_budget();
@@ -776,6 +813,11 @@ struct Op {
         }
         if (wgrad_cols) partial = static_cast<double*>(alloc(heads * wgrad_cols * part_cols, sizeof(double)));
       }
+      if (use_bf16) {
+        const long long all = static_cast<long long>(dims.B) * H * n;
+        q16 = static_cast<bf16*>(alloc(all * D, sizeof(bf16)));
+        k16 = static_cast<bf16*>(alloc(all * D, sizeof(bf16)));
+      }
       return off;
     };
     carve(reinterpret_cast<uintptr_t>(ws.get(carve(0))));
@@ -797,6 +839,42 @@ struct Op {
 
   unsigned grid_span(const Span& sp, long long heads) const { return grid_for(sp.size(heads), kBlock); }
   unsigned grid_rows(long long rows) const { return grid_for(rows, kWarpsPerBlock); }
+
+  // bf16_products: `heads` runs of `per` floats (src stride s_stride) into dst (stride d_stride).
+  void cast_heads(const T* src, long long s_stride, bf16* dst, long long d_stride, long long per, int heads) const {
+    if (per <= 0 || heads <= 0) return;
+    if constexpr (std::is_same_v<T, float>) {
+      const unsigned blocks = static_cast<unsigned>(std::min<long long>((per + kBlock - 1) / kBlock, 1024));
+      cast_heads_bf16_kernel<<<dim3(blocks, heads), kBlock, 0, stream>>>(src, s_stride, dst, d_stride, per);
+      CUDA_CHECK_LAUNCH("cast_heads_bf16_kernel");
+    }
+  }
+  // The whole q and k as bf16 (once per call).
+  void cast_inputs(const T* q, const T* k) const {
+    if (!use_bf16) return;
+    const long long all = static_cast<long long>(dims.B) * H * n;
+    cast_heads(q, 0, q16, 0, all * D, 1), cast_heads(k, 0, k16, 0, all * D, 1);
+  }
+  // gemm_rm, or with bf16_products gemm16_rm on the bf16 copies A16, B16 (same offsets as A, B) when
+  // the caller gives them.
+  void mm(bool ta, bool tb, int M, int N, int K, T alpha, const T* A, const bf16* A16, int lda, long long sA,
+          const T* B, const bf16* B16, int ldb, long long sB, T* C, int ldc, long long sC, int batch,
+          T beta = T(0)) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (use_bf16 && A16 && B16)
+        return gemm16_rm(blas, ta, tb, M, N, K, alpha, A16, lda, sA, B16, ldb, sB, C, ldc, sC, batch, beta);
+    }
+    gemm_rm<T>(blas, ta, tb, M, N, K, alpha, A, lda, sA, B, ldb, sB, C, ldc, sC, batch, beta);
+  }
+  // A span of a chunk matrix as bf16 into dst, a chunk matrix buffer (at the same element offsets: the
+  // bf16 copy takes half of its bytes).
+  void cast_span(const T* src, T* dst, const Block& b, Span sp, int nh) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (sp.rows() <= 0) return;
+      cast_span_bf16_kernel<<<dim3(sp.rows(), nh), kBlock, 0, stream>>>(src, reinterpret_cast<bf16*>(dst), b.g, sp);
+      CUDA_CHECK_LAUNCH("cast_span_bf16_kernel");
+    }
+  }
 
   // The tiled kernels take the paper's sizes (cq <= 8, ck <= 15, g <= 16); larger ones the generic forms.
   static bool tiled(const KqConv& kc) { return kc.q <= kMaxCq && kc.k <= kMaxCk; }
@@ -845,8 +923,9 @@ struct Op {
   void scores(const T* q, const T* k, const Block& b, long long bh0, int nh) {
     const long long hs = static_cast<long long>(n) * D, stride = b.g.per_head();
     // 1. Logits S = s Q K^T, future set to 0.
-    gemm_rm<T>(blas, false, true, b.end - b.base, b.end, D, scale, q + bh0 * hs + static_cast<long long>(b.base) * D, D,
-               hs, k + bh0 * hs, D, hs, s0, n, stride, nh);
+    const long long qoff = bh0 * hs + static_cast<long long>(b.base) * D;
+    mm(false, true, b.end - b.base, b.end, D, scale, q + qoff, off16(q16, qoff), D, hs, k + bh0 * hs, off16(k16, bh0 * hs), D, hs,
+       s0, n, stride, nh);
     const Span all{b.base, b.end, b.end};
     if (all.rows() > 0) mask_future_kernel<T><<<dim3(all.rows(), nh), kBlock, 0, stream>>>(s0, b.g, all);
     CUDA_CHECK_LAUNCH("mask_future_kernel");
@@ -1031,6 +1110,7 @@ void mta_forward(const AttentionSpec& spec, const AttnDims& dims, const T* q, co
   StreamDrain drain{stream};
   op.prof = op_profiler();
   if (op.prof) op.prof->begin(stream);
+  op.cast_inputs(q, k);
   for (int u0 = 0; u0 < op.units; u0 += op.chunk_units) {
     const int nu = std::min(op.chunk_units, op.units - u0);
     op.forward_chunk(q, k, v, out, static_cast<long long>(u0) * op.G, nu * op.G);
@@ -1095,6 +1175,7 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
   StreamDrain drain{stream};
   if (n_acc) CUDA_CHECK(cudaMemsetAsync(acc_base, 0, static_cast<size_t>(n_acc) * sizeof(double), stream));
   if (op.prof) op.prof->begin(stream);
+  op.cast_inputs(q, k);
 
   for (int u0 = 0; u0 < op.units; u0 += op.chunk_units) {
     const int nu = std::min(op.chunk_units, op.units - u0);
@@ -1126,6 +1207,9 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
       }
       // 7. dV += W^T dO over the owned rows, dA3 = dO V^T for rows [r0, end) (causal, through the
       // dropout mask).
+      // (float32 products with bf16_products too: rounding W or an epilogue's dO here costs the mixing
+      // gradients their precision where they are small differences -- ModelCuda at near-uniform
+      // attention measured 6-60% errors in head_post's gradient.)
       gemm_rm<T>(op.blas, true, false, b.r1, Dv, b.r1 - r0, T(1), op.w + b.g.at(0, r0, 0), n, stride, dO, Dv, dO_stride,
                  dv + bh0 * hsv, Dv, hsv, nh, T(1));
       gemm_rm<T>(op.blas, false, true, nr, b.end, Dv, T(1), dO, Dv, dO_stride, v + bh0 * hsv, Dv, hsv,
@@ -1178,10 +1262,14 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
         op.mark("kq_pre");
       }
       // 1. dq = s dS K for the owned rows, dk += s dS^T Q (dS is zero in the future part).
-      gemm_rm<T>(op.blas, false, false, b.r1 - r0, D, b.r1, op.scale, cur + b.g.at(0, r0, 0), n, stride, k + bh0 * hs,
-                 D, hs, dq + bh0 * hs + static_cast<long long>(r0) * D, D, hs, nh);
-      gemm_rm<T>(op.blas, true, false, b.r1, D, b.r1 - r0, op.scale, cur + b.g.at(0, r0, 0), n, stride,
-                 q + bh0 * hs + static_cast<long long>(r0) * D, D, hs, dk + bh0 * hs, D, hs, nh, T(1));
+      // With bf16_products dS as bf16 (as FlashAttention rounds it) into `other`, free now.
+      if (op.use_bf16) op.cast_span(cur, other, b, Span{r0, b.r1, b.r1}, nh);
+      const bf16* const m16 = op.use_bf16 ? reinterpret_cast<const bf16*>(other) + b.g.at(0, r0, 0) : nullptr;
+      const long long qoff = bh0 * hs + static_cast<long long>(r0) * D;
+      op.mm(false, false, b.r1 - r0, D, b.r1, op.scale, cur + b.g.at(0, r0, 0), m16, n, stride, k + bh0 * hs,
+            off16(op.k16, bh0 * hs), D, hs, dq + qoff, D, hs, nh);
+      op.mm(true, false, b.r1, D, b.r1 - r0, op.scale, cur + b.g.at(0, r0, 0), m16, n, stride, q + qoff, off16(op.q16, qoff), D,
+            hs, dk + bh0 * hs, D, hs, nh, T(1));
       op.mark("dQ, dK");
     }
   }

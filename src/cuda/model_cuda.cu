@@ -5,7 +5,8 @@
 // Attention: standard attention and DIFF attention run the flash kernel, attention dropout included
 // (D = 64 or 128; DIFF as two calls per sub-head, one per half of its 2D-wide values);
 // MTA layers and other head dims run the materialized fp32 op
-// (mta::cuda::mta_forward/backward) on fp32 copies of q, k, v. MTA layers whose options apart from
+// (mta::cuda::mta_forward/backward) on fp32 copies of q, k, v (MTA layers with bf16_products: Q K^T
+// and the dS products on tensor cores, attention_op.h). MTA layers whose options apart from
 // the epilogue (norm, depth scaling, gate) the fused kernels cover run those plus the epilogue
 // kernels (attention/epilogue_cuda.h): kq_pre only (attention/flash_mta.h, dropout included) or head
 // mixing only (attention/flash_mix.h: groups of up to 8 heads, no attention dropout in training);
@@ -454,7 +455,9 @@ class CudaModel : public TrainableModel {
       cuda::cast_to_f32(L.k.get(), k32, n, stream_);
       if (c.attention != AttentionKind::Diff) {
         cuda::cast_to_f32(L.v.get(), op_v_.get(), n, stream_);
-        cuda::mta_forward<float>(spec, AttnDims{B, H, T, d}, q32, k32, op_v_.get(), mta_params(l), op_o_.get(), opt,
+        AttnOptions o16 = opt;
+        o16.bf16_products = true;  // q, k hold bf16 values: Q K^T on tensor cores (attention_op.h)
+        cuda::mta_forward<float>(spec, AttnDims{B, H, T, d}, q32, k32, op_v_.get(), mta_params(l), op_o_.get(), o16,
                                  stream_);
         cuda::cast_to_bf16(op_o_.get(), L.att.get(), n, stream_);
         return;
@@ -508,8 +511,10 @@ class CudaModel : public TrainableModel {
       cuda::to_heads(da_flat, tmp16c_.get(), B, T, H, d, false, 0.0, stream_);
       cuda::cast_to_f32(tmp16c_.get(), op_o_.get(), n, stream_);  // d(out)
       cuda::cast_to_f32(L.v.get(), op_v_.get(), n, stream_);
+      AttnOptions o16 = opt;
+      o16.bf16_products = true;  // as in the forward; dS rounded to bf16 for dQ, dK
       cuda::mta_backward<float>(spec, AttnDims{B, H, T, d}, q32, k32, op_v_.get(), mta_params(l), op_o_.get(),
-                                op_dq_.get(), op_dk_.get(), op_dv_.get(), mta_grads(l), opt, stream_);
+                                op_dq_.get(), op_dk_.get(), op_dv_.get(), mta_grads(l), o16, stream_);
       cuda::cast_to_bf16(op_dq_.get(), dq, n, stream_);
       cuda::cast_to_bf16(op_dk_.get(), dk, n, stream_);
       cuda::cast_to_bf16(op_dv_.get(), dv, n, stream_);

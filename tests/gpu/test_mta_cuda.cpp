@@ -7,6 +7,7 @@
 //
 // Environment: MTA_TEST_VERBOSE=1 prints every tensor's error; the cases marked "workspace=1MiB" set
 // MTA_CUDA_WORKSPACE_MB=1 so that the op splits its units into several chunks.
+#include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
@@ -546,6 +547,49 @@ TEST(MtaCudaSpecial, FixedSizeConvolutions) {
       expect_close(fixed, runtime, 0.0, 1e-6);
       ++n;
     }
+}
+
+// AttnOptions::bf16_products (the model's setting): inputs that are bf16 values, Q K^T and the dS
+// products on tensor cores (dS rounded to bf16), against the CPU in float64 on the same inputs. The
+// tolerance allows dS's rounding (~2^-9 per element); row blocks of 37 rows, with and without the
+// epilogue.
+TEST(MtaCudaSpecial, Bf16Products) {
+  SKIP_WITHOUT_GPU();
+  auto to_bf16 = [](std::vector<float>& x) {
+    for (float& e : x) e = static_cast<float>(__nv_bfloat16(e));
+  };
+  for (int epi = 0; epi < 2; ++epi) {
+    CaseDesc d;
+    d.spec = paper_lm_spec(4, 16);
+    d.spec.norm = d.spec.gate = epi == 1;
+    d.B = 2, d.T = 150, d.seed = 900 + epi, d.row_block = 37;
+    SCOPED_TRACE(d.str());
+    AttnCase<float> c = make_case<float>(d);
+    to_bf16(c.q), to_bf16(c.k), to_bf16(c.v), to_bf16(c.dout);
+    AttnCase<double> c64 = make_case<double>(d);
+    c64.q.assign(c.q.begin(), c.q.end()), c64.k.assign(c.k.begin(), c.k.end());
+    c64.v.assign(c.v.begin(), c.v.end()), c64.dout.assign(c.dout.begin(), c.dout.end());
+    for (auto& [name, val] : c.params) c64.params[name].assign(val.begin(), val.end());
+    const auto g0 = initial_grads(c, d.seed + 5);
+    std::map<std::string, std::vector<double>> g64;
+    for (const auto& [name, val] : g0) g64[name].assign(val.begin(), val.end());
+    const Result<double> ref = run_cpu(c64, g64);
+    c.opt.bf16_products = true;
+    const std::string rows = std::to_string(d.row_block);
+    ScopedEnv rows_env("MTA_CUDA_ROW_BLOCK", rows.c_str());
+    const Result<float> got = run_gpu(c, g0);
+    Result<double> got64;
+    got64.out.assign(got.out.begin(), got.out.end());
+    got64.dq.assign(got.dq.begin(), got.dq.end());
+    got64.dk.assign(got.dk.begin(), got.dk.end());
+    got64.dv.assign(got.dv.begin(), got.dv.end());
+    for (const auto& [name, val] : got.grads) got64.grads[name].assign(val.begin(), val.end());
+    expect_close(got64, ref, 1e-2, 2e-2);
+    // Not the float32 products: the option must reach the kernels (dq moves by ~1e-3).
+    c.opt.bf16_products = false;
+    const Result<float> f32 = run_gpu(c, g0);
+    EXPECT_NE(f32.dq, got.dq);
+  }
 }
 
 // Invalid arguments are refused before any device work, as on the CPU.
