@@ -186,9 +186,9 @@ __global__ void __launch_bounds__(kBlock) conv_tile_kernel(const T* __restrict__
 // (the adjoint, used by backward). One thread per (group of the chunk, position): it reads the g
 // inputs once and writes the g outputs, instead of each output re-reading all g inputs. Block
 // (row sp.ra + blockIdx.x / col_blocks, kBlock columns from (blockIdx.x % col_blocks) * kBlock; group
-// blockIdx.y of the chunk): no per-element 64-bit index division (a grid-stride loop over flat indices
-// spent more on those than on the mixing), and the group's g x g weights are read once into shared
-// memory. Every output sums y = 0, 1, ... (bitwise as before).
+// blockIdx.y of the chunk), the group's g x g weights read once into shared memory. (Measured as fast
+// as the earlier grid-stride loop over flat indices, and 16-byte loads did not help either: the
+// kernel is bound by its 2g memory streams, bench/RESULTS.md session 5.) Every output sums y = 0, 1, ...
 constexpr int kMaxGroup = 16;  // the largest group the register-cached form takes
 template <typename T>
 __global__ void __launch_bounds__(kBlock) mix_heads_kernel(const T* __restrict__ in, T* __restrict__ out,
@@ -356,10 +356,9 @@ int rows_per_tile(int n) { return std::max(1, 8192 / n); }
 // head x) walks the causal 32 x 32 tiles of its rows, staging the tile of dout and the window of `in`
 // it meets (as conv_tile_kernel), and sums dout[x][i][j] * in[x][i-(cq-1)+a][j-o+c] for every tap
 // (a, c) at once: warp w owns taps w, w + 8, ...; lane = column. Each input is read from device memory
-// once per tile instead of once per tap. The window is staged in double (converted once per element,
-// not once per tap and element, and each term is one double FMA: the float product, converted, and a
-// double add, cost ~3x more, most of it in the float -> double conversion).
-// partial[(x * cq*ck + ac) * strips + strip].
+// once per tile instead of once per tap. The window is staged in double (converted once per element),
+// so each term is one double FMA. It is bound by its shared-memory reads (one 8-byte read per FMA);
+// conv_fixed.cuh has the register-blocked form for the paper's sizes. partial[(x * cq*ck + ac) * strips + strip].
 constexpr int kMaxTapsPerWarp = (kMaxCq * kMaxCk + kConvRowsPerPass - 1) / kConvRowsPerPass;  // 15
 template <typename T>
 __global__ void __launch_bounds__(kBlock) conv_weight_grad_kernel(const T* __restrict__ in, const T* __restrict__ dout,
