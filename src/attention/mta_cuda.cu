@@ -32,6 +32,7 @@
 #include "util/error.h"
 
 #include "cuda/check.h"
+#include "cuda/layers.h"
 #include "cuda/phase_timer.h"
 
 namespace mta::cuda {
@@ -663,17 +664,9 @@ void gemm16_rm(cublasHandle_t h, bool ta, bool tb, int M, int N, int K, float al
 // p + o for a bf16 copy that may be absent (no arithmetic on a null pointer).
 inline const bf16* off16(const bf16* p, long long o) { return p ? p + o : nullptr; }
 
-// bf16 copies for gemm16_rm. Dense: `per` elements of each of gridDim.y heads, from src + y * s_stride
-// to dst + y * d_stride. Span: the span's rows of chunk head blockIdx.y (block per row, as
-// mask_future_kernel), at the same offsets in dst (a buffer of the same geometry).
-__global__ void cast_heads_bf16_kernel(const float* __restrict__ src, long long s_stride, bf16* __restrict__ dst,
-                                       long long d_stride, long long per) {
-  const float* s = src + blockIdx.y * s_stride;
-  bf16* d = dst + blockIdx.y * d_stride;
-  for (long long e = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; e < per;
-       e += static_cast<long long>(gridDim.x) * blockDim.x)
-    d[e] = __float2bfloat16(s[e]);
-}
+// A span's rows of chunk head blockIdx.y as bf16 for gemm16_rm (block per row, as mask_future_kernel),
+// at the same offsets in dst (a buffer of the same geometry). Whole tensors go through
+// cuda::cast_to_bf16 (cuda/layers.h).
 __global__ void cast_span_bf16_kernel(const float* __restrict__ src, bf16* __restrict__ dst, Geom g, Span sp) {
   const long long off = g.at(blockIdx.y, sp.ra + static_cast<int>(blockIdx.x), 0);
   for (int j = threadIdx.x; j < sp.cols; j += blockDim.x) dst[off + j] = __float2bfloat16(src[off + j]);
@@ -839,20 +832,13 @@ struct Op {
   unsigned grid_span(const Span& sp, long long heads) const { return grid_for(sp.size(heads), kBlock); }
   unsigned grid_rows(long long rows) const { return grid_for(rows, kWarpsPerBlock); }
 
-  // bf16_products: `heads` runs of `per` floats (src stride s_stride) into dst (stride d_stride).
-  void cast_heads(const T* src, long long s_stride, bf16* dst, long long d_stride, long long per, int heads) const {
-    if (per <= 0 || heads <= 0) return;
-    if constexpr (std::is_same_v<T, float>) {
-      const unsigned blocks = static_cast<unsigned>(std::min<long long>((per + kBlock - 1) / kBlock, 1024));
-      cast_heads_bf16_kernel<<<dim3(blocks, heads), kBlock, 0, stream>>>(src, s_stride, dst, d_stride, per);
-      CUDA_CHECK_LAUNCH("cast_heads_bf16_kernel");
-    }
-  }
   // The whole q and k as bf16 (once per call).
   void cast_inputs(const T* q, const T* k) const {
-    if (!use_bf16) return;
-    const long long all = static_cast<long long>(dims.B) * H * n;
-    cast_heads(q, 0, q16, 0, all * D, 1), cast_heads(k, 0, k16, 0, all * D, 1);
+    if constexpr (std::is_same_v<T, float>) {
+      if (!use_bf16) return;
+      const long long all = static_cast<long long>(dims.B) * H * n * D;
+      cast_to_bf16(q, q16, all, stream), cast_to_bf16(k, k16, all, stream);
+    }
   }
   // gemm_rm, or with bf16_products gemm16_rm on the bf16 copies A16, B16 (same offsets as A, B) when
   // the caller gives them.
@@ -923,8 +909,8 @@ struct Op {
     const long long hs = static_cast<long long>(n) * D, stride = b.g.per_head();
     // 1. Logits S = s Q K^T, future set to 0.
     const long long qoff = bh0 * hs + static_cast<long long>(b.base) * D;
-    mm(false, true, b.end - b.base, b.end, D, scale, q + qoff, off16(q16, qoff), D, hs, k + bh0 * hs, off16(k16, bh0 * hs), D, hs,
-       s0, n, stride, nh);
+    mm(false, true, b.end - b.base, b.end, D, scale, q + qoff, off16(q16, qoff), D, hs, k + bh0 * hs,
+       off16(k16, bh0 * hs), D, hs, s0, n, stride, nh);
     const Span all{b.base, b.end, b.end};
     if (all.rows() > 0) mask_future_kernel<T><<<dim3(all.rows(), nh), kBlock, 0, stream>>>(s0, b.g, all);
     CUDA_CHECK_LAUNCH("mask_future_kernel");
@@ -1267,8 +1253,8 @@ void mta_backward(const AttentionSpec& spec, const AttnDims& dims, const T* q, c
       const long long qoff = bh0 * hs + static_cast<long long>(r0) * D;
       op.mm(false, false, b.r1 - r0, D, b.r1, op.scale, cur + b.g.at(0, r0, 0), m16, n, stride, k + bh0 * hs,
             off16(op.k16, bh0 * hs), D, hs, dq + qoff, D, hs, nh);
-      op.mm(true, false, b.r1, D, b.r1 - r0, op.scale, cur + b.g.at(0, r0, 0), m16, n, stride, q + qoff, off16(op.q16, qoff), D,
-            hs, dk + bh0 * hs, D, hs, nh, T(1));
+      op.mm(true, false, b.r1, D, b.r1 - r0, op.scale, cur + b.g.at(0, r0, 0), m16, n, stride, q + qoff,
+            off16(op.q16, qoff), D, hs, dk + bh0 * hs, D, hs, nh, T(1));
       op.mark("dQ, dK");
     }
   }
