@@ -1,5 +1,7 @@
 #pragma once
-// Helpers for attention tests: random inputs and parameters for a spec, identity parameters.
+// Helpers for attention tests: random inputs and parameters for a spec, identity parameters, the
+// relative error the tests compare with.
+#include <cmath>
 #include <map>
 #include <random>
 #include <string>
@@ -9,6 +11,17 @@
 #include "attention/init.h"
 
 namespace mta::testing {
+
+// ||a - b|| / ||b|| (||a - b|| when b is 0); infinite when the sizes differ or a has a non-finite entry.
+inline double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
+  if (a.size() != b.size()) return INFINITY;
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i])) return INFINITY;
+    num += (a[i] - b[i]) * (a[i] - b[i]), den += b[i] * b[i];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
 
 template <typename T>
 struct AttnCase {

@@ -16,6 +16,9 @@
 #include <vector>
 
 #include "attention/mta_cpu.h"
+#include "attn_test_util.h"
+
+using mta::testing::rel_err;
 
 namespace {
 
@@ -192,12 +195,6 @@ struct Replay {
     return r;
   }
 };
-
-double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) num += (a[i] - b[i]) * (a[i] - b[i]), den += b[i] * b[i];
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
 
 void check(const Problem& pb, unsigned seed) {
   SCOPED_TRACE(pb.str());

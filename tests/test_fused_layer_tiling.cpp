@@ -29,6 +29,8 @@
 #include "attention/spec.h"
 #include "attn_test_util.h"
 
+using mta::testing::rel_err;
+
 namespace {
 
 using mta::AttentionSpec;
@@ -44,8 +46,9 @@ struct Field {
   Field(const Region& r, int g) : reg(r), G(g), v(static_cast<size_t>(g) * r.rows() * r.cols(), 0.0) {}
   double& at(int h, int i, int j) {
     if (!reg.contains(i, j))
-      throw std::out_of_range("position (" + std::to_string(i) + ", " + std::to_string(j) + ") outside the region rows [" +
-                              std::to_string(reg.r0) + ", " + std::to_string(reg.r1) + ") keys [" +
+      throw std::out_of_range("position (" + std::to_string(i) + ", " + std::to_string(j) +
+                              ") outside the region rows [" + std::to_string(reg.r0) + ", " +
+                              std::to_string(reg.r1) + ") keys [" +
                               std::to_string(reg.c0) + ", " + std::to_string(reg.c1) + ")");
     return v[(static_cast<size_t>(h) * reg.rows() + (i - reg.r0)) * reg.cols() + (j - reg.c0)];
   }
@@ -205,7 +208,8 @@ struct Replay {
           for (int x = 0; x < Gh; ++x)
             for (int i = p.r0; i < std::min(p.r1, T); ++i)
               for (int j = p.c0; j < std::min(p.c1, T); ++j)
-                for (int e = 0; e < D; ++e) out.o[row(b, h0 + x, i) * D + e] += A3.get(x, i, j) * v[row(b, h0 + x, j) * D + e];
+                for (int e = 0; e < D; ++e)
+                  out.o[row(b, h0 + x, i) * D + e] += A3.get(x, i, j) * v[row(b, h0 + x, j) * D + e];
         });
 
         // Delta pass: delta_i = sum_j A dA.
@@ -283,12 +287,6 @@ struct Replay {
     return out;
   }
 };
-
-double rel_err(const std::vector<double>& got, const std::vector<double>& ref) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < ref.size(); ++i) num += (got[i] - ref[i]) * (got[i] - ref[i]), den += ref[i] * ref[i];
-  return std::sqrt(num) / std::max(std::sqrt(den), 1e-300);
-}
 
 struct Case {
   AttentionSpec spec;

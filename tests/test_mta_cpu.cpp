@@ -15,6 +15,7 @@ using mta::AttentionSpec;
 using mta::AttnDims;
 using mta::testing::AttnCase;
 using mta::testing::random_case;
+using mta::testing::rel_err;
 using nlohmann::json;
 
 namespace {
@@ -44,12 +45,6 @@ std::vector<double> standard_attention(const AttnDims& d, const std::vector<doub
     }
   }
   return out;
-}
-
-double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) num += (a[i] - b[i]) * (a[i] - b[i]), den += b[i] * b[i];
-  return std::sqrt(num) / std::max(std::sqrt(den), 1e-300);
 }
 
 template <typename T>

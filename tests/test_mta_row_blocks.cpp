@@ -19,6 +19,8 @@
 #include "attention/row_blocks.h"
 #include "attn_test_util.h"
 
+using mta::testing::rel_err;
+
 namespace {
 
 using mta::AttentionSpec;
@@ -246,16 +248,6 @@ struct Replay {
     return r;
   }
 };
-
-double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
-  if (a.size() != b.size()) return INFINITY;
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (!std::isfinite(a[i])) return INFINITY;
-    num += (a[i] - b[i]) * (a[i] - b[i]), den += b[i] * b[i];
-  }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
 
 void check(const AttentionSpec& spec, int T, int R, float dropout, unsigned seed) {
   SCOPED_TRACE(mta::spec_to_json(spec).dump() + " T=" + std::to_string(T) + " R=" + std::to_string(R) +
