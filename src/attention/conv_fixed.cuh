@@ -8,10 +8,10 @@
 // Why: the runtime-size kernels are bound by shared-memory reads (ncu, 35M LM step: one read per FMA
 // or more). Here a thread computes a 4 x 4 output block from window rows it loads as float4 (CK + 3
 // columns serve 4 x CK products), and the tap loops are unrolled, so the inner loops are FMAs with
-// ~0.15 shared-memory reads each. The convolution adds every output's terms in the runtime form's order (a, then c, one FMA
-// each), so its results are bitwise those of conv_tile_kernel. The weight gradient sums 8 rows of
-// products in float before adding them into double (the runtime form adds each product in double):
-// deterministic, a fixed order, ~1e-7 relative.
+// ~0.15 shared-memory reads each. The convolution adds every output's terms in the runtime form's
+// order (a, then c, one FMA each), so its results are bitwise those of conv_tile_kernel. The weight
+// gradient sums 8 rows of products in float before adding them into double (the runtime form adds
+// each product in double): deterministic, a fixed order, ~1e-7 relative.
 
 // Output tile of the convolution: 32 rows x 128 columns, 8 warps; warp w owns rows 4w .. 4w + 3 and
 // lane l columns 4l .. 4l + 3 of the tile.

@@ -578,12 +578,8 @@ TEST(MtaCudaSpecial, Bf16Products) {
     const std::string rows = std::to_string(d.row_block);
     ScopedEnv rows_env("MTA_CUDA_ROW_BLOCK", rows.c_str());
     const Result<float> got = run_gpu(c, g0);
-    Result<double> got64;
-    got64.out.assign(got.out.begin(), got.out.end());
-    got64.dq.assign(got.dq.begin(), got.dq.end());
-    got64.dk.assign(got.dk.begin(), got.dk.end());
-    got64.dv.assign(got.dv.begin(), got.dv.end());
-    for (const auto& [name, val] : got.grads) got64.grads[name].assign(val.begin(), val.end());
+    Result<double> got64{to_double(got.out), to_double(got.dq), to_double(got.dk), to_double(got.dv), {}};
+    for (const auto& [name, val] : got.grads) got64.grads[name] = to_double(val);
     expect_close(got64, ref, 1e-2, 2e-2);
     // Not the float32 products: the option must reach the kernels (dq moves by ~1e-3).
     c.opt.bf16_products = false;
