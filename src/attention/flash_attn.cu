@@ -90,8 +90,8 @@ using Bwd128 = BwdTraits<128, 32, 64, 4>;
 template <class Tr, bool kDrop>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
     flash_fwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
-                     bf16* __restrict__ o, float* __restrict__ lse, int T, float scale_log2, float p_drop,
-                     unsigned long long drop_seed) {
+                     bf16* __restrict__ o, float* __restrict__ lse, int T, int H, HeadLayout lin, HeadLayout lout,
+                     float scale_log2, float p_drop, unsigned long long drop_seed) {
   constexpr int D = Tr::D, BM = Tr::kBlockM, BN = Tr::kBlockN, S = Tr::kStride, kThreads = Tr::kThreads;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
@@ -100,15 +100,17 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;
-  const size_t head = static_cast<size_t>(blockIdx.x) * T;
-  q += head * D, k += head * D, v += head * D, o += head * D, lse += head;
+  const long long b = blockIdx.x / H, h = blockIdx.x % H, rs = lin.row;
+  const long long in_off = b * lin.batch + h * lin.head;
+  q += in_off, k += in_off, v += in_off, o += b * lout.batch + h * lout.head;
+  lse += static_cast<size_t>(blockIdx.x) * T;
 
   const int kv_end = min(T, m0 + BM);  // keys this CTA needs: 0 .. kv_end - 1
   const int n_blocks = (kv_end + BN - 1) / BN;
 
-  load_tile_async<BM, D, kThreads>(sQ, S, q + static_cast<size_t>(m0) * D, T - m0, tid);
-  load_tile_async<BN, D, kThreads>(sK, S, k, T, tid);
-  load_tile_async<BN, D, kThreads>(sV, S, v, T, tid);
+  load_tile_async<BM, D, kThreads>(sQ, S, q + m0 * rs, T - m0, tid, rs);
+  load_tile_async<BN, D, kThreads>(sK, S, k, T, tid, rs);
+  load_tile_async<BN, D, kThreads>(sV, S, v, T, tid, rs);
   cp_async_commit();
 
   float acc_o[D / 8][4];
@@ -125,8 +127,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
     __syncthreads();
     if (nb + 1 < n_blocks) {
       const int n1 = (nb + 1) * BN, buf1 = (nb + 1) & 1;
-      load_tile_async<BN, D, kThreads>(sK + buf1 * BN * S, S, k + static_cast<size_t>(n1) * D, T - n1, tid);
-      load_tile_async<BN, D, kThreads>(sV + buf1 * BN * S, S, v + static_cast<size_t>(n1) * D, T - n1, tid);
+      load_tile_async<BN, D, kThreads>(sK + buf1 * BN * S, S, k + n1 * rs, T - n1, tid, rs);
+      load_tile_async<BN, D, kThreads>(sV + buf1 * BN * S, S, v + n1 * rs, T - n1, tid, rs);
       cp_async_commit();
     }
     const int n0 = nb * BN;
@@ -145,7 +147,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   }
 
   // Epilogue: this warp's 16 output rows are staged in its own rows of sQ (read only by this warp).
-  store_output_rows<D, S>(acc_o, row_max, row_sum, sQ + warp * 16 * S, o, lse, row_w, T, lane);
+  store_output_rows<D, S>(acc_o, row_max, row_sum, sQ + warp * 16 * S, o, lse, row_w, T, lane, lout.row);
 }
 
 // Loads lse (pre-multiplied by log2 e) and delta of query rows m0 .. m0 + BM - 1 into shared memory
@@ -167,13 +169,15 @@ __device__ __forceinline__ void load_row_stats(float* s_lse, float* s_delta, con
 //   S^T = K Q^T,  P^T = exp2(S^T * scale*log2e - lse*log2e) (0 where query < key or out of range),
 //   dV += P^T dO,  dP^T = V dO^T,  dS^T = P^T * (dP^T - delta),  dK += dS^T Q,
 //   dS^T -> shared memory (bf16), then all warps compute dQ_tile += dS K and add it to the fp32
-//   accumulator with atomicAdd (the scale is applied when dq is converted). dK is scaled at the end.
+//   accumulator with atomicAdd (the scale is applied when dq is converted). dK is scaled at the end (and
+//   rotated back by RoPE when rope_cs is not null; flash_attn.h).
 template <class Tr, bool kDrop>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     flash_bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                      const bf16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-                     float* __restrict__ dq_accum, bf16* __restrict__ dk, bf16* __restrict__ dv, int T,
-                     float scale_log2, float scale, float p_drop, unsigned long long drop_seed) {
+                     float* __restrict__ dq_accum, bf16* __restrict__ dk, bf16* __restrict__ dv, int T, int H,
+                     HeadLayout lin, HeadLayout lout, const float* __restrict__ rope_cs, float scale_log2, float scale,
+                     float p_drop, unsigned long long drop_seed) {
   constexpr int D = Tr::D, BM = Tr::kBlockM, BN = Tr::kBlockN, S = Tr::kStride, SS = Tr::kStrideS;
   constexpr int kThreads = Tr::kThreads, kWarps = Tr::kWarps;
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -188,16 +192,19 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.y * BN;
   const size_t head = static_cast<size_t>(blockIdx.x) * T;
-  q += head * D, k += head * D, v += head * D, dout += head * D, dq_accum += head * D;
-  dk += head * D, dv += head * D, lse += head, delta += head;
+  const long long b = blockIdx.x / H, h = blockIdx.x % H, rs = lin.row, rso = lout.row;
+  const long long in_off = b * lin.batch + h * lin.head;
+  q += in_off, k += in_off, v += in_off, dk += in_off, dv += in_off;
+  dout += b * lout.batch + h * lout.head;
+  dq_accum += head * D, lse += head, delta += head;
 
   const int m_first = n0 / BM, m_blocks = (T + BM - 1) / BM;
   {
     const int m0 = m_first * BM;
-    load_tile_async<BN, D, kThreads>(sK, S, k + static_cast<size_t>(n0) * D, T - n0, tid);
-    load_tile_async<BN, D, kThreads>(sV, S, v + static_cast<size_t>(n0) * D, T - n0, tid);
-    load_tile_async<BM, D, kThreads>(sQ, S, q + static_cast<size_t>(m0) * D, T - m0, tid);
-    load_tile_async<BM, D, kThreads>(sdO, S, dout + static_cast<size_t>(m0) * D, T - m0, tid);
+    load_tile_async<BN, D, kThreads>(sK, S, k + n0 * rs, T - n0, tid, rs);
+    load_tile_async<BN, D, kThreads>(sV, S, v + n0 * rs, T - n0, tid, rs);
+    load_tile_async<BM, D, kThreads>(sQ, S, q + m0 * rs, T - m0, tid, rs);
+    load_tile_async<BM, D, kThreads>(sdO, S, dout + m0 * rso, T - m0, tid, rso);
     cp_async_commit();
     load_row_stats<BM, kThreads>(sLse, sDelta, lse, delta, m0, T, tid);
   }
@@ -216,8 +223,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     __syncthreads();
     if (mb + 1 < m_blocks) {
       const int m1 = m0 + BM, b1 = buf ^ 1;
-      load_tile_async<BM, D, kThreads>(sQ + b1 * BM * S, S, q + static_cast<size_t>(m1) * D, T - m1, tid);
-      load_tile_async<BM, D, kThreads>(sdO + b1 * BM * S, S, dout + static_cast<size_t>(m1) * D, T - m1, tid);
+      load_tile_async<BM, D, kThreads>(sQ + b1 * BM * S, S, q + m1 * rs, T - m1, tid, rs);
+      load_tile_async<BM, D, kThreads>(sdO + b1 * BM * S, S, dout + m1 * rso, T - m1, tid, rso);
       cp_async_commit();
       load_row_stats<BM, kThreads>(sLse + b1 * BM, sDelta + b1 * BM, lse, delta, m1, T, tid);
     }
@@ -340,8 +347,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     }
   }
 
-  // Epilogue: every warp is done with sK/sV (dQ step); each warp stages its own 16 rows of dK (scaled)
-  // and dV there and stores them with 16-byte writes.
+  // Epilogue: every warp is done with sK/sV (dQ step); each warp stages its own 16 rows of dK (scaled,
+  // and rotated back by RoPE when asked: columns 8j + 2t, 8j + 2t + 1 are pair 4j + t) and dV there and
+  // stores them with 16-byte writes.
   __syncthreads();
   bf16* sdK = sK + warp * 16 * S;
   bf16* sdV = sV + warp * 16 * S;
@@ -349,8 +357,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   for (int j = 0; j < D / 8; ++j)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      *reinterpret_cast<uint32_t*>(sdK + (g + 8 * r) * S + 8 * j + 2 * t) =
-          pack_bf16(acc_dk[j][2 * r] * scale, acc_dk[j][2 * r + 1] * scale);
+      float x0 = acc_dk[j][2 * r] * scale, x1 = acc_dk[j][2 * r + 1] * scale;
+      const int key = kw0 + g + 8 * r;
+      if (rope_cs != nullptr && key < T) {
+        const float2 cs = *reinterpret_cast<const float2*>(rope_cs + 2 * (static_cast<size_t>(key) * (D / 2) + 4 * j + t));
+        const float y0 = x0 * cs.x + x1 * cs.y, y1 = x1 * cs.x - x0 * cs.y;  // the transposed rotation
+        x0 = y0, x1 = y1;
+      }
+      *reinterpret_cast<uint32_t*>(sdK + (g + 8 * r) * S + 8 * j + 2 * t) = pack_bf16(x0, x1);
       *reinterpret_cast<uint32_t*>(sdV + (g + 8 * r) * S + 8 * j + 2 * t) =
           pack_bf16(acc_dv[j][2 * r], acc_dv[j][2 * r + 1]);
     }
@@ -360,11 +374,35 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   for (int c = lane; c < 16 * kChunksPerRow; c += 32) {
     const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8, key = kw0 + r;
     if (key < T) {
-      *reinterpret_cast<uint4*>(dk + static_cast<size_t>(key) * D + col) =
-          *reinterpret_cast<const uint4*>(sdK + r * S + col);
-      *reinterpret_cast<uint4*>(dv + static_cast<size_t>(key) * D + col) =
+      *reinterpret_cast<uint4*>(dk + key * rs + col) = *reinterpret_cast<const uint4*>(sdK + r * S + col);
+      *reinterpret_cast<uint4*>(dv + key * rs + col) =
           *reinterpret_cast<const uint4*>(sdV + r * S + col);
     }
+  }
+}
+
+// dq = bf16(scale * acc) from the contiguous fp32 accumulator [B, H, T, D] into dq laid out as `lq`,
+// rotated back by RoPE when rope_cs is not null (as dK in the epilogue above). 4 elements (2 pairs) per
+// thread per step.
+template <int D>
+__global__ void convert_dq_kernel(const float* __restrict__ acc, bf16* __restrict__ dq, long long n4, int T, int H,
+                                  HeadLayout lq, const float* __restrict__ rope_cs, float scale) {
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n4;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long e = 4 * i, row = e / D, bh = row / T;
+    const int c = static_cast<int>(e % D), t = static_cast<int>(row % T);
+    const float4 a = reinterpret_cast<const float4*>(acc)[i];
+    float x[4] = {a.x * scale, a.y * scale, a.z * scale, a.w * scale};
+    if (rope_cs != nullptr) {
+      const float4 cs = *reinterpret_cast<const float4*>(rope_cs + 2 * (static_cast<long long>(t) * (D / 2) + c / 2));
+      const float y0 = x[0] * cs.x + x[1] * cs.y, y1 = x[1] * cs.x - x[0] * cs.y;
+      const float y2 = x[2] * cs.z + x[3] * cs.w, y3 = x[3] * cs.z - x[2] * cs.w;
+      x[0] = y0, x[1] = y1, x[2] = y2, x[3] = y3;
+    }
+    uint2 packed;
+    packed.x = pack_bf16(x[0], x[1]);
+    packed.y = pack_bf16(x[2], x[3]);
+    *reinterpret_cast<uint2*>(dq + (bh / H) * lq.batch + (bh % H) * lq.head + t * lq.row + c) = packed;
   }
 }
 
@@ -387,21 +425,23 @@ void check_tensor(const void* p, const char* name) {
 
 template <class Tr>
 void launch_forward(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int B, int H, int T,
-                    cudaStream_t s, float p_drop, unsigned long long seed) {
+                    const HeadLayout& lin, const HeadLayout& lout, cudaStream_t s, float p_drop,
+                    unsigned long long seed) {
   const long long m_blocks = (static_cast<long long>(T) + Tr::kBlockM - 1) / Tr::kBlockM;
   fa_require(m_blocks <= 65535, "T too large for the forward grid");
   const float scale = 1.0f / std::sqrt(static_cast<float>(Tr::D));
   const dim3 grid(static_cast<unsigned>(B * H), static_cast<unsigned>(m_blocks));
   auto kernel = p_drop > 0.f ? flash_fwd_kernel<Tr, true> : flash_fwd_kernel<Tr, false>;
   FA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Tr::kSmemBytes)));
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, s>>>(q, k, v, o, lse, T, scale * kLog2e, p_drop, seed);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, s>>>(q, k, v, o, lse, T, H, lin, lout, scale * kLog2e, p_drop, seed);
   FA_CHECK_LAUNCH("flash_fwd_kernel");
 }
 
 template <class Tr>
 void launch_backward(const bf16* q, const bf16* k, const bf16* v, const bf16* o, const bf16* dout, const float* lse,
                      bf16* dq, bf16* dk, bf16* dv, float* dq_accum, float* delta, int B, int H, int T,
-                     cudaStream_t s, float p_drop, unsigned long long seed) {
+                     const HeadLayout& lin, const HeadLayout& lout, const float* rope_cs, cudaStream_t s,
+                     float p_drop, unsigned long long seed) {
   constexpr int D = Tr::D;
   const long long n_blocks = (static_cast<long long>(T) + Tr::kBlockN - 1) / Tr::kBlockN;
   fa_require(n_blocks <= 65535, "T too large for the backward grid");
@@ -411,31 +451,57 @@ void launch_backward(const bf16* q, const bf16* k, const bf16* v, const bf16* o,
 
   FA_CHECK(cudaMemsetAsync(dq_accum, 0, static_cast<size_t>(numel) * sizeof(float), s));
 
-  launch_row_dot<D>(o, dout, delta, rows, s);
+  launch_row_dot<D>(o, dout, delta, rows, T, H, lout.batch, lout.head, lout.row, s);
 
   const dim3 grid(static_cast<unsigned>(B * H), static_cast<unsigned>(n_blocks));
   auto kernel = p_drop > 0.f ? flash_bwd_kernel<Tr, true> : flash_bwd_kernel<Tr, false>;
   FA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Tr::kSmemBytes)));
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, s>>>(q, k, v, dout, lse, delta, dq_accum, dk, dv, T, scale * kLog2e,
-                                                    scale, p_drop, seed);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, s>>>(q, k, v, dout, lse, delta, dq_accum, dk, dv, T, H, lin, lout,
+                                                    rope_cs, scale * kLog2e, scale, p_drop, seed);
   FA_CHECK_LAUNCH("flash_bwd_kernel");
 
-  launch_convert_accum(dq_accum, dq, numel, scale, s);
+  constexpr int kConvThreads = 256;
+  const long long n4 = numel / 4;
+  const long long conv_blocks = std::min<long long>((n4 + kConvThreads - 1) / kConvThreads, 1 << 16);
+  convert_dq_kernel<D><<<static_cast<unsigned>(conv_blocks), kConvThreads, 0, s>>>(dq_accum, dq, n4, T, H, lin,
+                                                                                 rope_cs, scale);
+  FA_CHECK_LAUNCH("convert_dq_kernel");
+}
+
+void check_layout(const HeadLayout& l, const char* name) {
+  fa_require(l.batch >= 0 && l.head >= 0 && l.row >= 0 && l.batch % 8 == 0 && l.head % 8 == 0 && l.row % 8 == 0,
+             std::string("the strides of ") + name + " must be non-negative multiples of 8 elements (got batch " +
+                 std::to_string(l.batch) + ", head " + std::to_string(l.head) + ", row " + std::to_string(l.row) +
+                 ")");
 }
 
 }  // namespace
 
+HeadLayout contiguous_heads(int H, int T, int D) {
+  return HeadLayout{static_cast<long long>(H) * T * D, static_cast<long long>(T) * D, D};
+}
+
+HeadLayout token_major(int T, int D, long long width) { return HeadLayout{T * width, D, width}; }
+
 void flash_attn_forward(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* o,
-                        float* lse, int B, int H, int T, int D, cudaStream_t s, float dropout,
-                        unsigned long long dropout_seed) {
+                        float* lse, int B, int H, int T, int D, const HeadLayout& in, const HeadLayout& out,
+                        cudaStream_t s, float dropout, unsigned long long dropout_seed) {
   check_shape(B, H, T, D);
   check_tensor(q, "q"), check_tensor(k, "k"), check_tensor(v, "v"), check_tensor(o, "o");
+  check_layout(in, "q, k, v"), check_layout(out, "o");
   fa_require(lse != nullptr && aligned(lse, alignof(float)), "lse is null or misaligned");
   fa_require(dropout >= 0.f && dropout < 1.f, "dropout must be in [0, 1)");
   if (D == 64)
-    launch_forward<Fwd64>(q, k, v, o, lse, B, H, T, s, dropout, dropout_seed);
+    launch_forward<Fwd64>(q, k, v, o, lse, B, H, T, in, out, s, dropout, dropout_seed);
   else
-    launch_forward<Fwd128>(q, k, v, o, lse, B, H, T, s, dropout, dropout_seed);
+    launch_forward<Fwd128>(q, k, v, o, lse, B, H, T, in, out, s, dropout, dropout_seed);
+}
+
+void flash_attn_forward(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* o,
+                        float* lse, int B, int H, int T, int D, cudaStream_t s, float dropout,
+                        unsigned long long dropout_seed) {
+  const HeadLayout dense = contiguous_heads(H, T, D);
+  flash_attn_forward(q, k, v, o, lse, B, H, T, D, dense, dense, s, dropout, dropout_seed);
 }
 
 size_t flash_attn_backward_scratch_bytes(int B, int H, int T, int D) {
@@ -448,20 +514,34 @@ size_t flash_attn_backward_scratch_bytes(int B, int H, int T, int D) {
 void flash_attn_backward(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                          const __nv_bfloat16* o, const __nv_bfloat16* dout, const float* lse, __nv_bfloat16* dq,
                          __nv_bfloat16* dk, __nv_bfloat16* dv, void* scratch, int B, int H, int T, int D,
-                         cudaStream_t s, float dropout, unsigned long long dropout_seed) {
+                         const HeadLayout& in, const HeadLayout& out, const float* grad_rope_cs, cudaStream_t s,
+                         float dropout, unsigned long long dropout_seed) {
   check_shape(B, H, T, D);
   check_tensor(q, "q"), check_tensor(k, "k"), check_tensor(v, "v"), check_tensor(o, "o");
   check_tensor(dout, "dout"), check_tensor(dq, "dq"), check_tensor(dk, "dk"), check_tensor(dv, "dv");
   check_tensor(scratch, "scratch");
+  check_layout(in, "q, k, v, dq, dk, dv"), check_layout(out, "o, dout");
+  fa_require(grad_rope_cs == nullptr || aligned(grad_rope_cs, 16), "the RoPE table must be 16-byte aligned");
   fa_require(lse != nullptr && aligned(lse, alignof(float)), "lse is null or misaligned");
   fa_require(dropout >= 0.f && dropout < 1.f, "dropout must be in [0, 1)");
   const size_t rows = static_cast<size_t>(B) * H * T;
   float* dq_accum = static_cast<float*>(scratch);
   float* delta = dq_accum + rows * D;
   if (D == 64)
-    launch_backward<Bwd64>(q, k, v, o, dout, lse, dq, dk, dv, dq_accum, delta, B, H, T, s, dropout, dropout_seed);
+    launch_backward<Bwd64>(q, k, v, o, dout, lse, dq, dk, dv, dq_accum, delta, B, H, T, in, out, grad_rope_cs, s,
+                           dropout, dropout_seed);
   else
-    launch_backward<Bwd128>(q, k, v, o, dout, lse, dq, dk, dv, dq_accum, delta, B, H, T, s, dropout, dropout_seed);
+    launch_backward<Bwd128>(q, k, v, o, dout, lse, dq, dk, dv, dq_accum, delta, B, H, T, in, out, grad_rope_cs, s,
+                            dropout, dropout_seed);
+}
+
+void flash_attn_backward(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
+                         const __nv_bfloat16* o, const __nv_bfloat16* dout, const float* lse, __nv_bfloat16* dq,
+                         __nv_bfloat16* dk, __nv_bfloat16* dv, void* scratch, int B, int H, int T, int D,
+                         cudaStream_t s, float dropout, unsigned long long dropout_seed) {
+  const HeadLayout dense = contiguous_heads(H, T, D);
+  flash_attn_backward(q, k, v, o, dout, lse, dq, dk, dv, scratch, B, H, T, D, dense, dense, nullptr, s, dropout,
+                      dropout_seed);
 }
 
 }  // namespace mta::cuda

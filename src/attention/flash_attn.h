@@ -6,7 +6,8 @@
 // stored in device memory: scores are recomputed tile by tile in registers.
 //
 // Conventions
-//   * Layout: q, k, v, o, dout, dq, dk, dv are contiguous [B, H, T, D] bf16; lse is [B, H, T] fp32.
+//   * Layout: q, k, v, o, dout, dq, dk, dv are contiguous [B, H, T, D] bf16 (or strided: HeadLayout
+//     below); lse is [B, H, T] fp32.
 //   * Attention: o_i = sum_{j <= i} softmax_j(scale * q_i . k_j) v_j with scale = 1/sqrt(D) (causal:
 //     query i sees keys 0..i).
 //   * lse_i = log(sum_{j <= i} exp(scale * q_i . k_j)): the NATURAL log-sum-exp of row i of the SCALED
@@ -31,6 +32,18 @@
 
 namespace mta::cuda {
 
+// Where the [T, D] matrix of each (batch, head) of an operand lives: element (b, h, t, c) at
+// b * batch + h * head + t * row + c (elements). Every stride must be a non-negative multiple of 8
+// (16-byte rows for the tile copies). contiguous_heads is [B, H, T, D]; token_major is the layout of a
+// linear layer's output, rows of `width` elements (>= H * D) per token with head h at columns
+// h * D .. h * D + D - 1, so q, k and v can be read from, and dq, dk, dv written into, one [B * T, 3C]
+// matrix (width 3C, each operand at its offset), and o, dout used as [B * T, C] rows (width C).
+struct HeadLayout {
+  long long batch = 0, head = 0, row = 0;
+};
+HeadLayout contiguous_heads(int H, int T, int D);
+HeadLayout token_major(int T, int D, long long width);
+
 // Causal softmax attention, scale 1/sqrt(D): q, k, v, o [B, H, T, D] bf16 (contiguous), lse [B, H, T]
 // fp32 (log-sum-exp of each row's scaled logits, saved for backward). D in {64, 128}.
 void flash_attn_forward(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* o,
@@ -46,6 +59,22 @@ void flash_attn_backward(const __nv_bfloat16* q, const __nv_bfloat16* k, const _
                          const __nv_bfloat16* o, const __nv_bfloat16* dout, const float* lse,
                          __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv, void* scratch,
                          int B, int H, int T, int D, cudaStream_t s, float dropout = 0.0f,
+                         unsigned long long dropout_seed = 0);
+
+// The same with q, k, v (and dq, dk, dv) laid out as `in` and o (and dout) as `out` (lse and the scratch
+// stay contiguous). With `grad_rope_cs` (null: none), dq and dk are also rotated back by RoPE, i.e. they
+// are the gradients with respect to q and k BEFORE the rotation that made the given q, k: pair i of
+// position t is multiplied by the transpose of the rotation (cos, sin) read from
+// grad_rope_cs[2 * (t * D/2 + i)] and [... + 1] (cuda::RopeTable's layout, >= T positions of this D;
+// 16-byte aligned). This is how the model's layers skip the copies to and from the head layout.
+void flash_attn_forward(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* o,
+                        float* lse, int B, int H, int T, int D, const HeadLayout& in, const HeadLayout& out,
+                        cudaStream_t s, float dropout = 0.0f, unsigned long long dropout_seed = 0);
+void flash_attn_backward(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
+                         const __nv_bfloat16* o, const __nv_bfloat16* dout, const float* lse,
+                         __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv, void* scratch,
+                         int B, int H, int T, int D, const HeadLayout& in, const HeadLayout& out,
+                         const float* grad_rope_cs, cudaStream_t s, float dropout = 0.0f,
                          unsigned long long dropout_seed = 0);
 
 }  // namespace mta::cuda

@@ -93,11 +93,11 @@ __device__ __forceinline__ void accumulate_pv(const float (&acc_s)[BN / 8][4], c
 
 // Epilogue: normalize, write lse (natural log-sum-exp of the logits as scaled into the log2 domain
 // by the caller), stage the warp's 16 output rows in sO (16 rows of stride S, read only by this warp)
-// and store them to o (rows row_w .., [T][D]) with 16-byte writes.
+// and store them to o (rows row_w .., `o_stride` elements apart: a multiple of 8) with 16-byte writes.
 template <int D, int S>
 __device__ __forceinline__ void store_output_rows(const float (&acc_o)[D / 8][4], const float (&row_max)[2],
                                                   const float (&row_sum)[2], __nv_bfloat16* sO, __nv_bfloat16* o,
-                                                  float* lse, int row_w, int T, int lane) {
+                                                  float* lse, int row_w, int T, int lane, long long o_stride = D) {
   const int g = lane >> 2, t = lane & 3;
   float inv[2];
 #pragma unroll
@@ -122,7 +122,7 @@ __device__ __forceinline__ void store_output_rows(const float (&acc_o)[D / 8][4]
   for (int c = lane; c < 16 * kChunksPerRow; c += 32) {
     const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8, row = row_w + r;
     if (row < T)
-      *reinterpret_cast<uint4*>(o + static_cast<size_t>(row) * D + col) =
+      *reinterpret_cast<uint4*>(o + row * o_stride + col) =
           *reinterpret_cast<const uint4*>(sO + r * S + col);
   }
 }
@@ -151,15 +151,20 @@ __device__ __forceinline__ float dropout_factor(long long bh, int T, int row, in
   return dropout_keep(seed, bh, T, row, col, p) ? 1.0f / (1.0f - p) : 0.f;
 }
 
-// delta_i = sum_d dO[i,d] * O[i,d] in fp32 (one warp per row).
+// delta_i = sum_d dO[i,d] * O[i,d] in fp32 (one warp per row). Row i = bh * T + t of [B, H, T] lives at
+// b * batch + h * head + t * row_stride (elements) in o and dout: contiguous rows with T = rows, H = 1,
+// row_stride = D.
 template <int D>
 __global__ void flash_bwd_preprocess_kernel(const __nv_bfloat16* __restrict__ o, const __nv_bfloat16* __restrict__ dout,
-                                            float* __restrict__ delta, long long rows) {
+                                            float* __restrict__ delta, long long rows, int T, int H, long long batch,
+                                            long long head, long long row_stride) {
   const long long row = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= rows) return;  // whole warps leave together (rows are per warp)
-  const __nv_bfloat162* o2 = reinterpret_cast<const __nv_bfloat162*>(o + row * D);
-  const __nv_bfloat162* d2 = reinterpret_cast<const __nv_bfloat162*>(dout + row * D);
+  const long long bh = row / T;
+  const long long off = (bh / H) * batch + (bh % H) * head + (row % T) * row_stride;
+  const __nv_bfloat162* o2 = reinterpret_cast<const __nv_bfloat162*>(o + off);
+  const __nv_bfloat162* d2 = reinterpret_cast<const __nv_bfloat162*>(dout + off);
   float acc = 0.f;
 #pragma unroll
   for (int c = lane; c < D / 2; c += 32) {
@@ -185,13 +190,24 @@ __global__ void flash_bwd_convert_dq_kernel(const float* __restrict__ acc, __nv_
   }
 }
 
+// o and dout as [B, H, T, D] with the given strides (elements); rows = B * H * T.
 template <int D>
-void launch_row_dot(const __nv_bfloat16* o, const __nv_bfloat16* dout, float* delta, long long rows, cudaStream_t s) {
+void launch_row_dot(const __nv_bfloat16* o, const __nv_bfloat16* dout, float* delta, long long rows, int T, int H,
+                    long long batch, long long head, long long row_stride, cudaStream_t s) {
   constexpr int kThreads = 256, kRowsPerBlock = kThreads / 32;
   const long long blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   if (blocks > INT_MAX) throw std::invalid_argument("attention backward: B * H * T too large");
-  flash_bwd_preprocess_kernel<D><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(o, dout, delta, rows);
+  if (blocks == 0) return;
+  flash_bwd_preprocess_kernel<D>
+      <<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(o, dout, delta, rows, T, H, batch, head, row_stride);
   MTA_CUDA_CHECK_LAUNCH("flash_bwd_preprocess_kernel");
+}
+
+// Contiguous rows of D.
+template <int D>
+void launch_row_dot(const __nv_bfloat16* o, const __nv_bfloat16* dout, float* delta, long long rows, cudaStream_t s) {
+  if (rows > INT_MAX) throw std::invalid_argument("attention backward: B * H * T too large");
+  launch_row_dot<D>(o, dout, delta, rows, static_cast<int>(std::max<long long>(rows, 1)), 1, 0, 0, D, s);
 }
 
 // n: a multiple of 4; acc 16-byte and out 8-byte aligned.

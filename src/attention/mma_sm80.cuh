@@ -94,18 +94,19 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 // The ldmatrix address patterns (a_offset, bnk_offset, bkn_offset, at_offset) are in mma_layout.h,
 // callable from the host too (tests/test_head_mix_mma.cpp replays the fragment mechanics with them).
 
-// Copies a kRows x kD bf16 tile (global rows contiguous, kD elements each) into shared memory with
-// row stride `stride`; rows >= rows_valid are zero-filled (and not read). The tile's row 0 must be a
-// valid row (it is also the dummy source address of zero-filled chunks).
+// Copies a kRows x kD bf16 tile (global rows `gstride` elements apart, a multiple of 8; contiguous by
+// default) into shared memory with row stride `stride`; rows >= rows_valid are zero-filled (and not
+// read). The tile's row 0 must be a valid row (it is also the dummy source address of zero-filled chunks).
 template <int kRows, int kD, int kThreads>
-__device__ __forceinline__ void load_tile_async(bf16* smem, int stride, const bf16* gmem, int rows_valid, int tid) {
+__device__ __forceinline__ void load_tile_async(bf16* smem, int stride, const bf16* gmem, int rows_valid, int tid,
+                                                long long gstride = kD) {
   constexpr int kChunksPerRow = kD / 8;  // 16-byte chunks
   constexpr int kChunks = kRows * kChunksPerRow;
 #pragma unroll
   for (int c = tid; c < kChunks; c += kThreads) {
     const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
     const bool ok = r < rows_valid;
-    const bf16* src = ok ? gmem + static_cast<size_t>(r) * kD + col : gmem;
+    const bf16* src = ok ? gmem + r * gstride + col : gmem;
     cp_async_16(smem + r * stride + col, src, ok ? 16 : 0);
   }
 }

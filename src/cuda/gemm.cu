@@ -99,14 +99,14 @@ struct Pref {
   Pref& operator=(const Pref&) = delete;
 };
 
-// C = beta * C (K = 0: the product is empty); beta = 0 writes zeros without reading C.
+// D = beta * C (K = 0: the product is empty); beta = 0 writes zeros without reading C.
 template <typename T>
-__global__ void scale_matrix_kernel(T* C, int M, int N, int ldc, float beta) {
+__global__ void scale_matrix_kernel(const T* C, T* D, int M, int N, int ldc, float beta) {
   const long long total = static_cast<long long>(M) * N;
   for (long long idx = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<long long>(gridDim.x) * blockDim.x) {
-    T* c = C + (idx / N) * ldc + idx % N;
-    *c = beta == 0.0f ? T(0.0f) : T(beta * static_cast<float>(*c));
+    const long long off = (idx / N) * ldc + idx % N;
+    D[off] = beta == 0.0f ? T(0.0f) : T(beta * static_cast<float>(C[off]));
   }
 }
 
@@ -116,9 +116,11 @@ std::string shape_str(bool ta, bool tb, int M, int N, int K, int lda, int ldb, i
          " ldb=" + std::to_string(ldb) + " ldc=" + std::to_string(ldc);
 }
 
+// D = alpha op(A) op(B) + beta C, C and D with the same leading dimension (C == D: in place).
 template <typename OutT>
 void gemm_impl(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const __nv_bfloat16* A, int lda,
-               const __nv_bfloat16* B, int ldb, float beta, OutT* C, int ldc, cudaStream_t s, cudaDataType ctype) {
+               const __nv_bfloat16* B, int ldb, float beta, const OutT* C, OutT* D, int ldc, cudaStream_t s,
+               cudaDataType ctype) {
   // Row-major shapes of the stored matrices: A is M x K (K x M when trans_a), B is K x N (N x K when
   // trans_b), C is M x N.
   const int a_cols = trans_a ? M : K, b_cols = trans_b ? K : N;
@@ -129,7 +131,7 @@ void gemm_impl(bool trans_a, bool trans_b, int M, int N, int K, float alpha, con
   if (K == 0) {
     const long long total = static_cast<long long>(M) * N;
     const unsigned blocks = static_cast<unsigned>(std::min<long long>((total + 255) / 256, 1 << 16));
-    scale_matrix_kernel<OutT><<<blocks, 256, 0, s>>>(C, M, N, ldc, beta);
+    scale_matrix_kernel<OutT><<<blocks, 256, 0, s>>>(C, D, M, N, ldc, beta);
     CUDA_CHECK(cudaGetLastError());
     return;
   }
@@ -150,7 +152,8 @@ void gemm_impl(bool trans_a, bool trans_b, int M, int N, int K, float alpha, con
   const Layout lb(CUDA_R_16BF, a_cols, trans_a ? K : M, lda);
   const Layout lc(ctype, N, M, ldc);
 
-  const unsigned align_a = alignment_of(B), align_b = alignment_of(A), align_c = alignment_of(C);
+  const unsigned align_a = alignment_of(B), align_b = alignment_of(A),
+                 align_c = std::min(alignment_of(C), alignment_of(D));
   const AlgoKey key{trans_a, trans_b, M, N, K, lda, ldb, ldc, static_cast<int>(ctype), align_a, align_b, align_c};
   auto it = st.algos.find(key);
   if (it == st.algos.end()) {
@@ -183,7 +186,7 @@ void gemm_impl(bool trans_a, bool trans_b, int M, int N, int K, float alpha, con
     it = st.algos.emplace(key, result).first;
   }
   const cublasLtMatmulHeuristicResult_t& r = it->second;
-  CUBLAS_CHECK(cublasLtMatmul(st.handle, op.d, &alpha, B, la.d, A, lb.d, &beta, C, lc.d, C, lc.d, &r.algo,
+  CUBLAS_CHECK(cublasLtMatmul(st.handle, op.d, &alpha, B, la.d, A, lb.d, &beta, C, lc.d, D, lc.d, &r.algo,
                               st.workspace, r.workspaceSize, s));
 }
 
@@ -191,12 +194,17 @@ void gemm_impl(bool trans_a, bool trans_b, int M, int N, int K, float alpha, con
 
 void gemm_bf16(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const __nv_bfloat16* A, int lda,
                const __nv_bfloat16* B, int ldb, float beta, float* C, int ldc, cudaStream_t s) {
-  gemm_impl<float>(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, s, CUDA_R_32F);
+  gemm_impl<float>(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, C, ldc, s, CUDA_R_32F);
+}
+
+void gemm_bf16_add(bool trans_a, bool trans_b, int M, int N, int K, const __nv_bfloat16* A, int lda,
+                   const __nv_bfloat16* B, int ldb, const float* C, float* D, int ldc, cudaStream_t s) {
+  gemm_impl<float>(trans_a, trans_b, M, N, K, 1.0f, A, lda, B, ldb, 1.0f, C, D, ldc, s, CUDA_R_32F);
 }
 
 void gemm_bf16(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const __nv_bfloat16* A, int lda,
                const __nv_bfloat16* B, int ldb, float beta, __nv_bfloat16* C, int ldc, cudaStream_t s) {
-  gemm_impl<__nv_bfloat16>(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, s, CUDA_R_16BF);
+  gemm_impl<__nv_bfloat16>(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, C, ldc, s, CUDA_R_16BF);
 }
 
 }  // namespace mta::cuda

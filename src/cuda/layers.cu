@@ -285,6 +285,31 @@ __global__ void heads_kernel(const bf16* __restrict__ in, bf16* __restrict__ out
   }
 }
 
+// RoPE in place on token-major rows: columns 0 .. H*d - 1 of each of the B*T rows (row stride ld) hold H
+// heads of d; 4 pairs per thread, rotations from the table (the same arithmetic as heads_kernel, so the
+// values are those to_heads would have written).
+__global__ void rope_rows_kernel(bf16* __restrict__ x, int T, long long rows, int H, int d, long long ld,
+                                 const float* __restrict__ tab) {
+  constexpr int P = 4;
+  const int groups = H * d / (2 * P);  // per row
+  const long long total = rows * groups;
+  for (long long idx = global_thread(); idx < total; idx += grid_threads()) {
+    const long long row = idx / groups;
+    const int col = static_cast<int>(idx % groups) * 2 * P, t = static_cast<int>(row % T);
+    bf16* p = x + row * ld + col;
+    Pack<2 * P, bf16> v = load<2 * P>(p);
+    const Pack<2 * P, float> cs = load<2 * P>(tab + 2 * (static_cast<long long>(t) * (d / 2) + (col % d) / 2));
+#pragma unroll
+    for (int q = 0; q < P; ++q) {
+      const float c = cs.v[2 * q], sn = cs.v[2 * q + 1];
+      const float a = to_f(v.v[2 * q]), bb = to_f(v.v[2 * q + 1]);
+      v.v[2 * q] = to_bf(a * c - bb * sn);
+      v.v[2 * q + 1] = to_bf(a * sn + bb * c);
+    }
+    store<2 * P>(p, v);
+  }
+}
+
 // Odd d (no RoPE): one element per thread.
 __global__ void heads_scalar_kernel(const bf16* __restrict__ in, bf16* __restrict__ out, int B, int T, int H, int d,
                                     long long ld, bool to_heads) {
@@ -751,6 +776,21 @@ void from_heads(const bf16* y, bf16* x, int B, int T, int H, int d, bool rope, d
                 long long row_stride, const RopeTable* table) {
   launch_heads(y, x, B, T, H, d, row_stride, rope, theta, table, /*inverse=*/true, /*to_heads=*/false, s,
                "from_heads");
+}
+
+void rope_rows(bf16* x, int B, int T, int H, int d, long long row_stride, const RopeTable& table, cudaStream_t s) {
+  const char* fn = "rope_rows";
+  require(B >= 0 && T >= 0 && H >= 0 && d >= 8 && d % 8 == 0, fn, "need B, T, H >= 0 and d a multiple of 8");
+  require(row_stride >= static_cast<long long>(H) * d && row_stride % 8 == 0, fn,
+          "row_stride must be >= H * d and a multiple of 8 (got " + std::to_string(row_stride) + ")");
+  require(aligned(x, 16), fn, "x must be 16-byte aligned");
+  require(table.cs != nullptr && table.d == d && table.T >= T && aligned(table.cs, 32), fn,
+          "the RoPE table (T = " + std::to_string(table.T) + ", d = " + std::to_string(table.d) +
+              ") does not cover T = " + std::to_string(T) + ", d = " + std::to_string(d));
+  const long long rows = static_cast<long long>(B) * T, total = rows * H * d / 8;
+  if (total == 0) return;
+  rope_rows_kernel<<<grid_for(total, kBlock), kBlock, 0, s>>>(x, T, rows, H, d, row_stride, table.cs);
+  CUDA_CHECK_LAUNCH("rope_rows_kernel");
 }
 
 void swiglu_forward(const bf16* a, const bf16* b, bf16* g, long long n, cudaStream_t s) {

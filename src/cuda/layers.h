@@ -53,6 +53,12 @@ void to_heads(const bf16* x, bf16* y, int B, int T, int H, int d, bool rope, dou
 void from_heads(const bf16* y, bf16* x, int B, int T, int H, int d, bool rope, double theta, cudaStream_t s,
                 long long row_stride = 0, const RopeTable* table = nullptr);
 
+// RoPE in place on token-major rows: columns 0 .. H*d - 1 of each of the B*T rows (`row_stride` elements
+// apart, a multiple of 8) are H heads of d, rotated as to_heads rotates them (the same bits), with the
+// table's rotations. d a multiple of 8, x 16-byte aligned. The model's standard-attention layers rotate
+// q and k (2C columns of the [N, 3C] product) in place and let the flash kernels read them there.
+void rope_rows(bf16* x, int B, int T, int H, int d, long long row_stride, const RopeTable& table, cudaStream_t s);
+
 // g = silu(a) * b; backward writes da, db.
 void swiglu_forward(const bf16* a, const bf16* b, bf16* g, long long n, cudaStream_t s);
 void swiglu_backward(const bf16* dg, const bf16* a, const bf16* b, bf16* da, bf16* db, long long n, cudaStream_t s);

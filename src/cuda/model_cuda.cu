@@ -22,6 +22,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "attention/attention_op.h"
@@ -289,6 +290,9 @@ class CudaModel : public TrainableModel {
   struct Layer {
     DevBuf<float> x_in, rstd1, x_mid, rstd2;
     DevBuf<bf16> xn1, q, k, v, att, a_flat, xn2, h13, g;  // h13: [N, 2F], xn2 w1^T | xn2 w3^T
+    // Standard attention through the flash kernels: q (rotated) | k (rotated) | v as the [N, 3C] product
+    // itself, read there by the kernels (q, k, v, att stay empty; the output goes to a_flat directly).
+    DevBuf<bf16> qkv;
     DevBuf<float> lse;                    // flash attention row statistics
     DevBuf<float> comb, comb_rstd, o_sub;  // DIFF: combined heads (pre-norm), sub-head outputs
     DevBuf<bf16> att_core;                 // fused MTA layers with an epilogue: the core's output
@@ -343,6 +347,12 @@ class CudaModel : public TrainableModel {
     return cuda::fused_attention_supported(config().layer_spec(l), config().head_dim(), train ? config().dropout : 0.f);
   }
 
+  // The flash path's layouts: q, k, v (and their gradients) as rows of 3C, o and dout as rows of C.
+  std::pair<cuda::HeadLayout, cuda::HeadLayout> flash_layouts() const {
+    const ModelConfig& c = config();
+    return {cuda::token_major(T_, c.head_dim(), 3LL * c.dim), cuda::token_major(T_, c.head_dim(), c.dim)};
+  }
+
   bool use_flash() const {
     const int d = config().head_dim();
     return config().attention == AttentionKind::Standard && (d == 64 || d == 128);
@@ -362,7 +372,11 @@ class CudaModel : public TrainableModel {
     layers_.resize(c.n_layers);
     for (auto& L : layers_) {
       L.x_in.resize(NC), L.x_mid.resize(NC), L.rstd1.resize(N), L.rstd2.resize(N);
-      L.xn1.resize(NC), L.q.resize(NC), L.k.resize(NC), L.v.resize(NC), L.att.resize(NC), L.a_flat.resize(NC);
+      L.xn1.resize(NC), L.a_flat.resize(NC);
+      if (use_flash())
+        L.qkv.resize(3 * NC);
+      else
+        L.q.resize(NC), L.k.resize(NC), L.v.resize(NC), L.att.resize(NC);
       L.xn2.resize(NC), L.h13.resize(2 * NF), L.g.resize(NF);
       L.lse.resize(static_cast<size_t>(B) * c.n_heads * T);
       if (c.attention == AttentionKind::Diff) {
@@ -421,9 +435,11 @@ class CudaModel : public TrainableModel {
     const long long n = static_cast<long long>(B) * H * T * d;
     AttnOptions opt;
     if (train) opt.dropout = c.dropout, opt.dropout_seed = site_seed(seed, l, kDropAttnWeights);
-    if (use_flash()) {
-      cuda::flash_attn_forward(L.q.get(), L.k.get(), L.v.get(), L.att.get(), L.lse.get(), B, H, T, d, stream_,
-                               opt.dropout, opt.dropout_seed);
+    if (use_flash()) {  // q | k | v rows of L.qkv in, a_flat rows out (flash_layouts)
+      const bf16* qkv = L.qkv.get();
+      const auto [lin, lout] = flash_layouts();
+      cuda::flash_attn_forward(qkv, qkv + c.dim, qkv + 2 * c.dim, L.a_flat.get(), L.lse.get(), B, H, T, d, lin, lout,
+                               stream_, opt.dropout, opt.dropout_seed);
       return;
     }
     const AttentionSpec spec = c.layer_spec(l);
@@ -485,12 +501,13 @@ class CudaModel : public TrainableModel {
     const long long n = static_cast<long long>(B) * H * T * d;
     AttnOptions opt;
     if (train) opt.dropout = c.dropout, opt.dropout_seed = site_seed(seed, l, kDropAttnWeights);
-    if (use_flash()) {
-      bf16* datt = tmp16c_.get();
-      cuda::to_heads(da_flat, datt, B, T, H, d, false, 0.0, stream_);
+    if (use_flash()) {  // dq | dk | dv (rotated back by RoPE) into the rows of one [N, 3C] matrix at dq
+      const bf16* qkv = L.qkv.get();
+      const auto [lin, lout] = flash_layouts();
       flash_scratch_.resize(cuda::flash_attn_backward_scratch_bytes(B, H, T, d));
-      cuda::flash_attn_backward(L.q.get(), L.k.get(), L.v.get(), L.att.get(), datt, L.lse.get(), dq, dk, dv,
-                                flash_scratch_.get(), B, H, T, d, stream_, opt.dropout, opt.dropout_seed);
+      cuda::flash_attn_backward(qkv, qkv + c.dim, qkv + 2 * c.dim, L.a_flat.get(), da_flat, L.lse.get(), dq,
+                                dq + c.dim, dq + 2 * c.dim, flash_scratch_.get(), B, H, T, d, lin, lout, rope_.cs,
+                                stream_, opt.dropout, opt.dropout_seed);
       return;
     }
     const AttentionSpec spec = c.layer_spec(l);
@@ -601,31 +618,48 @@ class CudaModel : public TrainableModel {
     op_v_.resize(2 * n), op_o_.resize(2 * n), op_o2_.resize(2 * n), op_dv_.resize(2 * n);
   }
 
+  // out = x + dropout(a W^T) for a [N, K] activation a and a [C, K] weight W, fp32 residual stream. Without
+  // dropout the addition happens in the product's epilogue (gemm_bf16_add: the same fp32 sums).
+  void linear_residual(const bf16* a, int K, const bf16* W, const float* x, float* out, bool train, uint64_t site) {
+    const int N = B_ * T_, C = config().dim;
+    const float p = train ? config().dropout : 0.0f;
+    if (p == 0.0f) {
+      cuda::gemm_bf16_add(false, true, N, C, K, a, K, W, K, x, out, C, stream_);
+      return;
+    }
+    float* t32 = tmp32_.get();
+    cuda::gemm_bf16(false, true, N, C, K, 1.0f, a, K, W, K, 0.0f, t32, C, stream_);
+    cuda::residual_dropout_forward(x, t32, out, static_cast<long long>(N) * C, p, site, stream_);
+  }
+
   void layer_forward(int l, bool train, uint64_t seed) {
     const ModelConfig& c = config();
     Layer& L = layers_[l];
     const int N = B_ * T_, C = c.dim, F = c.ffn_hidden, H = c.n_heads, d = c.head_dim();
-    const long long NC = static_cast<long long>(N) * C;
     const float eps = static_cast<float>(c.norm_eps);
     cuda::rmsnorm_forward(L.x_in.get(), Pl(l, "attention_norm.weight"), L.xn1.get(), L.rstd1.get(), N, C, eps, stream_);
     // q|k|v = xn1 Wqkv^T: one [N, 3C] product with the packed [3C, C] weight wq|wk|wv, then each third
     // to the head layout (rows of 3C). DIFF values: H/2 heads of 2d, the same C columns.
-    bf16* qkv = wide16_.get();
+    // The flash path keeps the product (q and k rotated in place) and attends to it there.
+    bf16* qkv = use_flash() ? L.qkv.get() : wide16_.get();
     const long long C3 = 3LL * C;
     cuda::gemm_bf16(false, true, N, 3 * C, C, 1.0f, L.xn1.get(), C, P16l(l, "attention.wq.weight"), C, 0.0f, qkv,
                     3 * C, stream_);
-    cuda::to_heads(qkv, L.q.get(), B_, T_, H, d, true, c.rope_theta, stream_, C3, &rope_);
-    cuda::to_heads(qkv + C, L.k.get(), B_, T_, H, d, true, c.rope_theta, stream_, C3, &rope_);
-    const int Hv = c.attention == AttentionKind::Diff ? H / 2 : H;
-    cuda::to_heads(qkv + 2 * C, L.v.get(), B_, T_, Hv, C / Hv, false, 0.0, stream_, C3);
+    if (use_flash()) {
+      cuda::rope_rows(qkv, B_, T_, 2 * H, d, C3, rope_, stream_);  // q and k: 2H heads of d per row
+    } else {
+      cuda::to_heads(qkv, L.q.get(), B_, T_, H, d, true, c.rope_theta, stream_, C3, &rope_);
+      cuda::to_heads(qkv + C, L.k.get(), B_, T_, H, d, true, c.rope_theta, stream_, C3, &rope_);
+      const int Hv = c.attention == AttentionKind::Diff ? H / 2 : H;
+      cuda::to_heads(qkv + 2 * C, L.v.get(), B_, T_, Hv, C / Hv, false, 0.0, stream_, C3);
+    }
     prof_.mark("fwd.norm+qkv", stream_);
     attention_forward(l, L, train, seed);
     prof_.mark("fwd.attention", stream_);
-    if (c.attention != AttentionKind::Diff) cuda::from_heads(L.att.get(), L.a_flat.get(), B_, T_, H, d, false, 0.0, stream_);
-    float* t32 = tmp32_.get();
-    cuda::gemm_bf16(false, true, N, C, C, 1.0f, L.a_flat.get(), C, P16l(l, "attention.wo.weight"), C, 0.0f, t32, C, stream_);
-    cuda::residual_dropout_forward(L.x_in.get(), t32, L.x_mid.get(), NC, train ? c.dropout : 0.0f,
-                                   site_seed(seed, l, kDropAttnOut), stream_);
+    if (c.attention != AttentionKind::Diff && !use_flash())
+      cuda::from_heads(L.att.get(), L.a_flat.get(), B_, T_, H, d, false, 0.0, stream_);
+    linear_residual(L.a_flat.get(), C, P16l(l, "attention.wo.weight"), L.x_in.get(), L.x_mid.get(), train,
+                    site_seed(seed, l, kDropAttnOut));
     prof_.mark("fwd.wo+residual", stream_);
     cuda::rmsnorm_forward(L.x_mid.get(), Pl(l, "ffn_norm.weight"), L.xn2.get(), L.rstd2.get(), N, C, eps, stream_);
     // h1|h3 = xn2 W13^T: one [N, 2F] product with the packed [2F, C] weight w1|w3; SwiGLU reads the
@@ -633,10 +667,9 @@ class CudaModel : public TrainableModel {
     cuda::gemm_bf16(false, true, N, 2 * F, C, 1.0f, L.xn2.get(), C, P16l(l, "feed_forward.w1.weight"), C, 0.0f,
                     L.h13.get(), 2 * F, stream_);
     cuda::swiglu_forward_strided(L.h13.get(), L.h13.get() + F, 2LL * F, L.g.get(), N, F, stream_);
-    cuda::gemm_bf16(false, true, N, C, F, 1.0f, L.g.get(), F, P16l(l, "feed_forward.w2.weight"), F, 0.0f, t32, C, stream_);
     float* out = l + 1 < c.n_layers ? layers_[l + 1].x_in.get() : x_final_.get();
-    cuda::residual_dropout_forward(L.x_mid.get(), t32, out, NC, train ? c.dropout : 0.0f, site_seed(seed, l, kDropFfnOut),
-                                   stream_);
+    linear_residual(L.g.get(), F, P16l(l, "feed_forward.w2.weight"), L.x_mid.get(), out, train,
+                    site_seed(seed, l, kDropFfnOut));
     prof_.mark("fwd.norm+ffn", stream_);
   }
 
@@ -656,13 +689,13 @@ class CudaModel : public TrainableModel {
     // the packed [2F, C] gradient.
     bf16* dh13 = wide16_.get();
     cuda::swiglu_backward_strided(dg, L.h13.get(), L.h13.get() + F, 2LL * F, dh13, dh13 + F, N, F, stream_);
-    float* dxn32 = tmp32_.get();
-    cuda::gemm_bf16(false, false, N, C, 2 * F, 1.0f, dh13, 2 * F, P16l(l, "feed_forward.w1.weight"), C, 0.0f, dxn32, C,
+    // d(xn2) straight to bf16 (the fp32 sums rounded once, as a cast of an fp32 result would); dy, in
+    // the same buffer, is not read after the w2 products.
+    bf16* dxn = tmp16_.get();
+    cuda::gemm_bf16(false, false, N, C, 2 * F, 1.0f, dh13, 2 * F, P16l(l, "feed_forward.w1.weight"), C, 0.0f, dxn, C,
                     stream_);
     cuda::gemm_bf16(true, false, 2 * F, C, N, 1.0f, dh13, 2 * F, L.xn2.get(), C, 1.0f, Gl(l, "feed_forward.w1.weight"),
                     C, stream_);
-    bf16* dxn = tmp16_.get();
-    cuda::cast_to_bf16(dxn32, dxn, NC, stream_);
     cuda::rmsnorm_backward(dxn, L.x_mid.get(), Pl(l, "ffn_norm.weight"), L.rstd2.get(), dx, Gl(l, "ffn_norm.weight"),
                            rms_scratch_.get(), N, C, stream_);
     prof_.mark("bwd.norm+ffn", stream_);
@@ -671,23 +704,28 @@ class CudaModel : public TrainableModel {
     bf16* da = tmp16b_.get();
     cuda::gemm_bf16(false, false, N, C, C, 1.0f, dy, C, P16l(l, "attention.wo.weight"), C, 0.0f, da, C, stream_);
     cuda::gemm_bf16(true, false, C, C, N, 1.0f, dy, C, L.a_flat.get(), C, 1.0f, Gl(l, "attention.wo.weight"), C, stream_);
-    dqh_.resize(NC), dkh_.resize(NC), dvh_.resize(NC);
     prof_.mark("bwd.wo", stream_);
-    attention_backward(l, L, da, dqh_.get(), dkh_.get(), dvh_.get(), train, seed);
-    prof_.mark("bwd.attention", stream_);
     // dq|dk|dv into one [N, 3C] matrix (rows of 3C), then d(xn1) = dqkv Wqkv (K = 3C) and
-    // d(wq|wk|wv) += dqkv^T xn1 into the packed [3C, C] gradient.
+    // d(wq|wk|wv) += dqkv^T xn1 into the packed [3C, C] gradient. The flash path writes them there
+    // itself; the others in the head layout, then copied.
     bf16* dqkv = wide16_.get();
-    const long long C3 = 3LL * C;
-    const int Hv = c.attention == AttentionKind::Diff ? H / 2 : H;
-    cuda::from_heads(dqh_.get(), dqkv, B_, T_, H, d, true, c.rope_theta, stream_, C3, &rope_);
-    cuda::from_heads(dkh_.get(), dqkv + C, B_, T_, H, d, true, c.rope_theta, stream_, C3, &rope_);
-    cuda::from_heads(dvh_.get(), dqkv + 2 * C, B_, T_, Hv, C / Hv, false, 0.0, stream_, C3);
-    cuda::gemm_bf16(false, false, N, C, 3 * C, 1.0f, dqkv, 3 * C, P16l(l, "attention.wq.weight"), C, 0.0f, dxn32, C,
+    if (use_flash()) {
+      attention_backward(l, L, da, dqkv, nullptr, nullptr, train, seed);
+      prof_.mark("bwd.attention", stream_);
+    } else {
+      dqh_.resize(NC), dkh_.resize(NC), dvh_.resize(NC);
+      attention_backward(l, L, da, dqh_.get(), dkh_.get(), dvh_.get(), train, seed);
+      prof_.mark("bwd.attention", stream_);
+      const long long C3 = 3LL * C;
+      const int Hv = c.attention == AttentionKind::Diff ? H / 2 : H;
+      cuda::from_heads(dqh_.get(), dqkv, B_, T_, H, d, true, c.rope_theta, stream_, C3, &rope_);
+      cuda::from_heads(dkh_.get(), dqkv + C, B_, T_, H, d, true, c.rope_theta, stream_, C3, &rope_);
+      cuda::from_heads(dvh_.get(), dqkv + 2 * C, B_, T_, Hv, C / Hv, false, 0.0, stream_, C3);
+    }
+    cuda::gemm_bf16(false, false, N, C, 3 * C, 1.0f, dqkv, 3 * C, P16l(l, "attention.wq.weight"), C, 0.0f, dxn, C,
                     stream_);
     cuda::gemm_bf16(true, false, 3 * C, C, N, 1.0f, dqkv, 3 * C, L.xn1.get(), C, 1.0f, Gl(l, "attention.wq.weight"), C,
                     stream_);
-    cuda::cast_to_bf16(dxn32, dxn, NC, stream_);
     cuda::rmsnorm_backward(dxn, L.x_in.get(), Pl(l, "attention_norm.weight"), L.rstd1.get(), dx,
                            Gl(l, "attention_norm.weight"), rms_scratch_.get(), N, C, stream_);
     prof_.mark("bwd.qkv+norm", stream_);

@@ -15,6 +15,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "attention/flash_attn.h"
@@ -198,6 +199,107 @@ TEST(FlashAttnDeterminism, ForwardIsBitwiseReproducible) {
     EXPECT_EQ(std::memcmp(a.lse_raw.data(), b.lse_raw.data(), a.lse_raw.size() * sizeof(float)), 0)
         << "lse differs between two identical runs";
   }
+}
+
+// The strided entry points (HeadLayout): q | k | v read from, and dq | dk | dv written into, one
+// token-major [B * T, W] matrix, o and dout as [B * T, Wo] rows (both with spare columns), dq and dk
+// rotated back by a RoPE table. Against the contiguous kernels on the gathered operands (themselves
+// checked against the CPU above): o, lse and dv bitwise (the same arithmetic in the same order), dk
+// and dq within two bf16 roundings of the contiguous result rotated back on the host (the strided path
+// rotates the fp32 value and rounds once), and the spare columns left as they were.
+TEST(FlashAttnLayouts, TokenMajorRowsAndRopeGradients) {
+  SKIP_WITHOUT_GPU();
+  using bf = __nv_bfloat16;
+  for (const Shape& s : {Shape{2, 3, 77, 64}, Shape{1, 2, 200, 128}}) {
+    for (const bool rope : {false, true}) {
+      SCOPED_TRACE(s.str() + (rope ? " rope" : " no rope"));
+      std::mt19937 rng(31 + s.T);
+      const int B = s.B, H = s.H, T = s.T, D = s.D, C = H * D, W = 3 * C + 8, Wo = C + 16;
+      const size_t N = static_cast<size_t>(B) * T, n = s.numel();
+      const Tensor wide = randn_bf16(N * W, rng), dout_w = randn_bf16(N * Wo, rng);
+      // Contiguous copies of q, k, v and dout.
+      auto gather = [&](const std::vector<uint16_t>& src, int width, int col0) {
+        std::vector<uint16_t> out(n);
+        for (int b = 0; b < B; ++b)
+          for (int h = 0; h < H; ++h)
+            for (int t = 0; t < T; ++t)
+              for (int c = 0; c < D; ++c)
+                out[((static_cast<size_t>(b) * H + h) * T + t) * D + c] =
+                    src[(static_cast<size_t>(b) * T + t) * width + col0 + h * D + c];
+        return out;
+      };
+      const auto qb = gather(wide.bits, W, 0), kb = gather(wide.bits, W, C), vb = gather(wide.bits, W, 2 * C);
+      const auto dob = gather(dout_w.bits, Wo, 0);
+      // A RoPE table of random rotations (cos, sin of random angles).
+      std::vector<float> tab(static_cast<size_t>(T) * D);
+      std::uniform_real_distribution<float> ang(-3.f, 3.f);
+      for (size_t i = 0; i < tab.size(); i += 2) {
+        const float a = ang(rng);
+        tab[i] = std::cos(a), tab[i + 1] = std::sin(a);
+      }
+      const size_t bytes = n * 2;
+      DevMem dq_(bytes), dk_(bytes), dv_(bytes), ddo(bytes), oc(bytes), lsec(s.rows() * 4), gq(bytes), gk(bytes),
+          gv(bytes), scratch(mta::cuda::flash_attn_backward_scratch_bytes(B, H, T, D));
+      DevMem dwide(N * W * 2), ddo_w(N * Wo * 2), os(N * Wo * 2), lses(s.rows() * 4), gwide(N * W * 2),
+          dtab(tab.size() * 4);
+      dq_.upload(qb), dk_.upload(kb), dv_.upload(vb), ddo.upload(dob), dwide.upload(wide.bits),
+          ddo_w.upload(dout_w.bits), dtab.upload(tab);
+      oc.poison(), lsec.poison(), os.poison(), lses.poison(), gwide.poison(), gq.poison(), gk.poison(), gv.poison();
+      const mta::cuda::HeadLayout lin = mta::cuda::token_major(T, D, W), lout = mta::cuda::token_major(T, D, Wo);
+      const bf* w = dwide.as<bf>();
+      bf* g = gwide.as<bf>();
+      mta::cuda::flash_attn_forward(dq_.as<bf>(), dk_.as<bf>(), dv_.as<bf>(), oc.as<bf>(), lsec.as<float>(), B, H, T,
+                                    D, 0);
+      mta::cuda::flash_attn_forward(w, w + C, w + 2 * C, os.as<bf>(), lses.as<float>(), B, H, T, D, lin, lout, 0);
+      mta::cuda::flash_attn_backward(dq_.as<bf>(), dk_.as<bf>(), dv_.as<bf>(), oc.as<bf>(), ddo.as<bf>(),
+                                     lsec.as<float>(), gq.as<bf>(), gk.as<bf>(), gv.as<bf>(), scratch.as<void>(), B, H,
+                                     T, D, 0);
+      mta::cuda::flash_attn_backward(w, w + C, w + 2 * C, os.as<bf>(), ddo_w.as<bf>(), lses.as<float>(), g, g + C,
+                                     g + 2 * C, scratch.as<void>(), B, H, T, D, lin, lout,
+                                     rope ? dtab.as<float>() : nullptr, 0);
+      CUDA_OK(cudaDeviceSynchronize());
+      const auto o_wide = os.download<uint16_t>(N * Wo), g_wide = gwide.download<uint16_t>(N * W);
+      EXPECT_TRUE(gather(o_wide, Wo, 0) == oc.download<uint16_t>(n)) << "o differs from the contiguous kernel's";
+      const auto l1 = lsec.download<float>(s.rows()), l2 = lses.download<float>(s.rows());
+      EXPECT_EQ(std::memcmp(l1.data(), l2.data(), l1.size() * 4), 0) << "lse differs";
+      EXPECT_TRUE(gather(g_wide, W, 2 * C) == gv.download<uint16_t>(n)) << "dv differs from the contiguous kernel's";
+      // The contiguous dq, dk rotated back on the host (pair i of position t: the transposed rotation).
+      for (const auto& [name, col, dev] : {std::tuple{"dq", 0, &gq}, std::tuple{"dk", C, &gk}}) {
+        const std::vector<double> ref = to_double(dev->download<uint16_t>(n));
+        std::vector<double> want(ref);
+        if (rope)
+          for (size_t r = 0; r < s.rows(); ++r)
+            for (int i = 0; i < D / 2; ++i) {
+              const int t = static_cast<int>(r % T);
+              const double c = tab[2 * (static_cast<size_t>(t) * (D / 2) + i)],
+                           sn = tab[2 * (static_cast<size_t>(t) * (D / 2) + i) + 1];
+              const double x0 = ref[r * D + 2 * i], x1 = ref[r * D + 2 * i + 1];
+              want[r * D + 2 * i] = x0 * c + x1 * sn;
+              want[r * D + 2 * i + 1] = x1 * c - x0 * sn;
+            }
+        const std::vector<double> got = to_double(gather(g_wide, W, col));
+        EXPECT_EQ(non_finite(got), 0) << name;
+        const double e = rel_err(got, want);
+        EXPECT_LE(e, 8e-3) << name;  // two bf16 roundings (2^-8 each) against one
+        std::printf("[ flash layouts ] %s %s: %s rel err %.2e against the contiguous kernel\n", s.str().c_str(),
+                    rope ? "rope" : "plain", name, e);
+      }
+      // Spare columns untouched.
+      size_t spare_o = 0, spare_g = 0;
+      for (size_t r = 0; r < N; ++r) {
+        for (int c = C; c < Wo; ++c) spare_o += o_wide[r * Wo + c] != 0xFFFFu;
+        for (int c = 3 * C; c < W; ++c) spare_g += g_wide[r * W + c] != 0xFFFFu;
+      }
+      EXPECT_EQ(spare_o, 0u) << "the forward wrote outside o's columns";
+      EXPECT_EQ(spare_g, 0u) << "the backward wrote outside dq | dk | dv's columns";
+    }
+  }
+  // Strides that break the 16-byte rows are refused.
+  DevMem a(4096), l(4096);
+  EXPECT_THROW(mta::cuda::flash_attn_forward(a.as<bf>(), a.as<bf>(), a.as<bf>(), a.as<bf>(), l.as<float>(), 1, 1, 4,
+                                             64, mta::cuda::HeadLayout{256, 64, 68}, mta::cuda::contiguous_heads(1, 4, 64),
+                                             0),
+               std::invalid_argument);
 }
 
 // Invalid arguments are refused on the host, before any device work.

@@ -19,6 +19,8 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cuda/gemm.h"
@@ -369,6 +371,49 @@ TEST(CudaLayers, HeadsRowStride) {
   Dev<uint16_t> a(64 * 8), b(64 * 8);
   EXPECT_THROW(mta::cuda::to_heads(bfp(a), bfp(b), 1, 8, 2, 32, false, theta, 0, 63), std::invalid_argument);
   EXPECT_THROW(mta::cuda::from_heads(bfp(a), bfp(b), 1, 8, 2, 32, false, theta, 0, 32), std::invalid_argument);
+}
+
+// rope_rows: q and k rotated in place in the rows of a wide [N, 3C + pad] product, the same bits as
+// to_heads with the table writes, the other columns untouched; bad strides refused.
+TEST(CudaLayers, RopeRowsInPlace) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(14);
+  const int Bn = 2, T = 37;
+  const double theta = 1e4;
+  for (const auto& [H, d] : {std::pair{3, 64}, std::pair{2, 128}, std::pair{4, 8}}) {
+    const int C = H * d;
+    const long long ld = 3LL * C + 8;
+    SCOPED_TRACE("H=" + std::to_string(H) + " d=" + std::to_string(d));
+    const size_t N = static_cast<size_t>(Bn) * T, n = N * C;
+    Dev<float> dtab(mta::cuda::rope_table_floats(T + 5, d));
+    const mta::cuda::RopeTable tab = mta::cuda::make_rope_table(dtab.get(), T + 5, d, theta, 0);
+    const auto wb = rnd_bf(N * ld, rng);
+    Dev<uint16_t> dw(wb), q_heads(n), k_heads(n), q_back(n), k_back(n);
+    mta::cuda::to_heads(bfp(dw), bfp(q_heads), Bn, T, H, d, true, theta, 0, ld, &tab);
+    mta::cuda::to_heads(bfp(dw) + C, bfp(k_heads), Bn, T, H, d, true, theta, 0, ld, &tab);
+    mta::cuda::rope_rows(bfp(dw), Bn, T, 2 * H, d, ld, tab, 0);
+    mta::cuda::to_heads(bfp(dw), bfp(q_back), Bn, T, H, d, false, theta, 0, ld);
+    mta::cuda::to_heads(bfp(dw) + C, bfp(k_back), Bn, T, H, d, false, theta, 0, ld);
+    sync();
+    EXPECT_EQ(q_back.host(), q_heads.host()) << "q rotated in place differs from to_heads";
+    EXPECT_EQ(k_back.host(), k_heads.host()) << "k rotated in place differs from to_heads";
+    const auto after = dw.host();
+    size_t changed = 0, rotated_changed = 0;
+    for (size_t r = 0; r < N; ++r)
+      for (long long c = 0; c < ld; ++c) {
+        const bool differs = after[r * ld + c] != wb[r * ld + c];
+        if (c >= 2 * C) changed += differs;
+        else if (r % T != 0) rotated_changed += differs;  // position 0 is the identity rotation
+      }
+    EXPECT_EQ(changed, 0u) << "v or the spare columns changed";
+    EXPECT_GT(rotated_changed, (N - Bn) * 2 * C / 2) << "the rotation left most of q and k as they were";
+  }
+  Dev<uint16_t> a(64 * 64);
+  Dev<float> dtab(mta::cuda::rope_table_floats(8, 64));
+  const mta::cuda::RopeTable tab = mta::cuda::make_rope_table(dtab.get(), 8, 64, theta, 0);
+  EXPECT_THROW(mta::cuda::rope_rows(bfp(a), 1, 8, 2, 64, 100, tab, 0), std::invalid_argument);   // stride < H*d
+  EXPECT_THROW(mta::cuda::rope_rows(bfp(a), 1, 16, 1, 64, 64, tab, 0), std::invalid_argument);   // table too short
+  EXPECT_THROW(mta::cuda::rope_rows(bfp(a), 1, 8, 1, 64, 68, tab, 0), std::invalid_argument);    // stride % 8
 }
 
 // RoPE from a table (make_rope_table): the table holds the rotations of rope_apply (cos / sin of
@@ -835,6 +880,40 @@ TEST(CudaGemm, AllTransposesAndOutputs) {
             // The padding columns of C are never written.
             EXPECT_TRUE(pad_got == pad_want);
           }
+}
+
+// gemm_bf16_add: D = A B^T + C with C and D distinct (the model's residual connections), against the
+// product into a temporary then an fp32 addition (the path it replaces), and the double reference.
+// C is left as it was.
+TEST(CudaGemm, ResidualAdd) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(12);
+  for (const auto& [M, N, K] : {std::tuple{77, 130, 64}, std::tuple{512, 768, 2048}, std::tuple{3, 5, 7}}) {
+    SCOPED_TRACE("M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" + std::to_string(K));
+    const auto Ab = rnd_bf(static_cast<size_t>(M) * K, rng), Bb = rnd_bf(static_cast<size_t>(N) * K, rng);
+    const auto C0 = rnd(static_cast<size_t>(M) * N, rng, 1.0f, 4.0f);
+    Dev<uint16_t> dA(Ab), dB(Bb);
+    Dev<float> dC(C0), dD(C0.size()), dT(C0.size());
+    dD.poison(), dT.poison();
+    mta::cuda::gemm_bf16_add(false, true, M, N, K, bfp(dA), K, bfp(dB), K, dC.get(), dD.get(), N, 0);
+    mta::cuda::gemm_bf16(false, true, M, N, K, 1.0f, bfp(dA), K, bfp(dB), K, 0.0f, dT.get(), N, 0);
+    sync();
+    const auto got = dD.host(), prod = dT.host();
+    EXPECT_TRUE(same_bits(dC.host(), C0)) << "C was modified";
+    const auto Af = widen(Ab), Bf = widen(Bb);
+    std::vector<double> want(C0.size());
+    std::vector<float> two_step(C0.size());
+    for (int i = 0; i < M; ++i)
+      for (int j = 0; j < N; ++j) {
+        double acc = 0;
+        for (int k = 0; k < K; ++k) acc += double(Af[size_t(i) * K + k]) * Bf[size_t(j) * K + k];
+        want[size_t(i) * N + j] = acc + C0[size_t(i) * N + j];
+        two_step[size_t(i) * N + j] = prod[size_t(i) * N + j] + C0[size_t(i) * N + j];
+      }
+    EXPECT_TRUE(all_finite(got));
+    EXPECT_LT(rel_err(got, want), 1e-6);
+    EXPECT_LT(rel_err(got, two_step), 1e-6);
+  }
 }
 
 TEST(CudaGemm, EmptyProducts) {
