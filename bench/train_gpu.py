@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """GPU training throughput: mta against the same models in PyTorch on the same GPU, in one run.
 
-    python3 bench/train_gpu.py [--mta .device/mta] [--configs a.json,b.json] [--seq 2048] [--batch 8]
+    python3 bench/train_gpu.py [--mta .device/mta] [--configs a.json,b.json] [--seq 2048] [--batch 8] [--gpus 2]
 
 For each config (default: configs/bench/lm-{125m,350m}-{transformer,mta}.json) it runs
 `mta bench train CONFIG --device cuda` (random tokens, every position scored) and the same
@@ -12,6 +12,11 @@ whose baseline (the same name with "transformer" for "mta") was measured in the 
 tokens/s as a fraction of its baseline's, on each side (issue 5; the paper's code: 10.5%). PyTorch's MTA needs
 T x T tensors per layer: on out-of-memory the batch is halved (reported). --device cpu runs a smoke
 test of the PyTorch side without compile or SDPA.
+
+Each config runs in its own process (a fresh PyTorch: no compiled graphs or cached memory carried from
+one model to the next). With --gpus N, N workers (one per GPU) take the configs from one queue in the
+order given, each config alone on its GPU while it runs, so one call of a few minutes measures all
+four models (list the slowest, the 350M MTA, first).
 """
 import argparse
 import json
@@ -20,6 +25,8 @@ import pathlib
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 import torch
@@ -90,6 +97,73 @@ def bench_torch(cfg, B, T, steps, warmup, device, compile_model):
     return tok_s, n_params
 
 
+def measure_config(args, path):
+    """One config, both sides, in this process: a dict for the table."""
+    on_gpu = args.device == "cuda"
+    cfg = json.loads(pathlib.Path(path).read_text())
+    name = pathlib.Path(path).stem
+    t0 = time.time()
+    mj = bench_mta(args.mta, path, args.batch, args.seq, args.steps, args.device)
+    print(f"[{name}] mta: {mj['tokens_per_s']:,.0f} tok/s ({time.time() - t0:.0f} s); PyTorch next (compile included)",
+          file=sys.stderr, flush=True)
+    t0 = time.time()
+    B, torch_res = args.batch, None
+    while B >= 1 and torch_res is None:
+        try:
+            torch_res = bench_torch(cfg, B, args.seq, args.steps, args.warmup, args.device,
+                                    on_gpu and not args.no_compile)
+        except torch.cuda.OutOfMemoryError if on_gpu else MemoryError:
+            torch.cuda.empty_cache()
+            B //= 2
+    print(f"[{name}] PyTorch done ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    r = {"name": name, "params": mj["params"], "mta_tok_s": mj["tokens_per_s"], "mta_mfu": mj.get("mfu", 0),
+         "torch_batch": B if torch_res else None, "torch_tok_s": None, "torch_mfu": None}
+    if torch_res:
+        tok_s, n_params = torch_res
+        r["torch_tok_s"] = tok_s
+        r["torch_mfu"] = flops_per_token(cfg["model"], n_params, args.seq) * tok_s / (PEAK_TFLOPS * 1e12)
+    return r
+
+
+def run_queues(args, paths):
+    """Each config in a child process (`--one CONFIG`); args.gpus workers, one per GPU
+    (CUDA_VISIBLE_DEVICES), take the next config from one shared queue when their GPU is free, so list
+    the longest first. Returns the results in the order of `paths` (None where a child failed)."""
+    results = [None] * len(paths)
+    tmp = tempfile.mkdtemp(prefix="train_gpu_")
+    queue = list(range(len(paths)))
+    lock = threading.Lock()
+
+    def worker(gpu):
+        while True:
+            with lock:
+                if not queue:
+                    return
+                i = queue.pop(0)
+            out = os.path.join(tmp, f"{i}.json")
+            cmd = [sys.executable, __file__, "--one", paths[i], "--json-out", out, "--mta", args.mta,
+                   "--seq", str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--device", args.device] + (["--no-compile"] if args.no_compile else [])
+            env = dict(os.environ)
+            if args.device == "cuda":
+                env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+            rc = subprocess.run(cmd, env=env).returncode
+            if rc == 0 and os.path.exists(out):
+                r = results[i] = json.loads(pathlib.Path(out).read_text())
+                torch_part = f"{r['torch_tok_s']:,.0f} tok/s (batch {r['torch_batch']})" if r["torch_tok_s"] else "OOM"
+                print(f"[{r['name']}] gpu {gpu}: mta {r['mta_tok_s']:,.0f} tok/s, PyTorch {torch_part}",
+                      file=sys.stderr, flush=True)
+            else:
+                print(f"[{pathlib.Path(paths[i]).stem}] failed (exit {rc})", file=sys.stderr, flush=True)
+
+    threads = [threading.Thread(target=worker, args=(g,)) for g in range(min(args.gpus, len(paths)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mta", default=str(ROOT / ".device" / "mta"))
@@ -101,41 +175,37 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--gpus", type=int, default=1, help="GPUs to spread the configs over (one queue per GPU)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)       # child: measure this config only
+    ap.add_argument("--json-out", help=argparse.SUPPRESS)  # child: write its result here
     args = ap.parse_args()
     on_gpu = args.device == "cuda"
     mtm.USE_SDPA = on_gpu and hasattr(torch.nn.functional, "scaled_dot_product_attention")
+    if args.one:
+        pathlib.Path(args.json_out).write_text(json.dumps(measure_config(args, args.one)))
+        return
+    if args.gpus < 1:
+        ap.error("--gpus must be >= 1")
     print(f"# training throughput, {torch.cuda.get_device_name() if on_gpu else 'cpu'}, torch {torch.__version__}, "
           f"T={args.seq}, median of {args.steps} steps after {args.warmup}")
     print("| config | params | batch (mta / torch) | mta tok/s | mta MFU | torch tok/s | torch MFU | mta / torch |")
     print("|---|---|---|---|---|---|---|---|")
     measured = {}  # config name -> (mta tok/s, PyTorch tok/s or None)
-    for path in args.configs.split(","):
-        cfg = json.loads(pathlib.Path(path).read_text())
-        t0 = time.time()
-        mj = bench_mta(args.mta, path, args.batch, args.seq, args.steps, args.device)
-        print(f"[{pathlib.Path(path).stem}] mta: {mj['tokens_per_s']:,.0f} tok/s ({time.time() - t0:.0f} s); "
-              f"PyTorch next (compile included)", file=sys.stderr, flush=True)
-        t0 = time.time()
-        B, torch_res = args.batch, None
-        while B >= 1 and torch_res is None:
-            try:
-                torch_res = bench_torch(cfg, B, args.seq, args.steps, args.warmup, args.device,
-                                        on_gpu and not args.no_compile)
-            except torch.cuda.OutOfMemoryError if on_gpu else MemoryError:
-                torch.cuda.empty_cache()
-                B //= 2
+    paths = args.configs.split(",")
+    for path, r in zip(paths, run_queues(args, paths)):
         name = pathlib.Path(path).stem
-        print(f"[{name}] PyTorch done ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
-        if torch_res is None:
-            print(f"| {name} | {mj['params']:,} | {args.batch} / OOM at 1 | {mj['tokens_per_s']:,.0f} | "
-                  f"{mj.get('mfu', 0):.1%} | OOM | - | - |", flush=True)
-            measured[name] = (mj["tokens_per_s"], None)
+        if r is None:
+            print(f"| {name} | - | - | failed | - | - | - | - |", flush=True)
             continue
-        tok_s, n_params = torch_res
-        mfu = flops_per_token(cfg["model"], n_params, args.seq) * tok_s / (PEAK_TFLOPS * 1e12)
-        print(f"| {name} | {mj['params']:,} | {args.batch} / {B} | {mj['tokens_per_s']:,.0f} | {mj.get('mfu', 0):.1%} | "
-              f"{tok_s:,.0f} | {mfu:.1%} | {mj['tokens_per_s'] / tok_s:.2f}x |", flush=True)
-        measured[name] = (mj["tokens_per_s"], tok_s)
+        if r["torch_tok_s"] is None:
+            print(f"| {name} | {r['params']:,} | {args.batch} / OOM at 1 | {r['mta_tok_s']:,.0f} | "
+                  f"{r['mta_mfu']:.1%} | OOM | - | - |", flush=True)
+            measured[name] = (r["mta_tok_s"], None)
+            continue
+        print(f"| {name} | {r['params']:,} | {args.batch} / {r['torch_batch']} | {r['mta_tok_s']:,.0f} | "
+              f"{r['mta_mfu']:.1%} | {r['torch_tok_s']:,.0f} | {r['torch_mfu']:.1%} | "
+              f"{r['mta_tok_s'] / r['torch_tok_s']:.2f}x |", flush=True)
+        measured[name] = (r["mta_tok_s"], r["torch_tok_s"])
     for name, (m_tok, t_tok) in measured.items():
         base = measured.get(name.replace("mta", "transformer")) if "mta" in name else None
         if base is None:
