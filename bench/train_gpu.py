@@ -192,7 +192,8 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     measured = {}  # config name -> (mta tok/s, PyTorch tok/s or None)
     paths = args.configs.split(",")
-    for path, r in zip(paths, run_queues(args, paths)):
+    results = run_queues(args, paths)
+    for path, r in zip(paths, results):
         name = pathlib.Path(path).stem
         if r is None:
             print(f"| {name} | - | - | failed | - | - | - | - |", flush=True)
@@ -206,6 +207,7 @@ def main():
               f"{r['mta_mfu']:.1%} | {r['torch_tok_s']:,.0f} | {r['torch_mfu']:.1%} | "
               f"{r['mta_tok_s'] / r['torch_tok_s']:.2f}x |", flush=True)
         measured[name] = (r["mta_tok_s"], r["torch_tok_s"])
+    failed = [pathlib.Path(p).stem for p, r in zip(paths, results) if r is None]
     for name, (m_tok, t_tok) in measured.items():
         base = measured.get(name.replace("mta", "transformer")) if "mta" in name else None
         if base is None:
@@ -213,6 +215,9 @@ def main():
         torch_part = f"{t_tok / base[1]:.1%}" if t_tok and base[1] else "-"
         print(f"\n{name}: MTA tokens/s as a fraction of the baseline's: mta {m_tok / base[0]:.1%}, "
               f"PyTorch {torch_part} (the paper's code: 10.5%; issue 5's goal for mta: >= 75%)", flush=True)
+    if failed:
+        print(f"train_gpu.py: {len(failed)} config(s) failed: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
