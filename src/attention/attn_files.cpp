@@ -4,6 +4,7 @@
 #include <set>
 
 #include "attention/attention_op.h"
+#include "attention/fused_range.h"
 #include "attention/mta_cpu.h"
 #include "util/error.h"
 
@@ -161,8 +162,11 @@ void run_cuda_fused(const AttentionSpec& spec, const AttnDims& dims, const std::
 
 #ifdef MTA_HAVE_CUDA
 // Which CUDA path runs: the fused kernels where they cover the spec (auto) or when asked for; the
-// materialized op otherwise, and always for float64 input (the fused kernels compute in bf16).
-bool fused_path(const AttentionSpec& spec, const AttnDims& dims, AttnImpl impl, bool float32) {
+// materialized op otherwise, always for float64 input (the fused kernels compute in bf16), and for
+// inputs outside the fused kernels' fp16 range (`range_problem`, fused_range.h; auto falls back,
+// --impl fused refuses).
+bool fused_path(const AttentionSpec& spec, const AttnDims& dims, AttnImpl impl, bool float32,
+                const std::string& range_problem) {
   const bool covered = dims.dv() == dims.D && cuda::fused_attention_supported(spec, dims.D);
   if (impl == AttnImpl::Fused) {
     if (!covered)
@@ -170,8 +174,9 @@ bool fused_path(const AttentionSpec& spec, const AttnDims& dims, AttnImpl impl, 
                        "only, plus norm / depth scaling / gate; head_dim 64 or 128; see docs/flash-mta.md); use "
                        "--impl auto or materialized");
     if (!float32) throw InputError("--impl fused: the fused kernels take F32 input (they compute in bf16), not F64");
+    if (!range_problem.empty()) throw InputError("--impl fused: " + range_problem + "; use --impl auto or materialized");
   }
-  return impl != AttnImpl::Materialized && covered && float32;
+  return impl != AttnImpl::Materialized && covered && float32 && range_problem.empty();
 }
 #endif
 
@@ -198,9 +203,13 @@ io::SafeTensors run(const AttentionSpec& spec, const io::SafeTensors& in, const 
   std::vector<T> dq, dk, dv;
   if (backward) dq.resize(q.size()), dk.resize(q.size()), dv.resize(q.size());
   bool fused = false;
+  std::string range_problem;  // why the fused kernels cannot take these inputs (empty: they can)
   if (device == Device::Cuda) {
 #ifdef MTA_HAVE_CUDA
-    fused = fused_path(spec, dims, impl, std::is_same_v<T, float>);
+    if constexpr (std::is_same_v<T, float>)
+      if (impl != AttnImpl::Materialized && dims.dv() == dims.D && cuda::fused_attention_supported(spec, dims.D))
+        range_problem = fused_fp16_range_problem(spec, dims, q.data(), k.data(), p.kq_pre);
+    fused = fused_path(spec, dims, impl, std::is_same_v<T, float>, range_problem);
     if constexpr (std::is_same_v<T, float>) {
       if (fused) run_cuda_fused(spec, dims, q, k, v, infos, pvals, backward ? &dout : nullptr, o, dq, dk, dv, gvals);
     }
@@ -226,6 +235,7 @@ io::SafeTensors run(const AttentionSpec& spec, const io::SafeTensors& in, const 
   out.metadata["producer"] = "mta attn";
   out.metadata["compute_dtype"] = fused ? "BF16" : std::is_same_v<T, double> ? "F64" : "F32";
   out.metadata["impl"] = device == Device::Cpu ? "cpu" : fused ? "fused" : "materialized";
+  if (!range_problem.empty()) out.metadata["impl_reason"] = range_problem;  // auto fell back to materialized
   return out;
 }
 

@@ -257,6 +257,33 @@ TEST(FlashMta, AttnCommandPaths) {
   mixed.head_pre = mta::HeadMix{2};
   EXPECT_THROW(mta::run_attention_tensors(mixed, in32, mta::Device::Cuda, nullptr, mta::AttnImpl::Fused),
                mta::InputError);
+
+  // Logits beyond the fused kernel's fp16 operands (fused_range.h): q scaled by 2^13 (exact) makes the
+  // bound |q| |k| / sqrt(D) exceed 60000 (|q| ~ 8 * 8192, |k| ~ 10, sqrt(D) = 8); auto takes the
+  // materialized op and says why, and its results are finite and match the reference (out and grad_v,
+  // the well-conditioned ones with logits in the thousands); --impl fused refuses.
+  mta::io::SafeTensors big32 = in32, big64 = in64;
+  {
+    std::vector<double> qb = vals["q"];
+    for (auto& x : qb) x *= 8192.0;
+    const std::vector<float> qf(qb.begin(), qb.end());
+    big32.tensors["q"] = mta::io::make_tensor(shape, qf.data());
+    big64.tensors["q"] = mta::io::make_tensor(shape, qb.data());
+  }
+  const auto big_ref = mta::run_attention_tensors(spec, big64, mta::Device::Cpu);
+  const auto big = mta::run_attention_tensors(spec, big32, mta::Device::Cuda);
+  EXPECT_EQ(big.metadata.at("impl"), "materialized");
+  EXPECT_NE(big.metadata.count("impl_reason"), 0u);
+  for (const char* name : {"out", "grad_q", "grad_k", "grad_v", "grad_kq_pre"}) {
+    SCOPED_TRACE(std::string("large logits: ") + name);
+    const std::vector<double> got = mta::io::to_f64(big.at(name), name);
+    EXPECT_EQ(non_finite(got), 0);
+    if (std::string(name) == "out" || std::string(name) == "grad_v")
+      EXPECT_LE(rel_err(got, mta::io::to_f64(big_ref.at(name), name)), 1e-2);
+  }
+  EXPECT_THROW(mta::run_attention_tensors(spec, big32, mta::Device::Cuda, nullptr, mta::AttnImpl::Fused),
+               mta::InputError);
+  EXPECT_EQ(fused.metadata.count("impl_reason"), 0u);
 }
 
 }  // namespace
