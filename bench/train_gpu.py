@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """GPU training throughput: mta against the same models in PyTorch on the same GPU, in one run.
 
-    python3 bench/train_gpu.py [--mta .device/mta] [--configs a.json,b.json] [--seq 2048] [--batch 8] [--gpus 2]
+    python3 bench/train_gpu.py [--mta .device/mta] [--configs a.json,b.json] [--seq 2048] [--batch 8] [--gpus N]
 
 For each config (default: configs/bench/lm-{125m,350m}-{transformer,mta}.json) it runs
 `mta bench train CONFIG --device cuda` (random tokens, every position scored) and the same
@@ -14,9 +14,9 @@ T x T tensors per layer: on out-of-memory the batch is halved (reported). --devi
 test of the PyTorch side without compile or SDPA.
 
 Each config runs in its own process (a fresh PyTorch: no compiled graphs or cached memory carried from
-one model to the next). With --gpus N, N workers (one per GPU) take the configs from one queue in the
-order given, each config alone on its GPU while it runs, so one call of a few minutes measures all
-four models (list the slowest, the 350M MTA, first).
+one model to the next). N workers (one per GPU; --gpus N, default every visible GPU) take the configs
+from one queue in the order given, each config alone on its GPU while it runs, so one call of a few
+minutes measures all four models. The default order puts the slowest (the 350M MTA) first.
 """
 import argparse
 import json
@@ -167,15 +167,17 @@ def run_queues(args, paths):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mta", default=str(ROOT / ".device" / "mta"))
-    ap.add_argument("--configs", default=",".join(str(ROOT / "configs" / "bench" / f"lm-{s}-{k}.json")
-                                                  for s in ("125m", "350m") for k in ("transformer", "mta")))
+    ap.add_argument("--configs", default=",".join(str(ROOT / "configs" / "bench" / f"lm-{n}.json")
+                                                  for n in ("350m-mta", "125m-mta", "350m-transformer",
+                                                            "125m-transformer")))
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--gpus", type=int, default=1, help="GPUs to spread the configs over (one queue per GPU)")
+    ap.add_argument("--gpus", type=int, default=0,
+                    help="GPUs to spread the configs over, one queue per GPU (default: every visible GPU)")
     ap.add_argument("--one", help=argparse.SUPPRESS)       # child: measure this config only
     ap.add_argument("--json-out", help=argparse.SUPPRESS)  # child: write its result here
     args = ap.parse_args()
@@ -184,6 +186,8 @@ def main():
     if args.one:
         pathlib.Path(args.json_out).write_text(json.dumps(measure_config(args, args.one)))
         return
+    if args.gpus == 0:
+        args.gpus = max(1, torch.cuda.device_count()) if on_gpu else 1
     if args.gpus < 1:
         ap.error("--gpus must be >= 1")
     print(f"# training throughput, {torch.cuda.get_device_name() if on_gpu else 'cpu'}, torch {torch.__version__}, "
