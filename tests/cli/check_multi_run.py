@@ -10,6 +10,8 @@ import subprocess
 import sys
 import tempfile
 
+from tiny_config import tiny_config
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -22,11 +24,7 @@ def main():
         tmp = pathlib.Path(d)
         configs = []
         for name, att in (("tiny-std", {"type": "standard"}), ("tiny-mta", {"type": "mta", "kq_pre": {"q": 2, "k": 3}})):
-            cfg = {"name": name, "seed": 1,
-                   "model": {"vocab_size": 30, "dim": 16, "n_layers": 1, "n_heads": 2, "max_seq_len": 40,
-                             "ffn_multiple_of": 16, "attention": att},
-                   "task": {"name": "blocks", "n": 3, "l": 2, "length": 30},
-                   "train": {"steps": 50, "batch_size": 4, "lr": 1e-3, "eval_examples": 8, "threads": 1}}
+            cfg = tiny_config(name, att)
             path = tmp / f"{name}.json"
             path.write_text(json.dumps(cfg))
             configs.append(str(path))

@@ -10,15 +10,9 @@ import subprocess
 import sys
 import tempfile
 
+from tiny_config import tiny_config
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def tiny(name, att):
-    return {"name": name, "seed": 1,
-            "model": {"vocab_size": 30, "dim": 16, "n_layers": 1, "n_heads": 2, "max_seq_len": 40,
-                      "ffn_multiple_of": 16, "attention": att},
-            "task": {"name": "blocks", "n": 3, "l": 2, "length": 30},
-            "train": {"steps": 50, "batch_size": 4, "lr": 1e-3, "eval_examples": 8, "threads": 1}}
 
 
 def run(mta, configs):
@@ -38,7 +32,7 @@ def main():
         for name, att in (("tiny-mta", {"type": "mta", "kq_pre": {"q": 2, "k": 3}}), ("tiny-transformer", {"type": "standard"}),
                           ("tiny2-transformer", {"type": "standard"})):
             p = tmp / f"{name}.json"
-            p.write_text(json.dumps(tiny(name, att)))
+            p.write_text(json.dumps(tiny_config(name, att)))
             paths.append(str(p))
 
         r = run(args.mta, paths)
