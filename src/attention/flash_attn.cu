@@ -150,6 +150,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   store_output_rows<D, S>(acc_o, row_max, row_sum, sQ + warp * 16 * S, o, lse, row_w, T, lane, lout.row);
 }
 
+// RoPE's rotation of one pair (x0, x1) by (cos, sin), transposed: the gradient with respect to the pair
+// before the rotation (dq, dk of the un-rotated q, k).
+__device__ __forceinline__ void rotate_back(float& x0, float& x1, float c, float s) {
+  const float y0 = x0 * c + x1 * s, y1 = x1 * c - x0 * s;
+  x0 = y0, x1 = y1;
+}
+
 // Loads lse (pre-multiplied by log2 e) and delta of query rows m0 .. m0 + BM - 1 into shared memory
 // (0 for rows >= T; those rows are masked anyway).
 template <int BM, int kThreads>
@@ -361,8 +368,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       const int key = kw0 + g + 8 * r;
       if (rope_cs != nullptr && key < T) {
         const float2 cs = *reinterpret_cast<const float2*>(rope_cs + 2 * (static_cast<size_t>(key) * (D / 2) + 4 * j + t));
-        const float y0 = x0 * cs.x + x1 * cs.y, y1 = x1 * cs.x - x0 * cs.y;  // the transposed rotation
-        x0 = y0, x1 = y1;
+        rotate_back(x0, x1, cs.x, cs.y);
       }
       *reinterpret_cast<uint32_t*>(sdK + (g + 8 * r) * S + 8 * j + 2 * t) = pack_bf16(x0, x1);
       *reinterpret_cast<uint32_t*>(sdV + (g + 8 * r) * S + 8 * j + 2 * t) =
@@ -395,9 +401,8 @@ __global__ void convert_dq_kernel(const float* __restrict__ acc, bf16* __restric
     float x[4] = {a.x * scale, a.y * scale, a.z * scale, a.w * scale};
     if (rope_cs != nullptr) {
       const float4 cs = *reinterpret_cast<const float4*>(rope_cs + 2 * (static_cast<long long>(t) * (D / 2) + c / 2));
-      const float y0 = x[0] * cs.x + x[1] * cs.y, y1 = x[1] * cs.x - x[0] * cs.y;
-      const float y2 = x[2] * cs.z + x[3] * cs.w, y3 = x[3] * cs.z - x[2] * cs.w;
-      x[0] = y0, x[1] = y1, x[2] = y2, x[3] = y3;
+      rotate_back(x[0], x[1], cs.x, cs.y);
+      rotate_back(x[2], x[3], cs.z, cs.w);
     }
     uint2 packed;
     packed.x = pack_bf16(x[0], x[1]);
