@@ -248,6 +248,19 @@ __global__ void rope_table_kernel(float* __restrict__ cs, int T, int d, double t
   }
 }
 
+// Rotates the P pairs of v by their (cos, sin) in cs (by the transpose when `inverse`), rounding to bf16
+// once. Negating the rounded sine equals rounding the negated one.
+template <int P>
+__device__ inline void rotate_pairs(Pack<2 * P, bf16>& v, const Pack<2 * P, float>& cs, bool inverse) {
+#pragma unroll
+  for (int q = 0; q < P; ++q) {
+    const float c = cs.v[2 * q], s = inverse ? -cs.v[2 * q + 1] : cs.v[2 * q + 1];
+    const float a = to_f(v.v[2 * q]), bb = to_f(v.v[2 * q + 1]);
+    v.v[2 * q] = to_bf(a * c - bb * s);
+    v.v[2 * q + 1] = to_bf(a * s + bb * c);
+  }
+}
+
 // `tab`: null (compute the rotations) or a table of >= T positions for this d and theta.
 template <int P>
 __global__ void heads_kernel(const bf16* __restrict__ in, bf16* __restrict__ out, int B, int T, int H, int d,
@@ -265,21 +278,14 @@ __global__ void heads_kernel(const bf16* __restrict__ in, bf16* __restrict__ out
     const long long head_off = ((static_cast<long long>(b) * H + h) * T + t) * d + 2 * P * gi;
     Pack<2 * P, bf16> v = load<2 * P>(in + (to_heads ? tok_off : head_off));
     if (rope) {
-      // (cos, sin) of the P pairs. Negating the rounded sine equals rounding the negated one.
-      Pack<2 * P, float> cs;
+      Pack<2 * P, float> cs;  // (cos, sin) of the P pairs
       if (tab) {
         cs = load<2 * P>(tab + 2 * (static_cast<long long>(t) * (d / 2) + P * gi));
       } else {
 #pragma unroll
         for (int q = 0; q < P; ++q) rope_cos_sin(t, P * gi + q, d, theta, cs.v[2 * q], cs.v[2 * q + 1]);
       }
-#pragma unroll
-      for (int q = 0; q < P; ++q) {
-        const float c = cs.v[2 * q], s = inverse ? -cs.v[2 * q + 1] : cs.v[2 * q + 1];
-        const float a = to_f(v.v[2 * q]), bb = to_f(v.v[2 * q + 1]);
-        v.v[2 * q] = to_bf(a * c - bb * s);
-        v.v[2 * q + 1] = to_bf(a * s + bb * c);
-      }
+      rotate_pairs<P>(v, cs, inverse);
     }
     store<2 * P>(out + (to_heads ? head_off : tok_off), v);
   }
@@ -298,14 +304,7 @@ __global__ void rope_rows_kernel(bf16* __restrict__ x, int T, long long rows, in
     const int col = static_cast<int>(idx % groups) * 2 * P, t = static_cast<int>(row % T);
     bf16* p = x + row * ld + col;
     Pack<2 * P, bf16> v = load<2 * P>(p);
-    const Pack<2 * P, float> cs = load<2 * P>(tab + 2 * (static_cast<long long>(t) * (d / 2) + (col % d) / 2));
-#pragma unroll
-    for (int q = 0; q < P; ++q) {
-      const float c = cs.v[2 * q], sn = cs.v[2 * q + 1];
-      const float a = to_f(v.v[2 * q]), bb = to_f(v.v[2 * q + 1]);
-      v.v[2 * q] = to_bf(a * c - bb * sn);
-      v.v[2 * q + 1] = to_bf(a * sn + bb * c);
-    }
+    rotate_pairs<P>(v, load<2 * P>(tab + 2 * (static_cast<long long>(t) * (d / 2) + (col % d) / 2)), false);
     store<2 * P>(p, v);
   }
 }
