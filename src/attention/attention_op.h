@@ -36,6 +36,11 @@ struct AttnOptions {
   // float32: rounding W or an epilogue's dO there cost the head-mixing gradients their precision where
   // they are small differences. The CPU and the fused kernels ignore it.
   bool bf16_products = false;
+  // The GPU's fused kq_pre kernel only (flash_mta.h): when not null, a device word that its forward pass
+  // sets to 1 (atomicOr) if a scaled logit or a kq_pre weight lies beyond fp16's range (|x| > 65504),
+  // where that kernel's output is no longer MTA's (infinities in its fp16 operands). The caller zeroes
+  // it and reads it back; the model turns it into a clear error instead of a bare NaN loss.
+  unsigned int* fp16_overflow = nullptr;
 };
 
 // A uniform number in [0, 1) that is a pure function of (seed, counter): splitmix64. Dropout masks

@@ -85,14 +85,19 @@ __device__ __forceinline__ void load_rows_async(bf16* smem, int stride, const bf
   }
 }
 
+// fp16's largest finite number: operands beyond it would become infinities (AttnOptions::fp16_overflow).
+constexpr float kFp16Max = 65504.f;
+
 // Fragments of the banded B operands, one u32 (two fp16 or bf16) per (a, k-step, half, lane), at
 // sBand[((a * 2 + ks) * 2 + half) * 32 + lane]: rows kk = 16 ks + 2t + 8 half (+1), column n = g of
 //   forward:    Band_a[kk][n] = W[a, kk - n]        (C from S0, the convolution)
 //   transposed: Band_a[kk][n] = W[a, 16 + n - kk]   (dS0 from dC, its adjoint)
 // and zero where the tap index is outside [0, ck) or a >= cq.
 
+// Returns whether a weight this thread converted lies beyond fp16's range (kFp16 only).
 template <bool kTransposed, bool kFp16>
-__device__ __forceinline__ void build_band(uint32_t* sBand, const float* W, int cq, int ck, int tid, int nthreads) {
+__device__ __forceinline__ bool build_band(uint32_t* sBand, const float* W, int cq, int ck, int tid, int nthreads) {
+  bool beyond = false;
   for (int idx = tid; idx < kBandWords; idx += nthreads) {
     const int lane = idx & 31, half = (idx >> 5) & 1, ks = (idx >> 6) & 1, a = idx >> 7;
     const int g = lane >> 2, t = lane & 3;
@@ -102,21 +107,25 @@ __device__ __forceinline__ void build_band(uint32_t* sBand, const float* W, int 
       const int kk = 16 * ks + 2 * t + 8 * half + e;
       const int c = kTransposed ? 16 + g - kk : kk - g;
       w2[e] = (a < cq && c >= 0 && c < ck) ? W[a * ck + c] : 0.f;
+      beyond |= kFp16 && fabsf(w2[e]) > kFp16Max;
     }
     sBand[idx] = kFp16 ? pack_f16(w2[0], w2[1]) : pack_bf16(w2[0], w2[1]);
   }
+  return beyond;
 }
 
 // S0 on the extended tile: rows m0 - 16 + lr (lr < kRowsE) of sQ against keys n0 - o + lc (lc < kColsE)
 // of sK, scaled, future (key > query) set to 0, in 16 x 16 units spread over the warps. Rows and keys
 // outside the sequence were loaded as zeros, so only the causal mask is needed. Written as fp16 to sS
 // (the convolution's operand) and, when sSb is given, as bf16 to sSb (the weight gradient's operand).
+// Returns whether a value this thread wrote lies beyond fp16's range.
 template <class Tr>
-__device__ __forceinline__ void s0_extended(const bf16* sQ, const bf16* sK, __half* sS, bf16* sSb, int m0, int n0,
+__device__ __forceinline__ bool s0_extended(const bf16* sQ, const bf16* sK, __half* sS, bf16* sSb, int m0, int n0,
                                             int key_off, float scale, int warp, int lane) {
   constexpr int D = Tr::D, S = Tr::kStride, SS = Tr::kStrideS;
   constexpr int kUnitRows = Tr::kRowsE / 16, kUnitCols = Tr::kColsE / 16;
   const int g = lane >> 2, t = lane & 3;
+  bool beyond = false;
   for (int u = warp; u < kUnitRows * kUnitCols; u += Tr::kWarps) {
     const int rb = u / kUnitCols, cb = u % kUnitCols;
     float acc[2][4];
@@ -131,8 +140,10 @@ __device__ __forceinline__ void s0_extended(const bf16* sQ, const bf16* sK, __ha
         const float s1 = jj + 1 > ii ? 0.f : acc[nn][2 * r + 1] * scale;
         *reinterpret_cast<uint32_t*>(sS + lr * SS + lc) = pack_f16(s0, s1);
         if (sSb) *reinterpret_cast<uint32_t*>(sSb + lr * SS + lc) = pack_bf16(s0, s1);
+        beyond |= fabsf(s0) > kFp16Max || fabsf(s1) > kFp16Max;
       }
   }
+  return beyond;
 }
 
 // C for this warp's 16 output rows (local rows 16 warp ..) and the tile's kBlockN keys, in mma
@@ -166,7 +177,8 @@ template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads)
     flash_mta_kq_fwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                             const float* __restrict__ W, bf16* __restrict__ o, float* __restrict__ lse, int T, int H,
-                            int cq, int ck, int key_off, float scale, float p_drop, unsigned long long drop_seed) {
+                            int cq, int ck, int key_off, float scale, float p_drop, unsigned long long drop_seed,
+                            unsigned int* __restrict__ fp16_overflow) {
   constexpr int D = Tr::D, BM = Tr::kBlockM, BN = Tr::kBlockN, S = Tr::kStride, SS = Tr::kStrideS;
   constexpr int kThreads = Tr::kThreads, kHalo = Tr::kHalo;
   constexpr int kRowsE = Tr::kRowsE, kColsE = Tr::kColsE;
@@ -197,7 +209,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
   for (int i = tid; i < kRowsE * (SS - kColsE); i += kThreads)
     sS[(i / (SS - kColsE)) * SS + kColsE + i % (SS - kColsE)] = __float2half(0.f);
 
-  build_band</*kTransposed=*/false, /*kFp16=*/true>(sBand, W, cq, ck, tid, kThreads);
+  bool beyond = build_band</*kTransposed=*/false, /*kFp16=*/true>(sBand, W, cq, ck, tid, kThreads);
 
   float acc_o[D / 8][4];
 #pragma unroll
@@ -221,7 +233,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
     const bf16* cV = sV + (nb & 1) * BN * S;
 
     // 1. S0 on the extended tile (all warps).
-    s0_extended<Tr>(sQ, cK, sS, nullptr, m0, n0, key_off, scale, warp, lane);
+    beyond |= s0_extended<Tr>(sQ, cK, sS, nullptr, m0, n0, key_off, scale, warp, lane);
     __syncthreads();  // sS complete
     if (row_w >= T || n0 > row_w + 15) continue;  // padding rows only, or every key in the future
 
@@ -238,6 +250,8 @@ __global__ void __launch_bounds__(Tr::kThreads)
     accumulate_pv<BN, D, S>(acc_s, cV, acc_o, lane);
   }
 
+  // Every thread reaches this point (the loop only skips iterations), so the vote is warp-wide.
+  if (__any_sync(0xffffffffu, beyond) && lane == 0 && fp16_overflow != nullptr) atomicOr(fp16_overflow, 1u);
   // Epilogue: the warp's rows are staged in its own (no longer read) rows of sQ.
   store_output_rows<D, S>(acc_o, row_max, row_sum, sQ + (kHalo + warp * 16) * S, o, lse, row_w, T, lane);
 }
@@ -562,7 +576,7 @@ void launch_kq_forward(const bf16* q, const bf16* k, const bf16* v, const float*
                                       static_cast<int>(Tr::kSmemBytes)));
   flash_mta_kq_fwd_kernel<Tr><<<grid, Tr::kThreads, Tr::kSmemBytes, s>>>(
       q, k, v, W, o, lse, T, H, cq, ck, key_off, 1.0f / std::sqrt(static_cast<float>(Tr::D)), opt.dropout,
-      opt.dropout_seed);
+      opt.dropout_seed, opt.fp16_overflow);
   MTA_CUDA_CHECK_LAUNCH("flash_mta_kq_fwd_kernel");
 }
 

@@ -444,6 +444,7 @@ class CudaModel : public TrainableModel {
     }
     const AttentionSpec spec = c.layer_spec(l);
     if (use_fused(l, train)) {
+      opt.fp16_overflow = fp16_overflow_.get() + l;  // read back at the end of run()
       if (cuda::fused_attention_has_epilogue(spec)) L.att_core.resize(static_cast<size_t>(n));
       cuda::fused_attention_forward(spec, L.q.get(), L.k.get(), L.v.get(), mta_params(l), L.att_core.get(), L.att.get(),
                                     L.lse.get(), B, T, opt, stream_);
@@ -740,6 +741,8 @@ class CudaModel : public TrainableModel {
     ensure_op_buffers();
     const int N = B * T;
     prof_.begin(stream_);
+    fp16_overflow_.resize(static_cast<size_t>(c.n_layers));
+    fp16_overflow_.zero(stream_);
     CK(cudaMemcpyAsync(tokens_.get(), batch.inputs.data(), N * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
     CK(cudaMemcpyAsync(targets_.get(), batch.targets.data(), N * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
     CK(cudaMemcpyAsync(weights_.get(), batch.weights.data(), N * sizeof(float), cudaMemcpyHostToDevice, stream_));
@@ -769,6 +772,9 @@ class CudaModel : public TrainableModel {
     prof_.mark(backward ? "output+cross_entropy (f+b)" : "output+cross_entropy", stream_);
     std::vector<float> losses(N);
     CK(cudaMemcpyAsync(losses.data(), row_loss_.get(), N * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+    std::vector<unsigned int> overflow(c.n_layers);
+    CK(cudaMemcpyAsync(overflow.data(), fp16_overflow_.get(), overflow.size() * sizeof(unsigned int),
+                       cudaMemcpyDeviceToHost, stream_));
     if (argmax) {
       argmax->resize(N);
       CK(cudaMemcpyAsync(argmax->data(), argmax_.get(), N * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
@@ -786,6 +792,11 @@ class CudaModel : public TrainableModel {
     }
     CK(cudaStreamSynchronize(stream_));
     prof_.collect();
+    for (int l = 0; l < c.n_layers; ++l)
+      if (overflow[l])
+        throw std::runtime_error("layer " + std::to_string(l) + ": the fused kq_pre kernel met a scaled logit or a kq_pre "
+                                 "weight beyond fp16's range (|x| > 65504), so its output is not MTA's; rerun with "
+                                 "MTA_FLASH_MTA=0 (the float32 materialized op) or lower train.lr");
     LossStats st;
     for (int i = 0; i < N; ++i) st.loss_sum += losses[i], st.weight_sum += batch.weights[i];
     return st;
@@ -805,6 +816,7 @@ class CudaModel : public TrainableModel {
   // [N, 3C] or [N, 2F]: q|k|v out of the fused product (forward); dh1|dh3, then dq|dk|dv (backward).
   DevBuf<bf16> wide16_;
   DevBuf<int32_t> tokens_, targets_, argmax_;
+  DevBuf<unsigned int> fp16_overflow_;  // per layer: the fused kq_pre kernel's range flag (AttnOptions)
   DevBuf<float> rope_cs_;  // RoPE table for T_ positions (rope_ describes it)
   cuda::RopeTable rope_;
   DevBuf<float> op_q_, op_k_, op_v_, op_o_, op_o2_, op_dq_, op_dk_, op_dv_;

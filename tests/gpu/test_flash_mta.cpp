@@ -207,6 +207,51 @@ TEST(FlashMta, RefusesWhatItDoesNotCover) {
 // What `mta attn --device cuda` runs (run_attention_tensors): F32 input of a covered spec goes through
 // the fused kernels (metadata impl "fused", compute_dtype "BF16") and matches the float64 CPU op within
 // bf16 tolerance; --impl materialized and F64 input take the materialized path (float32 tolerance).
+// AttnOptions::fp16_overflow: the forward kernel raises the flag when a scaled logit (q scaled by 2^15,
+// so that |q . k| / sqrt(D) passes 65504 somewhere) or a kq_pre weight (70000) lies beyond fp16's
+// range, and leaves it at 0 for ordinary inputs.
+TEST(FlashMta, Fp16OverflowFlag) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(7);
+  mta::AttentionSpec spec;
+  spec.heads = 2, spec.head_dim = 64;
+  spec.kq_pre = mta::KqConv{2, 3, mta::PadKey::Both};
+  const int B = 1, T = 70, D = 64;
+  const size_t n = static_cast<size_t>(B) * spec.heads * T * D;
+  const Tensor q = randn_bf16(n, rng), k = randn_bf16(n, rng), v = randn_bf16(n, rng);
+  std::vector<uint16_t> qbig(q.bits.size());
+  for (size_t i = 0; i < n; ++i) qbig[i] = float_to_bf16_bits(bf16_bits_to_float(q.bits[i]) * 32768.0f);
+  // Somewhere |q_i . k_j| must pass 65504 * sqrt(D) after the scaling: check it on the host.
+  double max_logit = 0;
+  for (int h = 0; h < spec.heads; ++h)
+    for (int i = 0; i < T; ++i)
+      for (int j = 0; j <= i; ++j) {
+        double dot = 0;
+        for (int d = 0; d < D; ++d)
+          dot += double(bf16_bits_to_float(qbig[(size_t(h) * T + i) * D + d])) * k.val[(size_t(h) * T + j) * D + d];
+        max_logit = std::max(max_logit, std::fabs(dot) / 8.0);
+      }
+  ASSERT_GT(max_logit, 65504.0);
+  const std::vector<float> w_ok(static_cast<size_t>(spec.heads) * 2 * 3, 0.5f);
+  std::vector<float> w_big = w_ok;
+  w_big[4] = 70000.f;
+  using bf = __nv_bfloat16;
+  auto flag = [&](const std::vector<uint16_t>& qbits, const std::vector<float>& w) {
+    DevMem dq(n * 2), dk(n * 2), dv(n * 2), dout(n * 2), dw(w.size() * 4), dlse(n / D * 4), f(4);
+    dq.upload(qbits), dk.upload(k.bits), dv.upload(v.bits), dw.upload(w);
+    CUDA_OK(cudaMemset(f.as<void>(), 0, 4));
+    mta::AttnOptions opt;
+    opt.fp16_overflow = f.as<unsigned int>();
+    mta::cuda::flash_mta_forward(spec, dq.as<bf>(), dk.as<bf>(), dv.as<bf>(), dw.as<float>(), dout.as<bf>(),
+                                 dlse.as<float>(), B, T, opt, nullptr);
+    CUDA_OK(cudaDeviceSynchronize());
+    return f.download<unsigned int>(1)[0];
+  };
+  EXPECT_EQ(flag(q.bits, w_ok), 0u) << "ordinary inputs";
+  EXPECT_EQ(flag(qbig, w_ok), 1u) << "logits beyond 65504";
+  EXPECT_EQ(flag(q.bits, w_big), 1u) << "a weight beyond 65504";
+}
+
 TEST(FlashMta, AttnCommandPaths) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(99);
