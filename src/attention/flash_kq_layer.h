@@ -1,8 +1,8 @@
 #pragma once
 // The fused kq layer (the paper LM's layers that combine the key-query convolutions with head mixing),
 // built pass by pass in the order of docs/flash-mta.md ("What comes next", item 1). Work in progress:
-// this file has pass 1 only, the row statistics of the mixed, convolved logits. It is not used by the
-// model or `mta attn` yet (they run the materialized op for these layers).
+// the forward pass (pass 1, the row statistics of the mixed, convolved logits; pass 2, the output); no
+// backward yet. Not used by the model or `mta attn` yet (they run the materialized op for these layers).
 //
 // Pass 1 (docs/mta-semantics.md steps 1-4, up to the softmax's normalizer, with bf16 q, k):
 //   S = q k^T / sqrt(D);  S0 = S with the future (j > i) set to 0;
@@ -29,5 +29,16 @@ bool flash_kq_layer_lse_supported(const AttentionSpec& spec, int D);
 
 void flash_kq_layer_lse(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
                         const float* kq_pre, const float* head_pre, float* lse, int B, int T, cudaStream_t s);
+
+// The forward pass, pass 1 then pass 2 (steps 1-7): A = softmax(C' with the future at -inf) through
+// lse; A2 = kq_post's convolution of A (identity without kq_post), the future set to 0;
+// A3 = the head_post mix of A2 (A2 without head_post); o = A3 v, A3 rounded to bf16 for the product.
+// o is the core's output (before norm, depth scaling and gate: epilogue_cuda.h); lse is pass 1's.
+// Supported: flash_kq_layer_lse_supported, kq_post (if any) with cq <= 8, ck <= 15, and at most 8
+// coupled heads (pass 2 keeps two windows per head in shared memory). No attention dropout.
+bool flash_kq_layer_forward_supported(const AttentionSpec& spec, int D);
+void flash_kq_layer_forward(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                            const __nv_bfloat16* v, const float* kq_pre, const float* head_pre, const float* kq_post,
+                            const float* head_post, __nv_bfloat16* o, float* lse, int B, int T, cudaStream_t s);
 
 }  // namespace mta::cuda

@@ -1,20 +1,24 @@
-// GPU tests of the fused kq layer's pass 1 (attention/flash_kq_layer.h): lse of C' = mix_pre(conv_pre(S0))
+// GPU tests of the fused kq layer (attention/flash_kq_layer.h). Pass 1: lse of C' = mix_pre(conv_pre(S0))
 // against a float64 reference written here from docs/mta-semantics.md steps 1-4 (its own loops, on the
-// same bf16-rounded q and k), for the paper's kq layer (6 x 11 both, all heads mixed), the toy's 2 x 9,
-// and random sizes, pads and groups (the runtime-size convolution), at D = 64 and 128, with T below,
-// at and past the 16-row tile and rows whose convolution reaches before the sequence start. Every lse
-// entry starts as NaN and must be written. Labelled "gpu"; skipped without a device.
+// same bf16-rounded q and k). The forward (passes 1 and 2): o against the CPU op in float64
+// (mta::cpu::mta_forward), with kq_post and head_post. For the paper's kq layer (6 x 11 both, all heads
+// mixed), the toy's 2 x 9, and random sizes, pads and groups (the runtime-size convolutions), at D = 64
+// and 128, with T below, at and past the 16-row tile and rows whose convolutions reach before the
+// sequence start. Every output starts as NaN and must be written. Labelled "gpu"; skipped without a
+// device.
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "attention/flash_kq_layer.h"
+#include "attention/mta_cpu.h"
 #include "gpu/gpu_test_util.h"
 
 namespace {
@@ -141,6 +145,112 @@ void check_case(const Case& c, unsigned seed) {
   EXPECT_EQ(bad, 0u) << "lse entries not finite (unwritten or overflowed)";
   EXPECT_LE(err, 2e-3) << "max |lse - reference|";
   std::printf("[ kq layer pass 1 ] %s: max |lse error| %.2e\n", c.str().c_str(), err);
+}
+
+// The forward: o (and lse) for a spec with kq_pre, optional head_pre, kq_post and head_post.
+struct FwdCase {
+  Case c;
+  int cq2, ck2;  // kq_post (0: none)
+  mta::PadKey pad2;
+};
+
+void check_forward(const FwdCase& f, unsigned seed) {
+  const Case& c = f.c;
+  SCOPED_TRACE(c.str() + " kq_post " + std::to_string(f.cq2) + "x" + std::to_string(f.ck2));
+  mta::AttentionSpec spec = spec_of(c);
+  if (f.cq2) spec.kq_post = mta::KqConv{f.cq2, f.ck2, f.pad2};
+  ASSERT_TRUE(mta::cuda::flash_kq_layer_forward_supported(spec, c.D));
+  std::mt19937 rng(seed);
+  const size_t n = static_cast<size_t>(c.B) * c.H * c.T * c.D, rows = static_cast<size_t>(c.B) * c.H * c.T;
+  const Tensor q = randn_bf16(n, rng), k = randn_bf16(n, rng), v = randn_bf16(n, rng);
+  std::uniform_real_distribution<double> ud(-0.5, 0.5);
+  auto kernel = [&](const mta::KqConv& kc) {  // identity plus noise
+    std::vector<double> w(static_cast<size_t>(c.H) * kc.q * kc.k);
+    for (auto& x : w) x = ud(rng);
+    for (int h = 0; h < c.H; ++h) w[(static_cast<size_t>(h) * kc.q + kc.q - 1) * kc.k + kc.key_offset()] += 1.0;
+    return w;
+  };
+  auto mix = [&](int g) {
+    std::vector<double> m(static_cast<size_t>(c.H) * g);
+    for (auto& x : m) x = 0.3 * ud(rng);
+    for (int grp = 0; grp < c.H / g; ++grp)
+      for (int x = 0; x < g; ++x) m[(static_cast<size_t>(grp) * g + x) * g + x] += 1.0;
+    return m;
+  };
+  const std::vector<double> wpre = kernel(*spec.kq_pre);
+  const std::vector<double> wpost = spec.kq_post ? kernel(*spec.kq_post) : std::vector<double>{};
+  const std::vector<double> mpre = c.gpre ? mix(c.gpre) : std::vector<double>{};
+  const std::vector<double> mpost = c.gpost ? mix(c.gpost) : std::vector<double>{};
+  auto up = [](const std::vector<double>& x) {
+    auto d = std::make_unique<DevMem>(std::max<size_t>(x.size(), 1) * 4);
+    if (!x.empty()) d->upload(std::vector<float>(x.begin(), x.end()));
+    return d;
+  };
+  const auto dwpre = up(wpre), dwpost = up(wpost), dmpre = up(mpre), dmpost = up(mpost);
+  DevMem dq(n * 2), dk(n * 2), dv(n * 2), dout(n * 2), dlse(rows * 4);
+  dq.upload(q.bits), dk.upload(k.bits), dv.upload(v.bits);
+  dout.poison(), dlse.poison();
+  using bf = __nv_bfloat16;
+  mta::cuda::flash_kq_layer_forward(spec, dq.as<bf>(), dk.as<bf>(), dv.as<bf>(), dwpre->as<float>(),
+                                    c.gpre ? dmpre->as<float>() : nullptr,
+                                    spec.kq_post ? dwpost->as<float>() : nullptr,
+                                    c.gpost ? dmpost->as<float>() : nullptr, dout.as<bf>(), dlse.as<float>(), c.B,
+                                    c.T, nullptr);
+  CUDA_OK(cudaDeviceSynchronize());
+  const std::vector<double> got = to_double(dout.download<uint16_t>(n));
+  mta::AttnParams<double> p;
+  p.kq_pre = wpre.data();
+  if (c.gpre) p.head_pre = mpre.data();
+  if (spec.kq_post) p.kq_post = wpost.data();
+  if (c.gpost) p.head_post = mpost.data();
+  std::vector<double> want(n);
+  mta::cpu::mta_forward<double>(spec, mta::AttnDims{c.B, c.H, c.T, c.D}, q.val.data(), k.val.data(), v.val.data(), p,
+                                want.data());
+  EXPECT_EQ(non_finite(got), 0) << "o has non-finite (unwritten) entries";
+  const double e = rel_err(got, want);
+  EXPECT_LE(e, 2e-2) << "o";
+  const std::vector<float> lse = dlse.download<float>(rows);
+  const std::vector<double> lse_want = reference_lse(c, spec, q.val, k.val, wpre, mpre);
+  double e_lse = 0;
+  for (size_t i = 0; i < rows; ++i)
+    e_lse = std::max(e_lse, std::isfinite(lse[i]) ? std::fabs(lse[i] - lse_want[i]) : INFINITY);
+  EXPECT_LE(e_lse, 2e-3) << "lse";
+  std::printf("[ kq layer forward ] %s: o rel err %.2e, lse max err %.2e\n", c.str().c_str(), e, e_lse);
+}
+
+TEST(FlashKqLayer, PaperLayerForward) {
+  SKIP_WITHOUT_GPU();
+  check_forward(FwdCase{Case{2, 8, 77, 64, 6, 11, mta::PadKey::Both, 8, 8}, 6, 11, mta::PadKey::Both}, 11u);
+  check_forward(FwdCase{Case{1, 8, 130, 128, 6, 11, mta::PadKey::Both, 8, 8}, 6, 11, mta::PadKey::Both}, 12u);
+  check_forward(FwdCase{Case{1, 4, 1, 64, 6, 11, mta::PadKey::Both, 4, 4}, 6, 11, mta::PadKey::Both}, 13u);
+}
+
+// Runtime sizes of both convolutions, every pad mode, with and without each mix, without kq_post.
+TEST(FlashKqLayer, RandomForward) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(77);
+  const mta::PadKey pads[] = {mta::PadKey::Left, mta::PadKey::Right, mta::PadKey::Both};
+  for (int it = 0; it < 8; ++it) {
+    FwdCase f;
+    Case& c = f.c;
+    c.B = 1 + static_cast<int>(rng() % 2);
+    c.D = rng() % 2 ? 64 : 128;
+    c.H = 4;
+    c.T = 1 + static_cast<int>(rng() % 60);
+    auto conv = [&](int& cq, int& ck, mta::PadKey& pad) {
+      cq = 1 + static_cast<int>(rng() % 8);
+      pad = pads[rng() % 3];
+      ck = 1 + static_cast<int>(rng() % 15);
+      if (pad == mta::PadKey::Both && ck % 2 == 0) ck += 1;
+    };
+    conv(c.cq, c.ck, c.pad);
+    if (it % 4 != 3) conv(f.cq2, f.ck2, f.pad2);
+    else f.cq2 = 0, f.ck2 = 0, f.pad2 = mta::PadKey::Both;
+    const int groups[] = {0, 1, 2, 4};
+    c.gpre = groups[rng() % 4];
+    c.gpost = groups[rng() % 4];
+    check_forward(f, 200u + it);
+  }
 }
 
 TEST(FlashKqLayer, PaperLayerLse) {
