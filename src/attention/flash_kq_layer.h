@@ -1,6 +1,7 @@
 #pragma once
 // The fused kq layer (the paper LM's layers that combine the key-query convolutions with head mixing),
-// built pass by pass in the order of docs/flash-mta.md ("What comes next", item 1). Work in progress:
+// built pass by pass in the order of docs/flash-mta.md ("What comes next", item 1); the window
+// arithmetic is replayed on the CPU by tests/oracle/replay_kq_layer.py. Work in progress:
 // the forward pass (pass 1, the row statistics of the mixed, convolved logits; pass 2, the output); no
 // backward yet. Not used by the model or `mta attn` yet (they run the materialized op for these layers).
 //
