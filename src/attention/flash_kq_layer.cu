@@ -77,6 +77,23 @@ __device__ __forceinline__ void warp_load_rows_zero(bf16* smem, const bf16* head
   }
 }
 
+// Q rows m0 - 16 .. m0 + 15 of the warp's head as A fragments of two 16-row tiles (rows outside the
+// sequence zero), staged through `stage` ([32][S] bf16, free afterwards).
+template <int D, int S>
+__device__ __forceinline__ void load_q_frags(bf16* stage, const bf16* q, int m0, int T, int lane,
+                                             uint32_t (&qa0)[D / 16][4], uint32_t (&qa1)[D / 16][4]) {
+  warp_load_rows_zero<D, S, 2 * kTile>(stage, q, m0 - kTile, T, lane);
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncwarp();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    ldmatrix_x4(qa0[kk], stage + a_offset(lane, 0, kk * 16, S));
+    ldmatrix_x4(qa1[kk], stage + kTile * S + a_offset(lane, 0, kk * 16, S));
+  }
+  __syncwarp();
+}
+
 // Key tile `tile` (keys 16 tile ..) of S0 into a window of rows m0 - kTop .. m0 + 15 (kTop = 8 or 16)
 // from the products of the two 16-row Q tiles (rows m0 - 16 .. m0 - 1, of which the last kTop are kept,
 // and m0 .. m0 + 15), scaled, the future set to 0. Keys at or past T are zero rows of K, so their S0 is
@@ -187,19 +204,8 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
     zero_in(sInHi), zero_in(sInLo);
   }
 
-  // Q rows m0 - 16 .. m0 + 15 as A fragments (two 16-row tiles), staged in the warp's region.
-  bf16* stage = reinterpret_cast<bf16*>(region);
-  warp_load_rows_zero<D, S, 2 * kTile>(stage, q, m0 - kTile, T, lane);
-  cp_async_commit();
-  cp_async_wait_all();
-  __syncwarp();
   uint32_t qa0[D / 16][4], qa1[D / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    ldmatrix_x4(qa0[kk], stage + a_offset(lane, 0, kk * 16, S));
-    ldmatrix_x4(qa1[kk], stage + kTile * S + a_offset(lane, 0, kk * 16, S));
-  }
-  __syncwarp();
+  load_q_frags<D, S>(reinterpret_cast<bf16*>(region), q, m0, T, lane, qa0, qa1);
   for (int i = lane; i < kWinFloats / 4; i += 32) reinterpret_cast<float4*>(win)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
   __syncwarp();
   __syncthreads();  // every warp's taps, the fragments, the zeroed MixIn
@@ -368,19 +374,8 @@ __global__ void __launch_bounds__(16 * kMaxG)
     zero_in(sInHi), zero_in(sInLo);
   }
 
-  // Q rows m0 - 16 .. m0 + 15 as A fragments, staged in the S0 window.
-  bf16* stage = reinterpret_cast<bf16*>(s0win);
-  warp_load_rows_zero<D, S, 2 * kTile>(stage, q, m0 - kTile, T, lane);
-  cp_async_commit();
-  cp_async_wait_all();
-  __syncwarp();
   uint32_t qa0[D / 16][4], qa1[D / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    ldmatrix_x4(qa0[kk], stage + a_offset(lane, 0, kk * 16, S));
-    ldmatrix_x4(qa1[kk], stage + kTile * S + a_offset(lane, 0, kk * 16, S));
-  }
-  __syncwarp();
+  load_q_frags<D, S>(reinterpret_cast<bf16*>(s0win), q, m0, T, lane, qa0, qa1);
   for (int i = lane; i < (kS0Floats + kAFloats) / 4; i += 32)
     reinterpret_cast<float4*>(s0win)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
   const int r = lane & 15, half = lane >> 4, g = lane >> 2, t = lane & 3;
