@@ -176,6 +176,30 @@ __device__ __forceinline__ void conv_row8(const float* win, const float* w, int 
   }
 }
 
+// Mixes the CTA's 16 x 16 tiles in place of `c` (this lane's row r, keys 8 half .. + 7): C (or A2) into
+// MixIn as hi + lo, a barrier, the product with the coefficients of `kind`, a barrier, the mixed values
+// back. Every warp of the CTA must call it.
+__device__ __forceinline__ void mix_in_place(float (&c)[8], bf16* sInHi, bf16* sInLo, const uint32_t* sFrag, int kind,
+                                             float* sOut, int G, int warp, int lane) {
+  const int r = lane & 15, half = lane >> 4;
+#pragma unroll
+  for (int e = 0; e < 8; e += 2) {
+    const int off = in_offset(warp, r, 8 * half + e);
+    const __nv_bfloat162 hi = __floats2bfloat162_rn(c[e], c[e + 1]);
+    *reinterpret_cast<__nv_bfloat162*>(sInHi + off) = hi;
+    *reinterpret_cast<__nv_bfloat162*>(sInLo + off) =
+        __floats2bfloat162_rn(c[e] - __low2float(hi), c[e + 1] - __high2float(hi));
+  }
+  __syncthreads();  // every head's tile
+  mix_tiles<true>(sInHi, sInLo, sFrag, kind, sOut, G, warp, lane);
+  __syncthreads();  // every head's mixed tile
+#pragma unroll
+  for (int e = 0; e < 8; e += 2) {
+    const float2 x = get_pair(sOut, warp, r, 8 * half + e);
+    c[e] = x.x, c[e + 1] = x.y;
+  }
+}
+
 template <int D, int kCq, int kCk>
 __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
     flash_kq_layer_lse_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const float* __restrict__ wpre,
@@ -218,24 +242,7 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
     s0_tile_to_window<D, S, kWinTop>(win, sKt, k, qa0, qa1, n0 / kTile + 1, m0, T, scale, lane);
     float c[8];
     conv_row8<kCq, kCk>(win, myW, cq, ck, kWinTop + r, n0 + 8 * half - key_off, c);
-    if (gpre) {
-#pragma unroll
-      for (int e = 0; e < 8; e += 2) {
-        const int off = in_offset(warp, r, 8 * half + e);
-        const __nv_bfloat162 hi = __floats2bfloat162_rn(c[e], c[e + 1]);
-        *reinterpret_cast<__nv_bfloat162*>(sInHi + off) = hi;
-        *reinterpret_cast<__nv_bfloat162*>(sInLo + off) =
-            __floats2bfloat162_rn(c[e] - __low2float(hi), c[e + 1] - __high2float(hi));
-      }
-      __syncthreads();  // every head's C
-      mix_tiles<true>(sInHi, sInLo, sFrag, kPre, sOut, G, warp, lane);
-      __syncthreads();  // every head's C'
-#pragma unroll
-      for (int e = 0; e < 8; e += 2) {
-        const float2 x = get_pair(sOut, warp, r, 8 * half + e);
-        c[e] = x.x, c[e + 1] = x.y;
-      }
-    }
+    if (gpre) mix_in_place(c, sInHi, sInLo, sFrag, kPre, sOut, G, warp, lane);  // C -> C'  (two barriers)
     // Second causal mask (the sequence end is in every valid row's future), then the online update.
     float mx = -INFINITY;
 #pragma unroll
@@ -286,30 +293,6 @@ size_t smem_out_bytes(int G) {
   return static_cast<size_t>(G) * (warp_region_out_bytes<D>() + 2 * kMaxCq * kMaxCk * sizeof(float)) +
          kFragWords * sizeof(uint32_t) + 2 * static_cast<size_t>(kInElems) * sizeof(bf16) +
          static_cast<size_t>(G) * kXT * sizeof(float);
-}
-
-// Mixes the CTA's 16 x 16 tiles in place of `c` (this lane's row r, keys 8 half .. + 7): C (or A2) into
-// MixIn as hi + lo, a barrier, the product with the coefficients of `kind`, a barrier, the mixed values
-// back. Every warp of the CTA must call it.
-__device__ __forceinline__ void mix_in_place(float (&c)[8], bf16* sInHi, bf16* sInLo, const uint32_t* sFrag, int kind,
-                                             float* sOut, int G, int warp, int lane) {
-  const int r = lane & 15, half = lane >> 4;
-#pragma unroll
-  for (int e = 0; e < 8; e += 2) {
-    const int off = in_offset(warp, r, 8 * half + e);
-    const __nv_bfloat162 hi = __floats2bfloat162_rn(c[e], c[e + 1]);
-    *reinterpret_cast<__nv_bfloat162*>(sInHi + off) = hi;
-    *reinterpret_cast<__nv_bfloat162*>(sInLo + off) =
-        __floats2bfloat162_rn(c[e] - __low2float(hi), c[e + 1] - __high2float(hi));
-  }
-  __syncthreads();  // every head's tile
-  mix_tiles<true>(sInHi, sInLo, sFrag, kind, sOut, G, warp, lane);
-  __syncthreads();  // every head's mixed tile
-#pragma unroll
-  for (int e = 0; e < 8; e += 2) {
-    const float2 x = get_pair(sOut, warp, r, 8 * half + e);
-    c[e] = x.x, c[e + 1] = x.y;
-  }
 }
 
 // Step 2 above for key tile `tile`. lse2[part]: lse * log2(e) of row m0 - 8 + 16 part + (lane & 15).
