@@ -4,6 +4,7 @@
 #include <stdexcept>
 
 #include "attention/epilogue_cuda.h"
+#include "attention/flash_kq_layer.h"
 #include "attention/flash_mix.h"
 #include "attention/flash_mta.h"
 
@@ -12,13 +13,20 @@ namespace {
 
 size_t up(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
-// Which core kernels compute spec's options apart from the epilogue.
-enum class Core { None, KqPre, Mix };
+// Which core kernels compute spec's options apart from the epilogue. KqLayer (the kq convolutions with
+// head mixing) has a forward pass only so far.
+enum class Core { None, KqPre, Mix, KqLayer };
 Core core_of(const AttentionSpec& spec, int D, float dropout) {
   const AttentionSpec core = attn_core_spec(spec);
   if (flash_mta_supported(core, D)) return Core::KqPre;
   if (flash_mix_supported(core, D) && dropout <= 0.0f) return Core::Mix;
   return Core::None;
+}
+
+Core forward_core_of(const AttentionSpec& spec, int D, float dropout) {
+  const Core c = core_of(spec, D, dropout);
+  if (c != Core::None) return c;
+  return flash_kq_layer_forward_supported(attn_core_spec(spec), D) && dropout <= 0.0f ? Core::KqLayer : Core::None;
 }
 
 }  // namespace
@@ -27,13 +35,17 @@ bool fused_attention_supported(const AttentionSpec& spec, int D, float dropout) 
   return core_of(spec, D, dropout) != Core::None;
 }
 
+bool fused_attention_forward_supported(const AttentionSpec& spec, int D, float dropout) {
+  return forward_core_of(spec, D, dropout) != Core::None;
+}
+
 bool fused_attention_has_epilogue(const AttentionSpec& spec) { return attn_epilogue_enabled(spec); }
 
 void fused_attention_forward(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
                              const __nv_bfloat16* v, const AttnParams<float>& p, __nv_bfloat16* core,
                              __nv_bfloat16* o, float* lse, int B, int T, const AttnOptions& opt, cudaStream_t s) {
   const int D = spec.head_dim;
-  const Core which = core_of(spec, D, opt.dropout);
+  const Core which = forward_core_of(spec, D, opt.dropout);
   if (which == Core::None) throw std::invalid_argument("fused_attention_forward: spec not covered");
   const AttentionSpec cs = attn_core_spec(spec);
   const bool epi = attn_epilogue_enabled(spec);
@@ -41,8 +53,10 @@ void fused_attention_forward(const AttentionSpec& spec, const __nv_bfloat16* q, 
   __nv_bfloat16* out = epi ? core : o;
   if (which == Core::KqPre)
     flash_mta_forward(cs, q, k, v, p.kq_pre, out, lse, B, T, opt, s);
-  else
+  else if (which == Core::Mix)
     flash_mix_forward(cs, q, k, v, p.head_pre, p.head_post, out, lse, B, T, s);
+  else
+    flash_kq_layer_forward(cs, q, k, v, p.kq_pre, p.head_pre, p.kq_post, p.head_post, out, lse, B, T, s);
   if (epi)
     attn_epilogue_forward(spec, core, p.norm, p.gate_w, p.gate_b, o, static_cast<long long>(B) * spec.heads * T, D,
                           s);

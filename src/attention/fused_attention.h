@@ -1,6 +1,7 @@
 #pragma once
 // The fused GPU path of an MTA layer, as one call per pass: the core kernels for the options apart
-// from the epilogue -- kq_pre alone (flash_mta.h) or head mixing alone (flash_mix.h) -- then the
+// from the epilogue -- kq_pre alone (flash_mta.h), head mixing alone (flash_mix.h), or, forward only,
+// the kq convolutions with head mixing (flash_kq_layer.h) -- then the
 // epilogue kernels for norm, depth scaling and gate (epilogue_cuda.h). Used by the CUDA model,
 // `mta attn --device cuda` and `mta bench attn --device cuda --impl fused`. bf16 q, k, v, o
 // [B, H, T, D]; parameters and their gradients fp32 (device pointers, AttnParams / AttnParamGrads);
@@ -18,6 +19,12 @@ namespace mta::cuda {
 // Whether the fused path computes this spec at head dim D, with attention dropout `dropout` (the
 // head-mixing kernels have none yet).
 bool fused_attention_supported(const AttentionSpec& spec, int D, float dropout = 0.0f);
+
+// Whether fused_attention_forward computes it: every spec above, and also the kq layers (kq
+// convolutions with head mixing, flash_kq_layer.h) with at most 8 coupled heads and no dropout, whose
+// backward pass is not fused yet (the caller runs the materialized op's backward for them, which
+// recomputes everything from q, k, v).
+bool fused_attention_forward_supported(const AttentionSpec& spec, int D, float dropout = 0.0f);
 
 // The core's output, which the backward pass needs: with an epilogue, `core` ([B, H, T, D] bf16,
 // caller-owned) receives it; without one it is `o` itself and `core` may be null.

@@ -353,6 +353,14 @@ class CudaModel : public TrainableModel {
     return {cuda::token_major(T_, c.head_dim(), 3LL * c.dim), cuda::token_major(T_, c.head_dim(), c.dim)};
   }
 
+  // The forward pass alone: also the kq layers' fused forward, whose backward is the materialized op's.
+  bool use_fused_forward(int l, bool train) const {
+    const char* e = std::getenv("MTA_FLASH_MTA");
+    if ((e != nullptr && std::string(e) == "0") || config().attention != AttentionKind::Mta) return false;
+    return cuda::fused_attention_forward_supported(config().layer_spec(l), config().head_dim(),
+                                                   train ? config().dropout : 0.f);
+  }
+
   bool use_flash() const {
     const int d = config().head_dim();
     return config().attention == AttentionKind::Standard && (d == 64 || d == 128);
@@ -443,7 +451,7 @@ class CudaModel : public TrainableModel {
       return;
     }
     const AttentionSpec spec = c.layer_spec(l);
-    if (use_fused(l, train)) {
+    if (use_fused_forward(l, train)) {
       opt.fp16_overflow = fp16_overflow_.get() + l;  // read back at the end of run()
       if (cuda::fused_attention_has_epilogue(spec)) L.att_core.resize(static_cast<size_t>(n));
       cuda::fused_attention_forward(spec, L.q.get(), L.k.get(), L.v.get(), mta_params(l), L.att_core.get(), L.att.get(),

@@ -1,0 +1,545 @@
+// The fused kq layer's forward (see flash_kq_layer.h and docs/flash-mta.md), without any T x T tensor in
+// device memory: pass 1 (below) computes lse of the mixed, convolved logits; pass 2 (further down) the
+// output, recomputing the logits with the halos its post-softmax convolution needs.
+//
+// Pass 1. A CTA owns 16 query rows (m0 ..) of one batch element and one coupled group of G heads, one
+// warp per head, as FlashMix does. Per block of 16 output keys (n0 ..), each warp:
+//   1. adds the logits of the next key tile to a sliding window of its head's S0 (fp32 in shared
+//      memory): rows m0 - 8 .. m0 + 15 (the query tile and up to cq - 1 <= 7 rows above it), keys in a
+//      ring of 64 (column = key & 63, so key tiles t - 1, t, t + 1 are always present; tile -1 is the
+//      zero padding left of the sequence). The Q fragments of rows m0 - 16 .. m0 + 15 stay in
+//      registers;
+//   2. convolves its head's window on CUDA cores in fp32: lane (r, half) computes row m0 + r, keys
+//      n0 + 8 half .. + 7, with cq x ck taps from shared memory (compiled for the paper's 6 x 11 and
+//      the toy's 2 x 9, runtime sizes otherwise);
+//   3. with head_pre, puts C into the mixing buffer (hi + lo bf16), and after a barrier the group's
+//      mixing product (head_mix_mma.cuh) gives C' of every head (a second barrier);
+//   4. masks the future (-inf) and updates its rows' online max and sum (log2 domain).
+// The S0 window and the K tile are the warp's own (program order and __syncwarp), the mixing buffers
+// the CTA's (the barriers above, as in FlashMix's forward).
+#include "attention/flash_kq_layer.h"
+
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "attention/flash_common.cuh"
+#include "attention/head_mix_mma.cuh"
+#include "attention/mma_sm80.cuh"
+#include "cuda/check.h"
+
+namespace mta::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+using namespace mma;      // NOLINT: the kernels are written in terms of these primitives
+using namespace headmix;  // NOLINT: kTile, kMaxG, the mixing buffers and products
+
+void kq_require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("flash_kq_layer: " + what);
+}
+
+constexpr int kMaxCq = 8, kMaxCk = 15;
+constexpr int kWinRows = 24;       // S0 rows m0 - 8 .. m0 + 15
+constexpr int kWinTop = 8;         // window row of query row m0
+constexpr int kWinPitch = 68;      // floats per window row: a ring of 64 keys, padded (16-byte rows)
+constexpr int kWinFloats = kWinRows * kWinPitch;
+
+// Per warp: the S0 window, then the K tile [16][D + 8] bf16; the Q rows are staged there first
+// ([32][D + 8] bf16 fits the two together).
+template <int D>
+constexpr size_t warp_region_bytes() {
+  return kWinFloats * sizeof(float) + static_cast<size_t>(kTile) * (D + 8) * sizeof(bf16);
+}
+static_assert(warp_region_bytes<64>() >= 32 * (64 + 8) * sizeof(bf16), "Q staging fits the warp region");
+static_assert(warp_region_bytes<128>() >= 32 * (128 + 8) * sizeof(bf16), "Q staging fits the warp region");
+
+template <int D>
+size_t smem_bytes(int G) {
+  return static_cast<size_t>(G) * (warp_region_bytes<D>() + kMaxCq * kMaxCk * sizeof(float)) +
+         kFragWords * sizeof(uint32_t) + 2 * static_cast<size_t>(kInElems) * sizeof(bf16) +
+         static_cast<size_t>(G) * kXT * sizeof(float);
+}
+
+// kRows rows r0 .. of one head ([T][D] bf16 at `head`) into shared memory (row stride S) with one
+// warp's lanes; rows outside [0, T) are zero-filled (`head` is their dummy source: T >= 1).
+template <int D, int S, int kRows>
+__device__ __forceinline__ void warp_load_rows_zero(bf16* smem, const bf16* head, int r0, int T, int lane) {
+  constexpr int kChunksPerRow = D / 8;
+#pragma unroll
+  for (int c = lane; c < kRows * kChunksPerRow; c += 32) {
+    const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8, row = r0 + r;
+    const bool ok = row >= 0 && row < T;
+    cp_async_16(smem + r * S + col, ok ? head + static_cast<size_t>(row) * D + col : head, ok ? 16 : 0);
+  }
+}
+
+// Q rows m0 - 16 .. m0 + 15 of the warp's head as A fragments of two 16-row tiles (rows outside the
+// sequence zero), staged through `stage` ([32][S] bf16, free afterwards).
+template <int D, int S>
+__device__ __forceinline__ void load_q_frags(bf16* stage, const bf16* q, int m0, int T, int lane,
+                                             uint32_t (&qa0)[D / 16][4], uint32_t (&qa1)[D / 16][4]) {
+  warp_load_rows_zero<D, S, 2 * kTile>(stage, q, m0 - kTile, T, lane);
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncwarp();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    ldmatrix_x4(qa0[kk], stage + a_offset(lane, 0, kk * 16, S));
+    ldmatrix_x4(qa1[kk], stage + kTile * S + a_offset(lane, 0, kk * 16, S));
+  }
+  __syncwarp();
+}
+
+// Key tile `tile` (keys 16 tile ..) of S0 into a window of rows m0 - kTop .. m0 + 15 (kTop = 8 or 16)
+// from the products of the two 16-row Q tiles (rows m0 - 16 .. m0 - 1, of which the last kTop are kept,
+// and m0 .. m0 + 15), scaled, the future set to 0. Keys at or past T are zero rows of K, so their S0 is
+// 0 as well; a tile entirely in the rows' future is zero-filled without products.
+template <int D, int S, int kTop>
+__device__ __forceinline__ void s0_tile_to_window(float* win, bf16* sKt, const bf16* k, const uint32_t (&qa0)[D / 16][4],
+                                                  const uint32_t (&qa1)[D / 16][4], int tile, int m0, int T,
+                                                  float scale, int lane) {
+  static_assert(kTop == 8 || kTop == 16, "the window starts 8 or 16 rows above the query tile");
+  const int g = lane >> 2, t = lane & 3, key0 = kTile * tile;
+  if (key0 > m0 + kTile - 1) {  // every key after every row of the tile: S0 = 0
+    for (int i = lane; i < (kTop + kTile) * kTile; i += 32)
+      win[(i / kTile) * kWinPitch + ((key0 + i % kTile) & 63)] = 0.f;
+    __syncwarp();
+    return;
+  }
+  warp_load_rows_zero<D, S, kTile>(sKt, k, key0, T, lane);
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncwarp();
+  float acc0[2][4] = {}, acc1[2][4] = {};
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t bb[4];
+    ldmatrix_x4(bb, sKt + bnk_offset(lane, 0, kk * 16, S));
+    mma_bf16(acc0[0], qa0[kk], bb[0], bb[1]);
+    mma_bf16(acc0[1], qa0[kk], bb[2], bb[3]);
+    mma_bf16(acc1[0], qa1[kk], bb[0], bb[1]);
+    mma_bf16(acc1[1], qa1[kk], bb[2], bb[3]);
+  }
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int key = key0 + 8 * j + 2 * t, col = key & 63;
+      // Q tile 1: rows m0 + g + 8r, window rows kTop + g + 8r.
+      const int row1 = m0 + g + 8 * r;
+      *reinterpret_cast<float2*>(win + (kTop + g + 8 * r) * kWinPitch + col) =
+          make_float2(key > row1 ? 0.f : acc1[j][2 * r] * scale, key + 1 > row1 ? 0.f : acc1[j][2 * r + 1] * scale);
+      // Q tile 0: rows m0 - 16 + g + 8r, window rows kTop - 16 + g + 8r where that is >= 0.
+      const int row0 = m0 - kTile + g + 8 * r, wr0 = kTop - kTile + g + 8 * r;
+      if (wr0 >= 0)
+        *reinterpret_cast<float2*>(win + wr0 * kWinPitch + col) =
+            make_float2(key > row0 ? 0.f : acc0[j][2 * r] * scale, key + 1 > row0 ? 0.f : acc0[j][2 * r + 1] * scale);
+    }
+  __syncwarp();  // the window is read by other lanes; the K tile is reloaded next time
+}
+
+// The convolution at one output row (window row `wrow`) and 8 output keys x0 + o .. x0 + o + 7 (x0 =
+// the first input key read, o the key offset), from a window (rows of kWinPitch, a ring of 64 keys) and
+// the head's taps W [cq][ck] in shared memory. kCq = 0: runtime sizes.
+template <int kCq, int kCk>
+__device__ __forceinline__ void conv_row8(const float* win, const float* w, int cq, int ck, int wrow, int x0,
+                                          float (&out)[8]) {
+#pragma unroll
+  for (int e = 0; e < 8; ++e) out[e] = 0.f;
+  if constexpr (kCq > 0) {
+#pragma unroll
+    for (int a = 0; a < kCq; ++a) {
+      const float* row = win + (wrow - (kCq - 1) + a) * kWinPitch;
+      float vals[8 + kCk - 1];
+#pragma unroll
+      for (int i = 0; i < 8 + kCk - 1; ++i) vals[i] = row[(x0 + i) & 63];
+#pragma unroll
+      for (int c = 0; c < kCk; ++c) {
+        const float wc = w[a * kCk + c];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) out[e] = fmaf(wc, vals[e + c], out[e]);
+      }
+    }
+  } else {
+    for (int a = 0; a < cq; ++a) {
+      const float* row = win + (wrow - (cq - 1) + a) * kWinPitch;
+      for (int c = 0; c < ck; ++c) {
+        const float wc = w[a * ck + c];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) out[e] = fmaf(wc, row[(x0 + e + c) & 63], out[e]);
+      }
+    }
+  }
+}
+
+// Mixes the CTA's 16 x 16 tiles in place of `c` (this lane's row r, keys 8 half .. + 7): C (or A2) into
+// MixIn as hi + lo, a barrier, the product with the coefficients of `kind`, a barrier, the mixed values
+// back. Every warp of the CTA must call it.
+__device__ __forceinline__ void mix_in_place(float (&c)[8], bf16* sInHi, bf16* sInLo, const uint32_t* sFrag, int kind,
+                                             float* sOut, int G, int warp, int lane) {
+  const int r = lane & 15, half = lane >> 4;
+#pragma unroll
+  for (int e = 0; e < 8; e += 2) {
+    const int off = in_offset(warp, r, 8 * half + e);
+    const __nv_bfloat162 hi = __floats2bfloat162_rn(c[e], c[e + 1]);
+    *reinterpret_cast<__nv_bfloat162*>(sInHi + off) = hi;
+    *reinterpret_cast<__nv_bfloat162*>(sInLo + off) =
+        __floats2bfloat162_rn(c[e] - __low2float(hi), c[e + 1] - __high2float(hi));
+  }
+  __syncthreads();  // every head's tile
+  mix_tiles<true>(sInHi, sInLo, sFrag, kind, sOut, G, warp, lane);
+  __syncthreads();  // every head's mixed tile
+#pragma unroll
+  for (int e = 0; e < 8; e += 2) {
+    const float2 x = get_pair(sOut, warp, r, 8 * half + e);
+    c[e] = x.x, c[e + 1] = x.y;
+  }
+}
+
+template <int D, int kCq, int kCk>
+__global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
+    flash_kq_layer_lse_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const float* __restrict__ wpre,
+                              const float* __restrict__ mpre, int gpre, float* __restrict__ lse, int H, int T, int G,
+                              int cq, int ck, int key_off, float scale) {
+  constexpr int S = D + 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  unsigned char* region = smem_raw + static_cast<size_t>(warp) * warp_region_bytes<D>();
+  float* win = reinterpret_cast<float*>(region);
+  bf16* sKt = reinterpret_cast<bf16*>(region + kWinFloats * sizeof(float));
+  float* sW = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G) * warp_region_bytes<D>());
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sW + G * kMaxCq * kMaxCk);
+  bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);
+  bf16* sInLo = sInHi + kInElems;
+  float* sOut = reinterpret_cast<float*>(sInLo + kInElems);
+
+  const int units = H / G, b = blockIdx.x / units, u = blockIdx.x % units, h = u * G + warp;
+  const size_t head = static_cast<size_t>(b * H + h) * T;
+  const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
+  q += head * D, k += head * D, lse += head;
+  float* myW = sW + warp * kMaxCq * kMaxCk;
+  for (int i = lane; i < cq * ck; i += 32) myW[i] = wpre[static_cast<size_t>(h) * cq * ck + i];
+  if (gpre) {
+    build_frags(sFrag, mpre, gpre, nullptr, 0, u * G, G);
+    zero_in(sInHi), zero_in(sInLo);
+  }
+
+  uint32_t qa0[D / 16][4], qa1[D / 16][4];
+  load_q_frags<D, S>(reinterpret_cast<bf16*>(region), q, m0, T, lane, qa0, qa1);
+  for (int i = lane; i < kWinFloats / 4; i += 32) reinterpret_cast<float4*>(win)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  __syncwarp();
+  __syncthreads();  // every warp's taps, the fragments, the zeroed MixIn
+
+  const int r = lane & 15, half = lane >> 4, row = m0 + r;
+  float row_max = -INFINITY, row_sum = 0.f;  // log2 domain; lanes r and r + 16 share row r
+  const int n_end = min(T, m0 + kTile);
+  s0_tile_to_window<D, S, kWinTop>(win, sKt, k, qa0, qa1, 0, m0, T, scale, lane);
+  for (int n0 = 0; n0 < n_end; n0 += kTile) {
+    s0_tile_to_window<D, S, kWinTop>(win, sKt, k, qa0, qa1, n0 / kTile + 1, m0, T, scale, lane);
+    float c[8];
+    conv_row8<kCq, kCk>(win, myW, cq, ck, kWinTop + r, n0 + 8 * half - key_off, c);
+    if (gpre) mix_in_place(c, sInHi, sInLo, sFrag, kPre, sOut, G, warp, lane);  // C -> C'  (two barriers)
+    // Second causal mask (the sequence end is in every valid row's future), then the online update.
+    float mx = -INFINITY;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int key = n0 + 8 * half + e;
+      c[e] = key <= row && key < T ? c[e] * kLog2e : -INFINITY;
+      mx = fmaxf(mx, c[e]);
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+    const float m_new = fmaxf(row_max, mx);  // finite: key 0 is visible to every row
+    float sum = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sum += exp2f(c[e] - m_new);
+    row_sum = row_sum * exp2f(row_max - m_new) + sum;
+    row_max = m_new;
+    // No barrier here: the next block's MixIn writes follow this block's second barrier (every warp
+    // has mixed), and its MixOut writes follow the next first barrier (every warp has read C').
+  }
+  const float l = row_sum + __shfl_xor_sync(0xffffffffu, row_sum, 16);
+  if (half == 0 && row < T) lse[row] = row_max * kLn2 + logf(l);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pass 2: O = A3 V. Per block of 16 output keys (n0 = 16 kt), each warp (head):
+//   1. adds S0 of key tile kt + 2 to its S0 window (rows m0 - 16 .. m0 + 15, ring of 64 keys);
+//   2. computes A of key tile kt + 1 on rows m0 - 8 .. m0 + 15 into its A window (same ring): the pre
+//      convolution, the head_pre mix (two 16-row parts, each a mixing product between barriers),
+//      A = exp(C' - lse) with pass 1's lse, 0 in the future and outside the sequence;
+//   3. convolves its A window with the kq_post taps (rows m0 .. m0 + 15, keys n0 ..): A2, the future
+//      set to 0; mixes it with head_post (A3); stages A3 in its MixOut rows;
+//   4. O += A3 V with A3 rounded to bf16 (as FlashAttention rounds P), V tile n0 .. in the warp's tile
+//      buffer (K's, once S0 is done).
+// A layer without kq_post uses the identity 1 x 1 taps (the rows above the tile are then unused).
+
+constexpr int kS0Top = 16;  // pass 2's S0 window: rows m0 - 16 .. m0 + 15
+constexpr int kATop = 8;    // its A window: rows m0 - 8 .. m0 + 15
+constexpr int kS0Floats = (kS0Top + kTile) * kWinPitch;
+constexpr int kAFloats = (kATop + kTile) * kWinPitch;
+
+template <int D>
+constexpr size_t warp_region_out_bytes() {
+  return (kS0Floats + kAFloats) * sizeof(float) + static_cast<size_t>(kTile) * (D + 8) * sizeof(bf16);
+}
+static_assert(kS0Floats * sizeof(float) >= 32 * (128 + 8) * sizeof(bf16), "Q staging fits the S0 window");
+
+template <int D>
+size_t smem_out_bytes(int G) {
+  return static_cast<size_t>(G) * (warp_region_out_bytes<D>() + 2 * kMaxCq * kMaxCk * sizeof(float)) +
+         kFragWords * sizeof(uint32_t) + 2 * static_cast<size_t>(kInElems) * sizeof(bf16) +
+         static_cast<size_t>(G) * kXT * sizeof(float);
+}
+
+// Step 2 above for key tile `tile`. lse2[part]: lse * log2(e) of row m0 - 8 + 16 part + (lane & 15).
+template <int kCq, int kCk>
+__device__ __forceinline__ void a_tile_to_window(float* awin, const float* s0win, const float* w, int cq, int ck,
+                                                 int key_off, int gpre, bf16* sInHi, bf16* sInLo,
+                                                 const uint32_t* sFrag, float* sOut, int G, int warp, int lane,
+                                                 int tile, int m0, int T, const float (&lse2)[2]) {
+  const int r = lane & 15, half = lane >> 4, key0 = kTile * tile;
+#pragma unroll
+  for (int part = 0; part < 2; ++part) {
+    const int rr = 16 * part + r, row = m0 - kATop + rr;  // A window row rr
+    const bool live = rr < kATop + kTile && key0 <= m0 + kTile - 1;  // in the window, not all future
+    float c[8] = {};
+    if (live) conv_row8<kCq, kCk>(s0win, w, cq, ck, rr + (kS0Top - kATop), key0 + 8 * half - key_off, c);
+    if (gpre) mix_in_place(c, sInHi, sInLo, sFrag, kPre, sOut, G, warp, lane);
+    if (rr < kATop + kTile) {
+#pragma unroll
+      for (int e = 0; e < 8; e += 2) {
+        const int key = key0 + 8 * half + e;
+        const bool ok = row >= 0 && row < T;
+        const float a0 = ok && key <= row ? exp2f(fmaf(c[e], kLog2e, -lse2[part])) : 0.f;
+        const float a1 = ok && key + 1 <= row ? exp2f(fmaf(c[e + 1], kLog2e, -lse2[part])) : 0.f;
+        *reinterpret_cast<float2*>(awin + rr * kWinPitch + (key & 63)) = make_float2(a0, a1);
+      }
+    }
+  }
+  __syncwarp();
+}
+
+template <int D, int kCq1, int kCk1, int kCq2, int kCk2>
+__global__ void __launch_bounds__(16 * kMaxG)
+    flash_kq_layer_out_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                              const float* __restrict__ wpre, const float* __restrict__ mpre, int gpre,
+                              const float* __restrict__ wpost, const float* __restrict__ mpost, int gpost,
+                              const float* __restrict__ lse, bf16* __restrict__ o, int H, int T, int G, int cq1,
+                              int ck1, int off1, int cq2, int ck2, int off2, float scale) {
+  constexpr int S = D + 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  unsigned char* region = smem_raw + static_cast<size_t>(warp) * warp_region_out_bytes<D>();
+  float* s0win = reinterpret_cast<float*>(region);
+  float* awin = s0win + kS0Floats;
+  bf16* sTile = reinterpret_cast<bf16*>(awin + kAFloats);  // K, then V, then the output rows
+  float* sWpre = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G) * warp_region_out_bytes<D>());
+  float* sWpost = sWpre + G * kMaxCq * kMaxCk;
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sWpost + G * kMaxCq * kMaxCk);
+  bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);
+  bf16* sInLo = sInHi + kInElems;
+  float* sOut = reinterpret_cast<float*>(sInLo + kInElems);
+
+  const int units = H / G, b = blockIdx.x / units, u = blockIdx.x % units, h = u * G + warp;
+  const size_t head = static_cast<size_t>(b * H + h) * T;
+  const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
+  q += head * D, k += head * D, v += head * D, o += head * D, lse += head;
+  float* myWpre = sWpre + warp * kMaxCq * kMaxCk;
+  float* myWpost = sWpost + warp * kMaxCq * kMaxCk;
+  for (int i = lane; i < cq1 * ck1; i += 32) myWpre[i] = wpre[static_cast<size_t>(h) * cq1 * ck1 + i];
+  for (int i = lane; i < cq2 * ck2; i += 32) myWpost[i] = wpost ? wpost[static_cast<size_t>(h) * cq2 * ck2 + i] : 1.f;
+  if (gpre || gpost) {
+    build_frags(sFrag, mpre, gpre, mpost, gpost, u * G, G);
+    zero_in(sInHi), zero_in(sInLo);
+  }
+
+  uint32_t qa0[D / 16][4], qa1[D / 16][4];
+  load_q_frags<D, S>(reinterpret_cast<bf16*>(s0win), q, m0, T, lane, qa0, qa1);
+  for (int i = lane; i < (kS0Floats + kAFloats) / 4; i += 32)
+    reinterpret_cast<float4*>(s0win)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  const int r = lane & 15, half = lane >> 4, g = lane >> 2, t = lane & 3;
+  float lse2[2];
+#pragma unroll
+  for (int part = 0; part < 2; ++part) {
+    const int row = m0 - kATop + 16 * part + r;
+    lse2[part] = row >= 0 && row < T ? lse[row] * kLog2e : 0.f;
+  }
+  __syncwarp();
+  __syncthreads();  // every warp's taps, the fragments, the zeroed MixIn
+
+  float acc_o[D / 8][4];
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) acc_o[j][0] = acc_o[j][1] = acc_o[j][2] = acc_o[j][3] = 0.f;
+  s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, 0, m0, T, scale, lane);
+  s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, 1, m0, T, scale, lane);
+  a_tile_to_window<kCq1, kCk1>(awin, s0win, myWpre, cq1, ck1, off1, gpre, sInHi, sInLo, sFrag, sOut, G, warp, lane,
+                               0, m0, T, lse2);
+  const int n_end = min(T, m0 + kTile), row = m0 + r;
+  for (int n0 = 0; n0 < n_end; n0 += kTile) {
+    const int kt = n0 / kTile;
+    s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, kt + 2, m0, T, scale, lane);
+    // V of the output keys into the tile buffer (K is done with), landing while A and A2 are computed.
+    warp_load_rows_zero<D, S, kTile>(sTile, v, n0, T, lane);
+    cp_async_commit();
+    a_tile_to_window<kCq1, kCk1>(awin, s0win, myWpre, cq1, ck1, off1, gpre, sInHi, sInLo, sFrag, sOut, G, warp,
+                                 lane, kt + 1, m0, T, lse2);
+    float a2[8];
+    conv_row8<kCq2, kCk2>(awin, myWpost, cq2, ck2, kATop + r, n0 + 8 * half - off2, a2);
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+      if (n0 + 8 * half + e > row) a2[e] = 0.f;  // A2: the future set to 0 (keys past T are in it)
+    if (gpost) {
+      mix_in_place(a2, sInHi, sInLo, sFrag, kPost, sOut, G, warp, lane);
+    }
+    // A3 into this warp's MixOut rows (already there after the mix), then read back as A fragments.
+#pragma unroll
+    for (int e = 0; e < 8; e += 2)
+      *reinterpret_cast<float2*>(sOut + out_offset(warp, r, 8 * half + e)) = make_float2(a2[e], a2[e + 1]);
+    cp_async_wait_all();
+    __syncwarp();
+    uint32_t a[4];
+    {
+      const float2 p0 = get_pair(sOut, warp, g, 2 * t), p1 = get_pair(sOut, warp, g + 8, 2 * t);
+      const float2 p2 = get_pair(sOut, warp, g, 2 * t + 8), p3 = get_pair(sOut, warp, g + 8, 2 * t + 8);
+      a[0] = pack_bf16(p0.x, p0.y), a[1] = pack_bf16(p1.x, p1.y), a[2] = pack_bf16(p2.x, p2.y);
+      a[3] = pack_bf16(p3.x, p3.y);
+    }
+#pragma unroll
+    for (int dn = 0; dn < D / 16; ++dn) {
+      uint32_t bb[4];
+      ldmatrix_x4_trans(bb, sTile + bkn_offset(lane, 0, dn * 16, S));
+      mma_bf16(acc_o[2 * dn], a, bb[0], bb[1]);
+      mma_bf16(acc_o[2 * dn + 1], a, bb[2], bb[3]);
+    }
+    __syncwarp();  // every lane has read its A fragments and V before either is overwritten
+  }
+
+  // O rows (A3 carries the softmax's normalization), staged through the tile buffer, 16-byte stores.
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr)
+      *reinterpret_cast<uint32_t*>(sTile + (g + 8 * rr) * S + 8 * j + 2 * t) =
+          pack_bf16(acc_o[j][2 * rr], acc_o[j][2 * rr + 1]);
+  __syncwarp();
+  constexpr int kChunksPerRow = D / 8;
+#pragma unroll
+  for (int cc = lane; cc < kTile * kChunksPerRow; cc += 32) {
+    const int rr = cc / kChunksPerRow, col = (cc % kChunksPerRow) * 8, orow = m0 + rr;
+    if (orow < T)
+      *reinterpret_cast<uint4*>(o + static_cast<size_t>(orow) * D + col) =
+          *reinterpret_cast<const uint4*>(sTile + rr * S + col);
+  }
+}
+
+template <int D, int kCq, int kCk>
+void launch_lse(const AttentionSpec& spec, const bf16* q, const bf16* k, const float* wpre, const float* mpre,
+                float* lse, int B, int T, cudaStream_t s) {
+  const int H = spec.heads, G = spec.coupled_heads();
+  const int gpre = spec.head_pre ? spec.head_pre->group : 0;
+  const KqConv& kc = *spec.kq_pre;
+  const size_t smem = smem_bytes<D>(G);
+  auto kernel = flash_kq_layer_lse_kernel<D, kCq, kCk>;
+  MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const dim3 grid(static_cast<unsigned>(B * (H / G)), static_cast<unsigned>((T + kTile - 1) / kTile));
+  kernel<<<grid, 32 * G, smem, s>>>(q, k, wpre, mpre, gpre, lse, H, T, G, kc.q, kc.k, kc.key_offset(),
+                                    1.0f / std::sqrt(static_cast<float>(D)));
+  MTA_CUDA_CHECK_LAUNCH("flash_kq_layer_lse_kernel");
+}
+
+template <int D>
+void dispatch_lse(const AttentionSpec& spec, const bf16* q, const bf16* k, const float* wpre, const float* mpre,
+                  float* lse, int B, int T, cudaStream_t s) {
+  const KqConv& kc = *spec.kq_pre;
+  if (kc.q == 6 && kc.k == 11)
+    launch_lse<D, 6, 11>(spec, q, k, wpre, mpre, lse, B, T, s);
+  else if (kc.q == 2 && kc.k == 9)
+    launch_lse<D, 2, 9>(spec, q, k, wpre, mpre, lse, B, T, s);
+  else
+    launch_lse<D, 0, 0>(spec, q, k, wpre, mpre, lse, B, T, s);
+}
+
+template <int D, int kCq1, int kCk1, int kCq2, int kCk2>
+void launch_out(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const float* wpre,
+                const float* mpre, const float* wpost, const float* mpost, const float* lse, bf16* o, int B, int T,
+                cudaStream_t s) {
+  const int H = spec.heads, G = spec.coupled_heads();
+  const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
+  const KqConv& pre = *spec.kq_pre;
+  const KqConv post = spec.kq_post ? *spec.kq_post : KqConv{1, 1, PadKey::Right};  // identity: o = 0
+  const size_t smem = smem_out_bytes<D>(G);
+  auto kernel = flash_kq_layer_out_kernel<D, kCq1, kCk1, kCq2, kCk2>;
+  MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const dim3 grid(static_cast<unsigned>(B * (H / G)), static_cast<unsigned>((T + kTile - 1) / kTile));
+  kernel<<<grid, 32 * G, smem, s>>>(q, k, v, wpre, mpre, gpre, spec.kq_post ? wpost : nullptr, mpost, gpost, lse, o,
+                                    H, T, G, pre.q, pre.k, pre.key_offset(), post.q, post.k, post.key_offset(),
+                                    1.0f / std::sqrt(static_cast<float>(D)));
+  MTA_CUDA_CHECK_LAUNCH("flash_kq_layer_out_kernel");
+}
+
+template <int D>
+void dispatch_out(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const float* wpre,
+                  const float* mpre, const float* wpost, const float* mpost, const float* lse, bf16* o, int B, int T,
+                  cudaStream_t s) {
+  const KqConv& pre = *spec.kq_pre;
+  if (pre.q == 6 && pre.k == 11 && spec.kq_post && spec.kq_post->q == 6 && spec.kq_post->k == 11)
+    launch_out<D, 6, 11, 6, 11>(spec, q, k, v, wpre, mpre, wpost, mpost, lse, o, B, T, s);
+  else
+    launch_out<D, 0, 0, 0, 0>(spec, q, k, v, wpre, mpre, wpost, mpost, lse, o, B, T, s);
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+}  // namespace
+
+bool flash_kq_layer_forward_supported(const AttentionSpec& spec, int D) {
+  if (!flash_kq_layer_lse_supported(spec, D)) return false;
+  if (spec.kq_post && (spec.kq_post->q > kMaxCq || spec.kq_post->k > kMaxCk)) return false;
+  return spec.coupled_heads() <= 8;
+}
+
+void flash_kq_layer_forward(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v,
+                            const float* kq_pre, const float* head_pre, const float* kq_post, const float* head_post,
+                            bf16* o, float* lse, int B, int T, cudaStream_t s) {
+  const int D = spec.head_dim;
+  kq_require(flash_kq_layer_forward_supported(spec, D),
+             "the forward needs kq_pre (and kq_post, if any) with cq <= 8, ck <= 15, head_dim 64 or 128 and at "
+             "most 8 coupled heads");
+  kq_require(v && o && aligned16(v) && aligned16(o), "v and o must be non-null and 16-byte aligned");
+  kq_require(!spec.kq_post || kq_post != nullptr, "kq_post is enabled but its weights are null");
+  kq_require(!spec.head_post || head_post != nullptr, "head_post is enabled but its weights are null");
+  flash_kq_layer_lse(spec, q, k, kq_pre, head_pre, lse, B, T, s);
+  if (D == 64)
+    dispatch_out<64>(spec, q, k, v, kq_pre, head_pre, kq_post, head_post, lse, o, B, T, s);
+  else
+    dispatch_out<128>(spec, q, k, v, kq_pre, head_pre, kq_post, head_post, lse, o, B, T, s);
+}
+
+bool flash_kq_layer_lse_supported(const AttentionSpec& spec, int D) {
+  if (!spec.kq_pre || spec.kq_pre->q > kMaxCq || spec.kq_pre->k > kMaxCk) return false;
+  if (D != spec.head_dim || (D != 64 && D != 128)) return false;
+  return spec.coupled_heads() <= (D == 64 ? 16 : 8);
+}
+
+void flash_kq_layer_lse(const AttentionSpec& spec, const bf16* q, const bf16* k, const float* kq_pre,
+                        const float* head_pre, float* lse, int B, int T, cudaStream_t s) {
+  const int D = spec.head_dim;
+  kq_require(flash_kq_layer_lse_supported(spec, D),
+             "pass 1 needs kq_pre with cq <= 8, ck <= 15, head_dim 64 or 128 and at most 16 (D = 64) or 8 "
+             "(D = 128) coupled heads");
+  kq_require(B >= 1 && T >= 1, "B and T must be >= 1");
+  kq_require(static_cast<long long>(B) * spec.heads <= INT_MAX && T <= 65535 * kTile, "B * H or T too large");
+  kq_require(q && k && aligned16(q) && aligned16(k), "q and k must be non-null and 16-byte aligned");
+  kq_require(kq_pre != nullptr && lse != nullptr, "the kq_pre weights and lse must be non-null");
+  kq_require(!spec.head_pre || head_pre != nullptr, "head_pre is enabled but its weights are null");
+  if (D == 64)
+    dispatch_lse<64>(spec, q, k, kq_pre, head_pre, lse, B, T, s);
+  else
+    dispatch_lse<128>(spec, q, k, kq_pre, head_pre, lse, B, T, s);
+}
+
+}  // namespace mta::cuda

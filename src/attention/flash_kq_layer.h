@@ -1,0 +1,45 @@
+#pragma once
+// The fused kq layer (the paper LM's layers that combine the key-query convolutions with head mixing),
+// built pass by pass in the order of docs/flash-mta.md ("What comes next", item 1); the window
+// arithmetic is replayed on the CPU by tests/oracle/replay_kq_layer.py. Work in progress:
+// the forward pass (pass 1, the row statistics of the mixed, convolved logits; pass 2, the output); no
+// backward yet. Not used by the model or `mta attn` yet (they run the materialized op for these layers).
+//
+// Pass 1 (docs/mta-semantics.md steps 1-4, up to the softmax's normalizer, with bf16 q, k):
+//   S = q k^T / sqrt(D);  S0 = S with the future (j > i) set to 0;
+//   C_y[i, j] = sum_{a<cq, c<ck} Wpre[y, a, c] S0_y[i-(cq-1)+a, j-o+c]   (zero outside the sequence);
+//   C'_x = sum_y Mpre[x, y] C_y over x's head_pre group (C' = C without head_pre);
+//   lse_x[i] = log sum_{j<=i} exp(C'_x[i, j])   (natural log).
+// Precision: q k^T with fp32 accumulation (bf16 operands, exact products), the convolution in fp32 on
+// CUDA cores (no fp16 operand, unlike flash_mta.h), the mixing as two bf16 terms per value (hi + lo) on
+// tensor cores with fp32 accumulation (FlashMix's head_mix_mma.cuh), the softmax statistics in fp32.
+// Layout: q, k [B, H, T, D] bf16 contiguous; Wpre [H, cq, ck] fp32; Mpre [H / g, g, g] fp32 (nullptr
+// without head_pre); lse [B, H, T] fp32. Device pointers; work is queued on `s`. Bad arguments throw
+// std::invalid_argument before any device work.
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include "attention/spec.h"
+
+namespace mta::cuda {
+
+// Whether pass 1 computes this spec at head dim D: kq_pre (cq <= 8, ck <= 15, any pad) with or without
+// head_pre, whatever the later steps (they do not change lse), and coupled heads G =
+// spec.coupled_heads() <= 16 at D = 64, <= 8 at D = 128 (one warp per head of a group in one CTA).
+bool flash_kq_layer_lse_supported(const AttentionSpec& spec, int D);
+
+void flash_kq_layer_lse(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                        const float* kq_pre, const float* head_pre, float* lse, int B, int T, cudaStream_t s);
+
+// The forward pass, pass 1 then pass 2 (steps 1-7): A = softmax(C' with the future at -inf) through
+// lse; A2 = kq_post's convolution of A (identity without kq_post), the future set to 0;
+// A3 = the head_post mix of A2 (A2 without head_post); o = A3 v, A3 rounded to bf16 for the product.
+// o is the core's output (before norm, depth scaling and gate: epilogue_cuda.h); lse is pass 1's.
+// Supported: flash_kq_layer_lse_supported, kq_post (if any) with cq <= 8, ck <= 15, and at most 8
+// coupled heads (pass 2 keeps two windows per head in shared memory). No attention dropout.
+bool flash_kq_layer_forward_supported(const AttentionSpec& spec, int D);
+void flash_kq_layer_forward(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                            const __nv_bfloat16* v, const float* kq_pre, const float* head_pre, const float* kq_post,
+                            const float* head_post, __nv_bfloat16* o, float* lse, int B, int T, cudaStream_t s);
+
+}  // namespace mta::cuda

@@ -1,0 +1,307 @@
+// GPU tests of the fused kq layer (attention/flash_kq_layer.h). Pass 1: lse of C' = mix_pre(conv_pre(S0))
+// against a float64 reference written here from docs/mta-semantics.md steps 1-4 (its own loops, on the
+// same bf16-rounded q and k). The forward (passes 1 and 2): o against the CPU op in float64
+// (mta::cpu::mta_forward), with kq_post and head_post. For the paper's kq layer (6 x 11 both, all heads
+// mixed), the toy's 2 x 9, and random sizes, pads and groups (the runtime-size convolutions), at D = 64
+// and 128, with T below, at and past the 16-row tile and rows whose convolutions reach before the
+// sequence start. Every output starts as NaN and must be written. Labelled "gpu"; skipped without a
+// device.
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "attention/flash_kq_layer.h"
+#include "attention/mta_cpu.h"
+#include "gpu/gpu_test_util.h"
+
+namespace {
+
+using namespace gpu_test;  // NOLINT
+
+struct Case {
+  int B, H, T, D, cq, ck;
+  mta::PadKey pad;
+  int gpre;  // 0: no head_pre
+  int gpost;  // only widens the coupled group (pass 1 does not use Mpost)
+  std::string str() const {
+    return "B=" + std::to_string(B) + " H=" + std::to_string(H) + " T=" + std::to_string(T) + " D=" +
+           std::to_string(D) + " kq_pre " + std::to_string(cq) + "x" + std::to_string(ck) + " pad " +
+           std::to_string(static_cast<int>(pad)) + " head_pre " + std::to_string(gpre) + " head_post " +
+           std::to_string(gpost);
+  }
+};
+
+mta::AttentionSpec spec_of(const Case& c) {
+  mta::AttentionSpec s;
+  s.heads = c.H, s.head_dim = c.D;
+  s.kq_pre = mta::KqConv{c.cq, c.ck, c.pad};
+  if (c.gpre) s.head_pre = mta::HeadMix{c.gpre};
+  if (c.gpost) s.head_post = mta::HeadMix{c.gpost};
+  return s;
+}
+
+// lse[b, h, i] in float64 from the semantics page: S0 (future -> 0), the convolution with zero padding,
+// the head_pre mix over h's group, the future -> -inf, the log-sum-exp.
+std::vector<double> reference_lse(const Case& c, const mta::AttentionSpec& spec, const std::vector<double>& q,
+                                  const std::vector<double>& k, const std::vector<double>& w,
+                                  const std::vector<double>& m) {
+  const int B = c.B, H = c.H, T = c.T, D = c.D, o = spec.kq_pre->key_offset();
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  std::vector<double> lse(static_cast<size_t>(B) * H * T);
+  for (int b = 0; b < B; ++b) {
+    std::vector<std::vector<double>> C(H, std::vector<double>(static_cast<size_t>(T) * T, 0.0));
+    for (int h = 0; h < H; ++h) {
+      const size_t base = (static_cast<size_t>(b) * H + h) * T * D;
+      std::vector<double> s0(static_cast<size_t>(T) * T, 0.0);
+      for (int i = 0; i < T; ++i)
+        for (int j = 0; j <= i; ++j) {
+          double dot = 0;
+          for (int d = 0; d < D; ++d) dot += q[base + static_cast<size_t>(i) * D + d] * k[base + static_cast<size_t>(j) * D + d];
+          s0[static_cast<size_t>(i) * T + j] = scale * dot;
+        }
+      for (int i = 0; i < T; ++i)
+        for (int j = 0; j <= i; ++j) {
+          double acc = 0;
+          for (int a = 0; a < c.cq; ++a)
+            for (int cc = 0; cc < c.ck; ++cc) {
+              const int ii = i - (c.cq - 1) + a, jj = j - o + cc;
+              if (ii >= 0 && jj >= 0 && jj < T)
+                acc += w[(static_cast<size_t>(h) * c.cq + a) * c.ck + cc] * s0[static_cast<size_t>(ii) * T + jj];
+            }
+          C[h][static_cast<size_t>(i) * T + j] = acc;
+        }
+    }
+    for (int x = 0; x < H; ++x)
+      for (int i = 0; i < T; ++i) {
+        std::vector<double> row(i + 1);
+        double mx = -INFINITY;
+        for (int j = 0; j <= i; ++j) {
+          double v = C[x][static_cast<size_t>(i) * T + j];
+          if (c.gpre) {
+            const int g = c.gpre, grp = x / g;
+            v = 0;
+            for (int y = 0; y < g; ++y)
+              v += m[(static_cast<size_t>(grp) * g + x % g) * g + y] * C[grp * g + y][static_cast<size_t>(i) * T + j];
+          }
+          row[j] = v;
+          mx = std::max(mx, v);
+        }
+        double sum = 0;
+        for (int j = 0; j <= i; ++j) sum += std::exp(row[j] - mx);
+        lse[(static_cast<size_t>(b) * H + x) * T + i] = mx + std::log(sum);
+      }
+  }
+  return lse;
+}
+
+void check_case(const Case& c, unsigned seed) {
+  SCOPED_TRACE(c.str());
+  const mta::AttentionSpec spec = spec_of(c);
+  ASSERT_TRUE(mta::cuda::flash_kq_layer_lse_supported(spec, c.D));
+  std::mt19937 rng(seed);
+  const size_t n = static_cast<size_t>(c.B) * c.H * c.T * c.D, rows = static_cast<size_t>(c.B) * c.H * c.T;
+  const Tensor q = randn_bf16(n, rng), k = randn_bf16(n, rng);
+  // Identity plus noise (the paper's initialisation, moved), for the kernels and the mixing.
+  std::uniform_real_distribution<double> ud(-0.5, 0.5);
+  const int o = spec.kq_pre->key_offset();
+  std::vector<double> w(static_cast<size_t>(c.H) * c.cq * c.ck);
+  for (auto& x : w) x = ud(rng);
+  for (int h = 0; h < c.H; ++h) w[(static_cast<size_t>(h) * c.cq + c.cq - 1) * c.ck + o] += 1.0;
+  std::vector<double> m;
+  if (c.gpre) {
+    m.resize(static_cast<size_t>(c.H) * c.gpre);
+    for (auto& x : m) x = ud(rng);
+    for (int grp = 0; grp < c.H / c.gpre; ++grp)
+      for (int x = 0; x < c.gpre; ++x) m[(static_cast<size_t>(grp) * c.gpre + x) * c.gpre + x] += 1.0;
+  }
+  const std::vector<float> wf(w.begin(), w.end()), mf(m.begin(), m.end());
+
+  DevMem dq(n * 2), dk(n * 2), dw(wf.size() * 4), dm(std::max<size_t>(mf.size(), 1) * 4), dlse(rows * 4);
+  dq.upload(q.bits), dk.upload(k.bits), dw.upload(wf);
+  if (!mf.empty()) dm.upload(mf);
+  dlse.poison();
+  using bf = __nv_bfloat16;
+  mta::cuda::flash_kq_layer_lse(spec, dq.as<bf>(), dk.as<bf>(), dw.as<float>(), c.gpre ? dm.as<float>() : nullptr,
+                                dlse.as<float>(), c.B, c.T, nullptr);
+  CUDA_OK(cudaDeviceSynchronize());
+  const std::vector<float> got = dlse.download<float>(rows);
+  const std::vector<double> want = reference_lse(c, spec, q.val, k.val, w, m);
+  double err = 0;
+  size_t bad = 0;
+  for (size_t i = 0; i < rows; ++i) {
+    if (!std::isfinite(got[i])) {
+      ++bad;
+      continue;
+    }
+    err = std::max(err, std::fabs(got[i] - want[i]));
+  }
+  EXPECT_EQ(bad, 0u) << "lse entries not finite (unwritten or overflowed)";
+  EXPECT_LE(err, 2e-3) << "max |lse - reference|";
+  std::printf("[ kq layer pass 1 ] %s: max |lse error| %.2e\n", c.str().c_str(), err);
+}
+
+// The forward: o (and lse) for a spec with kq_pre, optional head_pre, kq_post and head_post.
+struct FwdCase {
+  Case c;
+  int cq2, ck2;  // kq_post (0: none)
+  mta::PadKey pad2;
+};
+
+void check_forward(const FwdCase& f, unsigned seed) {
+  const Case& c = f.c;
+  SCOPED_TRACE(c.str() + " kq_post " + std::to_string(f.cq2) + "x" + std::to_string(f.ck2));
+  mta::AttentionSpec spec = spec_of(c);
+  if (f.cq2) spec.kq_post = mta::KqConv{f.cq2, f.ck2, f.pad2};
+  ASSERT_TRUE(mta::cuda::flash_kq_layer_forward_supported(spec, c.D));
+  std::mt19937 rng(seed);
+  const size_t n = static_cast<size_t>(c.B) * c.H * c.T * c.D, rows = static_cast<size_t>(c.B) * c.H * c.T;
+  const Tensor q = randn_bf16(n, rng), k = randn_bf16(n, rng), v = randn_bf16(n, rng);
+  std::uniform_real_distribution<double> ud(-0.5, 0.5);
+  auto kernel = [&](const mta::KqConv& kc) {  // identity plus noise
+    std::vector<double> w(static_cast<size_t>(c.H) * kc.q * kc.k);
+    for (auto& x : w) x = ud(rng);
+    for (int h = 0; h < c.H; ++h) w[(static_cast<size_t>(h) * kc.q + kc.q - 1) * kc.k + kc.key_offset()] += 1.0;
+    return w;
+  };
+  auto mix = [&](int g) {
+    std::vector<double> m(static_cast<size_t>(c.H) * g);
+    for (auto& x : m) x = 0.3 * ud(rng);
+    for (int grp = 0; grp < c.H / g; ++grp)
+      for (int x = 0; x < g; ++x) m[(static_cast<size_t>(grp) * g + x) * g + x] += 1.0;
+    return m;
+  };
+  const std::vector<double> wpre = kernel(*spec.kq_pre);
+  const std::vector<double> wpost = spec.kq_post ? kernel(*spec.kq_post) : std::vector<double>{};
+  const std::vector<double> mpre = c.gpre ? mix(c.gpre) : std::vector<double>{};
+  const std::vector<double> mpost = c.gpost ? mix(c.gpost) : std::vector<double>{};
+  auto up = [](const std::vector<double>& x) {
+    auto d = std::make_unique<DevMem>(std::max<size_t>(x.size(), 1) * 4);
+    if (!x.empty()) d->upload(std::vector<float>(x.begin(), x.end()));
+    return d;
+  };
+  const auto dwpre = up(wpre), dwpost = up(wpost), dmpre = up(mpre), dmpost = up(mpost);
+  DevMem dq(n * 2), dk(n * 2), dv(n * 2), dout(n * 2), dlse(rows * 4);
+  dq.upload(q.bits), dk.upload(k.bits), dv.upload(v.bits);
+  dout.poison(), dlse.poison();
+  using bf = __nv_bfloat16;
+  mta::cuda::flash_kq_layer_forward(spec, dq.as<bf>(), dk.as<bf>(), dv.as<bf>(), dwpre->as<float>(),
+                                    c.gpre ? dmpre->as<float>() : nullptr,
+                                    spec.kq_post ? dwpost->as<float>() : nullptr,
+                                    c.gpost ? dmpost->as<float>() : nullptr, dout.as<bf>(), dlse.as<float>(), c.B,
+                                    c.T, nullptr);
+  CUDA_OK(cudaDeviceSynchronize());
+  const std::vector<double> got = to_double(dout.download<uint16_t>(n));
+  mta::AttnParams<double> p;
+  p.kq_pre = wpre.data();
+  if (c.gpre) p.head_pre = mpre.data();
+  if (spec.kq_post) p.kq_post = wpost.data();
+  if (c.gpost) p.head_post = mpost.data();
+  std::vector<double> want(n);
+  mta::cpu::mta_forward<double>(spec, mta::AttnDims{c.B, c.H, c.T, c.D}, q.val.data(), k.val.data(), v.val.data(), p,
+                                want.data());
+  EXPECT_EQ(non_finite(got), 0) << "o has non-finite (unwritten) entries";
+  const double e = rel_err(got, want);
+  EXPECT_LE(e, 2e-2) << "o";
+  const std::vector<float> lse = dlse.download<float>(rows);
+  const std::vector<double> lse_want = reference_lse(c, spec, q.val, k.val, wpre, mpre);
+  double e_lse = 0;
+  for (size_t i = 0; i < rows; ++i)
+    e_lse = std::max(e_lse, std::isfinite(lse[i]) ? std::fabs(lse[i] - lse_want[i]) : INFINITY);
+  EXPECT_LE(e_lse, 2e-3) << "lse";
+  std::printf("[ kq layer forward ] %s: o rel err %.2e, lse max err %.2e\n", c.str().c_str(), e, e_lse);
+}
+
+TEST(FlashKqLayer, PaperLayerForward) {
+  SKIP_WITHOUT_GPU();
+  check_forward(FwdCase{Case{2, 8, 77, 64, 6, 11, mta::PadKey::Both, 8, 8}, 6, 11, mta::PadKey::Both}, 11u);
+  check_forward(FwdCase{Case{1, 8, 130, 128, 6, 11, mta::PadKey::Both, 8, 8}, 6, 11, mta::PadKey::Both}, 12u);
+  check_forward(FwdCase{Case{1, 4, 1, 64, 6, 11, mta::PadKey::Both, 4, 4}, 6, 11, mta::PadKey::Both}, 13u);
+}
+
+// Runtime sizes of both convolutions, every pad mode, with and without each mix, without kq_post.
+TEST(FlashKqLayer, RandomForward) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(77);
+  const mta::PadKey pads[] = {mta::PadKey::Left, mta::PadKey::Right, mta::PadKey::Both};
+  for (int it = 0; it < 8; ++it) {
+    FwdCase f;
+    Case& c = f.c;
+    c.B = 1 + static_cast<int>(rng() % 2);
+    c.D = rng() % 2 ? 64 : 128;
+    c.H = 4;
+    c.T = 1 + static_cast<int>(rng() % 60);
+    auto conv = [&](int& cq, int& ck, mta::PadKey& pad) {
+      cq = 1 + static_cast<int>(rng() % 8);
+      pad = pads[rng() % 3];
+      ck = 1 + static_cast<int>(rng() % 15);
+      if (pad == mta::PadKey::Both && ck % 2 == 0) ck += 1;
+    };
+    conv(c.cq, c.ck, c.pad);
+    if (it % 4 != 3) conv(f.cq2, f.ck2, f.pad2);
+    else f.cq2 = 0, f.ck2 = 0, f.pad2 = mta::PadKey::Both;
+    const int groups[] = {0, 1, 2, 4};
+    c.gpre = groups[rng() % 4];
+    c.gpost = groups[rng() % 4];
+    check_forward(f, 200u + it);
+  }
+}
+
+TEST(FlashKqLayer, PaperLayerLse) {
+  SKIP_WITHOUT_GPU();
+  // The paper LM's kq layer: 6 x 11 both, every head of the layer in one mixing group, pre and post.
+  check_case(Case{2, 8, 77, 64, 6, 11, mta::PadKey::Both, 8, 8}, 1u);
+  check_case(Case{1, 16, 40, 64, 6, 11, mta::PadKey::Both, 16, 16}, 2u);
+  check_case(Case{1, 8, 130, 128, 6, 11, mta::PadKey::Both, 8, 8}, 3u);
+}
+
+TEST(FlashKqLayer, ToyAndSmallT) {
+  SKIP_WITHOUT_GPU();
+  check_case(Case{2, 2, 1, 64, 2, 9, mta::PadKey::Both, 0, 0}, 4u);   // T = 1: one row, one key
+  check_case(Case{2, 2, 16, 128, 2, 9, mta::PadKey::Both, 0, 0}, 5u);
+  check_case(Case{1, 4, 33, 64, 2, 9, mta::PadKey::Both, 2, 0}, 6u);
+}
+
+// Runtime sizes (the generic convolution path), every pad mode, groups smaller than H, a head_post
+// group that only widens the CTA's group.
+TEST(FlashKqLayer, RandomSpecs) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(2026);
+  const mta::PadKey pads[] = {mta::PadKey::Left, mta::PadKey::Right, mta::PadKey::Both};
+  for (int it = 0; it < 8; ++it) {
+    Case c;
+    c.B = 1 + static_cast<int>(rng() % 2);
+    c.D = rng() % 2 ? 64 : 128;
+    c.H = (c.D == 64 ? 8 : 4);
+    c.T = 1 + static_cast<int>(rng() % 70);
+    c.cq = 1 + static_cast<int>(rng() % 8);
+    c.pad = pads[rng() % 3];
+    c.ck = 1 + static_cast<int>(rng() % 15);
+    if (c.pad == mta::PadKey::Both && c.ck % 2 == 0) c.ck += 1;
+    const int groups[] = {0, 1, 2, 4};
+    c.gpre = groups[rng() % 4];
+    c.gpost = groups[rng() % 4];
+    check_case(c, 100u + it);
+  }
+}
+
+TEST(FlashKqLayer, RefusesUnsupported) {
+  mta::AttentionSpec s;
+  s.heads = 4, s.head_dim = 64;
+  EXPECT_FALSE(mta::cuda::flash_kq_layer_lse_supported(s, 64));  // no kq_pre
+  s.kq_pre = mta::KqConv{9, 3, mta::PadKey::Both};
+  EXPECT_FALSE(mta::cuda::flash_kq_layer_lse_supported(s, 64));  // cq > 8
+  s.kq_pre = mta::KqConv{2, 3, mta::PadKey::Both};
+  EXPECT_TRUE(mta::cuda::flash_kq_layer_lse_supported(s, 64));
+  EXPECT_FALSE(mta::cuda::flash_kq_layer_lse_supported(s, 96));
+  EXPECT_THROW(mta::cuda::flash_kq_layer_lse(s, nullptr, nullptr, nullptr, nullptr, nullptr, 1, 8, nullptr),
+               std::invalid_argument);
+}
+
+}  // namespace
