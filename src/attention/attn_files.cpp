@@ -161,18 +161,27 @@ void run_cuda_fused(const AttentionSpec& spec, const AttnDims& dims, const std::
 #endif
 
 #ifdef MTA_HAVE_CUDA
+// Whether the fused kernels compute this spec: with gradients (dout given) the fused forward and
+// backward must both exist; without, the forward alone (which also covers the kq layers, flash_kq_layer.h).
+bool fused_covers(const AttentionSpec& spec, const AttnDims& dims, bool backward) {
+  if (dims.dv() != dims.D) return false;
+  return backward ? cuda::fused_attention_supported(spec, dims.D) : cuda::fused_attention_forward_supported(spec, dims.D);
+}
+
 // Which CUDA path runs: the fused kernels where they cover the spec (auto) or when asked for; the
 // materialized op otherwise, always for float64 input (the fused kernels compute in bf16), and for
 // inputs outside the fused kernels' fp16 range (`range_problem`, fused_range.h; auto falls back,
 // --impl fused refuses).
-bool fused_path(const AttentionSpec& spec, const AttnDims& dims, AttnImpl impl, bool float32,
+bool fused_path(const AttentionSpec& spec, const AttnDims& dims, AttnImpl impl, bool float32, bool backward,
                 const std::string& range_problem) {
-  const bool covered = dims.dv() == dims.D && cuda::fused_attention_supported(spec, dims.D);
+  const bool covered = fused_covers(spec, dims, backward);
   if (impl == AttnImpl::Fused) {
     if (!covered)
-      throw InputError("--impl fused: the fused kernels do not cover this spec yet (kq_pre only or head mixing "
-                       "only, plus norm / depth scaling / gate; head_dim 64 or 128; see docs/flash-mta.md); use "
-                       "--impl auto or materialized");
+      throw InputError(std::string("--impl fused: the fused kernels do not cover this spec") +
+                       (backward ? " with gradients" : "") +
+                       " yet (kq_pre only or head mixing only, plus norm / depth scaling / gate; without dout also "
+                       "kq_pre with kq_post and head mixing of <= 8 heads; head_dim 64 or 128; see "
+                       "docs/flash-mta.md); use --impl auto or materialized");
     if (!float32) throw InputError("--impl fused: the fused kernels take F32 input (they compute in bf16), not F64");
     if (!range_problem.empty()) throw InputError("--impl fused: " + range_problem + "; use --impl auto or materialized");
   }
@@ -207,9 +216,10 @@ io::SafeTensors run(const AttentionSpec& spec, const io::SafeTensors& in, const 
   if (device == Device::Cuda) {
 #ifdef MTA_HAVE_CUDA
     if constexpr (std::is_same_v<T, float>)
-      if (impl != AttnImpl::Materialized && dims.dv() == dims.D && cuda::fused_attention_supported(spec, dims.D))
+      if (impl != AttnImpl::Materialized && fused_covers(spec, dims, backward) &&
+          cuda::fused_attention_fp16_logits(spec, dims.D))
         range_problem = fused_fp16_range_problem(spec, dims, q.data(), k.data(), p.kq_pre);
-    fused = fused_path(spec, dims, impl, std::is_same_v<T, float>, range_problem);
+    fused = fused_path(spec, dims, impl, std::is_same_v<T, float>, backward, range_problem);
     if constexpr (std::is_same_v<T, float>) {
       if (fused) run_cuda_fused(spec, dims, q, k, v, infos, pvals, backward ? &dout : nullptr, o, dq, dk, dv, gvals);
     }

@@ -85,6 +85,29 @@ __device__ __forceinline__ void load_rows_async(bf16* smem, int stride, const bf
   }
 }
 
+// dst[0..1] += (x, y): one vector reduction on sm_90 (8-byte aligned dst), two scalar ones before.
+__device__ __forceinline__ void atomic_add2(float* dst, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(x, y));
+#else
+  atomicAdd(dst, x);
+  atomicAdd(dst + 1, y);
+#endif
+}
+
+// Rows first_row .. first_row + n - 1 of lse and delta into shared memory (raw lse; zeros past T),
+// by cp.async so that the next query tile's copies overlap the current one's work.
+template <int kThreads>
+__device__ __forceinline__ void load_row_stats_async(float* sLse, float* sDelta, const float* lse,
+                                                     const float* delta, int first_row, int n, int T, int tid) {
+  for (int i = tid; i < n; i += kThreads) {
+    const int row = first_row + i;
+    const bool ok = row < T;
+    cp_async_4(sLse + i, ok ? lse + row : lse, ok ? 4 : 0);
+    cp_async_4(sDelta + i, ok ? delta + row : delta, ok ? 4 : 0);
+  }
+}
+
 // fp16's largest finite number: operands beyond it would become infinities (AttnOptions::fp16_overflow).
 constexpr float kFp16Max = 65504.f;
 
@@ -322,7 +345,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
   bf16* sP = sF + Tr::kRowsF * FS;                        // P [BM][SP]
   float* sScr = reinterpret_cast<float*>(sP);             // [kWarps][16][33]: band extraction of dW (in sP)
   float* sdK = reinterpret_cast<float*>(sP + BM * SP);    // [kColsE][D] unless kDkInRegs
-  float* sLse = sdK + (Tr::kDkInRegs ? 0 : kColsE * D);   // lse * log2(e) of rows m0 ..
+  float* sLse = sdK + (Tr::kDkInRegs ? 0 : kColsE * D);   // lse of rows m0 ..
   float* sDelta = sLse + BM;
   uint32_t* sBandF = reinterpret_cast<uint32_t*>(sDelta + BM);
   uint32_t* sBandT = sBandF + kBandWords;
@@ -354,18 +377,18 @@ __global__ void __launch_bounds__(Tr::kThreads)
 #pragma unroll
   for (int a = 0; a < kMaxCq; ++a) acc_dw[a] = 0.f;
 
-  for (int m0 = (n0 / BM) * BM; m0 < T; m0 += BM) {
-    __syncthreads();  // the previous query tile is done with every buffer below
-    load_rows_async<kRowsE, D, kThreads>(sQ, S, q, m0 - kHalo, T, tid);
-    load_rows_async<BM, D, kThreads>(sdO, S, dout, m0, T, tid);
-    cp_async_commit();
-    for (int i = tid; i < BM; i += kThreads) {
-      const int row = m0 + i;
-      sLse[i] = row < T ? lse[row] * kLog2e : 0.f;
-      sDelta[i] = row < T ? delta[row] : 0.f;
-    }
+  // The query tiles' inputs are copied one tile ahead: dO, lse and delta once step 3 has read them,
+  // Q once step 7 has (see the barriers below), so the copies overlap steps 4-6.
+  const int m_first = (n0 / BM) * BM;
+  load_rows_async<kRowsE, D, kThreads>(sQ, S, q, m_first - kHalo, T, tid);
+  load_rows_async<BM, D, kThreads>(sdO, S, dout, m_first, T, tid);
+  load_row_stats_async<kThreads>(sLse, sDelta, lse, delta, m_first, BM, T, tid);
+  cp_async_commit();
+
+  for (int m0 = m_first; m0 < T; m0 += BM) {
+    const bool has_next = m0 + BM < T;
     cp_async_wait_all();
-    __syncthreads();
+    __syncthreads();  // this tile's inputs landed; the previous tile is done with every buffer
 
     // 1. S0 on the extended tile, as the forward pass computed it.
     s0_extended<Tr>(sQ, sK, sS, sSb, m0, n0, key_off, scale, warp, lane);
@@ -389,7 +412,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
         for (int e = 0; e < 2; ++e) {
           const int col = n0 + lcol + e;
           const bool ok = row < T && col <= row;  // col <= row < T
-          p[e] = ok ? exp2f(fmaf(acc_p[j][2 * hh + e], kLog2e, -sLse[lrow])) : 0.f;
+          p[e] = ok ? exp2f(fmaf(acc_p[j][2 * hh + e], kLog2e, -(sLse[lrow] * kLog2e))) : 0.f;
           const float mask =
               (p_drop > 0.f && ok) ? (dropout_keep(drop_seed, blockIdx.x, T, row, col, p_drop) ? keep_scale : 0.f) : 1.f;
           pd[e] = p[e] * mask;
@@ -414,7 +437,12 @@ __global__ void __launch_bounds__(Tr::kThreads)
       }
     }
 
-    __syncthreads();  // every warp is done with sP: the dW scratch takes its place
+    __syncthreads();  // every warp is done with sP (the dW scratch takes its place), sdO, sLse, sDelta
+    if (has_next) {
+      load_rows_async<BM, D, kThreads>(sdO, S, dout, m0 + BM, T, tid);
+      load_row_stats_async<kThreads>(sLse, sDelta, lse, delta, m0 + BM, BM, T, tid);
+      cp_async_commit();
+    }
 
     // 4. dW for this warp's 16 keys j (local 16 warp + r): for each a, M = dC^T X_a with
     //    X_a[i][col] = S0 row i - (cq-1) + a (sS row 16 + i - (cq-1) + a), columns col = 16 warp .. + 31;
@@ -483,30 +511,9 @@ __global__ void __launch_bounds__(Tr::kThreads)
     }
     __syncthreads();  // sdS complete
 
-    // 6. dQ (extended rows) += dS0 K, by atomics; 7. dK (extended keys) += dS0^T Q, in shared memory.
-    //    The same 16 x 16 units go to the same warp in every iteration, so sdK needs no atomics.
-    for (int u = warp; u < kUnitRows * (D / 16); u += kWarps) {
-      const int rb = u / (D / 16), dn = u % (D / 16);
-      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-      for (int ks = 0; ks < kColsE / 16; ++ks) {
-        uint32_t af[4], b[4];
-        ldmatrix_x4(af, sdS + a_offset(lane, rb * 16, ks * 16, SS));
-        ldmatrix_x4_trans(b, sK + bkn_offset(lane, ks * 16, dn * 16, S));
-        mma_bf16(acc[0], af, b[0], b[1]);
-        mma_bf16(acc[1], af, b[2], b[3]);
-      }
-#pragma unroll
-      for (int nn = 0; nn < 2; ++nn)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int row = m0 - kHalo + rb * 16 + g + 8 * r, col = dn * 16 + nn * 8 + 2 * t;
-          if (row >= 0 && row < T) {
-            atomicAdd(dq_acc + static_cast<size_t>(row) * D + col, acc[nn][2 * r]);
-            atomicAdd(dq_acc + static_cast<size_t>(row) * D + col + 1, acc[nn][2 * r + 1]);
-          }
-        }
-    }
+    // 7. dK (extended keys) += dS0^T Q, in registers (D = 64) or shared memory. The same 16 x 16 units
+    //    go to the same warp in every iteration, so sdK needs no atomics. Before dQ, so that sQ is free
+    //    for the next tile's copy while the dQ atomics run.
 #pragma unroll
     for (int i = 0; i < Tr::kDkUnits; ++i) {
       const int u = warp + i * kWarps, rb = u / (D / 16), dn = u % (D / 16);
@@ -527,6 +534,33 @@ __global__ void __launch_bounds__(Tr::kThreads)
             acc_dk[i][nn][e] += acc[nn][e];
           else
             sdK[(rb * 16 + g + 8 * (e >> 1)) * D + dn * 16 + nn * 8 + 2 * t + (e & 1)] += acc[nn][e];
+        }
+    }
+    __syncthreads();  // every warp is done with sQ
+    if (has_next) {
+      load_rows_async<kRowsE, D, kThreads>(sQ, S, q, m0 + BM - kHalo, T, tid);
+      cp_async_commit();
+    }
+
+    // 6. dQ (extended rows) += dS0 K, by atomics (they need no barrier after them: the next
+    //    iteration's first barrier orders them before sdS is overwritten).
+    for (int u = warp; u < kUnitRows * (D / 16); u += kWarps) {
+      const int rb = u / (D / 16), dn = u % (D / 16);
+      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+      for (int ks = 0; ks < kColsE / 16; ++ks) {
+        uint32_t af[4], b[4];
+        ldmatrix_x4(af, sdS + a_offset(lane, rb * 16, ks * 16, SS));
+        ldmatrix_x4_trans(b, sK + bkn_offset(lane, ks * 16, dn * 16, S));
+        mma_bf16(acc[0], af, b[0], b[1]);
+        mma_bf16(acc[1], af, b[2], b[3]);
+      }
+#pragma unroll
+      for (int nn = 0; nn < 2; ++nn)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int row = m0 - kHalo + rb * 16 + g + 8 * r, col = dn * 16 + nn * 8 + 2 * t;
+          if (row >= 0 && row < T) atomic_add2(dq_acc + static_cast<size_t>(row) * D + col, acc[nn][2 * r], acc[nn][2 * r + 1]);
         }
     }
   }
@@ -550,15 +584,16 @@ __global__ void __launch_bounds__(Tr::kThreads)
 #pragma unroll
       for (int nn = 0; nn < 2; ++nn)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = n0 - key_off + rb * 16 + g + 8 * (e >> 1), col = dn * 16 + nn * 8 + 2 * t + (e & 1);
-          if (row >= 0 && row < T) atomicAdd(dk_acc + static_cast<size_t>(row) * D + col, acc_dk[i][nn][e]);
+        for (int r = 0; r < 2; ++r) {
+          const int row = n0 - key_off + rb * 16 + g + 8 * r, col = dn * 16 + nn * 8 + 2 * t;
+          if (row >= 0 && row < T)
+            atomic_add2(dk_acc + static_cast<size_t>(row) * D + col, acc_dk[i][nn][2 * r], acc_dk[i][nn][2 * r + 1]);
         }
     }
   } else {
-    for (int i = tid; i < kColsE * D; i += kThreads) {
+    for (int i = 2 * tid; i < kColsE * D; i += 2 * kThreads) {
       const int row = n0 - key_off + i / D;
-      if (row >= 0 && row < T) atomicAdd(dk_acc + static_cast<size_t>(row) * D + i % D, sdK[i]);
+      if (row >= 0 && row < T) atomic_add2(dk_acc + static_cast<size_t>(row) * D + i % D, sdK[i], sdK[i + 1]);
     }
   }
 #pragma unroll

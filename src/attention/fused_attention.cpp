@@ -39,6 +39,10 @@ bool fused_attention_forward_supported(const AttentionSpec& spec, int D, float d
   return forward_core_of(spec, D, dropout) != Core::None;
 }
 
+bool fused_attention_fp16_logits(const AttentionSpec& spec, int D, float dropout) {
+  return forward_core_of(spec, D, dropout) == Core::KqPre;
+}
+
 bool fused_attention_has_epilogue(const AttentionSpec& spec) { return attn_epilogue_enabled(spec); }
 
 void fused_attention_forward(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,

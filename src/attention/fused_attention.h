@@ -26,6 +26,11 @@ bool fused_attention_supported(const AttentionSpec& spec, int D, float dropout =
 // recomputes everything from q, k, v).
 bool fused_attention_forward_supported(const AttentionSpec& spec, int D, float dropout = 0.0f);
 
+// Whether the fused forward of this spec holds the scaled logits and the kq_pre weights as fp16
+// operands (the kq_pre kernel, flash_mta.h), so that its inputs must pass fused_range.h's check. The
+// kq-layer and head-mixing kernels keep logits in fp32.
+bool fused_attention_fp16_logits(const AttentionSpec& spec, int D, float dropout = 0.0f);
+
 // The core's output, which the backward pass needs: with an epilogue, `core` ([B, H, T, D] bf16,
 // caller-owned) receives it; without one it is `o` itself and `core` may be null.
 bool fused_attention_has_epilogue(const AttentionSpec& spec);

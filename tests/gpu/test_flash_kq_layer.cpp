@@ -11,15 +11,18 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <map>
 #include <cmath>
 #include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "attention/attn_files.h"
 #include "attention/flash_kq_layer.h"
 #include "attention/mta_cpu.h"
 #include "gpu/gpu_test_util.h"
+#include "util/error.h"
 
 namespace {
 
@@ -302,6 +305,65 @@ TEST(FlashKqLayer, RefusesUnsupported) {
   EXPECT_FALSE(mta::cuda::flash_kq_layer_lse_supported(s, 96));
   EXPECT_THROW(mta::cuda::flash_kq_layer_lse(s, nullptr, nullptr, nullptr, nullptr, nullptr, 1, 8, nullptr),
                std::invalid_argument);
+}
+
+// `mta attn --device cuda` on a kq-layer spec (both convolutions, both mixes, norm and gate): without
+// dout the fused forward runs and matches the float64 CPU op; with dout the backward is not fused yet,
+// so auto takes the materialized op and --impl fused refuses.
+TEST(FlashKqLayer, AttnCommandForwardOnly) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(404);
+  mta::AttentionSpec spec;
+  spec.heads = 4, spec.head_dim = 64;
+  spec.kq_pre = mta::KqConv{3, 5, mta::PadKey::Both};
+  spec.kq_post = mta::KqConv{2, 4, mta::PadKey::Right};
+  spec.head_pre = mta::HeadMix{2}, spec.head_post = mta::HeadMix{4};
+  spec.norm = true, spec.gate = true;
+  const int B = 2, T = 83;
+  const std::vector<int64_t> shape{B, spec.heads, T, spec.head_dim};
+  const size_t n = static_cast<size_t>(B) * spec.heads * T * spec.head_dim;
+  mta::io::SafeTensors fwd32, fwd64;
+  auto put = [&](const std::string& name, const std::vector<int64_t>& shp, const std::vector<double>& v) {
+    const std::vector<float> f(v.begin(), v.end());
+    fwd32.tensors[name] = mta::io::make_tensor(shp, f.data());
+    fwd64.tensors[name] = mta::io::make_tensor(shp, v.data());
+  };
+  for (const char* name : {"q", "k", "v"}) put(name, shape, randn_bf16(n, rng).val);  // bf16-exact
+  std::uniform_real_distribution<double> ud(-0.5, 0.5);
+  for (const auto& info : mta::attention_params(spec)) {
+    size_t count = 1;
+    for (auto d : info.shape) count *= static_cast<size_t>(d);
+    std::vector<double> w(count);
+    for (auto& x : w) x = ud(rng);
+    if (info.name == "kq_pre" || info.name == "kq_post") {  // identity tap plus noise
+      const mta::KqConv& kc = info.name == "kq_pre" ? *spec.kq_pre : *spec.kq_post;
+      for (int h = 0; h < spec.heads; ++h) w[(static_cast<size_t>(h) * kc.q + kc.q - 1) * kc.k + kc.key_offset()] += 1.0;
+    } else if (info.name == "head_pre" || info.name == "head_post") {
+      const int g = static_cast<int>(info.shape.back());
+      for (auto& x : w) x *= 0.6;
+      for (int h = 0; h < spec.heads; ++h) w[static_cast<size_t>(h) * g + h % g] += 1.0;
+    } else if (info.name == "norm") {
+      for (auto& x : w) x += 1.0;
+    }
+    put(info.name, std::vector<int64_t>(info.shape.begin(), info.shape.end()), w);
+  }
+  const auto ref = mta::run_attention_tensors(spec, fwd64, mta::Device::Cpu);
+  const auto fused = mta::run_attention_tensors(spec, fwd32, mta::Device::Cuda);
+  EXPECT_EQ(fused.metadata.at("impl"), "fused");
+  EXPECT_EQ(fused.metadata.count("impl_reason"), 0u);
+  const double e = rel_err(mta::io::to_f64(fused.at("out"), "out"), mta::io::to_f64(ref.at("out"), "out"));
+  EXPECT_LE(e, 2e-2);
+  std::printf("[ attn forward-only ] kq layer with norm and gate: out rel err %.2e\n", e);
+
+  mta::io::SafeTensors both32 = fwd32;
+  both32.tensors["dout"] = mta::io::make_tensor(shape, std::vector<float>(n, 0.5f).data());
+  const auto mat = mta::run_attention_tensors(spec, both32, mta::Device::Cuda);
+  EXPECT_EQ(mat.metadata.at("impl"), "materialized");
+  EXPECT_THROW(mta::run_attention_tensors(spec, both32, mta::Device::Cuda, nullptr, mta::AttnImpl::Fused),
+               mta::InputError);
+  EXPECT_EQ(mta::run_attention_tensors(spec, fwd32, mta::Device::Cuda, nullptr, mta::AttnImpl::Fused)
+                .metadata.at("impl"),
+            "fused");
 }
 
 }  // namespace
