@@ -39,6 +39,8 @@ void mix_require(bool ok, const std::string& what) {
 constexpr size_t kInBytes = kInElems * sizeof(bf16);
 constexpr size_t kFragBytes = kFragWords * sizeof(uint32_t);
 size_t out_bytes(int G) { return static_cast<size_t>(G) * kXT * sizeof(float); }
+// The opt-in dynamic shared memory limit of one CTA on sm_90 (227 KB).
+constexpr size_t kMaxSmemPerBlock = 227 * 1024;
 
 // Forward shared memory: K (and V) tiles [2 stages][G][16][D + 8] bf16 (the next key block's tiles
 // load while this one is used), the coefficient fragments, MixIn hi and lo (S, then A in pass 2) and
@@ -303,7 +305,9 @@ __device__ __forceinline__ void accumulate_p_b(float (&acc)[D / 8][4], const flo
 // Backward, pass 1: delta_y[i] = sum_j A_y[i, j] dA_y[i, j], dA_y = sum_x Mpost[x, y] dA3_x,
 // dA3_x = dO_x V_x^T (causal). A CTA = 16 query rows of one group, one warp per head, as the forward.
 // dA3 is mixed from bf16, as in the key-tile pass, so delta matches the dA it is subtracted from.
-template <int D>
+// kStages = 2: the next key block's K and V tiles load while this one is used (where shared memory
+// holds two sets of tiles, see launch_backward); 1: each block waits for its own.
+template <int D, int kStages>
 __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
     flash_mix_bwd_delta_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                                const bf16* __restrict__ dout, const float* __restrict__ lse,
@@ -311,9 +315,9 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
                                float* __restrict__ delta, int H, int T, int G, float scale) {
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [G][16][S]
-  bf16* sV = sK + G * kTile * S;                 // [G][16][S]
-  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sV + G * kTile * S);
+  bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [kStages][G][16][S]
+  bf16* sV = sK + kStages * G * kTile * S;       // [kStages][G][16][S]
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sV + kStages * G * kTile * S);
   bf16* sSHi = reinterpret_cast<bf16*>(sFrag + kFragWords);  // MixIn: S0 (hi, lo), dA3
   bf16* sSLo = sSHi + kInElems;
   bf16* sD = sSLo + kInElems;
@@ -342,15 +346,30 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
   for (int r = 0; r < 2; ++r) lse2[r] = m0 + g + 8 * r < T ? lse[head + m0 + g + 8 * r] * kLog2e : 0.f;
 
   const int n_end = min(T, m0 + kTile);
-  for (int n0 = 0; n0 < n_end; n0 += kTile) {
-    warp_load_rows<D, S>(myK, k, n0, T, lane);
-    warp_load_rows<D, S>(myV, v, n0, T, lane);
-    cp_async_commit();
-    cp_async_wait_all();
+  const int stage_step = G * kTile * S;
+  warp_load_rows<D, S>(myK, k, 0, T, lane);
+  warp_load_rows<D, S>(myV, v, 0, T, lane);
+  cp_async_commit();
+  for (int n0 = 0, it = 0; n0 < n_end; n0 += kTile, ++it) {
+    // This warp's last reads of the buffer a load overwrites (its MMAs of an earlier block) are done.
+    const int stage = kStages == 2 ? it & 1 : 0;
+    if (kStages == 1 && it > 0) {
+      warp_load_rows<D, S>(myK, k, n0, T, lane);
+      warp_load_rows<D, S>(myV, v, n0, T, lane);
+      cp_async_commit();
+    }
+    if (kStages == 2 && n0 + kTile < n_end) {
+      warp_load_rows<D, S>(myK + (stage ^ 1) * stage_step, k, n0 + kTile, T, lane);
+      warp_load_rows<D, S>(myV + (stage ^ 1) * stage_step, v, n0 + kTile, T, lane);
+      cp_async_commit();
+      cp_async_wait_group<1>();
+    } else {
+      cp_async_wait_group<0>();
+    }
     __syncwarp();
     float acc_s[2][4], acc_d[2][4];
-    frag_gemm_abt<D, S>(acc_s, qa, myK, lane);
-    frag_gemm_abt<D, S>(acc_d, da, myV, lane);
+    frag_gemm_abt<D, S>(acc_s, qa, myK + stage * stage_step, lane);
+    frag_gemm_abt<D, S>(acc_d, da, myV + stage * stage_step, lane);
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
@@ -402,7 +421,9 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
 // must match the forward's lse), A, dA3 and dC' as bf16 (their products are bf16 MMAs anyway).
 // kMaxThreads: 512 for 16 heads (128 registers per thread: this kernel spills there), 256 for groups
 // of up to 8 (255 registers, no spills). Shared memory allows one CTA per SM either way at D = 64.
-template <int D, int kMaxThreads>
+// kStages = 2: the next query block's Q and dO tiles load while this one is used (where shared memory
+// holds two sets, see launch_backward); 1: each block waits for its own.
+template <int D, int kMaxThreads, int kStages>
 __global__ void __launch_bounds__(kMaxThreads)
     flash_mix_bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                          const bf16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -413,9 +434,9 @@ __global__ void __launch_bounds__(kMaxThreads)
   constexpr int S = D + 8, SS = kTile + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [G][16][S]
-  bf16* sQ = sK + G * kTile * S;                 // [G][16][S]
-  bf16* sO = sQ + G * kTile * S;                 // [G][16][S]: dO
-  bf16* sdS = sO + G * kTile * S;                // [G][16][SS]: dS^T (keys x queries)
+  bf16* sQ = sK + G * kTile * S;                 // [kStages][G][16][S]
+  bf16* sO = sQ + kStages * G * kTile * S;       // [kStages][G][16][S]: dO
+  bf16* sdS = sO + kStages * G * kTile * S;      // [G][16][SS]: dS^T (keys x queries)
   uint32_t* sFrag = reinterpret_cast<uint32_t*>(sdS + G * kTile * SS);
   bf16* sSHi = reinterpret_cast<bf16*>(sFrag + kFragWords);  // MixIn: S0^T (hi, lo), A^T then dC'^T, dA3^T
   bf16* sSLo = sSHi + kInElems;
@@ -446,10 +467,26 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   float acc_dk[D / 8][4] = {}, acc_dv[D / 8][4] = {};
   float gpre_acc[2][4] = {}, gpost_acc[2][4] = {};  // this warp's share of dMpre / dMpost (head_mix_mma.cuh)
-  for (int m0 = n0; m0 < T; m0 += kTile) {
-    warp_load_rows<D, S>(myQ, q, m0, T, lane);
-    warp_load_rows<D, S>(myO, dout, m0, T, lane);
-    cp_async_commit();
+  const int stage_step = G * kTile * S;
+  warp_load_rows<D, S>(myQ, q, n0, T, lane);
+  warp_load_rows<D, S>(myO, dout, n0, T, lane);
+  cp_async_commit();
+  for (int m0 = n0, it = 0; m0 < T; m0 += kTile, ++it) {
+    // This warp's last reads of the buffer a load overwrites (its MMAs of an earlier block) are done.
+    const int stage = kStages == 2 ? it & 1 : 0;
+    const bool prefetch = kStages == 2 && m0 + kTile < T;
+    if (kStages == 1 && it > 0) {
+      warp_load_rows<D, S>(myQ, q, m0, T, lane);
+      warp_load_rows<D, S>(myO, dout, m0, T, lane);
+      cp_async_commit();
+    }
+    if (prefetch) {
+      warp_load_rows<D, S>(myQ + (stage ^ 1) * stage_step, q, m0 + kTile, T, lane);
+      warp_load_rows<D, S>(myO + (stage ^ 1) * stage_step, dout, m0 + kTile, T, lane);
+      cp_async_commit();
+    }
+    const bf16* cQ = myQ + stage * stage_step;
+    const bf16* cO = myO + stage * stage_step;
     // The row statistics of this lane's query columns (8j + 2t + e), while the tiles land.
     float lse2[2][2], dlt[2][2];
 #pragma unroll
@@ -460,11 +497,14 @@ __global__ void __launch_bounds__(kMaxThreads)
         lse2[j][e] = qi < T ? lse[head + qi] * kLog2e : 0.f;
         dlt[j][e] = qi < T ? delta[head + qi] : 0.f;
       }
-    cp_async_wait_all();
+    if (prefetch)
+      cp_async_wait_group<1>();
+    else
+      cp_async_wait_group<0>();
     __syncwarp();
     float acc_s[2][4], d3[2][4];
-    warp_gemm_abt<16, D, S>(acc_s, myK, myQ, lane);
-    frag_gemm_abt<D, S>(d3, va, myO, lane);
+    warp_gemm_abt<16, D, S>(acc_s, myK, cQ, lane);
+    frag_gemm_abt<D, S>(d3, va, cO, lane);
     bool ok[2][4];
 #pragma unroll
     for (int j = 0; j < 2; ++j)
@@ -516,7 +556,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 #pragma unroll
         for (int e = 0; e < 4; ++e) p[j][e] = a[j][e], dc[j][e] = a[j][e] * (d3[j][e] - dlt[j][e & 1]);
     }
-    accumulate_p_b<D, S>(acc_dv, p, myO, lane);  // dV += A3^T dO
+    accumulate_p_b<D, S>(acc_dv, p, cO, lane);  // dV += A3^T dO
     float ds[2][4];
     if (gpre) {
       put_tile<false>(sA, nullptr, warp, dc, g, t);  // A^T is done with (barrier (4), or no post mix)
@@ -542,7 +582,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 #pragma unroll
       for (int r = 0; r < 2; ++r)
         *reinterpret_cast<uint32_t*>(mydS + (g + 8 * r) * SS + 8 * j + 2 * t) = pack_bf16(ds[j][2 * r], ds[j][2 * r + 1]);
-    accumulate_p_b<D, S>(acc_dk, ds, myQ, lane);  // dK += dS^T Q (scaled at the end)
+    accumulate_p_b<D, S>(acc_dk, ds, cQ, lane);  // dK += dS^T Q (scaled at the end)
     __syncwarp();
     // dQ[m0 .. m0 + 15] += dS K: A = dS (queries x keys) read transposed from dS^T.
     uint32_t aq[4];
@@ -675,26 +715,38 @@ void launch_backward(const AttentionSpec& spec, const bf16* q, const bf16* k, co
   float* part_post = part_pre + up(parts * 4) / 4;
   MTA_CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, rows * D * sizeof(float), s));
   const dim3 grid(static_cast<unsigned>(B * (H / G)), static_cast<unsigned>(ntiles));
+  // Two stages of the streamed tiles where they fit in an SM's shared memory (one CTA per SM either
+  // way), else one: D = 64 with up to 8 heads (main pass) or all (delta pass), fewer at D = 128.
   const size_t tile = static_cast<size_t>(G) * kTile * S * sizeof(bf16);
-  const size_t smem_delta = 2 * tile + kFragBytes + 3 * kInBytes + 2 * out_bytes(G);
-  MTA_CUDA_CHECK(cudaFuncSetAttribute(flash_mix_bwd_delta_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem_delta)));
-  flash_mix_bwd_delta_kernel<D>
-      <<<grid, 32 * G, smem_delta, s>>>(q, k, v, dout, lse, mpre, gpre, mpost, gpost, delta, H, T, G, scale);
-  MTA_CUDA_CHECK_LAUNCH("flash_mix_bwd_delta_kernel");
-  const size_t smem_main = 3 * tile + static_cast<size_t>(G) * kTile * SS * sizeof(bf16) + kFragBytes +
-                           4 * kInBytes + 2 * out_bytes(G);
-  auto key_tiles = [&](auto kernel) {
-    MTA_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_main)));
-    kernel<<<grid, 32 * G, smem_main, s>>>(q, k, v, dout, lse, delta, mpre, gpre, mpost, gpost, dq_acc, dk, dv,
-                                           part_pre, part_post, H, T, G, scale);
+  auto smem_delta = [&](int stages) { return 2 * stages * tile + kFragBytes + 3 * kInBytes + 2 * out_bytes(G); };
+  auto smem_main = [&](int stages) {
+    return (1 + 2 * stages) * tile + static_cast<size_t>(G) * kTile * SS * sizeof(bf16) + kFragBytes + 4 * kInBytes +
+           2 * out_bytes(G);
+  };
+  auto delta_pass = [&](auto kernel, size_t smem) {
+    MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    kernel<<<grid, 32 * G, smem, s>>>(q, k, v, dout, lse, mpre, gpre, mpost, gpost, delta, H, T, G, scale);
+    MTA_CUDA_CHECK_LAUNCH("flash_mix_bwd_delta_kernel");
+  };
+  if (smem_delta(2) <= kMaxSmemPerBlock)
+    delta_pass(flash_mix_bwd_delta_kernel<D, 2>, smem_delta(2));
+  else
+    delta_pass(flash_mix_bwd_delta_kernel<D, 1>, smem_delta(1));
+  auto key_tiles = [&](auto kernel, size_t smem) {
+    MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    kernel<<<grid, 32 * G, smem, s>>>(q, k, v, dout, lse, delta, mpre, gpre, mpost, gpost, dq_acc, dk, dv, part_pre,
+                                      part_post, H, T, G, scale);
     MTA_CUDA_CHECK_LAUNCH("flash_mix_bwd_kernel");
   };
   if constexpr (D == 64) {  // groups of 16 heads exist only at D = 64 (flash_mix_supported)
-    if (G > 8) key_tiles(flash_mix_bwd_kernel<D, 32 * kMaxG>);
+    if (G > 8) key_tiles(flash_mix_bwd_kernel<D, 32 * kMaxG, 1>, smem_main(1));
   }
-  if (G <= 8) key_tiles(flash_mix_bwd_kernel<D, 16 * kMaxG>);
+  if (G <= 8) {
+    if (smem_main(2) <= kMaxSmemPerBlock)
+      key_tiles(flash_mix_bwd_kernel<D, 16 * kMaxG, 2>, smem_main(2));
+    else
+      key_tiles(flash_mix_bwd_kernel<D, 16 * kMaxG, 1>, smem_main(1));
+  }
   launch_convert_accum(dq_acc, dq, static_cast<long long>(rows) * D, scale, s);
   for (auto [part, grad, gs] : {std::tuple{part_pre, grad_pre, gpre}, std::tuple{part_post, grad_post, gpost}}) {
     if (!gs) continue;

@@ -10,10 +10,11 @@
 // the epilogue (norm, depth scaling, gate) the fused kernels cover run those plus the epilogue
 // kernels (attention/epilogue_cuda.h): kq_pre only (attention/flash_mta.h, dropout included) or head
 // mixing only (attention/flash_mix.h: groups of up to 8 heads, no attention dropout in training);
-// D = 64 or 128. The kq layers (kq convolutions with head mixing, <= 8 coupled heads, no dropout) run
-// the fused forward (attention/flash_kq_layer.h) and the materialized op's backward. MTA_FLASH_MTA=0
-// in the environment sends every MTA layer through the materialized op; MTA_FUSED_KQ_FORWARD=0 only
-// the kq layers' forward (to compare the two).
+// D = 64 or 128. MTA_FLASH_MTA=0 in the environment sends every MTA layer through the materialized op.
+// The kq layers (kq convolutions with head mixing) have a fused forward only
+// (attention/flash_kq_layer.h: <= 8 coupled heads, no dropout); MTA_FUSED_KQ_FORWARD=1 runs it, with the
+// materialized op's backward. Off by default: measured slower than the materialized forward at the
+// 35M LM (bench/RESULTS.md, session 7: 326k against 332k tokens/s).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -361,7 +362,7 @@ class CudaModel : public TrainableModel {
     const char* e = std::getenv("MTA_FLASH_MTA");
     if ((e != nullptr && std::string(e) == "0") || config().attention != AttentionKind::Mta) return false;
     const char* kq = std::getenv("MTA_FUSED_KQ_FORWARD");
-    if (kq != nullptr && std::string(kq) == "0") return use_fused(l, train);
+    if (kq == nullptr || std::string(kq) != "1") return use_fused(l, train);
     return cuda::fused_attention_forward_supported(config().layer_spec(l), config().head_dim(),
                                                    train ? config().dropout : 0.f);
   }
