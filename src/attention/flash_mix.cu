@@ -698,6 +698,26 @@ void launch_forward(const AttentionSpec& spec, const bf16* q, const bf16* k, con
   launch_pass<D, true>(spec, q, k, v, mpre, mpost, o, lse, B, T, s);
 }
 
+// Opts kernel in to `smem` bytes of dynamic shared memory.
+template <class Kernel>
+void set_smem_limit(Kernel kernel, size_t smem) {
+  MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+}
+
+// Whether the two-stage variant of a pass fits in a CTA's shared memory and keeps as many CTAs per SM
+// as the one-stage variant (the streamed tiles' latency is better hidden by more CTAs than by a second
+// stage). Sets both kernels' shared-memory limits (the occupancy query and the launch need them).
+template <class Kernel1, class Kernel2>
+bool two_stages_pay(Kernel1 one, Kernel2 two, int threads, size_t smem1, size_t smem2) {
+  set_smem_limit(one, smem1);
+  if (smem2 > kMaxSmemPerBlock) return false;
+  set_smem_limit(two, smem2);
+  int n1 = 0, n2 = 0;
+  MTA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n1, one, threads, smem1));
+  MTA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n2, two, threads, smem2));
+  return n2 >= n1 && n2 > 0;
+}
+
 template <int D>
 void launch_backward(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const float* mpre,
                      const float* mpost, const bf16* dout, const float* lse, bf16* dq, bf16* dk, bf16* dv,
@@ -715,34 +735,39 @@ void launch_backward(const AttentionSpec& spec, const bf16* q, const bf16* k, co
   float* part_post = part_pre + up(parts * 4) / 4;
   MTA_CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, rows * D * sizeof(float), s));
   const dim3 grid(static_cast<unsigned>(B * (H / G)), static_cast<unsigned>(ntiles));
-  // Two stages of the streamed tiles where they fit in an SM's shared memory (one CTA per SM either
-  // way), else one: D = 64 with up to 8 heads (main pass) or all (delta pass), fewer at D = 128.
+  // Two stages of the streamed tiles where they fit and do not cost occupancy (measured, session 7:
+  // at G = 4, D = 64 the second stage took the main pass from 2 CTAs per SM to 1 and made it 47%
+  // slower; where the CTAs per SM stay the same it gains 5-10%), else one.
   const size_t tile = static_cast<size_t>(G) * kTile * S * sizeof(bf16);
   auto smem_delta = [&](int stages) { return 2 * stages * tile + kFragBytes + 3 * kInBytes + 2 * out_bytes(G); };
   auto smem_main = [&](int stages) {
     return (1 + 2 * stages) * tile + static_cast<size_t>(G) * kTile * SS * sizeof(bf16) + kFragBytes + 4 * kInBytes +
            2 * out_bytes(G);
   };
+  const int threads = 32 * G;
   auto delta_pass = [&](auto kernel, size_t smem) {
-    MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    kernel<<<grid, 32 * G, smem, s>>>(q, k, v, dout, lse, mpre, gpre, mpost, gpost, delta, H, T, G, scale);
+    kernel<<<grid, threads, smem, s>>>(q, k, v, dout, lse, mpre, gpre, mpost, gpost, delta, H, T, G, scale);
     MTA_CUDA_CHECK_LAUNCH("flash_mix_bwd_delta_kernel");
   };
-  if (smem_delta(2) <= kMaxSmemPerBlock)
+  if (two_stages_pay(flash_mix_bwd_delta_kernel<D, 1>, flash_mix_bwd_delta_kernel<D, 2>, threads, smem_delta(1),
+                     smem_delta(2)))
     delta_pass(flash_mix_bwd_delta_kernel<D, 2>, smem_delta(2));
   else
     delta_pass(flash_mix_bwd_delta_kernel<D, 1>, smem_delta(1));
   auto key_tiles = [&](auto kernel, size_t smem) {
-    MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    kernel<<<grid, 32 * G, smem, s>>>(q, k, v, dout, lse, delta, mpre, gpre, mpost, gpost, dq_acc, dk, dv, part_pre,
-                                      part_post, H, T, G, scale);
+    kernel<<<grid, threads, smem, s>>>(q, k, v, dout, lse, delta, mpre, gpre, mpost, gpost, dq_acc, dk, dv, part_pre,
+                                       part_post, H, T, G, scale);
     MTA_CUDA_CHECK_LAUNCH("flash_mix_bwd_kernel");
   };
   if constexpr (D == 64) {  // groups of 16 heads exist only at D = 64 (flash_mix_supported)
-    if (G > 8) key_tiles(flash_mix_bwd_kernel<D, 32 * kMaxG, 1>, smem_main(1));
+    if (G > 8) {
+      set_smem_limit(flash_mix_bwd_kernel<D, 32 * kMaxG, 1>, smem_main(1));
+      key_tiles(flash_mix_bwd_kernel<D, 32 * kMaxG, 1>, smem_main(1));
+    }
   }
   if (G <= 8) {
-    if (smem_main(2) <= kMaxSmemPerBlock)
+    if (two_stages_pay(flash_mix_bwd_kernel<D, 16 * kMaxG, 1>, flash_mix_bwd_kernel<D, 16 * kMaxG, 2>, threads,
+                       smem_main(1), smem_main(2)))
       key_tiles(flash_mix_bwd_kernel<D, 16 * kMaxG, 2>, smem_main(2));
     else
       key_tiles(flash_mix_bwd_kernel<D, 16 * kMaxG, 1>, smem_main(1));
