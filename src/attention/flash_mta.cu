@@ -147,12 +147,10 @@ __device__ __forceinline__ bool s0_extended(const bf16* sQ, const bf16* sK, __ha
                                             int key_off, float scale, int warp, int lane) {
   constexpr int D = Tr::D, S = Tr::kStride, SS = Tr::kStrideS;
   constexpr int kUnitRows = Tr::kRowsE / 16, kUnitCols = Tr::kColsE / 16;
+  static_assert(kUnitRows >= Tr::kWarps, "one whole row of units per warp first");
   const int g = lane >> 2, t = lane & 3;
   bool beyond = false;
-  for (int u = warp; u < kUnitRows * kUnitCols; u += Tr::kWarps) {
-    const int rb = u / kUnitCols, cb = u % kUnitCols;
-    float acc[2][4];
-    warp_gemm_abt<16, D, S>(acc, sQ + rb * 16 * S, sK + cb * 16 * S, lane);
+  auto store = [&](int rb, int cb, const float (&acc)[2][4]) {
 #pragma unroll
     for (int nn = 0; nn < 2; ++nn)
 #pragma unroll
@@ -165,12 +163,41 @@ __device__ __forceinline__ bool s0_extended(const bf16* sQ, const bf16* sK, __ha
         if (sSb) *reinterpret_cast<uint32_t*>(sSb + lr * SS + lc) = pack_bf16(s0, s1);
         beyond |= fabsf(s0) > kFp16Max || fabsf(s1) > kFp16Max;
       }
+  };
+  // Row block `warp` whole, its Q fragments loaded once for the kUnitCols units (shared-memory
+  // traffic: the products here are bound by it); then the remaining rows' units spread over the warps.
+  {
+    const int rb = warp;
+    uint32_t qf[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(qf[kk], sQ + a_offset(lane, rb * 16, kk * 16, S));
+#pragma unroll 1
+    for (int cb = 0; cb < kUnitCols; ++cb) {
+      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t b[4];
+        ldmatrix_x4(b, sK + bnk_offset(lane, cb * 16, kk * 16, S));
+        mma_bf16(acc[0], qf[kk], b[0], b[1]);
+        mma_bf16(acc[1], qf[kk], b[2], b[3]);
+      }
+      store(rb, cb, acc);
+    }
+  }
+  for (int u = warp; u < (kUnitRows - Tr::kWarps) * kUnitCols; u += Tr::kWarps) {
+    const int rb = Tr::kWarps + u / kUnitCols, cb = u % kUnitCols;
+    float acc[2][4];
+    warp_gemm_abt<16, D, S>(acc, sQ + rb * 16 * S, sK + cb * 16 * S, lane);
+    store(rb, cb, acc);
   }
   return beyond;
 }
 
 // C for this warp's 16 output rows (local rows 16 warp ..) and the tile's kBlockN keys, in mma
 // accumulator layout: sum over a < cq of (sS rows shifted by a, 32 columns from 8 nj) x Band_a.
+// Output block nj takes its two k-steps from the A tiles at columns 8 nj and 8 (nj + 2), so the tile
+// at column 8 m serves block m (k-step 0) and block m - 2 (k-step 1): BN / 8 + 2 ldmatrix per shift
+// instead of BN / 4 (the products are shared-memory bound), with each block's sum in the same order.
 template <class Tr>
 __device__ __forceinline__ void conv_tile(const __half* sS, const uint32_t* sBand, int cq, int warp, int lane,
                                           float (&acc)[Tr::kBlockN / 8][4]) {
@@ -185,13 +212,12 @@ __device__ __forceinline__ void conv_tile(const __half* sS, const uint32_t* sBan
 #pragma unroll
       for (int half = 0; half < 2; ++half) b[ks][half] = sBand[((a * 2 + ks) * 2 + half) * 32 + lane];
 #pragma unroll
-    for (int nj = 0; nj < BN / 8; ++nj)
-#pragma unroll
-      for (int ks = 0; ks < 2; ++ks) {
-        uint32_t af[4];
-        ldmatrix_x4(af, reinterpret_cast<const bf16*>(sS) + a_offset(lane, lr0, nj * 8 + 16 * ks, SS));
-        mma_f16(acc[nj], af, b[ks][0], b[ks][1]);
-      }
+    for (int m = 0; m < BN / 8 + 2; ++m) {
+      uint32_t af[4];
+      ldmatrix_x4(af, reinterpret_cast<const bf16*>(sS) + a_offset(lane, lr0, m * 8, SS));
+      if (m < BN / 8) mma_f16(acc[m], af, b[0][0], b[0][1]);
+      if (m >= 2) mma_f16(acc[m - 2], af, b[1][0], b[1][1]);
+    }
   }
 }
 
@@ -447,21 +473,24 @@ __global__ void __launch_bounds__(Tr::kThreads)
     // 4. dW for this warp's 16 keys j (local 16 warp + r): for each a, M = dC^T X_a with
     //    X_a[i][col] = S0 row i - (cq-1) + a (sS row 16 + i - (cq-1) + a), columns col = 16 warp .. + 31;
     //    dW[a, c] gets the band M[r][r + c].
+    //    The dC^T fragments do not depend on a: loaded once per tile.
     float* scr = sScr + warp * 16 * 33;
+    uint32_t dct[BM / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < BM / 16; ++ks)
+      ldmatrix_x4_trans(dct[ks], sF + at_offset(lane, kHalo + ks * 16, kHalo + warp * 16, FS));
 #pragma unroll
     for (int a = 0; a < kMaxCq; ++a) {
       if (a >= cq) break;
       float m[4][4] = {};
 #pragma unroll
       for (int ks = 0; ks < BM / 16; ++ks) {
-        uint32_t af[4];
-        ldmatrix_x4_trans(af, sF + at_offset(lane, kHalo + ks * 16, kHalo + warp * 16, FS));
 #pragma unroll
         for (int np = 0; np < 2; ++np) {
           uint32_t b[4];
           ldmatrix_x4_trans(b, sSb + bkn_offset(lane, kHalo - (cq - 1) + a + ks * 16, warp * 16 + np * 16, SS));
-          mma_bf16(m[2 * np], af, b[0], b[1]);
-          mma_bf16(m[2 * np + 1], af, b[2], b[3]);
+          mma_bf16(m[2 * np], dct[ks], b[0], b[1]);
+          mma_bf16(m[2 * np + 1], dct[ks], b[2], b[3]);
         }
       }
 #pragma unroll
