@@ -471,6 +471,19 @@ __global__ void __launch_bounds__(kMaxThreads)
   warp_load_rows<D, S>(myQ, q, n0, T, lane);
   warp_load_rows<D, S>(myO, dout, n0, T, lane);
   cp_async_commit();
+  constexpr bool kPrefetchStats = kMaxThreads <= 256;
+  float nxt_lse[2][2] = {}, nxt_dlt[2][2] = {};  // raw lse and delta of the next query block (kPrefetchStats)
+  auto load_stats = [&](int mb) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int qi = mb + 8 * j + 2 * t + e;
+        nxt_lse[j][e] = qi < T ? lse[head + qi] : 0.f;
+        nxt_dlt[j][e] = qi < T ? delta[head + qi] : 0.f;
+      }
+  };
+  if constexpr (kPrefetchStats) load_stats(n0);
   for (int m0 = n0, it = 0; m0 < T; m0 += kTile, ++it) {
     // This warp's last reads of the buffer a load overwrites (its MMAs of an earlier block) are done.
     const int stage = kStages == 2 ? it & 1 : 0;
@@ -487,16 +500,26 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
     const bf16* cQ = myQ + stage * stage_step;
     const bf16* cO = myO + stage * stage_step;
-    // The row statistics of this lane's query columns (8j + 2t + e), while the tiles land.
+    // The row statistics of this lane's query columns (8j + 2t + e), while the tiles land; with 8 or
+    // fewer heads (registers to spare) they were loaded one block ahead, and the next block's are
+    // loaded now (ncu, session 7: these loads were the main pass's second-largest stall).
     float lse2[2][2], dlt[2][2];
+    if constexpr (kPrefetchStats) {
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+      for (int j = 0; j < 2; ++j)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int qi = m0 + 8 * j + 2 * t + e;
-        lse2[j][e] = qi < T ? lse[head + qi] * kLog2e : 0.f;
-        dlt[j][e] = qi < T ? delta[head + qi] : 0.f;
-      }
+        for (int e = 0; e < 2; ++e) lse2[j][e] = nxt_lse[j][e] * kLog2e, dlt[j][e] = nxt_dlt[j][e];
+      load_stats(m0 + kTile);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int qi = m0 + 8 * j + 2 * t + e;
+          lse2[j][e] = qi < T ? lse[head + qi] * kLog2e : 0.f;
+          dlt[j][e] = qi < T ? delta[head + qi] : 0.f;
+        }
+    }
     if (prefetch)
       cp_async_wait_group<1>();
     else

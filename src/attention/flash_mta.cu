@@ -20,6 +20,7 @@
 #include <cuda_runtime.h>
 
 #include <climits>
+#include <type_traits>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -171,18 +172,26 @@ __device__ __forceinline__ bool s0_extended(const bf16* sQ, const bf16* sK, __ha
     uint32_t qf[D / 16][4];
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(qf[kk], sQ + a_offset(lane, rb * 16, kk * 16, S));
-#pragma unroll 1
-    for (int cb = 0; cb < kUnitCols; ++cb) {
-      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    // Two units at a time: four independent accumulator chains instead of two (ncu, session 7: the
+    // kernels' largest stall was waiting on the previous MMA of the same chain).
+    auto units = [&](auto nu_tag, int cb0) {
+      constexpr int NU = decltype(nu_tag)::value;
+      float acc[NU][2][4] = {};
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t b[4];
-        ldmatrix_x4(b, sK + bnk_offset(lane, cb * 16, kk * 16, S));
-        mma_bf16(acc[0], qf[kk], b[0], b[1]);
-        mma_bf16(acc[1], qf[kk], b[2], b[3]);
-      }
-      store(rb, cb, acc);
-    }
+      for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+        for (int i = 0; i < NU; ++i) {
+          uint32_t b[4];
+          ldmatrix_x4(b, sK + bnk_offset(lane, (cb0 + i) * 16, kk * 16, S));
+          mma_bf16(acc[i][0], qf[kk], b[0], b[1]);
+          mma_bf16(acc[i][1], qf[kk], b[2], b[3]);
+        }
+#pragma unroll
+      for (int i = 0; i < NU; ++i) store(rb, cb0 + i, acc[i]);
+    };
+#pragma unroll 1
+    for (int cb = 0; cb + 1 < kUnitCols; cb += 2) units(std::integral_constant<int, 2>{}, cb);
+    if (kUnitCols % 2) units(std::integral_constant<int, 1>{}, kUnitCols - 1);
   }
   for (int u = warp; u < (kUnitRows - Tr::kWarps) * kUnitCols; u += Tr::kWarps) {
     const int rb = Tr::kWarps + u / kUnitCols, cb = u % kUnitCols;
@@ -510,33 +519,47 @@ __global__ void __launch_bounds__(Tr::kThreads)
     // 5. dS0 on the extended tile: sum_a (dC frame rows shifted by cq - 1 - a) x transposed Band_a,
     //    masked like S0 (future and outside the sequence -> 0).
     constexpr int kUnitRows = kRowsE / 16, kUnitCols = kColsE / 16;
-    for (int u = warp; u < kUnitRows * kUnitCols; u += kWarps) {
-      const int rb = u / kUnitCols, cb = u % kUnitCols;
-      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    //    Two units (u, u + kWarps) at a time where both exist: four accumulator chains.
+    auto ds0_units = [&](auto nu_tag, int u) {
+      constexpr int NU = decltype(nu_tag)::value;
+      float acc[NU][2][4] = {};
       for (int a = 0; a < cq; ++a) {
-        const int fr = rb * 16 + cq - 1 - a;  // frame row of extended row rb * 16
 #pragma unroll
         for (int ks = 0; ks < 2; ++ks) {
           const uint32_t b0 = sBandT[((a * 2 + ks) * 2 + 0) * 32 + lane], b1 = sBandT[((a * 2 + ks) * 2 + 1) * 32 + lane];
 #pragma unroll
-          for (int nn = 0; nn < 2; ++nn) {
-            uint32_t af[4];
-            ldmatrix_x4(af, sF + a_offset(lane, fr, cb * 16 + nn * 8 + ks * 16, FS));
-            mma_bf16(acc[nn], af, b0, b1);
+          for (int i = 0; i < NU; ++i) {
+            const int ui = u + i * kWarps, rb = ui / kUnitCols, cb = ui % kUnitCols;
+            const int fr = rb * 16 + cq - 1 - a;  // frame row of extended row rb * 16
+#pragma unroll
+            for (int nn = 0; nn < 2; ++nn) {
+              uint32_t af[4];
+              ldmatrix_x4(af, sF + a_offset(lane, fr, cb * 16 + nn * 8 + ks * 16, FS));
+              mma_bf16(acc[i][nn], af, b0, b1);
+            }
           }
         }
       }
 #pragma unroll
-      for (int nn = 0; nn < 2; ++nn)
+      for (int i = 0; i < NU; ++i) {
+        const int ui = u + i * kWarps, rb = ui / kUnitCols, cb = ui % kUnitCols;
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int lr = rb * 16 + g + 8 * r, lc = cb * 16 + nn * 8 + 2 * t;
-          const int ii = m0 - kHalo + lr, jj = n0 - key_off + lc;
-          const bool row_ok = ii >= 0 && ii < T;
-          const float d0 = (row_ok && jj >= 0 && jj <= ii) ? acc[nn][2 * r] : 0.f;
-          const float d1 = (row_ok && jj + 1 >= 0 && jj + 1 <= ii) ? acc[nn][2 * r + 1] : 0.f;
-          *reinterpret_cast<uint32_t*>(sdS + lr * SS + lc) = pack_bf16(d0, d1);
-        }
+        for (int nn = 0; nn < 2; ++nn)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int lr = rb * 16 + g + 8 * r, lc = cb * 16 + nn * 8 + 2 * t;
+            const int ii = m0 - kHalo + lr, jj = n0 - key_off + lc;
+            const bool row_ok = ii >= 0 && ii < T;
+            const float d0 = (row_ok && jj >= 0 && jj <= ii) ? acc[i][nn][2 * r] : 0.f;
+            const float d1 = (row_ok && jj + 1 >= 0 && jj + 1 <= ii) ? acc[i][nn][2 * r + 1] : 0.f;
+            *reinterpret_cast<uint32_t*>(sdS + lr * SS + lc) = pack_bf16(d0, d1);
+          }
+      }
+    };
+    {
+      int u = warp;
+      for (; u + kWarps < kUnitRows * kUnitCols; u += 2 * kWarps) ds0_units(std::integral_constant<int, 2>{}, u);
+      if (u < kUnitRows * kUnitCols) ds0_units(std::integral_constant<int, 1>{}, u);
     }
     __syncthreads();  // sdS complete
 
@@ -573,24 +596,38 @@ __global__ void __launch_bounds__(Tr::kThreads)
 
     // 6. dQ (extended rows) += dS0 K, by atomics (they need no barrier after them: the next
     //    iteration's first barrier orders them before sdS is overwritten).
-    for (int u = warp; u < kUnitRows * (D / 16); u += kWarps) {
-      const int rb = u / (D / 16), dn = u % (D / 16);
-      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    //    Two units (u, u + kWarps) at a time, as in step 5.
+    auto dq_units = [&](auto nu_tag, int u) {
+      constexpr int NU = decltype(nu_tag)::value;
+      float acc[NU][2][4] = {};
 #pragma unroll
-      for (int ks = 0; ks < kColsE / 16; ++ks) {
-        uint32_t af[4], b[4];
-        ldmatrix_x4(af, sdS + a_offset(lane, rb * 16, ks * 16, SS));
-        ldmatrix_x4_trans(b, sK + bkn_offset(lane, ks * 16, dn * 16, S));
-        mma_bf16(acc[0], af, b[0], b[1]);
-        mma_bf16(acc[1], af, b[2], b[3]);
-      }
+      for (int ks = 0; ks < kColsE / 16; ++ks)
 #pragma unroll
-      for (int nn = 0; nn < 2; ++nn)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int row = m0 - kHalo + rb * 16 + g + 8 * r, col = dn * 16 + nn * 8 + 2 * t;
-          if (row >= 0 && row < T) atomic_add2(dq_acc + static_cast<size_t>(row) * D + col, acc[nn][2 * r], acc[nn][2 * r + 1]);
+        for (int i = 0; i < NU; ++i) {
+          const int ui = u + i * kWarps, rb = ui / (D / 16), dn = ui % (D / 16);
+          uint32_t af[4], b[4];
+          ldmatrix_x4(af, sdS + a_offset(lane, rb * 16, ks * 16, SS));
+          ldmatrix_x4_trans(b, sK + bkn_offset(lane, ks * 16, dn * 16, S));
+          mma_bf16(acc[i][0], af, b[0], b[1]);
+          mma_bf16(acc[i][1], af, b[2], b[3]);
         }
+#pragma unroll
+      for (int i = 0; i < NU; ++i) {
+        const int ui = u + i * kWarps, rb = ui / (D / 16), dn = ui % (D / 16);
+#pragma unroll
+        for (int nn = 0; nn < 2; ++nn)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int row = m0 - kHalo + rb * 16 + g + 8 * r, col = dn * 16 + nn * 8 + 2 * t;
+            if (row >= 0 && row < T)
+              atomic_add2(dq_acc + static_cast<size_t>(row) * D + col, acc[i][nn][2 * r], acc[i][nn][2 * r + 1]);
+          }
+      }
+    };
+    {
+      int u = warp;
+      for (; u + kWarps < kUnitRows * (D / 16); u += 2 * kWarps) dq_units(std::integral_constant<int, 2>{}, u);
+      if (u < kUnitRows * (D / 16)) dq_units(std::integral_constant<int, 1>{}, u);
     }
   }
   __syncthreads();  // sdK complete
