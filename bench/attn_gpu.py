@@ -37,6 +37,20 @@ CONFIGS = {
 }
 
 
+# Issue 5's goals: mta's forward + backward time over SDPA's on the same shape (none for the toy config),
+# and its peak memory over SDPA's.
+TIME_GOALS = {"kq-only": 2.5, "paper-lm": 6.0, "head-mix": 2.0}
+MEMORY_GOAL = 1.5
+
+
+def goal_cell(name, time_ratio, mem_ratio):
+    """The goals column of one row: each goal with whether the row meets it."""
+    def one(ratio, goal):
+        return f"<= {goal:g}x {'met' if ratio <= goal else 'not met'}"
+    t = one(time_ratio, TIME_GOALS[name]) if name in TIME_GOALS else "-"
+    return f"{t} / {one(mem_ratio, MEMORY_GOAL)}"
+
+
 def cuda_ms(fn, reps, warmup):
     """Device time per call: `reps` calls back to back between two events, divided by reps. (Timing each
     call between its own events, as this did first, counted the host's launch gaps too: autograd's
@@ -121,8 +135,8 @@ def main():
           f"mean of {args.reps} back-to-back calls; times in ms, memory in GB; ratios = mta / SDPA; mta path = fused kernels, or "
           f"mta's materialized op where they do not cover the config yet")
     print("| config | D | T | SDPA fwd / bwd | SDPA mem | PyTorch materialized fwd / bwd | its mem | mta path |"
-          " mta fwd / bwd | mta mem | mta/SDPA f+b | mta/SDPA mem |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          " mta fwd / bwd | mta mem | mta/SDPA f+b | mta/SDPA mem | goals: f+b / mem |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for D in map(int, args.dims.split(",")):
         for T in map(int, args.seqs.split(",")):
             sdpa = torch_case("sdpa", {"heads": H, "head_dim": D}, B, T, args.reps, args.warmup)
@@ -138,8 +152,9 @@ def main():
                 else:
                     mat = "skipped | -"
                 path, f_ms, b_ms, nbytes = mta_case(args.mta, spec, B, T, args.reps, args.warmup)
-                fcols = (f"{path} | {f_ms:.2f} / {b_ms:.2f} | {nbytes / 1e9:.2f} | "
-                         f"{(f_ms + b_ms) / (sdpa[0] + sdpa[1]):.2f}x | {nbytes / sdpa[2]:.2f}x")
+                time_ratio, mem_ratio = (f_ms + b_ms) / (sdpa[0] + sdpa[1]), nbytes / sdpa[2]
+                fcols = (f"{path} | {f_ms:.2f} / {b_ms:.2f} | {nbytes / 1e9:.2f} | {time_ratio:.2f}x | "
+                         f"{mem_ratio:.2f}x | {goal_cell(name, time_ratio, mem_ratio)}")
                 print(f"| {name} | {D} | {T} | {sdpa[0]:.2f} / {sdpa[1]:.2f} | {sdpa[2] / 1e9:.2f} | {mat} | {fcols} |",
                       flush=True)
 
