@@ -20,10 +20,10 @@
 #include <cuda_runtime.h>
 
 #include <climits>
-#include <type_traits>
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "attention/flash_common.cuh"
 #include "attention/mma_sm80.cuh"
