@@ -196,6 +196,48 @@ __device__ __forceinline__ void conv_row8(const float* win, const float* w, int 
   }
 }
 
+// The transposed convolution (the adjoint of conv_row8's, for the backward): the 8 outputs of row
+// `wrow` whose first input column is x0 (a multiple of 8; the ring rotated by ck - 1 - o) read rows
+// wrow .. wrow + cq - 1 (below) with the taps flipped in both directions,
+//   out[e] = sum_{a<cq, c<ck} W[cq - 1 - a, ck - 1 - c] win[wrow + a, x0 + e + c].
+template <int kCq, int kCk>
+__device__ __forceinline__ void conv_row8_t(const float* win, const float* w, int cq, int ck, int wrow, int x0,
+                                            float (&out)[8]) {
+#pragma unroll
+  for (int e = 0; e < 8; ++e) out[e] = 0.f;
+  if constexpr (kCq > 0) {
+    constexpr int kValChunks = (8 + kCk - 1 + 3) / 4, kTapChunks = (kCk + 3) / 4;
+#pragma unroll
+    for (int a = 0; a < kCq; ++a) {
+      const float* row = win + (wrow + a) * kWinPitch;
+      float vals[4 * kValChunks], taps[4 * kTapChunks];
+#pragma unroll
+      for (int i = 0; i < kValChunks; ++i) {
+        const float4 f = *reinterpret_cast<const float4*>(row + ((x0 + 4 * i) & 63));
+        vals[4 * i] = f.x, vals[4 * i + 1] = f.y, vals[4 * i + 2] = f.z, vals[4 * i + 3] = f.w;
+      }
+#pragma unroll
+      for (int i = 0; i < kTapChunks; ++i) {
+        const float4 f = *reinterpret_cast<const float4*>(w + (kCq - 1 - a) * kTapPitch + 4 * i);
+        taps[4 * i] = f.x, taps[4 * i + 1] = f.y, taps[4 * i + 2] = f.z, taps[4 * i + 3] = f.w;
+      }
+#pragma unroll
+      for (int c = 0; c < kCk; ++c)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) out[e] = fmaf(taps[kCk - 1 - c], vals[e + c], out[e]);
+    }
+  } else {
+    for (int a = 0; a < cq; ++a) {
+      const float* row = win + (wrow + a) * kWinPitch;
+      for (int c = 0; c < ck; ++c) {
+        const float wc = w[(cq - 1 - a) * kTapPitch + ck - 1 - c];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) out[e] = fmaf(wc, row[(x0 + e + c) & 63], out[e]);
+      }
+    }
+  }
+}
+
 // Mixes the CTA's 16 x 16 tiles in place of `c` (this lane's row r, keys 8 half .. + 7): C (or A2) into
 // MixIn as hi + lo, a barrier, the product with the coefficients of `kind`, a barrier, the mixed values
 // back. Every warp of the CTA must call it.
@@ -461,6 +503,196 @@ __global__ void __launch_bounds__(16 * kMaxG)
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Backward, delta pass: delta_x[i] = sum_j A_x[i, j] dA_x[i, j], the row term of dC' = A (dA - delta),
+// with dA3 = dO V^T, dA2 = the future set to 0 in the head_post^T mix of dA3, dA = the transposed
+// kq_post convolution of dA2. Designed and replayed in float64 by tests/oracle/replay_kq_layer_delta.py.
+// A CTA as in pass 1 (16 query rows, one warp per head); per block of 16 keys each warp:
+//   1. adds S0 of key tile kt + 1 to pass 1's window and dA2 of key tile kt + 1 to a second window of
+//      rows m0 .. m0 + 31 (the transposed convolution reads cq - 1 rows below each row): two products
+//      of 16 dO rows with the V tile, then per 16-row part the Mpost^T mix (two barriers) and the mask;
+//      its ring rotated by ck2 - 1 - o2 so that the transposed stencil reads aligned columns;
+//   2. computes C' (the pre convolution and mix, as pass 1), A = exp(C' - lse), dA from the dA2 window,
+//      and adds A dA to its row's sum.
+constexpr int kDRows = 32;  // the dA2 window: rows m0 .. m0 + 31
+constexpr int kDFloats = kDRows * kWinPitch;
+
+template <int D>
+constexpr size_t warp_region_delta_bytes() {
+  return (kWinFloats + kDFloats) * sizeof(float) + static_cast<size_t>(kTile) * (D + 8) * sizeof(bf16);
+}
+static_assert(kDFloats * sizeof(float) >= 32 * (128 + 8) * sizeof(bf16), "Q and dO staging fits the dA2 window");
+
+template <int D>
+size_t smem_delta_bytes(int G) {
+  return static_cast<size_t>(G) * (warp_region_delta_bytes<D>() + 2 * kMaxCq * kTapPitch * sizeof(float)) +
+         kFragWords * sizeof(uint32_t) + 2 * static_cast<size_t>(kInElems) * sizeof(bf16) +
+         static_cast<size_t>(G) * kXT * sizeof(float);
+}
+
+// Key tile `tile` of dA2 for rows m0 .. m0 + 31 into the dA2 window (ring rotated by `rot`): dA3 from the
+// dO fragments (rows m0 .. m0 + 15 and m0 + 16 .. m0 + 31; zero past T) and the V tile (zero past T),
+// the Mpost^T mix per 16-row part when gpost, the future set to 0. A tile entirely in the future of
+// row m0 + 31 is zero-filled; that test is the same for every warp of the CTA, so all of them take
+// the mixes' barriers or none does.
+template <int D, int S>
+__device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const bf16* v,
+                                                   const uint32_t (&da0)[D / 16][4], const uint32_t (&da1)[D / 16][4],
+                                                   int tile, int m0, int T, int rot, int gpost, bf16* sInHi,
+                                                   bf16* sInLo, const uint32_t* sFrag, float* sOut, int G, int warp,
+                                                   int lane) {
+  const int g = lane >> 2, t = lane & 3, key0 = kTile * tile;
+  if (key0 > m0 + kDRows - 1) {
+    for (int i = lane; i < kDRows * kTile; i += 32)
+      dwin[(i / kTile) * kWinPitch + ((key0 + i % kTile + rot) & 63)] = 0.f;
+    __syncwarp();
+    return;
+  }
+  warp_load_rows_zero<D, S, kTile>(sVt, v, key0, T, lane);
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncwarp();
+  float acc0[2][4] = {}, acc1[2][4] = {};
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t bb[4];
+    ldmatrix_x4(bb, sVt + bnk_offset(lane, 0, kk * 16, S));
+    mma_bf16(acc0[0], da0[kk], bb[0], bb[1]);
+    mma_bf16(acc0[1], da0[kk], bb[2], bb[3]);
+    mma_bf16(acc1[0], da1[kk], bb[0], bb[1]);
+    mma_bf16(acc1[1], da1[kk], bb[2], bb[3]);
+  }
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int key = key0 + 8 * j + 2 * t, c0 = (key + rot) & 63, c1 = (key + 1 + rot) & 63;
+      float* w0 = dwin + (g + 8 * r) * kWinPitch;
+      float* w1 = dwin + (kTile + g + 8 * r) * kWinPitch;
+      w0[c0] = acc0[j][2 * r], w0[c1] = acc0[j][2 * r + 1];
+      w1[c0] = acc1[j][2 * r], w1[c1] = acc1[j][2 * r + 1];
+    }
+  __syncwarp();  // each lane now mixes and masks the positions of its own row r and keys 8 half ..
+  const int r = lane & 15, half = lane >> 4;
+#pragma unroll
+  for (int part = 0; part < 2; ++part) {
+    float* wrow = dwin + (kTile * part + r) * kWinPitch;
+    const int row = m0 + kTile * part + r;
+    float x[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) x[e] = wrow[(key0 + 8 * half + e + rot) & 63];
+    if (gpost) mix_in_place(x, sInHi, sInLo, sFrag, kPostT, sOut, G, warp, lane);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int key = key0 + 8 * half + e;
+      wrow[(key + rot) & 63] = key > row ? 0.f : x[e];
+    }
+  }
+  __syncwarp();  // the window is read by other lanes; the V tile buffer is reloaded next time
+}
+
+template <int D, int kCq1, int kCk1, int kCq2, int kCk2>
+__global__ void __launch_bounds__(16 * kMaxG)
+    flash_kq_layer_delta_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                                const bf16* __restrict__ dout, const float* __restrict__ wpre,
+                                const float* __restrict__ mpre, int gpre, const float* __restrict__ wpost,
+                                const float* __restrict__ mpost, int gpost, const float* __restrict__ lse,
+                                float* __restrict__ delta, int H, int T, int G, int cq1, int ck1, int off1, int cq2,
+                                int ck2, int off2, float scale) {
+  constexpr int S = D + 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  unsigned char* region = smem_raw + static_cast<size_t>(warp) * warp_region_delta_bytes<D>();
+  float* win = reinterpret_cast<float*>(region);          // S0: rows m0 - 8 .. m0 + 15
+  float* dwin = win + kWinFloats;                         // dA2: rows m0 .. m0 + 31
+  bf16* sTile = reinterpret_cast<bf16*>(dwin + kDFloats);  // K, then V
+  float* sWpre = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G) * warp_region_delta_bytes<D>());
+  float* sWpost = sWpre + G * kMaxCq * kTapPitch;
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sWpost + G * kMaxCq * kTapPitch);
+  bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);
+  bf16* sInLo = sInHi + kInElems;
+  float* sOut = reinterpret_cast<float*>(sInLo + kInElems);
+
+  const int units = H / G, b = blockIdx.x / units, u = blockIdx.x % units, h = u * G + warp;
+  const size_t head = static_cast<size_t>(b * H + h) * T;
+  const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
+  q += head * D, k += head * D, v += head * D, dout += head * D, lse += head, delta += head;
+  float* myWpre = sWpre + warp * kMaxCq * kTapPitch;
+  float* myWpost = sWpost + warp * kMaxCq * kTapPitch;
+  for (int i = lane; i < cq1 * ck1; i += 32)
+    myWpre[(i / ck1) * kTapPitch + i % ck1] = wpre[static_cast<size_t>(h) * cq1 * ck1 + i];
+  for (int i = lane; i < cq2 * ck2; i += 32)
+    myWpost[(i / ck2) * kTapPitch + i % ck2] = wpost ? wpost[static_cast<size_t>(h) * cq2 * ck2 + i] : 1.f;
+  if (gpre || gpost) {
+    build_frags(sFrag, mpre, gpre, mpost, gpost, u * G, G);
+    zero_in(sInHi), zero_in(sInLo);
+  }
+
+  // Q rows m0 - 16 .. m0 + 15 and dO rows m0 .. m0 + 31 as A fragments, staged in the dA2 window.
+  uint32_t qa0[D / 16][4], qa1[D / 16][4], da0[D / 16][4], da1[D / 16][4];
+  load_q_frags<D, S>(reinterpret_cast<bf16*>(dwin), q, m0, T, lane, qa0, qa1);
+  load_q_frags<D, S>(reinterpret_cast<bf16*>(dwin), dout, m0 + kTile, T, lane, da0, da1);
+  for (int i = lane; i < (kWinFloats + kDFloats) / 4; i += 32)
+    reinterpret_cast<float4*>(win)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  const int r = lane & 15, half = lane >> 4, row = m0 + r;
+  const float lse2 = row < T ? lse[row] * kLog2e : 0.f;
+  const int rot_t = ck2 - 1 - off2;  // the dA2 ring's rotation (conv_row8_t reads aligned columns)
+  __syncwarp();
+  __syncthreads();  // every warp's taps, the fragments, the zeroed MixIn
+
+  s0_tile_to_window<D, S, kWinTop>(win, sTile, k, qa0, qa1, 0, m0, T, scale, off1, lane);
+  da2_tile_to_window<D, S>(dwin, sTile, v, da0, da1, 0, m0, T, rot_t, gpost, sInHi, sInLo, sFrag, sOut, G, warp,
+                           lane);
+  float part = 0.f;
+  const int n_end = min(T, m0 + kTile);
+  for (int n0 = 0; n0 < n_end; n0 += kTile) {
+    const int kt = n0 / kTile;
+    s0_tile_to_window<D, S, kWinTop>(win, sTile, k, qa0, qa1, kt + 1, m0, T, scale, off1, lane);
+    da2_tile_to_window<D, S>(dwin, sTile, v, da0, da1, kt + 1, m0, T, rot_t, gpost, sInHi, sInLo, sFrag, sOut, G,
+                             warp, lane);
+    float c[8], da[8];
+    conv_row8<kCq1, kCk1>(win, myWpre, cq1, ck1, kWinTop + r, n0 + 8 * half, c);
+    if (gpre) mix_in_place(c, sInHi, sInLo, sFrag, kPre, sOut, G, warp, lane);  // C -> C' (two barriers)
+    conv_row8_t<kCq2, kCk2>(dwin, myWpost, cq2, ck2, r, n0 + 8 * half, da);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int key = n0 + 8 * half + e;
+      if (row < T && key <= row) part = fmaf(exp2f(fmaf(c[e], kLog2e, -lse2)), da[e], part);
+    }
+  }
+  part += __shfl_xor_sync(0xffffffffu, part, 16);  // lanes r and r + 16 share row r
+  if (half == 0 && row < T) delta[row] = part;
+}
+
+template <int D, int kCq1, int kCk1, int kCq2, int kCk2>
+void launch_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                  const float* wpre, const float* mpre, const float* wpost, const float* mpost, const float* lse,
+                  float* delta, int B, int T, cudaStream_t s) {
+  const int H = spec.heads, G = spec.coupled_heads();
+  const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
+  const KqConv& pre = *spec.kq_pre;
+  const KqConv post = spec.kq_post ? *spec.kq_post : KqConv{1, 1, PadKey::Right};  // identity: o = 0
+  const size_t smem = smem_delta_bytes<D>(G);
+  auto kernel = flash_kq_layer_delta_kernel<D, kCq1, kCk1, kCq2, kCk2>;
+  MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const dim3 grid(static_cast<unsigned>(B * (H / G)), static_cast<unsigned>((T + kTile - 1) / kTile));
+  kernel<<<grid, 32 * G, smem, s>>>(q, k, v, dout, wpre, mpre, gpre, spec.kq_post ? wpost : nullptr, mpost, gpost,
+                                    lse, delta, H, T, G, pre.q, pre.k, pre.key_offset(), post.q, post.k,
+                                    post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
+  MTA_CUDA_CHECK_LAUNCH("flash_kq_layer_delta_kernel");
+}
+
+template <int D>
+void dispatch_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                    const float* wpre, const float* mpre, const float* wpost, const float* mpost, const float* lse,
+                    float* delta, int B, int T, cudaStream_t s) {
+  const KqConv& pre = *spec.kq_pre;
+  if (pre.q == 6 && pre.k == 11 && spec.kq_post && spec.kq_post->q == 6 && spec.kq_post->k == 11)
+    launch_delta<D, 6, 11, 6, 11>(spec, q, k, v, dout, wpre, mpre, wpost, mpost, lse, delta, B, T, s);
+  else
+    launch_delta<D, 0, 0, 0, 0>(spec, q, k, v, dout, wpre, mpre, wpost, mpost, lse, delta, B, T, s);
+}
+
 template <int D, int kCq, int kCk>
 void launch_lse(const AttentionSpec& spec, const bf16* q, const bf16* k, const float* wpre, const float* mpre,
                 float* lse, int B, int T, cudaStream_t s) {
@@ -565,6 +797,30 @@ void flash_kq_layer_lse(const AttentionSpec& spec, const bf16* q, const bf16* k,
     dispatch_lse<64>(spec, q, k, kq_pre, head_pre, lse, B, T, s);
   else
     dispatch_lse<128>(spec, q, k, kq_pre, head_pre, lse, B, T, s);
+}
+
+bool flash_kq_layer_delta_supported(const AttentionSpec& spec, int D) {
+  return D == 64 && flash_kq_layer_forward_supported(spec, D);
+}
+
+void flash_kq_layer_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                          const float* kq_pre, const float* head_pre, const float* kq_post, const float* head_post,
+                          const float* lse, float* delta, int B, int T, cudaStream_t s) {
+  const int D = spec.head_dim;
+  kq_require(flash_kq_layer_delta_supported(spec, D),
+             "the delta pass needs head_dim 64 and what the forward needs (kq_pre with cq <= 8, ck <= 15; kq_post "
+             "likewise if any; at most 8 coupled heads)");
+  kq_require(B >= 1 && T >= 1, "B and T must be >= 1");
+  kq_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
+             "B * H or T too large");
+  for (const void* p : {static_cast<const void*>(q), static_cast<const void*>(k), static_cast<const void*>(v),
+                        static_cast<const void*>(dout)})
+    kq_require(p != nullptr && aligned16(p), "q, k, v, dout must be non-null and 16-byte aligned");
+  kq_require(kq_pre != nullptr && lse != nullptr && delta != nullptr, "kq_pre weights, lse and delta must be non-null");
+  kq_require(!spec.head_pre || head_pre != nullptr, "head_pre is enabled but its weights are null");
+  kq_require(!spec.kq_post || kq_post != nullptr, "kq_post is enabled but its weights are null");
+  kq_require(!spec.head_post || head_post != nullptr, "head_post is enabled but its weights are null");
+  dispatch_delta<64>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, B, T, s);
 }
 
 }  // namespace mta::cuda
