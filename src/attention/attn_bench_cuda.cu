@@ -85,12 +85,15 @@ __global__ void cast_bf16_to_f32(const bf16* x, float* y, long long n) {
 
 }  // namespace
 
-nlohmann::json bench_attention(const AttentionSpec& spec, int B, int T, const std::string& impl, int reps, int warmup) {
+nlohmann::json bench_attention(const AttentionSpec& spec, int B, int T, const std::string& impl, int reps, int warmup,
+                               bool forward_only) {
   const int H = spec.heads, D = spec.head_dim;
   if (impl == "flash" && !spec.is_standard())
     throw InputError("--impl flash: only for standard attention (this spec has MTA options)");
-  if (impl == "fused" && !fused_attention_supported(spec, D))
-    throw InputError("--impl fused: the fused kernels do not cover this spec yet (see docs/flash-mta.md)");
+  if (impl == "fused" && !(forward_only ? fused_attention_forward_supported(spec, D) : fused_attention_supported(spec, D)))
+    throw InputError(std::string("--impl fused: the fused kernels do not cover this spec") +
+                     (forward_only ? "" : " with its backward (--forward-only times the forward alone)") +
+                     " yet (see docs/flash-mta.md)");
   if (impl != "flash" && impl != "fused" && impl != "materialized")
     throw InputError("--impl: must be flash, fused or materialized (got '" + impl + "')");
   if (device_count() < 1) throw std::runtime_error("--device cuda: no CUDA device is available");
@@ -152,7 +155,7 @@ nlohmann::json bench_attention(const AttentionSpec& spec, int B, int T, const st
     bwd = [&] { flash_attn_backward(q, k, v, o, dout, lse, dq, dk, dv, scratch, B, H, T, D, nullptr); };
   } else {
     bf16* core = fused_attention_has_epilogue(spec) ? mem.alloc<bf16>(n) : nullptr;
-    scratch = mem.alloc<unsigned char>(fused_attention_backward_scratch_bytes(spec, B, T));
+    if (!forward_only) scratch = mem.alloc<unsigned char>(fused_attention_backward_scratch_bytes(spec, B, T));
     fwd = [&, core] { fused_attention_forward(spec, q, k, v, params, core, o, lse, B, T, AttnOptions{}, nullptr); };
     bwd = [&, core] {
       fused_attention_backward(spec, q, k, v, params, core ? core : o, dout, lse, dq, dk, dv, grads, scratch, B, T,
@@ -161,9 +164,13 @@ nlohmann::json bench_attention(const AttentionSpec& spec, int B, int T, const st
   }
   MTA_CUDA_CHECK(cudaDeviceSynchronize());
   const double fwd_ms = mean_ms(fwd, reps, warmup);
-  const double bwd_ms = mean_ms(bwd, reps, warmup);
+  nlohmann::json bwd_ms, fwd_bwd_ms;  // null with forward_only
+  if (!forward_only) {
+    bwd_ms = mean_ms(bwd, reps, warmup);
+    fwd_bwd_ms = fwd_ms + bwd_ms.get<double>();
+  }
   return {{"impl", impl}, {"B", B}, {"H", H}, {"T", T}, {"D", D}, {"fwd_ms", fwd_ms}, {"bwd_ms", bwd_ms},
-          {"fwd_bwd_ms", fwd_ms + bwd_ms}, {"device_bytes", mem.bytes() + workspace}, {"reps", reps}};
+          {"fwd_bwd_ms", fwd_bwd_ms}, {"device_bytes", mem.bytes() + workspace}, {"reps", reps}};
 }
 
 }  // namespace mta::cuda

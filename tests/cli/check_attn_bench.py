@@ -1,16 +1,49 @@
 #!/usr/bin/env python3
-"""bench/attn_gpu.py's goals column, without a GPU: each issue-5 goal is reported met exactly when the
-ratio is at or below it, the toy config has no time goal, and the script parses its arguments (--help)."""
+"""The attention-layer benches without a GPU: bench/attn_gpu.py's goals column (each issue-5 goal is
+reported met exactly when the ratio is at or below it, the toy config has no time goal; the script
+parses its arguments), and `mta bench attn --forward-only` on the CPU (fwd_ms timed, the backward's
+fields null; without the flag both are numbers)."""
+import argparse
+import json
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 import attn_gpu  # noqa: E402
 
 
+def bench_attn(mta, spec_path, *extra):
+    r = subprocess.run([mta, "bench", "attn", "--device", "cpu", "--spec", spec_path, "--batch", "1", "--seq", "24",
+                        "--reps", "1", "--warmup", "0", *extra], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"mta bench attn {' '.join(extra)} failed: {r.stderr.strip()}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def check_forward_only(mta):
+    spec = {"heads": 2, "head_dim": 8, "kq_pre": {"q": 2, "k": 3, "pad_key": "both"}, "head_post": {"group": 2}}
+    with tempfile.TemporaryDirectory() as d:
+        path = str(pathlib.Path(d) / "spec.json")
+        pathlib.Path(path).write_text(json.dumps(spec))
+        fwd = bench_attn(mta, path, "--forward-only")
+        both = bench_attn(mta, path)
+    problems = []
+    if not (isinstance(fwd["fwd_ms"], float) and fwd["fwd_ms"] > 0 and fwd["fwd_bwd_ms"] is None):
+        problems.append(f"--forward-only: {fwd}")
+    if not (isinstance(both["fwd_bwd_ms"], float) and both["fwd_bwd_ms"] > 0):
+        problems.append(f"without --forward-only: {both}")
+    for p in problems:
+        print("bench attn:", p)
+    return not problems
+
+
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mta", help="the mta binary (also checks `mta bench attn --forward-only` on the CPU)")
+    args = ap.parse_args()
     cell = attn_gpu.goal_cell
     cases = [
         (("kq-only", 2.5, 1.2), "<= 2.5x met / <= 1.5x met"),
@@ -28,7 +61,10 @@ def main():
         print("attn_gpu.py --help failed:", r.stderr)
         return 1
     print("attn bench goals column: ok" if not bad else "attn bench goals column: FAILED")
-    return 1 if bad else 0
+    fwd_ok = check_forward_only(args.mta) if args.mta else True
+    if args.mta:
+        print("mta bench attn --forward-only: ok" if fwd_ok else "mta bench attn --forward-only: FAILED")
+    return 1 if bad or not fwd_ok else 0
 
 
 if __name__ == "__main__":
