@@ -38,14 +38,37 @@ def mix(X, m, g):
     return np.stack([sum(m[x // g, x % g, y] * X[x // g * g + y] for y in range(g)) for x in range(H)])
 
 
-def reference(q, k, v, w1, m1, g1, w2, m2, g2, cq1, ck1, o1, cq2, ck2, o2):
+KEY_OFFSET = {"both": lambda ck: (ck - 1) // 2, "left": lambda ck: ck - 1, "right": lambda ck: 0}
+
+
+def random_params(rng, H, conv1, conv2, g1, g2):
+    """Both convolutions' taps (identity plus noise) and both mixes (identity plus noise) of a case:
+    (w1, m1, w2, m2, o1, o2) for conv = (cq, ck, pad)."""
+    (cq1, ck1, p1), (cq2, ck2, p2) = conv1, conv2
+    o1, o2 = KEY_OFFSET[p1](ck1), KEY_OFFSET[p2](ck2)
+    w1 = rng.uniform(-.5, .5, (H, cq1, ck1))
+    w1[:, cq1 - 1, o1] += 1
+    w2 = rng.uniform(-.5, .5, (H, cq2, ck2))
+    w2[:, cq2 - 1, o2] += 1
+    m1 = rng.uniform(-.3, .3, (H // (g1 or 1), g1 or 1, g1 or 1))
+    m2 = rng.uniform(-.3, .3, (H // (g2 or 1), g2 or 1, g2 or 1))
+    return w1, m1, w2, m2, o1, o2
+
+
+def softmax_weights(q, k, w1, m1, g1, cq1, ck1, o1):
+    """A = softmax(mask(mix_pre(conv_pre(S0)))), lse and the future mask, from whole T x T matrices."""
     H, T, D = q.shape
     fut = np.triu(np.ones((T, T)), 1) > 0
     C = np.stack([conv(np.where(fut, 0, q[h] @ k[h].T / math.sqrt(D)), w1[h], cq1, ck1, o1, T) for h in range(H)])
     Cm = np.where(fut, -np.inf, mix(C, m1, g1))
     mx = Cm.max(-1, keepdims=True)
     lse = (np.log(np.exp(Cm - mx).sum(-1, keepdims=True)) + mx)[..., 0]
-    A = np.exp(Cm - lse[..., None])
+    return np.exp(Cm - lse[..., None]), lse, fut
+
+
+def reference(q, k, v, w1, m1, g1, w2, m2, g2, cq1, ck1, o1, cq2, ck2, o2):
+    H, T, _ = q.shape
+    A, lse, fut = softmax_weights(q, k, w1, m1, g1, cq1, ck1, o1)
     A2 = np.stack([np.where(fut, 0, conv(A[h], w2[h], cq2, ck2, o2, T)) for h in range(H)])
     A3 = mix(A2, m2, g2)
     return np.stack([A3[h] @ v[h] for h in range(H)]), lse
@@ -159,7 +182,6 @@ def kernel(q, k, v, w1, m1, g1, w2, m2, g2, cq1, ck1, o1, cq2, ck2, o2):
 
 def main():
     rng = np.random.default_rng(1)
-    off = {"both": lambda ck: (ck - 1) // 2, "left": lambda ck: ck - 1, "right": lambda ck: 0}
     cases = [  # H, T, D, (cq1, ck1, pad1), (cq2, ck2, pad2), g1, g2
         (2, 37, 4, (6, 11, "both"), (6, 11, "both"), 2, 2),  # the paper's layer, a partial second tile
         (2, 20, 4, (2, 9, "left"), (3, 5, "right"), 0, 1),
@@ -169,14 +191,8 @@ def main():
     ]
     ok = True
     for H, T, D, (cq1, ck1, p1), (cq2, ck2, p2), g1, g2 in cases:
-        o1, o2 = off[p1](ck1), off[p2](ck2)
         q, k, v = (rng.standard_normal((H, T, D)) for _ in range(3))
-        w1 = rng.uniform(-.5, .5, (H, cq1, ck1))
-        w1[:, cq1 - 1, o1] += 1
-        w2 = rng.uniform(-.5, .5, (H, cq2, ck2))
-        w2[:, cq2 - 1, o2] += 1
-        m1 = rng.uniform(-.3, .3, (H // (g1 or 1), g1 or 1, g1 or 1))
-        m2 = rng.uniform(-.3, .3, (H // (g2 or 1), g2 or 1, g2 or 1))
+        w1, m1, w2, m2, o1, o2 = random_params(rng, H, (cq1, ck1, p1), (cq2, ck2, p2), g1, g2)
         want_o, want_lse = reference(q, k, v, w1, m1, g1, w2, m2, g2, cq1, ck1, o1, cq2, ck2, o2)
         got_o, got_lse = kernel(q, k, v, w1, m1, g1, w2, m2, g2, cq1, ck1, o1, cq2, ck2, o2)
         e = max(np.abs(got_o - want_o).max(), np.abs(got_lse - want_lse).max())

@@ -26,7 +26,7 @@ import sys
 
 import numpy as np
 
-from replay_kq_layer import conv, mix, reference
+from replay_kq_layer import conv, mix, random_params, softmax_weights
 
 
 def conv_t(G, w, cq, ck, o, T):
@@ -65,13 +65,8 @@ def check_adjoints(rng):
 
 
 def reference_delta(q, k, v, dO, w1, m1, g1, w2, m2, g2, cq1, ck1, o1, cq2, ck2, o2):
-    H, T, D = q.shape
-    fut = np.triu(np.ones((T, T)), 1) > 0
-    C = np.stack([conv(np.where(fut, 0, q[h] @ k[h].T / math.sqrt(D)), w1[h], cq1, ck1, o1, T) for h in range(H)])
-    Cm = np.where(fut, -np.inf, mix(C, m1, g1))
-    mx = Cm.max(-1, keepdims=True)
-    lse = (np.log(np.exp(Cm - mx).sum(-1, keepdims=True)) + mx)[..., 0]
-    A = np.exp(Cm - lse[..., None])
+    H, T, _ = q.shape
+    A, lse, fut = softmax_weights(q, k, w1, m1, g1, cq1, ck1, o1)
     dA3 = np.stack([dO[h] @ v[h].T for h in range(H)])
     dA2 = np.where(fut, 0, mix_t(dA3, m2, g2))
     dA = np.stack([conv_t(dA2[h], w2[h], cq2, ck2, o2, T) for h in range(H)])
@@ -171,7 +166,6 @@ def main():
     e_adj = check_adjoints(rng)
     ok = e_adj < 1e-10
     print(f"{'ok  ' if ok else 'FAIL'} adjoints of conv and mix (dot-product identity): {e_adj:.1e}")
-    off = {"both": lambda ck: (ck - 1) // 2, "left": lambda ck: ck - 1, "right": lambda ck: 0}
     cases = [  # H, T, D, (cq1, ck1, pad1), (cq2, ck2, pad2), g1, g2
         (2, 37, 4, (6, 11, "both"), (6, 11, "both"), 2, 2),  # the paper's layer, a partial third tile
         (2, 20, 4, (2, 9, "left"), (3, 5, "right"), 0, 1),
@@ -180,14 +174,8 @@ def main():
         (2, 18, 4, (3, 3, "both"), (1, 1, "right"), 2, 0),  # no kq_post: the identity 1 x 1
     ]
     for H, T, D, (cq1, ck1, p1), (cq2, ck2, p2), g1, g2 in cases:
-        o1, o2 = off[p1](ck1), off[p2](ck2)
         q, k, v, dO = (rng.standard_normal((H, T, D)) for _ in range(4))
-        w1 = rng.uniform(-.5, .5, (H, cq1, ck1))
-        w1[:, cq1 - 1, o1] += 1
-        w2 = rng.uniform(-.5, .5, (H, cq2, ck2))
-        w2[:, cq2 - 1, o2] += 1
-        m1 = rng.uniform(-.3, .3, (H // (g1 or 1), g1 or 1, g1 or 1))
-        m2 = rng.uniform(-.3, .3, (H // (g2 or 1), g2 or 1, g2 or 1))
+        w1, m1, w2, m2, o1, o2 = random_params(rng, H, (cq1, ck1, p1), (cq2, ck2, p2), g1, g2)
         args = (w1, m1, g1, w2, m2, g2, cq1, ck1, o1, cq2, ck2, o2)
         want, lse = reference_delta(q, k, v, dO, *args)
         got = kernel_delta(q, k, v, dO, lse, *args)
