@@ -342,14 +342,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         if (row >= T) continue;
         float* dst = dq_accum + static_cast<size_t>(row) * D + dc * 32 + 2 * t;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-          atomicAdd(reinterpret_cast<float2*>(dst + 8 * j), make_float2(acc[j][2 * r], acc[j][2 * r + 1]));
-#else
-          atomicAdd(dst + 8 * j, acc[j][2 * r]);
-          atomicAdd(dst + 8 * j + 1, acc[j][2 * r + 1]);
-#endif
-        }
+        for (int j = 0; j < 4; ++j) atomic_add2(dst + 8 * j, acc[j][2 * r], acc[j][2 * r + 1]);
       }
     }
   }

@@ -472,7 +472,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   warp_load_rows<D, S>(myO, dout, n0, T, lane);
   cp_async_commit();
   constexpr bool kPrefetchStats = kMaxThreads <= 256;
-  float nxt_lse[2][2] = {}, nxt_dlt[2][2] = {};  // raw lse and delta of the next query block (kPrefetchStats)
+  float nxt_lse[2][2] = {}, nxt_dlt[2][2] = {};  // raw lse and delta of the next query block (of this one
+                                                 // without kPrefetchStats)
   auto load_stats = [&](int mb) {
 #pragma unroll
     for (int j = 0; j < 2; ++j)
@@ -504,22 +505,12 @@ __global__ void __launch_bounds__(kMaxThreads)
     // fewer heads (registers to spare) they were loaded one block ahead, and the next block's are
     // loaded now (ncu, session 7: these loads were the main pass's second-largest stall).
     float lse2[2][2], dlt[2][2];
-    if constexpr (kPrefetchStats) {
+    if constexpr (!kPrefetchStats) load_stats(m0);
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
+    for (int j = 0; j < 2; ++j)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) lse2[j][e] = nxt_lse[j][e] * kLog2e, dlt[j][e] = nxt_dlt[j][e];
-      load_stats(m0 + kTile);
-    } else {
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int qi = m0 + 8 * j + 2 * t + e;
-          lse2[j][e] = qi < T ? lse[head + qi] * kLog2e : 0.f;
-          dlt[j][e] = qi < T ? delta[head + qi] : 0.f;
-        }
-    }
+      for (int e = 0; e < 2; ++e) lse2[j][e] = nxt_lse[j][e] * kLog2e, dlt[j][e] = nxt_dlt[j][e];
+    if constexpr (kPrefetchStats) load_stats(m0 + kTile);
     if (prefetch)
       cp_async_wait_group<1>();
     else
@@ -623,8 +614,8 @@ __global__ void __launch_bounds__(kMaxThreads)
         for (int r = 0; r < 2; ++r) {
           const int row = m0 + g + 8 * r;
           if (row < T)
-            atomicAdd(reinterpret_cast<float2*>(dq_acc + static_cast<size_t>(row) * D + dn * 16 + 8 * jj + 2 * t),
-                      make_float2(acc[jj][2 * r], acc[jj][2 * r + 1]));
+            atomic_add2(dq_acc + static_cast<size_t>(row) * D + dn * 16 + 8 * jj + 2 * t, acc[jj][2 * r],
+                        acc[jj][2 * r + 1]);
         }
     }
     __syncwarp();

@@ -86,14 +86,15 @@ __device__ __forceinline__ void load_rows_async(bf16* smem, int stride, const bf
   }
 }
 
-// dst[0..1] += (x, y): one vector reduction on sm_90 (8-byte aligned dst), two scalar ones before.
-__device__ __forceinline__ void atomic_add2(float* dst, float x, float y) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(x, y));
-#else
-  atomicAdd(dst, x);
-  atomicAdd(dst + 1, y);
-#endif
+// Calls f(std::integral_constant<int, 2>{}, u) for this warp's units in pairs (u, u + stride), u = first,
+// first + 2 stride, ... < n, then f(std::integral_constant<int, 1>{}, u) for an odd one out: two
+// independent accumulator chains per warp where one would stall on each MMA (ncu, session 7).
+template <class F>
+__device__ __forceinline__ void for_unit_pairs(int first, int stride, int n, F&& f) {
+  int u = first;
+#pragma unroll 1
+  for (; u + stride < n; u += 2 * stride) f(std::integral_constant<int, 2>{}, u);
+  if (u < n) f(std::integral_constant<int, 1>{}, u);
 }
 
 // Rows first_row .. first_row + n - 1 of lse and delta into shared memory (raw lse; zeros past T),
@@ -189,9 +190,7 @@ __device__ __forceinline__ bool s0_extended(const bf16* sQ, const bf16* sK, __ha
 #pragma unroll
       for (int i = 0; i < NU; ++i) store(rb, cb0 + i, acc[i]);
     };
-#pragma unroll 1
-    for (int cb = 0; cb + 1 < kUnitCols; cb += 2) units(std::integral_constant<int, 2>{}, cb);
-    if (kUnitCols % 2) units(std::integral_constant<int, 1>{}, kUnitCols - 1);
+    for_unit_pairs(0, 1, kUnitCols, units);
   }
   for (int u = warp; u < (kUnitRows - Tr::kWarps) * kUnitCols; u += Tr::kWarps) {
     const int rb = Tr::kWarps + u / kUnitCols, cb = u % kUnitCols;
@@ -556,11 +555,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
           }
       }
     };
-    {
-      int u = warp;
-      for (; u + kWarps < kUnitRows * kUnitCols; u += 2 * kWarps) ds0_units(std::integral_constant<int, 2>{}, u);
-      if (u < kUnitRows * kUnitCols) ds0_units(std::integral_constant<int, 1>{}, u);
-    }
+    for_unit_pairs(warp, kWarps, kUnitRows * kUnitCols, ds0_units);
     __syncthreads();  // sdS complete
 
     // 7. dK (extended keys) += dS0^T Q, in registers (D = 64) or shared memory. The same 16 x 16 units
@@ -624,11 +619,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
           }
       }
     };
-    {
-      int u = warp;
-      for (; u + kWarps < kUnitRows * (D / 16); u += 2 * kWarps) dq_units(std::integral_constant<int, 2>{}, u);
-      if (u < kUnitRows * (D / 16)) dq_units(std::integral_constant<int, 1>{}, u);
-    }
+    for_unit_pairs(warp, kWarps, kUnitRows * (D / 16), dq_units);
   }
   __syncthreads();  // sdK complete
 

@@ -228,11 +228,19 @@ TEST(FlashKqLayer, PaperLayerForward) {
   check_forward(FwdCase{Case{1, 4, 1, 64, 6, 11, mta::PadKey::Both, 4, 4}, 6, 11, mta::PadKey::Both}, 13u);
 }
 
+// A random convolution: cq in 1..8, any pad, ck in 1..15 (odd with pad both).
+void random_conv(std::mt19937& rng, int& cq, int& ck, mta::PadKey& pad) {
+  const mta::PadKey pads[] = {mta::PadKey::Left, mta::PadKey::Right, mta::PadKey::Both};
+  cq = 1 + static_cast<int>(rng() % 8);
+  pad = pads[rng() % 3];
+  ck = 1 + static_cast<int>(rng() % 15);
+  if (pad == mta::PadKey::Both && ck % 2 == 0) ck += 1;
+}
+
 // Runtime sizes of both convolutions, every pad mode, with and without each mix, without kq_post.
 TEST(FlashKqLayer, RandomForward) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(77);
-  const mta::PadKey pads[] = {mta::PadKey::Left, mta::PadKey::Right, mta::PadKey::Both};
   for (int it = 0; it < 8; ++it) {
     FwdCase f;
     Case& c = f.c;
@@ -240,14 +248,8 @@ TEST(FlashKqLayer, RandomForward) {
     c.D = rng() % 2 ? 64 : 128;
     c.H = 4;
     c.T = 1 + static_cast<int>(rng() % 60);
-    auto conv = [&](int& cq, int& ck, mta::PadKey& pad) {
-      cq = 1 + static_cast<int>(rng() % 8);
-      pad = pads[rng() % 3];
-      ck = 1 + static_cast<int>(rng() % 15);
-      if (pad == mta::PadKey::Both && ck % 2 == 0) ck += 1;
-    };
-    conv(c.cq, c.ck, c.pad);
-    if (it % 4 != 3) conv(f.cq2, f.ck2, f.pad2);
+    random_conv(rng, c.cq, c.ck, c.pad);
+    if (it % 4 != 3) random_conv(rng, f.cq2, f.ck2, f.pad2);
     else f.cq2 = 0, f.ck2 = 0, f.pad2 = mta::PadKey::Both;
     const int groups[] = {0, 1, 2, 4};
     c.gpre = groups[rng() % 4];
@@ -436,17 +438,13 @@ TEST(FlashKqLayer, ToyAndSmallT) {
 TEST(FlashKqLayer, RandomSpecs) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(2026);
-  const mta::PadKey pads[] = {mta::PadKey::Left, mta::PadKey::Right, mta::PadKey::Both};
   for (int it = 0; it < 8; ++it) {
     Case c;
     c.B = 1 + static_cast<int>(rng() % 2);
     c.D = rng() % 2 ? 64 : 128;
     c.H = (c.D == 64 ? 8 : 4);
     c.T = 1 + static_cast<int>(rng() % 70);
-    c.cq = 1 + static_cast<int>(rng() % 8);
-    c.pad = pads[rng() % 3];
-    c.ck = 1 + static_cast<int>(rng() % 15);
-    if (c.pad == mta::PadKey::Both && c.ck % 2 == 0) c.ck += 1;
+    random_conv(rng, c.cq, c.ck, c.pad);
     const int groups[] = {0, 1, 2, 4};
     c.gpre = groups[rng() % 4];
     c.gpost = groups[rng() % 4];
