@@ -397,19 +397,12 @@ TEST(FlashKqLayer, DeltaPass) {
   check_delta(FwdCase{Case{2, 8, 77, 64, 6, 11, mta::PadKey::Both, 8, 8}, 6, 11, mta::PadKey::Both}, 31u);
   check_delta(FwdCase{Case{1, 4, 1, 64, 6, 11, mta::PadKey::Both, 4, 4}, 6, 11, mta::PadKey::Both}, 32u);
   std::mt19937 rng(33);
-  const mta::PadKey pads[] = {mta::PadKey::Left, mta::PadKey::Right, mta::PadKey::Both};
   for (int it = 0; it < 6; ++it) {
     FwdCase f;
     Case& c = f.c;
     c.B = 1 + static_cast<int>(rng() % 2), c.D = 64, c.H = 4, c.T = 1 + static_cast<int>(rng() % 70);
-    auto conv = [&](int& cq, int& ck, mta::PadKey& pad) {
-      cq = 1 + static_cast<int>(rng() % 8);
-      pad = pads[rng() % 3];
-      ck = 1 + static_cast<int>(rng() % 15);
-      if (pad == mta::PadKey::Both && ck % 2 == 0) ck += 1;
-    };
-    conv(c.cq, c.ck, c.pad);
-    if (it % 3 != 2) conv(f.cq2, f.ck2, f.pad2);
+    random_conv(rng, c.cq, c.ck, c.pad);
+    if (it % 3 != 2) random_conv(rng, f.cq2, f.ck2, f.pad2);
     else f.cq2 = 0, f.ck2 = 0, f.pad2 = mta::PadKey::Both;
     const int groups[] = {0, 1, 2, 4};
     c.gpre = groups[rng() % 4];
