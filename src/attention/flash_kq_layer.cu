@@ -6,7 +6,8 @@
 // warp per head, as FlashMix does. Per block of 16 output keys (n0 ..), each warp:
 //   1. adds the logits of the next key tile to a sliding window of its head's S0 (fp32 in shared
 //      memory): rows m0 - 8 .. m0 + 15 (the query tile and up to cq - 1 <= 7 rows above it), keys in a
-//      ring of 64 (column = key & 63, so key tiles t - 1, t, t + 1 are always present; tile -1 is the
+//      ring of 64 (column = (key + o) & 63 with o the convolution's key offset, so that its reads
+//      start at aligned columns; key tiles t - 1, t, t + 1 are always present; tile -1 is the
 //      zero padding left of the sequence). The Q fragments of rows m0 - 16 .. m0 + 15 stay in
 //      registers;
 //   2. convolves its head's window on CUDA cores in fp32: lane (r, half) computes row m0 + r, keys
@@ -46,6 +47,7 @@ constexpr int kMaxCq = 8, kMaxCk = 15;
 constexpr int kWinRows = 24;       // S0 rows m0 - 8 .. m0 + 15
 constexpr int kWinTop = 8;         // window row of query row m0
 constexpr int kWinPitch = 68;      // floats per window row: a ring of 64 keys, padded (16-byte rows)
+constexpr int kTapPitch = 16;      // floats per row of a head's taps in shared memory (float4 loads)
 constexpr int kWinFloats = kWinRows * kWinPitch;
 
 // Per warp: the S0 window, then the K tile [16][D + 8] bf16; the Q rows are staged there first
@@ -59,7 +61,7 @@ static_assert(warp_region_bytes<128>() >= 32 * (128 + 8) * sizeof(bf16), "Q stag
 
 template <int D>
 size_t smem_bytes(int G) {
-  return static_cast<size_t>(G) * (warp_region_bytes<D>() + kMaxCq * kMaxCk * sizeof(float)) +
+  return static_cast<size_t>(G) * (warp_region_bytes<D>() + kMaxCq * kTapPitch * sizeof(float)) +
          kFragWords * sizeof(uint32_t) + 2 * static_cast<size_t>(kInElems) * sizeof(bf16) +
          static_cast<size_t>(G) * kXT * sizeof(float);
 }
@@ -96,17 +98,19 @@ __device__ __forceinline__ void load_q_frags(bf16* stage, const bf16* q, int m0,
 
 // Key tile `tile` (keys 16 tile ..) of S0 into a window of rows m0 - kTop .. m0 + 15 (kTop = 8 or 16)
 // from the products of the two 16-row Q tiles (rows m0 - 16 .. m0 - 1, of which the last kTop are kept,
-// and m0 .. m0 + 15), scaled, the future set to 0. Keys at or past T are zero rows of K, so their S0 is
-// 0 as well; a tile entirely in the rows' future is zero-filled without products.
+// and m0 .. m0 + 15), scaled, the future set to 0. The ring is rotated by `rot`, the key offset of the
+// convolution that reads it (column = (key + rot) & 63), so that its reads start at aligned columns.
+// Keys at or past T are zero rows of K, so their S0 is 0 as well; a tile entirely in the rows' future
+// is zero-filled without products.
 template <int D, int S, int kTop>
 __device__ __forceinline__ void s0_tile_to_window(float* win, bf16* sKt, const bf16* k, const uint32_t (&qa0)[D / 16][4],
                                                   const uint32_t (&qa1)[D / 16][4], int tile, int m0, int T,
-                                                  float scale, int lane) {
+                                                  float scale, int rot, int lane) {
   static_assert(kTop == 8 || kTop == 16, "the window starts 8 or 16 rows above the query tile");
   const int g = lane >> 2, t = lane & 3, key0 = kTile * tile;
   if (key0 > m0 + kTile - 1) {  // every key after every row of the tile: S0 = 0
     for (int i = lane; i < (kTop + kTile) * kTile; i += 32)
-      win[(i / kTile) * kWinPitch + ((key0 + i % kTile) & 63)] = 0.f;
+      win[(i / kTile) * kWinPitch + ((key0 + i % kTile + rot) & 63)] = 0.f;
     __syncwarp();
     return;
   }
@@ -128,47 +132,105 @@ __device__ __forceinline__ void s0_tile_to_window(float* win, bf16* sKt, const b
   for (int j = 0; j < 2; ++j)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int key = key0 + 8 * j + 2 * t, col = key & 63;
+      // Two scalar stores: with an odd rotation the pair's columns are not 8-byte aligned.
+      const int key = key0 + 8 * j + 2 * t, c0 = (key + rot) & 63, c1 = (key + 1 + rot) & 63;
       // Q tile 1: rows m0 + g + 8r, window rows kTop + g + 8r.
       const int row1 = m0 + g + 8 * r;
-      *reinterpret_cast<float2*>(win + (kTop + g + 8 * r) * kWinPitch + col) =
-          make_float2(key > row1 ? 0.f : acc1[j][2 * r] * scale, key + 1 > row1 ? 0.f : acc1[j][2 * r + 1] * scale);
+      float* w1 = win + (kTop + g + 8 * r) * kWinPitch;
+      w1[c0] = key > row1 ? 0.f : acc1[j][2 * r] * scale;
+      w1[c1] = key + 1 > row1 ? 0.f : acc1[j][2 * r + 1] * scale;
       // Q tile 0: rows m0 - 16 + g + 8r, window rows kTop - 16 + g + 8r where that is >= 0.
       const int row0 = m0 - kTile + g + 8 * r, wr0 = kTop - kTile + g + 8 * r;
-      if (wr0 >= 0)
-        *reinterpret_cast<float2*>(win + wr0 * kWinPitch + col) =
-            make_float2(key > row0 ? 0.f : acc0[j][2 * r] * scale, key + 1 > row0 ? 0.f : acc0[j][2 * r + 1] * scale);
+      if (wr0 >= 0) {
+        float* w0 = win + wr0 * kWinPitch;
+        w0[c0] = key > row0 ? 0.f : acc0[j][2 * r] * scale;
+        w0[c1] = key + 1 > row0 ? 0.f : acc0[j][2 * r + 1] * scale;
+      }
     }
   __syncwarp();  // the window is read by other lanes; the K tile is reloaded next time
 }
 
-// The convolution at one output row (window row `wrow`) and 8 output keys x0 + o .. x0 + o + 7 (x0 =
-// the first input key read, o the key offset), from a window (rows of kWinPitch, a ring of 64 keys) and
-// the head's taps W [cq][ck] in shared memory. kCq = 0: runtime sizes.
+// The convolution at one output row (window row `wrow`) and the 8 output keys whose first input column
+// is x0 (a multiple of 8: the window's ring is rotated by the convolution's key offset, see
+// s0_tile_to_window), from a window (rows of kWinPitch, a ring of 64 keys) and the head's taps W [cq]
+// [ck] in shared memory (rows of kTapPitch). kCq = 0: runtime sizes. The compiled sizes read the
+// window and the taps as float4 (a 16-byte chunk never straddles the ring's end): 6 x 11 takes 8
+// loads per tap row instead of 29 scalar ones (ncu, session 7: these loads were the kernels' largest
+// stall).
 template <int kCq, int kCk>
 __device__ __forceinline__ void conv_row8(const float* win, const float* w, int cq, int ck, int wrow, int x0,
                                           float (&out)[8]) {
 #pragma unroll
   for (int e = 0; e < 8; ++e) out[e] = 0.f;
   if constexpr (kCq > 0) {
+    constexpr int kValChunks = (8 + kCk - 1 + 3) / 4, kTapChunks = (kCk + 3) / 4;
+    static_assert(4 * kTapChunks <= kTapPitch, "a tap row's chunks stay in its row");
 #pragma unroll
     for (int a = 0; a < kCq; ++a) {
       const float* row = win + (wrow - (kCq - 1) + a) * kWinPitch;
-      float vals[8 + kCk - 1];
+      float vals[4 * kValChunks], taps[4 * kTapChunks];
 #pragma unroll
-      for (int i = 0; i < 8 + kCk - 1; ++i) vals[i] = row[(x0 + i) & 63];
-#pragma unroll
-      for (int c = 0; c < kCk; ++c) {
-        const float wc = w[a * kCk + c];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) out[e] = fmaf(wc, vals[e + c], out[e]);
+      for (int i = 0; i < kValChunks; ++i) {
+        const float4 f = *reinterpret_cast<const float4*>(row + ((x0 + 4 * i) & 63));
+        vals[4 * i] = f.x, vals[4 * i + 1] = f.y, vals[4 * i + 2] = f.z, vals[4 * i + 3] = f.w;
       }
+#pragma unroll
+      for (int i = 0; i < kTapChunks; ++i) {
+        const float4 f = *reinterpret_cast<const float4*>(w + a * kTapPitch + 4 * i);
+        taps[4 * i] = f.x, taps[4 * i + 1] = f.y, taps[4 * i + 2] = f.z, taps[4 * i + 3] = f.w;
+      }
+#pragma unroll
+      for (int c = 0; c < kCk; ++c)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) out[e] = fmaf(taps[c], vals[e + c], out[e]);
     }
   } else {
     for (int a = 0; a < cq; ++a) {
       const float* row = win + (wrow - (cq - 1) + a) * kWinPitch;
       for (int c = 0; c < ck; ++c) {
-        const float wc = w[a * ck + c];
+        const float wc = w[a * kTapPitch + c];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) out[e] = fmaf(wc, row[(x0 + e + c) & 63], out[e]);
+      }
+    }
+  }
+}
+
+// The transposed convolution (the adjoint of conv_row8's, for the backward): the 8 outputs of row
+// `wrow` whose first input column is x0 (a multiple of 8; the ring rotated by ck - 1 - o) read rows
+// wrow .. wrow + cq - 1 (below) with the taps flipped in both directions,
+//   out[e] = sum_{a<cq, c<ck} W[cq - 1 - a, ck - 1 - c] win[wrow + a, x0 + e + c].
+template <int kCq, int kCk>
+__device__ __forceinline__ void conv_row8_t(const float* win, const float* w, int cq, int ck, int wrow, int x0,
+                                            float (&out)[8]) {
+#pragma unroll
+  for (int e = 0; e < 8; ++e) out[e] = 0.f;
+  if constexpr (kCq > 0) {
+    constexpr int kValChunks = (8 + kCk - 1 + 3) / 4, kTapChunks = (kCk + 3) / 4;
+#pragma unroll
+    for (int a = 0; a < kCq; ++a) {
+      const float* row = win + (wrow + a) * kWinPitch;
+      float vals[4 * kValChunks], taps[4 * kTapChunks];
+#pragma unroll
+      for (int i = 0; i < kValChunks; ++i) {
+        const float4 f = *reinterpret_cast<const float4*>(row + ((x0 + 4 * i) & 63));
+        vals[4 * i] = f.x, vals[4 * i + 1] = f.y, vals[4 * i + 2] = f.z, vals[4 * i + 3] = f.w;
+      }
+#pragma unroll
+      for (int i = 0; i < kTapChunks; ++i) {
+        const float4 f = *reinterpret_cast<const float4*>(w + (kCq - 1 - a) * kTapPitch + 4 * i);
+        taps[4 * i] = f.x, taps[4 * i + 1] = f.y, taps[4 * i + 2] = f.z, taps[4 * i + 3] = f.w;
+      }
+#pragma unroll
+      for (int c = 0; c < kCk; ++c)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) out[e] = fmaf(taps[kCk - 1 - c], vals[e + c], out[e]);
+    }
+  } else {
+    for (int a = 0; a < cq; ++a) {
+      const float* row = win + (wrow + a) * kWinPitch;
+      for (int c = 0; c < ck; ++c) {
+        const float wc = w[(cq - 1 - a) * kTapPitch + ck - 1 - c];
 #pragma unroll
         for (int e = 0; e < 8; ++e) out[e] = fmaf(wc, row[(x0 + e + c) & 63], out[e]);
       }
@@ -212,7 +274,7 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
   float* win = reinterpret_cast<float*>(region);
   bf16* sKt = reinterpret_cast<bf16*>(region + kWinFloats * sizeof(float));
   float* sW = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G) * warp_region_bytes<D>());
-  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sW + G * kMaxCq * kMaxCk);
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sW + G * kMaxCq * kTapPitch);
   bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);
   bf16* sInLo = sInHi + kInElems;
   float* sOut = reinterpret_cast<float*>(sInLo + kInElems);
@@ -221,8 +283,8 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
   const size_t head = static_cast<size_t>(b * H + h) * T;
   const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
   q += head * D, k += head * D, lse += head;
-  float* myW = sW + warp * kMaxCq * kMaxCk;
-  for (int i = lane; i < cq * ck; i += 32) myW[i] = wpre[static_cast<size_t>(h) * cq * ck + i];
+  float* myW = sW + warp * kMaxCq * kTapPitch;
+  for (int i = lane; i < cq * ck; i += 32) myW[(i / ck) * kTapPitch + i % ck] = wpre[static_cast<size_t>(h) * cq * ck + i];
   if (gpre) {
     build_frags(sFrag, mpre, gpre, nullptr, 0, u * G, G);
     zero_in(sInHi), zero_in(sInLo);
@@ -237,11 +299,11 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
   const int r = lane & 15, half = lane >> 4, row = m0 + r;
   float row_max = -INFINITY, row_sum = 0.f;  // log2 domain; lanes r and r + 16 share row r
   const int n_end = min(T, m0 + kTile);
-  s0_tile_to_window<D, S, kWinTop>(win, sKt, k, qa0, qa1, 0, m0, T, scale, lane);
+  s0_tile_to_window<D, S, kWinTop>(win, sKt, k, qa0, qa1, 0, m0, T, scale, key_off, lane);
   for (int n0 = 0; n0 < n_end; n0 += kTile) {
-    s0_tile_to_window<D, S, kWinTop>(win, sKt, k, qa0, qa1, n0 / kTile + 1, m0, T, scale, lane);
+    s0_tile_to_window<D, S, kWinTop>(win, sKt, k, qa0, qa1, n0 / kTile + 1, m0, T, scale, key_off, lane);
     float c[8];
-    conv_row8<kCq, kCk>(win, myW, cq, ck, kWinTop + r, n0 + 8 * half - key_off, c);
+    conv_row8<kCq, kCk>(win, myW, cq, ck, kWinTop + r, n0 + 8 * half, c);
     if (gpre) mix_in_place(c, sInHi, sInLo, sFrag, kPre, sOut, G, warp, lane);  // C -> C'  (two barriers)
     // Second causal mask (the sequence end is in every valid row's future), then the online update.
     float mx = -INFINITY;
@@ -290,15 +352,17 @@ static_assert(kS0Floats * sizeof(float) >= 32 * (128 + 8) * sizeof(bf16), "Q sta
 
 template <int D>
 size_t smem_out_bytes(int G) {
-  return static_cast<size_t>(G) * (warp_region_out_bytes<D>() + 2 * kMaxCq * kMaxCk * sizeof(float)) +
+  return static_cast<size_t>(G) * (warp_region_out_bytes<D>() + 2 * kMaxCq * kTapPitch * sizeof(float)) +
          kFragWords * sizeof(uint32_t) + 2 * static_cast<size_t>(kInElems) * sizeof(bf16) +
          static_cast<size_t>(G) * kXT * sizeof(float);
 }
 
 // Step 2 above for key tile `tile`. lse2[part]: lse * log2(e) of row m0 - 8 + 16 part + (lane & 15).
+// The S0 window's ring is rotated by the pre convolution's key offset, the A window's by the post
+// convolution's (a_rot), each for the convolution that reads it.
 template <int kCq, int kCk>
 __device__ __forceinline__ void a_tile_to_window(float* awin, const float* s0win, const float* w, int cq, int ck,
-                                                 int key_off, int gpre, bf16* sInHi, bf16* sInLo,
+                                                 int a_rot, int gpre, bf16* sInHi, bf16* sInLo,
                                                  const uint32_t* sFrag, float* sOut, int G, int warp, int lane,
                                                  int tile, int m0, int T, const float (&lse2)[2]) {
   const int r = lane & 15, half = lane >> 4, key0 = kTile * tile;
@@ -307,7 +371,7 @@ __device__ __forceinline__ void a_tile_to_window(float* awin, const float* s0win
     const int rr = 16 * part + r, row = m0 - kATop + rr;  // A window row rr
     const bool live = rr < kATop + kTile && key0 <= m0 + kTile - 1;  // in the window, not all future
     float c[8] = {};
-    if (live) conv_row8<kCq, kCk>(s0win, w, cq, ck, rr + (kS0Top - kATop), key0 + 8 * half - key_off, c);
+    if (live) conv_row8<kCq, kCk>(s0win, w, cq, ck, rr + (kS0Top - kATop), key0 + 8 * half, c);
     if (gpre) mix_in_place(c, sInHi, sInLo, sFrag, kPre, sOut, G, warp, lane);
     if (rr < kATop + kTile) {
 #pragma unroll
@@ -316,7 +380,8 @@ __device__ __forceinline__ void a_tile_to_window(float* awin, const float* s0win
         const bool ok = row >= 0 && row < T;
         const float a0 = ok && key <= row ? exp2f(fmaf(c[e], kLog2e, -lse2[part])) : 0.f;
         const float a1 = ok && key + 1 <= row ? exp2f(fmaf(c[e + 1], kLog2e, -lse2[part])) : 0.f;
-        *reinterpret_cast<float2*>(awin + rr * kWinPitch + (key & 63)) = make_float2(a0, a1);
+        awin[rr * kWinPitch + ((key + a_rot) & 63)] = a0;  // scalar: an odd rotation misaligns pairs
+        awin[rr * kWinPitch + ((key + 1 + a_rot) & 63)] = a1;
       }
     }
   }
@@ -338,8 +403,8 @@ __global__ void __launch_bounds__(16 * kMaxG)
   float* awin = s0win + kS0Floats;
   bf16* sTile = reinterpret_cast<bf16*>(awin + kAFloats);  // K, then V, then the output rows
   float* sWpre = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G) * warp_region_out_bytes<D>());
-  float* sWpost = sWpre + G * kMaxCq * kMaxCk;
-  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sWpost + G * kMaxCq * kMaxCk);
+  float* sWpost = sWpre + G * kMaxCq * kTapPitch;
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sWpost + G * kMaxCq * kTapPitch);
   bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);
   bf16* sInLo = sInHi + kInElems;
   float* sOut = reinterpret_cast<float*>(sInLo + kInElems);
@@ -348,10 +413,12 @@ __global__ void __launch_bounds__(16 * kMaxG)
   const size_t head = static_cast<size_t>(b * H + h) * T;
   const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
   q += head * D, k += head * D, v += head * D, o += head * D, lse += head;
-  float* myWpre = sWpre + warp * kMaxCq * kMaxCk;
-  float* myWpost = sWpost + warp * kMaxCq * kMaxCk;
-  for (int i = lane; i < cq1 * ck1; i += 32) myWpre[i] = wpre[static_cast<size_t>(h) * cq1 * ck1 + i];
-  for (int i = lane; i < cq2 * ck2; i += 32) myWpost[i] = wpost ? wpost[static_cast<size_t>(h) * cq2 * ck2 + i] : 1.f;
+  float* myWpre = sWpre + warp * kMaxCq * kTapPitch;
+  float* myWpost = sWpost + warp * kMaxCq * kTapPitch;
+  for (int i = lane; i < cq1 * ck1; i += 32)
+    myWpre[(i / ck1) * kTapPitch + i % ck1] = wpre[static_cast<size_t>(h) * cq1 * ck1 + i];
+  for (int i = lane; i < cq2 * ck2; i += 32)
+    myWpost[(i / ck2) * kTapPitch + i % ck2] = wpost ? wpost[static_cast<size_t>(h) * cq2 * ck2 + i] : 1.f;
   if (gpre || gpost) {
     build_frags(sFrag, mpre, gpre, mpost, gpost, u * G, G);
     zero_in(sInHi), zero_in(sInLo);
@@ -374,21 +441,21 @@ __global__ void __launch_bounds__(16 * kMaxG)
   float acc_o[D / 8][4];
 #pragma unroll
   for (int j = 0; j < D / 8; ++j) acc_o[j][0] = acc_o[j][1] = acc_o[j][2] = acc_o[j][3] = 0.f;
-  s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, 0, m0, T, scale, lane);
-  s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, 1, m0, T, scale, lane);
-  a_tile_to_window<kCq1, kCk1>(awin, s0win, myWpre, cq1, ck1, off1, gpre, sInHi, sInLo, sFrag, sOut, G, warp, lane,
+  s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, 0, m0, T, scale, off1, lane);
+  s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, 1, m0, T, scale, off1, lane);
+  a_tile_to_window<kCq1, kCk1>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, G, warp, lane,
                                0, m0, T, lse2);
   const int n_end = min(T, m0 + kTile), row = m0 + r;
   for (int n0 = 0; n0 < n_end; n0 += kTile) {
     const int kt = n0 / kTile;
-    s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, kt + 2, m0, T, scale, lane);
+    s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, kt + 2, m0, T, scale, off1, lane);
     // V of the output keys into the tile buffer (K is done with), landing while A and A2 are computed.
     warp_load_rows_zero<D, S, kTile>(sTile, v, n0, T, lane);
     cp_async_commit();
-    a_tile_to_window<kCq1, kCk1>(awin, s0win, myWpre, cq1, ck1, off1, gpre, sInHi, sInLo, sFrag, sOut, G, warp,
+    a_tile_to_window<kCq1, kCk1>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, G, warp,
                                  lane, kt + 1, m0, T, lse2);
     float a2[8];
-    conv_row8<kCq2, kCk2>(awin, myWpost, cq2, ck2, kATop + r, n0 + 8 * half - off2, a2);
+    conv_row8<kCq2, kCk2>(awin, myWpost, cq2, ck2, kATop + r, n0 + 8 * half, a2);
 #pragma unroll
     for (int e = 0; e < 8; ++e)
       if (n0 + 8 * half + e > row) a2[e] = 0.f;  // A2: the future set to 0 (keys past T are in it)
@@ -434,6 +501,196 @@ __global__ void __launch_bounds__(16 * kMaxG)
       *reinterpret_cast<uint4*>(o + static_cast<size_t>(orow) * D + col) =
           *reinterpret_cast<const uint4*>(sTile + rr * S + col);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward, delta pass: delta_x[i] = sum_j A_x[i, j] dA_x[i, j], the row term of dC' = A (dA - delta),
+// with dA3 = dO V^T, dA2 = the future set to 0 in the head_post^T mix of dA3, dA = the transposed
+// kq_post convolution of dA2. Designed and replayed in float64 by tests/oracle/replay_kq_layer_delta.py.
+// A CTA as in pass 1 (16 query rows, one warp per head); per block of 16 keys each warp:
+//   1. adds S0 of key tile kt + 1 to pass 1's window and dA2 of key tile kt + 1 to a second window of
+//      rows m0 .. m0 + 31 (the transposed convolution reads cq - 1 rows below each row): two products
+//      of 16 dO rows with the V tile, then per 16-row part the Mpost^T mix (two barriers) and the mask;
+//      its ring rotated by ck2 - 1 - o2 so that the transposed stencil reads aligned columns;
+//   2. computes C' (the pre convolution and mix, as pass 1), A = exp(C' - lse), dA from the dA2 window,
+//      and adds A dA to its row's sum.
+constexpr int kDRows = 32;  // the dA2 window: rows m0 .. m0 + 31
+constexpr int kDFloats = kDRows * kWinPitch;
+
+template <int D>
+constexpr size_t warp_region_delta_bytes() {
+  return (kWinFloats + kDFloats) * sizeof(float) + static_cast<size_t>(kTile) * (D + 8) * sizeof(bf16);
+}
+static_assert(kDFloats * sizeof(float) >= 32 * (128 + 8) * sizeof(bf16), "Q and dO staging fits the dA2 window");
+
+template <int D>
+size_t smem_delta_bytes(int G) {
+  return static_cast<size_t>(G) * (warp_region_delta_bytes<D>() + 2 * kMaxCq * kTapPitch * sizeof(float)) +
+         kFragWords * sizeof(uint32_t) + 2 * static_cast<size_t>(kInElems) * sizeof(bf16) +
+         static_cast<size_t>(G) * kXT * sizeof(float);
+}
+
+// Key tile `tile` of dA2 for rows m0 .. m0 + 31 into the dA2 window (ring rotated by `rot`): dA3 from the
+// dO fragments (rows m0 .. m0 + 15 and m0 + 16 .. m0 + 31; zero past T) and the V tile (zero past T),
+// the Mpost^T mix per 16-row part when gpost, the future set to 0. A tile entirely in the future of
+// row m0 + 31 is zero-filled; that test is the same for every warp of the CTA, so all of them take
+// the mixes' barriers or none does.
+template <int D, int S>
+__device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const bf16* v,
+                                                   const uint32_t (&da0)[D / 16][4], const uint32_t (&da1)[D / 16][4],
+                                                   int tile, int m0, int T, int rot, int gpost, bf16* sInHi,
+                                                   bf16* sInLo, const uint32_t* sFrag, float* sOut, int G, int warp,
+                                                   int lane) {
+  const int g = lane >> 2, t = lane & 3, key0 = kTile * tile;
+  if (key0 > m0 + kDRows - 1) {
+    for (int i = lane; i < kDRows * kTile; i += 32)
+      dwin[(i / kTile) * kWinPitch + ((key0 + i % kTile + rot) & 63)] = 0.f;
+    __syncwarp();
+    return;
+  }
+  warp_load_rows_zero<D, S, kTile>(sVt, v, key0, T, lane);
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncwarp();
+  float acc0[2][4] = {}, acc1[2][4] = {};
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t bb[4];
+    ldmatrix_x4(bb, sVt + bnk_offset(lane, 0, kk * 16, S));
+    mma_bf16(acc0[0], da0[kk], bb[0], bb[1]);
+    mma_bf16(acc0[1], da0[kk], bb[2], bb[3]);
+    mma_bf16(acc1[0], da1[kk], bb[0], bb[1]);
+    mma_bf16(acc1[1], da1[kk], bb[2], bb[3]);
+  }
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int key = key0 + 8 * j + 2 * t, c0 = (key + rot) & 63, c1 = (key + 1 + rot) & 63;
+      float* w0 = dwin + (g + 8 * r) * kWinPitch;
+      float* w1 = dwin + (kTile + g + 8 * r) * kWinPitch;
+      w0[c0] = acc0[j][2 * r], w0[c1] = acc0[j][2 * r + 1];
+      w1[c0] = acc1[j][2 * r], w1[c1] = acc1[j][2 * r + 1];
+    }
+  __syncwarp();  // each lane now mixes and masks the positions of its own row r and keys 8 half ..
+  const int r = lane & 15, half = lane >> 4;
+#pragma unroll
+  for (int part = 0; part < 2; ++part) {
+    float* wrow = dwin + (kTile * part + r) * kWinPitch;
+    const int row = m0 + kTile * part + r;
+    float x[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) x[e] = wrow[(key0 + 8 * half + e + rot) & 63];
+    if (gpost) mix_in_place(x, sInHi, sInLo, sFrag, kPostT, sOut, G, warp, lane);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int key = key0 + 8 * half + e;
+      wrow[(key + rot) & 63] = key > row ? 0.f : x[e];
+    }
+  }
+  __syncwarp();  // the window is read by other lanes; the V tile buffer is reloaded next time
+}
+
+template <int D, int kCq1, int kCk1, int kCq2, int kCk2>
+__global__ void __launch_bounds__(16 * kMaxG)
+    flash_kq_layer_delta_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                                const bf16* __restrict__ dout, const float* __restrict__ wpre,
+                                const float* __restrict__ mpre, int gpre, const float* __restrict__ wpost,
+                                const float* __restrict__ mpost, int gpost, const float* __restrict__ lse,
+                                float* __restrict__ delta, int H, int T, int G, int cq1, int ck1, int off1, int cq2,
+                                int ck2, int off2, float scale) {
+  constexpr int S = D + 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  unsigned char* region = smem_raw + static_cast<size_t>(warp) * warp_region_delta_bytes<D>();
+  float* win = reinterpret_cast<float*>(region);          // S0: rows m0 - 8 .. m0 + 15
+  float* dwin = win + kWinFloats;                         // dA2: rows m0 .. m0 + 31
+  bf16* sTile = reinterpret_cast<bf16*>(dwin + kDFloats);  // K, then V
+  float* sWpre = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G) * warp_region_delta_bytes<D>());
+  float* sWpost = sWpre + G * kMaxCq * kTapPitch;
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sWpost + G * kMaxCq * kTapPitch);
+  bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);
+  bf16* sInLo = sInHi + kInElems;
+  float* sOut = reinterpret_cast<float*>(sInLo + kInElems);
+
+  const int units = H / G, b = blockIdx.x / units, u = blockIdx.x % units, h = u * G + warp;
+  const size_t head = static_cast<size_t>(b * H + h) * T;
+  const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
+  q += head * D, k += head * D, v += head * D, dout += head * D, lse += head, delta += head;
+  float* myWpre = sWpre + warp * kMaxCq * kTapPitch;
+  float* myWpost = sWpost + warp * kMaxCq * kTapPitch;
+  for (int i = lane; i < cq1 * ck1; i += 32)
+    myWpre[(i / ck1) * kTapPitch + i % ck1] = wpre[static_cast<size_t>(h) * cq1 * ck1 + i];
+  for (int i = lane; i < cq2 * ck2; i += 32)
+    myWpost[(i / ck2) * kTapPitch + i % ck2] = wpost ? wpost[static_cast<size_t>(h) * cq2 * ck2 + i] : 1.f;
+  if (gpre || gpost) {
+    build_frags(sFrag, mpre, gpre, mpost, gpost, u * G, G);
+    zero_in(sInHi), zero_in(sInLo);
+  }
+
+  // Q rows m0 - 16 .. m0 + 15 and dO rows m0 .. m0 + 31 as A fragments, staged in the dA2 window.
+  uint32_t qa0[D / 16][4], qa1[D / 16][4], da0[D / 16][4], da1[D / 16][4];
+  load_q_frags<D, S>(reinterpret_cast<bf16*>(dwin), q, m0, T, lane, qa0, qa1);
+  load_q_frags<D, S>(reinterpret_cast<bf16*>(dwin), dout, m0 + kTile, T, lane, da0, da1);
+  for (int i = lane; i < (kWinFloats + kDFloats) / 4; i += 32)
+    reinterpret_cast<float4*>(win)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  const int r = lane & 15, half = lane >> 4, row = m0 + r;
+  const float lse2 = row < T ? lse[row] * kLog2e : 0.f;
+  const int rot_t = ck2 - 1 - off2;  // the dA2 ring's rotation (conv_row8_t reads aligned columns)
+  __syncwarp();
+  __syncthreads();  // every warp's taps, the fragments, the zeroed MixIn
+
+  s0_tile_to_window<D, S, kWinTop>(win, sTile, k, qa0, qa1, 0, m0, T, scale, off1, lane);
+  da2_tile_to_window<D, S>(dwin, sTile, v, da0, da1, 0, m0, T, rot_t, gpost, sInHi, sInLo, sFrag, sOut, G, warp,
+                           lane);
+  float part = 0.f;
+  const int n_end = min(T, m0 + kTile);
+  for (int n0 = 0; n0 < n_end; n0 += kTile) {
+    const int kt = n0 / kTile;
+    s0_tile_to_window<D, S, kWinTop>(win, sTile, k, qa0, qa1, kt + 1, m0, T, scale, off1, lane);
+    da2_tile_to_window<D, S>(dwin, sTile, v, da0, da1, kt + 1, m0, T, rot_t, gpost, sInHi, sInLo, sFrag, sOut, G,
+                             warp, lane);
+    float c[8], da[8];
+    conv_row8<kCq1, kCk1>(win, myWpre, cq1, ck1, kWinTop + r, n0 + 8 * half, c);
+    if (gpre) mix_in_place(c, sInHi, sInLo, sFrag, kPre, sOut, G, warp, lane);  // C -> C' (two barriers)
+    conv_row8_t<kCq2, kCk2>(dwin, myWpost, cq2, ck2, r, n0 + 8 * half, da);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int key = n0 + 8 * half + e;
+      if (row < T && key <= row) part = fmaf(exp2f(fmaf(c[e], kLog2e, -lse2)), da[e], part);
+    }
+  }
+  part += __shfl_xor_sync(0xffffffffu, part, 16);  // lanes r and r + 16 share row r
+  if (half == 0 && row < T) delta[row] = part;
+}
+
+template <int D, int kCq1, int kCk1, int kCq2, int kCk2>
+void launch_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                  const float* wpre, const float* mpre, const float* wpost, const float* mpost, const float* lse,
+                  float* delta, int B, int T, cudaStream_t s) {
+  const int H = spec.heads, G = spec.coupled_heads();
+  const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
+  const KqConv& pre = *spec.kq_pre;
+  const KqConv post = spec.kq_post ? *spec.kq_post : KqConv{1, 1, PadKey::Right};  // identity: o = 0
+  const size_t smem = smem_delta_bytes<D>(G);
+  auto kernel = flash_kq_layer_delta_kernel<D, kCq1, kCk1, kCq2, kCk2>;
+  MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const dim3 grid(static_cast<unsigned>(B * (H / G)), static_cast<unsigned>((T + kTile - 1) / kTile));
+  kernel<<<grid, 32 * G, smem, s>>>(q, k, v, dout, wpre, mpre, gpre, spec.kq_post ? wpost : nullptr, mpost, gpost,
+                                    lse, delta, H, T, G, pre.q, pre.k, pre.key_offset(), post.q, post.k,
+                                    post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
+  MTA_CUDA_CHECK_LAUNCH("flash_kq_layer_delta_kernel");
+}
+
+template <int D>
+void dispatch_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                    const float* wpre, const float* mpre, const float* wpost, const float* mpost, const float* lse,
+                    float* delta, int B, int T, cudaStream_t s) {
+  const KqConv& pre = *spec.kq_pre;
+  if (pre.q == 6 && pre.k == 11 && spec.kq_post && spec.kq_post->q == 6 && spec.kq_post->k == 11)
+    launch_delta<D, 6, 11, 6, 11>(spec, q, k, v, dout, wpre, mpre, wpost, mpost, lse, delta, B, T, s);
+  else
+    launch_delta<D, 0, 0, 0, 0>(spec, q, k, v, dout, wpre, mpre, wpost, mpost, lse, delta, B, T, s);
 }
 
 template <int D, int kCq, int kCk>
@@ -540,6 +797,30 @@ void flash_kq_layer_lse(const AttentionSpec& spec, const bf16* q, const bf16* k,
     dispatch_lse<64>(spec, q, k, kq_pre, head_pre, lse, B, T, s);
   else
     dispatch_lse<128>(spec, q, k, kq_pre, head_pre, lse, B, T, s);
+}
+
+bool flash_kq_layer_delta_supported(const AttentionSpec& spec, int D) {
+  return D == 64 && flash_kq_layer_forward_supported(spec, D);
+}
+
+void flash_kq_layer_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                          const float* kq_pre, const float* head_pre, const float* kq_post, const float* head_post,
+                          const float* lse, float* delta, int B, int T, cudaStream_t s) {
+  const int D = spec.head_dim;
+  kq_require(flash_kq_layer_delta_supported(spec, D),
+             "the delta pass needs head_dim 64 and what the forward needs (kq_pre with cq <= 8, ck <= 15; kq_post "
+             "likewise if any; at most 8 coupled heads)");
+  kq_require(B >= 1 && T >= 1, "B and T must be >= 1");
+  kq_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
+             "B * H or T too large");
+  for (const void* p : {static_cast<const void*>(q), static_cast<const void*>(k), static_cast<const void*>(v),
+                        static_cast<const void*>(dout)})
+    kq_require(p != nullptr && aligned16(p), "q, k, v, dout must be non-null and 16-byte aligned");
+  kq_require(kq_pre != nullptr && lse != nullptr && delta != nullptr, "kq_pre weights, lse and delta must be non-null");
+  kq_require(!spec.head_pre || head_pre != nullptr, "head_pre is enabled but its weights are null");
+  kq_require(!spec.kq_post || kq_post != nullptr, "kq_post is enabled but its weights are null");
+  kq_require(!spec.head_post || head_post != nullptr, "head_post is enabled but its weights are null");
+  dispatch_delta<64>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, B, T, s);
 }
 
 }  // namespace mta::cuda

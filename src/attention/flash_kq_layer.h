@@ -42,4 +42,16 @@ void flash_kq_layer_forward(const AttentionSpec& spec, const __nv_bfloat16* q, c
                             const __nv_bfloat16* v, const float* kq_pre, const float* head_pre, const float* kq_post,
                             const float* head_post, __nv_bfloat16* o, float* lse, int B, int T, cudaStream_t s);
 
+// The backward's first pass (branch: designed by tests/oracle/replay_kq_layer_delta.py, not yet run on
+// a GPU): delta_x[i] = sum_j A_x[i, j] dA_x[i, j] with dA3 = dout v^T, dA2 = the head_post^T mix of dA3
+// with the future set to 0, dA = the transposed kq_post convolution of dA2 (identity without kq_post);
+// A from lse (pass 1's). The main backward pass subtracts it: dC' = A (dA - delta). dout [B, H, T, D]
+// bf16 (the core's output gradient); delta [B, H, T] fp32. Head dim 64 only so far (the Q and dO
+// fragments of 32 rows each stay in registers), and what the forward supports.
+bool flash_kq_layer_delta_supported(const AttentionSpec& spec, int D);
+void flash_kq_layer_delta(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                          const __nv_bfloat16* v, const __nv_bfloat16* dout, const float* kq_pre, const float* head_pre,
+                          const float* kq_post, const float* head_post, const float* lse, float* delta, int B, int T,
+                          cudaStream_t s);
+
 }  // namespace mta::cuda

@@ -258,6 +258,159 @@ TEST(FlashKqLayer, RandomForward) {
   }
 }
 
+// The backward's delta pass (flash_kq_layer_delta): delta_x[i] = sum_j A_x[i, j] dA_x[i, j] in float64
+// from the semantics, with dA3 = dO V^T, dA2 = the future set to 0 in the head_post^T mix of dA3,
+// dA = the transposed kq_post convolution of dA2 (tests/oracle/replay_kq_layer_delta.py checks the
+// same chain's adjoints and the kernel's window arithmetic on the CPU).
+std::vector<double> reference_delta(const FwdCase& f, const mta::AttentionSpec& spec, const std::vector<double>& q,
+                                    const std::vector<double>& k, const std::vector<double>& v,
+                                    const std::vector<double>& dout, const std::vector<double>& lse,
+                                    const std::vector<double>& wpre, const std::vector<double>& mpre,
+                                    const std::vector<double>& wpost, const std::vector<double>& mpost) {
+  const Case& c = f.c;
+  const int B = c.B, H = c.H, T = c.T, D = c.D, o1 = spec.kq_pre->key_offset();
+  const int cq2 = f.cq2 ? f.cq2 : 1, ck2 = f.cq2 ? f.ck2 : 1, o2 = f.cq2 ? spec.kq_post->key_offset() : 0;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  const size_t TT = static_cast<size_t>(T) * T;
+  auto at = [&](int b, int h, int i) { return (static_cast<size_t>(b) * H + h) * T + i; };
+  std::vector<double> delta(static_cast<size_t>(B) * H * T);
+  for (int b = 0; b < B; ++b) {
+    std::vector<std::vector<double>> C(H, std::vector<double>(TT, 0.0)), d3(H, std::vector<double>(TT, 0.0));
+    for (int h = 0; h < H; ++h) {
+      std::vector<double> s0(TT, 0.0);
+      for (int i = 0; i < T; ++i)
+        for (int j = 0; j < T; ++j) {
+          double qk = 0, ov = 0;
+          for (int d = 0; d < D; ++d) {
+            qk += q[at(b, h, i) * D + d] * k[at(b, h, j) * D + d];
+            ov += dout[at(b, h, i) * D + d] * v[at(b, h, j) * D + d];
+          }
+          if (j <= i) s0[static_cast<size_t>(i) * T + j] = scale * qk;
+          d3[h][static_cast<size_t>(i) * T + j] = ov;
+        }
+      for (int i = 0; i < T; ++i)
+        for (int j = 0; j <= i; ++j) {
+          double acc = 0;
+          for (int a = 0; a < c.cq; ++a)
+            for (int cc = 0; cc < c.ck; ++cc) {
+              const int ii = i - (c.cq - 1) + a, jj = j - o1 + cc;
+              if (ii >= 0 && jj >= 0 && jj < T)
+                acc += wpre[(static_cast<size_t>(h) * c.cq + a) * c.ck + cc] * s0[static_cast<size_t>(ii) * T + jj];
+            }
+          C[h][static_cast<size_t>(i) * T + j] = acc;
+        }
+    }
+    for (int x = 0; x < H; ++x) {
+      // A_x from C' (the head_pre mix) and lse; dA2_x from the head_post^T mix of dA3, the future at 0.
+      std::vector<double> A(TT, 0.0), dA2(TT, 0.0);
+      for (int i = 0; i < T; ++i)
+        for (int j = 0; j <= i; ++j) {
+          double cm = C[x][static_cast<size_t>(i) * T + j], d2 = d3[x][static_cast<size_t>(i) * T + j];
+          if (c.gpre) {
+            const int g = c.gpre, grp = x / g;
+            cm = 0;
+            for (int y = 0; y < g; ++y)
+              cm += mpre[(static_cast<size_t>(grp) * g + x % g) * g + y] * C[grp * g + y][static_cast<size_t>(i) * T + j];
+          }
+          if (c.gpost) {
+            const int g = c.gpost, grp = x / g;
+            d2 = 0;
+            for (int y = 0; y < g; ++y)
+              d2 += mpost[(static_cast<size_t>(grp) * g + y) * g + x % g] * d3[grp * g + y][static_cast<size_t>(i) * T + j];
+          }
+          A[static_cast<size_t>(i) * T + j] = std::exp(cm - lse[at(b, x, i)]);
+          dA2[static_cast<size_t>(i) * T + j] = d2;
+        }
+      for (int i = 0; i < T; ++i) {
+        double sum = 0;
+        for (int j = 0; j <= i; ++j) {
+          double da = 0;
+          for (int a = 0; a < cq2; ++a)
+            for (int cc = 0; cc < ck2; ++cc) {
+              const int ii = i + cq2 - 1 - a, jj = j + o2 - cc;
+              const double w = f.cq2 ? wpost[(static_cast<size_t>(x) * cq2 + a) * ck2 + cc] : 1.0;
+              if (ii < T && jj >= 0 && jj < T) da += w * dA2[static_cast<size_t>(ii) * T + jj];
+            }
+          sum += A[static_cast<size_t>(i) * T + j] * da;
+        }
+        delta[at(b, x, i)] = sum;
+      }
+    }
+  }
+  return delta;
+}
+
+void check_delta(const FwdCase& f, unsigned seed) {
+  const Case& c = f.c;
+  SCOPED_TRACE(c.str() + " kq_post " + std::to_string(f.cq2) + "x" + std::to_string(f.ck2));
+  mta::AttentionSpec spec = spec_of(c);
+  if (f.cq2) spec.kq_post = mta::KqConv{f.cq2, f.ck2, f.pad2};
+  ASSERT_TRUE(mta::cuda::flash_kq_layer_delta_supported(spec, c.D));
+  std::mt19937 rng(seed);
+  const size_t n = static_cast<size_t>(c.B) * c.H * c.T * c.D, rows = static_cast<size_t>(c.B) * c.H * c.T;
+  const Tensor q = randn_bf16(n, rng), k = randn_bf16(n, rng), v = randn_bf16(n, rng), dO = randn_bf16(n, rng);
+  std::uniform_real_distribution<double> ud(-0.5, 0.5);
+  auto kernel = [&](const mta::KqConv& kc) {
+    std::vector<double> w(static_cast<size_t>(c.H) * kc.q * kc.k);
+    for (auto& x : w) x = ud(rng);
+    for (int h = 0; h < c.H; ++h) w[(static_cast<size_t>(h) * kc.q + kc.q - 1) * kc.k + kc.key_offset()] += 1.0;
+    return w;
+  };
+  auto mix = [&](int g) {
+    std::vector<double> m(static_cast<size_t>(c.H) * g);
+    for (auto& x : m) x = 0.3 * ud(rng);
+    for (int grp = 0; grp < c.H / g; ++grp)
+      for (int x = 0; x < g; ++x) m[(static_cast<size_t>(grp) * g + x) * g + x] += 1.0;
+    return m;
+  };
+  const std::vector<double> wpre = kernel(*spec.kq_pre);
+  const std::vector<double> wpost = spec.kq_post ? kernel(*spec.kq_post) : std::vector<double>{};
+  const std::vector<double> mpre = c.gpre ? mix(c.gpre) : std::vector<double>{};
+  const std::vector<double> mpost = c.gpost ? mix(c.gpost) : std::vector<double>{};
+  const std::vector<double> lse = reference_lse(c, spec, q.val, k.val, wpre, mpre);
+  const std::vector<double> want = reference_delta(f, spec, q.val, k.val, v.val, dO.val, lse, wpre, mpre, wpost, mpost);
+  auto up = [](const std::vector<double>& x) {
+    auto d = std::make_unique<DevMem>(std::max<size_t>(x.size(), 1) * 4);
+    if (!x.empty()) d->upload(std::vector<float>(x.begin(), x.end()));
+    return d;
+  };
+  const auto dwpre = up(wpre), dwpost = up(wpost), dmpre = up(mpre), dmpost = up(mpost), dlse = up(lse);
+  DevMem dq(n * 2), dk(n * 2), dv(n * 2), ddo(n * 2), ddelta(rows * 4);
+  dq.upload(q.bits), dk.upload(k.bits), dv.upload(v.bits), ddo.upload(dO.bits);
+  ddelta.poison();
+  using bf = __nv_bfloat16;
+  mta::cuda::flash_kq_layer_delta(spec, dq.as<bf>(), dk.as<bf>(), dv.as<bf>(), ddo.as<bf>(), dwpre->as<float>(),
+                                  c.gpre ? dmpre->as<float>() : nullptr, spec.kq_post ? dwpost->as<float>() : nullptr,
+                                  c.gpost ? dmpost->as<float>() : nullptr, dlse->as<float>(), ddelta.as<float>(), c.B,
+                                  c.T, nullptr);
+  CUDA_OK(cudaDeviceSynchronize());
+  const std::vector<float> got_f = ddelta.download<float>(rows);
+  const std::vector<double> got(got_f.begin(), got_f.end());
+  EXPECT_EQ(non_finite(got), 0) << "delta has non-finite (unwritten) entries";
+  const double e = rel_err(got, want);
+  EXPECT_LE(e, 2e-2) << "delta";
+  std::printf("[ kq layer delta ] %s: delta rel err %.2e\n", c.str().c_str(), e);
+}
+
+TEST(FlashKqLayer, DeltaPass) {
+  SKIP_WITHOUT_GPU();
+  check_delta(FwdCase{Case{2, 8, 77, 64, 6, 11, mta::PadKey::Both, 8, 8}, 6, 11, mta::PadKey::Both}, 31u);
+  check_delta(FwdCase{Case{1, 4, 1, 64, 6, 11, mta::PadKey::Both, 4, 4}, 6, 11, mta::PadKey::Both}, 32u);
+  std::mt19937 rng(33);
+  for (int it = 0; it < 6; ++it) {
+    FwdCase f;
+    Case& c = f.c;
+    c.B = 1 + static_cast<int>(rng() % 2), c.D = 64, c.H = 4, c.T = 1 + static_cast<int>(rng() % 70);
+    random_conv(rng, c.cq, c.ck, c.pad);
+    if (it % 3 != 2) random_conv(rng, f.cq2, f.ck2, f.pad2);
+    else f.cq2 = 0, f.ck2 = 0, f.pad2 = mta::PadKey::Both;
+    const int groups[] = {0, 1, 2, 4};
+    c.gpre = groups[rng() % 4];
+    c.gpost = groups[rng() % 4];
+    check_delta(f, 300u + it);
+  }
+}
+
 TEST(FlashKqLayer, PaperLayerLse) {
   SKIP_WITHOUT_GPU();
   // The paper LM's kq layer: 6 x 11 both, every head of the layer in one mixing group, pre and post.

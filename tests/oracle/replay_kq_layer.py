@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """The fused kq layer's forward (src/attention/flash_kq_layer.cu) replayed in float64 with the kernel's
 window arithmetic: per 16-row query tile, the S0 and A windows (rows above the tile, keys in a ring of
-64: column = key & 63), the key tiles computed one block ahead (all-future tiles zero-filled), the
+64 rotated by the key offset o of the convolution that reads it: column = (key + o) & 63, so that the
+8 outputs from key x0 read columns x0 .. x0 + ck + 6, x0 a multiple of 8 -- aligned for the kernel's
+float4 loads), the key tiles computed one block ahead (all-future tiles zero-filled), the
 convolutions read through the ring at x0 + e + c, the pre mix in two 16-row parts, the masks and the
 online softmax. Compared with the semantics written directly (whole T x T matrices): pass 1's lse and
 pass 2's output must agree to rounding (1e-12) for the paper's sizes and for every pad mode. This is
@@ -73,6 +75,7 @@ def reference(q, k, v, w1, m1, g1, w2, m2, g2, cq1, ck1, o1, cq2, ck2, o2):
 
 
 def conv8(win, w, cq, ck, wrow, x0):
+    assert x0 % 8 == 0, "the kernel's float4 loads need an aligned first column"
     return [sum(w[a, c] * win[wrow - (cq - 1) + a, (x0 + e + c) & 63] for a in range(cq) for c in range(ck))
             for e in range(8)]
 
@@ -83,11 +86,11 @@ def kernel(q, k, v, w1, m1, g1, w2, m2, g2, cq1, ck1, o1, cq2, ck2, o2):
     lse = np.full((H, T), np.nan)
     out = np.full((H, T, D), np.nan)
 
-    def s0_tile(win, top, h, tile, m0):  # s0_tile_to_window<D, S, top>
+    def s0_tile(win, top, h, tile, m0):  # s0_tile_to_window<D, S, top>, the ring rotated by o1
         key0 = 16 * tile
         if key0 > m0 + 15:
             for i in range((top + 16) * 16):
-                win[i // 16, (key0 + i % 16) & 63] = 0
+                win[i // 16, (key0 + i % 16 + o1) & 63] = 0
             return
         for rr in range(-16, 16):
             row, wr = m0 + rr, top + rr
@@ -97,7 +100,7 @@ def kernel(q, k, v, w1, m1, g1, w2, m2, g2, cq1, ck1, o1, cq2, ck2, o2):
             for jj in range(16):
                 key = key0 + jj
                 kj = k[h, key] if key < T else np.zeros(D)
-                win[wr, key & 63] = 0 if key > row else (qi @ kj) * sc
+                win[wr, (key + o1) & 63] = 0 if key > row else (qi @ kj) * sc
 
     for m0 in range(0, T, 16):  # pass 1
         win = np.zeros((H, 24, 68))
@@ -108,7 +111,7 @@ def kernel(q, k, v, w1, m1, g1, w2, m2, g2, cq1, ck1, o1, cq2, ck2, o2):
         for n0 in range(0, min(T, m0 + 16), 16):
             for h in range(H):
                 s0_tile(win[h], 8, h, n0 // 16 + 1, m0)
-            C = np.stack([[conv8(win[h], w1[h], cq1, ck1, 8 + r, n0 + 8 * half - o1)
+            C = np.stack([[conv8(win[h], w1[h], cq1, ck1, 8 + r, n0 + 8 * half)
                            for r in range(16) for half in range(2)] for h in range(H)]).reshape(H, 16, 16)
             C = mix(C, m1, g1)
             for h in range(H):
@@ -137,7 +140,7 @@ def kernel(q, k, v, w1, m1, g1, w2, m2, g2, cq1, ck1, o1, cq2, ck2, o2):
                         if rr < 24 and key0 <= m0 + 15:
                             for half in range(2):
                                 Cb[h, r, 8 * half:8 * half + 8] = conv8(s0w[h], w1[h], cq1, ck1, rr + 8,
-                                                                        key0 + 8 * half - o1)
+                                                                        key0 + 8 * half)
                 Cb = mix(Cb, m1, g1)
                 for h in range(H):
                     for r in range(16):
@@ -148,7 +151,7 @@ def kernel(q, k, v, w1, m1, g1, w2, m2, g2, cq1, ck1, o1, cq2, ck2, o2):
                         for jj in range(16):
                             key = key0 + jj
                             ok = 0 <= row < T and key <= row
-                            aw[h, rr, key & 63] = math.exp(Cb[h, r, jj] - lse[h, row]) if ok else 0
+                            aw[h, rr, (key + o2) & 63] = math.exp(Cb[h, r, jj] - lse[h, row]) if ok else 0
 
         for h in range(H):
             s0_tile(s0w[h], 16, h, 0, m0)
@@ -163,7 +166,7 @@ def kernel(q, k, v, w1, m1, g1, w2, m2, g2, cq1, ck1, o1, cq2, ck2, o2):
             for h in range(H):
                 for r in range(16):
                     for half in range(2):
-                        a2 = conv8(aw[h], w2[h], cq2, ck2, 8 + r, n0 + 8 * half - o2)
+                        a2 = conv8(aw[h], w2[h], cq2, ck2, 8 + r, n0 + 8 * half)
                         A2[h, r, 8 * half:8 * half + 8] = [0 if n0 + 8 * half + e > m0 + r else a2[e]
                                                            for e in range(8)]
             A3 = mix(A2, m2, g2)
