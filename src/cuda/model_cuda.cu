@@ -12,9 +12,10 @@
 // mixing only (attention/flash_mix.h: groups of up to 8 heads, no attention dropout in training);
 // D = 64 or 128. MTA_FLASH_MTA=0 in the environment sends every MTA layer through the materialized op.
 // The kq layers (kq convolutions with head mixing) have a fused forward only
-// (attention/flash_kq_layer.h: <= 8 coupled heads, no dropout); MTA_FUSED_KQ_FORWARD=1 runs it, with the
-// materialized op's backward. Off by default: measured slower than the materialized forward at the
-// 35M LM (bench/RESULTS.md, session 7: 326k against 332k tokens/s).
+// (attention/flash_kq_layer.h: <= 8 coupled heads, no dropout), with the materialized op's backward.
+// On by default since its aligned stencils (bench/RESULTS.md, session 8: 4.44 against the materialized
+// forward's 5.46 ms per kq layer at the 35M LM; 348k against 339k tokens/s); MTA_FUSED_KQ_FORWARD=0
+// sends these layers' forward back to the materialized op.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -362,7 +363,7 @@ class CudaModel : public TrainableModel {
     const char* e = std::getenv("MTA_FLASH_MTA");
     if ((e != nullptr && std::string(e) == "0") || config().attention != AttentionKind::Mta) return false;
     const char* kq = std::getenv("MTA_FUSED_KQ_FORWARD");
-    if (kq == nullptr || std::string(kq) != "1") return use_fused(l, train);
+    if (kq != nullptr && std::string(kq) == "0") return use_fused(l, train);
     return cuda::fused_attention_forward_supported(config().layer_spec(l), config().head_dim(),
                                                    train ? config().dropout : 0.f);
   }
