@@ -31,6 +31,7 @@
 #include "attention/head_mix_mma.cuh"
 #include "attention/mma_sm80.cuh"
 #include "cuda/check.h"
+#include "cuda/warp_reduce.cuh"
 
 namespace mta::cuda {
 namespace {
@@ -693,6 +694,320 @@ void dispatch_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, con
     launch_delta<D, 0, 0, 0, 0>(spec, q, k, v, dout, wpre, mpre, wpost, mpost, lse, delta, B, T, s);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Backward, kernel P (the post side of the main pass; designed and replayed in float64 by
+// tests/oracle/replay_kq_layer_backward.py, kernel_p): pass 2's CTA, windows and schedule (S0 rows
+// m0 - 16 .. m0 + 15, A rows m0 - 8 .. m0 + 15, key tile kt + 2 of S0 and kt + 1 of A computed while
+// block kt is used), and per block of 16 keys, with the tile's dO rows (A fragments in registers, the
+// rows in shared memory as dV's B operand):
+//   A2 = mask0(conv_post(A)) and A3 = Mpost A2 on the tile's rows, as pass 2;
+//   dV[block keys] += A3^T dO          (float2 atomics into an fp32 accumulator: every query tile adds);
+//   dA3 = dO V^T;  dMpost += dA3_x . A2_y   (grad_tiles over MixIn: dA3 in hi, A2 in lo, as bf16);
+//   dA2 = mask0(Mpost^T dA3);  dWpost[a, c] += dA2[i, j] A[i - (cq2 - 1) + a, j - o2 + c] over the
+//   tile's rows (the A window, whose rotation o2 aligns these reads as the forward stencil's): per lane
+//   in registers for the compiled 6 x 11, per warp in shared memory (a warp sum per tap) otherwise.
+// At the end each CTA writes partials (dWpost per warp, dMpost summed over the warps), which
+// reduce_partials_kernel sums over the CTAs in a fixed order. Head dim 64 (at 8 heads the windows,
+// tiles and mixing buffers take 208 KB).
+constexpr int kHeadTaps = kMaxCq * kTapPitch;  // floats per head's taps (rows of kTapPitch)
+constexpr int kWStride = kMaxCq * kMaxCk;      // floats per (CTA, head) convolution-gradient partial
+
+template <int D>
+constexpr size_t warp_region_post_bytes() {
+  return (kS0Floats + kAFloats) * sizeof(float) + 2 * static_cast<size_t>(kTile) * (D + 8) * sizeof(bf16);
+}
+
+template <int D>
+size_t smem_post_bytes(int G) {
+  return static_cast<size_t>(G) * (warp_region_post_bytes<D>() + 3 * kHeadTaps * sizeof(float)) +
+         kFragWords * sizeof(uint32_t) + 2 * static_cast<size_t>(kInElems) * sizeof(bf16) +
+         static_cast<size_t>(G) * kXT * sizeof(float);
+}
+
+// The convolution's weight-gradient terms of one row's 8 outputs (the adjoint of conv_row8 in the taps):
+// acc[a][c] += sum_e d[e] win[wrow - (cq - 1) + a, x0 + e + c], x0 a multiple of 8 (aligned float4 reads).
+template <int kCq, int kCk>
+__device__ __forceinline__ void conv_grad_row8(const float* win, int wrow, int x0, const float (&d)[8],
+                                               float (&acc)[kCq][kCk]) {
+  constexpr int kValChunks = (8 + kCk - 1 + 3) / 4;
+#pragma unroll
+  for (int a = 0; a < kCq; ++a) {
+    const float* row = win + (wrow - (kCq - 1) + a) * kWinPitch;
+    float vals[4 * kValChunks];
+#pragma unroll
+    for (int i = 0; i < kValChunks; ++i) {
+      const float4 f = *reinterpret_cast<const float4*>(row + ((x0 + 4 * i) & 63));
+      vals[4 * i] = f.x, vals[4 * i + 1] = f.y, vals[4 * i + 2] = f.z, vals[4 * i + 3] = f.w;
+    }
+#pragma unroll
+    for (int c = 0; c < kCk; ++c)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[a][c] = fmaf(d[e], vals[e + c], acc[a][c]);
+  }
+}
+
+// Runtime sizes: each tap's terms summed over the warp, added by lane 0 to the warp's sDw[a][c] (rows of
+// kTapPitch). Every lane of the warp must call it.
+__device__ __forceinline__ void conv_grad_row8_rt(const float* win, int cq, int ck, int wrow, int x0,
+                                                  const float (&d)[8], float* sDw, int lane) {
+  for (int a = 0; a < cq; ++a) {
+    const float* row = win + (wrow - (cq - 1) + a) * kWinPitch;
+    for (int c = 0; c < ck; ++c) {
+      float s = 0.f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) s = fmaf(d[e], row[(x0 + e + c) & 63], s);
+      s = warp_sum(s);
+      if (lane == 0) sDw[a * kTapPitch + c] += s;
+    }
+  }
+}
+
+template <int D, int kCq1, int kCk1, int kCq2, int kCk2>
+__global__ void __launch_bounds__(16 * kMaxG)
+    flash_kq_layer_post_grad_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                    const bf16* __restrict__ v, const bf16* __restrict__ dout,
+                                    const float* __restrict__ wpre, const float* __restrict__ mpre, int gpre,
+                                    const float* __restrict__ wpost, const float* __restrict__ mpost, int gpost,
+                                    const float* __restrict__ lse, float* __restrict__ dv_acc,
+                                    float* __restrict__ part_w, float* __restrict__ part_m, int H, int T, int G,
+                                    int cq1, int ck1, int off1, int cq2, int ck2, int off2, float scale) {
+  constexpr int S = D + 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  unsigned char* region = smem_raw + static_cast<size_t>(warp) * warp_region_post_bytes<D>();
+  float* s0win = reinterpret_cast<float*>(region);
+  float* awin = s0win + kS0Floats;
+  bf16* sTile = reinterpret_cast<bf16*>(awin + kAFloats);  // K, then V
+  bf16* sDo = sTile + kTile * S;                           // the tile's dO rows
+  float* sWpre = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G) * warp_region_post_bytes<D>());
+  float* sWpost = sWpre + G * kHeadTaps;
+  float* sDw = sWpost + G * kHeadTaps;  // runtime sizes: dWpost per warp
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sDw + G * kHeadTaps);
+  bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);
+  bf16* sInLo = sInHi + kInElems;
+  float* sOut = reinterpret_cast<float*>(sInLo + kInElems);
+
+  const int units = H / G, b = blockIdx.x / units, u = blockIdx.x % units, h = u * G + warp;
+  const size_t head = static_cast<size_t>(b * H + h) * T;
+  const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
+  q += head * D, k += head * D, v += head * D, dout += head * D, dv_acc += head * D, lse += head;
+  const bool has_post = wpost != nullptr;
+  float* myWpre = sWpre + warp * kHeadTaps;
+  float* myWpost = sWpost + warp * kHeadTaps;
+  float* myDw = sDw + warp * kHeadTaps;
+  for (int i = lane; i < cq1 * ck1; i += 32)
+    myWpre[(i / ck1) * kTapPitch + i % ck1] = wpre[static_cast<size_t>(h) * cq1 * ck1 + i];
+  for (int i = lane; i < cq2 * ck2; i += 32)
+    myWpost[(i / ck2) * kTapPitch + i % ck2] = has_post ? wpost[static_cast<size_t>(h) * cq2 * ck2 + i] : 1.f;
+  for (int i = lane; i < kHeadTaps; i += 32) myDw[i] = 0.f;
+  if (gpre || gpost) {
+    build_frags(sFrag, mpre, gpre, mpost, gpost, u * G, G);
+    zero_in(sInHi), zero_in(sInLo);
+  }
+
+  uint32_t qa0[D / 16][4], qa1[D / 16][4], doa[D / 16][4];
+  load_q_frags<D, S>(reinterpret_cast<bf16*>(s0win), q, m0, T, lane, qa0, qa1);
+  warp_load_rows_zero<D, S, kTile>(sDo, dout, m0, T, lane);
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncwarp();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(doa[kk], sDo + a_offset(lane, 0, kk * 16, S));
+  for (int i = lane; i < (kS0Floats + kAFloats) / 4; i += 32)
+    reinterpret_cast<float4*>(s0win)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  const int r = lane & 15, half = lane >> 4, g = lane >> 2, t = lane & 3;
+  float lse2[2];
+#pragma unroll
+  for (int part = 0; part < 2; ++part) {
+    const int row = m0 - kATop + 16 * part + r;
+    lse2[part] = row >= 0 && row < T ? lse[row] * kLog2e : 0.f;
+  }
+  __syncwarp();
+  __syncthreads();  // every warp's taps, the fragments, the zeroed MixIn and dWpost
+
+  constexpr int kWq = kCq2 > 0 ? kCq2 : 1, kWk = kCk2 > 0 ? kCk2 : 1;
+  float accw[kWq][kWk];
+#pragma unroll
+  for (int a = 0; a < kWq; ++a)
+#pragma unroll
+    for (int c = 0; c < kWk; ++c) accw[a][c] = 0.f;
+  float gpost_acc[2][4] = {};
+  s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, 0, m0, T, scale, off1, lane);
+  s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, 1, m0, T, scale, off1, lane);
+  a_tile_to_window<kCq1, kCk1>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, G, warp, lane,
+                               0, m0, T, lse2);
+  const int n_end = min(T, m0 + kTile), row = m0 + r;
+  for (int n0 = 0; n0 < n_end; n0 += kTile) {
+    const int kt = n0 / kTile;
+    s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, kt + 2, m0, T, scale, off1, lane);
+    warp_load_rows_zero<D, S, kTile>(sTile, v, n0, T, lane);  // V lands while A and A2 are computed
+    cp_async_commit();
+    a_tile_to_window<kCq1, kCk1>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, G, warp,
+                                 lane, kt + 1, m0, T, lse2);
+    float a2[8], a3[8];
+    conv_row8<kCq2, kCk2>(awin, myWpost, cq2, ck2, kATop + r, n0 + 8 * half, a2);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      if (n0 + 8 * half + e > row) a2[e] = 0.f;  // A2: the future set to 0 (keys past T are in it)
+      a3[e] = a2[e];
+    }
+    if (gpost) mix_in_place(a3, sInHi, sInLo, sFrag, kPost, sOut, G, warp, lane);
+    // A3 into this warp's MixOut rows, read back as the A operand of dV += A3^T dO (keys x rows).
+#pragma unroll
+    for (int e = 0; e < 8; e += 2)
+      *reinterpret_cast<float2*>(sOut + out_offset(warp, r, 8 * half + e)) = make_float2(a3[e], a3[e + 1]);
+    cp_async_wait_all();
+    __syncwarp();
+    uint32_t at[4];
+    {
+      const float* o = sOut + out_offset(warp, 0, 0);
+      at[0] = pack_bf16(o[(2 * t) * kXS + g], o[(2 * t + 1) * kXS + g]);
+      at[1] = pack_bf16(o[(2 * t) * kXS + g + 8], o[(2 * t + 1) * kXS + g + 8]);
+      at[2] = pack_bf16(o[(2 * t + 8) * kXS + g], o[(2 * t + 9) * kXS + g]);
+      at[3] = pack_bf16(o[(2 * t + 8) * kXS + g + 8], o[(2 * t + 9) * kXS + g + 8]);
+    }
+#pragma unroll
+    for (int dn = 0; dn < D / 16; ++dn) {
+      uint32_t bb[4];
+      ldmatrix_x4_trans(bb, sDo + bkn_offset(lane, 0, dn * 16, S));
+      float acc[2][4] = {};
+      mma_bf16(acc[0], at, bb[0], bb[1]);
+      mma_bf16(acc[1], at, bb[2], bb[3]);
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          const int key = n0 + g + 8 * rr;
+          if (key < T)
+            atomic_add2(dv_acc + static_cast<size_t>(key) * D + dn * 16 + 8 * jj + 2 * t, acc[jj][2 * rr],
+                        acc[jj][2 * rr + 1]);
+        }
+    }
+    // dA3 = dO V^T on the tile (rows past T and keys past T are zero rows of dO and V).
+    float d3[2][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t bb[4];
+      ldmatrix_x4(bb, sTile + bnk_offset(lane, 0, kk * 16, S));
+      mma_bf16(d3[0], doa[kk], bb[0], bb[1]);
+      mma_bf16(d3[1], doa[kk], bb[2], bb[3]);
+    }
+    __syncwarp();  // every lane has read A3 and V before MixOut's rows and the tile buffer are rewritten
+    float da2[8];
+    if (gpost) {
+      put_tile<false>(sInHi, nullptr, warp, d3, g, t);
+#pragma unroll
+      for (int e = 0; e < 8; e += 2)
+        *reinterpret_cast<__nv_bfloat162*>(sInLo + in_offset(warp, r, 8 * half + e)) =
+            __floats2bfloat162_rn(a2[e], a2[e + 1]);
+      __syncthreads();  // every head's dA3 and A2; every warp has read its A3
+      mix_tiles<false>(sInHi, nullptr, sFrag, kPostT, sOut, G, warp, lane);
+      grad_tiles(gpost_acc, sInHi, sInLo, nullptr, G, warp, lane);  // dMpost += dA3^T A2
+      __syncthreads();  // every head's dA2; every warp is done with MixIn
+    } else {
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr)
+          *reinterpret_cast<float2*>(sOut + out_offset(warp, g + 8 * rr, 8 * j + 2 * t)) =
+              make_float2(d3[j][2 * rr], d3[j][2 * rr + 1]);
+      __syncwarp();
+    }
+#pragma unroll
+    for (int e = 0; e < 8; e += 2) {
+      const float2 x = get_pair(sOut, warp, r, 8 * half + e);
+      da2[e] = n0 + 8 * half + e > row ? 0.f : x.x;
+      da2[e + 1] = n0 + 8 * half + e + 1 > row ? 0.f : x.y;
+    }
+    if (has_post) {
+      if constexpr (kCq2 > 0)
+        conv_grad_row8<kCq2, kCk2>(awin, kATop + r, n0 + 8 * half, da2, accw);
+      else
+        conv_grad_row8_rt(awin, cq2, ck2, kATop + r, n0 + 8 * half, da2, myDw, lane);
+    }
+    __syncwarp();  // every lane has read its dA2 before the next block's MixOut writes
+  }
+
+  // Partials of this CTA: dWpost per warp (head), dMpost summed over the warps in a fixed order.
+  const size_t cta = static_cast<size_t>(blockIdx.x) * gridDim.y + blockIdx.y;
+  if (has_post) {
+    float* pw = part_w + (cta * G + warp) * kWStride;
+    if constexpr (kCq2 > 0) {
+#pragma unroll
+      for (int a = 0; a < kCq2; ++a)
+#pragma unroll
+        for (int c = 0; c < kCk2; ++c) {
+          const float s = warp_sum(accw[a][c]);
+          if (lane == 0) pw[a * kCk2 + c] = s;
+        }
+    } else {
+      __syncwarp();
+      for (int i = lane; i < cq2 * ck2; i += 32) pw[i] = myDw[(i / ck2) * kTapPitch + i % ck2];
+    }
+  }
+  if (gpost) {
+    __syncthreads();  // every warp is done with MixOut
+    float* sG = sOut;  // [G warps][16][16] <= G * kXT floats
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        sG[(warp * kMaxG + g + 8 * (e >> 1)) * kMaxG + 8 * nb + 2 * t + (e & 1)] = gpost_acc[nb][e];
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * kMaxG; i += blockDim.x) {
+      const int x = i / kMaxG, yy = i % kMaxG;
+      if (yy >= gpost) continue;
+      const int y = x - x % gpost + yy;
+      float sum = 0.f;
+      for (int w = 0; w < G; ++w) sum += sG[(w * kMaxG + x) * kMaxG + y];
+      part_m[(cta * G + x) * kMaxG + yy] = sum;
+    }
+  }
+}
+
+// grad[h * n + i] += the sum over the batch and the query tiles of the partials of head h, one warp per
+// (h, i), lane l taking the (batch, tile) pairs l, l + 32, ... in ascending order and then a fixed
+// shuffle tree, in double (deterministic). part is [B * H / G CTAs rows][tiles][G][stride].
+__global__ void reduce_partials_kernel(const float* __restrict__ part, float* __restrict__ grad, int B, int H, int G,
+                                       int ntiles, int stride, int n) {
+  const int idx = static_cast<int>((blockIdx.x * blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
+  if (idx >= H * n) return;
+  const int h = idx / n, i = idx % n, units = H / G, u = h / G, w = h % G;
+  double s = 0.0;
+  for (int e = lane; e < B * ntiles; e += 32) {
+    const int b = e / ntiles, tile = e % ntiles;
+    s += part[((static_cast<size_t>(b * units + u) * ntiles + tile) * G + w) * stride + i];
+  }
+  s = warp_sum(s);
+  if (lane == 0) grad[idx] += static_cast<float>(s);
+}
+
+void reduce_partials(const float* part, float* grad, int B, int H, int G, int ntiles, int stride, int n,
+                     cudaStream_t s) {
+  const int warps = H * n, threads = 256;
+  reduce_partials_kernel<<<(warps * 32 + threads - 1) / threads, threads, 0, s>>>(part, grad, B, H, G, ntiles, stride,
+                                                                                 n);
+  MTA_CUDA_CHECK_LAUNCH("reduce_partials_kernel");
+}
+
+template <int D, int kCq1, int kCk1, int kCq2, int kCk2>
+void launch_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                       const float* wpre, const float* mpre, const float* wpost, const float* mpost, const float* lse,
+                       float* dv_acc, float* part_w, float* part_m, int B, int T, cudaStream_t s) {
+  const int H = spec.heads, G = spec.coupled_heads();
+  const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
+  const KqConv& pre = *spec.kq_pre;
+  const KqConv post = spec.kq_post ? *spec.kq_post : KqConv{1, 1, PadKey::Right};  // identity: o = 0
+  const size_t smem = smem_post_bytes<D>(G);
+  auto kernel = flash_kq_layer_post_grad_kernel<D, kCq1, kCk1, kCq2, kCk2>;
+  MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const dim3 grid(static_cast<unsigned>(B * (H / G)), static_cast<unsigned>((T + kTile - 1) / kTile));
+  kernel<<<grid, 32 * G, smem, s>>>(q, k, v, dout, wpre, mpre, gpre, spec.kq_post ? wpost : nullptr, mpost, gpost, lse,
+                                    dv_acc, part_w, part_m, H, T, G, pre.q, pre.k, pre.key_offset(), post.q, post.k,
+                                    post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
+  MTA_CUDA_CHECK_LAUNCH("flash_kq_layer_post_grad_kernel");
+}
+
 template <int D, int kCq, int kCk>
 void launch_lse(const AttentionSpec& spec, const bf16* q, const bf16* k, const float* wpre, const float* mpre,
                 float* lse, int B, int T, cudaStream_t s) {
@@ -821,6 +1136,51 @@ void flash_kq_layer_delta(const AttentionSpec& spec, const bf16* q, const bf16* 
   kq_require(!spec.kq_post || kq_post != nullptr, "kq_post is enabled but its weights are null");
   kq_require(!spec.head_post || head_post != nullptr, "head_post is enabled but its weights are null");
   dispatch_delta<64>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, B, T, s);
+}
+
+bool flash_kq_layer_post_grads_supported(const AttentionSpec& spec, int D) {
+  return D == 64 && flash_kq_layer_forward_supported(spec, D);
+}
+
+size_t flash_kq_layer_post_grads_workspace_floats(const AttentionSpec& spec, int B, int T) {
+  const size_t ctas = static_cast<size_t>(B) * (spec.heads / spec.coupled_heads()) * ((T + kTile - 1) / kTile);
+  return ctas * spec.coupled_heads() * (kWStride + kMaxG);
+}
+
+void flash_kq_layer_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v,
+                               const bf16* dout, const float* kq_pre, const float* head_pre, const float* kq_post,
+                               const float* head_post, const float* lse, float* dv_acc, float* grad_kq_post,
+                               float* grad_head_post, float* workspace, int B, int T, cudaStream_t s) {
+  const int D = spec.head_dim;
+  kq_require(flash_kq_layer_post_grads_supported(spec, D),
+             "kernel P needs head_dim 64 and what the forward needs (kq_pre with cq <= 8, ck <= 15; kq_post "
+             "likewise if any; at most 8 coupled heads)");
+  kq_require(B >= 1 && T >= 1, "B and T must be >= 1");
+  kq_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
+             "B * H or T too large");
+  for (const void* p : {static_cast<const void*>(q), static_cast<const void*>(k), static_cast<const void*>(v),
+                        static_cast<const void*>(dout)})
+    kq_require(p != nullptr && aligned16(p), "q, k, v, dout must be non-null and 16-byte aligned");
+  kq_require(kq_pre != nullptr && lse != nullptr && dv_acc != nullptr && workspace != nullptr,
+             "kq_pre weights, lse, dv_acc and the workspace must be non-null");
+  kq_require(!spec.head_pre || head_pre != nullptr, "head_pre is enabled but its weights are null");
+  kq_require(!spec.kq_post || (kq_post != nullptr && grad_kq_post != nullptr),
+             "kq_post is enabled but its weights or gradient are null");
+  kq_require(!spec.head_post || (head_post != nullptr && grad_head_post != nullptr),
+             "head_post is enabled but its weights or gradient are null");
+  const int H = spec.heads, G = spec.coupled_heads(), ntiles = (T + kTile - 1) / kTile;
+  float* part_w = workspace;
+  float* part_m = workspace + static_cast<size_t>(B) * (H / G) * ntiles * G * kWStride;
+  const KqConv& pre = *spec.kq_pre;
+  if (pre.q == 6 && pre.k == 11 && spec.kq_post && spec.kq_post->q == 6 && spec.kq_post->k == 11)
+    launch_post_grads<64, 6, 11, 6, 11>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, dv_acc, part_w,
+                                        part_m, B, T, s);
+  else
+    launch_post_grads<64, 0, 0, 0, 0>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, dv_acc, part_w,
+                                      part_m, B, T, s);
+  if (spec.kq_post)
+    reduce_partials(part_w, grad_kq_post, B, H, G, ntiles, kWStride, spec.kq_post->q * spec.kq_post->k, s);
+  if (spec.head_post) reduce_partials(part_m, grad_head_post, B, H, G, ntiles, kMaxG, spec.head_post->group, s);
 }
 
 }  // namespace mta::cuda

@@ -1,9 +1,10 @@
 #pragma once
 // The fused kq layer (the paper LM's layers that combine the key-query convolutions with head mixing),
 // built pass by pass in the order of docs/flash-mta.md ("What comes next", item 1); the window
-// arithmetic is replayed on the CPU by tests/oracle/replay_kq_layer.py. Work in progress:
-// the forward pass (pass 1, the row statistics of the mixed, convolved logits; pass 2, the output); no
-// backward yet. Not used by the model or `mta attn` yet (they run the materialized op for these layers).
+// arithmetic is replayed on the CPU by tests/oracle/replay_kq_layer*.py. Work in progress: the forward
+// (pass 1, the row statistics of the mixed, convolved logits; pass 2, the output), used by the model and
+// by `mta attn --device cuda` without gradients; of the backward, the delta pass and the main pass's post
+// side (kernel P). The model runs the materialized op's backward for these layers until kernel Q exists.
 //
 // Pass 1 (docs/mta-semantics.md steps 1-4, up to the softmax's normalizer, with bf16 q, k):
 //   S = q k^T / sqrt(D);  S0 = S with the future (j > i) set to 0;
@@ -18,6 +19,8 @@
 // std::invalid_argument before any device work.
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
+
+#include <cstddef>
 
 #include "attention/spec.h"
 
@@ -42,8 +45,8 @@ void flash_kq_layer_forward(const AttentionSpec& spec, const __nv_bfloat16* q, c
                             const __nv_bfloat16* v, const float* kq_pre, const float* head_pre, const float* kq_post,
                             const float* head_post, __nv_bfloat16* o, float* lse, int B, int T, cudaStream_t s);
 
-// The backward's first pass (branch: designed by tests/oracle/replay_kq_layer_delta.py, not yet run on
-// a GPU): delta_x[i] = sum_j A_x[i, j] dA_x[i, j] with dA3 = dout v^T, dA2 = the head_post^T mix of dA3
+// The backward's first pass (designed by tests/oracle/replay_kq_layer_delta.py; GPU-tested by
+// FlashKqLayer.DeltaPass): delta_x[i] = sum_j A_x[i, j] dA_x[i, j] with dA3 = dout v^T, dA2 = the head_post^T mix of dA3
 // with the future set to 0, dA = the transposed kq_post convolution of dA2 (identity without kq_post);
 // A from lse (pass 1's). The main backward pass subtracts it: dC' = A (dA - delta). dout [B, H, T, D]
 // bf16 (the core's output gradient); delta [B, H, T] fp32. Head dim 64 only so far (the Q and dO
@@ -53,5 +56,19 @@ void flash_kq_layer_delta(const AttentionSpec& spec, const __nv_bfloat16* q, con
                           const __nv_bfloat16* v, const __nv_bfloat16* dout, const float* kq_pre, const float* head_pre,
                           const float* kq_post, const float* head_post, const float* lse, float* delta, int B, int T,
                           cudaStream_t s);
+
+// The main backward pass's post side, kernel P (tests/oracle/replay_kq_layer_backward.py, kernel_p):
+// adds into dv_acc [B, H, T, D] fp32 (the caller zeroes it and converts it) the value gradient
+// A3^T dout, and into grad_kq_post [H, cq, ck] and grad_head_post [H / g, g, g] the post-side
+// parameter gradients (per-CTA partials in `workspace`, flash_kq_layer_post_grads_workspace_floats
+// floats, reduced over the CTAs in a fixed order). lse is pass 1's. Head dim 64 and what the forward
+// supports. The pre side (dq, dk, the kq_pre and head_pre gradients: kernel Q) is not written yet.
+bool flash_kq_layer_post_grads_supported(const AttentionSpec& spec, int D);
+size_t flash_kq_layer_post_grads_workspace_floats(const AttentionSpec& spec, int B, int T);
+void flash_kq_layer_post_grads(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                               const __nv_bfloat16* v, const __nv_bfloat16* dout, const float* kq_pre,
+                               const float* head_pre, const float* kq_post, const float* head_post, const float* lse,
+                               float* dv_acc, float* grad_kq_post, float* grad_head_post, float* workspace, int B,
+                               int T, cudaStream_t s);
 
 }  // namespace mta::cuda

@@ -150,6 +150,41 @@ void check_case(const Case& c, unsigned seed) {
   std::printf("[ kq layer pass 1 ] %s: max |lse error| %.2e\n", c.str().c_str(), err);
 }
 
+// The layer's parameters, identity plus noise (kq_pre, kq_post, head_pre, head_post in that order of
+// draws; empty when disabled).
+// A float32 device copy of x (at least 4 bytes, so that an empty x still has a valid pointer).
+std::unique_ptr<DevMem> upload_f32(const std::vector<double>& x) {
+  auto d = std::make_unique<DevMem>(std::max<size_t>(x.size(), 1) * 4);
+  if (!x.empty()) d->upload(std::vector<float>(x.begin(), x.end()));
+  return d;
+}
+
+struct LayerParams {
+  std::vector<double> wpre, wpost, mpre, mpost;
+};
+LayerParams random_layer_params(const mta::AttentionSpec& spec, int H, std::mt19937& rng) {
+  std::uniform_real_distribution<double> ud(-0.5, 0.5);
+  auto kernel = [&](const mta::KqConv& kc) {
+    std::vector<double> w(static_cast<size_t>(H) * kc.q * kc.k);
+    for (auto& x : w) x = ud(rng);
+    for (int h = 0; h < H; ++h) w[(static_cast<size_t>(h) * kc.q + kc.q - 1) * kc.k + kc.key_offset()] += 1.0;
+    return w;
+  };
+  auto mix = [&](int g) {
+    std::vector<double> m(static_cast<size_t>(H) * g);
+    for (auto& x : m) x = 0.3 * ud(rng);
+    for (int grp = 0; grp < H / g; ++grp)
+      for (int x = 0; x < g; ++x) m[(static_cast<size_t>(grp) * g + x) * g + x] += 1.0;
+    return m;
+  };
+  LayerParams p;
+  p.wpre = kernel(*spec.kq_pre);
+  if (spec.kq_post) p.wpost = kernel(*spec.kq_post);
+  if (spec.head_pre) p.mpre = mix(spec.head_pre->group);
+  if (spec.head_post) p.mpost = mix(spec.head_post->group);
+  return p;
+}
+
 // The forward: o (and lse) for a spec with kq_pre, optional head_pre, kq_post and head_post.
 struct FwdCase {
   Case c;
@@ -166,30 +201,9 @@ void check_forward(const FwdCase& f, unsigned seed) {
   std::mt19937 rng(seed);
   const size_t n = static_cast<size_t>(c.B) * c.H * c.T * c.D, rows = static_cast<size_t>(c.B) * c.H * c.T;
   const Tensor q = randn_bf16(n, rng), k = randn_bf16(n, rng), v = randn_bf16(n, rng);
-  std::uniform_real_distribution<double> ud(-0.5, 0.5);
-  auto kernel = [&](const mta::KqConv& kc) {  // identity plus noise
-    std::vector<double> w(static_cast<size_t>(c.H) * kc.q * kc.k);
-    for (auto& x : w) x = ud(rng);
-    for (int h = 0; h < c.H; ++h) w[(static_cast<size_t>(h) * kc.q + kc.q - 1) * kc.k + kc.key_offset()] += 1.0;
-    return w;
-  };
-  auto mix = [&](int g) {
-    std::vector<double> m(static_cast<size_t>(c.H) * g);
-    for (auto& x : m) x = 0.3 * ud(rng);
-    for (int grp = 0; grp < c.H / g; ++grp)
-      for (int x = 0; x < g; ++x) m[(static_cast<size_t>(grp) * g + x) * g + x] += 1.0;
-    return m;
-  };
-  const std::vector<double> wpre = kernel(*spec.kq_pre);
-  const std::vector<double> wpost = spec.kq_post ? kernel(*spec.kq_post) : std::vector<double>{};
-  const std::vector<double> mpre = c.gpre ? mix(c.gpre) : std::vector<double>{};
-  const std::vector<double> mpost = c.gpost ? mix(c.gpost) : std::vector<double>{};
-  auto up = [](const std::vector<double>& x) {
-    auto d = std::make_unique<DevMem>(std::max<size_t>(x.size(), 1) * 4);
-    if (!x.empty()) d->upload(std::vector<float>(x.begin(), x.end()));
-    return d;
-  };
-  const auto dwpre = up(wpre), dwpost = up(wpost), dmpre = up(mpre), dmpost = up(mpost);
+  const LayerParams lp = random_layer_params(spec, c.H, rng);
+  const std::vector<double>&wpre = lp.wpre, &wpost = lp.wpost, &mpre = lp.mpre, &mpost = lp.mpost;
+  const auto dwpre = upload_f32(wpre), dwpost = upload_f32(wpost), dmpre = upload_f32(mpre), dmpost = upload_f32(mpost);
   DevMem dq(n * 2), dk(n * 2), dv(n * 2), dout(n * 2), dlse(rows * 4);
   dq.upload(q.bits), dk.upload(k.bits), dv.upload(v.bits);
   dout.poison(), dlse.poison();
@@ -349,32 +363,11 @@ void check_delta(const FwdCase& f, unsigned seed) {
   std::mt19937 rng(seed);
   const size_t n = static_cast<size_t>(c.B) * c.H * c.T * c.D, rows = static_cast<size_t>(c.B) * c.H * c.T;
   const Tensor q = randn_bf16(n, rng), k = randn_bf16(n, rng), v = randn_bf16(n, rng), dO = randn_bf16(n, rng);
-  std::uniform_real_distribution<double> ud(-0.5, 0.5);
-  auto kernel = [&](const mta::KqConv& kc) {
-    std::vector<double> w(static_cast<size_t>(c.H) * kc.q * kc.k);
-    for (auto& x : w) x = ud(rng);
-    for (int h = 0; h < c.H; ++h) w[(static_cast<size_t>(h) * kc.q + kc.q - 1) * kc.k + kc.key_offset()] += 1.0;
-    return w;
-  };
-  auto mix = [&](int g) {
-    std::vector<double> m(static_cast<size_t>(c.H) * g);
-    for (auto& x : m) x = 0.3 * ud(rng);
-    for (int grp = 0; grp < c.H / g; ++grp)
-      for (int x = 0; x < g; ++x) m[(static_cast<size_t>(grp) * g + x) * g + x] += 1.0;
-    return m;
-  };
-  const std::vector<double> wpre = kernel(*spec.kq_pre);
-  const std::vector<double> wpost = spec.kq_post ? kernel(*spec.kq_post) : std::vector<double>{};
-  const std::vector<double> mpre = c.gpre ? mix(c.gpre) : std::vector<double>{};
-  const std::vector<double> mpost = c.gpost ? mix(c.gpost) : std::vector<double>{};
+  const LayerParams lp = random_layer_params(spec, c.H, rng);
+  const std::vector<double>&wpre = lp.wpre, &wpost = lp.wpost, &mpre = lp.mpre, &mpost = lp.mpost;
   const std::vector<double> lse = reference_lse(c, spec, q.val, k.val, wpre, mpre);
   const std::vector<double> want = reference_delta(f, spec, q.val, k.val, v.val, dO.val, lse, wpre, mpre, wpost, mpost);
-  auto up = [](const std::vector<double>& x) {
-    auto d = std::make_unique<DevMem>(std::max<size_t>(x.size(), 1) * 4);
-    if (!x.empty()) d->upload(std::vector<float>(x.begin(), x.end()));
-    return d;
-  };
-  const auto dwpre = up(wpre), dwpost = up(wpost), dmpre = up(mpre), dmpost = up(mpost), dlse = up(lse);
+  const auto dwpre = upload_f32(wpre), dwpost = upload_f32(wpost), dmpre = upload_f32(mpre), dmpost = upload_f32(mpost), dlse = upload_f32(lse);
   DevMem dq(n * 2), dk(n * 2), dv(n * 2), ddo(n * 2), ddelta(rows * 4);
   dq.upload(q.bits), dk.upload(k.bits), dv.upload(v.bits), ddo.upload(dO.bits);
   ddelta.poison();
@@ -408,6 +401,93 @@ TEST(FlashKqLayer, DeltaPass) {
     c.gpre = groups[rng() % 4];
     c.gpost = groups[rng() % 4];
     check_delta(f, 300u + it);
+  }
+}
+
+// The main backward pass's post side (kernel P, flash_kq_layer_post_grads): dv, the kq_post and the
+// head_post gradients against the CPU op's backward in float64 (mta::cpu::mta_backward) on the same
+// bf16-rounded inputs; lse from the float64 reference. dv accumulates into a buffer that starts at 0;
+// the parameter gradients are added to values that start at 1 (the API adds, as the model needs).
+void check_post_grads(const FwdCase& f, unsigned seed) {
+  const Case& c = f.c;
+  SCOPED_TRACE(c.str() + " kq_post " + std::to_string(f.cq2) + "x" + std::to_string(f.ck2));
+  mta::AttentionSpec spec = spec_of(c);
+  if (f.cq2) spec.kq_post = mta::KqConv{f.cq2, f.ck2, f.pad2};
+  ASSERT_TRUE(mta::cuda::flash_kq_layer_post_grads_supported(spec, c.D));
+  std::mt19937 rng(seed);
+  const size_t n = static_cast<size_t>(c.B) * c.H * c.T * c.D;
+  const Tensor q = randn_bf16(n, rng), k = randn_bf16(n, rng), v = randn_bf16(n, rng), dO = randn_bf16(n, rng);
+  const LayerParams lp = random_layer_params(spec, c.H, rng);
+  const std::vector<double> lse = reference_lse(c, spec, q.val, k.val, lp.wpre, lp.mpre);
+  const auto dwpre = upload_f32(lp.wpre), dwpost = upload_f32(lp.wpost), dmpre = upload_f32(lp.mpre),
+             dmpost = upload_f32(lp.mpost), dlse = upload_f32(lse);
+  const std::vector<double> ones_w(lp.wpost.size(), 1.0), ones_m(lp.mpost.size(), 1.0);
+  const auto gw = upload_f32(ones_w), gm = upload_f32(ones_m);
+  DevMem dq(n * 2), dk(n * 2), dv(n * 2), ddo(n * 2), dv_acc(n * 4);
+  dq.upload(q.bits), dk.upload(k.bits), dv.upload(v.bits), ddo.upload(dO.bits);
+  dv_acc.upload(std::vector<float>(n, 0.f));
+  DevMem ws(mta::cuda::flash_kq_layer_post_grads_workspace_floats(spec, c.B, c.T) * 4);
+  ws.poison();
+  using bf = __nv_bfloat16;
+  mta::cuda::flash_kq_layer_post_grads(spec, dq.as<bf>(), dk.as<bf>(), dv.as<bf>(), ddo.as<bf>(), dwpre->as<float>(),
+                                       c.gpre ? dmpre->as<float>() : nullptr,
+                                       spec.kq_post ? dwpost->as<float>() : nullptr,
+                                       c.gpost ? dmpost->as<float>() : nullptr, dlse->as<float>(),
+                                       dv_acc.as<float>(), spec.kq_post ? gw->as<float>() : nullptr,
+                                       c.gpost ? gm->as<float>() : nullptr, ws.as<float>(), c.B, c.T, nullptr);
+  CUDA_OK(cudaDeviceSynchronize());
+
+  mta::AttnParams<double> p;
+  p.kq_pre = lp.wpre.data();
+  if (c.gpre) p.head_pre = lp.mpre.data();
+  if (spec.kq_post) p.kq_post = lp.wpost.data();
+  if (c.gpost) p.head_post = lp.mpost.data();
+  std::vector<double> rq(n), rk(n), rv(n), g_wpre(lp.wpre.size()), g_mpre(lp.mpre.size()), g_wpost(lp.wpost.size()),
+      g_mpost(lp.mpost.size());
+  mta::AttnParamGrads<double> g;
+  g.kq_pre = g_wpre.data();
+  if (c.gpre) g.head_pre = g_mpre.data();
+  if (spec.kq_post) g.kq_post = g_wpost.data();
+  if (c.gpost) g.head_post = g_mpost.data();
+  mta::cpu::mta_backward<double>(spec, mta::AttnDims{c.B, c.H, c.T, c.D}, q.val.data(), k.val.data(), v.val.data(), p,
+                                 dO.val.data(), rq.data(), rk.data(), rv.data(), g);
+  const std::vector<float> got_v = dv_acc.download<float>(n);
+  const double e_v = rel_err(std::vector<double>(got_v.begin(), got_v.end()), rv);
+  EXPECT_LE(e_v, 3e-2) << "dv";
+  double e_w = 0, e_m = 0;
+  auto minus_one = [](const std::vector<float>& x) {
+    std::vector<double> y(x.size());
+    for (size_t i = 0; i < x.size(); ++i) y[i] = static_cast<double>(x[i]) - 1.0;
+    return y;
+  };
+  if (spec.kq_post) {
+    e_w = rel_err(minus_one(gw->download<float>(g_wpost.size())), g_wpost);
+    EXPECT_LE(e_w, 3e-2) << "d kq_post";
+  }
+  if (c.gpost) {
+    e_m = rel_err(minus_one(gm->download<float>(g_mpost.size())), g_mpost);
+    EXPECT_LE(e_m, 5e-2) << "d head_post";
+  }
+  std::printf("[ kq layer kernel P ] %s: rel err dv %.2e, d kq_post %.2e, d head_post %.2e\n", c.str().c_str(), e_v,
+              e_w, e_m);
+}
+
+TEST(FlashKqLayer, PostGrads) {
+  SKIP_WITHOUT_GPU();
+  check_post_grads(FwdCase{Case{2, 8, 77, 64, 6, 11, mta::PadKey::Both, 8, 8}, 6, 11, mta::PadKey::Both}, 41u);
+  check_post_grads(FwdCase{Case{1, 4, 1, 64, 6, 11, mta::PadKey::Both, 4, 4}, 6, 11, mta::PadKey::Both}, 42u);
+  std::mt19937 rng(43);
+  for (int it = 0; it < 6; ++it) {
+    FwdCase f;
+    Case& c = f.c;
+    c.B = 1 + static_cast<int>(rng() % 2), c.D = 64, c.H = 4, c.T = 1 + static_cast<int>(rng() % 70);
+    random_conv(rng, c.cq, c.ck, c.pad);
+    if (it % 3 != 2) random_conv(rng, f.cq2, f.ck2, f.pad2);
+    else f.cq2 = 0, f.ck2 = 0, f.pad2 = mta::PadKey::Both;
+    const int groups[] = {0, 1, 2, 4};
+    c.gpre = groups[rng() % 4];
+    c.gpost = groups[rng() % 4];
+    check_post_grads(f, 400u + it);
   }
 }
 
