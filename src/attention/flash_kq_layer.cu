@@ -22,6 +22,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <stdexcept>
@@ -50,6 +51,20 @@ constexpr int kWinTop = 8;         // window row of query row m0
 constexpr int kWinPitch = 68;      // floats per window row: a ring of 64 keys, padded (16-byte rows)
 constexpr int kTapPitch = 16;      // floats per row of a head's taps in shared memory (float4 loads)
 constexpr int kWinFloats = kWinRows * kWinPitch;
+
+// The windows' key axis: a ring of kSize columns (rows of kPitch floats, padded so that the 16 lanes of
+// a stencil reading 16 consecutive rows hit distinct banks). The forward and kernel P use rings of 64
+// keys; kernel Q, which holds three windows per head, rings of 48 (three key tiles, all it needs:
+// replay_kq_layer_backward.py checks the occupancy).
+struct Ring64 {
+  static constexpr int kSize = 64, kPitch = 68;
+  static __device__ __forceinline__ int col(int x) { return x & (kSize - 1); }
+};
+struct Ring48 {
+  static constexpr int kSize = 48, kPitch = 52;
+  static __device__ __forceinline__ int col(int x) { return x % kSize; }  // x >= 0
+};
+static_assert(Ring64::kPitch == kWinPitch, "the forward's windows are Ring64's");
 
 // Per warp: the S0 window, then the K tile [16][D + 8] bf16; the Q rows are staged there first
 // ([32][D + 8] bf16 fits the two together).
@@ -103,7 +118,7 @@ __device__ __forceinline__ void load_q_frags(bf16* stage, const bf16* q, int m0,
 // convolution that reads it (column = (key + rot) & 63), so that its reads start at aligned columns.
 // Keys at or past T are zero rows of K, so their S0 is 0 as well; a tile entirely in the rows' future
 // is zero-filled without products.
-template <int D, int S, int kTop>
+template <int D, int S, int kTop, class R = Ring64>
 __device__ __forceinline__ void s0_tile_to_window(float* win, bf16* sKt, const bf16* k, const uint32_t (&qa0)[D / 16][4],
                                                   const uint32_t (&qa1)[D / 16][4], int tile, int m0, int T,
                                                   float scale, int rot, int lane) {
@@ -111,7 +126,7 @@ __device__ __forceinline__ void s0_tile_to_window(float* win, bf16* sKt, const b
   const int g = lane >> 2, t = lane & 3, key0 = kTile * tile;
   if (key0 > m0 + kTile - 1) {  // every key after every row of the tile: S0 = 0
     for (int i = lane; i < (kTop + kTile) * kTile; i += 32)
-      win[(i / kTile) * kWinPitch + ((key0 + i % kTile + rot) & 63)] = 0.f;
+      win[(i / kTile) * R::kPitch + R::col(key0 + i % kTile + rot)] = 0.f;
     __syncwarp();
     return;
   }
@@ -134,16 +149,16 @@ __device__ __forceinline__ void s0_tile_to_window(float* win, bf16* sKt, const b
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       // Two scalar stores: with an odd rotation the pair's columns are not 8-byte aligned.
-      const int key = key0 + 8 * j + 2 * t, c0 = (key + rot) & 63, c1 = (key + 1 + rot) & 63;
+      const int key = key0 + 8 * j + 2 * t, c0 = R::col(key + rot), c1 = R::col(key + 1 + rot);
       // Q tile 1: rows m0 + g + 8r, window rows kTop + g + 8r.
       const int row1 = m0 + g + 8 * r;
-      float* w1 = win + (kTop + g + 8 * r) * kWinPitch;
+      float* w1 = win + (kTop + g + 8 * r) * R::kPitch;
       w1[c0] = key > row1 ? 0.f : acc1[j][2 * r] * scale;
       w1[c1] = key + 1 > row1 ? 0.f : acc1[j][2 * r + 1] * scale;
       // Q tile 0: rows m0 - 16 + g + 8r, window rows kTop - 16 + g + 8r where that is >= 0.
       const int row0 = m0 - kTile + g + 8 * r, wr0 = kTop - kTile + g + 8 * r;
       if (wr0 >= 0) {
-        float* w0 = win + wr0 * kWinPitch;
+        float* w0 = win + wr0 * R::kPitch;
         w0[c0] = key > row0 ? 0.f : acc0[j][2 * r] * scale;
         w0[c1] = key + 1 > row0 ? 0.f : acc0[j][2 * r + 1] * scale;
       }
@@ -158,7 +173,7 @@ __device__ __forceinline__ void s0_tile_to_window(float* win, bf16* sKt, const b
 // window and the taps as float4 (a 16-byte chunk never straddles the ring's end): 6 x 11 takes 8
 // loads per tap row instead of 29 scalar ones (ncu, session 7: these loads were the kernels' largest
 // stall).
-template <int kCq, int kCk>
+template <int kCq, int kCk, class R = Ring64>
 __device__ __forceinline__ void conv_row8(const float* win, const float* w, int cq, int ck, int wrow, int x0,
                                           float (&out)[8]) {
 #pragma unroll
@@ -168,11 +183,11 @@ __device__ __forceinline__ void conv_row8(const float* win, const float* w, int 
     static_assert(4 * kTapChunks <= kTapPitch, "a tap row's chunks stay in its row");
 #pragma unroll
     for (int a = 0; a < kCq; ++a) {
-      const float* row = win + (wrow - (kCq - 1) + a) * kWinPitch;
+      const float* row = win + (wrow - (kCq - 1) + a) * R::kPitch;
       float vals[4 * kValChunks], taps[4 * kTapChunks];
 #pragma unroll
       for (int i = 0; i < kValChunks; ++i) {
-        const float4 f = *reinterpret_cast<const float4*>(row + ((x0 + 4 * i) & 63));
+        const float4 f = *reinterpret_cast<const float4*>(row + R::col(x0 + 4 * i));
         vals[4 * i] = f.x, vals[4 * i + 1] = f.y, vals[4 * i + 2] = f.z, vals[4 * i + 3] = f.w;
       }
 #pragma unroll
@@ -187,11 +202,11 @@ __device__ __forceinline__ void conv_row8(const float* win, const float* w, int 
     }
   } else {
     for (int a = 0; a < cq; ++a) {
-      const float* row = win + (wrow - (cq - 1) + a) * kWinPitch;
+      const float* row = win + (wrow - (cq - 1) + a) * R::kPitch;
       for (int c = 0; c < ck; ++c) {
         const float wc = w[a * kTapPitch + c];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) out[e] = fmaf(wc, row[(x0 + e + c) & 63], out[e]);
+        for (int e = 0; e < 8; ++e) out[e] = fmaf(wc, row[R::col(x0 + e + c)], out[e]);
       }
     }
   }
@@ -201,7 +216,7 @@ __device__ __forceinline__ void conv_row8(const float* win, const float* w, int 
 // `wrow` whose first input column is x0 (a multiple of 8; the ring rotated by ck - 1 - o) read rows
 // wrow .. wrow + cq - 1 (below) with the taps flipped in both directions,
 //   out[e] = sum_{a<cq, c<ck} W[cq - 1 - a, ck - 1 - c] win[wrow + a, x0 + e + c].
-template <int kCq, int kCk>
+template <int kCq, int kCk, class R = Ring64>
 __device__ __forceinline__ void conv_row8_t(const float* win, const float* w, int cq, int ck, int wrow, int x0,
                                             float (&out)[8]) {
 #pragma unroll
@@ -210,11 +225,11 @@ __device__ __forceinline__ void conv_row8_t(const float* win, const float* w, in
     constexpr int kValChunks = (8 + kCk - 1 + 3) / 4, kTapChunks = (kCk + 3) / 4;
 #pragma unroll
     for (int a = 0; a < kCq; ++a) {
-      const float* row = win + (wrow + a) * kWinPitch;
+      const float* row = win + (wrow + a) * R::kPitch;
       float vals[4 * kValChunks], taps[4 * kTapChunks];
 #pragma unroll
       for (int i = 0; i < kValChunks; ++i) {
-        const float4 f = *reinterpret_cast<const float4*>(row + ((x0 + 4 * i) & 63));
+        const float4 f = *reinterpret_cast<const float4*>(row + R::col(x0 + 4 * i));
         vals[4 * i] = f.x, vals[4 * i + 1] = f.y, vals[4 * i + 2] = f.z, vals[4 * i + 3] = f.w;
       }
 #pragma unroll
@@ -229,11 +244,11 @@ __device__ __forceinline__ void conv_row8_t(const float* win, const float* w, in
     }
   } else {
     for (int a = 0; a < cq; ++a) {
-      const float* row = win + (wrow + a) * kWinPitch;
+      const float* row = win + (wrow + a) * R::kPitch;
       for (int c = 0; c < ck; ++c) {
         const float wc = w[(cq - 1 - a) * kTapPitch + ck - 1 - c];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) out[e] = fmaf(wc, row[(x0 + e + c) & 63], out[e]);
+        for (int e = 0; e < 8; ++e) out[e] = fmaf(wc, row[R::col(x0 + e + c)], out[e]);
       }
     }
   }
@@ -536,7 +551,7 @@ size_t smem_delta_bytes(int G) {
 // the Mpost^T mix per 16-row part when gpost, the future set to 0. A tile entirely in the future of
 // row m0 + 31 is zero-filled; that test is the same for every warp of the CTA, so all of them take
 // the mixes' barriers or none does.
-template <int D, int S>
+template <int D, int S, class R = Ring64>
 __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const bf16* v,
                                                    const uint32_t (&da0)[D / 16][4], const uint32_t (&da1)[D / 16][4],
                                                    int tile, int m0, int T, int rot, int gpost, bf16* sInHi,
@@ -545,7 +560,7 @@ __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const
   const int g = lane >> 2, t = lane & 3, key0 = kTile * tile;
   if (key0 > m0 + kDRows - 1) {
     for (int i = lane; i < kDRows * kTile; i += 32)
-      dwin[(i / kTile) * kWinPitch + ((key0 + i % kTile + rot) & 63)] = 0.f;
+      dwin[(i / kTile) * R::kPitch + R::col(key0 + i % kTile + rot)] = 0.f;
     __syncwarp();
     return;
   }
@@ -567,9 +582,9 @@ __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const
   for (int j = 0; j < 2; ++j)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int key = key0 + 8 * j + 2 * t, c0 = (key + rot) & 63, c1 = (key + 1 + rot) & 63;
-      float* w0 = dwin + (g + 8 * r) * kWinPitch;
-      float* w1 = dwin + (kTile + g + 8 * r) * kWinPitch;
+      const int key = key0 + 8 * j + 2 * t, c0 = R::col(key + rot), c1 = R::col(key + 1 + rot);
+      float* w0 = dwin + (g + 8 * r) * R::kPitch;
+      float* w1 = dwin + (kTile + g + 8 * r) * R::kPitch;
       w0[c0] = acc0[j][2 * r], w0[c1] = acc0[j][2 * r + 1];
       w1[c0] = acc1[j][2 * r], w1[c1] = acc1[j][2 * r + 1];
     }
@@ -577,16 +592,16 @@ __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const
   const int r = lane & 15, half = lane >> 4;
 #pragma unroll
   for (int part = 0; part < 2; ++part) {
-    float* wrow = dwin + (kTile * part + r) * kWinPitch;
+    float* wrow = dwin + (kTile * part + r) * R::kPitch;
     const int row = m0 + kTile * part + r;
     float x[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) x[e] = wrow[(key0 + 8 * half + e + rot) & 63];
+    for (int e = 0; e < 8; ++e) x[e] = wrow[R::col(key0 + 8 * half + e + rot)];
     if (gpost) mix_in_place(x, sInHi, sInLo, sFrag, kPostT, sOut, G, warp, lane);
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       const int key = key0 + 8 * half + e;
-      wrow[(key + rot) & 63] = key > row ? 0.f : x[e];
+      wrow[R::col(key + rot)] = key > row ? 0.f : x[e];
     }
   }
   __syncwarp();  // the window is read by other lanes; the V tile buffer is reloaded next time
@@ -726,17 +741,17 @@ size_t smem_post_bytes(int G) {
 
 // The convolution's weight-gradient terms of one row's 8 outputs (the adjoint of conv_row8 in the taps):
 // acc[a][c] += sum_e d[e] win[wrow - (cq - 1) + a, x0 + e + c], x0 a multiple of 8 (aligned float4 reads).
-template <int kCq, int kCk>
+template <int kCq, int kCk, class R = Ring64>
 __device__ __forceinline__ void conv_grad_row8(const float* win, int wrow, int x0, const float (&d)[8],
                                                float (&acc)[kCq][kCk]) {
   constexpr int kValChunks = (8 + kCk - 1 + 3) / 4;
 #pragma unroll
   for (int a = 0; a < kCq; ++a) {
-    const float* row = win + (wrow - (kCq - 1) + a) * kWinPitch;
+    const float* row = win + (wrow - (kCq - 1) + a) * R::kPitch;
     float vals[4 * kValChunks];
 #pragma unroll
     for (int i = 0; i < kValChunks; ++i) {
-      const float4 f = *reinterpret_cast<const float4*>(row + ((x0 + 4 * i) & 63));
+      const float4 f = *reinterpret_cast<const float4*>(row + R::col(x0 + 4 * i));
       vals[4 * i] = f.x, vals[4 * i + 1] = f.y, vals[4 * i + 2] = f.z, vals[4 * i + 3] = f.w;
     }
 #pragma unroll
@@ -748,14 +763,15 @@ __device__ __forceinline__ void conv_grad_row8(const float* win, int wrow, int x
 
 // Runtime sizes: each tap's terms summed over the warp, added by lane 0 to the warp's sDw[a][c] (rows of
 // kTapPitch). Every lane of the warp must call it.
+template <class R = Ring64>
 __device__ __forceinline__ void conv_grad_row8_rt(const float* win, int cq, int ck, int wrow, int x0,
                                                   const float (&d)[8], float* sDw, int lane) {
   for (int a = 0; a < cq; ++a) {
-    const float* row = win + (wrow - (cq - 1) + a) * kWinPitch;
+    const float* row = win + (wrow - (cq - 1) + a) * R::kPitch;
     for (int c = 0; c < ck; ++c) {
       float s = 0.f;
 #pragma unroll
-      for (int e = 0; e < 8; ++e) s = fmaf(d[e], row[(x0 + e + c) & 63], s);
+      for (int e = 0; e < 8; ++e) s = fmaf(d[e], row[R::col(x0 + e + c)], s);
       s = warp_sum(s);
       if (lane == 0) sDw[a * kTapPitch + c] += s;
     }
@@ -982,6 +998,13 @@ __global__ void reduce_partials_kernel(const float* __restrict__ part, float* __
   if (lane == 0) grad[idx] += static_cast<float>(s);
 }
 
+// out[i] = bf16(in[i]): the fp32 atomic accumulators of dk and dv, once every CTA has added.
+__global__ void f32_to_bf16_kernel(const float* __restrict__ in, bf16* __restrict__ out, size_t n) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    out[i] = __float2bfloat16(in[i]);
+}
+
 void reduce_partials(const float* part, float* grad, int B, int H, int G, int ntiles, int stride, int n,
                      cudaStream_t s) {
   const int warps = H * n, threads = 256;
@@ -1006,6 +1029,320 @@ void launch_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, 
                                     dv_acc, part_w, part_m, H, T, G, pre.q, pre.k, pre.key_offset(), post.q, post.k,
                                     post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
   MTA_CUDA_CHECK_LAUNCH("flash_kq_layer_post_grad_kernel");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward, kernel Q (the pre side of the main pass; tests/oracle/replay_kq_layer_backward.py,
+// kernel_q). A CTA owns 16 query rows (m0 ..) of one group, one warp per head, with three windows per
+// head on rings of 48 keys (Ring48: three key tiles; rings of 64 would not fit 8 heads):
+//   S0 rows m0 - 8 .. m0 + 23 (Q tiles at m0 - 8 and m0 + 8), rotated by o1;
+//   dA2 rows m0 .. m0 + 31 (dO tiles at m0 and m0 + 16), rotated by ck2 - 1 - o2 (the delta pass's);
+//   dC rows m0 .. m0 + 23, rotated by ck1 - 1 - o1 (read by the transposed pre convolution).
+// Before block 0: S0 and dA2 tiles 0 and 1, dC tile 0. Per block of 16 keys (n0 = 16 kt):
+//   1. dWpre[a, c] += dC[i, j] S0[i - (cq1 - 1) + a, j - o1 + c] over the tile's rows (S0 tiles
+//      kt - 1 .. kt + 1, read before tile kt + 2 replaces kt - 1);
+//   2. S0 tile kt + 2 and dA2 tile kt + 2;
+//   3. dC tile kt + 1 on rows m0 .. m0 + 23, in two 16-row parts: C = conv_pre(S0), C' = Mpre C (two
+//      barriers), A = exp(C' - lse), dA = conv_post^T(dA2), dC' = A (dA - delta); on the tile's own
+//      rows dMpre[x, y] += dC'_x C_y with C_y read back from the mix's input buffers (hi + lo) on CUDA
+//      cores (a barrier before they are rewritten); dC = Mpre^T dC' (two barriers);
+//   4. dS0 = mask0(conv_pre^T(dC)) on the tile's rows at block kt, as bf16 in the warp's dS tile;
+//      dQ += dS0 K (registers: the tile owns these rows) and dK[block keys] += dS0^T Q (float2 atomics;
+//      Q's B fragments are the own rows' A fragments transposed in registers by movmatrix).
+// At the end: dq (scaled, bf16), and per-CTA partials of dWpre (per warp) and dMpre (per head), reduced
+// over the CTAs by reduce_partials_kernel. Head dim 64.
+constexpr int kQS0Rows = 32, kQDRows = 32, kQCRows = 24;
+constexpr int kQS0Floats = kQS0Rows * Ring48::kPitch, kQDFloats = kQDRows * Ring48::kPitch;
+constexpr int kQCFloats = kQCRows * Ring48::kPitch;
+constexpr int kDsPitch = kTile + 8;  // bf16 per row of the warp's dS tile (16-byte rows for ldmatrix)
+
+template <int D>
+constexpr size_t warp_region_pre_bytes() {
+  return (kQS0Floats + kQDFloats + kQCFloats) * sizeof(float) + static_cast<size_t>(kTile) * (D + 8) * sizeof(bf16) +
+         static_cast<size_t>(kTile) * kDsPitch * sizeof(bf16);
+}
+static_assert(kQDFloats * sizeof(float) >= 32 * (64 + 8) * sizeof(bf16), "Q and dO staging fits the dA2 window");
+
+template <int D>
+size_t smem_pre_bytes(int G) {
+  return static_cast<size_t>(G) * (warp_region_pre_bytes<D>() + 3 * kHeadTaps * sizeof(float)) +
+         kFragWords * sizeof(uint32_t) + 2 * static_cast<size_t>(kInElems) * sizeof(bf16) +
+         static_cast<size_t>(G) * kXT * sizeof(float);
+}
+
+// movmatrix: the transpose of an 8 x 8 bf16 matrix held as one b32 per lane (row lane / 4, columns
+// 2 (lane % 4) ..), in the same layout.
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t a) {
+  uint32_t d;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(a));
+  return d;
+}
+
+// Step 3 above for key tile `tile`. lse2[p], dlt[p]: lse * log2(e) and delta of row m0 + 16 p + (lane &
+// 15). dm[y]: this lane's dMpre terms of its head with head y of its group (the own rows only).
+template <int kCq1, int kCk1, int kCq2, int kCk2>
+__device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, const float* dw, const float* wpre,
+                                                  const float* wpost, int cq1, int ck1, int cq2, int ck2, int c_rot,
+                                                  int gpre, bf16* sInHi, bf16* sInLo, const uint32_t* sFrag,
+                                                  float* sOut, int G, int warp, int lane, int tile, int m0, int T,
+                                                  const float (&lse2)[2], const float (&dlt)[2], float (&dm)[8]) {
+  const int r = lane & 15, half = lane >> 4, key0 = kTile * tile;
+  if (key0 > m0 + kQCRows - 1) {  // the same for every warp: all of them skip the mixes' barriers
+    for (int i = lane; i < kQCRows * kTile; i += 32)
+      dcw[(i / kTile) * Ring48::kPitch + Ring48::col(key0 + i % kTile + c_rot)] = 0.f;
+    __syncwarp();
+    return;
+  }
+#pragma unroll
+  for (int part = 0; part < 2; ++part) {
+    const int rr = kTile * part + r, row = m0 + rr;  // dC window row rr
+    const bool live = rr < kQCRows;
+    const int x0 = key0 + 8 * half;
+    float c[8] = {}, cm[8], da[8] = {}, dcp[8];
+    if (live) {
+      conv_row8<kCq1, kCk1, Ring48>(s0w, wpre, cq1, ck1, rr + 8, x0, c);
+      conv_row8_t<kCq2, kCk2, Ring48>(dw, wpost, cq2, ck2, rr, x0, da);
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) cm[e] = c[e];
+    if (gpre) mix_in_place(cm, sInHi, sInLo, sFrag, kPre, sOut, G, warp, lane);  // C -> C' (two barriers)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const bool ok = live && row < T && x0 + e <= row;
+      const float a = ok ? exp2f(fmaf(cm[e], kLog2e, -lse2[part])) : 0.f;
+      dcp[e] = a * (da[e] - dlt[part]);
+    }
+    if (gpre) {
+      if (part == 0) {
+        // dMpre[x, y] += dC'_x C_y over the own rows: C_y from MixIn (hi + lo), still the pre mix's input.
+        const int y0 = warp - warp % gpre;
+#pragma unroll
+        for (int yy = 0; yy < 8; ++yy)
+          if (yy < gpre) {
+            float s = 0.f;
+#pragma unroll
+            for (int e = 0; e < 8; e += 2) {
+              const int off = in_offset(y0 + yy, r, 8 * half + e);
+              const __nv_bfloat162 hi = *reinterpret_cast<const __nv_bfloat162*>(sInHi + off);
+              const __nv_bfloat162 lo = *reinterpret_cast<const __nv_bfloat162*>(sInLo + off);
+              s = fmaf(dcp[e], __low2float(hi) + __low2float(lo), s);
+              s = fmaf(dcp[e + 1], __high2float(hi) + __high2float(lo), s);
+            }
+            dm[yy] += s;
+          }
+        __syncthreads();  // every warp has read C from MixIn before dC' replaces it
+      }
+      mix_in_place(dcp, sInHi, sInLo, sFrag, kPreT, sOut, G, warp, lane);  // dC' -> dC (two barriers)
+    }
+    if (live) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) dcw[rr * Ring48::kPitch + Ring48::col(x0 + e + c_rot)] = dcp[e];
+    }
+  }
+  __syncwarp();
+}
+
+template <int D, int kCq1, int kCk1, int kCq2, int kCk2>
+__global__ void __launch_bounds__(16 * kMaxG)
+    flash_kq_layer_pre_grad_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                                   const bf16* __restrict__ dout, const float* __restrict__ wpre,
+                                   const float* __restrict__ mpre, int gpre, const float* __restrict__ wpost,
+                                   const float* __restrict__ mpost, int gpost, const float* __restrict__ lse,
+                                   const float* __restrict__ delta, bf16* __restrict__ dq, float* __restrict__ dk_acc,
+                                   float* __restrict__ part_w, float* __restrict__ part_m, int H, int T, int G,
+                                   int cq1, int ck1, int off1, int cq2, int ck2, int off2, float scale) {
+  constexpr int S = D + 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  unsigned char* region = smem_raw + static_cast<size_t>(warp) * warp_region_pre_bytes<D>();
+  float* s0w = reinterpret_cast<float*>(region);  // S0: rows m0 - 8 .. m0 + 23
+  float* dw = s0w + kQS0Floats;                    // dA2: rows m0 .. m0 + 31
+  float* dcw = dw + kQDFloats;                     // dC: rows m0 .. m0 + 23
+  bf16* sTile = reinterpret_cast<bf16*>(dcw + kQCFloats);  // K, V, K of the block, then the dq rows
+  bf16* sdS = sTile + kTile * S;                           // dS0 of the block [16][kDsPitch]
+  float* sWpre = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G) * warp_region_pre_bytes<D>());
+  float* sWpost = sWpre + G * kHeadTaps;
+  float* sDw = sWpost + G * kHeadTaps;  // runtime sizes: dWpre per warp
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sDw + G * kHeadTaps);
+  bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);
+  bf16* sInLo = sInHi + kInElems;
+  float* sOut = reinterpret_cast<float*>(sInLo + kInElems);
+
+  const int units = H / G, b = blockIdx.x / units, u = blockIdx.x % units, h = u * G + warp;
+  const size_t head = static_cast<size_t>(b * H + h) * T;
+  const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
+  q += head * D, k += head * D, v += head * D, dout += head * D, dq += head * D, dk_acc += head * D;
+  lse += head, delta += head;
+  float* myWpre = sWpre + warp * kHeadTaps;
+  float* myWpost = sWpost + warp * kHeadTaps;
+  float* myDw = sDw + warp * kHeadTaps;
+  for (int i = lane; i < cq1 * ck1; i += 32)
+    myWpre[(i / ck1) * kTapPitch + i % ck1] = wpre[static_cast<size_t>(h) * cq1 * ck1 + i];
+  for (int i = lane; i < cq2 * ck2; i += 32)
+    myWpost[(i / ck2) * kTapPitch + i % ck2] = wpost ? wpost[static_cast<size_t>(h) * cq2 * ck2 + i] : 1.f;
+  for (int i = lane; i < kHeadTaps; i += 32) myDw[i] = 0.f;
+  if (gpre || gpost) {
+    build_frags(sFrag, mpre, gpre, mpost, gpost, u * G, G);
+    zero_in(sInHi), zero_in(sInLo);
+  }
+
+  // Q rows m0 - 8 .. m0 + 23 and dO rows m0 .. m0 + 31 as A fragments, staged in the dA2 window.
+  uint32_t qa0[D / 16][4], qa1[D / 16][4], da0[D / 16][4], da1[D / 16][4];
+  load_q_frags<D, S>(reinterpret_cast<bf16*>(dw), q, m0 + 8, T, lane, qa0, qa1);
+  load_q_frags<D, S>(reinterpret_cast<bf16*>(dw), dout, m0 + kTile, T, lane, da0, da1);
+  for (int i = lane; i < (kQS0Floats + kQDFloats + kQCFloats) / 4; i += 32)
+    reinterpret_cast<float4*>(s0w)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  const int r = lane & 15, half = lane >> 4, g = lane >> 2, t = lane & 3, row = m0 + r;
+  float lse2[2], dlt[2];
+#pragma unroll
+  for (int part = 0; part < 2; ++part) {
+    const int rw = m0 + kTile * part + r;
+    lse2[part] = rw < T ? lse[rw] * kLog2e : 0.f;
+    dlt[part] = rw < T ? delta[rw] : 0.f;
+  }
+  const int rot_d = ck2 - 1 - off2, rot_c = ck1 - 1 - off1;
+  __syncwarp();
+  __syncthreads();  // every warp's taps, the fragments, the zeroed MixIn and dWpre
+
+  constexpr int kWq = kCq1 > 0 ? kCq1 : 1, kWk = kCk1 > 0 ? kCk1 : 1;
+  float accw[kWq][kWk];
+#pragma unroll
+  for (int a = 0; a < kWq; ++a)
+#pragma unroll
+    for (int c = 0; c < kWk; ++c) accw[a][c] = 0.f;
+  float dm[8] = {};
+  float acc_dq[D / 8][4];
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) acc_dq[j][0] = acc_dq[j][1] = acc_dq[j][2] = acc_dq[j][3] = 0.f;
+
+  s0_tile_to_window<D, S, kTile, Ring48>(s0w, sTile, k, qa0, qa1, 0, m0 + 8, T, scale, off1, lane);
+  s0_tile_to_window<D, S, kTile, Ring48>(s0w, sTile, k, qa0, qa1, 1, m0 + 8, T, scale, off1, lane);
+  da2_tile_to_window<D, S, Ring48>(dw, sTile, v, da0, da1, 0, m0, T, rot_d, gpost, sInHi, sInLo, sFrag, sOut, G, warp,
+                                   lane);
+  da2_tile_to_window<D, S, Ring48>(dw, sTile, v, da0, da1, 1, m0, T, rot_d, gpost, sInHi, sInLo, sFrag, sOut, G, warp,
+                                   lane);
+  dc_tile_to_window<kCq1, kCk1, kCq2, kCk2>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c, gpre, sInHi,
+                                            sInLo, sFrag, sOut, G, warp, lane, 0, m0, T, lse2, dlt, dm);
+  const int n_end = min(T, m0 + kTile);
+  for (int n0 = 0; n0 < n_end; n0 += kTile) {
+    const int kt = n0 / kTile, x0 = n0 + 8 * half;
+    {  // 1. dWpre from the own rows of dC (block kt) and the S0 window
+      float d[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) d[e] = dcw[r * Ring48::kPitch + Ring48::col(x0 + e + rot_c)];
+      if constexpr (kCq1 > 0)
+        conv_grad_row8<kCq1, kCk1, Ring48>(s0w, r + 8, x0, d, accw);
+      else
+        conv_grad_row8_rt<Ring48>(s0w, cq1, ck1, r + 8, x0, d, myDw, lane);
+    }
+    __syncwarp();  // every lane has read S0 tile kt - 1 before tile kt + 2 replaces it
+    s0_tile_to_window<D, S, kTile, Ring48>(s0w, sTile, k, qa0, qa1, kt + 2, m0 + 8, T, scale, off1, lane);
+    da2_tile_to_window<D, S, Ring48>(dw, sTile, v, da0, da1, kt + 2, m0, T, rot_d, gpost, sInHi, sInLo, sFrag, sOut,
+                                     G, warp, lane);
+    // K of this block for dQ, landing while dC tile kt + 1 is computed (the V tile's reads are done).
+    warp_load_rows_zero<D, S, kTile>(sTile, k, n0, T, lane);
+    cp_async_commit();
+    dc_tile_to_window<kCq1, kCk1, kCq2, kCk2>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c, gpre, sInHi,
+                                              sInLo, sFrag, sOut, G, warp, lane, kt + 1, m0, T, lse2, dlt, dm);
+    // 4. dS0 on the own rows at block kt, the future (and rows past T) 0.
+    {
+      float ds[8];
+      conv_row8_t<kCq1, kCk1, Ring48>(dcw, myWpre, cq1, ck1, r, x0, ds);
+#pragma unroll
+      for (int e = 0; e < 8; e += 2) {
+        const float a0 = x0 + e <= row && row < T ? ds[e] : 0.f;
+        const float a1 = x0 + e + 1 <= row && row < T ? ds[e + 1] : 0.f;
+        *reinterpret_cast<uint32_t*>(sdS + r * kDsPitch + 8 * half + e) = pack_bf16(a0, a1);
+      }
+    }
+    cp_async_wait_all();
+    __syncwarp();
+    uint32_t aq[4], ak[4];
+    ldmatrix_x4(aq, sdS + a_offset(lane, 0, 0, kDsPitch));         // dS0 (rows x keys)
+    ldmatrix_x4_trans(ak, sdS + at_offset(lane, 0, 0, kDsPitch));  // dS0^T (keys x rows)
+#pragma unroll
+    for (int dn = 0; dn < D / 16; ++dn) {
+      uint32_t bb[4];
+      ldmatrix_x4_trans(bb, sTile + bkn_offset(lane, 0, dn * 16, S));
+      mma_bf16(acc_dq[2 * dn], aq, bb[0], bb[1]);
+      mma_bf16(acc_dq[2 * dn + 1], aq, bb[2], bb[3]);
+      // Q's own rows m0 .. m0 + 15 are rows 8 .. 15 of Q tile 0 and rows 0 .. 7 of Q tile 1.
+      const uint32_t b00 = transpose8x8(qa0[dn][1]), b01 = transpose8x8(qa1[dn][0]);
+      const uint32_t b10 = transpose8x8(qa0[dn][3]), b11 = transpose8x8(qa1[dn][2]);
+      float acc[2][4] = {};
+      mma_bf16(acc[0], ak, b00, b01);
+      mma_bf16(acc[1], ak, b10, b11);
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          const int key = n0 + g + 8 * rr;
+          if (key < T)
+            atomic_add2(dk_acc + static_cast<size_t>(key) * D + dn * 16 + 8 * jj + 2 * t, acc[jj][2 * rr] * scale,
+                        acc[jj][2 * rr + 1] * scale);
+        }
+    }
+    __syncwarp();  // the dS tile and K are read before the next block rewrites them
+  }
+
+  // dq rows (scaled), staged through the tile buffer, 16-byte stores.
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr)
+      *reinterpret_cast<uint32_t*>(sTile + (g + 8 * rr) * S + 8 * j + 2 * t) =
+          pack_bf16(acc_dq[j][2 * rr] * scale, acc_dq[j][2 * rr + 1] * scale);
+  __syncwarp();
+  constexpr int kChunksPerRow = D / 8;
+#pragma unroll
+  for (int cc = lane; cc < kTile * kChunksPerRow; cc += 32) {
+    const int rr = cc / kChunksPerRow, col = (cc % kChunksPerRow) * 8, qrow = m0 + rr;
+    if (qrow < T)
+      *reinterpret_cast<uint4*>(dq + static_cast<size_t>(qrow) * D + col) =
+          *reinterpret_cast<const uint4*>(sTile + rr * S + col);
+  }
+  // Partials of this CTA: dWpre and the dMpre row of this warp's head, each summed over the lanes.
+  const size_t cta = static_cast<size_t>(blockIdx.x) * gridDim.y + blockIdx.y;
+  float* pw = part_w + (cta * G + warp) * kWStride;
+  if constexpr (kCq1 > 0) {
+#pragma unroll
+    for (int a = 0; a < kCq1; ++a)
+#pragma unroll
+      for (int c = 0; c < kCk1; ++c) {
+        const float s = warp_sum(accw[a][c]);
+        if (lane == 0) pw[a * kCk1 + c] = s;
+      }
+  } else {
+    __syncwarp();
+    for (int i = lane; i < cq1 * ck1; i += 32) pw[i] = myDw[(i / ck1) * kTapPitch + i % ck1];
+  }
+  if (gpre) {
+#pragma unroll
+    for (int yy = 0; yy < 8; ++yy)
+      if (yy < gpre) {
+        const float s = warp_sum(dm[yy]);
+        if (lane == 0) part_m[(cta * G + warp) * kMaxG + yy] = s;
+      }
+  }
+}
+
+template <int D, int kCq1, int kCk1, int kCq2, int kCk2>
+void launch_pre_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                      const float* wpre, const float* mpre, const float* wpost, const float* mpost, const float* lse,
+                      const float* delta, bf16* dq, float* dk_acc, float* part_w, float* part_m, int B, int T,
+                      cudaStream_t s) {
+  const int H = spec.heads, G = spec.coupled_heads();
+  const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
+  const KqConv& pre = *spec.kq_pre;
+  const KqConv post = spec.kq_post ? *spec.kq_post : KqConv{1, 1, PadKey::Right};  // identity: o = 0
+  const size_t smem = smem_pre_bytes<D>(G);
+  auto kernel = flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2>;
+  MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const dim3 grid(static_cast<unsigned>(B * (H / G)), static_cast<unsigned>((T + kTile - 1) / kTile));
+  kernel<<<grid, 32 * G, smem, s>>>(q, k, v, dout, wpre, mpre, gpre, spec.kq_post ? wpost : nullptr, mpost, gpost, lse,
+                                    delta, dq, dk_acc, part_w, part_m, H, T, G, pre.q, pre.k, pre.key_offset(), post.q,
+                                    post.k, post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
+  MTA_CUDA_CHECK_LAUNCH("flash_kq_layer_pre_grad_kernel");
 }
 
 template <int D, int kCq, int kCk>
@@ -1181,6 +1518,74 @@ void flash_kq_layer_post_grads(const AttentionSpec& spec, const bf16* q, const b
   if (spec.kq_post)
     reduce_partials(part_w, grad_kq_post, B, H, G, ntiles, kWStride, spec.kq_post->q * spec.kq_post->k, s);
   if (spec.head_post) reduce_partials(part_m, grad_head_post, B, H, G, ntiles, kMaxG, spec.head_post->group, s);
+}
+
+bool flash_kq_layer_backward_supported(const AttentionSpec& spec, int D) {
+  return D == 64 && flash_kq_layer_forward_supported(spec, D);
+}
+
+size_t flash_kq_layer_backward_workspace_floats(const AttentionSpec& spec, int B, int T) {
+  const size_t rows = static_cast<size_t>(B) * spec.heads * T;
+  return rows + 2 * rows * spec.head_dim + flash_kq_layer_post_grads_workspace_floats(spec, B, T);
+}
+
+void flash_kq_layer_pre_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                              const float* kq_pre, const float* head_pre, const float* kq_post,
+                              const float* head_post, const float* lse, const float* delta, bf16* dq, float* dk_acc,
+                              float* grad_kq_pre, float* grad_head_pre, float* workspace, int B, int T,
+                              cudaStream_t s) {
+  const int D = spec.head_dim;
+  kq_require(flash_kq_layer_backward_supported(spec, D),
+             "kernel Q needs head_dim 64 and what the forward needs (kq_pre with cq <= 8, ck <= 15; kq_post "
+             "likewise if any; at most 8 coupled heads)");
+  kq_require(B >= 1 && T >= 1, "B and T must be >= 1");
+  kq_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
+             "B * H or T too large");
+  for (const void* p : {static_cast<const void*>(q), static_cast<const void*>(k), static_cast<const void*>(v),
+                        static_cast<const void*>(dout), static_cast<const void*>(dq)})
+    kq_require(p != nullptr && aligned16(p), "q, k, v, dout, dq must be non-null and 16-byte aligned");
+  kq_require(kq_pre != nullptr && grad_kq_pre != nullptr && lse != nullptr && delta != nullptr && dk_acc != nullptr &&
+                 workspace != nullptr,
+             "kq_pre weights and gradient, lse, delta, dk_acc and the workspace must be non-null");
+  kq_require(!spec.head_pre || (head_pre != nullptr && grad_head_pre != nullptr),
+             "head_pre is enabled but its weights or gradient are null");
+  kq_require(!spec.kq_post || kq_post != nullptr, "kq_post is enabled but its weights are null");
+  kq_require(!spec.head_post || head_post != nullptr, "head_post is enabled but its weights are null");
+  const int H = spec.heads, G = spec.coupled_heads(), ntiles = (T + kTile - 1) / kTile;
+  float* part_w = workspace;
+  float* part_m = workspace + static_cast<size_t>(B) * (H / G) * ntiles * G * kWStride;
+  const KqConv& pre = *spec.kq_pre;
+  if (pre.q == 6 && pre.k == 11 && spec.kq_post && spec.kq_post->q == 6 && spec.kq_post->k == 11)
+    launch_pre_grads<64, 6, 11, 6, 11>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, dq,
+                                       dk_acc, part_w, part_m, B, T, s);
+  else
+    launch_pre_grads<64, 0, 0, 0, 0>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, dq, dk_acc,
+                                     part_w, part_m, B, T, s);
+  reduce_partials(part_w, grad_kq_pre, B, H, G, ntiles, kWStride, pre.q * pre.k, s);
+  if (spec.head_pre) reduce_partials(part_m, grad_head_pre, B, H, G, ntiles, kMaxG, spec.head_pre->group, s);
+}
+
+void flash_kq_layer_backward(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                             const float* kq_pre, const float* head_pre, const float* kq_post, const float* head_post,
+                             const float* lse, bf16* dq, bf16* dk, bf16* dv, float* grad_kq_pre, float* grad_head_pre,
+                             float* grad_kq_post, float* grad_head_post, float* workspace, int B, int T,
+                             cudaStream_t s) {
+  kq_require(dk != nullptr && dv != nullptr, "dk and dv must be non-null");
+  const size_t rows = static_cast<size_t>(B) * spec.heads * T, n = rows * spec.head_dim;
+  float* delta = workspace;
+  float* dk_acc = delta + rows;
+  float* dv_acc = dk_acc + n;
+  float* parts = dv_acc + n;
+  MTA_CUDA_CHECK(cudaMemsetAsync(dk_acc, 0, 2 * n * sizeof(float), s));
+  flash_kq_layer_delta(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, B, T, s);
+  flash_kq_layer_post_grads(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, dv_acc, grad_kq_post,
+                            grad_head_post, parts, B, T, s);
+  flash_kq_layer_pre_grads(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, dq, dk_acc,
+                           grad_kq_pre, grad_head_pre, parts, B, T, s);
+  const int blocks = static_cast<int>(std::min<size_t>((n + 255) / 256, 4096));
+  f32_to_bf16_kernel<<<blocks, 256, 0, s>>>(dk_acc, dk, n);
+  f32_to_bf16_kernel<<<blocks, 256, 0, s>>>(dv_acc, dv, n);
+  MTA_CUDA_CHECK_LAUNCH("f32_to_bf16_kernel");
 }
 
 }  // namespace mta::cuda

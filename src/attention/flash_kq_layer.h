@@ -62,7 +62,7 @@ void flash_kq_layer_delta(const AttentionSpec& spec, const __nv_bfloat16* q, con
 // A3^T dout, and into grad_kq_post [H, cq, ck] and grad_head_post [H / g, g, g] the post-side
 // parameter gradients (per-CTA partials in `workspace`, flash_kq_layer_post_grads_workspace_floats
 // floats, reduced over the CTAs in a fixed order). lse is pass 1's. Head dim 64 and what the forward
-// supports. The pre side (dq, dk, the kq_pre and head_pre gradients: kernel Q) is not written yet.
+// supports.
 bool flash_kq_layer_post_grads_supported(const AttentionSpec& spec, int D);
 size_t flash_kq_layer_post_grads_workspace_floats(const AttentionSpec& spec, int B, int T);
 void flash_kq_layer_post_grads(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
@@ -70,5 +70,29 @@ void flash_kq_layer_post_grads(const AttentionSpec& spec, const __nv_bfloat16* q
                                const float* head_pre, const float* kq_post, const float* head_post, const float* lse,
                                float* dv_acc, float* grad_kq_post, float* grad_head_post, float* workspace, int B,
                                int T, cudaStream_t s);
+
+// The main backward pass's pre side, kernel Q (replay_kq_layer_backward.py, kernel_q): writes dq [B, H,
+// T, D] bf16, adds dS0^T q into dk_acc [B, H, T, D] fp32 (zeroed by the caller) and the pre-side
+// parameter gradients into grad_kq_pre, grad_head_pre (per-CTA partials in `workspace`, the same size
+// as kernel P's; not used by both at once). delta from flash_kq_layer_delta, lse from pass 1.
+bool flash_kq_layer_backward_supported(const AttentionSpec& spec, int D);
+void flash_kq_layer_pre_grads(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                              const __nv_bfloat16* v, const __nv_bfloat16* dout, const float* kq_pre,
+                              const float* head_pre, const float* kq_post, const float* head_post, const float* lse,
+                              const float* delta, __nv_bfloat16* dq, float* dk_acc, float* grad_kq_pre,
+                              float* grad_head_pre, float* workspace, int B, int T, cudaStream_t s);
+
+// The whole backward of the layer core (steps 1-7) from dout (the core's output gradient) and pass 1's
+// lse: the delta pass, kernel P, kernel Q, then dk and dv from their fp32 accumulators. dq, dk, dv are
+// written (bf16); the parameter gradients (those of enabled options: non-null) are added to.
+// `workspace`: flash_kq_layer_backward_workspace_floats floats (delta, two fp32 accumulators of q's
+// size, the partials). Supported: flash_kq_layer_backward_supported (head dim 64, <= 8 coupled heads).
+size_t flash_kq_layer_backward_workspace_floats(const AttentionSpec& spec, int B, int T);
+void flash_kq_layer_backward(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                             const __nv_bfloat16* v, const __nv_bfloat16* dout, const float* kq_pre,
+                             const float* head_pre, const float* kq_post, const float* head_post, const float* lse,
+                             __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv, float* grad_kq_pre,
+                             float* grad_head_pre, float* grad_kq_post, float* grad_head_post, float* workspace, int B,
+                             int T, cudaStream_t s);
 
 }  // namespace mta::cuda

@@ -491,6 +491,100 @@ TEST(FlashKqLayer, PostGrads) {
   }
 }
 
+// The whole backward (flash_kq_layer_backward: the delta pass, kernels P and Q) after the fused forward
+// (its lse), against the CPU op's backward in float64 on the same bf16-rounded inputs: dq, dk, dv and
+// every enabled parameter's gradient (added to values that start at 1, as the API adds). Outputs start
+// as NaN and must be written.
+void check_backward(const FwdCase& f, unsigned seed) {
+  const Case& c = f.c;
+  SCOPED_TRACE(c.str() + " kq_post " + std::to_string(f.cq2) + "x" + std::to_string(f.ck2));
+  mta::AttentionSpec spec = spec_of(c);
+  if (f.cq2) spec.kq_post = mta::KqConv{f.cq2, f.ck2, f.pad2};
+  ASSERT_TRUE(mta::cuda::flash_kq_layer_backward_supported(spec, c.D));
+  std::mt19937 rng(seed);
+  const size_t n = static_cast<size_t>(c.B) * c.H * c.T * c.D, rows = static_cast<size_t>(c.B) * c.H * c.T;
+  const Tensor q = randn_bf16(n, rng), k = randn_bf16(n, rng), v = randn_bf16(n, rng), dO = randn_bf16(n, rng);
+  const LayerParams lp = random_layer_params(spec, c.H, rng);
+  const auto dwpre = upload_f32(lp.wpre), dwpost = upload_f32(lp.wpost), dmpre = upload_f32(lp.mpre),
+             dmpost = upload_f32(lp.mpost);
+  auto ones = [](const std::vector<double>& x) { return upload_f32(std::vector<double>(x.size(), 1.0)); };
+  const auto gwpre = ones(lp.wpre), gwpost = ones(lp.wpost), gmpre = ones(lp.mpre), gmpost = ones(lp.mpost);
+  DevMem dq(n * 2), dk(n * 2), dv(n * 2), ddo(n * 2), o(n * 2), lse(rows * 4), gq(n * 2), gk(n * 2), gv(n * 2);
+  dq.upload(q.bits), dk.upload(k.bits), dv.upload(v.bits), ddo.upload(dO.bits);
+  gq.poison(), gk.poison(), gv.poison();
+  DevMem ws(mta::cuda::flash_kq_layer_backward_workspace_floats(spec, c.B, c.T) * 4);
+  ws.poison();
+  using bf = __nv_bfloat16;
+  const float* wpost = spec.kq_post ? dwpost->as<float>() : nullptr;
+  const float* mpre = c.gpre ? dmpre->as<float>() : nullptr;
+  const float* mpost = c.gpost ? dmpost->as<float>() : nullptr;
+  mta::cuda::flash_kq_layer_forward(spec, dq.as<bf>(), dk.as<bf>(), dv.as<bf>(), dwpre->as<float>(), mpre, wpost,
+                                    mpost, o.as<bf>(), lse.as<float>(), c.B, c.T, nullptr);
+  mta::cuda::flash_kq_layer_backward(spec, dq.as<bf>(), dk.as<bf>(), dv.as<bf>(), ddo.as<bf>(), dwpre->as<float>(),
+                                     mpre, wpost, mpost, lse.as<float>(), gq.as<bf>(), gk.as<bf>(), gv.as<bf>(),
+                                     gwpre->as<float>(), c.gpre ? gmpre->as<float>() : nullptr,
+                                     spec.kq_post ? gwpost->as<float>() : nullptr,
+                                     c.gpost ? gmpost->as<float>() : nullptr, ws.as<float>(), c.B, c.T, nullptr);
+  CUDA_OK(cudaDeviceSynchronize());
+
+  mta::AttnParams<double> p;
+  p.kq_pre = lp.wpre.data();
+  if (c.gpre) p.head_pre = lp.mpre.data();
+  if (spec.kq_post) p.kq_post = lp.wpost.data();
+  if (c.gpost) p.head_post = lp.mpost.data();
+  std::vector<double> rq(n), rk(n), rv(n), g_wpre(lp.wpre.size()), g_mpre(lp.mpre.size()), g_wpost(lp.wpost.size()),
+      g_mpost(lp.mpost.size());
+  mta::AttnParamGrads<double> g;
+  g.kq_pre = g_wpre.data();
+  if (c.gpre) g.head_pre = g_mpre.data();
+  if (spec.kq_post) g.kq_post = g_wpost.data();
+  if (c.gpost) g.head_post = g_mpost.data();
+  mta::cpu::mta_backward<double>(spec, mta::AttnDims{c.B, c.H, c.T, c.D}, q.val.data(), k.val.data(), v.val.data(), p,
+                                 dO.val.data(), rq.data(), rk.data(), rv.data(), g);
+  const std::vector<double> got_q = to_double(gq.download<uint16_t>(n)), got_k = to_double(gk.download<uint16_t>(n)),
+                            got_v = to_double(gv.download<uint16_t>(n));
+  EXPECT_EQ(non_finite(got_q) + non_finite(got_k) + non_finite(got_v), 0) << "dq, dk, dv not all written";
+  const double eq = rel_err(got_q, rq), ek = rel_err(got_k, rk), ev = rel_err(got_v, rv);
+  EXPECT_LE(eq, 3e-2) << "dq";
+  EXPECT_LE(ek, 3e-2) << "dk";
+  EXPECT_LE(ev, 3e-2) << "dv";
+  auto param_err = [](const std::unique_ptr<DevMem>& d, const std::vector<double>& want) {
+    const std::vector<float> x = d->download<float>(want.size());
+    std::vector<double> y(x.size());
+    for (size_t i = 0; i < x.size(); ++i) y[i] = static_cast<double>(x[i]) - 1.0;
+    return rel_err(y, want);
+  };
+  const double e_wpre = param_err(gwpre, g_wpre);
+  EXPECT_LE(e_wpre, 3e-2) << "d kq_pre";
+  double e_mpre = 0, e_wpost = 0, e_mpost = 0;
+  if (c.gpre) EXPECT_LE(e_mpre = param_err(gmpre, g_mpre), 5e-2) << "d head_pre";
+  if (spec.kq_post) EXPECT_LE(e_wpost = param_err(gwpost, g_wpost), 3e-2) << "d kq_post";
+  if (c.gpost) EXPECT_LE(e_mpost = param_err(gmpost, g_mpost), 5e-2) << "d head_post";
+  std::printf("[ kq layer backward ] %s kq_post %dx%d: rel err dq %.2e dk %.2e dv %.2e, d kq_pre %.2e head_pre %.2e "
+              "kq_post %.2e head_post %.2e\n",
+              c.str().c_str(), f.cq2, f.ck2, eq, ek, ev, e_wpre, e_mpre, e_wpost, e_mpost);
+}
+
+TEST(FlashKqLayer, Backward) {
+  SKIP_WITHOUT_GPU();
+  check_backward(FwdCase{Case{2, 8, 77, 64, 6, 11, mta::PadKey::Both, 8, 8}, 6, 11, mta::PadKey::Both}, 51u);
+  check_backward(FwdCase{Case{1, 4, 1, 64, 6, 11, mta::PadKey::Both, 4, 4}, 6, 11, mta::PadKey::Both}, 52u);
+  check_backward(FwdCase{Case{1, 8, 100, 64, 2, 9, mta::PadKey::Both, 0, 0}, 0, 0, mta::PadKey::Both}, 53u);
+  std::mt19937 rng(54);
+  for (int it = 0; it < 8; ++it) {
+    FwdCase f;
+    Case& c = f.c;
+    c.B = 1 + static_cast<int>(rng() % 2), c.D = 64, c.H = 4, c.T = 1 + static_cast<int>(rng() % 70);
+    random_conv(rng, c.cq, c.ck, c.pad);
+    if (it % 3 != 2) random_conv(rng, f.cq2, f.ck2, f.pad2);
+    else f.cq2 = 0, f.ck2 = 0, f.pad2 = mta::PadKey::Both;
+    const int groups[] = {0, 1, 2, 4};
+    c.gpre = groups[rng() % 4];
+    c.gpost = groups[rng() % 4];
+    check_backward(f, 500u + it);
+  }
+}
+
 TEST(FlashKqLayer, PaperLayerLse) {
   SKIP_WITHOUT_GPU();
   // The paper LM's kq layer: 6 x 11 both, every head of the layer in one mixing group, pre and post.
