@@ -155,11 +155,15 @@ nlohmann::json bench_attention(const AttentionSpec& spec, int B, int T, const st
     bwd = [&] { flash_attn_backward(q, k, v, o, dout, lse, dq, dk, dv, scratch, B, H, T, D, nullptr); };
   } else {
     bf16* core = fused_attention_has_epilogue(spec) ? mem.alloc<bf16>(n) : nullptr;
+    const size_t n32 = forward_only ? 0 : fused_attention_core32_floats(spec, B, T);
+    float* core32 = n32 ? mem.alloc<float>(n32) : nullptr;
     if (!forward_only) scratch = mem.alloc<unsigned char>(fused_attention_backward_scratch_bytes(spec, B, T));
-    fwd = [&, core] { fused_attention_forward(spec, q, k, v, params, core, o, lse, B, T, AttnOptions{}, nullptr); };
-    bwd = [&, core] {
+    fwd = [&, core, core32] {
+      fused_attention_forward(spec, q, k, v, params, core, o, lse, B, T, AttnOptions{}, nullptr, core32);
+    };
+    bwd = [&, core, core32] {
       fused_attention_backward(spec, q, k, v, params, core ? core : o, dout, lse, dq, dk, dv, grads, scratch, B, T,
-                               AttnOptions{}, nullptr);
+                               AttnOptions{}, nullptr, core32);
     };
   }
   MTA_CUDA_CHECK(cudaDeviceSynchronize());

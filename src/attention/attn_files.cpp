@@ -143,9 +143,12 @@ void run_cuda_fused(const AttentionSpec& spec, const AttnDims& dims, const std::
   DeviceArray<uint16_t> d_q(to_bf16(q)), d_k(to_bf16(k)), d_v(to_bf16(v)), d_o(std::vector<uint16_t>(q.size())),
       d_core(std::vector<uint16_t>(epi ? q.size() : 0));
   DeviceArray<float> d_lse(std::vector<float>(static_cast<size_t>(dims.B) * dims.H * dims.T));
+  const size_t n32 = cuda::fused_attention_core32_floats(spec, dims.B, dims.T);
+  DeviceArray<float> d_core32{std::vector<float>(n32)};
+  float* core32 = n32 ? d_core32.get() : nullptr;
   const AttnOptions opt;
   cuda::fused_attention_forward(spec, bf(d_q), bf(d_k), bf(d_v), p, epi ? bf(d_core) : nullptr, bf(d_o), d_lse.get(),
-                                dims.B, dims.T, opt, 0);
+                                dims.B, dims.T, opt, 0, core32);
   cuda_check(cudaDeviceSynchronize(), "fused forward");
   from_bf16(d_o, o);
   if (!dout) return;
@@ -153,7 +156,8 @@ void run_cuda_fused(const AttentionSpec& spec, const AttnDims& dims, const std::
       d_dk(std::vector<uint16_t>(q.size())), d_dv(std::vector<uint16_t>(q.size()));
   DeviceArray<uint8_t> scratch(std::vector<uint8_t>(cuda::fused_attention_backward_scratch_bytes(spec, dims.B, dims.T)));
   cuda::fused_attention_backward(spec, bf(d_q), bf(d_k), bf(d_v), p, epi ? bf(d_core) : bf(d_o), bf(d_dout),
-                                 d_lse.get(), bf(d_dq), bf(d_dk), bf(d_dv), g, scratch.get(), dims.B, dims.T, opt, 0);
+                                 d_lse.get(), bf(d_dq), bf(d_dk), bf(d_dv), g, scratch.get(), dims.B, dims.T, opt, 0,
+                                 core32);
   cuda_check(cudaDeviceSynchronize(), "fused backward");
   from_bf16(d_dq, dq), from_bf16(d_dk, dk), from_bf16(d_dv, dv);
   for (size_t i = 0; i < infos.size(); ++i) dg[i]->copy_to(gvals[i]);
@@ -179,9 +183,9 @@ bool fused_path(const AttentionSpec& spec, const AttnDims& dims, AttnImpl impl, 
     if (!covered)
       throw InputError(std::string("--impl fused: the fused kernels do not cover this spec") +
                        (backward ? " with gradients" : "") +
-                       " yet (kq_pre only or head mixing only, plus norm / depth scaling / gate; without dout also "
-                       "kq_pre with kq_post and head mixing of <= 8 heads; head_dim 64 or 128; see "
-                       "docs/flash-mta.md); use --impl auto or materialized");
+                       " yet (kq_pre only, head mixing only, or kq_pre with kq_post and head mixing of <= 8 heads, "
+                       "plus norm / depth scaling / gate; head_dim 64 or 128, the kq layers' gradients at 64 only; "
+                       "see docs/flash-mta.md); use --impl auto or materialized");
     if (!float32) throw InputError("--impl fused: the fused kernels take F32 input (they compute in bf16), not F64");
     if (!range_problem.empty()) throw InputError("--impl fused: " + range_problem + "; use --impl auto or materialized");
   }

@@ -115,8 +115,8 @@ __global__ void epilogue_forward_kernel(const TIo* in, TIo* out, Epilogue<T> ep,
 // T) and each row's parameter-gradient terms into pn [rows][Dv] (norm), pgw [rows][Dv] and pgb [rows]
 // (gate), summed later in a fixed order; rows at or past `owned_end` (the next block's) write zero
 // terms. Mirrors epilogue_backward_row of the CPU reference.
-template <typename T, typename TIo>
-__global__ void epilogue_backward_kernel(const TIo* __restrict__ obuf, const TIo* __restrict__ dout,
+template <typename T, typename TIo, typename TObuf = TIo>
+__global__ void epilogue_backward_kernel(const TObuf* __restrict__ obuf, const TIo* __restrict__ dout,
                                          T* __restrict__ dobuf, T* __restrict__ pn, T* __restrict__ pgw,
                                          T* __restrict__ pgb, Epilogue<T> ep, int Dv, int n, int ra, int nr,
                                          int owned_end, long long rows) {
@@ -124,7 +124,7 @@ __global__ void epilogue_backward_kernel(const TIo* __restrict__ obuf, const TIo
   for (long long r = global_thread() >> 5; r < rows; r += grid_threads() >> 5) {
     const int i = ra + static_cast<int>(r % nr);
     const bool owned = i < owned_end;
-    const TIo* ob = obuf + r * Dv;
+    const TObuf* ob = obuf + r * Dv;
     const TIo* gb = dout + ((r / nr) * n + i) * Dv;
     auto o = [&](int e) { return static_cast<T>(ob[e]); };
     auto g = [&](int e) { return static_cast<T>(gb[e]); };

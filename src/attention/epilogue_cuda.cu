@@ -19,6 +19,15 @@ __global__ void float_to_bf16_kernel(const float* __restrict__ x, bf16* __restri
   for (long long i = global_thread(); i < n; i += grid_threads()) y[i] = __float2bfloat16(x[i]);
 }
 
+// y + y_lo = x to ~16 bits of mantissa (y = bf16(x), y_lo = bf16(x - y)).
+__global__ void float_to_bf16_split_kernel(const float* __restrict__ x, bf16* __restrict__ y, bf16* __restrict__ y_lo,
+                                           long long n) {
+  for (long long i = global_thread(); i < n; i += grid_threads()) {
+    const bf16 hi = __float2bfloat16(x[i]);
+    y[i] = hi, y_lo[i] = __float2bfloat16(x[i] - __bfloat162float(hi));
+  }
+}
+
 Epilogue<float> epilogue_of(const AttentionSpec& spec, const float* norm, const float* gate_w, const float* gate_b) {
   Epilogue<float> ep;
   ep.norm = spec.norm, ep.depth = spec.depth_scale_layer.has_value(), ep.gate = spec.gate;
@@ -63,9 +72,14 @@ size_t attn_epilogue_backward_scratch_bytes(long long rows, int D) {
          up(static_cast<size_t>(kColumnBlocks) * D * 8);
 }
 
-void attn_epilogue_backward(const AttentionSpec& spec, const bf16* core, const bf16* dout, const float* norm,
-                            const float* gate_w, const float* gate_b, bf16* dcore, float* grad_norm, float* grad_gate_w,
-                            float* grad_gate_b, void* scratch, long long rows, int D, cudaStream_t s) {
+namespace {
+
+// The backward from the core's output in bf16 or fp32 (TCore); dcore as bf16, or with dcore_lo as two
+// bf16 parts.
+template <typename TCore>
+void epilogue_backward(const AttentionSpec& spec, const TCore* core, const bf16* dout, const float* norm,
+                       const float* gate_w, const float* gate_b, bf16* dcore, bf16* dcore_lo, float* grad_norm,
+                       float* grad_gate_w, float* grad_gate_b, void* scratch, long long rows, int D, cudaStream_t s) {
   check_rows(rows, D);
   const Epilogue<float> ep = epilogue_of(spec, norm, gate_w, gate_b);
   if ((ep.norm && !grad_norm) || (ep.gate && (!grad_gate_w || !grad_gate_b)))
@@ -80,7 +94,7 @@ void attn_epilogue_backward(const AttentionSpec& spec, const bf16* core, const b
   double* colpart = reinterpret_cast<double*>(reinterpret_cast<char*>(acc) + up((2 * static_cast<size_t>(D) + 1) * 8));
   MTA_CUDA_CHECK(cudaMemsetAsync(acc, 0, (2 * static_cast<size_t>(D) + 1) * sizeof(double), s));
   const int n = static_cast<int>(rows);
-  epilogue_backward_kernel<float, bf16>
+  epilogue_backward_kernel<float, bf16, TCore>
       <<<grid_for(rows, kWarpsPerBlock), kBlock, 0, s>>>(core, dout, dobuf, pn, pgw, pgb, ep, D, n, 0, n, n, rows);
   MTA_CUDA_CHECK_LAUNCH("epilogue_backward_kernel");
   if (ep.norm) {
@@ -94,8 +108,29 @@ void attn_epilogue_backward(const AttentionSpec& spec, const bf16* core, const b
     add_gradient_kernel<float><<<1, kBlock, 0, s>>>(grad_gate_b, acc + 2 * D, 1);
   }
   MTA_CUDA_CHECK_LAUNCH("epilogue parameter gradients");
-  float_to_bf16_kernel<<<grid_for(rows * D, kBlock), kBlock, 0, s>>>(dobuf, dcore, rows * D);
+  if (dcore_lo)
+    float_to_bf16_split_kernel<<<grid_for(rows * D, kBlock), kBlock, 0, s>>>(dobuf, dcore, dcore_lo, rows * D);
+  else
+    float_to_bf16_kernel<<<grid_for(rows * D, kBlock), kBlock, 0, s>>>(dobuf, dcore, rows * D);
   MTA_CUDA_CHECK_LAUNCH("float_to_bf16_kernel");
+}
+
+}  // namespace
+
+void attn_epilogue_backward(const AttentionSpec& spec, const bf16* core, const bf16* dout, const float* norm,
+                            const float* gate_w, const float* gate_b, bf16* dcore, float* grad_norm, float* grad_gate_w,
+                            float* grad_gate_b, void* scratch, long long rows, int D, cudaStream_t s) {
+  epilogue_backward(spec, core, dout, norm, gate_w, gate_b, dcore, nullptr, grad_norm, grad_gate_w, grad_gate_b,
+                    scratch, rows, D, s);
+}
+
+void attn_epilogue_backward_split(const AttentionSpec& spec, const float* core32, const bf16* dout, const float* norm,
+                                  const float* gate_w, const float* gate_b, bf16* dcore, bf16* dcore_lo,
+                                  float* grad_norm, float* grad_gate_w, float* grad_gate_b, void* scratch,
+                                  long long rows, int D, cudaStream_t s) {
+  if (!dcore_lo) throw std::invalid_argument("attn_epilogue_backward_split: dcore_lo is null");
+  epilogue_backward(spec, core32, dout, norm, gate_w, gate_b, dcore, dcore_lo, grad_norm, grad_gate_w, grad_gate_b,
+                    scratch, rows, D, s);
 }
 
 }  // namespace mta::cuda

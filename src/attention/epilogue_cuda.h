@@ -31,4 +31,15 @@ void attn_epilogue_backward(const AttentionSpec& spec, const __nv_bfloat16* core
                             float* grad_norm, float* grad_gate_w, float* grad_gate_b, void* scratch, long long rows,
                             int D, cudaStream_t s);
 
+// The same from the core's output in fp32 (flash_kq_layer_forward's o32), with dcore written as two bf16
+// parts (dcore + dcore_lo = the fp32 gradient to ~16 bits of mantissa). The norm leaves dcore nearly
+// orthogonal to the core's output, and the kq layers' post-mixing and kq_post gradients sum what is
+// left: from bf16 core and dcore they measured 6% and 14% off the CPU's at near-uniform attention
+// (ModelCuda.MtaFusedMixAndEpilogueMatchCpu, session 8).
+void attn_epilogue_backward_split(const AttentionSpec& spec, const float* core32, const __nv_bfloat16* dout,
+                                  const float* norm, const float* gate_w, const float* gate_b,
+                                  __nv_bfloat16* dcore, __nv_bfloat16* dcore_lo, float* grad_norm,
+                                  float* grad_gate_w, float* grad_gate_b, void* scratch, long long rows, int D,
+                                  cudaStream_t s);
+
 }  // namespace mta::cuda

@@ -409,7 +409,8 @@ __global__ void __launch_bounds__(16 * kMaxG)
     flash_kq_layer_out_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                               const float* __restrict__ wpre, const float* __restrict__ mpre, int gpre,
                               const float* __restrict__ wpost, const float* __restrict__ mpost, int gpost,
-                              const float* __restrict__ lse, bf16* __restrict__ o, int H, int T, int G, int cq1,
+                              const float* __restrict__ lse, bf16* __restrict__ o, float* __restrict__ o32, int H,
+                              int T, int G, int cq1,
                               int ck1, int off1, int cq2, int ck2, int off2, float scale) {
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -429,6 +430,7 @@ __global__ void __launch_bounds__(16 * kMaxG)
   const size_t head = static_cast<size_t>(b * H + h) * T;
   const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
   q += head * D, k += head * D, v += head * D, o += head * D, lse += head;
+  if (o32) o32 += head * D;
   float* myWpre = sWpre + warp * kMaxCq * kTapPitch;
   float* myWpost = sWpost + warp * kMaxCq * kTapPitch;
   for (int i = lane; i < cq1 * ck1; i += 32)
@@ -501,6 +503,19 @@ __global__ void __launch_bounds__(16 * kMaxG)
     __syncwarp();  // every lane has read its A fragments and V before either is overwritten
   }
 
+  // O rows in fp32 as well, when asked (the epilogue's backward needs the core's output unrounded:
+  // its gradient is nearly orthogonal to it, and the mixing gradients sum what is left).
+  if (o32) {
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const int orow = m0 + g + 8 * rr;
+        if (orow < T)
+          *reinterpret_cast<float2*>(o32 + static_cast<size_t>(orow) * D + 8 * j + 2 * t) =
+              make_float2(acc_o[j][2 * rr], acc_o[j][2 * rr + 1]);
+      }
+  }
   // O rows (A3 carries the softmax's normalization), staged through the tile buffer, 16-byte stores.
 #pragma unroll
   for (int j = 0; j < D / 8; ++j)
@@ -717,19 +732,20 @@ void dispatch_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, con
 // rows in shared memory as dV's B operand):
 //   A2 = mask0(conv_post(A)) and A3 = Mpost A2 on the tile's rows, as pass 2;
 //   dV[block keys] += A3^T dO          (float2 atomics into an fp32 accumulator: every query tile adds);
-//   dA3 = dO V^T;  dMpost += dA3_x . A2_y   (grad_tiles over MixIn: dA3 in hi, A2 in lo, as bf16);
-//   dA2 = mask0(Mpost^T dA3);  dWpost[a, c] += dA2[i, j] A[i - (cq2 - 1) + a, j - o2 + c] over the
+//   dA3 = dO V^T;  dMpost += dA3_x . A2_y   (fp32 on CUDA cores, A2_y read back from the mix's input);
+//   dA2 = mask0(Mpost^T dA3) (the mix with hi + lo operands);  dWpost[a, c] += dA2[i, j] A[i - (cq2 - 1) + a, j - o2 + c] over the
 //   tile's rows (the A window, whose rotation o2 aligns these reads as the forward stencil's): per lane
 //   in registers for the compiled 6 x 11, per warp in shared memory (a warp sum per tap) otherwise.
-// At the end each CTA writes partials (dWpost per warp, dMpost summed over the warps), which
+// At the end each CTA writes partials (dWpost and dMpost per warp, i.e. per head), which
 // reduce_partials_kernel sums over the CTAs in a fixed order. Head dim 64 (at 8 heads the windows,
-// tiles and mixing buffers take 208 KB).
+// tiles and mixing buffers take 226 KB). With dout_lo (dout's bf16 remainder, from an epilogue's fp32
+// gradient) dA3 = (dO + dO_lo) V^T: the post-side gradients sum what the norm leaves of dO.
 constexpr int kHeadTaps = kMaxCq * kTapPitch;  // floats per head's taps (rows of kTapPitch)
 constexpr int kWStride = kMaxCq * kMaxCk;      // floats per (CTA, head) convolution-gradient partial
 
 template <int D>
 constexpr size_t warp_region_post_bytes() {
-  return (kS0Floats + kAFloats) * sizeof(float) + 2 * static_cast<size_t>(kTile) * (D + 8) * sizeof(bf16);
+  return (kS0Floats + kAFloats) * sizeof(float) + 3 * static_cast<size_t>(kTile) * (D + 8) * sizeof(bf16);
 }
 
 template <int D>
@@ -784,8 +800,9 @@ __global__ void __launch_bounds__(16 * kMaxG)
                                     const bf16* __restrict__ v, const bf16* __restrict__ dout,
                                     const float* __restrict__ wpre, const float* __restrict__ mpre, int gpre,
                                     const float* __restrict__ wpost, const float* __restrict__ mpost, int gpost,
-                                    const float* __restrict__ lse, float* __restrict__ dv_acc,
-                                    float* __restrict__ part_w, float* __restrict__ part_m, int H, int T, int G,
+                                    const float* __restrict__ lse, const bf16* __restrict__ dout_lo,
+                                    float* __restrict__ dv_acc, float* __restrict__ part_w,
+                                    float* __restrict__ part_m, int H, int T, int G,
                                     int cq1, int ck1, int off1, int cq2, int ck2, int off2, float scale) {
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -795,6 +812,7 @@ __global__ void __launch_bounds__(16 * kMaxG)
   float* awin = s0win + kS0Floats;
   bf16* sTile = reinterpret_cast<bf16*>(awin + kAFloats);  // K, then V
   bf16* sDo = sTile + kTile * S;                           // the tile's dO rows
+  bf16* sDoLo = sDo + kTile * S;                           // their remainders (with dout_lo)
   float* sWpre = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G) * warp_region_post_bytes<D>());
   float* sWpost = sWpre + G * kHeadTaps;
   float* sDw = sWpost + G * kHeadTaps;  // runtime sizes: dWpost per warp
@@ -807,6 +825,7 @@ __global__ void __launch_bounds__(16 * kMaxG)
   const size_t head = static_cast<size_t>(b * H + h) * T;
   const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
   q += head * D, k += head * D, v += head * D, dout += head * D, dv_acc += head * D, lse += head;
+  if (dout_lo) dout_lo += head * D;
   const bool has_post = wpost != nullptr;
   float* myWpre = sWpre + warp * kHeadTaps;
   float* myWpost = sWpost + warp * kHeadTaps;
@@ -824,6 +843,7 @@ __global__ void __launch_bounds__(16 * kMaxG)
   uint32_t qa0[D / 16][4], qa1[D / 16][4], doa[D / 16][4];
   load_q_frags<D, S>(reinterpret_cast<bf16*>(s0win), q, m0, T, lane, qa0, qa1);
   warp_load_rows_zero<D, S, kTile>(sDo, dout, m0, T, lane);
+  if (dout_lo) warp_load_rows_zero<D, S, kTile>(sDoLo, dout_lo, m0, T, lane);
   cp_async_commit();
   cp_async_wait_all();
   __syncwarp();
@@ -847,7 +867,7 @@ __global__ void __launch_bounds__(16 * kMaxG)
   for (int a = 0; a < kWq; ++a)
 #pragma unroll
     for (int c = 0; c < kWk; ++c) accw[a][c] = 0.f;
-  float gpost_acc[2][4] = {};
+  float dmp[8] = {};  // dMpost of this warp's head with head y0 + yy of its group
   s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, 0, m0, T, scale, off1, lane);
   s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, 1, m0, T, scale, off1, lane);
   a_tile_to_window<kCq1, kCk1>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, G, warp, lane,
@@ -899,42 +919,61 @@ __global__ void __launch_bounds__(16 * kMaxG)
                         acc[jj][2 * rr + 1]);
         }
     }
-    // dA3 = dO V^T on the tile (rows past T and keys past T are zero rows of dO and V).
+    // dA3 = dO V^T on the tile (rows past T and keys past T are zero rows of dO and V), then into this
+    // lane's layout (row r, keys 8 half ..) through the warp's MixOut rows, once A3 has been read there.
     float d3[2][4] = {};
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t bb[4];
       ldmatrix_x4(bb, sTile + bnk_offset(lane, 0, kk * 16, S));
+      if (dout_lo) {  // the small terms first
+        uint32_t al[4];
+        ldmatrix_x4(al, sDoLo + a_offset(lane, 0, kk * 16, S));
+        mma_bf16(d3[0], al, bb[0], bb[1]);
+        mma_bf16(d3[1], al, bb[2], bb[3]);
+      }
       mma_bf16(d3[0], doa[kk], bb[0], bb[1]);
       mma_bf16(d3[1], doa[kk], bb[2], bb[3]);
     }
     __syncwarp();  // every lane has read A3 and V before MixOut's rows and the tile buffer are rewritten
-    float da2[8];
-    if (gpost) {
-      put_tile<false>(sInHi, nullptr, warp, d3, g, t);
 #pragma unroll
-      for (int e = 0; e < 8; e += 2)
-        *reinterpret_cast<__nv_bfloat162*>(sInLo + in_offset(warp, r, 8 * half + e)) =
-            __floats2bfloat162_rn(a2[e], a2[e + 1]);
-      __syncthreads();  // every head's dA3 and A2; every warp has read its A3
-      mix_tiles<false>(sInHi, nullptr, sFrag, kPostT, sOut, G, warp, lane);
-      grad_tiles(gpost_acc, sInHi, sInLo, nullptr, G, warp, lane);  // dMpost += dA3^T A2
-      __syncthreads();  // every head's dA2; every warp is done with MixIn
-    } else {
+    for (int j = 0; j < 2; ++j)
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr)
-          *reinterpret_cast<float2*>(sOut + out_offset(warp, g + 8 * rr, 8 * j + 2 * t)) =
-              make_float2(d3[j][2 * rr], d3[j][2 * rr + 1]);
-      __syncwarp();
-    }
+      for (int rr = 0; rr < 2; ++rr)
+        *reinterpret_cast<float2*>(sOut + out_offset(warp, g + 8 * rr, 8 * j + 2 * t)) =
+            make_float2(d3[j][2 * rr], d3[j][2 * rr + 1]);
+    __syncwarp();
+    float da[8];
 #pragma unroll
     for (int e = 0; e < 8; e += 2) {
       const float2 x = get_pair(sOut, warp, r, 8 * half + e);
-      da2[e] = n0 + 8 * half + e > row ? 0.f : x.x;
-      da2[e + 1] = n0 + 8 * half + e + 1 > row ? 0.f : x.y;
+      da[e] = x.x, da[e + 1] = x.y;
     }
+    if (gpost) {
+      // dMpost[x, y] += dA3_x A2_y in fp32 on CUDA cores, A2_y read back from MixIn (hi + lo: still the
+      // post mix's input). bf16 operands here (tensor-core grad_tiles) left the model's head_post
+      // gradient 12% off the CPU's (ModelCuda.MtaFusedMixAndEpilogueMatchCpu, session 8).
+      const int y0 = warp - warp % gpost;
+#pragma unroll
+      for (int yy = 0; yy < 8; ++yy)
+        if (yy < gpost) {
+          float sum = 0.f;
+#pragma unroll
+          for (int e = 0; e < 8; e += 2) {
+            const int off = in_offset(y0 + yy, r, 8 * half + e);
+            const __nv_bfloat162 hi = *reinterpret_cast<const __nv_bfloat162*>(sInHi + off);
+            const __nv_bfloat162 lo = *reinterpret_cast<const __nv_bfloat162*>(sInLo + off);
+            sum = fmaf(da[e], __low2float(hi) + __low2float(lo), sum);
+            sum = fmaf(da[e + 1], __high2float(hi) + __high2float(lo), sum);
+          }
+          dmp[yy] += sum;
+        }
+      __syncthreads();  // every warp has read A2 from MixIn before dA3 replaces it
+      mix_in_place(da, sInHi, sInLo, sFrag, kPostT, sOut, G, warp, lane);  // dA3 -> Mpost^T dA3 (hi + lo)
+    }
+    float da2[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) da2[e] = n0 + 8 * half + e > row ? 0.f : da[e];  // dA2: the future set to 0
     if (has_post) {
       if constexpr (kCq2 > 0)
         conv_grad_row8<kCq2, kCk2>(awin, kATop + r, n0 + 8 * half, da2, accw);
@@ -944,7 +983,7 @@ __global__ void __launch_bounds__(16 * kMaxG)
     __syncwarp();  // every lane has read its dA2 before the next block's MixOut writes
   }
 
-  // Partials of this CTA: dWpost per warp (head), dMpost summed over the warps in a fixed order.
+  // Partials of this CTA: dWpost and the dMpost row of this warp's head, each summed over the lanes.
   const size_t cta = static_cast<size_t>(blockIdx.x) * gridDim.y + blockIdx.y;
   if (has_post) {
     float* pw = part_w + (cta * G + warp) * kWStride;
@@ -962,22 +1001,12 @@ __global__ void __launch_bounds__(16 * kMaxG)
     }
   }
   if (gpost) {
-    __syncthreads();  // every warp is done with MixOut
-    float* sG = sOut;  // [G warps][16][16] <= G * kXT floats
 #pragma unroll
-    for (int nb = 0; nb < 2; ++nb)
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        sG[(warp * kMaxG + g + 8 * (e >> 1)) * kMaxG + 8 * nb + 2 * t + (e & 1)] = gpost_acc[nb][e];
-    __syncthreads();
-    for (int i = threadIdx.x; i < G * kMaxG; i += blockDim.x) {
-      const int x = i / kMaxG, yy = i % kMaxG;
-      if (yy >= gpost) continue;
-      const int y = x - x % gpost + yy;
-      float sum = 0.f;
-      for (int w = 0; w < G; ++w) sum += sG[(w * kMaxG + x) * kMaxG + y];
-      part_m[(cta * G + x) * kMaxG + yy] = sum;
-    }
+    for (int yy = 0; yy < 8; ++yy)
+      if (yy < gpost) {
+        const float sum = warp_sum(dmp[yy]);
+        if (lane == 0) part_m[(cta * G + warp) * kMaxG + yy] = sum;
+      }
   }
 }
 
@@ -1016,7 +1045,8 @@ void reduce_partials(const float* part, float* grad, int B, int H, int G, int nt
 template <int D, int kCq1, int kCk1, int kCq2, int kCk2>
 void launch_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
                        const float* wpre, const float* mpre, const float* wpost, const float* mpost, const float* lse,
-                       float* dv_acc, float* part_w, float* part_m, int B, int T, cudaStream_t s) {
+                       const bf16* dout_lo, float* dv_acc, float* part_w, float* part_m, int B, int T,
+                       cudaStream_t s) {
   const int H = spec.heads, G = spec.coupled_heads();
   const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
   const KqConv& pre = *spec.kq_pre;
@@ -1026,8 +1056,8 @@ void launch_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, 
   MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const dim3 grid(static_cast<unsigned>(B * (H / G)), static_cast<unsigned>((T + kTile - 1) / kTile));
   kernel<<<grid, 32 * G, smem, s>>>(q, k, v, dout, wpre, mpre, gpre, spec.kq_post ? wpost : nullptr, mpost, gpost, lse,
-                                    dv_acc, part_w, part_m, H, T, G, pre.q, pre.k, pre.key_offset(), post.q, post.k,
-                                    post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
+                                    dout_lo, dv_acc, part_w, part_m, H, T, G, pre.q, pre.k, pre.key_offset(), post.q,
+                                    post.k, post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
   MTA_CUDA_CHECK_LAUNCH("flash_kq_layer_post_grad_kernel");
 }
 
@@ -1374,8 +1404,8 @@ void dispatch_lse(const AttentionSpec& spec, const bf16* q, const bf16* k, const
 
 template <int D, int kCq1, int kCk1, int kCq2, int kCk2>
 void launch_out(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const float* wpre,
-                const float* mpre, const float* wpost, const float* mpost, const float* lse, bf16* o, int B, int T,
-                cudaStream_t s) {
+                const float* mpre, const float* wpost, const float* mpost, const float* lse, bf16* o, float* o32, int B,
+                int T, cudaStream_t s) {
   const int H = spec.heads, G = spec.coupled_heads();
   const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
   const KqConv& pre = *spec.kq_pre;
@@ -1384,7 +1414,7 @@ void launch_out(const AttentionSpec& spec, const bf16* q, const bf16* k, const b
   auto kernel = flash_kq_layer_out_kernel<D, kCq1, kCk1, kCq2, kCk2>;
   MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const dim3 grid(static_cast<unsigned>(B * (H / G)), static_cast<unsigned>((T + kTile - 1) / kTile));
-  kernel<<<grid, 32 * G, smem, s>>>(q, k, v, wpre, mpre, gpre, spec.kq_post ? wpost : nullptr, mpost, gpost, lse, o,
+  kernel<<<grid, 32 * G, smem, s>>>(q, k, v, wpre, mpre, gpre, spec.kq_post ? wpost : nullptr, mpost, gpost, lse, o, o32,
                                     H, T, G, pre.q, pre.k, pre.key_offset(), post.q, post.k, post.key_offset(),
                                     1.0f / std::sqrt(static_cast<float>(D)));
   MTA_CUDA_CHECK_LAUNCH("flash_kq_layer_out_kernel");
@@ -1392,13 +1422,13 @@ void launch_out(const AttentionSpec& spec, const bf16* q, const bf16* k, const b
 
 template <int D>
 void dispatch_out(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const float* wpre,
-                  const float* mpre, const float* wpost, const float* mpost, const float* lse, bf16* o, int B, int T,
-                  cudaStream_t s) {
+                  const float* mpre, const float* wpost, const float* mpost, const float* lse, bf16* o, float* o32, int B,
+                  int T, cudaStream_t s) {
   const KqConv& pre = *spec.kq_pre;
   if (pre.q == 6 && pre.k == 11 && spec.kq_post && spec.kq_post->q == 6 && spec.kq_post->k == 11)
-    launch_out<D, 6, 11, 6, 11>(spec, q, k, v, wpre, mpre, wpost, mpost, lse, o, B, T, s);
+    launch_out<D, 6, 11, 6, 11>(spec, q, k, v, wpre, mpre, wpost, mpost, lse, o, o32, B, T, s);
   else
-    launch_out<D, 0, 0, 0, 0>(spec, q, k, v, wpre, mpre, wpost, mpost, lse, o, B, T, s);
+    launch_out<D, 0, 0, 0, 0>(spec, q, k, v, wpre, mpre, wpost, mpost, lse, o, o32, B, T, s);
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -1413,7 +1443,7 @@ bool flash_kq_layer_forward_supported(const AttentionSpec& spec, int D) {
 
 void flash_kq_layer_forward(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v,
                             const float* kq_pre, const float* head_pre, const float* kq_post, const float* head_post,
-                            bf16* o, float* lse, int B, int T, cudaStream_t s) {
+                            bf16* o, float* lse, int B, int T, cudaStream_t s, float* o32) {
   const int D = spec.head_dim;
   kq_require(flash_kq_layer_forward_supported(spec, D),
              "the forward needs kq_pre (and kq_post, if any) with cq <= 8, ck <= 15, head_dim 64 or 128 and at "
@@ -1423,9 +1453,9 @@ void flash_kq_layer_forward(const AttentionSpec& spec, const bf16* q, const bf16
   kq_require(!spec.head_post || head_post != nullptr, "head_post is enabled but its weights are null");
   flash_kq_layer_lse(spec, q, k, kq_pre, head_pre, lse, B, T, s);
   if (D == 64)
-    dispatch_out<64>(spec, q, k, v, kq_pre, head_pre, kq_post, head_post, lse, o, B, T, s);
+    dispatch_out<64>(spec, q, k, v, kq_pre, head_pre, kq_post, head_post, lse, o, o32, B, T, s);
   else
-    dispatch_out<128>(spec, q, k, v, kq_pre, head_pre, kq_post, head_post, lse, o, B, T, s);
+    dispatch_out<128>(spec, q, k, v, kq_pre, head_pre, kq_post, head_post, lse, o, o32, B, T, s);
 }
 
 bool flash_kq_layer_lse_supported(const AttentionSpec& spec, int D) {
@@ -1487,7 +1517,8 @@ size_t flash_kq_layer_post_grads_workspace_floats(const AttentionSpec& spec, int
 void flash_kq_layer_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v,
                                const bf16* dout, const float* kq_pre, const float* head_pre, const float* kq_post,
                                const float* head_post, const float* lse, float* dv_acc, float* grad_kq_post,
-                               float* grad_head_post, float* workspace, int B, int T, cudaStream_t s) {
+                               float* grad_head_post, float* workspace, int B, int T, cudaStream_t s,
+                               const bf16* dout_lo) {
   const int D = spec.head_dim;
   kq_require(flash_kq_layer_post_grads_supported(spec, D),
              "kernel P needs head_dim 64 and what the forward needs (kq_pre with cq <= 8, ck <= 15; kq_post "
@@ -1505,16 +1536,17 @@ void flash_kq_layer_post_grads(const AttentionSpec& spec, const bf16* q, const b
              "kq_post is enabled but its weights or gradient are null");
   kq_require(!spec.head_post || (head_post != nullptr && grad_head_post != nullptr),
              "head_post is enabled but its weights or gradient are null");
+  kq_require(!dout_lo || aligned16(dout_lo), "dout_lo must be 16-byte aligned");
   const int H = spec.heads, G = spec.coupled_heads(), ntiles = (T + kTile - 1) / kTile;
   float* part_w = workspace;
   float* part_m = workspace + static_cast<size_t>(B) * (H / G) * ntiles * G * kWStride;
   const KqConv& pre = *spec.kq_pre;
   if (pre.q == 6 && pre.k == 11 && spec.kq_post && spec.kq_post->q == 6 && spec.kq_post->k == 11)
-    launch_post_grads<64, 6, 11, 6, 11>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, dv_acc, part_w,
-                                        part_m, B, T, s);
+    launch_post_grads<64, 6, 11, 6, 11>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, dout_lo, dv_acc,
+                                        part_w, part_m, B, T, s);
   else
-    launch_post_grads<64, 0, 0, 0, 0>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, dv_acc, part_w,
-                                      part_m, B, T, s);
+    launch_post_grads<64, 0, 0, 0, 0>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, dout_lo, dv_acc,
+                                      part_w, part_m, B, T, s);
   if (spec.kq_post)
     reduce_partials(part_w, grad_kq_post, B, H, G, ntiles, kWStride, spec.kq_post->q * spec.kq_post->k, s);
   if (spec.head_post) reduce_partials(part_m, grad_head_post, B, H, G, ntiles, kMaxG, spec.head_post->group, s);
@@ -1569,7 +1601,7 @@ void flash_kq_layer_backward(const AttentionSpec& spec, const bf16* q, const bf1
                              const float* kq_pre, const float* head_pre, const float* kq_post, const float* head_post,
                              const float* lse, bf16* dq, bf16* dk, bf16* dv, float* grad_kq_pre, float* grad_head_pre,
                              float* grad_kq_post, float* grad_head_post, float* workspace, int B, int T,
-                             cudaStream_t s) {
+                             cudaStream_t s, const bf16* dout_lo) {
   kq_require(dk != nullptr && dv != nullptr, "dk and dv must be non-null");
   const size_t rows = static_cast<size_t>(B) * spec.heads * T, n = rows * spec.head_dim;
   float* delta = workspace;
@@ -1579,7 +1611,7 @@ void flash_kq_layer_backward(const AttentionSpec& spec, const bf16* q, const bf1
   MTA_CUDA_CHECK(cudaMemsetAsync(dk_acc, 0, 2 * n * sizeof(float), s));
   flash_kq_layer_delta(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, B, T, s);
   flash_kq_layer_post_grads(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, dv_acc, grad_kq_post,
-                            grad_head_post, parts, B, T, s);
+                            grad_head_post, parts, B, T, s, dout_lo);
   flash_kq_layer_pre_grads(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, dq, dk_acc,
                            grad_kq_pre, grad_head_pre, parts, B, T, s);
   const int blocks = static_cast<int>(std::min<size_t>((n + 255) / 256, 4096));

@@ -37,13 +37,15 @@ void flash_kq_layer_lse(const AttentionSpec& spec, const __nv_bfloat16* q, const
 // The forward pass, pass 1 then pass 2 (steps 1-7): A = softmax(C' with the future at -inf) through
 // lse; A2 = kq_post's convolution of A (identity without kq_post), the future set to 0;
 // A3 = the head_post mix of A2 (A2 without head_post); o = A3 v, A3 rounded to bf16 for the product.
-// o is the core's output (before norm, depth scaling and gate: epilogue_cuda.h); lse is pass 1's.
+// o is the core's output (before norm, depth scaling and gate: epilogue_cuda.h); lse is pass 1's;
+// o32 (optional, [B, H, T, D] fp32): o unrounded, for an epilogue's backward.
 // Supported: flash_kq_layer_lse_supported, kq_post (if any) with cq <= 8, ck <= 15, and at most 8
 // coupled heads (pass 2 keeps two windows per head in shared memory). No attention dropout.
 bool flash_kq_layer_forward_supported(const AttentionSpec& spec, int D);
 void flash_kq_layer_forward(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
                             const __nv_bfloat16* v, const float* kq_pre, const float* head_pre, const float* kq_post,
-                            const float* head_post, __nv_bfloat16* o, float* lse, int B, int T, cudaStream_t s);
+                            const float* head_post, __nv_bfloat16* o, float* lse, int B, int T, cudaStream_t s,
+                            float* o32 = nullptr);
 
 // The backward's first pass (designed by tests/oracle/replay_kq_layer_delta.py; GPU-tested by
 // FlashKqLayer.DeltaPass): delta_x[i] = sum_j A_x[i, j] dA_x[i, j] with dA3 = dout v^T, dA2 = the head_post^T mix of dA3
@@ -62,14 +64,16 @@ void flash_kq_layer_delta(const AttentionSpec& spec, const __nv_bfloat16* q, con
 // A3^T dout, and into grad_kq_post [H, cq, ck] and grad_head_post [H / g, g, g] the post-side
 // parameter gradients (per-CTA partials in `workspace`, flash_kq_layer_post_grads_workspace_floats
 // floats, reduced over the CTAs in a fixed order). lse is pass 1's. Head dim 64 and what the forward
-// supports.
+// supports. dout_lo (optional): dout's bf16 remainder (dout + dout_lo = an fp32 gradient, as an
+// epilogue's backward gives it: epilogue_cuda.h), used by dA3 = dout V^T, whose post-side gradients
+// are sums of what the norm leaves of dout.
 bool flash_kq_layer_post_grads_supported(const AttentionSpec& spec, int D);
 size_t flash_kq_layer_post_grads_workspace_floats(const AttentionSpec& spec, int B, int T);
 void flash_kq_layer_post_grads(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
                                const __nv_bfloat16* v, const __nv_bfloat16* dout, const float* kq_pre,
                                const float* head_pre, const float* kq_post, const float* head_post, const float* lse,
                                float* dv_acc, float* grad_kq_post, float* grad_head_post, float* workspace, int B,
-                               int T, cudaStream_t s);
+                               int T, cudaStream_t s, const __nv_bfloat16* dout_lo = nullptr);
 
 // The main backward pass's pre side, kernel Q (replay_kq_layer_backward.py, kernel_q): writes dq [B, H,
 // T, D] bf16, adds dS0^T q into dk_acc [B, H, T, D] fp32 (zeroed by the caller) and the pre-side
@@ -84,7 +88,8 @@ void flash_kq_layer_pre_grads(const AttentionSpec& spec, const __nv_bfloat16* q,
 
 // The whole backward of the layer core (steps 1-7) from dout (the core's output gradient) and pass 1's
 // lse: the delta pass, kernel P, kernel Q, then dk and dv from their fp32 accumulators. dq, dk, dv are
-// written (bf16); the parameter gradients (those of enabled options: non-null) are added to.
+// written (bf16); the parameter gradients (those of enabled options: non-null) are added to; dout_lo as
+// for kernel P.
 // `workspace`: flash_kq_layer_backward_workspace_floats floats (delta, two fp32 accumulators of q's
 // size, the partials). Supported: flash_kq_layer_backward_supported (head dim 64, <= 8 coupled heads).
 size_t flash_kq_layer_backward_workspace_floats(const AttentionSpec& spec, int B, int T);
@@ -93,6 +98,6 @@ void flash_kq_layer_backward(const AttentionSpec& spec, const __nv_bfloat16* q, 
                              const float* head_pre, const float* kq_post, const float* head_post, const float* lse,
                              __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv, float* grad_kq_pre,
                              float* grad_head_pre, float* grad_kq_post, float* grad_head_post, float* workspace, int B,
-                             int T, cudaStream_t s);
+                             int T, cudaStream_t s, const __nv_bfloat16* dout_lo = nullptr);
 
 }  // namespace mta::cuda

@@ -1,7 +1,7 @@
 #pragma once
 // The fused GPU path of an MTA layer, as one call per pass: the core kernels for the options apart
-// from the epilogue -- kq_pre alone (flash_mta.h), head mixing alone (flash_mix.h), or, forward only,
-// the kq convolutions with head mixing (flash_kq_layer.h) -- then the
+// from the epilogue -- kq_pre alone (flash_mta.h), head mixing alone (flash_mix.h), or the kq
+// convolutions with head mixing (flash_kq_layer.h; the backward at head dim 64 only) -- then the
 // epilogue kernels for norm, depth scaling and gate (epilogue_cuda.h). Used by the CUDA model,
 // `mta attn --device cuda` and `mta bench attn --device cuda --impl fused`. bf16 q, k, v, o
 // [B, H, T, D]; parameters and their gradients fp32 (device pointers, AttnParams / AttnParamGrads);
@@ -20,11 +20,14 @@ namespace mta::cuda {
 // head-mixing kernels have none yet).
 bool fused_attention_supported(const AttentionSpec& spec, int D, float dropout = 0.0f);
 
-// Whether fused_attention_forward computes it: every spec above, and also the kq layers (kq
-// convolutions with head mixing, flash_kq_layer.h) with at most 8 coupled heads and no dropout, whose
-// backward pass is not fused yet (the caller runs the materialized op's backward for them, which
+// Whether fused_attention_forward computes it: every spec above, and also the kq layers at head dim
+// 128, whose backward is not fused (the caller runs the materialized op's backward for them, which
 // recomputes everything from q, k, v).
 bool fused_attention_forward_supported(const AttentionSpec& spec, int D, float dropout = 0.0f);
+
+// Whether the fused forward runs the kq-layer kernels (kq convolutions with head mixing,
+// flash_kq_layer.h: at most 8 coupled heads, no dropout) for this spec.
+bool fused_attention_is_kq_layer(const AttentionSpec& spec, int D, float dropout = 0.0f);
 
 // Whether the fused forward of this spec holds the scaled logits and the kq_pre weights as fp16
 // operands (the kq_pre kernel, flash_mta.h), so that its inputs must pass fused_range.h's check. The
@@ -35,9 +38,16 @@ bool fused_attention_fp16_logits(const AttentionSpec& spec, int D, float dropout
 // caller-owned) receives it; without one it is `o` itself and `core` may be null.
 bool fused_attention_has_epilogue(const AttentionSpec& spec);
 
+// The kq layers with an epilogue also keep the core's output in fp32 for the backward (`core32`,
+// fused_attention_core32_floats(spec, B, T) floats, caller-owned; 0: not needed). Their post-side
+// gradients sum what the norm leaves of the core's gradient, which is nearly orthogonal to the core's
+// output: from bf16 copies they measured 6-14% off at near-uniform attention (epilogue_cuda.h).
+size_t fused_attention_core32_floats(const AttentionSpec& spec, int B, int T);
+
 void fused_attention_forward(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
                              const __nv_bfloat16* v, const AttnParams<float>& p, __nv_bfloat16* core,
-                             __nv_bfloat16* o, float* lse, int B, int T, const AttnOptions& opt, cudaStream_t s);
+                             __nv_bfloat16* o, float* lse, int B, int T, const AttnOptions& opt, cudaStream_t s,
+                             float* core32 = nullptr);
 
 // `core_out`: the core's output of the forward pass (`core` with an epilogue, else `o`); `scratch`:
 // fused_attention_backward_scratch_bytes(spec, B, T) bytes.
@@ -46,6 +56,6 @@ void fused_attention_backward(const AttentionSpec& spec, const __nv_bfloat16* q,
                               const __nv_bfloat16* v, const AttnParams<float>& p, const __nv_bfloat16* core_out,
                               const __nv_bfloat16* dout, const float* lse, __nv_bfloat16* dq, __nv_bfloat16* dk,
                               __nv_bfloat16* dv, const AttnParamGrads<float>& g, void* scratch, int B, int T,
-                              const AttnOptions& opt, cudaStream_t s);
+                              const AttnOptions& opt, cudaStream_t s, const float* core32 = nullptr);
 
 }  // namespace mta::cuda

@@ -11,11 +11,9 @@
 // kernels (attention/epilogue_cuda.h): kq_pre only (attention/flash_mta.h, dropout included) or head
 // mixing only (attention/flash_mix.h: groups of up to 8 heads, no attention dropout in training);
 // D = 64 or 128. MTA_FLASH_MTA=0 in the environment sends every MTA layer through the materialized op.
-// The kq layers (kq convolutions with head mixing) have a fused forward only
-// (attention/flash_kq_layer.h: <= 8 coupled heads, no dropout), with the materialized op's backward.
-// On by default since its aligned stencils (bench/RESULTS.md, session 8: 4.44 against the materialized
-// forward's 5.46 ms per kq layer at the 35M LM; 348k against 339k tokens/s); MTA_FUSED_KQ_FORWARD=0
-// sends these layers' forward back to the materialized op.
+// The kq layers (kq convolutions with head mixing) run attention/flash_kq_layer.h (<= 8 coupled heads,
+// no dropout): both passes at D = 64, the forward alone at D = 128 (with the materialized op's
+// backward). MTA_FUSED_KQ_LAYER=0 sends these layers to the materialized op both ways.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -301,6 +299,7 @@ class CudaModel : public TrainableModel {
     DevBuf<float> lse;                    // flash attention row statistics
     DevBuf<float> comb, comb_rstd, o_sub;  // DIFF: combined heads (pre-norm), sub-head outputs
     DevBuf<bf16> att_core;                 // fused MTA layers with an epilogue: the core's output
+    DevBuf<float> att_core32;              // fused kq layers with an epilogue: the same in fp32
   };
 
   // The fused products multiply wq|wk|wv as one [3C, C] matrix and w1|w3 as one [2F, C] matrix (and
@@ -347,8 +346,7 @@ class CudaModel : public TrainableModel {
 
   // Whether MTA layer l runs the fused path (see the top of the file).
   bool use_fused(int l, bool train) const {
-    const char* e = std::getenv("MTA_FLASH_MTA");  // read per call: tests switch it
-    if ((e != nullptr && std::string(e) == "0") || config().attention != AttentionKind::Mta) return false;
+    if (!fused_allowed(l, train)) return false;
     return cuda::fused_attention_supported(config().layer_spec(l), config().head_dim(), train ? config().dropout : 0.f);
   }
 
@@ -358,14 +356,22 @@ class CudaModel : public TrainableModel {
     return {cuda::token_major(T_, c.head_dim(), 3LL * c.dim), cuda::token_major(T_, c.head_dim(), c.dim)};
   }
 
-  // The forward pass alone: also the kq layers' fused forward, whose backward is the materialized op's.
+  // The forward pass alone: also the kq layers at D = 128, whose backward is the materialized op's.
   bool use_fused_forward(int l, bool train) const {
-    const char* e = std::getenv("MTA_FLASH_MTA");
-    if ((e != nullptr && std::string(e) == "0") || config().attention != AttentionKind::Mta) return false;
-    const char* kq = std::getenv("MTA_FUSED_KQ_FORWARD");
-    if (kq != nullptr && std::string(kq) == "0") return use_fused(l, train);
+    if (!fused_allowed(l, train)) return false;
     return cuda::fused_attention_forward_supported(config().layer_spec(l), config().head_dim(),
                                                    train ? config().dropout : 0.f);
+  }
+
+  // MTA_FLASH_MTA=0: no fused MTA layer; MTA_FUSED_KQ_LAYER=0: no fused kq layer (read per call: tests
+  // switch them).
+  bool fused_allowed(int l, bool train) const {
+    const char* e = std::getenv("MTA_FLASH_MTA");
+    if ((e != nullptr && std::string(e) == "0") || config().attention != AttentionKind::Mta) return false;
+    const char* kq = std::getenv("MTA_FUSED_KQ_LAYER");
+    return !(kq != nullptr && std::string(kq) == "0" &&
+             cuda::fused_attention_is_kq_layer(config().layer_spec(l), config().head_dim(),
+                                               train ? config().dropout : 0.f));
   }
 
   bool use_flash() const {
@@ -461,8 +467,10 @@ class CudaModel : public TrainableModel {
     if (use_fused_forward(l, train)) {
       opt.fp16_overflow = fp16_overflow_.get() + l;  // read back at the end of run()
       if (cuda::fused_attention_has_epilogue(spec)) L.att_core.resize(static_cast<size_t>(n));
+      const size_t n32 = cuda::fused_attention_core32_floats(spec, B, T);
+      if (n32) L.att_core32.resize(n32);
       cuda::fused_attention_forward(spec, L.q.get(), L.k.get(), L.v.get(), mta_params(l), L.att_core.get(), L.att.get(),
-                                    L.lse.get(), B, T, opt, stream_);
+                                    L.lse.get(), B, T, opt, stream_, n32 ? L.att_core32.get() : nullptr);
       return;
     }
     // DIFF: sub-heads of dim d, values of dim 2d shared by pairs.
@@ -533,7 +541,8 @@ class CudaModel : public TrainableModel {
       flash_scratch_.resize(cuda::fused_attention_backward_scratch_bytes(spec, B, T));
       const bf16* core_out = cuda::fused_attention_has_epilogue(spec) ? L.att_core.get() : L.att.get();
       cuda::fused_attention_backward(spec, L.q.get(), L.k.get(), L.v.get(), mta_params(l), core_out, datt, L.lse.get(),
-                                     dq, dk, dv, mta_grads(l), flash_scratch_.get(), B, T, opt, stream_);
+                                     dq, dk, dv, mta_grads(l), flash_scratch_.get(), B, T, opt, stream_,
+                                     L.att_core32.get());
       return;
     }
     float* q32 = op_q_.get();

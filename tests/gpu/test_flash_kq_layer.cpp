@@ -16,6 +16,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "attention/attn_files.h"
@@ -408,19 +409,32 @@ TEST(FlashKqLayer, DeltaPass) {
 // head_post gradients against the CPU op's backward in float64 (mta::cpu::mta_backward) on the same
 // bf16-rounded inputs; lse from the float64 reference. dv accumulates into a buffer that starts at 0;
 // the parameter gradients are added to values that start at 1 (the API adds, as the model needs).
-void check_post_grads(const FwdCase& f, unsigned seed) {
+void check_post_grads(const FwdCase& f, unsigned seed, bool with_lo = false) {
   const Case& c = f.c;
-  SCOPED_TRACE(c.str() + " kq_post " + std::to_string(f.cq2) + "x" + std::to_string(f.ck2));
+  SCOPED_TRACE(c.str() + " kq_post " + std::to_string(f.cq2) + "x" + std::to_string(f.ck2) +
+               (with_lo ? " with dout_lo" : ""));
   mta::AttentionSpec spec = spec_of(c);
   if (f.cq2) spec.kq_post = mta::KqConv{f.cq2, f.ck2, f.pad2};
   ASSERT_TRUE(mta::cuda::flash_kq_layer_post_grads_supported(spec, c.D));
   std::mt19937 rng(seed);
   const size_t n = static_cast<size_t>(c.B) * c.H * c.T * c.D;
   const Tensor q = randn_bf16(n, rng), k = randn_bf16(n, rng), v = randn_bf16(n, rng), dO = randn_bf16(n, rng);
+  // with_lo: dout = dO + dO_lo, dO_lo of the size of a bf16 rounding remainder (~2^-9 |dO|, as an
+  // epilogue's fp32 gradient splits); the reference sees the sum. Ignoring dO_lo would leave the post
+  // gradients ~2e-3 off, so with_lo holds them to 3e-4.
+  Tensor dO_lo = randn_bf16(n, rng);
+  std::vector<double> dO_ref = dO.val;
+  for (size_t i = 0; i < n; ++i) {
+    dO_lo.bits[i] = float_to_bf16_bits(static_cast<float>(std::ldexp(dO_lo.val[i], -9) * std::fabs(dO.val[i])));
+    dO_lo.val[i] = bf16_bits_to_float(dO_lo.bits[i]);
+    if (with_lo) dO_ref[i] += dO_lo.val[i];
+  }
   const LayerParams lp = random_layer_params(spec, c.H, rng);
   const std::vector<double> lse = reference_lse(c, spec, q.val, k.val, lp.wpre, lp.mpre);
   const auto dwpre = upload_f32(lp.wpre), dwpost = upload_f32(lp.wpost), dmpre = upload_f32(lp.mpre),
              dmpost = upload_f32(lp.mpost), dlse = upload_f32(lse);
+  DevMem ddo_lo(n * 2);
+  ddo_lo.upload(dO_lo.bits);
   const std::vector<double> ones_w(lp.wpost.size(), 1.0), ones_m(lp.mpost.size(), 1.0);
   const auto gw = upload_f32(ones_w), gm = upload_f32(ones_m);
   DevMem dq(n * 2), dk(n * 2), dv(n * 2), ddo(n * 2), dv_acc(n * 4);
@@ -434,7 +448,8 @@ void check_post_grads(const FwdCase& f, unsigned seed) {
                                        spec.kq_post ? dwpost->as<float>() : nullptr,
                                        c.gpost ? dmpost->as<float>() : nullptr, dlse->as<float>(),
                                        dv_acc.as<float>(), spec.kq_post ? gw->as<float>() : nullptr,
-                                       c.gpost ? gm->as<float>() : nullptr, ws.as<float>(), c.B, c.T, nullptr);
+                                       c.gpost ? gm->as<float>() : nullptr, ws.as<float>(), c.B, c.T, nullptr,
+                                       with_lo ? ddo_lo.as<bf>() : nullptr);
   CUDA_OK(cudaDeviceSynchronize());
 
   mta::AttnParams<double> p;
@@ -450,7 +465,7 @@ void check_post_grads(const FwdCase& f, unsigned seed) {
   if (spec.kq_post) g.kq_post = g_wpost.data();
   if (c.gpost) g.head_post = g_mpost.data();
   mta::cpu::mta_backward<double>(spec, mta::AttnDims{c.B, c.H, c.T, c.D}, q.val.data(), k.val.data(), v.val.data(), p,
-                                 dO.val.data(), rq.data(), rk.data(), rv.data(), g);
+                                 dO_ref.data(), rq.data(), rk.data(), rv.data(), g);
   const std::vector<float> got_v = dv_acc.download<float>(n);
   const double e_v = rel_err(std::vector<double>(got_v.begin(), got_v.end()), rv);
   EXPECT_LE(e_v, 3e-2) << "dv";
@@ -462,19 +477,21 @@ void check_post_grads(const FwdCase& f, unsigned seed) {
   };
   if (spec.kq_post) {
     e_w = rel_err(minus_one(gw->download<float>(g_wpost.size())), g_wpost);
-    EXPECT_LE(e_w, 3e-2) << "d kq_post";
+    EXPECT_LE(e_w, with_lo ? 3e-4 : 3e-2) << "d kq_post";
   }
   if (c.gpost) {
     e_m = rel_err(minus_one(gm->download<float>(g_mpost.size())), g_mpost);
-    EXPECT_LE(e_m, 5e-2) << "d head_post";
+    EXPECT_LE(e_m, with_lo ? 3e-4 : 5e-2) << "d head_post";
   }
-  std::printf("[ kq layer kernel P ] %s: rel err dv %.2e, d kq_post %.2e, d head_post %.2e\n", c.str().c_str(), e_v,
-              e_w, e_m);
+  std::printf("[ kq layer kernel P ] %s%s: rel err dv %.2e, d kq_post %.2e, d head_post %.2e\n", c.str().c_str(),
+              with_lo ? " with dout_lo" : "", e_v, e_w, e_m);
 }
 
 TEST(FlashKqLayer, PostGrads) {
   SKIP_WITHOUT_GPU();
   check_post_grads(FwdCase{Case{2, 8, 77, 64, 6, 11, mta::PadKey::Both, 8, 8}, 6, 11, mta::PadKey::Both}, 41u);
+  check_post_grads(FwdCase{Case{2, 8, 77, 64, 6, 11, mta::PadKey::Both, 8, 8}, 6, 11, mta::PadKey::Both}, 44u, true);
+  check_post_grads(FwdCase{Case{1, 4, 45, 64, 3, 4, mta::PadKey::Left, 2, 4}, 5, 6, mta::PadKey::Right}, 45u, true);
   check_post_grads(FwdCase{Case{1, 4, 1, 64, 6, 11, mta::PadKey::Both, 4, 4}, 6, 11, mta::PadKey::Both}, 42u);
   std::mt19937 rng(43);
   for (int it = 0; it < 6; ++it) {
@@ -635,23 +652,17 @@ TEST(FlashKqLayer, RefusesUnsupported) {
 // `mta attn --device cuda` on a kq-layer spec (both convolutions, both mixes, norm and gate): without
 // dout the fused forward runs and matches the float64 CPU op; with dout the backward is not fused yet,
 // so auto takes the materialized op and --impl fused refuses.
-TEST(FlashKqLayer, AttnCommandForwardOnly) {
-  SKIP_WITHOUT_GPU();
-  std::mt19937 rng(404);
-  mta::AttentionSpec spec;
-  spec.heads = 4, spec.head_dim = 64;
-  spec.kq_pre = mta::KqConv{3, 5, mta::PadKey::Both};
-  spec.kq_post = mta::KqConv{2, 4, mta::PadKey::Right};
-  spec.head_pre = mta::HeadMix{2}, spec.head_post = mta::HeadMix{4};
-  spec.norm = true, spec.gate = true;
-  const int B = 2, T = 83;
+// `mta attn` inputs for spec (q, k, v bf16-exact; parameters identity plus noise; dout when asked),
+// as F32 (for the CUDA paths) and F64 (for the CPU reference).
+std::pair<mta::io::SafeTensors, mta::io::SafeTensors> attn_inputs(const mta::AttentionSpec& spec, int B, int T,
+                                                                  bool with_dout, std::mt19937& rng) {
   const std::vector<int64_t> shape{B, spec.heads, T, spec.head_dim};
   const size_t n = static_cast<size_t>(B) * spec.heads * T * spec.head_dim;
-  mta::io::SafeTensors fwd32, fwd64;
+  mta::io::SafeTensors t32, t64;
   auto put = [&](const std::string& name, const std::vector<int64_t>& shp, const std::vector<double>& v) {
     const std::vector<float> f(v.begin(), v.end());
-    fwd32.tensors[name] = mta::io::make_tensor(shp, f.data());
-    fwd64.tensors[name] = mta::io::make_tensor(shp, v.data());
+    t32.tensors[name] = mta::io::make_tensor(shp, f.data());
+    t64.tensors[name] = mta::io::make_tensor(shp, v.data());
   };
   for (const char* name : {"q", "k", "v"}) put(name, shape, randn_bf16(n, rng).val);  // bf16-exact
   std::uniform_real_distribution<double> ud(-0.5, 0.5);
@@ -672,23 +683,50 @@ TEST(FlashKqLayer, AttnCommandForwardOnly) {
     }
     put(info.name, std::vector<int64_t>(info.shape.begin(), info.shape.end()), w);
   }
-  const auto ref = mta::run_attention_tensors(spec, fwd64, mta::Device::Cpu);
-  const auto fused = mta::run_attention_tensors(spec, fwd32, mta::Device::Cuda);
-  EXPECT_EQ(fused.metadata.at("impl"), "fused");
-  EXPECT_EQ(fused.metadata.count("impl_reason"), 0u);
-  const double e = rel_err(mta::io::to_f64(fused.at("out"), "out"), mta::io::to_f64(ref.at("out"), "out"));
-  EXPECT_LE(e, 2e-2);
-  std::printf("[ attn forward-only ] kq layer with norm and gate: out rel err %.2e\n", e);
+  if (with_dout) put("dout", shape, randn_bf16(n, rng).val);
+  return {t32, t64};
+}
 
-  mta::io::SafeTensors both32 = fwd32;
-  both32.tensors["dout"] = mta::io::make_tensor(shape, std::vector<float>(n, 0.5f).data());
-  const auto mat = mta::run_attention_tensors(spec, both32, mta::Device::Cuda);
-  EXPECT_EQ(mat.metadata.at("impl"), "materialized");
-  EXPECT_THROW(mta::run_attention_tensors(spec, both32, mta::Device::Cuda, nullptr, mta::AttnImpl::Fused),
+// `mta attn --device cuda` on a kq layer with norm and gate: without dout the fused forward at D = 64
+// and 128; with dout the fused backward at D = 64 (out and every gradient against the float64 CPU op),
+// and at D = 128, where the kq layer's backward is not fused, the materialized op (--impl fused refuses).
+TEST(FlashKqLayer, AttnCommand) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(404);
+  mta::AttentionSpec spec;
+  spec.heads = 4, spec.head_dim = 64;
+  spec.kq_pre = mta::KqConv{3, 5, mta::PadKey::Both};
+  spec.kq_post = mta::KqConv{2, 4, mta::PadKey::Right};
+  spec.head_pre = mta::HeadMix{2}, spec.head_post = mta::HeadMix{4};
+  spec.norm = true, spec.gate = true;
+  const int B = 2, T = 83;
+  for (int D : {64, 128}) {
+    spec.head_dim = D;
+    const auto [fwd32, fwd64] = attn_inputs(spec, B, T, false, rng);
+    const auto ref = mta::run_attention_tensors(spec, fwd64, mta::Device::Cpu);
+    const auto fused = mta::run_attention_tensors(spec, fwd32, mta::Device::Cuda);
+    EXPECT_EQ(fused.metadata.at("impl"), "fused");
+    EXPECT_EQ(fused.metadata.count("impl_reason"), 0u);
+    const double e = rel_err(mta::io::to_f64(fused.at("out"), "out"), mta::io::to_f64(ref.at("out"), "out"));
+    EXPECT_LE(e, 2e-2);
+    std::printf("[ attn forward-only ] kq layer D=%d with norm and gate: out rel err %.2e\n", D, e);
+  }
+  spec.head_dim = 64;
+  const auto [both32, both64] = attn_inputs(spec, B, T, true, rng);
+  const auto ref = mta::run_attention_tensors(spec, both64, mta::Device::Cpu);
+  const auto fused = mta::run_attention_tensors(spec, both32, mta::Device::Cuda, nullptr, mta::AttnImpl::Fused);
+  EXPECT_EQ(fused.metadata.at("impl"), "fused");
+  for (const auto& [name, want] : ref.tensors) {
+    ASSERT_TRUE(fused.tensors.count(name)) << name;
+    const double e = rel_err(mta::io::to_f64(fused.at(name), name), mta::io::to_f64(want, name));
+    EXPECT_LE(e, name.find("head_") != std::string::npos ? 5e-2 : 3e-2) << name;
+    std::printf("[ attn with dout ] kq layer D=64 with norm and gate: %s rel err %.2e\n", name.c_str(), e);
+  }
+  spec.head_dim = 128;
+  const auto [big32, big64] = attn_inputs(spec, B, T, true, rng);
+  EXPECT_EQ(mta::run_attention_tensors(spec, big32, mta::Device::Cuda).metadata.at("impl"), "materialized");
+  EXPECT_THROW(mta::run_attention_tensors(spec, big32, mta::Device::Cuda, nullptr, mta::AttnImpl::Fused),
                mta::InputError);
-  EXPECT_EQ(mta::run_attention_tensors(spec, fwd32, mta::Device::Cuda, nullptr, mta::AttnImpl::Fused)
-                .metadata.at("impl"),
-            "fused");
 }
 
 }  // namespace

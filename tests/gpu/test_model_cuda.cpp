@@ -135,18 +135,17 @@ TEST(ModelCuda, MtaFusedKqPreMatchesCpu) {
 }
 
 // The paper LM layout at head dim 64: layer 0 (head mixing, norm, gate) runs the fused head-mixing
-// kernels and the epilogue kernels, layer 1 (with the key-query convolutions) the fused kq layer's
-// forward (flash_kq_layer.h) and the materialized op's backward, or with MTA_FUSED_KQ_FORWARD=0 the
-// materialized op both ways; and kq_pre with norm and gate (fused kq_pre kernels plus the epilogue), with attention
+// kernels and the epilogue kernels, layer 1 (with the key-query convolutions) the fused kq layer
+// (flash_kq_layer.h) both ways, or with MTA_FUSED_KQ_LAYER=0 the materialized op both ways; and kq_pre with norm and gate (fused kq_pre kernels plus the epilogue), with attention
 // dropout.
 TEST(ModelCuda, MtaFusedMixAndEpilogueMatchCpu) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   const json lm = json::parse(R"({"type": "mta", "kq_pre": {"q": 2, "k": 5}, "head_pre": {"group": 4},
       "kq_post": {"q": 2, "k": 3}, "head_post": {"group": 4}, "norm": true, "gate": true, "kq_layers": [1]})");
   compare(lm, 256, 4, 0.0f);
-  setenv("MTA_FUSED_KQ_FORWARD", "0", 1);
+  setenv("MTA_FUSED_KQ_LAYER", "0", 1);
   compare(lm, 256, 4, 0.0f);
-  unsetenv("MTA_FUSED_KQ_FORWARD");
+  unsetenv("MTA_FUSED_KQ_LAYER");
   compare(json::parse(R"({"type": "mta", "kq_pre": {"q": 2, "k": 9, "pad_key": "both"}, "norm": true,
       "gate": true})"),
           256, 4, 0.1f);
