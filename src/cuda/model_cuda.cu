@@ -11,7 +11,7 @@
 // kernels (attention/epilogue_cuda.h): kq_pre only (attention/flash_mta.h, dropout included) or head
 // mixing only (attention/flash_mix.h: groups of up to 8 heads, no attention dropout in training);
 // D = 64 or 128. MTA_FLASH_MTA=0 in the environment sends every MTA layer through the materialized op.
-// The kq layers (kq convolutions with head mixing) run attention/flash_kq_layer.h (<= 8 coupled heads,
+// The kq layers (kq convolutions with head mixing) run attention/flash_kq_layer.h (<= 16 coupled heads,
 // no dropout): both passes at D = 64, the forward alone at D = 128 (with the materialized op's
 // backward). MTA_FUSED_KQ_LAYER=0 sends these layers to the materialized op both ways.
 #include <cuda_bf16.h>
