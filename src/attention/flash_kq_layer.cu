@@ -1183,14 +1183,15 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t a) {
 }
 
 // Step 3 above for key tile `tile`. lse2[p], dlt[p]: lse * log2(e) and delta of row m0 + 16 p + (lane &
-// 15). dm[y]: this lane's dMpre terms of its head with head y of its group (the own rows only).
-template <int kCq1, int kCk1, int kCq2, int kCk2>
+// 15). dm[y]: this lane's dMpre terms of its head with head y of its group (the own rows only; kDm >= the
+// group size).
+template <int kCq1, int kCk1, int kCq2, int kCk2, int kDm>
 __device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, const float* dw, const float* wpre,
                                                   const float* wpost, int cq1, int ck1, int cq2, int ck2, int c_rot,
                                                   int gpre, bf16* sInHi, bf16* sInLo, const uint32_t* sFrag,
                                                   float* sOut, const GroupPlace& gp, int warp, int lane, int tile,
                                                   int m0, int T,
-                                                  const float (&lse2)[2], const float (&dlt)[2], float (&dm)[kMaxG]) {
+                                                  const float (&lse2)[2], const float (&dlt)[2], float (&dm)[kDm]) {
   const int r = lane & 15, half = lane >> 4, key0 = kTile * tile;
   if (key0 > m0 + kQCRows - 1) {  // the same for every warp: all of them skip the mixes' barriers
     for (int i = lane; i < kQCRows * kTile; i += 32)
@@ -1222,7 +1223,7 @@ __device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, 
         // dMpre[x, y] += dC'_x C_y over the own rows: C_y from MixIn (hi + lo), still the pre mix's input.
         const int hg = gp.h0 + warp, y0 = hg - hg % gpre;  // this head's group (within the CTA's group)
 #pragma unroll
-        for (int yy = 0; yy < kMaxG; ++yy)
+        for (int yy = 0; yy < kDm; ++yy)
           if (yy < gpre) {
             float s = 0.f;
 #pragma unroll
@@ -1247,7 +1248,9 @@ __device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, 
   __syncwarp();
 }
 
-template <int D, int kCq1, int kCk1, int kCq2, int kCk2>
+// kDm: the dMpre accumulators per lane, 8 or 16 (the largest head_pre group the launch takes: 16 cost
+// the 6 x 11 kernel 236 bytes of spills and ~4% at 8 heads).
+template <int D, int kCq1, int kCk1, int kCq2, int kCk2, int kDm>
 __global__ void __launch_bounds__(16 * kMaxG)
     flash_kq_layer_pre_grad_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                                    const bf16* __restrict__ dout, const float* __restrict__ wpre,
@@ -1317,7 +1320,7 @@ __global__ void __launch_bounds__(16 * kMaxG)
   for (int a = 0; a < kWq; ++a)
 #pragma unroll
     for (int c = 0; c < kWk; ++c) accw[a][c] = 0.f;
-  float dm[kMaxG] = {};
+  float dm[kDm] = {};
   float acc_dq[D / 8][4];
 #pragma unroll
   for (int j = 0; j < D / 8; ++j) acc_dq[j][0] = acc_dq[j][1] = acc_dq[j][2] = acc_dq[j][3] = 0.f;
@@ -1328,7 +1331,7 @@ __global__ void __launch_bounds__(16 * kMaxG)
                                    lane);
   da2_tile_to_window<D, S, Ring48>(dw, sTile, v, da0, da1, 1, m0, T, rot_d, gpost, sInHi, sInLo, sFrag, sOut, gp, warp,
                                    lane);
-  dc_tile_to_window<kCq1, kCk1, kCq2, kCk2>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c, gpre, sInHi,
+  dc_tile_to_window<kCq1, kCk1, kCq2, kCk2, kDm>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c, gpre, sInHi,
                                             sInLo, sFrag, sOut, gp, warp, lane, 0, m0, T, lse2, dlt, dm);
   const int n_end = min(T, m0 + kTile);
   for (int n0 = 0; n0 < n_end; n0 += kTile) {
@@ -1349,7 +1352,7 @@ __global__ void __launch_bounds__(16 * kMaxG)
     // K of this block for dQ, landing while dC tile kt + 1 is computed (the V tile's reads are done).
     warp_load_rows_zero<D, S, kTile>(sTile, k, n0, T, lane);
     cp_async_commit();
-    dc_tile_to_window<kCq1, kCk1, kCq2, kCk2>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c, gpre, sInHi,
+    dc_tile_to_window<kCq1, kCk1, kCq2, kCk2, kDm>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c, gpre, sInHi,
                                               sInLo, sFrag, sOut, gp, warp, lane, kt + 1, m0, T, lse2, dlt, dm);
     // 4. dS0 on the own rows at block kt, the future (and rows past T) 0.
     {
@@ -1425,7 +1428,7 @@ __global__ void __launch_bounds__(16 * kMaxG)
   }
   if (gpre) {
 #pragma unroll
-    for (int yy = 0; yy < kMaxG; ++yy)
+    for (int yy = 0; yy < kDm; ++yy)
       if (yy < gpre) {
         const float s = warp_sum(dm[yy]);
         if (lane == 0) part_m[(cta * G + gp.h0 + warp) * kMaxG + yy] = s;
@@ -1444,7 +1447,8 @@ void launch_pre_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, c
   const KqConv post = spec.kq_post ? *spec.kq_post : KqConv{1, 1, PadKey::Right};  // identity: o = 0
   const int C = cluster_size(G);
   const size_t smem = smem_pre_bytes<D>(G / C);
-  auto kernel = flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2>;
+  auto kernel = (spec.head_pre && spec.head_pre->group > 8) ? flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, 16>
+                                                             : flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, 8>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, wpre, mpre, gpre, spec.kq_post ? wpost : nullptr, mpost,
                  gpost, lse, delta, dq, dk_acc, part_w, part_m, H, T, G, C, pre.q, pre.k, pre.key_offset(), post.q,
                  post.k, post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
