@@ -20,6 +20,7 @@
 // the CTA's (the barriers above, as in FlashMix's forward).
 #include "attention/flash_kq_layer.h"
 
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -27,6 +28,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "attention/flash_common.cuh"
 #include "attention/head_mix_mma.cuh"
@@ -166,6 +168,32 @@ __device__ __forceinline__ void s0_tile_to_window(float* win, bf16* sKt, const b
   __syncwarp();  // the window is read by other lanes; the K tile is reloaded next time
 }
 
+// Groups of up to 8 heads run in one CTA (one warp per head); groups of 9-16 (an even count) in a cluster
+// of two CTAs (GroupPlace), since one CTA's shared memory holds the windows of 8 heads at most.
+int cluster_size(int G) { return G <= 8 ? 1 : 2; }
+bool groups_fit(int G) { return G <= 8 || (G <= kMaxG && G % 2 == 0); }
+
+// Launches a pass over B x (H / G) groups x the query tiles, C CTAs of G / C warps per group (a cluster
+// when C > 1), with `smem` bytes of dynamic shared memory each.
+template <class... Params, class... Args>
+void launch_grouped(void (*kernel)(Params...), int B, int H, int G, int C, int T, size_t smem, cudaStream_t s,
+                    Args&&... args) {
+  MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(B * (H / G) * C), static_cast<unsigned>((T + kTile - 1) / kTile));
+  cfg.blockDim = dim3(static_cast<unsigned>(32 * (G / C)));
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(C);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = C > 1 ? 1 : 0;
+  MTA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));  // launch errors included
+}
+
 // The convolution at one output row (window row `wrow`) and the 8 output keys whose first input column
 // is x0 (a multiple of 8: the window's ring is rotated by the convolution's key offset, see
 // s0_tile_to_window), from a window (rows of kWinPitch, a ring of 64 keys) and the head's taps W [cq]
@@ -254,22 +282,63 @@ __device__ __forceinline__ void conv_row8_t(const float* win, const float* w, in
   }
 }
 
-// Mixes the CTA's 16 x 16 tiles in place of `c` (this lane's row r, keys 8 half .. + 7): C (or A2) into
-// MixIn as hi + lo, a barrier, the product with the coefficients of `kind`, a barrier, the mixed values
-// back. Every warp of the CTA must call it.
+// A CTA's place in its coupled group of G heads: the group is spread over a cluster of C CTAs (C = 1:
+// one CTA holds it), each with L = G / C heads (warps); this CTA's are heads h0 = rank * L .. + L - 1.
+// Groups of 9-16 heads take C = 2: one CTA's windows hold 8 heads at most (227 KB).
+struct GroupPlace {
+  int G, C, L, rank, h0;
+};
+__device__ __forceinline__ GroupPlace group_place(int G, int C) {
+  const int L = G / C, rank = static_cast<int>(blockIdx.x) % C;
+  return GroupPlace{G, C, L, rank, rank * L};
+}
+
+// With C > 1: after every CTA of the cluster has written its heads' tiles into its own MixIn (hi and lo),
+// each copies the other CTAs' head slots into its own (distributed shared memory, 16-byte loads), so that
+// its mixing products see every head of the group; a second cluster barrier keeps any CTA from
+// rewriting its MixIn while a peer still copies it.
+__device__ __forceinline__ void cluster_gather_mixin(bf16* sInHi, bf16* sInLo, const GroupPlace& gp) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cl = cg::this_cluster();
+  cl.sync();  // every CTA's tiles are in its MixIn
+  constexpr int kChunks = kYS * static_cast<int>(sizeof(bf16)) / 16;  // 16-byte chunks per head slot
+  static_assert(kYS * sizeof(bf16) % 16 == 0, "head slots are whole 16-byte chunks");
+  const int n = gp.L * kChunks;
+  for (int peer = 0; peer < gp.C; ++peer) {
+    if (peer == gp.rank) continue;
+    const bf16* rhi = cl.map_shared_rank(sInHi, peer);
+    const bf16* rlo = cl.map_shared_rank(sInLo, peer);
+    const size_t base = static_cast<size_t>(peer) * gp.L * kYS;
+    for (int i = threadIdx.x; i < 2 * n; i += blockDim.x) {
+      const size_t off = base + static_cast<size_t>(i % n) * 8;  // 8 bf16 = 16 bytes
+      const bf16* src = (i < n ? rhi : rlo) + off;
+      bf16* dst = (i < n ? sInHi : sInLo) + off;
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    }
+  }
+  cl.sync();  // every copy is done (and complete in this CTA's MixIn)
+}
+
+// Mixes the group's 16 x 16 tiles in place of `c` (this lane's row r, keys 8 half .. + 7): C (or A2) into
+// MixIn as hi + lo, a barrier (with C > 1 the cluster's exchange), the product with the coefficients of
+// `kind` for this CTA's heads, a barrier, the mixed values back. Every warp of every CTA of the cluster
+// must call it.
 __device__ __forceinline__ void mix_in_place(float (&c)[8], bf16* sInHi, bf16* sInLo, const uint32_t* sFrag, int kind,
-                                             float* sOut, int G, int warp, int lane) {
+                                             float* sOut, const GroupPlace& gp, int warp, int lane) {
   const int r = lane & 15, half = lane >> 4;
 #pragma unroll
   for (int e = 0; e < 8; e += 2) {
-    const int off = in_offset(warp, r, 8 * half + e);
+    const int off = in_offset(gp.h0 + warp, r, 8 * half + e);
     const __nv_bfloat162 hi = __floats2bfloat162_rn(c[e], c[e + 1]);
     *reinterpret_cast<__nv_bfloat162*>(sInHi + off) = hi;
     *reinterpret_cast<__nv_bfloat162*>(sInLo + off) =
         __floats2bfloat162_rn(c[e] - __low2float(hi), c[e + 1] - __high2float(hi));
   }
-  __syncthreads();  // every head's tile
-  mix_tiles<true>(sInHi, sInLo, sFrag, kind, sOut, G, warp, lane);
+  if (gp.C > 1)
+    cluster_gather_mixin(sInHi, sInLo, gp);
+  else
+    __syncthreads();  // every head's tile
+  mix_tiles_owned<true>(sInHi, sInLo, sFrag, kind, sOut, gp.h0, gp.L, warp, lane);
   __syncthreads();  // every head's mixed tile
 #pragma unroll
   for (int e = 0; e < 8; e += 2) {
@@ -295,6 +364,7 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
   bf16* sInLo = sInHi + kInElems;
   float* sOut = reinterpret_cast<float*>(sInLo + kInElems);
 
+  const GroupPlace gp = group_place(G, 1);
   const int units = H / G, b = blockIdx.x / units, u = blockIdx.x % units, h = u * G + warp;
   const size_t head = static_cast<size_t>(b * H + h) * T;
   const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
@@ -320,7 +390,7 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
     s0_tile_to_window<D, S, kWinTop>(win, sKt, k, qa0, qa1, n0 / kTile + 1, m0, T, scale, key_off, lane);
     float c[8];
     conv_row8<kCq, kCk>(win, myW, cq, ck, kWinTop + r, n0 + 8 * half, c);
-    if (gpre) mix_in_place(c, sInHi, sInLo, sFrag, kPre, sOut, G, warp, lane);  // C -> C'  (two barriers)
+    if (gpre) mix_in_place(c, sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);  // C -> C'  (two barriers)
     // Second causal mask (the sequence end is in every valid row's future), then the online update.
     float mx = -INFINITY;
 #pragma unroll
@@ -379,7 +449,8 @@ size_t smem_out_bytes(int G) {
 template <int kCq, int kCk>
 __device__ __forceinline__ void a_tile_to_window(float* awin, const float* s0win, const float* w, int cq, int ck,
                                                  int a_rot, int gpre, bf16* sInHi, bf16* sInLo,
-                                                 const uint32_t* sFrag, float* sOut, int G, int warp, int lane,
+                                                 const uint32_t* sFrag, float* sOut, const GroupPlace& gp, int warp,
+                                                 int lane,
                                                  int tile, int m0, int T, const float (&lse2)[2]) {
   const int r = lane & 15, half = lane >> 4, key0 = kTile * tile;
 #pragma unroll
@@ -388,7 +459,7 @@ __device__ __forceinline__ void a_tile_to_window(float* awin, const float* s0win
     const bool live = rr < kATop + kTile && key0 <= m0 + kTile - 1;  // in the window, not all future
     float c[8] = {};
     if (live) conv_row8<kCq, kCk>(s0win, w, cq, ck, rr + (kS0Top - kATop), key0 + 8 * half, c);
-    if (gpre) mix_in_place(c, sInHi, sInLo, sFrag, kPre, sOut, G, warp, lane);
+    if (gpre) mix_in_place(c, sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);
     if (rr < kATop + kTile) {
 #pragma unroll
       for (int e = 0; e < 8; e += 2) {
@@ -410,7 +481,7 @@ __global__ void __launch_bounds__(16 * kMaxG)
                               const float* __restrict__ wpre, const float* __restrict__ mpre, int gpre,
                               const float* __restrict__ wpost, const float* __restrict__ mpost, int gpost,
                               const float* __restrict__ lse, bf16* __restrict__ o, float* __restrict__ o32, int H,
-                              int T, int G, int cq1,
+                              int T, int G, int C, int cq1,
                               int ck1, int off1, int cq2, int ck2, int off2, float scale) {
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -419,14 +490,16 @@ __global__ void __launch_bounds__(16 * kMaxG)
   float* s0win = reinterpret_cast<float*>(region);
   float* awin = s0win + kS0Floats;
   bf16* sTile = reinterpret_cast<bf16*>(awin + kAFloats);  // K, then V, then the output rows
-  float* sWpre = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G) * warp_region_out_bytes<D>());
-  float* sWpost = sWpre + G * kMaxCq * kTapPitch;
-  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sWpost + G * kMaxCq * kTapPitch);
+  float* sWpre = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G / C) * warp_region_out_bytes<D>());
+  float* sWpost = sWpre + (G / C) * kMaxCq * kTapPitch;
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sWpost + (G / C) * kMaxCq * kTapPitch);
   bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);
   bf16* sInLo = sInHi + kInElems;
   float* sOut = reinterpret_cast<float*>(sInLo + kInElems);
 
-  const int units = H / G, b = blockIdx.x / units, u = blockIdx.x % units, h = u * G + warp;
+  const GroupPlace gp = group_place(G, C);
+  const int units = H / G, b = static_cast<int>(blockIdx.x) / C / units, u = static_cast<int>(blockIdx.x) / C % units;
+  const int h = u * G + gp.h0 + warp;
   const size_t head = static_cast<size_t>(b * H + h) * T;
   const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
   q += head * D, k += head * D, v += head * D, o += head * D, lse += head;
@@ -461,7 +534,7 @@ __global__ void __launch_bounds__(16 * kMaxG)
   for (int j = 0; j < D / 8; ++j) acc_o[j][0] = acc_o[j][1] = acc_o[j][2] = acc_o[j][3] = 0.f;
   s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, 0, m0, T, scale, off1, lane);
   s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, 1, m0, T, scale, off1, lane);
-  a_tile_to_window<kCq1, kCk1>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, G, warp, lane,
+  a_tile_to_window<kCq1, kCk1>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, gp, warp, lane,
                                0, m0, T, lse2);
   const int n_end = min(T, m0 + kTile), row = m0 + r;
   for (int n0 = 0; n0 < n_end; n0 += kTile) {
@@ -470,7 +543,7 @@ __global__ void __launch_bounds__(16 * kMaxG)
     // V of the output keys into the tile buffer (K is done with), landing while A and A2 are computed.
     warp_load_rows_zero<D, S, kTile>(sTile, v, n0, T, lane);
     cp_async_commit();
-    a_tile_to_window<kCq1, kCk1>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, G, warp,
+    a_tile_to_window<kCq1, kCk1>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, gp, warp,
                                  lane, kt + 1, m0, T, lse2);
     float a2[8];
     conv_row8<kCq2, kCk2>(awin, myWpost, cq2, ck2, kATop + r, n0 + 8 * half, a2);
@@ -478,7 +551,7 @@ __global__ void __launch_bounds__(16 * kMaxG)
     for (int e = 0; e < 8; ++e)
       if (n0 + 8 * half + e > row) a2[e] = 0.f;  // A2: the future set to 0 (keys past T are in it)
     if (gpost) {
-      mix_in_place(a2, sInHi, sInLo, sFrag, kPost, sOut, G, warp, lane);
+      mix_in_place(a2, sInHi, sInLo, sFrag, kPost, sOut, gp, warp, lane);
     }
     // A3 into this warp's MixOut rows (already there after the mix), then read back as A fragments.
 #pragma unroll
@@ -570,8 +643,8 @@ template <int D, int S, class R = Ring64>
 __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const bf16* v,
                                                    const uint32_t (&da0)[D / 16][4], const uint32_t (&da1)[D / 16][4],
                                                    int tile, int m0, int T, int rot, int gpost, bf16* sInHi,
-                                                   bf16* sInLo, const uint32_t* sFrag, float* sOut, int G, int warp,
-                                                   int lane) {
+                                                   bf16* sInLo, const uint32_t* sFrag, float* sOut,
+                                                   const GroupPlace& gp, int warp, int lane) {
   const int g = lane >> 2, t = lane & 3, key0 = kTile * tile;
   if (key0 > m0 + kDRows - 1) {
     for (int i = lane; i < kDRows * kTile; i += 32)
@@ -612,7 +685,7 @@ __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const
     float x[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) x[e] = wrow[R::col(key0 + 8 * half + e + rot)];
-    if (gpost) mix_in_place(x, sInHi, sInLo, sFrag, kPostT, sOut, G, warp, lane);
+    if (gpost) mix_in_place(x, sInHi, sInLo, sFrag, kPostT, sOut, gp, warp, lane);
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       const int key = key0 + 8 * half + e;
@@ -628,8 +701,8 @@ __global__ void __launch_bounds__(16 * kMaxG)
                                 const bf16* __restrict__ dout, const float* __restrict__ wpre,
                                 const float* __restrict__ mpre, int gpre, const float* __restrict__ wpost,
                                 const float* __restrict__ mpost, int gpost, const float* __restrict__ lse,
-                                float* __restrict__ delta, int H, int T, int G, int cq1, int ck1, int off1, int cq2,
-                                int ck2, int off2, float scale) {
+                                float* __restrict__ delta, int H, int T, int G, int C, int cq1, int ck1, int off1,
+                                int cq2, int ck2, int off2, float scale) {
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -637,14 +710,16 @@ __global__ void __launch_bounds__(16 * kMaxG)
   float* win = reinterpret_cast<float*>(region);          // S0: rows m0 - 8 .. m0 + 15
   float* dwin = win + kWinFloats;                         // dA2: rows m0 .. m0 + 31
   bf16* sTile = reinterpret_cast<bf16*>(dwin + kDFloats);  // K, then V
-  float* sWpre = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G) * warp_region_delta_bytes<D>());
-  float* sWpost = sWpre + G * kMaxCq * kTapPitch;
-  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sWpost + G * kMaxCq * kTapPitch);
+  float* sWpre = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G / C) * warp_region_delta_bytes<D>());
+  float* sWpost = sWpre + (G / C) * kMaxCq * kTapPitch;
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sWpost + (G / C) * kMaxCq * kTapPitch);
   bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);
   bf16* sInLo = sInHi + kInElems;
   float* sOut = reinterpret_cast<float*>(sInLo + kInElems);
 
-  const int units = H / G, b = blockIdx.x / units, u = blockIdx.x % units, h = u * G + warp;
+  const GroupPlace gp = group_place(G, C);
+  const int units = H / G, b = static_cast<int>(blockIdx.x) / C / units, u = static_cast<int>(blockIdx.x) / C % units;
+  const int h = u * G + gp.h0 + warp;
   const size_t head = static_cast<size_t>(b * H + h) * T;
   const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
   q += head * D, k += head * D, v += head * D, dout += head * D, lse += head, delta += head;
@@ -672,18 +747,18 @@ __global__ void __launch_bounds__(16 * kMaxG)
   __syncthreads();  // every warp's taps, the fragments, the zeroed MixIn
 
   s0_tile_to_window<D, S, kWinTop>(win, sTile, k, qa0, qa1, 0, m0, T, scale, off1, lane);
-  da2_tile_to_window<D, S>(dwin, sTile, v, da0, da1, 0, m0, T, rot_t, gpost, sInHi, sInLo, sFrag, sOut, G, warp,
+  da2_tile_to_window<D, S>(dwin, sTile, v, da0, da1, 0, m0, T, rot_t, gpost, sInHi, sInLo, sFrag, sOut, gp, warp,
                            lane);
   float part = 0.f;
   const int n_end = min(T, m0 + kTile);
   for (int n0 = 0; n0 < n_end; n0 += kTile) {
     const int kt = n0 / kTile;
     s0_tile_to_window<D, S, kWinTop>(win, sTile, k, qa0, qa1, kt + 1, m0, T, scale, off1, lane);
-    da2_tile_to_window<D, S>(dwin, sTile, v, da0, da1, kt + 1, m0, T, rot_t, gpost, sInHi, sInLo, sFrag, sOut, G,
+    da2_tile_to_window<D, S>(dwin, sTile, v, da0, da1, kt + 1, m0, T, rot_t, gpost, sInHi, sInLo, sFrag, sOut, gp,
                              warp, lane);
     float c[8], da[8];
     conv_row8<kCq1, kCk1>(win, myWpre, cq1, ck1, kWinTop + r, n0 + 8 * half, c);
-    if (gpre) mix_in_place(c, sInHi, sInLo, sFrag, kPre, sOut, G, warp, lane);  // C -> C' (two barriers)
+    if (gpre) mix_in_place(c, sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);  // C -> C' (two barriers)
     conv_row8_t<kCq2, kCk2>(dwin, myWpost, cq2, ck2, r, n0 + 8 * half, da);
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
@@ -703,14 +778,12 @@ void launch_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, const
   const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
   const KqConv& pre = *spec.kq_pre;
   const KqConv post = spec.kq_post ? *spec.kq_post : KqConv{1, 1, PadKey::Right};  // identity: o = 0
-  const size_t smem = smem_delta_bytes<D>(G);
+  const int C = cluster_size(G);
+  const size_t smem = smem_delta_bytes<D>(G / C);
   auto kernel = flash_kq_layer_delta_kernel<D, kCq1, kCk1, kCq2, kCk2>;
-  MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  const dim3 grid(static_cast<unsigned>(B * (H / G)), static_cast<unsigned>((T + kTile - 1) / kTile));
-  kernel<<<grid, 32 * G, smem, s>>>(q, k, v, dout, wpre, mpre, gpre, spec.kq_post ? wpost : nullptr, mpost, gpost,
-                                    lse, delta, H, T, G, pre.q, pre.k, pre.key_offset(), post.q, post.k,
-                                    post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
-  MTA_CUDA_CHECK_LAUNCH("flash_kq_layer_delta_kernel");
+  launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, wpre, mpre, gpre, spec.kq_post ? wpost : nullptr, mpost,
+                 gpost, lse, delta, H, T, G, C, pre.q, pre.k, pre.key_offset(), post.q, post.k, post.key_offset(),
+                 1.0f / std::sqrt(static_cast<float>(D)));
 }
 
 template <int D>
@@ -733,7 +806,8 @@ void dispatch_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, con
 //   A2 = mask0(conv_post(A)) and A3 = Mpost A2 on the tile's rows, as pass 2;
 //   dV[block keys] += A3^T dO          (float2 atomics into an fp32 accumulator: every query tile adds);
 //   dA3 = dO V^T;  dMpost += dA3_x . A2_y   (fp32 on CUDA cores, A2_y read back from the mix's input);
-//   dA2 = mask0(Mpost^T dA3) (the mix with hi + lo operands);  dWpost[a, c] += dA2[i, j] A[i - (cq2 - 1) + a, j - o2 + c] over the
+//   dA2 = mask0(Mpost^T dA3) (the mix with hi + lo operands);
+//   dWpost[a, c] += dA2[i, j] A[i - (cq2 - 1) + a, j - o2 + c] over the
 //   tile's rows (the A window, whose rotation o2 aligns these reads as the forward stencil's): per lane
 //   in registers for the compiled 6 x 11, per warp in shared memory (a warp sum per tap) otherwise.
 // At the end each CTA writes partials (dWpost and dMpost per warp, i.e. per head), which
@@ -802,7 +876,7 @@ __global__ void __launch_bounds__(16 * kMaxG)
                                     const float* __restrict__ wpost, const float* __restrict__ mpost, int gpost,
                                     const float* __restrict__ lse, const bf16* __restrict__ dout_lo,
                                     float* __restrict__ dv_acc, float* __restrict__ part_w,
-                                    float* __restrict__ part_m, int H, int T, int G,
+                                    float* __restrict__ part_m, int H, int T, int G, int C,
                                     int cq1, int ck1, int off1, int cq2, int ck2, int off2, float scale) {
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -813,15 +887,17 @@ __global__ void __launch_bounds__(16 * kMaxG)
   bf16* sTile = reinterpret_cast<bf16*>(awin + kAFloats);  // K, then V
   bf16* sDo = sTile + kTile * S;                           // the tile's dO rows
   bf16* sDoLo = sDo + kTile * S;                           // their remainders (with dout_lo)
-  float* sWpre = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G) * warp_region_post_bytes<D>());
-  float* sWpost = sWpre + G * kHeadTaps;
-  float* sDw = sWpost + G * kHeadTaps;  // runtime sizes: dWpost per warp
-  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sDw + G * kHeadTaps);
+  float* sWpre = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G / C) * warp_region_post_bytes<D>());
+  float* sWpost = sWpre + (G / C) * kHeadTaps;
+  float* sDw = sWpost + (G / C) * kHeadTaps;  // runtime sizes: dWpost per warp
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sDw + (G / C) * kHeadTaps);
   bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);
   bf16* sInLo = sInHi + kInElems;
   float* sOut = reinterpret_cast<float*>(sInLo + kInElems);
 
-  const int units = H / G, b = blockIdx.x / units, u = blockIdx.x % units, h = u * G + warp;
+  const GroupPlace gp = group_place(G, C);
+  const int units = H / G, b = static_cast<int>(blockIdx.x) / C / units, u = static_cast<int>(blockIdx.x) / C % units;
+  const int h = u * G + gp.h0 + warp;
   const size_t head = static_cast<size_t>(b * H + h) * T;
   const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
   q += head * D, k += head * D, v += head * D, dout += head * D, dv_acc += head * D, lse += head;
@@ -867,10 +943,10 @@ __global__ void __launch_bounds__(16 * kMaxG)
   for (int a = 0; a < kWq; ++a)
 #pragma unroll
     for (int c = 0; c < kWk; ++c) accw[a][c] = 0.f;
-  float dmp[8] = {};  // dMpost of this warp's head with head y0 + yy of its group
+  float dmp[kMaxG] = {};  // dMpost of this warp's head with head y0 + yy of its group
   s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, 0, m0, T, scale, off1, lane);
   s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, 1, m0, T, scale, off1, lane);
-  a_tile_to_window<kCq1, kCk1>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, G, warp, lane,
+  a_tile_to_window<kCq1, kCk1>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, gp, warp, lane,
                                0, m0, T, lse2);
   const int n_end = min(T, m0 + kTile), row = m0 + r;
   for (int n0 = 0; n0 < n_end; n0 += kTile) {
@@ -878,7 +954,7 @@ __global__ void __launch_bounds__(16 * kMaxG)
     s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, kt + 2, m0, T, scale, off1, lane);
     warp_load_rows_zero<D, S, kTile>(sTile, v, n0, T, lane);  // V lands while A and A2 are computed
     cp_async_commit();
-    a_tile_to_window<kCq1, kCk1>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, G, warp,
+    a_tile_to_window<kCq1, kCk1>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, gp, warp,
                                  lane, kt + 1, m0, T, lse2);
     float a2[8], a3[8];
     conv_row8<kCq2, kCk2>(awin, myWpost, cq2, ck2, kATop + r, n0 + 8 * half, a2);
@@ -887,7 +963,7 @@ __global__ void __launch_bounds__(16 * kMaxG)
       if (n0 + 8 * half + e > row) a2[e] = 0.f;  // A2: the future set to 0 (keys past T are in it)
       a3[e] = a2[e];
     }
-    if (gpost) mix_in_place(a3, sInHi, sInLo, sFrag, kPost, sOut, G, warp, lane);
+    if (gpost) mix_in_place(a3, sInHi, sInLo, sFrag, kPost, sOut, gp, warp, lane);
     // A3 into this warp's MixOut rows, read back as the A operand of dV += A3^T dO (keys x rows).
 #pragma unroll
     for (int e = 0; e < 8; e += 2)
@@ -953,9 +1029,9 @@ __global__ void __launch_bounds__(16 * kMaxG)
       // dMpost[x, y] += dA3_x A2_y in fp32 on CUDA cores, A2_y read back from MixIn (hi + lo: still the
       // post mix's input). bf16 operands here (tensor-core grad_tiles) left the model's head_post
       // gradient 12% off the CPU's (ModelCuda.MtaFusedMixAndEpilogueMatchCpu, session 8).
-      const int y0 = warp - warp % gpost;
+      const int hg = gp.h0 + warp, y0 = hg - hg % gpost;
 #pragma unroll
-      for (int yy = 0; yy < 8; ++yy)
+      for (int yy = 0; yy < kMaxG; ++yy)
         if (yy < gpost) {
           float sum = 0.f;
 #pragma unroll
@@ -969,7 +1045,7 @@ __global__ void __launch_bounds__(16 * kMaxG)
           dmp[yy] += sum;
         }
       __syncthreads();  // every warp has read A2 from MixIn before dA3 replaces it
-      mix_in_place(da, sInHi, sInLo, sFrag, kPostT, sOut, G, warp, lane);  // dA3 -> Mpost^T dA3 (hi + lo)
+      mix_in_place(da, sInHi, sInLo, sFrag, kPostT, sOut, gp, warp, lane);  // dA3 -> Mpost^T dA3 (hi + lo)
     }
     float da2[8];
 #pragma unroll
@@ -984,9 +1060,9 @@ __global__ void __launch_bounds__(16 * kMaxG)
   }
 
   // Partials of this CTA: dWpost and the dMpost row of this warp's head, each summed over the lanes.
-  const size_t cta = static_cast<size_t>(blockIdx.x) * gridDim.y + blockIdx.y;
+  const size_t cta = static_cast<size_t>(blockIdx.x / gp.C) * gridDim.y + blockIdx.y;  // the group's CTA row
   if (has_post) {
-    float* pw = part_w + (cta * G + warp) * kWStride;
+    float* pw = part_w + (cta * G + gp.h0 + warp) * kWStride;
     if constexpr (kCq2 > 0) {
 #pragma unroll
       for (int a = 0; a < kCq2; ++a)
@@ -1002,10 +1078,10 @@ __global__ void __launch_bounds__(16 * kMaxG)
   }
   if (gpost) {
 #pragma unroll
-    for (int yy = 0; yy < 8; ++yy)
+    for (int yy = 0; yy < kMaxG; ++yy)
       if (yy < gpost) {
         const float sum = warp_sum(dmp[yy]);
-        if (lane == 0) part_m[(cta * G + warp) * kMaxG + yy] = sum;
+        if (lane == 0) part_m[(cta * G + gp.h0 + warp) * kMaxG + yy] = sum;
       }
   }
 }
@@ -1051,14 +1127,12 @@ void launch_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, 
   const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
   const KqConv& pre = *spec.kq_pre;
   const KqConv post = spec.kq_post ? *spec.kq_post : KqConv{1, 1, PadKey::Right};  // identity: o = 0
-  const size_t smem = smem_post_bytes<D>(G);
+  const int C = cluster_size(G);
+  const size_t smem = smem_post_bytes<D>(G / C);
   auto kernel = flash_kq_layer_post_grad_kernel<D, kCq1, kCk1, kCq2, kCk2>;
-  MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  const dim3 grid(static_cast<unsigned>(B * (H / G)), static_cast<unsigned>((T + kTile - 1) / kTile));
-  kernel<<<grid, 32 * G, smem, s>>>(q, k, v, dout, wpre, mpre, gpre, spec.kq_post ? wpost : nullptr, mpost, gpost, lse,
-                                    dout_lo, dv_acc, part_w, part_m, H, T, G, pre.q, pre.k, pre.key_offset(), post.q,
-                                    post.k, post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
-  MTA_CUDA_CHECK_LAUNCH("flash_kq_layer_post_grad_kernel");
+  launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, wpre, mpre, gpre, spec.kq_post ? wpost : nullptr, mpost,
+                 gpost, lse, dout_lo, dv_acc, part_w, part_m, H, T, G, C, pre.q, pre.k, pre.key_offset(), post.q,
+                 post.k, post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1109,13 +1183,15 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t a) {
 }
 
 // Step 3 above for key tile `tile`. lse2[p], dlt[p]: lse * log2(e) and delta of row m0 + 16 p + (lane &
-// 15). dm[y]: this lane's dMpre terms of its head with head y of its group (the own rows only).
-template <int kCq1, int kCk1, int kCq2, int kCk2>
+// 15). dm[y]: this lane's dMpre terms of its head with head y of its group (the own rows only; kDm >= the
+// group size).
+template <int kCq1, int kCk1, int kCq2, int kCk2, int kDm>
 __device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, const float* dw, const float* wpre,
                                                   const float* wpost, int cq1, int ck1, int cq2, int ck2, int c_rot,
                                                   int gpre, bf16* sInHi, bf16* sInLo, const uint32_t* sFrag,
-                                                  float* sOut, int G, int warp, int lane, int tile, int m0, int T,
-                                                  const float (&lse2)[2], const float (&dlt)[2], float (&dm)[8]) {
+                                                  float* sOut, const GroupPlace& gp, int warp, int lane, int tile,
+                                                  int m0, int T,
+                                                  const float (&lse2)[2], const float (&dlt)[2], float (&dm)[kDm]) {
   const int r = lane & 15, half = lane >> 4, key0 = kTile * tile;
   if (key0 > m0 + kQCRows - 1) {  // the same for every warp: all of them skip the mixes' barriers
     for (int i = lane; i < kQCRows * kTile; i += 32)
@@ -1135,7 +1211,7 @@ __device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, 
     }
 #pragma unroll
     for (int e = 0; e < 8; ++e) cm[e] = c[e];
-    if (gpre) mix_in_place(cm, sInHi, sInLo, sFrag, kPre, sOut, G, warp, lane);  // C -> C' (two barriers)
+    if (gpre) mix_in_place(cm, sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);  // C -> C' (two barriers)
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       const bool ok = live && row < T && x0 + e <= row;
@@ -1145,9 +1221,9 @@ __device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, 
     if (gpre) {
       if (part == 0) {
         // dMpre[x, y] += dC'_x C_y over the own rows: C_y from MixIn (hi + lo), still the pre mix's input.
-        const int y0 = warp - warp % gpre;
+        const int hg = gp.h0 + warp, y0 = hg - hg % gpre;  // this head's group (within the CTA's group)
 #pragma unroll
-        for (int yy = 0; yy < 8; ++yy)
+        for (int yy = 0; yy < kDm; ++yy)
           if (yy < gpre) {
             float s = 0.f;
 #pragma unroll
@@ -1162,7 +1238,7 @@ __device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, 
           }
         __syncthreads();  // every warp has read C from MixIn before dC' replaces it
       }
-      mix_in_place(dcp, sInHi, sInLo, sFrag, kPreT, sOut, G, warp, lane);  // dC' -> dC (two barriers)
+      mix_in_place(dcp, sInHi, sInLo, sFrag, kPreT, sOut, gp, warp, lane);  // dC' -> dC (two barriers)
     }
     if (live) {
 #pragma unroll
@@ -1172,14 +1248,16 @@ __device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, 
   __syncwarp();
 }
 
-template <int D, int kCq1, int kCk1, int kCq2, int kCk2>
+// kDm: the dMpre accumulators per lane, 8 or 16 (the largest head_pre group the launch takes: 16 cost
+// the 6 x 11 kernel 236 bytes of spills and ~4% at 8 heads).
+template <int D, int kCq1, int kCk1, int kCq2, int kCk2, int kDm>
 __global__ void __launch_bounds__(16 * kMaxG)
     flash_kq_layer_pre_grad_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                                    const bf16* __restrict__ dout, const float* __restrict__ wpre,
                                    const float* __restrict__ mpre, int gpre, const float* __restrict__ wpost,
                                    const float* __restrict__ mpost, int gpost, const float* __restrict__ lse,
                                    const float* __restrict__ delta, bf16* __restrict__ dq, float* __restrict__ dk_acc,
-                                   float* __restrict__ part_w, float* __restrict__ part_m, int H, int T, int G,
+                                   float* __restrict__ part_w, float* __restrict__ part_m, int H, int T, int G, int C,
                                    int cq1, int ck1, int off1, int cq2, int ck2, int off2, float scale) {
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -1190,15 +1268,17 @@ __global__ void __launch_bounds__(16 * kMaxG)
   float* dcw = dw + kQDFloats;                     // dC: rows m0 .. m0 + 23
   bf16* sTile = reinterpret_cast<bf16*>(dcw + kQCFloats);  // K, V, K of the block, then the dq rows
   bf16* sdS = sTile + kTile * S;                           // dS0 of the block [16][kDsPitch]
-  float* sWpre = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G) * warp_region_pre_bytes<D>());
-  float* sWpost = sWpre + G * kHeadTaps;
-  float* sDw = sWpost + G * kHeadTaps;  // runtime sizes: dWpre per warp
-  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sDw + G * kHeadTaps);
+  float* sWpre = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G / C) * warp_region_pre_bytes<D>());
+  float* sWpost = sWpre + (G / C) * kHeadTaps;
+  float* sDw = sWpost + (G / C) * kHeadTaps;  // runtime sizes: dWpre per warp
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sDw + (G / C) * kHeadTaps);
   bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);
   bf16* sInLo = sInHi + kInElems;
   float* sOut = reinterpret_cast<float*>(sInLo + kInElems);
 
-  const int units = H / G, b = blockIdx.x / units, u = blockIdx.x % units, h = u * G + warp;
+  const GroupPlace gp = group_place(G, C);
+  const int units = H / G, b = static_cast<int>(blockIdx.x) / C / units, u = static_cast<int>(blockIdx.x) / C % units;
+  const int h = u * G + gp.h0 + warp;
   const size_t head = static_cast<size_t>(b * H + h) * T;
   const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
   q += head * D, k += head * D, v += head * D, dout += head * D, dq += head * D, dk_acc += head * D;
@@ -1240,19 +1320,19 @@ __global__ void __launch_bounds__(16 * kMaxG)
   for (int a = 0; a < kWq; ++a)
 #pragma unroll
     for (int c = 0; c < kWk; ++c) accw[a][c] = 0.f;
-  float dm[8] = {};
+  float dm[kDm] = {};
   float acc_dq[D / 8][4];
 #pragma unroll
   for (int j = 0; j < D / 8; ++j) acc_dq[j][0] = acc_dq[j][1] = acc_dq[j][2] = acc_dq[j][3] = 0.f;
 
   s0_tile_to_window<D, S, kTile, Ring48>(s0w, sTile, k, qa0, qa1, 0, m0 + 8, T, scale, off1, lane);
   s0_tile_to_window<D, S, kTile, Ring48>(s0w, sTile, k, qa0, qa1, 1, m0 + 8, T, scale, off1, lane);
-  da2_tile_to_window<D, S, Ring48>(dw, sTile, v, da0, da1, 0, m0, T, rot_d, gpost, sInHi, sInLo, sFrag, sOut, G, warp,
+  da2_tile_to_window<D, S, Ring48>(dw, sTile, v, da0, da1, 0, m0, T, rot_d, gpost, sInHi, sInLo, sFrag, sOut, gp, warp,
                                    lane);
-  da2_tile_to_window<D, S, Ring48>(dw, sTile, v, da0, da1, 1, m0, T, rot_d, gpost, sInHi, sInLo, sFrag, sOut, G, warp,
+  da2_tile_to_window<D, S, Ring48>(dw, sTile, v, da0, da1, 1, m0, T, rot_d, gpost, sInHi, sInLo, sFrag, sOut, gp, warp,
                                    lane);
-  dc_tile_to_window<kCq1, kCk1, kCq2, kCk2>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c, gpre, sInHi,
-                                            sInLo, sFrag, sOut, G, warp, lane, 0, m0, T, lse2, dlt, dm);
+  dc_tile_to_window<kCq1, kCk1, kCq2, kCk2, kDm>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c, gpre, sInHi,
+                                            sInLo, sFrag, sOut, gp, warp, lane, 0, m0, T, lse2, dlt, dm);
   const int n_end = min(T, m0 + kTile);
   for (int n0 = 0; n0 < n_end; n0 += kTile) {
     const int kt = n0 / kTile, x0 = n0 + 8 * half;
@@ -1268,12 +1348,12 @@ __global__ void __launch_bounds__(16 * kMaxG)
     __syncwarp();  // every lane has read S0 tile kt - 1 before tile kt + 2 replaces it
     s0_tile_to_window<D, S, kTile, Ring48>(s0w, sTile, k, qa0, qa1, kt + 2, m0 + 8, T, scale, off1, lane);
     da2_tile_to_window<D, S, Ring48>(dw, sTile, v, da0, da1, kt + 2, m0, T, rot_d, gpost, sInHi, sInLo, sFrag, sOut,
-                                     G, warp, lane);
+                                     gp, warp, lane);
     // K of this block for dQ, landing while dC tile kt + 1 is computed (the V tile's reads are done).
     warp_load_rows_zero<D, S, kTile>(sTile, k, n0, T, lane);
     cp_async_commit();
-    dc_tile_to_window<kCq1, kCk1, kCq2, kCk2>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c, gpre, sInHi,
-                                              sInLo, sFrag, sOut, G, warp, lane, kt + 1, m0, T, lse2, dlt, dm);
+    dc_tile_to_window<kCq1, kCk1, kCq2, kCk2, kDm>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c, gpre, sInHi,
+                                              sInLo, sFrag, sOut, gp, warp, lane, kt + 1, m0, T, lse2, dlt, dm);
     // 4. dS0 on the own rows at block kt, the future (and rows past T) 0.
     {
       float ds[8];
@@ -1332,8 +1412,8 @@ __global__ void __launch_bounds__(16 * kMaxG)
           *reinterpret_cast<const uint4*>(sTile + rr * S + col);
   }
   // Partials of this CTA: dWpre and the dMpre row of this warp's head, each summed over the lanes.
-  const size_t cta = static_cast<size_t>(blockIdx.x) * gridDim.y + blockIdx.y;
-  float* pw = part_w + (cta * G + warp) * kWStride;
+  const size_t cta = static_cast<size_t>(blockIdx.x / gp.C) * gridDim.y + blockIdx.y;  // the group's CTA row
+  float* pw = part_w + (cta * G + gp.h0 + warp) * kWStride;
   if constexpr (kCq1 > 0) {
 #pragma unroll
     for (int a = 0; a < kCq1; ++a)
@@ -1348,10 +1428,10 @@ __global__ void __launch_bounds__(16 * kMaxG)
   }
   if (gpre) {
 #pragma unroll
-    for (int yy = 0; yy < 8; ++yy)
+    for (int yy = 0; yy < kDm; ++yy)
       if (yy < gpre) {
         const float s = warp_sum(dm[yy]);
-        if (lane == 0) part_m[(cta * G + warp) * kMaxG + yy] = s;
+        if (lane == 0) part_m[(cta * G + gp.h0 + warp) * kMaxG + yy] = s;
       }
   }
 }
@@ -1365,14 +1445,13 @@ void launch_pre_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, c
   const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
   const KqConv& pre = *spec.kq_pre;
   const KqConv post = spec.kq_post ? *spec.kq_post : KqConv{1, 1, PadKey::Right};  // identity: o = 0
-  const size_t smem = smem_pre_bytes<D>(G);
-  auto kernel = flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2>;
-  MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  const dim3 grid(static_cast<unsigned>(B * (H / G)), static_cast<unsigned>((T + kTile - 1) / kTile));
-  kernel<<<grid, 32 * G, smem, s>>>(q, k, v, dout, wpre, mpre, gpre, spec.kq_post ? wpost : nullptr, mpost, gpost, lse,
-                                    delta, dq, dk_acc, part_w, part_m, H, T, G, pre.q, pre.k, pre.key_offset(), post.q,
-                                    post.k, post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
-  MTA_CUDA_CHECK_LAUNCH("flash_kq_layer_pre_grad_kernel");
+  const int C = cluster_size(G);
+  const size_t smem = smem_pre_bytes<D>(G / C);
+  auto kernel = (spec.head_pre && spec.head_pre->group > 8) ? flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, 16>
+                                                             : flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, 8>;
+  launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, wpre, mpre, gpre, spec.kq_post ? wpost : nullptr, mpost,
+                 gpost, lse, delta, dq, dk_acc, part_w, part_m, H, T, G, C, pre.q, pre.k, pre.key_offset(), post.q,
+                 post.k, post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
 }
 
 template <int D, int kCq, int kCk>
@@ -1410,14 +1489,12 @@ void launch_out(const AttentionSpec& spec, const bf16* q, const bf16* k, const b
   const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
   const KqConv& pre = *spec.kq_pre;
   const KqConv post = spec.kq_post ? *spec.kq_post : KqConv{1, 1, PadKey::Right};  // identity: o = 0
-  const size_t smem = smem_out_bytes<D>(G);
+  const int C = cluster_size(G);
+  const size_t smem = smem_out_bytes<D>(G / C);
   auto kernel = flash_kq_layer_out_kernel<D, kCq1, kCk1, kCq2, kCk2>;
-  MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  const dim3 grid(static_cast<unsigned>(B * (H / G)), static_cast<unsigned>((T + kTile - 1) / kTile));
-  kernel<<<grid, 32 * G, smem, s>>>(q, k, v, wpre, mpre, gpre, spec.kq_post ? wpost : nullptr, mpost, gpost, lse, o, o32,
-                                    H, T, G, pre.q, pre.k, pre.key_offset(), post.q, post.k, post.key_offset(),
-                                    1.0f / std::sqrt(static_cast<float>(D)));
-  MTA_CUDA_CHECK_LAUNCH("flash_kq_layer_out_kernel");
+  launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, wpre, mpre, gpre, spec.kq_post ? wpost : nullptr, mpost,
+                 gpost, lse, o, o32, H, T, G, C, pre.q, pre.k, pre.key_offset(), post.q, post.k, post.key_offset(),
+                 1.0f / std::sqrt(static_cast<float>(D)));
 }
 
 template <int D>
@@ -1438,7 +1515,7 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 bool flash_kq_layer_forward_supported(const AttentionSpec& spec, int D) {
   if (!flash_kq_layer_lse_supported(spec, D)) return false;
   if (spec.kq_post && (spec.kq_post->q > kMaxCq || spec.kq_post->k > kMaxCk)) return false;
-  return spec.coupled_heads() <= 8;
+  return groups_fit(spec.coupled_heads());
 }
 
 void flash_kq_layer_forward(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v,
@@ -1491,7 +1568,7 @@ void flash_kq_layer_delta(const AttentionSpec& spec, const bf16* q, const bf16* 
   const int D = spec.head_dim;
   kq_require(flash_kq_layer_delta_supported(spec, D),
              "the delta pass needs head_dim 64 and what the forward needs (kq_pre with cq <= 8, ck <= 15; kq_post "
-             "likewise if any; at most 8 coupled heads)");
+             "likewise if any; at most 8 coupled heads, or an even number up to 16)");
   kq_require(B >= 1 && T >= 1, "B and T must be >= 1");
   kq_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
              "B * H or T too large");
@@ -1522,7 +1599,7 @@ void flash_kq_layer_post_grads(const AttentionSpec& spec, const bf16* q, const b
   const int D = spec.head_dim;
   kq_require(flash_kq_layer_post_grads_supported(spec, D),
              "kernel P needs head_dim 64 and what the forward needs (kq_pre with cq <= 8, ck <= 15; kq_post "
-             "likewise if any; at most 8 coupled heads)");
+             "likewise if any; at most 8 coupled heads, or an even number up to 16)");
   kq_require(B >= 1 && T >= 1, "B and T must be >= 1");
   kq_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
              "B * H or T too large");
@@ -1569,7 +1646,7 @@ void flash_kq_layer_pre_grads(const AttentionSpec& spec, const bf16* q, const bf
   const int D = spec.head_dim;
   kq_require(flash_kq_layer_backward_supported(spec, D),
              "kernel Q needs head_dim 64 and what the forward needs (kq_pre with cq <= 8, ck <= 15; kq_post "
-             "likewise if any; at most 8 coupled heads)");
+             "likewise if any; at most 8 coupled heads, or an even number up to 16)");
   kq_require(B >= 1 && T >= 1, "B and T must be >= 1");
   kq_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
              "B * H or T too large");

@@ -40,7 +40,9 @@ void flash_kq_layer_lse(const AttentionSpec& spec, const __nv_bfloat16* q, const
 // o is the core's output (before norm, depth scaling and gate: epilogue_cuda.h); lse is pass 1's;
 // o32 (optional, [B, H, T, D] fp32): o unrounded, for an epilogue's backward.
 // Supported: flash_kq_layer_lse_supported, kq_post (if any) with cq <= 8, ck <= 15, and at most 8
-// coupled heads (pass 2 keeps two windows per head in shared memory). No attention dropout.
+// coupled heads per CTA (pass 2 keeps two windows per head in shared memory): groups of 9-16 heads (an
+// even number) run on a cluster of two CTAs that exchange the mixing inputs through distributed shared
+// memory. No attention dropout.
 bool flash_kq_layer_forward_supported(const AttentionSpec& spec, int D);
 void flash_kq_layer_forward(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
                             const __nv_bfloat16* v, const float* kq_pre, const float* head_pre, const float* kq_post,
@@ -91,7 +93,8 @@ void flash_kq_layer_pre_grads(const AttentionSpec& spec, const __nv_bfloat16* q,
 // written (bf16); the parameter gradients (those of enabled options: non-null) are added to; dout_lo as
 // for kernel P.
 // `workspace`: flash_kq_layer_backward_workspace_floats floats (delta, two fp32 accumulators of q's
-// size, the partials). Supported: flash_kq_layer_backward_supported (head dim 64, <= 8 coupled heads).
+// size, the partials). Supported: flash_kq_layer_backward_supported (head dim 64, <= 8 coupled heads or an
+// even number up to 16).
 size_t flash_kq_layer_backward_workspace_floats(const AttentionSpec& spec, int B, int T);
 void flash_kq_layer_backward(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
                              const __nv_bfloat16* v, const __nv_bfloat16* dout, const float* kq_pre,

@@ -26,7 +26,7 @@ bool fused_attention_supported(const AttentionSpec& spec, int D, float dropout =
 bool fused_attention_forward_supported(const AttentionSpec& spec, int D, float dropout = 0.0f);
 
 // Whether the fused forward runs the kq-layer kernels (kq convolutions with head mixing,
-// flash_kq_layer.h: at most 8 coupled heads, no dropout) for this spec.
+// flash_kq_layer.h: up to 16 coupled heads, no dropout) for this spec.
 bool fused_attention_is_kq_layer(const AttentionSpec& spec, int D, float dropout = 0.0f);
 
 // Whether the fused forward of this spec holds the scaled logits and the kq_pre weights as fp16

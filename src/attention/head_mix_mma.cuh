@@ -83,14 +83,17 @@ __device__ __forceinline__ void put_tile(bf16* hi, bf16* lo, int x, const float 
 // Out = mix of the G tiles in MixIn (hi, + lo when kLo) with the coefficients of `kind`, into MixOut
 // (heads < G). Warp w computes tile rows w, w + G, ...; the caller synchronizes before (MixIn
 // complete) and after (MixOut complete).
+// The same for a CTA that holds the tiles of a group's heads in MixIn but owns only heads h0 .. h0 + L - 1
+// (its share of a cluster, flash_kq_layer.cu): its L warps compute tile rows warp, warp + L, ..., and
+// write the owned heads' results at local indices x - h0. mix_tiles is the whole-group case.
 template <bool kLo>
-__device__ __forceinline__ void mix_tiles(const bf16* hi, const bf16* lo, const uint32_t* sFrag, int kind, float* out,
-                                          int G, int warp, int lane) {
+__device__ __forceinline__ void mix_tiles_owned(const bf16* hi, const bf16* lo, const uint32_t* sFrag, int kind,
+                                                float* out, int h0, int L, int warp, int lane) {
   const uint4* fp = reinterpret_cast<const uint4*>(sFrag + (kind * 32 + lane) * 8);
   const uint4 fh = fp[0], fl = fp[1];
   const uint32_t bh[4] = {fh.x, fh.y, fh.z, fh.w}, bl[4] = {fl.x, fl.y, fl.z, fl.w};
   const int g = lane >> 2, t = lane & 3;
-  for (int r = warp; r < kTile; r += G) {
+  for (int r = warp; r < kTile; r += L) {
     uint32_t ah[4], al[4];
     mma::ldmatrix_x4_trans(ah, hi + mix_a_offset(lane, r));
     if (kLo) mma::ldmatrix_x4_trans(al, lo + mix_a_offset(lane, r));
@@ -101,11 +104,17 @@ __device__ __forceinline__ void mix_tiles(const bf16* hi, const bf16* lo, const 
       if (kLo) mma::mma_bf16(c, al, bh[2 * nt], bh[2 * nt + 1]);
       mma::mma_bf16(c, ah, bh[2 * nt], bh[2 * nt + 1]);
       // c0, c1: position (r, g), heads x0, x0 + 1; c2, c3: position (r, g + 8).
-      const int x0 = 8 * nt + 2 * t;
-      if (x0 < G) out[out_offset(x0, r, g)] = c[0], out[out_offset(x0, r, g + 8)] = c[2];
-      if (x0 + 1 < G) out[out_offset(x0 + 1, r, g)] = c[1], out[out_offset(x0 + 1, r, g + 8)] = c[3];
+      const int x0 = 8 * nt + 2 * t - h0;  // local head index
+      if (x0 >= 0 && x0 < L) out[out_offset(x0, r, g)] = c[0], out[out_offset(x0, r, g + 8)] = c[2];
+      if (x0 + 1 >= 0 && x0 + 1 < L) out[out_offset(x0 + 1, r, g)] = c[1], out[out_offset(x0 + 1, r, g + 8)] = c[3];
     }
   }
+}
+
+template <bool kLo>
+__device__ __forceinline__ void mix_tiles(const bf16* hi, const bf16* lo, const uint32_t* sFrag, int kind, float* out,
+                                          int G, int warp, int lane) {
+  mix_tiles_owned<kLo>(hi, lo, sFrag, kind, out, 0, G, warp, lane);
 }
 
 // acc[n-block] += D^T V summed over the positions of tile rows warp, warp + G, ...: acc[nb][e] is

@@ -11,9 +11,9 @@
 // kernels (attention/epilogue_cuda.h): kq_pre only (attention/flash_mta.h, dropout included) or head
 // mixing only (attention/flash_mix.h: groups of up to 8 heads, no attention dropout in training);
 // D = 64 or 128. MTA_FLASH_MTA=0 in the environment sends every MTA layer through the materialized op.
-// The kq layers (kq convolutions with head mixing) run attention/flash_kq_layer.h (<= 8 coupled heads,
-// no dropout): both passes at D = 64, the forward alone at D = 128 (with the materialized op's
-// backward). MTA_FUSED_KQ_LAYER=0 sends these layers to the materialized op both ways.
+// The kq layers (kq convolutions with head mixing) run attention/flash_kq_layer.h (no dropout) when
+// their group has at most 8 heads: both passes at D = 64, the forward alone at D = 128 (with the
+// materialized op's backward). See fused_allowed for MTA_FUSED_KQ_LAYER.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -363,15 +363,19 @@ class CudaModel : public TrainableModel {
                                                    train ? config().dropout : 0.f);
   }
 
-  // MTA_FLASH_MTA=0: no fused MTA layer; MTA_FUSED_KQ_LAYER=0: no fused kq layer (read per call: tests
-  // switch them).
+  // MTA_FLASH_MTA=0: no fused MTA layer. The kq layers run fused when their group fits one CTA (<= 8
+  // coupled heads), where the fused kernels measured faster than the materialized op; the groups of
+  // 9-16 heads (a cluster of two CTAs) measured slower (bench/RESULTS.md, session 8: the 125M LM at
+  // 58.9k against 66.7k tokens/s), so they take the materialized op unless MTA_FUSED_KQ_LAYER=1;
+  // MTA_FUSED_KQ_LAYER=0 sends every kq layer to it. Read per call: tests switch them.
   bool fused_allowed(int l, bool train) const {
     const char* e = std::getenv("MTA_FLASH_MTA");
     if ((e != nullptr && std::string(e) == "0") || config().attention != AttentionKind::Mta) return false;
+    const AttentionSpec spec = config().layer_spec(l);
+    if (!cuda::fused_attention_is_kq_layer(spec, config().head_dim(), train ? config().dropout : 0.f)) return true;
     const char* kq = std::getenv("MTA_FUSED_KQ_LAYER");
-    return !(kq != nullptr && std::string(kq) == "0" &&
-             cuda::fused_attention_is_kq_layer(config().layer_spec(l), config().head_dim(),
-                                               train ? config().dropout : 0.f));
+    const std::string mode = kq != nullptr ? kq : "";
+    return mode == "1" || (mode != "0" && spec.coupled_heads() <= 8);
   }
 
   bool use_flash() const {

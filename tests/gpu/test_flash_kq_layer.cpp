@@ -241,6 +241,9 @@ TEST(FlashKqLayer, PaperLayerForward) {
   check_forward(FwdCase{Case{2, 8, 77, 64, 6, 11, mta::PadKey::Both, 8, 8}, 6, 11, mta::PadKey::Both}, 11u);
   check_forward(FwdCase{Case{1, 8, 130, 128, 6, 11, mta::PadKey::Both, 8, 8}, 6, 11, mta::PadKey::Both}, 12u);
   check_forward(FwdCase{Case{1, 4, 1, 64, 6, 11, mta::PadKey::Both, 4, 4}, 6, 11, mta::PadKey::Both}, 13u);
+  // 16 and 12 coupled heads (the paper LM's, and the 125M config's): a cluster of two CTAs per group.
+  check_forward(FwdCase{Case{2, 16, 77, 64, 6, 11, mta::PadKey::Both, 16, 16}, 6, 11, mta::PadKey::Both}, 14u);
+  check_forward(FwdCase{Case{1, 12, 40, 64, 3, 5, mta::PadKey::Left, 12, 6}, 2, 3, mta::PadKey::Right}, 15u);
 }
 
 // A random convolution: cq in 1..8, any pad, ck in 1..15 (odd with pad both).
@@ -587,6 +590,10 @@ TEST(FlashKqLayer, Backward) {
   check_backward(FwdCase{Case{2, 8, 77, 64, 6, 11, mta::PadKey::Both, 8, 8}, 6, 11, mta::PadKey::Both}, 51u);
   check_backward(FwdCase{Case{1, 4, 1, 64, 6, 11, mta::PadKey::Both, 4, 4}, 6, 11, mta::PadKey::Both}, 52u);
   check_backward(FwdCase{Case{1, 8, 100, 64, 2, 9, mta::PadKey::Both, 0, 0}, 0, 0, mta::PadKey::Both}, 53u);
+  // Clusters of two CTAs per group: 16 heads (the paper LM's layer), 12 heads with a post mix of 6.
+  check_backward(FwdCase{Case{2, 16, 77, 64, 6, 11, mta::PadKey::Both, 16, 16}, 6, 11, mta::PadKey::Both}, 55u);
+  check_backward(FwdCase{Case{1, 12, 40, 64, 3, 5, mta::PadKey::Left, 12, 6}, 2, 3, mta::PadKey::Right}, 56u);
+  check_backward(FwdCase{Case{1, 16, 20, 64, 2, 4, mta::PadKey::Right, 8, 16}, 0, 0, mta::PadKey::Both}, 57u);
   std::mt19937 rng(54);
   for (int it = 0; it < 8; ++it) {
     FwdCase f;
@@ -647,11 +654,14 @@ TEST(FlashKqLayer, RefusesUnsupported) {
   EXPECT_FALSE(mta::cuda::flash_kq_layer_lse_supported(s, 96));
   EXPECT_THROW(mta::cuda::flash_kq_layer_lse(s, nullptr, nullptr, nullptr, nullptr, nullptr, 1, 8, nullptr),
                std::invalid_argument);
+  // Groups: up to 8 heads in one CTA, an even 10-16 on a cluster of two; 9 or 11 heads do not split.
+  s.heads = 16, s.head_pre = mta::HeadMix{16};
+  EXPECT_TRUE(mta::cuda::flash_kq_layer_backward_supported(s, 64));
+  EXPECT_FALSE(mta::cuda::flash_kq_layer_backward_supported(s, 128));
+  s.heads = 9, s.head_pre = mta::HeadMix{9};
+  EXPECT_FALSE(mta::cuda::flash_kq_layer_forward_supported(s, 64));
 }
 
-// `mta attn --device cuda` on a kq-layer spec (both convolutions, both mixes, norm and gate): without
-// dout the fused forward runs and matches the float64 CPU op; with dout the backward is not fused yet,
-// so auto takes the materialized op and --impl fused refuses.
 // `mta attn` inputs for spec (q, k, v bf16-exact; parameters identity plus noise; dout when asked),
 // as F32 (for the CUDA paths) and F64 (for the CPU reference).
 std::pair<mta::io::SafeTensors, mta::io::SafeTensors> attn_inputs(const mta::AttentionSpec& spec, int B, int T,
