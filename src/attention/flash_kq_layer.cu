@@ -114,6 +114,34 @@ __device__ __forceinline__ void load_q_frags(bf16* stage, const bf16* q, int m0,
   __syncwarp();
 }
 
+// A head's taps w [cq][ck] (of head h in [H][cq][ck]) into the warp's rows of kTapPitch; w == nullptr:
+// the identity 1 x 1 (a layer without kq_post).
+__device__ __forceinline__ void load_taps(float* myW, const float* w, int h, int cq, int ck, int lane) {
+  for (int i = lane; i < cq * ck; i += 32)
+    myW[(i / ck) * kTapPitch + i % ck] = w ? w[static_cast<size_t>(h) * cq * ck + i] : 1.f;
+}
+
+// The products of a 16-key tile (rows 16 tile .. of `rows` [T][D] bf16: K or V, zero past T, staged in
+// sT) with two 16-row A-fragment tiles a0, a1: acc0 / acc1 [key half][mma accumulator].
+template <int D, int S>
+__device__ __forceinline__ void two_tile_products(float (&acc0)[2][4], float (&acc1)[2][4], bf16* sT, const bf16* rows,
+                                                  int key0, int T, const uint32_t (&a0)[D / 16][4],
+                                                  const uint32_t (&a1)[D / 16][4], int lane) {
+  warp_load_rows_zero<D, S, kTile>(sT, rows, key0, T, lane);
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncwarp();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t bb[4];
+    ldmatrix_x4(bb, sT + bnk_offset(lane, 0, kk * 16, S));
+    mma_bf16(acc0[0], a0[kk], bb[0], bb[1]);
+    mma_bf16(acc0[1], a0[kk], bb[2], bb[3]);
+    mma_bf16(acc1[0], a1[kk], bb[0], bb[1]);
+    mma_bf16(acc1[1], a1[kk], bb[2], bb[3]);
+  }
+}
+
 // Key tile `tile` (keys 16 tile ..) of S0 into a window of rows m0 - kTop .. m0 + 15 (kTop = 8 or 16)
 // from the products of the two 16-row Q tiles (rows m0 - 16 .. m0 - 1, of which the last kTop are kept,
 // and m0 .. m0 + 15), scaled, the future set to 0. The ring is rotated by `rot`, the key offset of the
@@ -132,20 +160,8 @@ __device__ __forceinline__ void s0_tile_to_window(float* win, bf16* sKt, const b
     __syncwarp();
     return;
   }
-  warp_load_rows_zero<D, S, kTile>(sKt, k, key0, T, lane);
-  cp_async_commit();
-  cp_async_wait_all();
-  __syncwarp();
   float acc0[2][4] = {}, acc1[2][4] = {};
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t bb[4];
-    ldmatrix_x4(bb, sKt + bnk_offset(lane, 0, kk * 16, S));
-    mma_bf16(acc0[0], qa0[kk], bb[0], bb[1]);
-    mma_bf16(acc0[1], qa0[kk], bb[2], bb[3]);
-    mma_bf16(acc1[0], qa1[kk], bb[0], bb[1]);
-    mma_bf16(acc1[1], qa1[kk], bb[2], bb[3]);
-  }
+  two_tile_products<D, S>(acc0, acc1, sKt, k, key0, T, qa0, qa1, lane);
 #pragma unroll
   for (int j = 0; j < 2; ++j)
 #pragma unroll
@@ -370,7 +386,7 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
   const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
   q += head * D, k += head * D, lse += head;
   float* myW = sW + warp * kMaxCq * kTapPitch;
-  for (int i = lane; i < cq * ck; i += 32) myW[(i / ck) * kTapPitch + i % ck] = wpre[static_cast<size_t>(h) * cq * ck + i];
+  load_taps(myW, wpre, h, cq, ck, lane);
   if (gpre) {
     build_frags(sFrag, mpre, gpre, nullptr, 0, u * G, G);
     zero_in(sInHi), zero_in(sInLo);
@@ -506,10 +522,8 @@ __global__ void __launch_bounds__(16 * kMaxG)
   if (o32) o32 += head * D;
   float* myWpre = sWpre + warp * kMaxCq * kTapPitch;
   float* myWpost = sWpost + warp * kMaxCq * kTapPitch;
-  for (int i = lane; i < cq1 * ck1; i += 32)
-    myWpre[(i / ck1) * kTapPitch + i % ck1] = wpre[static_cast<size_t>(h) * cq1 * ck1 + i];
-  for (int i = lane; i < cq2 * ck2; i += 32)
-    myWpost[(i / ck2) * kTapPitch + i % ck2] = wpost ? wpost[static_cast<size_t>(h) * cq2 * ck2 + i] : 1.f;
+  load_taps(myWpre, wpre, h, cq1, ck1, lane);
+  load_taps(myWpost, wpost, h, cq2, ck2, lane);
   if (gpre || gpost) {
     build_frags(sFrag, mpre, gpre, mpost, gpost, u * G, G);
     zero_in(sInHi), zero_in(sInLo);
@@ -652,20 +666,8 @@ __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const
     __syncwarp();
     return;
   }
-  warp_load_rows_zero<D, S, kTile>(sVt, v, key0, T, lane);
-  cp_async_commit();
-  cp_async_wait_all();
-  __syncwarp();
   float acc0[2][4] = {}, acc1[2][4] = {};
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t bb[4];
-    ldmatrix_x4(bb, sVt + bnk_offset(lane, 0, kk * 16, S));
-    mma_bf16(acc0[0], da0[kk], bb[0], bb[1]);
-    mma_bf16(acc0[1], da0[kk], bb[2], bb[3]);
-    mma_bf16(acc1[0], da1[kk], bb[0], bb[1]);
-    mma_bf16(acc1[1], da1[kk], bb[2], bb[3]);
-  }
+  two_tile_products<D, S>(acc0, acc1, sVt, v, key0, T, da0, da1, lane);
 #pragma unroll
   for (int j = 0; j < 2; ++j)
 #pragma unroll
@@ -725,10 +727,8 @@ __global__ void __launch_bounds__(16 * kMaxG)
   q += head * D, k += head * D, v += head * D, dout += head * D, lse += head, delta += head;
   float* myWpre = sWpre + warp * kMaxCq * kTapPitch;
   float* myWpost = sWpost + warp * kMaxCq * kTapPitch;
-  for (int i = lane; i < cq1 * ck1; i += 32)
-    myWpre[(i / ck1) * kTapPitch + i % ck1] = wpre[static_cast<size_t>(h) * cq1 * ck1 + i];
-  for (int i = lane; i < cq2 * ck2; i += 32)
-    myWpost[(i / ck2) * kTapPitch + i % ck2] = wpost ? wpost[static_cast<size_t>(h) * cq2 * ck2 + i] : 1.f;
+  load_taps(myWpre, wpre, h, cq1, ck1, lane);
+  load_taps(myWpost, wpost, h, cq2, ck2, lane);
   if (gpre || gpost) {
     build_frags(sFrag, mpre, gpre, mpost, gpost, u * G, G);
     zero_in(sInHi), zero_in(sInLo);
@@ -906,10 +906,8 @@ __global__ void __launch_bounds__(16 * kMaxG)
   float* myWpre = sWpre + warp * kHeadTaps;
   float* myWpost = sWpost + warp * kHeadTaps;
   float* myDw = sDw + warp * kHeadTaps;
-  for (int i = lane; i < cq1 * ck1; i += 32)
-    myWpre[(i / ck1) * kTapPitch + i % ck1] = wpre[static_cast<size_t>(h) * cq1 * ck1 + i];
-  for (int i = lane; i < cq2 * ck2; i += 32)
-    myWpost[(i / ck2) * kTapPitch + i % ck2] = has_post ? wpost[static_cast<size_t>(h) * cq2 * ck2 + i] : 1.f;
+  load_taps(myWpre, wpre, h, cq1, ck1, lane);
+  load_taps(myWpost, wpost, h, cq2, ck2, lane);
   for (int i = lane; i < kHeadTaps; i += 32) myDw[i] = 0.f;
   if (gpre || gpost) {
     build_frags(sFrag, mpre, gpre, mpost, gpost, u * G, G);
@@ -1286,10 +1284,8 @@ __global__ void __launch_bounds__(16 * kMaxG)
   float* myWpre = sWpre + warp * kHeadTaps;
   float* myWpost = sWpost + warp * kHeadTaps;
   float* myDw = sDw + warp * kHeadTaps;
-  for (int i = lane; i < cq1 * ck1; i += 32)
-    myWpre[(i / ck1) * kTapPitch + i % ck1] = wpre[static_cast<size_t>(h) * cq1 * ck1 + i];
-  for (int i = lane; i < cq2 * ck2; i += 32)
-    myWpost[(i / ck2) * kTapPitch + i % ck2] = wpost ? wpost[static_cast<size_t>(h) * cq2 * ck2 + i] : 1.f;
+  load_taps(myWpre, wpre, h, cq1, ck1, lane);
+  load_taps(myWpost, wpost, h, cq2, ck2, lane);
   for (int i = lane; i < kHeadTaps; i += 32) myDw[i] = 0.f;
   if (gpre || gpost) {
     build_frags(sFrag, mpre, gpre, mpost, gpost, u * G, G);

@@ -408,6 +408,28 @@ TEST(FlashKqLayer, DeltaPass) {
   }
 }
 
+// The CPU op's backward in float64 (mta::cpu::mta_backward) of the layer core with lp's parameters:
+// dq, dk, dv and the enabled parameters' gradients (empty when disabled).
+struct RefGrads {
+  std::vector<double> dq, dk, dv, wpre, mpre, wpost, mpost;
+};
+RefGrads reference_backward(const Case& c, const mta::AttentionSpec& spec, const Tensor& q, const Tensor& k,
+                            const Tensor& v, const std::vector<double>& dout, const LayerParams& lp) {
+  const size_t n = q.val.size();
+  RefGrads r{std::vector<double>(n), std::vector<double>(n), std::vector<double>(n),
+             std::vector<double>(lp.wpre.size()), std::vector<double>(lp.mpre.size()),
+             std::vector<double>(lp.wpost.size()), std::vector<double>(lp.mpost.size())};
+  mta::AttnParams<double> p;
+  mta::AttnParamGrads<double> g;
+  p.kq_pre = lp.wpre.data(), g.kq_pre = r.wpre.data();
+  if (spec.head_pre) p.head_pre = lp.mpre.data(), g.head_pre = r.mpre.data();
+  if (spec.kq_post) p.kq_post = lp.wpost.data(), g.kq_post = r.wpost.data();
+  if (spec.head_post) p.head_post = lp.mpost.data(), g.head_post = r.mpost.data();
+  mta::cpu::mta_backward<double>(spec, mta::AttnDims{c.B, c.H, c.T, c.D}, q.val.data(), k.val.data(), v.val.data(), p,
+                                 dout.data(), r.dq.data(), r.dk.data(), r.dv.data(), g);
+  return r;
+}
+
 // The main backward pass's post side (kernel P, flash_kq_layer_post_grads): dv, the kq_post and the
 // head_post gradients against the CPU op's backward in float64 (mta::cpu::mta_backward) on the same
 // bf16-rounded inputs; lse from the float64 reference. dv accumulates into a buffer that starts at 0;
@@ -455,20 +477,9 @@ void check_post_grads(const FwdCase& f, unsigned seed, bool with_lo = false) {
                                        with_lo ? ddo_lo.as<bf>() : nullptr);
   CUDA_OK(cudaDeviceSynchronize());
 
-  mta::AttnParams<double> p;
-  p.kq_pre = lp.wpre.data();
-  if (c.gpre) p.head_pre = lp.mpre.data();
-  if (spec.kq_post) p.kq_post = lp.wpost.data();
-  if (c.gpost) p.head_post = lp.mpost.data();
-  std::vector<double> rq(n), rk(n), rv(n), g_wpre(lp.wpre.size()), g_mpre(lp.mpre.size()), g_wpost(lp.wpost.size()),
-      g_mpost(lp.mpost.size());
-  mta::AttnParamGrads<double> g;
-  g.kq_pre = g_wpre.data();
-  if (c.gpre) g.head_pre = g_mpre.data();
-  if (spec.kq_post) g.kq_post = g_wpost.data();
-  if (c.gpost) g.head_post = g_mpost.data();
-  mta::cpu::mta_backward<double>(spec, mta::AttnDims{c.B, c.H, c.T, c.D}, q.val.data(), k.val.data(), v.val.data(), p,
-                                 dO_ref.data(), rq.data(), rk.data(), rv.data(), g);
+  const RefGrads ref = reference_backward(c, spec, q, k, v, dO_ref, lp);
+  const std::vector<double>&rq = ref.dq, &rk = ref.dk, &rv = ref.dv, &g_wpre = ref.wpre, &g_mpre = ref.mpre,
+                            &g_wpost = ref.wpost, &g_mpost = ref.mpost;
   const std::vector<float> got_v = dv_acc.download<float>(n);
   const double e_v = rel_err(std::vector<double>(got_v.begin(), got_v.end()), rv);
   EXPECT_LE(e_v, 3e-2) << "dv";
@@ -547,20 +558,9 @@ void check_backward(const FwdCase& f, unsigned seed) {
                                      c.gpost ? gmpost->as<float>() : nullptr, ws.as<float>(), c.B, c.T, nullptr);
   CUDA_OK(cudaDeviceSynchronize());
 
-  mta::AttnParams<double> p;
-  p.kq_pre = lp.wpre.data();
-  if (c.gpre) p.head_pre = lp.mpre.data();
-  if (spec.kq_post) p.kq_post = lp.wpost.data();
-  if (c.gpost) p.head_post = lp.mpost.data();
-  std::vector<double> rq(n), rk(n), rv(n), g_wpre(lp.wpre.size()), g_mpre(lp.mpre.size()), g_wpost(lp.wpost.size()),
-      g_mpost(lp.mpost.size());
-  mta::AttnParamGrads<double> g;
-  g.kq_pre = g_wpre.data();
-  if (c.gpre) g.head_pre = g_mpre.data();
-  if (spec.kq_post) g.kq_post = g_wpost.data();
-  if (c.gpost) g.head_post = g_mpost.data();
-  mta::cpu::mta_backward<double>(spec, mta::AttnDims{c.B, c.H, c.T, c.D}, q.val.data(), k.val.data(), v.val.data(), p,
-                                 dO.val.data(), rq.data(), rk.data(), rv.data(), g);
+  const RefGrads ref = reference_backward(c, spec, q, k, v, dO.val, lp);
+  const std::vector<double>&rq = ref.dq, &rk = ref.dk, &rv = ref.dv, &g_wpre = ref.wpre, &g_mpre = ref.mpre,
+                            &g_wpost = ref.wpost, &g_mpost = ref.mpost;
   const std::vector<double> got_q = to_double(gq.download<uint16_t>(n)), got_k = to_double(gk.download<uint16_t>(n)),
                             got_v = to_double(gv.download<uint16_t>(n));
   EXPECT_EQ(non_finite(got_q) + non_finite(got_k) + non_finite(got_v), 0) << "dq, dk, dv not all written";
