@@ -1,6 +1,8 @@
-// The fused kq layer's forward (see flash_kq_layer.h and docs/flash-mta.md), without any T x T tensor in
-// device memory: pass 1 (below) computes lse of the mixed, convolved logits; pass 2 (further down) the
-// output, recomputing the logits with the halos its post-softmax convolution needs.
+// The fused kq layer (see flash_kq_layer.h and docs/flash-mta.md), without any T x T tensor in device
+// memory: pass 1 (below) computes lse of the mixed, convolved logits; pass 2 (further down) the output,
+// recomputing the logits with the halos its post-softmax convolution needs; the backward's delta pass,
+// kernel P (post side) and kernel Q (pre side) follow. Every pass runs one warp per head of a coupled
+// group, in one CTA (<= 8 heads) or a cluster of two (GroupPlace: 10-16 heads).
 //
 // Pass 1. A CTA owns 16 query rows (m0 ..) of one batch element and one coupled group of G heads, one
 // warp per head, as FlashMix does. Per block of 16 output keys (n0 ..), each warp:
