@@ -493,14 +493,15 @@ __device__ __forceinline__ void a_tile_to_window(float* awin, const float* s0win
   __syncwarp();
 }
 
-template <int D, int kCq1, int kCk1, int kCq2, int kCk2>
+template <int D, int kCq1, int kCk1, int kCq2, int kCk2, int kC>
 __global__ void __launch_bounds__(16 * kMaxG)
     flash_kq_layer_out_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                               const float* __restrict__ wpre, const float* __restrict__ mpre, int gpre,
                               const float* __restrict__ wpost, const float* __restrict__ mpost, int gpost,
                               const float* __restrict__ lse, bf16* __restrict__ o, float* __restrict__ o32, int H,
-                              int T, int G, int C, int cq1,
+                              int T, int G, int cq1,
                               int ck1, int off1, int cq2, int ck2, int off2, float scale) {
+  constexpr int C = kC;  // CTAs per group (a cluster when 2): compile-time, so one-CTA groups carry no cluster code
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -699,14 +700,15 @@ __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const
   __syncwarp();  // the window is read by other lanes; the V tile buffer is reloaded next time
 }
 
-template <int D, int kCq1, int kCk1, int kCq2, int kCk2>
+template <int D, int kCq1, int kCk1, int kCq2, int kCk2, int kC>
 __global__ void __launch_bounds__(16 * kMaxG)
     flash_kq_layer_delta_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                                 const bf16* __restrict__ dout, const float* __restrict__ wpre,
                                 const float* __restrict__ mpre, int gpre, const float* __restrict__ wpost,
                                 const float* __restrict__ mpost, int gpost, const float* __restrict__ lse,
-                                float* __restrict__ delta, int H, int T, int G, int C, int cq1, int ck1, int off1,
+                                float* __restrict__ delta, int H, int T, int G, int cq1, int ck1, int off1,
                                 int cq2, int ck2, int off2, float scale) {
+  constexpr int C = kC;  // CTAs per group (a cluster when 2): compile-time, so one-CTA groups carry no cluster code
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -782,9 +784,10 @@ void launch_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, const
   const KqConv post = spec.kq_post ? *spec.kq_post : KqConv{1, 1, PadKey::Right};  // identity: o = 0
   const int C = cluster_size(G);
   const size_t smem = smem_delta_bytes<D>(G / C);
-  auto kernel = flash_kq_layer_delta_kernel<D, kCq1, kCk1, kCq2, kCk2>;
+  auto kernel = C == 1 ? flash_kq_layer_delta_kernel<D, kCq1, kCk1, kCq2, kCk2, 1>
+                       : flash_kq_layer_delta_kernel<D, kCq1, kCk1, kCq2, kCk2, 2>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, wpre, mpre, gpre, spec.kq_post ? wpost : nullptr, mpost,
-                 gpost, lse, delta, H, T, G, C, pre.q, pre.k, pre.key_offset(), post.q, post.k, post.key_offset(),
+                 gpost, lse, delta, H, T, G, pre.q, pre.k, pre.key_offset(), post.q, post.k, post.key_offset(),
                  1.0f / std::sqrt(static_cast<float>(D)));
 }
 
@@ -870,7 +873,7 @@ __device__ __forceinline__ void conv_grad_row8_rt(const float* win, int cq, int 
   }
 }
 
-template <int D, int kCq1, int kCk1, int kCq2, int kCk2>
+template <int D, int kCq1, int kCk1, int kCq2, int kCk2, int kC>
 __global__ void __launch_bounds__(16 * kMaxG)
     flash_kq_layer_post_grad_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                     const bf16* __restrict__ v, const bf16* __restrict__ dout,
@@ -878,8 +881,9 @@ __global__ void __launch_bounds__(16 * kMaxG)
                                     const float* __restrict__ wpost, const float* __restrict__ mpost, int gpost,
                                     const float* __restrict__ lse, const bf16* __restrict__ dout_lo,
                                     float* __restrict__ dv_acc, float* __restrict__ part_w,
-                                    float* __restrict__ part_m, int H, int T, int G, int C,
+                                    float* __restrict__ part_m, int H, int T, int G,
                                     int cq1, int ck1, int off1, int cq2, int ck2, int off2, float scale) {
+  constexpr int C = kC;  // CTAs per group (a cluster when 2): compile-time, so one-CTA groups carry no cluster code
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -943,7 +947,8 @@ __global__ void __launch_bounds__(16 * kMaxG)
   for (int a = 0; a < kWq; ++a)
 #pragma unroll
     for (int c = 0; c < kWk; ++c) accw[a][c] = 0.f;
-  float dmp[kMaxG] = {};  // dMpost of this warp's head with head y0 + yy of its group
+  constexpr int kDmp = kC == 1 ? 8 : 16;  // head_post groups fit the CTA's or the cluster's heads
+  float dmp[kDmp] = {};  // dMpost of this warp's head with head y0 + yy of its group
   s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, 0, m0, T, scale, off1, lane);
   s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, 1, m0, T, scale, off1, lane);
   a_tile_to_window<kCq1, kCk1>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, gp, warp, lane,
@@ -1031,7 +1036,7 @@ __global__ void __launch_bounds__(16 * kMaxG)
       // gradient 12% off the CPU's (ModelCuda.MtaFusedMixAndEpilogueMatchCpu, session 8).
       const int hg = gp.h0 + warp, y0 = hg - hg % gpost;
 #pragma unroll
-      for (int yy = 0; yy < kMaxG; ++yy)
+      for (int yy = 0; yy < kDmp; ++yy)
         if (yy < gpost) {
           float sum = 0.f;
 #pragma unroll
@@ -1078,7 +1083,7 @@ __global__ void __launch_bounds__(16 * kMaxG)
   }
   if (gpost) {
 #pragma unroll
-    for (int yy = 0; yy < kMaxG; ++yy)
+    for (int yy = 0; yy < kDmp; ++yy)
       if (yy < gpost) {
         const float sum = warp_sum(dmp[yy]);
         if (lane == 0) part_m[(cta * G + gp.h0 + warp) * kMaxG + yy] = sum;
@@ -1129,9 +1134,10 @@ void launch_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, 
   const KqConv post = spec.kq_post ? *spec.kq_post : KqConv{1, 1, PadKey::Right};  // identity: o = 0
   const int C = cluster_size(G);
   const size_t smem = smem_post_bytes<D>(G / C);
-  auto kernel = flash_kq_layer_post_grad_kernel<D, kCq1, kCk1, kCq2, kCk2>;
+  auto kernel = C == 1 ? flash_kq_layer_post_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, 1>
+                       : flash_kq_layer_post_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, 2>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, wpre, mpre, gpre, spec.kq_post ? wpost : nullptr, mpost,
-                 gpost, lse, dout_lo, dv_acc, part_w, part_m, H, T, G, C, pre.q, pre.k, pre.key_offset(), post.q,
+                 gpost, lse, dout_lo, dv_acc, part_w, part_m, H, T, G, pre.q, pre.k, pre.key_offset(), post.q,
                  post.k, post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
 }
 
@@ -1248,17 +1254,20 @@ __device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, 
   __syncwarp();
 }
 
-// kDm: the dMpre accumulators per lane, 8 or 16 (the largest head_pre group the launch takes: 16 cost
-// the 6 x 11 kernel 236 bytes of spills and ~4% at 8 heads).
-template <int D, int kCq1, int kCk1, int kCq2, int kCk2, int kDm>
+// kC: CTAs per group (1, or a cluster of 2 for 10-16 heads). The dMpre accumulators per lane follow it
+// (8 heads at most in one CTA, 16 on a cluster: 16 slots cost the one-CTA 6 x 11 kernel 236 bytes of
+// spills and ~4% at 8 heads).
+template <int D, int kCq1, int kCk1, int kCq2, int kCk2, int kC>
 __global__ void __launch_bounds__(16 * kMaxG)
     flash_kq_layer_pre_grad_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                                    const bf16* __restrict__ dout, const float* __restrict__ wpre,
                                    const float* __restrict__ mpre, int gpre, const float* __restrict__ wpost,
                                    const float* __restrict__ mpost, int gpost, const float* __restrict__ lse,
                                    const float* __restrict__ delta, bf16* __restrict__ dq, float* __restrict__ dk_acc,
-                                   float* __restrict__ part_w, float* __restrict__ part_m, int H, int T, int G, int C,
+                                   float* __restrict__ part_w, float* __restrict__ part_m, int H, int T, int G,
                                    int cq1, int ck1, int off1, int cq2, int ck2, int off2, float scale) {
+  constexpr int C = kC;  // CTAs per group (a cluster when 2): compile-time, so one-CTA groups carry no cluster code
+  constexpr int kDm = kC == 1 ? 8 : 16;
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -1445,10 +1454,10 @@ void launch_pre_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, c
   const KqConv post = spec.kq_post ? *spec.kq_post : KqConv{1, 1, PadKey::Right};  // identity: o = 0
   const int C = cluster_size(G);
   const size_t smem = smem_pre_bytes<D>(G / C);
-  auto kernel = (spec.head_pre && spec.head_pre->group > 8) ? flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, 16>
-                                                             : flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, 8>;
+  auto kernel = C == 1 ? flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, 1>
+                        : flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, 2>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, wpre, mpre, gpre, spec.kq_post ? wpost : nullptr, mpost,
-                 gpost, lse, delta, dq, dk_acc, part_w, part_m, H, T, G, C, pre.q, pre.k, pre.key_offset(), post.q,
+                 gpost, lse, delta, dq, dk_acc, part_w, part_m, H, T, G, pre.q, pre.k, pre.key_offset(), post.q,
                  post.k, post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
 }
 
@@ -1489,9 +1498,10 @@ void launch_out(const AttentionSpec& spec, const bf16* q, const bf16* k, const b
   const KqConv post = spec.kq_post ? *spec.kq_post : KqConv{1, 1, PadKey::Right};  // identity: o = 0
   const int C = cluster_size(G);
   const size_t smem = smem_out_bytes<D>(G / C);
-  auto kernel = flash_kq_layer_out_kernel<D, kCq1, kCk1, kCq2, kCk2>;
+  auto kernel = C == 1 ? flash_kq_layer_out_kernel<D, kCq1, kCk1, kCq2, kCk2, 1>
+                       : flash_kq_layer_out_kernel<D, kCq1, kCk1, kCq2, kCk2, 2>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, wpre, mpre, gpre, spec.kq_post ? wpost : nullptr, mpost,
-                 gpost, lse, o, o32, H, T, G, C, pre.q, pre.k, pre.key_offset(), post.q, post.k, post.key_offset(),
+                 gpost, lse, o, o32, H, T, G, pre.q, pre.k, pre.key_offset(), post.q, post.k, post.key_offset(),
                  1.0f / std::sqrt(static_cast<float>(D)));
 }
 
