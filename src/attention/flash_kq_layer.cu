@@ -822,6 +822,38 @@ void dispatch_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, con
 constexpr int kHeadTaps = kMaxCq * kTapPitch;  // floats per head's taps (rows of kTapPitch)
 constexpr int kWStride = kMaxCq * kMaxCk;      // floats per (CTA, head) convolution-gradient partial
 
+// This warp's per-CTA partials (slot = (the group's CTA row * G + its head in the group)): the
+// convolution's weight gradient (cq x ck, from the lanes' accw for the compiled sizes kCq x kCk, or the
+// warp's sDw rows for runtime sizes) when has_w, and its head's mixing-gradient row (dm[y], y < gs)
+// when gs > 0, each summed over the lanes.
+template <int kCq, int kCk, int kDm>
+__device__ __forceinline__ void write_partials(float* part_w, float* part_m, size_t slot, bool has_w,
+                                               const float (&accw)[kCq > 0 ? kCq : 1][kCk > 0 ? kCk : 1],
+                                               const float* sDw, int cq, int ck, int gs, const float (&dm)[kDm],
+                                               int lane) {
+  if (has_w) {
+    float* pw = part_w + slot * kWStride;
+    if constexpr (kCq > 0) {
+#pragma unroll
+      for (int a = 0; a < kCq; ++a)
+#pragma unroll
+        for (int c = 0; c < kCk; ++c) {
+          const float sum = warp_sum(accw[a][c]);
+          if (lane == 0) pw[a * kCk + c] = sum;
+        }
+    } else {
+      __syncwarp();
+      for (int i = lane; i < cq * ck; i += 32) pw[i] = sDw[(i / ck) * kTapPitch + i % ck];
+    }
+  }
+#pragma unroll
+  for (int yy = 0; yy < kDm; ++yy)
+    if (yy < gs) {
+      const float sum = warp_sum(dm[yy]);
+      if (lane == 0) part_m[slot * kMaxG + yy] = sum;
+    }
+}
+
 template <int D>
 constexpr size_t warp_region_post_bytes() {
   return (kS0Floats + kAFloats) * sizeof(float) + 3 * static_cast<size_t>(kTile) * (D + 8) * sizeof(bf16);
@@ -1064,31 +1096,10 @@ __global__ void __launch_bounds__(16 * kMaxG)
     __syncwarp();  // every lane has read its dA2 before the next block's MixOut writes
   }
 
-  // Partials of this CTA: dWpost and the dMpost row of this warp's head, each summed over the lanes.
+  // Partials of this CTA: dWpost and the dMpost row of this warp's head.
   const size_t cta = static_cast<size_t>(blockIdx.x / gp.C) * gridDim.y + blockIdx.y;  // the group's CTA row
-  if (has_post) {
-    float* pw = part_w + (cta * G + gp.h0 + warp) * kWStride;
-    if constexpr (kCq2 > 0) {
-#pragma unroll
-      for (int a = 0; a < kCq2; ++a)
-#pragma unroll
-        for (int c = 0; c < kCk2; ++c) {
-          const float s = warp_sum(accw[a][c]);
-          if (lane == 0) pw[a * kCk2 + c] = s;
-        }
-    } else {
-      __syncwarp();
-      for (int i = lane; i < cq2 * ck2; i += 32) pw[i] = myDw[(i / ck2) * kTapPitch + i % ck2];
-    }
-  }
-  if (gpost) {
-#pragma unroll
-    for (int yy = 0; yy < kDmp; ++yy)
-      if (yy < gpost) {
-        const float sum = warp_sum(dmp[yy]);
-        if (lane == 0) part_m[(cta * G + gp.h0 + warp) * kMaxG + yy] = sum;
-      }
-  }
+  write_partials<kCq2, kCk2, kDmp>(part_w, part_m, cta * G + gp.h0 + warp, has_post, accw, myDw, cq2, ck2, gpost, dmp,
+                                   lane);
 }
 
 // grad[h * n + i] += the sum over the batch and the query tiles of the partials of head h, one warp per
@@ -1418,29 +1429,9 @@ __global__ void __launch_bounds__(16 * kMaxG)
       *reinterpret_cast<uint4*>(dq + static_cast<size_t>(qrow) * D + col) =
           *reinterpret_cast<const uint4*>(sTile + rr * S + col);
   }
-  // Partials of this CTA: dWpre and the dMpre row of this warp's head, each summed over the lanes.
+  // Partials of this CTA: dWpre and the dMpre row of this warp's head.
   const size_t cta = static_cast<size_t>(blockIdx.x / gp.C) * gridDim.y + blockIdx.y;  // the group's CTA row
-  float* pw = part_w + (cta * G + gp.h0 + warp) * kWStride;
-  if constexpr (kCq1 > 0) {
-#pragma unroll
-    for (int a = 0; a < kCq1; ++a)
-#pragma unroll
-      for (int c = 0; c < kCk1; ++c) {
-        const float s = warp_sum(accw[a][c]);
-        if (lane == 0) pw[a * kCk1 + c] = s;
-      }
-  } else {
-    __syncwarp();
-    for (int i = lane; i < cq1 * ck1; i += 32) pw[i] = myDw[(i / ck1) * kTapPitch + i % ck1];
-  }
-  if (gpre) {
-#pragma unroll
-    for (int yy = 0; yy < kDm; ++yy)
-      if (yy < gpre) {
-        const float s = warp_sum(dm[yy]);
-        if (lane == 0) part_m[(cta * G + gp.h0 + warp) * kMaxG + yy] = s;
-      }
-  }
+  write_partials<kCq1, kCk1, kDm>(part_w, part_m, cta * G + gp.h0 + warp, true, accw, myDw, cq1, ck1, gpre, dm, lane);
 }
 
 template <int D, int kCq1, int kCk1, int kCq2, int kCk2>

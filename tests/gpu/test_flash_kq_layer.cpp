@@ -193,11 +193,17 @@ struct FwdCase {
   mta::PadKey pad2;
 };
 
+// The forward's spec: spec_of(c) with kq_post when cq2 > 0.
+mta::AttentionSpec spec_of(const FwdCase& f) {
+  mta::AttentionSpec s = spec_of(f.c);
+  if (f.cq2) s.kq_post = mta::KqConv{f.cq2, f.ck2, f.pad2};
+  return s;
+}
+
 void check_forward(const FwdCase& f, unsigned seed) {
   const Case& c = f.c;
   SCOPED_TRACE(c.str() + " kq_post " + std::to_string(f.cq2) + "x" + std::to_string(f.ck2));
-  mta::AttentionSpec spec = spec_of(c);
-  if (f.cq2) spec.kq_post = mta::KqConv{f.cq2, f.ck2, f.pad2};
+  const mta::AttentionSpec spec = spec_of(f);
   ASSERT_TRUE(mta::cuda::flash_kq_layer_forward_supported(spec, c.D));
   std::mt19937 rng(seed);
   const size_t n = static_cast<size_t>(c.B) * c.H * c.T * c.D, rows = static_cast<size_t>(c.B) * c.H * c.T;
@@ -274,6 +280,23 @@ TEST(FlashKqLayer, RandomForward) {
     c.gpost = groups[rng() % 4];
     check_forward(f, 200u + it);
   }
+}
+
+// A random layer for the backward checks (draws in the order the checks always took them): B 1..2,
+// H = 4, D = 64, T 1..70, random convolutions (no kq_post every third case), groups 0, 1, 2 or 4.
+FwdCase random_backward_case(std::mt19937& rng, int it) {
+  FwdCase f;
+  Case& c = f.c;
+  c.B = 1 + static_cast<int>(rng() % 2), c.D = 64, c.H = 4, c.T = 1 + static_cast<int>(rng() % 70);
+  random_conv(rng, c.cq, c.ck, c.pad);
+  if (it % 3 != 2)
+    random_conv(rng, f.cq2, f.ck2, f.pad2);
+  else
+    f.cq2 = 0, f.ck2 = 0, f.pad2 = mta::PadKey::Both;
+  const int groups[] = {0, 1, 2, 4};
+  c.gpre = groups[rng() % 4];
+  c.gpost = groups[rng() % 4];
+  return f;
 }
 
 // The backward's delta pass (flash_kq_layer_delta): delta_x[i] = sum_j A_x[i, j] dA_x[i, j] in float64
@@ -361,8 +384,7 @@ std::vector<double> reference_delta(const FwdCase& f, const mta::AttentionSpec& 
 void check_delta(const FwdCase& f, unsigned seed) {
   const Case& c = f.c;
   SCOPED_TRACE(c.str() + " kq_post " + std::to_string(f.cq2) + "x" + std::to_string(f.ck2));
-  mta::AttentionSpec spec = spec_of(c);
-  if (f.cq2) spec.kq_post = mta::KqConv{f.cq2, f.ck2, f.pad2};
+  const mta::AttentionSpec spec = spec_of(f);
   ASSERT_TRUE(mta::cuda::flash_kq_layer_delta_supported(spec, c.D));
   std::mt19937 rng(seed);
   const size_t n = static_cast<size_t>(c.B) * c.H * c.T * c.D, rows = static_cast<size_t>(c.B) * c.H * c.T;
@@ -394,18 +416,7 @@ TEST(FlashKqLayer, DeltaPass) {
   check_delta(FwdCase{Case{2, 8, 77, 64, 6, 11, mta::PadKey::Both, 8, 8}, 6, 11, mta::PadKey::Both}, 31u);
   check_delta(FwdCase{Case{1, 4, 1, 64, 6, 11, mta::PadKey::Both, 4, 4}, 6, 11, mta::PadKey::Both}, 32u);
   std::mt19937 rng(33);
-  for (int it = 0; it < 6; ++it) {
-    FwdCase f;
-    Case& c = f.c;
-    c.B = 1 + static_cast<int>(rng() % 2), c.D = 64, c.H = 4, c.T = 1 + static_cast<int>(rng() % 70);
-    random_conv(rng, c.cq, c.ck, c.pad);
-    if (it % 3 != 2) random_conv(rng, f.cq2, f.ck2, f.pad2);
-    else f.cq2 = 0, f.ck2 = 0, f.pad2 = mta::PadKey::Both;
-    const int groups[] = {0, 1, 2, 4};
-    c.gpre = groups[rng() % 4];
-    c.gpost = groups[rng() % 4];
-    check_delta(f, 300u + it);
-  }
+  for (int it = 0; it < 6; ++it) check_delta(random_backward_case(rng, it), 300u + it);
 }
 
 // The CPU op's backward in float64 (mta::cpu::mta_backward) of the layer core with lp's parameters:
@@ -438,8 +449,7 @@ void check_post_grads(const FwdCase& f, unsigned seed, bool with_lo = false) {
   const Case& c = f.c;
   SCOPED_TRACE(c.str() + " kq_post " + std::to_string(f.cq2) + "x" + std::to_string(f.ck2) +
                (with_lo ? " with dout_lo" : ""));
-  mta::AttentionSpec spec = spec_of(c);
-  if (f.cq2) spec.kq_post = mta::KqConv{f.cq2, f.ck2, f.pad2};
+  const mta::AttentionSpec spec = spec_of(f);
   ASSERT_TRUE(mta::cuda::flash_kq_layer_post_grads_supported(spec, c.D));
   std::mt19937 rng(seed);
   const size_t n = static_cast<size_t>(c.B) * c.H * c.T * c.D;
@@ -508,18 +518,7 @@ TEST(FlashKqLayer, PostGrads) {
   check_post_grads(FwdCase{Case{1, 4, 45, 64, 3, 4, mta::PadKey::Left, 2, 4}, 5, 6, mta::PadKey::Right}, 45u, true);
   check_post_grads(FwdCase{Case{1, 4, 1, 64, 6, 11, mta::PadKey::Both, 4, 4}, 6, 11, mta::PadKey::Both}, 42u);
   std::mt19937 rng(43);
-  for (int it = 0; it < 6; ++it) {
-    FwdCase f;
-    Case& c = f.c;
-    c.B = 1 + static_cast<int>(rng() % 2), c.D = 64, c.H = 4, c.T = 1 + static_cast<int>(rng() % 70);
-    random_conv(rng, c.cq, c.ck, c.pad);
-    if (it % 3 != 2) random_conv(rng, f.cq2, f.ck2, f.pad2);
-    else f.cq2 = 0, f.ck2 = 0, f.pad2 = mta::PadKey::Both;
-    const int groups[] = {0, 1, 2, 4};
-    c.gpre = groups[rng() % 4];
-    c.gpost = groups[rng() % 4];
-    check_post_grads(f, 400u + it);
-  }
+  for (int it = 0; it < 6; ++it) check_post_grads(random_backward_case(rng, it), 400u + it);
 }
 
 // The whole backward (flash_kq_layer_backward: the delta pass, kernels P and Q) after the fused forward
@@ -529,8 +528,7 @@ TEST(FlashKqLayer, PostGrads) {
 void check_backward(const FwdCase& f, unsigned seed) {
   const Case& c = f.c;
   SCOPED_TRACE(c.str() + " kq_post " + std::to_string(f.cq2) + "x" + std::to_string(f.ck2));
-  mta::AttentionSpec spec = spec_of(c);
-  if (f.cq2) spec.kq_post = mta::KqConv{f.cq2, f.ck2, f.pad2};
+  const mta::AttentionSpec spec = spec_of(f);
   ASSERT_TRUE(mta::cuda::flash_kq_layer_backward_supported(spec, c.D));
   std::mt19937 rng(seed);
   const size_t n = static_cast<size_t>(c.B) * c.H * c.T * c.D, rows = static_cast<size_t>(c.B) * c.H * c.T;
@@ -595,18 +593,7 @@ TEST(FlashKqLayer, Backward) {
   check_backward(FwdCase{Case{1, 12, 40, 64, 3, 5, mta::PadKey::Left, 12, 6}, 2, 3, mta::PadKey::Right}, 56u);
   check_backward(FwdCase{Case{1, 16, 20, 64, 2, 4, mta::PadKey::Right, 8, 16}, 0, 0, mta::PadKey::Both}, 57u);
   std::mt19937 rng(54);
-  for (int it = 0; it < 8; ++it) {
-    FwdCase f;
-    Case& c = f.c;
-    c.B = 1 + static_cast<int>(rng() % 2), c.D = 64, c.H = 4, c.T = 1 + static_cast<int>(rng() % 70);
-    random_conv(rng, c.cq, c.ck, c.pad);
-    if (it % 3 != 2) random_conv(rng, f.cq2, f.ck2, f.pad2);
-    else f.cq2 = 0, f.ck2 = 0, f.pad2 = mta::PadKey::Both;
-    const int groups[] = {0, 1, 2, 4};
-    c.gpre = groups[rng() % 4];
-    c.gpost = groups[rng() % 4];
-    check_backward(f, 500u + it);
-  }
+  for (int it = 0; it < 8; ++it) check_backward(random_backward_case(rng, it), 500u + it);
 }
 
 TEST(FlashKqLayer, PaperLayerLse) {
