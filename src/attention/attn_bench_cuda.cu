@@ -154,9 +154,10 @@ nlohmann::json bench_attention(const AttentionSpec& spec, int B, int T, const st
     fwd = [&] { flash_attn_forward(q, k, v, o, lse, B, H, T, D, nullptr); };
     bwd = [&] { flash_attn_backward(q, k, v, o, dout, lse, dq, dk, dv, scratch, B, H, T, D, nullptr); };
   } else {
-    bf16* core = fused_attention_has_epilogue(spec) ? mem.alloc<bf16>(n) : nullptr;
+    // The kq layers with an epilogue keep the core's output in fp32 alone (for the backward).
     const size_t n32 = forward_only ? 0 : fused_attention_core32_floats(spec, B, T);
     float* core32 = n32 ? mem.alloc<float>(n32) : nullptr;
+    bf16* core = fused_attention_has_epilogue(spec) && !core32 ? mem.alloc<bf16>(n) : nullptr;
     if (!forward_only) scratch = mem.alloc<unsigned char>(fused_attention_backward_scratch_bytes(spec, B, T));
     fwd = [&, core, core32] {
       fused_attention_forward(spec, q, k, v, params, core, o, lse, B, T, AttnOptions{}, nullptr, core32);

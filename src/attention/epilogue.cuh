@@ -78,14 +78,14 @@ __device__ inline T inv_rms(const Row& o, int Dv, int lane) {
 
 // 8-10. Group norm, depth scaling, gate on rows of length Dv: rows [ra, ra + nr) of each head of `in`
 // into the same rows of `out` (both [heads][n][Dv], rows = heads * nr; in == out works in place), in
-// T's precision (TIo: the rows' storage type). One warp per row.
-template <typename T, typename TIo>
-__global__ void epilogue_forward_kernel(const TIo* in, TIo* out, Epilogue<T> ep, int Dv, int n, int ra, int nr,
+// T's precision (TIo: the rows' storage type; TIn: the input's, when it differs). One warp per row.
+template <typename T, typename TIo, typename TIn = TIo>
+__global__ void epilogue_forward_kernel(const TIn* in, TIo* out, Epilogue<T> ep, int Dv, int n, int ra, int nr,
                                         long long rows) {
   const int lane = threadIdx.x & 31;
   for (long long r = global_thread() >> 5; r < rows; r += grid_threads() >> 5) {
     const long long off = ((r / nr) * n + ra + r % nr) * Dv;
-    const TIo* src = in + off;
+    const TIn* src = in + off;
     TIo* dst = out + off;
     auto o = [&](int e) { return static_cast<T>(src[e]); };
     const T rr = ep.norm ? inv_rms<T>(o, Dv, lane) : T(1);

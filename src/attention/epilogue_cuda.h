@@ -23,8 +23,14 @@ AttentionSpec attn_core_spec(const AttentionSpec& spec);
 void attn_epilogue_forward(const AttentionSpec& spec, const __nv_bfloat16* core, const float* norm, const float* gate_w,
                            const float* gate_b, __nv_bfloat16* out, long long rows, int D, cudaStream_t s);
 
+// The same from the core's output in fp32 (flash_kq_layer_forward's o32), which the kq layers keep for
+// the backward (below) and so need not keep in bf16 as well.
+void attn_epilogue_forward(const AttentionSpec& spec, const float* core32, const float* norm, const float* gate_w,
+                           const float* gate_b, __nv_bfloat16* out, long long rows, int D, cudaStream_t s);
+
 // dcore = d epilogue / d core applied to dout; grad_norm, grad_gate_w, grad_gate_b are added to.
-// `scratch`: attn_epilogue_backward_scratch_bytes(rows, D) bytes.
+// `scratch`: attn_epilogue_backward_scratch_bytes(rows, D) bytes (per-block partial sums: a few hundred
+// KB whatever the rows; no per-row buffer). D <= 256.
 size_t attn_epilogue_backward_scratch_bytes(long long rows, int D);
 void attn_epilogue_backward(const AttentionSpec& spec, const __nv_bfloat16* core, const __nv_bfloat16* dout,
                             const float* norm, const float* gate_w, const float* gate_b, __nv_bfloat16* dcore,

@@ -50,6 +50,13 @@ void kq_require(bool ok, const std::string& what) {
 }
 
 constexpr int kMaxCq = 8, kMaxCk = 15;
+
+// A layer without kq_pre (or kq_post) runs the kernels with the identity 1 x 1 convolution in its
+// place: with the weight pointer null, load_taps gives the single tap 1, and C = 1 * S0 is S0 exactly in
+// fp32, so the result is the layer without that convolution (its weight gradient is computed and
+// dropped). This is how the kq layers cover kq_post alone (with or without head mixing).
+KqConv pre_conv(const AttentionSpec& spec) { return spec.kq_pre ? *spec.kq_pre : KqConv{1, 1, PadKey::Right}; }
+KqConv post_conv(const AttentionSpec& spec) { return spec.kq_post ? *spec.kq_post : KqConv{1, 1, PadKey::Right}; }
 constexpr int kWinRows = 24;       // S0 rows m0 - 8 .. m0 + 15
 constexpr int kWinTop = 8;         // window row of query row m0
 constexpr int kWinPitch = 68;      // floats per window row: a ring of 64 keys, padded (16-byte rows)
@@ -521,7 +528,8 @@ __global__ void __launch_bounds__(16 * kMaxG)
   const int h = u * G + gp.h0 + warp;
   const size_t head = static_cast<size_t>(b * H + h) * T;
   const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
-  q += head * D, k += head * D, v += head * D, o += head * D, lse += head;
+  q += head * D, k += head * D, v += head * D, lse += head;
+  if (o) o += head * D;
   if (o32) o32 += head * D;
   float* myWpre = sWpre + warp * kMaxCq * kTapPitch;
   float* myWpost = sWpost + warp * kMaxCq * kTapPitch;
@@ -606,7 +614,9 @@ __global__ void __launch_bounds__(16 * kMaxG)
               make_float2(acc_o[j][2 * rr], acc_o[j][2 * rr + 1]);
       }
   }
-  // O rows (A3 carries the softmax's normalization), staged through the tile buffer, 16-byte stores.
+  // O rows (A3 carries the softmax's normalization), staged through the tile buffer, 16-byte stores;
+  // none when only the fp32 rows are asked for (an epilogue then reads those).
+  if (!o) return;
 #pragma unroll
   for (int j = 0; j < D / 8; ++j)
 #pragma unroll
@@ -780,14 +790,14 @@ void launch_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, const
                   float* delta, int B, int T, cudaStream_t s) {
   const int H = spec.heads, G = spec.coupled_heads();
   const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
-  const KqConv& pre = *spec.kq_pre;
-  const KqConv post = spec.kq_post ? *spec.kq_post : KqConv{1, 1, PadKey::Right};  // identity: o = 0
+  const KqConv pre = pre_conv(spec);
+  const KqConv post = post_conv(spec);
   const int C = cluster_size(G);
   const size_t smem = smem_delta_bytes<D>(G / C);
   auto kernel = C == 1 ? flash_kq_layer_delta_kernel<D, kCq1, kCk1, kCq2, kCk2, 1>
                        : flash_kq_layer_delta_kernel<D, kCq1, kCk1, kCq2, kCk2, 2>;
-  launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, wpre, mpre, gpre, spec.kq_post ? wpost : nullptr, mpost,
-                 gpost, lse, delta, H, T, G, pre.q, pre.k, pre.key_offset(), post.q, post.k, post.key_offset(),
+  launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, spec.kq_pre ? wpre : nullptr, mpre, gpre,
+                 spec.kq_post ? wpost : nullptr, mpost, gpost, lse, delta, H, T, G, pre.q, pre.k, pre.key_offset(), post.q, post.k, post.key_offset(),
                  1.0f / std::sqrt(static_cast<float>(D)));
 }
 
@@ -795,7 +805,7 @@ template <int D>
 void dispatch_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
                     const float* wpre, const float* mpre, const float* wpost, const float* mpost, const float* lse,
                     float* delta, int B, int T, cudaStream_t s) {
-  const KqConv& pre = *spec.kq_pre;
+  const KqConv pre = pre_conv(spec);
   if (pre.q == 6 && pre.k == 11 && spec.kq_post && spec.kq_post->q == 6 && spec.kq_post->k == 11)
     launch_delta<D, 6, 11, 6, 11>(spec, q, k, v, dout, wpre, mpre, wpost, mpost, lse, delta, B, T, s);
   else
@@ -1141,14 +1151,14 @@ void launch_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, 
                        cudaStream_t s) {
   const int H = spec.heads, G = spec.coupled_heads();
   const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
-  const KqConv& pre = *spec.kq_pre;
-  const KqConv post = spec.kq_post ? *spec.kq_post : KqConv{1, 1, PadKey::Right};  // identity: o = 0
+  const KqConv pre = pre_conv(spec);
+  const KqConv post = post_conv(spec);
   const int C = cluster_size(G);
   const size_t smem = smem_post_bytes<D>(G / C);
   auto kernel = C == 1 ? flash_kq_layer_post_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, 1>
                        : flash_kq_layer_post_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, 2>;
-  launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, wpre, mpre, gpre, spec.kq_post ? wpost : nullptr, mpost,
-                 gpost, lse, dout_lo, dv_acc, part_w, part_m, H, T, G, pre.q, pre.k, pre.key_offset(), post.q,
+  launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, spec.kq_pre ? wpre : nullptr, mpre, gpre,
+                 spec.kq_post ? wpost : nullptr, mpost, gpost, lse, dout_lo, dv_acc, part_w, part_m, H, T, G, pre.q, pre.k, pre.key_offset(), post.q,
                  post.k, post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
 }
 
@@ -1441,14 +1451,14 @@ void launch_pre_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, c
                       cudaStream_t s) {
   const int H = spec.heads, G = spec.coupled_heads();
   const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
-  const KqConv& pre = *spec.kq_pre;
-  const KqConv post = spec.kq_post ? *spec.kq_post : KqConv{1, 1, PadKey::Right};  // identity: o = 0
+  const KqConv pre = pre_conv(spec);
+  const KqConv post = post_conv(spec);
   const int C = cluster_size(G);
   const size_t smem = smem_pre_bytes<D>(G / C);
   auto kernel = C == 1 ? flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, 1>
                         : flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, 2>;
-  launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, wpre, mpre, gpre, spec.kq_post ? wpost : nullptr, mpost,
-                 gpost, lse, delta, dq, dk_acc, part_w, part_m, H, T, G, pre.q, pre.k, pre.key_offset(), post.q,
+  launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, spec.kq_pre ? wpre : nullptr, mpre, gpre,
+                 spec.kq_post ? wpost : nullptr, mpost, gpost, lse, delta, dq, dk_acc, part_w, part_m, H, T, G, pre.q, pre.k, pre.key_offset(), post.q,
                  post.k, post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
 }
 
@@ -1457,12 +1467,12 @@ void launch_lse(const AttentionSpec& spec, const bf16* q, const bf16* k, const f
                 float* lse, int B, int T, cudaStream_t s) {
   const int H = spec.heads, G = spec.coupled_heads();
   const int gpre = spec.head_pre ? spec.head_pre->group : 0;
-  const KqConv& kc = *spec.kq_pre;
+  const KqConv kc = pre_conv(spec);
   const size_t smem = smem_bytes<D>(G);
   auto kernel = flash_kq_layer_lse_kernel<D, kCq, kCk>;
   MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const dim3 grid(static_cast<unsigned>(B * (H / G)), static_cast<unsigned>((T + kTile - 1) / kTile));
-  kernel<<<grid, 32 * G, smem, s>>>(q, k, wpre, mpre, gpre, lse, H, T, G, kc.q, kc.k, kc.key_offset(),
+  kernel<<<grid, 32 * G, smem, s>>>(q, k, spec.kq_pre ? wpre : nullptr, mpre, gpre, lse, H, T, G, kc.q, kc.k, kc.key_offset(),
                                     1.0f / std::sqrt(static_cast<float>(D)));
   MTA_CUDA_CHECK_LAUNCH("flash_kq_layer_lse_kernel");
 }
@@ -1470,7 +1480,7 @@ void launch_lse(const AttentionSpec& spec, const bf16* q, const bf16* k, const f
 template <int D>
 void dispatch_lse(const AttentionSpec& spec, const bf16* q, const bf16* k, const float* wpre, const float* mpre,
                   float* lse, int B, int T, cudaStream_t s) {
-  const KqConv& kc = *spec.kq_pre;
+  const KqConv kc = pre_conv(spec);
   if (kc.q == 6 && kc.k == 11)
     launch_lse<D, 6, 11>(spec, q, k, wpre, mpre, lse, B, T, s);
   else if (kc.q == 2 && kc.k == 9)
@@ -1485,14 +1495,14 @@ void launch_out(const AttentionSpec& spec, const bf16* q, const bf16* k, const b
                 int T, cudaStream_t s) {
   const int H = spec.heads, G = spec.coupled_heads();
   const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
-  const KqConv& pre = *spec.kq_pre;
-  const KqConv post = spec.kq_post ? *spec.kq_post : KqConv{1, 1, PadKey::Right};  // identity: o = 0
+  const KqConv pre = pre_conv(spec);
+  const KqConv post = post_conv(spec);
   const int C = cluster_size(G);
   const size_t smem = smem_out_bytes<D>(G / C);
   auto kernel = C == 1 ? flash_kq_layer_out_kernel<D, kCq1, kCk1, kCq2, kCk2, 1>
                        : flash_kq_layer_out_kernel<D, kCq1, kCk1, kCq2, kCk2, 2>;
-  launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, wpre, mpre, gpre, spec.kq_post ? wpost : nullptr, mpost,
-                 gpost, lse, o, o32, H, T, G, pre.q, pre.k, pre.key_offset(), post.q, post.k, post.key_offset(),
+  launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, spec.kq_pre ? wpre : nullptr, mpre, gpre,
+                 spec.kq_post ? wpost : nullptr, mpost, gpost, lse, o, o32, H, T, G, pre.q, pre.k, pre.key_offset(), post.q, post.k, post.key_offset(),
                  1.0f / std::sqrt(static_cast<float>(D)));
 }
 
@@ -1500,7 +1510,7 @@ template <int D>
 void dispatch_out(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const float* wpre,
                   const float* mpre, const float* wpost, const float* mpost, const float* lse, bf16* o, float* o32, int B,
                   int T, cudaStream_t s) {
-  const KqConv& pre = *spec.kq_pre;
+  const KqConv pre = pre_conv(spec);
   if (pre.q == 6 && pre.k == 11 && spec.kq_post && spec.kq_post->q == 6 && spec.kq_post->k == 11)
     launch_out<D, 6, 11, 6, 11>(spec, q, k, v, wpre, mpre, wpost, mpost, lse, o, o32, B, T, s);
   else
@@ -1522,9 +1532,10 @@ void flash_kq_layer_forward(const AttentionSpec& spec, const bf16* q, const bf16
                             bf16* o, float* lse, int B, int T, cudaStream_t s, float* o32) {
   const int D = spec.head_dim;
   kq_require(flash_kq_layer_forward_supported(spec, D),
-             "the forward needs kq_pre (and kq_post, if any) with cq <= 8, ck <= 15, head_dim 64 or 128 and at "
-             "most 8 coupled heads");
-  kq_require(v && o && aligned16(v) && aligned16(o), "v and o must be non-null and 16-byte aligned");
+             "the forward needs kq_pre or kq_post (each with cq <= 8, ck <= 15), head_dim 64 or 128 and at "
+             "most 8 coupled heads, or an even number up to 16 at head_dim 64");
+  kq_require(v && aligned16(v) && (o || o32) && (!o || aligned16(o)),
+             "v must be non-null and 16-byte aligned, and o (16-byte aligned) or o32 non-null");
   kq_require(!spec.kq_post || kq_post != nullptr, "kq_post is enabled but its weights are null");
   kq_require(!spec.head_post || head_post != nullptr, "head_post is enabled but its weights are null");
   flash_kq_layer_lse(spec, q, k, kq_pre, head_pre, lse, B, T, s);
@@ -1535,7 +1546,8 @@ void flash_kq_layer_forward(const AttentionSpec& spec, const bf16* q, const bf16
 }
 
 bool flash_kq_layer_lse_supported(const AttentionSpec& spec, int D) {
-  if (!spec.kq_pre || spec.kq_pre->q > kMaxCq || spec.kq_pre->k > kMaxCk) return false;
+  if (!spec.kq_pre && !spec.kq_post) return false;  // head mixing alone is flash_mix.h's
+  if (spec.kq_pre && (spec.kq_pre->q > kMaxCq || spec.kq_pre->k > kMaxCk)) return false;
   if (D != spec.head_dim || (D != 64 && D != 128)) return false;
   return spec.coupled_heads() <= (D == 64 ? 16 : 8);
 }
@@ -1544,12 +1556,13 @@ void flash_kq_layer_lse(const AttentionSpec& spec, const bf16* q, const bf16* k,
                         const float* head_pre, float* lse, int B, int T, cudaStream_t s) {
   const int D = spec.head_dim;
   kq_require(flash_kq_layer_lse_supported(spec, D),
-             "pass 1 needs kq_pre with cq <= 8, ck <= 15, head_dim 64 or 128 and at most 16 (D = 64) or 8 "
+             "pass 1 needs kq_pre or kq_post (each with cq <= 8, ck <= 15), head_dim 64 or 128 and at most 16 (D = 64) or 8 "
              "(D = 128) coupled heads");
   kq_require(B >= 1 && T >= 1, "B and T must be >= 1");
   kq_require(static_cast<long long>(B) * spec.heads <= INT_MAX && T <= 65535 * kTile, "B * H or T too large");
   kq_require(q && k && aligned16(q) && aligned16(k), "q and k must be non-null and 16-byte aligned");
-  kq_require(kq_pre != nullptr && lse != nullptr, "the kq_pre weights and lse must be non-null");
+  kq_require(lse != nullptr, "lse must be non-null");
+  kq_require(!spec.kq_pre || kq_pre != nullptr, "kq_pre is enabled but its weights are null");
   kq_require(!spec.head_pre || head_pre != nullptr, "head_pre is enabled but its weights are null");
   if (D == 64)
     dispatch_lse<64>(spec, q, k, kq_pre, head_pre, lse, B, T, s);
@@ -1566,15 +1579,16 @@ void flash_kq_layer_delta(const AttentionSpec& spec, const bf16* q, const bf16* 
                           const float* lse, float* delta, int B, int T, cudaStream_t s) {
   const int D = spec.head_dim;
   kq_require(flash_kq_layer_delta_supported(spec, D),
-             "the delta pass needs head_dim 64 and what the forward needs (kq_pre with cq <= 8, ck <= 15; kq_post "
-             "likewise if any; at most 8 coupled heads, or an even number up to 16)");
+             "the delta pass needs head_dim 64 and what the forward needs (kq_pre or kq_post, each with cq <= 8, "
+             "ck <= 15; at most 8 coupled heads, or an even number up to 16)");
   kq_require(B >= 1 && T >= 1, "B and T must be >= 1");
   kq_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
              "B * H or T too large");
   for (const void* p : {static_cast<const void*>(q), static_cast<const void*>(k), static_cast<const void*>(v),
                         static_cast<const void*>(dout)})
     kq_require(p != nullptr && aligned16(p), "q, k, v, dout must be non-null and 16-byte aligned");
-  kq_require(kq_pre != nullptr && lse != nullptr && delta != nullptr, "kq_pre weights, lse and delta must be non-null");
+  kq_require(lse != nullptr && delta != nullptr, "lse and delta must be non-null");
+  kq_require(!spec.kq_pre || kq_pre != nullptr, "kq_pre is enabled but its weights are null");
   kq_require(!spec.head_pre || head_pre != nullptr, "head_pre is enabled but its weights are null");
   kq_require(!spec.kq_post || kq_post != nullptr, "kq_post is enabled but its weights are null");
   kq_require(!spec.head_post || head_post != nullptr, "head_post is enabled but its weights are null");
@@ -1597,16 +1611,17 @@ void flash_kq_layer_post_grads(const AttentionSpec& spec, const bf16* q, const b
                                const bf16* dout_lo) {
   const int D = spec.head_dim;
   kq_require(flash_kq_layer_post_grads_supported(spec, D),
-             "kernel P needs head_dim 64 and what the forward needs (kq_pre with cq <= 8, ck <= 15; kq_post "
-             "likewise if any; at most 8 coupled heads, or an even number up to 16)");
+             "kernel P needs head_dim 64 and what the forward needs (kq_pre or kq_post, each with cq <= 8, "
+             "ck <= 15; at most 8 coupled heads, or an even number up to 16)");
   kq_require(B >= 1 && T >= 1, "B and T must be >= 1");
   kq_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
              "B * H or T too large");
   for (const void* p : {static_cast<const void*>(q), static_cast<const void*>(k), static_cast<const void*>(v),
                         static_cast<const void*>(dout)})
     kq_require(p != nullptr && aligned16(p), "q, k, v, dout must be non-null and 16-byte aligned");
-  kq_require(kq_pre != nullptr && lse != nullptr && dv_acc != nullptr && workspace != nullptr,
-             "kq_pre weights, lse, dv_acc and the workspace must be non-null");
+  kq_require(lse != nullptr && dv_acc != nullptr && workspace != nullptr,
+             "lse, dv_acc and the workspace must be non-null");
+  kq_require(!spec.kq_pre || kq_pre != nullptr, "kq_pre is enabled but its weights are null");
   kq_require(!spec.head_pre || head_pre != nullptr, "head_pre is enabled but its weights are null");
   kq_require(!spec.kq_post || (kq_post != nullptr && grad_kq_post != nullptr),
              "kq_post is enabled but its weights or gradient are null");
@@ -1616,7 +1631,7 @@ void flash_kq_layer_post_grads(const AttentionSpec& spec, const bf16* q, const b
   const int H = spec.heads, G = spec.coupled_heads(), ntiles = (T + kTile - 1) / kTile;
   float* part_w = workspace;
   float* part_m = workspace + static_cast<size_t>(B) * (H / G) * ntiles * G * kWStride;
-  const KqConv& pre = *spec.kq_pre;
+  const KqConv pre = pre_conv(spec);
   if (pre.q == 6 && pre.k == 11 && spec.kq_post && spec.kq_post->q == 6 && spec.kq_post->k == 11)
     launch_post_grads<64, 6, 11, 6, 11>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, dout_lo, dv_acc,
                                         part_w, part_m, B, T, s);
@@ -1634,7 +1649,7 @@ bool flash_kq_layer_backward_supported(const AttentionSpec& spec, int D) {
 
 size_t flash_kq_layer_backward_workspace_floats(const AttentionSpec& spec, int B, int T) {
   const size_t rows = static_cast<size_t>(B) * spec.heads * T;
-  return rows + 2 * rows * spec.head_dim + flash_kq_layer_post_grads_workspace_floats(spec, B, T);
+  return rows + rows * spec.head_dim + flash_kq_layer_post_grads_workspace_floats(spec, B, T);
 }
 
 void flash_kq_layer_pre_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
@@ -1644,17 +1659,18 @@ void flash_kq_layer_pre_grads(const AttentionSpec& spec, const bf16* q, const bf
                               cudaStream_t s) {
   const int D = spec.head_dim;
   kq_require(flash_kq_layer_backward_supported(spec, D),
-             "kernel Q needs head_dim 64 and what the forward needs (kq_pre with cq <= 8, ck <= 15; kq_post "
-             "likewise if any; at most 8 coupled heads, or an even number up to 16)");
+             "kernel Q needs head_dim 64 and what the forward needs (kq_pre or kq_post, each with cq <= 8, "
+             "ck <= 15; at most 8 coupled heads, or an even number up to 16)");
   kq_require(B >= 1 && T >= 1, "B and T must be >= 1");
   kq_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
              "B * H or T too large");
   for (const void* p : {static_cast<const void*>(q), static_cast<const void*>(k), static_cast<const void*>(v),
                         static_cast<const void*>(dout), static_cast<const void*>(dq)})
     kq_require(p != nullptr && aligned16(p), "q, k, v, dout, dq must be non-null and 16-byte aligned");
-  kq_require(kq_pre != nullptr && grad_kq_pre != nullptr && lse != nullptr && delta != nullptr && dk_acc != nullptr &&
-                 workspace != nullptr,
-             "kq_pre weights and gradient, lse, delta, dk_acc and the workspace must be non-null");
+  kq_require(lse != nullptr && delta != nullptr && dk_acc != nullptr && workspace != nullptr,
+             "lse, delta, dk_acc and the workspace must be non-null");
+  kq_require(!spec.kq_pre || (kq_pre != nullptr && grad_kq_pre != nullptr),
+             "kq_pre is enabled but its weights or gradient are null");
   kq_require(!spec.head_pre || (head_pre != nullptr && grad_head_pre != nullptr),
              "head_pre is enabled but its weights or gradient are null");
   kq_require(!spec.kq_post || kq_post != nullptr, "kq_post is enabled but its weights are null");
@@ -1662,14 +1678,14 @@ void flash_kq_layer_pre_grads(const AttentionSpec& spec, const bf16* q, const bf
   const int H = spec.heads, G = spec.coupled_heads(), ntiles = (T + kTile - 1) / kTile;
   float* part_w = workspace;
   float* part_m = workspace + static_cast<size_t>(B) * (H / G) * ntiles * G * kWStride;
-  const KqConv& pre = *spec.kq_pre;
+  const KqConv pre = pre_conv(spec);
   if (pre.q == 6 && pre.k == 11 && spec.kq_post && spec.kq_post->q == 6 && spec.kq_post->k == 11)
     launch_pre_grads<64, 6, 11, 6, 11>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, dq,
                                        dk_acc, part_w, part_m, B, T, s);
   else
     launch_pre_grads<64, 0, 0, 0, 0>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, dq, dk_acc,
                                      part_w, part_m, B, T, s);
-  reduce_partials(part_w, grad_kq_pre, B, H, G, ntiles, kWStride, pre.q * pre.k, s);
+  if (spec.kq_pre) reduce_partials(part_w, grad_kq_pre, B, H, G, ntiles, kWStride, pre.q * pre.k, s);
   if (spec.head_pre) reduce_partials(part_m, grad_head_pre, B, H, G, ntiles, kMaxG, spec.head_pre->group, s);
 }
 
@@ -1681,18 +1697,21 @@ void flash_kq_layer_backward(const AttentionSpec& spec, const bf16* q, const bf1
   kq_require(dk != nullptr && dv != nullptr, "dk and dv must be non-null");
   const size_t rows = static_cast<size_t>(B) * spec.heads * T, n = rows * spec.head_dim;
   float* delta = workspace;
-  float* dk_acc = delta + rows;
-  float* dv_acc = dk_acc + n;
-  float* parts = dv_acc + n;
-  MTA_CUDA_CHECK(cudaMemsetAsync(dk_acc, 0, 2 * n * sizeof(float), s));
-  flash_kq_layer_delta(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, B, T, s);
-  flash_kq_layer_post_grads(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, dv_acc, grad_kq_post,
-                            grad_head_post, parts, B, T, s, dout_lo);
-  flash_kq_layer_pre_grads(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, dq, dk_acc,
-                           grad_kq_pre, grad_head_pre, parts, B, T, s);
+  // One fp32 accumulator serves dv (kernel P), then dk (kernel Q): the kernels run one after the other
+  // on `s`, so the second needs no memory of its own (rows x D x 4 bytes less at peak).
+  float* acc = delta + rows;
+  float* parts = acc + n;
   const int blocks = static_cast<int>(std::min<size_t>((n + 255) / 256, 4096));
-  f32_to_bf16_kernel<<<blocks, 256, 0, s>>>(dk_acc, dk, n);
-  f32_to_bf16_kernel<<<blocks, 256, 0, s>>>(dv_acc, dv, n);
+  flash_kq_layer_delta(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, B, T, s);
+  MTA_CUDA_CHECK(cudaMemsetAsync(acc, 0, n * sizeof(float), s));
+  flash_kq_layer_post_grads(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, acc, grad_kq_post,
+                            grad_head_post, parts, B, T, s, dout_lo);
+  f32_to_bf16_kernel<<<blocks, 256, 0, s>>>(acc, dv, n);
+  MTA_CUDA_CHECK_LAUNCH("f32_to_bf16_kernel");
+  MTA_CUDA_CHECK(cudaMemsetAsync(acc, 0, n * sizeof(float), s));
+  flash_kq_layer_pre_grads(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, dq, acc,
+                           grad_kq_pre, grad_head_pre, parts, B, T, s);
+  f32_to_bf16_kernel<<<blocks, 256, 0, s>>>(acc, dk, n);
   MTA_CUDA_CHECK_LAUNCH("f32_to_bf16_kernel");
 }
 

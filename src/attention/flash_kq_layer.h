@@ -1,10 +1,10 @@
 #pragma once
 // The fused kq layer (the paper LM's layers that combine the key-query convolutions with head mixing),
 // built pass by pass in the order of docs/flash-mta.md ("What comes next", item 1); the window
-// arithmetic is replayed on the CPU by tests/oracle/replay_kq_layer*.py. Work in progress: the forward
-// (pass 1, the row statistics of the mixed, convolved logits; pass 2, the output), used by the model and
-// by `mta attn --device cuda` without gradients; of the backward, the delta pass and the main pass's post
-// side (kernel P). The model runs the materialized op's backward for these layers until kernel Q exists.
+// arithmetic is replayed on the CPU by tests/oracle/replay_kq_layer*.py. The forward (pass 1, the row
+// statistics of the mixed, convolved logits; pass 2, the output) at head dim 64 and 128; the backward
+// (the delta pass, kernel P for the post side, kernel Q for the pre side) at head dim 64, where the
+// model and `mta attn --device cuda` run both; at 128 they run the materialized op's backward.
 //
 // Pass 1 (docs/mta-semantics.md steps 1-4, up to the softmax's normalizer, with bf16 q, k):
 //   S = q k^T / sqrt(D);  S0 = S with the future (j > i) set to 0;
@@ -14,7 +14,7 @@
 // Precision: q k^T with fp32 accumulation (bf16 operands, exact products), the convolution in fp32 on
 // CUDA cores (no fp16 operand, unlike flash_mta.h), the mixing as two bf16 terms per value (hi + lo) on
 // tensor cores with fp32 accumulation (FlashMix's head_mix_mma.cuh), the softmax statistics in fp32.
-// Layout: q, k [B, H, T, D] bf16 contiguous; Wpre [H, cq, ck] fp32; Mpre [H / g, g, g] fp32 (nullptr
+// Layout: q, k [B, H, T, D] bf16 contiguous; Wpre [H, cq, ck] fp32 (nullptr without kq_pre); Mpre [H / g, g, g] fp32 (nullptr
 // without head_pre); lse [B, H, T] fp32. Device pointers; work is queued on `s`. Bad arguments throw
 // std::invalid_argument before any device work.
 #include <cuda_bf16.h>
@@ -26,9 +26,11 @@
 
 namespace mta::cuda {
 
-// Whether pass 1 computes this spec at head dim D: kq_pre (cq <= 8, ck <= 15, any pad) with or without
-// head_pre, whatever the later steps (they do not change lse), and coupled heads G =
+// Whether pass 1 computes this spec at head dim D: kq_pre or kq_post (each cq <= 8, ck <= 15, any pad)
+// with or without head_pre, whatever the later steps (they do not change lse), and coupled heads G =
 // spec.coupled_heads() <= 16 at D = 64, <= 8 at D = 128 (one warp per head of a group in one CTA).
+// Without kq_pre the kernels run the identity 1 x 1 convolution in its place (weights pointer null),
+// exact in fp32: the layers with kq_post but no kq_pre.
 bool flash_kq_layer_lse_supported(const AttentionSpec& spec, int D);
 
 void flash_kq_layer_lse(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
@@ -38,7 +40,8 @@ void flash_kq_layer_lse(const AttentionSpec& spec, const __nv_bfloat16* q, const
 // lse; A2 = kq_post's convolution of A (identity without kq_post), the future set to 0;
 // A3 = the head_post mix of A2 (A2 without head_post); o = A3 v, A3 rounded to bf16 for the product.
 // o is the core's output (before norm, depth scaling and gate: epilogue_cuda.h); lse is pass 1's;
-// o32 (optional, [B, H, T, D] fp32): o unrounded, for an epilogue's backward.
+// o32 (optional, [B, H, T, D] fp32): o unrounded, for an epilogue's backward; with o32, o may be null
+// (the fp32 rows alone).
 // Supported: flash_kq_layer_lse_supported, kq_post (if any) with cq <= 8, ck <= 15, and at most 8
 // coupled heads per CTA (pass 2 keeps two windows per head in shared memory): groups of 9-16 heads (an
 // even number) run on a cluster of two CTAs that exchange the mixing inputs through distributed shared
@@ -92,8 +95,8 @@ void flash_kq_layer_pre_grads(const AttentionSpec& spec, const __nv_bfloat16* q,
 // lse: the delta pass, kernel P, kernel Q, then dk and dv from their fp32 accumulators. dq, dk, dv are
 // written (bf16); the parameter gradients (those of enabled options: non-null) are added to; dout_lo as
 // for kernel P.
-// `workspace`: flash_kq_layer_backward_workspace_floats floats (delta, two fp32 accumulators of q's
-// size, the partials). Supported: flash_kq_layer_backward_supported (head dim 64, <= 8 coupled heads or an
+// `workspace`: flash_kq_layer_backward_workspace_floats floats (delta, one fp32 accumulator of q's size
+// for dv, then dk, the partials). Supported: flash_kq_layer_backward_supported (head dim 64, <= 8 coupled heads or an
 // even number up to 16).
 size_t flash_kq_layer_backward_workspace_floats(const AttentionSpec& spec, int B, int T);
 void flash_kq_layer_backward(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,

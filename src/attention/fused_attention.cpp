@@ -73,6 +73,12 @@ void fused_attention_forward(const AttentionSpec& spec, const __nv_bfloat16* q, 
   if (which == Core::None) throw std::invalid_argument("fused_attention_forward: spec not covered");
   const AttentionSpec cs = attn_core_spec(spec);
   const bool epi = attn_epilogue_enabled(spec);
+  const long long rows = static_cast<long long>(B) * spec.heads * T;
+  if (which == Core::KqLayer && epi && core32) {  // the core's output in fp32 only, the epilogue from it
+    flash_kq_layer_forward(cs, q, k, v, p.kq_pre, p.head_pre, p.kq_post, p.head_post, nullptr, lse, B, T, s, core32);
+    attn_epilogue_forward(spec, static_cast<const float*>(core32), p.norm, p.gate_w, p.gate_b, o, rows, D, s);
+    return;
+  }
   if (epi && !core) throw std::invalid_argument("fused_attention_forward: the epilogue needs the core buffer");
   __nv_bfloat16* out = epi ? core : o;
   if (which == Core::KqPre)
@@ -80,11 +86,8 @@ void fused_attention_forward(const AttentionSpec& spec, const __nv_bfloat16* q, 
   else if (which == Core::Mix)
     flash_mix_forward(cs, q, k, v, p.head_pre, p.head_post, out, lse, B, T, s);
   else
-    flash_kq_layer_forward(cs, q, k, v, p.kq_pre, p.head_pre, p.kq_post, p.head_post, out, lse, B, T, s,
-                           epi ? core32 : nullptr);
-  if (epi)
-    attn_epilogue_forward(spec, core, p.norm, p.gate_w, p.gate_b, o, static_cast<long long>(B) * spec.heads * T, D,
-                          s);
+    flash_kq_layer_forward(cs, q, k, v, p.kq_pre, p.head_pre, p.kq_post, p.head_post, out, lse, B, T, s);
+  if (epi) attn_epilogue_forward(spec, static_cast<const __nv_bfloat16*>(core), p.norm, p.gate_w, p.gate_b, o, rows, D, s);
 }
 
 size_t fused_attention_backward_scratch_bytes(const AttentionSpec& spec, int B, int T) {

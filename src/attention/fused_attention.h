@@ -38,10 +38,12 @@ bool fused_attention_fp16_logits(const AttentionSpec& spec, int D, float dropout
 // caller-owned) receives it; without one it is `o` itself and `core` may be null.
 bool fused_attention_has_epilogue(const AttentionSpec& spec);
 
-// The kq layers with an epilogue also keep the core's output in fp32 for the backward (`core32`,
-// fused_attention_core32_floats(spec, B, T) floats, caller-owned; 0: not needed). Their post-side
-// gradients sum what the norm leaves of the core's gradient, which is nearly orthogonal to the core's
-// output: from bf16 copies they measured 6-14% off at near-uniform attention (epilogue_cuda.h).
+// The kq layers with an epilogue keep the core's output in fp32 for the backward instead (`core32`,
+// fused_attention_core32_floats(spec, B, T) floats, caller-owned; 0: not needed; `core` is then not
+// written and may be null, and the epilogue reads core32). Their post-side gradients sum what the norm
+// leaves of the core's gradient, which is nearly orthogonal to the core's output: from bf16 copies they
+// measured 6-14% off at near-uniform attention (epilogue_cuda.h). Without core32 (a forward alone) the
+// kq layers use `core` like the other cores.
 size_t fused_attention_core32_floats(const AttentionSpec& spec, int B, int T);
 
 void fused_attention_forward(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
@@ -49,7 +51,8 @@ void fused_attention_forward(const AttentionSpec& spec, const __nv_bfloat16* q, 
                              __nv_bfloat16* o, float* lse, int B, int T, const AttnOptions& opt, cudaStream_t s,
                              float* core32 = nullptr);
 
-// `core_out`: the core's output of the forward pass (`core` with an epilogue, else `o`); `scratch`:
+// `core_out`: the core's output of the forward pass (`core` with an epilogue, else `o`; not read by a kq
+// layer with an epilogue, which reads core32); `scratch`:
 // fused_attention_backward_scratch_bytes(spec, B, T) bytes.
 size_t fused_attention_backward_scratch_bytes(const AttentionSpec& spec, int B, int T);
 void fused_attention_backward(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,

@@ -299,7 +299,7 @@ class CudaModel : public TrainableModel {
     DevBuf<float> lse;                    // flash attention row statistics
     DevBuf<float> comb, comb_rstd, o_sub;  // DIFF: combined heads (pre-norm), sub-head outputs
     DevBuf<bf16> att_core;                 // fused MTA layers with an epilogue: the core's output
-    DevBuf<float> att_core32;              // fused kq layers with an epilogue: the same in fp32
+    DevBuf<float> att_core32;              // fused kq layers with an epilogue: the same in fp32 (no bf16)
   };
 
   // The fused products multiply wq|wk|wv as one [3C, C] matrix and w1|w3 as one [2F, C] matrix (and
@@ -470,9 +470,11 @@ class CudaModel : public TrainableModel {
     const AttentionSpec spec = c.layer_spec(l);
     if (use_fused_forward(l, train)) {
       opt.fp16_overflow = fp16_overflow_.get() + l;  // read back at the end of run()
-      if (cuda::fused_attention_has_epilogue(spec)) L.att_core.resize(static_cast<size_t>(n));
       const size_t n32 = cuda::fused_attention_core32_floats(spec, B, T);
-      if (n32) L.att_core32.resize(n32);
+      if (n32)  // a kq layer with an epilogue: the core's output in fp32 only
+        L.att_core32.resize(n32);
+      else if (cuda::fused_attention_has_epilogue(spec))
+        L.att_core.resize(static_cast<size_t>(n));
       cuda::fused_attention_forward(spec, L.q.get(), L.k.get(), L.v.get(), mta_params(l), L.att_core.get(), L.att.get(),
                                     L.lse.get(), B, T, opt, stream_, n32 ? L.att_core32.get() : nullptr);
       return;

@@ -9,6 +9,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <map>
@@ -20,6 +21,7 @@
 #include <vector>
 
 #include "attention/attn_files.h"
+#include "attention/epilogue_cuda.h"
 #include "attention/flash_kq_layer.h"
 #include "attention/mta_cpu.h"
 #include "gpu/gpu_test_util.h"
@@ -179,7 +181,7 @@ LayerParams random_layer_params(const mta::AttentionSpec& spec, int H, std::mt19
     return m;
   };
   LayerParams p;
-  p.wpre = kernel(*spec.kq_pre);
+  if (spec.kq_pre) p.wpre = kernel(*spec.kq_pre);
   if (spec.kq_post) p.wpost = kernel(*spec.kq_post);
   if (spec.head_pre) p.mpre = mix(spec.head_pre->group);
   if (spec.head_post) p.mpost = mix(spec.head_post->group);
@@ -633,7 +635,10 @@ TEST(FlashKqLayer, RandomSpecs) {
 TEST(FlashKqLayer, RefusesUnsupported) {
   mta::AttentionSpec s;
   s.heads = 4, s.head_dim = 64;
-  EXPECT_FALSE(mta::cuda::flash_kq_layer_lse_supported(s, 64));  // no kq_pre
+  EXPECT_FALSE(mta::cuda::flash_kq_layer_lse_supported(s, 64));  // no convolution: flash_mix.h's
+  s.kq_post = mta::KqConv{2, 3, mta::PadKey::Left};
+  EXPECT_TRUE(mta::cuda::flash_kq_layer_backward_supported(s, 64));  // kq_post alone: identity kq_pre
+  s.kq_post.reset();
   s.kq_pre = mta::KqConv{9, 3, mta::PadKey::Both};
   EXPECT_FALSE(mta::cuda::flash_kq_layer_lse_supported(s, 64));  // cq > 8
   s.kq_pre = mta::KqConv{2, 3, mta::PadKey::Both};
@@ -724,6 +729,58 @@ TEST(FlashKqLayer, AttnCommand) {
   EXPECT_EQ(mta::run_attention_tensors(spec, big32, mta::Device::Cuda).metadata.at("impl"), "materialized");
   EXPECT_THROW(mta::run_attention_tensors(spec, big32, mta::Device::Cuda, nullptr, mta::AttnImpl::Fused),
                mta::InputError);
+}
+
+// A layer with kq_post but no kq_pre runs the kq-layer kernels with the identity 1 x 1 in kq_pre's place
+// (flash_kq_layer.h): through `mta attn --device cuda` (out and every gradient against the float64 CPU
+// op), with and without head mixing (up to a cluster of 16 heads) and an epilogue, T below and past a
+// 16-row tile; at D = 128 the forward.
+TEST(FlashKqLayer, KqPostWithoutKqPre) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(405);
+  struct PostCase {
+    int H, D, T, gpre, gpost;
+    mta::KqConv post;
+    bool epilogue;
+  };
+  const PostCase cases[] = {
+      {4, 64, 83, 0, 0, mta::KqConv{6, 11, mta::PadKey::Both}, false},   // kq_post alone, no mixing
+      {4, 64, 5, 0, 4, mta::KqConv{3, 4, mta::PadKey::Left}, true},      // T below the tile, norm and gate
+      {8, 64, 50, 8, 2, mta::KqConv{2, 7, mta::PadKey::Right}, true},    // both mixes
+      {16, 64, 37, 16, 16, mta::KqConv{6, 11, mta::PadKey::Both}, true},  // the paper's mixing, a cluster
+  };
+  for (const PostCase& pc : cases) {
+    mta::AttentionSpec spec;
+    spec.heads = pc.H, spec.head_dim = pc.D;
+    spec.kq_post = pc.post;
+    if (pc.gpre) spec.head_pre = mta::HeadMix{pc.gpre};
+    if (pc.gpost) spec.head_post = mta::HeadMix{pc.gpost};
+    spec.norm = pc.epilogue, spec.gate = pc.epilogue;
+    SCOPED_TRACE(mta::spec_to_json(spec).dump());
+    ASSERT_TRUE(mta::cuda::flash_kq_layer_backward_supported(mta::cuda::attn_core_spec(spec), pc.D));
+    const auto [in32, in64] = attn_inputs(spec, 2, pc.T, true, rng);
+    const auto ref = mta::run_attention_tensors(spec, in64, mta::Device::Cpu);
+    const auto got = mta::run_attention_tensors(spec, in32, mta::Device::Cuda, nullptr, mta::AttnImpl::Fused);
+    EXPECT_EQ(got.metadata.at("impl"), "fused");
+    for (const auto& [name, want] : ref.tensors) {
+      ASSERT_TRUE(got.tensors.count(name)) << name;
+      const double e = rel_err(mta::io::to_f64(got.at(name), name), mta::io::to_f64(want, name));
+      EXPECT_LE(e, name.find("head_") != std::string::npos ? 5e-2 : 3e-2) << name;
+      std::printf("[ kq_post without kq_pre ] H=%d G=%d/%d T=%d: %s rel err %.2e\n", pc.H, pc.gpre, pc.gpost, pc.T,
+                  name.c_str(), e);
+    }
+  }
+  mta::AttentionSpec wide;  // D = 128: the fused forward
+  wide.heads = 4, wide.head_dim = 128;
+  wide.kq_post = mta::KqConv{4, 5, mta::PadKey::Both};
+  wide.head_post = mta::HeadMix{4};
+  const auto [f32, f64] = attn_inputs(wide, 2, 40, false, rng);
+  const auto ref = mta::run_attention_tensors(wide, f64, mta::Device::Cpu);
+  const auto got = mta::run_attention_tensors(wide, f32, mta::Device::Cuda, nullptr, mta::AttnImpl::Fused);
+  EXPECT_EQ(got.metadata.at("impl"), "fused");
+  const double e = rel_err(mta::io::to_f64(got.at("out"), "out"), mta::io::to_f64(ref.at("out"), "out"));
+  EXPECT_LE(e, 2e-2);
+  std::printf("[ kq_post without kq_pre ] D=128 forward: out rel err %.2e\n", e);
 }
 
 }  // namespace

@@ -226,10 +226,10 @@ TEST(FlashMix, CoverageAndRefusals) {
 // What `mta attn --device cuda` runs for F32 input of specs the fused core covers once the epilogue is
 // split off (run_attention_tensors): head mixing with norm, depth scaling and gate, and kq_pre with
 // norm and gate -- the fused core plus the epilogue kernels -- against the float64 CPU op.
-void check_attn_command(const mta::AttentionSpec& spec, unsigned seed) {
+void check_attn_command(const mta::AttentionSpec& spec, unsigned seed, int T = 45) {
   SCOPED_TRACE(mta::spec_to_json(spec).dump());
   std::mt19937 rng(seed);
-  const int B = 2, T = 45;
+  const int B = 2;
   const std::vector<int64_t> shape{B, spec.heads, T, spec.head_dim};
   const size_t n = static_cast<size_t>(B) * spec.heads * T * spec.head_dim;
   mta::io::SafeTensors in32, in64;
@@ -274,6 +274,17 @@ TEST(FlashMix, AttnCommandWithEpilogue) {
   kq.kq_pre = mta::KqConv{3, 5, mta::PadKey::Both};
   kq.norm = true, kq.gate = true;
   check_attn_command(kq, 12);
+}
+
+// The epilogue's backward sums its parameter gradients per block of rows (epilogue_cuda.cu): with more
+// rows than the 264 blocks x 8 warps, every warp takes several rows; D = 128 gives each lane 4 values.
+TEST(FlashMix, AttnCommandEpilogueManyRows) {
+  SKIP_WITHOUT_GPU();
+  mta::AttentionSpec mix;
+  mix.heads = 8, mix.head_dim = 128;
+  mix.head_pre = mta::HeadMix{8}, mix.head_post = mta::HeadMix{4};
+  mix.norm = true, mix.depth_scale_layer = 1, mix.gate = true;
+  check_attn_command(mix, 13, 301);  // 2 x 8 x 301 = 4,816 rows
 }
 
 }  // namespace
