@@ -22,7 +22,6 @@
 // the CTA's (the barriers above, as in FlashMix's forward).
 #include "attention/flash_kq_layer.h"
 
-#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -33,6 +32,7 @@
 #include <utility>
 
 #include "attention/flash_common.cuh"
+#include "attention/group_cluster.cuh"
 #include "attention/head_mix_mma.cuh"
 #include "attention/mma_sm80.cuh"
 #include "cuda/check.h"
@@ -193,32 +193,6 @@ __device__ __forceinline__ void s0_tile_to_window(float* win, bf16* sKt, const b
   __syncwarp();  // the window is read by other lanes; the K tile is reloaded next time
 }
 
-// Groups of up to 8 heads run in one CTA (one warp per head); groups of 9-16 (an even count) in a cluster
-// of two CTAs (GroupPlace), since one CTA's shared memory holds the windows of 8 heads at most.
-int cluster_size(int G) { return G <= 8 ? 1 : 2; }
-bool groups_fit(int G) { return G <= 8 || (G <= kMaxG && G % 2 == 0); }
-
-// Launches a pass over B x (H / G) groups x the query tiles, C CTAs of G / C warps per group (a cluster
-// when C > 1), with `smem` bytes of dynamic shared memory each.
-template <class... Params, class... Args>
-void launch_grouped(void (*kernel)(Params...), int B, int H, int G, int C, int T, size_t smem, cudaStream_t s,
-                    Args&&... args) {
-  MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(B * (H / G) * C), static_cast<unsigned>((T + kTile - 1) / kTile));
-  cfg.blockDim = dim3(static_cast<unsigned>(32 * (G / C)));
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(C);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = C > 1 ? 1 : 0;
-  MTA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));  // launch errors included
-}
-
 // The convolution at one output row (window row `wrow`) and the 8 output keys whose first input column
 // is x0 (a multiple of 8: the window's ring is rotated by the convolution's key offset, see
 // s0_tile_to_window), from a window (rows of kWinPitch, a ring of 64 keys) and the head's taps W [cq]
@@ -307,43 +281,6 @@ __device__ __forceinline__ void conv_row8_t(const float* win, const float* w, in
   }
 }
 
-// A CTA's place in its coupled group of G heads: the group is spread over a cluster of C CTAs (C = 1:
-// one CTA holds it), each with L = G / C heads (warps); this CTA's are heads h0 = rank * L .. + L - 1.
-// Groups of 9-16 heads take C = 2: one CTA's windows hold 8 heads at most (227 KB).
-struct GroupPlace {
-  int G, C, L, rank, h0;
-};
-__device__ __forceinline__ GroupPlace group_place(int G, int C) {
-  const int L = G / C, rank = static_cast<int>(blockIdx.x) % C;
-  return GroupPlace{G, C, L, rank, rank * L};
-}
-
-// With C > 1: after every CTA of the cluster has written its heads' tiles into its own MixIn (hi and lo),
-// each copies the other CTAs' head slots into its own (distributed shared memory, 16-byte loads), so that
-// its mixing products see every head of the group; a second cluster barrier keeps any CTA from
-// rewriting its MixIn while a peer still copies it.
-__device__ __forceinline__ void cluster_gather_mixin(bf16* sInHi, bf16* sInLo, const GroupPlace& gp) {
-  namespace cg = cooperative_groups;
-  cg::cluster_group cl = cg::this_cluster();
-  cl.sync();  // every CTA's tiles are in its MixIn
-  constexpr int kChunks = kYS * static_cast<int>(sizeof(bf16)) / 16;  // 16-byte chunks per head slot
-  static_assert(kYS * sizeof(bf16) % 16 == 0, "head slots are whole 16-byte chunks");
-  const int n = gp.L * kChunks;
-  for (int peer = 0; peer < gp.C; ++peer) {
-    if (peer == gp.rank) continue;
-    const bf16* rhi = cl.map_shared_rank(sInHi, peer);
-    const bf16* rlo = cl.map_shared_rank(sInLo, peer);
-    const size_t base = static_cast<size_t>(peer) * gp.L * kYS;
-    for (int i = threadIdx.x; i < 2 * n; i += blockDim.x) {
-      const size_t off = base + static_cast<size_t>(i % n) * 8;  // 8 bf16 = 16 bytes
-      const bf16* src = (i < n ? rhi : rlo) + off;
-      bf16* dst = (i < n ? sInHi : sInLo) + off;
-      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-    }
-  }
-  cl.sync();  // every copy is done (and complete in this CTA's MixIn)
-}
-
 // Mixes the group's 16 x 16 tiles in place of `c` (this lane's row r, keys 8 half .. + 7): C (or A2) into
 // MixIn as hi + lo, a barrier (with C > 1 the cluster's exchange), the product with the coefficients of
 // `kind` for this CTA's heads, a barrier, the mixed values back. Every warp of every CTA of the cluster
@@ -359,10 +296,7 @@ __device__ __forceinline__ void mix_in_place(float (&c)[8], bf16* sInHi, bf16* s
     *reinterpret_cast<__nv_bfloat162*>(sInLo + off) =
         __floats2bfloat162_rn(c[e] - __low2float(hi), c[e + 1] - __high2float(hi));
   }
-  if (gp.C > 1)
-    cluster_gather_mixin(sInHi, sInLo, gp);
-  else
-    __syncthreads();  // every head's tile
+  group_sync(gp, sInHi, sInLo);  // every head's tile
   mix_tiles_owned<true>(sInHi, sInLo, sFrag, kind, sOut, gp.h0, gp.L, warp, lane);
   __syncthreads();  // every head's mixed tile
 #pragma unroll

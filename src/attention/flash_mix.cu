@@ -15,11 +15,15 @@
 #include <cuda_runtime.h>
 
 #include <climits>
+#include <cstdlib>
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <tuple>
+#include <type_traits>
 
 #include "attention/flash_common.cuh"
+#include "attention/group_cluster.cuh"
 #include "attention/head_mix_mma.cuh"
 #include "attention/mma_sm80.cuh"
 #include "cuda/check.h"
@@ -42,11 +46,11 @@ size_t out_bytes(int G) { return static_cast<size_t>(G) * kXT * sizeof(float); }
 // The opt-in dynamic shared memory limit of one CTA on sm_90 (227 KB).
 constexpr size_t kMaxSmemPerBlock = 227 * 1024;
 
-// Forward shared memory: K (and V) tiles [2 stages][G][16][D + 8] bf16 (the next key block's tiles
-// load while this one is used), the coefficient fragments, MixIn hi and lo (S, then A in pass 2) and
-// one MixOut (C', then A3).
+// Forward shared memory: K (and V) tiles [2 stages][L][16][D + 8] bf16 (the next key block's tiles
+// load while this one is used), the coefficient fragments, MixIn hi and lo (S, then A in pass 2; every
+// head of the group) and one MixOut (C', then A3; the CTA's L heads).
 template <int D>
-size_t smem_bytes(int G, bool out) {
+size_t smem_bytes(int G, bool out) {  // G: the CTA's heads
   const size_t tiles = 2 * static_cast<size_t>(G) * kTile * (D + 8) * sizeof(bf16) * (out ? 2 : 1);
   return tiles + kFragBytes + 2 * kInBytes + out_bytes(G);
 }
@@ -64,39 +68,53 @@ __device__ __forceinline__ void warp_load_rows(bf16* smem, const bf16* head, int
   }
 }
 
-// A warp's place in a CTA of these kernels: blockIdx.x = batch * units + unit of G coupled heads, one
-// warp per head. Also builds the CTA's coefficient fragments (the caller synchronizes).
+// A warp's place in a CTA of these kernels: blockIdx.x = (batch * units + unit of G coupled heads) * C +
+// rank, one warp per head; the group on C CTAs of L = G / C heads each (group_cluster.cuh). Also builds
+// the CTA's coefficient fragments for the whole group (the caller synchronizes).
 struct MixWarp {
   int warp, lane, g, t, h;  // h: the head within its batch element
   size_t head;              // the head's first row in [B * H * T]
+  GroupPlace gp;
+  int x;                    // the warp's head within the group: its MixIn slot
 };
 __device__ __forceinline__ MixWarp mix_warp(uint32_t* sFrag, const float* mpre, int gpre, const float* mpost,
-                                            int gpost, int H, int T, int G) {
+                                            int gpost, int H, int T, int G, int C) {
   MixWarp w;
   w.warp = threadIdx.x >> 5, w.lane = threadIdx.x & 31, w.g = w.lane >> 2, w.t = w.lane & 3;
-  const int units = H / G, b = blockIdx.x / units, u = blockIdx.x % units;
-  w.h = u * G + w.warp;
+  w.gp = group_place(G, C);
+  const int units = H / G, unit = static_cast<int>(blockIdx.x) / C, b = unit / units, u = unit % units;
+  w.x = w.gp.h0 + w.warp;
+  w.h = u * G + w.x;
   w.head = static_cast<size_t>(b * H + w.h) * T;
   build_frags(sFrag, mpre, gpre, mpost, gpost, u * G, G);
   return w;
 }
 
-// At D = 128 the groups stop at 8 heads (256 threads), which leaves each thread the registers for its
-// 64 output accumulators and 32 Q fragment words.
-template <int D, bool kOut>
-__global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
+// The mix of `kind` for this CTA's heads (MixOut at local indices), after group_sync.
+template <bool kLo>
+__device__ __forceinline__ void mix_own(const bf16* hi, const bf16* lo, const uint32_t* sFrag, int kind, float* out,
+                                        const MixWarp& mw) {
+  mix_tiles_owned<kLo>(hi, lo, sFrag, kind, out, mw.gp.h0, mw.gp.L, mw.warp, mw.lane);
+}
+
+// At D = 128 a CTA holds at most 8 heads (256 threads), which leaves each thread the registers for its
+// 64 output accumulators and 32 Q fragment words: groups of 10-16 heads run on clusters of two CTAs
+// (kC = 2, group_cluster.cuh).
+template <int D, bool kOut, int kC>
+__global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
     flash_mix_fwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                          const float* __restrict__ mpre, int gpre, const float* __restrict__ mpost, int gpost,
                          bf16* __restrict__ o, float* __restrict__ lse, int H, int T, int G, float scale) {
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* sK = reinterpret_cast<bf16*>(smem_raw);                        // [2][G][16][S]
-  bf16* sV = sK + 2 * G * kTile * S;                                   // [2][G][16][S], pass 2
-  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sV + (kOut ? 2 * G * kTile * S : 0));
+  const int L = G / kC;                                                // the CTA's heads
+  bf16* sK = reinterpret_cast<bf16*>(smem_raw);                        // [2][L][16][S]
+  bf16* sV = sK + 2 * L * kTile * S;                                   // [2][L][16][S], pass 2
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sV + (kOut ? 2 * L * kTile * S : 0));
   bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);           // MixIn: S, then A
   bf16* sInLo = sInHi + kInElems;
   float* sOut = reinterpret_cast<float*>(sInLo + kInElems);            // MixOut: C', then A3
-  const MixWarp mw = mix_warp(sFrag, mpre, gpre, mpost, gpost, H, T, G);
+  const MixWarp mw = mix_warp(sFrag, mpre, gpre, mpost, gpost, H, T, G, kC);
   zero_in(sInHi), zero_in(sInLo);
   const int warp = mw.warp, lane = mw.lane, g = mw.g, t = mw.t;
   const size_t head = mw.head;
@@ -104,10 +122,10 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
   q += head * D, k += head * D, v += head * D;
 
   // Q of the warp's 16 rows as mma A fragments, staged through its K tile. K and V tiles are the
-  // warp's own, in two stages (stage s of warp w at (s * G + w) * 16 rows).
+  // warp's own, in two stages (stage s of warp w at (s * L + w) * 16 rows).
   bf16* myK = sK + warp * kTile * S;
   bf16* myV = sV + warp * kTile * S;
-  const int stage_step = G * kTile * S;
+  const int stage_step = L * kTile * S;
   warp_load_rows<D, S>(myK, q, m0, T, lane);
   cp_async_commit();
   cp_async_wait_all();
@@ -164,9 +182,9 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
           acc_s[j][2 * r + e] = col <= row && col < T ? acc_s[j][2 * r + e] * scale : 0.f;
         }
     if (gpre) {
-      put_tile<true>(sInHi, sInLo, warp, acc_s, g, t);
-      __syncthreads();  // every head's S0
-      mix_tiles<true>(sInHi, sInLo, sFrag, kPre, sOut, G, warp, lane);
+      put_tile<true>(sInHi, sInLo, mw.x, acc_s, g, t);
+      group_sync(mw.gp, sInHi, sInLo);  // every head's S0
+      mix_own<true>(sInHi, sInLo, sFrag, kPre, sOut, mw);
       __syncthreads();  // every head's C'
     }
     // C' of this warp's head at its positions (log2 domain), the future as -inf.
@@ -201,9 +219,9 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
 #pragma unroll
         for (int e = 0; e < 4; ++e) a3[j][e] = exp2f(c[j][e] - lse2[e >> 1]);
       if (gpost) {
-        put_tile<true>(sInHi, sInLo, warp, a3, g, t);  // every warp is done with S0 and C' (barrier above)
-        __syncthreads();                               // every head's A
-        mix_tiles<true>(sInHi, sInLo, sFrag, kPost, sOut, G, warp, lane);
+        put_tile<true>(sInHi, sInLo, mw.x, a3, g, t);  // every warp is done with S0 and C' (barrier above)
+        group_sync(mw.gp, sInHi, sInLo);               // every head's A
+        mix_own<true>(sInHi, sInLo, sFrag, kPost, sOut, mw);
         __syncthreads();  // every head's A3
 #pragma unroll
         for (int j = 0; j < 2; ++j)
@@ -307,23 +325,24 @@ __device__ __forceinline__ void accumulate_p_b(float (&acc)[D / 8][4], const flo
 // dA3 is mixed from bf16, as in the key-tile pass, so delta matches the dA it is subtracted from.
 // kStages = 2: the next key block's K and V tiles load while this one is used (where shared memory
 // holds two sets of tiles, see launch_backward); 1: each block waits for its own.
-template <int D, int kStages>
-__global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
+template <int D, int kStages, int kC>
+__global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
     flash_mix_bwd_delta_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                                const bf16* __restrict__ dout, const float* __restrict__ lse,
                                const float* __restrict__ mpre, int gpre, const float* __restrict__ mpost, int gpost,
                                float* __restrict__ delta, int H, int T, int G, float scale) {
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [kStages][G][16][S]
-  bf16* sV = sK + kStages * G * kTile * S;       // [kStages][G][16][S]
-  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sV + kStages * G * kTile * S);
+  const int L = G / kC;                          // the CTA's heads
+  bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [kStages][L][16][S]
+  bf16* sV = sK + kStages * L * kTile * S;       // [kStages][L][16][S]
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sV + kStages * L * kTile * S);
   bf16* sSHi = reinterpret_cast<bf16*>(sFrag + kFragWords);  // MixIn: S0 (hi, lo), dA3
   bf16* sSLo = sSHi + kInElems;
   bf16* sD = sSLo + kInElems;
   float* sC = reinterpret_cast<float*>(sD + kInElems);  // MixOut: C', dA
-  float* sDA = sC + G * kXT;
-  const MixWarp mw = mix_warp(sFrag, mpre, gpre, mpost, gpost, H, T, G);
+  float* sDA = sC + L * kXT;
+  const MixWarp mw = mix_warp(sFrag, mpre, gpre, mpost, gpost, H, T, G, kC);
   zero_in(sSHi), zero_in(sSLo), zero_in(sD);
   const int warp = mw.warp, lane = mw.lane, g = mw.g, t = mw.t;
   const size_t head = mw.head;
@@ -346,7 +365,7 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
   for (int r = 0; r < 2; ++r) lse2[r] = m0 + g + 8 * r < T ? lse[head + m0 + g + 8 * r] * kLog2e : 0.f;
 
   const int n_end = min(T, m0 + kTile);
-  const int stage_step = G * kTile * S;
+  const int stage_step = L * kTile * S;
   warp_load_rows<D, S>(myK, k, 0, T, lane);
   warp_load_rows<D, S>(myV, v, 0, T, lane);
   cp_async_commit();
@@ -379,11 +398,11 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
         acc_s[j][e] = ok ? acc_s[j][e] * scale : 0.f;
         acc_d[j][e] = ok ? acc_d[j][e] : 0.f;
       }
-    if (gpre) put_tile<true>(sSHi, sSLo, warp, acc_s, g, t);
-    if (gpost) put_tile<false>(sD, nullptr, warp, acc_d, g, t);
-    __syncthreads();  // every head's S0 and dA3
-    if (gpre) mix_tiles<true>(sSHi, sSLo, sFrag, kPre, sC, G, warp, lane);
-    if (gpost) mix_tiles<false>(sD, nullptr, sFrag, kPostT, sDA, G, warp, lane);
+    if (gpre) put_tile<true>(sSHi, sSLo, mw.x, acc_s, g, t);
+    if (gpost) put_tile<false>(sD, nullptr, mw.x, acc_d, g, t);
+    group_sync(mw.gp, gpre ? sSHi : nullptr, gpre ? sSLo : nullptr, gpost ? sD : nullptr);  // every head's S0, dA3
+    if (gpre) mix_own<true>(sSHi, sSLo, sFrag, kPre, sC, mw);
+    if (gpost) mix_own<false>(sD, nullptr, sFrag, kPostT, sDA, mw);
     __syncthreads();  // every head's C' and dA
 #pragma unroll
     for (int j = 0; j < 2; ++j)
@@ -416,14 +435,15 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
 //   dK += dS^T Q;  dQ += dS K (fp32 atomics, scaled at conversion);
 //   dMpost[x, y] += dA3_x . A_y and dMpre[x, y] += dC'_x . S_y: tensor-core products over the same
 //   MixIn buffers, accumulated per warp in registers, summed over the warps at the end into per-CTA
-//   partials part[(cta * G + x) * kMaxGBwd + y] (y within x's group), reduced in a fixed order.
+//   partials part[(cta * G + x) * kMaxGBwd + y] (y within x's group), reduced in a fixed order. On a
+//   cluster (kC = 2) each CTA sums the positions of its half of the tile rows, for every x of the group.
 // The mixes are the forward's (head_mix_mma.cuh): S0 with its remainder (the logits go into exp and
 // must match the forward's lse), A, dA3 and dC' as bf16 (their products are bf16 MMAs anyway).
 // kMaxThreads: 512 for 16 heads (128 registers per thread: this kernel spills there), 256 for groups
 // of up to 8 (255 registers, no spills). Shared memory allows one CTA per SM either way at D = 64.
 // kStages = 2: the next query block's Q and dO tiles load while this one is used (where shared memory
 // holds two sets, see launch_backward); 1: each block waits for its own.
-template <int D, int kMaxThreads, int kStages>
+template <int D, int kMaxThreads, int kStages, int kC>
 __global__ void __launch_bounds__(kMaxThreads)
     flash_mix_bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                          const bf16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -433,18 +453,20 @@ __global__ void __launch_bounds__(kMaxThreads)
                          float scale) {
   constexpr int S = D + 8, SS = kTile + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [G][16][S]
-  bf16* sQ = sK + G * kTile * S;                 // [kStages][G][16][S]
-  bf16* sO = sQ + kStages * G * kTile * S;       // [kStages][G][16][S]: dO
-  bf16* sdS = sO + kStages * G * kTile * S;      // [G][16][SS]: dS^T (keys x queries)
-  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sdS + G * kTile * SS);
+  const int L = G / kC;                          // the CTA's heads
+  bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [L][16][S]
+  bf16* sQ = sK + L * kTile * S;                 // [kStages][L][16][S]
+  bf16* sO = sQ + kStages * L * kTile * S;       // [kStages][L][16][S]: dO
+  bf16* sdS = sO + kStages * L * kTile * S;      // [L][16][SS]: dS^T (keys x queries)
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sdS + L * kTile * SS);
   bf16* sSHi = reinterpret_cast<bf16*>(sFrag + kFragWords);  // MixIn: S0^T (hi, lo), A^T then dC'^T, dA3^T
   bf16* sSLo = sSHi + kInElems;
   bf16* sA = sSLo + kInElems;
   bf16* sD = sA + kInElems;
   float* sX1 = reinterpret_cast<float*>(sD + kInElems);  // MixOut: C'^T, then A3^T, then dS^T
-  float* sX2 = sX1 + G * kXT;                             // MixOut: dA^T
-  const MixWarp mw = mix_warp(sFrag, mpre, gpre, mpost, gpost, H, T, G);
+  float* sX2 = sX1 + L * kXT;                             // MixOut: dA^T
+  const MixWarp mw = mix_warp(sFrag, mpre, gpre, mpost, gpost, H, T, G, kC);
+  const int grad_row0 = mw.gp.h0 + mw.warp;  // the tile rows of the weight-gradient products: this one, + G, ...
   zero_in(sSHi), zero_in(sSLo), zero_in(sA), zero_in(sD);
   const int warp = mw.warp, lane = mw.lane, g = mw.g, t = mw.t;
   const size_t head = mw.head;
@@ -467,7 +489,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   float acc_dk[D / 8][4] = {}, acc_dv[D / 8][4] = {};
   float gpre_acc[2][4] = {}, gpost_acc[2][4] = {};  // this warp's share of dMpre / dMpost (head_mix_mma.cuh)
-  const int stage_step = G * kTile * S;
+  const int stage_step = L * kTile * S;
   warp_load_rows<D, S>(myQ, q, n0, T, lane);
   warp_load_rows<D, S>(myO, dout, n0, T, lane);
   cp_async_commit();
@@ -530,9 +552,9 @@ __global__ void __launch_bounds__(kMaxThreads)
         d3[j][e] = ok[j][e] ? d3[j][e] : 0.f;
       }
     if (gpre) {
-      put_tile<true>(sSHi, sSLo, warp, acc_s, g, t);
-      __syncthreads();  // (1) S0^T of every head
-      mix_tiles<true>(sSHi, sSLo, sFrag, kPre, sX1, G, warp, lane);
+      put_tile<true>(sSHi, sSLo, mw.x, acc_s, g, t);
+      group_sync(mw.gp, sSHi, sSLo);  // (1) S0^T of every head
+      mix_own<true>(sSHi, sSLo, sFrag, kPre, sX1, mw);
       __syncthreads();  // (2) C'^T of every head
     }
     float a[2][4];
@@ -547,12 +569,12 @@ __global__ void __launch_bounds__(kMaxThreads)
       }
     float p[2][4], dc[2][4];
     if (gpost) {
-      put_tile<false>(sA, nullptr, warp, a, g, t);
-      put_tile<false>(sD, nullptr, warp, d3, g, t);
-      __syncthreads();  // (3) A^T and dA3^T of every head; every warp has read C'^T
-      mix_tiles<false>(sA, nullptr, sFrag, kPost, sX1, G, warp, lane);
-      mix_tiles<false>(sD, nullptr, sFrag, kPostT, sX2, G, warp, lane);
-      grad_tiles(gpost_acc, sD, sA, nullptr, G, warp, lane);  // dMpost += dA3^T A
+      put_tile<false>(sA, nullptr, mw.x, a, g, t);
+      put_tile<false>(sD, nullptr, mw.x, d3, g, t);
+      group_sync(mw.gp, sA, sD);  // (3) A^T and dA3^T of every head; every warp has read C'^T
+      mix_own<false>(sA, nullptr, sFrag, kPost, sX1, mw);
+      mix_own<false>(sD, nullptr, sFrag, kPostT, sX2, mw);
+      grad_tiles(gpost_acc, sD, sA, nullptr, grad_row0, G, lane);  // dMpost += dA3^T A
       __syncthreads();  // (4) A3^T and dA^T of every head; every warp is done with sA
 #pragma unroll
       for (int j = 0; j < 2; ++j)
@@ -573,10 +595,10 @@ __global__ void __launch_bounds__(kMaxThreads)
     accumulate_p_b<D, S>(acc_dv, p, cO, lane);  // dV += A3^T dO
     float ds[2][4];
     if (gpre) {
-      put_tile<false>(sA, nullptr, warp, dc, g, t);  // A^T is done with (barrier (4), or no post mix)
-      __syncthreads();  // (5) dC'^T of every head; every warp has read A3^T and dA^T
-      mix_tiles<false>(sA, nullptr, sFrag, kPreT, sX1, G, warp, lane);
-      grad_tiles(gpre_acc, sA, sSHi, sSLo, G, warp, lane);  // dMpre += dC'^T S0
+      put_tile<false>(sA, nullptr, mw.x, dc, g, t);  // A^T is done with (barrier (4), or no post mix)
+      group_sync(mw.gp, sA);  // (5) dC'^T of every head; every warp has read A3^T and dA^T
+      mix_own<false>(sA, nullptr, sFrag, kPreT, sX1, mw);
+      grad_tiles(gpre_acc, sA, sSHi, sSLo, grad_row0, G, lane);  // dMpre += dC'^T S0
       __syncthreads();  // (6) dS^T of every head; every warp is done with sA and sS
 #pragma unroll
       for (int j = 0; j < 2; ++j)
@@ -651,14 +673,14 @@ __global__ void __launch_bounds__(kMaxThreads)
   // shared memory (the MixOut buffers, free now), then one partial per (CTA, head x, y in x's group),
   // summed over the warps in a fixed order.
   __syncthreads();
-  float* sG = sX1;  // [2][G warps][16][16]: needs 2 * G * 256 <= 2 * G * kXT floats
+  float* sG = sX1;  // [2][L warps][16][16]: needs 2 * L * 256 <= 2 * L * kXT floats
   for (int kind = 0; kind < 2; ++kind) {
     const float(&acc)[2][4] = kind == 0 ? gpre_acc : gpost_acc;
 #pragma unroll
     for (int nb = 0; nb < 2; ++nb)
 #pragma unroll
       for (int e = 0; e < 4; ++e)
-        sG[((kind * G + warp) * kMaxG + g + 8 * (e >> 1)) * kMaxG + 8 * nb + 2 * t + (e & 1)] = acc[nb][e];
+        sG[((kind * L + warp) * kMaxG + g + 8 * (e >> 1)) * kMaxG + 8 * nb + 2 * t + (e & 1)] = acc[nb][e];
   }
   __syncthreads();
   const size_t cta = static_cast<size_t>(blockIdx.x) * gridDim.y + blockIdx.y;
@@ -669,40 +691,53 @@ __global__ void __launch_bounds__(kMaxThreads)
     if (!gs || yy >= gs) continue;
     const int y = x - x % gs + yy;
     float sum = 0.f;
-    for (int w = 0; w < G; ++w) sum += sG[((kind * G + w) * kMaxG + x) * kMaxG + y];
+    for (int w = 0; w < L; ++w) sum += sG[((kind * L + w) * kMaxG + x) * kMaxG + y];
     part[(cta * G + x) * kMaxGBwd + yy] = sum;
   }
 }
 
-// grad[h][y] += sum over the batch and the key tiles of the partials of head h: one warp per (h, y),
-// lane l taking the (batch, tile) pairs l, l + 32, ... in ascending order, then a fixed shuffle tree
-// (deterministic). grad is [H / g][g][g] = [H][g].
+// grad[h][y] += sum over the batch, the cluster's CTAs and the key tiles of the partials of head h: one
+// warp per (h, y), lane l taking the (batch, rank, tile) triples l, l + 32, ... in ascending order, then
+// a fixed shuffle tree (deterministic). grad is [H / g][g][g] = [H][g].
 __global__ void reduce_mix_grad_kernel(const float* __restrict__ part, float* __restrict__ grad, int B, int H, int G,
-                                       int gs, int ntiles) {
+                                       int C, int gs, int ntiles) {
   const int idx = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
   if (idx >= H * gs) return;
   const int h = idx / gs, y = idx % gs, units = H / G, u = h / G, w = h % G;
   double s = 0.0;
-  for (int e = lane; e < B * ntiles; e += 32) {
-    const int b = e / ntiles, tile = e % ntiles;
-    s += part[((static_cast<size_t>(b * units + u) * ntiles + tile) * G + w) * kMaxGBwd + y];
+  for (int e = lane; e < B * C * ntiles; e += 32) {
+    const int b = e / (C * ntiles), rank = e / ntiles % C, tile = e % ntiles;
+    s += part[(((static_cast<size_t>(b * units + u) * C + rank) * ntiles + tile) * G + w) * kMaxGBwd + y];
   }
   s = warp_sum(s);
   if (lane == 0) grad[idx] += static_cast<float>(s);
 }
 
+// Per-CTA partials of one mixing weight's gradient: (batch, group, rank in the cluster (<= 2), key tile,
+// head of the group) x kMaxGBwd floats.
+size_t mix_partials(int B, int H, int T) {
+  return static_cast<size_t>(B) * H * 2 * ((T + kTile - 1) / kTile) * kMaxGBwd;
+}
+
+// CTAs per coupled group (group_cluster.cuh): one CTA holds up to 16 heads at D = 64 (512 threads) and
+// 8 at D = 128, where groups of 10-16 heads (an even count) take a cluster of two. MTA_FLASH_MIX_CLUSTER=1
+// also puts the groups of 10-16 at D = 64 on clusters (for comparisons, bench/RESULTS.md).
+int mix_ctas(int G, int D) {
+  if (G <= 8) return 1;
+  if (D == 128) return 2;
+  const char* forced = std::getenv("MTA_FLASH_MIX_CLUSTER");  // read per launch: tests switch it
+  return forced && std::string(forced) == "1" && G % 2 == 0 ? 2 : 1;
+}
+
 template <int D, bool kOut>
 void launch_pass(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const float* mpre,
                  const float* mpost, bf16* o, float* lse, int B, int T, cudaStream_t s) {
-  const int H = spec.heads, G = spec.coupled_heads();
+  const int H = spec.heads, G = spec.coupled_heads(), C = mix_ctas(G, D);
   const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
-  const size_t smem = smem_bytes<D>(G, kOut);
-  MTA_CUDA_CHECK(cudaFuncSetAttribute(flash_mix_fwd_kernel<D, kOut>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)));
-  const dim3 grid(static_cast<unsigned>(B * (H / G)), static_cast<unsigned>((T + kTile - 1) / kTile));
-  flash_mix_fwd_kernel<D, kOut><<<grid, 32 * G, smem, s>>>(q, k, v, mpre, gpre, mpost, gpost, o, lse, H, T, G,
-                                                           1.0f / std::sqrt(static_cast<float>(D)));
-  MTA_CUDA_CHECK_LAUNCH("flash_mix_fwd_kernel");
+  const size_t smem = smem_bytes<D>(G / C, kOut);
+  auto kernel = C == 1 ? flash_mix_fwd_kernel<D, kOut, 1> : flash_mix_fwd_kernel<D, kOut, 2>;
+  launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, mpre, gpre, mpost, gpost, o, lse, H, T, G,
+                 1.0f / std::sqrt(static_cast<float>(D)));
 }
 
 template <int D>
@@ -738,9 +773,10 @@ void launch_backward(const AttentionSpec& spec, const bf16* q, const bf16* k, co
                      float* grad_pre, float* grad_post, void* scratch, int B, int T, cudaStream_t s) {
   constexpr int S = D + 8, SS = kTile + 8;
   const int H = spec.heads, G = spec.coupled_heads(), ntiles = (T + kTile - 1) / kTile;
+  const int C = mix_ctas(G, D), L = G / C;
   const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const size_t rows = static_cast<size_t>(B) * H * T, parts = static_cast<size_t>(B) * H * ntiles * kMaxGBwd;
+  const size_t rows = static_cast<size_t>(B) * H * T, parts = mix_partials(B, H, T);
   auto up = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
   char* base = static_cast<char*>(scratch);
   float* delta = reinterpret_cast<float*>(base);
@@ -748,48 +784,54 @@ void launch_backward(const AttentionSpec& spec, const bf16* q, const bf16* k, co
   float* part_pre = reinterpret_cast<float*>(base + up(rows * 4) + up(rows * D * 4));
   float* part_post = part_pre + up(parts * 4) / 4;
   MTA_CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, rows * D * sizeof(float), s));
-  const dim3 grid(static_cast<unsigned>(B * (H / G)), static_cast<unsigned>(ntiles));
   // Two stages of the streamed tiles where they fit and do not cost occupancy (measured, session 7:
   // at G = 4, D = 64 the second stage took the main pass from 2 CTAs per SM to 1 and made it 47%
-  // slower; where the CTAs per SM stay the same it gains 5-10%), else one.
-  const size_t tile = static_cast<size_t>(G) * kTile * S * sizeof(bf16);
-  auto smem_delta = [&](int stages) { return 2 * stages * tile + kFragBytes + 3 * kInBytes + 2 * out_bytes(G); };
+  // slower; where the CTAs per SM stay the same it gains 5-10%), else one. Sizes are per CTA (L heads).
+  const size_t tile = static_cast<size_t>(L) * kTile * S * sizeof(bf16);
+  auto smem_delta = [&](int stages) { return 2 * stages * tile + kFragBytes + 3 * kInBytes + 2 * out_bytes(L); };
   auto smem_main = [&](int stages) {
-    return (1 + 2 * stages) * tile + static_cast<size_t>(G) * kTile * SS * sizeof(bf16) + kFragBytes + 4 * kInBytes +
-           2 * out_bytes(G);
+    return (1 + 2 * stages) * tile + static_cast<size_t>(L) * kTile * SS * sizeof(bf16) + kFragBytes + 4 * kInBytes +
+           2 * out_bytes(L);
   };
-  const int threads = 32 * G;
+  const int threads = 32 * L;
   auto delta_pass = [&](auto kernel, size_t smem) {
-    kernel<<<grid, threads, smem, s>>>(q, k, v, dout, lse, mpre, gpre, mpost, gpost, delta, H, T, G, scale);
-    MTA_CUDA_CHECK_LAUNCH("flash_mix_bwd_delta_kernel");
+    launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, lse, mpre, gpre, mpost, gpost, delta, H, T, G,
+                   scale);
   };
-  if (two_stages_pay(flash_mix_bwd_delta_kernel<D, 1>, flash_mix_bwd_delta_kernel<D, 2>, threads, smem_delta(1),
-                     smem_delta(2)))
-    delta_pass(flash_mix_bwd_delta_kernel<D, 2>, smem_delta(2));
-  else
-    delta_pass(flash_mix_bwd_delta_kernel<D, 1>, smem_delta(1));
   auto key_tiles = [&](auto kernel, size_t smem) {
-    kernel<<<grid, threads, smem, s>>>(q, k, v, dout, lse, delta, mpre, gpre, mpost, gpost, dq_acc, dk, dv, part_pre,
-                                       part_post, H, T, G, scale);
-    MTA_CUDA_CHECK_LAUNCH("flash_mix_bwd_kernel");
+    launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, lse, delta, mpre, gpre, mpost, gpost, dq_acc, dk,
+                   dv, part_pre, part_post, H, T, G, scale);
   };
-  if constexpr (D == 64) {  // groups of 16 heads exist only at D = 64 (flash_mix_supported)
-    if (G > 8) {
-      set_smem_limit(flash_mix_bwd_kernel<D, 32 * kMaxG, 1>, smem_main(1));
-      key_tiles(flash_mix_bwd_kernel<D, 32 * kMaxG, 1>, smem_main(1));
-    }
-  }
-  if (G <= 8) {
-    if (two_stages_pay(flash_mix_bwd_kernel<D, 16 * kMaxG, 1>, flash_mix_bwd_kernel<D, 16 * kMaxG, 2>, threads,
-                       smem_main(1), smem_main(2)))
-      key_tiles(flash_mix_bwd_kernel<D, 16 * kMaxG, 2>, smem_main(2));
+  // Both passes for groups of <= 8 heads per CTA (kC CTAs per group), each in its better stage count.
+  auto small_groups = [&](auto kc) {
+    constexpr int kC = decltype(kc)::value;
+    if (two_stages_pay(flash_mix_bwd_delta_kernel<D, 1, kC>, flash_mix_bwd_delta_kernel<D, 2, kC>, threads,
+                       smem_delta(1), smem_delta(2)))
+      delta_pass(flash_mix_bwd_delta_kernel<D, 2, kC>, smem_delta(2));
     else
-      key_tiles(flash_mix_bwd_kernel<D, 16 * kMaxG, 1>, smem_main(1));
+      delta_pass(flash_mix_bwd_delta_kernel<D, 1, kC>, smem_delta(1));
+    if (two_stages_pay(flash_mix_bwd_kernel<D, 16 * kMaxG, 1, kC>, flash_mix_bwd_kernel<D, 16 * kMaxG, 2, kC>, threads,
+                       smem_main(1), smem_main(2)))
+      key_tiles(flash_mix_bwd_kernel<D, 16 * kMaxG, 2, kC>, smem_main(2));
+    else
+      key_tiles(flash_mix_bwd_kernel<D, 16 * kMaxG, 1, kC>, smem_main(1));
+  };
+  if (C == 2) {
+    small_groups(std::integral_constant<int, 2>{});
+  } else if (G <= 8) {
+    small_groups(std::integral_constant<int, 1>{});
+  } else if constexpr (D == 64) {  // 9-16 heads in one CTA of 512 threads (flash_mix_supported)
+    if (two_stages_pay(flash_mix_bwd_delta_kernel<D, 1, 1>, flash_mix_bwd_delta_kernel<D, 2, 1>, threads,
+                       smem_delta(1), smem_delta(2)))
+      delta_pass(flash_mix_bwd_delta_kernel<D, 2, 1>, smem_delta(2));
+    else
+      delta_pass(flash_mix_bwd_delta_kernel<D, 1, 1>, smem_delta(1));
+    key_tiles(flash_mix_bwd_kernel<D, 32 * kMaxG, 1, 1>, smem_main(1));
   }
   launch_convert_accum(dq_acc, dq, static_cast<long long>(rows) * D, scale, s);
   for (auto [part, grad, gs] : {std::tuple{part_pre, grad_pre, gpre}, std::tuple{part_post, grad_post, gpost}}) {
     if (!gs) continue;
-    reduce_mix_grad_kernel<<<(H * gs * 32 + 255) / 256, 256, 0, s>>>(part, grad, B, H, G, gs, ntiles);
+    reduce_mix_grad_kernel<<<(H * gs * 32 + 255) / 256, 256, 0, s>>>(part, grad, B, H, G, C, gs, ntiles);
     MTA_CUDA_CHECK_LAUNCH("reduce_mix_grad_kernel");
   }
 }
@@ -800,7 +842,8 @@ bool flash_mix_supported(const AttentionSpec& spec, int D) {
   if (spec.kq_pre || spec.kq_post || spec.norm || spec.gate || spec.depth_scale_layer) return false;
   if (!spec.head_pre && !spec.head_post) return false;  // standard attention: flash_attn
   if (D != spec.head_dim || (D != 64 && D != 128)) return false;
-  return spec.coupled_heads() <= (D == 64 ? 16 : 8);
+  const int G = spec.coupled_heads();
+  return D == 64 ? G <= kMaxG : groups_fit(G);  // D = 128: 10-16 heads on a cluster of two CTAs
 }
 
 void flash_mix_forward(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const float* head_pre,
@@ -808,7 +851,7 @@ void flash_mix_forward(const AttentionSpec& spec, const bf16* q, const bf16* k, 
   const int D = spec.head_dim;
   mix_require(flash_mix_supported(spec, D),
               "spec not covered (head_pre / head_post only, coupled heads <= 16 at "
-              "head dim 64, <= 8 at 128)");
+              "head dim 64, <= 8 or an even number up to 16 at 128)");
   mix_require(B >= 1 && T >= 1, "B and T must be >= 1");
   mix_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
               "B * H or T too large");
@@ -832,8 +875,7 @@ bool flash_mix_backward_supported(const AttentionSpec& spec, int D) {
 size_t flash_mix_backward_scratch_bytes(int B, int H, int T, int D) {
   auto up = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
   const size_t rows = static_cast<size_t>(B) * H * T;
-  const size_t parts = static_cast<size_t>(B) * H * ((T + kTile - 1) / kTile) * kMaxGBwd;
-  return up(rows * 4) + up(rows * D * 4) + 2 * up(parts * 4);
+  return up(rows * 4) + up(rows * D * 4) + 2 * up(mix_partials(B, H, T) * 4);
 }
 
 void flash_mix_backward(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const float* head_pre,
@@ -842,7 +884,7 @@ void flash_mix_backward(const AttentionSpec& spec, const bf16* q, const bf16* k,
   const int D = spec.head_dim;
   mix_require(flash_mix_backward_supported(spec, D),
               "backward: spec not covered (head_pre / head_post only, "
-              "coupled heads <= 16 at head dim 64, <= 8 at 128)");
+              "coupled heads <= 16 at head dim 64, <= 8 or an even number up to 16 at 128)");
   mix_require(B >= 1 && T >= 1, "B and T must be >= 1");
   mix_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
               "B * H or T too large");

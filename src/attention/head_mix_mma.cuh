@@ -117,11 +117,12 @@ __device__ __forceinline__ void mix_tiles(const bf16* hi, const bf16* lo, const 
   mix_tiles_owned<kLo>(hi, lo, sFrag, kind, out, 0, G, warp, lane);
 }
 
-// acc[n-block] += D^T V summed over the positions of tile rows warp, warp + G, ...: acc[nb][e] is
-// (head x = g + 8 (e >> 1), head y = 8 nb + 2t + (e & 1)). V's remainder is added when v_lo is given.
-__device__ __forceinline__ void grad_tiles(float (&acc)[2][4], const bf16* d, const bf16* v, const bf16* v_lo, int G,
-                                           int warp, int lane) {
-  for (int r = warp; r < kTile; r += G) {
+// acc[n-block] += D^T V summed over the positions of tile rows r0, r0 + step, ... (a warp's share: the
+// CTA's warps, and on a cluster its CTAs, split the rows): acc[nb][e] is (head x = g + 8 (e >> 1),
+// head y = 8 nb + 2t + (e & 1)). V's remainder is added when v_lo is given.
+__device__ __forceinline__ void grad_tiles(float (&acc)[2][4], const bf16* d, const bf16* v, const bf16* v_lo, int r0,
+                                           int step, int lane) {
+  for (int r = r0; r < kTile; r += step) {
     uint32_t a[4], b[4];
     mma::ldmatrix_x4(a, d + grad_a_offset(lane, r));
     mma::ldmatrix_x4(b, v + grad_b_offset(lane, r));

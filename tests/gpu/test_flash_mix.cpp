@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cmath>
+#include <cstdlib>
 #include <map>
 #include <random>
 #include <string>
@@ -176,6 +177,21 @@ TEST(FlashMix, PaperGroups) {
   check_case(Case{1, 4, 1, 64, 2, 4}, 5);       // T = 1, different groups before and after
 }
 
+// Groups of 10-16 heads at D = 128 run on clusters of two CTAs that exchange the mixing inputs through
+// distributed shared memory (group_cluster.cuh); each CTA sums the weight gradients' terms over half
+// the tile rows. MTA_FLASH_MIX_CLUSTER=1 puts D = 64 groups of 10-16 there too (read per launch).
+TEST(FlashMix, ClusterGroups) {
+  SKIP_WITHOUT_GPU();
+  check_case(Case{2, 16, 200, 128, 16, 16}, 21);  // the paper LM's mixing at D = 128, both sides
+  check_case(Case{1, 12, 77, 128, 12, 6}, 22);     // 12 heads, a post group of 6 inside the cluster
+  check_case(Case{1, 16, 33, 128, 0, 16}, 23);     // after the softmax only
+  check_case(Case{2, 10, 1, 128, 10, 0}, 24);      // T = 1, before the softmax only
+  setenv("MTA_FLASH_MIX_CLUSTER", "1", 1);
+  check_case(Case{2, 16, 150, 64, 16, 16}, 25);
+  check_case(Case{1, 12, 40, 64, 4, 12}, 26);
+  unsetenv("MTA_FLASH_MIX_CLUSTER");
+}
+
 TEST(FlashMix, RandomSpecs) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(77);
@@ -206,7 +222,12 @@ TEST(FlashMix, CoverageAndRefusals) {
   EXPECT_TRUE(mta::cuda::flash_mix_supported(s, 64));
   EXPECT_TRUE(mta::cuda::flash_mix_backward_supported(s, 64));
   s.head_dim = 128;
-  EXPECT_FALSE(mta::cuda::flash_mix_supported(s, 128));  // 16 heads at D = 128: not in one CTA
+  EXPECT_TRUE(mta::cuda::flash_mix_supported(s, 128));  // 16 heads at D = 128: a cluster of two CTAs
+  s.heads = 9, s.head_pre = mta::HeadMix{9};
+  EXPECT_FALSE(mta::cuda::flash_mix_supported(s, 128));  // 9 heads: neither one CTA nor two halves
+  s.head_dim = 64;
+  EXPECT_TRUE(mta::cuda::flash_mix_supported(s, 64));  // one CTA of 9 warps
+  s.head_dim = 128;
   s.heads = 8, s.head_pre = mta::HeadMix{8};
   EXPECT_TRUE(mta::cuda::flash_mix_supported(s, 128));
   EXPECT_TRUE(mta::cuda::flash_mix_backward_supported(s, 128));

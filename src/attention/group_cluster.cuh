@@ -1,0 +1,99 @@
+#pragma once
+// Coupled head groups spread over a thread-block cluster, for the kernels that run one warp per head of
+// a group (flash_mix.cu, flash_kq_layer.cu). A group of up to 8 heads runs in one CTA; one of 10-16
+// heads (an even count) on a cluster of two CTAs with half the heads each, where one CTA's shared memory
+// or registers do not hold the whole group. The mixing products need every head's tile: each CTA writes
+// its heads' tiles into its own MixIn buffers (head_mix_mma.cuh), copies the other CTA's head slots
+// into them through distributed shared memory (cluster_gather), and computes the mix for its own heads
+// (mix_tiles_owned). Internal to those files (unnamed namespace: each includes its own copy).
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <utility>
+
+#include "attention/head_mix_layout.h"
+#include "cuda/check.h"
+
+namespace mta::cuda {
+namespace {
+
+// CTAs per group of G coupled heads, and whether a group of G heads can be placed at all.
+inline int cluster_size(int G) { return G <= 8 ? 1 : 2; }
+inline bool groups_fit(int G) { return G <= 8 || (G <= headmix::kMaxG && G % 2 == 0); }
+
+// Launches a pass over B x (H / G) groups x the query (or key) tiles of T, C CTAs of G / C warps per group
+// (a cluster when C > 1; blockIdx.x = group unit * C + rank), with `smem` bytes of dynamic shared memory.
+template <class... Params, class... Args>
+void launch_grouped(void (*kernel)(Params...), int B, int H, int G, int C, int T, size_t smem, cudaStream_t s,
+                    Args&&... args) {
+  MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(B * (H / G) * C),
+                     static_cast<unsigned>((T + headmix::kTile - 1) / headmix::kTile));
+  cfg.blockDim = dim3(static_cast<unsigned>(32 * (G / C)));
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(C);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = C > 1 ? 1 : 0;
+  MTA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));  // launch errors included
+}
+
+// A CTA's place in its coupled group of G heads: the group is spread over a cluster of C CTAs (C = 1:
+// one CTA holds it), each with L = G / C heads (warps); this CTA's are heads h0 = rank * L .. + L - 1.
+struct GroupPlace {
+  int G, C, L, rank, h0;
+};
+__device__ __forceinline__ GroupPlace group_place(int G, int C) {
+  const int L = G / C, rank = static_cast<int>(blockIdx.x) % C;
+  return GroupPlace{G, C, L, rank, rank * L};
+}
+
+// With C > 1: after every CTA of the cluster has written its heads' tiles into its own MixIn buffers
+// (up to three; null ones are skipped), each copies the other CTAs' head slots into its own (distributed
+// shared memory, 16-byte loads), so that its mixing products see every head of the group; a second
+// cluster barrier keeps any CTA from rewriting its MixIn while a peer still copies it. Every thread of
+// every CTA of the cluster must call it.
+__device__ __forceinline__ void cluster_gather(const GroupPlace& gp, __nv_bfloat16* a, __nv_bfloat16* b = nullptr,
+                                               __nv_bfloat16* c = nullptr) {
+  namespace cg = cooperative_groups;
+  using headmix::kYS;
+  cg::cluster_group cl = cg::this_cluster();
+  cl.sync();  // every CTA's tiles are in its MixIn
+  constexpr int kChunks = kYS * static_cast<int>(sizeof(__nv_bfloat16)) / 16;  // 16-byte chunks per head slot
+  static_assert(kYS * sizeof(__nv_bfloat16) % 16 == 0, "head slots are whole 16-byte chunks");
+  __nv_bfloat16* bufs[3] = {a, b, c};
+  const int n = gp.L * kChunks;
+  for (int peer = 0; peer < gp.C; ++peer) {
+    if (peer == gp.rank) continue;
+    const size_t base = static_cast<size_t>(peer) * gp.L * kYS;
+    for (int which = 0; which < 3; ++which) {
+      __nv_bfloat16* buf = bufs[which];
+      if (!buf) continue;
+      const __nv_bfloat16* remote = cl.map_shared_rank(buf, peer);
+      for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const size_t off = base + static_cast<size_t>(i) * 8;  // 8 bf16 = 16 bytes
+        *reinterpret_cast<uint4*>(buf + off) = *reinterpret_cast<const uint4*>(remote + off);
+      }
+    }
+  }
+  cl.sync();  // every copy is done (and complete in this CTA's MixIn)
+}
+
+// The barrier before a mix: every head's tile in the MixIn buffers given (with C > 1 the cluster's
+// exchange, else the CTA's barrier).
+__device__ __forceinline__ void group_sync(const GroupPlace& gp, __nv_bfloat16* a, __nv_bfloat16* b = nullptr,
+                                           __nv_bfloat16* c = nullptr) {
+  if (gp.C > 1)
+    cluster_gather(gp, a, b, c);
+  else
+    __syncthreads();
+}
+
+}  // namespace
+}  // namespace mta::cuda
