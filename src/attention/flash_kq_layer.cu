@@ -298,7 +298,7 @@ __device__ __forceinline__ void mix_in_place(float (&c)[8], bf16* sInHi, bf16* s
   }
   group_sync(gp, sInHi, sInLo);  // every head's tile
   mix_tiles_owned<true>(sInHi, sInLo, sFrag, kind, sOut, gp.h0, gp.L, warp, lane);
-  __syncthreads();  // every head's mixed tile
+  mix_done(gp);  // every head's mixed tile
 #pragma unroll
   for (int e = 0; e < 8; e += 2) {
     const float2 x = get_pair(sOut, warp, r, 8 * half + e);

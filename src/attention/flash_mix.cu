@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
       put_tile<true>(sInHi, sInLo, mw.x, acc_s, g, t);
       group_sync(mw.gp, sInHi, sInLo);  // every head's S0
       mix_own<true>(sInHi, sInLo, sFrag, kPre, sOut, mw);
-      __syncthreads();  // every head's C'
+      mix_done(mw.gp);  // every head's C'
     }
     // C' of this warp's head at its positions (log2 domain), the future as -inf.
     float c[2][4];
@@ -222,7 +222,7 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
         put_tile<true>(sInHi, sInLo, mw.x, a3, g, t);  // every warp is done with S0 and C' (barrier above)
         group_sync(mw.gp, sInHi, sInLo);               // every head's A
         mix_own<true>(sInHi, sInLo, sFrag, kPost, sOut, mw);
-        __syncthreads();  // every head's A3
+        mix_done(mw.gp);  // every head's A3
 #pragma unroll
         for (int j = 0; j < 2; ++j)
 #pragma unroll
@@ -403,7 +403,7 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
     group_sync(mw.gp, gpre ? sSHi : nullptr, gpre ? sSLo : nullptr, gpost ? sD : nullptr);  // every head's S0, dA3
     if (gpre) mix_own<true>(sSHi, sSLo, sFrag, kPre, sC, mw);
     if (gpost) mix_own<false>(sD, nullptr, sFrag, kPostT, sDA, mw);
-    __syncthreads();  // every head's C' and dA
+    mix_done(mw.gp);  // every head's C' and dA
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
@@ -555,7 +555,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       put_tile<true>(sSHi, sSLo, mw.x, acc_s, g, t);
       group_sync(mw.gp, sSHi, sSLo);  // (1) S0^T of every head
       mix_own<true>(sSHi, sSLo, sFrag, kPre, sX1, mw);
-      __syncthreads();  // (2) C'^T of every head
+      mix_done(mw.gp);  // (2) C'^T of every head
     }
     float a[2][4];
 #pragma unroll
@@ -575,7 +575,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       mix_own<false>(sA, nullptr, sFrag, kPost, sX1, mw);
       mix_own<false>(sD, nullptr, sFrag, kPostT, sX2, mw);
       grad_tiles(gpost_acc, sD, sA, nullptr, grad_row0, G, lane);  // dMpost += dA3^T A
-      __syncthreads();  // (4) A3^T and dA^T of every head; every warp is done with sA
+      mix_done(mw.gp);  // (4) A3^T and dA^T of every head; every warp is done with sA
 #pragma unroll
       for (int j = 0; j < 2; ++j)
 #pragma unroll
@@ -599,7 +599,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       group_sync(mw.gp, sA);  // (5) dC'^T of every head; every warp has read A3^T and dA^T
       mix_own<false>(sA, nullptr, sFrag, kPreT, sX1, mw);
       grad_tiles(gpre_acc, sA, sSHi, sSLo, grad_row0, G, lane);  // dMpre += dC'^T S0
-      __syncthreads();  // (6) dS^T of every head; every warp is done with sA and sS
+      mix_done(mw.gp);  // (6) dS^T of every head; every warp is done with sA and sS
 #pragma unroll
       for (int j = 0; j < 2; ++j)
 #pragma unroll

@@ -54,45 +54,61 @@ __device__ __forceinline__ GroupPlace group_place(int G, int C) {
   return GroupPlace{G, C, L, rank, rank * L};
 }
 
+// The cluster barrier in two halves (PTX barrier.cluster): every thread of every CTA of the cluster
+// arrives, then waits for all arrivals; a thread alternates the two. Release / acquire: shared-memory
+// writes before the arrival are visible to the cluster after the wait.
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory"); }
+
 // With C > 1: after every CTA of the cluster has written its heads' tiles into its own MixIn buffers
 // (up to three; null ones are skipped), each copies the other CTAs' head slots into its own (distributed
-// shared memory, 16-byte loads), so that its mixing products see every head of the group; a second
-// cluster barrier keeps any CTA from rewriting its MixIn while a peer still copies it. Every thread of
-// every CTA of the cluster must call it.
+// shared memory, 16-byte loads), so that its mixing products see every head of the group. Per buffer,
+// each thread issues its loads (at most 2 chunks of 16 bytes: 49 chunks per head / 32 threads per head)
+// before its stores, so the exchange waits for one round trip to the peer's shared memory per buffer,
+// not one per chunk (all five chunks of three buffers at once cost registers: the kernels spilled). It ends with this CTA's arrival at a second cluster barrier, whose wait (in
+// mix_done, after the mix) keeps any CTA from rewriting its MixIn while a peer still copies it: the mix
+// runs while the barrier completes. Every thread of every CTA of the cluster must call it.
 __device__ __forceinline__ void cluster_gather(const GroupPlace& gp, __nv_bfloat16* a, __nv_bfloat16* b = nullptr,
                                                __nv_bfloat16* c = nullptr) {
   namespace cg = cooperative_groups;
   using headmix::kYS;
-  cg::cluster_group cl = cg::this_cluster();
-  cl.sync();  // every CTA's tiles are in its MixIn
   constexpr int kChunks = kYS * static_cast<int>(sizeof(__nv_bfloat16)) / 16;  // 16-byte chunks per head slot
   static_assert(kYS * sizeof(__nv_bfloat16) % 16 == 0, "head slots are whole 16-byte chunks");
+  constexpr int kPerThread = (kChunks + 31) / 32;  // per buffer: blockDim.x = 32 L, L kChunks chunks
+  cg::cluster_group cl = cg::this_cluster();
+  cl.sync();  // every CTA's tiles are in its MixIn
   __nv_bfloat16* bufs[3] = {a, b, c};
-  const int n = gp.L * kChunks;
+  const int n = gp.L * kChunks;  // chunks per buffer and peer
   for (int peer = 0; peer < gp.C; ++peer) {
     if (peer == gp.rank) continue;
     const size_t base = static_cast<size_t>(peer) * gp.L * kYS;
-    for (int which = 0; which < 3; ++which) {
-      __nv_bfloat16* buf = bufs[which];
-      if (!buf) continue;
-      const __nv_bfloat16* remote = cl.map_shared_rank(buf, peer);
-      for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const size_t off = base + static_cast<size_t>(i) * 8;  // 8 bf16 = 16 bytes
-        *reinterpret_cast<uint4*>(buf + off) = *reinterpret_cast<const uint4*>(remote + off);
-      }
+    for (int w = 0; w < 3; ++w) {
+      if (!bufs[w]) continue;
+      const uint4* __restrict__ src = reinterpret_cast<const uint4*>(cl.map_shared_rank(bufs[w], peer) + base);
+      uint4* __restrict__ dst = reinterpret_cast<uint4*>(bufs[w] + base);
+#pragma unroll 2
+      for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
     }
   }
-  cl.sync();  // every copy is done (and complete in this CTA's MixIn)
+  __syncthreads();   // the copies are complete in this CTA's MixIn before its warps mix
+  cluster_arrive();  // this CTA is done reading its peers' MixIn (the wait: mix_done)
 }
 
 // The barrier before a mix: every head's tile in the MixIn buffers given (with C > 1 the cluster's
-// exchange, else the CTA's barrier).
+// exchange, else the CTA's barrier). Every group_sync is followed by mix_done.
 __device__ __forceinline__ void group_sync(const GroupPlace& gp, __nv_bfloat16* a, __nv_bfloat16* b = nullptr,
                                            __nv_bfloat16* c = nullptr) {
   if (gp.C > 1)
     cluster_gather(gp, a, b, c);
   else
     __syncthreads();
+}
+
+// The barrier after a mix: every head's mixed tile in MixOut, and (C > 1) no peer still copying this
+// CTA's MixIn, so that it may be rewritten.
+__device__ __forceinline__ void mix_done(const GroupPlace& gp) {
+  __syncthreads();
+  if (gp.C > 1) cluster_wait();
 }
 
 }  // namespace
