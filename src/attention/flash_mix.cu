@@ -15,7 +15,6 @@
 #include <cuda_runtime.h>
 
 #include <climits>
-#include <cstdlib>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -28,6 +27,7 @@
 #include "attention/mma_sm80.cuh"
 #include "cuda/check.h"
 #include "cuda/warp_reduce.cuh"
+#include "util/env.h"
 
 namespace mta::cuda {
 namespace {
@@ -725,8 +725,8 @@ size_t mix_partials(int B, int H, int T) {
 int mix_ctas(int G, int D) {
   if (G <= 8) return 1;
   if (D == 128) return 2;
-  const char* forced = std::getenv("MTA_FLASH_MIX_CLUSTER");  // read per launch: tests switch it
-  return forced && std::string(forced) == "1" && G % 2 == 0 ? 2 : 1;
+  // Read per launch: tests switch it.
+  return env_switch("MTA_FLASH_MIX_CLUSTER").value_or(false) && G % 2 == 0 ? 2 : 1;
 }
 
 template <int D, bool kOut>

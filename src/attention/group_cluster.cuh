@@ -62,19 +62,19 @@ __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.w
 
 // With C > 1: after every CTA of the cluster has written its heads' tiles into its own MixIn buffers
 // (up to three; null ones are skipped), each copies the other CTAs' head slots into its own (distributed
-// shared memory, 16-byte loads), so that its mixing products see every head of the group. Per buffer,
-// each thread issues its loads (at most 2 chunks of 16 bytes: 49 chunks per head / 32 threads per head)
-// before its stores, so the exchange waits for one round trip to the peer's shared memory per buffer,
-// not one per chunk (all five chunks of three buffers at once cost registers: the kernels spilled). It ends with this CTA's arrival at a second cluster barrier, whose wait (in
-// mix_done, after the mix) keeps any CTA from rewriting its MixIn while a peer still copies it: the mix
-// runs while the barrier completes. Every thread of every CTA of the cluster must call it.
+// shared memory, 16-byte chunks; the loop reads through restrict pointers, unrolled by 2, so that two
+// loads can be in flight: batching all of a thread's chunks of three buffers at once spilled kernel Q),
+// so that its mixing products see every head of the group. It ends with this CTA's arrival at a second
+// cluster barrier, whose wait (in mix_done, after the mix) keeps any CTA from rewriting its MixIn while
+// a peer still copies it: the barrier completes while the mix runs. Every thread of every CTA of the
+// cluster must call it. Measured (bench/RESULTS.md, session 9): an exchange costs about one cross-SM
+// barrier (~0.7 us); the copy and the second barrier were the smaller part.
 __device__ __forceinline__ void cluster_gather(const GroupPlace& gp, __nv_bfloat16* a, __nv_bfloat16* b = nullptr,
                                                __nv_bfloat16* c = nullptr) {
   namespace cg = cooperative_groups;
   using headmix::kYS;
   constexpr int kChunks = kYS * static_cast<int>(sizeof(__nv_bfloat16)) / 16;  // 16-byte chunks per head slot
   static_assert(kYS * sizeof(__nv_bfloat16) % 16 == 0, "head slots are whole 16-byte chunks");
-  constexpr int kPerThread = (kChunks + 31) / 32;  // per buffer: blockDim.x = 32 L, L kChunks chunks
   cg::cluster_group cl = cg::this_cluster();
   cl.sync();  // every CTA's tiles are in its MixIn
   __nv_bfloat16* bufs[3] = {a, b, c};

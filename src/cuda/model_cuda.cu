@@ -38,6 +38,7 @@
 #include "cuda/phase_timer.h"
 #include "model/layer_naming.h"
 #include "model/trainable.h"
+#include "util/env.h"
 #include "util/error.h"
 
 namespace mta {
@@ -369,13 +370,10 @@ class CudaModel : public TrainableModel {
   // 58.9k against 66.7k tokens/s), so they take the materialized op unless MTA_FUSED_KQ_LAYER=1;
   // MTA_FUSED_KQ_LAYER=0 sends every kq layer to it. Read per call: tests switch them.
   bool fused_allowed(int l, bool train) const {
-    const char* e = std::getenv("MTA_FLASH_MTA");
-    if ((e != nullptr && std::string(e) == "0") || config().attention != AttentionKind::Mta) return false;
+    if (env_switch("MTA_FLASH_MTA") == false || config().attention != AttentionKind::Mta) return false;
     const AttentionSpec spec = config().layer_spec(l);
     if (!cuda::fused_attention_is_kq_layer(spec, config().head_dim(), train ? config().dropout : 0.f)) return true;
-    const char* kq = std::getenv("MTA_FUSED_KQ_LAYER");
-    const std::string mode = kq != nullptr ? kq : "";
-    return mode == "1" || (mode != "0" && spec.coupled_heads() <= 8);
+    return env_switch("MTA_FUSED_KQ_LAYER").value_or(spec.coupled_heads() <= 8);
   }
 
   bool use_flash() const {

@@ -23,6 +23,7 @@
 #include "attention/attn_files.h"
 #include "attention/epilogue_cuda.h"
 #include "attention/flash_kq_layer.h"
+#include "attention/fused_attention.h"
 #include "attention/mta_cpu.h"
 #include "gpu/gpu_test_util.h"
 #include "util/error.h"
@@ -652,6 +653,16 @@ TEST(FlashKqLayer, RefusesUnsupported) {
   EXPECT_FALSE(mta::cuda::flash_kq_layer_backward_supported(s, 128));
   s.heads = 9, s.head_pre = mta::HeadMix{9};
   EXPECT_FALSE(mta::cuda::flash_kq_layer_forward_supported(s, 64));
+  // A kq layer with an epilogue keeps the core's output in fp32 for its backward: without it, a clear
+  // error before any device work.
+  s.heads = 4, s.head_pre = mta::HeadMix{4}, s.norm = true;
+  ASSERT_TRUE(mta::cuda::fused_attention_supported(s, 64));
+  EXPECT_GT(mta::cuda::fused_attention_core32_floats(s, 1, 8), 0u);
+  EXPECT_THROW(mta::cuda::fused_attention_backward(s, nullptr, nullptr, nullptr, mta::AttnParams<float>{}, nullptr,
+                                                   nullptr, nullptr, nullptr, nullptr, nullptr,
+                                                   mta::AttnParamGrads<float>{}, nullptr, 1, 8, mta::AttnOptions{},
+                                                   nullptr, nullptr),
+               std::invalid_argument);
 }
 
 // `mta attn` inputs for spec (q, k, v bf16-exact; parameters identity plus noise; dout when asked),
