@@ -1,7 +1,8 @@
 // FlashMix: head mixing before and / or after the softmax, fused (see flash_mix.h and
 // docs/flash-mta.md, "one warp per head").
 //
-// A CTA owns 16 query rows of one batch element and one coupled group of G heads, one warp per head.
+// A CTA owns 16 query rows of one batch element and one coupled group of G heads, one warp per head
+// (at D = 128 a group of 10-16 heads is spread over a cluster of two CTAs: group_cluster.cuh).
 // Per block of 16 keys, each warp computes its head's logit tile S (mma, Q fragments in registers,
 // its K tile in shared memory); the mixed logits C'_x = sum_y Mpre[x, y] S_y of every head are one
 // tensor-core product over the CTA's tiles (head_mix_mma.cuh), and each warp reads its head's back.
@@ -50,9 +51,9 @@ constexpr size_t kMaxSmemPerBlock = 227 * 1024;
 // load while this one is used), the coefficient fragments, MixIn hi and lo (S, then A in pass 2; every
 // head of the group) and one MixOut (C', then A3; the CTA's L heads).
 template <int D>
-size_t smem_bytes(int G, bool out) {  // G: the CTA's heads
-  const size_t tiles = 2 * static_cast<size_t>(G) * kTile * (D + 8) * sizeof(bf16) * (out ? 2 : 1);
-  return tiles + kFragBytes + 2 * kInBytes + out_bytes(G);
+size_t smem_bytes(int L, bool out) {  // L: the CTA's heads
+  const size_t tiles = 2 * static_cast<size_t>(L) * kTile * (D + 8) * sizeof(bf16) * (out ? 2 : 1);
+  return tiles + kFragBytes + 2 * kInBytes + out_bytes(L);
 }
 
 // Rows r0 .. r0 + 15 of one head ([T][D] bf16 at `head`) into shared memory (row stride S) with one

@@ -9,7 +9,7 @@
 //     (r, c) at r * kPS + c. The layout is head-major, so a warp's writes are 4-byte pairs with no
 //     bank conflicts. An optional second buffer holds the rounding remainder (hi + lo: ~16 bits of
 //     mantissa), for logits that go into exp. Heads >= G stay zero (zero_in).
-//   * mix_tiles: tile row r is the A operand of one MMA (ldmatrix.trans from [k = head][m = position]).
+//   * mix_tiles_owned: tile row r is the A operand of one MMA (ldmatrix.trans from [k = head][m = position]).
 //     The coefficients are B fragments, prepared once per CTA per lane (build_frags: hi and lo parts).
 //     The fp32 results go to a MixOut buffer [G][kXT] in the warps' tile layout (row stride kXS),
 //     where each warp reads its own head back.
@@ -80,12 +80,11 @@ __device__ __forceinline__ void put_tile(bf16* hi, bf16* lo, int x, const float 
     }
 }
 
-// Out = mix of the G tiles in MixIn (hi, + lo when kLo) with the coefficients of `kind`, into MixOut
-// (heads < G). Warp w computes tile rows w, w + G, ...; the caller synchronizes before (MixIn
+// Out = mix of the group's tiles in MixIn (hi, + lo when kLo) with the coefficients of `kind`, into
+// MixOut, for the heads h0 .. h0 + L - 1 that this CTA owns (h0 = 0, L = G: the whole group in one CTA;
+// on a cluster, its share: group_cluster.cuh). Its L warps compute tile rows warp, warp + L, ... and
+// write the owned heads' results at local indices x - h0. The caller synchronizes before (MixIn
 // complete) and after (MixOut complete).
-// The same for a CTA that holds the tiles of a group's heads in MixIn but owns only heads h0 .. h0 + L - 1
-// (its share of a cluster, flash_kq_layer.cu): its L warps compute tile rows warp, warp + L, ..., and
-// write the owned heads' results at local indices x - h0. mix_tiles is the whole-group case.
 template <bool kLo>
 __device__ __forceinline__ void mix_tiles_owned(const bf16* hi, const bf16* lo, const uint32_t* sFrag, int kind,
                                                 float* out, int h0, int L, int warp, int lane) {
@@ -109,12 +108,6 @@ __device__ __forceinline__ void mix_tiles_owned(const bf16* hi, const bf16* lo, 
       if (x0 + 1 >= 0 && x0 + 1 < L) out[out_offset(x0 + 1, r, g)] = c[1], out[out_offset(x0 + 1, r, g + 8)] = c[3];
     }
   }
-}
-
-template <bool kLo>
-__device__ __forceinline__ void mix_tiles(const bf16* hi, const bf16* lo, const uint32_t* sFrag, int kind, float* out,
-                                          int G, int warp, int lane) {
-  mix_tiles_owned<kLo>(hi, lo, sFrag, kind, out, 0, G, warp, lane);
 }
 
 // acc[n-block] += D^T V summed over the positions of tile rows r0, r0 + step, ... (a warp's share: the

@@ -700,6 +700,17 @@ std::pair<mta::io::SafeTensors, mta::io::SafeTensors> attn_inputs(const mta::Att
   return {t32, t64};
 }
 
+// Every tensor of `mta attn`'s CPU result `ref` (out and the gradients) in `got`, within bf16 tolerances
+// (the mixing weights' gradients, sums over every position, 5e-2); prints each error after `label`.
+void expect_outputs_match(const mta::io::SafeTensors& got, const mta::io::SafeTensors& ref, const std::string& label) {
+  for (const auto& [name, want] : ref.tensors) {
+    ASSERT_TRUE(got.tensors.count(name)) << name;
+    const double e = rel_err(mta::io::to_f64(got.at(name), name), mta::io::to_f64(want, name));
+    EXPECT_LE(e, name.find("head_") != std::string::npos ? 5e-2 : 3e-2) << name;
+    std::printf("%s: %s rel err %.2e\n", label.c_str(), name.c_str(), e);
+  }
+}
+
 // `mta attn --device cuda` on a kq layer with norm and gate: without dout the fused forward at D = 64
 // and 128; with dout the fused backward at D = 64 (out and every gradient against the float64 CPU op),
 // and at D = 128, where the kq layer's backward is not fused, the materialized op (--impl fused refuses).
@@ -729,12 +740,7 @@ TEST(FlashKqLayer, AttnCommand) {
   const auto ref = mta::run_attention_tensors(spec, both64, mta::Device::Cpu);
   const auto fused = mta::run_attention_tensors(spec, both32, mta::Device::Cuda, nullptr, mta::AttnImpl::Fused);
   EXPECT_EQ(fused.metadata.at("impl"), "fused");
-  for (const auto& [name, want] : ref.tensors) {
-    ASSERT_TRUE(fused.tensors.count(name)) << name;
-    const double e = rel_err(mta::io::to_f64(fused.at(name), name), mta::io::to_f64(want, name));
-    EXPECT_LE(e, name.find("head_") != std::string::npos ? 5e-2 : 3e-2) << name;
-    std::printf("[ attn with dout ] kq layer D=64 with norm and gate: %s rel err %.2e\n", name.c_str(), e);
-  }
+  expect_outputs_match(fused, ref, "[ attn with dout ] kq layer D=64 with norm and gate");
   spec.head_dim = 128;
   const auto [big32, big64] = attn_inputs(spec, B, T, true, rng);
   EXPECT_EQ(mta::run_attention_tensors(spec, big32, mta::Device::Cuda).metadata.at("impl"), "materialized");
@@ -773,13 +779,9 @@ TEST(FlashKqLayer, KqPostWithoutKqPre) {
     const auto ref = mta::run_attention_tensors(spec, in64, mta::Device::Cpu);
     const auto got = mta::run_attention_tensors(spec, in32, mta::Device::Cuda, nullptr, mta::AttnImpl::Fused);
     EXPECT_EQ(got.metadata.at("impl"), "fused");
-    for (const auto& [name, want] : ref.tensors) {
-      ASSERT_TRUE(got.tensors.count(name)) << name;
-      const double e = rel_err(mta::io::to_f64(got.at(name), name), mta::io::to_f64(want, name));
-      EXPECT_LE(e, name.find("head_") != std::string::npos ? 5e-2 : 3e-2) << name;
-      std::printf("[ kq_post without kq_pre ] H=%d G=%d/%d T=%d: %s rel err %.2e\n", pc.H, pc.gpre, pc.gpost, pc.T,
-                  name.c_str(), e);
-    }
+    expect_outputs_match(got, ref,
+                         "[ kq_post without kq_pre ] H=" + std::to_string(pc.H) + " G=" + std::to_string(pc.gpre) +
+                             "/" + std::to_string(pc.gpost) + " T=" + std::to_string(pc.T));
   }
   mta::AttentionSpec wide;  // D = 128: the fused forward
   wide.heads = 4, wide.head_dim = 128;
