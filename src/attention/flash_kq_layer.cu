@@ -86,9 +86,12 @@ constexpr size_t warp_region_bytes() {
 static_assert(warp_region_bytes<64>() >= 32 * (64 + 8) * sizeof(bf16), "Q staging fits the warp region");
 static_assert(warp_region_bytes<128>() >= 32 * (128 + 8) * sizeof(bf16), "Q staging fits the warp region");
 
-template <int D>
+// kTapRows: rows of taps per head (kMaxCq, or the compiled cq). At 8 heads, D = 64 and 6 x 11 taps this
+// is 113.6 KB, so that two CTAs share an SM (ncu, session 9: with 8 tap rows it took 116.4 KB, 0.6 KB
+// more than half an SM's 233 KB minus the driver's 1 KB per CTA, and ran one CTA of 8 warps per SM).
+template <int D, int kTapRows = kMaxCq>
 size_t smem_bytes(int G) {
-  return static_cast<size_t>(G) * (warp_region_bytes<D>() + kMaxCq * kTapPitch * sizeof(float)) +
+  return static_cast<size_t>(G) * (warp_region_bytes<D>() + kTapRows * kTapPitch * sizeof(float)) +
          kFragWords * sizeof(uint32_t) + 2 * static_cast<size_t>(kInElems) * sizeof(bf16) +
          static_cast<size_t>(G) * kXT * sizeof(float);
 }
@@ -318,7 +321,8 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
   float* win = reinterpret_cast<float*>(region);
   bf16* sKt = reinterpret_cast<bf16*>(region + kWinFloats * sizeof(float));
   float* sW = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G) * warp_region_bytes<D>());
-  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sW + G * kMaxCq * kTapPitch);
+  constexpr int kTapRows = kCq > 0 ? kCq : kMaxCq;
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sW + G * kTapRows * kTapPitch);
   bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);
   bf16* sInLo = sInHi + kInElems;
   float* sOut = reinterpret_cast<float*>(sInLo + kInElems);
@@ -328,7 +332,7 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
   const size_t head = static_cast<size_t>(b * H + h) * T;
   const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
   q += head * D, k += head * D, lse += head;
-  float* myW = sW + warp * kMaxCq * kTapPitch;
+  float* myW = sW + warp * kTapRows * kTapPitch;
   load_taps(myW, wpre, h, cq, ck, lane);
   if (gpre) {
     build_frags(sFrag, mpre, gpre, nullptr, 0, u * G, G);
@@ -1402,12 +1406,14 @@ void launch_lse(const AttentionSpec& spec, const bf16* q, const bf16* k, const f
   const int H = spec.heads, G = spec.coupled_heads();
   const int gpre = spec.head_pre ? spec.head_pre->group : 0;
   const KqConv kc = pre_conv(spec);
-  const size_t smem = smem_bytes<D>(G);
+  const size_t smem = smem_bytes<D, (kCq > 0 ? kCq : kMaxCq)>(G);
   auto kernel = flash_kq_layer_lse_kernel<D, kCq, kCk>;
   MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  // The whole shared memory for L1's share: two CTAs per SM where they fit (smem_bytes).
+  MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
   const dim3 grid(static_cast<unsigned>(B * (H / G)), static_cast<unsigned>((T + kTile - 1) / kTile));
-  kernel<<<grid, 32 * G, smem, s>>>(q, k, spec.kq_pre ? wpre : nullptr, mpre, gpre, lse, H, T, G, kc.q, kc.k, kc.key_offset(),
-                                    1.0f / std::sqrt(static_cast<float>(D)));
+  kernel<<<grid, 32 * G, smem, s>>>(q, k, spec.kq_pre ? wpre : nullptr, mpre, gpre, lse, H, T, G, kc.q, kc.k,
+                                    kc.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
   MTA_CUDA_CHECK_LAUNCH("flash_kq_layer_lse_kernel");
 }
 
