@@ -98,12 +98,13 @@ __global__ void __launch_bounds__(kBlock) epilogue_backward_rows_kernel(
   for (long long r = r0 + warp; r < r1; r += kWarpsPerBlock) {
     const TCore* orow = core + r * D;
     const bf16* grow = dout + r * D;
-    float o[kMaxLanes], g[kMaxLanes], d[kMaxLanes];
+    float o[kMaxLanes], g[kMaxLanes], d[kMaxLanes];  // zero past D
 #pragma unroll
     for (int u = 0; u < kMaxLanes; ++u) {
       const int e = lane + 32 * u;
       o[u] = e < D ? static_cast<float>(orow[e]) : 0.f;
       g[u] = e < D ? __bfloat162float(grow[e]) : 0.f;
+      d[u] = 0.f;
     }
     float rr = 1.f;
     if (ep.norm) {
