@@ -47,12 +47,12 @@ size_t out_bytes(int G) { return static_cast<size_t>(G) * kXT * sizeof(float); }
 // The opt-in dynamic shared memory limit of one CTA on sm_90 (227 KB).
 constexpr size_t kMaxSmemPerBlock = 227 * 1024;
 
-// Forward shared memory: K (and V) tiles [stages][L][16][D + 8] bf16 (with 2 stages the next key
-// block's tiles load while this one is used), the coefficient fragments, MixIn hi and lo (S, then A in
-// pass 2; every head of the group) and one MixOut (C', then A3; the CTA's L heads).
+// Forward shared memory: K (and V) tiles [2 stages][L][16][D + 8] bf16 (the next key block's tiles
+// load while this one is used), the coefficient fragments, MixIn hi and lo (S, then A in pass 2; every
+// head of the group) and one MixOut (C', then A3; the CTA's L heads).
 template <int D>
-size_t smem_bytes(int L, bool out, int stages) {  // L: the CTA's heads
-  const size_t tiles = stages * static_cast<size_t>(L) * kTile * (D + 8) * sizeof(bf16) * (out ? 2 : 1);
+size_t smem_bytes(int L, bool out) {  // L: the CTA's heads
+  const size_t tiles = 2 * static_cast<size_t>(L) * kTile * (D + 8) * sizeof(bf16) * (out ? 2 : 1);
   return tiles + kFragBytes + 2 * kInBytes + out_bytes(L);
 }
 
@@ -100,9 +100,8 @@ __device__ __forceinline__ void mix_own(const bf16* hi, const bf16* lo, const ui
 
 // At D = 128 a CTA holds at most 8 heads (256 threads), which leaves each thread the registers for its
 // 64 output accumulators and 32 Q fragment words: groups of 10-16 heads run on clusters of two CTAs
-// (kC = 2, group_cluster.cuh). kStages: 2, the next key block's K (and V) tiles load while this one is
-// used; 1, each block waits for its own (where that lets more CTAs share an SM: launch_pass).
-template <int D, bool kOut, int kC, int kStages>
+// (kC = 2, group_cluster.cuh).
+template <int D, bool kOut, int kC>
 __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
     flash_mix_fwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                          const float* __restrict__ mpre, int gpre, const float* __restrict__ mpost, int gpost,
@@ -110,9 +109,9 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int L = G / kC;                                                // the CTA's heads
-  bf16* sK = reinterpret_cast<bf16*>(smem_raw);                        // [kStages][L][16][S]
-  bf16* sV = sK + kStages * L * kTile * S;                             // [kStages][L][16][S], pass 2
-  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sV + (kOut ? kStages * L * kTile * S : 0));
+  bf16* sK = reinterpret_cast<bf16*>(smem_raw);                        // [2][L][16][S]
+  bf16* sV = sK + 2 * L * kTile * S;                                   // [2][L][16][S], pass 2
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sV + (kOut ? 2 * L * kTile * S : 0));
   bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);           // MixIn: S, then A
   bf16* sInLo = sInHi + kInElems;
   float* sOut = reinterpret_cast<float*>(sInLo + kInElems);            // MixOut: C', then A3
@@ -124,7 +123,7 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
   q += head * D, k += head * D, v += head * D;
 
   // Q of the warp's 16 rows as mma A fragments, staged through its K tile. K and V tiles are the
-  // warp's own, in kStages stages (stage s of warp w at (s * L + w) * 16 rows).
+  // warp's own, in two stages (stage s of warp w at (s * L + w) * 16 rows).
   bf16* myK = sK + warp * kTile * S;
   bf16* myV = sV + warp * kTile * S;
   const int stage_step = L * kTile * S;
@@ -151,20 +150,12 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
   warp_load_rows<D, S>(myK, k, 0, T, lane);
   if (kOut) warp_load_rows<D, S>(myV, v, 0, T, lane);
   cp_async_commit();
-  for (int n0 = 0, stage = 0; n0 < n_end; n0 += kTile, stage ^= (kStages - 1)) {
+  for (int n0 = 0, stage = 0; n0 < n_end; n0 += kTile, stage ^= 1) {
     // The next block's tiles into the other stage (its last readers, this warp's MMAs of the previous
-    // block, have completed: their results were consumed), then wait for this block's. One stage: this
-    // block's tiles load now (block 0's were issued before the loop), by the same argument.
+    // block, have completed: their results were consumed), then wait for this block's.
     bf16* tK = myK + stage * stage_step;
     bf16* tV = myV + stage * stage_step;
-    if (kStages == 1) {
-      if (n0 > 0) {
-        warp_load_rows<D, S>(myK, k, n0, T, lane);
-        if (kOut) warp_load_rows<D, S>(myV, v, n0, T, lane);
-        cp_async_commit();
-      }
-      cp_async_wait_group<0>();
-    } else if (n0 + kTile < n_end) {
+    if (n0 + kTile < n_end) {
       warp_load_rows<D, S>(myK + (stage ^ 1) * stage_step, k, n0 + kTile, T, lane);
       if (kOut) warp_load_rows<D, S>(myV + (stage ^ 1) * stage_step, v, n0 + kTile, T, lane);
       cp_async_commit();
@@ -723,26 +714,6 @@ __global__ void reduce_mix_grad_kernel(const float* __restrict__ part, float* __
   if (lane == 0) grad[idx] += static_cast<float>(s);
 }
 
-// Opts kernel in to `smem` bytes of dynamic shared memory.
-template <class Kernel>
-void set_smem_limit(Kernel kernel, size_t smem) {
-  MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-}
-
-// Whether the two-stage variant of a pass fits in a CTA's shared memory and keeps as many CTAs per SM
-// as the one-stage variant (the streamed tiles' latency is better hidden by more CTAs than by a second
-// stage). Sets both kernels' shared-memory limits (the occupancy query and the launch need them).
-template <class Kernel1, class Kernel2>
-bool two_stages_pay(Kernel1 one, Kernel2 two, int threads, size_t smem1, size_t smem2) {
-  set_smem_limit(one, smem1);
-  if (smem2 > kMaxSmemPerBlock) return false;
-  set_smem_limit(two, smem2);
-  int n1 = 0, n2 = 0;
-  MTA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n1, one, threads, smem1));
-  MTA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n2, two, threads, smem2));
-  return n2 >= n1 && n2 > 0;
-}
-
 // Per-CTA partials of one mixing weight's gradient: (batch, group, rank in the cluster (<= 2), key tile,
 // head of the group) x kMaxGBwd floats.
 size_t mix_partials(int B, int H, int T) {
@@ -764,24 +735,10 @@ void launch_pass(const AttentionSpec& spec, const bf16* q, const bf16* k, const 
                  const float* mpost, bf16* o, float* lse, int B, int T, cudaStream_t s) {
   const int H = spec.heads, G = spec.coupled_heads(), C = mix_ctas(G, D);
   const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const int L = G / C;
-  auto run = [&](auto kc) {
-    constexpr int kC = decltype(kc)::value;
-    auto one = flash_mix_fwd_kernel<D, kOut, kC, 1>;
-    auto two = flash_mix_fwd_kernel<D, kOut, kC, 2>;
-    const size_t smem1 = smem_bytes<D>(L, kOut, 1), smem2 = smem_bytes<D>(L, kOut, 2);
-    if (two_stages_pay(one, two, 32 * L, smem1, smem2)) {
-      launch_grouped(two, B, H, G, C, T, smem2, s, q, k, v, mpre, gpre, mpost, gpost, o, lse, H, T, G, scale);
-    } else {  // one stage for more CTAs per SM: the whole shared memory for them (no L1 share)
-      MTA_CUDA_CHECK(cudaFuncSetAttribute(one, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
-      launch_grouped(one, B, H, G, C, T, smem1, s, q, k, v, mpre, gpre, mpost, gpost, o, lse, H, T, G, scale);
-    }
-  };
-  if (C == 1)
-    run(std::integral_constant<int, 1>{});
-  else
-    run(std::integral_constant<int, 2>{});
+  const size_t smem = smem_bytes<D>(G / C, kOut);
+  auto kernel = C == 1 ? flash_mix_fwd_kernel<D, kOut, 1> : flash_mix_fwd_kernel<D, kOut, 2>;
+  launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, mpre, gpre, mpost, gpost, o, lse, H, T, G,
+                 1.0f / std::sqrt(static_cast<float>(D)));
 }
 
 template <int D>
@@ -789,6 +746,26 @@ void launch_forward(const AttentionSpec& spec, const bf16* q, const bf16* k, con
                     const float* mpost, bf16* o, float* lse, int B, int T, cudaStream_t s) {
   launch_pass<D, false>(spec, q, k, v, mpre, mpost, o, lse, B, T, s);
   launch_pass<D, true>(spec, q, k, v, mpre, mpost, o, lse, B, T, s);
+}
+
+// Opts kernel in to `smem` bytes of dynamic shared memory.
+template <class Kernel>
+void set_smem_limit(Kernel kernel, size_t smem) {
+  MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+}
+
+// Whether the two-stage variant of a pass fits in a CTA's shared memory and keeps as many CTAs per SM
+// as the one-stage variant (the streamed tiles' latency is better hidden by more CTAs than by a second
+// stage). Sets both kernels' shared-memory limits (the occupancy query and the launch need them).
+template <class Kernel1, class Kernel2>
+bool two_stages_pay(Kernel1 one, Kernel2 two, int threads, size_t smem1, size_t smem2) {
+  set_smem_limit(one, smem1);
+  if (smem2 > kMaxSmemPerBlock) return false;
+  set_smem_limit(two, smem2);
+  int n1 = 0, n2 = 0;
+  MTA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n1, one, threads, smem1));
+  MTA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n2, two, threads, smem2));
+  return n2 >= n1 && n2 > 0;
 }
 
 template <int D>
