@@ -309,8 +309,9 @@ __device__ __forceinline__ void mix_in_place(float (&c)[8], bf16* sInHi, bf16* s
   }
 }
 
-template <int D, int kCq, int kCk>
-__global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
+// kC: CTAs per group, 1, or a cluster of 2 for 10-16 heads at D = 128 (at D = 64 one CTA holds 16).
+template <int D, int kCq, int kCk, int kC>
+__global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
     flash_kq_layer_lse_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const float* __restrict__ wpre,
                               const float* __restrict__ mpre, int gpre, float* __restrict__ lse, int H, int T, int G,
                               int cq, int ck, int key_off, float scale) {
@@ -320,15 +321,16 @@ __global__ void __launch_bounds__(D == 64 ? 32 * kMaxG : 16 * kMaxG)
   unsigned char* region = smem_raw + static_cast<size_t>(warp) * warp_region_bytes<D>();
   float* win = reinterpret_cast<float*>(region);
   bf16* sKt = reinterpret_cast<bf16*>(region + kWinFloats * sizeof(float));
-  float* sW = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G) * warp_region_bytes<D>());
+  float* sW = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G / kC) * warp_region_bytes<D>());
   constexpr int kTapRows = kCq > 0 ? kCq : kMaxCq;
-  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sW + G * kTapRows * kTapPitch);
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sW + (G / kC) * kTapRows * kTapPitch);
   bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);
   bf16* sInLo = sInHi + kInElems;
   float* sOut = reinterpret_cast<float*>(sInLo + kInElems);
 
-  const GroupPlace gp = group_place(G, 1);
-  const int units = H / G, b = blockIdx.x / units, u = blockIdx.x % units, h = u * G + warp;
+  const GroupPlace gp = group_place(G, kC);
+  const int units = H / G, b = static_cast<int>(blockIdx.x) / kC / units, u = static_cast<int>(blockIdx.x) / kC % units;
+  const int h = u * G + gp.h0 + warp;
   const size_t head = static_cast<size_t>(b * H + h) * T;
   const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
   q += head * D, k += head * D, lse += head;
@@ -1406,15 +1408,15 @@ void launch_lse(const AttentionSpec& spec, const bf16* q, const bf16* k, const f
   const int H = spec.heads, G = spec.coupled_heads();
   const int gpre = spec.head_pre ? spec.head_pre->group : 0;
   const KqConv kc = pre_conv(spec);
-  const size_t smem = smem_bytes<D, (kCq > 0 ? kCq : kMaxCq)>(G);
-  auto kernel = flash_kq_layer_lse_kernel<D, kCq, kCk>;
-  MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const int C = D == 64 ? 1 : cluster_size(G);  // 16 heads fit one CTA at D = 64 (pass 1 has one window)
+  const size_t smem = smem_bytes<D, (kCq > 0 ? kCq : kMaxCq)>(G / C);
+  auto kernel = flash_kq_layer_lse_kernel<D, kCq, kCk, 1>;
+  if constexpr (D == 128)
+    if (C == 2) kernel = flash_kq_layer_lse_kernel<D, kCq, kCk, 2>;
   // The whole shared memory for L1's share: two CTAs per SM where they fit (smem_bytes).
   MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
-  const dim3 grid(static_cast<unsigned>(B * (H / G)), static_cast<unsigned>((T + kTile - 1) / kTile));
-  kernel<<<grid, 32 * G, smem, s>>>(q, k, spec.kq_pre ? wpre : nullptr, mpre, gpre, lse, H, T, G, kc.q, kc.k,
-                                    kc.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
-  MTA_CUDA_CHECK_LAUNCH("flash_kq_layer_lse_kernel");
+  launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, spec.kq_pre ? wpre : nullptr, mpre, gpre, lse, H, T, G, kc.q,
+                 kc.k, kc.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
 }
 
 template <int D>
@@ -1473,7 +1475,7 @@ void flash_kq_layer_forward(const AttentionSpec& spec, const bf16* q, const bf16
   const int D = spec.head_dim;
   kq_require(flash_kq_layer_forward_supported(spec, D),
              "the forward needs kq_pre or kq_post (each with cq <= 8, ck <= 15), head_dim 64 or 128 and at "
-             "most 8 coupled heads, or an even number up to 16 at head_dim 64");
+             "most 8 coupled heads, or an even number up to 16");
   kq_require(v && aligned16(v) && (o || o32) && (!o || aligned16(o)),
              "v must be non-null and 16-byte aligned, and o (16-byte aligned) or o32 non-null");
   kq_require(!spec.kq_post || kq_post != nullptr, "kq_post is enabled but its weights are null");
@@ -1489,15 +1491,15 @@ bool flash_kq_layer_lse_supported(const AttentionSpec& spec, int D) {
   if (!spec.kq_pre && !spec.kq_post) return false;  // head mixing alone is flash_mix.h's
   if (spec.kq_pre && (spec.kq_pre->q > kMaxCq || spec.kq_pre->k > kMaxCk)) return false;
   if (D != spec.head_dim || (D != 64 && D != 128)) return false;
-  return spec.coupled_heads() <= (D == 64 ? 16 : 8);
+  return D == 64 ? spec.coupled_heads() <= kMaxG : groups_fit(spec.coupled_heads());
 }
 
 void flash_kq_layer_lse(const AttentionSpec& spec, const bf16* q, const bf16* k, const float* kq_pre,
                         const float* head_pre, float* lse, int B, int T, cudaStream_t s) {
   const int D = spec.head_dim;
   kq_require(flash_kq_layer_lse_supported(spec, D),
-             "pass 1 needs kq_pre or kq_post (each with cq <= 8, ck <= 15), head_dim 64 or 128 and at most 16 (D = 64) or 8 "
-             "(D = 128) coupled heads");
+             "pass 1 needs kq_pre or kq_post (each with cq <= 8, ck <= 15), head_dim 64 or 128 and at most 16 "
+             "coupled heads (at head_dim 128: at most 8, or an even number)");
   kq_require(B >= 1 && T >= 1, "B and T must be >= 1");
   kq_require(static_cast<long long>(B) * spec.heads <= INT_MAX && T <= 65535 * kTile, "B * H or T too large");
   kq_require(q && k && aligned16(q) && aligned16(k), "q and k must be non-null and 16-byte aligned");

@@ -28,7 +28,8 @@ namespace mta::cuda {
 
 // Whether pass 1 computes this spec at head dim D: kq_pre or kq_post (each cq <= 8, ck <= 15, any pad)
 // with or without head_pre, whatever the later steps (they do not change lse), and coupled heads G =
-// spec.coupled_heads() <= 16 at D = 64, <= 8 at D = 128 (one warp per head of a group in one CTA).
+// spec.coupled_heads() <= 16 at D = 64 (one warp per head of a group in one CTA); at D = 128 G <= 8 in
+// one CTA or an even 10-16 on a cluster of two CTAs (group_cluster.cuh).
 // Without kq_pre the kernels run the identity 1 x 1 convolution in its place (weights pointer null),
 // exact in fp32: the layers with kq_post but no kq_pre.
 bool flash_kq_layer_lse_supported(const AttentionSpec& spec, int D);

@@ -253,6 +253,9 @@ TEST(FlashKqLayer, PaperLayerForward) {
   // 16 and 12 coupled heads (the paper LM's, and the 125M config's): a cluster of two CTAs per group.
   check_forward(FwdCase{Case{2, 16, 77, 64, 6, 11, mta::PadKey::Both, 16, 16}, 6, 11, mta::PadKey::Both}, 14u);
   check_forward(FwdCase{Case{1, 12, 40, 64, 3, 5, mta::PadKey::Left, 12, 6}, 2, 3, mta::PadKey::Right}, 15u);
+  // At D = 128 both passes of 10-16 heads run on clusters (pass 1 too: one CTA holds 8 heads there).
+  check_forward(FwdCase{Case{1, 16, 77, 128, 6, 11, mta::PadKey::Both, 16, 16}, 6, 11, mta::PadKey::Both}, 16u);
+  check_forward(FwdCase{Case{2, 10, 33, 128, 2, 7, mta::PadKey::Right, 10, 5}, 3, 4, mta::PadKey::Left}, 17u);
 }
 
 // A random convolution: cq in 1..8, any pad, ck in 1..15 (odd with pad both).
@@ -605,6 +608,7 @@ TEST(FlashKqLayer, PaperLayerLse) {
   check_case(Case{2, 8, 77, 64, 6, 11, mta::PadKey::Both, 8, 8}, 1u);
   check_case(Case{1, 16, 40, 64, 6, 11, mta::PadKey::Both, 16, 16}, 2u);
   check_case(Case{1, 8, 130, 128, 6, 11, mta::PadKey::Both, 8, 8}, 3u);
+  check_case(Case{1, 16, 50, 128, 6, 11, mta::PadKey::Both, 16, 16}, 7u);  // a cluster of two CTAs
 }
 
 TEST(FlashKqLayer, ToyAndSmallT) {
@@ -650,7 +654,10 @@ TEST(FlashKqLayer, RefusesUnsupported) {
   // Groups: up to 8 heads in one CTA, an even 10-16 on a cluster of two; 9 or 11 heads do not split.
   s.heads = 16, s.head_pre = mta::HeadMix{16};
   EXPECT_TRUE(mta::cuda::flash_kq_layer_backward_supported(s, 64));
+  s.head_dim = 128;
+  EXPECT_TRUE(mta::cuda::flash_kq_layer_forward_supported(s, 128));
   EXPECT_FALSE(mta::cuda::flash_kq_layer_backward_supported(s, 128));
+  s.head_dim = 64;
   s.heads = 9, s.head_pre = mta::HeadMix{9};
   EXPECT_FALSE(mta::cuda::flash_kq_layer_forward_supported(s, 64));
   // A kq layer with an epilogue keeps the core's output in fp32 for its backward: without it, a clear
