@@ -2,7 +2,8 @@
 // Coupled head groups spread over a thread-block cluster, for the kernels that run one warp per head of
 // a group (flash_mix.cu, flash_kq_layer.cu). A group of up to 8 heads runs in one CTA; one of 10-16
 // heads (an even count) on a cluster of two CTAs with half the heads each, where one CTA's shared memory
-// or registers do not hold the whole group. The mixing products need every head's tile: each CTA writes
+// or registers do not hold the whole group (cluster_size; at D = 64, FlashMix and the kq layers' pass 1
+// hold 16 heads in one CTA and do not use it). The mixing products need every head's tile: each CTA writes
 // its heads' tiles into its own MixIn buffers (head_mix_mma.cuh), copies the other CTA's head slots
 // into them through distributed shared memory (cluster_gather), and computes the mix for its own heads
 // (mix_tiles_owned). Internal to those files (unnamed namespace: each includes its own copy).
@@ -57,8 +58,12 @@ __device__ __forceinline__ GroupPlace group_place(int G, int C) {
 // The cluster barrier in two halves (PTX barrier.cluster): every thread of every CTA of the cluster
 // arrives, then waits for all arrivals; a thread alternates the two. Release / acquire: shared-memory
 // writes before the arrival are visible to the cluster after the wait.
-__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void cluster_arrive() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() {
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
 
 // With C > 1: after every CTA of the cluster has written its heads' tiles into its own MixIn buffers
 // (up to three; null ones are skipped), each copies the other CTAs' head slots into its own (distributed
