@@ -61,6 +61,7 @@ constexpr int kWinRows = 24;       // S0 rows m0 - 8 .. m0 + 15
 constexpr int kWinTop = 8;         // window row of query row m0
 constexpr int kWinPitch = 68;      // floats per window row: a ring of 64 keys, padded (16-byte rows)
 constexpr int kTapPitch = 16;      // floats per row of a head's taps in shared memory (float4 loads)
+constexpr int kHeadTaps = kMaxCq * kTapPitch;  // floats per head's taps (rows of kTapPitch)
 constexpr int kWinFloats = kWinRows * kWinPitch;
 
 // The windows' key axis: a ring of kSize columns (rows of kPitch floats, padded so that the 16 lanes of
@@ -284,6 +285,64 @@ __device__ __forceinline__ void conv_row8_t(const float* win, const float* w, in
   }
 }
 
+// A CTA's place in the kq-layer kernels: blockIdx.x = (batch * units + unit of G coupled heads) * C +
+// rank (launch_grouped), one warp per head. The warp's head h of its batch element (u: the group unit),
+// that head's first row in [B * H * T], and the CTA's query tile m0 (blockIdx.y counts from the last
+// tile, so that the heavy tiles start first).
+struct KqPlace {
+  GroupPlace gp;
+  int u, h;
+  size_t head;
+  int m0;
+};
+__device__ __forceinline__ KqPlace kq_place(int H, int T, int G, int C, int warp) {
+  KqPlace p;
+  p.gp = group_place(G, C);
+  const int units = H / G, unit = static_cast<int>(blockIdx.x) / C;
+  p.u = unit % units;
+  p.h = p.u * G + p.gp.h0 + warp;
+  p.head = static_cast<size_t>((unit / units) * H + p.h) * T;
+  p.m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;
+  return p;
+}
+
+// The shared memory of passes 2, delta, P and Q after the L warps' regions (at `base`): per head the
+// pre and post taps (kHeadTaps floats each) and, with_dw, a convolution-gradient buffer (runtime
+// sizes); the coefficient fragments; MixIn hi and lo; MixOut. The smem_*_bytes functions size it.
+struct KqShared {
+  float *wpre, *wpost, *dw;
+  uint32_t* frag;
+  bf16 *in_hi, *in_lo;
+  float* out;
+};
+__device__ __forceinline__ KqShared kq_shared(unsigned char* base, int L, bool with_dw) {
+  KqShared sh;
+  sh.wpre = reinterpret_cast<float*>(base);
+  sh.wpost = sh.wpre + L * kHeadTaps;
+  sh.dw = with_dw ? sh.wpost + L * kHeadTaps : nullptr;
+  sh.frag = reinterpret_cast<uint32_t*>(sh.wpost + (with_dw ? 2 : 1) * L * kHeadTaps);
+  sh.in_hi = reinterpret_cast<bf16*>(sh.frag + kFragWords);
+  sh.in_lo = sh.in_hi + kInElems;
+  sh.out = reinterpret_cast<float*>(sh.in_lo + kInElems);
+  return sh;
+}
+
+// This warp's pre and post taps into its rows of `sh` (its dW rows zeroed, if any) and, with mixing,
+// the CTA's coefficient fragments and zeroed MixIn buffers; the caller synchronizes before their use.
+__device__ __forceinline__ void load_taps_and_mix(const KqShared& sh, const KqPlace& p, const float* wpre, int cq1,
+                                                  int ck1, const float* wpost, int cq2, int ck2, const float* mpre,
+                                                  int gpre, const float* mpost, int gpost, int G, int warp,
+                                                  int lane) {
+  load_taps(sh.wpre + warp * kHeadTaps, wpre, p.h, cq1, ck1, lane);
+  load_taps(sh.wpost + warp * kHeadTaps, wpost, p.h, cq2, ck2, lane);
+  if (sh.dw)
+    for (int i = lane; i < kHeadTaps; i += 32) sh.dw[warp * kHeadTaps + i] = 0.f;
+  if (gpre || gpost) {
+    build_frags(sh.frag, mpre, gpre, mpost, gpost, p.u * G, G);
+    zero_in(sh.in_hi), zero_in(sh.in_lo);
+  }
+}
+
 // Mixes the group's 16 x 16 tiles in place of `c` (this lane's row r, keys 8 half .. + 7): C (or A2) into
 // MixIn as hi + lo, a barrier (with C > 1 the cluster's exchange), the product with the coefficients of
 // `kind` for this CTA's heads, a barrier, the mixed values back. Every warp of every CTA of the cluster
@@ -328,16 +387,14 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
   bf16* sInLo = sInHi + kInElems;
   float* sOut = reinterpret_cast<float*>(sInLo + kInElems);
 
-  const GroupPlace gp = group_place(G, kC);
-  const int units = H / G, b = static_cast<int>(blockIdx.x) / kC / units, u = static_cast<int>(blockIdx.x) / kC % units;
-  const int h = u * G + gp.h0 + warp;
-  const size_t head = static_cast<size_t>(b * H + h) * T;
-  const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
-  q += head * D, k += head * D, lse += head;
+  const KqPlace pl = kq_place(H, T, G, kC, warp);
+  const GroupPlace gp = pl.gp;
+  const int m0 = pl.m0;
+  q += pl.head * D, k += pl.head * D, lse += pl.head;
   float* myW = sW + warp * kTapRows * kTapPitch;
-  load_taps(myW, wpre, h, cq, ck, lane);
+  load_taps(myW, wpre, pl.h, cq, ck, lane);
   if (gpre) {
-    build_frags(sFrag, mpre, gpre, nullptr, 0, u * G, G);
+    build_frags(sFrag, mpre, gpre, nullptr, 0, pl.u * G, G);
     zero_in(sInHi), zero_in(sInLo);
   }
 
@@ -456,29 +513,19 @@ __global__ void __launch_bounds__(16 * kMaxG)
   float* s0win = reinterpret_cast<float*>(region);
   float* awin = s0win + kS0Floats;
   bf16* sTile = reinterpret_cast<bf16*>(awin + kAFloats);  // K, then V, then the output rows
-  float* sWpre = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G / C) * warp_region_out_bytes<D>());
-  float* sWpost = sWpre + (G / C) * kMaxCq * kTapPitch;
-  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sWpost + (G / C) * kMaxCq * kTapPitch);
-  bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);
-  bf16* sInLo = sInHi + kInElems;
-  float* sOut = reinterpret_cast<float*>(sInLo + kInElems);
-
-  const GroupPlace gp = group_place(G, C);
-  const int units = H / G, b = static_cast<int>(blockIdx.x) / C / units, u = static_cast<int>(blockIdx.x) / C % units;
-  const int h = u * G + gp.h0 + warp;
-  const size_t head = static_cast<size_t>(b * H + h) * T;
-  const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
-  q += head * D, k += head * D, v += head * D, lse += head;
-  if (o) o += head * D;
-  if (o32) o32 += head * D;
-  float* myWpre = sWpre + warp * kMaxCq * kTapPitch;
-  float* myWpost = sWpost + warp * kMaxCq * kTapPitch;
-  load_taps(myWpre, wpre, h, cq1, ck1, lane);
-  load_taps(myWpost, wpost, h, cq2, ck2, lane);
-  if (gpre || gpost) {
-    build_frags(sFrag, mpre, gpre, mpost, gpost, u * G, G);
-    zero_in(sInHi), zero_in(sInLo);
-  }
+  const KqShared sh = kq_shared(smem_raw + static_cast<size_t>(G / C) * warp_region_out_bytes<D>(), G / C, false);
+  const uint32_t* sFrag = sh.frag;
+  bf16 *sInHi = sh.in_hi, *sInLo = sh.in_lo;
+  float* sOut = sh.out;
+  const KqPlace pl = kq_place(H, T, G, C, warp);
+  const GroupPlace gp = pl.gp;
+  const int m0 = pl.m0;
+  q += pl.head * D, k += pl.head * D, v += pl.head * D, lse += pl.head;
+  if (o) o += pl.head * D;
+  if (o32) o32 += pl.head * D;
+  const float* myWpre = sh.wpre + warp * kHeadTaps;
+  const float* myWpost = sh.wpost + warp * kHeadTaps;
+  load_taps_and_mix(sh, pl, wpre, cq1, ck1, wpost, cq2, ck2, mpre, gpre, mpost, gpost, G, warp, lane);
 
   uint32_t qa0[D / 16][4], qa1[D / 16][4];
   load_q_frags<D, S>(reinterpret_cast<bf16*>(s0win), q, m0, T, lane, qa0, qa1);
@@ -666,27 +713,18 @@ __global__ void __launch_bounds__(16 * kMaxG)
   float* win = reinterpret_cast<float*>(region);          // S0: rows m0 - 8 .. m0 + 15
   float* dwin = win + kWinFloats;                         // dA2: rows m0 .. m0 + 31
   bf16* sTile = reinterpret_cast<bf16*>(dwin + kDFloats);  // K, then V
-  float* sWpre = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G / C) * warp_region_delta_bytes<D>());
-  float* sWpost = sWpre + (G / C) * kMaxCq * kTapPitch;
-  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sWpost + (G / C) * kMaxCq * kTapPitch);
-  bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);
-  bf16* sInLo = sInHi + kInElems;
-  float* sOut = reinterpret_cast<float*>(sInLo + kInElems);
-
-  const GroupPlace gp = group_place(G, C);
-  const int units = H / G, b = static_cast<int>(blockIdx.x) / C / units, u = static_cast<int>(blockIdx.x) / C % units;
-  const int h = u * G + gp.h0 + warp;
-  const size_t head = static_cast<size_t>(b * H + h) * T;
-  const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
-  q += head * D, k += head * D, v += head * D, dout += head * D, lse += head, delta += head;
-  float* myWpre = sWpre + warp * kMaxCq * kTapPitch;
-  float* myWpost = sWpost + warp * kMaxCq * kTapPitch;
-  load_taps(myWpre, wpre, h, cq1, ck1, lane);
-  load_taps(myWpost, wpost, h, cq2, ck2, lane);
-  if (gpre || gpost) {
-    build_frags(sFrag, mpre, gpre, mpost, gpost, u * G, G);
-    zero_in(sInHi), zero_in(sInLo);
-  }
+  const KqShared sh =
+      kq_shared(smem_raw + static_cast<size_t>(G / C) * warp_region_delta_bytes<D>(), G / C, false);
+  const uint32_t* sFrag = sh.frag;
+  bf16 *sInHi = sh.in_hi, *sInLo = sh.in_lo;
+  float* sOut = sh.out;
+  const KqPlace pl = kq_place(H, T, G, C, warp);
+  const GroupPlace gp = pl.gp;
+  const int m0 = pl.m0;
+  q += pl.head * D, k += pl.head * D, v += pl.head * D, dout += pl.head * D, lse += pl.head, delta += pl.head;
+  const float* myWpre = sh.wpre + warp * kHeadTaps;
+  const float* myWpost = sh.wpost + warp * kHeadTaps;
+  load_taps_and_mix(sh, pl, wpre, cq1, ck1, wpost, cq2, ck2, mpre, gpre, mpost, gpost, G, warp, lane);
 
   // Q rows m0 - 16 .. m0 + 15 and dO rows m0 .. m0 + 31 as A fragments, staged in the dA2 window.
   uint32_t qa0[D / 16][4], qa1[D / 16][4], da0[D / 16][4], da1[D / 16][4];
@@ -769,7 +807,6 @@ void dispatch_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, con
 // reduce_partials_kernel sums over the CTAs in a fixed order. Head dim 64 (at 8 heads the windows,
 // tiles and mixing buffers take 226 KB). With dout_lo (dout's bf16 remainder, from an epilogue's fp32
 // gradient) dA3 = (dO + dO_lo) V^T: the post-side gradients sum what the norm leaves of dO.
-constexpr int kHeadTaps = kMaxCq * kTapPitch;  // floats per head's taps (rows of kTapPitch)
 constexpr int kWStride = kMaxCq * kMaxCk;      // floats per (CTA, head) convolution-gradient partial
 
 // This warp's per-CTA partials (slot = (the group's CTA row * G + its head in the group)): the
@@ -875,32 +912,21 @@ __global__ void __launch_bounds__(16 * kMaxG)
   bf16* sTile = reinterpret_cast<bf16*>(awin + kAFloats);  // K, then V
   bf16* sDo = sTile + kTile * S;                           // the tile's dO rows
   bf16* sDoLo = sDo + kTile * S;                           // their remainders (with dout_lo)
-  float* sWpre = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G / C) * warp_region_post_bytes<D>());
-  float* sWpost = sWpre + (G / C) * kHeadTaps;
-  float* sDw = sWpost + (G / C) * kHeadTaps;  // runtime sizes: dWpost per warp
-  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sDw + (G / C) * kHeadTaps);
-  bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);
-  bf16* sInLo = sInHi + kInElems;
-  float* sOut = reinterpret_cast<float*>(sInLo + kInElems);
-
-  const GroupPlace gp = group_place(G, C);
-  const int units = H / G, b = static_cast<int>(blockIdx.x) / C / units, u = static_cast<int>(blockIdx.x) / C % units;
-  const int h = u * G + gp.h0 + warp;
-  const size_t head = static_cast<size_t>(b * H + h) * T;
-  const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
-  q += head * D, k += head * D, v += head * D, dout += head * D, dv_acc += head * D, lse += head;
-  if (dout_lo) dout_lo += head * D;
+  // dw: runtime sizes' dWpost per warp
+  const KqShared sh = kq_shared(smem_raw + static_cast<size_t>(G / C) * warp_region_post_bytes<D>(), G / C, true);
+  const uint32_t* sFrag = sh.frag;
+  bf16 *sInHi = sh.in_hi, *sInLo = sh.in_lo;
+  float* sOut = sh.out;
+  const KqPlace pl = kq_place(H, T, G, C, warp);
+  const GroupPlace gp = pl.gp;
+  const int m0 = pl.m0;
+  q += pl.head * D, k += pl.head * D, v += pl.head * D, dout += pl.head * D, dv_acc += pl.head * D, lse += pl.head;
+  if (dout_lo) dout_lo += pl.head * D;
   const bool has_post = wpost != nullptr;
-  float* myWpre = sWpre + warp * kHeadTaps;
-  float* myWpost = sWpost + warp * kHeadTaps;
-  float* myDw = sDw + warp * kHeadTaps;
-  load_taps(myWpre, wpre, h, cq1, ck1, lane);
-  load_taps(myWpost, wpost, h, cq2, ck2, lane);
-  for (int i = lane; i < kHeadTaps; i += 32) myDw[i] = 0.f;
-  if (gpre || gpost) {
-    build_frags(sFrag, mpre, gpre, mpost, gpost, u * G, G);
-    zero_in(sInHi), zero_in(sInLo);
-  }
+  const float* myWpre = sh.wpre + warp * kHeadTaps;
+  const float* myWpost = sh.wpost + warp * kHeadTaps;
+  float* myDw = sh.dw + warp * kHeadTaps;
+  load_taps_and_mix(sh, pl, wpre, cq1, ck1, wpost, cq2, ck2, mpre, gpre, mpost, gpost, G, warp, lane);
 
   uint32_t qa0[D / 16][4], qa1[D / 16][4], doa[D / 16][4];
   load_q_frags<D, S>(reinterpret_cast<bf16*>(s0win), q, m0, T, lane, qa0, qa1);
@@ -972,15 +998,7 @@ __global__ void __launch_bounds__(16 * kMaxG)
       float acc[2][4] = {};
       mma_bf16(acc[0], at, bb[0], bb[1]);
       mma_bf16(acc[1], at, bb[2], bb[3]);
-#pragma unroll
-      for (int jj = 0; jj < 2; ++jj)
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-          const int key = n0 + g + 8 * rr;
-          if (key < T)
-            atomic_add2(dv_acc + static_cast<size_t>(key) * D + dn * 16 + 8 * jj + 2 * t, acc[jj][2 * rr],
-                        acc[jj][2 * rr + 1]);
-        }
+      atomic_add_tile(dv_acc, acc, n0, dn * 16, T, D, lane);
     }
     // dA3 = dO V^T on the tile (rows past T and keys past T are zero rows of dO and V), then into this
     // lane's layout (row r, keys 8 half ..) through the warp's MixOut rows, once A3 has been read there.
@@ -1238,6 +1256,10 @@ __global__ void __launch_bounds__(16 * kMaxG)
   float* dcw = dw + kQDFloats;                     // dC: rows m0 .. m0 + 23
   bf16* sTile = reinterpret_cast<bf16*>(dcw + kQCFloats);  // K, V, K of the block, then the dq rows
   bf16* sdS = sTile + kTile * S;                           // dS0 of the block [16][kDsPitch]
+  // The other kernels' preamble (kq_shared, kq_place, load_taps_and_mix) and, below, atomic_add_tile
+  // written out: at 255 registers, with them the clustered 6 x 11 kernel spilled 456 bytes instead of
+  // 324 (one CTA: 8-16 instead of 4) and the paper-LM layer's backward measured 2% slower (RESULTS,
+  // session 9).
   float* sWpre = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G / C) * warp_region_pre_bytes<D>());
   float* sWpost = sWpre + (G / C) * kHeadTaps;
   float* sDw = sWpost + (G / C) * kHeadTaps;  // runtime sizes: dWpre per warp

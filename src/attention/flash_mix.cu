@@ -631,15 +631,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       float acc[2][4] = {};
       mma_bf16(acc[0], aq, bb[0], bb[1]);
       mma_bf16(acc[1], aq, bb[2], bb[3]);
-#pragma unroll
-      for (int jj = 0; jj < 2; ++jj)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int row = m0 + g + 8 * r;
-          if (row < T)
-            atomic_add2(dq_acc + static_cast<size_t>(row) * D + dn * 16 + 8 * jj + 2 * t, acc[jj][2 * r],
-                        acc[jj][2 * r + 1]);
-        }
+      atomic_add_tile(dq_acc, acc, m0, dn * 16, T, D, lane);
     }
     __syncwarp();
     // No barrier at the end: the next block's first shared write of each buffer follows a barrier

@@ -50,6 +50,23 @@ __device__ __forceinline__ void atomic_add2(float* dst, float x, float y) {
 #endif
 }
 
+// A 16 x 16 product in the mma accumulator layout (acc[j][2 r + e] at row g + 8 r, column 8 j + 2 t + e
+// of lane 4 g + t), times `scale`, added atomically to rows row0 .. row0 + 15 (stride ld floats) and
+// columns col0 .. col0 + 15 of dst; rows at or past `rows` are skipped.
+__device__ __forceinline__ void atomic_add_tile(float* dst, const float (&acc)[2][4], int row0, int col0, int rows,
+                                                int ld, int lane, float scale = 1.f) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + g + 8 * r;
+      if (row < rows)
+        atomic_add2(dst + static_cast<size_t>(row) * ld + col0 + 8 * j + 2 * t, acc[j][2 * r] * scale,
+                    acc[j][2 * r + 1] * scale);
+    }
+}
+
 // 4-byte global -> shared copy (through L1); src_bytes = 0 fills the 4 bytes with zeros.
 __device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, int src_bytes) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem), "r"(src_bytes)
