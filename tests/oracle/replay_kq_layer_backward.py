@@ -49,6 +49,14 @@ from replay_kq_layer import KEY_OFFSET, conv, mix, random_params, softmax_weight
 from replay_kq_layer_delta import conv_t, mix_t
 
 
+def add_mix_grad(dm, d, x, g):
+    """dm[group, i, j] += sum over positions of d_h x_y, for each head h (i = h % g) and each head y of
+    its group (j = y % g): a mixing weight's gradient terms over one tile."""
+    for h in range(d.shape[0]):
+        for y in range(h // g * g, h // g * g + g):
+            dm[h // g, h % g, y % g] += (d[h] * x[y]).sum()
+
+
 class Ring:
     """A window of `rows` rows whose key axis is a ring of 64 columns rotated by `rot`; it records
     which key tile each column holds, so that a read of a column holding another tile fails."""
@@ -159,9 +167,7 @@ def kernel_q(q, k, dO, v, lse, delta, P):
                                 a = math.exp(Cm[h, r, jj] - lse[h, row])
                                 dCp[h, r, jj] = a * (dA[h, r, jj] - delta[h, row])
                 if part == 0 and g1:  # dMpre[G, x, y] += dC'_x C_y over the tile's own rows
-                    for x in range(H):
-                        for y in range(x // g1 * g1, x // g1 * g1 + g1):
-                            dm1[x // g1, x % g1, y % g1] += (dCp[x] * C[y]).sum()
+                    add_mix_grad(dm1, dCp, C, g1)
                 dC = mix_t(dCp, m1, g1)
                 for h in range(H):
                     for r in range(16):
@@ -263,9 +269,7 @@ def kernel_p(q, k, dO, v, lse, P):
                 dv[h, keys] += A3[h, :nr, :nk].T @ dO[h, rows]
                 dA3[h, :nr, :nk] = dO[h, rows] @ v[h, keys].T
             if g2:
-                for x in range(H):
-                    for y in range(x // g2 * g2, x // g2 * g2 + g2):
-                        dm2[x // g2, x % g2, y % g2] += (dA3[x] * A2[y]).sum()
+                add_mix_grad(dm2, dA3, A2, g2)
             dA2 = mix_t(dA3, m2, g2)
             for h in range(H):
                 for r in range(16):
