@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "attention/attn_files.h"
+#include "attention/epilogue_cuda.h"
 #include "attention/flash_mix.h"
 #include "attention/init.h"
 #include "attention/mta_cpu.h"
@@ -295,6 +296,22 @@ TEST(FlashMix, AttnCommandWithEpilogue) {
   kq.kq_pre = mta::KqConv{3, 5, mta::PadKey::Both};
   kq.norm = true, kq.gate = true;
   check_attn_command(kq, 12);
+}
+
+// The epilogue's backward holds a row's values in registers (8 per lane): rows longer than 256 are
+// refused with a clear error before any device work, and so are missing gradient buffers.
+TEST(FlashMix, EpilogueBackwardRefusals) {
+  mta::AttentionSpec spec;
+  spec.heads = 2, spec.head_dim = 300;
+  spec.norm = true;
+  const std::vector<float> ones(300, 1.f);
+  float grad[300];
+  EXPECT_THROW(mta::cuda::attn_epilogue_backward(spec, nullptr, nullptr, ones.data(), nullptr, nullptr, nullptr, grad,
+                                                 nullptr, nullptr, nullptr, 4, 300, nullptr),
+               std::invalid_argument);
+  EXPECT_THROW(mta::cuda::attn_epilogue_backward(spec, nullptr, nullptr, ones.data(), nullptr, nullptr, nullptr,
+                                                 nullptr, nullptr, nullptr, nullptr, 4, 64, nullptr),
+               std::invalid_argument);  // norm on, its gradient buffer missing
 }
 
 // The epilogue's backward sums its parameter gradients per block of rows (epilogue_cuda.cu): with more
