@@ -183,10 +183,10 @@ bool fused_path(const AttentionSpec& spec, const AttnDims& dims, AttnImpl impl, 
     if (!covered)
       throw InputError(std::string("--impl fused: the fused kernels do not cover this spec") +
                        (backward ? " with gradients" : "") +
-                       " yet (kq_pre alone; head mixing alone, groups up to 16; kq_pre and / or kq_post with head "
-                       "mixing of up to 8 heads or an even 10-16, at head_dim 128 the forward only; "
-                       "plus norm / depth scaling / gate; head_dim 64 or 128; see docs/flash-mta.md); use --impl "
-                       "auto or materialized");
+                       " yet (kq_pre alone; head mixing alone, groups up to 16, at head_dim 128 up to 8 or an "
+                       "even 10-16; kq_pre and / or kq_post with head mixing of up to 16 coupled heads except 11 "
+                       "and 13; plus norm / depth scaling / gate; head_dim 64 or 128; see docs/flash-mta.md); use "
+                       "--impl auto or materialized");
     if (!float32) throw InputError("--impl fused: the fused kernels take F32 input (they compute in bf16), not F64");
     if (!range_problem.empty()) throw InputError("--impl fused: " + range_problem + "; use --impl auto or materialized");
   }

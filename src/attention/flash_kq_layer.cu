@@ -2,7 +2,7 @@
 // memory: pass 1 (below) computes lse of the mixed, convolved logits; pass 2 (further down) the output,
 // recomputing the logits with the halos its post-softmax convolution needs; the backward's delta pass,
 // kernel P (post side) and kernel Q (pre side) follow. Every pass runs one warp per head of a coupled
-// group, in one CTA (<= 8 heads) or a cluster of two (GroupPlace: 10-16 heads).
+// group, in one CTA or on a cluster (GroupPlace; heads per CTA: lse_heads, kOutHeads, bwd_heads).
 //
 // Pass 1. A CTA owns 16 query rows (m0 ..) of one batch element and one coupled group of G heads, one
 // warp per head, as FlashMix does. Per block of 16 output keys (n0 ..), each warp:
@@ -51,12 +51,30 @@ void kq_require(bool ok, const std::string& what) {
 
 constexpr int kMaxCq = 8, kMaxCk = 15;
 
+// Heads (warps) per CTA, as shared memory and registers allow: pass 1 holds 16 at D = 64 (one window per
+// head) and 8 at D = 128; pass 2 holds 8 (two windows); the backward's passes 8 at D = 64 and 4 at
+// D = 128 (where they keep their Q and dO rows in shared memory: RowFrags). A larger group runs on a
+// cluster of CTAs (cluster_size, group_cluster.cuh); the whole group's tiles must fit MixIn (kMaxG).
+constexpr int lse_heads(int D) { return D == 64 ? 16 : 8; }
+constexpr int kOutHeads = 8;
+constexpr int bwd_heads(int D) { return D == 64 ? 8 : 4; }
+constexpr size_t kMaxSmemPerCta = 227 * 1024;  // sm_90's opt-in dynamic shared memory per CTA
+// The kernels after pass 1 declare __launch_bounds__(256, kCl ? 1 : 0): compiled for clusters (whose
+// size they read at run time), ptxas otherwise chose as few as 64 or 128 registers and spilled (kernel
+// P's runtime-size form at D = 64: 128 registers, 96 bytes; the delta pass at D = 128: 64 registers);
+// a minimum of one CTA per SM lets them use up to 255. The one-CTA forms keep ptxas's own choice.
+
 // A layer without kq_pre (or kq_post) runs the kernels with the identity 1 x 1 convolution in its
 // place: with the weight pointer null, load_taps gives the single tap 1, and C = 1 * S0 is S0 exactly in
 // fp32, so the result is the layer without that convolution (its weight gradient is computed and
 // dropped). This is how the kq layers cover kq_post alone (with or without head mixing).
 KqConv pre_conv(const AttentionSpec& spec) { return spec.kq_pre ? *spec.kq_pre : KqConv{1, 1, PadKey::Right}; }
 KqConv post_conv(const AttentionSpec& spec) { return spec.kq_post ? *spec.kq_post : KqConv{1, 1, PadKey::Right}; }
+// The paper's 6 x 11 on both sides: the passes after pass 1 are compiled for it (other sizes: runtime).
+bool paper_sizes(const AttentionSpec& spec) {
+  const KqConv pre = pre_conv(spec);
+  return pre.q == 6 && pre.k == 11 && spec.kq_post && spec.kq_post->q == 6 && spec.kq_post->k == 11;
+}
 constexpr int kWinRows = 24;       // S0 rows m0 - 8 .. m0 + 15
 constexpr int kWinTop = 8;         // window row of query row m0
 constexpr int kWinPitch = 68;      // floats per window row: a ring of 64 keys, padded (16-byte rows)
@@ -91,7 +109,7 @@ static_assert(warp_region_bytes<128>() >= 32 * (128 + 8) * sizeof(bf16), "Q stag
 // is 113.6 KB, so that two CTAs share an SM (ncu, session 9: with 8 tap rows it took 116.4 KB, 0.6 KB
 // more than half an SM's 233 KB minus the driver's 1 KB per CTA, and ran one CTA of 8 warps per SM).
 template <int D, int kTapRows = kMaxCq>
-size_t smem_bytes(int G) {
+constexpr size_t smem_bytes(int G) {
   return static_cast<size_t>(G) * (warp_region_bytes<D>() + kTapRows * kTapPitch * sizeof(float)) +
          kFragWords * sizeof(uint32_t) + 2 * static_cast<size_t>(kInElems) * sizeof(bf16) +
          static_cast<size_t>(G) * kXT * sizeof(float);
@@ -110,20 +128,56 @@ __device__ __forceinline__ void warp_load_rows_zero(bf16* smem, const bf16* head
   }
 }
 
-// Q rows m0 - 16 .. m0 + 15 of the warp's head as A fragments of two 16-row tiles (rows outside the
-// sequence zero), staged through `stage` ([32][S] bf16, free afterwards).
-template <int D, int S>
-__device__ __forceinline__ void load_q_frags(bf16* stage, const bf16* q, int m0, int T, int lane,
-                                             uint32_t (&qa0)[D / 16][4], uint32_t (&qa1)[D / 16][4]) {
-  warp_load_rows_zero<D, S, 2 * kTile>(stage, q, m0 - kTile, T, lane);
+// The A fragments of kTiles 16-row tiles of Q or dO rows (r0 ..), the left operand of the products
+// with K or V tiles. kInSmem false: held in registers, taken once from the rows staged in shared memory
+// (which may then be reused). kInSmem true: read from the rows in shared memory at each use (ldmatrix),
+// which must stay there: the backward's kernels at D = 128, where 32 rows of fragments take 64
+// registers that kernels P and Q (247-255 registers at D = 64) do not have.
+template <int D, int S, int kTiles, bool kInSmem>
+struct RowFrags {
+  uint32_t a[kInSmem ? 1 : kTiles][kInSmem ? 1 : D / 16][4];
+  const bf16* rows;
+  __device__ __forceinline__ void take(const bf16* smem, int lane) {
+    rows = smem;
+    if constexpr (!kInSmem) {
+#pragma unroll
+      for (int tile = 0; tile < kTiles; ++tile)
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+          ldmatrix_x4(a[tile][kk], smem + tile * kTile * S + a_offset(lane, 0, kk * 16, S));
+    }
+  }
+  __device__ __forceinline__ void get(int tile, int kk, uint32_t (&out)[4], int lane) const {
+    if constexpr (kInSmem) {
+      ldmatrix_x4(out, rows + tile * kTile * S + a_offset(lane, 0, kk * 16, S));
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) out[i] = a[tile][kk][i];
+    }
+  }
+};
+// The forward's: Q rows in registers (at D = 128 too: passes 1 and 2 have the registers).
+template <int D>
+using QFrags = RowFrags<D, D + 8, 2, false>;
+// The backward's Q and dO rows: in shared memory at D = 128.
+template <int D>
+constexpr bool kBwdRowsInSmem = D > 64;
+// Bytes per warp of the rows the backward keeps in shared memory (`sets` sets of 32 rows), 0 at D = 64.
+template <int D>
+constexpr size_t kept_rows_bytes(int sets) {
+  return kBwdRowsInSmem<D> ? static_cast<size_t>(sets) * 2 * kTile * (D + 8) * sizeof(bf16) : 0;
+}
+
+// Rows r0 .. r0 + 16 kTiles - 1 of one head (zero outside [0, T)) into `smem` ([16 kTiles][S] bf16)
+// and the fragments f.
+template <int D, int S, int kTiles, bool kInSmem>
+__device__ __forceinline__ void load_row_frags(bf16* smem, const bf16* src, int r0, int T, int lane,
+                                               RowFrags<D, S, kTiles, kInSmem>& f) {
+  warp_load_rows_zero<D, S, kTiles * kTile>(smem, src, r0, T, lane);
   cp_async_commit();
   cp_async_wait_all();
   __syncwarp();
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    ldmatrix_x4(qa0[kk], stage + a_offset(lane, 0, kk * 16, S));
-    ldmatrix_x4(qa1[kk], stage + kTile * S + a_offset(lane, 0, kk * 16, S));
-  }
+  f.take(smem, lane);
   __syncwarp();
 }
 
@@ -135,23 +189,24 @@ __device__ __forceinline__ void load_taps(float* myW, const float* w, int h, int
 }
 
 // The products of a 16-key tile (rows 16 tile .. of `rows` [T][D] bf16: K or V, zero past T, staged in
-// sT) with two 16-row A-fragment tiles a0, a1: acc0 / acc1 [key half][mma accumulator].
-template <int D, int S>
+// sT) with the two 16-row A-fragment tiles of f (RowFrags): acc0 / acc1 [key half][mma accumulator].
+template <int D, int S, class F>
 __device__ __forceinline__ void two_tile_products(float (&acc0)[2][4], float (&acc1)[2][4], bf16* sT, const bf16* rows,
-                                                  int key0, int T, const uint32_t (&a0)[D / 16][4],
-                                                  const uint32_t (&a1)[D / 16][4], int lane) {
+                                                  int key0, int T, const F& f, int lane) {
   warp_load_rows_zero<D, S, kTile>(sT, rows, key0, T, lane);
   cp_async_commit();
   cp_async_wait_all();
   __syncwarp();
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t bb[4];
+    uint32_t bb[4], a0[4], a1[4];
     ldmatrix_x4(bb, sT + bnk_offset(lane, 0, kk * 16, S));
-    mma_bf16(acc0[0], a0[kk], bb[0], bb[1]);
-    mma_bf16(acc0[1], a0[kk], bb[2], bb[3]);
-    mma_bf16(acc1[0], a1[kk], bb[0], bb[1]);
-    mma_bf16(acc1[1], a1[kk], bb[2], bb[3]);
+    f.get(0, kk, a0, lane);
+    f.get(1, kk, a1, lane);
+    mma_bf16(acc0[0], a0, bb[0], bb[1]);
+    mma_bf16(acc0[1], a0, bb[2], bb[3]);
+    mma_bf16(acc1[0], a1, bb[0], bb[1]);
+    mma_bf16(acc1[1], a1, bb[2], bb[3]);
   }
 }
 
@@ -161,10 +216,9 @@ __device__ __forceinline__ void two_tile_products(float (&acc0)[2][4], float (&a
 // convolution that reads it (column = (key + rot) & 63), so that its reads start at aligned columns.
 // Keys at or past T are zero rows of K, so their S0 is 0 as well; a tile entirely in the rows' future
 // is zero-filled without products.
-template <int D, int S, int kTop, class R = Ring64>
-__device__ __forceinline__ void s0_tile_to_window(float* win, bf16* sKt, const bf16* k, const uint32_t (&qa0)[D / 16][4],
-                                                  const uint32_t (&qa1)[D / 16][4], int tile, int m0, int T,
-                                                  float scale, int rot, int lane) {
+template <int D, int S, int kTop, class R = Ring64, class F>
+__device__ __forceinline__ void s0_tile_to_window(float* win, bf16* sKt, const bf16* k, const F& qf, int tile, int m0,
+                                                  int T, float scale, int rot, int lane) {
   static_assert(kTop == 8 || kTop == 16, "the window starts 8 or 16 rows above the query tile");
   const int g = lane >> 2, t = lane & 3, key0 = kTile * tile;
   if (key0 > m0 + kTile - 1) {  // every key after every row of the tile: S0 = 0
@@ -174,7 +228,7 @@ __device__ __forceinline__ void s0_tile_to_window(float* win, bf16* sKt, const b
     return;
   }
   float acc0[2][4] = {}, acc1[2][4] = {};
-  two_tile_products<D, S>(acc0, acc1, sKt, k, key0, T, qa0, qa1, lane);
+  two_tile_products<D, S>(acc0, acc1, sKt, k, key0, T, qf, lane);
 #pragma unroll
   for (int j = 0; j < 2; ++j)
 #pragma unroll
@@ -368,9 +422,9 @@ __device__ __forceinline__ void mix_in_place(float (&c)[8], bf16* sInHi, bf16* s
   }
 }
 
-// kC: CTAs per group, 1, or a cluster of 2 for 10-16 heads at D = 128 (at D = 64 one CTA holds 16).
-template <int D, int kCq, int kCk, int kC>
-__global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
+// kCl: the group spread over a cluster (10-16 heads at D = 128; at D = 64 one CTA holds 16).
+template <int D, int kCq, int kCk, bool kCl>
+__global__ void __launch_bounds__(D == 64 && !kCl ? 32 * kMaxG : 16 * kMaxG)
     flash_kq_layer_lse_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const float* __restrict__ wpre,
                               const float* __restrict__ mpre, int gpre, float* __restrict__ lse, int H, int T, int G,
                               int cq, int ck, int key_off, float scale) {
@@ -380,14 +434,15 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
   unsigned char* region = smem_raw + static_cast<size_t>(warp) * warp_region_bytes<D>();
   float* win = reinterpret_cast<float*>(region);
   bf16* sKt = reinterpret_cast<bf16*>(region + kWinFloats * sizeof(float));
-  float* sW = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G / kC) * warp_region_bytes<D>());
+  const int C = kCl ? cluster_ctas() : 1;  // CTAs per group (kCl: a cluster; one-CTA groups carry no cluster code)
+  float* sW = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G / C) * warp_region_bytes<D>());
   constexpr int kTapRows = kCq > 0 ? kCq : kMaxCq;
-  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sW + (G / kC) * kTapRows * kTapPitch);
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sW + (G / C) * kTapRows * kTapPitch);
   bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);
   bf16* sInLo = sInHi + kInElems;
   float* sOut = reinterpret_cast<float*>(sInLo + kInElems);
 
-  const KqPlace pl = kq_place(H, T, G, kC, warp);
+  const KqPlace pl = kq_place(H, T, G, C, warp);
   const GroupPlace gp = pl.gp;
   const int m0 = pl.m0;
   q += pl.head * D, k += pl.head * D, lse += pl.head;
@@ -398,8 +453,8 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
     zero_in(sInHi), zero_in(sInLo);
   }
 
-  uint32_t qa0[D / 16][4], qa1[D / 16][4];
-  load_q_frags<D, S>(reinterpret_cast<bf16*>(region), q, m0, T, lane, qa0, qa1);
+  QFrags<D> qf;  // Q rows m0 - 16 .. m0 + 15, staged in the warp's region
+  load_row_frags(reinterpret_cast<bf16*>(region), q, m0 - kTile, T, lane, qf);
   for (int i = lane; i < kWinFloats / 4; i += 32) reinterpret_cast<float4*>(win)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
   __syncwarp();
   __syncthreads();  // every warp's taps, the fragments, the zeroed MixIn
@@ -407,9 +462,9 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
   const int r = lane & 15, half = lane >> 4, row = m0 + r;
   float row_max = -INFINITY, row_sum = 0.f;  // log2 domain; lanes r and r + 16 share row r
   const int n_end = min(T, m0 + kTile);
-  s0_tile_to_window<D, S, kWinTop>(win, sKt, k, qa0, qa1, 0, m0, T, scale, key_off, lane);
+  s0_tile_to_window<D, S, kWinTop>(win, sKt, k, qf, 0, m0, T, scale, key_off, lane);
   for (int n0 = 0; n0 < n_end; n0 += kTile) {
-    s0_tile_to_window<D, S, kWinTop>(win, sKt, k, qa0, qa1, n0 / kTile + 1, m0, T, scale, key_off, lane);
+    s0_tile_to_window<D, S, kWinTop>(win, sKt, k, qf, n0 / kTile + 1, m0, T, scale, key_off, lane);
     float c[8];
     conv_row8<kCq, kCk>(win, myW, cq, ck, kWinTop + r, n0 + 8 * half, c);
     if (gpre) mix_in_place(c, sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);  // C -> C'  (two barriers)
@@ -459,7 +514,7 @@ constexpr size_t warp_region_out_bytes() {
 static_assert(kS0Floats * sizeof(float) >= 32 * (128 + 8) * sizeof(bf16), "Q staging fits the S0 window");
 
 template <int D>
-size_t smem_out_bytes(int G) {
+constexpr size_t smem_out_bytes(int G) {
   return static_cast<size_t>(G) * (warp_region_out_bytes<D>() + 2 * kMaxCq * kTapPitch * sizeof(float)) +
          kFragWords * sizeof(uint32_t) + 2 * static_cast<size_t>(kInElems) * sizeof(bf16) +
          static_cast<size_t>(G) * kXT * sizeof(float);
@@ -497,15 +552,15 @@ __device__ __forceinline__ void a_tile_to_window(float* awin, const float* s0win
   __syncwarp();
 }
 
-template <int D, int kCq1, int kCk1, int kCq2, int kCk2, int kC>
-__global__ void __launch_bounds__(16 * kMaxG)
+template <int D, int kCq1, int kCk1, int kCq2, int kCk2, bool kCl>
+__global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     flash_kq_layer_out_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                               const float* __restrict__ wpre, const float* __restrict__ mpre, int gpre,
                               const float* __restrict__ wpost, const float* __restrict__ mpost, int gpost,
                               const float* __restrict__ lse, bf16* __restrict__ o, float* __restrict__ o32, int H,
                               int T, int G, int cq1,
                               int ck1, int off1, int cq2, int ck2, int off2, float scale) {
-  constexpr int C = kC;  // CTAs per group (a cluster when 2): compile-time, so one-CTA groups carry no cluster code
+  const int C = kCl ? cluster_ctas() : 1;  // CTAs per group (kCl: a cluster; one-CTA groups carry no cluster code)
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -527,8 +582,8 @@ __global__ void __launch_bounds__(16 * kMaxG)
   const float* myWpost = sh.wpost + warp * kHeadTaps;
   load_taps_and_mix(sh, pl, wpre, cq1, ck1, wpost, cq2, ck2, mpre, gpre, mpost, gpost, G, warp, lane);
 
-  uint32_t qa0[D / 16][4], qa1[D / 16][4];
-  load_q_frags<D, S>(reinterpret_cast<bf16*>(s0win), q, m0, T, lane, qa0, qa1);
+  QFrags<D> qf;  // Q rows m0 - 16 .. m0 + 15, staged in the S0 window
+  load_row_frags(reinterpret_cast<bf16*>(s0win), q, m0 - kTile, T, lane, qf);
   for (int i = lane; i < (kS0Floats + kAFloats) / 4; i += 32)
     reinterpret_cast<float4*>(s0win)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
   const int r = lane & 15, half = lane >> 4, g = lane >> 2, t = lane & 3;
@@ -544,14 +599,14 @@ __global__ void __launch_bounds__(16 * kMaxG)
   float acc_o[D / 8][4];
 #pragma unroll
   for (int j = 0; j < D / 8; ++j) acc_o[j][0] = acc_o[j][1] = acc_o[j][2] = acc_o[j][3] = 0.f;
-  s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, 0, m0, T, scale, off1, lane);
-  s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, 1, m0, T, scale, off1, lane);
+  s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qf, 0, m0, T, scale, off1, lane);
+  s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qf, 1, m0, T, scale, off1, lane);
   a_tile_to_window<kCq1, kCk1>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, gp, warp, lane,
                                0, m0, T, lse2);
   const int n_end = min(T, m0 + kTile), row = m0 + r;
   for (int n0 = 0; n0 < n_end; n0 += kTile) {
     const int kt = n0 / kTile;
-    s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, kt + 2, m0, T, scale, off1, lane);
+    s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qf, kt + 2, m0, T, scale, off1, lane);
     // V of the output keys into the tile buffer (K is done with), landing while A and A2 are computed.
     warp_load_rows_zero<D, S, kTile>(sTile, v, n0, T, lane);
     cp_async_commit();
@@ -637,12 +692,13 @@ constexpr int kDFloats = kDRows * kWinPitch;
 
 template <int D>
 constexpr size_t warp_region_delta_bytes() {
-  return (kWinFloats + kDFloats) * sizeof(float) + static_cast<size_t>(kTile) * (D + 8) * sizeof(bf16);
+  return (kWinFloats + kDFloats) * sizeof(float) + static_cast<size_t>(kTile) * (D + 8) * sizeof(bf16) +
+         kept_rows_bytes<D>(2);
 }
 static_assert(kDFloats * sizeof(float) >= 32 * (128 + 8) * sizeof(bf16), "Q and dO staging fits the dA2 window");
 
 template <int D>
-size_t smem_delta_bytes(int G) {
+constexpr size_t smem_delta_bytes(int G) {
   return static_cast<size_t>(G) * (warp_region_delta_bytes<D>() + 2 * kMaxCq * kTapPitch * sizeof(float)) +
          kFragWords * sizeof(uint32_t) + 2 * static_cast<size_t>(kInElems) * sizeof(bf16) +
          static_cast<size_t>(G) * kXT * sizeof(float);
@@ -653,10 +709,8 @@ size_t smem_delta_bytes(int G) {
 // the Mpost^T mix per 16-row part when gpost, the future set to 0. A tile entirely in the future of
 // row m0 + 31 is zero-filled; that test is the same for every warp of the CTA, so all of them take
 // the mixes' barriers or none does.
-template <int D, int S, class R = Ring64>
-__device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const bf16* v,
-                                                   const uint32_t (&da0)[D / 16][4], const uint32_t (&da1)[D / 16][4],
-                                                   int tile, int m0, int T, int rot, int gpost, bf16* sInHi,
+template <int D, int S, class R = Ring64, class F>
+__device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const bf16* v, const F& dof, int tile, int m0, int T, int rot, int gpost, bf16* sInHi,
                                                    bf16* sInLo, const uint32_t* sFrag, float* sOut,
                                                    const GroupPlace& gp, int warp, int lane) {
   const int g = lane >> 2, t = lane & 3, key0 = kTile * tile;
@@ -667,7 +721,7 @@ __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const
     return;
   }
   float acc0[2][4] = {}, acc1[2][4] = {};
-  two_tile_products<D, S>(acc0, acc1, sVt, v, key0, T, da0, da1, lane);
+  two_tile_products<D, S>(acc0, acc1, sVt, v, key0, T, dof, lane);
 #pragma unroll
   for (int j = 0; j < 2; ++j)
 #pragma unroll
@@ -697,15 +751,15 @@ __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const
   __syncwarp();  // the window is read by other lanes; the V tile buffer is reloaded next time
 }
 
-template <int D, int kCq1, int kCk1, int kCq2, int kCk2, int kC>
-__global__ void __launch_bounds__(16 * kMaxG)
+template <int D, int kCq1, int kCk1, int kCq2, int kCk2, bool kCl>
+__global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     flash_kq_layer_delta_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                                 const bf16* __restrict__ dout, const float* __restrict__ wpre,
                                 const float* __restrict__ mpre, int gpre, const float* __restrict__ wpost,
                                 const float* __restrict__ mpost, int gpost, const float* __restrict__ lse,
                                 float* __restrict__ delta, int H, int T, int G, int cq1, int ck1, int off1,
                                 int cq2, int ck2, int off2, float scale) {
-  constexpr int C = kC;  // CTAs per group (a cluster when 2): compile-time, so one-CTA groups carry no cluster code
+  const int C = kCl ? cluster_ctas() : 1;  // CTAs per group (kCl: a cluster; one-CTA groups carry no cluster code)
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -713,6 +767,7 @@ __global__ void __launch_bounds__(16 * kMaxG)
   float* win = reinterpret_cast<float*>(region);          // S0: rows m0 - 8 .. m0 + 15
   float* dwin = win + kWinFloats;                         // dA2: rows m0 .. m0 + 31
   bf16* sTile = reinterpret_cast<bf16*>(dwin + kDFloats);  // K, then V
+  bf16* sKept = sTile + kTile * (D + 8);                   // D = 128: the Q rows, then the dO rows
   const KqShared sh =
       kq_shared(smem_raw + static_cast<size_t>(G / C) * warp_region_delta_bytes<D>(), G / C, false);
   const uint32_t* sFrag = sh.frag;
@@ -726,10 +781,12 @@ __global__ void __launch_bounds__(16 * kMaxG)
   const float* myWpost = sh.wpost + warp * kHeadTaps;
   load_taps_and_mix(sh, pl, wpre, cq1, ck1, wpost, cq2, ck2, mpre, gpre, mpost, gpost, G, warp, lane);
 
-  // Q rows m0 - 16 .. m0 + 15 and dO rows m0 .. m0 + 31 as A fragments, staged in the dA2 window.
-  uint32_t qa0[D / 16][4], qa1[D / 16][4], da0[D / 16][4], da1[D / 16][4];
-  load_q_frags<D, S>(reinterpret_cast<bf16*>(dwin), q, m0, T, lane, qa0, qa1);
-  load_q_frags<D, S>(reinterpret_cast<bf16*>(dwin), dout, m0 + kTile, T, lane, da0, da1);
+  // Q rows m0 - 16 .. m0 + 15 and dO rows m0 .. m0 + 31 as A fragments: staged in the dA2 window at
+  // D = 64, kept in sKept at D = 128.
+  constexpr bool kSm = kBwdRowsInSmem<D>;
+  RowFrags<D, S, 2, kSm> qf, dof;
+  load_row_frags(kSm ? sKept : reinterpret_cast<bf16*>(dwin), q, m0 - kTile, T, lane, qf);
+  load_row_frags(kSm ? sKept + 2 * kTile * S : reinterpret_cast<bf16*>(dwin), dout, m0, T, lane, dof);
   for (int i = lane; i < (kWinFloats + kDFloats) / 4; i += 32)
     reinterpret_cast<float4*>(win)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
   const int r = lane & 15, half = lane >> 4, row = m0 + r;
@@ -738,15 +795,15 @@ __global__ void __launch_bounds__(16 * kMaxG)
   __syncwarp();
   __syncthreads();  // every warp's taps, the fragments, the zeroed MixIn
 
-  s0_tile_to_window<D, S, kWinTop>(win, sTile, k, qa0, qa1, 0, m0, T, scale, off1, lane);
-  da2_tile_to_window<D, S>(dwin, sTile, v, da0, da1, 0, m0, T, rot_t, gpost, sInHi, sInLo, sFrag, sOut, gp, warp,
+  s0_tile_to_window<D, S, kWinTop>(win, sTile, k, qf, 0, m0, T, scale, off1, lane);
+  da2_tile_to_window<D, S>(dwin, sTile, v, dof, 0, m0, T, rot_t, gpost, sInHi, sInLo, sFrag, sOut, gp, warp,
                            lane);
   float part = 0.f;
   const int n_end = min(T, m0 + kTile);
   for (int n0 = 0; n0 < n_end; n0 += kTile) {
     const int kt = n0 / kTile;
-    s0_tile_to_window<D, S, kWinTop>(win, sTile, k, qa0, qa1, kt + 1, m0, T, scale, off1, lane);
-    da2_tile_to_window<D, S>(dwin, sTile, v, da0, da1, kt + 1, m0, T, rot_t, gpost, sInHi, sInLo, sFrag, sOut, gp,
+    s0_tile_to_window<D, S, kWinTop>(win, sTile, k, qf, kt + 1, m0, T, scale, off1, lane);
+    da2_tile_to_window<D, S>(dwin, sTile, v, dof, kt + 1, m0, T, rot_t, gpost, sInHi, sInLo, sFrag, sOut, gp,
                              warp, lane);
     float c[8], da[8];
     conv_row8<kCq1, kCk1>(win, myWpre, cq1, ck1, kWinTop + r, n0 + 8 * half, c);
@@ -770,10 +827,10 @@ void launch_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, const
   const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
   const KqConv pre = pre_conv(spec);
   const KqConv post = post_conv(spec);
-  const int C = cluster_size(G);
+  const int C = cluster_size(G, bwd_heads(D));
   const size_t smem = smem_delta_bytes<D>(G / C);
-  auto kernel = C == 1 ? flash_kq_layer_delta_kernel<D, kCq1, kCk1, kCq2, kCk2, 1>
-                       : flash_kq_layer_delta_kernel<D, kCq1, kCk1, kCq2, kCk2, 2>;
+  auto kernel = C == 1 ? flash_kq_layer_delta_kernel<D, kCq1, kCk1, kCq2, kCk2, false>
+                       : flash_kq_layer_delta_kernel<D, kCq1, kCk1, kCq2, kCk2, true>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, spec.kq_pre ? wpre : nullptr, mpre, gpre,
                  spec.kq_post ? wpost : nullptr, mpost, gpost, lse, delta, H, T, G, pre.q, pre.k, pre.key_offset(), post.q, post.k, post.key_offset(),
                  1.0f / std::sqrt(static_cast<float>(D)));
@@ -783,8 +840,7 @@ template <int D>
 void dispatch_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
                     const float* wpre, const float* mpre, const float* wpost, const float* mpost, const float* lse,
                     float* delta, int B, int T, cudaStream_t s) {
-  const KqConv pre = pre_conv(spec);
-  if (pre.q == 6 && pre.k == 11 && spec.kq_post && spec.kq_post->q == 6 && spec.kq_post->k == 11)
+  if (paper_sizes(spec))
     launch_delta<D, 6, 11, 6, 11>(spec, q, k, v, dout, wpre, mpre, wpost, mpost, lse, delta, B, T, s);
   else
     launch_delta<D, 0, 0, 0, 0>(spec, q, k, v, dout, wpre, mpre, wpost, mpost, lse, delta, B, T, s);
@@ -804,8 +860,8 @@ void dispatch_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, con
 //   tile's rows (the A window, whose rotation o2 aligns these reads as the forward stencil's): per lane
 //   in registers for the compiled 6 x 11, per warp in shared memory (a warp sum per tap) otherwise.
 // At the end each CTA writes partials (dWpost and dMpost per warp, i.e. per head), which
-// reduce_partials_kernel sums over the CTAs in a fixed order. Head dim 64 (at 8 heads the windows,
-// tiles and mixing buffers take 226 KB). With dout_lo (dout's bf16 remainder, from an epilogue's fp32
+// reduce_partials_kernel sums over the CTAs in a fixed order. At D = 64 and 8 heads the windows, tiles
+// and mixing buffers take 226 KB; at D = 128 (4 heads per CTA) the Q rows are kept in shared memory too. With dout_lo (dout's bf16 remainder, from an epilogue's fp32
 // gradient) dA3 = (dO + dO_lo) V^T: the post-side gradients sum what the norm leaves of dO.
 constexpr int kWStride = kMaxCq * kMaxCk;      // floats per (CTA, head) convolution-gradient partial
 
@@ -843,11 +899,12 @@ __device__ __forceinline__ void write_partials(float* part_w, float* part_m, siz
 
 template <int D>
 constexpr size_t warp_region_post_bytes() {
-  return (kS0Floats + kAFloats) * sizeof(float) + 3 * static_cast<size_t>(kTile) * (D + 8) * sizeof(bf16);
+  return (kS0Floats + kAFloats) * sizeof(float) + 3 * static_cast<size_t>(kTile) * (D + 8) * sizeof(bf16) +
+         kept_rows_bytes<D>(1);
 }
 
 template <int D>
-size_t smem_post_bytes(int G) {
+constexpr size_t smem_post_bytes(int G) {
   return static_cast<size_t>(G) * (warp_region_post_bytes<D>() + 3 * kHeadTaps * sizeof(float)) +
          kFragWords * sizeof(uint32_t) + 2 * static_cast<size_t>(kInElems) * sizeof(bf16) +
          static_cast<size_t>(G) * kXT * sizeof(float);
@@ -892,8 +949,8 @@ __device__ __forceinline__ void conv_grad_row8_rt(const float* win, int cq, int 
   }
 }
 
-template <int D, int kCq1, int kCk1, int kCq2, int kCk2, int kC>
-__global__ void __launch_bounds__(16 * kMaxG)
+template <int D, int kCq1, int kCk1, int kCq2, int kCk2, bool kCl>
+__global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     flash_kq_layer_post_grad_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                     const bf16* __restrict__ v, const bf16* __restrict__ dout,
                                     const float* __restrict__ wpre, const float* __restrict__ mpre, int gpre,
@@ -902,7 +959,7 @@ __global__ void __launch_bounds__(16 * kMaxG)
                                     float* __restrict__ dv_acc, float* __restrict__ part_w,
                                     float* __restrict__ part_m, int H, int T, int G,
                                     int cq1, int ck1, int off1, int cq2, int ck2, int off2, float scale) {
-  constexpr int C = kC;  // CTAs per group (a cluster when 2): compile-time, so one-CTA groups carry no cluster code
+  const int C = kCl ? cluster_ctas() : 1;  // CTAs per group (kCl: a cluster; one-CTA groups carry no cluster code)
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -912,6 +969,7 @@ __global__ void __launch_bounds__(16 * kMaxG)
   bf16* sTile = reinterpret_cast<bf16*>(awin + kAFloats);  // K, then V
   bf16* sDo = sTile + kTile * S;                           // the tile's dO rows
   bf16* sDoLo = sDo + kTile * S;                           // their remainders (with dout_lo)
+  bf16* sKept = sDoLo + kTile * S;                         // D = 128: the Q rows
   // dw: runtime sizes' dWpost per warp
   const KqShared sh = kq_shared(smem_raw + static_cast<size_t>(G / C) * warp_region_post_bytes<D>(), G / C, true);
   const uint32_t* sFrag = sh.frag;
@@ -928,15 +986,18 @@ __global__ void __launch_bounds__(16 * kMaxG)
   float* myDw = sh.dw + warp * kHeadTaps;
   load_taps_and_mix(sh, pl, wpre, cq1, ck1, wpost, cq2, ck2, mpre, gpre, mpost, gpost, G, warp, lane);
 
-  uint32_t qa0[D / 16][4], qa1[D / 16][4], doa[D / 16][4];
-  load_q_frags<D, S>(reinterpret_cast<bf16*>(s0win), q, m0, T, lane, qa0, qa1);
+  // Q rows m0 - 16 .. m0 + 15 (staged in the S0 window at D = 64, kept in sKept at D = 128) and the
+  // tile's dO rows (sDo) as A fragments.
+  constexpr bool kSm = kBwdRowsInSmem<D>;
+  RowFrags<D, S, 2, kSm> qf;
+  RowFrags<D, S, 1, kSm> dof;
+  load_row_frags(kSm ? sKept : reinterpret_cast<bf16*>(s0win), q, m0 - kTile, T, lane, qf);
   warp_load_rows_zero<D, S, kTile>(sDo, dout, m0, T, lane);
   if (dout_lo) warp_load_rows_zero<D, S, kTile>(sDoLo, dout_lo, m0, T, lane);
   cp_async_commit();
   cp_async_wait_all();
   __syncwarp();
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(doa[kk], sDo + a_offset(lane, 0, kk * 16, S));
+  dof.take(sDo, lane);
   for (int i = lane; i < (kS0Floats + kAFloats) / 4; i += 32)
     reinterpret_cast<float4*>(s0win)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
   const int r = lane & 15, half = lane >> 4, g = lane >> 2, t = lane & 3;
@@ -955,16 +1016,16 @@ __global__ void __launch_bounds__(16 * kMaxG)
   for (int a = 0; a < kWq; ++a)
 #pragma unroll
     for (int c = 0; c < kWk; ++c) accw[a][c] = 0.f;
-  constexpr int kDmp = kC == 1 ? 8 : 16;  // head_post groups fit the CTA's or the cluster's heads
+  constexpr int kDmp = kCl ? 16 : 8;  // head_post groups fit the CTA's or the cluster's heads
   float dmp[kDmp] = {};  // dMpost of this warp's head with head y0 + yy of its group
-  s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, 0, m0, T, scale, off1, lane);
-  s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, 1, m0, T, scale, off1, lane);
+  s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qf, 0, m0, T, scale, off1, lane);
+  s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qf, 1, m0, T, scale, off1, lane);
   a_tile_to_window<kCq1, kCk1>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, gp, warp, lane,
                                0, m0, T, lse2);
   const int n_end = min(T, m0 + kTile), row = m0 + r;
   for (int n0 = 0; n0 < n_end; n0 += kTile) {
     const int kt = n0 / kTile;
-    s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qa0, qa1, kt + 2, m0, T, scale, off1, lane);
+    s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qf, kt + 2, m0, T, scale, off1, lane);
     warp_load_rows_zero<D, S, kTile>(sTile, v, n0, T, lane);  // V lands while A and A2 are computed
     cp_async_commit();
     a_tile_to_window<kCq1, kCk1>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, gp, warp,
@@ -1013,8 +1074,10 @@ __global__ void __launch_bounds__(16 * kMaxG)
         mma_bf16(d3[0], al, bb[0], bb[1]);
         mma_bf16(d3[1], al, bb[2], bb[3]);
       }
-      mma_bf16(d3[0], doa[kk], bb[0], bb[1]);
-      mma_bf16(d3[1], doa[kk], bb[2], bb[3]);
+      uint32_t a[4];
+      dof.get(0, kk, a, lane);
+      mma_bf16(d3[0], a, bb[0], bb[1]);
+      mma_bf16(d3[1], a, bb[2], bb[3]);
     }
     __syncwarp();  // every lane has read A3 and V before MixOut's rows and the tile buffer are rewritten
 #pragma unroll
@@ -1111,10 +1174,10 @@ void launch_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, 
   const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
   const KqConv pre = pre_conv(spec);
   const KqConv post = post_conv(spec);
-  const int C = cluster_size(G);
+  const int C = cluster_size(G, bwd_heads(D));
   const size_t smem = smem_post_bytes<D>(G / C);
-  auto kernel = C == 1 ? flash_kq_layer_post_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, 1>
-                       : flash_kq_layer_post_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, 2>;
+  auto kernel = C == 1 ? flash_kq_layer_post_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, false>
+                       : flash_kq_layer_post_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, true>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, spec.kq_pre ? wpre : nullptr, mpre, gpre,
                  spec.kq_post ? wpost : nullptr, mpost, gpost, lse, dout_lo, dv_acc, part_w, part_m, H, T, G, pre.q, pre.k, pre.key_offset(), post.q,
                  post.k, post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
@@ -1137,9 +1200,10 @@ void launch_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, 
 //      cores (a barrier before they are rewritten); dC = Mpre^T dC' (two barriers);
 //   4. dS0 = mask0(conv_pre^T(dC)) on the tile's rows at block kt, as bf16 in the warp's dS tile;
 //      dQ += dS0 K (registers: the tile owns these rows) and dK[block keys] += dS0^T Q (float2 atomics;
-//      Q's B fragments are the own rows' A fragments transposed in registers by movmatrix).
+//      Q's B fragments are the own rows' A fragments transposed in registers by movmatrix at D = 64,
+//      read from the kept rows by ldmatrix at D = 128).
 // At the end: dq (scaled, bf16), and per-CTA partials of dWpre (per warp) and dMpre (per head), reduced
-// over the CTAs by reduce_partials_kernel. Head dim 64.
+// over the CTAs by reduce_partials_kernel.
 constexpr int kQS0Rows = 32, kQDRows = 32, kQCRows = 24;
 constexpr int kQS0Floats = kQS0Rows * Ring48::kPitch, kQDFloats = kQDRows * Ring48::kPitch;
 constexpr int kQCFloats = kQCRows * Ring48::kPitch;
@@ -1148,16 +1212,22 @@ constexpr int kDsPitch = kTile + 8;  // bf16 per row of the warp's dS tile (16-b
 template <int D>
 constexpr size_t warp_region_pre_bytes() {
   return (kQS0Floats + kQDFloats + kQCFloats) * sizeof(float) + static_cast<size_t>(kTile) * (D + 8) * sizeof(bf16) +
-         static_cast<size_t>(kTile) * kDsPitch * sizeof(bf16);
+         static_cast<size_t>(kTile) * kDsPitch * sizeof(bf16) + kept_rows_bytes<D>(2);
 }
 static_assert(kQDFloats * sizeof(float) >= 32 * (64 + 8) * sizeof(bf16), "Q and dO staging fits the dA2 window");
 
 template <int D>
-size_t smem_pre_bytes(int G) {
+constexpr size_t smem_pre_bytes(int G) {
   return static_cast<size_t>(G) * (warp_region_pre_bytes<D>() + 3 * kHeadTaps * sizeof(float)) +
          kFragWords * sizeof(uint32_t) + 2 * static_cast<size_t>(kInElems) * sizeof(bf16) +
          static_cast<size_t>(G) * kXT * sizeof(float);
 }
+static_assert(smem_pre_bytes<64>(bwd_heads(64)) <= kMaxSmemPerCta && smem_pre_bytes<128>(bwd_heads(128)) <= kMaxSmemPerCta &&
+                  smem_post_bytes<64>(bwd_heads(64)) <= kMaxSmemPerCta &&
+                  smem_post_bytes<128>(bwd_heads(128)) <= kMaxSmemPerCta &&
+                  smem_delta_bytes<64>(bwd_heads(64)) <= kMaxSmemPerCta &&
+                  smem_delta_bytes<128>(bwd_heads(128)) <= kMaxSmemPerCta,
+              "the backward's CTAs fit their heads' shared memory");
 
 // movmatrix: the transpose of an 8 x 8 bf16 matrix held as one b32 per lane (row lane / 4, columns
 // 2 (lane % 4) ..), in the same layout.
@@ -1233,11 +1303,11 @@ __device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, 
   __syncwarp();
 }
 
-// kC: CTAs per group (1, or a cluster of 2 for 10-16 heads). The dMpre accumulators per lane follow it
+// kCl: the group spread over a cluster (bwd_heads). The dMpre accumulators per lane follow it
 // (8 heads at most in one CTA, 16 on a cluster: 16 slots cost the one-CTA 6 x 11 kernel 236 bytes of
 // spills and ~4% at 8 heads).
-template <int D, int kCq1, int kCk1, int kCq2, int kCk2, int kC>
-__global__ void __launch_bounds__(16 * kMaxG)
+template <int D, int kCq1, int kCk1, int kCq2, int kCk2, bool kCl>
+__global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     flash_kq_layer_pre_grad_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                                    const bf16* __restrict__ dout, const float* __restrict__ wpre,
                                    const float* __restrict__ mpre, int gpre, const float* __restrict__ wpost,
@@ -1245,8 +1315,8 @@ __global__ void __launch_bounds__(16 * kMaxG)
                                    const float* __restrict__ delta, bf16* __restrict__ dq, float* __restrict__ dk_acc,
                                    float* __restrict__ part_w, float* __restrict__ part_m, int H, int T, int G,
                                    int cq1, int ck1, int off1, int cq2, int ck2, int off2, float scale) {
-  constexpr int C = kC;  // CTAs per group (a cluster when 2): compile-time, so one-CTA groups carry no cluster code
-  constexpr int kDm = kC == 1 ? 8 : 16;
+  const int C = kCl ? cluster_ctas() : 1;  // CTAs per group (kCl: a cluster; one-CTA groups carry no cluster code)
+  constexpr int kDm = kCl ? 16 : 8;
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -1256,6 +1326,7 @@ __global__ void __launch_bounds__(16 * kMaxG)
   float* dcw = dw + kQDFloats;                     // dC: rows m0 .. m0 + 23
   bf16* sTile = reinterpret_cast<bf16*>(dcw + kQCFloats);  // K, V, K of the block, then the dq rows
   bf16* sdS = sTile + kTile * S;                           // dS0 of the block [16][kDsPitch]
+  bf16* sKept = sdS + kTile * kDsPitch;                    // D = 128: the Q rows, then the dO rows
   // The other kernels' preamble (kq_shared, kq_place, load_taps_and_mix) and, below, atomic_add_tile
   // written out: at 255 registers, with them the clustered 6 x 11 kernel spilled 456 bytes instead of
   // 324 (one CTA: 8-16 instead of 4) and the paper-LM layer's backward measured 2% slower (RESULTS,
@@ -1286,10 +1357,12 @@ __global__ void __launch_bounds__(16 * kMaxG)
     zero_in(sInHi), zero_in(sInLo);
   }
 
-  // Q rows m0 - 8 .. m0 + 23 and dO rows m0 .. m0 + 31 as A fragments, staged in the dA2 window.
-  uint32_t qa0[D / 16][4], qa1[D / 16][4], da0[D / 16][4], da1[D / 16][4];
-  load_q_frags<D, S>(reinterpret_cast<bf16*>(dw), q, m0 + 8, T, lane, qa0, qa1);
-  load_q_frags<D, S>(reinterpret_cast<bf16*>(dw), dout, m0 + kTile, T, lane, da0, da1);
+  // Q rows m0 - 8 .. m0 + 23 and dO rows m0 .. m0 + 31 as A fragments: staged in the dA2 window at
+  // D = 64, kept in sKept at D = 128.
+  constexpr bool kSm = kBwdRowsInSmem<D>;
+  RowFrags<D, S, 2, kSm> qf, dof;
+  load_row_frags(kSm ? sKept : reinterpret_cast<bf16*>(dw), q, m0 - 8, T, lane, qf);
+  load_row_frags(kSm ? sKept + 2 * kTile * S : reinterpret_cast<bf16*>(dw), dout, m0, T, lane, dof);
   for (int i = lane; i < (kQS0Floats + kQDFloats + kQCFloats) / 4; i += 32)
     reinterpret_cast<float4*>(s0w)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
   const int r = lane & 15, half = lane >> 4, g = lane >> 2, t = lane & 3, row = m0 + r;
@@ -1315,11 +1388,11 @@ __global__ void __launch_bounds__(16 * kMaxG)
 #pragma unroll
   for (int j = 0; j < D / 8; ++j) acc_dq[j][0] = acc_dq[j][1] = acc_dq[j][2] = acc_dq[j][3] = 0.f;
 
-  s0_tile_to_window<D, S, kTile, Ring48>(s0w, sTile, k, qa0, qa1, 0, m0 + 8, T, scale, off1, lane);
-  s0_tile_to_window<D, S, kTile, Ring48>(s0w, sTile, k, qa0, qa1, 1, m0 + 8, T, scale, off1, lane);
-  da2_tile_to_window<D, S, Ring48>(dw, sTile, v, da0, da1, 0, m0, T, rot_d, gpost, sInHi, sInLo, sFrag, sOut, gp, warp,
+  s0_tile_to_window<D, S, kTile, Ring48>(s0w, sTile, k, qf, 0, m0 + 8, T, scale, off1, lane);
+  s0_tile_to_window<D, S, kTile, Ring48>(s0w, sTile, k, qf, 1, m0 + 8, T, scale, off1, lane);
+  da2_tile_to_window<D, S, Ring48>(dw, sTile, v, dof, 0, m0, T, rot_d, gpost, sInHi, sInLo, sFrag, sOut, gp, warp,
                                    lane);
-  da2_tile_to_window<D, S, Ring48>(dw, sTile, v, da0, da1, 1, m0, T, rot_d, gpost, sInHi, sInLo, sFrag, sOut, gp, warp,
+  da2_tile_to_window<D, S, Ring48>(dw, sTile, v, dof, 1, m0, T, rot_d, gpost, sInHi, sInLo, sFrag, sOut, gp, warp,
                                    lane);
   dc_tile_to_window<kCq1, kCk1, kCq2, kCk2, kDm>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c, gpre, sInHi,
                                             sInLo, sFrag, sOut, gp, warp, lane, 0, m0, T, lse2, dlt, dm);
@@ -1336,8 +1409,8 @@ __global__ void __launch_bounds__(16 * kMaxG)
         conv_grad_row8_rt<Ring48>(s0w, cq1, ck1, r + 8, x0, d, myDw, lane);
     }
     __syncwarp();  // every lane has read S0 tile kt - 1 before tile kt + 2 replaces it
-    s0_tile_to_window<D, S, kTile, Ring48>(s0w, sTile, k, qa0, qa1, kt + 2, m0 + 8, T, scale, off1, lane);
-    da2_tile_to_window<D, S, Ring48>(dw, sTile, v, da0, da1, kt + 2, m0, T, rot_d, gpost, sInHi, sInLo, sFrag, sOut,
+    s0_tile_to_window<D, S, kTile, Ring48>(s0w, sTile, k, qf, kt + 2, m0 + 8, T, scale, off1, lane);
+    da2_tile_to_window<D, S, Ring48>(dw, sTile, v, dof, kt + 2, m0, T, rot_d, gpost, sInHi, sInLo, sFrag, sOut,
                                      gp, warp, lane);
     // K of this block for dQ, landing while dC tile kt + 1 is computed (the V tile's reads are done).
     warp_load_rows_zero<D, S, kTile>(sTile, k, n0, T, lane);
@@ -1366,12 +1439,18 @@ __global__ void __launch_bounds__(16 * kMaxG)
       ldmatrix_x4_trans(bb, sTile + bkn_offset(lane, 0, dn * 16, S));
       mma_bf16(acc_dq[2 * dn], aq, bb[0], bb[1]);
       mma_bf16(acc_dq[2 * dn + 1], aq, bb[2], bb[3]);
-      // Q's own rows m0 .. m0 + 15 are rows 8 .. 15 of Q tile 0 and rows 0 .. 7 of Q tile 1.
-      const uint32_t b00 = transpose8x8(qa0[dn][1]), b01 = transpose8x8(qa1[dn][0]);
-      const uint32_t b10 = transpose8x8(qa0[dn][3]), b11 = transpose8x8(qa1[dn][2]);
+      // Q's own rows m0 .. m0 + 15 (rows 8 .. 23 of qf's) as B fragments: at D = 64 rows 8 .. 15 of
+      // Q tile 0 and rows 0 .. 7 of Q tile 1 transposed in registers, at D = 128 from the kept rows.
+      uint32_t qb[4];
+      if constexpr (kSm) {
+        ldmatrix_x4_trans(qb, qf.rows + 8 * S + bkn_offset(lane, 0, dn * 16, S));
+      } else {
+        qb[0] = transpose8x8(qf.a[0][dn][1]), qb[1] = transpose8x8(qf.a[1][dn][0]);
+        qb[2] = transpose8x8(qf.a[0][dn][3]), qb[3] = transpose8x8(qf.a[1][dn][2]);
+      }
       float acc[2][4] = {};
-      mma_bf16(acc[0], ak, b00, b01);
-      mma_bf16(acc[1], ak, b10, b11);
+      mma_bf16(acc[0], ak, qb[0], qb[1]);
+      mma_bf16(acc[1], ak, qb[2], qb[3]);
 #pragma unroll
       for (int jj = 0; jj < 2; ++jj)
 #pragma unroll
@@ -1415,10 +1494,10 @@ void launch_pre_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, c
   const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
   const KqConv pre = pre_conv(spec);
   const KqConv post = post_conv(spec);
-  const int C = cluster_size(G);
+  const int C = cluster_size(G, bwd_heads(D));
   const size_t smem = smem_pre_bytes<D>(G / C);
-  auto kernel = C == 1 ? flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, 1>
-                        : flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, 2>;
+  auto kernel = C == 1 ? flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, false>
+                       : flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, true>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, spec.kq_pre ? wpre : nullptr, mpre, gpre,
                  spec.kq_post ? wpost : nullptr, mpost, gpost, lse, delta, dq, dk_acc, part_w, part_m, H, T, G, pre.q, pre.k, pre.key_offset(), post.q,
                  post.k, post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
@@ -1430,11 +1509,11 @@ void launch_lse(const AttentionSpec& spec, const bf16* q, const bf16* k, const f
   const int H = spec.heads, G = spec.coupled_heads();
   const int gpre = spec.head_pre ? spec.head_pre->group : 0;
   const KqConv kc = pre_conv(spec);
-  const int C = D == 64 ? 1 : cluster_size(G);  // 16 heads fit one CTA at D = 64 (pass 1 has one window)
+  const int C = cluster_size(G, lse_heads(D));  // 1 at D = 64
   const size_t smem = smem_bytes<D, (kCq > 0 ? kCq : kMaxCq)>(G / C);
-  auto kernel = flash_kq_layer_lse_kernel<D, kCq, kCk, 1>;
+  auto kernel = flash_kq_layer_lse_kernel<D, kCq, kCk, false>;
   if constexpr (D == 128)
-    if (C == 2) kernel = flash_kq_layer_lse_kernel<D, kCq, kCk, 2>;
+    if (C > 1) kernel = flash_kq_layer_lse_kernel<D, kCq, kCk, true>;
   // The whole shared memory for L1's share: two CTAs per SM where they fit (smem_bytes).
   MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, spec.kq_pre ? wpre : nullptr, mpre, gpre, lse, H, T, G, kc.q,
@@ -1461,10 +1540,10 @@ void launch_out(const AttentionSpec& spec, const bf16* q, const bf16* k, const b
   const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
   const KqConv pre = pre_conv(spec);
   const KqConv post = post_conv(spec);
-  const int C = cluster_size(G);
+  const int C = cluster_size(G, kOutHeads);
   const size_t smem = smem_out_bytes<D>(G / C);
-  auto kernel = C == 1 ? flash_kq_layer_out_kernel<D, kCq1, kCk1, kCq2, kCk2, 1>
-                       : flash_kq_layer_out_kernel<D, kCq1, kCk1, kCq2, kCk2, 2>;
+  auto kernel = C == 1 ? flash_kq_layer_out_kernel<D, kCq1, kCk1, kCq2, kCk2, false>
+                       : flash_kq_layer_out_kernel<D, kCq1, kCk1, kCq2, kCk2, true>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, spec.kq_pre ? wpre : nullptr, mpre, gpre,
                  spec.kq_post ? wpost : nullptr, mpost, gpost, lse, o, o32, H, T, G, pre.q, pre.k, pre.key_offset(), post.q, post.k, post.key_offset(),
                  1.0f / std::sqrt(static_cast<float>(D)));
@@ -1474,8 +1553,7 @@ template <int D>
 void dispatch_out(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const float* wpre,
                   const float* mpre, const float* wpost, const float* mpost, const float* lse, bf16* o, float* o32, int B,
                   int T, cudaStream_t s) {
-  const KqConv pre = pre_conv(spec);
-  if (pre.q == 6 && pre.k == 11 && spec.kq_post && spec.kq_post->q == 6 && spec.kq_post->k == 11)
+  if (paper_sizes(spec))
     launch_out<D, 6, 11, 6, 11>(spec, q, k, v, wpre, mpre, wpost, mpost, lse, o, o32, B, T, s);
   else
     launch_out<D, 0, 0, 0, 0>(spec, q, k, v, wpre, mpre, wpost, mpost, lse, o, o32, B, T, s);
@@ -1488,7 +1566,7 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 bool flash_kq_layer_forward_supported(const AttentionSpec& spec, int D) {
   if (!flash_kq_layer_lse_supported(spec, D)) return false;
   if (spec.kq_post && (spec.kq_post->q > kMaxCq || spec.kq_post->k > kMaxCk)) return false;
-  return groups_fit(spec.coupled_heads());
+  return cluster_size(spec.coupled_heads(), kOutHeads) > 0;
 }
 
 void flash_kq_layer_forward(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v,
@@ -1497,7 +1575,7 @@ void flash_kq_layer_forward(const AttentionSpec& spec, const bf16* q, const bf16
   const int D = spec.head_dim;
   kq_require(flash_kq_layer_forward_supported(spec, D),
              "the forward needs kq_pre or kq_post (each with cq <= 8, ck <= 15), head_dim 64 or 128 and at "
-             "most 8 coupled heads, or an even number up to 16");
+             "most 16 coupled heads, not 11 or 13");
   kq_require(v && aligned16(v) && (o || o32) && (!o || aligned16(o)),
              "v must be non-null and 16-byte aligned, and o (16-byte aligned) or o32 non-null");
   kq_require(!spec.kq_post || kq_post != nullptr, "kq_post is enabled but its weights are null");
@@ -1513,7 +1591,8 @@ bool flash_kq_layer_lse_supported(const AttentionSpec& spec, int D) {
   if (!spec.kq_pre && !spec.kq_post) return false;  // head mixing alone is flash_mix.h's
   if (spec.kq_pre && (spec.kq_pre->q > kMaxCq || spec.kq_pre->k > kMaxCk)) return false;
   if (D != spec.head_dim || (D != 64 && D != 128)) return false;
-  return D == 64 ? spec.coupled_heads() <= kMaxG : groups_fit(spec.coupled_heads());
+  const int G = spec.coupled_heads();
+  return G <= kMaxG && cluster_size(G, lse_heads(D)) > 0;
 }
 
 void flash_kq_layer_lse(const AttentionSpec& spec, const bf16* q, const bf16* k, const float* kq_pre,
@@ -1521,7 +1600,7 @@ void flash_kq_layer_lse(const AttentionSpec& spec, const bf16* q, const bf16* k,
   const int D = spec.head_dim;
   kq_require(flash_kq_layer_lse_supported(spec, D),
              "pass 1 needs kq_pre or kq_post (each with cq <= 8, ck <= 15), head_dim 64 or 128 and at most 16 "
-             "coupled heads (at head_dim 128: at most 8, or an even number)");
+             "coupled heads (at head_dim 128 not 11 or 13)");
   kq_require(B >= 1 && T >= 1, "B and T must be >= 1");
   kq_require(static_cast<long long>(B) * spec.heads <= INT_MAX && T <= 65535 * kTile, "B * H or T too large");
   kq_require(q && k && aligned16(q) && aligned16(k), "q and k must be non-null and 16-byte aligned");
@@ -1535,7 +1614,7 @@ void flash_kq_layer_lse(const AttentionSpec& spec, const bf16* q, const bf16* k,
 }
 
 bool flash_kq_layer_delta_supported(const AttentionSpec& spec, int D) {
-  return D == 64 && flash_kq_layer_forward_supported(spec, D);
+  return flash_kq_layer_forward_supported(spec, D) && cluster_size(spec.coupled_heads(), bwd_heads(D)) > 0;
 }
 
 void flash_kq_layer_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
@@ -1543,8 +1622,8 @@ void flash_kq_layer_delta(const AttentionSpec& spec, const bf16* q, const bf16* 
                           const float* lse, float* delta, int B, int T, cudaStream_t s) {
   const int D = spec.head_dim;
   kq_require(flash_kq_layer_delta_supported(spec, D),
-             "the delta pass needs head_dim 64 and what the forward needs (kq_pre or kq_post, each with cq <= 8, "
-             "ck <= 15; at most 8 coupled heads, or an even number up to 16)");
+             "the delta pass needs what the forward needs (kq_pre or kq_post, each with cq <= 8, ck <= 15; "
+             "head_dim 64 or 128; at most 16 coupled heads, not 11 or 13)");
   kq_require(B >= 1 && T >= 1, "B and T must be >= 1");
   kq_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
              "B * H or T too large");
@@ -1556,11 +1635,14 @@ void flash_kq_layer_delta(const AttentionSpec& spec, const bf16* q, const bf16* 
   kq_require(!spec.head_pre || head_pre != nullptr, "head_pre is enabled but its weights are null");
   kq_require(!spec.kq_post || kq_post != nullptr, "kq_post is enabled but its weights are null");
   kq_require(!spec.head_post || head_post != nullptr, "head_post is enabled but its weights are null");
-  dispatch_delta<64>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, B, T, s);
+  if (D == 64)
+    dispatch_delta<64>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, B, T, s);
+  else
+    dispatch_delta<128>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, B, T, s);
 }
 
 bool flash_kq_layer_post_grads_supported(const AttentionSpec& spec, int D) {
-  return D == 64 && flash_kq_layer_forward_supported(spec, D);
+  return flash_kq_layer_forward_supported(spec, D) && cluster_size(spec.coupled_heads(), bwd_heads(D)) > 0;
 }
 
 size_t flash_kq_layer_post_grads_workspace_floats(const AttentionSpec& spec, int B, int T) {
@@ -1575,8 +1657,8 @@ void flash_kq_layer_post_grads(const AttentionSpec& spec, const bf16* q, const b
                                const bf16* dout_lo) {
   const int D = spec.head_dim;
   kq_require(flash_kq_layer_post_grads_supported(spec, D),
-             "kernel P needs head_dim 64 and what the forward needs (kq_pre or kq_post, each with cq <= 8, "
-             "ck <= 15; at most 8 coupled heads, or an even number up to 16)");
+             "kernel P needs what the forward needs (kq_pre or kq_post, each with cq <= 8, ck <= 15; "
+             "head_dim 64 or 128; at most 16 coupled heads, not 11 or 13)");
   kq_require(B >= 1 && T >= 1, "B and T must be >= 1");
   kq_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
              "B * H or T too large");
@@ -1595,20 +1677,26 @@ void flash_kq_layer_post_grads(const AttentionSpec& spec, const bf16* q, const b
   const int H = spec.heads, G = spec.coupled_heads(), ntiles = (T + kTile - 1) / kTile;
   float* part_w = workspace;
   float* part_m = workspace + static_cast<size_t>(B) * (H / G) * ntiles * G * kWStride;
-  const KqConv pre = pre_conv(spec);
-  if (pre.q == 6 && pre.k == 11 && spec.kq_post && spec.kq_post->q == 6 && spec.kq_post->k == 11)
+  const bool paper = paper_sizes(spec);
+  if (D == 64 && paper)
     launch_post_grads<64, 6, 11, 6, 11>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, dout_lo, dv_acc,
                                         part_w, part_m, B, T, s);
-  else
+  else if (D == 64)
     launch_post_grads<64, 0, 0, 0, 0>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, dout_lo, dv_acc,
                                       part_w, part_m, B, T, s);
+  else if (paper)
+    launch_post_grads<128, 6, 11, 6, 11>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, dout_lo,
+                                         dv_acc, part_w, part_m, B, T, s);
+  else
+    launch_post_grads<128, 0, 0, 0, 0>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, dout_lo, dv_acc,
+                                       part_w, part_m, B, T, s);
   if (spec.kq_post)
     reduce_partials(part_w, grad_kq_post, B, H, G, ntiles, kWStride, spec.kq_post->q * spec.kq_post->k, s);
   if (spec.head_post) reduce_partials(part_m, grad_head_post, B, H, G, ntiles, kMaxG, spec.head_post->group, s);
 }
 
 bool flash_kq_layer_backward_supported(const AttentionSpec& spec, int D) {
-  return D == 64 && flash_kq_layer_forward_supported(spec, D);
+  return flash_kq_layer_forward_supported(spec, D) && cluster_size(spec.coupled_heads(), bwd_heads(D)) > 0;
 }
 
 size_t flash_kq_layer_backward_workspace_floats(const AttentionSpec& spec, int B, int T) {
@@ -1623,8 +1711,8 @@ void flash_kq_layer_pre_grads(const AttentionSpec& spec, const bf16* q, const bf
                               cudaStream_t s) {
   const int D = spec.head_dim;
   kq_require(flash_kq_layer_backward_supported(spec, D),
-             "kernel Q needs head_dim 64 and what the forward needs (kq_pre or kq_post, each with cq <= 8, "
-             "ck <= 15; at most 8 coupled heads, or an even number up to 16)");
+             "kernel Q needs what the forward needs (kq_pre or kq_post, each with cq <= 8, ck <= 15; "
+             "head_dim 64 or 128; at most 16 coupled heads, not 11 or 13)");
   kq_require(B >= 1 && T >= 1, "B and T must be >= 1");
   kq_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
              "B * H or T too large");
@@ -1643,12 +1731,19 @@ void flash_kq_layer_pre_grads(const AttentionSpec& spec, const bf16* q, const bf
   float* part_w = workspace;
   float* part_m = workspace + static_cast<size_t>(B) * (H / G) * ntiles * G * kWStride;
   const KqConv pre = pre_conv(spec);
-  if (pre.q == 6 && pre.k == 11 && spec.kq_post && spec.kq_post->q == 6 && spec.kq_post->k == 11)
+  const bool paper = paper_sizes(spec);
+  if (D == 64 && paper)
     launch_pre_grads<64, 6, 11, 6, 11>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, dq,
                                        dk_acc, part_w, part_m, B, T, s);
-  else
+  else if (D == 64)
     launch_pre_grads<64, 0, 0, 0, 0>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, dq, dk_acc,
                                      part_w, part_m, B, T, s);
+  else if (paper)
+    launch_pre_grads<128, 6, 11, 6, 11>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, dq,
+                                        dk_acc, part_w, part_m, B, T, s);
+  else
+    launch_pre_grads<128, 0, 0, 0, 0>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, dq, dk_acc,
+                                      part_w, part_m, B, T, s);
   if (spec.kq_pre) reduce_partials(part_w, grad_kq_pre, B, H, G, ntiles, kWStride, pre.q * pre.k, s);
   if (spec.head_pre) reduce_partials(part_m, grad_head_pre, B, H, G, ntiles, kMaxG, spec.head_pre->group, s);
 }

@@ -2,9 +2,13 @@
 // The fused kq layer (the paper LM's layers that combine the key-query convolutions with head mixing),
 // built pass by pass in the order of docs/flash-mta.md ("What comes next", item 1); the window
 // arithmetic is replayed on the CPU by tests/oracle/replay_kq_layer*.py. The forward (pass 1, the row
-// statistics of the mixed, convolved logits; pass 2, the output) at head dim 64 and 128; the backward
-// (the delta pass, kernel P for the post side, kernel Q for the pre side) at head dim 64, where the
-// model and `mta attn --device cuda` run both; at 128 they run the materialized op's backward.
+// statistics of the mixed, convolved logits; pass 2, the output) and the backward (the delta pass,
+// kernel P for the post side, kernel Q for the pre side), at head dim 64 and 128.
+// Coupled heads G = spec.coupled_heads() <= 16, one warp per head: a group runs in one CTA where it
+// fits (pass 1: 16 heads at D = 64, 8 at D = 128; pass 2: 8; the backward: 8 at D = 64, 4 at D = 128,
+// which keeps the Q and dO rows in shared memory), else on a cluster of C CTAs of G / C heads each, C
+// the fewest that divides G (group_cluster.cuh): 16 heads take 2 CTAs at D = 64, 4 in the backward at
+// D = 128. Groups of 11 or 13 heads do not split evenly over at most 8 CTAs and are not supported.
 //
 // Pass 1 (docs/mta-semantics.md steps 1-4, up to the softmax's normalizer, with bf16 q, k):
 //   S = q k^T / sqrt(D);  S0 = S with the future (j > i) set to 0;
@@ -27,9 +31,8 @@
 namespace mta::cuda {
 
 // Whether pass 1 computes this spec at head dim D: kq_pre or kq_post (each cq <= 8, ck <= 15, any pad)
-// with or without head_pre, whatever the later steps (they do not change lse), and coupled heads G =
-// spec.coupled_heads() <= 16 at D = 64 (one warp per head of a group in one CTA); at D = 128 G <= 8 in
-// one CTA or an even 10-16 on a cluster of two CTAs (group_cluster.cuh).
+// with or without head_pre, whatever the later steps (they do not change lse), and coupled heads G <= 16
+// (at D = 128 not 11 or 13).
 // Without kq_pre the kernels run the identity 1 x 1 convolution in its place (weights pointer null),
 // exact in fp32: the layers with kq_post but no kq_pre.
 bool flash_kq_layer_lse_supported(const AttentionSpec& spec, int D);
@@ -44,9 +47,9 @@ void flash_kq_layer_lse(const AttentionSpec& spec, const __nv_bfloat16* q, const
 // o32 (optional, [B, H, T, D] fp32): o unrounded, for an epilogue's backward; with o32, o may be null
 // (the fp32 rows alone).
 // Supported: flash_kq_layer_lse_supported, kq_post (if any) with cq <= 8, ck <= 15, and at most 8
-// coupled heads per CTA (pass 2 keeps two windows per head in shared memory): groups of 9-16 heads (an
-// even number) run on a cluster of two CTAs that exchange the mixing inputs through distributed shared
-// memory. No attention dropout.
+// coupled heads per CTA (pass 2 keeps two windows per head in shared memory): larger groups (not 11 or
+// 13 heads) run on a cluster of CTAs that exchange the mixing inputs through distributed shared memory.
+// No attention dropout.
 bool flash_kq_layer_forward_supported(const AttentionSpec& spec, int D);
 void flash_kq_layer_forward(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
                             const __nv_bfloat16* v, const float* kq_pre, const float* head_pre, const float* kq_post,
@@ -57,8 +60,7 @@ void flash_kq_layer_forward(const AttentionSpec& spec, const __nv_bfloat16* q, c
 // FlashKqLayer.DeltaPass): delta_x[i] = sum_j A_x[i, j] dA_x[i, j] with dA3 = dout v^T, dA2 = the head_post^T mix of dA3
 // with the future set to 0, dA = the transposed kq_post convolution of dA2 (identity without kq_post);
 // A from lse (pass 1's). The main backward pass subtracts it: dC' = A (dA - delta). dout [B, H, T, D]
-// bf16 (the core's output gradient); delta [B, H, T] fp32. Head dim 64 only so far (the Q and dO
-// fragments of 32 rows each stay in registers), and what the forward supports.
+// bf16 (the core's output gradient); delta [B, H, T] fp32. What the forward supports.
 bool flash_kq_layer_delta_supported(const AttentionSpec& spec, int D);
 void flash_kq_layer_delta(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
                           const __nv_bfloat16* v, const __nv_bfloat16* dout, const float* kq_pre, const float* head_pre,
@@ -69,8 +71,7 @@ void flash_kq_layer_delta(const AttentionSpec& spec, const __nv_bfloat16* q, con
 // adds into dv_acc [B, H, T, D] fp32 (the caller zeroes it and converts it) the value gradient
 // A3^T dout, and into grad_kq_post [H, cq, ck] and grad_head_post [H / g, g, g] the post-side
 // parameter gradients (per-CTA partials in `workspace`, flash_kq_layer_post_grads_workspace_floats
-// floats, reduced over the CTAs in a fixed order). lse is pass 1's. Head dim 64 and what the forward
-// supports. dout_lo (optional): dout's bf16 remainder (dout + dout_lo = an fp32 gradient, as an
+// floats, reduced over the CTAs in a fixed order). lse is pass 1's. What the forward supports. dout_lo (optional): dout's bf16 remainder (dout + dout_lo = an fp32 gradient, as an
 // epilogue's backward gives it: epilogue_cuda.h), used by dA3 = dout V^T, whose post-side gradients
 // are sums of what the norm leaves of dout.
 bool flash_kq_layer_post_grads_supported(const AttentionSpec& spec, int D);
@@ -97,8 +98,8 @@ void flash_kq_layer_pre_grads(const AttentionSpec& spec, const __nv_bfloat16* q,
 // written (bf16); the parameter gradients (those of enabled options: non-null) are added to; dout_lo as
 // for kernel P.
 // `workspace`: flash_kq_layer_backward_workspace_floats floats (delta, one fp32 accumulator of q's size
-// for dv, then dk, the partials). Supported: flash_kq_layer_backward_supported (head dim 64, <= 8 coupled heads or an
-// even number up to 16).
+// for dv, then dk, the partials). Supported: flash_kq_layer_backward_supported (what the forward
+// supports).
 size_t flash_kq_layer_backward_workspace_floats(const AttentionSpec& spec, int B, int T);
 void flash_kq_layer_backward(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
                              const __nv_bfloat16* v, const __nv_bfloat16* dout, const float* kq_pre,

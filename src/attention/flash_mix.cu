@@ -836,7 +836,9 @@ bool flash_mix_supported(const AttentionSpec& spec, int D) {
   if (!spec.head_pre && !spec.head_post) return false;  // standard attention: flash_attn
   if (D != spec.head_dim || (D != 64 && D != 128)) return false;
   const int G = spec.coupled_heads();
-  return D == 64 ? G <= kMaxG : groups_fit(G);  // D = 128: 10-16 heads on a cluster of two CTAs
+  // D = 128: up to 8 heads in one CTA, or 10-16 (even) on a pair (the kernels are compiled for C <= 2).
+  const int C = cluster_size(G, 8);
+  return D == 64 ? G <= kMaxG : C == 1 || C == 2;
 }
 
 void flash_mix_forward(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const float* head_pre,

@@ -14,7 +14,7 @@ namespace {
 size_t up(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
 // Which core kernels compute spec's options apart from the epilogue, both passes. KqLayer: the kq
-// convolutions with head mixing (flash_kq_layer.h), whose backward exists at head dim 64.
+// convolutions with head mixing (flash_kq_layer.h).
 enum class Core { None, KqPre, Mix, KqLayer };
 Core core_of(const AttentionSpec& spec, int D, float dropout) {
   const AttentionSpec core = attn_core_spec(spec);
@@ -24,7 +24,8 @@ Core core_of(const AttentionSpec& spec, int D, float dropout) {
   return Core::None;
 }
 
-// The forward pass alone also covers the kq layers at head dim 128.
+// The forward pass alone: the same cores (the kq layers' forward and backward cover the same groups; this
+// stays for a core whose backward would not).
 Core forward_core_of(const AttentionSpec& spec, int D, float dropout) {
   const Core c = core_of(spec, D, dropout);
   if (c != Core::None) return c;

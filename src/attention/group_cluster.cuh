@@ -1,9 +1,10 @@
 #pragma once
 // Coupled head groups spread over a thread-block cluster, for the kernels that run one warp per head of
-// a group (flash_mix.cu, flash_kq_layer.cu). A group of up to 8 heads runs in one CTA; one of 10-16
-// heads (an even count) on a cluster of two CTAs with half the heads each, where one CTA's shared memory
-// or registers do not hold the whole group (cluster_size; at D = 64, FlashMix and the kq layers' pass 1
-// hold 16 heads in one CTA and do not use it). The mixing products need every head's tile: each CTA writes
+// a group (flash_mix.cu, flash_kq_layer.cu). A group runs in one CTA where that CTA's shared memory and
+// registers hold it, else on a cluster of C CTAs with G / C heads each (cluster_size: FlashMix, and the
+// kq layers' forward, hold up to 8 heads per CTA at D = 128 and pair CTAs for 10-16 heads; the kq
+// layers' backward holds 4 at D = 128, so 8 heads take 2 CTAs and 16 take 4; at D = 64, FlashMix and
+// pass 1 hold 16 heads in one CTA). The mixing products need every head's tile: each CTA writes
 // its heads' tiles into its own MixIn buffers (head_mix_mma.cuh), copies the other CTA's head slots
 // into them through distributed shared memory (cluster_gather), and computes the mix for its own heads
 // (mix_tiles_owned). Internal to those files (unnamed namespace: each includes its own copy).
@@ -19,9 +20,14 @@
 namespace mta::cuda {
 namespace {
 
-// CTAs per group of G coupled heads, and whether a group of G heads can be placed at all.
-inline int cluster_size(int G) { return G <= 8 ? 1 : 2; }
-inline bool groups_fit(int G) { return G <= 8 || (G <= headmix::kMaxG && G % 2 == 0); }
+// CTAs per group of G coupled heads when one CTA holds at most max_heads of them: the fewest C that
+// divides G with G / C <= max_heads, up to 8 (a cluster's portable size); 0 when there is none (11 or 13
+// heads over at most 8 per CTA: the heads are split evenly, one warp each).
+inline int cluster_size(int G, int max_heads) {
+  for (int C = 1; C <= 8; ++C)
+    if (G % C == 0 && G / C <= max_heads) return C;
+  return 0;
+}
 
 // Launches a pass over B x (H / G) groups x the query (or key) tiles of T, C CTAs of G / C warps per group
 // (a cluster when C > 1; blockIdx.x = group unit * C + rank), with `smem` bytes of dynamic shared memory.
@@ -55,6 +61,14 @@ __device__ __forceinline__ GroupPlace group_place(int G, int C) {
   return GroupPlace{G, C, L, rank, rank * L};
 }
 
+// The CTAs of this CTA's cluster (1 outside a cluster launch): kernels compiled for clusters read their
+// group's C here rather than take it as an argument.
+__device__ __forceinline__ int cluster_ctas() {
+  unsigned n;
+  asm("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(n));
+  return static_cast<int>(n);
+}
+
 // The cluster barrier in two halves (PTX barrier.cluster): every thread of every CTA of the cluster
 // arrives, then waits for all arrivals; a thread alternates the two. Release / acquire: shared-memory
 // writes before the arrival are visible to the cluster after the wait.
@@ -74,6 +88,15 @@ __device__ __forceinline__ void cluster_wait() {
 // a peer still copies it: the barrier completes while the mix runs. Every thread of every CTA of the
 // cluster must call it. Measured (bench/RESULTS.md, session 9): an exchange costs about one cross-SM
 // barrier (~0.7 us); the copy and the second barrier were the smaller part.
+// Head slots [base, base + n chunks) of `buf` from the cluster's CTA `peer` into this CTA's `buf`.
+__device__ __forceinline__ void copy_peer_slots(cooperative_groups::cluster_group& cl, __nv_bfloat16* buf, int peer,
+                                                size_t base, int n) {
+  const uint4* __restrict__ src = reinterpret_cast<const uint4*>(cl.map_shared_rank(buf, peer) + base);
+  uint4* __restrict__ dst = reinterpret_cast<uint4*>(buf + base);
+#pragma unroll 2
+  for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
+}
+
 __device__ __forceinline__ void cluster_gather(const GroupPlace& gp, __nv_bfloat16* a, __nv_bfloat16* b = nullptr,
                                                __nv_bfloat16* c = nullptr) {
   namespace cg = cooperative_groups;
@@ -82,18 +105,16 @@ __device__ __forceinline__ void cluster_gather(const GroupPlace& gp, __nv_bfloat
   static_assert(kYS * sizeof(__nv_bfloat16) % 16 == 0, "head slots are whole 16-byte chunks");
   cg::cluster_group cl = cg::this_cluster();
   cl.sync();  // every CTA's tiles are in its MixIn
-  __nv_bfloat16* bufs[3] = {a, b, c};
   const int n = gp.L * kChunks;  // chunks per buffer and peer
+  // The buffers one by one, not through an array of pointers: with the cluster size known only at run
+  // time, an array indexed in the peer loop went to local memory and ptxas then spilled registers
+  // (kernel P's runtime-size form: 128 registers and 96 bytes of spills).
   for (int peer = 0; peer < gp.C; ++peer) {
     if (peer == gp.rank) continue;
     const size_t base = static_cast<size_t>(peer) * gp.L * kYS;
-    for (int w = 0; w < 3; ++w) {
-      if (!bufs[w]) continue;
-      const uint4* __restrict__ src = reinterpret_cast<const uint4*>(cl.map_shared_rank(bufs[w], peer) + base);
-      uint4* __restrict__ dst = reinterpret_cast<uint4*>(bufs[w] + base);
-#pragma unroll 2
-      for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
-    }
+    if (a) copy_peer_slots(cl, a, peer, base, n);  // any of the three may be null (FlashMix's delta pass)
+    if (b) copy_peer_slots(cl, b, peer, base, n);
+    if (c) copy_peer_slots(cl, c, peer, base, n);
   }
   __syncthreads();   // the copies are complete in this CTA's MixIn before its warps mix
   cluster_arrive();  // this CTA is done reading its peers' MixIn (the wait: mix_done)

@@ -116,9 +116,7 @@ Runner add_bench_command(CLI::App& app) {
                    "materialized (every spec, fp32)")
       ->capture_default_str();
   attn->add_flag("--forward-only", o->forward_only,
-                 "time the forward pass alone (bwd_ms and fwd_bwd_ms are null); with --impl fused this also covers "
-                 "the specs whose fused backward does not exist yet (the kq layers at head_dim 128, "
-                 "docs/flash-mta.md)");
+                 "time the forward pass alone (bwd_ms and fwd_bwd_ms are null)");
   add_bench_train(cmd);
   return [o, attn]() {
     if (!attn->parsed()) return run_bench_train();

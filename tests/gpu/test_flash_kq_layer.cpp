@@ -305,6 +305,27 @@ FwdCase random_backward_case(std::mt19937& rng, int it) {
   return f;
 }
 
+// A random layer at D = 128 for the backward checks (4 heads per CTA there): B 1..2, H 4, 8 or 12, T
+// 1..70, random convolutions (no kq_post every third case), groups dividing H (those over 4 heads take
+// a cluster of 2 or 3 CTAs).
+FwdCase random_wide_case(std::mt19937& rng, int it) {
+  FwdCase f;
+  Case& c = f.c;
+  const int heads[] = {4, 8, 12};
+  c.B = 1 + static_cast<int>(rng() % 2), c.D = 128, c.H = heads[rng() % 3], c.T = 1 + static_cast<int>(rng() % 70);
+  random_conv(rng, c.cq, c.ck, c.pad);
+  if (it % 3 != 2)
+    random_conv(rng, f.cq2, f.ck2, f.pad2);
+  else
+    f.cq2 = 0, f.ck2 = 0, f.pad2 = mta::PadKey::Both;
+  std::vector<int> groups{0};
+  for (int g = 1; g <= c.H; ++g)
+    if (c.H % g == 0) groups.push_back(g);
+  c.gpre = groups[rng() % groups.size()];
+  c.gpost = groups[rng() % groups.size()];
+  return f;
+}
+
 // The backward's delta pass (flash_kq_layer_delta): delta_x[i] = sum_j A_x[i, j] dA_x[i, j] in float64
 // from the semantics, with dA3 = dO V^T, dA2 = the future set to 0 in the head_post^T mix of dA3,
 // dA = the transposed kq_post convolution of dA2 (tests/oracle/replay_kq_layer_delta.py checks the
@@ -423,6 +444,12 @@ TEST(FlashKqLayer, DeltaPass) {
   check_delta(FwdCase{Case{1, 4, 1, 64, 6, 11, mta::PadKey::Both, 4, 4}, 6, 11, mta::PadKey::Both}, 32u);
   std::mt19937 rng(33);
   for (int it = 0; it < 6; ++it) check_delta(random_backward_case(rng, it), 300u + it);
+  // D = 128, where the backward holds 4 heads per CTA with the Q and dO rows in shared memory: one CTA,
+  // the paper LM's 16 heads on a cluster of 4; 9 heads at D = 64 on a cluster of 3.
+  check_delta(FwdCase{Case{1, 4, 77, 128, 6, 11, mta::PadKey::Both, 4, 4}, 6, 11, mta::PadKey::Both}, 34u);
+  check_delta(FwdCase{Case{1, 16, 40, 128, 6, 11, mta::PadKey::Both, 16, 16}, 6, 11, mta::PadKey::Both}, 35u);
+  check_delta(FwdCase{Case{1, 9, 33, 64, 3, 5, mta::PadKey::Left, 9, 3}, 2, 7, mta::PadKey::Right}, 36u);
+  for (int it = 0; it < 4; ++it) check_delta(random_wide_case(rng, it), 310u + it);
 }
 
 // The CPU op's backward in float64 (mta::cpu::mta_backward) of the layer core with lp's parameters:
@@ -525,6 +552,11 @@ TEST(FlashKqLayer, PostGrads) {
   check_post_grads(FwdCase{Case{1, 4, 1, 64, 6, 11, mta::PadKey::Both, 4, 4}, 6, 11, mta::PadKey::Both}, 42u);
   std::mt19937 rng(43);
   for (int it = 0; it < 6; ++it) check_post_grads(random_backward_case(rng, it), 400u + it);
+  // D = 128 (4 heads per CTA): one CTA with dout_lo, 8 heads on a cluster of 2, 16 on a cluster of 4.
+  check_post_grads(FwdCase{Case{1, 4, 77, 128, 6, 11, mta::PadKey::Both, 4, 4}, 6, 11, mta::PadKey::Both}, 46u, true);
+  check_post_grads(FwdCase{Case{2, 8, 45, 128, 6, 11, mta::PadKey::Both, 8, 8}, 6, 11, mta::PadKey::Both}, 47u);
+  check_post_grads(FwdCase{Case{1, 16, 40, 128, 6, 11, mta::PadKey::Both, 16, 16}, 6, 11, mta::PadKey::Both}, 48u);
+  for (int it = 0; it < 4; ++it) check_post_grads(random_wide_case(rng, it), 410u + it);
 }
 
 // The whole backward (flash_kq_layer_backward: the delta pass, kernels P and Q) after the fused forward
@@ -600,6 +632,18 @@ TEST(FlashKqLayer, Backward) {
   check_backward(FwdCase{Case{1, 16, 20, 64, 2, 4, mta::PadKey::Right, 8, 16}, 0, 0, mta::PadKey::Both}, 57u);
   std::mt19937 rng(54);
   for (int it = 0; it < 8; ++it) check_backward(random_backward_case(rng, it), 500u + it);
+  // Groups that split over 3 CTAs at D = 64: 9 heads (3 each), 15 heads (5 each).
+  check_backward(FwdCase{Case{1, 9, 50, 64, 6, 11, mta::PadKey::Both, 9, 9}, 6, 11, mta::PadKey::Both}, 58u);
+  check_backward(FwdCase{Case{1, 15, 30, 64, 2, 9, mta::PadKey::Both, 15, 5}, 3, 4, mta::PadKey::Right}, 59u);
+  // D = 128 (4 heads per CTA): the paper LM's layer (16 heads, a cluster of 4), one CTA of 4 heads with T
+  // below the tile, 8 heads on 2 CTAs, 12 on 3, 10 on 5 (2 each), 14 on 7 (2 each).
+  check_backward(FwdCase{Case{1, 16, 77, 128, 6, 11, mta::PadKey::Both, 16, 16}, 6, 11, mta::PadKey::Both}, 60u);
+  check_backward(FwdCase{Case{2, 4, 5, 128, 6, 11, mta::PadKey::Both, 4, 2}, 6, 11, mta::PadKey::Both}, 61u);
+  check_backward(FwdCase{Case{2, 8, 45, 128, 3, 5, mta::PadKey::Left, 8, 4}, 2, 3, mta::PadKey::Right}, 62u);
+  check_backward(FwdCase{Case{1, 12, 33, 128, 2, 9, mta::PadKey::Both, 12, 6}, 0, 0, mta::PadKey::Both}, 63u);
+  check_backward(FwdCase{Case{1, 10, 20, 128, 4, 7, mta::PadKey::Right, 10, 5}, 5, 3, mta::PadKey::Left}, 64u);
+  check_backward(FwdCase{Case{1, 14, 18, 128, 6, 11, mta::PadKey::Both, 14, 7}, 6, 11, mta::PadKey::Both}, 65u);
+  for (int it = 0; it < 6; ++it) check_backward(random_wide_case(rng, it), 510u + it);
 }
 
 TEST(FlashKqLayer, PaperLayerLse) {
@@ -651,15 +695,24 @@ TEST(FlashKqLayer, RefusesUnsupported) {
   EXPECT_FALSE(mta::cuda::flash_kq_layer_lse_supported(s, 96));
   EXPECT_THROW(mta::cuda::flash_kq_layer_lse(s, nullptr, nullptr, nullptr, nullptr, nullptr, 1, 8, nullptr),
                std::invalid_argument);
-  // Groups: up to 8 heads in one CTA, an even 10-16 on a cluster of two; 9 or 11 heads do not split.
+  // Groups: spread evenly over at most 8 CTAs (16 heads: 2 CTAs at D = 64, 4 in the backward at
+  // D = 128; 9 heads: 3 CTAs); 11 or 13 heads do not split, nor do more than 16 (MixIn holds 16).
   s.heads = 16, s.head_pre = mta::HeadMix{16};
   EXPECT_TRUE(mta::cuda::flash_kq_layer_backward_supported(s, 64));
   s.head_dim = 128;
   EXPECT_TRUE(mta::cuda::flash_kq_layer_forward_supported(s, 128));
-  EXPECT_FALSE(mta::cuda::flash_kq_layer_backward_supported(s, 128));
+  EXPECT_TRUE(mta::cuda::flash_kq_layer_backward_supported(s, 128));
   s.head_dim = 64;
   s.heads = 9, s.head_pre = mta::HeadMix{9};
-  EXPECT_FALSE(mta::cuda::flash_kq_layer_forward_supported(s, 64));
+  EXPECT_TRUE(mta::cuda::flash_kq_layer_backward_supported(s, 64));
+  for (int g : {11, 13, 18}) {
+    s.heads = g, s.head_pre = mta::HeadMix{g};
+    EXPECT_FALSE(mta::cuda::flash_kq_layer_forward_supported(s, 64)) << g;
+    EXPECT_FALSE(mta::cuda::flash_kq_layer_backward_supported(s, 64)) << g;
+  }
+  s.heads = 13, s.head_pre = mta::HeadMix{13};
+  EXPECT_TRUE(mta::cuda::flash_kq_layer_lse_supported(s, 64));  // pass 1 holds 16 heads in one CTA at D = 64
+  EXPECT_FALSE(mta::cuda::flash_kq_layer_lse_supported(s, 128));
   // A kq layer with an epilogue keeps the core's output in fp32 for its backward: without it, a clear
   // error before any device work.
   s.heads = 4, s.head_pre = mta::HeadMix{4}, s.norm = true;
@@ -719,8 +772,8 @@ void expect_outputs_match(const mta::io::SafeTensors& got, const mta::io::SafeTe
 }
 
 // `mta attn --device cuda` on a kq layer with norm and gate: without dout the fused forward at D = 64
-// and 128; with dout the fused backward at D = 64 (out and every gradient against the float64 CPU op),
-// and at D = 128, where the kq layer's backward is not fused, the materialized op (--impl fused refuses).
+// and 128; with dout the fused backward at D = 64 and 128 (out and every gradient against the float64
+// CPU op).
 TEST(FlashKqLayer, AttnCommand) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(404);
@@ -742,23 +795,20 @@ TEST(FlashKqLayer, AttnCommand) {
     EXPECT_LE(e, 2e-2);
     std::printf("[ attn forward-only ] kq layer D=%d with norm and gate: out rel err %.2e\n", D, e);
   }
-  spec.head_dim = 64;
-  const auto [both32, both64] = attn_inputs(spec, B, T, true, rng);
-  const auto ref = mta::run_attention_tensors(spec, both64, mta::Device::Cpu);
-  const auto fused = mta::run_attention_tensors(spec, both32, mta::Device::Cuda, nullptr, mta::AttnImpl::Fused);
-  EXPECT_EQ(fused.metadata.at("impl"), "fused");
-  expect_outputs_match(fused, ref, "[ attn with dout ] kq layer D=64 with norm and gate");
-  spec.head_dim = 128;
-  const auto [big32, big64] = attn_inputs(spec, B, T, true, rng);
-  EXPECT_EQ(mta::run_attention_tensors(spec, big32, mta::Device::Cuda).metadata.at("impl"), "materialized");
-  EXPECT_THROW(mta::run_attention_tensors(spec, big32, mta::Device::Cuda, nullptr, mta::AttnImpl::Fused),
-               mta::InputError);
+  for (int D : {64, 128}) {
+    spec.head_dim = D;
+    const auto [both32, both64] = attn_inputs(spec, B, T, true, rng);
+    const auto ref = mta::run_attention_tensors(spec, both64, mta::Device::Cpu);
+    const auto fused = mta::run_attention_tensors(spec, both32, mta::Device::Cuda);  // auto: the fused path
+    EXPECT_EQ(fused.metadata.at("impl"), "fused");
+    expect_outputs_match(fused, ref, "[ attn with dout ] kq layer D=" + std::to_string(D) + " with norm and gate");
+  }
 }
 
 // A layer with kq_post but no kq_pre runs the kq-layer kernels with the identity 1 x 1 in kq_pre's place
 // (flash_kq_layer.h): through `mta attn --device cuda` (out and every gradient against the float64 CPU
 // op), with and without head mixing (up to a cluster of 16 heads) and an epilogue, T below and past a
-// 16-row tile; at D = 128 the forward.
+// 16-row tile, at D = 64 and 128.
 TEST(FlashKqLayer, KqPostWithoutKqPre) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(405);
@@ -772,6 +822,8 @@ TEST(FlashKqLayer, KqPostWithoutKqPre) {
       {4, 64, 5, 0, 4, mta::KqConv{3, 4, mta::PadKey::Left}, true},      // T below the tile, norm and gate
       {8, 64, 50, 8, 2, mta::KqConv{2, 7, mta::PadKey::Right}, true},    // both mixes
       {16, 64, 37, 16, 16, mta::KqConv{6, 11, mta::PadKey::Both}, true},  // the paper's mixing, a cluster
+      {4, 128, 40, 0, 4, mta::KqConv{4, 5, mta::PadKey::Both}, false},    // D = 128, one CTA
+      {8, 128, 21, 8, 8, mta::KqConv{6, 11, mta::PadKey::Both}, true},    // D = 128, a cluster of 2
   };
   for (const PostCase& pc : cases) {
     mta::AttentionSpec spec;
@@ -787,20 +839,9 @@ TEST(FlashKqLayer, KqPostWithoutKqPre) {
     const auto got = mta::run_attention_tensors(spec, in32, mta::Device::Cuda, nullptr, mta::AttnImpl::Fused);
     EXPECT_EQ(got.metadata.at("impl"), "fused");
     expect_outputs_match(got, ref,
-                         "[ kq_post without kq_pre ] H=" + std::to_string(pc.H) + " G=" + std::to_string(pc.gpre) +
+                         "[ kq_post without kq_pre ] H=" + std::to_string(pc.H) + " D=" + std::to_string(pc.D) + " G=" + std::to_string(pc.gpre) +
                              "/" + std::to_string(pc.gpost) + " T=" + std::to_string(pc.T));
   }
-  mta::AttentionSpec wide;  // D = 128: the fused forward
-  wide.heads = 4, wide.head_dim = 128;
-  wide.kq_post = mta::KqConv{4, 5, mta::PadKey::Both};
-  wide.head_post = mta::HeadMix{4};
-  const auto [f32, f64] = attn_inputs(wide, 2, 40, false, rng);
-  const auto ref = mta::run_attention_tensors(wide, f64, mta::Device::Cpu);
-  const auto got = mta::run_attention_tensors(wide, f32, mta::Device::Cuda, nullptr, mta::AttnImpl::Fused);
-  EXPECT_EQ(got.metadata.at("impl"), "fused");
-  const double e = rel_err(mta::io::to_f64(got.at("out"), "out"), mta::io::to_f64(ref.at("out"), "out"));
-  EXPECT_LE(e, 2e-2);
-  std::printf("[ kq_post without kq_pre ] D=128 forward: out rel err %.2e\n", e);
 }
 
 }  // namespace
