@@ -13,7 +13,7 @@
 // D = 64 or 128. MTA_FLASH_MTA=0 in the environment sends every MTA layer through the materialized op.
 // The kq layers (kq convolutions with head mixing) run attention/flash_kq_layer.h (no dropout) when
 // their group has at most 8 heads: both passes at D = 64, the forward alone at D = 128 (with the
-// materialized op's backward). See fused_allowed for MTA_FUSED_KQ_LAYER.
+// materialized op's backward, faster there). See fused_allowed and use_fused for MTA_FUSED_KQ_LAYER.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -346,9 +346,18 @@ class CudaModel : public TrainableModel {
   float* Gl(int l, const std::string& n) { return G(lname(l, n)); }
 
   // Whether MTA layer l runs the fused path (see the top of the file).
+  // The backward pass. The kq layers' fused backward at D = 128 holds 4 heads per CTA and measured
+  // 1.2-2.2x slower than the materialized op's (bench/RESULTS.md, session 10), so there the model pairs
+  // the fused forward with the materialized backward unless MTA_FUSED_KQ_LAYER=1 (O(T) memory).
   bool use_fused(int l, bool train) const {
     if (!fused_allowed(l, train)) return false;
-    return cuda::fused_attention_supported(config().layer_spec(l), config().head_dim(), train ? config().dropout : 0.f);
+    const AttentionSpec spec = config().layer_spec(l);
+    const int d = config().head_dim();
+    const float dropout = train ? config().dropout : 0.f;
+    if (d == 128 && cuda::fused_attention_is_kq_layer(spec, d, dropout) &&
+        !env_switch("MTA_FUSED_KQ_LAYER").value_or(false))
+      return false;
+    return cuda::fused_attention_supported(spec, d, dropout);
   }
 
   // The flash path's layouts: q, k, v (and their gradients) as rows of 3C, o and dout as rows of C.
@@ -357,7 +366,7 @@ class CudaModel : public TrainableModel {
     return {cuda::token_major(T_, c.head_dim(), 3LL * c.dim), cuda::token_major(T_, c.head_dim(), c.dim)};
   }
 
-  // The forward pass alone: also the kq layers at D = 128, whose backward is the materialized op's.
+  // The forward pass: also the kq layers at D = 128 whose backward is the materialized op's (use_fused).
   bool use_fused_forward(int l, bool train) const {
     if (!fused_allowed(l, train)) return false;
     return cuda::fused_attention_forward_supported(config().layer_spec(l), config().head_dim(),
