@@ -250,4 +250,39 @@ TEST(HeadMixMma, GradientProductMatchesDirectSums) {
     }
 }
 
+// The CTAs a group takes (group_cluster.cuh): the kq layers' backward holds 8 heads per CTA at D = 64
+// and 4 at D = 128, their forward and FlashMix 8 at D = 128.
+TEST(HeadMixLayout, ClusterSizes) {
+  using mta::cuda::headmix::cluster_size;
+  for (int G = 1; G <= 8; ++G) EXPECT_EQ(cluster_size(G, 8), 1) << G;
+  EXPECT_EQ(cluster_size(16, 8), 2);
+  EXPECT_EQ(cluster_size(12, 8), 2);
+  EXPECT_EQ(cluster_size(10, 8), 2);
+  EXPECT_EQ(cluster_size(9, 8), 3);
+  EXPECT_EQ(cluster_size(15, 8), 3);
+  EXPECT_EQ(cluster_size(11, 8), 0);  // prime over 8: no even split
+  EXPECT_EQ(cluster_size(13, 8), 0);
+  EXPECT_EQ(cluster_size(16, 4), 4);
+  EXPECT_EQ(cluster_size(8, 4), 2);
+  EXPECT_EQ(cluster_size(12, 4), 3);
+  EXPECT_EQ(cluster_size(10, 4), 5);
+  EXPECT_EQ(cluster_size(14, 4), 7);
+  EXPECT_EQ(cluster_size(6, 4), 2);
+  EXPECT_EQ(cluster_size(7, 4), 7);
+  EXPECT_EQ(cluster_size(16, 16), 1);
+  EXPECT_EQ(cluster_size(18, 2), 0);  // 9 CTAs: over a cluster's portable 8
+  // Every answer splits the group evenly within the limits, and no smaller C would.
+  for (int L : {2, 4, 8, 16})
+    for (int G = 1; G <= 16; ++G) {
+      const int C = cluster_size(G, L);
+      if (C == 0) {
+        for (int c = 1; c <= 8; ++c) EXPECT_FALSE(G % c == 0 && G / c <= L) << G << " " << L;
+        continue;
+      }
+      EXPECT_EQ(G % C, 0);
+      EXPECT_LE(G / C, L);
+      for (int c = 1; c < C; ++c) EXPECT_FALSE(G % c == 0 && G / c <= L) << G << " " << L;
+    }
+}
+
 }  // namespace

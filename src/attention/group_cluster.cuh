@@ -20,14 +20,7 @@
 namespace mta::cuda {
 namespace {
 
-// CTAs per group of G coupled heads when one CTA holds at most max_heads of them: the fewest C that
-// divides G with G / C <= max_heads, up to 8 (a cluster's portable size); 0 when there is none (11 or 13
-// heads over at most 8 per CTA: the heads are split evenly, one warp each).
-inline int cluster_size(int G, int max_heads) {
-  for (int C = 1; C <= 8; ++C)
-    if (G % C == 0 && G / C <= max_heads) return C;
-  return 0;
-}
+using headmix::cluster_size;  // head_mix_layout.h (host-callable, tested on the CPU)
 
 // Launches a pass over B x (H / G) groups x the query (or key) tiles of T, C CTAs of G / C warps per group
 // (a cluster when C > 1; blockIdx.x = group unit * C + rank), with `smem` bytes of dynamic shared memory.

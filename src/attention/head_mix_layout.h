@@ -22,6 +22,15 @@ constexpr int kFragWords = 4 * 32 * 8;  // 4 kinds x 32 lanes x (hi, lo) x 4 b32
 // adjoint, dIn_y = sum_x M[x, y] dOut_x).
 enum MixKind { kPre = 0, kPost = 1, kPreT = 2, kPostT = 3 };
 
+// CTAs per group of G coupled heads when one CTA holds at most max_heads of them (group_cluster.cuh):
+// the fewest C that divides G with G / C <= max_heads, up to 8 (a cluster's portable size); 0 when
+// there is none (11 or 13 heads over at most 8 per CTA: the heads are split evenly, one warp each).
+MTA_HD int cluster_size(int G, int max_heads) {
+  for (int C = 1; C <= 8; ++C)
+    if (G % C == 0 && G / C <= max_heads) return C;
+  return 0;
+}
+
 // MixIn element of head x at tile position (row, col); MixOut element likewise.
 MTA_HD int in_offset(int x, int row, int col) { return x * kYS + row * kPS + col; }
 MTA_HD int out_offset(int x, int row, int col) { return x * kXT + row * kXS + col; }
