@@ -397,34 +397,15 @@ __device__ __forceinline__ void load_taps_and_mix(const KqShared& sh, const KqPl
   }
 }
 
-// The mixing exchange of the kq-layer kernels. In one CTA (C = 1) a mix is: each warp writes its head's
-// tile into MixIn, a barrier, the product, a barrier. On a cluster each warp also stores its tile into
-// every peer CTA's MixIn (distributed shared memory; its lane's 8 values are one 16-byte store per
-// buffer and peer), so that no CTA waits for copies from its peers (group_cluster.cuh's cluster_gather,
-// which FlashMix keeps, pulls them: one round trip per 16 bytes). Two cluster barriers order it:
-//   (A) a CTA arrives once it no longer reads its MixIn (after the product, or after the caller's
-//       reads of the mix's input: mix_release), and waits before its next stores into its peers';
-//   (B) arrive after the stores, wait before the product: every head's tile is in every CTA's MixIn.
-// (A)'s wait falls after the work between two mixes, so one barrier per mix is exposed. mix_start
-// arrives at (A) once MixIn is zeroed; mix_finish waits for the last (A) at the end of the kernel. Every
-// thread of every CTA of the cluster runs the same sequence of these calls.
-__device__ __forceinline__ void mix_start(const GroupPlace& gp) {
-  __syncthreads();
-  if (gp.C > 1) cluster_arrive();
-}
-__device__ __forceinline__ void mix_release(const GroupPlace& gp) {
-  __syncthreads();
-  if (gp.C > 1) cluster_arrive();
-}
-__device__ __forceinline__ void mix_finish(const GroupPlace& gp) {
-  if (gp.C > 1) cluster_wait();
-}
+// The mixing exchange of the kq-layer kernels follows group_cluster.cuh's protocol (group_start,
+// mix_done, group_finish; barriers (A) and (B)), with each lane storing its own 8 values into the
+// peers' MixIn (one 16-byte store per buffer and peer) instead of group_sync's copy of the CTA's slots.
 
 // Mixes the group's 16 x 16 tiles in place of `c` (this lane's row r, keys 8 half .. + 7): C (or A2) into
 // MixIn as hi + lo (and into the peers' MixIn), a barrier, the product with the coefficients of `kind` for
 // this CTA's heads, a barrier, the mixed values back. Every warp of every CTA of the cluster must call it.
 // kRelease false: the caller still reads MixIn (the mix's input, for a mixing-weight gradient) and calls
-// mix_release before the next mix.
+// mix_done before the next mix.
 template <bool kRelease = true>
 __device__ __forceinline__ void mix_in_place(float (&c)[8], bf16* sInHi, bf16* sInLo, const uint32_t* sFrag, int kind,
                                              float* sOut, const GroupPlace& gp, int warp, int lane) {
@@ -458,8 +439,10 @@ __device__ __forceinline__ void mix_in_place(float (&c)[8], bf16* sInHi, bf16* s
     __syncthreads();
   }
   mix_tiles_owned<true>(sInHi, sInLo, sFrag, kind, sOut, gp.h0, gp.L, warp, lane);
-  __syncthreads();                              // every head's mixed tile in MixOut
-  if (kRelease && gp.C > 1) cluster_arrive();  // (A): done reading MixIn
+  if (kRelease)
+    mix_done(gp);  // every head's mixed tile in MixOut; (A): done reading MixIn
+  else
+    __syncthreads();  // every head's mixed tile in MixOut
 #pragma unroll
   for (int e = 0; e < 8; e += 2) {
     const float2 x = get_pair(sOut, warp, r, 8 * half + e);
@@ -502,7 +485,7 @@ __global__ void __launch_bounds__(D == 64 && !kCl ? 32 * kMaxG : 16 * kMaxG)
   load_row_frags(reinterpret_cast<bf16*>(region), q, m0 - kTile, T, lane, qf);
   for (int i = lane; i < kWinFloats / 4; i += 32) reinterpret_cast<float4*>(win)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
   __syncwarp();
-  mix_start(gp);  // every warp's taps, the fragments, the zeroed MixIn
+  group_start(gp);  // every warp's taps, the fragments, the zeroed MixIn
 
   const int r = lane & 15, half = lane >> 4, row = m0 + r;
   float row_max = -INFINITY, row_sum = 0.f;  // log2 domain; lanes r and r + 16 share row r
@@ -531,7 +514,7 @@ __global__ void __launch_bounds__(D == 64 && !kCl ? 32 * kMaxG : 16 * kMaxG)
     // No barrier here: the next block's MixIn writes follow this block's second barrier (every warp
     // has mixed), and its MixOut writes follow the next first barrier (every warp has read C').
   }
-  mix_finish(gp);
+  group_finish(gp);
   const float l = row_sum + __shfl_xor_sync(0xffffffffu, row_sum, 16);
   if (half == 0 && row < T) lse[row] = row_max * kLn2 + logf(l);
 }
@@ -640,7 +623,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     lse2[part] = row >= 0 && row < T ? lse[row] * kLog2e : 0.f;
   }
   __syncwarp();
-  mix_start(gp);  // every warp's taps, the fragments, the zeroed MixIn
+  group_start(gp);  // every warp's taps, the fragments, the zeroed MixIn
 
   float acc_o[D / 8][4];
 #pragma unroll
@@ -702,7 +685,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
               make_float2(acc_o[j][2 * rr], acc_o[j][2 * rr + 1]);
       }
   }
-  mix_finish(gp);
+  group_finish(gp);
   // O rows (A3 carries the softmax's normalization), staged through the tile buffer, 16-byte stores;
   // none when only the fp32 rows are asked for (an epilogue then reads those).
   if (!o) return;
@@ -840,7 +823,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   const float lse2 = row < T ? lse[row] * kLog2e : 0.f;
   const int rot_t = ck2 - 1 - off2;  // the dA2 ring's rotation (conv_row8_t reads aligned columns)
   __syncwarp();
-  mix_start(gp);  // every warp's taps, the fragments, the zeroed MixIn
+  group_start(gp);  // every warp's taps, the fragments, the zeroed MixIn
 
   s0_tile_to_window<D, S, kWinTop>(win, sTile, k, qf, 0, m0, T, scale, off1, lane);
   da2_tile_to_window<D, S>(dwin, sTile, v, dof, 0, m0, T, rot_t, gpost, sInHi, sInLo, sFrag, sOut, gp, warp,
@@ -862,7 +845,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
       if (row < T && key <= row) part = fmaf(exp2f(fmaf(c[e], kLog2e, -lse2)), da[e], part);
     }
   }
-  mix_finish(gp);
+  group_finish(gp);
   part += __shfl_xor_sync(0xffffffffu, part, 16);  // lanes r and r + 16 share row r
   if (half == 0 && row < T) delta[row] = part;
 }
@@ -1056,7 +1039,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     lse2[part] = row >= 0 && row < T ? lse[row] * kLog2e : 0.f;
   }
   __syncwarp();
-  mix_start(gp);  // every warp's taps, the fragments, the zeroed MixIn and dWpost
+  group_start(gp);  // every warp's taps, the fragments, the zeroed MixIn and dWpost
 
   constexpr int kWq = kCq2 > 0 ? kCq2 : 1, kWk = kCk2 > 0 ? kCk2 : 1;
   float accw[kWq][kWk];
@@ -1160,7 +1143,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
           }
           dmp[yy] += sum;
         }
-      mix_release(gp);  // every warp (of the cluster) has read A2 from MixIn before dA3 replaces it
+      mix_done(gp);  // every warp (of the cluster) has read A2 from MixIn before dA3 replaces it
       mix_in_place(da, sInHi, sInLo, sFrag, kPostT, sOut, gp, warp, lane);  // dA3 -> Mpost^T dA3 (hi + lo)
     }
     float da2[8];
@@ -1175,7 +1158,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     __syncwarp();  // every lane has read its dA2 before the next block's MixOut writes
   }
 
-  mix_finish(gp);
+  group_finish(gp);
   // Partials of this CTA: dWpost and the dMpost row of this warp's head.
   const size_t cta = static_cast<size_t>(blockIdx.x / gp.C) * gridDim.y + blockIdx.y;  // the group's CTA row
   write_partials<kCq2, kCk2, kDmp>(part_w, part_m, cta * G + gp.h0 + warp, has_post, accw, myDw, cq2, ck2, gpost, dmp,
@@ -1345,7 +1328,7 @@ __device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, 
             }
             dm[yy] += s;
           }
-        mix_release(gp);  // every warp (of the cluster) has read C from MixIn before dC' replaces it
+        mix_done(gp);  // every warp (of the cluster) has read C from MixIn before dC' replaces it
       }
       mix_in_place(dcp, sInHi, sInLo, sFrag, kPreT, sOut, gp, warp, lane);  // dC' -> dC (two barriers)
     }
@@ -1429,7 +1412,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   }
   const int rot_d = ck2 - 1 - off2, rot_c = ck1 - 1 - off1;
   __syncwarp();
-  mix_start(gp);  // every warp's taps, the fragments, the zeroed MixIn and dWpre
+  group_start(gp);  // every warp's taps, the fragments, the zeroed MixIn and dWpre
 
   constexpr int kWq = kCq1 > 0 ? kCq1 : 1, kWk = kCk1 > 0 ? kCk1 : 1;
   float accw[kWq][kWk];
@@ -1518,7 +1501,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     __syncwarp();  // the dS tile and K are read before the next block rewrites them
   }
 
-  mix_finish(gp);
+  group_finish(gp);
   // dq rows (scaled), staged through the tile buffer, 16-byte stores.
 #pragma unroll
   for (int j = 0; j < D / 8; ++j)

@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
   uint32_t qa[D / 16][4];
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(qa[kk], myK + a_offset(lane, 0, kk * 16, S));
-  __syncthreads();  // the fragments, the zeroed MixIn, and every warp's Q read before K overwrites it
+  group_start(mw.gp);  // the fragments, the zeroed MixIn, and every warp's Q read before K overwrites it
 
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // pass 1 (log2 domain)
   float lse2[2] = {0.f, 0.f};                                          // pass 2: lse * log2(e)
@@ -246,6 +246,7 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
     // MixIn is free), and its mix writes MixOut only after a barrier that every warp reaches once it
     // has read this block's values. A warp's K / V tiles are its own (program order).
   }
+  group_finish(mw.gp);
 
   if (!kOut) {
 #pragma unroll
@@ -360,7 +361,7 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
   uint32_t qa[D / 16][4], da[D / 16][4];
   load_a_frags<D, S>(qa, myK, lane);
   load_a_frags<D, S>(da, myV, lane);
-  __syncthreads();  // the fragments and the zeroed MixIn buffers
+  group_start(mw.gp);  // the fragments and the zeroed MixIn buffers
   float lse2[2], dpart[2] = {0.f, 0.f};
 #pragma unroll
   for (int r = 0; r < 2; ++r) lse2[r] = m0 + g + 8 * r < T ? lse[head + m0 + g + 8 * r] * kLog2e : 0.f;
@@ -419,6 +420,7 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
     // No barrier: the next block writes MixIn after every warp's mix (barrier above) and MixOut only
     // after its own first barrier, which every warp reaches after reading this block's values.
   }
+  group_finish(mw.gp);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float s = dpart[r];
@@ -486,7 +488,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   __syncwarp();
   uint32_t va[D / 16][4];
   load_a_frags<D, S>(va, myQ, lane);
-  __syncthreads();  // the fragments and the zeroed MixIn buffers; every warp's V read before Q lands
+  group_start(mw.gp);  // the fragments and the zeroed MixIn buffers; every warp's V read before Q lands
 
   float acc_dk[D / 8][4] = {}, acc_dv[D / 8][4] = {};
   float gpre_acc[2][4] = {}, gpost_acc[2][4] = {};  // this warp's share of dMpre / dMpost (head_mix_mma.cuh)
@@ -638,6 +640,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     // that every warp reaches only after its last read of it in this block.
   }
 
+  group_finish(mw.gp);
   // dK (scaled) and dV of the CTA's 16 keys, staged through the warp's Q tile, 16-byte stores.
   __syncwarp();
 #pragma unroll

@@ -5,9 +5,10 @@
 // kq layers' forward, hold up to 8 heads per CTA at D = 128 and pair CTAs for 10-16 heads; the kq
 // layers' backward holds 4 at D = 128, so 8 heads take 2 CTAs and 16 take 4; at D = 64, FlashMix and
 // pass 1 hold 16 heads in one CTA). The mixing products need every head's tile: each CTA writes
-// its heads' tiles into its own MixIn buffers (head_mix_mma.cuh), copies the other CTA's head slots
-// into them through distributed shared memory (cluster_gather), and computes the mix for its own heads
-// (mix_tiles_owned). Internal to those files (unnamed namespace: each includes its own copy).
+// its heads' tiles into its own MixIn buffers (head_mix_mma.cuh) and into its peers' through
+// distributed shared memory (group_sync; the kq layers' mix_in_place stores each lane's values
+// directly), and computes the mix for its own heads (mix_tiles_owned). Internal to those files
+// (unnamed namespace: each includes its own copy).
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -72,62 +73,67 @@ __device__ __forceinline__ void cluster_wait() {
   asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
 
-// With C > 1: after every CTA of the cluster has written its heads' tiles into its own MixIn buffers
-// (up to three; null ones are skipped), each copies the other CTAs' head slots into its own (distributed
-// shared memory, 16-byte chunks; the loop reads through restrict pointers, unrolled by 2, so that two
-// loads can be in flight: batching all of a thread's chunks of three buffers at once spilled kernel Q),
-// so that its mixing products see every head of the group. It ends with this CTA's arrival at a second
-// cluster barrier, whose wait (in mix_done, after the mix) keeps any CTA from rewriting its MixIn while
-// a peer still copies it: the barrier completes while the mix runs. Every thread of every CTA of the
-// cluster must call it. Measured (bench/RESULTS.md, session 9): an exchange costs about one cross-SM
-// barrier (~0.7 us); the copy and the second barrier were the smaller part.
-// Head slots [base, base + n chunks) of `buf` from the cluster's CTA `peer` into this CTA's `buf`.
-__device__ __forceinline__ void copy_peer_slots(cooperative_groups::cluster_group& cl, __nv_bfloat16* buf, int peer,
-                                                size_t base, int n) {
-  const uint4* __restrict__ src = reinterpret_cast<const uint4*>(cl.map_shared_rank(buf, peer) + base);
-  uint4* __restrict__ dst = reinterpret_cast<uint4*>(buf + base);
-#pragma unroll 2
-  for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
+// The exchange protocol on a cluster (C > 1). Each CTA writes its heads' tiles into its own MixIn
+// buffers and stores them into every peer's (distributed shared memory, posted 16-byte stores: no
+// CTA waits for a remote load), so that its mixing products see every head of the group. Two cluster
+// barriers order it:
+//   (A) a CTA arrives once it no longer reads its MixIn buffers (mix_done, after the mix and any
+//       reads of the mix's input), and waits before its next stores into its peers' buffers;
+//   (B) arrive after the stores, wait before the mix: every head's tile is in every CTA's buffers.
+// (A)'s wait falls after the work between two mixes, so one barrier per mix is exposed. group_start
+// arrives at (A) once MixIn is zeroed; group_finish waits for the last (A) before the kernel ends.
+// Every thread of every CTA of the cluster runs the same sequence of these calls. Measured (RESULTS,
+// session 10): against copies pulled from the peers after a cluster barrier (one remote round trip
+// per 16 bytes), the paper-LM kq layer got 10% faster at D = 64 (pairs) and 27% at D = 128 (4 CTAs).
+
+// After the kernel's setup (MixIn zeroed, coefficient fragments built): a CTA barrier, and (A).
+__device__ __forceinline__ void group_start(const GroupPlace& gp) {
+  __syncthreads();
+  if (gp.C > 1) cluster_arrive();
+}
+// Before the kernel ends: no peer stores into this CTA's shared memory any more.
+__device__ __forceinline__ void group_finish(const GroupPlace& gp) {
+  if (gp.C > 1) cluster_wait();
 }
 
-__device__ __forceinline__ void cluster_gather(const GroupPlace& gp, __nv_bfloat16* a, __nv_bfloat16* b = nullptr,
-                                               __nv_bfloat16* c = nullptr) {
+// This CTA's head slots of `buf` (written by its warps, visible after a CTA barrier) into every peer's
+// `buf`.
+__device__ __forceinline__ void push_own_slots(const GroupPlace& gp, __nv_bfloat16* buf) {
   namespace cg = cooperative_groups;
   using headmix::kYS;
   constexpr int kChunks = kYS * static_cast<int>(sizeof(__nv_bfloat16)) / 16;  // 16-byte chunks per head slot
   static_assert(kYS * sizeof(__nv_bfloat16) % 16 == 0, "head slots are whole 16-byte chunks");
   cg::cluster_group cl = cg::this_cluster();
-  cl.sync();  // every CTA's tiles are in its MixIn
-  const int n = gp.L * kChunks;  // chunks per buffer and peer
-  // The buffers one by one, not through an array of pointers: with the cluster size known only at run
-  // time, an array indexed in the peer loop went to local memory and ptxas then spilled registers
-  // (kernel P's runtime-size form: 128 registers and 96 bytes of spills).
-  for (int peer = 0; peer < gp.C; ++peer) {
-    if (peer == gp.rank) continue;
-    const size_t base = static_cast<size_t>(peer) * gp.L * kYS;
-    if (a) copy_peer_slots(cl, a, peer, base, n);  // any of the three may be null (FlashMix's delta pass)
-    if (b) copy_peer_slots(cl, b, peer, base, n);
-    if (c) copy_peer_slots(cl, c, peer, base, n);
+  const int n = gp.L * kChunks;
+  const uint4* own = reinterpret_cast<const uint4*>(buf + static_cast<size_t>(gp.h0) * kYS);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const uint4 x = own[i];
+    for (int peer = 0; peer < gp.C; ++peer)
+      if (peer != gp.rank)
+        reinterpret_cast<uint4*>(cl.map_shared_rank(buf, peer) + static_cast<size_t>(gp.h0) * kYS)[i] = x;
   }
-  __syncthreads();   // the copies are complete in this CTA's MixIn before its warps mix
-  cluster_arrive();  // this CTA is done reading its peers' MixIn (the wait: mix_done)
 }
 
-// The barrier before a mix: every head's tile in the MixIn buffers given (with C > 1 the cluster's
-// exchange, else the CTA's barrier). Every group_sync is followed by mix_done.
+// The barrier before a mix, once each warp has written its head's tile into the MixIn buffers given
+// (up to three; null ones are skipped): every head's tile in them (C = 1: the CTA's barrier; C > 1:
+// (A)'s wait, the pushes, (B)). Every group_sync is followed by mix_done.
 __device__ __forceinline__ void group_sync(const GroupPlace& gp, __nv_bfloat16* a, __nv_bfloat16* b = nullptr,
                                            __nv_bfloat16* c = nullptr) {
-  if (gp.C > 1)
-    cluster_gather(gp, a, b, c);
-  else
-    __syncthreads();
+  __syncthreads();
+  if (gp.C == 1) return;
+  cluster_wait();  // (A): every peer is done reading its buffers
+  if (a) push_own_slots(gp, a);
+  if (b) push_own_slots(gp, b);
+  if (c) push_own_slots(gp, c);
+  cluster_arrive();  // (B)
+  cluster_wait();
 }
 
-// The barrier after a mix: every head's mixed tile in MixOut, and (C > 1) no peer still copying this
-// CTA's MixIn, so that it may be rewritten.
+// The barrier after a mix and the reads of its input: every head's mixed tile in MixOut, and (C > 1)
+// this CTA's arrival at (A).
 __device__ __forceinline__ void mix_done(const GroupPlace& gp) {
   __syncthreads();
-  if (gp.C > 1) cluster_wait();
+  if (gp.C > 1) cluster_arrive();
 }
 
 }  // namespace
