@@ -400,7 +400,7 @@ __device__ __forceinline__ void load_taps_and_mix(const KqShared& sh, const KqPl
 // The mixing exchange of the kq-layer kernels follows group_cluster.cuh's protocol (group_start,
 // mix_done, group_finish; barriers (A) and (B)), with each lane storing its own 8 values into the
 // peers' MixIn (one 16-byte store per buffer and peer) instead of group_sync's copy of the CTA's slots.
-
+//
 // Mixes the group's 16 x 16 tiles in place of `c` (this lane's row r, keys 8 half .. + 7): C (or A2) into
 // MixIn as hi + lo (and into the peers' MixIn), a barrier, the product with the coefficients of `kind` for
 // this CTA's heads, a barrier, the mixed values back. Every warp of every CTA of the cluster must call it.
@@ -450,7 +450,7 @@ __device__ __forceinline__ void mix_in_place(float (&c)[8], bf16* sInHi, bf16* s
   }
 }
 
-// kCl: the group spread over a cluster (10-16 heads at D = 128; at D = 64 one CTA holds 16).
+// kCl: the group spread over a cluster (9-16 heads at D = 128, not 11 or 13; at D = 64 one CTA holds 16).
 template <int D, int kCq, int kCk, bool kCl>
 __global__ void __launch_bounds__(D == 64 && !kCl ? 32 * kMaxG : 16 * kMaxG)
     flash_kq_layer_lse_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const float* __restrict__ wpre,
