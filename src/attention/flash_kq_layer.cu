@@ -52,11 +52,12 @@ void kq_require(bool ok, const std::string& what) {
 constexpr int kMaxCq = 8, kMaxCk = 15;
 
 // Heads (warps) per CTA, as shared memory and registers allow: pass 1 holds 16 at D = 64 (one window per
-// head) and 8 at D = 128; pass 2 holds 8 (two windows); the backward's passes 8 at D = 64 and 4 at
+// head) and 8 at D = 128; pass 2 and the delta pass hold 8 (the delta pass keeps no dq / dV products,
+// so its Q and dO fragments fit in registers at D = 128 too); kernels P and Q 8 at D = 64 and 4 at
 // D = 128 (where they keep their Q and dO rows in shared memory: RowFrags). A larger group runs on a
 // cluster of CTAs (cluster_size, group_cluster.cuh); the whole group's tiles must fit MixIn (kMaxG).
 constexpr int lse_heads(int D) { return D == 64 ? 16 : 8; }
-constexpr int kOutHeads = 8;
+constexpr int kOutHeads = 8, kDeltaHeads = 8;
 constexpr int bwd_heads(int D) { return D == 64 ? 8 : 4; }
 constexpr size_t kMaxSmemPerCta = 227 * 1024;  // sm_90's opt-in dynamic shared memory per CTA
 // The kernels after pass 1 declare __launch_bounds__(256, kCl ? 1 : 0): compiled for clusters (whose
@@ -722,8 +723,7 @@ constexpr int kDFloats = kDRows * kWinPitch;
 
 template <int D>
 constexpr size_t warp_region_delta_bytes() {
-  return (kWinFloats + kDFloats) * sizeof(float) + static_cast<size_t>(kTile) * (D + 8) * sizeof(bf16) +
-         kept_rows_bytes<D>(2);
+  return (kWinFloats + kDFloats) * sizeof(float) + static_cast<size_t>(kTile) * (D + 8) * sizeof(bf16);
 }
 static_assert(kDFloats * sizeof(float) >= 32 * (128 + 8) * sizeof(bf16), "Q and dO staging fits the dA2 window");
 
@@ -797,7 +797,6 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   float* win = reinterpret_cast<float*>(region);          // S0: rows m0 - 8 .. m0 + 15
   float* dwin = win + kWinFloats;                         // dA2: rows m0 .. m0 + 31
   bf16* sTile = reinterpret_cast<bf16*>(dwin + kDFloats);  // K, then V
-  bf16* sKept = sTile + kTile * (D + 8);                   // D = 128: the Q rows, then the dO rows
   const KqShared sh =
       kq_shared(smem_raw + static_cast<size_t>(G / C) * warp_region_delta_bytes<D>(), G / C, false);
   const uint32_t* sFrag = sh.frag;
@@ -811,12 +810,11 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   const float* myWpost = sh.wpost + warp * kHeadTaps;
   load_taps_and_mix(sh, pl, wpre, cq1, ck1, wpost, cq2, ck2, mpre, gpre, mpost, gpost, G, warp, lane);
 
-  // Q rows m0 - 16 .. m0 + 15 and dO rows m0 .. m0 + 31 as A fragments: staged in the dA2 window at
-  // D = 64, kept in sKept at D = 128.
-  constexpr bool kSm = kBwdRowsInSmem<D>;
-  RowFrags<D, S, 2, kSm> qf, dof;
-  load_row_frags(kSm ? sKept : reinterpret_cast<bf16*>(dwin), q, m0 - kTile, T, lane, qf);
-  load_row_frags(kSm ? sKept + 2 * kTile * S : reinterpret_cast<bf16*>(dwin), dout, m0, T, lane, dof);
+  // Q rows m0 - 16 .. m0 + 15 and dO rows m0 .. m0 + 31 as A fragments in registers (at D = 128 too:
+  // kDeltaHeads), staged in the dA2 window.
+  RowFrags<D, S, 2, false> qf, dof;
+  load_row_frags(reinterpret_cast<bf16*>(dwin), q, m0 - kTile, T, lane, qf);
+  load_row_frags(reinterpret_cast<bf16*>(dwin), dout, m0, T, lane, dof);
   for (int i = lane; i < (kWinFloats + kDFloats) / 4; i += 32)
     reinterpret_cast<float4*>(win)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
   const int r = lane & 15, half = lane >> 4, row = m0 + r;
@@ -858,7 +856,7 @@ void launch_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, const
   const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
   const KqConv pre = pre_conv(spec);
   const KqConv post = post_conv(spec);
-  const int C = cluster_size(G, bwd_heads(D));
+  const int C = cluster_size(G, kDeltaHeads);
   const size_t smem = smem_delta_bytes<D>(G / C);
   auto kernel = C == 1 ? flash_kq_layer_delta_kernel<D, kCq1, kCk1, kCq2, kCk2, false>
                        : flash_kq_layer_delta_kernel<D, kCq1, kCk1, kCq2, kCk2, true>;
@@ -1257,8 +1255,8 @@ constexpr size_t smem_pre_bytes(int G) {
 static_assert(smem_pre_bytes<64>(bwd_heads(64)) <= kMaxSmemPerCta && smem_pre_bytes<128>(bwd_heads(128)) <= kMaxSmemPerCta &&
                   smem_post_bytes<64>(bwd_heads(64)) <= kMaxSmemPerCta &&
                   smem_post_bytes<128>(bwd_heads(128)) <= kMaxSmemPerCta &&
-                  smem_delta_bytes<64>(bwd_heads(64)) <= kMaxSmemPerCta &&
-                  smem_delta_bytes<128>(bwd_heads(128)) <= kMaxSmemPerCta,
+                  smem_delta_bytes<64>(kDeltaHeads) <= kMaxSmemPerCta &&
+                  smem_delta_bytes<128>(kDeltaHeads) <= kMaxSmemPerCta,
               "the backward's CTAs fit their heads' shared memory");
 
 // movmatrix: the transpose of an 8 x 8 bf16 matrix held as one b32 per lane (row lane / 4, columns
