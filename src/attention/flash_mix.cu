@@ -709,18 +709,22 @@ __global__ void reduce_mix_grad_kernel(const float* __restrict__ part, float* __
   if (lane == 0) grad[idx] += static_cast<float>(s);
 }
 
-// Per-CTA partials of one mixing weight's gradient: (batch, group, rank in the cluster (<= 2), key tile,
-// head of the group) x kMaxGBwd floats.
+// CTAs per coupled group at most (mix_ctas): the kernels are compiled for 1, 2 and (at D = 128) 3.
+constexpr int kMaxMixCtas = 3;
+
+// Per-CTA partials of one mixing weight's gradient: (batch, group, rank in the cluster (< kMaxMixCtas),
+// key tile, head of the group) x kMaxGBwd floats.
 size_t mix_partials(int B, int H, int T) {
-  return static_cast<size_t>(B) * H * 2 * ((T + kTile - 1) / kTile) * kMaxGBwd;
+  return static_cast<size_t>(B) * H * kMaxMixCtas * ((T + kTile - 1) / kTile) * kMaxGBwd;
 }
 
 // CTAs per coupled group (group_cluster.cuh): one CTA holds up to 16 heads at D = 64 (512 threads) and
-// 8 at D = 128, where groups of 10-16 heads (an even count) take a cluster of two. MTA_FLASH_MIX_CLUSTER=1
-// also puts the groups of 10-16 at D = 64 on clusters (for comparisons, bench/RESULTS.md).
+// 8 at D = 128, where larger groups take a cluster (cluster_size: 2 CTAs for an even 10-16 heads, 3 for
+// 9 or 15; 11 and 13 do not split). MTA_FLASH_MIX_CLUSTER=1 also puts the groups of 10-16 at D = 64 on
+// pairs (for comparisons, bench/RESULTS.md).
 int mix_ctas(int G, int D) {
   if (G <= 8) return 1;
-  if (D == 128) return 2;
+  if (D == 128) return cluster_size(G, 8);
   // Read per launch: tests switch it.
   return env_switch("MTA_FLASH_MIX_CLUSTER").value_or(false) && G % 2 == 0 ? 2 : 1;
 }
@@ -732,6 +736,8 @@ void launch_pass(const AttentionSpec& spec, const bf16* q, const bf16* k, const 
   const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
   const size_t smem = smem_bytes<D>(G / C, kOut);
   auto kernel = C == 1 ? flash_mix_fwd_kernel<D, kOut, 1> : flash_mix_fwd_kernel<D, kOut, 2>;
+  if constexpr (D == 128)
+    if (C == 3) kernel = flash_mix_fwd_kernel<D, kOut, 3>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, mpre, gpre, mpost, gpost, o, lse, H, T, G,
                  1.0f / std::sqrt(static_cast<float>(D)));
 }
@@ -814,6 +820,8 @@ void launch_backward(const AttentionSpec& spec, const bf16* q, const bf16* k, co
   };
   if (C == 2) {
     small_groups(std::integral_constant<int, 2>{});
+  } else if (C == 3) {
+    if constexpr (D == 128) small_groups(std::integral_constant<int, 3>{});
   } else if (G <= 8) {
     small_groups(std::integral_constant<int, 1>{});
   } else if constexpr (D == 64) {  // 9-16 heads in one CTA of 512 threads (flash_mix_supported)
@@ -839,17 +847,17 @@ bool flash_mix_supported(const AttentionSpec& spec, int D) {
   if (!spec.head_pre && !spec.head_post) return false;  // standard attention: flash_attn
   if (D != spec.head_dim || (D != 64 && D != 128)) return false;
   const int G = spec.coupled_heads();
-  // D = 128: up to 8 heads in one CTA, or 10-16 (even) on a pair (the kernels are compiled for C <= 2).
+  // D = 128: up to 8 heads in one CTA, else a cluster of 2 or 3 (mix_ctas; not 11 or 13 heads).
   const int C = cluster_size(G, 8);
-  return D == 64 ? G <= kMaxG : C == 1 || C == 2;
+  return D == 64 ? G <= kMaxG : C >= 1 && C <= kMaxMixCtas;
 }
 
 void flash_mix_forward(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const float* head_pre,
                        const float* head_post, bf16* o, float* lse, int B, int T, cudaStream_t s) {
   const int D = spec.head_dim;
   mix_require(flash_mix_supported(spec, D),
-              "spec not covered (head_pre / head_post only, coupled heads <= 16 at "
-              "head dim 64, <= 8 or an even number up to 16 at 128)");
+              "spec not covered (head_pre / head_post only, coupled heads <= 16; at head dim 128 not 11 "
+              "or 13)");
   mix_require(B >= 1 && T >= 1, "B and T must be >= 1");
   mix_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
               "B * H or T too large");
@@ -882,7 +890,7 @@ void flash_mix_backward(const AttentionSpec& spec, const bf16* q, const bf16* k,
   const int D = spec.head_dim;
   mix_require(flash_mix_backward_supported(spec, D),
               "backward: spec not covered (head_pre / head_post only, "
-              "coupled heads <= 16 at head dim 64, <= 8 or an even number up to 16 at 128)");
+              "coupled heads <= 16; at head dim 128 not 11 or 13)");
   mix_require(B >= 1 && T >= 1, "B and T must be >= 1");
   mix_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
               "B * H or T too large");

@@ -178,15 +178,18 @@ TEST(FlashMix, PaperGroups) {
   check_case(Case{1, 4, 1, 64, 2, 4}, 5);       // T = 1, different groups before and after
 }
 
-// Groups of 10-16 heads at D = 128 run on clusters of two CTAs that exchange the mixing inputs through
-// distributed shared memory (group_cluster.cuh); each CTA sums the weight gradients' terms over half
-// the tile rows. MTA_FLASH_MIX_CLUSTER=1 puts D = 64 groups of 10-16 there too (read per launch).
+// Groups of 9-16 heads at D = 128 run on clusters of 2 or 3 CTAs that exchange the mixing inputs
+// through distributed shared memory (group_cluster.cuh); each CTA sums the weight gradients' terms over
+// its share of the tile rows. MTA_FLASH_MIX_CLUSTER=1 puts D = 64 groups of 10-16 on pairs too (read
+// per launch).
 TEST(FlashMix, ClusterGroups) {
   SKIP_WITHOUT_GPU();
   check_case(Case{2, 16, 200, 128, 16, 16}, 21);  // the paper LM's mixing at D = 128, both sides
   check_case(Case{1, 12, 77, 128, 12, 6}, 22);     // 12 heads, a post group of 6 inside the cluster
   check_case(Case{1, 16, 33, 128, 0, 16}, 23);     // after the softmax only
   check_case(Case{2, 10, 1, 128, 10, 0}, 24);      // T = 1, before the softmax only
+  check_case(Case{1, 9, 70, 128, 9, 3}, 27);       // 9 heads: a cluster of 3 CTAs of 3
+  check_case(Case{2, 15, 33, 128, 5, 15}, 28);     // 15 heads: 3 CTAs of 5
   setenv("MTA_FLASH_MIX_CLUSTER", "1", 1);
   check_case(Case{2, 16, 150, 64, 16, 16}, 25);
   check_case(Case{1, 12, 40, 64, 4, 12}, 26);
@@ -225,7 +228,10 @@ TEST(FlashMix, CoverageAndRefusals) {
   s.head_dim = 128;
   EXPECT_TRUE(mta::cuda::flash_mix_supported(s, 128));  // 16 heads at D = 128: a cluster of two CTAs
   s.heads = 9, s.head_pre = mta::HeadMix{9};
-  EXPECT_FALSE(mta::cuda::flash_mix_supported(s, 128));  // 9 heads: neither one CTA nor two halves
+  EXPECT_TRUE(mta::cuda::flash_mix_supported(s, 128));  // 9 heads: a cluster of 3 CTAs
+  s.heads = 11, s.head_pre = mta::HeadMix{11};
+  EXPECT_FALSE(mta::cuda::flash_mix_supported(s, 128));  // 11 heads do not split evenly
+  s.heads = 9, s.head_pre = mta::HeadMix{9};
   s.head_dim = 64;
   EXPECT_TRUE(mta::cuda::flash_mix_supported(s, 64));  // one CTA of 9 warps
   s.head_dim = 128;
