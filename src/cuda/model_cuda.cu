@@ -11,9 +11,9 @@
 // kernels (attention/epilogue_cuda.h): kq_pre only (attention/flash_mta.h, dropout included) or head
 // mixing only (attention/flash_mix.h: groups of up to 8 heads, no attention dropout in training);
 // D = 64 or 128. MTA_FLASH_MTA=0 in the environment sends every MTA layer through the materialized op.
-// The kq layers (kq convolutions with head mixing) run attention/flash_kq_layer.h (no dropout) when
-// their group has at most 8 heads: both passes at D = 64, the forward alone at D = 128 (with the
-// materialized op's backward, faster there). See fused_allowed and use_fused for MTA_FUSED_KQ_LAYER.
+// The kq layers (kq convolutions with head mixing) run attention/flash_kq_layer.h (no dropout): both
+// passes at D = 64, the forward alone at D = 128 (with the materialized op's backward, faster there).
+// See fused_allowed and use_fused for MTA_FUSED_KQ_LAYER.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -373,16 +373,17 @@ class CudaModel : public TrainableModel {
                                                    train ? config().dropout : 0.f);
   }
 
-  // MTA_FLASH_MTA=0: no fused MTA layer. The kq layers run fused when their group fits one CTA (<= 8
-  // coupled heads), where the fused kernels measured faster than the materialized op; the groups of
-  // 9-16 heads (a cluster of two CTAs) measured slower (bench/RESULTS.md, session 8: the 125M LM at
-  // 58.9k against 66.7k tokens/s), so they take the materialized op unless MTA_FUSED_KQ_LAYER=1;
-  // MTA_FUSED_KQ_LAYER=0 sends every kq layer to it. Read per call: tests switch them.
+  // MTA_FLASH_MTA=0: no fused MTA layer. The kq layers run fused (at D = 128 the forward: use_fused);
+  // MTA_FUSED_KQ_LAYER=0 sends every kq layer to the materialized op. Measured (bench/RESULTS.md,
+  // session 10, with the clusters' exchanges as pushes): the 350M LM (16 coupled heads, clusters of
+  // two CTAs) 29.2k fused against 25.5k tokens/s materialized, the 125M LM (12 heads) 66.8k against
+  // 67.4k; in session 8, before the pushes, the clustered groups were 12% slower, and only groups of
+  // <= 8 heads ran fused by default. Read per call: tests switch them.
   bool fused_allowed(int l, bool train) const {
     if (env_switch("MTA_FLASH_MTA") == false || config().attention != AttentionKind::Mta) return false;
     const AttentionSpec spec = config().layer_spec(l);
     if (!cuda::fused_attention_is_kq_layer(spec, config().head_dim(), train ? config().dropout : 0.f)) return true;
-    return env_switch("MTA_FUSED_KQ_LAYER").value_or(spec.coupled_heads() <= 8);
+    return env_switch("MTA_FUSED_KQ_LAYER").value_or(true);
   }
 
   bool use_flash() const {

@@ -136,8 +136,9 @@ TEST(ModelCuda, MtaFusedKqPreMatchesCpu) {
 
 // The paper LM layout at head dim 64: layer 0 (head mixing, norm, gate) runs the fused head-mixing
 // kernels and the epilogue kernels, layer 1 (with the key-query convolutions) the fused kq layer
-// (flash_kq_layer.h) both ways, or with MTA_FUSED_KQ_LAYER=0 the materialized op both ways; and kq_pre with norm and gate (fused kq_pre kernels plus the epilogue), with attention
-// dropout.
+// (flash_kq_layer.h) both ways, or with MTA_FUSED_KQ_LAYER=0 the materialized op both ways; the same
+// with 16 coupled heads (clusters), and at head dim 128; and kq_pre with norm and gate (fused kq_pre
+// kernels plus the epilogue), with attention dropout.
 TEST(ModelCuda, MtaFusedMixAndEpilogueMatchCpu) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   const json lm = json::parse(R"({"type": "mta", "kq_pre": {"q": 2, "k": 5}, "head_pre": {"group": 4},
@@ -145,6 +146,20 @@ TEST(ModelCuda, MtaFusedMixAndEpilogueMatchCpu) {
   compare(lm, 256, 4, 0.0f);
   setenv("MTA_FUSED_KQ_LAYER", "0", 1);
   compare(lm, 256, 4, 0.0f);
+  unsetenv("MTA_FUSED_KQ_LAYER");
+  // 16 coupled heads (the 350M LM's groups): the kq layer on clusters of two CTAs, fused by default.
+  // Without the gate: with it, layer 0's gate_b gradient (a sum over all tokens of terms of both signs)
+  // was 12% off the CPU's with every MTA layer on the materialized fp32 op (MTA_FLASH_MTA=0) and 17%
+  // with the fused kernels, every other gradient within 5e-2 (session 10): the bf16 activations, not
+  // the attention kernels; the gate's gradients are checked at 4 heads above.
+  const json lm16 = json::parse(R"({"type": "mta", "kq_pre": {"q": 2, "k": 5}, "head_pre": {"group": 16},
+      "kq_post": {"q": 2, "k": 3}, "head_post": {"group": 16}, "norm": true, "kq_layers": [1]})");
+  compare(lm16, 1024, 16, 0.0f);
+  // Head dim 128: the fused forward with the materialized backward (the default), and with
+  // MTA_FUSED_KQ_LAYER=1 the fused backward too.
+  compare(lm, 512, 4, 0.0f);
+  setenv("MTA_FUSED_KQ_LAYER", "1", 1);
+  compare(lm, 512, 4, 0.0f);
   unsetenv("MTA_FUSED_KQ_LAYER");
   compare(json::parse(R"({"type": "mta", "kq_pre": {"q": 2, "k": 9, "pad_key": "both"}, "norm": true,
       "gate": true})"),
