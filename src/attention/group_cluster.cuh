@@ -2,9 +2,9 @@
 // Coupled head groups spread over a thread-block cluster, for the kernels that run one warp per head of
 // a group (flash_mix.cu, flash_kq_layer.cu). A group runs in one CTA where that CTA's shared memory and
 // registers hold it, else on a cluster of C CTAs with G / C heads each (cluster_size: FlashMix, and the
-// kq layers' forward, hold up to 8 heads per CTA at D = 128 and pair CTAs for 10-16 heads; the kq
-// layers' backward holds 4 at D = 128, so 8 heads take 2 CTAs and 16 take 4; at D = 64, FlashMix and
-// pass 1 hold 16 heads in one CTA). The mixing products need every head's tile: each CTA writes
+// kq layers' forward, hold up to 8 heads per CTA at D = 128, so an even 10-16 heads take 2 CTAs and 9
+// or 15 take 3; kernels P and Q hold 4 at D = 128, so 8 heads take 2 CTAs and 16 take 4; at D = 64,
+// FlashMix and pass 1 hold 16 heads in one CTA). The mixing products need every head's tile: each CTA writes
 // its heads' tiles into its own MixIn buffers (head_mix_mma.cuh) and into its peers' through
 // distributed shared memory (group_sync; the kq layers' mix_in_place stores each lane's values
 // directly), and computes the mix for its own heads (mix_tiles_owned). Internal to those files
