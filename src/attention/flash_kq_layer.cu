@@ -740,9 +740,10 @@ constexpr size_t smem_delta_bytes(int G) {
 // row m0 + 31 is zero-filled; that test is the same for every warp of the CTA, so all of them take
 // the mixes' barriers or none does.
 template <int D, int S, class R = Ring64, class F>
-__device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const bf16* v, const F& dof, int tile, int m0, int T, int rot, int gpost, bf16* sInHi,
-                                                   bf16* sInLo, const uint32_t* sFrag, float* sOut,
-                                                   const GroupPlace& gp, int warp, int lane) {
+__device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const bf16* v, const F& dof, int tile,
+                                                   int m0, int T, int rot, int gpost, bf16* sInHi, bf16* sInLo,
+                                                   const uint32_t* sFrag, float* sOut, const GroupPlace& gp, int warp,
+                                                   int lane) {
   const int g = lane >> 2, t = lane & 3, key0 = kTile * tile;
   if (key0 > m0 + kDRows - 1) {
     for (int i = lane; i < kDRows * kTile; i += 32)
@@ -861,8 +862,8 @@ void launch_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, const
   auto kernel = C == 1 ? flash_kq_layer_delta_kernel<D, kCq1, kCk1, kCq2, kCk2, false>
                        : flash_kq_layer_delta_kernel<D, kCq1, kCk1, kCq2, kCk2, true>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, spec.kq_pre ? wpre : nullptr, mpre, gpre,
-                 spec.kq_post ? wpost : nullptr, mpost, gpost, lse, delta, H, T, G, pre.q, pre.k, pre.key_offset(), post.q, post.k, post.key_offset(),
-                 1.0f / std::sqrt(static_cast<float>(D)));
+                 spec.kq_post ? wpost : nullptr, mpost, gpost, lse, delta, H, T, G, pre.q, pre.k, pre.key_offset(),
+                 post.q, post.k, post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
 }
 
 template <int D>
@@ -890,8 +891,9 @@ void dispatch_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, con
 //   in registers for the compiled 6 x 11, per warp in shared memory (a warp sum per tap) otherwise.
 // At the end each CTA writes partials (dWpost and dMpost per warp, i.e. per head), which
 // reduce_partials_kernel sums over the CTAs in a fixed order. At D = 64 and 8 heads the windows, tiles
-// and mixing buffers take 226 KB; at D = 128 (4 heads per CTA) the Q rows are kept in shared memory too. With dout_lo (dout's bf16 remainder, from an epilogue's fp32
-// gradient) dA3 = (dO + dO_lo) V^T: the post-side gradients sum what the norm leaves of dO.
+// and mixing buffers take 226 KB; at D = 128 (4 heads per CTA) the Q rows are kept in shared memory
+// too. With dout_lo (dout's bf16 remainder, from an epilogue's fp32 gradient) dA3 = (dO + dO_lo) V^T:
+// the post-side gradients sum what the norm leaves of dO.
 constexpr int kWStride = kMaxCq * kMaxCk;      // floats per (CTA, head) convolution-gradient partial
 
 // This warp's per-CTA partials (slot = (the group's CTA row * G + its head in the group)): the
@@ -1209,8 +1211,21 @@ void launch_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, 
   auto kernel = C == 1 ? flash_kq_layer_post_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, false>
                        : flash_kq_layer_post_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, true>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, spec.kq_pre ? wpre : nullptr, mpre, gpre,
-                 spec.kq_post ? wpost : nullptr, mpost, gpost, lse, dout_lo, dv_acc, part_w, part_m, H, T, G, pre.q, pre.k, pre.key_offset(), post.q,
-                 post.k, post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
+                 spec.kq_post ? wpost : nullptr, mpost, gpost, lse, dout_lo, dv_acc, part_w, part_m, H, T, G, pre.q,
+                 pre.k, pre.key_offset(), post.q, post.k, post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
+}
+
+template <int D>
+void dispatch_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                         const float* wpre, const float* mpre, const float* wpost, const float* mpost,
+                         const float* lse, const bf16* dout_lo, float* dv_acc, float* part_w, float* part_m, int B,
+                         int T, cudaStream_t s) {
+  if (paper_sizes(spec))
+    launch_post_grads<D, 6, 11, 6, 11>(spec, q, k, v, dout, wpre, mpre, wpost, mpost, lse, dout_lo, dv_acc, part_w,
+                                       part_m, B, T, s);
+  else
+    launch_post_grads<D, 0, 0, 0, 0>(spec, q, k, v, dout, wpre, mpre, wpost, mpost, lse, dout_lo, dv_acc, part_w,
+                                     part_m, B, T, s);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1252,7 +1267,8 @@ constexpr size_t smem_pre_bytes(int G) {
          kFragWords * sizeof(uint32_t) + 2 * static_cast<size_t>(kInElems) * sizeof(bf16) +
          static_cast<size_t>(G) * kXT * sizeof(float);
 }
-static_assert(smem_pre_bytes<64>(bwd_heads(64)) <= kMaxSmemPerCta && smem_pre_bytes<128>(bwd_heads(128)) <= kMaxSmemPerCta &&
+static_assert(smem_pre_bytes<64>(bwd_heads(64)) <= kMaxSmemPerCta &&
+                  smem_pre_bytes<128>(bwd_heads(128)) <= kMaxSmemPerCta &&
                   smem_post_bytes<64>(bwd_heads(64)) <= kMaxSmemPerCta &&
                   smem_post_bytes<128>(bwd_heads(128)) <= kMaxSmemPerCta &&
                   smem_delta_bytes<64>(kDeltaHeads) <= kMaxSmemPerCta &&
@@ -1535,8 +1551,21 @@ void launch_pre_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, c
   auto kernel = C == 1 ? flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, false>
                        : flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, true>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, spec.kq_pre ? wpre : nullptr, mpre, gpre,
-                 spec.kq_post ? wpost : nullptr, mpost, gpost, lse, delta, dq, dk_acc, part_w, part_m, H, T, G, pre.q, pre.k, pre.key_offset(), post.q,
-                 post.k, post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
+                 spec.kq_post ? wpost : nullptr, mpost, gpost, lse, delta, dq, dk_acc, part_w, part_m, H, T, G, pre.q,
+                 pre.k, pre.key_offset(), post.q, post.k, post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
+}
+
+template <int D>
+void dispatch_pre_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                        const float* wpre, const float* mpre, const float* wpost, const float* mpost, const float* lse,
+                        const float* delta, bf16* dq, float* dk_acc, float* part_w, float* part_m, int B, int T,
+                        cudaStream_t s) {
+  if (paper_sizes(spec))
+    launch_pre_grads<D, 6, 11, 6, 11>(spec, q, k, v, dout, wpre, mpre, wpost, mpost, lse, delta, dq, dk_acc, part_w,
+                                      part_m, B, T, s);
+  else
+    launch_pre_grads<D, 0, 0, 0, 0>(spec, q, k, v, dout, wpre, mpre, wpost, mpost, lse, delta, dq, dk_acc, part_w,
+                                    part_m, B, T, s);
 }
 
 template <int D, int kCq, int kCk>
@@ -1581,8 +1610,8 @@ void launch_out(const AttentionSpec& spec, const bf16* q, const bf16* k, const b
   auto kernel = C == 1 ? flash_kq_layer_out_kernel<D, kCq1, kCk1, kCq2, kCk2, false>
                        : flash_kq_layer_out_kernel<D, kCq1, kCk1, kCq2, kCk2, true>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, spec.kq_pre ? wpre : nullptr, mpre, gpre,
-                 spec.kq_post ? wpost : nullptr, mpost, gpost, lse, o, o32, H, T, G, pre.q, pre.k, pre.key_offset(), post.q, post.k, post.key_offset(),
-                 1.0f / std::sqrt(static_cast<float>(D)));
+                 spec.kq_post ? wpost : nullptr, mpost, gpost, lse, o, o32, H, T, G, pre.q, pre.k, pre.key_offset(),
+                 post.q, post.k, post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
 }
 
 template <int D>
@@ -1650,7 +1679,7 @@ void flash_kq_layer_lse(const AttentionSpec& spec, const bf16* q, const bf16* k,
 }
 
 bool flash_kq_layer_delta_supported(const AttentionSpec& spec, int D) {
-  return flash_kq_layer_forward_supported(spec, D) && cluster_size(spec.coupled_heads(), bwd_heads(D)) > 0;
+  return flash_kq_layer_forward_supported(spec, D) && cluster_size(spec.coupled_heads(), kDeltaHeads) > 0;
 }
 
 void flash_kq_layer_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
@@ -1678,7 +1707,7 @@ void flash_kq_layer_delta(const AttentionSpec& spec, const bf16* q, const bf16* 
 }
 
 bool flash_kq_layer_post_grads_supported(const AttentionSpec& spec, int D) {
-  return flash_kq_layer_forward_supported(spec, D) && cluster_size(spec.coupled_heads(), bwd_heads(D)) > 0;
+  return flash_kq_layer_backward_supported(spec, D);  // kernels P and Q hold the same heads per CTA
 }
 
 size_t flash_kq_layer_post_grads_workspace_floats(const AttentionSpec& spec, int B, int T) {
@@ -1713,19 +1742,12 @@ void flash_kq_layer_post_grads(const AttentionSpec& spec, const bf16* q, const b
   const int H = spec.heads, G = spec.coupled_heads(), ntiles = (T + kTile - 1) / kTile;
   float* part_w = workspace;
   float* part_m = workspace + static_cast<size_t>(B) * (H / G) * ntiles * G * kWStride;
-  const bool paper = paper_sizes(spec);
-  if (D == 64 && paper)
-    launch_post_grads<64, 6, 11, 6, 11>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, dout_lo, dv_acc,
-                                        part_w, part_m, B, T, s);
-  else if (D == 64)
-    launch_post_grads<64, 0, 0, 0, 0>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, dout_lo, dv_acc,
-                                      part_w, part_m, B, T, s);
-  else if (paper)
-    launch_post_grads<128, 6, 11, 6, 11>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, dout_lo,
-                                         dv_acc, part_w, part_m, B, T, s);
+  if (D == 64)
+    dispatch_post_grads<64>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, dout_lo, dv_acc, part_w,
+                            part_m, B, T, s);
   else
-    launch_post_grads<128, 0, 0, 0, 0>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, dout_lo, dv_acc,
-                                       part_w, part_m, B, T, s);
+    dispatch_post_grads<128>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, dout_lo, dv_acc, part_w,
+                             part_m, B, T, s);
   if (spec.kq_post)
     reduce_partials(part_w, grad_kq_post, B, H, G, ntiles, kWStride, spec.kq_post->q * spec.kq_post->k, s);
   if (spec.head_post) reduce_partials(part_m, grad_head_post, B, H, G, ntiles, kMaxG, spec.head_post->group, s);
@@ -1767,19 +1789,12 @@ void flash_kq_layer_pre_grads(const AttentionSpec& spec, const bf16* q, const bf
   float* part_w = workspace;
   float* part_m = workspace + static_cast<size_t>(B) * (H / G) * ntiles * G * kWStride;
   const KqConv pre = pre_conv(spec);
-  const bool paper = paper_sizes(spec);
-  if (D == 64 && paper)
-    launch_pre_grads<64, 6, 11, 6, 11>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, dq,
-                                       dk_acc, part_w, part_m, B, T, s);
-  else if (D == 64)
-    launch_pre_grads<64, 0, 0, 0, 0>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, dq, dk_acc,
-                                     part_w, part_m, B, T, s);
-  else if (paper)
-    launch_pre_grads<128, 6, 11, 6, 11>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, dq,
-                                        dk_acc, part_w, part_m, B, T, s);
+  if (D == 64)
+    dispatch_pre_grads<64>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, dq, dk_acc, part_w,
+                           part_m, B, T, s);
   else
-    launch_pre_grads<128, 0, 0, 0, 0>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, dq, dk_acc,
-                                      part_w, part_m, B, T, s);
+    dispatch_pre_grads<128>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, dq, dk_acc, part_w,
+                            part_m, B, T, s);
   if (spec.kq_pre) reduce_partials(part_w, grad_kq_pre, B, H, G, ntiles, kWStride, pre.q * pre.k, s);
   if (spec.head_pre) reduce_partials(part_m, grad_head_pre, B, H, G, ntiles, kMaxG, spec.head_pre->group, s);
 }
