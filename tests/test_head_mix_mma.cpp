@@ -251,37 +251,45 @@ TEST(HeadMixMma, GradientProductMatchesDirectSums) {
 }
 
 // The CTAs a group takes (group_cluster.cuh): the kq layers' backward holds 8 heads per CTA at D = 64
-// and 4 at D = 128, their forward and FlashMix 8 at D = 128.
+// and 4 at D = 128, their forward and FlashMix 8 at D = 128. Where the CTAs do not split the group
+// evenly, the last one's last warps are padding (11 and 13 heads: session 11).
 TEST(HeadMixLayout, ClusterSizes) {
   using mta::cuda::headmix::cluster_size;
+  using mta::cuda::headmix::group_warps;
   for (int G = 1; G <= 8; ++G) EXPECT_EQ(cluster_size(G, 8), 1) << G;
   EXPECT_EQ(cluster_size(16, 8), 2);
   EXPECT_EQ(cluster_size(12, 8), 2);
   EXPECT_EQ(cluster_size(10, 8), 2);
-  EXPECT_EQ(cluster_size(9, 8), 3);
-  EXPECT_EQ(cluster_size(15, 8), 3);
-  EXPECT_EQ(cluster_size(11, 8), 0);  // prime over 8: no even split
-  EXPECT_EQ(cluster_size(13, 8), 0);
+  EXPECT_EQ(cluster_size(9, 8), 2);   // 5 + 4 heads and one padding warp
+  EXPECT_EQ(cluster_size(15, 8), 2);  // 8 + 7
+  EXPECT_EQ(cluster_size(11, 8), 2);  // 6 + 5
+  EXPECT_EQ(cluster_size(13, 8), 2);  // 7 + 6
+  EXPECT_EQ(group_warps(13, 2), 7);
   EXPECT_EQ(cluster_size(16, 4), 4);
   EXPECT_EQ(cluster_size(8, 4), 2);
   EXPECT_EQ(cluster_size(12, 4), 3);
-  EXPECT_EQ(cluster_size(10, 4), 5);
-  EXPECT_EQ(cluster_size(14, 4), 7);
-  EXPECT_EQ(cluster_size(6, 4), 2);
-  EXPECT_EQ(cluster_size(7, 4), 7);
+  EXPECT_EQ(cluster_size(10, 4), 3);  // 4 + 4 + 2
+  EXPECT_EQ(cluster_size(13, 4), 4);  // 4 + 4 + 4 + 1
+  EXPECT_EQ(group_warps(10, 3), 4);
+  EXPECT_EQ(cluster_size(7, 4), 2);
   EXPECT_EQ(cluster_size(16, 16), 1);
   EXPECT_EQ(cluster_size(18, 2), 0);  // 9 CTAs: over a cluster's portable 8
-  // Every answer splits the group evenly within the limits, and no smaller C would.
+  EXPECT_EQ(cluster_size(0, 8), 0);
+  // Every answer holds the group within the limits, leaves the last CTA at least one real head (the
+  // padding is fewer than C warps), and no smaller C would hold it.
   for (int L : {2, 4, 8, 16})
     for (int G = 1; G <= 16; ++G) {
       const int C = cluster_size(G, L);
       if (C == 0) {
-        for (int c = 1; c <= 8; ++c) EXPECT_FALSE(G % c == 0 && G / c <= L) << G << " " << L;
+        EXPECT_GT((G + L - 1) / L, 8) << G << " " << L;
         continue;
       }
-      EXPECT_EQ(G % C, 0);
-      EXPECT_LE(G / C, L);
-      for (int c = 1; c < C; ++c) EXPECT_FALSE(G % c == 0 && G / c <= L) << G << " " << L;
+      const int W = group_warps(G, C);
+      EXPECT_LE(W, L) << G << " " << L;
+      EXPECT_GE(C * W, G);
+      EXPECT_LT(C * W - G, C) << G << " " << L;
+      EXPECT_LT((C - 1) * W, G) << G << " " << L;
+      for (int c = 1; c < C; ++c) EXPECT_GT((G + c - 1) / c, L) << G << " " << L;
     }
 }
 

@@ -346,16 +346,18 @@ __device__ __forceinline__ void conv_row8_t(const float* win, const float* w, in
 // tile, so that the heavy tiles start first).
 struct KqPlace {
   GroupPlace gp;
-  int u, h;
+  int u, h;     // h: padding warps read the group's last head (GroupPlace::head_of)
   size_t head;
   int m0;
+  bool real;    // false: a padding warp, which writes nothing
 };
 __device__ __forceinline__ KqPlace kq_place(int H, int T, int G, int C, int warp) {
   KqPlace p;
   p.gp = group_place(G, C);
   const int units = H / G, unit = static_cast<int>(blockIdx.x) / C;
   p.u = unit % units;
-  p.h = p.u * G + p.gp.h0 + warp;
+  p.h = p.u * G + p.gp.head_of(warp);
+  p.real = p.gp.real(warp);
   p.head = static_cast<size_t>((unit / units) * H + p.h) * T;
   p.m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;
   return p;
@@ -421,18 +423,21 @@ __device__ __forceinline__ void mix_in_place(float (&c)[8], bf16* sInHi, bf16* s
   }
   const int off = in_offset(gp.h0 + warp, r, 8 * half);  // 16-byte aligned (kYS, kPS and 8 half)
   const uint4 vhi = make_uint4(hi[0], hi[1], hi[2], hi[3]), vlo = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+  const bool real = gp.real(warp);  // a padding warp's slot stays zero
   if (gp.C > 1) {
     namespace cg = cooperative_groups;
     cg::cluster_group cl = cg::this_cluster();
     cluster_wait();  // (A): every peer has finished reading its MixIn
-    for (int peer = 0; peer < gp.C; ++peer) {
+    for (int peer = 0; peer < gp.C && real; ++peer) {
       if (peer == gp.rank) continue;
       *reinterpret_cast<uint4*>(cl.map_shared_rank(sInHi, peer) + off) = vhi;
       *reinterpret_cast<uint4*>(cl.map_shared_rank(sInLo, peer) + off) = vlo;
     }
   }
-  *reinterpret_cast<uint4*>(sInHi + off) = vhi;
-  *reinterpret_cast<uint4*>(sInLo + off) = vlo;
+  if (real) {
+    *reinterpret_cast<uint4*>(sInHi + off) = vhi;
+    *reinterpret_cast<uint4*>(sInLo + off) = vlo;
+  }
   if (gp.C > 1) {
     cluster_arrive();  // (B)
     cluster_wait();
@@ -451,7 +456,7 @@ __device__ __forceinline__ void mix_in_place(float (&c)[8], bf16* sInHi, bf16* s
   }
 }
 
-// kCl: the group spread over a cluster (9-16 heads at D = 128, not 11 or 13; at D = 64 one CTA holds 16).
+// kCl: the group spread over a cluster (9-16 heads at D = 128; at D = 64 one CTA holds 16).
 template <int D, int kCq, int kCk, bool kCl>
 __global__ void __launch_bounds__(D == 64 && !kCl ? 32 * kMaxG : 16 * kMaxG)
     flash_kq_layer_lse_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const float* __restrict__ wpre,
@@ -464,9 +469,10 @@ __global__ void __launch_bounds__(D == 64 && !kCl ? 32 * kMaxG : 16 * kMaxG)
   float* win = reinterpret_cast<float*>(region);
   bf16* sKt = reinterpret_cast<bf16*>(region + kWinFloats * sizeof(float));
   const int C = kCl ? cluster_ctas() : 1;  // CTAs per group (kCl: a cluster; one-CTA groups carry no cluster code)
-  float* sW = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G / C) * warp_region_bytes<D>());
+  const int L = group_warps(G, C);  // the CTA's warps (padding included)
+  float* sW = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(L) * warp_region_bytes<D>());
   constexpr int kTapRows = kCq > 0 ? kCq : kMaxCq;
-  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sW + (G / C) * kTapRows * kTapPitch);
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sW + L * kTapRows * kTapPitch);
   bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);
   bf16* sInLo = sInHi + kInElems;
   float* sOut = reinterpret_cast<float*>(sInLo + kInElems);
@@ -517,7 +523,7 @@ __global__ void __launch_bounds__(D == 64 && !kCl ? 32 * kMaxG : 16 * kMaxG)
   }
   group_finish(gp);
   const float l = row_sum + __shfl_xor_sync(0xffffffffu, row_sum, 16);
-  if (half == 0 && row < T) lse[row] = row_max * kLn2 + logf(l);
+  if (half == 0 && row < T && pl.real) lse[row] = row_max * kLn2 + logf(l);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -598,7 +604,8 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   float* s0win = reinterpret_cast<float*>(region);
   float* awin = s0win + kS0Floats;
   bf16* sTile = reinterpret_cast<bf16*>(awin + kAFloats);  // K, then V, then the output rows
-  const KqShared sh = kq_shared(smem_raw + static_cast<size_t>(G / C) * warp_region_out_bytes<D>(), G / C, false);
+  const int L = group_warps(G, C);  // the CTA's warps (padding included)
+  const KqShared sh = kq_shared(smem_raw + static_cast<size_t>(L) * warp_region_out_bytes<D>(), L, false);
   const uint32_t* sFrag = sh.frag;
   bf16 *sInHi = sh.in_hi, *sInLo = sh.in_lo;
   float* sOut = sh.out;
@@ -675,7 +682,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
 
   // O rows in fp32 as well, when asked (the epilogue's backward needs the core's output unrounded:
   // its gradient is nearly orthogonal to it, and the mixing gradients sum what is left).
-  if (o32) {
+  if (o32 && pl.real) {
 #pragma unroll
     for (int j = 0; j < D / 8; ++j)
 #pragma unroll
@@ -689,7 +696,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   group_finish(gp);
   // O rows (A3 carries the softmax's normalization), staged through the tile buffer, 16-byte stores;
   // none when only the fp32 rows are asked for (an epilogue then reads those).
-  if (!o) return;
+  if (!o || !pl.real) return;
 #pragma unroll
   for (int j = 0; j < D / 8; ++j)
 #pragma unroll
@@ -798,8 +805,8 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   float* win = reinterpret_cast<float*>(region);          // S0: rows m0 - 8 .. m0 + 15
   float* dwin = win + kWinFloats;                         // dA2: rows m0 .. m0 + 31
   bf16* sTile = reinterpret_cast<bf16*>(dwin + kDFloats);  // K, then V
-  const KqShared sh =
-      kq_shared(smem_raw + static_cast<size_t>(G / C) * warp_region_delta_bytes<D>(), G / C, false);
+  const int L = group_warps(G, C);  // the CTA's warps (padding included)
+  const KqShared sh = kq_shared(smem_raw + static_cast<size_t>(L) * warp_region_delta_bytes<D>(), L, false);
   const uint32_t* sFrag = sh.frag;
   bf16 *sInHi = sh.in_hi, *sInLo = sh.in_lo;
   float* sOut = sh.out;
@@ -846,7 +853,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   }
   group_finish(gp);
   part += __shfl_xor_sync(0xffffffffu, part, 16);  // lanes r and r + 16 share row r
-  if (half == 0 && row < T) delta[row] = part;
+  if (half == 0 && row < T && pl.real) delta[row] = part;
 }
 
 template <int D, int kCq1, int kCk1, int kCq2, int kCk2>
@@ -858,7 +865,7 @@ void launch_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, const
   const KqConv pre = pre_conv(spec);
   const KqConv post = post_conv(spec);
   const int C = cluster_size(G, kDeltaHeads);
-  const size_t smem = smem_delta_bytes<D>(G / C);
+  const size_t smem = smem_delta_bytes<D>(group_warps(G, C));
   auto kernel = C == 1 ? flash_kq_layer_delta_kernel<D, kCq1, kCk1, kCq2, kCk2, false>
                        : flash_kq_layer_delta_kernel<D, kCq1, kCk1, kCq2, kCk2, true>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, spec.kq_pre ? wpre : nullptr, mpre, gpre,
@@ -1002,7 +1009,8 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   bf16* sDoLo = sDo + kTile * S;                           // their remainders (with dout_lo)
   bf16* sKept = sDoLo + kTile * S;                         // D = 128: the Q rows
   // dw: runtime sizes' dWpost per warp
-  const KqShared sh = kq_shared(smem_raw + static_cast<size_t>(G / C) * warp_region_post_bytes<D>(), G / C, true);
+  const int L = group_warps(G, C);  // the CTA's warps (padding included)
+  const KqShared sh = kq_shared(smem_raw + static_cast<size_t>(L) * warp_region_post_bytes<D>(), L, true);
   const uint32_t* sFrag = sh.frag;
   bf16 *sInHi = sh.in_hi, *sInLo = sh.in_lo;
   float* sOut = sh.out;
@@ -1090,7 +1098,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
       float acc[2][4] = {};
       mma_bf16(acc[0], at, bb[0], bb[1]);
       mma_bf16(acc[1], at, bb[2], bb[3]);
-      atomic_add_tile(dv_acc, acc, n0, dn * 16, T, D, lane);
+      if (pl.real) atomic_add_tile(dv_acc, acc, n0, dn * 16, T, D, lane);
     }
     // dA3 = dO V^T on the tile (rows past T and keys past T are zero rows of dO and V), then into this
     // lane's layout (row r, keys 8 half ..) through the warp's MixOut rows, once A3 has been read there.
@@ -1127,11 +1135,12 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     if (gpost) {
       // dMpost[x, y] += dA3_x A2_y in fp32 on CUDA cores, A2_y read back from MixIn (hi + lo: still the
       // post mix's input). bf16 operands here (tensor-core grad_tiles) left the model's head_post
-      // gradient 12% off the CPU's (ModelCuda.MtaFusedMixAndEpilogueMatchCpu, session 8).
+      // gradient 12% off the CPU's (ModelCuda.MtaFusedMixAndEpilogueMatchCpu, session 8). Not for
+      // padding warps (their group's slots would run past the group's).
       const int hg = gp.h0 + warp, y0 = hg - hg % gpost;
 #pragma unroll
       for (int yy = 0; yy < kDmp; ++yy)
-        if (yy < gpost) {
+        if (yy < gpost && pl.real) {
           float sum = 0.f;
 #pragma unroll
           for (int e = 0; e < 8; e += 2) {
@@ -1161,8 +1170,9 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   group_finish(gp);
   // Partials of this CTA: dWpost and the dMpost row of this warp's head.
   const size_t cta = static_cast<size_t>(blockIdx.x / gp.C) * gridDim.y + blockIdx.y;  // the group's CTA row
-  write_partials<kCq2, kCk2, kDmp>(part_w, part_m, cta * G + gp.h0 + warp, has_post, accw, myDw, cq2, ck2, gpost, dmp,
-                                   lane);
+  if (pl.real)
+    write_partials<kCq2, kCk2, kDmp>(part_w, part_m, cta * G + gp.h0 + warp, has_post, accw, myDw, cq2, ck2, gpost,
+                                     dmp, lane);
 }
 
 // grad[h * n + i] += the sum over the batch and the query tiles of the partials of head h, one warp per
@@ -1207,7 +1217,7 @@ void launch_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, 
   const KqConv pre = pre_conv(spec);
   const KqConv post = post_conv(spec);
   const int C = cluster_size(G, bwd_heads(D));
-  const size_t smem = smem_post_bytes<D>(G / C);
+  const size_t smem = smem_post_bytes<D>(group_warps(G, C));
   auto kernel = C == 1 ? flash_kq_layer_post_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, false>
                        : flash_kq_layer_post_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, true>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, spec.kq_pre ? wpre : nullptr, mpre, gpre,
@@ -1330,7 +1340,7 @@ __device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, 
         const int hg = gp.h0 + warp, y0 = hg - hg % gpre;  // this head's group (within the CTA's group)
 #pragma unroll
         for (int yy = 0; yy < kDm; ++yy)
-          if (yy < gpre) {
+          if (yy < gpre && gp.real(warp)) {  // padding: its group's slots would run past the group's
             float s = 0.f;
 #pragma unroll
             for (int e = 0; e < 8; e += 2) {
@@ -1382,17 +1392,19 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   // written out: at 255 registers, with them the clustered 6 x 11 kernel spilled 456 bytes instead of
   // 324 (one CTA: 8-16 instead of 4) and the paper-LM layer's backward measured 2% slower (RESULTS,
   // session 9).
-  float* sWpre = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(G / C) * warp_region_pre_bytes<D>());
-  float* sWpost = sWpre + (G / C) * kHeadTaps;
-  float* sDw = sWpost + (G / C) * kHeadTaps;  // runtime sizes: dWpre per warp
-  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sDw + (G / C) * kHeadTaps);
+  const int L = group_warps(G, C);  // the CTA's warps (padding included)
+  float* sWpre = reinterpret_cast<float*>(smem_raw + static_cast<size_t>(L) * warp_region_pre_bytes<D>());
+  float* sWpost = sWpre + L * kHeadTaps;
+  float* sDw = sWpost + L * kHeadTaps;  // runtime sizes: dWpre per warp
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sDw + L * kHeadTaps);
   bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);
   bf16* sInLo = sInHi + kInElems;
   float* sOut = reinterpret_cast<float*>(sInLo + kInElems);
 
   const GroupPlace gp = group_place(G, C);
   const int units = H / G, b = static_cast<int>(blockIdx.x) / C / units, u = static_cast<int>(blockIdx.x) / C % units;
-  const int h = u * G + gp.h0 + warp;
+  const int h = u * G + gp.head_of(warp);
+  const bool real = gp.real(warp);  // false: a padding warp, which writes nothing
   const size_t head = static_cast<size_t>(b * H + h) * T;
   const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
   q += head * D, k += head * D, v += head * D, dout += head * D, dq += head * D, dk_acc += head * D;
@@ -1507,7 +1519,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
           const int key = n0 + g + 8 * rr;
-          if (key < T)
+          if (key < T && real)
             atomic_add2(dk_acc + static_cast<size_t>(key) * D + dn * 16 + 8 * jj + 2 * t, acc[jj][2 * rr] * scale,
                         acc[jj][2 * rr + 1] * scale);
         }
@@ -1528,13 +1540,15 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
 #pragma unroll
   for (int cc = lane; cc < kTile * kChunksPerRow; cc += 32) {
     const int rr = cc / kChunksPerRow, col = (cc % kChunksPerRow) * 8, qrow = m0 + rr;
-    if (qrow < T)
+    if (qrow < T && real)
       *reinterpret_cast<uint4*>(dq + static_cast<size_t>(qrow) * D + col) =
           *reinterpret_cast<const uint4*>(sTile + rr * S + col);
   }
   // Partials of this CTA: dWpre and the dMpre row of this warp's head.
   const size_t cta = static_cast<size_t>(blockIdx.x / gp.C) * gridDim.y + blockIdx.y;  // the group's CTA row
-  write_partials<kCq1, kCk1, kDm>(part_w, part_m, cta * G + gp.h0 + warp, true, accw, myDw, cq1, ck1, gpre, dm, lane);
+  if (real)
+    write_partials<kCq1, kCk1, kDm>(part_w, part_m, cta * G + gp.h0 + warp, true, accw, myDw, cq1, ck1, gpre, dm,
+                                    lane);
 }
 
 template <int D, int kCq1, int kCk1, int kCq2, int kCk2>
@@ -1547,7 +1561,7 @@ void launch_pre_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, c
   const KqConv pre = pre_conv(spec);
   const KqConv post = post_conv(spec);
   const int C = cluster_size(G, bwd_heads(D));
-  const size_t smem = smem_pre_bytes<D>(G / C);
+  const size_t smem = smem_pre_bytes<D>(group_warps(G, C));
   auto kernel = C == 1 ? flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, false>
                        : flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, true>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, spec.kq_pre ? wpre : nullptr, mpre, gpre,
@@ -1575,7 +1589,7 @@ void launch_lse(const AttentionSpec& spec, const bf16* q, const bf16* k, const f
   const int gpre = spec.head_pre ? spec.head_pre->group : 0;
   const KqConv kc = pre_conv(spec);
   const int C = cluster_size(G, lse_heads(D));  // 1 at D = 64
-  const size_t smem = smem_bytes<D, (kCq > 0 ? kCq : kMaxCq)>(G / C);
+  const size_t smem = smem_bytes<D, (kCq > 0 ? kCq : kMaxCq)>(group_warps(G, C));
   auto kernel = flash_kq_layer_lse_kernel<D, kCq, kCk, false>;
   if constexpr (D == 128)
     if (C > 1) kernel = flash_kq_layer_lse_kernel<D, kCq, kCk, true>;
@@ -1606,7 +1620,7 @@ void launch_out(const AttentionSpec& spec, const bf16* q, const bf16* k, const b
   const KqConv pre = pre_conv(spec);
   const KqConv post = post_conv(spec);
   const int C = cluster_size(G, kOutHeads);
-  const size_t smem = smem_out_bytes<D>(G / C);
+  const size_t smem = smem_out_bytes<D>(group_warps(G, C));
   auto kernel = C == 1 ? flash_kq_layer_out_kernel<D, kCq1, kCk1, kCq2, kCk2, false>
                        : flash_kq_layer_out_kernel<D, kCq1, kCk1, kCq2, kCk2, true>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, spec.kq_pre ? wpre : nullptr, mpre, gpre,
@@ -1626,6 +1640,10 @@ void dispatch_out(const AttentionSpec& spec, const bf16* q, const bf16* k, const
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// The backward's workspace: delta's floats rounded up to 16 bytes, so that the fp32 accumulator after
+// it stays aligned for float2 atomics whatever B * H * T (an odd count misaligned it before session 11).
+size_t delta_floats(size_t rows) { return (rows + 3) / 4 * 4; }
+
 }  // namespace
 
 bool flash_kq_layer_forward_supported(const AttentionSpec& spec, int D) {
@@ -1640,7 +1658,7 @@ void flash_kq_layer_forward(const AttentionSpec& spec, const bf16* q, const bf16
   const int D = spec.head_dim;
   kq_require(flash_kq_layer_forward_supported(spec, D),
              "the forward needs kq_pre or kq_post (each with cq <= 8, ck <= 15), head_dim 64 or 128 and at "
-             "most 16 coupled heads, not 11 or 13");
+             "most 16 coupled heads");
   kq_require(v && aligned16(v) && (o || o32) && (!o || aligned16(o)),
              "v must be non-null and 16-byte aligned, and o (16-byte aligned) or o32 non-null");
   kq_require(!spec.kq_post || kq_post != nullptr, "kq_post is enabled but its weights are null");
@@ -1665,7 +1683,7 @@ void flash_kq_layer_lse(const AttentionSpec& spec, const bf16* q, const bf16* k,
   const int D = spec.head_dim;
   kq_require(flash_kq_layer_lse_supported(spec, D),
              "pass 1 needs kq_pre or kq_post (each with cq <= 8, ck <= 15), head_dim 64 or 128 and at most 16 "
-             "coupled heads (at head_dim 128 not 11 or 13)");
+             "coupled heads");
   kq_require(B >= 1 && T >= 1, "B and T must be >= 1");
   kq_require(static_cast<long long>(B) * spec.heads <= INT_MAX && T <= 65535 * kTile, "B * H or T too large");
   kq_require(q && k && aligned16(q) && aligned16(k), "q and k must be non-null and 16-byte aligned");
@@ -1688,7 +1706,7 @@ void flash_kq_layer_delta(const AttentionSpec& spec, const bf16* q, const bf16* 
   const int D = spec.head_dim;
   kq_require(flash_kq_layer_delta_supported(spec, D),
              "the delta pass needs what the forward needs (kq_pre or kq_post, each with cq <= 8, ck <= 15; "
-             "head_dim 64 or 128; at most 16 coupled heads, not 11 or 13)");
+             "head_dim 64 or 128; at most 16 coupled heads)");
   kq_require(B >= 1 && T >= 1, "B and T must be >= 1");
   kq_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
              "B * H or T too large");
@@ -1723,7 +1741,7 @@ void flash_kq_layer_post_grads(const AttentionSpec& spec, const bf16* q, const b
   const int D = spec.head_dim;
   kq_require(flash_kq_layer_post_grads_supported(spec, D),
              "kernel P needs what the forward needs (kq_pre or kq_post, each with cq <= 8, ck <= 15; "
-             "head_dim 64 or 128; at most 16 coupled heads, not 11 or 13)");
+             "head_dim 64 or 128; at most 16 coupled heads)");
   kq_require(B >= 1 && T >= 1, "B and T must be >= 1");
   kq_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
              "B * H or T too large");
@@ -1732,6 +1750,7 @@ void flash_kq_layer_post_grads(const AttentionSpec& spec, const bf16* q, const b
     kq_require(p != nullptr && aligned16(p), "q, k, v, dout must be non-null and 16-byte aligned");
   kq_require(lse != nullptr && dv_acc != nullptr && workspace != nullptr,
              "lse, dv_acc and the workspace must be non-null");
+  kq_require(aligned16(dv_acc), "dv_acc must be 16-byte aligned (float pairs are added into it)");
   kq_require(!spec.kq_pre || kq_pre != nullptr, "kq_pre is enabled but its weights are null");
   kq_require(!spec.head_pre || head_pre != nullptr, "head_pre is enabled but its weights are null");
   kq_require(!spec.kq_post || (kq_post != nullptr && grad_kq_post != nullptr),
@@ -1759,7 +1778,7 @@ bool flash_kq_layer_backward_supported(const AttentionSpec& spec, int D) {
 
 size_t flash_kq_layer_backward_workspace_floats(const AttentionSpec& spec, int B, int T) {
   const size_t rows = static_cast<size_t>(B) * spec.heads * T;
-  return rows + rows * spec.head_dim + flash_kq_layer_post_grads_workspace_floats(spec, B, T);
+  return delta_floats(rows) + rows * spec.head_dim + flash_kq_layer_post_grads_workspace_floats(spec, B, T);
 }
 
 void flash_kq_layer_pre_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
@@ -1770,7 +1789,7 @@ void flash_kq_layer_pre_grads(const AttentionSpec& spec, const bf16* q, const bf
   const int D = spec.head_dim;
   kq_require(flash_kq_layer_backward_supported(spec, D),
              "kernel Q needs what the forward needs (kq_pre or kq_post, each with cq <= 8, ck <= 15; "
-             "head_dim 64 or 128; at most 16 coupled heads, not 11 or 13)");
+             "head_dim 64 or 128; at most 16 coupled heads)");
   kq_require(B >= 1 && T >= 1, "B and T must be >= 1");
   kq_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
              "B * H or T too large");
@@ -1779,6 +1798,7 @@ void flash_kq_layer_pre_grads(const AttentionSpec& spec, const bf16* q, const bf
     kq_require(p != nullptr && aligned16(p), "q, k, v, dout, dq must be non-null and 16-byte aligned");
   kq_require(lse != nullptr && delta != nullptr && dk_acc != nullptr && workspace != nullptr,
              "lse, delta, dk_acc and the workspace must be non-null");
+  kq_require(aligned16(dk_acc), "dk_acc must be 16-byte aligned (float pairs are added into it)");
   kq_require(!spec.kq_pre || (kq_pre != nullptr && grad_kq_pre != nullptr),
              "kq_pre is enabled but its weights or gradient are null");
   kq_require(!spec.head_pre || (head_pre != nullptr && grad_head_pre != nullptr),
@@ -1807,9 +1827,9 @@ void flash_kq_layer_backward(const AttentionSpec& spec, const bf16* q, const bf1
   kq_require(dk != nullptr && dv != nullptr, "dk and dv must be non-null");
   const size_t rows = static_cast<size_t>(B) * spec.heads * T, n = rows * spec.head_dim;
   float* delta = workspace;
-  // One fp32 accumulator serves dv (kernel P), then dk (kernel Q): the kernels run one after the other
+  // One fp32 accumulator (16-byte aligned after delta: kernels P and Q add float pairs into it) serves dv (kernel P), then dk (kernel Q): the kernels run one after the other
   // on `s`, so the second needs no memory of its own (rows x D x 4 bytes less at peak).
-  float* acc = delta + rows;
+  float* acc = delta + delta_floats(rows);
   float* parts = acc + n;
   const int blocks = static_cast<int>(std::min<size_t>((n + 255) / 256, 4096));
   flash_kq_layer_delta(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, B, T, s);

@@ -6,9 +6,9 @@
 // kernel P for the post side, kernel Q for the pre side), at head dim 64 and 128.
 // Coupled heads G = spec.coupled_heads() <= 16, one warp per head: a group runs in one CTA where it
 // fits (pass 1: 16 heads at D = 64, 8 at D = 128; pass 2: 8; the backward: 8 at D = 64, 4 at D = 128,
-// which keeps the Q and dO rows in shared memory), else on a cluster of C CTAs of G / C heads each, C
-// the fewest that divides G (group_cluster.cuh): 16 heads take 2 CTAs at D = 64, 4 in the backward at
-// D = 128. Groups of 11 or 13 heads do not split evenly over at most 8 CTAs and are not supported.
+// which keeps the Q and dO rows in shared memory), else on a cluster of the fewest CTAs that hold it
+// (group_cluster.cuh): 16 heads take 2 CTAs at D = 64, 4 in the backward at D = 128; where they do not
+// split the group evenly (e.g. 11 or 13 heads) the last CTA's last warps are padding that writes nothing.
 //
 // Pass 1 (docs/mta-semantics.md steps 1-4, up to the softmax's normalizer, with bf16 q, k):
 //   S = q k^T / sqrt(D);  S0 = S with the future (j > i) set to 0;
@@ -31,8 +31,7 @@
 namespace mta::cuda {
 
 // Whether pass 1 computes this spec at head dim D: kq_pre or kq_post (each cq <= 8, ck <= 15, any pad)
-// with or without head_pre, whatever the later steps (they do not change lse), and coupled heads G <= 16
-// (at D = 128 not 11 or 13).
+// with or without head_pre, whatever the later steps (they do not change lse), and coupled heads G <= 16.
 // Without kq_pre the kernels run the identity 1 x 1 convolution in its place (weights pointer null),
 // exact in fp32: the layers with kq_post but no kq_pre.
 bool flash_kq_layer_lse_supported(const AttentionSpec& spec, int D);
@@ -47,8 +46,8 @@ void flash_kq_layer_lse(const AttentionSpec& spec, const __nv_bfloat16* q, const
 // o32 (optional, [B, H, T, D] fp32): o unrounded, for an epilogue's backward; with o32, o may be null
 // (the fp32 rows alone).
 // Supported: flash_kq_layer_lse_supported, kq_post (if any) with cq <= 8, ck <= 15, and at most 8
-// coupled heads per CTA (pass 2 keeps two windows per head in shared memory): larger groups (not 11 or
-// 13 heads) run on a cluster of CTAs that exchange the mixing inputs through distributed shared memory.
+// coupled heads per CTA (pass 2 keeps two windows per head in shared memory): larger groups (up to 16)
+// run on a cluster of CTAs that exchange the mixing inputs through distributed shared memory.
 // No attention dropout.
 bool flash_kq_layer_forward_supported(const AttentionSpec& spec, int D);
 void flash_kq_layer_forward(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,

@@ -70,13 +70,20 @@ __device__ __forceinline__ void warp_load_rows(bf16* smem, const bf16* head, int
 }
 
 // A warp's place in a CTA of these kernels: blockIdx.x = (batch * units + unit of G coupled heads) * C +
-// rank, one warp per head; the group on C CTAs of L = G / C heads each (group_cluster.cuh). Also builds
-// the CTA's coefficient fragments for the whole group (the caller synchronizes).
+// rank, one warp per head; the group on C CTAs of L = group_warps(G, C) warps each, padding included
+// (group_cluster.cuh). Also builds the CTA's coefficient fragments for the whole group (the caller
+// synchronizes).
 struct MixWarp {
-  int warp, lane, g, t, h;  // h: the head within its batch element
+  int warp, lane, g, t, h;  // h: the head within its batch element (padding: the group's last)
   size_t head;              // the head's first row in [B * H * T]
   GroupPlace gp;
   int x;                    // the warp's head within the group: its MixIn slot
+  bool real;                // false: a padding warp (no MixIn writes, no results)
+  // This warp's tile into MixIn slot x (padding warps leave their zero slots alone).
+  template <bool kLo>
+  __device__ __forceinline__ void put(bf16* hi, bf16* lo, const float (&v)[2][4]) const {
+    if (real) put_tile<kLo>(hi, lo, x, v, g, t);
+  }
 };
 __device__ __forceinline__ MixWarp mix_warp(uint32_t* sFrag, const float* mpre, int gpre, const float* mpost,
                                             int gpost, int H, int T, int G, int C) {
@@ -85,7 +92,8 @@ __device__ __forceinline__ MixWarp mix_warp(uint32_t* sFrag, const float* mpre, 
   w.gp = group_place(G, C);
   const int units = H / G, unit = static_cast<int>(blockIdx.x) / C, b = unit / units, u = unit % units;
   w.x = w.gp.h0 + w.warp;
-  w.h = u * G + w.x;
+  w.real = w.gp.real(w.warp);
+  w.h = u * G + w.gp.head_of(w.warp);
   w.head = static_cast<size_t>(b * H + w.h) * T;
   build_frags(sFrag, mpre, gpre, mpost, gpost, u * G, G);
   return w;
@@ -108,14 +116,15 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
                          bf16* __restrict__ o, float* __restrict__ lse, int H, int T, int G, float scale) {
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int L = G / kC;                                                // the CTA's heads
+  const int L = group_warps(G, kC);                                    // the CTA's warps
   bf16* sK = reinterpret_cast<bf16*>(smem_raw);                        // [2][L][16][S]
   bf16* sV = sK + 2 * L * kTile * S;                                   // [2][L][16][S], pass 2
   uint32_t* sFrag = reinterpret_cast<uint32_t*>(sV + (kOut ? 2 * L * kTile * S : 0));
   bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);           // MixIn: S, then A
   bf16* sInLo = sInHi + kInElems;
   float* sOut = reinterpret_cast<float*>(sInLo + kInElems);            // MixOut: C', then A3
-  const MixWarp mw = mix_warp(sFrag, mpre, gpre, mpost, gpost, H, T, G, kC);
+  MixWarp mw = mix_warp(sFrag, mpre, gpre, mpost, gpost, H, T, G, kC);
+  if (kC == 1) mw.real = true;  // no padding in one CTA: the checks compile away
   zero_in(sInHi), zero_in(sInLo);
   const int warp = mw.warp, lane = mw.lane, g = mw.g, t = mw.t;
   const size_t head = mw.head;
@@ -183,7 +192,7 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
           acc_s[j][2 * r + e] = col <= row && col < T ? acc_s[j][2 * r + e] * scale : 0.f;
         }
     if (gpre) {
-      put_tile<true>(sInHi, sInLo, mw.x, acc_s, g, t);
+      mw.put<true>(sInHi, sInLo, acc_s);
       group_sync(mw.gp, sInHi, sInLo);  // every head's S0
       mix_own<true>(sInHi, sInLo, sFrag, kPre, sOut, mw);
       mix_done(mw.gp);  // every head's C'
@@ -220,7 +229,7 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
 #pragma unroll
         for (int e = 0; e < 4; ++e) a3[j][e] = exp2f(c[j][e] - lse2[e >> 1]);
       if (gpost) {
-        put_tile<true>(sInHi, sInLo, mw.x, a3, g, t);  // every warp is done with S0 and C' (barrier above)
+        mw.put<true>(sInHi, sInLo, a3);  // every warp is done with S0 and C' (barrier above)
         group_sync(mw.gp, sInHi, sInLo);               // every head's A
         mix_own<true>(sInHi, sInLo, sFrag, kPost, sOut, mw);
         mix_done(mw.gp);  // every head's A3
@@ -255,11 +264,12 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
       const int row = m0 + g + 8 * r;
-      if (t == 0 && row < T) lse[head + row] = row_max[r] * kLn2 + logf(l);
+      if (t == 0 && row < T && mw.real) lse[head + row] = row_max[r] * kLn2 + logf(l);
     }
     return;
   }
   // O rows (A3 is normalized: no division), staged through the warp's K tile, 16-byte stores.
+  if (!mw.real) return;
   __syncwarp();
 #pragma unroll
   for (int j = 0; j < (kOut ? D / 8 : 0); ++j)
@@ -335,7 +345,7 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
                                float* __restrict__ delta, int H, int T, int G, float scale) {
   constexpr int S = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int L = G / kC;                          // the CTA's heads
+  const int L = group_warps(G, kC);              // the CTA's warps
   bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [kStages][L][16][S]
   bf16* sV = sK + kStages * L * kTile * S;       // [kStages][L][16][S]
   uint32_t* sFrag = reinterpret_cast<uint32_t*>(sV + kStages * L * kTile * S);
@@ -344,7 +354,8 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
   bf16* sD = sSLo + kInElems;
   float* sC = reinterpret_cast<float*>(sD + kInElems);  // MixOut: C', dA
   float* sDA = sC + L * kXT;
-  const MixWarp mw = mix_warp(sFrag, mpre, gpre, mpost, gpost, H, T, G, kC);
+  MixWarp mw = mix_warp(sFrag, mpre, gpre, mpost, gpost, H, T, G, kC);
+  if (kC == 1) mw.real = true;  // no padding in one CTA: the checks compile away
   zero_in(sSHi), zero_in(sSLo), zero_in(sD);
   const int warp = mw.warp, lane = mw.lane, g = mw.g, t = mw.t;
   const size_t head = mw.head;
@@ -400,8 +411,8 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
         acc_s[j][e] = ok ? acc_s[j][e] * scale : 0.f;
         acc_d[j][e] = ok ? acc_d[j][e] : 0.f;
       }
-    if (gpre) put_tile<true>(sSHi, sSLo, mw.x, acc_s, g, t);
-    if (gpost) put_tile<false>(sD, nullptr, mw.x, acc_d, g, t);
+    if (gpre) mw.put<true>(sSHi, sSLo, acc_s);
+    if (gpost) mw.put<false>(sD, nullptr, acc_d);
     group_sync(mw.gp, gpre ? sSHi : nullptr, gpre ? sSLo : nullptr, gpost ? sD : nullptr);  // every head's S0, dA3
     if (gpre) mix_own<true>(sSHi, sSLo, sFrag, kPre, sC, mw);
     if (gpost) mix_own<false>(sD, nullptr, sFrag, kPostT, sDA, mw);
@@ -427,7 +438,7 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
     s += __shfl_xor_sync(0xffffffffu, s, 1);
     s += __shfl_xor_sync(0xffffffffu, s, 2);
     const int row = m0 + g + 8 * r;
-    if (t == 0 && row < T) delta[head + row] = s;
+    if (t == 0 && row < T && mw.real) delta[head + row] = s;
   }
 }
 
@@ -456,7 +467,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                          float scale) {
   constexpr int S = D + 8, SS = kTile + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int L = G / kC;                          // the CTA's heads
+  const int L = group_warps(G, kC);              // the CTA's warps
   bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [L][16][S]
   bf16* sQ = sK + L * kTile * S;                 // [kStages][L][16][S]
   bf16* sO = sQ + kStages * L * kTile * S;       // [kStages][L][16][S]: dO
@@ -468,8 +479,11 @@ __global__ void __launch_bounds__(kMaxThreads)
   bf16* sD = sA + kInElems;
   float* sX1 = reinterpret_cast<float*>(sD + kInElems);  // MixOut: C'^T, then A3^T, then dS^T
   float* sX2 = sX1 + L * kXT;                             // MixOut: dA^T
-  const MixWarp mw = mix_warp(sFrag, mpre, gpre, mpost, gpost, H, T, G, kC);
-  const int grad_row0 = mw.gp.h0 + mw.warp;  // the tile rows of the weight-gradient products: this one, + G, ...
+  MixWarp mw = mix_warp(sFrag, mpre, gpre, mpost, gpost, H, T, G, kC);
+  if (kC == 1) mw.real = true;  // no padding in one CTA: the checks compile away
+  // The tile rows of the weight-gradient products: this warp's slot, + the group's warps (padding
+  // included: every row once), ...
+  const int grad_row0 = mw.x, grad_step = mw.gp.C * L;
   zero_in(sSHi), zero_in(sSLo), zero_in(sA), zero_in(sD);
   const int warp = mw.warp, lane = mw.lane, g = mw.g, t = mw.t;
   const size_t head = mw.head;
@@ -555,7 +569,7 @@ __global__ void __launch_bounds__(kMaxThreads)
         d3[j][e] = ok[j][e] ? d3[j][e] : 0.f;
       }
     if (gpre) {
-      put_tile<true>(sSHi, sSLo, mw.x, acc_s, g, t);
+      mw.put<true>(sSHi, sSLo, acc_s);
       group_sync(mw.gp, sSHi, sSLo);  // (1) S0^T of every head
       mix_own<true>(sSHi, sSLo, sFrag, kPre, sX1, mw);
       mix_done(mw.gp);  // (2) C'^T of every head
@@ -572,12 +586,12 @@ __global__ void __launch_bounds__(kMaxThreads)
       }
     float p[2][4], dc[2][4];
     if (gpost) {
-      put_tile<false>(sA, nullptr, mw.x, a, g, t);
-      put_tile<false>(sD, nullptr, mw.x, d3, g, t);
+      mw.put<false>(sA, nullptr, a);
+      mw.put<false>(sD, nullptr, d3);
       group_sync(mw.gp, sA, sD);  // (3) A^T and dA3^T of every head; every warp has read C'^T
       mix_own<false>(sA, nullptr, sFrag, kPost, sX1, mw);
       mix_own<false>(sD, nullptr, sFrag, kPostT, sX2, mw);
-      grad_tiles(gpost_acc, sD, sA, nullptr, grad_row0, G, lane);  // dMpost += dA3^T A
+      grad_tiles(gpost_acc, sD, sA, nullptr, grad_row0, grad_step, lane);  // dMpost += dA3^T A
       mix_done(mw.gp);  // (4) A3^T and dA^T of every head; every warp is done with sA
 #pragma unroll
       for (int j = 0; j < 2; ++j)
@@ -598,10 +612,10 @@ __global__ void __launch_bounds__(kMaxThreads)
     accumulate_p_b<D, S>(acc_dv, p, cO, lane);  // dV += A3^T dO
     float ds[2][4];
     if (gpre) {
-      put_tile<false>(sA, nullptr, mw.x, dc, g, t);  // A^T is done with (barrier (4), or no post mix)
+      mw.put<false>(sA, nullptr, dc);  // A^T is done with (barrier (4), or no post mix)
       group_sync(mw.gp, sA);  // (5) dC'^T of every head; every warp has read A3^T and dA^T
       mix_own<false>(sA, nullptr, sFrag, kPreT, sX1, mw);
-      grad_tiles(gpre_acc, sA, sSHi, sSLo, grad_row0, G, lane);  // dMpre += dC'^T S0
+      grad_tiles(gpre_acc, sA, sSHi, sSLo, grad_row0, grad_step, lane);  // dMpre += dC'^T S0
       mix_done(mw.gp);  // (6) dS^T of every head; every warp is done with sA and sS
 #pragma unroll
       for (int j = 0; j < 2; ++j)
@@ -633,7 +647,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       float acc[2][4] = {};
       mma_bf16(acc[0], aq, bb[0], bb[1]);
       mma_bf16(acc[1], aq, bb[2], bb[3]);
-      atomic_add_tile(dq_acc, acc, m0, dn * 16, T, D, lane);
+      if (mw.real) atomic_add_tile(dq_acc, acc, m0, dn * 16, T, D, lane);
     }
     __syncwarp();
     // No barrier at the end: the next block's first shared write of each buffer follows a barrier
@@ -644,7 +658,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   // dK (scaled) and dV of the CTA's 16 keys, staged through the warp's Q tile, 16-byte stores.
   __syncwarp();
 #pragma unroll
-  for (int pass = 0; pass < 2; ++pass) {
+  for (int pass = 0; pass < (mw.real ? 2 : 0); ++pass) {
     const float f = pass == 0 ? scale : 1.f;
     float(&acc)[D / 8][4] = pass == 0 ? acc_dk : acc_dv;
     bf16* dst = pass == 0 ? dk : dv;
@@ -709,8 +723,8 @@ __global__ void reduce_mix_grad_kernel(const float* __restrict__ part, float* __
   if (lane == 0) grad[idx] += static_cast<float>(s);
 }
 
-// CTAs per coupled group at most (mix_ctas): the kernels are compiled for 1, 2 and (at D = 128) 3.
-constexpr int kMaxMixCtas = 3;
+// CTAs per coupled group at most (mix_ctas): the kernels are compiled for 1 and 2.
+constexpr int kMaxMixCtas = 2;
 
 // Per-CTA partials of one mixing weight's gradient: (batch, group, rank in the cluster (< kMaxMixCtas),
 // key tile, head of the group) x kMaxGBwd floats.
@@ -719,14 +733,14 @@ size_t mix_partials(int B, int H, int T) {
 }
 
 // CTAs per coupled group (group_cluster.cuh): one CTA holds up to 16 heads at D = 64 (512 threads) and
-// 8 at D = 128, where larger groups take a cluster (cluster_size: 2 CTAs for an even 10-16 heads, 3 for
-// 9 or 15; 11 and 13 do not split). MTA_FLASH_MIX_CLUSTER=1 also puts the groups of 10-16 at D = 64 on
-// pairs (for comparisons, bench/RESULTS.md).
+// 8 at D = 128, where larger groups take a pair of CTAs (cluster_size; an odd group leaves one padding
+// warp in the second). MTA_FLASH_MIX_CLUSTER=1 also puts the groups of 9-16 at D = 64 on pairs (for
+// comparisons, bench/RESULTS.md).
 int mix_ctas(int G, int D) {
   if (G <= 8) return 1;
   if (D == 128) return cluster_size(G, 8);
   // Read per launch: tests switch it.
-  return env_switch("MTA_FLASH_MIX_CLUSTER").value_or(false) && G % 2 == 0 ? 2 : 1;
+  return env_switch("MTA_FLASH_MIX_CLUSTER").value_or(false) ? 2 : 1;
 }
 
 template <int D, bool kOut>
@@ -734,10 +748,8 @@ void launch_pass(const AttentionSpec& spec, const bf16* q, const bf16* k, const 
                  const float* mpost, bf16* o, float* lse, int B, int T, cudaStream_t s) {
   const int H = spec.heads, G = spec.coupled_heads(), C = mix_ctas(G, D);
   const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
-  const size_t smem = smem_bytes<D>(G / C, kOut);
+  const size_t smem = smem_bytes<D>(group_warps(G, C), kOut);
   auto kernel = C == 1 ? flash_mix_fwd_kernel<D, kOut, 1> : flash_mix_fwd_kernel<D, kOut, 2>;
-  if constexpr (D == 128)
-    if (C == 3) kernel = flash_mix_fwd_kernel<D, kOut, 3>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, mpre, gpre, mpost, gpost, o, lse, H, T, G,
                  1.0f / std::sqrt(static_cast<float>(D)));
 }
@@ -775,7 +787,7 @@ void launch_backward(const AttentionSpec& spec, const bf16* q, const bf16* k, co
                      float* grad_pre, float* grad_post, void* scratch, int B, int T, cudaStream_t s) {
   constexpr int S = D + 8, SS = kTile + 8;
   const int H = spec.heads, G = spec.coupled_heads(), ntiles = (T + kTile - 1) / kTile;
-  const int C = mix_ctas(G, D), L = G / C;
+  const int C = mix_ctas(G, D), L = group_warps(G, C);
   const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const size_t rows = static_cast<size_t>(B) * H * T, parts = mix_partials(B, H, T);
@@ -820,8 +832,6 @@ void launch_backward(const AttentionSpec& spec, const bf16* q, const bf16* k, co
   };
   if (C == 2) {
     small_groups(std::integral_constant<int, 2>{});
-  } else if (C == 3) {
-    if constexpr (D == 128) small_groups(std::integral_constant<int, 3>{});
   } else if (G <= 8) {
     small_groups(std::integral_constant<int, 1>{});
   } else if constexpr (D == 64) {  // 9-16 heads in one CTA of 512 threads (flash_mix_supported)
@@ -847,7 +857,7 @@ bool flash_mix_supported(const AttentionSpec& spec, int D) {
   if (!spec.head_pre && !spec.head_post) return false;  // standard attention: flash_attn
   if (D != spec.head_dim || (D != 64 && D != 128)) return false;
   const int G = spec.coupled_heads();
-  // D = 128: up to 8 heads in one CTA, else a cluster of 2 or 3 (mix_ctas; not 11 or 13 heads).
+  // D = 128: up to 8 heads in one CTA, else a pair of CTAs (mix_ctas).
   const int C = cluster_size(G, 8);
   return D == 64 ? G <= kMaxG : C >= 1 && C <= kMaxMixCtas;
 }
@@ -856,8 +866,7 @@ void flash_mix_forward(const AttentionSpec& spec, const bf16* q, const bf16* k, 
                        const float* head_post, bf16* o, float* lse, int B, int T, cudaStream_t s) {
   const int D = spec.head_dim;
   mix_require(flash_mix_supported(spec, D),
-              "spec not covered (head_pre / head_post only, coupled heads <= 16; at head dim 128 not 11 "
-              "or 13)");
+              "spec not covered (head_pre / head_post only, coupled heads <= 16)");
   mix_require(B >= 1 && T >= 1, "B and T must be >= 1");
   mix_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
               "B * H or T too large");
@@ -889,8 +898,7 @@ void flash_mix_backward(const AttentionSpec& spec, const bf16* q, const bf16* k,
                         float* grad_head_pre, float* grad_head_post, void* scratch, int B, int T, cudaStream_t s) {
   const int D = spec.head_dim;
   mix_require(flash_mix_backward_supported(spec, D),
-              "backward: spec not covered (head_pre / head_post only, "
-              "coupled heads <= 16; at head dim 128 not 11 or 13)");
+              "backward: spec not covered (head_pre / head_post only, coupled heads <= 16)");
   mix_require(B >= 1 && T >= 1, "B and T must be >= 1");
   mix_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
               "B * H or T too large");

@@ -24,9 +24,9 @@ namespace mta::cuda {
 
 // Whether the fused forward computes this spec at head dim D: head_pre and / or head_post only, with
 // coupled heads G = spec.coupled_heads() <= 16 at D = 64 (one warp per head of a group in one CTA) and,
-// at D = 128, <= 8 in one CTA, else a cluster of 2 CTAs (an even 10-16) or 3 (9 or 15) with a share of
-// the heads each (one CTA's registers and shared memory do not hold more than 8 heads there;
-// group_cluster.cuh); 11 and 13 heads do not split evenly and are not covered.
+// at D = 128, <= 8 in one CTA, else a cluster of 2 CTAs with half the heads each (one CTA's registers
+// and shared memory do not hold more than 8 heads there; group_cluster.cuh; an odd group leaves one
+// padding warp in the second CTA).
 bool flash_mix_supported(const AttentionSpec& spec, int D);
 
 void flash_mix_forward(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,

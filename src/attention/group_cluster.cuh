@@ -1,10 +1,10 @@
 #pragma once
 // Coupled head groups spread over a thread-block cluster, for the kernels that run one warp per head of
 // a group (flash_mix.cu, flash_kq_layer.cu). A group runs in one CTA where that CTA's shared memory and
-// registers hold it, else on a cluster of C CTAs with G / C heads each (cluster_size: FlashMix, and the
-// kq layers' forward, hold up to 8 heads per CTA at D = 128, so an even 10-16 heads take 2 CTAs and 9
-// or 15 take 3; kernels P and Q hold 4 at D = 128, so 8 heads take 2 CTAs and 16 take 4; at D = 64,
-// FlashMix and pass 1 hold 16 heads in one CTA). The mixing products need every head's tile: each CTA writes
+// registers hold it, else on a cluster of the fewest CTAs that hold it, one warp per head and the last
+// CTA padded where they do not split it evenly (cluster_size: FlashMix and the kq layers' forward hold
+// up to 8 heads per CTA at D = 128, so 9-16 heads take 2 CTAs; kernels P and Q hold 4 at D = 128, so
+// 8 heads take 2 CTAs and 13-16 take 4; at D = 64, FlashMix and pass 1 hold 16 heads in one CTA). The mixing products need every head's tile: each CTA writes
 // its heads' tiles into its own MixIn buffers (head_mix_mma.cuh) and into its peers' through
 // distributed shared memory (group_sync; the kq layers' mix_in_place stores each lane's values
 // directly), and computes the mix for its own heads (mix_tiles_owned). Internal to those files
@@ -22,8 +22,9 @@ namespace mta::cuda {
 namespace {
 
 using headmix::cluster_size;  // head_mix_layout.h (host-callable, tested on the CPU)
+using headmix::group_warps;
 
-// Launches a pass over B x (H / G) groups x the query (or key) tiles of T, C CTAs of G / C warps per group
+// Launches a pass over B x (H / G) groups x the query (or key) tiles of T, C CTAs of group_warps(G, C) warps per group
 // (a cluster when C > 1; blockIdx.x = group unit * C + rank), with `smem` bytes of dynamic shared memory.
 template <class... Params, class... Args>
 void launch_grouped(void (*kernel)(Params...), int B, int H, int G, int C, int T, size_t smem, cudaStream_t s,
@@ -32,7 +33,7 @@ void launch_grouped(void (*kernel)(Params...), int B, int H, int G, int C, int T
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(B * (H / G) * C),
                      static_cast<unsigned>((T + headmix::kTile - 1) / headmix::kTile));
-  cfg.blockDim = dim3(static_cast<unsigned>(32 * (G / C)));
+  cfg.blockDim = dim3(static_cast<unsigned>(32 * group_warps(G, C)));
   cfg.dynamicSmemBytes = smem;
   cfg.stream = s;
   cudaLaunchAttribute attr[1];
@@ -46,12 +47,20 @@ void launch_grouped(void (*kernel)(Params...), int B, int H, int G, int C, int T
 }
 
 // A CTA's place in its coupled group of G heads: the group is spread over a cluster of C CTAs (C = 1:
-// one CTA holds it), each with L = G / C heads (warps); this CTA's are heads h0 = rank * L .. + L - 1.
+// one CTA holds it), each with L = group_warps(G, C) warps; this CTA's are heads h0 = rank * L .. + L - 1,
+// of which those >= G are padding (cluster_size: the last CTA's last warps when C does not divide G).
 struct GroupPlace {
   int G, C, L, rank, h0;
+  // Whether warp w of this CTA holds a head of the group (else it is padding: it runs the kernel's
+  // schedule on a real head's inputs, so that every barrier sees it, but puts nothing into the mixing
+  // buffers and writes nothing).
+  // (One CTA holds the group without padding: C == 1 folds these where C is known at compile time.)
+  __device__ __forceinline__ bool real(int w) const { return C == 1 || h0 + w < G; }
+  // The group's head that warp w reads: its own, or for padding the group's last.
+  __device__ __forceinline__ int head_of(int w) const { return C == 1 ? w : min(h0 + w, G - 1); }
 };
 __device__ __forceinline__ GroupPlace group_place(int G, int C) {
-  const int L = G / C, rank = static_cast<int>(blockIdx.x) % C;
+  const int L = group_warps(G, C), rank = static_cast<int>(blockIdx.x) % C;
   return GroupPlace{G, C, L, rank, rank * L};
 }
 

@@ -23,12 +23,21 @@ constexpr int kFragWords = 4 * 32 * 8;  // 4 kinds x 32 lanes x (hi, lo) x 4 b32
 enum MixKind { kPre = 0, kPost = 1, kPreT = 2, kPostT = 3 };
 
 // CTAs per group of G coupled heads when one CTA holds at most max_heads of them (group_cluster.cuh):
-// the fewest C that divides G with G / C <= max_heads, up to 8 (a cluster's portable size); 0 when
-// there is none (11 or 13 heads over at most 8 per CTA: the heads are split evenly, one warp each).
+// the fewest that hold the group, C = ceil(G / max_heads), up to 8 (a cluster's portable size); 0 when
+// more would be needed. Each CTA runs L = group_warps(G, C) = ceil(G / C) warps, one per head; where C
+// does not divide G (e.g. 11 or 13 heads over 2 CTAs of 8), the last CTA's last C L - G < C warps are
+// padding: they compute on a real head's inputs, put nothing into the mixing buffers (whose slots stay
+// zero, with zero coefficients) and write nothing, so the group's results are exactly those of G heads.
+// Session 11 (before: only even splits, so 11 and 13 heads had no fused path and 7 heads over 4 per CTA
+// took 7 CTAs of one warp).
+MTA_HD int group_warps(int G, int C) { return (G + C - 1) / C; }
 MTA_HD int cluster_size(int G, int max_heads) {
-  for (int C = 1; C <= 8; ++C)
-    if (G % C == 0 && G / C <= max_heads) return C;
-  return 0;
+  if (G < 1 || max_heads < 1) return 0;
+  const int C = (G + max_heads - 1) / max_heads;
+  if (C > 8) return 0;
+  // The last CTA holds at least one real head: (C - 1) ceil(G / C) < G holds for the group sizes and
+  // per-CTA limits the kernels use (G <= 16; 2, 4, 8 or 16 heads per CTA), checked anyway.
+  return (C - 1) * group_warps(G, C) < G ? C : 0;
 }
 
 // MixIn element of head x at tile position (row, col); MixOut element likewise.

@@ -188,11 +188,16 @@ TEST(FlashMix, ClusterGroups) {
   check_case(Case{1, 12, 77, 128, 12, 6}, 22);     // 12 heads, a post group of 6 inside the cluster
   check_case(Case{1, 16, 33, 128, 0, 16}, 23);     // after the softmax only
   check_case(Case{2, 10, 1, 128, 10, 0}, 24);      // T = 1, before the softmax only
-  check_case(Case{1, 9, 70, 128, 9, 3}, 27);       // 9 heads: a cluster of 3 CTAs of 3
-  check_case(Case{2, 15, 33, 128, 5, 15}, 28);     // 15 heads: 3 CTAs of 5
+  // Odd groups: 2 CTAs, the second with one padding warp (session 11).
+  check_case(Case{1, 9, 70, 128, 9, 3}, 27);    // 5 + 4 heads
+  check_case(Case{2, 15, 33, 128, 5, 15}, 28);  // 8 + 7
+  check_case(Case{2, 11, 50, 128, 11, 11}, 29);  // 6 + 5
+  check_case(Case{1, 13, 97, 128, 13, 13}, 30);  // 7 + 6
+  check_case(Case{2, 13, 17, 128, 0, 13}, 31);   // after the softmax only
   setenv("MTA_FLASH_MIX_CLUSTER", "1", 1);
   check_case(Case{2, 16, 150, 64, 16, 16}, 25);
   check_case(Case{1, 12, 40, 64, 4, 12}, 26);
+  check_case(Case{1, 11, 40, 64, 11, 11}, 32);  // padding at D = 64 too
   unsetenv("MTA_FLASH_MIX_CLUSTER");
 }
 
@@ -227,10 +232,12 @@ TEST(FlashMix, CoverageAndRefusals) {
   EXPECT_TRUE(mta::cuda::flash_mix_backward_supported(s, 64));
   s.head_dim = 128;
   EXPECT_TRUE(mta::cuda::flash_mix_supported(s, 128));  // 16 heads at D = 128: a cluster of two CTAs
-  s.heads = 9, s.head_pre = mta::HeadMix{9};
-  EXPECT_TRUE(mta::cuda::flash_mix_supported(s, 128));  // 9 heads: a cluster of 3 CTAs
-  s.heads = 11, s.head_pre = mta::HeadMix{11};
-  EXPECT_FALSE(mta::cuda::flash_mix_supported(s, 128));  // 11 heads do not split evenly
+  for (int g = 9; g <= 16; ++g) {  // a pair of CTAs; odd groups with one padding warp
+    s.heads = g, s.head_pre = mta::HeadMix{g};
+    EXPECT_TRUE(mta::cuda::flash_mix_supported(s, 128)) << g;
+  }
+  s.heads = 18, s.head_pre = mta::HeadMix{18};
+  EXPECT_FALSE(mta::cuda::flash_mix_supported(s, 128));  // MixIn holds 16 heads
   s.heads = 9, s.head_pre = mta::HeadMix{9};
   s.head_dim = 64;
   EXPECT_TRUE(mta::cuda::flash_mix_supported(s, 64));  // one CTA of 9 warps
