@@ -66,8 +66,12 @@ struct KqFwdTraits {
       kBandWords * 4;
 };
 
+// D = 64: 64 query rows and 4 warps per CTA, ~71 KB, 3 CTAs (12 warps) per SM. D = 128: 128 rows and
+// 8 warps, ~146 KB, one CTA of 8 warps per SM, where 64 rows (~118 KB) left one CTA of 4 warps (measured,
+// session 11: 1.95 -> 1.29 ms at B = 2, H = 16, T = 4096; 128 rows at D = 64 fit only one CTA of 8 warps
+// by registers, and were 23% slower).
 using KqFwd64 = KqFwdTraits<64, 64, 64, 4>;
-using KqFwd128 = KqFwdTraits<128, 64, 64, 4>;
+using KqFwd128 = KqFwdTraits<128, 128, 64, 8>;
 
 // Copies global rows first_row .. first_row + kRows - 1 of one head ([T][kD] bf16 at head_base) into
 // shared memory (row stride `stride`); rows outside [0, T) are zero-filled. T >= 1, so head_base is a
@@ -149,7 +153,9 @@ __device__ __forceinline__ bool s0_extended(const bf16* sQ, const bf16* sK, __ha
                                             int key_off, float scale, int warp, int lane) {
   constexpr int D = Tr::D, S = Tr::kStride, SS = Tr::kStrideS;
   constexpr int kUnitRows = Tr::kRowsE / 16, kUnitCols = Tr::kColsE / 16;
-  static_assert(kUnitRows >= Tr::kWarps, "one whole row of units per warp first");
+  // Warps that take a whole row of units first (with more warps than rows, the others wait: the
+  // backward's 8 warps at D = 128 over 5 rows of units).
+  constexpr int kWhole = kUnitRows < Tr::kWarps ? kUnitRows : Tr::kWarps;
   const int g = lane >> 2, t = lane & 3;
   bool beyond = false;
   auto store = [&](int rb, int cb, const float (&acc)[2][4]) {
@@ -168,7 +174,7 @@ __device__ __forceinline__ bool s0_extended(const bf16* sQ, const bf16* sK, __ha
   };
   // Row block `warp` whole, its Q fragments loaded once for the kUnitCols units (shared-memory
   // traffic: the products here are bound by it); then the remaining rows' units spread over the warps.
-  {
+  if (kWhole == Tr::kWarps || warp < kWhole) {
     const int rb = warp;
     uint32_t qf[D / 16][4];
 #pragma unroll
@@ -192,8 +198,8 @@ __device__ __forceinline__ bool s0_extended(const bf16* sQ, const bf16* sK, __ha
     };
     for_unit_pairs(0, 1, kUnitCols, units);
   }
-  for (int u = warp; u < (kUnitRows - Tr::kWarps) * kUnitCols; u += Tr::kWarps) {
-    const int rb = Tr::kWarps + u / kUnitCols, cb = u % kUnitCols;
+  for (int u = warp; u < (kUnitRows - kWhole) * kUnitCols; u += Tr::kWarps) {
+    const int rb = kWhole + u / kUnitCols, cb = u % kUnitCols;
     float acc[2][4];
     warp_gemm_abt<16, D, S>(acc, sQ + rb * 16 * S, sK + cb * 16 * S, lane);
     store(rb, cb, acc);
@@ -201,19 +207,19 @@ __device__ __forceinline__ bool s0_extended(const bf16* sQ, const bf16* sK, __ha
   return beyond;
 }
 
-// C for this warp's 16 output rows (local rows 16 warp ..) and the tile's kBlockN keys, in mma
-// accumulator layout: sum over a < cq of (sS rows shifted by a, 32 columns from 8 nj) x Band_a.
-// Output block nj takes its two k-steps from the A tiles at columns 8 nj and 8 (nj + 2), so the tile
-// at column 8 m serves block m (k-step 0) and block m - 2 (k-step 1): BN / 8 + 2 ldmatrix per shift
-// instead of BN / 4 (the products are shared-memory bound), with each block's sum in the same order.
-template <class Tr>
-__device__ __forceinline__ void conv_tile(const __half* sS, const uint32_t* sBand, int cq, int warp, int lane,
-                                          float (&acc)[Tr::kBlockN / 8][4]) {
-  constexpr int BN = Tr::kBlockN, SS = Tr::kStrideS;
+// C for 16 output rows (local rows 16 rg ..) and kNB blocks of 8 keys from block nj0 (the tile's kBlockN
+// keys by default), in mma accumulator layout: sum over a < cq of (sS rows shifted by a, 32 columns from
+// 8 nj) x Band_a. Output block nj takes its two k-steps from the A tiles at columns 8 nj and 8 (nj + 2),
+// so the tile at column 8 m serves block m (k-step 0) and block m - 2 (k-step 1): kNB + 2 ldmatrix per
+// shift instead of 2 kNB (the products are shared-memory bound), with each block's sum in the same order.
+template <class Tr, int kNB = Tr::kBlockN / 8>
+__device__ __forceinline__ void conv_tile(const __half* sS, const uint32_t* sBand, int cq, int rg, int nj0, int lane,
+                                          float (&acc)[kNB][4]) {
+  constexpr int BN = kNB * 8, SS = Tr::kStrideS;
 #pragma unroll
   for (int j = 0; j < BN / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
   for (int a = 0; a < cq; ++a) {
-    const int lr0 = Tr::kHalo + warp * 16 - (cq - 1) + a;  // sS row of output row 0
+    const int lr0 = Tr::kHalo + rg * 16 - (cq - 1) + a;  // sS row of output row 0
     uint32_t b[2][2];
 #pragma unroll
     for (int ks = 0; ks < 2; ++ks)
@@ -222,7 +228,7 @@ __device__ __forceinline__ void conv_tile(const __half* sS, const uint32_t* sBan
 #pragma unroll
     for (int m = 0; m < BN / 8 + 2; ++m) {
       uint32_t af[4];
-      ldmatrix_x4(af, reinterpret_cast<const bf16*>(sS) + a_offset(lane, lr0, m * 8, SS));
+      ldmatrix_x4(af, reinterpret_cast<const bf16*>(sS) + a_offset(lane, lr0, (nj0 + m) * 8, SS));
       if (m < BN / 8) mma_f16(acc[m], af, b[0][0], b[0][1]);
       if (m >= 2) mma_f16(acc[m - 2], af, b[1][0], b[1][1]);
     }
@@ -296,7 +302,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
 
     // 2. C = sum_a (S0 rows shifted by a) x Band_a, per output block of 8 keys.
     float acc_s[BN / 8][4];
-    conv_tile<Tr>(sS, sBand, cq, warp, lane, acc_s);
+    conv_tile<Tr>(sS, sBand, cq, warp, 0, lane, acc_s);
 
     // 3. Second causal mask and the sequence end, then FlashAttention's online softmax (C already
     //    carries the 1/sqrt(D) scale: only log2(e) remains) and P V.
@@ -314,13 +320,18 @@ __global__ void __launch_bounds__(Tr::kThreads)
 }
 
 
-// Backward: a CTA owns kBlockN keys and walks the query tiles from the diagonal down. One warp per 16
-// query rows for C, P, dP, dC (as in the forward); per 16 keys for dV and dW; 16 x 16 units spread
-// over the warps for the extended-tile products.
-template <int kHeadDim>
+// Backward: a CTA owns kBlockN keys and walks the query tiles from the diagonal down. With 4 warps, one
+// warp per 16 query rows for C, P, dP, dC (as in the forward) and per 16 keys for dV and dW; with 8, two
+// per 16 rows (each half of the keys) and two per 16 keys (each half of D for dV; dW stays with the
+// first four). 16 x 16 units spread over the warps for the extended-tile products.
+template <int kHeadDim, int kWarps_>
 struct KqBwdTraits {
   static constexpr int D = kHeadDim;
-  static constexpr int kBlockM = 64, kBlockN = 64, kWarps = 4, kThreads = 32 * kWarps, kHalo = 16;
+  static constexpr int kBlockM = 64, kBlockN = 64, kWarps = kWarps_, kThreads = 32 * kWarps, kHalo = 16;
+  static constexpr int kRowGroups = kBlockM / 16;      // 16-row (and 16-key) groups of the tile
+  static constexpr int kSplit = kWarps / kRowGroups;   // warps per group
+  static_assert(kBlockM == kBlockN && kRowGroups * kSplit == kWarps && (kSplit == 1 || kSplit == 2),
+                "4 or 8 warps over 64 x 64 tiles");
   static constexpr int kRowsE = kBlockM + kHalo, kColsE = kBlockN + kHalo;
   static constexpr int kStride = D + 8;          // bf16 rows of sK, sV, sQ, sdO
   static constexpr int kStrideS = kBlockN + 24;  // fp16/bf16 rows of sS, sSb, sdS (88: odd x 16 bytes)
@@ -329,7 +340,6 @@ struct KqBwdTraits {
   // 16 * (kRowsE / 16 - 1) + 7 + 15 = 86, columns up to 16 * (kColsE / 16) + 23 = 103.
   static constexpr int kRowsF = 88, kStrideF = 104;
   static constexpr int kStrideP = kBlockM + 8;  // sP [kBlockM][kStrideP] bf16
-  static_assert(kBlockM == 16 * kWarps && kBlockN == 16 * kWarps, "one warp per 16 rows and per 16 keys");
   static_assert((kStrideF * 2 / 16) % 2 == 1 && (kStrideP * 2 / 16) % 2 == 1, "conflict-free ldmatrix rows");
   // dK of the extended keys: at D = 64 in registers (5 units of 16 x 16 per warp), so that with the
   // aliases below two CTAs fit on an SM (one did: 4 warps per SM); at D = 128 (10 units) in shared memory.
@@ -341,13 +351,15 @@ struct KqBwdTraits {
   static constexpr size_t kBf16Elems = static_cast<size_t>(kColsE + kBlockN + kRowsE + kBlockM) * kStride +
                                        2 * static_cast<size_t>(kRowsE) * kStrideS +
                                        static_cast<size_t>(kRowsF) * kStrideF + static_cast<size_t>(kBlockM) * kStrideP;
-  static_assert(kWarps * 16 * 33 * 4 <= kBlockM * kStrideP * 2, "the dW scratch fits in sP");
+  static_assert(kRowGroups * 16 * 33 * 4 <= kBlockM * kStrideP * 2, "the dW scratch (4 warps) fits in sP");
   static constexpr size_t kFloats = (kDkInRegs ? 0 : static_cast<size_t>(kColsE) * D) + 2 * kBlockM;
   static constexpr size_t kSmemBytes = kBf16Elems * 2 + kFloats * 4 + 2 * kBandWords * 4;
 };
 
-using KqBwd64 = KqBwdTraits<64>;
-using KqBwd128 = KqBwdTraits<128>;
+// D = 64: 4 warps, two CTAs per SM (~106 KB each). D = 128: ~184 KB, one CTA per SM, so 8 warps
+// (session 11: with 4, each SM ran 4 warps).
+using KqBwd64 = KqBwdTraits<64, 4>;
+using KqBwd128 = KqBwdTraits<128, 8>;
 
 // Gradients of the kq_pre layer for one key tile (see docs/flash-mta.md, "Backward plan"). Per query
 // tile: recompute S0 (extended) and C exactly as the forward did, P = exp(C - lse), dP = dO V^T,
@@ -385,6 +397,10 @@ __global__ void __launch_bounds__(Tr::kThreads)
   uint32_t* sBandT = sBandF + kBandWords;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  // This warp's 16-row (and 16-key) group and its half of the keys (steps 2) or of D (step 3); 0 with 4 warps.
+  constexpr int kSplit = Tr::kSplit, kNB = BN / 8 / kSplit, kDV = D / 8 / kSplit;
+  // (kSplit == 1: constants, so that the 4-warp kernel compiles as before the split.)
+  const int rg = kSplit == 1 ? warp : warp % Tr::kRowGroups, part = kSplit == 1 ? 0 : warp / Tr::kRowGroups;
   const int n0 = blockIdx.y * BN;
   const int h = blockIdx.x % H;
   const size_t head = static_cast<size_t>(blockIdx.x) * T;
@@ -404,9 +420,9 @@ __global__ void __launch_bounds__(Tr::kThreads)
     for (int i = tid; i < kColsE * D; i += kThreads) sdK[i] = 0.f;
   float acc_dk[Tr::kDkInRegs ? Tr::kDkUnits : 1][2][4] = {};
 
-  float acc_dv[D / 8][4];
+  float acc_dv[kDV][4];
 #pragma unroll
-  for (int j = 0; j < D / 8; ++j) acc_dv[j][0] = acc_dv[j][1] = acc_dv[j][2] = acc_dv[j][3] = 0.f;
+  for (int j = 0; j < kDV; ++j) acc_dv[j][0] = acc_dv[j][1] = acc_dv[j][2] = acc_dv[j][3] = 0.f;
   float acc_dw[kMaxCq];
 #pragma unroll
   for (int a = 0; a < kMaxCq; ++a) acc_dw[a] = 0.f;
@@ -428,19 +444,20 @@ __global__ void __launch_bounds__(Tr::kThreads)
     s0_extended<Tr>(sQ, sK, sS, sSb, m0, n0, key_off, scale, warp, lane);
     __syncthreads();
 
-    // 2. This warp's 16 query rows: C, then P, dP = dO V^T, dC = P (dP - delta). With dropout, the
-    //    weights that met V are the dropped ones (for dV) and dP reaches P through the same mask;
-    //    delta = dO . O still equals sum_j P dP since O was computed from the dropped weights.
-    float acc_p[BN / 8][4];
-    conv_tile<Tr>(sS, sBandF, cq, warp, lane, acc_p);
-    float acc_dp[BN / 8][4];
-    warp_gemm_abt<BN, D, S>(acc_dp, sdO + warp * 16 * S, sV, lane);
+    // 2. This warp's 16 query rows (and its half of the keys with 8 warps): C, then P, dP = dO V^T,
+    //    dC = P (dP - delta). With dropout, the weights that met V are the dropped ones (for dV) and dP
+    //    reaches P through the same mask; delta = dO . O still equals sum_j P dP since O was computed
+    //    from the dropped weights.
+    float acc_p[kNB][4];
+    conv_tile<Tr, kNB>(sS, sBandF, cq, rg, part * kNB, lane, acc_p);
+    float acc_dp[kNB][4];
+    warp_gemm_abt<8 * kNB, D, S>(acc_dp, sdO + rg * 16 * S, sV + part * 8 * kNB * S, lane);
     const float keep_scale = p_drop > 0.f ? 1.0f / (1.0f - p_drop) : 1.0f;
 #pragma unroll
-    for (int j = 0; j < BN / 8; ++j)
+    for (int j = 0; j < kNB; ++j)
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
-        const int lrow = warp * 16 + g + 8 * hh, row = m0 + lrow, lcol = 8 * j + 2 * t;
+        const int lrow = rg * 16 + g + 8 * hh, row = m0 + lrow, lcol = 8 * (part * kNB + j) + 2 * t;
         float p[2], pd[2], dc[2];
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
@@ -457,15 +474,15 @@ __global__ void __launch_bounds__(Tr::kThreads)
       }
     __syncthreads();  // sP and the dC frame complete
 
-    // 3. dV for this warp's 16 keys: P^T dO.
+    // 3. dV for this warp's 16 keys (and its half of D with 8 warps): P^T dO.
 #pragma unroll
     for (int ks = 0; ks < BM / 16; ++ks) {
       uint32_t a[4];
-      ldmatrix_x4_trans(a, sP + at_offset(lane, ks * 16, warp * 16, SP));
+      ldmatrix_x4_trans(a, sP + at_offset(lane, ks * 16, rg * 16, SP));
 #pragma unroll
-      for (int dn = 0; dn < D / 16; ++dn) {
+      for (int dn = 0; dn < kDV / 2; ++dn) {
         uint32_t b[4];
-        ldmatrix_x4_trans(b, sdO + bkn_offset(lane, ks * 16, dn * 16, S));
+        ldmatrix_x4_trans(b, sdO + bkn_offset(lane, ks * 16, part * 8 * kDV + dn * 16, S));
         mma_bf16(acc_dv[2 * dn], a, b[0], b[1]);
         mma_bf16(acc_dv[2 * dn + 1], a, b[2], b[3]);
       }
@@ -478,41 +495,44 @@ __global__ void __launch_bounds__(Tr::kThreads)
       cp_async_commit();
     }
 
-    // 4. dW for this warp's 16 keys j (local 16 warp + r): for each a, M = dC^T X_a with
+    // 4. dW for this warp's 16 keys j (local 16 warp + r), the first 4 warps (the others go on to step
+    //    5): for each a, M = dC^T X_a with
     //    X_a[i][col] = S0 row i - (cq-1) + a (sS row 16 + i - (cq-1) + a), columns col = 16 warp .. + 31;
     //    dW[a, c] gets the band M[r][r + c].
     //    The dC^T fragments do not depend on a: loaded once per tile.
-    float* scr = sScr + warp * 16 * 33;
-    uint32_t dct[BM / 16][4];
+    if (kSplit == 1 || warp < Tr::kRowGroups) {
+      float* scr = sScr + warp * 16 * 33;
+      uint32_t dct[BM / 16][4];
 #pragma unroll
-    for (int ks = 0; ks < BM / 16; ++ks)
-      ldmatrix_x4_trans(dct[ks], sF + at_offset(lane, kHalo + ks * 16, kHalo + warp * 16, FS));
+      for (int ks = 0; ks < BM / 16; ++ks)
+        ldmatrix_x4_trans(dct[ks], sF + at_offset(lane, kHalo + ks * 16, kHalo + warp * 16, FS));
 #pragma unroll
-    for (int a = 0; a < kMaxCq; ++a) {
-      if (a >= cq) break;
-      float m[4][4] = {};
+      for (int a = 0; a < kMaxCq; ++a) {
+        if (a >= cq) break;
+        float m[4][4] = {};
 #pragma unroll
-      for (int ks = 0; ks < BM / 16; ++ks) {
+        for (int ks = 0; ks < BM / 16; ++ks) {
 #pragma unroll
-        for (int np = 0; np < 2; ++np) {
-          uint32_t b[4];
-          ldmatrix_x4_trans(b, sSb + bkn_offset(lane, kHalo - (cq - 1) + a + ks * 16, warp * 16 + np * 16, SS));
-          mma_bf16(m[2 * np], dct[ks], b[0], b[1]);
-          mma_bf16(m[2 * np + 1], dct[ks], b[2], b[3]);
+          for (int np = 0; np < 2; ++np) {
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, sSb + bkn_offset(lane, kHalo - (cq - 1) + a + ks * 16, warp * 16 + np * 16, SS));
+            mma_bf16(m[2 * np], dct[ks], b[0], b[1]);
+            mma_bf16(m[2 * np + 1], dct[ks], b[2], b[3]);
+          }
         }
+#pragma unroll
+        for (int nb = 0; nb < 4; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) scr[(g + 8 * (e >> 1)) * 33 + 8 * nb + 2 * t + (e & 1)] = m[nb][e];
+        __syncwarp();
+        if (lane < ck) {
+          float sum = 0.f;
+#pragma unroll
+          for (int r = 0; r < 16; ++r) sum += scr[r * 33 + r + lane];
+          acc_dw[a] += sum;
+        }
+        __syncwarp();
       }
-#pragma unroll
-      for (int nb = 0; nb < 4; ++nb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) scr[(g + 8 * (e >> 1)) * 33 + 8 * nb + 2 * t + (e & 1)] = m[nb][e];
-      __syncwarp();
-      if (lane < ck) {
-        float sum = 0.f;
-#pragma unroll
-        for (int r = 0; r < 16; ++r) sum += scr[r * 33 + r + lane];
-        acc_dw[a] += sum;
-      }
-      __syncwarp();
     }
 
     // 5. dS0 on the extended tile: sum_a (dC frame rows shifted by cq - 1 - a) x transposed Band_a,
@@ -555,7 +575,8 @@ __global__ void __launch_bounds__(Tr::kThreads)
           }
       }
     };
-    for_unit_pairs(warp, kWarps, kUnitRows * kUnitCols, ds0_units);
+    // With 8 warps the last four, which skipped dW, take the first (larger) shares of the units.
+    for_unit_pairs((warp + kWarps - Tr::kRowGroups) % kWarps, kWarps, kUnitRows * kUnitCols, ds0_units);
     __syncthreads();  // sdS complete
 
     // 7. dK (extended keys) += dS0^T Q, in registers (D = 64) or shared memory. The same 16 x 16 units
@@ -623,14 +644,14 @@ __global__ void __launch_bounds__(Tr::kThreads)
   }
   __syncthreads();  // sdK complete
 
-  // dV of this warp's 16 keys (exact: no other CTA touches them).
+  // dV of this warp's 16 keys and its columns (exact: no other CTA touches them).
 #pragma unroll
-  for (int j = 0; j < D / 8; ++j)
+  for (int j = 0; j < kDV; ++j)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int row = n0 + warp * 16 + g + 8 * r;
+      const int row = n0 + rg * 16 + g + 8 * r;
       if (row < T)
-        *reinterpret_cast<uint32_t*>(dv + static_cast<size_t>(row) * D + 8 * j + 2 * t) =
+        *reinterpret_cast<uint32_t*>(dv + static_cast<size_t>(row) * D + part * 8 * kDV + 8 * j + 2 * t) =
             pack_bf16(acc_dv[j][2 * r], acc_dv[j][2 * r + 1]);
     }
   // dK of the extended keys (the halo ones are shared with the neighbouring CTAs).
@@ -655,7 +676,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
   }
 #pragma unroll
   for (int a = 0; a < kMaxCq; ++a)
-    if (a < cq && lane < ck) atomicAdd(dW_acc + a * ck + lane, acc_dw[a]);
+    if (a < cq && lane < ck && (kSplit == 1 || warp < Tr::kRowGroups)) atomicAdd(dW_acc + a * ck + lane, acc_dw[a]);
 }
 
 template <class Tr>
