@@ -1827,8 +1827,9 @@ void flash_kq_layer_backward(const AttentionSpec& spec, const bf16* q, const bf1
   kq_require(dk != nullptr && dv != nullptr, "dk and dv must be non-null");
   const size_t rows = static_cast<size_t>(B) * spec.heads * T, n = rows * spec.head_dim;
   float* delta = workspace;
-  // One fp32 accumulator (16-byte aligned after delta: kernels P and Q add float pairs into it) serves dv (kernel P), then dk (kernel Q): the kernels run one after the other
-  // on `s`, so the second needs no memory of its own (rows x D x 4 bytes less at peak).
+  // One fp32 accumulator serves dv (kernel P), then dk (kernel Q): the kernels run one after the other
+  // on `s`, so the second needs no memory of its own (rows x D x 4 bytes less at peak). It starts 16-byte
+  // aligned after delta (delta_floats): the kernels add float pairs into it.
   float* acc = delta + delta_floats(rows);
   float* parts = acc + n;
   const int blocks = static_cast<int>(std::min<size_t>((n + 255) / 256, 4096));

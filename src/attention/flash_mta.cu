@@ -579,30 +579,42 @@ __global__ void __launch_bounds__(Tr::kThreads)
     for_unit_pairs((warp + kWarps - Tr::kRowGroups) % kWarps, kWarps, kUnitRows * kUnitCols, ds0_units);
     __syncthreads();  // sdS complete
 
-    // 7. dK (extended keys) += dS0^T Q, in registers (D = 64) or shared memory. The same 16 x 16 units
-    //    go to the same warp in every iteration, so sdK needs no atomics. Before dQ, so that sQ is free
-    //    for the next tile's copy while the dQ atomics run.
-#pragma unroll
-    for (int i = 0; i < Tr::kDkUnits; ++i) {
-      const int u = warp + i * kWarps, rb = u / (D / 16), dn = u % (D / 16);
-      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    // 7. dK (extended keys) += dS0^T Q, in registers (D = 64) or shared memory. Warp w owns D's
+    //    columns 16 w .. (kWarps = D / 16) for all 5 row blocks of keys: each k-step's Q fragment is
+    //    loaded once for the 5 products (the kernel is bound by shared-memory traffic: ncu, session 11,
+    //    L1/TEX 78-84% busy). The same units go to the same warp in every iteration, so sdK needs no
+    //    atomics. Before dQ, so that sQ is free for the next tile's copy while the dQ atomics run.
+    static_assert(kWarps == D / 16, "one 16-column block of D per warp in the dK and dQ products");
+    static_assert(Tr::kDkUnits == kColsE / 16, "dK: the warp's units are the key row blocks");
+    {
+      constexpr int kRb = kColsE / 16;
+      float acc[Tr::kDkInRegs ? 1 : kRb][2][4] = {};
 #pragma unroll
       for (int ks = 0; ks < kRowsE / 16; ++ks) {
-        uint32_t af[4], b[4];
-        ldmatrix_x4_trans(af, sdS + at_offset(lane, ks * 16, rb * 16, SS));
-        ldmatrix_x4_trans(b, sQ + bkn_offset(lane, ks * 16, dn * 16, S));
-        mma_bf16(acc[0], af, b[0], b[1]);
-        mma_bf16(acc[1], af, b[2], b[3]);
-      }
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, sQ + bkn_offset(lane, ks * 16, warp * 16, S));
 #pragma unroll
-      for (int nn = 0; nn < 2; ++nn)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          if constexpr (Tr::kDkInRegs)
-            acc_dk[i][nn][e] += acc[nn][e];
-          else
-            sdK[(rb * 16 + g + 8 * (e >> 1)) * D + dn * 16 + nn * 8 + 2 * t + (e & 1)] += acc[nn][e];
+        for (int rb = 0; rb < kRb; ++rb) {
+          uint32_t af[4];
+          ldmatrix_x4_trans(af, sdS + at_offset(lane, ks * 16, rb * 16, SS));
+          if constexpr (Tr::kDkInRegs) {  // straight into the kernel's accumulators
+            mma_bf16(acc_dk[rb][0], af, b[0], b[1]);
+            mma_bf16(acc_dk[rb][1], af, b[2], b[3]);
+          } else {
+            mma_bf16(acc[rb][0], af, b[0], b[1]);
+            mma_bf16(acc[rb][1], af, b[2], b[3]);
+          }
         }
+      }
+      if constexpr (!Tr::kDkInRegs) {
+#pragma unroll
+        for (int rb = 0; rb < kRb; ++rb)
+#pragma unroll
+          for (int nn = 0; nn < 2; ++nn)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              sdK[(rb * 16 + g + 8 * (e >> 1)) * D + warp * 16 + nn * 8 + 2 * t + (e & 1)] += acc[rb][nn][e];
+      }
     }
     __syncthreads();  // every warp is done with sQ
     if (has_next) {
@@ -611,36 +623,33 @@ __global__ void __launch_bounds__(Tr::kThreads)
     }
 
     // 6. dQ (extended rows) += dS0 K, by atomics (they need no barrier after them: the next
-    //    iteration's first barrier orders them before sdS is overwritten).
-    //    Two units (u, u + kWarps) at a time, as in step 5.
-    auto dq_units = [&](auto nu_tag, int u) {
-      constexpr int NU = decltype(nu_tag)::value;
-      float acc[NU][2][4] = {};
+    //    iteration's first barrier orders them before sdS is overwritten). Warp w owns D's columns
+    //    16 w .., for all row blocks: each k-step's K fragment is loaded once for them.
+    {
+      float acc[kUnitRows][2][4] = {};
 #pragma unroll
-      for (int ks = 0; ks < kColsE / 16; ++ks)
+      for (int ks = 0; ks < kColsE / 16; ++ks) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, sK + bkn_offset(lane, ks * 16, warp * 16, S));
 #pragma unroll
-        for (int i = 0; i < NU; ++i) {
-          const int ui = u + i * kWarps, rb = ui / (D / 16), dn = ui % (D / 16);
-          uint32_t af[4], b[4];
+        for (int rb = 0; rb < kUnitRows; ++rb) {
+          uint32_t af[4];
           ldmatrix_x4(af, sdS + a_offset(lane, rb * 16, ks * 16, SS));
-          ldmatrix_x4_trans(b, sK + bkn_offset(lane, ks * 16, dn * 16, S));
-          mma_bf16(acc[i][0], af, b[0], b[1]);
-          mma_bf16(acc[i][1], af, b[2], b[3]);
+          mma_bf16(acc[rb][0], af, b[0], b[1]);
+          mma_bf16(acc[rb][1], af, b[2], b[3]);
         }
+      }
 #pragma unroll
-      for (int i = 0; i < NU; ++i) {
-        const int ui = u + i * kWarps, rb = ui / (D / 16), dn = ui % (D / 16);
+      for (int rb = 0; rb < kUnitRows; ++rb)
 #pragma unroll
         for (int nn = 0; nn < 2; ++nn)
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            const int row = m0 - kHalo + rb * 16 + g + 8 * r, col = dn * 16 + nn * 8 + 2 * t;
+            const int row = m0 - kHalo + rb * 16 + g + 8 * r, col = warp * 16 + nn * 8 + 2 * t;
             if (row >= 0 && row < T)
-              atomic_add2(dq_acc + static_cast<size_t>(row) * D + col, acc[i][nn][2 * r], acc[i][nn][2 * r + 1]);
+              atomic_add2(dq_acc + static_cast<size_t>(row) * D + col, acc[rb][nn][2 * r], acc[rb][nn][2 * r + 1]);
           }
-      }
-    };
-    for_unit_pairs(warp, kWarps, kUnitRows * (D / 16), dq_units);
+    }
   }
   __syncthreads();  // sdK complete
 
@@ -657,13 +666,13 @@ __global__ void __launch_bounds__(Tr::kThreads)
   // dK of the extended keys (the halo ones are shared with the neighbouring CTAs).
   if constexpr (Tr::kDkInRegs) {
 #pragma unroll
-    for (int i = 0; i < Tr::kDkUnits; ++i) {
-      const int u = warp + i * kWarps, rb = u / (D / 16), dn = u % (D / 16);
+    for (int rb = 0; rb < Tr::kDkUnits; ++rb) {  // the warp's units: key row block rb, D's columns 16 warp ..
+      const int i = rb;
 #pragma unroll
       for (int nn = 0; nn < 2; ++nn)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const int row = n0 - key_off + rb * 16 + g + 8 * r, col = dn * 16 + nn * 8 + 2 * t;
+          const int row = n0 - key_off + rb * 16 + g + 8 * r, col = warp * 16 + nn * 8 + 2 * t;
           if (row >= 0 && row < T)
             atomic_add2(dk_acc + static_cast<size_t>(row) * D + col, acc_dk[i][nn][2 * r], acc_dk[i][nn][2 * r + 1]);
         }

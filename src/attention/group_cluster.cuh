@@ -4,7 +4,8 @@
 // registers hold it, else on a cluster of the fewest CTAs that hold it, one warp per head and the last
 // CTA padded where they do not split it evenly (cluster_size: FlashMix and the kq layers' forward hold
 // up to 8 heads per CTA at D = 128, so 9-16 heads take 2 CTAs; kernels P and Q hold 4 at D = 128, so
-// 8 heads take 2 CTAs and 13-16 take 4; at D = 64, FlashMix and pass 1 hold 16 heads in one CTA). The mixing products need every head's tile: each CTA writes
+// 8 heads take 2 CTAs and 13-16 take 4; at D = 64, FlashMix and pass 1 hold 16 heads in one CTA). The
+// mixing products need every head's tile: each CTA writes
 // its heads' tiles into its own MixIn buffers (head_mix_mma.cuh) and into its peers' through
 // distributed shared memory (group_sync; the kq layers' mix_in_place stores each lane's values
 // directly), and computes the mix for its own heads (mix_tiles_owned). Internal to those files
