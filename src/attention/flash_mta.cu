@@ -536,47 +536,44 @@ __global__ void __launch_bounds__(Tr::kThreads)
     }
 
     // 5. dS0 on the extended tile: sum_a (dC frame rows shifted by cq - 1 - a) x transposed Band_a,
-    //    masked like S0 (future and outside the sequence -> 0).
-    constexpr int kUnitRows = kRowsE / 16, kUnitCols = kColsE / 16;
-    //    Two units (u, u + kWarps) at a time where both exist: four accumulator chains.
-    auto ds0_units = [&](auto nu_tag, int u) {
-      constexpr int NU = decltype(nu_tag)::value;
-      float acc[NU][2][4] = {};
+    //    masked like S0 (future and outside the sequence -> 0). In half row bands (16 rows x 40
+    //    columns: 5 blocks of 8), as conv_tile: the A tile at column 8 m serves block m (k-step 0) and
+    //    block m - 2 (k-step 1), 7 ldmatrix per tap and half band instead of 10 (the kernel is bound by
+    //    shared-memory traffic), each block's terms in the same order as before (a, then k-step).
+    constexpr int kUnitRows = kRowsE / 16;
+    constexpr int kHalfBlocks = kColsE / 16;  // 8-column blocks per half band (2 kHalfBlocks = kColsE / 8)
+    static_assert(2 * kHalfBlocks * 8 == kColsE, "two half bands per row of units");
+    // With 8 warps the last four, which skipped dW, take the first (larger) shares of the half bands.
+    for (int v = (warp + kWarps - Tr::kRowGroups) % kWarps; v < 2 * kUnitRows; v += kWarps) {
+      const int rb = v >> 1, m0b = (v & 1) * kHalfBlocks;  // row block, first 8-column block
+      float acc[kHalfBlocks][4] = {};
       for (int a = 0; a < cq; ++a) {
+        const int fr = rb * 16 + cq - 1 - a;  // frame row of extended row rb * 16
+        uint32_t b[2][2];
 #pragma unroll
-        for (int ks = 0; ks < 2; ++ks) {
-          const uint32_t b0 = sBandT[((a * 2 + ks) * 2 + 0) * 32 + lane], b1 = sBandT[((a * 2 + ks) * 2 + 1) * 32 + lane];
+        for (int ks = 0; ks < 2; ++ks)
 #pragma unroll
-          for (int i = 0; i < NU; ++i) {
-            const int ui = u + i * kWarps, rb = ui / kUnitCols, cb = ui % kUnitCols;
-            const int fr = rb * 16 + cq - 1 - a;  // frame row of extended row rb * 16
+          for (int hf = 0; hf < 2; ++hf) b[ks][hf] = sBandT[((a * 2 + ks) * 2 + hf) * 32 + lane];
 #pragma unroll
-            for (int nn = 0; nn < 2; ++nn) {
-              uint32_t af[4];
-              ldmatrix_x4(af, sF + a_offset(lane, fr, cb * 16 + nn * 8 + ks * 16, FS));
-              mma_bf16(acc[i][nn], af, b0, b1);
-            }
-          }
+        for (int m = 0; m < kHalfBlocks + 2; ++m) {
+          uint32_t af[4];
+          ldmatrix_x4(af, sF + a_offset(lane, fr, (m0b + m) * 8, FS));
+          if (m < kHalfBlocks) mma_bf16(acc[m], af, b[0][0], b[0][1]);
+          if (m >= 2) mma_bf16(acc[m - 2], af, b[1][0], b[1][1]);
         }
       }
 #pragma unroll
-      for (int i = 0; i < NU; ++i) {
-        const int ui = u + i * kWarps, rb = ui / kUnitCols, cb = ui % kUnitCols;
+      for (int jb = 0; jb < kHalfBlocks; ++jb)
 #pragma unroll
-        for (int nn = 0; nn < 2; ++nn)
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int lr = rb * 16 + g + 8 * r, lc = cb * 16 + nn * 8 + 2 * t;
-            const int ii = m0 - kHalo + lr, jj = n0 - key_off + lc;
-            const bool row_ok = ii >= 0 && ii < T;
-            const float d0 = (row_ok && jj >= 0 && jj <= ii) ? acc[i][nn][2 * r] : 0.f;
-            const float d1 = (row_ok && jj + 1 >= 0 && jj + 1 <= ii) ? acc[i][nn][2 * r + 1] : 0.f;
-            *reinterpret_cast<uint32_t*>(sdS + lr * SS + lc) = pack_bf16(d0, d1);
-          }
-      }
-    };
-    // With 8 warps the last four, which skipped dW, take the first (larger) shares of the units.
-    for_unit_pairs((warp + kWarps - Tr::kRowGroups) % kWarps, kWarps, kUnitRows * kUnitCols, ds0_units);
+        for (int r = 0; r < 2; ++r) {
+          const int lr = rb * 16 + g + 8 * r, lc = (m0b + jb) * 8 + 2 * t;
+          const int ii = m0 - kHalo + lr, jj = n0 - key_off + lc;
+          const bool row_ok = ii >= 0 && ii < T;
+          const float d0 = (row_ok && jj >= 0 && jj <= ii) ? acc[jb][2 * r] : 0.f;
+          const float d1 = (row_ok && jj + 1 >= 0 && jj + 1 <= ii) ? acc[jb][2 * r + 1] : 0.f;
+          *reinterpret_cast<uint32_t*>(sdS + lr * SS + lc) = pack_bf16(d0, d1);
+        }
+    }
     __syncthreads();  // sdS complete
 
     // 7. dK (extended keys) += dS0^T Q, in registers (D = 64) or shared memory. Warp w owns D's
