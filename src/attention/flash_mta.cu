@@ -361,6 +361,30 @@ struct KqBwdTraits {
 using KqBwd64 = KqBwdTraits<64, 4>;
 using KqBwd128 = KqBwdTraits<128, 8>;
 
+// acc[rb] += A_rb B over kKs k-steps of 16, for kRb row blocks of 16 sharing one 16-column block of B:
+// B's fragment is loaded once per k-step for the kRb products (the backward is bound by shared-memory
+// traffic). A_rb: rows 16 rb .. of sA (row stride SA), or with kTransA the transpose of sA's columns
+// 16 rb ..; B: rows 16 ks .., columns col .. col + 15 of sB (row stride SB), read transposed.
+template <int kRb, int kKs, bool kTransA, int SA, int SB>
+__device__ __forceinline__ void shared_b_products(float (&acc)[kRb][2][4], const bf16* sA, const bf16* sB, int col,
+                                                  int lane) {
+#pragma unroll
+  for (int ks = 0; ks < kKs; ++ks) {
+    uint32_t b[4];
+    ldmatrix_x4_trans(b, sB + bkn_offset(lane, ks * 16, col, SB));
+#pragma unroll
+    for (int rb = 0; rb < kRb; ++rb) {
+      uint32_t af[4];
+      if constexpr (kTransA)
+        ldmatrix_x4_trans(af, sA + at_offset(lane, ks * 16, rb * 16, SA));
+      else
+        ldmatrix_x4(af, sA + a_offset(lane, rb * 16, ks * 16, SA));
+      mma_bf16(acc[rb][0], af, b[0], b[1]);
+      mma_bf16(acc[rb][1], af, b[2], b[3]);
+    }
+  }
+}
+
 // Gradients of the kq_pre layer for one key tile (see docs/flash-mta.md, "Backward plan"). Per query
 // tile: recompute S0 (extended) and C exactly as the forward did, P = exp(C - lse), dP = dO V^T,
 // dC = P (dP - delta); dV += P^T dO; dW[a, c] += sum dC[i,j] S0[i-(cq-1)+a, j-o+c] (band diagonals of
@@ -585,25 +609,11 @@ __global__ void __launch_bounds__(Tr::kThreads)
     static_assert(Tr::kDkUnits == kColsE / 16, "dK: the warp's units are the key row blocks");
     {
       constexpr int kRb = kColsE / 16;
-      float acc[Tr::kDkInRegs ? 1 : kRb][2][4] = {};
-#pragma unroll
-      for (int ks = 0; ks < kRowsE / 16; ++ks) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, sQ + bkn_offset(lane, ks * 16, warp * 16, S));
-#pragma unroll
-        for (int rb = 0; rb < kRb; ++rb) {
-          uint32_t af[4];
-          ldmatrix_x4_trans(af, sdS + at_offset(lane, ks * 16, rb * 16, SS));
-          if constexpr (Tr::kDkInRegs) {  // straight into the kernel's accumulators
-            mma_bf16(acc_dk[rb][0], af, b[0], b[1]);
-            mma_bf16(acc_dk[rb][1], af, b[2], b[3]);
-          } else {
-            mma_bf16(acc[rb][0], af, b[0], b[1]);
-            mma_bf16(acc[rb][1], af, b[2], b[3]);
-          }
-        }
-      }
-      if constexpr (!Tr::kDkInRegs) {
+      if constexpr (Tr::kDkInRegs) {  // straight into the kernel's accumulators
+        shared_b_products<kRb, kRowsE / 16, true, SS, S>(acc_dk, sdS, sQ, warp * 16, lane);
+      } else {
+        float acc[kRb][2][4] = {};
+        shared_b_products<kRb, kRowsE / 16, true, SS, S>(acc, sdS, sQ, warp * 16, lane);
 #pragma unroll
         for (int rb = 0; rb < kRb; ++rb)
 #pragma unroll
@@ -624,18 +634,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
     //    16 w .., for all row blocks: each k-step's K fragment is loaded once for them.
     {
       float acc[kUnitRows][2][4] = {};
-#pragma unroll
-      for (int ks = 0; ks < kColsE / 16; ++ks) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, sK + bkn_offset(lane, ks * 16, warp * 16, S));
-#pragma unroll
-        for (int rb = 0; rb < kUnitRows; ++rb) {
-          uint32_t af[4];
-          ldmatrix_x4(af, sdS + a_offset(lane, rb * 16, ks * 16, SS));
-          mma_bf16(acc[rb][0], af, b[0], b[1]);
-          mma_bf16(acc[rb][1], af, b[2], b[3]);
-        }
-      }
+      shared_b_products<kUnitRows, kColsE / 16, false, SS, S>(acc, sdS, sK, warp * 16, lane);
 #pragma unroll
       for (int rb = 0; rb < kUnitRows; ++rb)
 #pragma unroll
