@@ -13,9 +13,8 @@ namespace mta::cuda {
 
 // impl: "flash" (standard attention only), "fused" (fused_attention.h; fused_attention_supported) or
 // "materialized" (mta_cuda.h in float32, every spec; the same input values).
-// forward_only: the backward is not run (bwd_ms and fwd_bwd_ms null), and "fused" then needs only
-// fused_attention_forward_supported (the kq layers too). Throws InputError for an impl that does not
-// cover the spec.
+// forward_only: the backward is not run (bwd_ms and fwd_bwd_ms null). Throws InputError for an impl
+// that does not cover the spec.
 nlohmann::json bench_attention(const AttentionSpec& spec, int B, int T, const std::string& impl, int reps, int warmup,
                                bool forward_only = false);
 

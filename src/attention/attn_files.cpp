@@ -165,11 +165,9 @@ void run_cuda_fused(const AttentionSpec& spec, const AttnDims& dims, const std::
 #endif
 
 #ifdef MTA_HAVE_CUDA
-// Whether the fused kernels compute this spec: with gradients (dout given) the fused forward and
-// backward must both exist; without, the forward alone (which also covers the kq layers, flash_kq_layer.h).
-bool fused_covers(const AttentionSpec& spec, const AttnDims& dims, bool backward) {
-  if (dims.dv() != dims.D) return false;
-  return backward ? cuda::fused_attention_supported(spec, dims.D) : cuda::fused_attention_forward_supported(spec, dims.D);
+// Whether the fused kernels compute this spec (forward and backward cover the same specs).
+bool fused_covers(const AttentionSpec& spec, const AttnDims& dims) {
+  return dims.dv() == dims.D && cuda::fused_attention_supported(spec, dims.D);
 }
 
 // Which CUDA path runs: the fused kernels where they cover the spec (auto) or when asked for; the
@@ -178,15 +176,14 @@ bool fused_covers(const AttentionSpec& spec, const AttnDims& dims, bool backward
 // --impl fused refuses).
 bool fused_path(const AttentionSpec& spec, const AttnDims& dims, AttnImpl impl, bool float32, bool backward,
                 const std::string& range_problem) {
-  const bool covered = fused_covers(spec, dims, backward);
+  const bool covered = fused_covers(spec, dims);
   if (impl == AttnImpl::Fused) {
     if (!covered)
       throw InputError(std::string("--impl fused: the fused kernels do not cover this spec") +
                        (backward ? " with gradients" : "") +
-                       " yet (kq_pre alone; head mixing alone, groups up to 16, at head_dim 128 up to 8 or an "
-                       "even 10-16; kq_pre and / or kq_post with head mixing of up to 16 coupled heads except 11 "
-                       "and 13; plus norm / depth scaling / gate; head_dim 64 or 128; see docs/flash-mta.md); use "
-                       "--impl auto or materialized");
+                       " yet (kq_pre alone; head mixing alone; kq_pre and / or kq_post with head mixing; up to "
+                       "16 coupled heads; plus norm / depth scaling / gate; head_dim 64 or 128; see "
+                       "docs/flash-mta.md); use --impl auto or materialized");
     if (!float32) throw InputError("--impl fused: the fused kernels take F32 input (they compute in bf16), not F64");
     if (!range_problem.empty()) throw InputError("--impl fused: " + range_problem + "; use --impl auto or materialized");
   }
@@ -221,7 +218,7 @@ io::SafeTensors run(const AttentionSpec& spec, const io::SafeTensors& in, const 
   if (device == Device::Cuda) {
 #ifdef MTA_HAVE_CUDA
     if constexpr (std::is_same_v<T, float>)
-      if (impl != AttnImpl::Materialized && fused_covers(spec, dims, backward) &&
+      if (impl != AttnImpl::Materialized && fused_covers(spec, dims) &&
           cuda::fused_attention_fp16_logits(spec, dims.D))
         range_problem = fused_fp16_range_problem(spec, dims, q.data(), k.data(), p.kq_pre);
     fused = fused_path(spec, dims, impl, std::is_same_v<T, float>, backward, range_problem);

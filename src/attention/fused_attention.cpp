@@ -24,14 +24,6 @@ Core core_of(const AttentionSpec& spec, int D, float dropout) {
   return Core::None;
 }
 
-// The forward pass alone: the same cores (the kq layers' forward and backward cover the same groups; this
-// stays for a core whose backward would not).
-Core forward_core_of(const AttentionSpec& spec, int D, float dropout) {
-  const Core c = core_of(spec, D, dropout);
-  if (c != Core::None) return c;
-  return flash_kq_layer_forward_supported(attn_core_spec(spec), D) && dropout <= 0.0f ? Core::KqLayer : Core::None;
-}
-
 size_t core_backward_scratch_bytes(Core which, const AttentionSpec& cs, int B, int T) {
   const int H = cs.heads, D = cs.head_dim;
   if (which == Core::KqPre) return flash_mta_backward_scratch_bytes(B, H, T, D);
@@ -45,16 +37,12 @@ bool fused_attention_supported(const AttentionSpec& spec, int D, float dropout) 
   return core_of(spec, D, dropout) != Core::None;
 }
 
-bool fused_attention_forward_supported(const AttentionSpec& spec, int D, float dropout) {
-  return forward_core_of(spec, D, dropout) != Core::None;
-}
-
 bool fused_attention_is_kq_layer(const AttentionSpec& spec, int D, float dropout) {
-  return forward_core_of(spec, D, dropout) == Core::KqLayer;
+  return core_of(spec, D, dropout) == Core::KqLayer;
 }
 
 bool fused_attention_fp16_logits(const AttentionSpec& spec, int D, float dropout) {
-  return forward_core_of(spec, D, dropout) == Core::KqPre;
+  return core_of(spec, D, dropout) == Core::KqPre;
 }
 
 bool fused_attention_has_epilogue(const AttentionSpec& spec) { return attn_epilogue_enabled(spec); }
@@ -70,7 +58,7 @@ void fused_attention_forward(const AttentionSpec& spec, const __nv_bfloat16* q, 
                              __nv_bfloat16* o, float* lse, int B, int T, const AttnOptions& opt, cudaStream_t s,
                              float* core32) {
   const int D = spec.head_dim;
-  const Core which = forward_core_of(spec, D, opt.dropout);
+  const Core which = core_of(spec, D, opt.dropout);
   if (which == Core::None) throw std::invalid_argument("fused_attention_forward: spec not covered");
   const AttentionSpec cs = attn_core_spec(spec);
   const bool epi = attn_epilogue_enabled(spec);

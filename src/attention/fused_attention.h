@@ -20,11 +20,6 @@ namespace mta::cuda {
 // head-mixing kernels have none yet).
 bool fused_attention_supported(const AttentionSpec& spec, int D, float dropout = 0.0f);
 
-// Whether fused_attention_forward computes it: every spec above, and also the kq layers at head dim
-// 128, whose backward is not fused (the caller runs the materialized op's backward for them, which
-// recomputes everything from q, k, v).
-bool fused_attention_forward_supported(const AttentionSpec& spec, int D, float dropout = 0.0f);
-
 // Whether the fused forward runs the kq-layer kernels (kq convolutions with head mixing,
 // flash_kq_layer.h: up to 16 coupled heads, no dropout) for this spec.
 bool fused_attention_is_kq_layer(const AttentionSpec& spec, int D, float dropout = 0.0f);

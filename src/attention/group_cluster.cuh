@@ -5,11 +5,10 @@
 // CTA padded where they do not split it evenly (cluster_size: FlashMix and the kq layers' forward hold
 // up to 8 heads per CTA at D = 128, so 9-16 heads take 2 CTAs; kernels P and Q hold 4 at D = 128, so
 // 8 heads take 2 CTAs and 13-16 take 4; at D = 64, FlashMix and pass 1 hold 16 heads in one CTA). The
-// mixing products need every head's tile: each CTA writes
-// its heads' tiles into its own MixIn buffers (head_mix_mma.cuh) and into its peers' through
-// distributed shared memory (group_sync; the kq layers' mix_in_place stores each lane's values
-// directly), and computes the mix for its own heads (mix_tiles_owned). Internal to those files
-// (unnamed namespace: each includes its own copy).
+// mixing products need every head's tile: each CTA writes its heads' tiles into its own MixIn buffers
+// (head_mix_mma.cuh) and into its peers' through distributed shared memory (group_sync; the kq layers'
+// mix_in_place stores each lane's values directly), and computes the mix for its own heads
+// (mix_tiles_owned). Internal to those files (unnamed namespace: each includes its own copy).
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -25,8 +24,9 @@ namespace {
 using headmix::cluster_size;  // head_mix_layout.h (host-callable, tested on the CPU)
 using headmix::group_warps;
 
-// Launches a pass over B x (H / G) groups x the query (or key) tiles of T, C CTAs of group_warps(G, C) warps per group
-// (a cluster when C > 1; blockIdx.x = group unit * C + rank), with `smem` bytes of dynamic shared memory.
+// Launches a pass over B x (H / G) groups x the query (or key) tiles of T, C CTAs of group_warps(G, C)
+// warps per group (a cluster when C > 1; blockIdx.x = group unit * C + rank), with `smem` bytes of
+// dynamic shared memory.
 template <class... Params, class... Args>
 void launch_grouped(void (*kernel)(Params...), int B, int H, int G, int C, int T, size_t smem, cudaStream_t s,
                     Args&&... args) {

@@ -9,7 +9,7 @@
 // and the dS products on tensor cores, attention_op.h). MTA layers whose options apart from
 // the epilogue (norm, depth scaling, gate) the fused kernels cover run those plus the epilogue
 // kernels (attention/epilogue_cuda.h): kq_pre only (attention/flash_mta.h, dropout included) or head
-// mixing only (attention/flash_mix.h: groups of up to 8 heads, no attention dropout in training);
+// mixing only (attention/flash_mix.h: groups of up to 16 heads, no attention dropout in training);
 // D = 64 or 128. MTA_FLASH_MTA=0 in the environment sends every MTA layer through the materialized op.
 // The kq layers (kq convolutions with head mixing) run attention/flash_kq_layer.h (no dropout): both
 // passes at D = 64, the forward alone at D = 128 (with the materialized op's backward, faster there).
@@ -369,8 +369,7 @@ class CudaModel : public TrainableModel {
   // The forward pass: also the kq layers at D = 128 whose backward is the materialized op's (use_fused).
   bool use_fused_forward(int l, bool train) const {
     if (!fused_allowed(l, train)) return false;
-    return cuda::fused_attention_forward_supported(config().layer_spec(l), config().head_dim(),
-                                                   train ? config().dropout : 0.f);
+    return cuda::fused_attention_supported(config().layer_spec(l), config().head_dim(), train ? config().dropout : 0.f);
   }
 
   // MTA_FLASH_MTA=0: no fused MTA layer. The kq layers run fused (at D = 128 the forward: use_fused);
