@@ -728,6 +728,24 @@ TEST(FlashKqLayer, RefusesUnsupported) {
   s.heads = 18, s.head_pre = mta::HeadMix{18};
   EXPECT_FALSE(mta::cuda::flash_kq_layer_lse_supported(s, 64));
   EXPECT_FALSE(mta::cuda::flash_kq_layer_backward_supported(s, 64));
+  // Kernels P and Q add float pairs into their fp32 accumulators: one that is not 16-byte aligned is
+  // refused before any device work (session 11: an odd B H T once misaligned the backward's own
+  // accumulator and faulted). The other pointers are aligned stand-ins, never dereferenced.
+  {
+    mta::AttentionSpec a;
+    a.heads = 4, a.head_dim = 64, a.kq_pre = mta::KqConv{2, 3, mta::PadKey::Both};
+    using bf = __nv_bfloat16;
+    const bf* rows = reinterpret_cast<const bf*>(uintptr_t{256});
+    float* f = reinterpret_cast<float*>(uintptr_t{256});
+    float* misaligned = reinterpret_cast<float*>(uintptr_t{260});
+    EXPECT_THROW(mta::cuda::flash_kq_layer_post_grads(a, rows, rows, rows, rows, f, nullptr, nullptr, nullptr, f,
+                                                      misaligned, nullptr, nullptr, f, 1, 8, nullptr),
+                 std::invalid_argument);
+    EXPECT_THROW(mta::cuda::flash_kq_layer_pre_grads(a, rows, rows, rows, rows, f, nullptr, nullptr, nullptr, f, f,
+                                                     reinterpret_cast<bf*>(uintptr_t{256}), misaligned, f, nullptr,
+                                                     f, 1, 8, nullptr),
+                 std::invalid_argument);
+  }
   // A kq layer with an epilogue keeps the core's output in fp32 for its backward: without it, a clear
   // error before any device work.
   s.heads = 4, s.head_pre = mta::HeadMix{4}, s.norm = true;
