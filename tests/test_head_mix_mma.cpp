@@ -98,7 +98,7 @@ struct Coefs {
   BFrag hi[2], lo[2];  // per n-block
 };
 // build_frags for one kind.
-Coefs frags(const float* m, int gs, int head0, int G, bool adjoint) {
+Coefs frags(const float* m, int gs, int head0, int G, bool adjoint, int reps = 1) {
   Coefs c{};
   for (int lane = 0; lane < 32; ++lane)
     for (int nt = 0; nt < 2; ++nt)
@@ -107,17 +107,17 @@ Coefs frags(const float* m, int gs, int head0, int G, bool adjoint) {
           int k, n;
           b_frag_kn(lane, nt, reg, e, k, n);
           EXPECT_EQ(n / 8, nt);
-          const float v = frag_coef(m, gs, head0, G, adjoint, k, n);
+          const float v = frag_coef(m, gs, head0, G, adjoint, k, n, reps);
           c.hi[nt][lane][reg][e] = bf(v);
           c.lo[nt][lane][reg][e] = bf(v - bf(v));
         }
   return c;
 }
 
-// mix_tiles: every warp's tile rows, results into MixOut (heads < G).
-void mix_tiles(const Bits& hi, const Bits* lo, const Coefs& cf, std::vector<float>& out, int G) {
-  for (int warp = 0; warp < G; ++warp)
-    for (int r = warp; r < kTile; r += G) {
+// mix_tiles_owned: the tile rows of `warps` warps, results into MixOut (slots < G).
+void mix_tiles(const Bits& hi, const Bits* lo, const Coefs& cf, std::vector<float>& out, int G, int warps) {
+  for (int warp = 0; warp < warps; ++warp)
+    for (int r = warp; r < kTile; r += warps) {
       std::array<int, 32> addr;
       for (int lane = 0; lane < 32; ++lane) addr[lane] = mix_a_offset(lane, r);
       const Regs ah = ldmatrix_x4(hi, addr, true);
@@ -181,7 +181,7 @@ TEST(HeadMixMma, MixingMatchesDirectSums) {
     Bits hi(kInElems, 0), lo(kInElems, 0);
     for (int x = 0; x < cs.G; ++x) put_tile(hi, cs.with_lo ? &lo : nullptr, x, in[x]);
     std::vector<float> out(static_cast<size_t>(cs.G) * kXT, NAN);
-    mix_tiles(hi, cs.with_lo ? &lo : nullptr, frags(m.data(), cs.gs, head0, cs.G, cs.adjoint), out, cs.G);
+    mix_tiles(hi, cs.with_lo ? &lo : nullptr, frags(m.data(), cs.gs, head0, cs.G, cs.adjoint), out, cs.G, cs.G);
     // hi + lo keeps ~16 bits of every operand; hi alone 8.
     const double rel = cs.with_lo ? 1e-4 : 1.5e-2;
     double worst = 0;
@@ -202,6 +202,44 @@ TEST(HeadMixMma, MixingMatchesDirectSums) {
         }
     if (cs.with_lo) EXPECT_LT(worst, 1e-4);
   }
+}
+
+// Two tiles per head (FlashMix's backward at G <= 8, D = 64: frag_coef's reps): tile i of head x in slot
+// x + i G, one product over all slots with G warps, and each copy must come out mixed on its own, as if
+// it were alone (no term from the other copy, nothing from the slots past 2 G).
+TEST(HeadMixMma, TwoTilesPerHeadMixSeparately) {
+  unsigned seed = 500;
+  for (int G : {1, 2, 3, 4, 6, 8})
+    for (int gs = 1; gs <= G; ++gs) {
+      if (G % gs) continue;
+      for (bool adjoint : {false, true}) {
+        SCOPED_TRACE("G=" + std::to_string(G) + " gs=" + std::to_string(gs) + (adjoint ? " adjoint" : ""));
+        std::mt19937 rng(seed++);
+        std::normal_distribution<float> nd(0.f, 0.7f);
+        const int units = 2, head0 = G;  // the second group unit: head0 indexes the coefficients
+        std::vector<float> m(static_cast<size_t>(G * units / gs) * gs * gs);
+        for (auto& x : m) x = nd(rng);
+        const std::vector<Tile> in = random_tiles(2 * G, rng, 6.f);  // in[x + i G]: tile i of head x
+        Bits hi(kInElems, 0), lo(kInElems, 0);
+        for (int x = 0; x < 2 * G; ++x) put_tile(hi, &lo, x, in[x]);
+        std::vector<float> out(static_cast<size_t>(2 * G) * kXT, NAN);
+        mix_tiles(hi, &lo, frags(m.data(), gs, head0, G, adjoint, 2), out, 2 * G, G);
+        for (int i = 0; i < 2; ++i)
+          for (int x = 0; x < G; ++x)
+            for (int row = 0; row < kTile; ++row)
+              for (int col = 0; col < kTile; ++col) {
+                double want = 0, mag = 0;
+                for (int y = 0; y < G; ++y) {
+                  const double c = adjoint ? cta_coef(m.data(), gs, head0, G, y, x) : cta_coef(m.data(), gs, head0, G, x, y);
+                  want += c * in[y + i * G][row][col], mag += std::abs(c * in[y + i * G][row][col]);
+                }
+                const double got = out.at(out_offset(x + i * G, row, col & ~1) + (col & 1));
+                ASSERT_TRUE(std::isfinite(got)) << "slot " << x + i * G << " not written";
+                ASSERT_LE(std::abs(got - want), 1e-4 * mag + 1e-6)
+                    << "tile " << i << " head " << x << " (" << row << ", " << col << ")";
+              }
+      }
+    }
 }
 
 // The weight-gradient product G[x][y] = sum_p D_x(p) V_y(p) over the 256 positions, summed over the

@@ -444,7 +444,7 @@ __device__ __forceinline__ void mix_in_place(float (&c)[8], bf16* sInHi, bf16* s
   } else {
     __syncthreads();
   }
-  mix_tiles_owned<true>(sInHi, sInLo, sFrag, kind, sOut, gp.h0, gp.L, warp, lane);
+  mix_tiles_owned<true>(sInHi, sInLo, sFrag, kind, sOut, gp.h0, gp.L, gp.L, warp, lane);
   if (kRelease)
     mix_done(gp);  // every head's mixed tile in MixOut; (A): done reading MixIn
   else

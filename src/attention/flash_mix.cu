@@ -47,13 +47,16 @@ size_t out_bytes(int G) { return static_cast<size_t>(G) * kXT * sizeof(float); }
 // The opt-in dynamic shared memory limit of one CTA on sm_90 (227 KB).
 constexpr size_t kMaxSmemPerBlock = 227 * 1024;
 
+// The forward's coefficient fragments: kPre (pass 1), kPre and kPost (pass 2): kFragWords / 4 per kind
+// (session 12: the 3 KB pass 1 saves keep two of its CTAs per SM with two query tiles per warp).
+constexpr int fwd_frag_words(bool out) { return (out ? 2 : 1) * kFragWords / 4; }
 // Forward shared memory: K (and V) tiles [2 stages][L][16][D + 8] bf16 (the next key block's tiles
 // load while this one is used), the coefficient fragments, MixIn hi and lo (S, then A in pass 2; every
 // head of the group) and one MixOut (C', then A3; the CTA's L heads).
 template <int D>
-size_t smem_bytes(int L, bool out) {  // L: the CTA's heads
+size_t smem_bytes(int L, bool out, int qb = 1) {  // L: the CTA's heads; qb: query tiles per warp
   const size_t tiles = 2 * static_cast<size_t>(L) * kTile * (D + 8) * sizeof(bf16) * (out ? 2 : 1);
-  return tiles + kFragBytes + 2 * kInBytes + out_bytes(L);
+  return tiles + fwd_frag_words(out) * sizeof(uint32_t) + 2 * kInBytes + out_bytes(qb * L);
 }
 
 // Rows r0 .. r0 + 15 of one head ([T][D] bf16 at `head`) into shared memory (row stride S) with one
@@ -79,15 +82,21 @@ struct MixWarp {
   GroupPlace gp;
   int x;                    // the warp's head within the group: its MixIn slot
   bool real;                // false: a padding warp (no MixIn writes, no results)
-  // This warp's tile into MixIn slot x (padding warps leave their zero slots alone).
+  int reps;                 // tiles per head in the mixing buffers (1; 2: the backward's two query blocks)
+  // This warp's tile (its tile qt < reps) into MixIn slot x (+ qt G); padding warps leave their zero
+  // slots alone.
   template <bool kLo>
-  __device__ __forceinline__ void put(bf16* hi, bf16* lo, const float (&v)[2][4]) const {
-    if (real) put_tile<kLo>(hi, lo, x, v, g, t);
+  __device__ __forceinline__ void put(bf16* hi, bf16* lo, const float (&v)[2][4], int qt = 0) const {
+    if (real) put_tile<kLo>(hi, lo, x + qt * gp.G, v, g, t);
   }
+  // MixOut's slot (local to the CTA) of this warp's tile qt.
+  __device__ __forceinline__ int out_slot(int qt = 0) const { return warp + qt * gp.G; }
 };
+// reps > 1 only for a group in one CTA (C = 1, G <= 8: slot x + qt G stays within kMaxG).
 __device__ __forceinline__ MixWarp mix_warp(uint32_t* sFrag, const float* mpre, int gpre, const float* mpost,
-                                            int gpost, int H, int T, int G, int C) {
+                                            int gpost, int H, int T, int G, int C, int reps = 1, int kinds = 4) {
   MixWarp w;
+  w.reps = reps;
   w.warp = threadIdx.x >> 5, w.lane = threadIdx.x & 31, w.g = w.lane >> 2, w.t = w.lane & 3;
   w.gp = group_place(G, C);
   const int units = H / G, unit = static_cast<int>(blockIdx.x) / C, b = unit / units, u = unit % units;
@@ -95,7 +104,7 @@ __device__ __forceinline__ MixWarp mix_warp(uint32_t* sFrag, const float* mpre, 
   w.real = w.gp.real(w.warp);
   w.h = u * G + w.gp.head_of(w.warp);
   w.head = static_cast<size_t>(b * H + w.h) * T;
-  build_frags(sFrag, mpre, gpre, mpost, gpost, u * G, G);
+  build_frags(sFrag, mpre, gpre, mpost, gpost, u * G, G, reps, kinds);
   return w;
 }
 
@@ -103,59 +112,69 @@ __device__ __forceinline__ MixWarp mix_warp(uint32_t* sFrag, const float* mpre, 
 template <bool kLo>
 __device__ __forceinline__ void mix_own(const bf16* hi, const bf16* lo, const uint32_t* sFrag, int kind, float* out,
                                         const MixWarp& mw) {
-  mix_tiles_owned<kLo>(hi, lo, sFrag, kind, out, mw.gp.h0, mw.gp.L, mw.warp, mw.lane);
+  mix_tiles_owned<kLo>(hi, lo, sFrag, kind, out, mw.gp.h0, mw.gp.L * mw.reps, mw.gp.L, mw.warp, mw.lane);
 }
 
 // At D = 128 a CTA holds at most 8 heads (256 threads), which leaves each thread the registers for its
 // 64 output accumulators and 32 Q fragment words: groups of 10-16 heads run on clusters of two CTAs
 // (kC = 2, group_cluster.cuh).
-template <int D, bool kOut, int kC>
-__global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
+// kQB = 2 (session 12; groups of up to 8 heads in one CTA at D = 64, as the backward's): a CTA takes 32
+// query rows, each warp two 16-row tiles of its head in MixIn slots x and x + G (block-diagonal
+// coefficients), so each K / V tile and each pair of barriers serves both.
+template <int D, bool kOut, int kC, int kQB = 1>
+__global__ void __launch_bounds__(D == 64 && kC == 1 && kQB == 1 ? 32 * kMaxG : 16 * kMaxG)
     flash_mix_fwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                          const float* __restrict__ mpre, int gpre, const float* __restrict__ mpost, int gpost,
                          bf16* __restrict__ o, float* __restrict__ lse, int H, int T, int G, float scale) {
-  constexpr int S = D + 8;
+  static_assert(kQB == 1 || (kQB == 2 && kC == 1), "two query tiles per warp: one CTA per group");
+  constexpr int S = D + 8, kRows = kQB * kTile;  // kRows: the CTA's query rows
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int L = group_warps(G, kC);                                    // the CTA's warps
   bf16* sK = reinterpret_cast<bf16*>(smem_raw);                        // [2][L][16][S]
   bf16* sV = sK + 2 * L * kTile * S;                                   // [2][L][16][S], pass 2
   uint32_t* sFrag = reinterpret_cast<uint32_t*>(sV + (kOut ? 2 * L * kTile * S : 0));
-  bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);           // MixIn: S, then A
+  bf16* sInHi = reinterpret_cast<bf16*>(sFrag + fwd_frag_words(kOut));  // MixIn: S, then A
   bf16* sInLo = sInHi + kInElems;
-  float* sOut = reinterpret_cast<float*>(sInLo + kInElems);            // MixOut: C', then A3
-  MixWarp mw = mix_warp(sFrag, mpre, gpre, mpost, gpost, H, T, G, kC);
+  float* sOut = reinterpret_cast<float*>(sInLo + kInElems);  // MixOut: C', then A3
+  MixWarp mw = mix_warp(sFrag, mpre, gpre, mpost, gpost, H, T, G, kC, kQB, kOut ? 2 : 1);
   if (kC == 1) mw.real = true;  // no padding in one CTA: the checks compile away
   zero_in(sInHi), zero_in(sInLo);
   const int warp = mw.warp, lane = mw.lane, g = mw.g, t = mw.t;
   const size_t head = mw.head;
-  const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
+  const int m0 = ((T + kRows - 1) / kRows - 1 - static_cast<int>(blockIdx.y)) * kRows;  // heavy tiles first
   q += head * D, k += head * D, v += head * D;
 
-  // Q of the warp's 16 rows as mma A fragments, staged through its K tile. K and V tiles are the
-  // warp's own, in two stages (stage s of warp w at (s * L + w) * 16 rows).
+  // Q of the warp's rows as mma A fragments, staged through its K tile. K and V tiles are the warp's
+  // own, in two stages (stage s of warp w at (s * L + w) * 16 rows).
   bf16* myK = sK + warp * kTile * S;
   bf16* myV = sV + warp * kTile * S;
   const int stage_step = L * kTile * S;
-  warp_load_rows<D, S>(myK, q, m0, T, lane);
-  cp_async_commit();
-  cp_async_wait_all();
-  __syncwarp();
-  uint32_t qa[D / 16][4];
+  uint32_t qa[kQB][D / 16][4];
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(qa[kk], myK + a_offset(lane, 0, kk * 16, S));
+  for (int qt = 0; qt < kQB; ++qt) {
+    warp_load_rows<D, S>(myK, q, m0 + qt * kTile, T, lane);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncwarp();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(qa[qt][kk], myK + a_offset(lane, 0, kk * 16, S));
+    __syncwarp();
+  }
   group_start(mw.gp);  // the fragments, the zeroed MixIn, and every warp's Q read before K overwrites it
 
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // pass 1 (log2 domain)
-  float lse2[2] = {0.f, 0.f};                                          // pass 2: lse * log2(e)
-  float acc_o[kOut ? D / 8 : 1][4] = {};
-  if (kOut)
+  float row_max[kQB][2], row_sum[kQB][2];  // pass 1 (log2 domain)
+  float lse2[kQB][2];                       // pass 2: lse * log2(e)
+  float acc_o[kQB][kOut ? D / 8 : 1][4] = {};
+#pragma unroll
+  for (int qt = 0; qt < kQB; ++qt)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int row = m0 + g + 8 * r;
-      lse2[r] = row < T ? lse[head + row] * kLog2e : 0.f;
+      const int row = m0 + qt * kTile + g + 8 * r;
+      row_max[qt][r] = -INFINITY, row_sum[qt][r] = 0.f;
+      lse2[qt][r] = kOut && row < T ? lse[head + row] * kLog2e : 0.f;
     }
 
-  const int n_end = min(T, m0 + kTile);  // keys up to the tile's last row
+  const int n_end = min(T, m0 + kRows);  // keys up to the CTA's last row
   warp_load_rows<D, S>(myK, k, 0, T, lane);
   if (kOut) warp_load_rows<D, S>(myV, v, 0, T, lane);
   cp_async_commit();
@@ -173,82 +192,107 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
       cp_async_wait_group<0>();
     }
     __syncwarp();
-    float acc_s[2][4] = {};
+    float acc_s[kQB][2][4] = {};
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t bb[4];
       ldmatrix_x4(bb, tK + bnk_offset(lane, 0, kk * 16, S));
-      mma_bf16(acc_s[0], qa[kk], bb[0], bb[1]);
-      mma_bf16(acc_s[1], qa[kk], bb[2], bb[3]);
+#pragma unroll
+      for (int qt = 0; qt < kQB; ++qt) {
+        mma_bf16(acc_s[qt][0], qa[qt][kk], bb[0], bb[1]);
+        mma_bf16(acc_s[qt][1], qa[qt][kk], bb[2], bb[3]);
+      }
     }
     // S0: scaled logits, the future (and keys past T) as 0.
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+    for (int qt = 0; qt < kQB; ++qt)
 #pragma unroll
-      for (int r = 0; r < 2; ++r)
+      for (int j = 0; j < 2; ++j)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int row = m0 + g + 8 * r, col = n0 + 8 * j + 2 * t + e;
-          acc_s[j][2 * r + e] = col <= row && col < T ? acc_s[j][2 * r + e] * scale : 0.f;
-        }
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int row = m0 + qt * kTile + g + 8 * r, col = n0 + 8 * j + 2 * t + e;
+            acc_s[qt][j][2 * r + e] = col <= row && col < T ? acc_s[qt][j][2 * r + e] * scale : 0.f;
+          }
     if (gpre) {
-      mw.put<true>(sInHi, sInLo, acc_s);
+#pragma unroll
+      for (int qt = 0; qt < kQB; ++qt) mw.put<true>(sInHi, sInLo, acc_s[qt], qt);
       group_sync(mw.gp, sInHi, sInLo);  // every head's S0
       mix_own<true>(sInHi, sInLo, sFrag, kPre, sOut, mw);
       mix_done(mw.gp);  // every head's C'
     }
     // C' of this warp's head at its positions (log2 domain), the future as -inf.
-    float c[2][4];
+    float c[kQB][2][4];
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int rl = g + 8 * r, cl = 8 * j + 2 * t, row = m0 + rl, col = n0 + cl;
-        const float2 x = gpre ? get_pair(sOut, warp, rl, cl) : make_float2(acc_s[j][2 * r], acc_s[j][2 * r + 1]);
-        c[j][2 * r] = col <= row && col < T ? x.x * kLog2e : -INFINITY;
-        c[j][2 * r + 1] = col + 1 <= row && col + 1 < T ? x.y * kLog2e : -INFINITY;
-      }
-    if (!kOut) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = fmaxf(fmaxf(c[0][2 * r], c[0][2 * r + 1]), fmaxf(c[1][2 * r], c[1][2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(row_max[r], mx);  // finite: key 0 is visible to every row
-        float sum = 0.f;
-#pragma unroll
-        for (int j = 0; j < 2; ++j) sum += exp2f(c[j][2 * r] - m_new) + exp2f(c[j][2 * r + 1] - m_new);
-        row_sum[r] = row_sum[r] * exp2f(row_max[r] - m_new) + sum;
-        row_max[r] = m_new;
-      }
-    } else {
-      // A = exp(C' - lse), then A3 = sum_y Mpost[x, y] A_y, then O += A3 V.
-      float a3[2][4];
+    for (int qt = 0; qt < kQB; ++qt)
 #pragma unroll
       for (int j = 0; j < 2; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) a3[j][e] = exp2f(c[j][e] - lse2[e >> 1]);
-      if (gpost) {
-        mw.put<true>(sInHi, sInLo, a3);  // every warp is done with S0 and C' (barrier above)
-        group_sync(mw.gp, sInHi, sInLo);               // every head's A
-        mix_own<true>(sInHi, sInLo, sFrag, kPost, sOut, mw);
-        mix_done(mw.gp);  // every head's A3
+        for (int r = 0; r < 2; ++r) {
+          const int rl = g + 8 * r, cl = 8 * j + 2 * t, row = m0 + qt * kTile + rl, col = n0 + cl;
+          const float2 x = gpre ? get_pair(sOut, mw.out_slot(qt), rl, cl)
+                                : make_float2(acc_s[qt][j][2 * r], acc_s[qt][j][2 * r + 1]);
+          c[qt][j][2 * r] = col <= row && col < T ? x.x * kLog2e : -INFINITY;
+          c[qt][j][2 * r + 1] = col + 1 <= row && col + 1 < T ? x.y * kLog2e : -INFINITY;
+        }
+    if (!kOut) {
+#pragma unroll
+      for (int qt = 0; qt < kQB; ++qt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float mx = fmaxf(fmaxf(c[qt][0][2 * r], c[qt][0][2 * r + 1]), fmaxf(c[qt][1][2 * r], c[qt][1][2 * r + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          // Finite: key 0 is visible to every row. (With two tiles, the first tile's rows have all of
+          // the last key block in their future: mx is -inf there and its terms exp2(-inf) = 0.)
+          const float m_new = fmaxf(row_max[qt][r], mx);
+          float sum = 0.f;
+#pragma unroll
+          for (int j = 0; j < 2; ++j) sum += exp2f(c[qt][j][2 * r] - m_new) + exp2f(c[qt][j][2 * r + 1] - m_new);
+          row_sum[qt][r] = row_sum[qt][r] * exp2f(row_max[qt][r] - m_new) + sum;
+          row_max[qt][r] = m_new;
+        }
+    } else {
+      // A = exp(C' - lse), then A3 = sum_y Mpost[x, y] A_y, then O += A3 V.
+      float a3[kQB][2][4];
+#pragma unroll
+      for (int qt = 0; qt < kQB; ++qt)
 #pragma unroll
         for (int j = 0; j < 2; ++j)
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const float2 x = get_pair(sOut, warp, g + 8 * r, 8 * j + 2 * t);
-            a3[j][2 * r] = x.x, a3[j][2 * r + 1] = x.y;
-          }
+          for (int e = 0; e < 4; ++e) a3[qt][j][e] = exp2f(c[qt][j][e] - lse2[qt][e >> 1]);
+      if (gpost) {
+#pragma unroll
+        for (int qt = 0; qt < kQB; ++qt) mw.put<true>(sInHi, sInLo, a3[qt], qt);  // every warp is done with S0 and C'
+        group_sync(mw.gp, sInHi, sInLo);                                          // every head's A
+        mix_own<true>(sInHi, sInLo, sFrag, kPost, sOut, mw);
+        mix_done(mw.gp);  // every head's A3
+#pragma unroll
+        for (int qt = 0; qt < kQB; ++qt)
+#pragma unroll
+          for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const float2 x = get_pair(sOut, mw.out_slot(qt), g + 8 * r, 8 * j + 2 * t);
+              a3[qt][j][2 * r] = x.x, a3[qt][j][2 * r + 1] = x.y;
+            }
       }
-      const uint32_t a[4] = {pack_bf16(a3[0][0], a3[0][1]), pack_bf16(a3[0][2], a3[0][3]),
-                             pack_bf16(a3[1][0], a3[1][1]), pack_bf16(a3[1][2], a3[1][3])};
+      uint32_t a[kQB][4];
+#pragma unroll
+      for (int qt = 0; qt < kQB; ++qt) {
+        a[qt][0] = pack_bf16(a3[qt][0][0], a3[qt][0][1]), a[qt][1] = pack_bf16(a3[qt][0][2], a3[qt][0][3]);
+        a[qt][2] = pack_bf16(a3[qt][1][0], a3[qt][1][1]), a[qt][3] = pack_bf16(a3[qt][1][2], a3[qt][1][3]);
+      }
 #pragma unroll
       for (int dn = 0; dn < D / 16; ++dn) {
         uint32_t bb[4];
         ldmatrix_x4_trans(bb, tV + bkn_offset(lane, 0, dn * 16, S));
-        mma_bf16(acc_o[2 * dn], a, bb[0], bb[1]);
-        mma_bf16(acc_o[2 * dn + 1], a, bb[2], bb[3]);
+#pragma unroll
+        for (int qt = 0; qt < kQB; ++qt) {
+          mma_bf16(acc_o[qt][2 * dn], a[qt], bb[0], bb[1]);
+          mma_bf16(acc_o[qt][2 * dn + 1], a[qt], bb[2], bb[3]);
+        }
       }
     }
     // No barrier here: the next block's put_tile follows the barrier after this block's last mix (so
@@ -259,33 +303,38 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
 
   if (!kOut) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float l = row_sum[r];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const int row = m0 + g + 8 * r;
-      if (t == 0 && row < T && mw.real) lse[head + row] = row_max[r] * kLn2 + logf(l);
-    }
+    for (int qt = 0; qt < kQB; ++qt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float l = row_sum[qt][r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int row = m0 + qt * kTile + g + 8 * r;
+        if (t == 0 && row < T && mw.real) lse[head + row] = row_max[qt][r] * kLn2 + logf(l);
+      }
     return;
   }
   // O rows (A3 is normalized: no division), staged through the warp's K tile, 16-byte stores.
   if (!mw.real) return;
-  __syncwarp();
 #pragma unroll
-  for (int j = 0; j < (kOut ? D / 8 : 0); ++j)
+  for (int qt = 0; qt < kQB; ++qt) {
+    __syncwarp();
 #pragma unroll
-    for (int r = 0; r < 2; ++r)
-      *reinterpret_cast<uint32_t*>(myK + (g + 8 * r) * S + 8 * j + 2 * t) =
-          pack_bf16(acc_o[j][2 * r], acc_o[j][2 * r + 1]);
-  __syncwarp();
-  constexpr int kChunksPerRow = D / 8;
-  bf16* out = o + head * D;
+    for (int j = 0; j < (kOut ? D / 8 : 0); ++j)
 #pragma unroll
-  for (int cc = lane; cc < kTile * kChunksPerRow; cc += 32) {
-    const int r = cc / kChunksPerRow, col = (cc % kChunksPerRow) * 8, row = m0 + r;
-    if (row < T)
-      *reinterpret_cast<uint4*>(out + static_cast<size_t>(row) * D + col) =
-          *reinterpret_cast<const uint4*>(myK + r * S + col);
+      for (int r = 0; r < 2; ++r)
+        *reinterpret_cast<uint32_t*>(myK + (g + 8 * r) * S + 8 * j + 2 * t) =
+            pack_bf16(acc_o[qt][j][2 * r], acc_o[qt][j][2 * r + 1]);
+    __syncwarp();
+    constexpr int kChunksPerRow = D / 8;
+    bf16* out = o + head * D;
+#pragma unroll
+    for (int cc = lane; cc < kTile * kChunksPerRow; cc += 32) {
+      const int r = cc / kChunksPerRow, col = (cc % kChunksPerRow) * 8, row = m0 + qt * kTile + r;
+      if (row < T)
+        *reinterpret_cast<uint4*>(out + static_cast<size_t>(row) * D + col) =
+            *reinterpret_cast<const uint4*>(myK + r * S + col);
+    }
   }
 }
 
@@ -337,13 +386,16 @@ __device__ __forceinline__ void accumulate_p_b(float (&acc)[D / 8][4], const flo
 // dA3 is mixed from bf16, as in the key-tile pass, so delta matches the dA it is subtracted from.
 // kStages = 2: the next key block's K and V tiles load while this one is used (where shared memory
 // holds two sets of tiles, see launch_backward); 1: each block waits for its own.
-template <int D, int kStages, int kC>
-__global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
+// kQB = 2 (session 12, as the main pass's): a CTA takes 32 query rows, each warp two 16-row tiles of its
+// head in MixIn slots x and x + G, so each K and V tile and each pair of barriers serves both.
+template <int D, int kStages, int kC, int kQB = 1>
+__global__ void __launch_bounds__(D == 64 && kC == 1 && kQB == 1 ? 32 * kMaxG : 16 * kMaxG)
     flash_mix_bwd_delta_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                                const bf16* __restrict__ dout, const float* __restrict__ lse,
                                const float* __restrict__ mpre, int gpre, const float* __restrict__ mpost, int gpost,
                                float* __restrict__ delta, int H, int T, int G, float scale) {
-  constexpr int S = D + 8;
+  static_assert(kQB == 1 || (kQB == 2 && kC == 1), "two query tiles per warp: one CTA per group");
+  constexpr int S = D + 8, kRows = kQB * kTile;  // kRows: the CTA's query rows
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int L = group_warps(G, kC);              // the CTA's warps
   bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [kStages][L][16][S]
@@ -353,31 +405,40 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
   bf16* sSLo = sSHi + kInElems;
   bf16* sD = sSLo + kInElems;
   float* sC = reinterpret_cast<float*>(sD + kInElems);  // MixOut: C', dA
-  float* sDA = sC + L * kXT;
-  MixWarp mw = mix_warp(sFrag, mpre, gpre, mpost, gpost, H, T, G, kC);
+  float* sDA = sC + kQB * L * kXT;
+  MixWarp mw = mix_warp(sFrag, mpre, gpre, mpost, gpost, H, T, G, kC, kQB);
   if (kC == 1) mw.real = true;  // no padding in one CTA: the checks compile away
   zero_in(sSHi), zero_in(sSLo), zero_in(sD);
   const int warp = mw.warp, lane = mw.lane, g = mw.g, t = mw.t;
   const size_t head = mw.head;
-  const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;
+  const int m0 = ((T + kRows - 1) / kRows - 1 - static_cast<int>(blockIdx.y)) * kRows;
   q += head * D, k += head * D, v += head * D, dout += head * D;
 
   bf16* myK = sK + warp * kTile * S;
   bf16* myV = sV + warp * kTile * S;
-  warp_load_rows<D, S>(myK, q, m0, T, lane);
-  warp_load_rows<D, S>(myV, dout, m0, T, lane);
-  cp_async_commit();
-  cp_async_wait_all();
-  __syncwarp();
-  uint32_t qa[D / 16][4], da[D / 16][4];
-  load_a_frags<D, S>(qa, myK, lane);
-  load_a_frags<D, S>(da, myV, lane);
-  group_start(mw.gp);  // the fragments and the zeroed MixIn buffers
-  float lse2[2], dpart[2] = {0.f, 0.f};
+  uint32_t qa[kQB][D / 16][4], da[kQB][D / 16][4];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) lse2[r] = m0 + g + 8 * r < T ? lse[head + m0 + g + 8 * r] * kLog2e : 0.f;
+  for (int qt = 0; qt < kQB; ++qt) {  // staged through the warp's K and V tiles
+    warp_load_rows<D, S>(myK, q, m0 + qt * kTile, T, lane);
+    warp_load_rows<D, S>(myV, dout, m0 + qt * kTile, T, lane);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncwarp();
+    load_a_frags<D, S>(qa[qt], myK, lane);
+    load_a_frags<D, S>(da[qt], myV, lane);
+    __syncwarp();
+  }
+  group_start(mw.gp);  // the fragments and the zeroed MixIn buffers
+  float lse2[kQB][2], dpart[kQB][2] = {};
+#pragma unroll
+  for (int qt = 0; qt < kQB; ++qt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = m0 + qt * kTile + g + 8 * r;
+      lse2[qt][r] = row < T ? lse[head + row] * kLog2e : 0.f;
+    }
 
-  const int n_end = min(T, m0 + kTile);
+  const int n_end = min(T, m0 + kRows);
   const int stage_step = L * kTile * S;
   warp_load_rows<D, S>(myK, k, 0, T, lane);
   warp_load_rows<D, S>(myV, v, 0, T, lane);
@@ -399,47 +460,61 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
       cp_async_wait_group<0>();
     }
     __syncwarp();
-    float acc_s[2][4], acc_d[2][4];
-    frag_gemm_abt<D, S>(acc_s, qa, myK + stage * stage_step, lane);
-    frag_gemm_abt<D, S>(acc_d, da, myV + stage * stage_step, lane);
+    float acc_s[kQB][2][4], acc_d[kQB][2][4];
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+    for (int qt = 0; qt < kQB; ++qt) {
+      frag_gemm_abt<D, S>(acc_s[qt], qa[qt], myK + stage * stage_step, lane);
+      frag_gemm_abt<D, S>(acc_d[qt], da[qt], myV + stage * stage_step, lane);
+    }
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = m0 + g + 8 * (e >> 1), col = n0 + 8 * j + 2 * t + (e & 1);
-        const bool ok = col <= row && col < T;
-        acc_s[j][e] = ok ? acc_s[j][e] * scale : 0.f;
-        acc_d[j][e] = ok ? acc_d[j][e] : 0.f;
-      }
-    if (gpre) mw.put<true>(sSHi, sSLo, acc_s);
-    if (gpost) mw.put<false>(sD, nullptr, acc_d);
+    for (int qt = 0; qt < kQB; ++qt)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = m0 + qt * kTile + g + 8 * (e >> 1), col = n0 + 8 * j + 2 * t + (e & 1);
+          const bool ok = col <= row && col < T;
+          acc_s[qt][j][e] = ok ? acc_s[qt][j][e] * scale : 0.f;
+          acc_d[qt][j][e] = ok ? acc_d[qt][j][e] : 0.f;
+        }
+#pragma unroll
+    for (int qt = 0; qt < kQB; ++qt) {
+      if (gpre) mw.put<true>(sSHi, sSLo, acc_s[qt], qt);
+      if (gpost) mw.put<false>(sD, nullptr, acc_d[qt], qt);
+    }
     group_sync(mw.gp, gpre ? sSHi : nullptr, gpre ? sSLo : nullptr, gpost ? sD : nullptr);  // every head's S0, dA3
     if (gpre) mix_own<true>(sSHi, sSLo, sFrag, kPre, sC, mw);
     if (gpost) mix_own<false>(sD, nullptr, sFrag, kPostT, sDA, mw);
     mix_done(mw.gp);  // every head's C' and dA
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+    for (int qt = 0; qt < kQB; ++qt)
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int rl = g + 8 * r, cl = 8 * j + 2 * t, row = m0 + rl, col = n0 + cl;
-        const float2 c = gpre ? get_pair(sC, warp, rl, cl) : make_float2(acc_s[j][2 * r], acc_s[j][2 * r + 1]);
-        const float2 d = gpost ? get_pair(sDA, warp, rl, cl) : make_float2(acc_d[j][2 * r], acc_d[j][2 * r + 1]);
-        const float a0 = col <= row && col < T ? exp2f(c.x * kLog2e - lse2[r]) : 0.f;
-        const float a1 = col + 1 <= row && col + 1 < T ? exp2f(c.y * kLog2e - lse2[r]) : 0.f;
-        dpart[r] += a0 * d.x + a1 * d.y;
-      }
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int rl = g + 8 * r, cl = 8 * j + 2 * t, row = m0 + qt * kTile + rl, col = n0 + cl;
+          const float2 c = gpre ? get_pair(sC, mw.out_slot(qt), rl, cl)
+                                : make_float2(acc_s[qt][j][2 * r], acc_s[qt][j][2 * r + 1]);
+          const float2 d = gpost ? get_pair(sDA, mw.out_slot(qt), rl, cl)
+                                 : make_float2(acc_d[qt][j][2 * r], acc_d[qt][j][2 * r + 1]);
+          const float a0 = col <= row && col < T ? exp2f(c.x * kLog2e - lse2[qt][r]) : 0.f;
+          const float a1 = col + 1 <= row && col + 1 < T ? exp2f(c.y * kLog2e - lse2[qt][r]) : 0.f;
+          dpart[qt][r] += a0 * d.x + a1 * d.y;
+        }
     // No barrier: the next block writes MixIn after every warp's mix (barrier above) and MixOut only
     // after its own first barrier, which every warp reaches after reading this block's values.
   }
   group_finish(mw.gp);
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float s = dpart[r];
-    s += __shfl_xor_sync(0xffffffffu, s, 1);
-    s += __shfl_xor_sync(0xffffffffu, s, 2);
-    const int row = m0 + g + 8 * r;
-    if (t == 0 && row < T && mw.real) delta[head + row] = s;
-  }
+  for (int qt = 0; qt < kQB; ++qt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float s = dpart[qt][r];
+      s += __shfl_xor_sync(0xffffffffu, s, 1);
+      s += __shfl_xor_sync(0xffffffffu, s, 2);
+      const int row = m0 + qt * kTile + g + 8 * r;
+      if (t == 0 && row < T && mw.real) delta[head + row] = s;
+    }
 }
 
 // Backward, pass 2, FlashAttention-2's order: a CTA = 16 keys of one group (one warp per head), over
@@ -456,8 +531,16 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 ? 32 * kMaxG : 16 * kMaxG)
 // kMaxThreads: 512 for 16 heads (128 registers per thread: this kernel spills there), 256 for groups
 // of up to 8 (255 registers, no spills). Shared memory allows one CTA per SM either way at D = 64.
 // kStages = 2: the next query block's Q and dO tiles load while this one is used (where shared memory
-// holds two sets, see launch_backward); 1: each block waits for its own.
-template <int D, int kMaxThreads, int kStages, int kC>
+// holds two sets, see launch_backward); 1: each step waits for its own, except with kQB = 2, where the
+// next step's tiles load into the same buffers once this step is done with them (dO after dV, Q after
+// dK), overlapping the step's last products.
+// kQB = 2 (session 12; groups of up to 8 heads in one CTA at D = 64): each step takes two query blocks,
+// m0 and m0 + 16. Their tiles share the mixing products (MixIn slots x and x + G, block-diagonal
+// coefficients, frag_coef's reps), so the six barriers of a step serve twice the work, each warp has
+// two independent chains between them, and K's fragments serve both blocks. Measured as the main
+// pass's bound (ncu, session 11: 13 cycles per issued instruction, waiting at barriers and on
+// dependent loads).
+template <int D, int kMaxThreads, int kStages, int kC, int kQB = 1>
 __global__ void __launch_bounds__(kMaxThreads)
     flash_mix_bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                          const bf16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -465,21 +548,23 @@ __global__ void __launch_bounds__(kMaxThreads)
                          float* __restrict__ dq_acc, bf16* __restrict__ dk, bf16* __restrict__ dv,
                          float* __restrict__ part_pre, float* __restrict__ part_post, int H, int T, int G,
                          float scale) {
-  constexpr int S = D + 8, SS = kTile + 8;
+  static_assert(kQB == 1 || (kQB == 2 && kC == 1), "two query blocks per step: one CTA per group");
+  constexpr int S = D + 8, SS = kTile + 8, kRows = kQB * kTile;  // kRows: query rows per step
+  constexpr bool kEarlyLoads = kStages == 1 && kQB == 2;          // see below
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int L = group_warps(G, kC);              // the CTA's warps
   bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [L][16][S]
-  bf16* sQ = sK + L * kTile * S;                 // [kStages][L][16][S]
-  bf16* sO = sQ + kStages * L * kTile * S;       // [kStages][L][16][S]: dO
-  bf16* sdS = sO + kStages * L * kTile * S;      // [L][16][SS]: dS^T (keys x queries)
-  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sdS + L * kTile * SS);
+  bf16* sQ = sK + L * kTile * S;                 // [kStages][L][kRows][S]
+  bf16* sO = sQ + kStages * L * kRows * S;       // [kStages][L][kRows][S]: dO
+  bf16* sdS = sO + kStages * L * kRows * S;      // [L][kQB][16][SS]: dS^T (keys x queries)
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sdS + L * kQB * kTile * SS);
   bf16* sSHi = reinterpret_cast<bf16*>(sFrag + kFragWords);  // MixIn: S0^T (hi, lo), A^T then dC'^T, dA3^T
   bf16* sSLo = sSHi + kInElems;
   bf16* sA = sSLo + kInElems;
   bf16* sD = sA + kInElems;
   float* sX1 = reinterpret_cast<float*>(sD + kInElems);  // MixOut: C'^T, then A3^T, then dS^T
-  float* sX2 = sX1 + L * kXT;                             // MixOut: dA^T
-  MixWarp mw = mix_warp(sFrag, mpre, gpre, mpost, gpost, H, T, G, kC);
+  float* sX2 = sX1 + kQB * L * kXT;                       // MixOut: dA^T
+  MixWarp mw = mix_warp(sFrag, mpre, gpre, mpost, gpost, H, T, G, kC, kQB);
   if (kC == 1) mw.real = true;  // no padding in one CTA: the checks compile away
   // The tile rows of the weight-gradient products: this warp's slot, + the group's warps (padding
   // included: every row once), ...
@@ -491,9 +576,9 @@ __global__ void __launch_bounds__(kMaxThreads)
   q += head * D, k += head * D, v += head * D, dout += head * D, dq_acc += head * D, dk += head * D, dv += head * D;
 
   bf16* myK = sK + warp * kTile * S;
-  bf16* myQ = sQ + warp * kTile * S;
-  bf16* myO = sO + warp * kTile * S;
-  bf16* mydS = sdS + warp * kTile * SS;
+  bf16* myQ = sQ + warp * kRows * S;
+  bf16* myO = sO + warp * kRows * S;
+  bf16* mydS = sdS + warp * kQB * kTile * SS;
   // K of the CTA's keys stays in shared memory; V as A fragments in registers (staged through sQ).
   warp_load_rows<D, S>(myK, k, n0, T, lane);
   warp_load_rows<D, S>(myQ, v, n0, T, lane);
@@ -506,36 +591,42 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   float acc_dk[D / 8][4] = {}, acc_dv[D / 8][4] = {};
   float gpre_acc[2][4] = {}, gpost_acc[2][4] = {};  // this warp's share of dMpre / dMpost (head_mix_mma.cuh)
-  const int stage_step = L * kTile * S;
-  warp_load_rows<D, S>(myQ, q, n0, T, lane);
-  warp_load_rows<D, S>(myO, dout, n0, T, lane);
+  const int stage_step = L * kRows * S;
+  auto load_rows = [&](bf16* dst, const bf16* src, int r0) {
+#pragma unroll
+    for (int qt = 0; qt < kQB; ++qt) warp_load_rows<D, S>(dst + qt * kTile * S, src, r0 + qt * kTile, T, lane);
+  };
+  load_rows(myQ, q, n0);
+  load_rows(myO, dout, n0);
   cp_async_commit();
   constexpr bool kPrefetchStats = kMaxThreads <= 256;
-  float nxt_lse[2][2] = {}, nxt_dlt[2][2] = {};  // raw lse and delta of the next query block (of this one
-                                                 // without kPrefetchStats)
+  float nxt_lse[kQB][2][2] = {}, nxt_dlt[kQB][2][2] = {};  // raw lse and delta of the next step's query
+                                                           // blocks (of this one without kPrefetchStats)
   auto load_stats = [&](int mb) {
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+    for (int qt = 0; qt < kQB; ++qt)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int qi = mb + 8 * j + 2 * t + e;
-        nxt_lse[j][e] = qi < T ? lse[head + qi] : 0.f;
-        nxt_dlt[j][e] = qi < T ? delta[head + qi] : 0.f;
-      }
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int qi = mb + qt * kTile + 8 * j + 2 * t + e;
+          nxt_lse[qt][j][e] = qi < T ? lse[head + qi] : 0.f;
+          nxt_dlt[qt][j][e] = qi < T ? delta[head + qi] : 0.f;
+        }
   };
   if constexpr (kPrefetchStats) load_stats(n0);
-  for (int m0 = n0, it = 0; m0 < T; m0 += kTile, ++it) {
+  for (int m0 = n0, it = 0; m0 < T; m0 += kRows, ++it) {
     // This warp's last reads of the buffer a load overwrites (its MMAs of an earlier block) are done.
     const int stage = kStages == 2 ? it & 1 : 0;
-    const bool prefetch = kStages == 2 && m0 + kTile < T;
-    if (kStages == 1 && it > 0) {
-      warp_load_rows<D, S>(myQ, q, m0, T, lane);
-      warp_load_rows<D, S>(myO, dout, m0, T, lane);
+    const bool has_next = m0 + kRows < T, prefetch = kStages == 2 && has_next;
+    if (kStages == 1 && !kEarlyLoads && it > 0) {
+      load_rows(myQ, q, m0);
+      load_rows(myO, dout, m0);
       cp_async_commit();
     }
     if (prefetch) {
-      warp_load_rows<D, S>(myQ + (stage ^ 1) * stage_step, q, m0 + kTile, T, lane);
-      warp_load_rows<D, S>(myO + (stage ^ 1) * stage_step, dout, m0 + kTile, T, lane);
+      load_rows(myQ + (stage ^ 1) * stage_step, q, m0 + kRows);
+      load_rows(myO + (stage ^ 1) * stage_step, dout, m0 + kRows);
       cp_async_commit();
     }
     const bf16* cQ = myQ + stage * stage_step;
@@ -543,111 +634,172 @@ __global__ void __launch_bounds__(kMaxThreads)
     // The row statistics of this lane's query columns (8j + 2t + e), while the tiles land; with 8 or
     // fewer heads (registers to spare) they were loaded one block ahead, and the next block's are
     // loaded now (ncu, session 7: these loads were the main pass's second-largest stall).
-    float lse2[2][2], dlt[2][2];
+    float lse2[kQB][2][2], dlt[kQB][2][2];
     if constexpr (!kPrefetchStats) load_stats(m0);
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+    for (int qt = 0; qt < kQB; ++qt)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) lse2[j][e] = nxt_lse[j][e] * kLog2e, dlt[j][e] = nxt_dlt[j][e];
-    if constexpr (kPrefetchStats) load_stats(m0 + kTile);
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) lse2[qt][j][e] = nxt_lse[qt][j][e] * kLog2e, dlt[qt][j][e] = nxt_dlt[qt][j][e];
+    if constexpr (kPrefetchStats) load_stats(m0 + kRows);
     if (prefetch)
       cp_async_wait_group<1>();
     else
       cp_async_wait_group<0>();
     __syncwarp();
-    float acc_s[2][4], d3[2][4];
-    warp_gemm_abt<16, D, S>(acc_s, myK, cQ, lane);
-    frag_gemm_abt<D, S>(d3, va, cO, lane);
-    bool ok[2][4];
+    float acc_s[kQB][2][4], d3[kQB][2][4];
+    if constexpr (kQB == 1) {
+      warp_gemm_abt<16, D, S>(acc_s[0], myK, cQ, lane);
+    } else {  // K's fragments once for both blocks
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+      for (int qt = 0; qt < kQB; ++qt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = n0 + g + 8 * (e >> 1), qi = m0 + 8 * j + 2 * t + (e & 1);
-        ok[j][e] = key <= qi && qi < T && key < T;
-        acc_s[j][e] = ok[j][e] ? acc_s[j][e] * scale : 0.f;
-        d3[j][e] = ok[j][e] ? d3[j][e] : 0.f;
+        for (int j = 0; j < 2; ++j) acc_s[qt][j][0] = acc_s[qt][j][1] = acc_s[qt][j][2] = acc_s[qt][j][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t ka[4];
+        ldmatrix_x4(ka, myK + a_offset(lane, 0, kk * 16, S));
+#pragma unroll
+        for (int qt = 0; qt < kQB; ++qt) {
+          uint32_t bb[4];
+          ldmatrix_x4(bb, cQ + qt * kTile * S + bnk_offset(lane, 0, kk * 16, S));
+          mma_bf16(acc_s[qt][0], ka, bb[0], bb[1]);
+          mma_bf16(acc_s[qt][1], ka, bb[2], bb[3]);
+        }
       }
+    }
+#pragma unroll
+    for (int qt = 0; qt < kQB; ++qt) frag_gemm_abt<D, S>(d3[qt], va, cO + qt * kTile * S, lane);
+    bool ok[kQB][2][4];
+#pragma unroll
+    for (int qt = 0; qt < kQB; ++qt)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = n0 + g + 8 * (e >> 1), qi = m0 + qt * kTile + 8 * j + 2 * t + (e & 1);
+          ok[qt][j][e] = key <= qi && qi < T && key < T;
+          acc_s[qt][j][e] = ok[qt][j][e] ? acc_s[qt][j][e] * scale : 0.f;
+          d3[qt][j][e] = ok[qt][j][e] ? d3[qt][j][e] : 0.f;
+        }
     if (gpre) {
-      mw.put<true>(sSHi, sSLo, acc_s);
+#pragma unroll
+      for (int qt = 0; qt < kQB; ++qt) mw.put<true>(sSHi, sSLo, acc_s[qt], qt);
       group_sync(mw.gp, sSHi, sSLo);  // (1) S0^T of every head
       mix_own<true>(sSHi, sSLo, sFrag, kPre, sX1, mw);
       mix_done(mw.gp);  // (2) C'^T of every head
     }
-    float a[2][4];
+    float a[kQB][2][4];
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+    for (int qt = 0; qt < kQB; ++qt)
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float2 c =
-            gpre ? get_pair(sX1, warp, g + 8 * r, 8 * j + 2 * t) : make_float2(acc_s[j][2 * r], acc_s[j][2 * r + 1]);
-        a[j][2 * r] = ok[j][2 * r] ? exp2f(c.x * kLog2e - lse2[j][0]) : 0.f;
-        a[j][2 * r + 1] = ok[j][2 * r + 1] ? exp2f(c.y * kLog2e - lse2[j][1]) : 0.f;
-      }
-    float p[2][4], dc[2][4];
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float2 c = gpre ? get_pair(sX1, mw.out_slot(qt), g + 8 * r, 8 * j + 2 * t)
+                                : make_float2(acc_s[qt][j][2 * r], acc_s[qt][j][2 * r + 1]);
+          a[qt][j][2 * r] = ok[qt][j][2 * r] ? exp2f(c.x * kLog2e - lse2[qt][j][0]) : 0.f;
+          a[qt][j][2 * r + 1] = ok[qt][j][2 * r + 1] ? exp2f(c.y * kLog2e - lse2[qt][j][1]) : 0.f;
+        }
+    float p[kQB][2][4], dc[kQB][2][4];
     if (gpost) {
-      mw.put<false>(sA, nullptr, a);
-      mw.put<false>(sD, nullptr, d3);
+#pragma unroll
+      for (int qt = 0; qt < kQB; ++qt) {
+        mw.put<false>(sA, nullptr, a[qt], qt);
+        mw.put<false>(sD, nullptr, d3[qt], qt);
+      }
       group_sync(mw.gp, sA, sD);  // (3) A^T and dA3^T of every head; every warp has read C'^T
       mix_own<false>(sA, nullptr, sFrag, kPost, sX1, mw);
       mix_own<false>(sD, nullptr, sFrag, kPostT, sX2, mw);
       grad_tiles(gpost_acc, sD, sA, nullptr, grad_row0, grad_step, lane);  // dMpost += dA3^T A
       mix_done(mw.gp);  // (4) A3^T and dA^T of every head; every warp is done with sA
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
+      for (int qt = 0; qt < kQB; ++qt)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const float2 a3 = get_pair(sX1, warp, g + 8 * r, 8 * j + 2 * t);
-          const float2 da = get_pair(sX2, warp, g + 8 * r, 8 * j + 2 * t);
-          p[j][2 * r] = a3.x, p[j][2 * r + 1] = a3.y;
-          dc[j][2 * r] = a[j][2 * r] * (da.x - dlt[j][0]);
-          dc[j][2 * r + 1] = a[j][2 * r + 1] * (da.y - dlt[j][1]);
-        }
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const float2 a3 = get_pair(sX1, mw.out_slot(qt), g + 8 * r, 8 * j + 2 * t);
+            const float2 da = get_pair(sX2, mw.out_slot(qt), g + 8 * r, 8 * j + 2 * t);
+            p[qt][j][2 * r] = a3.x, p[qt][j][2 * r + 1] = a3.y;
+            dc[qt][j][2 * r] = a[qt][j][2 * r] * (da.x - dlt[qt][j][0]);
+            dc[qt][j][2 * r + 1] = a[qt][j][2 * r + 1] * (da.y - dlt[qt][j][1]);
+          }
     } else {
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
+      for (int qt = 0; qt < kQB; ++qt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) p[j][e] = a[j][e], dc[j][e] = a[j][e] * (d3[j][e] - dlt[j][e & 1]);
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            p[qt][j][e] = a[qt][j][e], dc[qt][j][e] = a[qt][j][e] * (d3[qt][j][e] - dlt[qt][j][e & 1]);
     }
-    accumulate_p_b<D, S>(acc_dv, p, cO, lane);  // dV += A3^T dO
-    float ds[2][4];
+#pragma unroll
+    for (int qt = 0; qt < kQB; ++qt) accumulate_p_b<D, S>(acc_dv, p[qt], cO + qt * kTile * S, lane);  // dV += A3^T dO
+    // One stage with two blocks: the next step's dO tiles load once this step's last reads of them are
+    // done (here) and its Q tiles after dK below, so that the loads overlap the rest of the step
+    // (session 12: -7% on this pass; the 16-head kernel, which spills, got 7% slower with it).
+    if (kEarlyLoads && has_next) {
+      __syncwarp();
+      load_rows(myO, dout, m0 + kRows);
+      cp_async_commit();
+    }
+    float ds[kQB][2][4];
     if (gpre) {
-      mw.put<false>(sA, nullptr, dc);  // A^T is done with (barrier (4), or no post mix)
+#pragma unroll
+      for (int qt = 0; qt < kQB; ++qt) mw.put<false>(sA, nullptr, dc[qt], qt);  // A^T is done with (barrier (4), or no post mix)
       group_sync(mw.gp, sA);  // (5) dC'^T of every head; every warp has read A3^T and dA^T
       mix_own<false>(sA, nullptr, sFrag, kPreT, sX1, mw);
       grad_tiles(gpre_acc, sA, sSHi, sSLo, grad_row0, grad_step, lane);  // dMpre += dC'^T S0
       mix_done(mw.gp);  // (6) dS^T of every head; every warp is done with sA and sS
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
+      for (int qt = 0; qt < kQB; ++qt)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const float2 x = get_pair(sX1, warp, g + 8 * r, 8 * j + 2 * t);
-          ds[j][2 * r] = x.x, ds[j][2 * r + 1] = x.y;
-        }
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const float2 x = get_pair(sX1, mw.out_slot(qt), g + 8 * r, 8 * j + 2 * t);
+            ds[qt][j][2 * r] = x.x, ds[qt][j][2 * r + 1] = x.y;
+          }
     } else {
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
+      for (int qt = 0; qt < kQB; ++qt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) ds[j][e] = dc[j][e];
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) ds[qt][j][e] = dc[qt][j][e];
     }
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+    for (int qt = 0; qt < kQB; ++qt) {
 #pragma unroll
-      for (int r = 0; r < 2; ++r)
-        *reinterpret_cast<uint32_t*>(mydS + (g + 8 * r) * SS + 8 * j + 2 * t) = pack_bf16(ds[j][2 * r], ds[j][2 * r + 1]);
-    accumulate_p_b<D, S>(acc_dk, ds, cQ, lane);  // dK += dS^T Q (scaled at the end)
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          *reinterpret_cast<uint32_t*>(mydS + qt * kTile * SS + (g + 8 * r) * SS + 8 * j + 2 * t) =
+              pack_bf16(ds[qt][j][2 * r], ds[qt][j][2 * r + 1]);
+      accumulate_p_b<D, S>(acc_dk, ds[qt], cQ + qt * kTile * S, lane);  // dK += dS^T Q (scaled at the end)
+    }
     __syncwarp();
-    // dQ[m0 .. m0 + 15] += dS K: A = dS (queries x keys) read transposed from dS^T.
-    uint32_t aq[4];
-    ldmatrix_x4_trans(aq, mydS + at_offset(lane, 0, 0, SS));
+    if (kEarlyLoads && has_next) {
+      load_rows(myQ, q, m0 + kRows);
+      cp_async_commit();
+    }
+    // dQ[m0 + 16 qt ..] += dS K: A = dS (queries x keys) read transposed from dS^T.
+    uint32_t aq[kQB][4];
+#pragma unroll
+    for (int qt = 0; qt < kQB; ++qt) ldmatrix_x4_trans(aq[qt], mydS + qt * kTile * SS + at_offset(lane, 0, 0, SS));
 #pragma unroll
     for (int dn = 0; dn < D / 16; ++dn) {
       uint32_t bb[4];
       ldmatrix_x4_trans(bb, myK + bkn_offset(lane, 0, dn * 16, S));
-      float acc[2][4] = {};
-      mma_bf16(acc[0], aq, bb[0], bb[1]);
-      mma_bf16(acc[1], aq, bb[2], bb[3]);
-      if (mw.real) atomic_add_tile(dq_acc, acc, m0, dn * 16, T, D, lane);
+#pragma unroll
+      for (int qt = 0; qt < kQB; ++qt) {
+        float acc[2][4] = {};
+        mma_bf16(acc[0], aq[qt], bb[0], bb[1]);
+        mma_bf16(acc[1], aq[qt], bb[2], bb[3]);
+        if (mw.real) atomic_add_tile(dq_acc, acc, m0 + qt * kTile, dn * 16, T, D, lane);
+      }
     }
     __syncwarp();
     // No barrier at the end: the next block's first shared write of each buffer follows a barrier
@@ -679,9 +831,10 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
     __syncwarp();
   }
-  // The mixing-weight gradient: each warp's 16 x 16 share (rows x, columns y of the CTA's heads) into
+  // The mixing-weight gradient: each warp's 16 x 16 share (rows x, columns y of the CTA's slots) into
   // shared memory (the MixOut buffers, free now), then one partial per (CTA, head x, y in x's group),
-  // summed over the warps in a fixed order.
+  // summed over the warps in a fixed order. With two tiles per head (kQB = 2), head x's terms are the
+  // sum of the two diagonal blocks, (x, y) and (x + G, y + G); the cross-tile blocks are not used.
   __syncthreads();
   float* sG = sX1;  // [2][L warps][16][16]: needs 2 * L * 256 <= 2 * L * kXT floats
   for (int kind = 0; kind < 2; ++kind) {
@@ -701,7 +854,9 @@ __global__ void __launch_bounds__(kMaxThreads)
     if (!gs || yy >= gs) continue;
     const int y = x - x % gs + yy;
     float sum = 0.f;
-    for (int w = 0; w < L; ++w) sum += sG[((kind * L + w) * kMaxG + x) * kMaxG + y];
+    for (int w = 0; w < L; ++w)
+#pragma unroll
+      for (int qt = 0; qt < kQB; ++qt) sum += sG[((kind * L + w) * kMaxG + x + qt * G) * kMaxG + y + qt * G];
     part[(cta * G + x) * kMaxGBwd + yy] = sum;
   }
 }
@@ -743,15 +898,28 @@ int mix_ctas(int G, int D) {
   return env_switch("MTA_FLASH_MIX_CLUSTER").value_or(false) ? 2 : 1;
 }
 
+// Whether FlashMix's passes take two query tiles per warp for a group of up to 8 heads in one CTA at
+// D = 64 (the kernels' kQB = 2, session 12). MTA_FLASH_MIX_TWO_BLOCKS=0 keeps one (for comparisons; read
+// per launch).
+bool two_query_blocks() { return env_switch("MTA_FLASH_MIX_TWO_BLOCKS").value_or(true); }
+
 template <int D, bool kOut>
 void launch_pass(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const float* mpre,
                  const float* mpost, bf16* o, float* lse, int B, int T, cudaStream_t s) {
   const int H = spec.heads, G = spec.coupled_heads(), C = mix_ctas(G, D);
   const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  if constexpr (D == 64) {  // two query tiles per warp (kQB) for groups of up to 8 in one CTA
+    if (C == 1 && G <= 8 && two_query_blocks()) {
+      launch_grouped_rows(flash_mix_fwd_kernel<D, kOut, 1, 2>, B, H, G, C, T, 2 * kTile,
+                          smem_bytes<D>(group_warps(G, C), kOut, 2), s, q, k, v, mpre, gpre, mpost, gpost, o, lse, H,
+                          T, G, scale);
+      return;
+    }
+  }
   const size_t smem = smem_bytes<D>(group_warps(G, C), kOut);
   auto kernel = C == 1 ? flash_mix_fwd_kernel<D, kOut, 1> : flash_mix_fwd_kernel<D, kOut, 2>;
-  launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, mpre, gpre, mpost, gpost, o, lse, H, T, G,
-                 1.0f / std::sqrt(static_cast<float>(D)));
+  launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, mpre, gpre, mpost, gpost, o, lse, H, T, G, scale);
 }
 
 template <int D>
@@ -802,10 +970,12 @@ void launch_backward(const AttentionSpec& spec, const bf16* q, const bf16* k, co
   // at G = 4, D = 64 the second stage took the main pass from 2 CTAs per SM to 1 and made it 47%
   // slower; where the CTAs per SM stay the same it gains 5-10%), else one. Sizes are per CTA (L heads).
   const size_t tile = static_cast<size_t>(L) * kTile * S * sizeof(bf16);
-  auto smem_delta = [&](int stages) { return 2 * stages * tile + kFragBytes + 3 * kInBytes + 2 * out_bytes(L); };
-  auto smem_main = [&](int stages) {
-    return (1 + 2 * stages) * tile + static_cast<size_t>(L) * kTile * SS * sizeof(bf16) + kFragBytes + 4 * kInBytes +
-           2 * out_bytes(L);
+  auto smem_delta = [&](int stages, int qb = 1) {
+    return 2 * stages * tile + kFragBytes + 3 * kInBytes + 2 * out_bytes(qb * L);
+  };
+  auto smem_main = [&](int stages, int qb = 1) {
+    return (1 + 2 * stages * qb) * tile + static_cast<size_t>(qb) * L * kTile * SS * sizeof(bf16) + kFragBytes +
+           4 * kInBytes + 2 * out_bytes(qb * L);
   };
   const int threads = 32 * L;
   auto delta_pass = [&](auto kernel, size_t smem) {
@@ -833,7 +1003,25 @@ void launch_backward(const AttentionSpec& spec, const bf16* q, const bf16* k, co
   if (C == 2) {
     small_groups(std::integral_constant<int, 2>{});
   } else if (G <= 8) {
-    small_groups(std::integral_constant<int, 1>{});
+    bool done = false;
+    if constexpr (D == 64) {  // at D = 128 the kernel has no registers for a second block
+      if (two_query_blocks()) {
+        // Two query blocks per step (kQB) in both passes: the main pass in one stage (~204 KB at 8
+        // heads), the delta pass in two (~165 KB) where they keep its CTAs per SM.
+        auto delta2 = [&](auto kernel, size_t smem) {
+          launch_grouped_rows(kernel, B, H, G, C, T, 2 * kTile, smem, s, q, k, v, dout, lse, mpre, gpre, mpost,
+                              gpost, delta, H, T, G, scale);
+        };
+        if (two_stages_pay(flash_mix_bwd_delta_kernel<D, 1, 1, 2>, flash_mix_bwd_delta_kernel<D, 2, 1, 2>, threads,
+                           smem_delta(1, 2), smem_delta(2, 2)))
+          delta2(flash_mix_bwd_delta_kernel<D, 2, 1, 2>, smem_delta(2, 2));
+        else
+          delta2(flash_mix_bwd_delta_kernel<D, 1, 1, 2>, smem_delta(1, 2));
+        key_tiles(flash_mix_bwd_kernel<D, 16 * kMaxG, 1, 1, 2>, smem_main(1, 2));
+        done = true;
+      }
+    }
+    if (!done) small_groups(std::integral_constant<int, 1>{});
   } else if constexpr (D == 64) {  // 9-16 heads in one CTA of 512 threads (flash_mix_supported)
     if (two_stages_pay(flash_mix_bwd_delta_kernel<D, 1, 1>, flash_mix_bwd_delta_kernel<D, 2, 1>, threads,
                        smem_delta(1), smem_delta(2)))

@@ -24,16 +24,16 @@ namespace {
 using headmix::cluster_size;  // head_mix_layout.h (host-callable, tested on the CPU)
 using headmix::group_warps;
 
-// Launches a pass over B x (H / G) groups x the query (or key) tiles of T, C CTAs of group_warps(G, C)
-// warps per group (a cluster when C > 1; blockIdx.x = group unit * C + rank), with `smem` bytes of
-// dynamic shared memory.
+// Launches a pass over B x (H / G) groups x the tiles of `rows` query rows (or keys) of T, C CTAs of
+// group_warps(G, C) warps per group (a cluster when C > 1; blockIdx.x = group unit * C + rank), with
+// `smem` bytes of dynamic shared memory.
 template <class... Params, class... Args>
-void launch_grouped(void (*kernel)(Params...), int B, int H, int G, int C, int T, size_t smem, cudaStream_t s,
-                    Args&&... args) {
+void launch_grouped_rows(void (*kernel)(Params...), int B, int H, int G, int C, int T, int rows, size_t smem,
+                         cudaStream_t s, Args&&... args) {
   MTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(B * (H / G) * C),
-                     static_cast<unsigned>((T + headmix::kTile - 1) / headmix::kTile));
+                     static_cast<unsigned>((T + rows - 1) / rows));
   cfg.blockDim = dim3(static_cast<unsigned>(32 * group_warps(G, C)));
   cfg.dynamicSmemBytes = smem;
   cfg.stream = s;
@@ -45,6 +45,12 @@ void launch_grouped(void (*kernel)(Params...), int B, int H, int G, int C, int T
   cfg.attrs = attr;
   cfg.numAttrs = C > 1 ? 1 : 0;
   MTA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));  // launch errors included
+}
+// The same over tiles of 16 (headmix::kTile), as most passes take them.
+template <class... Params, class... Args>
+void launch_grouped(void (*kernel)(Params...), int B, int H, int G, int C, int T, size_t smem, cudaStream_t s,
+                    Args&&... args) {
+  launch_grouped_rows(kernel, B, H, G, C, T, headmix::kTile, smem, s, std::forward<Args>(args)...);
 }
 
 // A CTA's place in its coupled group of G heads: the group is spread over a cluster of C CTAs (C = 1:

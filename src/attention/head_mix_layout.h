@@ -66,7 +66,14 @@ MTA_HD void b_frag_kn(int lane, int nt, int reg, int e, int& k, int& n) {
   n = 8 * nt + (lane >> 2);
   k = 2 * (lane & 3) + 8 * reg + e;
 }
-MTA_HD float frag_coef(const float* m, int gs, int head0, int G, bool adjoint, int k, int n) {
+// reps > 1: the mixing buffers hold `reps` tiles of positions per head, tile i of head x in slot x + i G
+// (FlashMix's backward at G <= 8, D = 64: two query blocks per step, session 12), and the coefficients
+// are block-diagonal over the copies, diag(M, M), so that one product mixes each tile on its own.
+MTA_HD float frag_coef(const float* m, int gs, int head0, int G, bool adjoint, int k, int n, int reps = 1) {
+  if (reps > 1) {
+    if (k / G != n / G || k / G >= reps) return 0.f;
+    k %= G, n %= G;
+  }
   return adjoint ? cta_coef(m, gs, head0, G, k, n) : cta_coef(m, gs, head0, G, n, k);
 }
 

@@ -31,9 +31,11 @@ using bf16 = __nv_bfloat16;
 
 // Per lane, the B fragments of the four kinds, hi and lo parts, into sFrag (kFragWords b32): word
 // 2 nt + reg (hi) and 4 + 2 nt + reg (lo) of lane i of kind k at sFrag[(k * 32 + i) * 8].
+// reps: the tiles per head in the mixing buffers (frag_coef). kinds < 4: only the first kinds (a
+// forward pass needs kPre, or kPre and kPost: kinds * 1 KB of sFrag).
 __device__ __forceinline__ void build_frags(uint32_t* sFrag, const float* mpre, int gpre, const float* mpost,
-                                            int gpost, int head0, int G) {
-  for (int i = threadIdx.x; i < 4 * 32; i += blockDim.x) {
+                                            int gpost, int head0, int G, int reps = 1, int kinds = 4) {
+  for (int i = threadIdx.x; i < kinds * 32; i += blockDim.x) {
     const int kind = i / 32, lane = i % 32;
     const float* m = (kind == kPre || kind == kPreT) ? mpre : mpost;
     const int gs = (kind == kPre || kind == kPreT) ? gpre : gpost;
@@ -48,7 +50,7 @@ __device__ __forceinline__ void build_frags(uint32_t* sFrag, const float* mpre, 
         for (int e = 0; e < 2; ++e) {
           int k, n;
           b_frag_kn(lane, nt, reg, e, k, n);
-          v[e] = frag_coef(m, gs, head0, G, adj, k, n);
+          v[e] = frag_coef(m, gs, head0, G, adj, k, n, reps);
           hi[e] = __bfloat162float(__float2bfloat16(v[e]));
         }
         out[2 * nt + reg] = mma::pack_bf16(v[0], v[1]);
@@ -81,18 +83,18 @@ __device__ __forceinline__ void put_tile(bf16* hi, bf16* lo, int x, const float 
 }
 
 // Out = mix of the group's tiles in MixIn (hi, + lo when kLo) with the coefficients of `kind`, into
-// MixOut, for the heads h0 .. h0 + L - 1 that this CTA owns (h0 = 0, L = G: the whole group in one CTA;
-// on a cluster, its share: group_cluster.cuh). Its L warps compute tile rows warp, warp + L, ... and
-// write the owned heads' results at local indices x - h0. The caller synchronizes before (MixIn
-// complete) and after (MixOut complete).
+// MixOut, for the slots h0 .. h0 + L - 1 that this CTA owns (h0 = 0, L = G: the whole group in one CTA;
+// on a cluster, its share: group_cluster.cuh; with two tiles per head, 2 G slots). Its `warps` warps
+// compute tile rows warp, warp + warps, ... and write the owned slots' results at local indices x - h0.
+// The caller synchronizes before (MixIn complete) and after (MixOut complete).
 template <bool kLo>
 __device__ __forceinline__ void mix_tiles_owned(const bf16* hi, const bf16* lo, const uint32_t* sFrag, int kind,
-                                                float* out, int h0, int L, int warp, int lane) {
+                                                float* out, int h0, int L, int warps, int warp, int lane) {
   const uint4* fp = reinterpret_cast<const uint4*>(sFrag + (kind * 32 + lane) * 8);
   const uint4 fh = fp[0], fl = fp[1];
   const uint32_t bh[4] = {fh.x, fh.y, fh.z, fh.w}, bl[4] = {fl.x, fl.y, fl.z, fl.w};
   const int g = lane >> 2, t = lane & 3;
-  for (int r = warp; r < kTile; r += L) {
+  for (int r = warp; r < kTile; r += warps) {
     uint32_t ah[4], al[4];
     mma::ldmatrix_x4_trans(ah, hi + mix_a_offset(lane, r));
     if (kLo) mma::ldmatrix_x4_trans(al, lo + mix_a_offset(lane, r));

@@ -176,6 +176,12 @@ TEST(FlashMix, PaperGroups) {
   check_case(Case{2, 8, 64, 64, 8, 0}, 3);      // before the softmax only
   check_case(Case{1, 8, 33, 64, 0, 8}, 4);      // after the softmax only
   check_case(Case{1, 4, 1, 64, 2, 4}, 5);       // T = 1, different groups before and after
+  // Groups of up to 8 at D = 64 take two query blocks per step in the main backward pass (session 12);
+  // the one-block kernel they ran before, kept for comparisons, must stay right too.
+  setenv("MTA_FLASH_MIX_TWO_BLOCKS", "0", 1);
+  check_case(Case{2, 8, 150, 64, 8, 8}, 6);
+  check_case(Case{1, 4, 47, 64, 2, 4}, 7);
+  unsetenv("MTA_FLASH_MIX_TWO_BLOCKS");
 }
 
 // Groups of 9-16 heads at D = 128 run on clusters of 2 or 3 CTAs that exchange the mixing inputs
