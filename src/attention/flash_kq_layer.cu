@@ -63,7 +63,9 @@ constexpr size_t kMaxSmemPerCta = 227 * 1024;  // sm_90's opt-in dynamic shared 
 // The kernels after pass 1 declare __launch_bounds__(256, kCl ? 1 : 0): compiled for clusters (whose
 // size they read at run time), ptxas otherwise chose as few as 64 or 128 registers and spilled (kernel
 // P's runtime-size form at D = 64: 128 registers, 96 bytes; the delta pass at D = 128: 64 registers);
-// a minimum of one CTA per SM lets them use up to 255. The one-CTA forms keep ptxas's own choice.
+// a minimum of one CTA per SM lets them use up to 255. The one-CTA forms keep ptxas's own choice,
+// except the delta pass's (session 12: with both dA2 parts in one mix, ptxas chose 128 registers and
+// spilled at 6 x 11; its shared memory allows one CTA per SM anyway).
 
 // A layer without kq_pre (or kq_post) runs the kernels with the identity 1 x 1 convolution in its
 // place: with the weight pointer null, load_taps gives the single tap 1, and C = 1 * S0 is S0 exactly in
@@ -389,13 +391,13 @@ __device__ __forceinline__ KqShared kq_shared(unsigned char* base, int L, bool w
 __device__ __forceinline__ void load_taps_and_mix(const KqShared& sh, const KqPlace& p, const float* wpre, int cq1,
                                                   int ck1, const float* wpost, int cq2, int ck2, const float* mpre,
                                                   int gpre, const float* mpost, int gpost, int G, int warp,
-                                                  int lane) {
+                                                  int lane, int reps = 1) {
   load_taps(sh.wpre + warp * kHeadTaps, wpre, p.h, cq1, ck1, lane);
   load_taps(sh.wpost + warp * kHeadTaps, wpost, p.h, cq2, ck2, lane);
   if (sh.dw)
     for (int i = lane; i < kHeadTaps; i += 32) sh.dw[warp * kHeadTaps + i] = 0.f;
   if (gpre || gpost) {
-    build_frags(sh.frag, mpre, gpre, mpost, gpost, p.u * G, G);
+    build_frags(sh.frag, mpre, gpre, mpost, gpost, p.u * G, G, reps);
     zero_in(sh.in_hi), zero_in(sh.in_lo);
   }
 }
@@ -453,6 +455,40 @@ __device__ __forceinline__ void mix_in_place(float (&c)[8], bf16* sInHi, bf16* s
   for (int e = 0; e < 8; e += 2) {
     const float2 x = get_pair(sOut, warp, r, 8 * half + e);
     c[e] = x.x, c[e + 1] = x.y;
+  }
+}
+
+// Two 16 x 16 tiles per head mixed in one product (session 12; a group in one CTA, G <= 8): c0 into
+// MixIn slot x, c1 into slot x + G, the coefficients block-diagonal (load_taps_and_mix with reps = 2), so
+// each comes back mixed on its own, as two calls of mix_in_place would give, with one pair of barriers
+// instead of two. A single-tile mix_in_place stays right with those coefficients: its outputs (slots
+// < G) take nothing from the slots >= G, which hold finite values (zero, or an earlier mix's input).
+__device__ __forceinline__ void mix_in_place2(float (&c0)[8], float (&c1)[8], bf16* sInHi, bf16* sInLo,
+                                              const uint32_t* sFrag, int kind, float* sOut, const GroupPlace& gp,
+                                              int warp, int lane) {
+  const int r = lane & 15, half = lane >> 4;
+#pragma unroll
+  for (int part = 0; part < 2; ++part) {
+    const float(&c)[8] = part == 0 ? c0 : c1;
+    uint32_t hi[4], lo[4];
+#pragma unroll
+    for (int e = 0; e < 8; e += 2) {
+      const __nv_bfloat162 h = __floats2bfloat162_rn(c[e], c[e + 1]);
+      const __nv_bfloat162 l = __floats2bfloat162_rn(c[e] - __low2float(h), c[e + 1] - __high2float(h));
+      hi[e / 2] = *reinterpret_cast<const uint32_t*>(&h);
+      lo[e / 2] = *reinterpret_cast<const uint32_t*>(&l);
+    }
+    const int off = in_offset(warp + part * gp.G, r, 8 * half);
+    *reinterpret_cast<uint4*>(sInHi + off) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+    *reinterpret_cast<uint4*>(sInLo + off) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+  }
+  __syncthreads();
+  mix_tiles_owned<true>(sInHi, sInLo, sFrag, kind, sOut, 0, 2 * gp.G, gp.L, warp, lane);
+  __syncthreads();  // every slot's mixed tile in MixOut; every warp is done reading MixIn
+#pragma unroll
+  for (int e = 0; e < 8; e += 2) {
+    const float2 x0 = get_pair(sOut, warp, r, 8 * half + e), x1 = get_pair(sOut, warp + gp.G, r, 8 * half + e);
+    c0[e] = x0.x, c0[e + 1] = x0.y, c1[e] = x1.x, c1[e + 1] = x1.y;
   }
 }
 
@@ -549,39 +585,68 @@ constexpr size_t warp_region_out_bytes() {
 }
 static_assert(kS0Floats * sizeof(float) >= 32 * (128 + 8) * sizeof(bf16), "Q staging fits the S0 window");
 
+// tiles: MixOut's tiles per head (2 in one CTA: mix_in_place2).
 template <int D>
-constexpr size_t smem_out_bytes(int G) {
+constexpr size_t smem_out_bytes(int G, int tiles) {
   return static_cast<size_t>(G) * (warp_region_out_bytes<D>() + 2 * kMaxCq * kTapPitch * sizeof(float)) +
          kFragWords * sizeof(uint32_t) + 2 * static_cast<size_t>(kInElems) * sizeof(bf16) +
-         static_cast<size_t>(G) * kXT * sizeof(float);
+         static_cast<size_t>(tiles) * G * kXT * sizeof(float);
 }
 
 // Step 2 above for key tile `tile`. lse2[part]: lse * log2(e) of row m0 - 8 + 16 part + (lane & 15).
 // The S0 window's ring is rotated by the pre convolution's key offset, the A window's by the post
 // convolution's (a_rot), each for the convolution that reads it.
-template <int kCq, int kCk>
+// kTwo (a group in one CTA): both parts' convolutions first, then one mixing product for both
+// (mix_in_place2: 4 barriers per key block instead of 6).
+template <int kCq, int kCk, bool kTwo>
 __device__ __forceinline__ void a_tile_to_window(float* awin, const float* s0win, const float* w, int cq, int ck,
                                                  int a_rot, int gpre, bf16* sInHi, bf16* sInLo,
                                                  const uint32_t* sFrag, float* sOut, const GroupPlace& gp, int warp,
                                                  int lane,
                                                  int tile, int m0, int T, const float (&lse2)[2]) {
   const int r = lane & 15, half = lane >> 4, key0 = kTile * tile;
+  if constexpr (kTwo) {
+    float c[2][8] = {};
 #pragma unroll
-  for (int part = 0; part < 2; ++part) {
-    const int rr = 16 * part + r, row = m0 - kATop + rr;  // A window row rr
-    const bool live = rr < kATop + kTile && key0 <= m0 + kTile - 1;  // in the window, not all future
-    float c[8] = {};
-    if (live) conv_row8<kCq, kCk>(s0win, w, cq, ck, rr + (kS0Top - kATop), key0 + 8 * half, c);
-    if (gpre) mix_in_place(c, sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);
-    if (rr < kATop + kTile) {
+    for (int part = 0; part < 2; ++part) {
+      const int rr = 16 * part + r;
+      if (rr < kATop + kTile && key0 <= m0 + kTile - 1)
+        conv_row8<kCq, kCk>(s0win, w, cq, ck, rr + (kS0Top - kATop), key0 + 8 * half, c[part]);
+    }
+    if (gpre) mix_in_place2(c[0], c[1], sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);
 #pragma unroll
-      for (int e = 0; e < 8; e += 2) {
-        const int key = key0 + 8 * half + e;
-        const bool ok = row >= 0 && row < T;
-        const float a0 = ok && key <= row ? exp2f(fmaf(c[e], kLog2e, -lse2[part])) : 0.f;
-        const float a1 = ok && key + 1 <= row ? exp2f(fmaf(c[e + 1], kLog2e, -lse2[part])) : 0.f;
-        awin[rr * kWinPitch + ((key + a_rot) & 63)] = a0;  // scalar: an odd rotation misaligns pairs
-        awin[rr * kWinPitch + ((key + 1 + a_rot) & 63)] = a1;
+    for (int part = 0; part < 2; ++part) {
+      const int rr = 16 * part + r, row = m0 - kATop + rr;
+      if (rr < kATop + kTile) {
+#pragma unroll
+        for (int e = 0; e < 8; e += 2) {
+          const int key = key0 + 8 * half + e;
+          const bool ok = row >= 0 && row < T;
+          const float a0 = ok && key <= row ? exp2f(fmaf(c[part][e], kLog2e, -lse2[part])) : 0.f;
+          const float a1 = ok && key + 1 <= row ? exp2f(fmaf(c[part][e + 1], kLog2e, -lse2[part])) : 0.f;
+          awin[rr * kWinPitch + ((key + a_rot) & 63)] = a0;
+          awin[rr * kWinPitch + ((key + 1 + a_rot) & 63)] = a1;
+        }
+      }
+    }
+  } else {
+#pragma unroll
+    for (int part = 0; part < 2; ++part) {
+      const int rr = 16 * part + r, row = m0 - kATop + rr;  // A window row rr
+      const bool live = rr < kATop + kTile && key0 <= m0 + kTile - 1;  // in the window, not all future
+      float c[8] = {};
+      if (live) conv_row8<kCq, kCk>(s0win, w, cq, ck, rr + (kS0Top - kATop), key0 + 8 * half, c);
+      if (gpre) mix_in_place(c, sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);
+      if (rr < kATop + kTile) {
+#pragma unroll
+        for (int e = 0; e < 8; e += 2) {
+          const int key = key0 + 8 * half + e;
+          const bool ok = row >= 0 && row < T;
+          const float a0 = ok && key <= row ? exp2f(fmaf(c[e], kLog2e, -lse2[part])) : 0.f;
+          const float a1 = ok && key + 1 <= row ? exp2f(fmaf(c[e + 1], kLog2e, -lse2[part])) : 0.f;
+          awin[rr * kWinPitch + ((key + a_rot) & 63)] = a0;  // scalar: an odd rotation misaligns pairs
+          awin[rr * kWinPitch + ((key + 1 + a_rot) & 63)] = a1;
+        }
       }
     }
   }
@@ -617,7 +682,8 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   if (o32) o32 += pl.head * D;
   const float* myWpre = sh.wpre + warp * kHeadTaps;
   const float* myWpost = sh.wpost + warp * kHeadTaps;
-  load_taps_and_mix(sh, pl, wpre, cq1, ck1, wpost, cq2, ck2, mpre, gpre, mpost, gpost, G, warp, lane);
+  constexpr bool kTwo = !kCl;  // one CTA holds the group (<= kOutHeads): the pre mix's parts in one product
+  load_taps_and_mix(sh, pl, wpre, cq1, ck1, wpost, cq2, ck2, mpre, gpre, mpost, gpost, G, warp, lane, kTwo ? 2 : 1);
 
   QFrags<D> qf;  // Q rows m0 - 16 .. m0 + 15, staged in the S0 window
   load_row_frags(reinterpret_cast<bf16*>(s0win), q, m0 - kTile, T, lane, qf);
@@ -638,8 +704,8 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   for (int j = 0; j < D / 8; ++j) acc_o[j][0] = acc_o[j][1] = acc_o[j][2] = acc_o[j][3] = 0.f;
   s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qf, 0, m0, T, scale, off1, lane);
   s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qf, 1, m0, T, scale, off1, lane);
-  a_tile_to_window<kCq1, kCk1>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, gp, warp, lane,
-                               0, m0, T, lse2);
+  a_tile_to_window<kCq1, kCk1, kTwo>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, gp, warp,
+                                     lane, 0, m0, T, lse2);
   const int n_end = min(T, m0 + kTile), row = m0 + r;
   for (int n0 = 0; n0 < n_end; n0 += kTile) {
     const int kt = n0 / kTile;
@@ -647,8 +713,8 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     // V of the output keys into the tile buffer (K is done with), landing while A and A2 are computed.
     warp_load_rows_zero<D, S, kTile>(sTile, v, n0, T, lane);
     cp_async_commit();
-    a_tile_to_window<kCq1, kCk1>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, gp, warp,
-                                 lane, kt + 1, m0, T, lse2);
+    a_tile_to_window<kCq1, kCk1, kTwo>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, gp,
+                                       warp, lane, kt + 1, m0, T, lse2);
     float a2[8];
     conv_row8<kCq2, kCk2>(awin, myWpost, cq2, ck2, kATop + r, n0 + 8 * half, a2);
 #pragma unroll
@@ -734,19 +800,21 @@ constexpr size_t warp_region_delta_bytes() {
 }
 static_assert(kDFloats * sizeof(float) >= 32 * (128 + 8) * sizeof(bf16), "Q and dO staging fits the dA2 window");
 
+// tiles: MixOut's tiles per head (2 in one CTA: mix_in_place2).
 template <int D>
-constexpr size_t smem_delta_bytes(int G) {
+constexpr size_t smem_delta_bytes(int G, int tiles) {
   return static_cast<size_t>(G) * (warp_region_delta_bytes<D>() + 2 * kMaxCq * kTapPitch * sizeof(float)) +
          kFragWords * sizeof(uint32_t) + 2 * static_cast<size_t>(kInElems) * sizeof(bf16) +
-         static_cast<size_t>(G) * kXT * sizeof(float);
+         static_cast<size_t>(tiles) * G * kXT * sizeof(float);
 }
 
 // Key tile `tile` of dA2 for rows m0 .. m0 + 31 into the dA2 window (ring rotated by `rot`): dA3 from the
 // dO fragments (rows m0 .. m0 + 15 and m0 + 16 .. m0 + 31; zero past T) and the V tile (zero past T),
 // the Mpost^T mix per 16-row part when gpost, the future set to 0. A tile entirely in the future of
 // row m0 + 31 is zero-filled; that test is the same for every warp of the CTA, so all of them take
-// the mixes' barriers or none does.
-template <int D, int S, class R = Ring64, class F>
+// the mixes' barriers or none does. kTwo (the delta pass with its group in one CTA): both parts in one
+// mixing product (mix_in_place2).
+template <int D, int S, class R = Ring64, bool kTwo = false, class F>
 __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const bf16* v, const F& dof, int tile,
                                                    int m0, int T, int rot, int gpost, bf16* sInHi, bf16* sInLo,
                                                    const uint32_t* sFrag, float* sOut, const GroupPlace& gp, int warp,
@@ -772,25 +840,44 @@ __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const
     }
   __syncwarp();  // each lane now mixes and masks the positions of its own row r and keys 8 half ..
   const int r = lane & 15, half = lane >> 4;
+  if constexpr (kTwo) {
+    float x[2][8];
 #pragma unroll
-  for (int part = 0; part < 2; ++part) {
-    float* wrow = dwin + (kTile * part + r) * R::kPitch;
-    const int row = m0 + kTile * part + r;
-    float x[8];
+    for (int part = 0; part < 2; ++part)
 #pragma unroll
-    for (int e = 0; e < 8; ++e) x[e] = wrow[R::col(key0 + 8 * half + e + rot)];
-    if (gpost) mix_in_place(x, sInHi, sInLo, sFrag, kPostT, sOut, gp, warp, lane);
+      for (int e = 0; e < 8; ++e) x[part][e] = dwin[(kTile * part + r) * R::kPitch + R::col(key0 + 8 * half + e + rot)];
+    if (gpost) mix_in_place2(x[0], x[1], sInHi, sInLo, sFrag, kPostT, sOut, gp, warp, lane);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const int key = key0 + 8 * half + e;
-      wrow[R::col(key + rot)] = key > row ? 0.f : x[e];
+    for (int part = 0; part < 2; ++part) {
+      float* wrow = dwin + (kTile * part + r) * R::kPitch;
+      const int row = m0 + kTile * part + r;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const int key = key0 + 8 * half + e;
+        wrow[R::col(key + rot)] = key > row ? 0.f : x[part][e];
+      }
+    }
+  } else {
+#pragma unroll
+    for (int part = 0; part < 2; ++part) {
+      float* wrow = dwin + (kTile * part + r) * R::kPitch;
+      const int row = m0 + kTile * part + r;
+      float x[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) x[e] = wrow[R::col(key0 + 8 * half + e + rot)];
+      if (gpost) mix_in_place(x, sInHi, sInLo, sFrag, kPostT, sOut, gp, warp, lane);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const int key = key0 + 8 * half + e;
+        wrow[R::col(key + rot)] = key > row ? 0.f : x[e];
+      }
     }
   }
   __syncwarp();  // the window is read by other lanes; the V tile buffer is reloaded next time
 }
 
 template <int D, int kCq1, int kCk1, int kCq2, int kCk2, bool kCl>
-__global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
+__global__ void __launch_bounds__(16 * kMaxG, 1)
     flash_kq_layer_delta_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                                 const bf16* __restrict__ dout, const float* __restrict__ wpre,
                                 const float* __restrict__ mpre, int gpre, const float* __restrict__ wpost,
@@ -816,7 +903,8 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   q += pl.head * D, k += pl.head * D, v += pl.head * D, dout += pl.head * D, lse += pl.head, delta += pl.head;
   const float* myWpre = sh.wpre + warp * kHeadTaps;
   const float* myWpost = sh.wpost + warp * kHeadTaps;
-  load_taps_and_mix(sh, pl, wpre, cq1, ck1, wpost, cq2, ck2, mpre, gpre, mpost, gpost, G, warp, lane);
+  constexpr bool kTwo = !kCl;  // one CTA holds the group (<= kDeltaHeads): dA2's parts in one product
+  load_taps_and_mix(sh, pl, wpre, cq1, ck1, wpost, cq2, ck2, mpre, gpre, mpost, gpost, G, warp, lane, kTwo ? 2 : 1);
 
   // Q rows m0 - 16 .. m0 + 15 and dO rows m0 .. m0 + 31 as A fragments in registers (at D = 128 too:
   // kDeltaHeads), staged in the dA2 window.
@@ -832,15 +920,15 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   group_start(gp);  // every warp's taps, the fragments, the zeroed MixIn
 
   s0_tile_to_window<D, S, kWinTop>(win, sTile, k, qf, 0, m0, T, scale, off1, lane);
-  da2_tile_to_window<D, S>(dwin, sTile, v, dof, 0, m0, T, rot_t, gpost, sInHi, sInLo, sFrag, sOut, gp, warp,
-                           lane);
+  da2_tile_to_window<D, S, Ring64, kTwo>(dwin, sTile, v, dof, 0, m0, T, rot_t, gpost, sInHi, sInLo, sFrag, sOut, gp,
+                                         warp, lane);
   float part = 0.f;
   const int n_end = min(T, m0 + kTile);
   for (int n0 = 0; n0 < n_end; n0 += kTile) {
     const int kt = n0 / kTile;
     s0_tile_to_window<D, S, kWinTop>(win, sTile, k, qf, kt + 1, m0, T, scale, off1, lane);
-    da2_tile_to_window<D, S>(dwin, sTile, v, dof, kt + 1, m0, T, rot_t, gpost, sInHi, sInLo, sFrag, sOut, gp,
-                             warp, lane);
+    da2_tile_to_window<D, S, Ring64, kTwo>(dwin, sTile, v, dof, kt + 1, m0, T, rot_t, gpost, sInHi, sInLo, sFrag,
+                                           sOut, gp, warp, lane);
     float c[8], da[8];
     conv_row8<kCq1, kCk1>(win, myWpre, cq1, ck1, kWinTop + r, n0 + 8 * half, c);
     if (gpre) mix_in_place(c, sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);  // C -> C' (two barriers)
@@ -865,7 +953,7 @@ void launch_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, const
   const KqConv pre = pre_conv(spec);
   const KqConv post = post_conv(spec);
   const int C = cluster_size(G, kDeltaHeads);
-  const size_t smem = smem_delta_bytes<D>(group_warps(G, C));
+  const size_t smem = smem_delta_bytes<D>(group_warps(G, C), C == 1 ? 2 : 1);
   auto kernel = C == 1 ? flash_kq_layer_delta_kernel<D, kCq1, kCk1, kCq2, kCk2, false>
                        : flash_kq_layer_delta_kernel<D, kCq1, kCk1, kCq2, kCk2, true>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, spec.kq_pre ? wpre : nullptr, mpre, gpre,
@@ -1059,16 +1147,16 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   float dmp[kDmp] = {};  // dMpost of this warp's head with head y0 + yy of its group
   s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qf, 0, m0, T, scale, off1, lane);
   s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qf, 1, m0, T, scale, off1, lane);
-  a_tile_to_window<kCq1, kCk1>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, gp, warp, lane,
-                               0, m0, T, lse2);
+  a_tile_to_window<kCq1, kCk1, false>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, gp, warp,
+                                     lane, 0, m0, T, lse2);
   const int n_end = min(T, m0 + kTile), row = m0 + r;
   for (int n0 = 0; n0 < n_end; n0 += kTile) {
     const int kt = n0 / kTile;
     s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qf, kt + 2, m0, T, scale, off1, lane);
     warp_load_rows_zero<D, S, kTile>(sTile, v, n0, T, lane);  // V lands while A and A2 are computed
     cp_async_commit();
-    a_tile_to_window<kCq1, kCk1>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, gp, warp,
-                                 lane, kt + 1, m0, T, lse2);
+    a_tile_to_window<kCq1, kCk1, false>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, gp,
+                                       warp, lane, kt + 1, m0, T, lse2);
     float a2[8], a3[8];
     conv_row8<kCq2, kCk2>(awin, myWpost, cq2, ck2, kATop + r, n0 + 8 * half, a2);
 #pragma unroll
@@ -1281,8 +1369,10 @@ static_assert(smem_pre_bytes<64>(bwd_heads(64)) <= kMaxSmemPerCta &&
                   smem_pre_bytes<128>(bwd_heads(128)) <= kMaxSmemPerCta &&
                   smem_post_bytes<64>(bwd_heads(64)) <= kMaxSmemPerCta &&
                   smem_post_bytes<128>(bwd_heads(128)) <= kMaxSmemPerCta &&
-                  smem_delta_bytes<64>(kDeltaHeads) <= kMaxSmemPerCta &&
-                  smem_delta_bytes<128>(kDeltaHeads) <= kMaxSmemPerCta,
+                  smem_delta_bytes<64>(kDeltaHeads, 2) <= kMaxSmemPerCta &&
+                  smem_delta_bytes<128>(kDeltaHeads, 2) <= kMaxSmemPerCta &&
+                  smem_out_bytes<64>(kOutHeads, 2) <= kMaxSmemPerCta &&
+                  smem_out_bytes<128>(kOutHeads, 2) <= kMaxSmemPerCta,
               "the backward's CTAs fit their heads' shared memory");
 
 // movmatrix: the transpose of an 8 x 8 bf16 matrix held as one b32 per lane (row lane / 4, columns
@@ -1620,7 +1710,7 @@ void launch_out(const AttentionSpec& spec, const bf16* q, const bf16* k, const b
   const KqConv pre = pre_conv(spec);
   const KqConv post = post_conv(spec);
   const int C = cluster_size(G, kOutHeads);
-  const size_t smem = smem_out_bytes<D>(group_warps(G, C));
+  const size_t smem = smem_out_bytes<D>(group_warps(G, C), C == 1 ? 2 : 1);
   auto kernel = C == 1 ? flash_kq_layer_out_kernel<D, kCq1, kCk1, kCq2, kCk2, false>
                        : flash_kq_layer_out_kernel<D, kCq1, kCk1, kCq2, kCk2, true>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, spec.kq_pre ? wpre : nullptr, mpre, gpre,

@@ -540,7 +540,7 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 && kQB == 1 ? 32 * kMaxG : 
 // two independent chains between them, and K's fragments serve both blocks. Measured as the main
 // pass's bound (ncu, session 11: 13 cycles per issued instruction, waiting at barriers and on
 // dependent loads).
-template <int D, int kMaxThreads, int kStages, int kC, int kQB = 1>
+template <int D, int kMaxThreads, int kStages, int kC, int kQB = 1, bool kEarlyOne = false>
 __global__ void __launch_bounds__(kMaxThreads)
     flash_mix_bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                          const bf16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -550,7 +550,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                          float scale) {
   static_assert(kQB == 1 || (kQB == 2 && kC == 1), "two query blocks per step: one CTA per group");
   constexpr int S = D + 8, SS = kTile + 8, kRows = kQB * kTile;  // kRows: query rows per step
-  constexpr bool kEarlyLoads = kStages == 1 && kQB == 2;          // see below
+  constexpr bool kEarlyLoads = kStages == 1 && (kQB == 2 || kEarlyOne);  // see below
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int L = group_warps(G, kC);              // the CTA's warps
   bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [L][16][S]
@@ -737,9 +737,10 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
 #pragma unroll
     for (int qt = 0; qt < kQB; ++qt) accumulate_p_b<D, S>(acc_dv, p[qt], cO + qt * kTile * S, lane);  // dV += A3^T dO
-    // One stage with two blocks: the next step's dO tiles load once this step's last reads of them are
-    // done (here) and its Q tiles after dK below, so that the loads overlap the rest of the step
-    // (session 12: -7% on this pass; the 16-head kernel, which spills, got 7% slower with it).
+    // One stage with two blocks (or kEarlyOne): the next step's dO tiles load once this step's last reads
+    // of them are done (here) and its Q tiles after dK below, so that the loads overlap the rest of the
+    // step. Session 12: -7% on the two-block pass, -3.6% on the one-CTA kernel at D = 128; the kernels
+    // that spill got slower with them (the 16-head one at D = 64 +7%, the clustered one at D = 128 +2.7%).
     if (kEarlyLoads && has_next) {
       __syncwarp();
       load_rows(myO, dout, m0 + kRows);
@@ -997,6 +998,8 @@ void launch_backward(const AttentionSpec& spec, const bf16* q, const bf16* k, co
     if (two_stages_pay(flash_mix_bwd_kernel<D, 16 * kMaxG, 1, kC>, flash_mix_bwd_kernel<D, 16 * kMaxG, 2, kC>, threads,
                        smem_main(1), smem_main(2)))
       key_tiles(flash_mix_bwd_kernel<D, 16 * kMaxG, 2, kC>, smem_main(2));
+    else if constexpr (D == 128 && kC == 1)  // early loads (kEarlyOne): -3.6% here, +2.7% on clusters (spills)
+      key_tiles(flash_mix_bwd_kernel<D, 16 * kMaxG, 1, kC, 1, true>, smem_main(1));
     else
       key_tiles(flash_mix_bwd_kernel<D, 16 * kMaxG, 1, kC>, smem_main(1));
   };
