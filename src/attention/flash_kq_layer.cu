@@ -411,10 +411,8 @@ __device__ __forceinline__ void load_taps_and_mix(const KqShared& sh, const KqPl
 // this CTA's heads, a barrier, the mixed values back. Every warp of every CTA of the cluster must call it.
 // kRelease false: the caller still reads MixIn (the mix's input, for a mixing-weight gradient) and calls
 // mix_done before the next mix.
-template <bool kRelease = true>
-__device__ __forceinline__ void mix_in_place(float (&c)[8], bf16* sInHi, bf16* sInLo, const uint32_t* sFrag, int kind,
-                                             float* sOut, const GroupPlace& gp, int warp, int lane) {
-  const int r = lane & 15, half = lane >> 4;
+// A lane's 8 values as bf16 hi and their rounding remainders lo (MixIn's operands), 16 bytes each.
+__device__ __forceinline__ void split_hi_lo(const float (&c)[8], uint4& vhi, uint4& vlo) {
   uint32_t hi[4], lo[4];
 #pragma unroll
   for (int e = 0; e < 8; e += 2) {
@@ -423,8 +421,16 @@ __device__ __forceinline__ void mix_in_place(float (&c)[8], bf16* sInHi, bf16* s
     hi[e / 2] = *reinterpret_cast<const uint32_t*>(&h);
     lo[e / 2] = *reinterpret_cast<const uint32_t*>(&l);
   }
+  vhi = make_uint4(hi[0], hi[1], hi[2], hi[3]), vlo = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+}
+
+template <bool kRelease = true>
+__device__ __forceinline__ void mix_in_place(float (&c)[8], bf16* sInHi, bf16* sInLo, const uint32_t* sFrag, int kind,
+                                             float* sOut, const GroupPlace& gp, int warp, int lane) {
+  const int r = lane & 15, half = lane >> 4;
   const int off = in_offset(gp.h0 + warp, r, 8 * half);  // 16-byte aligned (kYS, kPS and 8 half)
-  const uint4 vhi = make_uint4(hi[0], hi[1], hi[2], hi[3]), vlo = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+  uint4 vhi, vlo;
+  split_hi_lo(c, vhi, vlo);
   const bool real = gp.real(warp);  // a padding warp's slot stays zero
   if (gp.C > 1) {
     namespace cg = cooperative_groups;
@@ -469,18 +475,11 @@ __device__ __forceinline__ void mix_in_place2(float (&c0)[8], float (&c1)[8], bf
   const int r = lane & 15, half = lane >> 4;
 #pragma unroll
   for (int part = 0; part < 2; ++part) {
-    const float(&c)[8] = part == 0 ? c0 : c1;
-    uint32_t hi[4], lo[4];
-#pragma unroll
-    for (int e = 0; e < 8; e += 2) {
-      const __nv_bfloat162 h = __floats2bfloat162_rn(c[e], c[e + 1]);
-      const __nv_bfloat162 l = __floats2bfloat162_rn(c[e] - __low2float(h), c[e + 1] - __high2float(h));
-      hi[e / 2] = *reinterpret_cast<const uint32_t*>(&h);
-      lo[e / 2] = *reinterpret_cast<const uint32_t*>(&l);
-    }
     const int off = in_offset(warp + part * gp.G, r, 8 * half);
-    *reinterpret_cast<uint4*>(sInHi + off) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
-    *reinterpret_cast<uint4*>(sInLo + off) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+    uint4 vhi, vlo;
+    split_hi_lo(part == 0 ? c0 : c1, vhi, vlo);
+    *reinterpret_cast<uint4*>(sInHi + off) = vhi;
+    *reinterpret_cast<uint4*>(sInLo + off) = vlo;
   }
   __syncthreads();
   mix_tiles_owned<true>(sInHi, sInLo, sFrag, kind, sOut, 0, 2 * gp.G, gp.L, warp, lane);

@@ -306,9 +306,7 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 && kQB == 1 ? 32 * kMaxG : 
     for (int qt = 0; qt < kQB; ++qt)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        float l = row_sum[qt][r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float l = quad_sum(row_sum[qt][r]);
         const int row = m0 + qt * kTile + g + 8 * r;
         if (t == 0 && row < T && mw.real) lse[head + row] = row_max[qt][r] * kLn2 + logf(l);
       }
@@ -509,9 +507,7 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 && kQB == 1 ? 32 * kMaxG : 
   for (int qt = 0; qt < kQB; ++qt)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float s = dpart[qt][r];
-      s += __shfl_xor_sync(0xffffffffu, s, 1);
-      s += __shfl_xor_sync(0xffffffffu, s, 2);
+      const float s = quad_sum(dpart[qt][r]);
       const int row = m0 + qt * kTile + g + 8 * r;
       if (t == 0 && row < T && mw.real) delta[head + row] = s;
     }

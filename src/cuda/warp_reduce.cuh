@@ -1,5 +1,5 @@
 #pragma once
-// Warp-wide sum over the 32 lanes in a fixed butterfly order (every lane gets the result), shared by
+// Warp-wide sums over the 32 lanes in a fixed butterfly order (every lane gets the result), shared by
 // the CUDA layers (layers.cu), the materialized MTA op and the epilogue (epilogue.cuh) and FlashMix's
 // reductions (flash_mix.cu). Internal to each file that includes it (unnamed namespace).
 #include <cuda_runtime.h>
@@ -11,6 +11,13 @@ template <typename V>
 __device__ inline V warp_sum(V v) {
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   return v;
+}
+
+// Sum over the 4 lanes of a quad (lanes 4g .. 4g + 3: one row of an mma accumulator tile), in a fixed
+// order; every lane of the quad gets the result.
+__device__ inline float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
 }  // namespace
