@@ -207,32 +207,48 @@ __device__ __forceinline__ bool s0_extended(const bf16* sQ, const bf16* sK, __ha
   return beyond;
 }
 
-// C for 16 output rows (local rows 16 rg ..) and kNB blocks of 8 keys from block nj0 (the tile's kBlockN
-// keys by default), in mma accumulator layout: sum over a < cq of (sS rows shifted by a, 32 columns from
-// 8 nj) x Band_a. Output block nj takes its two k-steps from the A tiles at columns 8 nj and 8 (nj + 2),
-// so the tile at column 8 m serves block m (k-step 0) and block m - 2 (k-step 1): kNB + 2 ldmatrix per
-// shift instead of 2 kNB (the products are shared-memory bound), with each block's sum in the same order.
-template <class Tr, int kNB = Tr::kBlockN / 8>
-__device__ __forceinline__ void conv_tile(const __half* sS, const uint32_t* sBand, int cq, int rg, int nj0, int lane,
-                                          float (&acc)[kNB][4]) {
-  constexpr int BN = kNB * 8, SS = Tr::kStrideS;
+// The banded products of the convolutions, for 16 output rows and kNB blocks of 8 columns from block nb0,
+// in mma accumulator layout: acc = sum over a < cq of (the 16 rows of `in` from row0 + step a, 32 columns
+// from 8 (nb0 + m)) x band a (two k-steps of B fragments per lane, band[((a * 2 + ks) * 2 + half) * 32 +
+// lane]). Output block m takes its two k-steps from the A tiles at columns 8 m and 8 (m + 2), so the tile
+// at column 8 m serves block m (k-step 0) and block m - 2 (k-step 1): kNB + 2 ldmatrix per tap instead
+// of 2 kNB (the kernels are bound by shared-memory traffic), each block's sum in the order a, then
+// k-step. kF16: fp16 operands (S0, for the forward's C), else bf16 (dC, for dS0).
+template <int kNB, bool kF16, int kStride>
+__device__ __forceinline__ void banded_rows(const bf16* in, int row0, int step, int nb0, const uint32_t* band,
+                                            int cq, int lane, float (&acc)[kNB][4]) {
 #pragma unroll
-  for (int j = 0; j < BN / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  for (int j = 0; j < kNB; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
   for (int a = 0; a < cq; ++a) {
-    const int lr0 = Tr::kHalo + rg * 16 - (cq - 1) + a;  // sS row of output row 0
+    const int r = row0 + step * a;
     uint32_t b[2][2];
 #pragma unroll
     for (int ks = 0; ks < 2; ++ks)
 #pragma unroll
-      for (int half = 0; half < 2; ++half) b[ks][half] = sBand[((a * 2 + ks) * 2 + half) * 32 + lane];
+      for (int half = 0; half < 2; ++half) b[ks][half] = band[((a * 2 + ks) * 2 + half) * 32 + lane];
 #pragma unroll
-    for (int m = 0; m < BN / 8 + 2; ++m) {
+    for (int m = 0; m < kNB + 2; ++m) {
       uint32_t af[4];
-      ldmatrix_x4(af, reinterpret_cast<const bf16*>(sS) + a_offset(lane, lr0, (nj0 + m) * 8, SS));
-      if (m < BN / 8) mma_f16(acc[m], af, b[0][0], b[0][1]);
-      if (m >= 2) mma_f16(acc[m - 2], af, b[1][0], b[1][1]);
+      ldmatrix_x4(af, in + a_offset(lane, r, (nb0 + m) * 8, kStride));
+      if (m < kNB) {
+        if constexpr (kF16) mma_f16(acc[m], af, b[0][0], b[0][1]);
+        else mma_bf16(acc[m], af, b[0][0], b[0][1]);
+      }
+      if (m >= 2) {
+        if constexpr (kF16) mma_f16(acc[m - 2], af, b[1][0], b[1][1]);
+        else mma_bf16(acc[m - 2], af, b[1][0], b[1][1]);
+      }
     }
   }
+}
+
+// C for 16 output rows (local rows 16 rg ..) and kNB blocks of 8 keys from block nj0 (the tile's kBlockN
+// keys by default): sum over a < cq of (sS rows shifted by a) x Band_a.
+template <class Tr, int kNB = Tr::kBlockN / 8>
+__device__ __forceinline__ void conv_tile(const __half* sS, const uint32_t* sBand, int cq, int rg, int nj0, int lane,
+                                          float (&acc)[kNB][4]) {
+  banded_rows<kNB, true, Tr::kStrideS>(reinterpret_cast<const bf16*>(sS), Tr::kHalo + rg * 16 - (cq - 1), 1, nj0,
+                                       sBand, cq, lane, acc);
 }
 
 // Grid (B*H, ceil(T / kBlockM)), heavy (late) query tiles first. W: [H][cq][ck] fp32.
@@ -561,31 +577,16 @@ __global__ void __launch_bounds__(Tr::kThreads)
 
     // 5. dS0 on the extended tile: sum_a (dC frame rows shifted by cq - 1 - a) x transposed Band_a,
     //    masked like S0 (future and outside the sequence -> 0). In half row bands (16 rows x 40
-    //    columns: 5 blocks of 8), as conv_tile: the A tile at column 8 m serves block m (k-step 0) and
-    //    block m - 2 (k-step 1), 7 ldmatrix per tap and half band instead of 10 (the kernel is bound by
-    //    shared-memory traffic), each block's terms in the same order as before (a, then k-step).
+    //    columns: 5 blocks of 8) through banded_rows, as conv_tile: 7 ldmatrix per tap and half band.
     constexpr int kUnitRows = kRowsE / 16;
     constexpr int kHalfBlocks = kColsE / 16;  // 8-column blocks per half band (2 kHalfBlocks = kColsE / 8)
     static_assert(2 * kHalfBlocks * 8 == kColsE, "two half bands per row of units");
     // With 8 warps the last four, which skipped dW, take the first (larger) shares of the half bands.
     for (int v = (warp + kWarps - Tr::kRowGroups) % kWarps; v < 2 * kUnitRows; v += kWarps) {
       const int rb = v >> 1, m0b = (v & 1) * kHalfBlocks;  // row block, first 8-column block
-      float acc[kHalfBlocks][4] = {};
-      for (int a = 0; a < cq; ++a) {
-        const int fr = rb * 16 + cq - 1 - a;  // frame row of extended row rb * 16
-        uint32_t b[2][2];
-#pragma unroll
-        for (int ks = 0; ks < 2; ++ks)
-#pragma unroll
-          for (int hf = 0; hf < 2; ++hf) b[ks][hf] = sBandT[((a * 2 + ks) * 2 + hf) * 32 + lane];
-#pragma unroll
-        for (int m = 0; m < kHalfBlocks + 2; ++m) {
-          uint32_t af[4];
-          ldmatrix_x4(af, sF + a_offset(lane, fr, (m0b + m) * 8, FS));
-          if (m < kHalfBlocks) mma_bf16(acc[m], af, b[0][0], b[0][1]);
-          if (m >= 2) mma_bf16(acc[m - 2], af, b[1][0], b[1][1]);
-        }
-      }
+      float acc[kHalfBlocks][4];
+      // Tap a reads the frame rows from rb * 16 + cq - 1 - a (the transposed convolution looks down).
+      banded_rows<kHalfBlocks, false, FS>(sF, rb * 16 + cq - 1, -1, m0b, sBandT, cq, lane, acc);
 #pragma unroll
       for (int jb = 0; jb < kHalfBlocks; ++jb)
 #pragma unroll
