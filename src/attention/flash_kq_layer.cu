@@ -95,7 +95,9 @@ struct Ring64 {
 };
 struct Ring48 {
   static constexpr int kSize = 48, kPitch = 52;
-  static __device__ __forceinline__ int col(int x) { return x % kSize; }  // x >= 0
+  // x >= 0. Unsigned: a constant modulo without the signed fix-ups (session 12: ncu put Ring48::col at 3% of
+  // kernel Q's instructions, from the windows' per-element stores).
+  static __device__ __forceinline__ int col(int x) { return static_cast<int>(static_cast<unsigned>(x) % kSize); }
 };
 static_assert(Ring64::kPitch == kWinPitch, "the forward's windows are Ring64's");
 
@@ -261,13 +263,14 @@ __device__ __forceinline__ void s0_tile_to_window(float* win, bf16* sKt, const b
 // window and the taps as float4 (a 16-byte chunk never straddles the ring's end): 6 x 11 takes 8
 // loads per tap row instead of 29 scalar ones (ncu, session 7: these loads were the kernels' largest
 // stall).
-template <int kCq, int kCk, class R = Ring64>
+// kN: outputs per lane (8; 4 for conv_half_live, x0 then a multiple of 4).
+template <int kCq, int kCk, class R = Ring64, int kN = 8>
 __device__ __forceinline__ void conv_row8(const float* win, const float* w, int cq, int ck, int wrow, int x0,
-                                          float (&out)[8]) {
+                                          float (&out)[kN]) {
 #pragma unroll
-  for (int e = 0; e < 8; ++e) out[e] = 0.f;
+  for (int e = 0; e < kN; ++e) out[e] = 0.f;
   if constexpr (kCq > 0) {
-    constexpr int kValChunks = (8 + kCk - 1 + 3) / 4, kTapChunks = (kCk + 3) / 4;
+    constexpr int kValChunks = (kN + kCk - 1 + 3) / 4, kTapChunks = (kCk + 3) / 4;
     static_assert(4 * kTapChunks <= kTapPitch, "a tap row's chunks stay in its row");
 #pragma unroll
     for (int a = 0; a < kCq; ++a) {
@@ -286,7 +289,7 @@ __device__ __forceinline__ void conv_row8(const float* win, const float* w, int 
 #pragma unroll
       for (int c = 0; c < kCk; ++c)
 #pragma unroll
-        for (int e = 0; e < 8; ++e) out[e] = fmaf(taps[c], vals[e + c], out[e]);
+        for (int e = 0; e < kN; ++e) out[e] = fmaf(taps[c], vals[e + c], out[e]);
     }
   } else {
     for (int a = 0; a < cq; ++a) {
@@ -294,7 +297,7 @@ __device__ __forceinline__ void conv_row8(const float* win, const float* w, int 
       for (int c = 0; c < ck; ++c) {
         const float wc = w[a * kTapPitch + c];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) out[e] = fmaf(wc, row[R::col(x0 + e + c)], out[e]);
+        for (int e = 0; e < kN; ++e) out[e] = fmaf(wc, row[R::col(x0 + e + c)], out[e]);
       }
     }
   }
@@ -304,13 +307,13 @@ __device__ __forceinline__ void conv_row8(const float* win, const float* w, int 
 // `wrow` whose first input column is x0 (a multiple of 8; the ring rotated by ck - 1 - o) read rows
 // wrow .. wrow + cq - 1 (below) with the taps flipped in both directions,
 //   out[e] = sum_{a<cq, c<ck} W[cq - 1 - a, ck - 1 - c] win[wrow + a, x0 + e + c].
-template <int kCq, int kCk, class R = Ring64>
+template <int kCq, int kCk, class R = Ring64, int kN = 8>
 __device__ __forceinline__ void conv_row8_t(const float* win, const float* w, int cq, int ck, int wrow, int x0,
-                                            float (&out)[8]) {
+                                            float (&out)[kN]) {
 #pragma unroll
-  for (int e = 0; e < 8; ++e) out[e] = 0.f;
+  for (int e = 0; e < kN; ++e) out[e] = 0.f;
   if constexpr (kCq > 0) {
-    constexpr int kValChunks = (8 + kCk - 1 + 3) / 4, kTapChunks = (kCk + 3) / 4;
+    constexpr int kValChunks = (kN + kCk - 1 + 3) / 4, kTapChunks = (kCk + 3) / 4;
 #pragma unroll
     for (int a = 0; a < kCq; ++a) {
       const float* row = win + (wrow + a) * R::kPitch;
@@ -328,7 +331,7 @@ __device__ __forceinline__ void conv_row8_t(const float* win, const float* w, in
 #pragma unroll
       for (int c = 0; c < kCk; ++c)
 #pragma unroll
-        for (int e = 0; e < 8; ++e) out[e] = fmaf(taps[kCk - 1 - c], vals[e + c], out[e]);
+        for (int e = 0; e < kN; ++e) out[e] = fmaf(taps[kCk - 1 - c], vals[e + c], out[e]);
     }
   } else {
     for (int a = 0; a < cq; ++a) {
@@ -336,9 +339,33 @@ __device__ __forceinline__ void conv_row8_t(const float* win, const float* w, in
       for (int c = 0; c < ck; ++c) {
         const float wc = w[(cq - 1 - a) * kTapPitch + ck - 1 - c];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) out[e] = fmaf(wc, row[R::col(x0 + e + c)], out[e]);
+        for (int e = 0; e < kN; ++e) out[e] = fmaf(wc, row[R::col(x0 + e + c)], out[e]);
       }
     }
+  }
+}
+
+// A window part of which only the lanes of rows r < 8 are live (the second 16-row part of a 24-row
+// window: lane (r, half) outputs row r, keys x0 + 8 half ..): row r's 8 outputs, computed by lanes r and
+// r + 8 with 4 each (keys x0 + 8 half + 4 (r >> 3) ..), lane r taking lane r + 8's by shuffles; the lanes
+// of rows r >= 8 return zeros, as the 8-output form leaves them. The outputs are bitwise the 8-output
+// form's (same terms, same order), but a warp issues half its stencil instructions (ncu, session 12:
+// half-live 8-output stencils were ~8% of kernel Q's instructions). kT: the transposed convolution.
+// wrow0: the window row of row r = 0. Every lane of the warp must call it.
+template <bool kT, int kCq, int kCk, class R = Ring64>
+__device__ __forceinline__ void conv_half_live(const float* win, const float* w, int cq, int ck, int wrow0, int x0,
+                                               int lane, float (&out)[8]) {
+  const int r = lane & 15, rl = r & 7, sub = r >> 3;
+  float o4[4];
+  if constexpr (kT)
+    conv_row8_t<kCq, kCk, R, 4>(win, w, cq, ck, wrow0 + rl, x0 + 4 * sub, o4);
+  else
+    conv_row8<kCq, kCk, R, 4>(win, w, cq, ck, wrow0 + rl, x0 + 4 * sub, o4);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const float up = __shfl_down_sync(0xffffffffu, o4[e], 8);  // lane r + 8's (same half)
+    out[e] = sub == 0 ? o4[e] : 0.f;
+    out[4 + e] = sub == 0 ? up : 0.f;
   }
 }
 
@@ -575,6 +602,7 @@ __global__ void __launch_bounds__(D == 64 && !kCl ? 32 * kMaxG : 16 * kMaxG)
 
 constexpr int kS0Top = 16;  // pass 2's S0 window: rows m0 - 16 .. m0 + 15
 constexpr int kATop = 8;    // its A window: rows m0 - 8 .. m0 + 15
+static_assert(kATop == 8, "A's second 16-row part has 8 live rows (conv_half_live)");
 constexpr int kS0Floats = (kS0Top + kTile) * kWinPitch;
 constexpr int kAFloats = (kATop + kTile) * kWinPitch;
 
@@ -606,11 +634,12 @@ __device__ __forceinline__ void a_tile_to_window(float* awin, const float* s0win
   const int r = lane & 15, half = lane >> 4, key0 = kTile * tile;
   if constexpr (kTwo) {
     float c[2][8] = {};
-#pragma unroll
-    for (int part = 0; part < 2; ++part) {
-      const int rr = 16 * part + r;
-      if (rr < kATop + kTile && key0 <= m0 + kTile - 1)
-        conv_row8<kCq, kCk>(s0win, w, cq, ck, rr + (kS0Top - kATop), key0 + 8 * half, c[part]);
+    if (key0 <= m0 + kTile - 1) {  // not all future (the same for every lane)
+      conv_row8<kCq, kCk>(s0win, w, cq, ck, r + (kS0Top - kATop), key0 + 8 * half, c[0]);
+      if constexpr (kCq > 0)  // part 1: rows 16 .. 23 only
+        conv_half_live<false, kCq, kCk>(s0win, w, cq, ck, kTile + (kS0Top - kATop), key0 + 8 * half, lane, c[1]);
+      else if (kTile + r < kATop + kTile)
+        conv_row8<kCq, kCk>(s0win, w, cq, ck, kTile + r + (kS0Top - kATop), key0 + 8 * half, c[1]);
     }
     if (gpre) mix_in_place2(c[0], c[1], sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);
 #pragma unroll
@@ -634,7 +663,12 @@ __device__ __forceinline__ void a_tile_to_window(float* awin, const float* s0win
       const int rr = 16 * part + r, row = m0 - kATop + rr;  // A window row rr
       const bool live = rr < kATop + kTile && key0 <= m0 + kTile - 1;  // in the window, not all future
       float c[8] = {};
-      if (live) conv_row8<kCq, kCk>(s0win, w, cq, ck, rr + (kS0Top - kATop), key0 + 8 * half, c);
+      if (part == 1 && kCq > 0) {  // rows 16 .. 23 only (warp-uniform)
+        if (key0 <= m0 + kTile - 1)
+          conv_half_live<false, kCq, kCk>(s0win, w, cq, ck, kTile + (kS0Top - kATop), key0 + 8 * half, lane, c);
+      } else if (live) {
+        conv_row8<kCq, kCk>(s0win, w, cq, ck, rr + (kS0Top - kATop), key0 + 8 * half, c);
+      }
       if (gpre) mix_in_place(c, sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);
       if (rr < kATop + kTile) {
 #pragma unroll
@@ -1347,6 +1381,7 @@ void dispatch_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k
 // At the end: dq (scaled, bf16), and per-CTA partials of dWpre (per warp) and dMpre (per head), reduced
 // over the CTAs by reduce_partials_kernel.
 constexpr int kQS0Rows = 32, kQDRows = 32, kQCRows = 24;
+static_assert(kQCRows == kTile + 8, "dC's second part has 8 live rows (conv_half_live)");
 constexpr int kQS0Floats = kQS0Rows * Ring48::kPitch, kQDFloats = kQDRows * Ring48::kPitch;
 constexpr int kQCFloats = kQCRows * Ring48::kPitch;
 constexpr int kDsPitch = kTile + 8;  // bf16 per row of the warp's dS tile (16-byte rows for ldmatrix)
@@ -1405,7 +1440,10 @@ __device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, 
     const bool live = rr < kQCRows;
     const int x0 = key0 + 8 * half;
     float c[8] = {}, cm[8], da[8] = {}, dcp[8];
-    if (live) {
+    if (part == 1 && kCq1 > 0 && kCq2 > 0) {  // rows 16 .. 23 only: conv_half_live (warp-uniform)
+      conv_half_live<false, kCq1, kCk1, Ring48>(s0w, wpre, cq1, ck1, kTile + 8, key0 + 8 * half, lane, c);
+      conv_half_live<true, kCq2, kCk2, Ring48>(dw, wpost, cq2, ck2, kTile, key0 + 8 * half, lane, da);
+    } else if (live) {
       conv_row8<kCq1, kCk1, Ring48>(s0w, wpre, cq1, ck1, rr + 8, x0, c);
       conv_row8_t<kCq2, kCk2, Ring48>(dw, wpost, cq2, ck2, rr, x0, da);
     }
