@@ -592,7 +592,8 @@ __global__ void __launch_bounds__(D == 64 && !kCl ? 32 * kMaxG : 16 * kMaxG)
 // Pass 2: O = A3 V. Per block of 16 output keys (n0 = 16 kt), each warp (head):
 //   1. adds S0 of key tile kt + 2 to its S0 window (rows m0 - 16 .. m0 + 15, ring of 64 keys);
 //   2. computes A of key tile kt + 1 on rows m0 - 8 .. m0 + 15 into its A window (same ring): the pre
-//      convolution, the head_pre mix (two 16-row parts, each a mixing product between barriers),
+//      convolution, the head_pre mix (two 16-row parts: one product for both where the group fits
+//      one CTA, mix_in_place2; else a product each, between barriers),
 //      A = exp(C' - lse) with pass 1's lse, 0 in the future and outside the sequence;
 //   3. convolves its A window with the kq_post taps (rows m0 .. m0 + 15, keys n0 ..): A2, the future
 //      set to 0; mixes it with head_post (A3); stages A3 in its MixOut rows;
@@ -820,7 +821,8 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
 // A CTA as in pass 1 (16 query rows, one warp per head); per block of 16 keys each warp:
 //   1. adds S0 of key tile kt + 1 to pass 1's window and dA2 of key tile kt + 1 to a second window of
 //      rows m0 .. m0 + 31 (the transposed convolution reads cq - 1 rows below each row): two products
-//      of 16 dO rows with the V tile, then per 16-row part the Mpost^T mix (two barriers) and the mask;
+//      of 16 dO rows with the V tile, then the Mpost^T mix of the two 16-row parts (one product where
+//      the group fits one CTA, mix_in_place2; else one per part, two barriers each) and the mask;
 //      its ring rotated by ck2 - 1 - o2 so that the transposed stencil reads aligned columns;
 //   2. computes C' (the pre convolution and mix, as pass 1), A = exp(C' - lse), dA from the dA2 window,
 //      and adds A dA to its row's sum.

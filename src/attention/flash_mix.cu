@@ -2,7 +2,8 @@
 // docs/flash-mta.md, "one warp per head").
 //
 // A CTA owns 16 query rows of one batch element and one coupled group of G heads, one warp per head
-// (at D = 128 a group of 10-16 heads is spread over a cluster of two CTAs: group_cluster.cuh).
+// (at D = 128 a group of 10-16 heads is spread over a cluster of two CTAs: group_cluster.cuh); a group
+// of up to 8 at D = 64 takes 32 rows, two 16-row tiles per warp (kQB = 2: MixIn slots x and x + G).
 // Per block of 16 keys, each warp computes its head's logit tile S (mma, Q fragments in registers,
 // its K tile in shared memory); the mixed logits C'_x = sum_y Mpre[x, y] S_y of every head are one
 // tensor-core product over the CTA's tiles (head_mix_mma.cuh), and each warp reads its head's back.
