@@ -896,10 +896,12 @@ int mix_ctas(int G, int D) {
   return env_switch("MTA_FLASH_MIX_CLUSTER").value_or(false) ? 2 : 1;
 }
 
-// Whether FlashMix's passes take two query tiles per warp for a group of up to 8 heads in one CTA at
+// Whether FlashMix's passes take two query tiles per warp: a group of up to 8 heads in one CTA (C) at
 // D = 64 (the kernels' kQB = 2, session 12). MTA_FLASH_MIX_TWO_BLOCKS=0 keeps one (for comparisons; read
 // per launch).
-bool two_query_blocks() { return env_switch("MTA_FLASH_MIX_TWO_BLOCKS").value_or(true); }
+bool two_query_blocks(int D, int G, int C) {
+  return D == 64 && C == 1 && G <= 8 && env_switch("MTA_FLASH_MIX_TWO_BLOCKS").value_or(true);
+}
 
 template <int D, bool kOut>
 void launch_pass(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const float* mpre,
@@ -908,7 +910,7 @@ void launch_pass(const AttentionSpec& spec, const bf16* q, const bf16* k, const 
   const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   if constexpr (D == 64) {  // two query tiles per warp (kQB) for groups of up to 8 in one CTA
-    if (C == 1 && G <= 8 && two_query_blocks()) {
+    if (two_query_blocks(D, G, C)) {
       launch_grouped_rows(flash_mix_fwd_kernel<D, kOut, 1, 2>, B, H, G, C, T, 2 * kTile,
                           smem_bytes<D>(group_warps(G, C), kOut, 2), s, q, k, v, mpre, gpre, mpost, gpost, o, lse, H,
                           T, G, scale);
@@ -976,22 +978,29 @@ void launch_backward(const AttentionSpec& spec, const bf16* q, const bf16* k, co
            4 * kInBytes + 2 * out_bytes(qb * L);
   };
   const int threads = 32 * L;
-  auto delta_pass = [&](auto kernel, size_t smem) {
-    launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, lse, mpre, gpre, mpost, gpost, delta, H, T, G,
-                   scale);
+  // The delta pass of kC CTAs per group and kQB query tiles per warp, in its better stage count.
+  auto delta_pass = [&](auto kc, auto kqb) {
+    constexpr int kC = decltype(kc)::value, kQB = decltype(kqb)::value;
+    auto launch = [&](auto kernel, size_t smem) {
+      launch_grouped_rows(kernel, B, H, G, C, T, kQB * kTile, smem, s, q, k, v, dout, lse, mpre, gpre, mpost, gpost,
+                          delta, H, T, G, scale);
+    };
+    if (two_stages_pay(flash_mix_bwd_delta_kernel<D, 1, kC, kQB>, flash_mix_bwd_delta_kernel<D, 2, kC, kQB>, threads,
+                       smem_delta(1, kQB), smem_delta(2, kQB)))
+      launch(flash_mix_bwd_delta_kernel<D, 2, kC, kQB>, smem_delta(2, kQB));
+    else
+      launch(flash_mix_bwd_delta_kernel<D, 1, kC, kQB>, smem_delta(1, kQB));
   };
   auto key_tiles = [&](auto kernel, size_t smem) {
     launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, lse, delta, mpre, gpre, mpost, gpost, dq_acc, dk,
                    dv, part_pre, part_post, H, T, G, scale);
   };
+  using One = std::integral_constant<int, 1>;
+  using Two = std::integral_constant<int, 2>;
   // Both passes for groups of <= 8 heads per CTA (kC CTAs per group), each in its better stage count.
   auto small_groups = [&](auto kc) {
     constexpr int kC = decltype(kc)::value;
-    if (two_stages_pay(flash_mix_bwd_delta_kernel<D, 1, kC>, flash_mix_bwd_delta_kernel<D, 2, kC>, threads,
-                       smem_delta(1), smem_delta(2)))
-      delta_pass(flash_mix_bwd_delta_kernel<D, 2, kC>, smem_delta(2));
-    else
-      delta_pass(flash_mix_bwd_delta_kernel<D, 1, kC>, smem_delta(1));
+    delta_pass(kc, One{});
     if (two_stages_pay(flash_mix_bwd_kernel<D, 16 * kMaxG, 1, kC>, flash_mix_bwd_kernel<D, 16 * kMaxG, 2, kC>, threads,
                        smem_main(1), smem_main(2)))
       key_tiles(flash_mix_bwd_kernel<D, 16 * kMaxG, 2, kC>, smem_main(2));
@@ -1001,33 +1010,18 @@ void launch_backward(const AttentionSpec& spec, const bf16* q, const bf16* k, co
       key_tiles(flash_mix_bwd_kernel<D, 16 * kMaxG, 1, kC>, smem_main(1));
   };
   if (C == 2) {
-    small_groups(std::integral_constant<int, 2>{});
-  } else if (G <= 8) {
-    bool done = false;
+    small_groups(Two{});
+  } else if (two_query_blocks(D, G, C)) {
     if constexpr (D == 64) {  // at D = 128 the kernel has no registers for a second block
-      if (two_query_blocks()) {
-        // Two query blocks per step (kQB) in both passes: the main pass in one stage (~204 KB at 8
-        // heads), the delta pass in two (~165 KB) where they keep its CTAs per SM.
-        auto delta2 = [&](auto kernel, size_t smem) {
-          launch_grouped_rows(kernel, B, H, G, C, T, 2 * kTile, smem, s, q, k, v, dout, lse, mpre, gpre, mpost,
-                              gpost, delta, H, T, G, scale);
-        };
-        if (two_stages_pay(flash_mix_bwd_delta_kernel<D, 1, 1, 2>, flash_mix_bwd_delta_kernel<D, 2, 1, 2>, threads,
-                           smem_delta(1, 2), smem_delta(2, 2)))
-          delta2(flash_mix_bwd_delta_kernel<D, 2, 1, 2>, smem_delta(2, 2));
-        else
-          delta2(flash_mix_bwd_delta_kernel<D, 1, 1, 2>, smem_delta(1, 2));
-        key_tiles(flash_mix_bwd_kernel<D, 16 * kMaxG, 1, 1, 2>, smem_main(1, 2));
-        done = true;
-      }
+      // Two query blocks per step (kQB) in both passes: the main pass in one stage (~204 KB at 8 heads),
+      // the delta pass in two (~165 KB) where they keep its CTAs per SM.
+      delta_pass(One{}, Two{});
+      key_tiles(flash_mix_bwd_kernel<D, 16 * kMaxG, 1, 1, 2>, smem_main(1, 2));
     }
-    if (!done) small_groups(std::integral_constant<int, 1>{});
+  } else if (G <= 8) {
+    small_groups(One{});
   } else if constexpr (D == 64) {  // 9-16 heads in one CTA of 512 threads (flash_mix_supported)
-    if (two_stages_pay(flash_mix_bwd_delta_kernel<D, 1, 1>, flash_mix_bwd_delta_kernel<D, 2, 1>, threads,
-                       smem_delta(1), smem_delta(2)))
-      delta_pass(flash_mix_bwd_delta_kernel<D, 2, 1>, smem_delta(2));
-    else
-      delta_pass(flash_mix_bwd_delta_kernel<D, 1, 1>, smem_delta(1));
+    delta_pass(One{}, One{});
     key_tiles(flash_mix_bwd_kernel<D, 32 * kMaxG, 1, 1>, smem_main(1));
   }
   launch_convert_accum(dq_acc, dq, static_cast<long long>(rows) * D, scale, s);
