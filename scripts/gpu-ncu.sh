@@ -6,6 +6,9 @@
 #        g=16 pre and post, H=16, D=64)
 #   bash .device/gpu-ncu.sh step CONFIG           the duration of every kernel of one training step, and
 #        each kernel's total over its launches (ncu-kernel-totals.py)
+#   bash .device/gpu-ncu.sh source REGEX SPEC.json B T   the source view of the first kernel matching
+#        REGEX on one attention layer (the build has -lineinfo): the hottest source lines by
+#        instructions and by stall samples (ncu-source-lines.py); the CSV stays in OUT_DIR
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here/.."
@@ -30,5 +33,12 @@ case "${1:-}" in
     ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel "$here/mta" bench train \
       "${2:?a config}" --device cuda --steps 1 --warmup 0 >"$out/ncu-step.txt" 2>&1
     python3 "$here/ncu-kernel-totals.py" "$out/ncu-step.txt" 30 ;;
-  *) echo "usage: gpu-ncu.sh kernels [SPEC.json] | step CONFIG" >&2; exit 2 ;;
+  source)
+    name=$(echo "${2:?a kernel regex}" | tr -c 'A-Za-z0-9_\n' _)
+    ncu --clock-control none -k regex:"$2" --launch-count 1 --import-source yes --section SourceCounters \
+      --section WarpStateStats -f -o "$out/src-$name" "$here/mta" bench attn --device cuda --impl fused \
+      --spec "${3:?a spec}" --batch "${4:-2}" --seq "${5:-4096}" --reps 1 --warmup 0 >"$out/ncu-src-$name.log" 2>&1
+    ncu --import "$out/src-$name.ncu-rep" --page source --print-source cuda,sass --csv >"$out/src-$name.csv"
+    python3 "$here/ncu-source-lines.py" "$out/src-$name.csv" 40 ;;
+  *) echo "usage: gpu-ncu.sh kernels [SPEC.json] | step CONFIG | source REGEX SPEC [B T]" >&2; exit 2 ;;
 esac
