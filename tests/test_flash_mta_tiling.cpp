@@ -42,6 +42,8 @@ double band(const Head& h, int a, int kk, int n, bool transposed) {
   const int c = transposed ? 16 + n - kk : kk - n;
   return (a < h.cq && c >= 0 && c < h.ck) ? h.W[a * h.ck + c] : 0.0;
 }
+// The band rows the kernels multiply: k-step 1 runs as a k8 product (banded_rows), rows 24 .. 31 unused.
+constexpr int kBandRows = 24;
 
 // s0_extended: S0 on the halo tile of (m0, n0).
 std::vector<double> s0_tile(const Head& h, int m0, int n0) {
@@ -62,7 +64,7 @@ std::vector<double> conv_tile(const Head& h, const std::vector<double>& sS) {
     for (int r = 0; r < BM; ++r)
       for (int nj = 0; nj < BN / 8; ++nj)
         for (int n = 0; n < 8; ++n)
-          for (int kk = 0; kk < 32; ++kk)
+          for (int kk = 0; kk < kBandRows; ++kk)
             C[r * BN + 8 * nj + n] += sS[(kHalo + r - (h.cq - 1) + a) * SS + 8 * nj + kk] * band(h, a, kk, n, false);
   return C;
 }
@@ -136,7 +138,7 @@ void backward(const Head& h, const std::vector<double>& out, const std::vector<d
           if (!(ii >= 0 && ii < T && jj >= 0 && jj <= ii)) continue;
           double acc = 0;
           for (int a = 0; a < h.cq; ++a)
-            for (int kk = 0; kk < 32; ++kk)
+            for (int kk = 0; kk < kBandRows; ++kk)
               acc += frame[(rb * 16 + h.cq - 1 - a + row) * FS + cb * 16 + nn * 8 + kk] * band(h, a, kk, n, true);
           dS[lr * kColsE + lc] = acc;
         }
@@ -158,6 +160,25 @@ double rel(const std::vector<double>& a, const std::vector<double>& b) {
   double num = 0, den = 0;
   for (size_t i = 0; i < a.size(); ++i) num += (a[i] - b[i]) * (a[i] - b[i]), den += b[i] * b[i];
   return std::sqrt(num / std::max(den, 1e-300));
+}
+
+// banded_rows drops band rows 24 .. 31 (k-step 1 as a k8 product): they are zero for every tap of every
+// supported size (cq <= 8, ck <= 15), in the forward band and in the transposed one.
+TEST(FlashMtaTiling, BandRowsPast24AreZero) {
+  for (int cq = 1; cq <= 8; ++cq)
+    for (int ck = 1; ck <= 15; ++ck) {
+      const std::vector<double> w(static_cast<size_t>(cq) * ck, 1.0);
+      Head h{};
+      h.cq = cq, h.ck = ck, h.W = w.data();
+      double inside = 0;
+      for (int a = 0; a < cq; ++a)
+        for (int n = 0; n < 8; ++n) {
+          for (int kk = kBandRows; kk < 32; ++kk)
+            for (bool tr : {false, true}) EXPECT_EQ(band(h, a, kk, n, tr), 0.0) << cq << "x" << ck << " kk " << kk;
+          for (int kk = 0; kk < kBandRows; ++kk) inside += band(h, a, kk, n, false) + band(h, a, kk, n, true);
+        }
+      EXPECT_EQ(inside, 2.0 * 8 * cq * ck) << "every tap in rows 0 .. 23 of both bands, for every output column";
+    }
 }
 
 TEST(FlashMtaTiling, ForwardAndBackwardMatchTheReference) {

@@ -214,6 +214,9 @@ __device__ __forceinline__ bool s0_extended(const bf16* sQ, const bf16* sK, __ha
 // at column 8 m serves block m (k-step 0) and block m - 2 (k-step 1): kNB + 2 ldmatrix per tap instead
 // of 2 kNB (the kernels are bound by shared-memory traffic), each block's sum in the order a, then
 // k-step. kF16: fp16 operands (S0, for the forward's C), else bf16 (dC, for dS0).
+// k-step 1's band rows 24 .. 31 are zero in both bands (build_band: tap index >= 17 in the forward, < 0
+// in the transposed one, as ck <= 15), so it runs as a k8 product on the A tile's first 8 columns:
+// 3 of the 4 k16 units per tap and block (session 13).
 template <int kNB, bool kF16, int kStride>
 __device__ __forceinline__ void banded_rows(const bf16* in, int row0, int step, int nb0, const uint32_t* band,
                                             int cq, int lane, float (&acc)[kNB][4]) {
@@ -225,7 +228,7 @@ __device__ __forceinline__ void banded_rows(const bf16* in, int row0, int step, 
 #pragma unroll
     for (int ks = 0; ks < 2; ++ks)
 #pragma unroll
-      for (int half = 0; half < 2; ++half) b[ks][half] = band[((a * 2 + ks) * 2 + half) * 32 + lane];
+      for (int half = 0; half < 2 - ks; ++half) b[ks][half] = band[((a * 2 + ks) * 2 + half) * 32 + lane];
 #pragma unroll
     for (int m = 0; m < kNB + 2; ++m) {
       uint32_t af[4];
@@ -235,8 +238,8 @@ __device__ __forceinline__ void banded_rows(const bf16* in, int row0, int step, 
         else mma_bf16(acc[m], af, b[0][0], b[0][1]);
       }
       if (m >= 2) {
-        if constexpr (kF16) mma_f16(acc[m - 2], af, b[1][0], b[1][1]);
-        else mma_bf16(acc[m - 2], af, b[1][0], b[1][1]);
+        if constexpr (kF16) mma_f16_k8(acc[m - 2], af[0], af[1], b[1][0]);
+        else mma_bf16_k8(acc[m - 2], af[0], af[1], b[1][0]);
       }
     }
   }
