@@ -26,15 +26,6 @@ __device__ inline double dev_exp(double x) { return exp(x); }
 __device__ inline float dev_sqrt(float x) { return sqrtf(x); }
 __device__ inline double dev_sqrt(double x) { return sqrt(x); }
 
-template <typename V>
-__device__ inline V warp_max(V v) {
-  for (int off = 16; off > 0; off >>= 1) {
-    const V o = __shfl_xor_sync(0xffffffffu, v, off);
-    v = o > v ? o : v;
-  }
-  return v;
-}
-
 // Sum over the block (blockDim.x == kBlock) in a fixed order; the result is valid in thread 0. Call
 // at most once per kernel, from every thread of the block.
 __device__ inline double block_sum(double v) {

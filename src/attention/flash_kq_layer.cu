@@ -1,7 +1,7 @@
 // The fused kq layer (see flash_kq_layer.h and docs/flash-mta.md), without any T x T tensor in device
 // memory: pass 1 (below) computes lse of the mixed, convolved logits; pass 2 (further down) the output,
-// recomputing the logits with the halos its post-softmax convolution needs; the backward's delta pass,
-// kernel P (post side) and kernel Q (pre side) follow. Every pass runs one warp per head of a coupled
+// recomputing the logits with the halos its post-softmax convolution needs; the backward's kernel P
+// (post side, and delta) and kernel Q (pre side) follow. Every pass runs one warp per head of a coupled
 // group, in one CTA or on a cluster (GroupPlace; heads per CTA: lse_heads, kOutHeads, bwd_heads).
 //
 // Pass 1. A CTA owns 16 query rows (m0 ..) of one batch element and one coupled group of G heads, one
@@ -52,20 +52,18 @@ void kq_require(bool ok, const std::string& what) {
 constexpr int kMaxCq = 8, kMaxCk = 15;
 
 // Heads (warps) per CTA, as shared memory and registers allow: pass 1 holds 16 at D = 64 (one window per
-// head) and 8 at D = 128; pass 2 and the delta pass hold 8 (the delta pass keeps no dq / dV products,
-// so its Q and dO fragments fit in registers at D = 128 too); kernels P and Q 8 at D = 64 and 4 at
-// D = 128 (where they keep their Q and dO rows in shared memory: RowFrags). A larger group runs on a
+// head) and 8 at D = 128; pass 2 holds 8; kernels P and Q 8 at D = 64 and 4 at D = 128 (where they
+// keep their Q and dO rows in shared memory: RowFrags). A larger group runs on a
 // cluster of CTAs (cluster_size, group_cluster.cuh); the whole group's tiles must fit MixIn (kMaxG).
 constexpr int lse_heads(int D) { return D == 64 ? 16 : 8; }
-constexpr int kOutHeads = 8, kDeltaHeads = 8;
+constexpr int kOutHeads = 8;
 constexpr int bwd_heads(int D) { return D == 64 ? 8 : 4; }
 constexpr size_t kMaxSmemPerCta = 227 * 1024;  // sm_90's opt-in dynamic shared memory per CTA
 // The kernels after pass 1 declare __launch_bounds__(256, kCl ? 1 : 0): compiled for clusters (whose
 // size they read at run time), ptxas otherwise chose as few as 64 or 128 registers and spilled (kernel
-// P's runtime-size form at D = 64: 128 registers, 96 bytes; the delta pass at D = 128: 64 registers);
-// a minimum of one CTA per SM lets them use up to 255. The one-CTA forms keep ptxas's own choice,
-// except the delta pass's (session 12: with both dA2 parts in one mix, ptxas chose 128 registers and
-// spilled at 6 x 11; its shared memory allows one CTA per SM anyway).
+// P's runtime-size form at D = 64: 128 registers, 96 bytes; the former delta pass at D = 128: 64
+// registers); a minimum of one CTA per SM lets them use up to 255. The one-CTA forms keep ptxas's own
+// choice.
 
 // A layer without kq_pre (or kq_post) runs the kernels with the identity 1 x 1 convolution in its
 // place: with the weight pointer null, load_taps gives the single tap 1, and C = 1 * S0 is S0 exactly in
@@ -186,6 +184,26 @@ __device__ __forceinline__ void load_row_frags(bf16* smem, const bf16* src, int 
   __syncwarp();
 }
 
+// A power of two s with s * mx in [2^13, 2^14) (1 for mx = 0), so that values up to mx scaled by it are
+// normal fp16 numbers (below 65504) that keep their 11 significant bits down to mx / 2^27. Exact: the
+// scaling and its inverse change no bit of a significand.
+__device__ __forceinline__ float f16_scale_for(float mx) {
+  if (!(mx > 0.f)) return 1.f;
+  const int e = max(-110, min(((__float_as_int(mx) >> 23) & 0xff) - 127, 110));
+  return __int_as_float((127 + 13 - e) << 23);
+}
+
+// The largest magnitude of v's n bf16 values into *vmax (zeroed before: non-negative floats order as their
+// bits), for kernel Q's fp16 V operand (da2_tile_to_window).
+__global__ void abs_max_kernel(const bf16* __restrict__ v, size_t n, float* __restrict__ vmax) {
+  float mx = 0.f;
+  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    mx = fmaxf(mx, fabsf(__bfloat162float(v[i])));
+  mx = warp_max(mx);
+  if ((threadIdx.x & 31) == 0) atomicMax(reinterpret_cast<int*>(vmax), __float_as_int(mx));
+}
+
 // A head's taps w [cq][ck] (of head h in [H][cq][ck]) into the warp's rows of kTapPitch; w == nullptr:
 // the identity 1 x 1 (a layer without kq_post).
 __device__ __forceinline__ void load_taps(float* myW, const float* w, int h, int cq, int ck, int lane) {
@@ -193,8 +211,28 @@ __device__ __forceinline__ void load_taps(float* myW, const float* w, int h, int
     myW[(i / ck) * kTapPitch + i % ck] = w ? w[static_cast<size_t>(h) * cq * ck + i] : 1.f;
 }
 
-// The products of a 16-key tile (rows 16 tile .. of `rows` [T][D] bf16: K or V, zero past T, staged in
-// sT) with the two 16-row A-fragment tiles of f (RowFrags): acc0 / acc1 [key half][mma accumulator].
+// The products of a 16-key tile in shared memory (sT, rows of S) with the two 16-row A-fragment tiles of
+// f (RowFrags): acc0 / acc1 [key half][mma accumulator], added to. kF16: fp16 operands, else bf16.
+template <int D, int S, bool kF16, class F>
+__device__ __forceinline__ void two_tile_mma(float (&acc0)[2][4], float (&acc1)[2][4], const bf16* sT, const F& f,
+                                             int lane) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t bb[4], a0[4], a1[4];
+    ldmatrix_x4(bb, sT + bnk_offset(lane, 0, kk * 16, S));
+    f.get(0, kk, a0, lane);
+    f.get(1, kk, a1, lane);
+    if constexpr (kF16) {
+      mma_f16(acc0[0], a0, bb[0], bb[1]), mma_f16(acc0[1], a0, bb[2], bb[3]);
+      mma_f16(acc1[0], a1, bb[0], bb[1]), mma_f16(acc1[1], a1, bb[2], bb[3]);
+    } else {
+      mma_bf16(acc0[0], a0, bb[0], bb[1]), mma_bf16(acc0[1], a0, bb[2], bb[3]);
+      mma_bf16(acc1[0], a1, bb[0], bb[1]), mma_bf16(acc1[1], a1, bb[2], bb[3]);
+    }
+  }
+}
+
+// The same for key tile rows 16 tile .. of `rows` [T][D] bf16 (K or V, zero past T), staged in sT first.
 template <int D, int S, class F>
 __device__ __forceinline__ void two_tile_products(float (&acc0)[2][4], float (&acc1)[2][4], bf16* sT, const bf16* rows,
                                                   int key0, int T, const F& f, int lane) {
@@ -202,17 +240,7 @@ __device__ __forceinline__ void two_tile_products(float (&acc0)[2][4], float (&a
   cp_async_commit();
   cp_async_wait_all();
   __syncwarp();
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t bb[4], a0[4], a1[4];
-    ldmatrix_x4(bb, sT + bnk_offset(lane, 0, kk * 16, S));
-    f.get(0, kk, a0, lane);
-    f.get(1, kk, a1, lane);
-    mma_bf16(acc0[0], a0, bb[0], bb[1]);
-    mma_bf16(acc0[1], a0, bb[2], bb[3]);
-    mma_bf16(acc1[0], a1, bb[0], bb[1]);
-    mma_bf16(acc1[1], a1, bb[2], bb[3]);
-  }
+  two_tile_mma<D, S, false>(acc0, acc1, sT, f, lane);
 }
 
 // Key tile `tile` (keys 16 tile ..) of S0 into a window of rows m0 - kTop .. m0 + 15 (kTop = 8 or 16)
@@ -815,45 +843,65 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward, delta pass: delta_x[i] = sum_j A_x[i, j] dA_x[i, j], the row term of dC' = A (dA - delta),
-// with dA3 = dO V^T, dA2 = the future set to 0 in the head_post^T mix of dA3, dA = the transposed
-// kq_post convolution of dA2. Designed and replayed in float64 by tests/oracle/replay_kq_layer_delta.py.
-// A CTA as in pass 1 (16 query rows, one warp per head); per block of 16 keys each warp:
-//   1. adds S0 of key tile kt + 1 to pass 1's window and dA2 of key tile kt + 1 to a second window of
-//      rows m0 .. m0 + 31 (the transposed convolution reads cq - 1 rows below each row): two products
-//      of 16 dO rows with the V tile, then the Mpost^T mix of the two 16-row parts (one product where
-//      the group fits one CTA, mix_in_place2; else one per part, two barriers each) and the mask;
-//      its ring rotated by ck2 - 1 - o2 so that the transposed stencil reads aligned columns;
-//   2. computes C' (the pre convolution and mix, as pass 1), A = exp(C' - lse), dA from the dA2 window,
-//      and adds A dA to its row's sum.
+// The backward's dA2 window (kernel Q; until session 13 also a delta pass of its own, whose row sums
+// kernel P now gives: add_delta_terms): dA3 = dO V^T, dA2 = the future set to 0 in the head_post^T mix of
+// dA3, on rows m0 .. m0 + 31 (the transposed kq_post convolution reads cq - 1 rows below each row), its
+// ring rotated by ck2 - 1 - o2 so that the transposed stencil reads aligned columns.
 constexpr int kDRows = 32;  // the dA2 window: rows m0 .. m0 + 31
-constexpr int kDFloats = kDRows * kWinPitch;
 
-template <int D>
-constexpr size_t warp_region_delta_bytes() {
-  return (kWinFloats + kDFloats) * sizeof(float) + static_cast<size_t>(kTile) * (D + 8) * sizeof(bf16);
-}
-static_assert(kDFloats * sizeof(float) >= 32 * (128 + 8) * sizeof(bf16), "Q and dO staging fits the dA2 window");
-
-// tiles: MixOut's tiles per head (2 in one CTA: mix_in_place2).
-template <int D>
-constexpr size_t smem_delta_bytes(int G, int tiles) {
-  return static_cast<size_t>(G) * (warp_region_delta_bytes<D>() + 2 * kMaxCq * kTapPitch * sizeof(float)) +
-         kFragWords * sizeof(uint32_t) + 2 * static_cast<size_t>(kInElems) * sizeof(bf16) +
-         static_cast<size_t>(tiles) * G * kXT * sizeof(float);
+// Rows 0 .. 31 of dO (bf16, rows of S at `rows`), plus dO_lo's (rows of S at `lo`, may be null), in place as
+// fp16, each row scaled by f16_scale_for its largest magnitude (lane = row), and into inv[32] the inverse
+// of each row's scale times `other` (the other operand's scale: the product's). With dO_lo, dO + dO_lo (an
+// fp32 gradient split as bf16 hi + lo) keeps 11 significant bits where bf16 holds 8. Every lane of the
+// warp must call it.
+template <int D, int S>
+__device__ __forceinline__ void rows_to_scaled_f16(bf16* rows, const bf16* lo, float other, float* inv, int lane) {
+  bf16* row = rows + lane * S;
+  const bf16* lrow = lo ? lo + lane * S : nullptr;
+  auto values = [&](int c, float (&x)[8]) {
+    const uint4 h = *reinterpret_cast<const uint4*>(row + c);
+    const uint4 l = lrow ? *reinterpret_cast<const uint4*>(lrow + c) : make_uint4(0u, 0u, 0u, 0u);
+    const uint32_t hw[4] = {h.x, h.y, h.z, h.w}, lw[4] = {l.x, l.y, l.z, l.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const __nv_bfloat162 hb = *reinterpret_cast<const __nv_bfloat162*>(&hw[i]);
+      const __nv_bfloat162 lb = *reinterpret_cast<const __nv_bfloat162*>(&lw[i]);
+      x[2 * i] = __low2float(hb) + __low2float(lb);
+      x[2 * i + 1] = __high2float(hb) + __high2float(lb);
+    }
+  };
+  float mx = 0.f;
+  for (int c = 0; c < D; c += 8) {
+    float x[8];
+    values(c, x);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) mx = fmaxf(mx, fabsf(x[e]));
+  }
+  const float s = f16_scale_for(mx);
+  for (int c = 0; c < D; c += 8) {
+    float x[8];
+    values(c, x);
+    *reinterpret_cast<uint4*>(row + c) = make_uint4(pack_f16(x[0] * s, x[1] * s), pack_f16(x[2] * s, x[3] * s),
+                                                    pack_f16(x[4] * s, x[5] * s), pack_f16(x[6] * s, x[7] * s));
+  }
+  inv[lane] = 1.f / (s * other);  // powers of two: exact
 }
 
 // Key tile `tile` of dA2 for rows m0 .. m0 + 31 into the dA2 window (ring rotated by `rot`): dA3 from the
-// dO fragments (rows m0 .. m0 + 15 and m0 + 16 .. m0 + 31; zero past T) and the V tile (zero past T),
-// the Mpost^T mix per 16-row part when gpost, the future set to 0. A tile entirely in the future of
-// row m0 + 31 is zero-filled; that test is the same for every warp of the CTA, so all of them take
-// the mixes' barriers or none does. kTwo (the delta pass with its group in one CTA): both parts in one
-// mixing product (mix_in_place2).
-template <int D, int S, class R = Ring64, bool kTwo = false, class F>
-__device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const bf16* v, const F& dof, int tile,
-                                                   int m0, int T, int rot, int gpost, bf16* sInHi, bf16* sInLo,
-                                                   const uint32_t* sFrag, float* sOut, const GroupPlace& gp, int warp,
-                                                   int lane) {
+// dO fragments (rows m0 .. m0 + 15 and m0 + 16 .. m0 + 31; zero past T; fp16 scaled by rows_to_scaled_f16;
+// inv_row: the inverse of each row's scale times V's) and the V tile (zero past T; here in place as fp16 scaled by
+// f16_scale_for V's largest magnitude *vmax, exact for bf16 values), the Mpost^T mix per 16-row part when
+// gpost, the future set to 0. A tile entirely in the future of row m0 + 31 is zero-filled; that test is
+// the same for every warp of the CTA, so all of them take the mixes' barriers or none does.
+// Why fp16 (session 13): kernel P's delta sums dA3 from dO + dO_lo (an epilogue's fp32 gradient); with
+// dA3 from bf16 dO alone here, dC' = A (dA - delta) lost its zero row sums by dO_lo's share, and the
+// 4-head model's pre-side gradients moved 10-30% further from the CPU's (ModelCuda, call 3).
+template <int D, int S, class R = Ring64, class F>
+__device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const bf16* v, const float* vmax,
+                                                   const F& dof, const float* inv_row, int tile, int m0, int T,
+                                                   int rot, int gpost,
+                                                   bf16* sInHi, bf16* sInLo, const uint32_t* sFrag, float* sOut,
+                                                   const GroupPlace& gp, int warp, int lane) {
   const int g = lane >> 2, t = lane & 3, key0 = kTile * tile;
   if (key0 > m0 + kDRows - 1) {
     for (int i = lane; i < kDRows * kTile; i += 32)
@@ -861,149 +909,58 @@ __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const
     __syncwarp();
     return;
   }
+  warp_load_rows_zero<D, S, kTile>(sVt, v, key0, T, lane);
+  // One scale for all of V, from abs_max_kernel's maximum (a scale per tile, read or computed here,
+  // made ptxas spill 30-170 bytes more in kernel Q; session 13).
+  const float sv = f16_scale_for(*vmax);
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncwarp();
+  constexpr int kChunks = kTile * D / 8;  // 16-byte chunks of the V tile
+#pragma unroll 1
+  for (int c = lane; c < kChunks; c += 32) {
+    uint4* p = reinterpret_cast<uint4*>(sVt + (c / (D / 8)) * S + (c % (D / 8)) * 8);
+    const uint4 u = *p;
+    uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const __nv_bfloat162 b = *reinterpret_cast<const __nv_bfloat162*>(&w[i]);
+      w[i] = pack_f16(__low2float(b) * sv, __high2float(b) * sv);
+    }
+    *p = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+  __syncwarp();
   float acc0[2][4] = {}, acc1[2][4] = {};
-  two_tile_products<D, S>(acc0, acc1, sVt, v, key0, T, dof, lane);
+  two_tile_mma<D, S, true>(acc0, acc1, sVt, dof, lane);
 #pragma unroll
-  for (int j = 0; j < 2; ++j)
+  for (int r = 0; r < 2; ++r) {
+    const float i0 = inv_row[g + 8 * r], i1 = inv_row[kTile + g + 8 * r];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
+    for (int j = 0; j < 2; ++j) {
       const int key = key0 + 8 * j + 2 * t, c0 = R::col(key + rot), c1 = R::col(key + 1 + rot);
       float* w0 = dwin + (g + 8 * r) * R::kPitch;
       float* w1 = dwin + (kTile + g + 8 * r) * R::kPitch;
-      w0[c0] = acc0[j][2 * r], w0[c1] = acc0[j][2 * r + 1];
-      w1[c0] = acc1[j][2 * r], w1[c1] = acc1[j][2 * r + 1];
+      w0[c0] = acc0[j][2 * r] * i0, w0[c1] = acc0[j][2 * r + 1] * i0;
+      w1[c0] = acc1[j][2 * r] * i1, w1[c1] = acc1[j][2 * r + 1] * i1;
     }
+  }
   __syncwarp();  // each lane now mixes and masks the positions of its own row r and keys 8 half ..
   const int r = lane & 15, half = lane >> 4;
-  if constexpr (kTwo) {
-    float x[2][8];
 #pragma unroll
-    for (int part = 0; part < 2; ++part)
+  for (int part = 0; part < 2; ++part) {
+    float* wrow = dwin + (kTile * part + r) * R::kPitch;
+    const int row = m0 + kTile * part + r;
+    float x[8];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) x[part][e] = dwin[(kTile * part + r) * R::kPitch + R::col(key0 + 8 * half + e + rot)];
-    if (gpost) mix_in_place2(x[0], x[1], sInHi, sInLo, sFrag, kPostT, sOut, gp, warp, lane);
+    for (int e = 0; e < 8; ++e) x[e] = wrow[R::col(key0 + 8 * half + e + rot)];
+    if (gpost) mix_in_place(x, sInHi, sInLo, sFrag, kPostT, sOut, gp, warp, lane);
 #pragma unroll
-    for (int part = 0; part < 2; ++part) {
-      float* wrow = dwin + (kTile * part + r) * R::kPitch;
-      const int row = m0 + kTile * part + r;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const int key = key0 + 8 * half + e;
-        wrow[R::col(key + rot)] = key > row ? 0.f : x[part][e];
-      }
-    }
-  } else {
-#pragma unroll
-    for (int part = 0; part < 2; ++part) {
-      float* wrow = dwin + (kTile * part + r) * R::kPitch;
-      const int row = m0 + kTile * part + r;
-      float x[8];
-#pragma unroll
-      for (int e = 0; e < 8; ++e) x[e] = wrow[R::col(key0 + 8 * half + e + rot)];
-      if (gpost) mix_in_place(x, sInHi, sInLo, sFrag, kPostT, sOut, gp, warp, lane);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const int key = key0 + 8 * half + e;
-        wrow[R::col(key + rot)] = key > row ? 0.f : x[e];
-      }
+    for (int e = 0; e < 8; ++e) {
+      const int key = key0 + 8 * half + e;
+      wrow[R::col(key + rot)] = key > row ? 0.f : x[e];
     }
   }
   __syncwarp();  // the window is read by other lanes; the V tile buffer is reloaded next time
-}
-
-template <int D, int kCq1, int kCk1, int kCq2, int kCk2, bool kCl>
-__global__ void __launch_bounds__(16 * kMaxG, 1)
-    flash_kq_layer_delta_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
-                                const bf16* __restrict__ dout, const float* __restrict__ wpre,
-                                const float* __restrict__ mpre, int gpre, const float* __restrict__ wpost,
-                                const float* __restrict__ mpost, int gpost, const float* __restrict__ lse,
-                                float* __restrict__ delta, int H, int T, int G, int cq1, int ck1, int off1,
-                                int cq2, int ck2, int off2, float scale) {
-  const int C = kCl ? cluster_ctas() : 1;  // CTAs per group (kCl: a cluster; one-CTA groups carry no cluster code)
-  constexpr int S = D + 8;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  unsigned char* region = smem_raw + static_cast<size_t>(warp) * warp_region_delta_bytes<D>();
-  float* win = reinterpret_cast<float*>(region);          // S0: rows m0 - 8 .. m0 + 15
-  float* dwin = win + kWinFloats;                         // dA2: rows m0 .. m0 + 31
-  bf16* sTile = reinterpret_cast<bf16*>(dwin + kDFloats);  // K, then V
-  const int L = group_warps(G, C);  // the CTA's warps (padding included)
-  const KqShared sh = kq_shared(smem_raw + static_cast<size_t>(L) * warp_region_delta_bytes<D>(), L, false);
-  const uint32_t* sFrag = sh.frag;
-  bf16 *sInHi = sh.in_hi, *sInLo = sh.in_lo;
-  float* sOut = sh.out;
-  const KqPlace pl = kq_place(H, T, G, C, warp);
-  const GroupPlace gp = pl.gp;
-  const int m0 = pl.m0;
-  q += pl.head * D, k += pl.head * D, v += pl.head * D, dout += pl.head * D, lse += pl.head, delta += pl.head;
-  const float* myWpre = sh.wpre + warp * kHeadTaps;
-  const float* myWpost = sh.wpost + warp * kHeadTaps;
-  constexpr bool kTwo = !kCl;  // one CTA holds the group (<= kDeltaHeads): dA2's parts in one product
-  load_taps_and_mix(sh, pl, wpre, cq1, ck1, wpost, cq2, ck2, mpre, gpre, mpost, gpost, G, warp, lane, kTwo ? 2 : 1);
-
-  // Q rows m0 - 16 .. m0 + 15 and dO rows m0 .. m0 + 31 as A fragments in registers (at D = 128 too:
-  // kDeltaHeads), staged in the dA2 window.
-  RowFrags<D, S, 2, false> qf, dof;
-  load_row_frags(reinterpret_cast<bf16*>(dwin), q, m0 - kTile, T, lane, qf);
-  load_row_frags(reinterpret_cast<bf16*>(dwin), dout, m0, T, lane, dof);
-  for (int i = lane; i < (kWinFloats + kDFloats) / 4; i += 32)
-    reinterpret_cast<float4*>(win)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
-  const int r = lane & 15, half = lane >> 4, row = m0 + r;
-  const float lse2 = row < T ? lse[row] * kLog2e : 0.f;
-  const int rot_t = ck2 - 1 - off2;  // the dA2 ring's rotation (conv_row8_t reads aligned columns)
-  __syncwarp();
-  group_start(gp);  // every warp's taps, the fragments, the zeroed MixIn
-
-  s0_tile_to_window<D, S, kWinTop>(win, sTile, k, qf, 0, m0, T, scale, off1, lane);
-  da2_tile_to_window<D, S, Ring64, kTwo>(dwin, sTile, v, dof, 0, m0, T, rot_t, gpost, sInHi, sInLo, sFrag, sOut, gp,
-                                         warp, lane);
-  float part = 0.f;
-  const int n_end = min(T, m0 + kTile);
-  for (int n0 = 0; n0 < n_end; n0 += kTile) {
-    const int kt = n0 / kTile;
-    s0_tile_to_window<D, S, kWinTop>(win, sTile, k, qf, kt + 1, m0, T, scale, off1, lane);
-    da2_tile_to_window<D, S, Ring64, kTwo>(dwin, sTile, v, dof, kt + 1, m0, T, rot_t, gpost, sInHi, sInLo, sFrag,
-                                           sOut, gp, warp, lane);
-    float c[8], da[8];
-    conv_row8<kCq1, kCk1>(win, myWpre, cq1, ck1, kWinTop + r, n0 + 8 * half, c);
-    if (gpre) mix_in_place(c, sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);  // C -> C' (two barriers)
-    conv_row8_t<kCq2, kCk2>(dwin, myWpost, cq2, ck2, r, n0 + 8 * half, da);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const int key = n0 + 8 * half + e;
-      if (row < T && key <= row) part = fmaf(exp2f(fmaf(c[e], kLog2e, -lse2)), da[e], part);
-    }
-  }
-  group_finish(gp);
-  part += __shfl_xor_sync(0xffffffffu, part, 16);  // lanes r and r + 16 share row r
-  if (half == 0 && row < T && pl.real) delta[row] = part;
-}
-
-template <int D, int kCq1, int kCk1, int kCq2, int kCk2>
-void launch_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
-                  const float* wpre, const float* mpre, const float* wpost, const float* mpost, const float* lse,
-                  float* delta, int B, int T, cudaStream_t s) {
-  const int H = spec.heads, G = spec.coupled_heads();
-  const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
-  const KqConv pre = pre_conv(spec);
-  const KqConv post = post_conv(spec);
-  const int C = cluster_size(G, kDeltaHeads);
-  const size_t smem = smem_delta_bytes<D>(group_warps(G, C), C == 1 ? 2 : 1);
-  auto kernel = C == 1 ? flash_kq_layer_delta_kernel<D, kCq1, kCk1, kCq2, kCk2, false>
-                       : flash_kq_layer_delta_kernel<D, kCq1, kCk1, kCq2, kCk2, true>;
-  launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, spec.kq_pre ? wpre : nullptr, mpre, gpre,
-                 spec.kq_post ? wpost : nullptr, mpost, gpost, lse, delta, H, T, G, pre.q, pre.k, pre.key_offset(),
-                 post.q, post.k, post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
-}
-
-template <int D>
-void dispatch_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
-                    const float* wpre, const float* mpre, const float* wpost, const float* mpost, const float* lse,
-                    float* delta, int B, int T, cudaStream_t s) {
-  if (paper_sizes(spec))
-    launch_delta<D, 6, 11, 6, 11>(spec, q, k, v, dout, wpre, mpre, wpost, mpost, lse, delta, B, T, s);
-  else
-    launch_delta<D, 0, 0, 0, 0>(spec, q, k, v, dout, wpre, mpre, wpost, mpost, lse, delta, B, T, s);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1020,10 +977,11 @@ void dispatch_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, con
 //   tile's rows (the A window, whose rotation o2 aligns these reads as the forward stencil's): per lane
 //   in registers for the compiled 6 x 11, per warp in shared memory (a warp sum per tap) otherwise.
 // At the end each CTA writes partials (dWpost and dMpost per warp, i.e. per head), which
-// reduce_partials_kernel sums over the CTAs in a fixed order. At D = 64 and 8 heads the windows, tiles
-// and mixing buffers take 226 KB; at D = 128 (4 heads per CTA) the Q rows are kept in shared memory
-// too. With dout_lo (dout's bf16 remainder, from an epilogue's fp32 gradient) dA3 = (dO + dO_lo) V^T:
-// the post-side gradients sum what the norm leaves of dO.
+// reduce_partials_kernel sums over the CTAs in a fixed order, and adds delta's terms from the lanes'
+// dWpost terms (add_delta_terms; this replaced the backward's first pass, session 13). At D = 64 and 8
+// heads the windows, tiles and mixing buffers take 226 KB; at D = 128 (4 heads per CTA) the Q rows are
+// kept in shared memory too. With dout_lo (dout's bf16 remainder, from an epilogue's fp32 gradient)
+// dA3 = (dO + dO_lo) V^T: the post-side gradients sum what the norm leaves of dO.
 constexpr int kWStride = kMaxCq * kMaxCk;      // floats per (CTA, head) convolution-gradient partial
 
 // This warp's per-CTA partials (slot = (the group's CTA row * G + its head in the group)): the
@@ -1094,20 +1052,52 @@ __device__ __forceinline__ void conv_grad_row8(const float* win, int wrow, int x
 }
 
 // Runtime sizes: each tap's terms summed over the warp, added by lane 0 to the warp's sDw[a][c] (rows of
-// kTapPitch). Every lane of the warp must call it.
-template <class R = Ring64>
-__device__ __forceinline__ void conv_grad_row8_rt(const float* win, int cq, int ck, int wrow, int x0,
-                                                  const float (&d)[8], float* sDw, int lane) {
-  for (int a = 0; a < cq; ++a) {
+// kTapPitch; sDw null: not wanted, a layer without kq_post), and with kDl this lane's own terms weighted by
+// the taps w (rows of kTapPitch) into dl[a] (delta's terms: kernel P). Every lane of the warp must call it.
+template <class R = Ring64, bool kDl = false>
+__device__ __forceinline__ void conv_grad_row8_rt(const float* win, const float* w, int cq, int ck, int wrow, int x0,
+                                                  const float (&d)[8], float* sDw, float (&dl)[kMaxCq], int lane) {
+#pragma unroll
+  for (int a = 0; a < kMaxCq; ++a) {  // unrolled, so that dl stays in registers
+    if (a >= cq) break;
     const float* row = win + (wrow - (cq - 1) + a) * R::kPitch;
     for (int c = 0; c < ck; ++c) {
       float s = 0.f;
 #pragma unroll
       for (int e = 0; e < 8; ++e) s = fmaf(d[e], row[R::col(x0 + e + c)], s);
-      s = warp_sum(s);
-      if (lane == 0) sDw[a * kTapPitch + c] += s;
+      if constexpr (kDl) dl[a] = fmaf(w[a * kTapPitch + c], s, dl[a]);
+      if (sDw) {
+        s = warp_sum(s);
+        if (lane == 0) sDw[a * kTapPitch + c] += s;
+      }
     }
   }
+}
+
+// delta (the row term kernel Q subtracts, dC' = A (dA - delta)) from kernel P's weight-gradient terms
+// (replay_kq_layer_backward.py, kernel_p): with dA = conv_post^T(dA2),
+//   delta[i'] = sum_j A[i', j] dA[i', j] = sum_a sum_c Wpost[a, c] (sum_j dA2[i, j] A[i', j - o2 + c]),
+// i = i' + cq - 1 - a, and the bracket is row i's own term of dWpost[a, c], which the lanes that own row
+// i (two: halves of the keys) accumulate anyway. So dl[a] = sum_c Wpost[a, c] times the lane's dWpost[a, c]
+// is what row m0 + r gives row m0 + r - (cq - 1) + a (a < cq <= 8: rows m0 - 7 .. m0 + 15). The warp sums
+// the rows' terms in a fixed order in scr (24 floats: rows m0 - 8 .. m0 + 15) and adds them to delta (this
+// head's, zeroed before the kernel). A row gets terms from its own tile's CTA and, for its tile's last
+// cq - 1 rows, from the next tile's: two atomic additions to 0, whose result does not depend on their
+// order (a + b = b + a), so delta is deterministic. Every lane of the warp must call it.
+template <int kA>
+__device__ __forceinline__ void add_delta_terms(const float (&dl)[kA], int cq, float* scr, float* delta, int m0, int T,
+                                                bool real, int lane) {
+  const int r = lane & 15, half = lane >> 4;
+  if (lane < 24) scr[lane] = 0.f;
+  __syncwarp();
+#pragma unroll
+  for (int a = 0; a < kA; ++a) {
+    const float x = dl[a] + __shfl_xor_sync(0xffffffffu, dl[a], 16);  // the row's two lanes
+    if (a < cq && half == 0) scr[8 + r - (cq - 1) + a] += x;
+    __syncwarp();
+  }
+  const int row = m0 - 8 + lane;
+  if (real && lane >= 8 - (cq - 1) && lane < 24 && row >= 0 && row < T) atomicAdd(delta + row, scr[lane]);
 }
 
 template <int D, int kCq1, int kCk1, int kCq2, int kCk2, bool kCl>
@@ -1118,7 +1108,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
                                     const float* __restrict__ wpost, const float* __restrict__ mpost, int gpost,
                                     const float* __restrict__ lse, const bf16* __restrict__ dout_lo,
                                     float* __restrict__ dv_acc, float* __restrict__ part_w,
-                                    float* __restrict__ part_m, int H, int T, int G,
+                                    float* __restrict__ part_m, float* __restrict__ delta, int H, int T, int G,
                                     int cq1, int ck1, int off1, int cq2, int ck2, int off2, float scale) {
   const int C = kCl ? cluster_ctas() : 1;  // CTAs per group (kCl: a cluster; one-CTA groups carry no cluster code)
   constexpr int S = D + 8;
@@ -1180,6 +1170,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     for (int c = 0; c < kWk; ++c) accw[a][c] = 0.f;
   constexpr int kDmp = kCl ? 16 : 8;  // head_post groups fit the CTA's or the cluster's heads
   float dmp[kDmp] = {};  // dMpost of this warp's head with head y0 + yy of its group
+  float dl[kMaxCq] = {};  // runtime sizes: delta's terms (add_delta_terms)
   s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qf, 0, m0, T, scale, off1, lane);
   s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qf, 1, m0, T, scale, off1, lane);
   a_tile_to_window<kCq1, kCk1, false>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, gp, warp,
@@ -1281,16 +1272,30 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     float da2[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) da2[e] = n0 + 8 * half + e > row ? 0.f : da[e];  // dA2: the future set to 0
-    if (has_post) {
-      if constexpr (kCq2 > 0)
-        conv_grad_row8<kCq2, kCk2>(awin, kATop + r, n0 + 8 * half, da2, accw);
-      else
-        conv_grad_row8_rt(awin, cq2, ck2, kATop + r, n0 + 8 * half, da2, myDw, lane);
-    }
+    // dWpost, whose per-lane terms also give delta (the compiled sizes imply kq_post: paper_sizes;
+    // without kq_post the identity taps give delta alone).
+    if constexpr (kCq2 > 0)
+      conv_grad_row8<kCq2, kCk2>(awin, kATop + r, n0 + 8 * half, da2, accw);
+    else
+      conv_grad_row8_rt<Ring64, true>(awin, myWpost, cq2, ck2, kATop + r, n0 + 8 * half, da2,
+                                      has_post ? myDw : nullptr, dl, lane);
     __syncwarp();  // every lane has read its dA2 before the next block's MixOut writes
   }
 
   group_finish(gp);
+  // delta's terms, summed in this warp's S0 window (free now).
+  if constexpr (kCq2 > 0) {
+    float dlc[kCq2];
+#pragma unroll
+    for (int a = 0; a < kCq2; ++a) {
+      dlc[a] = 0.f;
+#pragma unroll
+      for (int c = 0; c < kCk2; ++c) dlc[a] = fmaf(myWpost[a * kTapPitch + c], accw[a][c], dlc[a]);
+    }
+    add_delta_terms(dlc, kCq2, s0win, delta + pl.head, m0, T, pl.real, lane);
+  } else {
+    add_delta_terms(dl, cq2, s0win, delta + pl.head, m0, T, pl.real, lane);
+  }
   // Partials of this CTA: dWpost and the dMpost row of this warp's head.
   const size_t cta = static_cast<size_t>(blockIdx.x / gp.C) * gridDim.y + blockIdx.y;  // the group's CTA row
   if (pl.real)
@@ -1333,8 +1338,8 @@ void reduce_partials(const float* part, float* grad, int B, int H, int G, int nt
 template <int D, int kCq1, int kCk1, int kCq2, int kCk2>
 void launch_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
                        const float* wpre, const float* mpre, const float* wpost, const float* mpost, const float* lse,
-                       const bf16* dout_lo, float* dv_acc, float* part_w, float* part_m, int B, int T,
-                       cudaStream_t s) {
+                       const bf16* dout_lo, float* dv_acc, float* part_w, float* part_m, float* delta, int B,
+                       int T, cudaStream_t s) {
   const int H = spec.heads, G = spec.coupled_heads();
   const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
   const KqConv pre = pre_conv(spec);
@@ -1344,21 +1349,22 @@ void launch_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, 
   auto kernel = C == 1 ? flash_kq_layer_post_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, false>
                        : flash_kq_layer_post_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, true>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, spec.kq_pre ? wpre : nullptr, mpre, gpre,
-                 spec.kq_post ? wpost : nullptr, mpost, gpost, lse, dout_lo, dv_acc, part_w, part_m, H, T, G, pre.q,
+                 spec.kq_post ? wpost : nullptr, mpost, gpost, lse, dout_lo, dv_acc, part_w, part_m, delta, H, T, G,
+                 pre.q,
                  pre.k, pre.key_offset(), post.q, post.k, post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
 }
 
 template <int D>
 void dispatch_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
                          const float* wpre, const float* mpre, const float* wpost, const float* mpost,
-                         const float* lse, const bf16* dout_lo, float* dv_acc, float* part_w, float* part_m, int B,
-                         int T, cudaStream_t s) {
+                         const float* lse, const bf16* dout_lo, float* dv_acc, float* part_w, float* part_m,
+                         float* delta, int B, int T, cudaStream_t s) {
   if (paper_sizes(spec))
     launch_post_grads<D, 6, 11, 6, 11>(spec, q, k, v, dout, wpre, mpre, wpost, mpost, lse, dout_lo, dv_acc, part_w,
-                                       part_m, B, T, s);
+                                       part_m, delta, B, T, s);
   else
     launch_post_grads<D, 0, 0, 0, 0>(spec, q, k, v, dout, wpre, mpre, wpost, mpost, lse, dout_lo, dv_acc, part_w,
-                                     part_m, B, T, s);
+                                     part_m, delta, B, T, s);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1366,7 +1372,7 @@ void dispatch_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k
 // kernel_q). A CTA owns 16 query rows (m0 ..) of one group, one warp per head, with three windows per
 // head on rings of 48 keys (Ring48: three key tiles; rings of 64 would not fit 8 heads):
 //   S0 rows m0 - 8 .. m0 + 23 (Q tiles at m0 - 8 and m0 + 8), rotated by o1;
-//   dA2 rows m0 .. m0 + 31 (dO tiles at m0 and m0 + 16), rotated by ck2 - 1 - o2 (the delta pass's);
+//   dA2 rows m0 .. m0 + 31 (dO tiles at m0 and m0 + 16), rotated by ck2 - 1 - o2;
 //   dC rows m0 .. m0 + 23, rotated by ck1 - 1 - o1 (read by the transposed pre convolution).
 // Before block 0: S0 and dA2 tiles 0 and 1, dC tile 0. Per block of 16 keys (n0 = 16 kt):
 //   1. dWpre[a, c] += dC[i, j] S0[i - (cq1 - 1) + a, j - o1 + c] over the tile's rows (S0 tiles
@@ -1391,8 +1397,13 @@ constexpr int kDsPitch = kTile + 8;  // bf16 per row of the warp's dS tile (16-b
 template <int D>
 constexpr size_t warp_region_pre_bytes() {
   return (kQS0Floats + kQDFloats + kQCFloats) * sizeof(float) + static_cast<size_t>(kTile) * (D + 8) * sizeof(bf16) +
-         static_cast<size_t>(kTile) * kDsPitch * sizeof(bf16) + kept_rows_bytes<D>(2);
+         static_cast<size_t>(kTile) * kDsPitch * sizeof(bf16) + kept_rows_bytes<D>(2) + kQDRows * sizeof(float);
 }
+// dO_lo's 32 rows are staged in the S0 window (D = 64, where the dA2 window stages dO) or the S0 and dA2
+// windows (D = 128, where dO is kept in sKept).
+static_assert(kQS0Floats * sizeof(float) >= 32 * (64 + 8) * sizeof(bf16) &&
+                  (kQS0Floats + kQDFloats) * sizeof(float) >= 32 * (128 + 8) * sizeof(bf16),
+              "dO_lo staging fits");
 static_assert(kQDFloats * sizeof(float) >= 32 * (64 + 8) * sizeof(bf16), "Q and dO staging fits the dA2 window");
 
 template <int D>
@@ -1405,8 +1416,6 @@ static_assert(smem_pre_bytes<64>(bwd_heads(64)) <= kMaxSmemPerCta &&
                   smem_pre_bytes<128>(bwd_heads(128)) <= kMaxSmemPerCta &&
                   smem_post_bytes<64>(bwd_heads(64)) <= kMaxSmemPerCta &&
                   smem_post_bytes<128>(bwd_heads(128)) <= kMaxSmemPerCta &&
-                  smem_delta_bytes<64>(kDeltaHeads, 2) <= kMaxSmemPerCta &&
-                  smem_delta_bytes<128>(kDeltaHeads, 2) <= kMaxSmemPerCta &&
                   smem_out_bytes<64>(kOutHeads, 2) <= kMaxSmemPerCta &&
                   smem_out_bytes<128>(kOutHeads, 2) <= kMaxSmemPerCta,
               "the backward's CTAs fit their heads' shared memory");
@@ -1502,7 +1511,8 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
                                    const bf16* __restrict__ dout, const float* __restrict__ wpre,
                                    const float* __restrict__ mpre, int gpre, const float* __restrict__ wpost,
                                    const float* __restrict__ mpost, int gpost, const float* __restrict__ lse,
-                                   const float* __restrict__ delta, bf16* __restrict__ dq, float* __restrict__ dk_acc,
+                                   const float* __restrict__ delta, const bf16* __restrict__ dout_lo,
+                                   const float* __restrict__ vmax, bf16* __restrict__ dq, float* __restrict__ dk_acc,
                                    float* __restrict__ part_w, float* __restrict__ part_m, int H, int T, int G,
                                    int cq1, int ck1, int off1, int cq2, int ck2, int off2, float scale) {
   const int C = kCl ? cluster_ctas() : 1;  // CTAs per group (kCl: a cluster; one-CTA groups carry no cluster code)
@@ -1517,6 +1527,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   bf16* sTile = reinterpret_cast<bf16*>(dcw + kQCFloats);  // K, V, K of the block, then the dq rows
   bf16* sdS = sTile + kTile * S;                           // dS0 of the block [16][kDsPitch]
   bf16* sKept = sdS + kTile * kDsPitch;                    // D = 128: the Q rows, then the dO rows
+  float* sInvRow = reinterpret_cast<float*>(region + warp_region_pre_bytes<D>()) - kQDRows;  // dO rows' 1 / scale
   // The other kernels' preamble (kq_shared, kq_place, load_taps_and_mix) and, below, atomic_add_tile
   // written out: at 255 registers, with them the clustered 6 x 11 kernel spilled 456 bytes instead of
   // 324 (one CTA: 8-16 instead of 4) and the paper-LM layer's backward measured 2% slower (RESULTS,
@@ -1537,6 +1548,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   const size_t head = static_cast<size_t>(b * H + h) * T;
   const int m0 = ((T + kTile - 1) / kTile - 1 - static_cast<int>(blockIdx.y)) * kTile;  // heavy tiles first
   q += head * D, k += head * D, v += head * D, dout += head * D, dq += head * D, dk_acc += head * D;
+  if (dout_lo) dout_lo += head * D;
   lse += head, delta += head;
   float* myWpre = sWpre + warp * kHeadTaps;
   float* myWpost = sWpost + warp * kHeadTaps;
@@ -1550,11 +1562,24 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   }
 
   // Q rows m0 - 8 .. m0 + 23 and dO rows m0 .. m0 + 31 as A fragments: staged in the dA2 window at
-  // D = 64, kept in sKept at D = 128.
+  // D = 64, kept in sKept at D = 128. The dO rows (with dout_lo: dO + dO_lo, dO_lo staged in the S0 and
+  // dA2 windows) as scaled fp16 (rows_to_scaled_f16).
   constexpr bool kSm = kBwdRowsInSmem<D>;
   RowFrags<D, S, 2, kSm> qf, dof;
   load_row_frags(kSm ? sKept : reinterpret_cast<bf16*>(dw), q, m0 - 8, T, lane, qf);
-  load_row_frags(kSm ? sKept + 2 * kTile * S : reinterpret_cast<bf16*>(dw), dout, m0, T, lane, dof);
+  {
+    bf16* sDo = kSm ? sKept + 2 * kTile * S : reinterpret_cast<bf16*>(dw);
+    bf16* sLo = reinterpret_cast<bf16*>(s0w);
+    warp_load_rows_zero<D, S, kQDRows>(sDo, dout, m0, T, lane);
+    if (dout_lo) warp_load_rows_zero<D, S, kQDRows>(sLo, dout_lo, m0, T, lane);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncwarp();
+    rows_to_scaled_f16<D, S>(sDo, dout_lo ? sLo : nullptr, f16_scale_for(*vmax), sInvRow, lane);
+    __syncwarp();
+    dof.take(sDo, lane);
+    __syncwarp();
+  }
   for (int i = lane; i < (kQS0Floats + kQDFloats + kQCFloats) / 4; i += 32)
     reinterpret_cast<float4*>(s0w)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
   const int r = lane & 15, half = lane >> 4, g = lane >> 2, t = lane & 3, row = m0 + r;
@@ -1576,16 +1601,17 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
 #pragma unroll
     for (int c = 0; c < kWk; ++c) accw[a][c] = 0.f;
   float dm[kDm] = {};
+  float unused_dl[kMaxCq];  // conv_grad_row8_rt's delta terms: kernel P's only
   float acc_dq[D / 8][4];
 #pragma unroll
   for (int j = 0; j < D / 8; ++j) acc_dq[j][0] = acc_dq[j][1] = acc_dq[j][2] = acc_dq[j][3] = 0.f;
 
   s0_tile_to_window<D, S, kTile, Ring48>(s0w, sTile, k, qf, 0, m0 + 8, T, scale, off1, lane);
   s0_tile_to_window<D, S, kTile, Ring48>(s0w, sTile, k, qf, 1, m0 + 8, T, scale, off1, lane);
-  da2_tile_to_window<D, S, Ring48>(dw, sTile, v, dof, 0, m0, T, rot_d, gpost, sInHi, sInLo, sFrag, sOut, gp, warp,
-                                   lane);
-  da2_tile_to_window<D, S, Ring48>(dw, sTile, v, dof, 1, m0, T, rot_d, gpost, sInHi, sInLo, sFrag, sOut, gp, warp,
-                                   lane);
+  da2_tile_to_window<D, S, Ring48>(dw, sTile, v, vmax, dof, sInvRow, 0, m0, T, rot_d, gpost, sInHi, sInLo, sFrag, sOut,
+                                   gp, warp, lane);
+  da2_tile_to_window<D, S, Ring48>(dw, sTile, v, vmax, dof, sInvRow, 1, m0, T, rot_d, gpost, sInHi, sInLo, sFrag, sOut,
+                                   gp, warp, lane);
   dc_tile_to_window<kCq1, kCk1, kCq2, kCk2, kDm>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c, gpre, sInHi,
                                             sInLo, sFrag, sOut, gp, warp, lane, 0, m0, T, lse2, dlt, dm);
   const int n_end = min(T, m0 + kTile);
@@ -1598,12 +1624,12 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
       if constexpr (kCq1 > 0)
         conv_grad_row8<kCq1, kCk1, Ring48>(s0w, r + 8, x0, d, accw);
       else
-        conv_grad_row8_rt<Ring48>(s0w, cq1, ck1, r + 8, x0, d, myDw, lane);
+        conv_grad_row8_rt<Ring48>(s0w, myWpre, cq1, ck1, r + 8, x0, d, myDw, unused_dl, lane);
     }
     __syncwarp();  // every lane has read S0 tile kt - 1 before tile kt + 2 replaces it
     s0_tile_to_window<D, S, kTile, Ring48>(s0w, sTile, k, qf, kt + 2, m0 + 8, T, scale, off1, lane);
-    da2_tile_to_window<D, S, Ring48>(dw, sTile, v, dof, kt + 2, m0, T, rot_d, gpost, sInHi, sInLo, sFrag, sOut,
-                                     gp, warp, lane);
+    da2_tile_to_window<D, S, Ring48>(dw, sTile, v, vmax, dof, sInvRow, kt + 2, m0, T, rot_d, gpost, sInHi, sInLo,
+                                     sFrag, sOut, gp, warp, lane);
     // K of this block for dQ, landing while dC tile kt + 1 is computed (the V tile's reads are done).
     warp_load_rows_zero<D, S, kTile>(sTile, k, n0, T, lane);
     cp_async_commit();
@@ -1683,8 +1709,8 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
 template <int D, int kCq1, int kCk1, int kCq2, int kCk2>
 void launch_pre_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
                       const float* wpre, const float* mpre, const float* wpost, const float* mpost, const float* lse,
-                      const float* delta, bf16* dq, float* dk_acc, float* part_w, float* part_m, int B, int T,
-                      cudaStream_t s) {
+                      const float* delta, const bf16* dout_lo, const float* vmax, bf16* dq, float* dk_acc,
+                      float* part_w, float* part_m, int B, int T, cudaStream_t s) {
   const int H = spec.heads, G = spec.coupled_heads();
   const int gpre = spec.head_pre ? spec.head_pre->group : 0, gpost = spec.head_post ? spec.head_post->group : 0;
   const KqConv pre = pre_conv(spec);
@@ -1694,21 +1720,22 @@ void launch_pre_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, c
   auto kernel = C == 1 ? flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, false>
                        : flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, true>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, spec.kq_pre ? wpre : nullptr, mpre, gpre,
-                 spec.kq_post ? wpost : nullptr, mpost, gpost, lse, delta, dq, dk_acc, part_w, part_m, H, T, G, pre.q,
+                 spec.kq_post ? wpost : nullptr, mpost, gpost, lse, delta, dout_lo, vmax, dq, dk_acc, part_w,
+                 part_m, H, T, G, pre.q,
                  pre.k, pre.key_offset(), post.q, post.k, post.key_offset(), 1.0f / std::sqrt(static_cast<float>(D)));
 }
 
 template <int D>
 void dispatch_pre_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
                         const float* wpre, const float* mpre, const float* wpost, const float* mpost, const float* lse,
-                        const float* delta, bf16* dq, float* dk_acc, float* part_w, float* part_m, int B, int T,
-                        cudaStream_t s) {
+                        const float* delta, const bf16* dout_lo, const float* vmax, bf16* dq, float* dk_acc,
+                        float* part_w, float* part_m, int B, int T, cudaStream_t s) {
   if (paper_sizes(spec))
-    launch_pre_grads<D, 6, 11, 6, 11>(spec, q, k, v, dout, wpre, mpre, wpost, mpost, lse, delta, dq, dk_acc, part_w,
-                                      part_m, B, T, s);
+    launch_pre_grads<D, 6, 11, 6, 11>(spec, q, k, v, dout, wpre, mpre, wpost, mpost, lse, delta, dout_lo, vmax, dq,
+                                      dk_acc, part_w, part_m, B, T, s);
   else
-    launch_pre_grads<D, 0, 0, 0, 0>(spec, q, k, v, dout, wpre, mpre, wpost, mpost, lse, delta, dq, dk_acc, part_w,
-                                    part_m, B, T, s);
+    launch_pre_grads<D, 0, 0, 0, 0>(spec, q, k, v, dout, wpre, mpre, wpost, mpost, lse, delta, dout_lo, vmax, dq,
+                                    dk_acc, part_w, part_m, B, T, s);
 }
 
 template <int D, int kCq, int kCk>
@@ -1825,47 +1852,20 @@ void flash_kq_layer_lse(const AttentionSpec& spec, const bf16* q, const bf16* k,
     dispatch_lse<128>(spec, q, k, kq_pre, head_pre, lse, B, T, s);
 }
 
-bool flash_kq_layer_delta_supported(const AttentionSpec& spec, int D) {
-  return flash_kq_layer_forward_supported(spec, D) && cluster_size(spec.coupled_heads(), kDeltaHeads) > 0;
-}
-
-void flash_kq_layer_delta(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
-                          const float* kq_pre, const float* head_pre, const float* kq_post, const float* head_post,
-                          const float* lse, float* delta, int B, int T, cudaStream_t s) {
-  const int D = spec.head_dim;
-  kq_require(flash_kq_layer_delta_supported(spec, D),
-             "the delta pass needs what the forward needs (kq_pre or kq_post, each with cq <= 8, ck <= 15; "
-             "head_dim 64 or 128; at most 16 coupled heads)");
-  kq_require(B >= 1 && T >= 1, "B and T must be >= 1");
-  kq_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
-             "B * H or T too large");
-  for (const void* p : {static_cast<const void*>(q), static_cast<const void*>(k), static_cast<const void*>(v),
-                        static_cast<const void*>(dout)})
-    kq_require(p != nullptr && aligned16(p), "q, k, v, dout must be non-null and 16-byte aligned");
-  kq_require(lse != nullptr && delta != nullptr, "lse and delta must be non-null");
-  kq_require(!spec.kq_pre || kq_pre != nullptr, "kq_pre is enabled but its weights are null");
-  kq_require(!spec.head_pre || head_pre != nullptr, "head_pre is enabled but its weights are null");
-  kq_require(!spec.kq_post || kq_post != nullptr, "kq_post is enabled but its weights are null");
-  kq_require(!spec.head_post || head_post != nullptr, "head_post is enabled but its weights are null");
-  if (D == 64)
-    dispatch_delta<64>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, B, T, s);
-  else
-    dispatch_delta<128>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, B, T, s);
-}
-
 bool flash_kq_layer_post_grads_supported(const AttentionSpec& spec, int D) {
   return flash_kq_layer_backward_supported(spec, D);  // kernels P and Q hold the same heads per CTA
 }
 
 size_t flash_kq_layer_post_grads_workspace_floats(const AttentionSpec& spec, int B, int T) {
   const size_t ctas = static_cast<size_t>(B) * (spec.heads / spec.coupled_heads()) * ((T + kTile - 1) / kTile);
-  return ctas * spec.coupled_heads() * (kWStride + kMaxG);
+  // The CTAs' partials, then (kernel Q) V's largest magnitude.
+  return ctas * spec.coupled_heads() * (kWStride + kMaxG) + 4;
 }
 
 void flash_kq_layer_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v,
                                const bf16* dout, const float* kq_pre, const float* head_pre, const float* kq_post,
                                const float* head_post, const float* lse, float* dv_acc, float* grad_kq_post,
-                               float* grad_head_post, float* workspace, int B, int T, cudaStream_t s,
+                               float* grad_head_post, float* delta, float* workspace, int B, int T, cudaStream_t s,
                                const bf16* dout_lo) {
   const int D = spec.head_dim;
   kq_require(flash_kq_layer_post_grads_supported(spec, D),
@@ -1877,8 +1877,8 @@ void flash_kq_layer_post_grads(const AttentionSpec& spec, const bf16* q, const b
   for (const void* p : {static_cast<const void*>(q), static_cast<const void*>(k), static_cast<const void*>(v),
                         static_cast<const void*>(dout)})
     kq_require(p != nullptr && aligned16(p), "q, k, v, dout must be non-null and 16-byte aligned");
-  kq_require(lse != nullptr && dv_acc != nullptr && workspace != nullptr,
-             "lse, dv_acc and the workspace must be non-null");
+  kq_require(lse != nullptr && dv_acc != nullptr && delta != nullptr && workspace != nullptr,
+             "lse, dv_acc, delta and the workspace must be non-null");
   kq_require(aligned16(dv_acc), "dv_acc must be 16-byte aligned (float pairs are added into it)");
   kq_require(!spec.kq_pre || kq_pre != nullptr, "kq_pre is enabled but its weights are null");
   kq_require(!spec.head_pre || head_pre != nullptr, "head_pre is enabled but its weights are null");
@@ -1890,12 +1890,13 @@ void flash_kq_layer_post_grads(const AttentionSpec& spec, const bf16* q, const b
   const int H = spec.heads, G = spec.coupled_heads(), ntiles = (T + kTile - 1) / kTile;
   float* part_w = workspace;
   float* part_m = workspace + static_cast<size_t>(B) * (H / G) * ntiles * G * kWStride;
+  MTA_CUDA_CHECK(cudaMemsetAsync(delta, 0, static_cast<size_t>(B) * H * T * sizeof(float), s));  // add_delta_terms adds
   if (D == 64)
     dispatch_post_grads<64>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, dout_lo, dv_acc, part_w,
-                            part_m, B, T, s);
+                            part_m, delta, B, T, s);
   else
     dispatch_post_grads<128>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, dout_lo, dv_acc, part_w,
-                             part_m, B, T, s);
+                             part_m, delta, B, T, s);
   if (spec.kq_post)
     reduce_partials(part_w, grad_kq_post, B, H, G, ntiles, kWStride, spec.kq_post->q * spec.kq_post->k, s);
   if (spec.head_post) reduce_partials(part_m, grad_head_post, B, H, G, ntiles, kMaxG, spec.head_post->group, s);
@@ -1913,8 +1914,8 @@ size_t flash_kq_layer_backward_workspace_floats(const AttentionSpec& spec, int B
 void flash_kq_layer_pre_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
                               const float* kq_pre, const float* head_pre, const float* kq_post,
                               const float* head_post, const float* lse, const float* delta, bf16* dq, float* dk_acc,
-                              float* grad_kq_pre, float* grad_head_pre, float* workspace, int B, int T,
-                              cudaStream_t s) {
+                              float* grad_kq_pre, float* grad_head_pre, float* workspace, int B, int T, cudaStream_t s,
+                              const bf16* dout_lo) {
   const int D = spec.head_dim;
   kq_require(flash_kq_layer_backward_supported(spec, D),
              "kernel Q needs what the forward needs (kq_pre or kq_post, each with cq <= 8, ck <= 15; "
@@ -1934,16 +1935,22 @@ void flash_kq_layer_pre_grads(const AttentionSpec& spec, const bf16* q, const bf
              "head_pre is enabled but its weights or gradient are null");
   kq_require(!spec.kq_post || kq_post != nullptr, "kq_post is enabled but its weights are null");
   kq_require(!spec.head_post || head_post != nullptr, "head_post is enabled but its weights are null");
+  kq_require(!dout_lo || aligned16(dout_lo), "dout_lo must be 16-byte aligned");
   const int H = spec.heads, G = spec.coupled_heads(), ntiles = (T + kTile - 1) / kTile;
   float* part_w = workspace;
   float* part_m = workspace + static_cast<size_t>(B) * (H / G) * ntiles * G * kWStride;
   const KqConv pre = pre_conv(spec);
+  float* vmax = part_m + static_cast<size_t>(B) * (H / G) * ntiles * G * kMaxG;
+  const size_t nv = static_cast<size_t>(B) * H * T * D;
+  MTA_CUDA_CHECK(cudaMemsetAsync(vmax, 0, sizeof(float), s));
+  abs_max_kernel<<<static_cast<unsigned>(std::min<size_t>((nv + 255) / 256, 1024)), 256, 0, s>>>(v, nv, vmax);
+  MTA_CUDA_CHECK_LAUNCH("abs_max_kernel");
   if (D == 64)
-    dispatch_pre_grads<64>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, dq, dk_acc, part_w,
-                           part_m, B, T, s);
+    dispatch_pre_grads<64>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, dout_lo, vmax, dq,
+                           dk_acc, part_w, part_m, B, T, s);
   else
-    dispatch_pre_grads<128>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, dq, dk_acc, part_w,
-                            part_m, B, T, s);
+    dispatch_pre_grads<128>(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, dout_lo, vmax,
+                            dq, dk_acc, part_w, part_m, B, T, s);
   if (spec.kq_pre) reduce_partials(part_w, grad_kq_pre, B, H, G, ntiles, kWStride, pre.q * pre.k, s);
   if (spec.head_pre) reduce_partials(part_m, grad_head_pre, B, H, G, ntiles, kMaxG, spec.head_pre->group, s);
 }
@@ -1955,22 +1962,21 @@ void flash_kq_layer_backward(const AttentionSpec& spec, const bf16* q, const bf1
                              cudaStream_t s, const bf16* dout_lo) {
   kq_require(dk != nullptr && dv != nullptr, "dk and dv must be non-null");
   const size_t rows = static_cast<size_t>(B) * spec.heads * T, n = rows * spec.head_dim;
-  float* delta = workspace;
+  float* delta = workspace;  // kernel P's by-product, kernel Q's input
   // One fp32 accumulator serves dv (kernel P), then dk (kernel Q): the kernels run one after the other
   // on `s`, so the second needs no memory of its own (rows x D x 4 bytes less at peak). It starts 16-byte
   // aligned after delta (delta_floats): the kernels add float pairs into it.
   float* acc = delta + delta_floats(rows);
   float* parts = acc + n;
   const int blocks = static_cast<int>(std::min<size_t>((n + 255) / 256, 4096));
-  flash_kq_layer_delta(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, B, T, s);
   MTA_CUDA_CHECK(cudaMemsetAsync(acc, 0, n * sizeof(float), s));
   flash_kq_layer_post_grads(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, acc, grad_kq_post,
-                            grad_head_post, parts, B, T, s, dout_lo);
+                            grad_head_post, delta, parts, B, T, s, dout_lo);
   f32_to_bf16_kernel<<<blocks, 256, 0, s>>>(acc, dv, n);
   MTA_CUDA_CHECK_LAUNCH("f32_to_bf16_kernel");
   MTA_CUDA_CHECK(cudaMemsetAsync(acc, 0, n * sizeof(float), s));
   flash_kq_layer_pre_grads(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, delta, dq, acc,
-                           grad_kq_pre, grad_head_pre, parts, B, T, s);
+                           grad_kq_pre, grad_head_pre, parts, B, T, s, dout_lo);
   f32_to_bf16_kernel<<<blocks, 256, 0, s>>>(acc, dk, n);
   MTA_CUDA_CHECK_LAUNCH("f32_to_bf16_kernel");
 }

@@ -2,8 +2,8 @@
 // The fused kq layer (the paper LM's layers that combine the key-query convolutions with head mixing),
 // built pass by pass in the order of docs/flash-mta.md ("What comes next", item 1); the window
 // arithmetic is replayed on the CPU by tests/oracle/replay_kq_layer*.py. The forward (pass 1, the row
-// statistics of the mixed, convolved logits; pass 2, the output) and the backward (the delta pass,
-// kernel P for the post side, kernel Q for the pre side), at head dim 64 and 128.
+// statistics of the mixed, convolved logits; pass 2, the output) and the backward (kernel P for the
+// post side and delta, kernel Q for the pre side), at head dim 64 and 128.
 // Coupled heads G = spec.coupled_heads() <= 16, one warp per head: a group runs in one CTA where it
 // fits (pass 1: 16 heads at D = 64, 8 at D = 128; pass 2: 8; the backward: 8 at D = 64, 4 at D = 128,
 // which keeps the Q and dO rows in shared memory), else on a cluster of the fewest CTAs that hold it
@@ -55,47 +55,45 @@ void flash_kq_layer_forward(const AttentionSpec& spec, const __nv_bfloat16* q, c
                             const float* head_post, __nv_bfloat16* o, float* lse, int B, int T, cudaStream_t s,
                             float* o32 = nullptr);
 
-// The backward's first pass (designed by tests/oracle/replay_kq_layer_delta.py; GPU-tested by
-// FlashKqLayer.DeltaPass): delta_x[i] = sum_j A_x[i, j] dA_x[i, j] with dA3 = dout v^T, dA2 = the head_post^T mix of dA3
-// with the future set to 0, dA = the transposed kq_post convolution of dA2 (identity without kq_post);
-// A from lse (pass 1's). The main backward pass subtracts it: dC' = A (dA - delta). dout [B, H, T, D]
-// bf16 (the core's output gradient); delta [B, H, T] fp32. What the forward supports.
-bool flash_kq_layer_delta_supported(const AttentionSpec& spec, int D);
-void flash_kq_layer_delta(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
-                          const __nv_bfloat16* v, const __nv_bfloat16* dout, const float* kq_pre, const float* head_pre,
-                          const float* kq_post, const float* head_post, const float* lse, float* delta, int B, int T,
-                          cudaStream_t s);
-
 // The main backward pass's post side, kernel P (tests/oracle/replay_kq_layer_backward.py, kernel_p):
 // adds into dv_acc [B, H, T, D] fp32 (the caller zeroes it and converts it) the value gradient
 // A3^T dout, and into grad_kq_post [H, cq, ck] and grad_head_post [H / g, g, g] the post-side
 // parameter gradients (per-CTA partials in `workspace`, flash_kq_layer_post_grads_workspace_floats
-// floats, reduced over the CTAs in a fixed order). lse is pass 1's. What the forward supports. dout_lo (optional): dout's bf16 remainder (dout + dout_lo = an fp32 gradient, as an
-// epilogue's backward gives it: epilogue_cuda.h), used by dA3 = dout V^T, whose post-side gradients
-// are sums of what the norm leaves of dout.
+// floats, reduced over the CTAs in a fixed order). lse is pass 1's. It also writes delta [B, H, T] fp32,
+// the row term that kernel Q subtracts (dC' = A (dA - delta)): delta_x[i] = sum_j A_x[i, j] dA_x[i, j] with
+// dA3 = dout v^T, dA2 = the head_post^T mix of dA3 with the future set to 0, dA = the transposed kq_post
+// convolution of dA2 (identity without kq_post), from its kq_post weight-gradient terms (session 13;
+// before, a pass of its own; tests/oracle/replay_kq_layer_backward.py).
+// What the forward supports. dout_lo (optional): dout's bf16 remainder (dout + dout_lo = an fp32
+// gradient, as an epilogue's backward gives it: epilogue_cuda.h), used by dA3 = dout V^T, whose
+// post-side gradients are sums of what the norm leaves of dout (delta then includes it too).
 bool flash_kq_layer_post_grads_supported(const AttentionSpec& spec, int D);
 size_t flash_kq_layer_post_grads_workspace_floats(const AttentionSpec& spec, int B, int T);
 void flash_kq_layer_post_grads(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
                                const __nv_bfloat16* v, const __nv_bfloat16* dout, const float* kq_pre,
                                const float* head_pre, const float* kq_post, const float* head_post, const float* lse,
-                               float* dv_acc, float* grad_kq_post, float* grad_head_post, float* workspace, int B,
-                               int T, cudaStream_t s, const __nv_bfloat16* dout_lo = nullptr);
+                               float* dv_acc, float* grad_kq_post, float* grad_head_post, float* delta,
+                               float* workspace, int B, int T, cudaStream_t s, const __nv_bfloat16* dout_lo = nullptr);
 
 // The main backward pass's pre side, kernel Q (replay_kq_layer_backward.py, kernel_q): writes dq [B, H,
 // T, D] bf16, adds dS0^T q into dk_acc [B, H, T, D] fp32 (zeroed by the caller) and the pre-side
 // parameter gradients into grad_kq_pre, grad_head_pre (per-CTA partials in `workspace`, the same size
-// as kernel P's; not used by both at once). delta from flash_kq_layer_delta, lse from pass 1.
+// as kernel P's, which leaves room for kernel Q's V maximum; not used by both at once). delta from kernel P,
+// lse from pass 1. dout_lo (optional) as
+// for kernel P: dA3 = (dout + dout_lo) v^T with fp16 operands (the sum rounded to 11 significant bits,
+// each dO row and V tile scaled by a power of two), so that dA agrees with the dA behind kernel P's delta.
 bool flash_kq_layer_backward_supported(const AttentionSpec& spec, int D);
 void flash_kq_layer_pre_grads(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
                               const __nv_bfloat16* v, const __nv_bfloat16* dout, const float* kq_pre,
                               const float* head_pre, const float* kq_post, const float* head_post, const float* lse,
                               const float* delta, __nv_bfloat16* dq, float* dk_acc, float* grad_kq_pre,
-                              float* grad_head_pre, float* workspace, int B, int T, cudaStream_t s);
+                              float* grad_head_pre, float* workspace, int B, int T, cudaStream_t s,
+                              const __nv_bfloat16* dout_lo = nullptr);
 
 // The whole backward of the layer core (steps 1-7) from dout (the core's output gradient) and pass 1's
-// lse: the delta pass, kernel P, kernel Q, then dk and dv from their fp32 accumulators. dq, dk, dv are
+// lse: kernel P (with delta), kernel Q, then dk and dv from their fp32 accumulators. dq, dk, dv are
 // written (bf16); the parameter gradients (those of enabled options: non-null) are added to; dout_lo as
-// for kernel P.
+// for kernels P and Q.
 // `workspace`: flash_kq_layer_backward_workspace_floats floats (delta, one fp32 accumulator of q's size
 // for dv, then dk, the partials). Supported: flash_kq_layer_backward_supported (what the forward
 // supports).

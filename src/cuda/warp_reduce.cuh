@@ -1,7 +1,8 @@
 #pragma once
-// Warp-wide sums over the 32 lanes in a fixed butterfly order (every lane gets the result), shared by
-// the CUDA layers (layers.cu), the materialized MTA op and the epilogue (epilogue.cuh) and FlashMix's
-// reductions (flash_mix.cu). Internal to each file that includes it (unnamed namespace).
+// Warp-wide sums (and maxima) over the 32 lanes in a fixed butterfly order (every lane gets the
+// result), shared by the CUDA layers (layers.cu), the materialized MTA op and the epilogue
+// (epilogue.cuh), FlashMix's reductions (flash_mix.cu) and the kq layers (flash_kq_layer.cu). Internal
+// to each file that includes it (unnamed namespace).
 #include <cuda_runtime.h>
 
 namespace mta::cuda {
@@ -10,6 +11,16 @@ namespace {
 template <typename V>
 __device__ inline V warp_sum(V v) {
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// Maximum over the 32 lanes (every lane gets it).
+template <typename V>
+__device__ inline V warp_max(V v) {
+  for (int off = 16; off > 0; off >>= 1) {
+    const V o = __shfl_xor_sync(0xffffffffu, v, off);
+    v = o > v ? o : v;
+  }
   return v;
 }
 

@@ -5,7 +5,7 @@ against PyTorch autograd (tests/oracle/mta_torch.py) on the whole layer core (st
 Two kernels share the work, because the windows of one would not fit a CTA's shared memory at 8
 coupled heads (docs/flash-mta.md, "the main backward pass"). Both own a 16-row query tile (m0 ..),
 one warp per head, and slide windows whose key axis is a ring of 64 over the key blocks, as the
-forward (replay_kq_layer.py) and the delta pass (replay_kq_layer_delta.py) do:
+forward (replay_kq_layer.py) and the former delta pass (replay_kq_layer_delta.py) do:
 
 Kernel P, the post side (pass 2's windows: S0 rows m0 - 16 .. m0 + 15 rotated by o1, A rows m0 - 8 ..
 m0 + 15 rotated by o2, key tile kt + 2 of S0 and kt + 1 of A computed while block kt is used). Per
@@ -13,10 +13,18 @@ block: A2 and A3 on the tile's rows (as pass 2), then with the tile's dO rows:
   dV[block keys] += A3^T dO           (atomics: every query tile adds to the block's keys)
   dA3 = dO V^T;  dMpost += dA3_x A2_y  (per-CTA partials)
   dA2 = mask0(Mpost^T dA3);  dWpost[a, c] += dA2[i, j] A[i - (cq2 - 1) + a, j - o2 + c]  (the A window)
+and, at the end, delta (session 13; before, a pass of its own, replay_kq_layer_delta.py). delta_i' =
+sum_j A[i', j] dA[i', j] with dA = conv_post^T(dA2) is, substituting i = i' + cq2 - 1 - a,
+  delta_i' = sum_a sum_c Wpost[a, c] (sum_j dA2[i, j] A[i', j - o2 + c]),
+and the bracket is row i's own term of dWpost[a, c]: the per-lane accumulators the kernel keeps anyway
+(a lane owns one row). So row i (of this tile) adds sum_c Wpost[a, c] dW_i[a, c] to row i - (cq2 - 1) + a,
+for a < cq2: rows m0 - 7 .. m0 + 15. The kernel adds each row's sum to delta (zeroed first) with an
+atomic addition; a row gets terms from its own tile and, for its tile's last cq2 - 1 rows, from the next
+tile: at most two additions to 0, so the result does not depend on their order.
 
 Kernel Q, the pre side, with rings of 48 keys (three key tiles; 64 would not fit 8 heads' windows in
 227 KB). Windows: S0 rows m0 - 8 .. m0 + 23 (two Q tiles at m0 - 8 and m0 + 8) rotated by o1; dA2 rows
-m0 .. m0 + 31 (two dO tiles, Mpost^T mixed, masked) rotated by ck2 - 1 - o2 (the delta pass's); dC rows
+m0 .. m0 + 31 (two dO tiles, Mpost^T mixed, masked) rotated by ck2 - 1 - o2 (as the delta replay's); dC rows
 m0 .. m0 + 23 rotated by ck1 - 1 - o1 (read by the transposed pre convolution). Before block 0: S0 and
 dA2 tiles 0 and 1, dC tile 0. Per block kt:
   dWpre[a, c] += dC[i, j] S0[i - (cq1 - 1) + a, j - o1 + c]  (own rows i; S0 tiles kt - 1 .. kt + 1);
@@ -35,9 +43,9 @@ Look-ahead and ring occupancy (ck <= 15, so a convolution reads at most 14 keys 
 Each ring records which key tile every column holds, and every read asserts that it finds the tile
 of the key it wants; every stencil read asserts the alignment the kernels' float4 loads need.
 
-The parameter gradients are summed over the tiles here; the kernels will write per-CTA partials,
-reduced in a fixed order (as FlashMix's mixing-weight gradients). delta comes from the delta pass
-(replayed by replay_kq_layer_delta.py; here from whole matrices, as is lse)."""
+The parameter gradients are summed over the tiles here; the kernels write per-CTA partials, reduced in
+a fixed order (as FlashMix's mixing-weight gradients). delta comes from kernel P's parts, checked here
+against delta from whole matrices (as lse is computed)."""
 import math
 import sys
 
@@ -212,13 +220,16 @@ def kernel_q(q, k, dO, v, lse, delta, P):
 
 
 def kernel_p(q, k, dO, v, lse, P):
-    """dv, dWpost, dMpost."""
+    """dv, dWpost, dMpost, delta (see the module's docstring)."""
     H, T, D = q.shape
     sc = 1 / math.sqrt(D)
     (w1, m1, g1, cq1, ck1, o1), (w2, m2, g2, cq2, ck2, o2) = P
     dv = np.zeros_like(v)
     dw2, dm2 = np.zeros_like(w2), np.zeros_like(m2)
+    delta = np.zeros((H, T))
+    adds = np.zeros(T, dtype=int)  # the tiles that add to each row
     for m0 in range(0, T, 16):
+        lane_dw = np.zeros((H, 16, cq2, ck2))  # a row's own dWpost terms (the kernel's per-lane accw)
         s0 = Ring(H, 32, o1)  # rows m0 - 16 .. m0 + 15
         aw = Ring(H, 24, o2)  # rows m0 - 8 .. m0 + 15
 
@@ -277,9 +288,23 @@ def kernel_p(q, k, dO, v, lse, P):
                         x0 = n0 + 8 * half
                         for a in range(cq2):
                             for c in range(ck2):
-                                dw2[h, a, c] += sum((0.0 if x0 + e > m0 + r else dA2[h, r, 8 * half + e]) *
-                                                    aw.get(h, 8 + r - (cq2 - 1) + a, x0 + e - o2 + c) for e in range(8))
-    return dv, dw2, dm2
+                                lane_dw[h, r, a, c] += sum((0.0 if x0 + e > m0 + r else dA2[h, r, 8 * half + e]) *
+                                                           aw.get(h, 8 + r - (cq2 - 1) + a, x0 + e - o2 + c)
+                                                           for e in range(8))
+        dw2 += lane_dw.sum(1)
+        # delta's terms from this tile's dA2 rows: row m0 + r gives row m0 + r - (cq2 - 1) + a the sum over
+        # c of w2[a, c] times its dWpost terms; the rows above m0 go to the tile above's `below`.
+        part = np.zeros((H, 24))  # rows m0 - 8 .. m0 + 15
+        for h in range(H):
+            for r in range(16):
+                for a in range(cq2):
+                    part[h, 8 + r - (cq2 - 1) + a] += (w2[h, a] * lane_dw[h, r, a]).sum()
+        for rr in range(8 - (cq2 - 1), 24):  # the rows this tile's rows reach
+            if 0 <= m0 - 8 + rr < T:
+                delta[:, m0 - 8 + rr] += part[:, rr]
+                adds[m0 - 8 + rr] += 1
+    assert adds.max(initial=0) <= 2, "a row of delta gets terms from more than two tiles"
+    return dv, dw2, dm2, delta
 
 
 def reference(q, k, v, dO, w1, m1, g1, w2, m2, g2, conv1, conv2, post):
@@ -324,8 +349,9 @@ def main():
             w2 = np.ones((H, 1, 1))
         want, lse, delta = reference(q, k, v, dO, w1, m1, g1, w2, m2, g2, conv1, conv2, post)
         P = ((w1, m1, g1, conv1[0], conv1[1], o1), (w2, m2, g2, conv2[0], conv2[1], o2))
-        dq, dk, dw1, dm1 = kernel_q(q, k, dO, v, lse, delta, P)
-        dv, dw2, dm2 = kernel_p(q, k, dO, v, lse, P)
+        dv, dw2, dm2, delta_p = kernel_p(q, k, dO, v, lse, P)
+        e_delta = np.abs(delta_p - delta).max() / max(1.0, np.abs(delta).max())
+        dq, dk, dw1, dm1 = kernel_q(q, k, dO, v, lse, delta_p, P)
         got = {"grad_q": dq, "grad_k": dk, "grad_v": dv, "grad_kq_pre": dw1}
         if g1:
             got["grad_head_pre"] = dm1
@@ -335,7 +361,8 @@ def main():
             got["grad_head_post"] = dm2
         assert set(got) == set(want), (sorted(got), sorted(want))
         errs = {n: np.abs(got[n] - want[n]).max() / max(1.0, np.abs(want[n]).max()) for n in want}
-        good = all(np.isfinite(got[n]).all() and e < 1e-10 for n, e in errs.items())
+        errs["delta"] = e_delta
+        good = all(np.isfinite(got[n]).all() and errs[n] < 1e-10 for n in got) and e_delta < 1e-10
         ok &= good
         worst = max(errs, key=errs.get)
         print(f"{'ok  ' if good else 'FAIL'} T={T} pre {conv1}, post {conv2 if post else None}, head_pre {g1}, "

@@ -20,7 +20,11 @@ The tile's windows, as the kernel would hold them:
     transposed convolution looks ahead o2 keys);
     tiles entirely in the future of row m0 + 31 are zero-filled.
 Per block of 16 keys: dA from the dA2 window (flipped taps), A from the S0 window (the pre convolution,
-Mpre, exp(C' - lse) with pass 1's lse), and the row partial sums of A dA."""
+Mpre, exp(C' - lse) with pass 1's lse), and the row partial sums of A dA.
+
+Session 13 removed that pass: kernel P now gives delta from the per-row weight-gradient terms it keeps
+anyway (replay_kq_layer_backward.py, kernel_p). This replay stays for its adjoint checks (conv_t and
+mix_t, which the backward replay uses) and as the record of the dA2 window that kernel Q still holds."""
 import math
 import sys
 
