@@ -1074,6 +1074,34 @@ __device__ __forceinline__ void conv_grad_row8_rt(const float* win, const float*
   }
 }
 
+// Kernel P's dMpost terms and Mpost^T mix where the group fits one CTA (G <= 8; the coefficients
+// block-diagonal: load_taps_and_mix with reps = 2). dA3 (this lane's da) goes into MixIn slot warp + G,
+// beside A2 in slots 0 .. G - 1 (the post mix's input, still there); after one barrier grad_tiles gives
+// the terms dA3_x A2_y over this warp's tile rows on tensor cores, with hi + lo on both sides (three
+// products: bf16 operands alone left the model's head_post gradient 12% off, session 8), into acc
+// (slot x = g + 8 (e >> 1), slot y = 8 nb + 2t + (e & 1)), and the mix of slots G .. 2G - 1 goes into
+// MixOut; after a second barrier da is read back. Against the general path (CUDA-core terms, mix_done,
+// mix_in_place): ~40 instructions per lane and block fewer, and one barrier (session 13).
+__device__ __forceinline__ void post_grad_terms_and_mix(float (&da)[8], float (&acc)[2][4], bf16* sInHi, bf16* sInLo,
+                                                        const uint32_t* sFrag, float* sOut, int G, int warp,
+                                                        int lane) {
+  const int r = lane & 15, half = lane >> 4, off = in_offset(warp + G, r, 8 * half);
+  uint4 vhi, vlo;
+  split_hi_lo(da, vhi, vlo);
+  *reinterpret_cast<uint4*>(sInHi + off) = vhi;
+  *reinterpret_cast<uint4*>(sInLo + off) = vlo;
+  __syncthreads();
+  grad_tiles(acc, sInHi, sInHi, sInLo, warp, G, lane);   // dA3 hi times A2 hi + lo
+  grad_tiles(acc, sInLo, sInHi, nullptr, warp, G, lane);  // dA3 lo times A2 hi
+  mix_tiles_owned<true>(sInHi, sInLo, sFrag, kPostT, sOut, G, G, G, warp, lane);
+  __syncthreads();
+#pragma unroll
+  for (int e = 0; e < 8; e += 2) {
+    const float2 x = get_pair(sOut, warp, r, 8 * half + e);
+    da[e] = x.x, da[e + 1] = x.y;
+  }
+}
+
 // delta (the row term kernel Q subtracts, dC' = A (dA - delta)) from kernel P's weight-gradient terms
 // (replay_kq_layer_backward.py, kernel_p): with dA = conv_post^T(dA2),
 //   delta[i'] = sum_j A[i', j] dA[i', j] = sum_a sum_c Wpost[a, c] (sum_j dA2[i, j] A[i', j - o2 + c]),
@@ -1136,7 +1164,8 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   const float* myWpre = sh.wpre + warp * kHeadTaps;
   const float* myWpost = sh.wpost + warp * kHeadTaps;
   float* myDw = sh.dw + warp * kHeadTaps;
-  load_taps_and_mix(sh, pl, wpre, cq1, ck1, wpost, cq2, ck2, mpre, gpre, mpost, gpost, G, warp, lane);
+  // One CTA: the coefficients block-diagonal, for the Mpost^T mix of MixIn's slots G .. 2G - 1.
+  load_taps_and_mix(sh, pl, wpre, cq1, ck1, wpost, cq2, ck2, mpre, gpre, mpost, gpost, G, warp, lane, kCl ? 1 : 2);
 
   // Q rows m0 - 16 .. m0 + 15 (staged in the S0 window at D = 64, kept in sKept at D = 128) and the
   // tile's dO rows (sDo) as A fragments.
@@ -1170,6 +1199,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     for (int c = 0; c < kWk; ++c) accw[a][c] = 0.f;
   constexpr int kDmp = kCl ? 16 : 8;  // head_post groups fit the CTA's or the cluster's heads
   float dmp[kDmp] = {};  // dMpost of this warp's head with head y0 + yy of its group
+  float accm[2][4] = {};  // one CTA: the warp's dMpost terms (post_grad_terms_and_mix; unused on clusters)
   float dl[kMaxCq] = {};  // runtime sizes: delta's terms (add_delta_terms)
   s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qf, 0, m0, T, scale, off1, lane);
   s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qf, 1, m0, T, scale, off1, lane);
@@ -1246,7 +1276,9 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
       const float2 x = get_pair(sOut, warp, r, 8 * half + e);
       da[e] = x.x, da[e + 1] = x.y;
     }
-    if (gpost) {
+    if (gpost && !kCl) {
+      post_grad_terms_and_mix(da, accm, sInHi, sInLo, sFrag, sOut, G, warp, lane);
+    } else if (gpost) {
       // dMpost[x, y] += dA3_x A2_y in fp32 on CUDA cores, A2_y read back from MixIn (hi + lo: still the
       // post mix's input). bf16 operands here (tensor-core grad_tiles) left the model's head_post
       // gradient 12% off the CPU's (ModelCuda.MtaFusedMixAndEpilogueMatchCpu, session 8). Not for
@@ -1283,6 +1315,21 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   }
 
   group_finish(gp);
+  if constexpr (!kCl) {
+    if (gpost) {  // the warps' dMpost terms summed per head in a fixed order, through MixOut (free now)
+      float* scr = sOut;  // [L][16][16]: L * 256 <= G * kXT floats
+#pragma unroll
+      for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) scr[warp * 256 + (g + 8 * (e >> 1)) * 16 + 8 * nb + 2 * t + (e & 1)] = accm[nb][e];
+      __syncthreads();
+      const int y0 = warp - warp % gpost;  // dA3 of head `warp` sat in slot warp + G
+#pragma unroll
+      for (int yy = 0; yy < kDmp; ++yy)
+        if (yy < gpost && lane == 0)
+          for (int w = 0; w < L; ++w) dmp[yy] += scr[w * 256 + (warp + G) * 16 + y0 + yy];
+    }
+  }
   // delta's terms, summed in this warp's S0 window (free now).
   if constexpr (kCq2 > 0) {
     float dlc[kCq2];
