@@ -1074,32 +1074,53 @@ __device__ __forceinline__ void conv_grad_row8_rt(const float* win, const float*
   }
 }
 
-// Kernel P's dMpost terms and Mpost^T mix where the group fits one CTA (G <= 8; the coefficients
-// block-diagonal: load_taps_and_mix with reps = 2). dA3 (this lane's da) goes into MixIn slot warp + G,
-// beside A2 in slots 0 .. G - 1 (the post mix's input, still there); after one barrier grad_tiles gives
-// the terms dA3_x A2_y over this warp's tile rows on tensor cores, with hi + lo on both sides (three
-// products: bf16 operands alone left the model's head_post gradient 12% off, session 8), into acc
-// (slot x = g + 8 (e >> 1), slot y = 8 nb + 2t + (e & 1)), and the mix of slots G .. 2G - 1 goes into
-// MixOut; after a second barrier da is read back. Against the general path (CUDA-core terms, mix_done,
-// mix_in_place): ~40 instructions per lane and block fewer, and one barrier (session 13).
-__device__ __forceinline__ void post_grad_terms_and_mix(float (&da)[8], float (&acc)[2][4], bf16* sInHi, bf16* sInLo,
-                                                        const uint32_t* sFrag, float* sOut, int G, int warp,
-                                                        int lane) {
+// A mixing weight's gradient terms and the adjoint mix that follows them, where the group fits one CTA
+// (G <= 8; the coefficients block-diagonal: build_frags with reps = 2): kernel P's dMpost (dA3 with A2,
+// then Mpost^T dA3) and kernel Q's dMpre (dC' with C, then Mpre^T dC'). The gradient d (this lane's 8
+// values) goes into MixIn slot warp + G, beside the mix input x in slots 0 .. G - 1 (still there); after
+// one barrier grad_tiles gives the terms d_x x_y over this warp's tile rows on tensor cores, with hi + lo
+// on both sides (three products: bf16 operands alone left the model's head_post gradient 12% off,
+// session 8), into acc (slot x = g + 8 (e >> 1), slot y = 8 nb + 2t + (e & 1)), and the mix `kind` of
+// slots G .. 2G - 1 goes into MixOut; after a second barrier d is read back mixed. Against the general
+// path (CUDA-core terms, mix_done, mix_in_place): ~40 instructions per lane and mix fewer, and one
+// barrier (session 13).
+__device__ __forceinline__ void grad_terms_and_mix(float (&d)[8], float (&acc)[2][4], bf16* sInHi, bf16* sInLo,
+                                                   const uint32_t* sFrag, int kind, float* sOut, int G, int warp,
+                                                   int lane) {
   const int r = lane & 15, half = lane >> 4, off = in_offset(warp + G, r, 8 * half);
   uint4 vhi, vlo;
-  split_hi_lo(da, vhi, vlo);
+  split_hi_lo(d, vhi, vlo);
   *reinterpret_cast<uint4*>(sInHi + off) = vhi;
   *reinterpret_cast<uint4*>(sInLo + off) = vlo;
   __syncthreads();
-  grad_tiles(acc, sInHi, sInHi, sInLo, warp, G, lane);   // dA3 hi times A2 hi + lo
-  grad_tiles(acc, sInLo, sInHi, nullptr, warp, G, lane);  // dA3 lo times A2 hi
-  mix_tiles_owned<true>(sInHi, sInLo, sFrag, kPostT, sOut, G, G, G, warp, lane);
+  grad_tiles(acc, sInHi, sInHi, sInLo, warp, G, lane);   // d hi times x hi + lo
+  grad_tiles(acc, sInLo, sInHi, nullptr, warp, G, lane);  // d lo times x hi
+  mix_tiles_owned<true>(sInHi, sInLo, sFrag, kind, sOut, G, G, G, warp, lane);
   __syncthreads();
 #pragma unroll
   for (int e = 0; e < 8; e += 2) {
-    const float2 x = get_pair(sOut, warp, r, 8 * half + e);
-    da[e] = x.x, da[e + 1] = x.y;
+    const float2 v = get_pair(sOut, warp, r, 8 * half + e);
+    d[e] = v.x, d[e + 1] = v.y;
   }
+}
+
+// After the key loop: the G warps' grad_terms_and_mix terms summed per head in a fixed order, through
+// MixOut (free then; G * 256 <= G * kXT floats), into lane 0's dm[yy] (the warp's head x with head y0 + yy
+// of its gs-group), as write_partials expects them. Every thread of the CTA must call it.
+template <int kDm>
+__device__ __forceinline__ void sum_grad_terms(const float (&acc)[2][4], float* sOut, int G, int gs, int warp, int lane,
+                                               float (&dm)[kDm]) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) sOut[warp * 256 + (g + 8 * (e >> 1)) * 16 + 8 * nb + 2 * t + (e & 1)] = acc[nb][e];
+  __syncthreads();
+  const int y0 = warp - warp % gs;  // the gradient of head `warp` sat in slot warp + G
+#pragma unroll
+  for (int yy = 0; yy < kDm; ++yy)
+    if (yy < gs && lane == 0)
+      for (int w = 0; w < G; ++w) dm[yy] += sOut[w * 256 + (warp + G) * 16 + y0 + yy];
 }
 
 // delta (the row term kernel Q subtracts, dC' = A (dA - delta)) from kernel P's weight-gradient terms
@@ -1199,7 +1220,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     for (int c = 0; c < kWk; ++c) accw[a][c] = 0.f;
   constexpr int kDmp = kCl ? 16 : 8;  // head_post groups fit the CTA's or the cluster's heads
   float dmp[kDmp] = {};  // dMpost of this warp's head with head y0 + yy of its group
-  float accm[2][4] = {};  // one CTA: the warp's dMpost terms (post_grad_terms_and_mix; unused on clusters)
+  float accm[2][4] = {};  // one CTA: the warp's dMpost terms (grad_terms_and_mix; unused on clusters)
   float dl[kMaxCq] = {};  // runtime sizes: delta's terms (add_delta_terms)
   s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qf, 0, m0, T, scale, off1, lane);
   s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qf, 1, m0, T, scale, off1, lane);
@@ -1277,7 +1298,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
       da[e] = x.x, da[e + 1] = x.y;
     }
     if (gpost && !kCl) {
-      post_grad_terms_and_mix(da, accm, sInHi, sInLo, sFrag, sOut, G, warp, lane);
+      grad_terms_and_mix(da, accm, sInHi, sInLo, sFrag, kPostT, sOut, G, warp, lane);
     } else if (gpost) {
       // dMpost[x, y] += dA3_x A2_y in fp32 on CUDA cores, A2_y read back from MixIn (hi + lo: still the
       // post mix's input). bf16 operands here (tensor-core grad_tiles) left the model's head_post
@@ -1315,21 +1336,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   }
 
   group_finish(gp);
-  if constexpr (!kCl) {
-    if (gpost) {  // the warps' dMpost terms summed per head in a fixed order, through MixOut (free now)
-      float* scr = sOut;  // [L][16][16]: L * 256 <= G * kXT floats
-#pragma unroll
-      for (int nb = 0; nb < 2; ++nb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) scr[warp * 256 + (g + 8 * (e >> 1)) * 16 + 8 * nb + 2 * t + (e & 1)] = accm[nb][e];
-      __syncthreads();
-      const int y0 = warp - warp % gpost;  // dA3 of head `warp` sat in slot warp + G
-#pragma unroll
-      for (int yy = 0; yy < kDmp; ++yy)
-        if (yy < gpost && lane == 0)
-          for (int w = 0; w < L; ++w) dmp[yy] += scr[w * 256 + (warp + G) * 16 + y0 + yy];
-    }
-  }
+  if (gpost && !kCl) sum_grad_terms(accm, sOut, G, gpost, warp, lane, dmp);
   // delta's terms, summed in this warp's S0 window (free now).
   if constexpr (kCq2 > 0) {
     float dlc[kCq2];
@@ -1477,14 +1484,14 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t a) {
 
 // Step 3 above for key tile `tile`. lse2[p], dlt[p]: lse * log2(e) and delta of row m0 + 16 p + (lane &
 // 15). dm[y]: this lane's dMpre terms of its head with head y of its group (the own rows only; kDm >= the
-// group size).
-template <int kCq1, int kCk1, int kCq2, int kCk2, int kDm>
+// group size); kOneCta (the group in one CTA, G <= 8): the warp's terms in accq instead (grad_terms_and_mix).
+template <int kCq1, int kCk1, int kCq2, int kCk2, int kDm, bool kOneCta>
 __device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, const float* dw, const float* wpre,
                                                   const float* wpost, int cq1, int ck1, int cq2, int ck2, int c_rot,
                                                   int gpre, bf16* sInHi, bf16* sInLo, const uint32_t* sFrag,
                                                   float* sOut, const GroupPlace& gp, int warp, int lane, int tile,
-                                                  int m0, int T,
-                                                  const float (&lse2)[2], const float (&dlt)[2], float (&dm)[kDm]) {
+                                                  int m0, int T, const float (&lse2)[2], const float (&dlt)[2],
+                                                  float (&dm)[kDm], float (&accq)[2][4]) {
   const int r = lane & 15, half = lane >> 4, key0 = kTile * tile;
   if (key0 > m0 + kQCRows - 1) {  // the same for every warp: all of them skip the mixes' barriers
     for (int i = lane; i < kQCRows * kTile; i += 32)
@@ -1519,7 +1526,9 @@ __device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, 
       const float a = ok ? exp2f(fmaf(cm[e], kLog2e, -lse2[part])) : 0.f;
       dcp[e] = a * (da[e] - dlt[part]);
     }
-    if (gpre) {
+    if (gpre && part == 0 && kOneCta) {
+      grad_terms_and_mix(dcp, accq, sInHi, sInLo, sFrag, kPreT, sOut, gp.G, warp, lane);  // dMpre, dC' -> dC
+    } else if (gpre) {
       if (part == 0) {
         // dMpre[x, y] += dC'_x C_y over the own rows: C_y from MixIn (hi + lo), still the pre mix's input.
         const int hg = gp.h0 + warp, y0 = hg - hg % gpre;  // this head's group (within the CTA's group)
@@ -1604,7 +1613,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   load_taps(myWpost, wpost, h, cq2, ck2, lane);
   for (int i = lane; i < kHeadTaps; i += 32) myDw[i] = 0.f;
   if (gpre || gpost) {
-    build_frags(sFrag, mpre, gpre, mpost, gpost, u * G, G);
+    build_frags(sFrag, mpre, gpre, mpost, gpost, u * G, G, kCl ? 1 : 2);  // one CTA: block-diagonal (dMpre)
     zero_in(sInHi), zero_in(sInLo);
   }
 
@@ -1648,6 +1657,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
 #pragma unroll
     for (int c = 0; c < kWk; ++c) accw[a][c] = 0.f;
   float dm[kDm] = {};
+  float accq[2][4] = {};  // one CTA: the warp's dMpre terms (grad_terms_and_mix; unused on clusters)
   float unused_dl[kMaxCq];  // conv_grad_row8_rt's delta terms: kernel P's only
   float acc_dq[D / 8][4];
 #pragma unroll
@@ -1659,8 +1669,9 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
                                    gp, warp, lane);
   da2_tile_to_window<D, S, Ring48>(dw, sTile, v, vmax, dof, sInvRow, 1, m0, T, rot_d, gpost, sInHi, sInLo, sFrag, sOut,
                                    gp, warp, lane);
-  dc_tile_to_window<kCq1, kCk1, kCq2, kCk2, kDm>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c, gpre, sInHi,
-                                            sInLo, sFrag, sOut, gp, warp, lane, 0, m0, T, lse2, dlt, dm);
+  dc_tile_to_window<kCq1, kCk1, kCq2, kCk2, kDm, !kCl>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c,
+                                                      gpre, sInHi, sInLo, sFrag, sOut, gp, warp, lane, 0, m0, T, lse2,
+                                                      dlt, dm, accq);
   const int n_end = min(T, m0 + kTile);
   for (int n0 = 0; n0 < n_end; n0 += kTile) {
     const int kt = n0 / kTile, x0 = n0 + 8 * half;
@@ -1680,8 +1691,9 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     // K of this block for dQ, landing while dC tile kt + 1 is computed (the V tile's reads are done).
     warp_load_rows_zero<D, S, kTile>(sTile, k, n0, T, lane);
     cp_async_commit();
-    dc_tile_to_window<kCq1, kCk1, kCq2, kCk2, kDm>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c, gpre, sInHi,
-                                              sInLo, sFrag, sOut, gp, warp, lane, kt + 1, m0, T, lse2, dlt, dm);
+    dc_tile_to_window<kCq1, kCk1, kCq2, kCk2, kDm, !kCl>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c,
+                                                        gpre, sInHi, sInLo, sFrag, sOut, gp, warp, lane, kt + 1, m0,
+                                                        T, lse2, dlt, dm, accq);
     // 4. dS0 on the own rows at block kt, the future (and rows past T) 0.
     {
       float ds[8];
@@ -1748,6 +1760,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   }
   // Partials of this CTA: dWpre and the dMpre row of this warp's head.
   const size_t cta = static_cast<size_t>(blockIdx.x / gp.C) * gridDim.y + blockIdx.y;  // the group's CTA row
+  if (gpre && !kCl) sum_grad_terms(accq, sOut, G, gpre, warp, lane, dm);
   if (real)
     write_partials<kCq1, kCk1, kDm>(part_w, part_m, cta * G + gp.h0 + warp, true, accw, myDw, cq1, ck1, gpre, dm,
                                     lane);
