@@ -889,8 +889,8 @@ __device__ __forceinline__ void rows_to_scaled_f16(bf16* rows, const bf16* lo, f
 
 // Key tile `tile` of dA2 for rows m0 .. m0 + 31 into the dA2 window (ring rotated by `rot`): dA3 from the
 // dO fragments (rows m0 .. m0 + 15 and m0 + 16 .. m0 + 31; zero past T; fp16 scaled by rows_to_scaled_f16;
-// inv_row: the inverse of each row's scale times V's) and the V tile (zero past T; here in place as fp16 scaled by
-// f16_scale_for V's largest magnitude *vmax, exact for bf16 values), the Mpost^T mix per 16-row part when
+// inv_row: the inverse of each row's scale times V's) and the V tile (zero past T; here in place as fp16
+// scaled by f16_scale_for V's largest magnitude *vmax, exact for bf16 values), the Mpost^T mix per 16-row part when
 // gpost, the future set to 0. A tile entirely in the future of row m0 + 31 is zero-filled; that test is
 // the same for every warp of the CTA, so all of them take the mixes' barriers or none does.
 // Why fp16 (session 13): kernel P's delta sums dA3 from dO + dO_lo (an epilogue's fp32 gradient); with
@@ -899,9 +899,9 @@ __device__ __forceinline__ void rows_to_scaled_f16(bf16* rows, const bf16* lo, f
 template <int D, int S, class R = Ring64, class F>
 __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const bf16* v, const float* vmax,
                                                    const F& dof, const float* inv_row, int tile, int m0, int T,
-                                                   int rot, int gpost,
-                                                   bf16* sInHi, bf16* sInLo, const uint32_t* sFrag, float* sOut,
-                                                   const GroupPlace& gp, int warp, int lane) {
+                                                   int rot, int gpost, bf16* sInHi, bf16* sInLo,
+                                                   const uint32_t* sFrag, float* sOut, const GroupPlace& gp, int warp,
+                                                   int lane) {
   const int g = lane >> 2, t = lane & 3, key0 = kTile * tile;
   if (key0 > m0 + kDRows - 1) {
     for (int i = lane; i < kDRows * kTile; i += 32)

@@ -770,6 +770,14 @@ TEST(FlashKqLayer, RefusesUnsupported) {
                                                      reinterpret_cast<bf*>(uintptr_t{256}), misaligned, f, nullptr,
                                                      f, 1, 8, nullptr),
                  std::invalid_argument);
+    // Kernel P writes delta (it may not be null); kernel Q reads dout_lo as 16-byte rows.
+    EXPECT_THROW(mta::cuda::flash_kq_layer_post_grads(a, rows, rows, rows, rows, f, nullptr, nullptr, nullptr, f, f,
+                                                      nullptr, nullptr, nullptr, f, 1, 8, nullptr),
+                 std::invalid_argument);
+    EXPECT_THROW(mta::cuda::flash_kq_layer_pre_grads(a, rows, rows, rows, rows, f, nullptr, nullptr, nullptr, f, f,
+                                                     reinterpret_cast<bf*>(uintptr_t{256}), f, f, nullptr, f, 1, 8,
+                                                     nullptr, reinterpret_cast<const bf*>(uintptr_t{258})),
+                 std::invalid_argument);
   }
   // A kq layer with an epilogue keeps the core's output in fp32 for its backward: without it, a clear
   // error before any device work.

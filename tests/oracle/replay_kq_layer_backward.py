@@ -137,6 +137,58 @@ def da2_tile(ring, dO, v, m2, g2, tile, m0):
                 ring.v[h, rr, ring.col(key)] = 0.0 if key > m0 + rr else d2[h, rr, jj]
 
 
+def c_and_da(s0, da2, P, key0, rows, s0_row, da2_row):
+    """C and dA of key tile key0 / 16 on 16 window rows: row r (< rows) reads the S0 window at row
+    s0_row + r and the dA2 window at da2_row + r (kernel Q's stencils)."""
+    (w1, _, _, cq1, ck1, o1), (w2, _, _, cq2, ck2, o2) = P
+    H = s0.v.shape[0]
+    C, dA = np.zeros((H, 16, 16)), np.zeros((H, 16, 16))
+    for h in range(H):
+        for r in range(rows):
+            for half in range(2):
+                x0 = key0 + 8 * half
+                C[h, r, 8 * half:8 * half + 8] = conv8(s0, h, w1[h], cq1, ck1, s0_row + r, x0, o1)
+                dA[h, r, 8 * half:8 * half + 8] = conv8_t(da2, h, w2[h], cq2, ck2, da2_row + r, x0, o2)
+    return C, dA
+
+
+def dc_prime(Cm, dA, lse, delta, key0, row0, rows):
+    """dC' = A (dA - delta), A = exp(C' - lse), on query rows row0 .. row0 + rows - 1 (< T), the future 0."""
+    H, T = lse.shape
+    dCp = np.zeros((H, 16, 16))
+    for h in range(H):
+        for r in range(rows):
+            row = row0 + r
+            for jj in range(16):
+                if row < T and key0 + jj <= row:
+                    dCp[h, r, jj] = math.exp(Cm[h, r, jj] - lse[h, row]) * (dA[h, r, jj] - delta[h, row])
+    return dCp
+
+
+def add_dw1(dw1, dc, s0, P, n0, dc_row0):
+    """dWpre of block n0 / 16 over the tile's own rows (dC window rows dc_row0 .., S0 window rows 8 .. for
+    query row m0), before S0 tile kt + 2 replaces kt - 1."""
+    (w1, _, _, cq1, ck1, o1), _ = P
+    for h in range(dw1.shape[0]):
+        for r in range(16):
+            for half in range(2):
+                x0 = n0 + 8 * half
+                for a in range(cq1):
+                    for c in range(ck1):
+                        dw1[h, a, c] += sum(dc.get(h, dc_row0 + r, x0 + e) *
+                                            s0.get(h, r + 8 - (cq1 - 1) + a, x0 + e - o1 + c) for e in range(8))
+
+
+def add_dq_dk(dq, dk, q, k, h, dS0, row0, n0, sc):
+    """dq (rows row0 .., those in [0, T)) += dS0 K and dk (the block's keys) += dS0^T Q."""
+    T = q.shape[1]
+    idx = [i for i in range(dS0.shape[0]) if 0 <= row0 + i < T]
+    rows = [row0 + i for i in idx]
+    keys = [n0 + j for j in range(16) if n0 + j < T]
+    dq[h, rows] += dS0[idx][:, :len(keys)] @ k[h, keys] * sc
+    dk[h, keys] += dS0[idx][:, :len(keys)].T @ q[h, rows] * sc
+
+
 def kernel_q(q, k, dO, v, lse, delta, P):
     """dq, dk, dWpre, dMpre."""
     H, T, D = q.shape
@@ -153,27 +205,9 @@ def kernel_q(q, k, dO, v, lse, delta, P):
             dc.put(tile)
             key0 = 16 * tile
             for part in range(2):
-                C = np.zeros((H, 16, 16))
-                dA = np.zeros((H, 16, 16))
-                for h in range(H):
-                    for r in range(16):
-                        rr = 16 * part + r
-                        if rr >= 24:
-                            continue
-                        for half in range(2):
-                            x0 = key0 + 8 * half
-                            C[h, r, 8 * half:8 * half + 8] = conv8(s0, h, w1[h], cq1, ck1, rr + 8, x0, o1)
-                            dA[h, r, 8 * half:8 * half + 8] = conv8_t(da2, h, w2[h], cq2, ck2, rr, x0, o2)
-                Cm = mix(C, m1, g1)
-                dCp = np.zeros((H, 16, 16))
-                for h in range(H):
-                    for r in range(16):
-                        row = m0 + 16 * part + r
-                        for jj in range(16):
-                            key = key0 + jj
-                            if row < T and key <= row and 16 * part + r < 24:
-                                a = math.exp(Cm[h, r, jj] - lse[h, row])
-                                dCp[h, r, jj] = a * (dA[h, r, jj] - delta[h, row])
+                rows = 16 if part == 0 else 8  # window rows 16 .. 23 in part 1
+                C, dA = c_and_da(s0, da2, P, key0, rows, 16 * part + 8, 16 * part)
+                dCp = dc_prime(mix(C, m1, g1), dA, lse, delta, key0, m0 + 16 * part, rows)
                 if part == 0 and g1:  # dMpre[G, x, y] += dC'_x C_y over the tile's own rows
                     add_mix_grad(dm1, dCp, C, g1)
                 dC = mix_t(dCp, m1, g1)
@@ -190,15 +224,7 @@ def kernel_q(q, k, dO, v, lse, delta, P):
         dc_tile(0)
         for n0 in range(0, min(T, m0 + 16), 16):
             kt = n0 // 16
-            # dWpre of block kt first: it reads S0 tiles kt - 1 .. kt + 1, and tile kt + 2 replaces kt - 1.
-            for h in range(H):
-                for r in range(16):
-                    for half in range(2):
-                        x0 = n0 + 8 * half
-                        for a in range(cq1):
-                            for c in range(ck1):
-                                dw1[h, a, c] += sum(dc.get(h, r, x0 + e) * s0.get(h, r + 8 - (cq1 - 1) + a, x0 + e - o1 + c)
-                                                    for e in range(8))
+            add_dw1(dw1, dc, s0, P, n0, 0)  # first: it reads S0 tiles kt - 1 .. kt + 1
             s0_tile(s0, q, k, kt + 2, 8, m0, sc)
             da2_tile(da2, dO, v, m2, g2, kt + 2, m0)
             dc_tile(kt + 1)
@@ -212,10 +238,7 @@ def kernel_q(q, k, dO, v, lse, delta, P):
                         for e in range(8):
                             if x0 + e <= row < T:
                                 dS0[r, 8 * half + e] = d[e]
-                rows = [m0 + r for r in range(16) if m0 + r < T]
-                keys = [n0 + j for j in range(16) if n0 + j < T]
-                dq[h, rows] += dS0[:len(rows), :len(keys)] @ k[h, keys] * sc
-                dk[h, keys] += dS0[:len(rows), :len(keys)].T @ q[h, rows] * sc
+                add_dq_dk(dq, dk, q, k, h, dS0, m0, n0, sc)
     return dq, dk, dw1, dm1
 
 
@@ -243,21 +266,8 @@ def kernel_q_own_rows(q, k, dO, v, lse, delta, P):
         def dc_tile(tile):
             dc.put(tile)
             key0 = 16 * tile
-            C, dA = np.zeros((H, 16, 16)), np.zeros((H, 16, 16))
-            for h in range(H):
-                for r in range(16):
-                    for half in range(2):
-                        x0 = key0 + 8 * half
-                        C[h, r, 8 * half:8 * half + 8] = conv8(s0, h, w1[h], cq1, ck1, r + 8, x0, o1)
-                        dA[h, r, 8 * half:8 * half + 8] = conv8_t(da2, h, w2[h], cq2, ck2, r, x0, o2)
-            Cm = mix(C, m1, g1)
-            dCp = np.zeros((H, 16, 16))
-            for h in range(H):
-                for r in range(16):
-                    row = m0 + r
-                    for jj in range(16):
-                        if row < T and key0 + jj <= row:
-                            dCp[h, r, jj] = math.exp(Cm[h, r, jj] - lse[h, row]) * (dA[h, r, jj] - delta[h, row])
+            C, dA = c_and_da(s0, da2, P, key0, 16, 8, 0)
+            dCp = dc_prime(mix(C, m1, g1), dA, lse, delta, key0, m0, 16)
             if g1:
                 add_mix_grad(dm1, dCp, C, g1)
             dC = mix_t(dCp, m1, g1)
@@ -273,14 +283,7 @@ def kernel_q_own_rows(q, k, dO, v, lse, delta, P):
         dc_tile(0)
         for n0 in range(0, min(T, m0 + 16), 16):
             kt = n0 // 16
-            for h in range(H):  # dWpre of block kt over the own rows, before S0 tile kt + 2 replaces kt - 1
-                for r in range(16):
-                    for half in range(2):
-                        x0 = n0 + 8 * half
-                        for a in range(cq1):
-                            for c in range(ck1):
-                                dw1[h, a, c] += sum(dc.get(h, 8 + r, x0 + e) *
-                                                    s0.get(h, r + 8 - (cq1 - 1) + a, x0 + e - o1 + c) for e in range(8))
+            add_dw1(dw1, dc, s0, P, n0, 8)
             s0_tile(s0, q, k, kt + 2, 8, m0, sc)
             da2_tile(da2, dO, v, m2, g2, kt + 2, m0)
             dc_tile(kt + 1)
@@ -295,11 +298,7 @@ def kernel_q_own_rows(q, k, dO, v, lse, delta, P):
                             if 0 <= row < T and x0 + e <= row:
                                 dS0[rr, 8 * half + e] = d[e]
                 assert not dS0[:8 - (cq1 - 1)].any(), "dS0 reaches more than cq1 - 1 rows above the tile"
-                idx = [rr for rr in range(24) if 0 <= m0 - 8 + rr < T]
-                rows = [m0 - 8 + rr for rr in idx]
-                keys = [n0 + j for j in range(16) if n0 + j < T]
-                dq[h, rows] += dS0[idx][:, :len(keys)] @ k[h, keys] * sc
-                dk[h, keys] += dS0[idx][:, :len(keys)].T @ q[h, rows] * sc
+                add_dq_dk(dq, dk, q, k, h, dS0, m0 - 8, n0, sc)
     return dq, dk, dw1, dm1
 
 
