@@ -397,57 +397,6 @@ __device__ __forceinline__ void conv_half_live(const float* win, const float* w,
   }
 }
 
-// The convolution (kT = false: conv_row8's sum) or its transpose (kT: conv_row8_t's) for the warp's 16
-// output rows (window rows wrow0 ..) and 16 output keys from x0 (a multiple of 8), on the tensor cores
-// in tf32 (band products, mma_layout.h's band_*): acc[nb] in the mma accumulator layout (rows g, g + 8,
-// keys x0 + 8 nb + 2t ..). Per tap row a, 8 float2 loads, one tap load, 2 band_steps(kCk) shuffles and
-// 2 band_steps(kCk) m16n8k8 products replace conv_row8's 11 float4 loads and 8 kCk FMAs per lane.
-// The operands are rounded to tf32 (10 mantissa bits, fp32's range): for outputs that are rounded to
-// bf16 before their next use (dS0 for the dQ / dK products; A2, mixed and rounded to bf16 for A3 V),
-// not for C or dA, whose fp32 accuracy the softmax and dC' = A (dA - delta) need (docs/flash-mta.md).
-// Reads window columns x0 .. x0 + 8 band_steps(kCk) + 7, the ones past the band's reach with zero taps:
-// they must hold finite values, as every ring column does once written or zero-filled.
-template <bool kT, int kCq, int kCk, class R = Ring64>
-__device__ __forceinline__ void conv_tile_tf32(const float* win, const float* w, int wrow0, int x0, int lane,
-                                               float (&acc)[2][4]) {
-  static_assert(kCq > 0 && kCk > 0 && kCk <= kTapPitch, "compiled sizes only");
-  constexpr int kS = band_steps(kCk);
-  // Every band tap c = band_b_tap(..) lies in [-7, 8 (kS - 1) + 7]: read from lane c mod 32 of a
-  // register holding tap row a's tap (lane) on lanes < kCk and zero elsewhere, so the taps past the
-  // row's ends (c < 0 wraps to lanes 25 .., c >= kCk) come out zero without a predicate per element.
-  static_assert(8 * (kS - 1) + 7 < 32 - 7 && kCk <= 32 - 7, "the band's wrapped taps land on zero lanes");
-  const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int nb = 0; nb < 2; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = 0.f;
-#pragma unroll
-  for (int a = 0; a < kCq; ++a) {
-    // Output row r reads window row r + a (transposed: rows below) or r - (kCq - 1) + a, with the taps of
-    // row a (transposed: row kCq - 1 - a, columns flipped).
-    const float* row_g = win + (wrow0 + (kT ? a : a - (kCq - 1)) + g) * R::kPitch;
-    const float* row_g8 = row_g + 8 * R::kPitch;
-    const float* wa = w + (kT ? kCq - 1 - a : a) * kTapPitch;
-    const uint32_t tap = lane < kCk ? tf32_bits(wa[kT ? kCk - 1 - lane : lane]) : 0u;
-    uint32_t b[kS][2];
-#pragma unroll
-    for (int s = 0; s < kS; ++s)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) b[s][e] = __shfl_sync(0xffffffffu, tap, band_b_lane(s, g, t, e));
-    uint32_t x[kS + 1][4];  // k-chunk q: columns x0 + 8q .., the A fragment {a0, a1, a2, a3}
-#pragma unroll
-    for (int q = 0; q <= kS; ++q) {
-      const int col = R::col(x0 + band_a_col(q, t, 0));  // even, so the pair never straddles the ring's end
-      const float2 p0 = *reinterpret_cast<const float2*>(row_g + col);
-      const float2 p1 = *reinterpret_cast<const float2*>(row_g8 + col);
-      x[q][0] = tf32_bits(p0.x), x[q][1] = tf32_bits(p1.x), x[q][2] = tf32_bits(p0.y), x[q][3] = tf32_bits(p1.y);
-    }
-#pragma unroll
-    for (int nb = 0; nb < 2; ++nb)
-#pragma unroll
-      for (int s = 0; s < kS; ++s)
-        mma_tf32(acc[nb], x[nb + s][0], x[nb + s][1], x[nb + s][2], x[nb + s][3], b[s][0], b[s][1]);
-  }
-}
-
 // A CTA's place in the kq-layer kernels: blockIdx.x = (batch * units + unit of G coupled heads) * C +
 // rank (launch_grouped), one warp per head. The warp's head h of its batch element (u: the group unit),
 // that head's first row in [B * H * T], and the CTA's query tile m0 (blockIdx.y counts from the last
@@ -829,27 +778,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     a_tile_to_window<kCq1, kCk1, kTwo>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, gp,
                                        warp, lane, kt + 1, m0, T, lse2);
     float a2[8];
-    if constexpr (kCq2 > 0) {
-      // On the tensor cores (tf32; A2 is rounded to bf16 for the mix and A3 V anyway), then into
-      // conv_row8's layout (row r, keys n0 + 8 half ..) through this warp's MixOut tile, which is free
-      // between a_tile_to_window's read-back and the next mix.
-      float acc[2][4];
-      conv_tile_tf32<false, kCq2, kCk2>(awin, myWpost, kATop, n0, lane, acc);
-#pragma unroll
-      for (int nb = 0; nb < 2; ++nb)
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr)
-          *reinterpret_cast<float2*>(sOut + out_offset(warp, g + 8 * rr, 8 * nb + 2 * t)) =
-              make_float2(acc[nb][2 * rr], acc[nb][2 * rr + 1]);
-      __syncwarp();
-#pragma unroll
-      for (int e = 0; e < 8; e += 2) {
-        const float2 p = get_pair(sOut, warp, r, 8 * half + e);
-        a2[e] = p.x, a2[e + 1] = p.y;
-      }
-    } else {
-      conv_row8<kCq2, kCk2>(awin, myWpost, cq2, ck2, kATop + r, n0 + 8 * half, a2);
-    }
+    conv_row8<kCq2, kCk2>(awin, myWpost, cq2, ck2, kATop + r, n0 + 8 * half, a2);
 #pragma unroll
     for (int e = 0; e < 8; ++e)
       if (n0 + 8 * half + e > row) a2[e] = 0.f;  // A2: the future set to 0 (keys past T are in it)
@@ -1765,29 +1694,8 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     dc_tile_to_window<kCq1, kCk1, kCq2, kCk2, kDm, !kCl>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c,
                                                         gpre, sInHi, sInLo, sFrag, sOut, gp, warp, lane, kt + 1, m0,
                                                         T, lse2, dlt, dm, accq);
-    // 4. dS0 on the own rows at block kt, the future (and rows past T) 0, as the bf16 A fragments of
-    // dS0 (rows x keys: aq) and dS0^T (keys x rows: ak).
-    uint32_t aq[4], ak[4];
-    if constexpr (kCq1 > 0) {
-      // On the tensor cores (tf32): dS0 is rounded to bf16 for its products anyway. The accumulators are
-      // already in the A fragment's layout (acc[nb][2 rr ..]: row g + 8 rr, keys n0 + 8 nb + 2t ..), and
-      // dS0^T's fragments are their 8 x 8 transposes, so dS0 never goes through shared memory.
-      float acc[2][4];
-      conv_tile_tf32<true, kCq1, kCk1, Ring48>(dcw, myWpre, 0, n0, lane, acc);
-#pragma unroll
-      for (int nb = 0; nb < 2; ++nb)
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-          const int rw = m0 + g + 8 * rr, key = n0 + 8 * nb + 2 * t;
-          const float a0 = key <= rw && rw < T ? acc[nb][2 * rr] : 0.f;
-          const float a1 = key + 1 <= rw && rw < T ? acc[nb][2 * rr + 1] : 0.f;
-          aq[2 * nb + rr] = pack_bf16(a0, a1);
-        }
-      ak[0] = transpose8x8(aq[0]), ak[1] = transpose8x8(aq[2]);
-      ak[2] = transpose8x8(aq[1]), ak[3] = transpose8x8(aq[3]);
-      cp_async_wait_all();
-      __syncwarp();
-    } else {
+    // 4. dS0 on the own rows at block kt, the future (and rows past T) 0.
+    {
       float ds[8];
       conv_row8_t<kCq1, kCk1, Ring48>(dcw, myWpre, cq1, ck1, r, x0, ds);
 #pragma unroll
@@ -1796,11 +1704,12 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
         const float a1 = x0 + e + 1 <= row && row < T ? ds[e + 1] : 0.f;
         *reinterpret_cast<uint32_t*>(sdS + r * kDsPitch + 8 * half + e) = pack_bf16(a0, a1);
       }
-      cp_async_wait_all();
-      __syncwarp();
-      ldmatrix_x4(aq, sdS + a_offset(lane, 0, 0, kDsPitch));         // dS0 (rows x keys)
-      ldmatrix_x4_trans(ak, sdS + at_offset(lane, 0, 0, kDsPitch));  // dS0^T (keys x rows)
     }
+    cp_async_wait_all();
+    __syncwarp();
+    uint32_t aq[4], ak[4];
+    ldmatrix_x4(aq, sdS + a_offset(lane, 0, 0, kDsPitch));         // dS0 (rows x keys)
+    ldmatrix_x4_trans(ak, sdS + at_offset(lane, 0, 0, kDsPitch));  // dS0^T (keys x rows)
 #pragma unroll
     for (int dn = 0; dn < D / 16; ++dn) {
       uint32_t bb[4];

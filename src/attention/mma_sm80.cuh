@@ -127,22 +127,6 @@ __device__ __forceinline__ void mma_f16_k8(float (&c)[4], uint32_t a0, uint32_t 
                : "r"(a0), "r"(a1), "r"(b0));
 }
 
-// c += a * b with tf32 operands (16 x 8 x 8, fp32 accumulators): a0 = A[g][t], a1 = A[g + 8][t],
-// a2 = A[g][t + 4], a3 = A[g + 8][t + 4]; b0 = B[t][g], b1 = B[t + 4][g] (g = lane / 4, t = lane % 4).
-// tf32 keeps fp32's range (gradients need it: fp16 would underflow) with fp16's 10 mantissa bits.
-__device__ __forceinline__ void mma_tf32(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-               "{%0, %1, %2, %3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// A float as a tf32 operand, rounded to nearest (ties away from zero): the tensor cores read the top 19
-// bits of a tf32 register, so adding half of the 13 dropped bits first rounds instead of truncating
-// (truncation would shrink every operand by 2^-11 on average, a bias). One integer add per value.
-__device__ __forceinline__ uint32_t tf32_bits(float x) { return __float_as_uint(x) + 0x1000u; }
-
 // Two floats -> one b32 holding two fp16 (lo in the low half), round to nearest.
 __device__ __forceinline__ uint32_t pack_f16(float lo, float hi) {
   const __half2 v = __floats2half2_rn(lo, hi);
