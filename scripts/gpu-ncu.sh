@@ -8,7 +8,9 @@
 #        each kernel's total over its launches (ncu-kernel-totals.py)
 #   bash .device/gpu-ncu.sh source REGEX SPEC.json B T   the source view of the first kernel matching
 #        REGEX on one attention layer (the build has -lineinfo): the hottest source lines by
-#        instructions and by stall samples (ncu-source-lines.py); the CSV stays in OUT_DIR
+#        instructions, by stall samples and by ncu's per-line excess (bank conflicts, uncoalesced
+#        sectors: ncu-source-lines.py); with SASS_LINES=FILE:L1,L2 also those lines' loads and stores
+#        against their ideal sectors and wavefronts (ncu-sass-lines.py); the CSV stays in OUT_DIR
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here/.."
@@ -39,6 +41,11 @@ case "${1:-}" in
       --section WarpStateStats -f -o "$out/src-$name" "$here/mta" bench attn --device cuda --impl fused \
       --spec "${3:?a spec}" --batch "${4:-2}" --seq "${5:-4096}" --reps 1 --warmup 0 >"$out/ncu-src-$name.log" 2>&1
     ncu --import "$out/src-$name.ncu-rep" --page source --print-source cuda,sass --csv >"$out/src-$name.csv"
-    python3 "$here/ncu-source-lines.py" "$out/src-$name.csv" 40 ;;
-  *) echo "usage: gpu-ncu.sh kernels [SPEC.json] | step CONFIG | source REGEX SPEC [B T]" >&2; exit 2 ;;
+    python3 "$here/ncu-source-lines.py" "$out/src-$name.csv" 40
+    # Then, for the lines named in SASS_LINES (FILE_SUFFIX:LINE,LINE...), their loads and stores.
+    if [ -n "${SASS_LINES:-}" ]; then
+      python3 "$here/ncu-sass-lines.py" "$out/src-$name.csv" "${SASS_LINES%%:*}" "${SASS_LINES#*:}"
+    fi ;;
+  *) echo "usage: gpu-ncu.sh kernels [SPEC.json] | step CONFIG | [SASS_LINES=FILE:L1,L2] source REGEX SPEC [B T]" >&2
+     exit 2 ;;
 esac

@@ -34,12 +34,16 @@ def main():
     # Per-line counts ncu attributes to wasted memory traffic (bank conflicts, uncoalesced sectors).
     excess = [(i, n.strip()) for i, n in enumerate(header) if "Excessive" in n]
     lines = []
+    cur_file = next((r[1] for r in rows[:head_at] if r and r[0] == "File Path" and len(r) > 1), "")
     for r in rows[head_at + 1:]:
+        if r and r[0] == "File Path" and len(r) > 1:  # one section per source file
+            cur_file = r[1]
+            continue
         if len(r) <= inst or r[addr].strip() not in ("-", ""):
             continue
         extra = [number(r[i]) if i < len(r) else 0.0 for i, _ in excess]
-        lines.append((r[src].strip(), number(r[inst]), number(r[stall]) if stall is not None else 0.0,
-                      r[0].strip(), extra))
+        where = f"{cur_file.rsplit('/', 1)[-1]}:{r[0].strip()}"
+        lines.append((r[src].strip(), number(r[inst]), number(r[stall]) if stall is not None else 0.0, where, extra))
     total_i = sum(x[1] for x in lines) or 1.0
     total_s = sum(x[2] for x in lines) or 1.0
     print(f"columns: {', '.join(h for h in header if h)}"[:400])
@@ -56,7 +60,7 @@ def main():
         for text, i, s, line, extra in sorted(lines, key=lambda x: -x[4][k])[:min(top, 15)]:
             if extra[k] > 0:
                 print(f"{100 * extra[k] / total_x:5.1f}% excess {100 * s / total_s:5.1f}% stall | "
-                      f"line {line}: {text[:100]}")
+                      f"{line}: {text[:100]}")
 
 
 if __name__ == "__main__":
