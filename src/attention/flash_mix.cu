@@ -51,15 +51,12 @@ constexpr size_t kMaxSmemPerBlock = 227 * 1024;
 // The forward's coefficient fragments: kPre (pass 1), kPre and kPost (pass 2): kFragWords / 4 per kind
 // (session 12: the 3 KB pass 1 saves keep two of its CTAs per SM with two query tiles per warp).
 constexpr int fwd_frag_words(bool out) { return (out ? 2 : 1) * kFragWords / 4; }
-// Pass 2 with two query tiles per warp keeps one stage of V tiles (fwd_v_stages): 105 KB at 8 heads
-// instead of 123, so that two CTAs share an SM (with at most 128 registers per thread; session 15).
-constexpr int fwd_v_stages(bool out, int qb) { return out ? (qb == 2 ? 1 : 2) : 0; }
-// Forward shared memory: K tiles [2 stages][L][16][D + 8] bf16 (the next key block's tile loads while
-// this one is used), V tiles (pass 2) in fwd_v_stages stages, the coefficient fragments, MixIn hi and
-// lo (S, then A in pass 2; every head of the group) and one MixOut (C', then A3; the CTA's L heads).
+// Forward shared memory: K (and V) tiles [2 stages][L][16][D + 8] bf16 (the next key block's tiles
+// load while this one is used), the coefficient fragments, MixIn hi and lo (S, then A in pass 2; every
+// head of the group) and one MixOut (C', then A3; the CTA's L heads).
 template <int D>
 size_t smem_bytes(int L, bool out, int qb = 1) {  // L: the CTA's heads; qb: query tiles per warp
-  const size_t tiles = static_cast<size_t>(2 + fwd_v_stages(out, qb)) * L * kTile * (D + 8) * sizeof(bf16);
+  const size_t tiles = 2 * static_cast<size_t>(L) * kTile * (D + 8) * sizeof(bf16) * (out ? 2 : 1);
   return tiles + fwd_frag_words(out) * sizeof(uint32_t) + 2 * kInBytes + out_bytes(qb * L);
 }
 
@@ -124,10 +121,9 @@ __device__ __forceinline__ void mix_own(const bf16* hi, const bf16* lo, const ui
 // (kC = 2, group_cluster.cuh).
 // kQB = 2 (session 12; groups of up to 8 heads in one CTA at D = 64, as the backward's): a CTA takes 32
 // query rows, each warp two 16-row tiles of its head in MixIn slots x and x + G (block-diagonal
-// coefficients), so each K / V tile and each pair of barriers serves both. Its pass 2 runs two CTAs per
-// SM (launch bounds: 128 registers; one stage of V tiles, loaded once a block's A3 V is done).
+// coefficients), so each K / V tile and each pair of barriers serves both.
 template <int D, bool kOut, int kC, int kQB = 1>
-__global__ void __launch_bounds__(D == 64 && kC == 1 && kQB == 1 ? 32 * kMaxG : 16 * kMaxG, kOut && kQB == 2 ? 2 : 1)
+__global__ void __launch_bounds__(D == 64 && kC == 1 && kQB == 1 ? 32 * kMaxG : 16 * kMaxG)
     flash_mix_fwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                          const float* __restrict__ mpre, int gpre, const float* __restrict__ mpost, int gpost,
                          bf16* __restrict__ o, float* __restrict__ lse, int H, int T, int G, float scale) {
@@ -136,9 +132,8 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 && kQB == 1 ? 32 * kMaxG : 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int L = group_warps(G, kC);                                    // the CTA's warps
   bf16* sK = reinterpret_cast<bf16*>(smem_raw);                        // [2][L][16][S]
-  constexpr int kVStages = fwd_v_stages(kOut, kQB);
-  bf16* sV = sK + 2 * L * kTile * S;                                   // [kVStages][L][16][S], pass 2
-  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sV + kVStages * L * kTile * S);
+  bf16* sV = sK + 2 * L * kTile * S;                                   // [2][L][16][S], pass 2
+  uint32_t* sFrag = reinterpret_cast<uint32_t*>(sV + (kOut ? 2 * L * kTile * S : 0));
   bf16* sInHi = reinterpret_cast<bf16*>(sFrag + fwd_frag_words(kOut));  // MixIn: S, then A
   bf16* sInLo = sInHi + kInElems;
   float* sOut = reinterpret_cast<float*>(sInLo + kInElems);  // MixOut: C', then A3
@@ -188,10 +183,10 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 && kQB == 1 ? 32 * kMaxG : 
     // The next block's tiles into the other stage (its last readers, this warp's MMAs of the previous
     // block, have completed: their results were consumed), then wait for this block's.
     bf16* tK = myK + stage * stage_step;
-    bf16* tV = myV + (kVStages == 2 ? stage * stage_step : 0);
+    bf16* tV = myV + stage * stage_step;
     if (n0 + kTile < n_end) {
       warp_load_rows<D, S>(myK + (stage ^ 1) * stage_step, k, n0 + kTile, T, lane);
-      if (kVStages == 2) warp_load_rows<D, S>(myV + (stage ^ 1) * stage_step, v, n0 + kTile, T, lane);
+      if (kOut) warp_load_rows<D, S>(myV + (stage ^ 1) * stage_step, v, n0 + kTile, T, lane);
       cp_async_commit();
       cp_async_wait_group<1>();
     } else {
@@ -299,14 +294,6 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 && kQB == 1 ? 32 * kMaxG : 
           mma_bf16(acc_o[qt][2 * dn], a[qt], bb[0], bb[1]);
           mma_bf16(acc_o[qt][2 * dn + 1], a[qt], bb[2], bb[3]);
         }
-      }
-      if (kVStages == 1 && n0 + kTile < n_end) {
-        // One stage: the next block's V once every lane has read this one. It lands during the next
-        // block's QK^T and mixes (its group follows that block's K and precedes the one after's: the
-        // wait_group<1> at the next block's start covers both).
-        __syncwarp();
-        warp_load_rows<D, S>(myV, v, n0 + kTile, T, lane);
-        cp_async_commit();
       }
     }
     // No barrier here: the next block's put_tile follows the barrier after this block's last mix (so
