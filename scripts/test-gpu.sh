@@ -5,9 +5,9 @@
 #    packed test binary with the packed libraries.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-if [ -x "$here/mta_gpu_tests" ]; then
+if [ -f "$here/mta_gpu_tests.xz" ] || [ -x "$here/mta_gpu_tests" ]; then
   # shellcheck source=/dev/null
-  source "$here/env.sh"
+  source "$here/env.sh"  # unpacks the test binary
   exec "$here/mta_gpu_tests" "$@"
 fi
 cd "$here/.."
