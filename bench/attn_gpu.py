@@ -26,6 +26,7 @@ import torch.nn.functional as F
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "oracle"))
 import mta_torch as mt  # noqa: E402
+import mta_binary  # noqa: E402  (bench/, the script's own folder)
 
 CONV = {"q": 6, "k": 11, "pad_key": "both"}
 CONFIGS = {
@@ -130,9 +131,7 @@ def main():
     ap.add_argument("--max-materialized-t", type=int, default=8192,
                     help="skip the materialized path above this T (its T x T tensors: ~74 GB at 16384)")
     args = ap.parse_args()
-    if not pathlib.Path(args.mta).is_file():  # gpu-pack.sh ships it xz-compressed; env.sh unpacks it
-        hint = " (source .device/env.sh first: it unpacks the binaries)" if pathlib.Path(args.mta + ".xz").is_file() else ""
-        sys.exit(f"{pathlib.Path(__file__).name}: no mta binary at {args.mta}{hint}")
+    mta_binary.require(args.mta, __file__)
     B, H = args.batch, args.heads
     print(f"# attention layer, {torch.cuda.get_device_name()}, torch {torch.__version__}, B={B}, H={H}, bf16, "
           f"mean of {args.reps} back-to-back calls; times in ms, memory in GB; ratios = mta / SDPA; mta path = fused kernels, or "

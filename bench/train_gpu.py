@@ -34,6 +34,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "oracle"))
 import model_torch as mtm  # noqa: E402
+import mta_binary  # noqa: E402  (bench/, the script's own folder)
 
 PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16, the denominator of MFU on both sides
 
@@ -181,9 +182,7 @@ def main():
     ap.add_argument("--one", help=argparse.SUPPRESS)       # child: measure this config only
     ap.add_argument("--json-out", help=argparse.SUPPRESS)  # child: write its result here
     args = ap.parse_args()
-    if not pathlib.Path(args.mta).is_file():  # gpu-pack.sh ships it xz-compressed; env.sh unpacks it
-        hint = " (source .device/env.sh first: it unpacks the binaries)" if pathlib.Path(args.mta + ".xz").is_file() else ""
-        sys.exit(f"{pathlib.Path(__file__).name}: no mta binary at {args.mta}{hint}")
+    mta_binary.require(args.mta, __file__)
     on_gpu = args.device == "cuda"
     mtm.USE_SDPA = on_gpu and hasattr(torch.nn.functional, "scaled_dot_product_attention")
     if args.one:

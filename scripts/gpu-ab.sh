@@ -60,6 +60,6 @@ for case, by in runs.items():
         print(f"{case[-60:]:60s} {w:6s} {fmt(m[w]['fwd_ms'])} {fmt(m[w]['bwd_ms'])} {fmt(m[w]['fwd_bwd_ms'])}"
               f"   ({len(by[w])} rounds)")
     ratio = [m["new"][k] / m["base"][k] if m["new"][k] and m["base"][k] else None for k in ("fwd_ms", "bwd_ms", "fwd_bwd_ms")]
-    print(f"{'':60s} {'new/base':6s} " + " ".join("        -" if x is None else f"{x:9.3f}" for x in ratio))
+    print(f"{'':60s} {'new/base':6s} " + " ".join(fmt(x) for x in ratio))
 PY
 rm -f "$log"
