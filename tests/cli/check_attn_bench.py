@@ -60,6 +60,18 @@ def main():
     if r.returncode != 0 or "--max-materialized-t" not in r.stdout:
         print("attn_gpu.py --help failed:", r.stderr)
         return 1
+    # A missing binary, and one still compressed as gpu-pack.sh ships it: one line naming the path (and
+    # env.sh, which unpacks it), a non-zero exit, before any GPU work.
+    with tempfile.TemporaryDirectory() as d:
+        packed = pathlib.Path(d) / "mta"
+        pathlib.Path(str(packed) + ".xz").write_bytes(b"")
+        for path, want in ((pathlib.Path(d) / "none", "no mta binary at"), (packed, "source .device/env.sh first")):
+            r = subprocess.run([sys.executable, str(ROOT / "bench" / "attn_gpu.py"), "--mta", str(path)],
+                               capture_output=True, text=True)
+            err = r.stderr.strip()
+            if r.returncode == 0 or want not in err or str(path) not in err or "\n" in err:
+                print(f"attn_gpu.py --mta {path}: rc {r.returncode}, stderr {err!r}")
+                return 1
     print("attn bench goals column: ok" if not bad else "attn bench goals column: FAILED")
     fwd_ok = check_forward_only(args.mta) if args.mta else True
     if args.mta:
