@@ -11,6 +11,9 @@
 #        instructions, by stall samples and by ncu's per-line excess (bank conflicts, uncoalesced
 #        sectors: ncu-source-lines.py); with SASS_LINES=FILE:L1,L2 also those lines' loads and stores
 #        against their ideal sectors and wavefronts (ncu-sass-lines.py); the CSV stays in OUT_DIR
+#   bash .device/gpu-ncu.sh pipes REGEX SPEC.json B T [SKIP]   `--set full` of the kernel matching REGEX
+#        (its SKIP+1-th launch): issue slots, L1 / L2, each pipe's utilization, bank conflicts and the
+#        stall reasons per issued instruction (ncu-pipes.py)
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here/.."
@@ -46,6 +49,14 @@ case "${1:-}" in
     if [ -n "${SASS_LINES:-}" ]; then
       python3 "$here/ncu-sass-lines.py" "$out/src-$name.csv" "${SASS_LINES%%:*}" "${SASS_LINES#*:}"
     fi ;;
-  *) echo "usage: gpu-ncu.sh kernels [SPEC.json] | step CONFIG | [SASS_LINES=FILE:L1,L2] source REGEX SPEC [B T]" >&2
+  pipes)
+    name=$(echo "${2:?a kernel regex}" | tr -c 'A-Za-z0-9_\n' _)
+    ncu --clock-control none -k regex:"$2" --launch-skip "${6:-0}" --launch-count 1 --set full -f \
+      -o "$out/pipes-$name" "$here/mta" bench attn --device cuda --impl fused --spec "${3:?a spec}" \
+      --batch "${4:-2}" --seq "${5:-4096}" --reps 1 --warmup 0 >"$out/ncu-pipes-$name.log" 2>&1
+    ncu --import "$out/pipes-$name.ncu-rep" --page raw --csv >"$out/pipes-$name.csv"
+    python3 "$here/ncu-pipes.py" "$out/pipes-$name.csv" ;;
+  *) echo "usage: gpu-ncu.sh kernels [SPEC.json] | step CONFIG | [SASS_LINES=FILE:L1,L2] source REGEX SPEC [B T]" \
+       "| pipes REGEX SPEC [B T SKIP]" >&2
      exit 2 ;;
 esac

@@ -34,6 +34,6 @@ if [ "${MTA_PACK_DATA:-0}" = 1 ]; then
   tar -cJf .device/data.tar.xz data/tok data/shards
 fi
 cp -r configs .device/
-cp scripts/test-gpu.sh scripts/gpu-check.sh scripts/gpu-ab.sh scripts/gpu-ncu.sh scripts/ncu-kernel-totals.py scripts/ncu-source-lines.py scripts/ncu-sass-lines.py scripts/gpu-env.sh .device/
+cp scripts/test-gpu.sh scripts/gpu-check.sh scripts/gpu-ab.sh scripts/gpu-ncu.sh scripts/ncu-kernel-totals.py scripts/ncu-source-lines.py scripts/ncu-sass-lines.py scripts/ncu-pipes.py scripts/gpu-env.sh .device/
 mv .device/gpu-env.sh .device/env.sh
 du -sh .device
