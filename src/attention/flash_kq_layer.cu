@@ -458,8 +458,8 @@ __device__ __forceinline__ void load_taps_and_mix(const KqShared& sh, const KqPl
 }
 
 // The mixing exchange of the kq-layer kernels follows group_cluster.cuh's protocol (group_start,
-// mix_done, group_finish; barriers (A) and (B)), with each lane storing its own 8 values into the
-// peers' MixIn (one 16-byte store per buffer and peer) instead of group_sync's copy of the CTA's slots.
+// mix_done, group_finish; mbarriers `free` and `full`), with each lane storing its own 8 values into the
+// peers' MixIn (one 16-byte st.async per buffer and peer) instead of group_sync's copy of the CTA's slots.
 //
 // Mixes the group's 16 x 16 tiles in place of `c` (this lane's row r, keys 8 half .. + 7): C (or A2) into
 // MixIn as hi + lo (and into the peers' MixIn), a barrier, the product with the coefficients of `kind` for
@@ -488,28 +488,25 @@ __device__ __forceinline__ void mix_in_place(float (&c)[8], bf16* sInHi, bf16* s
   split_hi_lo(c, vhi, vlo);
   const bool real = gp.real(warp);  // a padding warp's slot stays zero
   if (gp.C > 1) {
-    namespace cg = cooperative_groups;
-    cg::cluster_group cl = cg::this_cluster();
-    cluster_wait();  // (A): every peer has finished reading its MixIn
-    for (int peer = 0; peer < gp.C && real; ++peer) {
+    // Every warp stores (a padding warp zeros), so each peer expects L warps' 1 KB from each CTA.
+    const uint32_t m = real ? 0xffffffffu : 0u;
+    const uint32_t ahi = smem_addr(sInHi + off), alo = smem_addr(sInLo + off);
+    wait_free(gp);  // every peer has finished reading its MixIn
+    for (int peer = 0; peer < gp.C; ++peer) {
       if (peer == gp.rank) continue;
-      *reinterpret_cast<uint4*>(cl.map_shared_rank(sInHi, peer) + off) = vhi;
-      *reinterpret_cast<uint4*>(cl.map_shared_rank(sInLo, peer) + off) = vlo;
+      store_to_peer(ahi, peer, vhi.x & m, vhi.y & m, vhi.z & m, vhi.w & m);
+      store_to_peer(alo, peer, vlo.x & m, vlo.y & m, vlo.z & m, vlo.w & m);
     }
   }
   if (real) {
     *reinterpret_cast<uint4*>(sInHi + off) = vhi;
     *reinterpret_cast<uint4*>(sInLo + off) = vlo;
   }
-  if (gp.C > 1) {
-    cluster_arrive();  // (B)
-    cluster_wait();
-  } else {
-    __syncthreads();
-  }
+  __syncthreads();
+  if (gp.C > 1) wait_full(gp, static_cast<uint32_t>((gp.C - 1) * gp.L) * 32u * 2u * 16u);
   mix_tiles_owned<true>(sInHi, sInLo, sFrag, kind, sOut, gp.h0, gp.L, gp.L, warp, lane);
   if (kRelease)
-    mix_done(gp);  // every head's mixed tile in MixOut; (A): done reading MixIn
+    mix_done(gp);  // every head's mixed tile in MixOut; `free`: done reading MixIn
   else
     __syncthreads();  // every head's mixed tile in MixOut
 #pragma unroll
