@@ -479,11 +479,9 @@ __device__ __forceinline__ void split_hi_lo(const float (&c)[8], uint4& vhi, uin
   vhi = make_uint4(hi[0], hi[1], hi[2], hi[3]), vlo = make_uint4(lo[0], lo[1], lo[2], lo[3]);
 }
 
-// mix_in_place in two halves, so that a caller can put independent work between them and hide the
-// exchange's latency (on a cluster, the peers' stores landing; session 16): mix_push stores this lane's
-// 8 values into MixIn (and its peers'), mix_finish waits for every head's, mixes, and reads the result back.
-__device__ __forceinline__ void mix_push(const float (&c)[8], bf16* sInHi, bf16* sInLo, const GroupPlace& gp, int warp,
-                                         int lane) {
+template <bool kRelease = true>
+__device__ __forceinline__ void mix_in_place(float (&c)[8], bf16* sInHi, bf16* sInLo, const uint32_t* sFrag, int kind,
+                                             float* sOut, const GroupPlace& gp, int warp, int lane) {
   const int r = lane & 15, half = lane >> 4;
   const int off = in_offset(gp.h0 + warp, r, 8 * half);  // 16-byte aligned (kYS, kPS and 8 half)
   uint4 vhi, vlo;
@@ -504,11 +502,6 @@ __device__ __forceinline__ void mix_push(const float (&c)[8], bf16* sInHi, bf16*
     *reinterpret_cast<uint4*>(sInHi + off) = vhi;
     *reinterpret_cast<uint4*>(sInLo + off) = vlo;
   }
-}
-template <bool kRelease = true>
-__device__ __forceinline__ void mix_finish(float (&c)[8], const bf16* sInHi, const bf16* sInLo, const uint32_t* sFrag,
-                                           int kind, float* sOut, const GroupPlace& gp, int warp, int lane) {
-  const int r = lane & 15, half = lane >> 4;
   __syncthreads();
   if (gp.C > 1) wait_full(gp, static_cast<uint32_t>((gp.C - 1) * gp.L) * 32u * 2u * 16u);
   mix_tiles_owned<true>(sInHi, sInLo, sFrag, kind, sOut, gp.h0, gp.L, gp.L, warp, lane);
@@ -521,12 +514,6 @@ __device__ __forceinline__ void mix_finish(float (&c)[8], const bf16* sInHi, con
     const float2 x = get_pair(sOut, warp, r, 8 * half + e);
     c[e] = x.x, c[e + 1] = x.y;
   }
-}
-template <bool kRelease = true>
-__device__ __forceinline__ void mix_in_place(float (&c)[8], bf16* sInHi, bf16* sInLo, const uint32_t* sFrag, int kind,
-                                             float* sOut, const GroupPlace& gp, int warp, int lane) {
-  mix_push(c, sInHi, sInLo, gp, warp, lane);
-  mix_finish<kRelease>(c, sInHi, sInLo, sFrag, kind, sOut, gp, warp, lane);
 }
 
 // Two 16 x 16 tiles per head mixed in one product (session 12; a group in one CTA, G <= 8): c0 into
@@ -697,31 +684,25 @@ __device__ __forceinline__ void a_tile_to_window(float* awin, const float* s0win
       }
     }
   } else {
-    // A product per part, each exchange's latency hidden behind independent work (session 16): part 1's
-    // convolution while part 0's C travels, part 0's exponentials while part 1's does.
-    const bool any = key0 <= m0 + kTile - 1;  // not all future (the same for every lane)
-    float c[2][8] = {};
-    if (any) conv_row8<kCq, kCk>(s0win, w, cq, ck, r + (kS0Top - kATop), key0 + 8 * half, c[0]);
-    if (gpre) mix_push(c[0], sInHi, sInLo, gp, warp, lane);
-    if (kCq > 0) {  // part 1: rows 16 .. 23 only (warp-uniform)
-      if (any)
-        conv_half_live<false, kCq, kCk>(s0win, w, cq, ck, kTile + (kS0Top - kATop), key0 + 8 * half, lane, c[1]);
-    } else if (any && kTile + r < kATop + kTile) {
-      conv_row8<kCq, kCk>(s0win, w, cq, ck, kTile + r + (kS0Top - kATop), key0 + 8 * half, c[1]);
-    }
-    if (gpre) mix_finish(c[0], sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);
-    if (gpre) mix_push(c[1], sInHi, sInLo, gp, warp, lane);
 #pragma unroll
     for (int part = 0; part < 2; ++part) {
-      if (part == 1 && gpre) mix_finish(c[1], sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);
       const int rr = 16 * part + r, row = m0 - kATop + rr;  // A window row rr
+      const bool live = rr < kATop + kTile && key0 <= m0 + kTile - 1;  // in the window, not all future
+      float c[8] = {};
+      if (part == 1 && kCq > 0) {  // rows 16 .. 23 only (warp-uniform)
+        if (key0 <= m0 + kTile - 1)
+          conv_half_live<false, kCq, kCk>(s0win, w, cq, ck, kTile + (kS0Top - kATop), key0 + 8 * half, lane, c);
+      } else if (live) {
+        conv_row8<kCq, kCk>(s0win, w, cq, ck, rr + (kS0Top - kATop), key0 + 8 * half, c);
+      }
+      if (gpre) mix_in_place(c, sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);
       if (rr < kATop + kTile) {
 #pragma unroll
         for (int e = 0; e < 8; e += 2) {
           const int key = key0 + 8 * half + e;
           const bool ok = row >= 0 && row < T;
-          const float a0 = ok && key <= row ? exp2f(fmaf(c[part][e], kLog2e, -lse2[part])) : 0.f;
-          const float a1 = ok && key + 1 <= row ? exp2f(fmaf(c[part][e + 1], kLog2e, -lse2[part])) : 0.f;
+          const float a0 = ok && key <= row ? exp2f(fmaf(c[e], kLog2e, -lse2[part])) : 0.f;
+          const float a1 = ok && key + 1 <= row ? exp2f(fmaf(c[e + 1], kLog2e, -lse2[part])) : 0.f;
           awin[rr * kWinPitch + ((key + a_rot) & 63)] = a0;  // scalar: an odd rotation misaligns pairs
           awin[rr * kWinPitch + ((key + 1 + a_rot) & 63)] = a1;
         }
@@ -1520,23 +1501,21 @@ __device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, 
     const int rr = kTile * part + r, row = m0 + rr;  // dC window row rr
     const bool live = rr < kQCRows;
     const int x0 = key0 + 8 * half;
-    float cm[8] = {}, da[8] = {}, dcp[8];
-    // C, then dA while C travels to the peers (session 16: the exchange's latency behind a stencil).
-    const bool half_live = part == 1 && kCq1 > 0 && kCq2 > 0;  // rows 16 .. 23 only (warp-uniform)
-    if (half_live)
-      conv_half_live<false, kCq1, kCk1, Ring48>(s0w, wpre, cq1, ck1, kTile + 8, key0 + 8 * half, lane, cm);
-    else if (live)
-      conv_row8<kCq1, kCk1, Ring48>(s0w, wpre, cq1, ck1, rr + 8, x0, cm);
-    if (gpre) mix_push(cm, sInHi, sInLo, gp, warp, lane);
-    if (half_live)
+    float c[8] = {}, cm[8], da[8] = {}, dcp[8];
+    if (part == 1 && kCq1 > 0 && kCq2 > 0) {  // rows 16 .. 23 only: conv_half_live (warp-uniform)
+      conv_half_live<false, kCq1, kCk1, Ring48>(s0w, wpre, cq1, ck1, kTile + 8, key0 + 8 * half, lane, c);
       conv_half_live<true, kCq2, kCk2, Ring48>(dw, wpost, cq2, ck2, kTile, key0 + 8 * half, lane, da);
-    else if (live)
+    } else if (live) {
+      conv_row8<kCq1, kCk1, Ring48>(s0w, wpre, cq1, ck1, rr + 8, x0, c);
       conv_row8_t<kCq2, kCk2, Ring48>(dw, wpost, cq2, ck2, rr, x0, da);
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) cm[e] = c[e];
     if (gpre) {  // C -> C' (two barriers); part 0 reads the mix's input (C) afterwards
       if (part == 0)
-        mix_finish<false>(cm, sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);
+        mix_in_place<false>(cm, sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);
       else
-        mix_finish(cm, sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);
+        mix_in_place(cm, sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);
     }
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
