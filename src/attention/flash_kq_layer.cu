@@ -968,7 +968,8 @@ __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const
 // rows in shared memory as dV's B operand):
 //   A2 = mask0(conv_post(A)) and A3 = Mpost A2 on the tile's rows, as pass 2;
 //   dV[block keys] += A3^T dO          (float2 atomics into an fp32 accumulator: every query tile adds);
-//   dA3 = dO V^T;  dMpost += dA3_x . A2_y   (fp32 on CUDA cores, A2_y read back from the mix's input);
+//   dA3 = dO V^T;  dMpost += dA3_x . A2_y   (tensor-core products with hi + lo operands, A2_y read
+//                                           back from the mix's input: grad_terms_and_mix / grad_terms_cl);
 //   dA2 = mask0(Mpost^T dA3) (the mix with hi + lo operands);
 //   dWpost[a, c] += dA2[i, j] A[i - (cq2 - 1) + a, j - o2 + c] over the
 //   tile's rows (the A window, whose rotation o2 aligns these reads as the forward stencil's): per lane
@@ -1121,21 +1122,27 @@ __device__ __forceinline__ void sum_grad_terms(const float (&acc)[2][4], float* 
       for (int w = 0; w < G; ++w) dm[yy] += sOut[w * 256 + (warp + G) * 16 + y0 + yy];
 }
 
-// On a cluster (kernel Q; session 16): the dMpre terms of part 0 on tensor cores, as grad_terms_and_mix
-// gives them in one CTA, where MixIn has no free slots for dC' (the group's 9-16 heads fill it). Each
-// warp stages its dC' (8 values per lane) as bf16 hi in sDhi ([L][kYS], after MixOut) and lo in its own
-// MixOut slot (as bf16, row stride kXT * 2: no other warp reads that slot now); after a barrier every
-// warp's tile rows warp, warp + L, ... give acc += dC'_x C_y on tensor cores, x this CTA's head (its
-// warp), y the group's head (MixIn's slot, still C: the caller's mix_done follows), with hi + lo on both
-// sides as there. Replaces ~30 CUDA-core instructions per lane, head and block, and the 16 per-lane
-// accumulators that the clustered 6 x 11 kernel spilled around.
+// On a cluster (kernels P and Q; session 16): the mixing-weight gradient terms of a 16 x 16 tile on
+// tensor cores, as grad_terms_and_mix gives them in one CTA, where MixIn has no free slots for the
+// gradient (a group of 9-16 heads fills it). Each warp stages its gradient d (8 values per lane: dA3 for
+// dMpost, dC' for dMpre) as bf16 hi and lo tiles in its own MixOut slot (free then: the warp has read
+// its last mix from it, and the next mix writes it after a barrier); after a barrier every warp's tile
+// rows warp, warp + L, ... give acc += d_x x_y on tensor cores, x this CTA's head (its warp), y the
+// group's head (MixIn's slot, still the mix's input x: the caller's mix_done follows), with hi + lo on
+// both sides as there. Replaces ~30 CUDA-core instructions per lane, head and block, and the 16
+// per-lane accumulators that the clustered 6 x 11 kernels spilled around.
 // acc[nb][e]: x = g (e < 2; rows 8 .. 15, and rows >= L, repeat others and are dropped), y = 8 nb + 2t + (e & 1).
-__device__ __forceinline__ void grad_tiles_rows8(float (&acc)[2][4], const bf16* d, int d_stride, int L, const bf16* v,
+constexpr int kStageLo = kTile * kPS;  // bf16 offset of the lo tile in a MixOut slot
+static_assert(2 * kStageLo * sizeof(bf16) <= kXT * sizeof(float), "a MixOut slot holds the hi and lo tiles");
+__device__ __forceinline__ void grad_tiles_rows8(float (&acc)[2][4], const bf16* d, int L, const bf16* v,
                                                  const bf16* v_lo, int r0, int step, int lane) {
+  // A = d as [m = head x][k = position]: x's tile at d + x * 2 kXT (bf16; MixOut's slot stride, 1552
+  // bytes = 16 mod 128: the 8 rows of an ldmatrix phase hit distinct 16-byte groups).
   const int x_row = min(lane & 7, L - 1);  // rows past the CTA's L heads repeat its last (dropped)
+  const bf16* a_row = d + x_row * 2 * kXT + (lane >> 4) * 8;
   for (int r = r0; r < kTile; r += step) {
     uint32_t a[4], b[4];
-    mma::ldmatrix_x4(a, d + x_row * d_stride + r * kPS + (lane >> 4) * 8);
+    mma::ldmatrix_x4(a, a_row + r * kPS);
     mma::ldmatrix_x4(b, v + grad_b_offset(lane, r));
     mma::mma_bf16(acc[0], a, b[0], b[1]);
     mma::mma_bf16(acc[1], a, b[2], b[3]);
@@ -1146,23 +1153,22 @@ __device__ __forceinline__ void grad_tiles_rows8(float (&acc)[2][4], const bf16*
     }
   }
 }
-__device__ __forceinline__ void dmpre_terms_cl(const float (&d)[8], float (&acc)[2][4], bf16* sDhi, float* sOut,
-                                               const bf16* sInHi, const bf16* sInLo, const GroupPlace& gp, int warp,
-                                               int lane) {
-  static_assert(2 * kXT >= kTile * kPS, "a MixOut slot holds a bf16 tile");
+__device__ __forceinline__ void grad_terms_cl(const float (&d)[8], float (&acc)[2][4], float* sOut, const bf16* sInHi,
+                                              const bf16* sInLo, const GroupPlace& gp, int warp, int lane) {
   const int r = lane & 15, half = lane >> 4, off = r * kPS + 8 * half;
   uint4 vhi, vlo;
   split_hi_lo(d, vhi, vlo);
   if (!gp.real(warp)) vhi = vlo = make_uint4(0u, 0u, 0u, 0u);  // padding: zero terms
-  bf16* lo = reinterpret_cast<bf16*>(sOut + warp * kXT);
-  __syncwarp();  // every lane has read its C' from this MixOut slot
-  *reinterpret_cast<uint4*>(sDhi + warp * kYS + off) = vhi;
-  *reinterpret_cast<uint4*>(lo + off) = vlo;
+  bf16* slot = reinterpret_cast<bf16*>(sOut + warp * kXT);
+  __syncwarp();  // every lane has read its values from this MixOut slot
+  *reinterpret_cast<uint4*>(slot + off) = vhi;
+  *reinterpret_cast<uint4*>(slot + kStageLo + off) = vlo;
   __syncthreads();
-  grad_tiles_rows8(acc, sDhi, kYS, gp.L, sInHi, sInLo, warp, gp.L, lane);  // d hi (x hi + lo)
-  grad_tiles_rows8(acc, reinterpret_cast<const bf16*>(sOut), 2 * kXT, gp.L, sInHi, nullptr, warp, gp.L, lane);  // d lo x hi
+  const bf16* d_hi = reinterpret_cast<const bf16*>(sOut);
+  grad_tiles_rows8(acc, d_hi, gp.L, sInHi, sInLo, warp, gp.L, lane);                 // d hi (x hi + lo)
+  grad_tiles_rows8(acc, d_hi + kStageLo, gp.L, sInHi, nullptr, warp, gp.L, lane);  // d lo x hi
 }
-// After the key loop: dmpre_terms_cl's terms of the CTA's L warps summed per head in a fixed order
+// After the key loop: grad_terms_cl's terms of the CTA's L warps summed per head in a fixed order
 // (through MixOut, free then), into lane 0's dm[yy] (this warp's head with group head y0 + yy of its
 // gs-group), as write_partials expects them. Every thread of the CTA must call it.
 template <int kDm>
@@ -1278,8 +1284,8 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
 #pragma unroll
     for (int c = 0; c < kWk; ++c) accw[a][c] = 0.f;
   constexpr int kDmp = kCl ? 16 : 8;  // head_post groups fit the CTA's or the cluster's heads
-  float dmp[kDmp] = {};  // dMpost of this warp's head with head y0 + yy of its group
-  float accm[2][4] = {};  // one CTA: the warp's dMpost terms (grad_terms_and_mix; unused on clusters)
+  float dmp[kDmp] = {};  // at the end: dMpost of this warp's head with head y0 + yy of its group
+  float accm[2][4] = {};  // the warp's dMpost terms (grad_terms_and_mix; on clusters grad_terms_cl)
   float dl[kMaxCq] = {};  // runtime sizes: delta's terms (add_delta_terms)
   s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qf, 0, m0, T, scale, off1, lane);
   s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qf, 1, m0, T, scale, off1, lane);
@@ -1359,25 +1365,10 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     if (gpost && !kCl) {
       grad_terms_and_mix(da, accm, sInHi, sInLo, sFrag, kPostT, sOut, G, warp, lane);
     } else if (gpost) {
-      // dMpost[x, y] += dA3_x A2_y in fp32 on CUDA cores, A2_y read back from MixIn (hi + lo: still the
-      // post mix's input). bf16 operands here (tensor-core grad_tiles) left the model's head_post
-      // gradient 12% off the CPU's (ModelCuda.MtaFusedMixAndEpilogueMatchCpu, session 8). Not for
-      // padding warps (their group's slots would run past the group's).
-      const int hg = gp.h0 + warp, y0 = hg - hg % gpost;
-#pragma unroll
-      for (int yy = 0; yy < kDmp; ++yy)
-        if (yy < gpost && pl.real) {
-          float sum = 0.f;
-#pragma unroll
-          for (int e = 0; e < 8; e += 2) {
-            const int off = in_offset(y0 + yy, r, 8 * half + e);
-            const __nv_bfloat162 hi = *reinterpret_cast<const __nv_bfloat162*>(sInHi + off);
-            const __nv_bfloat162 lo = *reinterpret_cast<const __nv_bfloat162*>(sInLo + off);
-            sum = fmaf(da[e], __low2float(hi) + __low2float(lo), sum);
-            sum = fmaf(da[e + 1], __high2float(hi) + __high2float(lo), sum);
-          }
-          dmp[yy] += sum;
-        }
+      // dMpost[x, y] += dA3_x A2_y over the tile, A2_y from MixIn (hi + lo: still the post mix's input).
+      // hi + lo on both sides: bf16 operands alone left the model's head_post gradient 12% off the CPU's
+      // (ModelCuda.MtaFusedMixAndEpilogueMatchCpu, session 8).
+      grad_terms_cl(da, accm, sOut, sInHi, sInLo, gp, warp, lane);
       mix_done(gp);  // every warp (of the cluster) has read A2 from MixIn before dA3 replaces it
       mix_in_place(da, sInHi, sInLo, sFrag, kPostT, sOut, gp, warp, lane);  // dA3 -> Mpost^T dA3 (hi + lo)
     }
@@ -1396,6 +1387,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
 
   group_finish(gp);
   if (gpost && !kCl) sum_grad_terms(accm, sOut, G, gpost, warp, lane, dmp);
+  if (gpost && kCl) sum_grad_terms_cl(accm, sOut, gp, gpost, warp, lane, dmp);
   // delta's terms, summed in this warp's S0 window (free now).
   if constexpr (kCq2 > 0) {
     float dlc[kCq2];
@@ -1494,7 +1486,7 @@ void dispatch_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k
 //   3. dC tile kt + 1 on rows m0 .. m0 + 23, in two 16-row parts: C = conv_pre(S0), C' = Mpre C (two
 //      barriers), A = exp(C' - lse), dA = conv_post^T(dA2), dC' = A (dA - delta); on the tile's own
 //      rows dMpre[x, y] += dC'_x C_y with C_y read back from the mix's input buffers (hi + lo) as
-//      tensor-core products (grad_terms_and_mix in one CTA, dmpre_terms_cl on a cluster; a barrier
+//      tensor-core products (grad_terms_and_mix in one CTA, grad_terms_cl on a cluster; a barrier
 //      before they are rewritten); dC = Mpre^T dC' (two barriers);
 //   4. dS0 = mask0(conv_pre^T(dC)) on the tile's rows at block kt, as bf16 in the warp's dS tile;
 //      dQ += dS0 K (registers: the tile owns these rows) and dK[block keys] += dS0^T Q (float2 atomics;
@@ -1520,15 +1512,14 @@ static_assert(kQS0Floats * sizeof(float) >= 32 * (64 + 8) * sizeof(bf16) &&
               "dO_lo staging fits");
 static_assert(kQDFloats * sizeof(float) >= 32 * (64 + 8) * sizeof(bf16), "Q and dO staging fits the dA2 window");
 
-// cl: the group on a cluster, where dC' hi of the CTA's G heads is staged after MixOut (dmpre_terms_cl).
 template <int D>
-constexpr size_t smem_pre_bytes(int G, bool cl) {
+constexpr size_t smem_pre_bytes(int G) {
   return static_cast<size_t>(G) * (warp_region_pre_bytes<D>() + 3 * kHeadTaps * sizeof(float)) +
          kFragWords * sizeof(uint32_t) + 2 * static_cast<size_t>(kInElems) * sizeof(bf16) +
-         static_cast<size_t>(G) * kXT * sizeof(float) + (cl ? static_cast<size_t>(G) * kYS * sizeof(bf16) : 0);
+         static_cast<size_t>(G) * kXT * sizeof(float);
 }
-static_assert(smem_pre_bytes<64>(bwd_heads(64), true) <= kMaxSmemPerCta &&
-                  smem_pre_bytes<128>(bwd_heads(128), true) <= kMaxSmemPerCta &&
+static_assert(smem_pre_bytes<64>(bwd_heads(64)) <= kMaxSmemPerCta &&
+                  smem_pre_bytes<128>(bwd_heads(128)) <= kMaxSmemPerCta &&
                   smem_post_bytes<64>(bwd_heads(64)) <= kMaxSmemPerCta &&
                   smem_post_bytes<128>(bwd_heads(128)) <= kMaxSmemPerCta &&
                   smem_out_bytes<64>(kOutHeads, 2) <= kMaxSmemPerCta &&
@@ -1545,14 +1536,14 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t a) {
 
 // Step 3 above for key tile `tile`. lse2[p], dlt[p]: lse * log2(e) and delta of row m0 + 16 p + (lane &
 // 15). accq: the warp's dMpre terms over the own rows, on tensor cores (kOneCta, the group in one CTA,
-// G <= 8: grad_terms_and_mix; on a cluster: dmpre_terms_cl, which stages dC' hi in sDhi).
+// G <= 8: grad_terms_and_mix; on a cluster: grad_terms_cl).
 template <int kCq1, int kCk1, int kCq2, int kCk2, bool kOneCta>
 __device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, const float* dw, const float* wpre,
                                                   const float* wpost, int cq1, int ck1, int cq2, int ck2, int c_rot,
                                                   int gpre, bf16* sInHi, bf16* sInLo, const uint32_t* sFrag,
                                                   float* sOut, const GroupPlace& gp, int warp, int lane, int tile,
                                                   int m0, int T, const float (&lse2)[2], const float (&dlt)[2],
-                                                  bf16* sDhi, float (&accq)[2][4]) {
+                                                  float (&accq)[2][4]) {
   const int r = lane & 15, half = lane >> 4, key0 = kTile * tile;
   if (key0 > m0 + kQCRows - 1) {  // the same for every warp: all of them skip the mixes' barriers
     for (int i = lane; i < kQCRows * kTile; i += 32)
@@ -1592,7 +1583,7 @@ __device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, 
     } else if (gpre) {
       if (part == 0) {
         // dMpre[x, y] += dC'_x C_y over the own rows: C_y from MixIn (hi + lo), still the pre mix's input.
-        dmpre_terms_cl(dcp, accq, sDhi, sOut, sInHi, sInLo, gp, warp, lane);
+        grad_terms_cl(dcp, accq, sOut, sInHi, sInLo, gp, warp, lane);
         mix_done(gp);  // every warp (of the cluster) has read C from MixIn before dC' replaces it
       }
       mix_in_place(dcp, sInHi, sInLo, sFrag, kPreT, sOut, gp, warp, lane);  // dC' -> dC (two barriers)
@@ -1643,7 +1634,6 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);
   bf16* sInLo = sInHi + kInElems;
   float* sOut = reinterpret_cast<float*>(sInLo + kInElems);
-  bf16* sDhi = reinterpret_cast<bf16*>(sOut + L * kXT);  // clusters: dC' hi (dmpre_terms_cl)
 
   const GroupPlace gp = group_place(G, C);
   const int units = H / G, b = static_cast<int>(blockIdx.x) / C / units, u = static_cast<int>(blockIdx.x) / C % units;
@@ -1705,7 +1695,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
 #pragma unroll
     for (int c = 0; c < kWk; ++c) accw[a][c] = 0.f;
   float dm[kDm] = {};
-  float accq[2][4] = {};  // the warp's dMpre terms (grad_terms_and_mix; on clusters dmpre_terms_cl)
+  float accq[2][4] = {};  // the warp's dMpre terms (grad_terms_and_mix; on clusters grad_terms_cl)
   float unused_dl[kMaxCq];  // conv_grad_row8_rt's delta terms: kernel P's only
   float acc_dq[D / 8][4];
 #pragma unroll
@@ -1719,7 +1709,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
                                    gp, warp, lane);
   dc_tile_to_window<kCq1, kCk1, kCq2, kCk2, !kCl>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c,
                                                       gpre, sInHi, sInLo, sFrag, sOut, gp, warp, lane, 0, m0, T, lse2,
-                                                      dlt, sDhi, accq);
+                                                      dlt, accq);
   const int n_end = min(T, m0 + kTile);
   for (int n0 = 0; n0 < n_end; n0 += kTile) {
     const int kt = n0 / kTile, x0 = n0 + 8 * half;
@@ -1741,7 +1731,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     cp_async_commit();
     dc_tile_to_window<kCq1, kCk1, kCq2, kCk2, !kCl>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c,
                                                         gpre, sInHi, sInLo, sFrag, sOut, gp, warp, lane, kt + 1, m0,
-                                                        T, lse2, dlt, sDhi, accq);
+                                                        T, lse2, dlt, accq);
     // 4. dS0 on the own rows at block kt, the future (and rows past T) 0.
     {
       float ds[8];
@@ -1825,7 +1815,7 @@ void launch_pre_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, c
   const KqConv pre = pre_conv(spec);
   const KqConv post = post_conv(spec);
   const int C = cluster_size(G, bwd_heads(D));
-  const size_t smem = smem_pre_bytes<D>(group_warps(G, C), C > 1);
+  const size_t smem = smem_pre_bytes<D>(group_warps(G, C));
   auto kernel = C == 1 ? flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, false>
                        : flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, true>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, spec.kq_pre ? wpre : nullptr, mpre, gpre,
