@@ -1,9 +1,9 @@
 // The fragment mechanics of FlashMix's tensor-core head mixing (src/attention/head_mix_mma.cuh),
 // replayed on the CPU with the layout functions the kernels themselves call (head_mix_layout.h,
 // mma_layout.h): put_tile's bf16 writes and rounding remainders at in_offset, ldmatrix.x4 (plain and
-// .trans) from mix_a_offset / grad_a_offset / grad_b_offset, the coefficient fragments of b_frag_kn
-// and frag_coef (hi and lo parts), mma.m16n8k16 by the PTX fragment definitions (mma_sm80.cuh), and
-// the result stores at out_offset. The replayed mixes (every kind, hi + lo and hi only) and
+// .trans) from mix_a_offset / grad_a_offset / grad_b_offset / staged_grad_a_offset, the coefficient
+// fragments of b_frag_kn and frag_coef (hi and lo parts), mma.m16n8k16 by the PTX fragment definitions
+// (mma_sm80.cuh), and the result stores at out_offset. The replayed mixes (every kind, hi + lo and hi only) and
 // weight-gradient products must equal the direct sums. A wrong offset, fragment index or layout
 // constant fails it on any machine (the GPU tests, tests/gpu/test_flash_mix.cpp, need an H200).
 #include <gtest/gtest.h>
@@ -37,7 +37,9 @@ using Acc = std::array<std::array<double, 4>, 32>;
 
 // ldmatrix.x4: lanes 8i .. 8i + 7 give the 8 row addresses of matrix i; register i of lane (g, t)
 // receives (row g, columns 2t, 2t + 1), or with .trans (rows 2t, 2t + 1, column g).
+// Each row address must be 16-byte aligned (8 bf16), as the instruction requires.
 Regs ldmatrix_x4(const Bits& buf, const std::array<int, 32>& addr, bool trans) {
+  for (int lane = 0; lane < 32; ++lane) EXPECT_EQ(addr[lane] % 8, 0) << "ldmatrix row address of lane " << lane;
   Regs out{};
   for (int lane = 0; lane < 32; ++lane) {
     const int g = lane >> 2, t = lane & 3;
@@ -286,6 +288,68 @@ TEST(HeadMixMma, GradientProductMatchesDirectSums) {
           ASSERT_LE(std::abs(got[x][y] - want), tol) << "x " << x << " y " << y;
         }
     }
+}
+
+// The clustered kq-layer kernels' mixing-weight gradient terms (flash_kq_layer.cu, grad_terms_cl): each
+// of the CTA's L warps stages its head's gradient tile D_x as bf16 hi and lo in its own MixOut slot
+// (staged_offset), and the warps' tile rows give G[x][y] = sum_p D_x(p) V_y(p) against the 16 MixIn
+// slots (V hi + lo) with A rows from staged_grad_a_offset: rows >= L repeat a staged head and must stay
+// inside the L slots (ldmatrix_x4 checks every address against the buffer, sized to L slots).
+TEST(HeadMixMma, StagedGradientProductMatchesDirectSums) {
+  for (int L : {1, 3, 4, 7, 8}) {
+    SCOPED_TRACE("L=" + std::to_string(L));
+    std::mt19937 rng(300 + L);
+    const std::vector<Tile> d = random_tiles(L, rng, 0.01f), v = random_tiles(kMaxG, rng, 5.f);
+    Bits vh(kInElems, 0), vl(kInElems, 0), staged(static_cast<size_t>(2 * kXT) * L, 0);
+    for (int y = 0; y < kMaxG; ++y) put_tile(vh, &vl, y, v[y]);
+    // grad_terms_cl's stores: lane (r, half) holds row r, columns 8 half .. 8 half + 7.
+    for (int x = 0; x < L; ++x)
+      for (int lane = 0; lane < 32; ++lane)
+        for (int e = 0; e < 8; ++e) {
+          const int r = lane & 15, col = 8 * (lane >> 4) + e, off = staged_offset(x, r, 8 * (lane >> 4)) + e;
+          const float val = d[x][r][col];
+          const uint16_t h = mta::float_to_bf16_bits(val);
+          staged.at(off) = h;
+          staged.at(off + kStageLo) = mta::float_to_bf16_bits(val - mta::bf16_bits_to_float(h));
+        }
+    double got[8][16] = {};
+    for (int warp = 0; warp < L; ++warp) {
+      Acc acc[2]{};
+      for (int r = warp; r < kTile; r += L) {
+        std::array<int, 32> ah, al, ba;
+        for (int lane = 0; lane < 32; ++lane) {
+          ah[lane] = staged_grad_a_offset(lane, r, L);
+          al[lane] = ah[lane] + kStageLo;
+          ba[lane] = grad_b_offset(lane, r);
+        }
+        // d hi (v hi + v lo), then d lo v hi, as grad_tiles_rows8's two calls.
+        for (const auto& [aa, with_vlo] : {std::pair{ah, true}, std::pair{al, false}}) {
+          const Regs a = ldmatrix_x4(staged, aa, false);
+          for (int part = 0; part < (with_vlo ? 2 : 1); ++part) {
+            const Regs b = ldmatrix_x4(part ? vl : vh, ba, false);
+            for (int nb = 0; nb < 2; ++nb) {
+              BFrag bf{};
+              for (int lane = 0; lane < 32; ++lane) bf[lane][0] = b[lane][2 * nb], bf[lane][1] = b[lane][2 * nb + 1];
+              mma_m16n8k16(acc[nb], a, bf);
+            }
+          }
+        }
+      }
+      for (int lane = 0; lane < 32; ++lane)  // rows g (e < 2) only: rows 8 .. 15 repeat them
+        for (int nb = 0; nb < 2; ++nb)
+          for (int e = 0; e < 2; ++e) got[lane >> 2][8 * nb + 2 * (lane & 3) + e] += acc[nb][lane][e];
+    }
+    for (int x = 0; x < L; ++x)
+      for (int y = 0; y < kMaxG; ++y) {
+        double want = 0, mag = 0;
+        for (int row = 0; row < kTile; ++row)
+          for (int col = 0; col < kTile; ++col) {
+            const double term = static_cast<double>(d[x][row][col]) * v[y][row][col];
+            want += term, mag += std::abs(term);
+          }
+        ASSERT_LE(std::abs(got[x][y] - want), 1e-4 * mag + 1e-12) << "x " << x << " y " << y;
+      }
+  }
 }
 
 // The CTAs a group takes (group_cluster.cuh): the kq layers' backward holds 8 heads per CTA at D = 64

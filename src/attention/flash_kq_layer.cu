@@ -1132,17 +1132,13 @@ __device__ __forceinline__ void sum_grad_terms(const float (&acc)[2][4], float* 
 // both sides as there. Replaces ~30 CUDA-core instructions per lane, head and block, and the 16
 // per-lane accumulators that the clustered 6 x 11 kernels spilled around.
 // acc[nb][e]: x = g (e < 2; rows 8 .. 15, and rows >= L, repeat others and are dropped), y = 8 nb + 2t + (e & 1).
-constexpr int kStageLo = kTile * kPS;  // bf16 offset of the lo tile in a MixOut slot
-static_assert(2 * kStageLo * sizeof(bf16) <= kXT * sizeof(float), "a MixOut slot holds the hi and lo tiles");
+// The staging layout and addresses: head_mix_layout.h (staged_offset, staged_grad_a_offset; replayed on
+// the CPU by tests/test_head_mix_mma.cpp).
 __device__ __forceinline__ void grad_tiles_rows8(float (&acc)[2][4], const bf16* d, int L, const bf16* v,
                                                  const bf16* v_lo, int r0, int step, int lane) {
-  // A = d as [m = head x][k = position]: x's tile at d + x * 2 kXT (bf16; MixOut's slot stride, 1552
-  // bytes = 16 mod 128: the 8 rows of an ldmatrix phase hit distinct 16-byte groups).
-  const int x_row = min(lane & 7, L - 1);  // rows past the CTA's L heads repeat its last (dropped)
-  const bf16* a_row = d + x_row * 2 * kXT + (lane >> 4) * 8;
   for (int r = r0; r < kTile; r += step) {
     uint32_t a[4], b[4];
-    mma::ldmatrix_x4(a, a_row + r * kPS);
+    mma::ldmatrix_x4(a, d + staged_grad_a_offset(lane, r, L));
     mma::ldmatrix_x4(b, v + grad_b_offset(lane, r));
     mma::mma_bf16(acc[0], a, b[0], b[1]);
     mma::mma_bf16(acc[1], a, b[2], b[3]);
@@ -1155,18 +1151,17 @@ __device__ __forceinline__ void grad_tiles_rows8(float (&acc)[2][4], const bf16*
 }
 __device__ __forceinline__ void grad_terms_cl(const float (&d)[8], float (&acc)[2][4], float* sOut, const bf16* sInHi,
                                               const bf16* sInLo, const GroupPlace& gp, int warp, int lane) {
-  const int r = lane & 15, half = lane >> 4, off = r * kPS + 8 * half;
+  bf16* staged = reinterpret_cast<bf16*>(sOut);
+  const int off = staged_offset(warp, lane & 15, 8 * (lane >> 4));
   uint4 vhi, vlo;
   split_hi_lo(d, vhi, vlo);
   if (!gp.real(warp)) vhi = vlo = make_uint4(0u, 0u, 0u, 0u);  // padding: zero terms
-  bf16* slot = reinterpret_cast<bf16*>(sOut + warp * kXT);
   __syncwarp();  // every lane has read its values from this MixOut slot
-  *reinterpret_cast<uint4*>(slot + off) = vhi;
-  *reinterpret_cast<uint4*>(slot + kStageLo + off) = vlo;
+  *reinterpret_cast<uint4*>(staged + off) = vhi;
+  *reinterpret_cast<uint4*>(staged + kStageLo + off) = vlo;
   __syncthreads();
-  const bf16* d_hi = reinterpret_cast<const bf16*>(sOut);
-  grad_tiles_rows8(acc, d_hi, gp.L, sInHi, sInLo, warp, gp.L, lane);                 // d hi (x hi + lo)
-  grad_tiles_rows8(acc, d_hi + kStageLo, gp.L, sInHi, nullptr, warp, gp.L, lane);  // d lo x hi
+  grad_tiles_rows8(acc, staged, gp.L, sInHi, sInLo, warp, gp.L, lane);               // d hi (x hi + lo)
+  grad_tiles_rows8(acc, staged + kStageLo, gp.L, sInHi, nullptr, warp, gp.L, lane);  // d lo x hi
 }
 // After the key loop: grad_terms_cl's terms of the CTA's L warps summed per head in a fixed order
 // (through MixOut, free then), into lane 0's dm[yy] (this warp's head with group head y0 + yy of its

@@ -52,6 +52,21 @@ MTA_HD int mix_a_offset(int lane, int r) { return mma::at_offset(lane, 0, r * kP
 MTA_HD int grad_a_offset(int lane, int r) { return mma::a_offset(lane, 0, r * kPS, kYS); }
 MTA_HD int grad_b_offset(int lane, int r) { return mma::bnk_offset(lane, 0, r * kPS, kYS); }
 
+// The clustered kq-layer kernels' gradient staging (flash_kq_layer.cu, grad_terms_cl): a CTA-local head
+// x's 16 x 16 gradient tile as bf16 in its own MixOut slot (MixOut viewed as bf16: slot stride 2 kXT),
+// the hi part at element 0 and the lo part at kStageLo, rows of kPS; and the ldmatrix address of lane's
+// row of the A operand [m = head x][k = position] over tile row r for a CTA of L heads: rows 8 .. 15,
+// and rows >= L, repeat head min(lane & 7, L - 1), so that every read stays inside the CTA's L slots
+// (their products are dropped). The slot stride, 1552 bytes = 16 (mod 128), puts an ldmatrix phase's
+// 8 rows in distinct 16-byte bank groups.
+constexpr int kStageLo = kTile * kPS;
+static_assert(2 * kStageLo <= 2 * kXT, "a MixOut slot holds a gradient tile's hi and lo parts");
+MTA_HD int staged_offset(int x, int row, int col) { return x * 2 * kXT + row * kPS + col; }
+MTA_HD int staged_grad_a_offset(int lane, int r, int L) {
+  const int x = (lane & 7) < L ? (lane & 7) : L - 1;
+  return staged_offset(x, r, (lane >> 4) * 8);
+}
+
 // The CTA's mixing matrix entry (x, y) (CTA-local heads) of a group size gs: block-diagonal with the
 // gs x gs blocks of m (the CTA's first head is head0, a multiple of gs), zero outside.
 MTA_HD float cta_coef(const float* m, int gs, int head0, int G, int x, int y) {
