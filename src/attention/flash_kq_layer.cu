@@ -543,6 +543,50 @@ __device__ __forceinline__ void mix_in_place2(float (&c0)[8], float (&c1)[8], bf
   }
 }
 
+// The same two tiles per head on a cluster (session 16), where MixIn has no free slots: c1 goes into a
+// second MixIn pair (hi1, lo1), both travel in one exchange (one `full` wait instead of two), and the two
+// products run one after the other through the one MixOut tile (its results read back between them).
+__device__ __forceinline__ void mix_in_place2_cl(float (&c0)[8], float (&c1)[8], bf16* hi0, bf16* lo0, bf16* hi1,
+                                                 bf16* lo1, const uint32_t* sFrag, int kind, float* sOut,
+                                                 const GroupPlace& gp, int warp, int lane) {
+  const int r = lane & 15, half = lane >> 4;
+  const int off = in_offset(gp.h0 + warp, r, 8 * half);
+  uint4 vh0, vl0, vh1, vl1;
+  split_hi_lo(c0, vh0, vl0);
+  split_hi_lo(c1, vh1, vl1);
+  const bool real = gp.real(warp);  // a padding warp's slots stay zero (it sends zeros)
+  const uint32_t m = real ? 0xffffffffu : 0u;
+  wait_free(gp);  // every peer has finished reading both its MixIn pairs
+  for (int peer = 0; peer < gp.C; ++peer) {
+    if (peer == gp.rank) continue;
+    store_to_peer(smem_addr(hi0 + off), peer, vh0.x & m, vh0.y & m, vh0.z & m, vh0.w & m);
+    store_to_peer(smem_addr(lo0 + off), peer, vl0.x & m, vl0.y & m, vl0.z & m, vl0.w & m);
+    store_to_peer(smem_addr(hi1 + off), peer, vh1.x & m, vh1.y & m, vh1.z & m, vh1.w & m);
+    store_to_peer(smem_addr(lo1 + off), peer, vl1.x & m, vl1.y & m, vl1.z & m, vl1.w & m);
+  }
+  if (real) {
+    *reinterpret_cast<uint4*>(hi0 + off) = vh0, *reinterpret_cast<uint4*>(lo0 + off) = vl0;
+    *reinterpret_cast<uint4*>(hi1 + off) = vh1, *reinterpret_cast<uint4*>(lo1 + off) = vl1;
+  }
+  __syncthreads();
+  wait_full(gp, static_cast<uint32_t>((gp.C - 1) * gp.L) * 32u * 4u * 16u);
+  mix_tiles_owned<true>(hi0, lo0, sFrag, kind, sOut, gp.h0, gp.L, gp.L, warp, lane);
+  __syncthreads();  // every head's first mixed tile in MixOut
+#pragma unroll
+  for (int e = 0; e < 8; e += 2) {
+    const float2 x = get_pair(sOut, warp, r, 8 * half + e);
+    c0[e] = x.x, c0[e + 1] = x.y;
+  }
+  __syncthreads();  // every warp has read it before the second product rewrites MixOut
+  mix_tiles_owned<true>(hi1, lo1, sFrag, kind, sOut, gp.h0, gp.L, gp.L, warp, lane);
+  mix_done(gp);  // the second in MixOut; `free`: both pairs read
+#pragma unroll
+  for (int e = 0; e < 8; e += 2) {
+    const float2 x = get_pair(sOut, warp, r, 8 * half + e);
+    c1[e] = x.x, c1[e + 1] = x.y;
+  }
+}
+
 // kCl: the group spread over a cluster (9-16 heads at D = 128; at D = 64 one CTA holds 16).
 template <int D, int kCq, int kCk, bool kCl>
 __global__ void __launch_bounds__(D == 64 && !kCl ? 32 * kMaxG : 16 * kMaxG)
@@ -638,25 +682,28 @@ constexpr size_t warp_region_out_bytes() {
 }
 static_assert(kS0Floats * sizeof(float) >= 32 * (128 + 8) * sizeof(bf16), "Q staging fits the S0 window");
 
-// tiles: MixOut's tiles per head (2 in one CTA: mix_in_place2).
+// tiles: MixOut's tiles per head (2 in one CTA: mix_in_place2); in_pairs: MixIn hi / lo pairs (2 on a
+// cluster: mix_in_place2_cl, the second after MixOut).
 template <int D>
-constexpr size_t smem_out_bytes(int G, int tiles) {
+constexpr size_t smem_out_bytes(int G, int tiles, int in_pairs = 1) {
   return static_cast<size_t>(G) * (warp_region_out_bytes<D>() + 2 * kMaxCq * kTapPitch * sizeof(float)) +
-         kFragWords * sizeof(uint32_t) + 2 * static_cast<size_t>(kInElems) * sizeof(bf16) +
+         kFragWords * sizeof(uint32_t) + 2 * static_cast<size_t>(in_pairs) * kInElems * sizeof(bf16) +
          static_cast<size_t>(tiles) * G * kXT * sizeof(float);
 }
 
 // Step 2 above for key tile `tile`. lse2[part]: lse * log2(e) of row m0 - 8 + 16 part + (lane & 15).
 // The S0 window's ring is rotated by the pre convolution's key offset, the A window's by the post
 // convolution's (a_rot), each for the convolution that reads it.
-// kTwo (a group in one CTA): both parts' convolutions first, then one mixing product for both
-// (mix_in_place2: 4 barriers per key block instead of 6).
+// kTwo: both parts' convolutions first, then their mixes in one exchange: in one CTA one mixing product
+// for both (mix_in_place2: 4 barriers per key block instead of 6); on a cluster (sInHi1, sInLo1: the
+// second MixIn pair) one exchange for both products (mix_in_place2_cl; session 16). Kernel P, which has
+// no shared memory for the second pair, takes them one by one (kTwo false).
 template <int kCq, int kCk, bool kTwo>
 __device__ __forceinline__ void a_tile_to_window(float* awin, const float* s0win, const float* w, int cq, int ck,
                                                  int a_rot, int gpre, bf16* sInHi, bf16* sInLo,
                                                  const uint32_t* sFrag, float* sOut, const GroupPlace& gp, int warp,
-                                                 int lane,
-                                                 int tile, int m0, int T, const float (&lse2)[2]) {
+                                                 int lane, int tile, int m0, int T, const float (&lse2)[2],
+                                                 bf16* sInHi1 = nullptr, bf16* sInLo1 = nullptr) {
   const int r = lane & 15, half = lane >> 4, key0 = kTile * tile;
   if constexpr (kTwo) {
     float c[2][8] = {};
@@ -667,7 +714,10 @@ __device__ __forceinline__ void a_tile_to_window(float* awin, const float* s0win
       else if (kTile + r < kATop + kTile)
         conv_row8<kCq, kCk>(s0win, w, cq, ck, kTile + r + (kS0Top - kATop), key0 + 8 * half, c[1]);
     }
-    if (gpre) mix_in_place2(c[0], c[1], sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);
+    if (gpre && gp.C > 1)
+      mix_in_place2_cl(c[0], c[1], sInHi, sInLo, sInHi1, sInLo1, sFrag, kPre, sOut, gp, warp, lane);
+    else if (gpre)
+      mix_in_place2(c[0], c[1], sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);
 #pragma unroll
     for (int part = 0; part < 2; ++part) {
       const int rr = 16 * part + r, row = m0 - kATop + rr;
@@ -741,8 +791,13 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   if (o32) o32 += pl.head * D;
   const float* myWpre = sh.wpre + warp * kHeadTaps;
   const float* myWpost = sh.wpost + warp * kHeadTaps;
-  constexpr bool kTwo = !kCl;  // one CTA holds the group (<= kOutHeads): the pre mix's parts in one product
-  load_taps_and_mix(sh, pl, wpre, cq1, ck1, wpost, cq2, ck2, mpre, gpre, mpost, gpost, G, warp, lane, kTwo ? 2 : 1);
+  // The pre mix's two parts in one exchange: in one CTA (<= kOutHeads) one product with block-diagonal
+  // coefficients; on a cluster through a second MixIn pair after MixOut (smem_out_bytes' in_pairs).
+  constexpr bool kTwo = true;
+  bf16* sInHi1 = kCl ? reinterpret_cast<bf16*>(sOut + L * kXT) : nullptr;
+  bf16* sInLo1 = kCl ? sInHi1 + kInElems : nullptr;
+  load_taps_and_mix(sh, pl, wpre, cq1, ck1, wpost, cq2, ck2, mpre, gpre, mpost, gpost, G, warp, lane, kCl ? 1 : 2);
+  if (kCl && gpre) zero_in(sInHi1), zero_in(sInLo1);  // padding slots stay zero
 
   QFrags<D> qf;  // Q rows m0 - 16 .. m0 + 15, staged in the S0 window
   load_row_frags(reinterpret_cast<bf16*>(s0win), q, m0 - kTile, T, lane, qf);
@@ -764,7 +819,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qf, 0, m0, T, scale, off1, lane);
   s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qf, 1, m0, T, scale, off1, lane);
   a_tile_to_window<kCq1, kCk1, kTwo>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, gp, warp,
-                                     lane, 0, m0, T, lse2);
+                                     lane, 0, m0, T, lse2, sInHi1, sInLo1);
   const int n_end = min(T, m0 + kTile), row = m0 + r;
   for (int n0 = 0; n0 < n_end; n0 += kTile) {
     const int kt = n0 / kTile;
@@ -773,7 +828,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     warp_load_rows_zero<D, S, kTile>(sTile, v, n0, T, lane);
     cp_async_commit();
     a_tile_to_window<kCq1, kCk1, kTwo>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, gp,
-                                       warp, lane, kt + 1, m0, T, lse2);
+                                       warp, lane, kt + 1, m0, T, lse2, sInHi1, sInLo1);
     float a2[8];
     conv_row8<kCq2, kCk2>(awin, myWpost, cq2, ck2, kATop + r, n0 + 8 * half, a2);
 #pragma unroll
@@ -1518,7 +1573,9 @@ static_assert(smem_pre_bytes<64>(bwd_heads(64)) <= kMaxSmemPerCta &&
                   smem_post_bytes<64>(bwd_heads(64)) <= kMaxSmemPerCta &&
                   smem_post_bytes<128>(bwd_heads(128)) <= kMaxSmemPerCta &&
                   smem_out_bytes<64>(kOutHeads, 2) <= kMaxSmemPerCta &&
-                  smem_out_bytes<128>(kOutHeads, 2) <= kMaxSmemPerCta,
+                  smem_out_bytes<128>(kOutHeads, 2) <= kMaxSmemPerCta &&
+                  smem_out_bytes<64>(kOutHeads, 1, 2) <= kMaxSmemPerCta &&
+                  smem_out_bytes<128>(kOutHeads, 1, 2) <= kMaxSmemPerCta,
               "the backward's CTAs fit their heads' shared memory");
 
 // movmatrix: the transpose of an 8 x 8 bf16 matrix held as one b32 per lane (row lane / 4, columns
@@ -1870,7 +1927,7 @@ void launch_out(const AttentionSpec& spec, const bf16* q, const bf16* k, const b
   const KqConv pre = pre_conv(spec);
   const KqConv post = post_conv(spec);
   const int C = cluster_size(G, kOutHeads);
-  const size_t smem = smem_out_bytes<D>(group_warps(G, C), C == 1 ? 2 : 1);
+  const size_t smem = smem_out_bytes<D>(group_warps(G, C), C == 1 ? 2 : 1, C == 1 ? 1 : 2);
   auto kernel = C == 1 ? flash_kq_layer_out_kernel<D, kCq1, kCk1, kCq2, kCk2, false>
                        : flash_kq_layer_out_kernel<D, kCq1, kCk1, kCq2, kCk2, true>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, spec.kq_pre ? wpre : nullptr, mpre, gpre,
