@@ -322,7 +322,7 @@ TEST(HeadMixMma, StagedGradientProductMatchesDirectSums) {
           al[lane] = ah[lane] + kStageLo;
           ba[lane] = grad_b_offset(lane, r);
         }
-        // d hi (v hi + v lo), then d lo v hi, as grad_tiles_rows8's two calls.
+        // d hi (v hi + v lo), then d lo v hi, as grad_terms_cl's two grad_tiles_at calls.
         for (const auto& [aa, with_vlo] : {std::pair{ah, true}, std::pair{al, false}}) {
           const Regs a = ldmatrix_x4(staged, aa, false);
           for (int part = 0; part < (with_vlo ? 2 : 1); ++part) {

@@ -1189,21 +1189,6 @@ __device__ __forceinline__ void sum_grad_terms(const float (&acc)[2][4], float* 
 // acc[nb][e]: x = g (e < 2; rows 8 .. 15, and rows >= L, repeat others and are dropped), y = 8 nb + 2t + (e & 1).
 // The staging layout and addresses: head_mix_layout.h (staged_offset, staged_grad_a_offset; replayed on
 // the CPU by tests/test_head_mix_mma.cpp).
-__device__ __forceinline__ void grad_tiles_rows8(float (&acc)[2][4], const bf16* d, int L, const bf16* v,
-                                                 const bf16* v_lo, int r0, int step, int lane) {
-  for (int r = r0; r < kTile; r += step) {
-    uint32_t a[4], b[4];
-    mma::ldmatrix_x4(a, d + staged_grad_a_offset(lane, r, L));
-    mma::ldmatrix_x4(b, v + grad_b_offset(lane, r));
-    mma::mma_bf16(acc[0], a, b[0], b[1]);
-    mma::mma_bf16(acc[1], a, b[2], b[3]);
-    if (v_lo) {
-      mma::ldmatrix_x4(b, v_lo + grad_b_offset(lane, r));
-      mma::mma_bf16(acc[0], a, b[0], b[1]);
-      mma::mma_bf16(acc[1], a, b[2], b[3]);
-    }
-  }
-}
 __device__ __forceinline__ void grad_terms_cl(const float (&d)[8], float (&acc)[2][4], float* sOut, const bf16* sInHi,
                                               const bf16* sInLo, const GroupPlace& gp, int warp, int lane) {
   bf16* staged = reinterpret_cast<bf16*>(sOut);
@@ -1215,8 +1200,10 @@ __device__ __forceinline__ void grad_terms_cl(const float (&d)[8], float (&acc)[
   *reinterpret_cast<uint4*>(staged + off) = vhi;
   *reinterpret_cast<uint4*>(staged + kStageLo + off) = vlo;
   __syncthreads();
-  grad_tiles_rows8(acc, staged, gp.L, sInHi, sInLo, warp, gp.L, lane);               // d hi (x hi + lo)
-  grad_tiles_rows8(acc, staged + kStageLo, gp.L, sInHi, nullptr, warp, gp.L, lane);  // d lo x hi
+  const int L = gp.L;
+  auto a_offset = [lane, L](int r) { return staged_grad_a_offset(lane, r, L); };
+  grad_tiles_at(acc, staged, a_offset, sInHi, sInLo, warp, L, lane);               // d hi (x hi + lo)
+  grad_tiles_at(acc, staged + kStageLo, a_offset, sInHi, nullptr, warp, L, lane);  // d lo x hi
 }
 // After the key loop: grad_terms_cl's terms of the CTA's L warps summed per head in a fixed order
 // (through MixOut, free then), into lane 0's dm[yy] (this warp's head with group head y0 + yy of its

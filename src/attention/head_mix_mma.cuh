@@ -114,12 +114,15 @@ __device__ __forceinline__ void mix_tiles_owned(const bf16* hi, const bf16* lo, 
 
 // acc[n-block] += D^T V summed over the positions of tile rows r0, r0 + step, ... (a warp's share: the
 // CTA's warps, and on a cluster its CTAs, split the rows): acc[nb][e] is (head x = g + 8 (e >> 1),
-// head y = 8 nb + 2t + (e & 1)). V's remainder is added when v_lo is given.
-__device__ __forceinline__ void grad_tiles(float (&acc)[2][4], const bf16* d, const bf16* v, const bf16* v_lo, int r0,
-                                           int step, int lane) {
+// head y = 8 nb + 2t + (e & 1)). V's remainder is added when v_lo is given. a_offset(r): this lane's
+// ldmatrix address in d of tile row r's A operand (grad_tiles: D in MixIn's layout, grad_a_offset; the
+// clustered kq-layer kernels: D staged in MixOut, staged_grad_a_offset).
+template <class AOffset>
+__device__ __forceinline__ void grad_tiles_at(float (&acc)[2][4], const bf16* d, const AOffset& a_offset,
+                                              const bf16* v, const bf16* v_lo, int r0, int step, int lane) {
   for (int r = r0; r < kTile; r += step) {
     uint32_t a[4], b[4];
-    mma::ldmatrix_x4(a, d + grad_a_offset(lane, r));
+    mma::ldmatrix_x4(a, d + a_offset(r));
     mma::ldmatrix_x4(b, v + grad_b_offset(lane, r));
     mma::mma_bf16(acc[0], a, b[0], b[1]);
     mma::mma_bf16(acc[1], a, b[2], b[3]);
@@ -129,6 +132,10 @@ __device__ __forceinline__ void grad_tiles(float (&acc)[2][4], const bf16* d, co
       mma::mma_bf16(acc[1], a, b[2], b[3]);
     }
   }
+}
+__device__ __forceinline__ void grad_tiles(float (&acc)[2][4], const bf16* d, const bf16* v, const bf16* v_lo, int r0,
+                                           int step, int lane) {
+  grad_tiles_at(acc, d, [lane](int r) { return grad_a_offset(lane, r); }, v, v_lo, r0, step, lane);
 }
 
 // This warp's head's values at its tile positions from MixOut (the mma accumulator layout).
