@@ -1746,9 +1746,8 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
                                    gp, warp, lane);
   da2_tile_to_window<D, S, Ring48>(dw, sTile, v, vmax, dof, sInvRow, 1, m0, T, rot_d, gpost, sInHi, sInLo, sFrag, sOut,
                                    gp, warp, lane);
-  dc_tile_to_window<kCq1, kCk1, kCq2, kCk2, !kCl>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c,
-                                                      gpre, sInHi, sInLo, sFrag, sOut, gp, warp, lane, 0, m0, T, lse2,
-                                                      dlt, accq);
+  dc_tile_to_window<kCq1, kCk1, kCq2, kCk2, !kCl>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c, gpre,
+                                                 sInHi, sInLo, sFrag, sOut, gp, warp, lane, 0, m0, T, lse2, dlt, accq);
   const int n_end = min(T, m0 + kTile);
   for (int n0 = 0; n0 < n_end; n0 += kTile) {
     const int kt = n0 / kTile, x0 = n0 + 8 * half;
@@ -1768,9 +1767,9 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     // K of this block for dQ, landing while dC tile kt + 1 is computed (the V tile's reads are done).
     warp_load_rows_zero<D, S, kTile>(sTile, k, n0, T, lane);
     cp_async_commit();
-    dc_tile_to_window<kCq1, kCk1, kCq2, kCk2, !kCl>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c,
-                                                        gpre, sInHi, sInLo, sFrag, sOut, gp, warp, lane, kt + 1, m0,
-                                                        T, lse2, dlt, accq);
+    dc_tile_to_window<kCq1, kCk1, kCq2, kCk2, !kCl>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c, gpre,
+                                                   sInHi, sInLo, sFrag, sOut, gp, warp, lane, kt + 1, m0, T, lse2, dlt,
+                                                   accq);
     // 4. dS0 on the own rows at block kt, the future (and rows past T) 0.
     {
       float ds[8];

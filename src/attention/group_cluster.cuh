@@ -101,8 +101,8 @@ __device__ __forceinline__ void cluster_wait() {
 //         into it (C - 1 arrivals per phase: one thread of each peer arrives remotely after its mix,
 //         mix_done; group_start arrives once for the first mix).
 // Mix p waits on both in phase parity p & 1 (GroupPlace::phase counts the mixes). No thread waits for
-// its own remote stores: session 15's protocol (two cluster barriers per mix, arrive.release after
-// each thread's remote stores) stalled the clustered kq-layer pass 2 1.09 cycles per issued
+// its own remote stores: the protocol of sessions 10-15 (two cluster barriers per mix, arrive.release
+// after each thread's remote stores) stalled the clustered kq-layer pass 2 1.09 cycles per issued
 // instruction on that release (ncu "membar", session 16), a fifth of its time.
 // Why it is safe: a peer stores mix p + 1 into this CTA only after `free` phase p + 1, i.e. after this
 // CTA's mix_done of mix p, which follows its wait on `full` phase p; so neither barrier sees a phase's
@@ -151,7 +151,8 @@ __device__ __forceinline__ void store_to_peer(uint32_t local, int peer, uint32_t
 __device__ __forceinline__ void wait_free(const GroupPlace& gp) {
   mbar_wait(smem_addr(group_bars() + 1), gp.phase & 1u);
 }
-// After this CTA's own stores and a CTA barrier: the peers' `bytes` have landed in this CTA's MixIn.
+// After this CTA's own stores and a CTA barrier: `bytes` (from all peers together) have landed in this
+// CTA's MixIn.
 __device__ __forceinline__ void wait_full(const GroupPlace& gp, uint32_t bytes) {
   const uint32_t bar = smem_addr(group_bars());
   if (threadIdx.x == 0)
@@ -163,9 +164,9 @@ __device__ __forceinline__ void wait_full(const GroupPlace& gp, uint32_t bytes) 
 // barriers' initialization, made visible to the peers by one cluster barrier, and the first `free`.
 __device__ __forceinline__ void group_start(const GroupPlace& gp) {
   if (gp.C > 1 && threadIdx.x == 0) {
-    const uint32_t full = smem_addr(group_bars()), free = smem_addr(group_bars() + 1);
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(full) : "memory");
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(free), "r"(gp.C - 1) : "memory");
+    const uint32_t full_bar = smem_addr(group_bars()), free_bar = smem_addr(group_bars() + 1);
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(full_bar) : "memory");
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(free_bar), "r"(gp.C - 1) : "memory");
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
