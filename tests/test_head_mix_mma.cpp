@@ -244,6 +244,20 @@ TEST(HeadMixMma, TwoTilesPerHeadMixSeparately) {
     }
 }
 
+// One tile row of grad_tiles (head_mix_mma.cuh): the A fragments a times V's B fragments (hi, then lo
+// when given, both from the addresses ba) into acc, one n-block of 8 heads each.
+void grad_products(Acc (&acc)[2], const Regs& a, const Bits& vh, const Bits* vl, const std::array<int, 32>& ba) {
+  for (const Bits* v : {&vh, vl}) {
+    if (!v) continue;
+    const Regs b = ldmatrix_x4(*v, ba, false);
+    for (int nb = 0; nb < 2; ++nb) {
+      BFrag bf{};
+      for (int lane = 0; lane < 32; ++lane) bf[lane][0] = b[lane][2 * nb], bf[lane][1] = b[lane][2 * nb + 1];
+      mma_m16n8k16(acc[nb], a, bf);
+    }
+  }
+}
+
 // The weight-gradient product G[x][y] = sum_p D_x(p) V_y(p) over the 256 positions, summed over the
 // warps' tile rows, with V's remainder (as dMpre takes S0's) or without.
 TEST(HeadMixMma, GradientProductMatchesDirectSums) {
@@ -260,15 +274,7 @@ TEST(HeadMixMma, GradientProductMatchesDirectSums) {
         for (int r = warp; r < kTile; r += G) {
           std::array<int, 32> aa, ba;
           for (int lane = 0; lane < 32; ++lane) aa[lane] = grad_a_offset(lane, r), ba[lane] = grad_b_offset(lane, r);
-          const Regs a = ldmatrix_x4(dh, aa, false);
-          for (int part = 0; part < (with_lo ? 2 : 1); ++part) {
-            const Regs b = ldmatrix_x4(part ? vl : vh, ba, false);
-            for (int nb = 0; nb < 2; ++nb) {
-              BFrag bf{};
-              for (int lane = 0; lane < 32; ++lane) bf[lane][0] = b[lane][2 * nb], bf[lane][1] = b[lane][2 * nb + 1];
-              mma_m16n8k16(acc[nb], a, bf);
-            }
-          }
+          grad_products(acc, ldmatrix_x4(dh, aa, false), vh, with_lo ? &vl : nullptr, ba);
         }
         for (int lane = 0; lane < 32; ++lane)
           for (int nb = 0; nb < 2; ++nb)
@@ -324,15 +330,7 @@ TEST(HeadMixMma, StagedGradientProductMatchesDirectSums) {
         }
         // d hi (v hi + v lo), then d lo v hi, as grad_terms_cl's two grad_tiles_at calls.
         for (const auto& [aa, with_vlo] : {std::pair{ah, true}, std::pair{al, false}}) {
-          const Regs a = ldmatrix_x4(staged, aa, false);
-          for (int part = 0; part < (with_vlo ? 2 : 1); ++part) {
-            const Regs b = ldmatrix_x4(part ? vl : vh, ba, false);
-            for (int nb = 0; nb < 2; ++nb) {
-              BFrag bf{};
-              for (int lane = 0; lane < 32; ++lane) bf[lane][0] = b[lane][2 * nb], bf[lane][1] = b[lane][2 * nb + 1];
-              mma_m16n8k16(acc[nb], a, bf);
-            }
-          }
+          grad_products(acc, ldmatrix_x4(staged, aa, false), vh, with_vlo ? &vl : nullptr, ba);
         }
       }
       for (int lane = 0; lane < 32; ++lane)  // rows g (e < 2) only: rows 8 .. 15 repeat them
