@@ -479,6 +479,16 @@ __device__ __forceinline__ void split_hi_lo(const float (&c)[8], uint4& vhi, uin
   vhi = make_uint4(hi[0], hi[1], hi[2], hi[3]), vlo = make_uint4(lo[0], lo[1], lo[2], lo[3]);
 }
 
+// This lane's 8 mixed values (its row r, keys 8 half ..) from MixOut slot `slot`.
+__device__ __forceinline__ void read_mixed(float (&c)[8], const float* sOut, int slot, int lane) {
+  const int r = lane & 15, half = lane >> 4;
+#pragma unroll
+  for (int e = 0; e < 8; e += 2) {
+    const float2 x = get_pair(sOut, slot, r, 8 * half + e);
+    c[e] = x.x, c[e + 1] = x.y;
+  }
+}
+
 template <bool kRelease = true>
 __device__ __forceinline__ void mix_in_place(float (&c)[8], bf16* sInHi, bf16* sInLo, const uint32_t* sFrag, int kind,
                                              float* sOut, const GroupPlace& gp, int warp, int lane) {
@@ -509,11 +519,7 @@ __device__ __forceinline__ void mix_in_place(float (&c)[8], bf16* sInHi, bf16* s
     mix_done(gp);  // every head's mixed tile in MixOut; `free`: done reading MixIn
   else
     __syncthreads();  // every head's mixed tile in MixOut
-#pragma unroll
-  for (int e = 0; e < 8; e += 2) {
-    const float2 x = get_pair(sOut, warp, r, 8 * half + e);
-    c[e] = x.x, c[e + 1] = x.y;
-  }
+  read_mixed(c, sOut, warp, lane);
 }
 
 // Two 16 x 16 tiles per head mixed in one product (session 12; a group in one CTA, G <= 8): c0 into
@@ -572,19 +578,11 @@ __device__ __forceinline__ void mix_in_place2_cl(float (&c0)[8], float (&c1)[8],
   wait_full(gp, static_cast<uint32_t>((gp.C - 1) * gp.L) * 32u * 4u * 16u);
   mix_tiles_owned<true>(hi0, lo0, sFrag, kind, sOut, gp.h0, gp.L, gp.L, warp, lane);
   __syncthreads();  // every head's first mixed tile in MixOut
-#pragma unroll
-  for (int e = 0; e < 8; e += 2) {
-    const float2 x = get_pair(sOut, warp, r, 8 * half + e);
-    c0[e] = x.x, c0[e + 1] = x.y;
-  }
+  read_mixed(c0, sOut, warp, lane);
   __syncthreads();  // every warp has read it before the second product rewrites MixOut
   mix_tiles_owned<true>(hi1, lo1, sFrag, kind, sOut, gp.h0, gp.L, gp.L, warp, lane);
   mix_done(gp);  // the second in MixOut; `free`: both pairs read
-#pragma unroll
-  for (int e = 0; e < 8; e += 2) {
-    const float2 x = get_pair(sOut, warp, r, 8 * half + e);
-    c1[e] = x.x, c1[e + 1] = x.y;
-  }
+  read_mixed(c1, sOut, warp, lane);
 }
 
 // kCl: the group spread over a cluster (9-16 heads at D = 128; at D = 64 one CTA holds 16).
@@ -1150,11 +1148,7 @@ __device__ __forceinline__ void grad_terms_and_mix(float (&d)[8], float (&acc)[2
   grad_tiles(acc, sInLo, sInHi, nullptr, warp, G, lane);  // d lo times x hi
   mix_tiles_owned<true>(sInHi, sInLo, sFrag, kind, sOut, G, G, G, warp, lane);
   __syncthreads();
-#pragma unroll
-  for (int e = 0; e < 8; e += 2) {
-    const float2 v = get_pair(sOut, warp, r, 8 * half + e);
-    d[e] = v.x, d[e + 1] = v.y;
-  }
+  read_mixed(d, sOut, warp, lane);
 }
 
 // After the key loop: the G warps' grad_terms_and_mix terms summed per head in a fixed order, through
@@ -1394,11 +1388,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
             make_float2(d3[j][2 * rr], d3[j][2 * rr + 1]);
     __syncwarp();
     float da[8];
-#pragma unroll
-    for (int e = 0; e < 8; e += 2) {
-      const float2 x = get_pair(sOut, warp, r, 8 * half + e);
-      da[e] = x.x, da[e + 1] = x.y;
-    }
+    read_mixed(da, sOut, warp, lane);
     if (gpost && !kCl) {
       grad_terms_and_mix(da, accm, sInHi, sInLo, sFrag, kPostT, sOut, G, warp, lane);
     } else if (gpost) {
