@@ -245,17 +245,19 @@ __device__ __forceinline__ void two_tile_products(float (&acc0)[2][4], float (&a
 
 // Key tile `tile` (keys 16 tile ..) of S0 into a window of rows m0 - kTop .. m0 + 15 (kTop = 8 or 16)
 // from the products of the two 16-row Q tiles (rows m0 - 16 .. m0 - 1, of which the last kTop are kept,
-// and m0 .. m0 + 15), scaled, the future set to 0. The ring is rotated by `rot`, the key offset of the
+// and m0 .. m0 + 15), scaled, the future set to 0. kRows: the window's rows (kTop + 16, or kTop + 8 where
+// only rows m0 - kTop .. m0 + 7 are read: kernel Q). The ring is rotated by `rot`, the key offset of the
 // convolution that reads it (column = (key + rot) & 63), so that its reads start at aligned columns.
 // Keys at or past T are zero rows of K, so their S0 is 0 as well; a tile entirely in the rows' future
 // is zero-filled without products.
-template <int D, int S, int kTop, class R = Ring64, class F>
+template <int D, int S, int kTop, class R = Ring64, int kRows = kTop + kTile, class F>
 __device__ __forceinline__ void s0_tile_to_window(float* win, bf16* sKt, const bf16* k, const F& qf, int tile, int m0,
                                                   int T, float scale, int rot, int lane) {
   static_assert(kTop == 8 || kTop == 16, "the window starts 8 or 16 rows above the query tile");
+  static_assert(kRows == kTop + kTile || kRows == kTop + 8, "the window ends at row m0 + 15 or m0 + 7");
   const int g = lane >> 2, t = lane & 3, key0 = kTile * tile;
-  if (key0 > m0 + kTile - 1) {  // every key after every row of the tile: S0 = 0
-    for (int i = lane; i < (kTop + kTile) * kTile; i += 32)
+  if (key0 > m0 + kRows - kTop - 1) {  // every key after every row of the window: S0 = 0
+    for (int i = lane; i < kRows * kTile; i += 32)
       win[(i / kTile) * R::kPitch + R::col(key0 + i % kTile + rot)] = 0.f;
     __syncwarp();
     return;
@@ -268,11 +270,13 @@ __device__ __forceinline__ void s0_tile_to_window(float* win, bf16* sKt, const b
     for (int r = 0; r < 2; ++r) {
       // Two scalar stores: with an odd rotation the pair's columns are not 8-byte aligned.
       const int key = key0 + 8 * j + 2 * t, c0 = R::col(key + rot), c1 = R::col(key + 1 + rot);
-      // Q tile 1: rows m0 + g + 8r, window rows kTop + g + 8r.
-      const int row1 = m0 + g + 8 * r;
-      float* w1 = win + (kTop + g + 8 * r) * R::kPitch;
-      w1[c0] = key > row1 ? 0.f : acc1[j][2 * r] * scale;
-      w1[c1] = key + 1 > row1 ? 0.f : acc1[j][2 * r + 1] * scale;
+      // Q tile 1: rows m0 + g + 8r, window rows kTop + g + 8r (those < kRows).
+      if (kTop + 8 * r + 8 <= kRows) {
+        const int row1 = m0 + g + 8 * r;
+        float* w1 = win + (kTop + g + 8 * r) * R::kPitch;
+        w1[c0] = key > row1 ? 0.f : acc1[j][2 * r] * scale;
+        w1[c1] = key + 1 > row1 ? 0.f : acc1[j][2 * r + 1] * scale;
+      }
       // Q tile 0: rows m0 - 16 + g + 8r, window rows kTop - 16 + g + 8r where that is >= 0.
       const int row0 = m0 - kTile + g + 8 * r, wr0 = kTop - kTile + g + 8 * r;
       if (wr0 >= 0) {
@@ -942,19 +946,21 @@ __device__ __forceinline__ void rows_to_scaled_f16(bf16* rows, const bf16* lo, f
 // inv_row: the inverse of each row's scale times V's) and the V tile (zero past T; here in place as fp16
 // scaled by f16_scale_for V's largest magnitude *vmax, exact for bf16 values), the Mpost^T mix per 16-row part when
 // gpost, the future set to 0. A tile entirely in the future of row m0 + 31 is zero-filled; that test is
-// the same for every warp of the CTA, so all of them take the mixes' barriers or none does.
+// the same for every warp of the CTA, so all of them take the mixes' barriers or none does. kRows: the
+// window's rows (32, or 24 where the transposed stencil reads rows m0 .. m0 + 22 only: kernel Q).
 // Why fp16 (session 13): kernel P's delta sums dA3 from dO + dO_lo (an epilogue's fp32 gradient); with
 // dA3 from bf16 dO alone here, dC' = A (dA - delta) lost its zero row sums by dO_lo's share, and the
 // 4-head model's pre-side gradients moved 10-30% further from the CPU's (ModelCuda, call 3).
-template <int D, int S, class R = Ring64, class F>
+template <int D, int S, class R = Ring64, int kRows = kDRows, class F>
 __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const bf16* v, const float* vmax,
                                                    const F& dof, const float* inv_row, int tile, int m0, int T,
                                                    int rot, int gpost, bf16* sInHi, bf16* sInLo,
                                                    const uint32_t* sFrag, float* sOut, const GroupPlace& gp, int warp,
                                                    int lane) {
   const int g = lane >> 2, t = lane & 3, key0 = kTile * tile;
-  if (key0 > m0 + kDRows - 1) {
-    for (int i = lane; i < kDRows * kTile; i += 32)
+  static_assert(kRows == kDRows || kRows == kDRows - 8, "the window ends at row m0 + 31 or m0 + 23");
+  if (key0 > m0 + kRows - 1) {
+    for (int i = lane; i < kRows * kTile; i += 32)
       dwin[(i / kTile) * R::kPitch + R::col(key0 + i % kTile + rot)] = 0.f;
     __syncwarp();
     return;
@@ -991,7 +997,7 @@ __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const
       float* w0 = dwin + (g + 8 * r) * R::kPitch;
       float* w1 = dwin + (kTile + g + 8 * r) * R::kPitch;
       w0[c0] = acc0[j][2 * r] * i0, w0[c1] = acc0[j][2 * r + 1] * i0;
-      w1[c0] = acc1[j][2 * r] * i1, w1[c1] = acc1[j][2 * r + 1] * i1;
+      if (kTile + 8 * r + 8 <= kRows) w1[c0] = acc1[j][2 * r] * i1, w1[c1] = acc1[j][2 * r + 1] * i1;
     }
   }
   __syncwarp();  // each lane now mixes and masks the positions of its own row r and keys 8 half ..
@@ -1000,14 +1006,17 @@ __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const
   for (int part = 0; part < 2; ++part) {
     float* wrow = dwin + (kTile * part + r) * R::kPitch;
     const int row = m0 + kTile * part + r;
+    const bool live = kTile * part + r < kRows;  // every lane takes the mix
     float x[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) x[e] = wrow[R::col(key0 + 8 * half + e + rot)];
+    for (int e = 0; e < 8; ++e) x[e] = live ? wrow[R::col(key0 + 8 * half + e + rot)] : 0.f;
     if (gpost) mix_in_place(x, sInHi, sInLo, sFrag, kPostT, sOut, gp, warp, lane);
+    if (live) {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const int key = key0 + 8 * half + e;
-      wrow[R::col(key + rot)] = key > row ? 0.f : x[e];
+      for (int e = 0; e < 8; ++e) {
+        const int key = key0 + 8 * half + e;
+        wrow[R::col(key + rot)] = key > row ? 0.f : x[e];
+      }
     }
   }
   __syncwarp();  // the window is read by other lanes; the V tile buffer is reloaded next time
@@ -1501,36 +1510,43 @@ void dispatch_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k
 
 // ---------------------------------------------------------------------------------------------
 // Backward, kernel Q (the pre side of the main pass; tests/oracle/replay_kq_layer_backward.py,
-// kernel_q). A CTA owns 16 query rows (m0 ..) of one group, one warp per head, with three windows per
-// head on rings of 48 keys (Ring48: three key tiles; rings of 64 would not fit 8 heads):
-//   S0 rows m0 - 8 .. m0 + 23 (Q tiles at m0 - 8 and m0 + 8), rotated by o1;
-//   dA2 rows m0 .. m0 + 31 (dO tiles at m0 and m0 + 16), rotated by ck2 - 1 - o2;
-//   dC rows m0 .. m0 + 23, rotated by ck1 - 1 - o1 (read by the transposed pre convolution).
+// kernel_q_own_rows). A CTA owns 16 query rows (m0 ..) of one group, one warp per head, with three
+// windows per head on rings of 48 keys (Ring48: three key tiles; rings of 64 would not fit 8 heads):
+//   S0 rows m0 - 8 .. m0 + 15 (from the Q tiles at m0 - 8 and m0 + 8), rotated by o1;
+//   dA2 rows m0 .. m0 + 23 (from the dO tiles at m0 and m0 + 16), rotated by ck2 - 1 - o2;
+//   dC rows m0 - 8 .. m0 + 23, rotated by ck1 - 1 - o1 (read by the transposed pre convolution); only
+//   the own rows m0 .. m0 + 15 are ever written, the rest stay 0.
 // Before block 0: S0 and dA2 tiles 0 and 1, dC tile 0. Per block of 16 keys (n0 = 16 kt):
 //   1. dWpre[a, c] += dC[i, j] S0[i - (cq1 - 1) + a, j - o1 + c] over the tile's rows (S0 tiles
 //      kt - 1 .. kt + 1, read before tile kt + 2 replaces kt - 1);
 //   2. S0 tile kt + 2 and dA2 tile kt + 2;
-//   3. dC tile kt + 1 on rows m0 .. m0 + 23, in two 16-row parts: C = conv_pre(S0), C' = Mpre C (two
-//      barriers), A = exp(C' - lse), dA = conv_post^T(dA2), dC' = A (dA - delta); on the tile's own
-//      rows dMpre[x, y] += dC'_x C_y with C_y read back from the mix's input buffers (hi + lo) as
-//      tensor-core products (grad_terms_and_mix in one CTA, grad_terms_cl on a cluster; a barrier
-//      before they are rewritten); dC = Mpre^T dC' (two barriers);
-//   4. dS0 = mask0(conv_pre^T(dC)) on the tile's rows at block kt, as bf16 in the warp's dS tile;
-//      dQ += dS0 K (registers: the tile owns these rows) and dK[block keys] += dS0^T Q (float2 atomics;
-//      Q's B fragments are the own rows' A fragments transposed in registers by movmatrix at D = 64,
-//      read from the kept rows by ldmatrix at D = 128).
-// At the end: dq (scaled, bf16), and per-CTA partials of dWpre (per warp) and dMpre (per head), reduced
-// over the CTAs by reduce_partials_kernel.
-constexpr int kQS0Rows = 32, kQDRows = 32, kQCRows = 24;
-static_assert(kQCRows == kTile + 8, "dC's second part has 8 live rows (conv_half_live)");
+//   3. dC tile kt + 1 on the own rows: C = conv_pre(S0), C' = Mpre C, A = exp(C' - lse), dA =
+//      conv_post^T(dA2), dC' = A (dA - delta); dMpre[x, y] += dC'_x C_y with C_y read back from the mix's
+//      input buffers (hi + lo) as tensor-core products (grad_terms_and_mix in one CTA, grad_terms_cl on a
+//      cluster); dC = Mpre^T dC';
+//   4. dS0 = mask0(conv_pre^T(dC)) at block kt on rows m0 - 8 .. m0 + 15, as bf16 in the warp's dS tile
+//      (rows 0 .. 23 of 32; dS0 is linear in dC, so the own rows' dC reaches cq1 - 1 rows above the
+//      tile, whose tile adds the rest); dQ += dS0 K on the own rows and dQ_above^T += K^T dS0_above^T on
+//      the rows above (registers), dK[block keys] += dS0^T Q over the 24 rows (float2 atomics; Q's B
+//      fragments are the A fragments transposed in registers by movmatrix at D = 64, read from the kept
+//      rows by ldmatrix at D = 128).
+// Session 13's form computed dC on 24 rows (two 16-row parts, four mixes per block) so that dS0 needed
+// only its own rows; this one takes two mixes per block and one stencil less (session 17).
+// At the end: dq, zeroed before the kernel, where rows m0 .. m0 + 7 are stored and rows m0 + 8 .. m0 + 15
+// and the rows above are added (bf16x2 atomics: each such row receives exactly two additions onto zero,
+// this tile's and the next one's, so the sum is the same in either order); per-CTA partials of dWpre
+// (per warp) and dMpre (per head), reduced over the CTAs by reduce_partials_kernel.
+constexpr int kQS0Rows = 24, kQDRows = 24, kQCRows = 32, kQCTop = 8;  // kQCTop: dC window row of query row m0
+constexpr int kQDoRows = 32;  // the dO rows staged (two tiles) and their scales
 constexpr int kQS0Floats = kQS0Rows * Ring48::kPitch, kQDFloats = kQDRows * Ring48::kPitch;
 constexpr int kQCFloats = kQCRows * Ring48::kPitch;
 constexpr int kDsPitch = kTile + 8;  // bf16 per row of the warp's dS tile (16-byte rows for ldmatrix)
+constexpr int kDsRows = 32;          // dS0 rows m0 - 8 .. m0 + 15, then 8 zero rows (two k16 tiles)
 
 template <int D>
 constexpr size_t warp_region_pre_bytes() {
   return (kQS0Floats + kQDFloats + kQCFloats) * sizeof(float) + static_cast<size_t>(kTile) * (D + 8) * sizeof(bf16) +
-         static_cast<size_t>(kTile) * kDsPitch * sizeof(bf16) + kept_rows_bytes<D>(2) + kQDRows * sizeof(float);
+         static_cast<size_t>(kDsRows) * kDsPitch * sizeof(bf16) + kept_rows_bytes<D>(2) + kQDoRows * sizeof(float);
 }
 // dO_lo's 32 rows are staged in the S0 window (D = 64, where the dA2 window stages dO) or the S0 and dA2
 // windows (D = 128, where dO is kept in sKept).
@@ -1555,6 +1571,14 @@ static_assert(smem_pre_bytes<64>(bwd_heads(64)) <= kMaxSmemPerCta &&
                   smem_out_bytes<128>(kOutHeads, 1, 2) <= kMaxSmemPerCta,
               "the backward's CTAs fit their heads' shared memory");
 
+// dst[0 .. 7] += the 8 bf16 of v (four bf16x2 atomic additions; dst 16-byte aligned).
+__device__ __forceinline__ void atomic_add_bf16x8(bf16* dst, const uint4& v) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  __nv_bfloat162* d2 = reinterpret_cast<__nv_bfloat162*>(dst);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) atomicAdd(d2 + i, *reinterpret_cast<const __nv_bfloat162*>(&w[i]));
+}
+
 // movmatrix: the transpose of an 8 x 8 bf16 matrix held as one b32 per lane (row lane / 4, columns
 // 2 (lane % 4) ..), in the same layout.
 __device__ __forceinline__ uint32_t transpose8x8(uint32_t a) {
@@ -1563,65 +1587,46 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t a) {
   return d;
 }
 
-// Step 3 above for key tile `tile`. lse2[p], dlt[p]: lse * log2(e) and delta of row m0 + 16 p + (lane &
-// 15). accq: the warp's dMpre terms over the own rows, on tensor cores (kOneCta, the group in one CTA,
-// G <= 8: grad_terms_and_mix; on a cluster: grad_terms_cl).
+// Step 3 above for key tile `tile`. lse2, dlt: lse * log2(e) and delta of row m0 + (lane & 15). accq: the
+// warp's dMpre terms over the own rows, on tensor cores (kOneCta, the group in one CTA, G <= 8:
+// grad_terms_and_mix; on a cluster: grad_terms_cl).
 template <int kCq1, int kCk1, int kCq2, int kCk2, bool kOneCta>
 __device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, const float* dw, const float* wpre,
                                                   const float* wpost, int cq1, int ck1, int cq2, int ck2, int c_rot,
                                                   int gpre, bf16* sInHi, bf16* sInLo, const uint32_t* sFrag,
                                                   float* sOut, const GroupPlace& gp, int warp, int lane, int tile,
-                                                  int m0, int T, const float (&lse2)[2], const float (&dlt)[2],
-                                                  float (&accq)[2][4]) {
+                                                  int m0, int T, float lse2, float dlt, float (&accq)[2][4]) {
   const int r = lane & 15, half = lane >> 4, key0 = kTile * tile;
-  if (key0 > m0 + kQCRows - 1) {  // the same for every warp: all of them skip the mixes' barriers
-    for (int i = lane; i < kQCRows * kTile; i += 32)
-      dcw[(i / kTile) * Ring48::kPitch + Ring48::col(key0 + i % kTile + c_rot)] = 0.f;
+  float* own = dcw + kQCTop * Ring48::kPitch;  // dC row m0
+  if (key0 > m0 + kTile - 1) {  // the same for every warp: all of them skip the mixes' barriers
+    for (int i = lane; i < kTile * kTile; i += 32)
+      own[(i / kTile) * Ring48::kPitch + Ring48::col(key0 + i % kTile + c_rot)] = 0.f;
     __syncwarp();
     return;
   }
+  const int row = m0 + r, x0 = key0 + 8 * half;
+  float c[8], cm[8], da[8], dcp[8];
+  conv_row8<kCq1, kCk1, Ring48>(s0w, wpre, cq1, ck1, r + 8, x0, c);  // S0 window row of row m0 + r: r + 8
+  conv_row8_t<kCq2, kCk2, Ring48>(dw, wpost, cq2, ck2, r, x0, da);
 #pragma unroll
-  for (int part = 0; part < 2; ++part) {
-    const int rr = kTile * part + r, row = m0 + rr;  // dC window row rr
-    const bool live = rr < kQCRows;
-    const int x0 = key0 + 8 * half;
-    float c[8] = {}, cm[8], da[8] = {}, dcp[8];
-    if (part == 1 && kCq1 > 0 && kCq2 > 0) {  // rows 16 .. 23 only: conv_half_live (warp-uniform)
-      conv_half_live<false, kCq1, kCk1, Ring48>(s0w, wpre, cq1, ck1, kTile + 8, key0 + 8 * half, lane, c);
-      conv_half_live<true, kCq2, kCk2, Ring48>(dw, wpost, cq2, ck2, kTile, key0 + 8 * half, lane, da);
-    } else if (live) {
-      conv_row8<kCq1, kCk1, Ring48>(s0w, wpre, cq1, ck1, rr + 8, x0, c);
-      conv_row8_t<kCq2, kCk2, Ring48>(dw, wpost, cq2, ck2, rr, x0, da);
-    }
+  for (int e = 0; e < 8; ++e) cm[e] = c[e];
+  if (gpre) mix_in_place<false>(cm, sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);  // C -> C'; C stays in MixIn
 #pragma unroll
-    for (int e = 0; e < 8; ++e) cm[e] = c[e];
-    if (gpre) {  // C -> C' (two barriers); part 0 reads the mix's input (C) afterwards
-      if (part == 0)
-        mix_in_place<false>(cm, sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);
-      else
-        mix_in_place(cm, sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);
-    }
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const bool ok = live && row < T && x0 + e <= row;
-      const float a = ok ? exp2f(fmaf(cm[e], kLog2e, -lse2[part])) : 0.f;
-      dcp[e] = a * (da[e] - dlt[part]);
-    }
-    if (gpre && part == 0 && kOneCta) {
-      grad_terms_and_mix(dcp, accq, sInHi, sInLo, sFrag, kPreT, sOut, gp.G, warp, lane);  // dMpre, dC' -> dC
-    } else if (gpre) {
-      if (part == 0) {
-        // dMpre[x, y] += dC'_x C_y over the own rows: C_y from MixIn (hi + lo), still the pre mix's input.
-        grad_terms_cl(dcp, accq, sOut, sInHi, sInLo, gp, warp, lane);
-        mix_done(gp);  // every warp (of the cluster) has read C from MixIn before dC' replaces it
-      }
-      mix_in_place(dcp, sInHi, sInLo, sFrag, kPreT, sOut, gp, warp, lane);  // dC' -> dC (two barriers)
-    }
-    if (live) {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) dcw[rr * Ring48::kPitch + Ring48::col(x0 + e + c_rot)] = dcp[e];
-    }
+  for (int e = 0; e < 8; ++e) {
+    const bool ok = row < T && x0 + e <= row;
+    const float a = ok ? exp2f(fmaf(cm[e], kLog2e, -lse2)) : 0.f;
+    dcp[e] = a * (da[e] - dlt);
   }
+  if (gpre && kOneCta) {
+    grad_terms_and_mix(dcp, accq, sInHi, sInLo, sFrag, kPreT, sOut, gp.G, warp, lane);  // dMpre, dC' -> dC
+  } else if (gpre) {
+    // dMpre[x, y] += dC'_x C_y over the own rows: C_y from MixIn (hi + lo), still the pre mix's input.
+    grad_terms_cl(dcp, accq, sOut, sInHi, sInLo, gp, warp, lane);
+    mix_done(gp);  // every warp (of the cluster) has read C from MixIn before dC' replaces it
+    mix_in_place(dcp, sInHi, sInLo, sFrag, kPreT, sOut, gp, warp, lane);  // dC' -> dC
+  }
+#pragma unroll
+  for (int e = 0; e < 8; ++e) own[r * Ring48::kPitch + Ring48::col(x0 + e + c_rot)] = dcp[e];
   __syncwarp();
 }
 
@@ -1644,13 +1649,13 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   unsigned char* region = smem_raw + static_cast<size_t>(warp) * warp_region_pre_bytes<D>();
-  float* s0w = reinterpret_cast<float*>(region);  // S0: rows m0 - 8 .. m0 + 23
-  float* dw = s0w + kQS0Floats;                    // dA2: rows m0 .. m0 + 31
-  float* dcw = dw + kQDFloats;                     // dC: rows m0 .. m0 + 23
+  float* s0w = reinterpret_cast<float*>(region);  // S0: rows m0 - 8 .. m0 + 15
+  float* dw = s0w + kQS0Floats;                    // dA2: rows m0 .. m0 + 23
+  float* dcw = dw + kQDFloats;                     // dC: rows m0 - 8 .. m0 + 23 (own rows from kQCTop)
   bf16* sTile = reinterpret_cast<bf16*>(dcw + kQCFloats);  // K, V, K of the block, then the dq rows
-  bf16* sdS = sTile + kTile * S;                           // dS0 of the block [16][kDsPitch]
-  bf16* sKept = sdS + kTile * kDsPitch;                    // D = 128: the Q rows, then the dO rows
-  float* sInvRow = reinterpret_cast<float*>(region + warp_region_pre_bytes<D>()) - kQDRows;  // dO rows' 1 / scale
+  bf16* sdS = sTile + kTile * S;                           // dS0 of the block [kDsRows][kDsPitch]
+  bf16* sKept = sdS + kDsRows * kDsPitch;                  // D = 128: the Q rows, then the dO rows
+  float* sInvRow = reinterpret_cast<float*>(region + warp_region_pre_bytes<D>()) - kQDoRows;  // dO rows' 1 / scale
   // The other kernels' preamble (kq_shared, kq_place, load_taps_and_mix) and, below, atomic_add_tile
   // written out: at 255 registers, with them the clustered 6 x 11 kernel spilled 456 bytes instead of
   // 324 (one CTA: 8-16 instead of 4) and the paper-LM layer's backward measured 2% slower (RESULTS,
@@ -1693,8 +1698,8 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   {
     bf16* sDo = kSm ? sKept + 2 * kTile * S : reinterpret_cast<bf16*>(dw);
     bf16* sLo = reinterpret_cast<bf16*>(s0w);
-    warp_load_rows_zero<D, S, kQDRows>(sDo, dout, m0, T, lane);
-    if (dout_lo) warp_load_rows_zero<D, S, kQDRows>(sLo, dout_lo, m0, T, lane);
+    warp_load_rows_zero<D, S, kQDoRows>(sDo, dout, m0, T, lane);
+    if (dout_lo) warp_load_rows_zero<D, S, kQDoRows>(sLo, dout_lo, m0, T, lane);
     cp_async_commit();
     cp_async_wait_all();
     __syncwarp();
@@ -1705,14 +1710,10 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   }
   for (int i = lane; i < (kQS0Floats + kQDFloats + kQCFloats) / 4; i += 32)
     reinterpret_cast<float4*>(s0w)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int i = lane; i < kDsRows * kDsPitch / 8; i += 32)  // dS tile rows 24 .. 31 stay 0
+    reinterpret_cast<uint4*>(sdS)[i] = make_uint4(0u, 0u, 0u, 0u);
   const int r = lane & 15, half = lane >> 4, g = lane >> 2, t = lane & 3, row = m0 + r;
-  float lse2[2], dlt[2];
-#pragma unroll
-  for (int part = 0; part < 2; ++part) {
-    const int rw = m0 + kTile * part + r;
-    lse2[part] = rw < T ? lse[rw] * kLog2e : 0.f;
-    dlt[part] = rw < T ? delta[rw] : 0.f;
-  }
+  const float lse2 = row < T ? lse[row] * kLog2e : 0.f, dlt = row < T ? delta[row] : 0.f;
   const int rot_d = ck2 - 1 - off2, rot_c = ck1 - 1 - off1;
   __syncwarp();
   group_start(gp);  // every warp's taps, the fragments, the zeroed MixIn and dWpre
@@ -1729,13 +1730,18 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   float acc_dq[D / 8][4];
 #pragma unroll
   for (int j = 0; j < D / 8; ++j) acc_dq[j][0] = acc_dq[j][1] = acc_dq[j][2] = acc_dq[j][3] = 0.f;
+  // dq of the rows above the tile, transposed: [D / 16 column blocks] x (column 16 dm + g (+ 8), row
+  // m0 - 8 + 2t (+ 1)).
+  float acc_up[D / 16][4];
+#pragma unroll
+  for (int j = 0; j < D / 16; ++j) acc_up[j][0] = acc_up[j][1] = acc_up[j][2] = acc_up[j][3] = 0.f;
 
-  s0_tile_to_window<D, S, kTile, Ring48>(s0w, sTile, k, qf, 0, m0 + 8, T, scale, off1, lane);
-  s0_tile_to_window<D, S, kTile, Ring48>(s0w, sTile, k, qf, 1, m0 + 8, T, scale, off1, lane);
-  da2_tile_to_window<D, S, Ring48>(dw, sTile, v, vmax, dof, sInvRow, 0, m0, T, rot_d, gpost, sInHi, sInLo, sFrag, sOut,
-                                   gp, warp, lane);
-  da2_tile_to_window<D, S, Ring48>(dw, sTile, v, vmax, dof, sInvRow, 1, m0, T, rot_d, gpost, sInHi, sInLo, sFrag, sOut,
-                                   gp, warp, lane);
+  s0_tile_to_window<D, S, kTile, Ring48, kQS0Rows>(s0w, sTile, k, qf, 0, m0 + 8, T, scale, off1, lane);
+  s0_tile_to_window<D, S, kTile, Ring48, kQS0Rows>(s0w, sTile, k, qf, 1, m0 + 8, T, scale, off1, lane);
+  da2_tile_to_window<D, S, Ring48, kQDRows>(dw, sTile, v, vmax, dof, sInvRow, 0, m0, T, rot_d, gpost, sInHi, sInLo,
+                                            sFrag, sOut, gp, warp, lane);
+  da2_tile_to_window<D, S, Ring48, kQDRows>(dw, sTile, v, vmax, dof, sInvRow, 1, m0, T, rot_d, gpost, sInHi, sInLo,
+                                            sFrag, sOut, gp, warp, lane);
   dc_tile_to_window<kCq1, kCk1, kCq2, kCk2, !kCl>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c, gpre,
                                                  sInHi, sInLo, sFrag, sOut, gp, warp, lane, 0, m0, T, lse2, dlt, accq);
   const int n_end = min(T, m0 + kTile);
@@ -1744,56 +1750,82 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     {  // 1. dWpre from the own rows of dC (block kt) and the S0 window
       float d[8];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) d[e] = dcw[r * Ring48::kPitch + Ring48::col(x0 + e + rot_c)];
+      for (int e = 0; e < 8; ++e) d[e] = dcw[(kQCTop + r) * Ring48::kPitch + Ring48::col(x0 + e + rot_c)];
       if constexpr (kCq1 > 0)
         conv_grad_row8<kCq1, kCk1, Ring48>(s0w, r + 8, x0, d, accw);
       else
         conv_grad_row8_rt<Ring48>(s0w, myWpre, cq1, ck1, r + 8, x0, d, myDw, unused_dl, lane);
     }
     __syncwarp();  // every lane has read S0 tile kt - 1 before tile kt + 2 replaces it
-    s0_tile_to_window<D, S, kTile, Ring48>(s0w, sTile, k, qf, kt + 2, m0 + 8, T, scale, off1, lane);
-    da2_tile_to_window<D, S, Ring48>(dw, sTile, v, vmax, dof, sInvRow, kt + 2, m0, T, rot_d, gpost, sInHi, sInLo,
-                                     sFrag, sOut, gp, warp, lane);
+    s0_tile_to_window<D, S, kTile, Ring48, kQS0Rows>(s0w, sTile, k, qf, kt + 2, m0 + 8, T, scale, off1, lane);
+    da2_tile_to_window<D, S, Ring48, kQDRows>(dw, sTile, v, vmax, dof, sInvRow, kt + 2, m0, T, rot_d, gpost, sInHi,
+                                              sInLo, sFrag, sOut, gp, warp, lane);
     // K of this block for dQ, landing while dC tile kt + 1 is computed (the V tile's reads are done).
     warp_load_rows_zero<D, S, kTile>(sTile, k, n0, T, lane);
     cp_async_commit();
     dc_tile_to_window<kCq1, kCk1, kCq2, kCk2, !kCl>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c, gpre,
                                                    sInHi, sInLo, sFrag, sOut, gp, warp, lane, kt + 1, m0, T, lse2, dlt,
                                                    accq);
-    // 4. dS0 on the own rows at block kt, the future (and rows past T) 0.
+    // 4. dS0 at block kt on rows m0 - 8 .. m0 + 15 (dS tile rows 0 .. 23), the future, rows past T and
+    // rows before 0 set to 0: the own rows by every lane, then the rows above by the lanes of rows r < 8
+    // (one after the other: together they spilled).
     {
       float ds[8];
-      conv_row8_t<kCq1, kCk1, Ring48>(dcw, myWpre, cq1, ck1, r, x0, ds);
+      conv_row8_t<kCq1, kCk1, Ring48>(dcw, myWpre, cq1, ck1, kQCTop + r, x0, ds);
 #pragma unroll
       for (int e = 0; e < 8; e += 2) {
         const float a0 = x0 + e <= row && row < T ? ds[e] : 0.f;
         const float a1 = x0 + e + 1 <= row && row < T ? ds[e + 1] : 0.f;
-        *reinterpret_cast<uint32_t*>(sdS + r * kDsPitch + 8 * half + e) = pack_bf16(a0, a1);
+        *reinterpret_cast<uint32_t*>(sdS + (kQCTop + r) * kDsPitch + 8 * half + e) = pack_bf16(a0, a1);
+      }
+    }
+    {
+      float du[8];
+      conv_half_live<true, kCq1, kCk1, Ring48>(dcw, myWpre, cq1, ck1, 0, x0, lane, du);
+      const int up_row = m0 - kQCTop + r;  // lanes r < 8
+      if (r < kQCTop) {
+#pragma unroll
+        for (int e = 0; e < 8; e += 2) {
+          const float u0 = up_row >= 0 && x0 + e <= up_row ? du[e] : 0.f;
+          const float u1 = up_row >= 0 && x0 + e + 1 <= up_row ? du[e + 1] : 0.f;
+          *reinterpret_cast<uint32_t*>(sdS + r * kDsPitch + 8 * half + e) = pack_bf16(u0, u1);
+        }
       }
     }
     cp_async_wait_all();
     __syncwarp();
-    uint32_t aq[4], ak[4];
-    ldmatrix_x4(aq, sdS + a_offset(lane, 0, 0, kDsPitch));         // dS0 (rows x keys)
-    ldmatrix_x4_trans(ak, sdS + at_offset(lane, 0, 0, kDsPitch));  // dS0^T (keys x rows)
+    const bool above = m0 > 0;  // the tile's rows above exist (the same for every lane)
+    uint32_t aq[4], ak0[4], ak1[4], bu[4];
+    ldmatrix_x4(aq, sdS + a_offset(lane, kQCTop, 0, kDsPitch));     // dS0 of the own rows (rows x keys)
+    ldmatrix_x4_trans(ak0, sdS + at_offset(lane, 0, 0, kDsPitch));   // dS0^T, rows m0 - 8 .. m0 + 7
+    ldmatrix_x4_trans(ak1, sdS + at_offset(lane, 16, 0, kDsPitch));  // rows m0 + 8 .. (k8: m0 + 15)
+    ldmatrix_x4(bu, sdS + bnk_offset(lane, 0, 0, kDsPitch));         // dS0 of the rows above as B (regs 0, 1)
 #pragma unroll
     for (int dn = 0; dn < D / 16; ++dn) {
       uint32_t bb[4];
       ldmatrix_x4_trans(bb, sTile + bkn_offset(lane, 0, dn * 16, S));
       mma_bf16(acc_dq[2 * dn], aq, bb[0], bb[1]);
       mma_bf16(acc_dq[2 * dn + 1], aq, bb[2], bb[3]);
-      // Q's own rows m0 .. m0 + 15 (rows 8 .. 23 of qf's) as B fragments: at D = 64 rows 8 .. 15 of
-      // Q tile 0 and rows 0 .. 7 of Q tile 1 transposed in registers, at D = 128 from the kept rows.
-      uint32_t qb[4];
+      if (above) {  // dQ_above^T += K^T dS0_above^T: bb's registers reordered are K^T's A fragment
+        const uint32_t kt_frag[4] = {bb[0], bb[2], bb[1], bb[3]};
+        mma_bf16(acc_up[dn], kt_frag, bu[0], bu[1]);
+      }
+      // Q rows m0 - 8 .. m0 + 15 (rows 0 .. 23 of qf's) as B fragments: at D = 64 Q tile 0 and rows 0 .. 7
+      // of Q tile 1 transposed in registers, at D = 128 from the kept rows.
+      uint32_t qb0[4], qb1[4];
       if constexpr (kSm) {
-        ldmatrix_x4_trans(qb, qf.rows + 8 * S + bkn_offset(lane, 0, dn * 16, S));
+        ldmatrix_x4_trans(qb0, qf.rows + bkn_offset(lane, 0, dn * 16, S));
+        ldmatrix_x4_trans(qb1, qf.rows + bkn_offset(lane, 16, dn * 16, S));
       } else {
-        qb[0] = transpose8x8(qf.a[0][dn][1]), qb[1] = transpose8x8(qf.a[1][dn][0]);
-        qb[2] = transpose8x8(qf.a[0][dn][3]), qb[3] = transpose8x8(qf.a[1][dn][2]);
+        qb0[0] = transpose8x8(qf.a[0][dn][0]), qb0[1] = transpose8x8(qf.a[0][dn][1]);
+        qb0[2] = transpose8x8(qf.a[0][dn][2]), qb0[3] = transpose8x8(qf.a[0][dn][3]);
+        qb1[0] = transpose8x8(qf.a[1][dn][0]), qb1[2] = transpose8x8(qf.a[1][dn][2]);
       }
       float acc[2][4] = {};
-      mma_bf16(acc[0], ak, qb[0], qb[1]);
-      mma_bf16(acc[1], ak, qb[2], qb[3]);
+      mma_bf16(acc[0], ak0, qb0[0], qb0[1]);
+      mma_bf16(acc[1], ak0, qb0[2], qb0[3]);
+      mma_bf16_k8(acc[0], ak1[0], ak1[1], qb1[0]);
+      mma_bf16_k8(acc[1], ak1[0], ak1[1], qb1[2]);
 #pragma unroll
       for (int jj = 0; jj < 2; ++jj)
 #pragma unroll
@@ -1816,13 +1848,36 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
       *reinterpret_cast<uint32_t*>(sTile + (g + 8 * rr) * S + 8 * j + 2 * t) =
           pack_bf16(acc_dq[j][2 * rr] * scale, acc_dq[j][2 * rr + 1] * scale);
   __syncwarp();
+  // Rows m0 .. m0 + 7 are this tile's alone; rows m0 + 8 .. m0 + 15 also receive the next tile's rows-above
+  // terms, so they are added (dq is zero before the kernel).
   constexpr int kChunksPerRow = D / 8;
 #pragma unroll
   for (int cc = lane; cc < kTile * kChunksPerRow; cc += 32) {
     const int rr = cc / kChunksPerRow, col = (cc % kChunksPerRow) * 8, qrow = m0 + rr;
-    if (qrow < T && real)
-      *reinterpret_cast<uint4*>(dq + static_cast<size_t>(qrow) * D + col) =
-          *reinterpret_cast<const uint4*>(sTile + rr * S + col);
+    if (qrow < T && real) {
+      bf16* dst = dq + static_cast<size_t>(qrow) * D + col;
+      const uint4 val = *reinterpret_cast<const uint4*>(sTile + rr * S + col);
+      if (rr < kQCTop)
+        *reinterpret_cast<uint4*>(dst) = val;
+      else
+        atomic_add_bf16x8(dst, val);
+    }
+  }
+  if (m0 > 0) {  // rows m0 - 8 .. m0 - 1: this tile's terms, added
+    __syncwarp();  // every lane has read the own rows' staging
+#pragma unroll
+    for (int dn = 0; dn < D / 16; ++dn)
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+        sTile[(2 * t + (c & 1)) * S + 16 * dn + g + 8 * (c >> 1)] = __float2bfloat16_rn(acc_up[dn][c] * scale);
+    __syncwarp();
+#pragma unroll
+    for (int cc = lane; cc < kQCTop * kChunksPerRow; cc += 32) {
+      const int rr = cc / kChunksPerRow, col = (cc % kChunksPerRow) * 8;
+      if (real)
+        atomic_add_bf16x8(dq + static_cast<size_t>(m0 - kQCTop + rr) * D + col,
+                          *reinterpret_cast<const uint4*>(sTile + rr * S + col));
+    }
   }
   // Partials of this CTA: dWpre and the dMpre row of this warp's head.
   const size_t cta = static_cast<size_t>(blockIdx.x / gp.C) * gridDim.y + blockIdx.y;  // the group's CTA row
@@ -1846,6 +1901,8 @@ void launch_pre_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, c
   const size_t smem = smem_pre_bytes<D>(group_warps(G, C));
   auto kernel = C == 1 ? flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, false>
                        : flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, true>;
+  // The kernel adds into the rows that two query tiles share (flash_kq_layer_pre_grad_kernel).
+  MTA_CUDA_CHECK(cudaMemsetAsync(dq, 0, static_cast<size_t>(B) * H * T * D * sizeof(bf16), s));
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, spec.kq_pre ? wpre : nullptr, mpre, gpre,
                  spec.kq_post ? wpost : nullptr, mpost, gpost, lse, delta, dout_lo, vmax, dq, dk_acc, part_w,
                  part_m, H, T, G, pre.q,

@@ -34,6 +34,8 @@ dA2 tiles 0 and 1, dC tile 0. Per block kt:
     dC' = A (dA - delta), dMpre += dC'_x C_y (the tile's own rows, part 0), dC = Mpre^T dC';
   dS0 on the tile's rows at block kt = mask0(conv_pre^T(dC));
   dQ += dS0 K (the tile's own rows: no atomics);  dK[block keys] += dS0^T Q (atomics).
+That is `kernel_q`, the kernel of sessions 8-16. Since session 17 the kernel follows `kernel_q_own_rows`
+(below): dC on the own 16 rows only, dS0 scattered to rows m0 - 8 .. m0 + 15; both are checked here.
 Look-ahead and ring occupancy (ck <= 15, so a convolution reads at most 14 keys on either side):
   - dWpre at block kt reads S0 at keys 16 kt - 14 .. 16 kt + 29: tiles kt - 1 .. kt + 1, before
     tile kt + 2 replaces kt - 1;
@@ -118,7 +120,7 @@ def s0_tile(ring, q, k, tile, top, m0, sc):
 
 
 def da2_tile(ring, dO, v, m2, g2, tile, m0):
-    """dA2 = mask0(Mpost^T (dO V^T)) of key tile `tile` on rows m0 .. m0 + 31."""
+    """dA2 = mask0(Mpost^T (dO V^T)) of key tile `tile` on rows m0 .. m0 + 31 (the window's rows of them)."""
     H, T, D = v.shape
     ring.put(tile)
     d3 = np.zeros((H, 32, 16))
@@ -131,7 +133,7 @@ def da2_tile(ring, dO, v, m2, g2, tile, m0):
                     d3[h, rr, jj] = dO[h, row] @ v[h, key]
     d2 = mix_t(d3, m2, g2)
     for h in range(H):
-        for rr in range(32):
+        for rr in range(ring.v.shape[1]):  # the window keeps its first 24 or all 32 rows
             for jj in range(16):
                 key = 16 * tile + jj
                 ring.v[h, rr, ring.col(key)] = 0.0 if key > m0 + rr else d2[h, rr, jj]
@@ -243,16 +245,17 @@ def kernel_q(q, k, dO, v, lse, delta, P):
 
 
 def kernel_q_own_rows(q, k, dO, v, lse, delta, P):
-    """Kernel Q with dC on the tile's own 16 rows only: a design for a later kernel (docs/flash-mta.md,
-    session 13's next step 1), replayed before it exists. kernel_q computes dC on 24 rows (C, A and dA on
-    two 16-row parts, each with two mixes) because dS0 = conv_pre^T(dC) on its rows reads cq1 - 1 rows
-    below. dS0 is linear in dC, so each tile can instead scatter its own rows' dC into dS0 rows m0 - 7 ..
-    m0 + 15 (the transposed stencil on 24 output rows over a dC window that is zero outside rows m0 ..
-    m0 + 15); the rows above the tile then get a second contribution, which the kernel would add into dq
-    through a side buffer (these rows' dq here), and dK takes 24 rows of dS0^T Q (Q rows m0 - 8 .. m0 + 15,
-    the S0 window's). Windows: S0 rows m0 - 8 .. m0 + 15 (24: C on the own rows reads 7 above), dA2 rows
-    m0 .. m0 + 31 as kernel_q's, dC rows m0 - 8 .. m0 + 23 (32, only m0 .. m0 + 15 written). Per block:
-    C, A and dA on 16 rows (one pre mix and one Mpre^T mix instead of two each), dS0 on 24."""
+    """Kernel Q with dC on the tile's own 16 rows only: the kernel since session 17 (designed in session
+    13, docs/flash-mta.md, and replayed here before it existed). kernel_q computes dC on 24 rows (C, A and
+    dA on two 16-row parts, each with two mixes) because dS0 = conv_pre^T(dC) on its rows reads cq1 - 1
+    rows below. dS0 is linear in dC, so each tile can instead scatter its own rows' dC into dS0 rows
+    m0 - 7 .. m0 + 15 (the transposed stencil on 24 output rows over a dC window that is zero outside rows
+    m0 .. m0 + 15); the rows above the tile then get a second contribution (the kernel adds both into dq
+    with bf16x2 atomics: two additions onto zero, in either order the same sum), and dK takes 24 rows of
+    dS0^T Q (Q rows m0 - 8 .. m0 + 15, the S0 window's). Windows: S0 rows m0 - 8 .. m0 + 15 (24: C on the
+    own rows reads 7 above), dA2 rows m0 .. m0 + 23 (dA on the own rows reads cq2 - 1 <= 7 below), dC rows
+    m0 - 8 .. m0 + 23 (32, only m0 .. m0 + 15 written). Per block: C, A and dA on 16 rows (one pre mix and
+    one Mpre^T mix instead of two each), dS0 on 24."""
     H, T, D = q.shape
     sc = 1 / math.sqrt(D)
     (w1, m1, g1, cq1, ck1, o1), (w2, m2, g2, cq2, ck2, o2) = P
@@ -260,7 +263,7 @@ def kernel_q_own_rows(q, k, dO, v, lse, delta, P):
     dw1, dm1 = np.zeros_like(w1), np.zeros_like(m1)
     for m0 in range(0, T, 16):
         s0 = Ring(H, 24, o1, 48)             # rows m0 - 8 .. m0 + 15
-        da2 = Ring(H, 32, ck2 - 1 - o2, 48)  # rows m0 .. m0 + 31
+        da2 = Ring(H, 24, ck2 - 1 - o2, 48)  # rows m0 .. m0 + 23
         dc = Ring(H, 32, ck1 - 1 - o1, 48)   # rows m0 - 8 .. m0 + 23; rows m0 .. m0 + 15 at 8 ..
 
         def dc_tile(tile):
