@@ -1541,12 +1541,19 @@ constexpr int kQDoRows = 32;  // the dO rows staged (two tiles) and their scales
 constexpr int kQS0Floats = kQS0Rows * Ring48::kPitch, kQDFloats = kQDRows * Ring48::kPitch;
 constexpr int kQCFloats = kQCRows * Ring48::kPitch;
 constexpr int kDsPitch = kTile + 8;  // bf16 per row of the warp's dS tile (16-byte rows for ldmatrix)
-constexpr int kDsRows = 32;          // dS0 rows m0 - 8 .. m0 + 15, then 8 zero rows (two k16 tiles)
+constexpr int kDsRows = 24;          // dS0 rows m0 - 8 .. m0 + 15
+// The rows-above dq accumulators, in shared memory (in registers the kernel spilled 120-200 bytes):
+// per column block of 16 one float4 per lane, the mma accumulator.
+template <int D>
+constexpr int up_floats() {
+  return D / 16 * 32 * 4;
+}
 
 template <int D>
 constexpr size_t warp_region_pre_bytes() {
   return (kQS0Floats + kQDFloats + kQCFloats) * sizeof(float) + static_cast<size_t>(kTile) * (D + 8) * sizeof(bf16) +
-         static_cast<size_t>(kDsRows) * kDsPitch * sizeof(bf16) + kept_rows_bytes<D>(2) + kQDoRows * sizeof(float);
+         static_cast<size_t>(kDsRows) * kDsPitch * sizeof(bf16) + kept_rows_bytes<D>(2) + up_floats<D>() * sizeof(float) +
+         kQDoRows * sizeof(float);
 }
 // dO_lo's 32 rows are staged in the S0 window (D = 64, where the dA2 window stages dO) or the S0 and dA2
 // windows (D = 128, where dO is kept in sKept).
@@ -1655,6 +1662,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   bf16* sTile = reinterpret_cast<bf16*>(dcw + kQCFloats);  // K, V, K of the block, then the dq rows
   bf16* sdS = sTile + kTile * S;                           // dS0 of the block [kDsRows][kDsPitch]
   bf16* sKept = sdS + kDsRows * kDsPitch;                  // D = 128: the Q rows, then the dO rows
+  float4* sUp = reinterpret_cast<float4*>(sKept + kept_rows_bytes<D>(2) / sizeof(bf16));  // the dq rows above
   float* sInvRow = reinterpret_cast<float*>(region + warp_region_pre_bytes<D>()) - kQDoRows;  // dO rows' 1 / scale
   // The other kernels' preamble (kq_shared, kq_place, load_taps_and_mix) and, below, atomic_add_tile
   // written out: at 255 registers, with them the clustered 6 x 11 kernel spilled 456 bytes instead of
@@ -1710,8 +1718,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   }
   for (int i = lane; i < (kQS0Floats + kQDFloats + kQCFloats) / 4; i += 32)
     reinterpret_cast<float4*>(s0w)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int i = lane; i < kDsRows * kDsPitch / 8; i += 32)  // dS tile rows 24 .. 31 stay 0
-    reinterpret_cast<uint4*>(sdS)[i] = make_uint4(0u, 0u, 0u, 0u);
+  for (int i = lane; i < up_floats<D>() / 4; i += 32) sUp[i] = make_float4(0.f, 0.f, 0.f, 0.f);
   const int r = lane & 15, half = lane >> 4, g = lane >> 2, t = lane & 3, row = m0 + r;
   const float lse2 = row < T ? lse[row] * kLog2e : 0.f, dlt = row < T ? delta[row] : 0.f;
   const int rot_d = ck2 - 1 - off2, rot_c = ck1 - 1 - off1;
@@ -1730,11 +1737,6 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   float acc_dq[D / 8][4];
 #pragma unroll
   for (int j = 0; j < D / 8; ++j) acc_dq[j][0] = acc_dq[j][1] = acc_dq[j][2] = acc_dq[j][3] = 0.f;
-  // dq of the rows above the tile, transposed: [D / 16 column blocks] x (column 16 dm + g (+ 8), row
-  // m0 - 8 + 2t (+ 1)).
-  float acc_up[D / 16][4];
-#pragma unroll
-  for (int j = 0; j < D / 16; ++j) acc_up[j][0] = acc_up[j][1] = acc_up[j][2] = acc_up[j][3] = 0.f;
 
   s0_tile_to_window<D, S, kTile, Ring48, kQS0Rows>(s0w, sTile, k, qf, 0, m0 + 8, T, scale, off1, lane);
   s0_tile_to_window<D, S, kTile, Ring48, kQS0Rows>(s0w, sTile, k, qf, 1, m0 + 8, T, scale, off1, lane);
@@ -1795,10 +1797,10 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     cp_async_wait_all();
     __syncwarp();
     const bool above = m0 > 0;  // the tile's rows above exist (the same for every lane)
-    uint32_t aq[4], ak0[4], ak1[4], bu[4];
+    uint32_t aq[4], ak0[4], ak1[2], bu[4];
     ldmatrix_x4(aq, sdS + a_offset(lane, kQCTop, 0, kDsPitch));     // dS0 of the own rows (rows x keys)
     ldmatrix_x4_trans(ak0, sdS + at_offset(lane, 0, 0, kDsPitch));   // dS0^T, rows m0 - 8 .. m0 + 7
-    ldmatrix_x4_trans(ak1, sdS + at_offset(lane, 16, 0, kDsPitch));  // rows m0 + 8 .. (k8: m0 + 15)
+    ldmatrix_x2_trans(ak1, sdS + at_offset(lane, 16, 0, kDsPitch));  // rows m0 + 8 .. m0 + 15 (k8)
     ldmatrix_x4(bu, sdS + bnk_offset(lane, 0, 0, kDsPitch));         // dS0 of the rows above as B (regs 0, 1)
 #pragma unroll
     for (int dn = 0; dn < D / 16; ++dn) {
@@ -1807,8 +1809,12 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
       mma_bf16(acc_dq[2 * dn], aq, bb[0], bb[1]);
       mma_bf16(acc_dq[2 * dn + 1], aq, bb[2], bb[3]);
       if (above) {  // dQ_above^T += K^T dS0_above^T: bb's registers reordered are K^T's A fragment
+        // (column 16 dn + g (+ 8), row m0 - 8 + 2t (+ 1))
         const uint32_t kt_frag[4] = {bb[0], bb[2], bb[1], bb[3]};
-        mma_bf16(acc_up[dn], kt_frag, bu[0], bu[1]);
+        const float4 u = sUp[dn * 32 + lane];
+        float up[4] = {u.x, u.y, u.z, u.w};
+        mma_bf16(up, kt_frag, bu[0], bu[1]);
+        sUp[dn * 32 + lane] = make_float4(up[0], up[1], up[2], up[3]);
       }
       // Q rows m0 - 8 .. m0 + 15 (rows 0 .. 23 of qf's) as B fragments: at D = 64 Q tile 0 and rows 0 .. 7
       // of Q tile 1 transposed in registers, at D = 128 from the kept rows.
@@ -1866,10 +1872,13 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   if (m0 > 0) {  // rows m0 - 8 .. m0 - 1: this tile's terms, added
     __syncwarp();  // every lane has read the own rows' staging
 #pragma unroll
-    for (int dn = 0; dn < D / 16; ++dn)
+    for (int dn = 0; dn < D / 16; ++dn) {
+      const float4 u = sUp[dn * 32 + lane];
+      const float up[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
       for (int c = 0; c < 4; ++c)
-        sTile[(2 * t + (c & 1)) * S + 16 * dn + g + 8 * (c >> 1)] = __float2bfloat16_rn(acc_up[dn][c] * scale);
+        sTile[(2 * t + (c & 1)) * S + 16 * dn + g + 8 * (c >> 1)] = __float2bfloat16_rn(up[c] * scale);
+    }
     __syncwarp();
 #pragma unroll
     for (int cc = lane; cc < kQCTop * kChunksPerRow; cc += 32) {
