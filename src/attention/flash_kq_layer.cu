@@ -339,16 +339,21 @@ __device__ __forceinline__ void conv_row8(const float* win, const float* w, int 
 // `wrow` whose first input column is x0 (a multiple of 8; the ring rotated by ck - 1 - o) read rows
 // wrow .. wrow + cq - 1 (below) with the taps flipped in both directions,
 //   out[e] = sum_{a<cq, c<ck} W[cq - 1 - a, ck - 1 - c] win[wrow + a, x0 + e + c].
+// With `zero` (a row of zeros), the window holds only rows 0 .. live_rows - 1 and every other row reads
+// as zero (kernel Q's dC window, whose rows above and below the tile are zero).
 template <int kCq, int kCk, class R = Ring64, int kN = 8>
 __device__ __forceinline__ void conv_row8_t(const float* win, const float* w, int cq, int ck, int wrow, int x0,
-                                            float (&out)[kN]) {
+                                            float (&out)[kN], const float* zero = nullptr, int live_rows = 0) {
+  auto row_at = [&](int wr) {
+    return zero != nullptr && (wr < 0 || wr >= live_rows) ? zero : win + wr * R::kPitch;
+  };
 #pragma unroll
   for (int e = 0; e < kN; ++e) out[e] = 0.f;
   if constexpr (kCq > 0) {
     constexpr int kValChunks = (kN + kCk - 1 + 3) / 4, kTapChunks = (kCk + 3) / 4;
 #pragma unroll
     for (int a = 0; a < kCq; ++a) {
-      const float* row = win + (wrow + a) * R::kPitch;
+      const float* row = row_at(wrow + a);
       float vals[4 * kValChunks], taps[4 * kTapChunks];
 #pragma unroll
       for (int i = 0; i < kValChunks; ++i) {
@@ -367,7 +372,7 @@ __device__ __forceinline__ void conv_row8_t(const float* win, const float* w, in
     }
   } else {
     for (int a = 0; a < cq; ++a) {
-      const float* row = win + (wrow + a) * R::kPitch;
+      const float* row = row_at(wrow + a);
       for (int c = 0; c < ck; ++c) {
         const float wc = w[(cq - 1 - a) * kTapPitch + ck - 1 - c];
 #pragma unroll
@@ -383,14 +388,16 @@ __device__ __forceinline__ void conv_row8_t(const float* win, const float* w, in
 // of rows r >= 8 return zeros, as the 8-output form leaves them. The outputs are bitwise the 8-output
 // form's (same terms, same order), but a warp issues half its stencil instructions (ncu, session 12:
 // half-live 8-output stencils were ~8% of kernel Q's instructions). kT: the transposed convolution.
-// wrow0: the window row of row r = 0. Every lane of the warp must call it.
+// wrow0: the window row of row r = 0. Every lane of the warp must call it. zero, live_rows: conv_row8_t's
+// (the transposed convolution only).
 template <bool kT, int kCq, int kCk, class R = Ring64>
 __device__ __forceinline__ void conv_half_live(const float* win, const float* w, int cq, int ck, int wrow0, int x0,
-                                               int lane, float (&out)[8]) {
+                                               int lane, float (&out)[8], const float* zero = nullptr,
+                                               int live_rows = 0) {
   const int r = lane & 15, rl = r & 7, sub = r >> 3;
   float o4[4];
   if constexpr (kT)
-    conv_row8_t<kCq, kCk, R, 4>(win, w, cq, ck, wrow0 + rl, x0 + 4 * sub, o4);
+    conv_row8_t<kCq, kCk, R, 4>(win, w, cq, ck, wrow0 + rl, x0 + 4 * sub, o4, zero, live_rows);
   else
     conv_row8<kCq, kCk, R, 4>(win, w, cq, ck, wrow0 + rl, x0 + 4 * sub, o4);
 #pragma unroll
@@ -951,12 +958,15 @@ __device__ __forceinline__ void rows_to_scaled_f16(bf16* rows, const bf16* lo, f
 // Why fp16 (session 13): kernel P's delta sums dA3 from dO + dO_lo (an epilogue's fp32 gradient); with
 // dA3 from bf16 dO alone here, dC' = A (dA - delta) lost its zero row sums by dO_lo's share, and the
 // 4-head model's pre-side gradients moved 10-30% further from the CPU's (ModelCuda, call 3).
-template <int D, int S, class R = Ring64, int kRows = kDRows, class F>
+// kMix2: the two parts' Mpost^T mixes in one exchange (0: one mix_in_place each; 1: mix_in_place2, a
+// group in one CTA, MixOut holding two tiles per head; 2: mix_in_place2_cl on a cluster, with the second
+// MixIn pair hi1, lo1).
+template <int D, int S, class R = Ring64, int kRows = kDRows, int kMix2 = 0, class F>
 __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const bf16* v, const float* vmax,
                                                    const F& dof, const float* inv_row, int tile, int m0, int T,
                                                    int rot, int gpost, bf16* sInHi, bf16* sInLo,
                                                    const uint32_t* sFrag, float* sOut, const GroupPlace& gp, int warp,
-                                                   int lane) {
+                                                   int lane, bf16* hi1 = nullptr, bf16* lo1 = nullptr) {
   const int g = lane >> 2, t = lane & 3, key0 = kTile * tile;
   static_assert(kRows == kDRows || kRows == kDRows - 8, "the window ends at row m0 + 31 or m0 + 23");
   if (key0 > m0 + kRows - 1) {
@@ -1002,20 +1012,26 @@ __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const
   }
   __syncwarp();  // each lane now mixes and masks the positions of its own row r and keys 8 half ..
   const int r = lane & 15, half = lane >> 4;
+  float x[2][8];
+#pragma unroll
+  for (int part = 0; part < 2; ++part) {
+    const float* wrow = dwin + (kTile * part + r) * R::kPitch;
+    const bool live = kTile * part + r < kRows;  // every lane takes the mixes
+#pragma unroll
+    for (int e = 0; e < 8; ++e) x[part][e] = live ? wrow[R::col(key0 + 8 * half + e + rot)] : 0.f;
+    if (gpost && kMix2 == 0) mix_in_place(x[part], sInHi, sInLo, sFrag, kPostT, sOut, gp, warp, lane);
+  }
+  if (gpost && kMix2 == 1) mix_in_place2(x[0], x[1], sInHi, sInLo, sFrag, kPostT, sOut, gp, warp, lane);
+  if (gpost && kMix2 == 2) mix_in_place2_cl(x[0], x[1], sInHi, sInLo, hi1, lo1, sFrag, kPostT, sOut, gp, warp, lane);
 #pragma unroll
   for (int part = 0; part < 2; ++part) {
     float* wrow = dwin + (kTile * part + r) * R::kPitch;
     const int row = m0 + kTile * part + r;
-    const bool live = kTile * part + r < kRows;  // every lane takes the mix
-    float x[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) x[e] = live ? wrow[R::col(key0 + 8 * half + e + rot)] : 0.f;
-    if (gpost) mix_in_place(x, sInHi, sInLo, sFrag, kPostT, sOut, gp, warp, lane);
-    if (live) {
+    if (kTile * part + r < kRows) {
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         const int key = key0 + 8 * half + e;
-        wrow[R::col(key + rot)] = key > row ? 0.f : x[e];
+        wrow[R::col(key + rot)] = key > row ? 0.f : x[part][e];
       }
     }
   }
@@ -1513,9 +1529,10 @@ void dispatch_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k
 // kernel_q_own_rows). A CTA owns 16 query rows (m0 ..) of one group, one warp per head, with three
 // windows per head on rings of 48 keys (Ring48: three key tiles; rings of 64 would not fit 8 heads):
 //   S0 rows m0 - 8 .. m0 + 15 (from the Q tiles at m0 - 8 and m0 + 8), rotated by o1;
-//   dA2 rows m0 .. m0 + 23 (from the dO tiles at m0 and m0 + 16), rotated by ck2 - 1 - o2;
-//   dC rows m0 - 8 .. m0 + 23, rotated by ck1 - 1 - o1 (read by the transposed pre convolution); only
-//   the own rows m0 .. m0 + 15 are ever written, the rest stay 0.
+//   dA2 rows m0 .. m0 + 23 (from the dO tiles at m0 and m0 + 16, their two Mpost^T mixes in one
+//   exchange: mix_in_place2 in one CTA, mix_in_place2_cl on a cluster), rotated by ck2 - 1 - o2;
+//   dC rows m0 .. m0 + 15, rotated by ck1 - 1 - o1 (read by the transposed pre convolution, for which
+//   every other row is 0: one row of zeros after them).
 // Before block 0: S0 and dA2 tiles 0 and 1, dC tile 0. Per block of 16 keys (n0 = 16 kt):
 //   1. dWpre[a, c] += dC[i, j] S0[i - (cq1 - 1) + a, j - o1 + c] over the tile's rows (S0 tiles
 //      kt - 1 .. kt + 1, read before tile kt + 2 replaces kt - 1);
@@ -1525,18 +1542,21 @@ void dispatch_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k
 //      input buffers (hi + lo) as tensor-core products (grad_terms_and_mix in one CTA, grad_terms_cl on a
 //      cluster); dC = Mpre^T dC';
 //   4. dS0 = mask0(conv_pre^T(dC)) at block kt on rows m0 - 8 .. m0 + 15, as bf16 in the warp's dS tile
-//      (rows 0 .. 23 of 32; dS0 is linear in dC, so the own rows' dC reaches cq1 - 1 rows above the
-//      tile, whose tile adds the rest); dQ += dS0 K on the own rows and dQ_above^T += K^T dS0_above^T on
-//      the rows above (registers), dK[block keys] += dS0^T Q over the 24 rows (float2 atomics; Q's B
+//      (dS0 is linear in dC, so the own rows' dC reaches cq1 - 1 rows above the tile, whose tile adds
+//      the rest); dQ += dS0 K on the own rows and dQ_above^T += K^T dS0_above^T on the rows above (its
+//      accumulators in shared memory), dK[block keys] += dS0^T Q over the 24 rows (float2 atomics; Q's B
 //      fragments are the A fragments transposed in registers by movmatrix at D = 64, read from the kept
 //      rows by ldmatrix at D = 128).
 // Session 13's form computed dC on 24 rows (two 16-row parts, four mixes per block) so that dS0 needed
-// only its own rows; this one takes two mixes per block and one stencil less (session 17).
+// only its own rows; this one takes two mixes per block and one stencil less, and with dA2's two mixes
+// in one exchange three exchanges per block instead of six (session 17).
 // At the end: dq, zeroed before the kernel, where rows m0 .. m0 + 7 are stored and rows m0 + 8 .. m0 + 15
 // and the rows above are added (bf16x2 atomics: each such row receives exactly two additions onto zero,
 // this tile's and the next one's, so the sum is the same in either order); per-CTA partials of dWpre
 // (per warp) and dMpre (per head), reduced over the CTAs by reduce_partials_kernel.
-constexpr int kQS0Rows = 24, kQDRows = 24, kQCRows = 32, kQCTop = 8;  // kQCTop: dC window row of query row m0
+// kUpRows: the rows above the tile that its dS0 reaches (cq1 - 1 <= 7 of them). The dC window holds the
+// own rows and one row of zeros, which the transposed stencil reads for every row outside them.
+constexpr int kQS0Rows = 24, kQDRows = 24, kQCRows = kTile + 1, kUpRows = 8;
 constexpr int kQDoRows = 32;  // the dO rows staged (two tiles) and their scales
 constexpr int kQS0Floats = kQS0Rows * Ring48::kPitch, kQDFloats = kQDRows * Ring48::kPitch;
 constexpr int kQCFloats = kQCRows * Ring48::kPitch;
@@ -1552,8 +1572,8 @@ constexpr int up_floats() {
 template <int D>
 constexpr size_t warp_region_pre_bytes() {
   return (kQS0Floats + kQDFloats + kQCFloats) * sizeof(float) + static_cast<size_t>(kTile) * (D + 8) * sizeof(bf16) +
-         static_cast<size_t>(kDsRows) * kDsPitch * sizeof(bf16) + kept_rows_bytes<D>(2) + up_floats<D>() * sizeof(float) +
-         kQDoRows * sizeof(float);
+         static_cast<size_t>(kDsRows) * kDsPitch * sizeof(bf16) + kept_rows_bytes<D>(2) +
+         (up_floats<D>() + kQDoRows) * sizeof(float);
 }
 // dO_lo's 32 rows are staged in the S0 window (D = 64, where the dA2 window stages dO) or the S0 and dA2
 // windows (D = 128, where dO is kept in sKept).
@@ -1563,13 +1583,18 @@ static_assert(kQS0Floats * sizeof(float) >= 32 * (64 + 8) * sizeof(bf16) &&
 static_assert(kQDFloats * sizeof(float) >= 32 * (64 + 8) * sizeof(bf16), "Q and dO staging fits the dA2 window");
 
 template <int D>
-constexpr size_t smem_pre_bytes(int G) {
+// cl: on a cluster (a second MixIn pair after MixOut for dA2's merged mixes), else MixOut holds two tiles per
+// head (mix_in_place2).
+constexpr size_t smem_pre_bytes(int G, bool cl) {
   return static_cast<size_t>(G) * (warp_region_pre_bytes<D>() + 3 * kHeadTaps * sizeof(float)) +
          kFragWords * sizeof(uint32_t) + 2 * static_cast<size_t>(kInElems) * sizeof(bf16) +
-         static_cast<size_t>(G) * kXT * sizeof(float);
+         (cl ? 1 : 2) * static_cast<size_t>(G) * kXT * sizeof(float) +
+         (cl ? 2 * static_cast<size_t>(kInElems) * sizeof(bf16) : 0);
 }
-static_assert(smem_pre_bytes<64>(bwd_heads(64)) <= kMaxSmemPerCta &&
-                  smem_pre_bytes<128>(bwd_heads(128)) <= kMaxSmemPerCta &&
+static_assert(smem_pre_bytes<64>(bwd_heads(64), false) <= kMaxSmemPerCta &&
+                  smem_pre_bytes<64>(bwd_heads(64), true) <= kMaxSmemPerCta &&
+                  smem_pre_bytes<128>(bwd_heads(128), false) <= kMaxSmemPerCta &&
+                  smem_pre_bytes<128>(bwd_heads(128), true) <= kMaxSmemPerCta &&
                   smem_post_bytes<64>(bwd_heads(64)) <= kMaxSmemPerCta &&
                   smem_post_bytes<128>(bwd_heads(128)) <= kMaxSmemPerCta &&
                   smem_out_bytes<64>(kOutHeads, 2) <= kMaxSmemPerCta &&
@@ -1604,7 +1629,7 @@ __device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, 
                                                   float* sOut, const GroupPlace& gp, int warp, int lane, int tile,
                                                   int m0, int T, float lse2, float dlt, float (&accq)[2][4]) {
   const int r = lane & 15, half = lane >> 4, key0 = kTile * tile;
-  float* own = dcw + kQCTop * Ring48::kPitch;  // dC row m0
+  float* own = dcw;  // dC row m0
   if (key0 > m0 + kTile - 1) {  // the same for every warp: all of them skip the mixes' barriers
     for (int i = lane; i < kTile * kTile; i += 32)
       own[(i / kTile) * Ring48::kPitch + Ring48::col(key0 + i % kTile + c_rot)] = 0.f;
@@ -1658,7 +1683,8 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   unsigned char* region = smem_raw + static_cast<size_t>(warp) * warp_region_pre_bytes<D>();
   float* s0w = reinterpret_cast<float*>(region);  // S0: rows m0 - 8 .. m0 + 15
   float* dw = s0w + kQS0Floats;                    // dA2: rows m0 .. m0 + 23
-  float* dcw = dw + kQDFloats;                     // dC: rows m0 - 8 .. m0 + 23 (own rows from kQCTop)
+  float* dcw = dw + kQDFloats;                     // dC: rows m0 .. m0 + 15, then a row of zeros
+  const float* dc_zero = dcw + kTile * Ring48::kPitch;
   bf16* sTile = reinterpret_cast<bf16*>(dcw + kQCFloats);  // K, V, K of the block, then the dq rows
   bf16* sdS = sTile + kTile * S;                           // dS0 of the block [kDsRows][kDsPitch]
   bf16* sKept = sdS + kDsRows * kDsPitch;                  // D = 128: the Q rows, then the dO rows
@@ -1675,7 +1701,10 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   uint32_t* sFrag = reinterpret_cast<uint32_t*>(sDw + L * kHeadTaps);
   bf16* sInHi = reinterpret_cast<bf16*>(sFrag + kFragWords);
   bf16* sInLo = sInHi + kInElems;
-  float* sOut = reinterpret_cast<float*>(sInLo + kInElems);
+  float* sOut = reinterpret_cast<float*>(sInLo + kInElems);  // one CTA: two tiles per head (smem_pre_bytes)
+  bf16* sInHi1 = kCl ? reinterpret_cast<bf16*>(sOut + L * kXT) : nullptr;  // a cluster's second MixIn pair
+  bf16* sInLo1 = kCl ? sInHi1 + kInElems : nullptr;
+  constexpr int kMix2 = kCl ? 2 : 1;  // dA2's two mixes in one exchange (da2_tile_to_window)
 
   const GroupPlace gp = group_place(G, C);
   const int units = H / G, b = static_cast<int>(blockIdx.x) / C / units, u = static_cast<int>(blockIdx.x) / C % units;
@@ -1695,6 +1724,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   if (gpre || gpost) {
     build_frags(sFrag, mpre, gpre, mpost, gpost, u * G, G, kCl ? 1 : 2);  // one CTA: block-diagonal (dMpre)
     zero_in(sInHi), zero_in(sInLo);
+    if (kCl) zero_in(sInHi1), zero_in(sInLo1);  // padding slots stay zero
   }
 
   // Q rows m0 - 8 .. m0 + 23 and dO rows m0 .. m0 + 31 as A fragments: staged in the dA2 window at
@@ -1740,10 +1770,10 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
 
   s0_tile_to_window<D, S, kTile, Ring48, kQS0Rows>(s0w, sTile, k, qf, 0, m0 + 8, T, scale, off1, lane);
   s0_tile_to_window<D, S, kTile, Ring48, kQS0Rows>(s0w, sTile, k, qf, 1, m0 + 8, T, scale, off1, lane);
-  da2_tile_to_window<D, S, Ring48, kQDRows>(dw, sTile, v, vmax, dof, sInvRow, 0, m0, T, rot_d, gpost, sInHi, sInLo,
-                                            sFrag, sOut, gp, warp, lane);
-  da2_tile_to_window<D, S, Ring48, kQDRows>(dw, sTile, v, vmax, dof, sInvRow, 1, m0, T, rot_d, gpost, sInHi, sInLo,
-                                            sFrag, sOut, gp, warp, lane);
+  da2_tile_to_window<D, S, Ring48, kQDRows, kMix2>(dw, sTile, v, vmax, dof, sInvRow, 0, m0, T, rot_d, gpost, sInHi,
+                                                   sInLo, sFrag, sOut, gp, warp, lane, sInHi1, sInLo1);
+  da2_tile_to_window<D, S, Ring48, kQDRows, kMix2>(dw, sTile, v, vmax, dof, sInvRow, 1, m0, T, rot_d, gpost, sInHi,
+                                                   sInLo, sFrag, sOut, gp, warp, lane, sInHi1, sInLo1);
   dc_tile_to_window<kCq1, kCk1, kCq2, kCk2, !kCl>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c, gpre,
                                                  sInHi, sInLo, sFrag, sOut, gp, warp, lane, 0, m0, T, lse2, dlt, accq);
   const int n_end = min(T, m0 + kTile);
@@ -1752,7 +1782,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     {  // 1. dWpre from the own rows of dC (block kt) and the S0 window
       float d[8];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) d[e] = dcw[(kQCTop + r) * Ring48::kPitch + Ring48::col(x0 + e + rot_c)];
+      for (int e = 0; e < 8; ++e) d[e] = dcw[r * Ring48::kPitch + Ring48::col(x0 + e + rot_c)];
       if constexpr (kCq1 > 0)
         conv_grad_row8<kCq1, kCk1, Ring48>(s0w, r + 8, x0, d, accw);
       else
@@ -1760,8 +1790,8 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     }
     __syncwarp();  // every lane has read S0 tile kt - 1 before tile kt + 2 replaces it
     s0_tile_to_window<D, S, kTile, Ring48, kQS0Rows>(s0w, sTile, k, qf, kt + 2, m0 + 8, T, scale, off1, lane);
-    da2_tile_to_window<D, S, Ring48, kQDRows>(dw, sTile, v, vmax, dof, sInvRow, kt + 2, m0, T, rot_d, gpost, sInHi,
-                                              sInLo, sFrag, sOut, gp, warp, lane);
+    da2_tile_to_window<D, S, Ring48, kQDRows, kMix2>(dw, sTile, v, vmax, dof, sInvRow, kt + 2, m0, T, rot_d, gpost,
+                                                     sInHi, sInLo, sFrag, sOut, gp, warp, lane, sInHi1, sInLo1);
     // K of this block for dQ, landing while dC tile kt + 1 is computed (the V tile's reads are done).
     warp_load_rows_zero<D, S, kTile>(sTile, k, n0, T, lane);
     cp_async_commit();
@@ -1773,19 +1803,19 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     // (one after the other: together they spilled).
     {
       float ds[8];
-      conv_row8_t<kCq1, kCk1, Ring48>(dcw, myWpre, cq1, ck1, kQCTop + r, x0, ds);
+      conv_row8_t<kCq1, kCk1, Ring48>(dcw, myWpre, cq1, ck1, r, x0, ds, dc_zero, kTile);
 #pragma unroll
       for (int e = 0; e < 8; e += 2) {
         const float a0 = x0 + e <= row && row < T ? ds[e] : 0.f;
         const float a1 = x0 + e + 1 <= row && row < T ? ds[e + 1] : 0.f;
-        *reinterpret_cast<uint32_t*>(sdS + (kQCTop + r) * kDsPitch + 8 * half + e) = pack_bf16(a0, a1);
+        *reinterpret_cast<uint32_t*>(sdS + (kUpRows + r) * kDsPitch + 8 * half + e) = pack_bf16(a0, a1);
       }
     }
     {
       float du[8];
-      conv_half_live<true, kCq1, kCk1, Ring48>(dcw, myWpre, cq1, ck1, 0, x0, lane, du);
-      const int up_row = m0 - kQCTop + r;  // lanes r < 8
-      if (r < kQCTop) {
+      conv_half_live<true, kCq1, kCk1, Ring48>(dcw, myWpre, cq1, ck1, -kUpRows, x0, lane, du, dc_zero, kTile);
+      const int up_row = m0 - kUpRows + r;  // lanes r < 8
+      if (r < kUpRows) {
 #pragma unroll
         for (int e = 0; e < 8; e += 2) {
           const float u0 = up_row >= 0 && x0 + e <= up_row ? du[e] : 0.f;
@@ -1798,7 +1828,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     __syncwarp();
     const bool above = m0 > 0;  // the tile's rows above exist (the same for every lane)
     uint32_t aq[4], ak0[4], ak1[2], bu[4];
-    ldmatrix_x4(aq, sdS + a_offset(lane, kQCTop, 0, kDsPitch));     // dS0 of the own rows (rows x keys)
+    ldmatrix_x4(aq, sdS + a_offset(lane, kUpRows, 0, kDsPitch));     // dS0 of the own rows (rows x keys)
     ldmatrix_x4_trans(ak0, sdS + at_offset(lane, 0, 0, kDsPitch));   // dS0^T, rows m0 - 8 .. m0 + 7
     ldmatrix_x2_trans(ak1, sdS + at_offset(lane, 16, 0, kDsPitch));  // rows m0 + 8 .. m0 + 15 (k8)
     ldmatrix_x4(bu, sdS + bnk_offset(lane, 0, 0, kDsPitch));         // dS0 of the rows above as B (regs 0, 1)
@@ -1863,7 +1893,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     if (qrow < T && real) {
       bf16* dst = dq + static_cast<size_t>(qrow) * D + col;
       const uint4 val = *reinterpret_cast<const uint4*>(sTile + rr * S + col);
-      if (rr < kQCTop)
+      if (rr < kUpRows)
         *reinterpret_cast<uint4*>(dst) = val;
       else
         atomic_add_bf16x8(dst, val);
@@ -1881,10 +1911,10 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     }
     __syncwarp();
 #pragma unroll
-    for (int cc = lane; cc < kQCTop * kChunksPerRow; cc += 32) {
+    for (int cc = lane; cc < kUpRows * kChunksPerRow; cc += 32) {
       const int rr = cc / kChunksPerRow, col = (cc % kChunksPerRow) * 8;
       if (real)
-        atomic_add_bf16x8(dq + static_cast<size_t>(m0 - kQCTop + rr) * D + col,
+        atomic_add_bf16x8(dq + static_cast<size_t>(m0 - kUpRows + rr) * D + col,
                           *reinterpret_cast<const uint4*>(sTile + rr * S + col));
     }
   }
@@ -1907,7 +1937,7 @@ void launch_pre_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, c
   const KqConv pre = pre_conv(spec);
   const KqConv post = post_conv(spec);
   const int C = cluster_size(G, bwd_heads(D));
-  const size_t smem = smem_pre_bytes<D>(group_warps(G, C));
+  const size_t smem = smem_pre_bytes<D>(group_warps(G, C), C > 1);
   auto kernel = C == 1 ? flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, false>
                        : flash_kq_layer_pre_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, true>;
   // The kernel adds into the rows that two query tiles share (flash_kq_layer_pre_grad_kernel).
