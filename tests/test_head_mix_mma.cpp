@@ -1,4 +1,5 @@
-// The fragment mechanics of FlashMix's tensor-core head mixing (src/attention/head_mix_mma.cuh),
+// The fragment mechanics of FlashMix's tensor-core head mixing (src/attention/head_mix_mma.cuh) and of
+// kernel Q's dS-tile products (flash_kq_layer.cu; KqLayerFragments),
 // replayed on the CPU with the layout functions the kernels themselves call (head_mix_layout.h,
 // mma_layout.h): put_tile's bf16 writes and rounding remainders at in_offset, ldmatrix.x4 (plain and
 // .trans) from mix_a_offset / grad_a_offset / grad_b_offset / staged_grad_a_offset, the coefficient
@@ -347,6 +348,96 @@ TEST(HeadMixMma, StagedGradientProductMatchesDirectSums) {
           }
         ASSERT_LE(std::abs(got[x][y] - want), 1e-4 * mag + 1e-12) << "x " << x << " y " << y;
       }
+  }
+}
+
+// c += A B, m16n8k8 (mma_bf16_k8): a0 = A[g][2t..], a1 = A[g+8][2t..] (registers 0, 1 of a); b0 =
+// B[2t..][g] (register 0 of b).
+void mma_m16n8k8(Acc& c, const Regs& a, const BFrag& b) {
+  double A[16][8], B[8][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane >> 2, t = lane & 3;
+    for (int e = 0; e < 2; ++e) {
+      A[g][2 * t + e] = a[lane][0][e];
+      A[g + 8][2 * t + e] = a[lane][1][e];
+      B[2 * t + e][g] = b[lane][0][e];
+    }
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane >> 2, t = lane & 3;
+    for (int e4 = 0; e4 < 4; ++e4) {
+      const int row = g + 8 * (e4 >> 1), col = 2 * t + (e4 & 1);
+      double s = 0;
+      for (int k = 0; k < 8; ++k) s += A[row][k] * B[k][col];
+      c[lane][e4] += s;
+    }
+  }
+}
+
+// Kernel Q's products over its dS tile (flash_kq_layer.cu, flash_kq_layer_pre_grad_kernel, step 4): the
+// tile holds dS0 rows m0 - 8 .. m0 + 15 ([24][kDsPitch] bf16), K the block's 16 keys ([16][D + 8]), and
+// the kept Q rows m0 - 8 .. m0 + 23 ([32][D + 8]; the D = 128 form's ldmatrix loads). Replayed with the
+// kernel's offsets: dq of the own rows (A from rows 8 ..), dq of the 8 rows above as K^T dS_above^T (K^T's
+// A fragment is the register swap {b0, b2, b1, b3} of dQ's K fragment, and the B fragment the plain
+// load of dS rows 0 .. 7), and dK over the 24 rows (a k16 product from rows 0 .. 15 and a k8 one from
+// ldmatrix.x2 of rows 16 .. 23, which must not read past row 23).
+TEST(KqLayerFragments, KernelQProductsMatchDirectSums) {
+  constexpr int kD = 64, kS = kD + 8, kDs = kTile + 8, kRows = 24;
+  std::mt19937 rng(77);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  auto fill = [&](Bits& b, int rows, int pitch, int cols) {
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < cols; ++c) b.at(r * pitch + c) = mta::float_to_bf16_bits(u(rng));
+  };
+  Bits ds(kRows * kDs, 0), k(kTile * kS, 0), q(32 * kS, 0);
+  fill(ds, kRows, kDs, kTile), fill(k, kTile, kS, kD), fill(q, 32, kS, kD);
+  auto at = [](const Bits& b, int i) { return static_cast<double>(mta::bf16_bits_to_float(b.at(i))); };
+  auto offsets = [](auto f) {
+    std::array<int, 32> a{};
+    for (int lane = 0; lane < 32; ++lane) a[lane] = f(lane);
+    return a;
+  };
+  auto b_of = [](const Regs& r, int i0, int i1) {
+    BFrag b{};
+    for (int lane = 0; lane < 32; ++lane) b[lane][0] = r[lane][i0], b[lane][1] = r[lane][i1];
+    return b;
+  };
+  const Regs aq = ldmatrix_x4(ds, offsets([](int l) { return mma::a_offset(l, 8, 0, kDs); }), false);
+  const Regs bu = ldmatrix_x4(ds, offsets([](int l) { return mma::bnk_offset(l, 0, 0, kDs); }), false);
+  const Regs ak0 = ldmatrix_x4(ds, offsets([](int l) { return mma::at_offset(l, 0, 0, kDs); }), true);
+  // ldmatrix.x2: lanes 0 .. 15 give the addresses (those of lanes 16 .. 31 are not read).
+  const Regs ak1 = ldmatrix_x4(ds, offsets([](int l) { return mma::at_offset(l & 15, 16, 0, kDs); }), true);
+  for (int dn = 0; dn < kD / 16; ++dn) {
+    SCOPED_TRACE("dn=" + std::to_string(dn));
+    const Regs bb = ldmatrix_x4(k, offsets([&](int l) { return mma::bkn_offset(l, 0, 16 * dn, kS); }), true);
+    Regs kt{};  // K^T's A fragment, the kernel's {bb[0], bb[2], bb[1], bb[3]}
+    for (int lane = 0; lane < 32; ++lane) kt[lane] = {bb[lane][0], bb[lane][2], bb[lane][1], bb[lane][3]};
+    const Regs qb0 = ldmatrix_x4(q, offsets([&](int l) { return mma::bkn_offset(l, 0, 16 * dn, kS); }), true);
+    const Regs qb1 = ldmatrix_x4(q, offsets([&](int l) { return mma::bkn_offset(l, 16, 16 * dn, kS); }), true);
+    Acc own[2]{}, up{}, dk[2]{};
+    for (int nb = 0; nb < 2; ++nb) mma_m16n8k16(own[nb], aq, b_of(bb, 2 * nb, 2 * nb + 1));
+    mma_m16n8k16(up, kt, b_of(bu, 0, 1));
+    for (int nb = 0; nb < 2; ++nb) {
+      mma_m16n8k16(dk[nb], ak0, b_of(qb0, 2 * nb, 2 * nb + 1));
+      mma_m16n8k8(dk[nb], ak1, b_of(qb1, 2 * nb, 2 * nb + 1));
+    }
+    for (int lane = 0; lane < 32; ++lane) {
+      const int g = lane >> 2, t = lane & 3;
+      for (int e4 = 0; e4 < 4; ++e4) {
+        const int m = g + 8 * (e4 >> 1), n = 2 * t + (e4 & 1);
+        for (int nb = 0; nb < 2; ++nb) {
+          const int col = 16 * dn + 8 * nb + n;
+          double want_q = 0, want_k = 0;
+          for (int key = 0; key < kTile; ++key) want_q += at(ds, (8 + m) * kDs + key) * at(k, key * kS + col);
+          for (int row = 0; row < kRows; ++row) want_k += at(ds, row * kDs + m) * at(q, row * kS + col);
+          ASSERT_NEAR(own[nb][lane][e4], want_q, 1e-9) << "dq own row " << m << " column " << col;
+          ASSERT_NEAR(dk[nb][lane][e4], want_k, 1e-9) << "dk key " << m << " column " << col;
+        }
+        double want_up = 0;  // (dS_above K)^T: column 16 dn + m of row n above the tile
+        for (int key = 0; key < kTile; ++key) want_up += at(k, key * kS + 16 * dn + m) * at(ds, n * kDs + key);
+        ASSERT_NEAR(up[lane][e4], want_up, 1e-9) << "dq row above " << n << " column " << 16 * dn + m;
+      }
+    }
   }
 }
 
