@@ -4,7 +4,7 @@ CSV of `ncu --import REP --page source --print-source cuda,sass --csv` (gpu-ncu.
 instruction, executions, L2 sectors against ideal (global) and shared wavefronts against ideal, to tell
 which load or store of a line wastes the pipe (session 15 found cp.async rows writing 2.5x their ideal
 wavefronts this way). Usage: ncu-sass-lines.py SOURCE.csv FILE_SUFFIX LINE[,LINE...]
-(FILE_SUFFIX: the source file, e.g. flash_kq_layer.cu; LINE: its line numbers)."""
+(FILE_SUFFIX: the source file, e.g. flash_kq_layer_bwd.cu; LINE: its line numbers)."""
 import csv
 import sys
 

@@ -5,7 +5,7 @@
 # drops what differs without meaning (the per-file hashes in internal names, label names), and
 # compares. Identical PTX means identical kernels, so a refactor that keeps it keeps the GPU tests'
 # verdict (session 16: grad_tiles_at). Exit status 0 when every file is identical, 1 otherwise.
-#   bash scripts/ptx-same.sh REV src/attention/flash_kq_layer.cu [src/attention/flash_mix.cu ...]
+#   bash scripts/ptx-same.sh REV src/attention/flash_kq_layer_bwd.cu [src/attention/flash_mix.cu ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 2 ] || { echo "usage: ptx-same.sh REV FILE.cu [FILE.cu ...]" >&2; exit 2; }

@@ -1,5 +1,5 @@
 // The fragment mechanics of FlashMix's tensor-core head mixing (src/attention/head_mix_mma.cuh) and of
-// kernel Q's dS-tile products (flash_kq_layer.cu; KqLayerFragments),
+// kernel Q's dS-tile products (flash_kq_layer_bwd.cu; KqLayerFragments),
 // replayed on the CPU with the layout functions the kernels themselves call (head_mix_layout.h,
 // mma_layout.h): put_tile's bf16 writes and rounding remainders at in_offset, ldmatrix.x4 (plain and
 // .trans) from mix_a_offset / grad_a_offset / grad_b_offset / staged_grad_a_offset, the coefficient
@@ -297,7 +297,7 @@ TEST(HeadMixMma, GradientProductMatchesDirectSums) {
     }
 }
 
-// The clustered kq-layer kernels' mixing-weight gradient terms (flash_kq_layer.cu, grad_terms_cl): each
+// The clustered kq-layer kernels' mixing-weight gradient terms (flash_kq_layer_bwd.cu, grad_terms_cl): each
 // of the CTA's L warps stages its head's gradient tile D_x as bf16 hi and lo in its own MixOut slot
 // (staged_offset), and the warps' tile rows give G[x][y] = sum_p D_x(p) V_y(p) against the 16 MixIn
 // slots (V hi + lo) with A rows from staged_grad_a_offset: rows >= L repeat a staged head and must stay
@@ -374,7 +374,7 @@ void mma_m16n8k8(Acc& c, const Regs& a, const BFrag& b) {
   }
 }
 
-// Kernel Q's products over its dS tile (flash_kq_layer.cu, flash_kq_layer_pre_grad_kernel, step 4): the
+// Kernel Q's products over its dS tile (flash_kq_layer_bwd.cu, flash_kq_layer_pre_grad_kernel, step 4): the
 // tile holds dS0 rows m0 - 8 .. m0 + 15 ([24][kDsPitch] bf16), K the block's 16 keys ([16][D + 8]), and
 // the kept Q rows m0 - 8 .. m0 + 23 ([32][D + 8]; the D = 128 form's ldmatrix loads). Replayed with the
 // kernel's offsets: dq of the own rows (A from rows 8 ..), dq of the 8 rows above as K^T dS_above^T (K^T's

@@ -1,6 +1,6 @@
 #pragma once
 // Coupled head groups spread over a thread-block cluster, for the kernels that run one warp per head of
-// a group (flash_mix.cu, flash_kq_layer.cu). A group runs in one CTA where that CTA's shared memory and
+// a group (flash_mix.cu, flash_kq_layer_fwd.cu / _bwd.cu). A group runs in one CTA where that CTA's shared memory and
 // registers hold it, else on a cluster of the fewest CTAs that hold it, one warp per head and the last
 // CTA padded where they do not split it evenly (cluster_size: FlashMix and the kq layers' forward hold
 // up to 8 heads per CTA at D = 128, so 9-16 heads take 2 CTAs; kernels P and Q hold 4 at D = 128, so

@@ -52,7 +52,7 @@ MTA_HD int mix_a_offset(int lane, int r) { return mma::at_offset(lane, 0, r * kP
 MTA_HD int grad_a_offset(int lane, int r) { return mma::a_offset(lane, 0, r * kPS, kYS); }
 MTA_HD int grad_b_offset(int lane, int r) { return mma::bnk_offset(lane, 0, r * kPS, kYS); }
 
-// The clustered kq-layer kernels' gradient staging (flash_kq_layer.cu, grad_terms_cl): a CTA-local head
+// The clustered kq-layer kernels' gradient staging (flash_kq_layer_bwd.cu, grad_terms_cl): a CTA-local head
 // x's 16 x 16 gradient tile as bf16 in its own MixOut slot (MixOut viewed as bf16: slot stride 2 kXT),
 // the hi part at element 0 and the lo part at kStageLo, rows of kPS; and the ldmatrix address of lane's
 // row of the A operand [m = head x][k = position] over tile row r for a CTA of L heads: rows 8 .. 15,

@@ -1,7 +1,7 @@
 #pragma once
 // Warp-wide sums (and maxima) over the 32 lanes in a fixed butterfly order (every lane gets the
 // result), shared by the CUDA layers (layers.cu), the materialized MTA op and the epilogue
-// (epilogue.cuh), FlashMix's reductions (flash_mix.cu) and the kq layers (flash_kq_layer.cu). Internal
+// (epilogue.cuh), FlashMix's reductions (flash_mix.cu) and the kq layers (flash_kq_layer_*.cu). Internal
 // to each file that includes it (unnamed namespace).
 #include <cuda_runtime.h>
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The fused kq layer's forward (src/attention/flash_kq_layer.cu) replayed in float64 with the kernel's
+"""The fused kq layer's forward (src/attention/flash_kq_layer_fwd.cu) replayed in float64 with the kernel's
 window arithmetic: per 16-row query tile, the S0 and A windows (rows above the tile, keys in a ring of
 64 rotated by the key offset o of the convolution that reads it: column = (key + o) & 63, so that the
 8 outputs from key x0 read columns x0 .. x0 + ck + 6, x0 a multiple of 8 -- aligned for the kernel's

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The fused kq layer's backward, first pass (delta), as a design replayed in float64 before any kernel
 exists: delta_i = sum_j A[i, j] dA[i, j] per head, the row term that the main backward pass subtracts
-(dC' = A (dA - delta)), computed the way src/attention/flash_kq_layer.cu computes the forward -- one
+(dC' = A (dA - delta)), computed the way src/attention/flash_kq_layer_fwd.cu computes the forward -- one
 16-row query tile at a time, one warp per head, sliding windows over the keys -- and compared with the
 semantics written with whole T x T matrices.
 
