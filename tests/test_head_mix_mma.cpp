@@ -351,27 +351,13 @@ TEST(HeadMixMma, StagedGradientProductMatchesDirectSums) {
   }
 }
 
-// c += A B, m16n8k8 (mma_bf16_k8): a0 = A[g][2t..], a1 = A[g+8][2t..] (registers 0, 1 of a); b0 =
-// B[2t..][g] (register 0 of b).
+// c += A B, m16n8k8 (mma_bf16_k8): the k16 product with A's columns 8 .. 15 (registers 2, 3) and B's rows
+// 8 .. 15 (b1) zero; a0, a1 and b0 as given.
 void mma_m16n8k8(Acc& c, const Regs& a, const BFrag& b) {
-  double A[16][8], B[8][8];
-  for (int lane = 0; lane < 32; ++lane) {
-    const int g = lane >> 2, t = lane & 3;
-    for (int e = 0; e < 2; ++e) {
-      A[g][2 * t + e] = a[lane][0][e];
-      A[g + 8][2 * t + e] = a[lane][1][e];
-      B[2 * t + e][g] = b[lane][0][e];
-    }
-  }
-  for (int lane = 0; lane < 32; ++lane) {
-    const int g = lane >> 2, t = lane & 3;
-    for (int e4 = 0; e4 < 4; ++e4) {
-      const int row = g + 8 * (e4 >> 1), col = 2 * t + (e4 & 1);
-      double s = 0;
-      for (int k = 0; k < 8; ++k) s += A[row][k] * B[k][col];
-      c[lane][e4] += s;
-    }
-  }
+  Regs a8 = a;
+  BFrag b8 = b;
+  for (int lane = 0; lane < 32; ++lane) a8[lane][2] = a8[lane][3] = b8[lane][1] = {0.f, 0.f};
+  mma_m16n8k16(c, a8, b8);
 }
 
 // Kernel Q's products over its dS tile (flash_kq_layer_bwd.cu, flash_kq_layer_pre_grad_kernel, step 4): the
