@@ -75,13 +75,14 @@ void flash_kq_layer_post_grads(const AttentionSpec& spec, const __nv_bfloat16* q
                                float* dv_acc, float* grad_kq_post, float* grad_head_post, float* delta,
                                float* workspace, int B, int T, cudaStream_t s, const __nv_bfloat16* dout_lo = nullptr);
 
-// The main backward pass's pre side, kernel Q (replay_kq_layer_backward.py, kernel_q): writes dq [B, H,
-// T, D] bf16, adds dS0^T q into dk_acc [B, H, T, D] fp32 (zeroed by the caller) and the pre-side
-// parameter gradients into grad_kq_pre, grad_head_pre (per-CTA partials in `workspace`, the same size
-// as kernel P's, which leaves room for kernel Q's V maximum; not used by both at once). delta from kernel P,
-// lse from pass 1. dout_lo (optional) as
-// for kernel P: dA3 = (dout + dout_lo) v^T with fp16 operands (the sum rounded to 11 significant bits,
-// each dO row and V tile scaled by a power of two), so that dA agrees with the dA behind kernel P's delta.
+// The main backward pass's pre side, kernel Q (replay_kq_layer_backward.py, kernel_q_own_rows): writes dq
+// [B, H, T, D] bf16 (zeroing it first on `s`: two query tiles add into the rows they share), adds dS0^T q
+// into dk_acc [B, H, T, D] fp32 (zeroed by the caller) and the pre-side parameter gradients into
+// grad_kq_pre, grad_head_pre (per-CTA partials in `workspace`, the same size as kernel P's, which leaves
+// room for kernel Q's V maximum; not used by both at once). delta from kernel P, lse from pass 1. dout_lo
+// (optional) as for kernel P: dA3 = (dout + dout_lo) v^T with fp16 operands (the sum rounded to 11
+// significant bits, each dO row and V tile scaled by a power of two), so that dA agrees with the dA
+// behind kernel P's delta.
 bool flash_kq_layer_backward_supported(const AttentionSpec& spec, int D);
 void flash_kq_layer_pre_grads(const AttentionSpec& spec, const __nv_bfloat16* q, const __nv_bfloat16* k,
                               const __nv_bfloat16* v, const __nv_bfloat16* dout, const float* kq_pre,

@@ -701,9 +701,9 @@ static_assert(kQS0Floats * sizeof(float) >= 32 * (64 + 8) * sizeof(bf16) &&
               "dO_lo staging fits");
 static_assert(kQDFloats * sizeof(float) >= 32 * (64 + 8) * sizeof(bf16), "Q and dO staging fits the dA2 window");
 
-template <int D>
 // cl: on a cluster (a second MixIn pair after MixOut for dA2's merged mixes), else MixOut holds two tiles per
 // head (mix_in_place2).
+template <int D>
 constexpr size_t smem_pre_bytes(int G, bool cl) {
   return static_cast<size_t>(G) * (warp_region_pre_bytes<D>() + 3 * kHeadTaps * sizeof(float)) +
          kFragWords * sizeof(uint32_t) + 2 * static_cast<size_t>(kInElems) * sizeof(bf16) +
@@ -744,10 +744,9 @@ __device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, 
                                                   float* sOut, const GroupPlace& gp, int warp, int lane, int tile,
                                                   int m0, int T, float lse2, float dlt, float (&accq)[2][4]) {
   const int r = lane & 15, half = lane >> 4, key0 = kTile * tile;
-  float* own = dcw;  // dC row m0
   if (key0 > m0 + kTile - 1) {  // the same for every warp: all of them skip the mixes' barriers
     for (int i = lane; i < kTile * kTile; i += 32)
-      own[(i / kTile) * Ring48::kPitch + Ring48::col(key0 + i % kTile + c_rot)] = 0.f;
+      dcw[(i / kTile) * Ring48::kPitch + Ring48::col(key0 + i % kTile + c_rot)] = 0.f;
     __syncwarp();
     return;
   }
@@ -773,7 +772,7 @@ __device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, 
     mix_in_place(dcp, sInHi, sInLo, sFrag, kPreT, sOut, gp, warp, lane);  // dC' -> dC
   }
 #pragma unroll
-  for (int e = 0; e < 8; ++e) own[r * Ring48::kPitch + Ring48::col(x0 + e + c_rot)] = dcp[e];
+  for (int e = 0; e < 8; ++e) dcw[r * Ring48::kPitch + Ring48::col(x0 + e + c_rot)] = dcp[e];
   __syncwarp();
 }
 
