@@ -1,8 +1,9 @@
 // The fused kq layer (see flash_kq_layer.h and docs/flash-mta.md), without any T x T tensor in device
 // memory: pass 1 (below) computes lse of the mixed, convolved logits; pass 2 (further down) the output,
 // recomputing the logits with the halos its post-softmax convolution needs; the backward's kernel P
-// (post side, and delta) and kernel Q (pre side) follow. Every pass runs one warp per head of a coupled
-// group, in one CTA or on a cluster (GroupPlace; heads per CTA: lse_heads, kOutHeads, bwd_heads).
+// (post side, and delta) and kernel Q (pre side) are in flash_kq_layer_bwd.cu. Every pass runs one warp
+// per head of a coupled group, in one CTA or on a cluster (GroupPlace; heads per CTA: lse_heads,
+// kOutHeads, bwd_heads).
 //
 // Pass 1. A CTA owns 16 query rows (m0 ..) of one batch element and one coupled group of G heads, one
 // warp per head, as FlashMix does. Per block of 16 output keys (n0 ..), each warp:
@@ -19,6 +20,8 @@
 //      mixing product (head_mix_mma.cuh) gives C' of every head (a second barrier);
 //   4. masks the future (-inf) and updates its rows' online max and sum (log2 domain).
 // The S0 window and the K tile are the warp's own (program order and __syncwarp), the mixing buffers
+// the CTA's (the barriers above, as in FlashMix's forward).
+//
 // Pass 2 and the forward's entry points follow; the device code they share with the backward
 // (flash_kq_layer_bwd.cu) is in flash_kq_layer_device.cuh.
 #include <algorithm>
