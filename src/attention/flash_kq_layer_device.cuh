@@ -577,9 +577,9 @@ static_assert(kATop == 8, "A's second 16-row part has 8 live rows (conv_half_liv
 constexpr int kS0Floats = (kS0Top + kTile) * kWinPitch;
 constexpr int kAFloats = (kATop + kTile) * kWinPitch;
 
-// Pass 2's step 2 (flash_kq_layer_fwd.cu), also kernel P's, for key tile `tile`. lse2[part]: lse * log2(e) of row m0 - 8 + 16 part + (lane & 15).
-// The S0 window's ring is rotated by the pre convolution's key offset, the A window's by the post
-// convolution's (a_rot), each for the convolution that reads it.
+// Pass 2's step 2 (flash_kq_layer_fwd.cu), also kernel P's, for key tile `tile`. lse2[part]: lse * log2(e)
+// of row m0 - 8 + 16 part + (lane & 15). The S0 window's ring is rotated by the pre convolution's key
+// offset, the A window's by the post convolution's (a_rot), each for the convolution that reads it.
 // kTwo: both parts' convolutions first, then their mixes in one exchange: in one CTA one mixing product
 // for both (mix_in_place2: 4 barriers per key block instead of 6); on a cluster (sInHi1, sInLo1: the
 // second MixIn pair) one exchange for both products (mix_in_place2_cl; session 16). Kernel P, which has
