@@ -25,9 +25,10 @@ __global__ void abs_max_kernel(const bf16* __restrict__ v, size_t n, float* __re
 // ---------------------------------------------------------------------------------------------
 // The backward's dA2 window (kernel Q; until session 13 also a delta pass of its own, whose row sums
 // kernel P now gives: add_delta_terms): dA3 = dO V^T, dA2 = the future set to 0 in the head_post^T mix of
-// dA3, on rows m0 .. m0 + 31 (the transposed kq_post convolution reads cq - 1 rows below each row), its
-// ring rotated by ck2 - 1 - o2 so that the transposed stencil reads aligned columns.
-constexpr int kDRows = 32;  // the dA2 window: rows m0 .. m0 + 31
+// dA3, on rows m0 .. m0 + 23 (the transposed kq_post convolution on the query tile's rows reads cq - 1
+// <= 7 rows below each row), its ring rotated by ck2 - 1 - o2 so that the transposed stencil reads aligned
+// columns.
+constexpr int kDRows = 24;  // the dA2 window: rows m0 .. m0 + 23
 
 // Rows 0 .. 31 of dO (bf16, rows of S at `rows`), plus dO_lo's (rows of S at `lo`, may be null), in place as
 // fp16, each row scaled by f16_scale_for its largest magnitude (lane = row), and into inv[32] the inverse
@@ -67,29 +68,28 @@ __device__ __forceinline__ void rows_to_scaled_f16(bf16* rows, const bf16* lo, f
   inv[lane] = 1.f / (s * other);  // powers of two: exact
 }
 
-// Key tile `tile` of dA2 for rows m0 .. m0 + 31 into the dA2 window (ring rotated by `rot`): dA3 from the
-// dO fragments (rows m0 .. m0 + 15 and m0 + 16 .. m0 + 31; zero past T; fp16 scaled by rows_to_scaled_f16;
+// Key tile `tile` of dA2 for rows m0 .. m0 + 23 into the dA2 window (ring rotated by `rot`): dA3 from the
+// dO fragments (rows m0 .. m0 + 15 and m0 + 16 .. m0 + 31, of which rows up to m0 + 23 are kept; zero past
+// T; fp16 scaled by rows_to_scaled_f16;
 // inv_row: the inverse of each row's scale times V's) and the V tile (zero past T; here in place as fp16
-// scaled by f16_scale_for V's largest magnitude *vmax, exact for bf16 values), the Mpost^T mix per 16-row part when
-// gpost, the future set to 0. A tile entirely in the future of row m0 + 31 is zero-filled; that test is
-// the same for every warp of the CTA, so all of them take the mixes' barriers or none does. kRows: the
-// window's rows (32, or 24 where the transposed stencil reads rows m0 .. m0 + 22 only: kernel Q).
+// scaled by f16_scale_for V's largest magnitude *vmax, exact for bf16 values), the Mpost^T mix of both
+// 16-row parts in one exchange when gpost, the future set to 0. A tile entirely in the future of row
+// m0 + 23 is zero-filled; that test is the same for every warp of the CTA, so all of them take the mix's
+// barriers or none does.
 // Why fp16 (session 13): kernel P's delta sums dA3 from dO + dO_lo (an epilogue's fp32 gradient); with
 // dA3 from bf16 dO alone here, dC' = A (dA - delta) lost its zero row sums by dO_lo's share, and the
 // 4-head model's pre-side gradients moved 10-30% further from the CPU's (ModelCuda, call 3).
-// kMix2: the two parts' Mpost^T mixes in one exchange (0: one mix_in_place each; 1: mix_in_place2, a
-// group in one CTA, MixOut holding two tiles per head; 2: mix_in_place2_cl on a cluster, with the second
-// MixIn pair hi1, lo1).
-template <int D, int S, class R = Ring64, int kRows = kDRows, int kMix2 = 0, class F>
+// kCl: the group on a cluster (mix_in_place2_cl, with the second MixIn pair hi1, lo1), else in one CTA
+// (mix_in_place2, MixOut holding two tiles per head).
+template <int D, int S, class R, bool kCl, class F>
 __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const bf16* v, const float* vmax,
                                                    const F& dof, const float* inv_row, int tile, int m0, int T,
                                                    int rot, int gpost, bf16* sInHi, bf16* sInLo,
                                                    const uint32_t* sFrag, float* sOut, const GroupPlace& gp, int warp,
                                                    int lane, bf16* hi1 = nullptr, bf16* lo1 = nullptr) {
   const int g = lane >> 2, t = lane & 3, key0 = kTile * tile;
-  static_assert(kRows == kDRows || kRows == kDRows - 8, "the window ends at row m0 + 31 or m0 + 23");
-  if (key0 > m0 + kRows - 1) {
-    for (int i = lane; i < kRows * kTile; i += 32)
+  if (key0 > m0 + kDRows - 1) {
+    for (int i = lane; i < kDRows * kTile; i += 32)
       dwin[(i / kTile) * R::kPitch + R::col(key0 + i % kTile + rot)] = 0.f;
     __syncwarp();
     return;
@@ -126,7 +126,7 @@ __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const
       float* w0 = dwin + (g + 8 * r) * R::kPitch;
       float* w1 = dwin + (kTile + g + 8 * r) * R::kPitch;
       w0[c0] = acc0[j][2 * r] * i0, w0[c1] = acc0[j][2 * r + 1] * i0;
-      if (kTile + 8 * r + 8 <= kRows) w1[c0] = acc1[j][2 * r] * i1, w1[c1] = acc1[j][2 * r + 1] * i1;
+      if (kTile + 8 * r + 8 <= kDRows) w1[c0] = acc1[j][2 * r] * i1, w1[c1] = acc1[j][2 * r + 1] * i1;
     }
   }
   __syncwarp();  // each lane now mixes and masks the positions of its own row r and keys 8 half ..
@@ -135,18 +135,17 @@ __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const
 #pragma unroll
   for (int part = 0; part < 2; ++part) {
     const float* wrow = dwin + (kTile * part + r) * R::kPitch;
-    const bool live = kTile * part + r < kRows;  // every lane takes the mixes
+    const bool live = kTile * part + r < kDRows;  // every lane takes the mix
 #pragma unroll
     for (int e = 0; e < 8; ++e) x[part][e] = live ? wrow[R::col(key0 + 8 * half + e + rot)] : 0.f;
-    if (gpost && kMix2 == 0) mix_in_place(x[part], sInHi, sInLo, sFrag, kPostT, sOut, gp, warp, lane);
   }
-  if (gpost && kMix2 == 1) mix_in_place2(x[0], x[1], sInHi, sInLo, sFrag, kPostT, sOut, gp, warp, lane);
-  if (gpost && kMix2 == 2) mix_in_place2_cl(x[0], x[1], sInHi, sInLo, hi1, lo1, sFrag, kPostT, sOut, gp, warp, lane);
+  if (gpost && kCl) mix_in_place2_cl(x[0], x[1], sInHi, sInLo, hi1, lo1, sFrag, kPostT, sOut, gp, warp, lane);
+  if (gpost && !kCl) mix_in_place2(x[0], x[1], sInHi, sInLo, sFrag, kPostT, sOut, gp, warp, lane);
 #pragma unroll
   for (int part = 0; part < 2; ++part) {
     float* wrow = dwin + (kTile * part + r) * R::kPitch;
     const int row = m0 + kTile * part + r;
-    if (kTile * part + r < kRows) {
+    if (kTile * part + r < kDRows) {
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         const int key = key0 + 8 * half + e;
@@ -675,7 +674,7 @@ void dispatch_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k
 // (per warp) and dMpre (per head), reduced over the CTAs by reduce_partials_kernel.
 // kUpRows: the rows above the tile that its dS0 reaches (cq1 - 1 <= 7 of them). The dC window holds the
 // own rows and one row of zeros, which the transposed stencil reads for every row outside them.
-constexpr int kQS0Rows = 24, kQDRows = 24, kQCRows = kTile + 1, kUpRows = 8;
+constexpr int kQS0Rows = 24, kQDRows = kDRows, kQCRows = kTile + 1, kUpRows = 8;
 constexpr int kQDoRows = 32;  // the dO rows staged (two tiles) and their scales
 constexpr int kQS0Floats = kQS0Rows * Ring48::kPitch, kQDFloats = kQDRows * Ring48::kPitch;
 constexpr int kQCFloats = kQCRows * Ring48::kPitch;
@@ -818,7 +817,6 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   float* sOut = reinterpret_cast<float*>(sInLo + kInElems);  // one CTA: two tiles per head (smem_pre_bytes)
   bf16* sInHi1 = kCl ? reinterpret_cast<bf16*>(sOut + L * kXT) : nullptr;  // a cluster's second MixIn pair
   bf16* sInLo1 = kCl ? sInHi1 + kInElems : nullptr;
-  constexpr int kMix2 = kCl ? 2 : 1;  // dA2's two mixes in one exchange (da2_tile_to_window)
 
   const GroupPlace gp = group_place(G, C);
   const int units = H / G, b = static_cast<int>(blockIdx.x) / C / units, u = static_cast<int>(blockIdx.x) / C % units;
@@ -884,10 +882,10 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
 
   s0_tile_to_window<D, S, kTile, Ring48, kQS0Rows>(s0w, sTile, k, qf, 0, m0 + 8, T, scale, off1, lane);
   s0_tile_to_window<D, S, kTile, Ring48, kQS0Rows>(s0w, sTile, k, qf, 1, m0 + 8, T, scale, off1, lane);
-  da2_tile_to_window<D, S, Ring48, kQDRows, kMix2>(dw, sTile, v, vmax, dof, sInvRow, 0, m0, T, rot_d, gpost, sInHi,
-                                                   sInLo, sFrag, sOut, gp, warp, lane, sInHi1, sInLo1);
-  da2_tile_to_window<D, S, Ring48, kQDRows, kMix2>(dw, sTile, v, vmax, dof, sInvRow, 1, m0, T, rot_d, gpost, sInHi,
-                                                   sInLo, sFrag, sOut, gp, warp, lane, sInHi1, sInLo1);
+  da2_tile_to_window<D, S, Ring48, kCl>(dw, sTile, v, vmax, dof, sInvRow, 0, m0, T, rot_d, gpost, sInHi, sInLo,
+                                        sFrag, sOut, gp, warp, lane, sInHi1, sInLo1);
+  da2_tile_to_window<D, S, Ring48, kCl>(dw, sTile, v, vmax, dof, sInvRow, 1, m0, T, rot_d, gpost, sInHi, sInLo,
+                                        sFrag, sOut, gp, warp, lane, sInHi1, sInLo1);
   dc_tile_to_window<kCq1, kCk1, kCq2, kCk2, !kCl>(dcw, s0w, dw, myWpre, myWpost, cq1, ck1, cq2, ck2, rot_c, gpre,
                                                  sInHi, sInLo, sFrag, sOut, gp, warp, lane, 0, m0, T, lse2, dlt, accq);
   const int n_end = min(T, m0 + kTile);
@@ -904,8 +902,8 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     }
     __syncwarp();  // every lane has read S0 tile kt - 1 before tile kt + 2 replaces it
     s0_tile_to_window<D, S, kTile, Ring48, kQS0Rows>(s0w, sTile, k, qf, kt + 2, m0 + 8, T, scale, off1, lane);
-    da2_tile_to_window<D, S, Ring48, kQDRows, kMix2>(dw, sTile, v, vmax, dof, sInvRow, kt + 2, m0, T, rot_d, gpost,
-                                                     sInHi, sInLo, sFrag, sOut, gp, warp, lane, sInHi1, sInLo1);
+    da2_tile_to_window<D, S, Ring48, kCl>(dw, sTile, v, vmax, dof, sInvRow, kt + 2, m0, T, rot_d, gpost, sInHi,
+                                          sInLo, sFrag, sOut, gp, warp, lane, sInHi1, sInLo1);
     // K of this block for dQ, landing while dC tile kt + 1 is computed (the V tile's reads are done).
     warp_load_rows_zero<D, S, kTile>(sTile, k, n0, T, lane);
     cp_async_commit();
