@@ -858,6 +858,14 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     dof.take(sDo, lane);
     __syncwarp();
   }
+  if constexpr (!kSm) {
+    // Rows 8 .. 15 of the second Q tile (Q rows m0 + 16 .. m0 + 23) and of the second dO tile (dO rows
+    // m0 + 24 .. m0 + 31) feed only product rows that the 24-row S0 and dA2 windows drop, and dK reads
+    // rows 0 .. 7 of Q's second tile only. Zero registers free 16 live ones: the clustered 6 x 11
+    // kernels spilled up to 100 bytes with them, 0 without (ptxas).
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) qf.a[1][kk][1] = qf.a[1][kk][3] = dof.a[1][kk][1] = dof.a[1][kk][3] = 0u;
+  }
   for (int i = lane; i < (kQS0Floats + kQDFloats + kQCFloats) / 4; i += 32)
     reinterpret_cast<float4*>(s0w)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int i = lane; i < up_floats<D>() / 4; i += 32) sUp[i] = make_float4(0.f, 0.f, 0.f, 0.f);
