@@ -210,17 +210,33 @@ __device__ __forceinline__ void write_partials(float* part_w, float* part_m, siz
     }
 }
 
+// Kernel P's windows are pass 2's rows on rings of 48 keys (session 18): three key tiles are all it
+// reads (S0 tiles kt .. kt + 2, A tiles kt - 1 .. kt + 1; replay_kq_layer_backward.py runs kernel_p on
+// rings of 48 and asserts every tile it reads), and the 3.5 KB per warp this saves against rings of 64
+// make room for the pre mix's second MixOut tile (one CTA) or second MixIn pair (clusters at D = 64).
+constexpr int kPS0Floats = (kS0Top + kTile) * Ring48::kPitch, kPAFloats = (kATop + kTile) * Ring48::kPitch;
+static_assert(kPS0Floats * sizeof(float) >= 32 * (64 + 8) * sizeof(bf16), "Q staging fits kernel P's S0 window");
+
 template <int D>
 constexpr size_t warp_region_post_bytes() {
-  return (kS0Floats + kAFloats) * sizeof(float) + 3 * static_cast<size_t>(kTile) * (D + 8) * sizeof(bf16) +
+  return (kPS0Floats + kPAFloats) * sizeof(float) + 3 * static_cast<size_t>(kTile) * (D + 8) * sizeof(bf16) +
          kept_rows_bytes<D>(1);
 }
 
+// cl: on a cluster. two: the pre mix's two parts in one exchange, with MixOut's second tile per head in
+// one CTA (mix_in_place2), with a second MixIn pair after MixOut on a cluster (mix_in_place2_cl).
 template <int D>
-constexpr size_t smem_post_bytes(int G) {
+constexpr size_t smem_post_bytes(int G, bool cl, bool two) {
   return static_cast<size_t>(G) * (warp_region_post_bytes<D>() + 3 * kHeadTaps * sizeof(float)) +
          kFragWords * sizeof(uint32_t) + 2 * static_cast<size_t>(kInElems) * sizeof(bf16) +
-         static_cast<size_t>(G) * kXT * sizeof(float);
+         (two && !cl ? 2 : 1) * static_cast<size_t>(G) * kXT * sizeof(float) +
+         (two && cl ? 2 * static_cast<size_t>(kInElems) * sizeof(bf16) : 0);
+}
+// Where the second MixIn pair fits: at D = 64 (8 heads per CTA) 227,456 of 232,448 bytes; at D = 128
+// (4 heads and their kept Q rows) it would take 235,072, so there the parts keep an exchange each.
+template <int D>
+constexpr bool post_two(bool cl) {
+  return !cl || smem_post_bytes<D>(bwd_heads(D), true, true) <= kMaxSmemPerCta;
 }
 
 // The convolution's weight-gradient terms of one row's 8 outputs (the adjoint of conv_row8 in the taps):
@@ -404,8 +420,8 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   unsigned char* region = smem_raw + static_cast<size_t>(warp) * warp_region_post_bytes<D>();
   float* s0win = reinterpret_cast<float*>(region);
-  float* awin = s0win + kS0Floats;
-  bf16* sTile = reinterpret_cast<bf16*>(awin + kAFloats);  // K, then V
+  float* awin = s0win + kPS0Floats;
+  bf16* sTile = reinterpret_cast<bf16*>(awin + kPAFloats);  // K, then V
   bf16* sDo = sTile + kTile * S;                           // the tile's dO rows
   bf16* sDoLo = sDo + kTile * S;                           // their remainders (with dout_lo)
   bf16* sKept = sDoLo + kTile * S;                         // D = 128: the Q rows
@@ -424,8 +440,13 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   const float* myWpre = sh.wpre + warp * kHeadTaps;
   const float* myWpost = sh.wpost + warp * kHeadTaps;
   float* myDw = sh.dw + warp * kHeadTaps;
-  // One CTA: the coefficients block-diagonal, for the Mpost^T mix of MixIn's slots G .. 2G - 1.
+  // One CTA: the coefficients block-diagonal, for the Mpost^T mix of MixIn's slots G .. 2G - 1 and the
+  // pre mix's second part there.
+  constexpr bool kTwo = post_two<D>(kCl);
+  bf16* sInHi1 = kCl && kTwo ? reinterpret_cast<bf16*>(sOut + L * kXT) : nullptr;
+  bf16* sInLo1 = kCl && kTwo ? sInHi1 + kInElems : nullptr;
   load_taps_and_mix(sh, pl, wpre, cq1, ck1, wpost, cq2, ck2, mpre, gpre, mpost, gpost, G, warp, lane, kCl ? 1 : 2);
+  if (kCl && kTwo && gpre) zero_in(sInHi1), zero_in(sInLo1);  // padding slots stay zero
 
   // Q rows m0 - 16 .. m0 + 15 (staged in the S0 window at D = 64, kept in sKept at D = 128) and the
   // tile's dO rows (sDo) as A fragments.
@@ -439,7 +460,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   cp_async_wait_all();
   __syncwarp();
   dof.take(sDo, lane);
-  for (int i = lane; i < (kS0Floats + kAFloats) / 4; i += 32)
+  for (int i = lane; i < (kPS0Floats + kPAFloats) / 4; i += 32)
     reinterpret_cast<float4*>(s0win)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
   const int r = lane & 15, half = lane >> 4, g = lane >> 2, t = lane & 3;
   float lse2[2];
@@ -461,20 +482,20 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   float dmp[kDmp] = {};  // at the end: dMpost of this warp's head with head y0 + yy of its group
   float accm[2][4] = {};  // the warp's dMpost terms (grad_terms_and_mix; on clusters grad_terms_cl)
   float dl[kMaxCq] = {};  // runtime sizes: delta's terms (add_delta_terms)
-  s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qf, 0, m0, T, scale, off1, lane);
-  s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qf, 1, m0, T, scale, off1, lane);
-  a_tile_to_window<kCq1, kCk1, false>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, gp, warp,
-                                     lane, 0, m0, T, lse2);
+  s0_tile_to_window<D, S, kS0Top, Ring48>(s0win, sTile, k, qf, 0, m0, T, scale, off1, lane);
+  s0_tile_to_window<D, S, kS0Top, Ring48>(s0win, sTile, k, qf, 1, m0, T, scale, off1, lane);
+  a_tile_to_window<kCq1, kCk1, kTwo, Ring48>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, gp,
+                                             warp, lane, 0, m0, T, lse2, sInHi1, sInLo1);
   const int n_end = min(T, m0 + kTile), row = m0 + r;
   for (int n0 = 0; n0 < n_end; n0 += kTile) {
     const int kt = n0 / kTile;
-    s0_tile_to_window<D, S, kS0Top>(s0win, sTile, k, qf, kt + 2, m0, T, scale, off1, lane);
+    s0_tile_to_window<D, S, kS0Top, Ring48>(s0win, sTile, k, qf, kt + 2, m0, T, scale, off1, lane);
     warp_load_rows_zero<D, S, kTile>(sTile, v, n0, T, lane);  // V lands while A and A2 are computed
     cp_async_commit();
-    a_tile_to_window<kCq1, kCk1, false>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, gp,
-                                       warp, lane, kt + 1, m0, T, lse2);
+    a_tile_to_window<kCq1, kCk1, kTwo, Ring48>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut,
+                                               gp, warp, lane, kt + 1, m0, T, lse2, sInHi1, sInLo1);
     float a2[8], a3[8];
-    conv_row8<kCq2, kCk2>(awin, myWpost, cq2, ck2, kATop + r, n0 + 8 * half, a2);
+    conv_row8<kCq2, kCk2, Ring48>(awin, myWpost, cq2, ck2, kATop + r, n0 + 8 * half, a2);
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       if (n0 + 8 * half + e > row) a2[e] = 0.f;  // A2: the future set to 0 (keys past T are in it)
@@ -548,9 +569,9 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     // dWpost, whose per-lane terms also give delta (the compiled sizes imply kq_post: paper_sizes;
     // without kq_post the identity taps give delta alone).
     if constexpr (kCq2 > 0)
-      conv_grad_row8<kCq2, kCk2>(awin, kATop + r, n0 + 8 * half, da2, accw);
+      conv_grad_row8<kCq2, kCk2, Ring48>(awin, kATop + r, n0 + 8 * half, da2, accw);
     else
-      conv_grad_row8_rt<Ring64, true>(awin, myWpost, cq2, ck2, kATop + r, n0 + 8 * half, da2,
+      conv_grad_row8_rt<Ring48, true>(awin, myWpost, cq2, ck2, kATop + r, n0 + 8 * half, da2,
                                       has_post ? myDw : nullptr, dl, lane);
     __syncwarp();  // every lane has read its dA2 before the next block's MixOut writes
   }
@@ -620,7 +641,7 @@ void launch_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, 
   const KqConv pre = pre_conv(spec);
   const KqConv post = post_conv(spec);
   const int C = cluster_size(G, bwd_heads(D));
-  const size_t smem = smem_post_bytes<D>(group_warps(G, C));
+  const size_t smem = smem_post_bytes<D>(group_warps(G, C), C > 1, post_two<D>(C > 1));
   auto kernel = C == 1 ? flash_kq_layer_post_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, false>
                        : flash_kq_layer_post_grad_kernel<D, kCq1, kCk1, kCq2, kCk2, true>;
   launch_grouped(kernel, B, H, G, C, T, smem, s, q, k, v, dout, spec.kq_pre ? wpre : nullptr, mpre, gpre,
@@ -713,8 +734,10 @@ static_assert(smem_pre_bytes<64>(bwd_heads(64), false) <= kMaxSmemPerCta &&
                   smem_pre_bytes<64>(bwd_heads(64), true) <= kMaxSmemPerCta &&
                   smem_pre_bytes<128>(bwd_heads(128), false) <= kMaxSmemPerCta &&
                   smem_pre_bytes<128>(bwd_heads(128), true) <= kMaxSmemPerCta &&
-                  smem_post_bytes<64>(bwd_heads(64)) <= kMaxSmemPerCta &&
-                  smem_post_bytes<128>(bwd_heads(128)) <= kMaxSmemPerCta,
+                  smem_post_bytes<64>(bwd_heads(64), false, post_two<64>(false)) <= kMaxSmemPerCta &&
+                  smem_post_bytes<64>(bwd_heads(64), true, post_two<64>(true)) <= kMaxSmemPerCta &&
+                  smem_post_bytes<128>(bwd_heads(128), false, post_two<128>(false)) <= kMaxSmemPerCta &&
+                  smem_post_bytes<128>(bwd_heads(128), true, post_two<128>(true)) <= kMaxSmemPerCta,
               "the backward's CTAs fit their heads' shared memory");
 
 // dst[0 .. 7] += the 8 bf16 of v (four bf16x2 atomic additions; dst 16-byte aligned).
