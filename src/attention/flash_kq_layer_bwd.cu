@@ -117,13 +117,12 @@ __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const
   __syncwarp();
   float acc0[2][4] = {}, acc1[2][4] = {};
   two_tile_mma<D, S, true>(acc0, acc1, sVt, dof, lane);
-  const auto cols = R::from(key0 + 2 * t + rot);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float i0 = inv_row[g + 8 * r], i1 = inv_row[kTile + g + 8 * r];
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const int c0 = cols(8 * j), c1 = cols(8 * j + 1);
+      const int key = key0 + 8 * j + 2 * t, c0 = R::col(key + rot), c1 = R::col(key + 1 + rot);
       float* w0 = dwin + (g + 8 * r) * R::kPitch;
       float* w1 = dwin + (kTile + g + 8 * r) * R::kPitch;
       w0[c0] = acc0[j][2 * r] * i0, w0[c1] = acc0[j][2 * r + 1] * i0;
@@ -132,14 +131,13 @@ __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const
   }
   __syncwarp();  // each lane now mixes and masks the positions of its own row r and keys 8 half ..
   const int r = lane & 15, half = lane >> 4;
-  const auto run = R::from(key0 + 8 * half + rot);  // this lane's keys
   float x[2][8];
 #pragma unroll
   for (int part = 0; part < 2; ++part) {
     const float* wrow = dwin + (kTile * part + r) * R::kPitch;
     const bool live = kTile * part + r < kDRows;  // every lane takes the mix
 #pragma unroll
-    for (int e = 0; e < 8; ++e) x[part][e] = live ? wrow[run(e)] : 0.f;
+    for (int e = 0; e < 8; ++e) x[part][e] = live ? wrow[R::col(key0 + 8 * half + e + rot)] : 0.f;
   }
   if (gpost && kCl) mix_in_place2_cl(x[0], x[1], sInHi, sInLo, hi1, lo1, sFrag, kPostT, sOut, gp, warp, lane);
   if (gpost && !kCl) mix_in_place2(x[0], x[1], sInHi, sInLo, sFrag, kPostT, sOut, gp, warp, lane);
@@ -151,7 +149,7 @@ __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         const int key = key0 + 8 * half + e;
-        wrow[run(e)] = key > row ? 0.f : x[part][e];
+        wrow[R::col(key + rot)] = key > row ? 0.f : x[part][e];
       }
     }
   }
@@ -247,14 +245,13 @@ template <int kCq, int kCk, class R = Ring64>
 __device__ __forceinline__ void conv_grad_row8(const float* win, int wrow, int x0, const float (&d)[8],
                                                float (&acc)[kCq][kCk]) {
   constexpr int kValChunks = (8 + kCk - 1 + 3) / 4;
-  const auto cols = R::from(x0);
 #pragma unroll
   for (int a = 0; a < kCq; ++a) {
     const float* row = win + (wrow - (kCq - 1) + a) * R::kPitch;
     float vals[4 * kValChunks];
 #pragma unroll
     for (int i = 0; i < kValChunks; ++i) {
-      const float4 f = *reinterpret_cast<const float4*>(row + cols(4 * i));
+      const float4 f = *reinterpret_cast<const float4*>(row + R::col(x0 + 4 * i));
       vals[4 * i] = f.x, vals[4 * i + 1] = f.y, vals[4 * i + 2] = f.z, vals[4 * i + 3] = f.w;
     }
 #pragma unroll
@@ -270,7 +267,6 @@ __device__ __forceinline__ void conv_grad_row8(const float* win, int wrow, int x
 template <class R = Ring64, bool kDl = false>
 __device__ __forceinline__ void conv_grad_row8_rt(const float* win, const float* w, int cq, int ck, int wrow, int x0,
                                                   const float (&d)[8], float* sDw, float (&dl)[kMaxCq], int lane) {
-  const auto cols = R::from(x0);
 #pragma unroll
   for (int a = 0; a < kMaxCq; ++a) {  // unrolled, so that dl stays in registers
     if (a >= cq) break;
@@ -278,7 +274,7 @@ __device__ __forceinline__ void conv_grad_row8_rt(const float* win, const float*
     for (int c = 0; c < ck; ++c) {
       float s = 0.f;
 #pragma unroll
-      for (int e = 0; e < 8; ++e) s = fmaf(d[e], row[cols(e + c)], s);
+      for (int e = 0; e < 8; ++e) s = fmaf(d[e], row[R::col(x0 + e + c)], s);
       if constexpr (kDl) dl[a] = fmaf(w[a * kTapPitch + c], s, dl[a]);
       if (sDw) {
         s = warp_sum(s);
@@ -797,9 +793,8 @@ __device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, 
     mix_done(gp);  // every warp (of the cluster) has read C from MixIn before dC' replaces it
     mix_in_place(dcp, sInHi, sInLo, sFrag, kPreT, sOut, gp, warp, lane);  // dC' -> dC
   }
-  const auto cols = Ring48::from(x0 + c_rot);
 #pragma unroll
-  for (int e = 0; e < 8; ++e) dcw[r * Ring48::kPitch + cols(e)] = dcp[e];
+  for (int e = 0; e < 8; ++e) dcw[r * Ring48::kPitch + Ring48::col(x0 + e + c_rot)] = dcp[e];
   __syncwarp();
 }
 
@@ -929,9 +924,8 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     const int kt = n0 / kTile, x0 = n0 + 8 * half;
     {  // 1. dWpre from the own rows of dC (block kt) and the S0 window
       float d[8];
-      const auto cols = Ring48::from(x0 + rot_c);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) d[e] = dcw[r * Ring48::kPitch + cols(e)];
+      for (int e = 0; e < 8; ++e) d[e] = dcw[r * Ring48::kPitch + Ring48::col(x0 + e + rot_c)];
       if constexpr (kCq1 > 0)
         conv_grad_row8<kCq1, kCk1, Ring48>(s0w, r + 8, x0, d, accw);
       else

@@ -71,28 +71,15 @@ constexpr int kWinFloats = kWinRows * kWinPitch;
 // a stencil reading 16 consecutive rows hit distinct banks). The forward and kernel P use rings of 64
 // keys; kernel Q, which holds three windows per head, rings of 48 (three key tiles, all it needs:
 // replay_kq_layer_backward.py checks the occupancy).
-// from(x)(d): the column of key x + d, 0 <= d < kSize, for the several d of one lane's run of keys: on
-// Ring48 one modulo for the run and a conditional subtraction per key (session 18: kernel P on Ring48
-// with a modulo per key cost 2% of the paper LM's backward); on Ring64 the mask, as col.
 struct Ring64 {
   static constexpr int kSize = 64, kPitch = 68;
   static __device__ __forceinline__ int col(int x) { return x & (kSize - 1); }
-  struct Cols {
-    int x;
-    __device__ __forceinline__ int operator()(int d) const { return (x + d) & (kSize - 1); }
-  };
-  static __device__ __forceinline__ Cols from(int x) { return {x}; }
 };
 struct Ring48 {
   static constexpr int kSize = 48, kPitch = 52;
   // x >= 0. Unsigned: a constant modulo without the signed fix-ups (session 12: ncu put Ring48::col at 3% of
   // kernel Q's instructions, from the windows' per-element stores).
   static __device__ __forceinline__ int col(int x) { return static_cast<int>(static_cast<unsigned>(x) % kSize); }
-  struct Cols {
-    int c;  // col(x)
-    __device__ __forceinline__ int operator()(int d) const { return c + d >= kSize ? c + d - kSize : c + d; }
-  };
-  static __device__ __forceinline__ Cols from(int x) { return {col(x)}; }
 };
 static_assert(Ring64::kPitch == kWinPitch, "the forward's windows are Ring64's");
 
@@ -251,13 +238,12 @@ __device__ __forceinline__ void s0_tile_to_window(float* win, bf16* sKt, const b
   }
   float acc0[2][4] = {}, acc1[2][4] = {};
   two_tile_products<D, S>(acc0, acc1, sKt, k, key0, T, qf, lane);
-  const auto cols = R::from(key0 + 2 * t + rot);
 #pragma unroll
   for (int j = 0; j < 2; ++j)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       // Two scalar stores: with an odd rotation the pair's columns are not 8-byte aligned.
-      const int key = key0 + 8 * j + 2 * t, c0 = cols(8 * j), c1 = cols(8 * j + 1);
+      const int key = key0 + 8 * j + 2 * t, c0 = R::col(key + rot), c1 = R::col(key + 1 + rot);
       // Q tile 1: rows m0 + g + 8r, window rows kTop + g + 8r (those < kRows).
       if (kTop + 8 * r + 8 <= kRows) {
         const int row1 = m0 + g + 8 * r;
@@ -287,7 +273,6 @@ __device__ __forceinline__ void s0_tile_to_window(float* win, bf16* sKt, const b
 template <int kCq, int kCk, class R = Ring64, int kN = 8>
 __device__ __forceinline__ void conv_row8(const float* win, const float* w, int cq, int ck, int wrow, int x0,
                                           float (&out)[kN]) {
-  const auto cols = R::from(x0);
 #pragma unroll
   for (int e = 0; e < kN; ++e) out[e] = 0.f;
   if constexpr (kCq > 0) {
@@ -299,7 +284,7 @@ __device__ __forceinline__ void conv_row8(const float* win, const float* w, int 
       float vals[4 * kValChunks], taps[4 * kTapChunks];
 #pragma unroll
       for (int i = 0; i < kValChunks; ++i) {
-        const float4 f = *reinterpret_cast<const float4*>(row + cols(4 * i));
+        const float4 f = *reinterpret_cast<const float4*>(row + R::col(x0 + 4 * i));
         vals[4 * i] = f.x, vals[4 * i + 1] = f.y, vals[4 * i + 2] = f.z, vals[4 * i + 3] = f.w;
       }
 #pragma unroll
@@ -318,7 +303,7 @@ __device__ __forceinline__ void conv_row8(const float* win, const float* w, int 
       for (int c = 0; c < ck; ++c) {
         const float wc = w[a * kTapPitch + c];
 #pragma unroll
-        for (int e = 0; e < kN; ++e) out[e] = fmaf(wc, row[cols(e + c)], out[e]);
+        for (int e = 0; e < kN; ++e) out[e] = fmaf(wc, row[R::col(x0 + e + c)], out[e]);
       }
     }
   }
@@ -336,7 +321,6 @@ __device__ __forceinline__ void conv_row8_t(const float* win, const float* w, in
   auto row_at = [&](int wr) {
     return zero != nullptr && (wr < 0 || wr >= live_rows) ? zero : win + wr * R::kPitch;
   };
-  const auto cols = R::from(x0);
 #pragma unroll
   for (int e = 0; e < kN; ++e) out[e] = 0.f;
   if constexpr (kCq > 0) {
@@ -347,7 +331,7 @@ __device__ __forceinline__ void conv_row8_t(const float* win, const float* w, in
       float vals[4 * kValChunks], taps[4 * kTapChunks];
 #pragma unroll
       for (int i = 0; i < kValChunks; ++i) {
-        const float4 f = *reinterpret_cast<const float4*>(row + cols(4 * i));
+        const float4 f = *reinterpret_cast<const float4*>(row + R::col(x0 + 4 * i));
         vals[4 * i] = f.x, vals[4 * i + 1] = f.y, vals[4 * i + 2] = f.z, vals[4 * i + 3] = f.w;
       }
 #pragma unroll
@@ -366,7 +350,7 @@ __device__ __forceinline__ void conv_row8_t(const float* win, const float* w, in
       for (int c = 0; c < ck; ++c) {
         const float wc = w[(cq - 1 - a) * kTapPitch + ck - 1 - c];
 #pragma unroll
-        for (int e = 0; e < kN; ++e) out[e] = fmaf(wc, row[cols(e + c)], out[e]);
+        for (int e = 0; e < kN; ++e) out[e] = fmaf(wc, row[R::col(x0 + e + c)], out[e]);
       }
     }
   }
@@ -608,7 +592,6 @@ __device__ __forceinline__ void a_tile_to_window(float* awin, const float* s0win
                                                  int lane, int tile, int m0, int T, const float (&lse2)[2],
                                                  bf16* sInHi1 = nullptr, bf16* sInLo1 = nullptr) {
   const int r = lane & 15, half = lane >> 4, key0 = kTile * tile;
-  const auto cols = R::from(key0 + 8 * half + a_rot);
   if constexpr (kTwo) {
     float c[2][8] = {};
     if (key0 <= m0 + kTile - 1) {  // not all future (the same for every lane)
@@ -632,8 +615,8 @@ __device__ __forceinline__ void a_tile_to_window(float* awin, const float* s0win
           const bool ok = row >= 0 && row < T;
           const float a0 = ok && key <= row ? exp2f(fmaf(c[part][e], kLog2e, -lse2[part])) : 0.f;
           const float a1 = ok && key + 1 <= row ? exp2f(fmaf(c[part][e + 1], kLog2e, -lse2[part])) : 0.f;
-          awin[rr * R::kPitch + cols(e)] = a0;
-          awin[rr * R::kPitch + cols(e + 1)] = a1;
+          awin[rr * R::kPitch + R::col(key + a_rot)] = a0;
+          awin[rr * R::kPitch + R::col(key + 1 + a_rot)] = a1;
         }
       }
     }
@@ -657,8 +640,8 @@ __device__ __forceinline__ void a_tile_to_window(float* awin, const float* s0win
           const bool ok = row >= 0 && row < T;
           const float a0 = ok && key <= row ? exp2f(fmaf(c[e], kLog2e, -lse2[part])) : 0.f;
           const float a1 = ok && key + 1 <= row ? exp2f(fmaf(c[e + 1], kLog2e, -lse2[part])) : 0.f;
-          awin[rr * R::kPitch + cols(e)] = a0;  // scalar: an odd rotation misaligns pairs
-          awin[rr * R::kPitch + cols(e + 1)] = a1;
+          awin[rr * R::kPitch + R::col(key + a_rot)] = a0;  // scalar: an odd rotation misaligns pairs
+          awin[rr * R::kPitch + R::col(key + 1 + a_rot)] = a1;
         }
       }
     }
