@@ -232,8 +232,8 @@ constexpr size_t smem_post_bytes(int G, bool cl, bool two) {
          (two && !cl ? 2 : 1) * static_cast<size_t>(G) * kXT * sizeof(float) +
          (two && cl ? 2 * static_cast<size_t>(kInElems) * sizeof(bf16) : 0);
 }
-// Where the second MixIn pair fits: at D = 64 (8 heads per CTA) 227,456 of 232,448 bytes; at D = 128
-// (4 heads and their kept Q rows) it would take 235,072, so there the parts keep an exchange each.
+// Whether the second MixIn pair fits a cluster's CTA: at D = 64 (8 heads) 227,456 of 232,448 bytes, at
+// D = 128 (4 heads and their kept Q rows) 200,256. Rings of 64 (231,040 bytes at D = 64) left no room.
 template <int D>
 constexpr bool post_two(bool cl) {
   return !cl || smem_post_bytes<D>(bwd_heads(D), true, true) <= kMaxSmemPerCta;
