@@ -404,9 +404,6 @@ __device__ __forceinline__ void add_delta_terms(const float (&dl)[kA], int cq, f
   if (real && lane >= 8 - (cq - 1) && lane < 24 && row >= 0 && row < T) atomicAdd(delta + row, scr[lane]);
 }
 
-// Kernel P's stencils with their loops over tap rows not unrolled, as kernel Q's (kQRolled below).
-constexpr bool kPRolled = true;
-
 template <int D, int kCq1, int kCk1, int kCq2, int kCk2, bool kCl>
 __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     flash_kq_layer_post_grad_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k,
@@ -487,19 +484,18 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   float dl[kMaxCq] = {};  // runtime sizes: delta's terms (add_delta_terms)
   s0_tile_to_window<D, S, kS0Top, Ring48>(s0win, sTile, k, qf, 0, m0, T, scale, off1, lane);
   s0_tile_to_window<D, S, kS0Top, Ring48>(s0win, sTile, k, qf, 1, m0, T, scale, off1, lane);
-  a_tile_to_window<kCq1, kCk1, kTwo, Ring48, kPRolled>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag,
-                                                       sOut, gp, warp, lane, 0, m0, T, lse2, sInHi1, sInLo1);
+  a_tile_to_window<kCq1, kCk1, kTwo, Ring48>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut, gp,
+                                             warp, lane, 0, m0, T, lse2, sInHi1, sInLo1);
   const int n_end = min(T, m0 + kTile), row = m0 + r;
   for (int n0 = 0; n0 < n_end; n0 += kTile) {
     const int kt = n0 / kTile;
     s0_tile_to_window<D, S, kS0Top, Ring48>(s0win, sTile, k, qf, kt + 2, m0, T, scale, off1, lane);
     warp_load_rows_zero<D, S, kTile>(sTile, v, n0, T, lane);  // V lands while A and A2 are computed
     cp_async_commit();
-    a_tile_to_window<kCq1, kCk1, kTwo, Ring48, kPRolled>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo,
-                                                         sFrag, sOut, gp, warp, lane, kt + 1, m0, T, lse2, sInHi1,
-                                                         sInLo1);
+    a_tile_to_window<kCq1, kCk1, kTwo, Ring48>(awin, s0win, myWpre, cq1, ck1, off2, gpre, sInHi, sInLo, sFrag, sOut,
+                                               gp, warp, lane, kt + 1, m0, T, lse2, sInHi1, sInLo1);
     float a2[8], a3[8];
-    conv_row8<kCq2, kCk2, Ring48, 8, kPRolled>(awin, myWpost, cq2, ck2, kATop + r, n0 + 8 * half, a2);
+    conv_row8<kCq2, kCk2, Ring48>(awin, myWpost, cq2, ck2, kATop + r, n0 + 8 * half, a2);
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       if (n0 + 8 * half + e > row) a2[e] = 0.f;  // A2: the future set to 0 (keys past T are in it)

@@ -598,8 +598,8 @@ constexpr int kAFloats = (kATop + kTile) * kWinPitch;
 // for both (mix_in_place2: 4 barriers per key block instead of 6); on a cluster (sInHi1, sInLo1: the
 // second MixIn pair) one exchange for both products (mix_in_place2_cl; session 16). Kernel P, which has
 // no shared memory for the second pair, takes them one by one (kTwo false).
-// R: the rings of both windows (pass 2's Ring64, kernel P's Ring48). kRolled: conv_row8's.
-template <int kCq, int kCk, bool kTwo, class R = Ring64, bool kRolled = false>
+// R: the rings of both windows (pass 2's Ring64, kernel P's Ring48).
+template <int kCq, int kCk, bool kTwo, class R = Ring64>
 __device__ __forceinline__ void a_tile_to_window(float* awin, const float* s0win, const float* w, int cq, int ck,
                                                  int a_rot, int gpre, bf16* sInHi, bf16* sInLo,
                                                  const uint32_t* sFrag, float* sOut, const GroupPlace& gp, int warp,
@@ -609,11 +609,11 @@ __device__ __forceinline__ void a_tile_to_window(float* awin, const float* s0win
   if constexpr (kTwo) {
     float c[2][8] = {};
     if (key0 <= m0 + kTile - 1) {  // not all future (the same for every lane)
-      conv_row8<kCq, kCk, R, 8, kRolled>(s0win, w, cq, ck, r + (kS0Top - kATop), key0 + 8 * half, c[0]);
+      conv_row8<kCq, kCk, R>(s0win, w, cq, ck, r + (kS0Top - kATop), key0 + 8 * half, c[0]);
       if constexpr (kCq > 0)  // part 1: rows 16 .. 23 only
-        conv_half_live<false, kCq, kCk, R, kRolled>(s0win, w, cq, ck, kTile + (kS0Top - kATop), key0 + 8 * half, lane, c[1]);
+        conv_half_live<false, kCq, kCk, R>(s0win, w, cq, ck, kTile + (kS0Top - kATop), key0 + 8 * half, lane, c[1]);
       else if (kTile + r < kATop + kTile)
-        conv_row8<kCq, kCk, R, 8, kRolled>(s0win, w, cq, ck, kTile + r + (kS0Top - kATop), key0 + 8 * half, c[1]);
+        conv_row8<kCq, kCk, R>(s0win, w, cq, ck, kTile + r + (kS0Top - kATop), key0 + 8 * half, c[1]);
     }
     if (gpre && gp.C > 1)
       mix_in_place2_cl(c[0], c[1], sInHi, sInLo, sInHi1, sInLo1, sFrag, kPre, sOut, gp, warp, lane);
@@ -642,9 +642,9 @@ __device__ __forceinline__ void a_tile_to_window(float* awin, const float* s0win
       float c[8] = {};
       if (part == 1 && kCq > 0) {  // rows 16 .. 23 only (warp-uniform)
         if (key0 <= m0 + kTile - 1)
-          conv_half_live<false, kCq, kCk, R, kRolled>(s0win, w, cq, ck, kTile + (kS0Top - kATop), key0 + 8 * half, lane, c);
+          conv_half_live<false, kCq, kCk, R>(s0win, w, cq, ck, kTile + (kS0Top - kATop), key0 + 8 * half, lane, c);
       } else if (live) {
-        conv_row8<kCq, kCk, R, 8, kRolled>(s0win, w, cq, ck, rr + (kS0Top - kATop), key0 + 8 * half, c);
+        conv_row8<kCq, kCk, R>(s0win, w, cq, ck, rr + (kS0Top - kATop), key0 + 8 * half, c);
       }
       if (gpre) mix_in_place(c, sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);
       if (rr < kATop + kTile) {
