@@ -756,11 +756,6 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t a) {
   return d;
 }
 
-// Kernel Q's stencils with their loops over tap rows not unrolled (session 18): its key loop's code
-// overflowed the instruction cache (ncu: 0.38 cycles per issued instruction waiting for instructions,
-// against 0.07 in pass 2).
-constexpr bool kQRolled = true;
-
 // Step 3 above for key tile `tile`. lse2, dlt: lse * log2(e) and delta of row m0 + (lane & 15). accq: the
 // warp's dMpre terms over the own rows, on tensor cores (kOneCta, the group in one CTA, G <= 8:
 // grad_terms_and_mix; on a cluster: grad_terms_cl).
@@ -779,8 +774,8 @@ __device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, 
   }
   const int row = m0 + r, x0 = key0 + 8 * half;
   float c[8], cm[8], da[8], dcp[8];
-  conv_row8<kCq1, kCk1, Ring48, 8, kQRolled>(s0w, wpre, cq1, ck1, r + 8, x0, c);  // S0 window row of m0 + r: r + 8
-  conv_row8_t<kCq2, kCk2, Ring48, 8, kQRolled>(dw, wpost, cq2, ck2, r, x0, da);
+  conv_row8<kCq1, kCk1, Ring48>(s0w, wpre, cq1, ck1, r + 8, x0, c);  // S0 window row of row m0 + r: r + 8
+  conv_row8_t<kCq2, kCk2, Ring48>(dw, wpost, cq2, ck2, r, x0, da);
 #pragma unroll
   for (int e = 0; e < 8; ++e) cm[e] = c[e];
   if (gpre) mix_in_place<false>(cm, sInHi, sInLo, sFrag, kPre, sOut, gp, warp, lane);  // C -> C'; C stays in MixIn
@@ -951,7 +946,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     // (one after the other: together they spilled).
     {
       float ds[8];
-      conv_row8_t<kCq1, kCk1, Ring48, 8, kQRolled>(dcw, myWpre, cq1, ck1, r, x0, ds, dc_zero, kTile);
+      conv_row8_t<kCq1, kCk1, Ring48>(dcw, myWpre, cq1, ck1, r, x0, ds, dc_zero, kTile);
 #pragma unroll
       for (int e = 0; e < 8; e += 2) {
         const float a0 = x0 + e <= row && row < T ? ds[e] : 0.f;
@@ -961,8 +956,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     }
     {
       float du[8];
-      conv_half_live<true, kCq1, kCk1, Ring48, kQRolled>(dcw, myWpre, cq1, ck1, -kUpRows, x0, lane, du, dc_zero,
-                                                          kTile);
+      conv_half_live<true, kCq1, kCk1, Ring48>(dcw, myWpre, cq1, ck1, -kUpRows, x0, lane, du, dc_zero, kTile);
       const int up_row = m0 - kUpRows + r;  // lanes r < 8
       if (r < kUpRows) {
 #pragma unroll

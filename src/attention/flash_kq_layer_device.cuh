@@ -270,9 +270,7 @@ __device__ __forceinline__ void s0_tile_to_window(float* win, bf16* sKt, const b
 // loads per tap row instead of 29 scalar ones (ncu, session 7: these loads were the kernels' largest
 // stall).
 // kN: outputs per lane (8; 4 for conv_half_live, x0 then a multiple of 4).
-// kRolled: the compiled sizes' loop over tap rows not unrolled (one tap row's code instead of kCq: for a
-// kernel whose loop body overflows the instruction cache).
-template <int kCq, int kCk, class R = Ring64, int kN = 8, bool kRolled = false>
+template <int kCq, int kCk, class R = Ring64, int kN = 8>
 __device__ __forceinline__ void conv_row8(const float* win, const float* w, int cq, int ck, int wrow, int x0,
                                           float (&out)[kN]) {
 #pragma unroll
@@ -280,7 +278,8 @@ __device__ __forceinline__ void conv_row8(const float* win, const float* w, int 
   if constexpr (kCq > 0) {
     constexpr int kValChunks = (kN + kCk - 1 + 3) / 4, kTapChunks = (kCk + 3) / 4;
     static_assert(4 * kTapChunks <= kTapPitch, "a tap row's chunks stay in its row");
-    auto tap_row = [&](int a) {
+#pragma unroll
+    for (int a = 0; a < kCq; ++a) {
       const float* row = win + (wrow - (kCq - 1) + a) * R::kPitch;
       float vals[4 * kValChunks], taps[4 * kTapChunks];
 #pragma unroll
@@ -297,13 +296,6 @@ __device__ __forceinline__ void conv_row8(const float* win, const float* w, int 
       for (int c = 0; c < kCk; ++c)
 #pragma unroll
         for (int e = 0; e < kN; ++e) out[e] = fmaf(taps[c], vals[e + c], out[e]);
-    };
-    if constexpr (kRolled) {
-#pragma unroll 1
-      for (int a = 0; a < kCq; ++a) tap_row(a);
-    } else {
-#pragma unroll
-      for (int a = 0; a < kCq; ++a) tap_row(a);
     }
   } else {
     for (int a = 0; a < cq; ++a) {
@@ -323,7 +315,7 @@ __device__ __forceinline__ void conv_row8(const float* win, const float* w, int 
 //   out[e] = sum_{a<cq, c<ck} W[cq - 1 - a, ck - 1 - c] win[wrow + a, x0 + e + c].
 // With `zero` (a row of zeros), the window holds only rows 0 .. live_rows - 1 and every other row reads
 // as zero (kernel Q's dC window, whose rows above and below the tile are zero).
-template <int kCq, int kCk, class R = Ring64, int kN = 8, bool kRolled = false>
+template <int kCq, int kCk, class R = Ring64, int kN = 8>
 __device__ __forceinline__ void conv_row8_t(const float* win, const float* w, int cq, int ck, int wrow, int x0,
                                             float (&out)[kN], const float* zero = nullptr, int live_rows = 0) {
   auto row_at = [&](int wr) {
@@ -333,7 +325,8 @@ __device__ __forceinline__ void conv_row8_t(const float* win, const float* w, in
   for (int e = 0; e < kN; ++e) out[e] = 0.f;
   if constexpr (kCq > 0) {
     constexpr int kValChunks = (kN + kCk - 1 + 3) / 4, kTapChunks = (kCk + 3) / 4;
-    auto tap_row = [&](int a) {
+#pragma unroll
+    for (int a = 0; a < kCq; ++a) {
       const float* row = row_at(wrow + a);
       float vals[4 * kValChunks], taps[4 * kTapChunks];
 #pragma unroll
@@ -350,13 +343,6 @@ __device__ __forceinline__ void conv_row8_t(const float* win, const float* w, in
       for (int c = 0; c < kCk; ++c)
 #pragma unroll
         for (int e = 0; e < kN; ++e) out[e] = fmaf(taps[kCk - 1 - c], vals[e + c], out[e]);
-    };
-    if constexpr (kRolled) {
-#pragma unroll 1
-      for (int a = 0; a < kCq; ++a) tap_row(a);
-    } else {
-#pragma unroll
-      for (int a = 0; a < kCq; ++a) tap_row(a);
     }
   } else {
     for (int a = 0; a < cq; ++a) {
@@ -378,16 +364,16 @@ __device__ __forceinline__ void conv_row8_t(const float* win, const float* w, in
 // half-live 8-output stencils were ~8% of kernel Q's instructions). kT: the transposed convolution.
 // wrow0: the window row of row r = 0. Every lane of the warp must call it. zero, live_rows: conv_row8_t's
 // (the transposed convolution only).
-template <bool kT, int kCq, int kCk, class R = Ring64, bool kRolled = false>
+template <bool kT, int kCq, int kCk, class R = Ring64>
 __device__ __forceinline__ void conv_half_live(const float* win, const float* w, int cq, int ck, int wrow0, int x0,
                                                int lane, float (&out)[8], const float* zero = nullptr,
                                                int live_rows = 0) {
   const int r = lane & 15, rl = r & 7, sub = r >> 3;
   float o4[4];
   if constexpr (kT)
-    conv_row8_t<kCq, kCk, R, 4, kRolled>(win, w, cq, ck, wrow0 + rl, x0 + 4 * sub, o4, zero, live_rows);
+    conv_row8_t<kCq, kCk, R, 4>(win, w, cq, ck, wrow0 + rl, x0 + 4 * sub, o4, zero, live_rows);
   else
-    conv_row8<kCq, kCk, R, 4, kRolled>(win, w, cq, ck, wrow0 + rl, x0 + 4 * sub, o4);
+    conv_row8<kCq, kCk, R, 4>(win, w, cq, ck, wrow0 + rl, x0 + 4 * sub, o4);
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     const float up = __shfl_down_sync(0xffffffffu, o4[e], 8);  // lane r + 8's (same half)
