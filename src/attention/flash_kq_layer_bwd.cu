@@ -1120,6 +1120,26 @@ size_t flash_kq_layer_post_grads_workspace_floats(const AttentionSpec& spec, int
   return ctas * spec.coupled_heads() * (kWStride + kMaxG) + 4;
 }
 
+namespace {
+// The argument checks kernels P and Q share: sizes, the inputs, the forward's weights, dout_lo.
+void require_grad_inputs(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                         const float* kq_pre, const float* head_pre, const float* kq_post, const float* head_post,
+                         const float* lse, const float* workspace, const bf16* dout_lo, int B, int T) {
+  kq_require(B >= 1 && T >= 1, "B and T must be >= 1");
+  kq_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
+             "B * H or T too large");
+  for (const void* p : {static_cast<const void*>(q), static_cast<const void*>(k), static_cast<const void*>(v),
+                        static_cast<const void*>(dout)})
+    kq_require(p != nullptr && aligned16(p), "q, k, v, dout must be non-null and 16-byte aligned");
+  kq_require(lse != nullptr && workspace != nullptr, "lse and the workspace must be non-null");
+  kq_require(!spec.kq_pre || kq_pre != nullptr, "kq_pre is enabled but its weights are null");
+  kq_require(!spec.head_pre || head_pre != nullptr, "head_pre is enabled but its weights are null");
+  kq_require(!spec.kq_post || kq_post != nullptr, "kq_post is enabled but its weights are null");
+  kq_require(!spec.head_post || head_post != nullptr, "head_post is enabled but its weights are null");
+  kq_require(!dout_lo || aligned16(dout_lo), "dout_lo must be 16-byte aligned");
+}
+}  // namespace
+
 void flash_kq_layer_post_grads(const AttentionSpec& spec, const bf16* q, const bf16* k, const bf16* v,
                                const bf16* dout, const float* kq_pre, const float* head_pre, const float* kq_post,
                                const float* head_post, const float* lse, float* dv_acc, float* grad_kq_post,
@@ -1129,22 +1149,11 @@ void flash_kq_layer_post_grads(const AttentionSpec& spec, const bf16* q, const b
   kq_require(flash_kq_layer_post_grads_supported(spec, D),
              "kernel P needs what the forward needs (kq_pre or kq_post, each with cq <= 8, ck <= 15; "
              "head_dim 64 or 128; at most 16 coupled heads)");
-  kq_require(B >= 1 && T >= 1, "B and T must be >= 1");
-  kq_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
-             "B * H or T too large");
-  for (const void* p : {static_cast<const void*>(q), static_cast<const void*>(k), static_cast<const void*>(v),
-                        static_cast<const void*>(dout)})
-    kq_require(p != nullptr && aligned16(p), "q, k, v, dout must be non-null and 16-byte aligned");
-  kq_require(lse != nullptr && dv_acc != nullptr && delta != nullptr && workspace != nullptr,
-             "lse, dv_acc, delta and the workspace must be non-null");
+  require_grad_inputs(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, workspace, dout_lo, B, T);
+  kq_require(dv_acc != nullptr && delta != nullptr, "dv_acc and delta must be non-null");
   kq_require(aligned16(dv_acc), "dv_acc must be 16-byte aligned (float pairs are added into it)");
-  kq_require(!spec.kq_pre || kq_pre != nullptr, "kq_pre is enabled but its weights are null");
-  kq_require(!spec.head_pre || head_pre != nullptr, "head_pre is enabled but its weights are null");
-  kq_require(!spec.kq_post || (kq_post != nullptr && grad_kq_post != nullptr),
-             "kq_post is enabled but its weights or gradient are null");
-  kq_require(!spec.head_post || (head_post != nullptr && grad_head_post != nullptr),
-             "head_post is enabled but its weights or gradient are null");
-  kq_require(!dout_lo || aligned16(dout_lo), "dout_lo must be 16-byte aligned");
+  kq_require(!spec.kq_post || grad_kq_post != nullptr, "kq_post is enabled but its gradient is null");
+  kq_require(!spec.head_post || grad_head_post != nullptr, "head_post is enabled but its gradient is null");
   const int H = spec.heads, G = spec.coupled_heads(), ntiles = (T + kTile - 1) / kTile;
   float* part_w = workspace;
   float* part_m = workspace + static_cast<size_t>(B) * (H / G) * ntiles * G * kWStride;
@@ -1178,22 +1187,12 @@ void flash_kq_layer_pre_grads(const AttentionSpec& spec, const bf16* q, const bf
   kq_require(flash_kq_layer_backward_supported(spec, D),
              "kernel Q needs what the forward needs (kq_pre or kq_post, each with cq <= 8, ck <= 15; "
              "head_dim 64 or 128; at most 16 coupled heads)");
-  kq_require(B >= 1 && T >= 1, "B and T must be >= 1");
-  kq_require(static_cast<long long>(B) * spec.heads <= INT_MAX && (T + kTile - 1) / kTile <= 65535,
-             "B * H or T too large");
-  for (const void* p : {static_cast<const void*>(q), static_cast<const void*>(k), static_cast<const void*>(v),
-                        static_cast<const void*>(dout), static_cast<const void*>(dq)})
-    kq_require(p != nullptr && aligned16(p), "q, k, v, dout, dq must be non-null and 16-byte aligned");
-  kq_require(lse != nullptr && delta != nullptr && dk_acc != nullptr && workspace != nullptr,
-             "lse, delta, dk_acc and the workspace must be non-null");
+  require_grad_inputs(spec, q, k, v, dout, kq_pre, head_pre, kq_post, head_post, lse, workspace, dout_lo, B, T);
+  kq_require(dq != nullptr && aligned16(dq), "dq must be non-null and 16-byte aligned");
+  kq_require(delta != nullptr && dk_acc != nullptr, "delta and dk_acc must be non-null");
   kq_require(aligned16(dk_acc), "dk_acc must be 16-byte aligned (float pairs are added into it)");
-  kq_require(!spec.kq_pre || (kq_pre != nullptr && grad_kq_pre != nullptr),
-             "kq_pre is enabled but its weights or gradient are null");
-  kq_require(!spec.head_pre || (head_pre != nullptr && grad_head_pre != nullptr),
-             "head_pre is enabled but its weights or gradient are null");
-  kq_require(!spec.kq_post || kq_post != nullptr, "kq_post is enabled but its weights are null");
-  kq_require(!spec.head_post || head_post != nullptr, "head_post is enabled but its weights are null");
-  kq_require(!dout_lo || aligned16(dout_lo), "dout_lo must be 16-byte aligned");
+  kq_require(!spec.kq_pre || grad_kq_pre != nullptr, "kq_pre is enabled but its gradient is null");
+  kq_require(!spec.head_pre || grad_head_pre != nullptr, "head_pre is enabled but its gradient is null");
   const int H = spec.heads, G = spec.coupled_heads(), ntiles = (T + kTile - 1) / kTile;
   float* part_w = workspace;
   float* part_m = workspace + static_cast<size_t>(B) * (H / G) * ntiles * G * kWStride;
