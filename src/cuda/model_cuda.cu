@@ -347,8 +347,11 @@ class CudaModel : public TrainableModel {
 
   // Whether MTA layer l runs the fused path (see the top of the file).
   // The backward pass. The kq layers' fused backward at D = 128 holds 4 heads per CTA and measured
-  // 1.2-2.2x slower than the materialized op's (bench/RESULTS.md, session 10), so there the model pairs
-  // the fused forward with the materialized backward unless MTA_FUSED_KQ_LAYER=1 (O(T) memory).
+  // 1.2-2.2x slower than the materialized op's (bench/RESULTS.md, session 10); in session 18 the paper
+  // layer (16 heads) was 1.03-1.06x slower, but a 350M LM with 8 heads of 128 trained 10% slower with it
+  // (44.4k against 49.5k tokens/s, configs/bench/lm-350m-d128-mta.json). So there the model pairs the
+  // fused forward with the materialized backward unless MTA_FUSED_KQ_LAYER=1 (O(T) memory: the
+  // materialized backward of that paper layer took 2.8 GB at B = 2, T = 4096, the fused one 0.48).
   bool use_fused(int l, bool train) const {
     if (!fused_allowed(l, train)) return false;
     const AttentionSpec spec = config().layer_spec(l);
