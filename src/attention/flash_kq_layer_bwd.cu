@@ -160,7 +160,8 @@ __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const
 // Backward, kernel P (the post side of the main pass; designed and replayed in float64 by
 // tests/oracle/replay_kq_layer_backward.py, kernel_p): pass 2's CTA, windows and schedule (S0 rows
 // m0 - 16 .. m0 + 15, A rows m0 - 8 .. m0 + 15, key tile kt + 2 of S0 and kt + 1 of A computed while
-// block kt is used), and per block of 16 keys, with the tile's dO rows (A fragments in registers, the
+// block kt is used; here on rings of 48 keys, and A's two 16-row parts through one pre-mix exchange as in
+// pass 2: session 18), and per block of 16 keys, with the tile's dO rows (A fragments in registers, the
 // rows in shared memory as dV's B operand):
 //   A2 = mask0(conv_post(A)) and A3 = Mpost A2 on the tile's rows, as pass 2;
 //   dV[block keys] += A3^T dO          (float2 atomics into an fp32 accumulator: every query tile adds);
@@ -173,8 +174,8 @@ __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const
 // At the end each CTA writes partials (dWpost and dMpost per warp, i.e. per head), which
 // reduce_partials_kernel sums over the CTAs in a fixed order, and adds delta's terms from the lanes'
 // dWpost terms (add_delta_terms; this replaced the backward's first pass, session 13). At D = 64 and 8
-// heads the windows, tiles and mixing buffers take 226 KB; at D = 128 (4 heads per CTA) the Q rows are
-// kept in shared memory too. With dout_lo (dout's bf16 remainder, from an epilogue's fp32 gradient)
+// heads the windows, tiles and mixing buffers take 210-222 KB (smem_post_bytes); at D = 128 (4 heads per
+// CTA) the Q rows are kept in shared memory too. With dout_lo (dout's bf16 remainder, from an epilogue's fp32 gradient)
 // dA3 = (dO + dO_lo) V^T: the post-side gradients sum what the norm leaves of dO.
 constexpr int kWStride = kMaxCq * kMaxCk;      // floats per (CTA, head) convolution-gradient partial
 
