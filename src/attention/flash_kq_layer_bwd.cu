@@ -175,8 +175,8 @@ __device__ __forceinline__ void da2_tile_to_window(float* dwin, bf16* sVt, const
 // reduce_partials_kernel sums over the CTAs in a fixed order, and adds delta's terms from the lanes'
 // dWpost terms (add_delta_terms; this replaced the backward's first pass, session 13). At D = 64 and 8
 // heads the windows, tiles and mixing buffers take 210-222 KB (smem_post_bytes); at D = 128 (4 heads per
-// CTA) the Q rows are kept in shared memory too. With dout_lo (dout's bf16 remainder, from an epilogue's fp32 gradient)
-// dA3 = (dO + dO_lo) V^T: the post-side gradients sum what the norm leaves of dO.
+// CTA) the Q rows are kept in shared memory too. With dout_lo (dout's bf16 remainder, from an epilogue's
+// fp32 gradient) dA3 = (dO + dO_lo) V^T: the post-side gradients sum what the norm leaves of dO.
 constexpr int kWStride = kMaxCq * kMaxCk;      // floats per (CTA, head) convolution-gradient partial
 
 // This warp's per-CTA partials (slot = (the group's CTA row * G + its head in the group)): the
@@ -214,7 +214,7 @@ __device__ __forceinline__ void write_partials(float* part_w, float* part_m, siz
 // Kernel P's windows are pass 2's rows on rings of 48 keys (session 18): three key tiles are all it
 // reads (S0 tiles kt .. kt + 2, A tiles kt - 1 .. kt + 1; replay_kq_layer_backward.py runs kernel_p on
 // rings of 48 and asserts every tile it reads), and the 3.5 KB per warp this saves against rings of 64
-// make room for the pre mix's second MixOut tile (one CTA) or second MixIn pair (clusters at D = 64).
+// make room for the pre mix's second MixOut tile (one CTA) or second MixIn pair (clusters).
 constexpr int kPS0Floats = (kS0Top + kTile) * Ring48::kPitch, kPAFloats = (kATop + kTile) * Ring48::kPitch;
 static_assert(kPS0Floats * sizeof(float) >= 32 * (64 + 8) * sizeof(bf16), "Q staging fits kernel P's S0 window");
 
