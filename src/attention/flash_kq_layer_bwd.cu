@@ -250,11 +250,7 @@ __device__ __forceinline__ void conv_grad_row8(const float* win, int wrow, int x
   for (int a = 0; a < kCq; ++a) {
     const float* row = win + (wrow - (kCq - 1) + a) * R::kPitch;
     float vals[4 * kValChunks];
-#pragma unroll
-    for (int i = 0; i < kValChunks; ++i) {
-      const float4 f = *reinterpret_cast<const float4*>(row + R::col(x0 + 4 * i));
-      vals[4 * i] = f.x, vals[4 * i + 1] = f.y, vals[4 * i + 2] = f.z, vals[4 * i + 3] = f.w;
-    }
+    ring_chunks<kValChunks, R>(row, x0, vals);
 #pragma unroll
     for (int c = 0; c < kCk; ++c)
 #pragma unroll
@@ -461,15 +457,10 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   cp_async_wait_all();
   __syncwarp();
   dof.take(sDo, lane);
-  for (int i = lane; i < (kPS0Floats + kPAFloats) / 4; i += 32)
-    reinterpret_cast<float4*>(s0win)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  warp_zero(s0win, kPS0Floats + kPAFloats, lane);
   const int r = lane & 15, half = lane >> 4, g = lane >> 2, t = lane & 3;
   float lse2[2];
-#pragma unroll
-  for (int part = 0; part < 2; ++part) {
-    const int row = m0 - kATop + 16 * part + r;
-    lse2[part] = row >= 0 && row < T ? lse[row] * kLog2e : 0.f;
-  }
+  a_rows_lse2(lse, m0, T, r, lse2);
   __syncwarp();
   group_start(gp);  // every warp's taps, the fragments, the zeroed MixIn and dWpost
 
@@ -890,9 +881,8 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) qf.a[1][kk][1] = qf.a[1][kk][3] = dof.a[1][kk][1] = dof.a[1][kk][3] = 0u;
   }
-  for (int i = lane; i < (kQS0Floats + kQDFloats + kQCFloats) / 4; i += 32)
-    reinterpret_cast<float4*>(s0w)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int i = lane; i < up_floats<D>() / 4; i += 32) sUp[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  warp_zero(s0w, kQS0Floats + kQDFloats + kQCFloats, lane);
+  warp_zero(reinterpret_cast<float*>(sUp), up_floats<D>(), lane);
   const int r = lane & 15, half = lane >> 4, g = lane >> 2, t = lane & 3, row = m0 + r;
   const float lse2 = row < T ? lse[row] * kLog2e : 0.f, dlt = row < T ? delta[row] : 0.f;
   const int rot_d = ck2 - 1 - off2, rot_c = ck1 - 1 - off1;

@@ -262,6 +262,29 @@ __device__ __forceinline__ void s0_tile_to_window(float* win, bf16* sKt, const b
   __syncwarp();  // the window is read by other lanes; the K tile is reloaded next time
 }
 
+// Chunks of 4 floats into v: from a window row at ring columns x0, x0 + 4, ... (x0 a multiple of 4, so a
+// chunk never straddles the ring's end), or from contiguous floats (a tap row). The stencils' loads.
+template <int kChunks, class R>
+__device__ __forceinline__ void ring_chunks(const float* row, int x0, float (&v)[4 * kChunks]) {
+#pragma unroll
+  for (int i = 0; i < kChunks; ++i) {
+    const float4 f = *reinterpret_cast<const float4*>(row + R::col(x0 + 4 * i));
+    v[4 * i] = f.x, v[4 * i + 1] = f.y, v[4 * i + 2] = f.z, v[4 * i + 3] = f.w;
+  }
+}
+template <int kChunks>
+__device__ __forceinline__ void flat_chunks(const float* p, float (&v)[4 * kChunks]) {
+#pragma unroll
+  for (int i = 0; i < kChunks; ++i) {
+    const float4 f = *reinterpret_cast<const float4*>(p + 4 * i);
+    v[4 * i] = f.x, v[4 * i + 1] = f.y, v[4 * i + 2] = f.z, v[4 * i + 3] = f.w;
+  }
+}
+// A warp zeroes n floats at p (n a multiple of 4, p 16-byte aligned).
+__device__ __forceinline__ void warp_zero(float* p, int n, int lane) {
+  for (int i = lane; i < n / 4; i += 32) reinterpret_cast<float4*>(p)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+}
+
 // The convolution at one output row (window row `wrow`) and the 8 output keys whose first input column
 // is x0 (a multiple of 8: the window's ring is rotated by the convolution's key offset, see
 // s0_tile_to_window), from a window (rows of kWinPitch, a ring of 64 keys) and the head's taps W [cq]
@@ -282,16 +305,8 @@ __device__ __forceinline__ void conv_row8(const float* win, const float* w, int 
     for (int a = 0; a < kCq; ++a) {
       const float* row = win + (wrow - (kCq - 1) + a) * R::kPitch;
       float vals[4 * kValChunks], taps[4 * kTapChunks];
-#pragma unroll
-      for (int i = 0; i < kValChunks; ++i) {
-        const float4 f = *reinterpret_cast<const float4*>(row + R::col(x0 + 4 * i));
-        vals[4 * i] = f.x, vals[4 * i + 1] = f.y, vals[4 * i + 2] = f.z, vals[4 * i + 3] = f.w;
-      }
-#pragma unroll
-      for (int i = 0; i < kTapChunks; ++i) {
-        const float4 f = *reinterpret_cast<const float4*>(w + a * kTapPitch + 4 * i);
-        taps[4 * i] = f.x, taps[4 * i + 1] = f.y, taps[4 * i + 2] = f.z, taps[4 * i + 3] = f.w;
-      }
+      ring_chunks<kValChunks, R>(row, x0, vals);
+      flat_chunks<kTapChunks>(w + a * kTapPitch, taps);
 #pragma unroll
       for (int c = 0; c < kCk; ++c)
 #pragma unroll
@@ -329,16 +344,8 @@ __device__ __forceinline__ void conv_row8_t(const float* win, const float* w, in
     for (int a = 0; a < kCq; ++a) {
       const float* row = row_at(wrow + a);
       float vals[4 * kValChunks], taps[4 * kTapChunks];
-#pragma unroll
-      for (int i = 0; i < kValChunks; ++i) {
-        const float4 f = *reinterpret_cast<const float4*>(row + R::col(x0 + 4 * i));
-        vals[4 * i] = f.x, vals[4 * i + 1] = f.y, vals[4 * i + 2] = f.z, vals[4 * i + 3] = f.w;
-      }
-#pragma unroll
-      for (int i = 0; i < kTapChunks; ++i) {
-        const float4 f = *reinterpret_cast<const float4*>(w + (kCq - 1 - a) * kTapPitch + 4 * i);
-        taps[4 * i] = f.x, taps[4 * i + 1] = f.y, taps[4 * i + 2] = f.z, taps[4 * i + 3] = f.w;
-      }
+      ring_chunks<kValChunks, R>(row, x0, vals);
+      flat_chunks<kTapChunks>(w + (kCq - 1 - a) * kTapPitch, taps);
 #pragma unroll
       for (int c = 0; c < kCk; ++c)
 #pragma unroll
@@ -574,6 +581,15 @@ __device__ __forceinline__ void mix_in_place2_cl(float (&c0)[8], float (&c1)[8],
 constexpr int kS0Top = 16;  // pass 2's S0 window: rows m0 - 16 .. m0 + 15
 constexpr int kATop = 8;    // its A window: rows m0 - 8 .. m0 + 15
 static_assert(kATop == 8, "A's second 16-row part has 8 live rows (conv_half_live)");
+// lse * log2(e) of A's window rows m0 - 8 + 16 part + r (part 0, 1; 0 outside the sequence), as
+// a_tile_to_window takes them.
+__device__ __forceinline__ void a_rows_lse2(const float* lse, int m0, int T, int r, float (&lse2)[2]) {
+#pragma unroll
+  for (int part = 0; part < 2; ++part) {
+    const int row = m0 - kATop + 16 * part + r;
+    lse2[part] = row >= 0 && row < T ? lse[row] * kLog2e : 0.f;
+  }
+}
 constexpr int kS0Floats = (kS0Top + kTile) * kWinPitch;
 constexpr int kAFloats = (kATop + kTile) * kWinPitch;
 

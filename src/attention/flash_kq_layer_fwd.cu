@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(D == 64 && !kCl ? 32 * kMaxG : 16 * kMaxG)
 
   QFrags<D> qf;  // Q rows m0 - 16 .. m0 + 15, staged in the warp's region
   load_row_frags(reinterpret_cast<bf16*>(region), q, m0 - kTile, T, lane, qf);
-  for (int i = lane; i < kWinFloats / 4; i += 32) reinterpret_cast<float4*>(win)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  warp_zero(win, kWinFloats, lane);
   __syncwarp();
   group_start(gp);  // every warp's taps, the fragments, the zeroed MixIn
 
@@ -176,15 +176,10 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
 
   QFrags<D> qf;  // Q rows m0 - 16 .. m0 + 15, staged in the S0 window
   load_row_frags(reinterpret_cast<bf16*>(s0win), q, m0 - kTile, T, lane, qf);
-  for (int i = lane; i < (kS0Floats + kAFloats) / 4; i += 32)
-    reinterpret_cast<float4*>(s0win)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  warp_zero(s0win, kS0Floats + kAFloats, lane);
   const int r = lane & 15, half = lane >> 4, g = lane >> 2, t = lane & 3;
   float lse2[2];
-#pragma unroll
-  for (int part = 0; part < 2; ++part) {
-    const int row = m0 - kATop + 16 * part + r;
-    lse2[part] = row >= 0 && row < T ? lse[row] * kLog2e : 0.f;
-  }
+  a_rows_lse2(lse, m0, T, r, lse2);
   __syncwarp();
   group_start(gp);  // every warp's taps, the fragments, the zeroed MixIn
 
