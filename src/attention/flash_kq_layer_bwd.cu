@@ -465,11 +465,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   group_start(gp);  // every warp's taps, the fragments, the zeroed MixIn and dWpost
 
   constexpr int kWq = kCq2 > 0 ? kCq2 : 1, kWk = kCk2 > 0 ? kCk2 : 1;
-  float accw[kWq][kWk];
-#pragma unroll
-  for (int a = 0; a < kWq; ++a)
-#pragma unroll
-    for (int c = 0; c < kWk; ++c) accw[a][c] = 0.f;
+  float accw[kWq][kWk] = {};
   constexpr int kDmp = kCl ? 16 : 8;  // head_post groups fit the CTA's or the cluster's heads
   float dmp[kDmp] = {};  // at the end: dMpost of this warp's head with head y0 + yy of its group
   float accm[2][4] = {};  // the warp's dMpost terms (grad_terms_and_mix; on clusters grad_terms_cl)
@@ -890,11 +886,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   group_start(gp);  // every warp's taps, the fragments, the zeroed MixIn and dWpre
 
   constexpr int kWq = kCq1 > 0 ? kCq1 : 1, kWk = kCk1 > 0 ? kCk1 : 1;
-  float accw[kWq][kWk];
-#pragma unroll
-  for (int a = 0; a < kWq; ++a)
-#pragma unroll
-    for (int c = 0; c < kWk; ++c) accw[a][c] = 0.f;
+  float accw[kWq][kWk] = {};
   float dm[kDm] = {};
   float accq[2][4] = {};  // the warp's dMpre terms (grad_terms_and_mix; on clusters grad_terms_cl)
   float unused_dl[kMaxCq];  // conv_grad_row8_rt's delta terms: kernel P's only
