@@ -8,7 +8,11 @@ here="$(cd "$(dirname "$0")" && pwd)"
 if [ -f "$here/mta_gpu_tests.xz" ] || [ -x "$here/mta_gpu_tests" ]; then
   # shellcheck source=/dev/null
   source "$here/env.sh"  # unpacks the test binary
-  exec "$here/mta_gpu_tests" "$@"
+  if [ $# -gt 0 ]; then exec "$here/mta_gpu_tests" "$@"; fi
+  rc=0
+  "$here/mta_gpu_tests" || rc=$?
+  python3 "$here/../tests/oracle/check_attn.py" --mta "$here/mta" --device cuda --cases 160 || rc=$?
+  exit $rc
 fi
 cd "$here/.."
 MTA_BUILD_DIR=${MTA_BUILD_DIR:-build-gpu} MTA_CMAKE_ARGS="-DMTA_CUDA=ON" bash scripts/build.sh

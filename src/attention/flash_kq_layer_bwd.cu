@@ -771,7 +771,7 @@ __device__ __forceinline__ void dc_tile_to_window(float* dcw, const float* s0w, 
   for (int e = 0; e < 8; ++e) {
     const bool ok = row < T && x0 + e <= row;
     const float a = ok ? exp2f(fmaf(cm[e], kLog2e, -lse2)) : 0.f;
-    dcp[e] = a * (da[e] - dlt);
+    dcp[e] = row > 0 ? a * (da[e] - dlt) : 0.f;  // row 0 sees one key: its softmax Jacobian is exactly 0
   }
   if (gpre && kOneCta) {
     grad_terms_and_mix(dcp, accq, sInHi, sInLo, sFrag, kPreT, sOut, gp.G, warp, lane);  // dMpre, dC' -> dC

@@ -732,6 +732,9 @@ __global__ void __launch_bounds__(kMaxThreads)
           for (int e = 0; e < 4; ++e)
             p[qt][j][e] = a[qt][j][e], dc[qt][j][e] = a[qt][j][e] * (d3[qt][j][e] - dlt[qt][j][e & 1]);
     }
+    // Query row 0 (qt 0, j 0, lane t 0, e 0 and 2) sees one key: its softmax Jacobian is exactly 0, which
+    // dA - delta (delta from other roundings) would only approximate (T = 1: dq, dk, d head_pre exactly 0).
+    if (m0 == 0 && t == 0) dc[0][0][0] = dc[0][0][2] = 0.f;
 #pragma unroll
     for (int qt = 0; qt < kQB; ++qt) accumulate_p_b<D, S>(acc_dv, p[qt], cO + qt * kTile * S, lane);  // dV += A3^T dO
     // One stage with two blocks (or kEarlyOne): the next step's dO tiles load once this step's last reads

@@ -510,7 +510,9 @@ __global__ void __launch_bounds__(Tr::kThreads)
           const float mask =
               (p_drop > 0.f && ok) ? (dropout_keep(drop_seed, blockIdx.x, T, row, col, p_drop) ? keep_scale : 0.f) : 1.f;
           pd[e] = p[e] * mask;
-          dc[e] = p[e] * (acc_dp[j][2 * hh + e] * mask - sDelta[lrow]);
+          // Row 0 sees one key: the softmax's Jacobian there is exactly 0, which dP - delta (delta from
+          // the bf16 output) would only approximate (T = 1: every pre-softmax gradient exactly 0).
+          dc[e] = row > 0 ? p[e] * (acc_dp[j][2 * hh + e] * mask - sDelta[lrow]) : 0.f;
         }
         *reinterpret_cast<uint32_t*>(sP + lrow * SP + lcol) = pack_bf16(pd[0], pd[1]);
         *reinterpret_cast<uint32_t*>(sF + (kHalo + lrow) * FS + kHalo + lcol) = pack_bf16(dc[0], dc[1]);

@@ -18,6 +18,19 @@ Cases cover every option on and off independently (plus all-on and all-off cases
 modes, every group size dividing H for H in {1,2,3,4,6,8}, cq 1..6, ck 1..11, T 1..64 (also T
 smaller than the kernels), D 1..32, B 1..3, and 3 cases with F64 inputs.
 Prints one line per case and `N passed, M failed`; exits 1 if any case failed.
+
+    check_attn.py --mta .device/mta --device cuda [--cases N]     (on the GPU machine)
+
+runs `mta attn --device cuda` instead, on the cases an outside checker of issue 5 would draw: H in
+{1, 2, 4, 8, 12, 16} (most often 16), D 64 or 128 (the fused kernels' sizes; a few other D, which take
+the materialized op), cq 1..8, ck 1..15, every pad mode and group size, T 1..200 (not multiples of
+the 16-row tiles, and T no larger than the kernels), random non-identity weights and F32 inputs that
+are not bf16-exact. Each output says which path ran (`impl`): the materialized op computes in fp32 or
+fp64 and is held to the tolerances above; the fused kernels compute in bf16 and are held to
+"bf16 tolerance", defined per tensor from the same float64 reference (`bf16_tolerances`): the error
+that rounding q, k, v and dout to bf16 alone causes (e_bf, what any bf16 implementation carries in),
+times FUSED_FACTOR, with a floor of TOL_FUSED_FLOOR and the fp32 conditioning rule on top. Each
+fused line prints the worst error / e_bf ratio, so a drift shows before it fails.
 """
 import argparse
 import json
@@ -40,6 +53,10 @@ COND_FACTOR = 10.0        # allowed multiple of torch's own fp32 error on ill-co
 EPS_RATIO = 2.0 ** -53 / 2.0 ** -24
 HS = [1, 2, 3, 4, 6, 8]
 PADS = ["both", "left", "right"]
+# --device cuda (the fused bf16 kernels): see the docstring and bf16_tolerances
+HS_CUDA = [16, 16, 16, 8, 12, 4, 2, 1]
+FUSED_FACTOR = 8.0
+TOL_FUSED_FLOOR = 1.5e-2
 
 
 def divisors(n):
@@ -127,13 +144,61 @@ def make_cases(n, seed):
     return cases
 
 
+def make_cuda_cases(n, seed):
+    """The cases of --device cuda: the fused kernels' sizes (see the docstring), same fields."""
+    rng = np.random.default_rng(seed + 7)
+    cases = []
+    for idx in range(n):
+        H = HS_CUDA[idx % len(HS_CUDA)]
+        kind = "all-on" if idx % 5 == 1 else "all-off" if idx == 6 else "random"
+        p_on = {"random": 0.5, "all-off": 0.0, "all-on": 1.0}[kind]
+        D = int(rng.choice([64, 128])) if rng.random() < 0.85 else int(rng.integers(4, 161))
+        spec = {"heads": H, "head_dim": D}
+        for name in ("kq_pre", "head_pre", "kq_post", "head_post"):
+            if rng.random() < p_on:
+                if name.startswith("kq"):
+                    pad = PADS[int(rng.integers(0, 3))]
+                    ck = int(rng.integers(1, 16))
+                    if pad == "both" and ck % 2 == 0:
+                        ck += 1
+                    spec[name] = {"q": int(rng.integers(1, 9)), "k": ck, "pad_key": pad}
+                else:
+                    divs = divisors(H)
+                    # the dense mix (g = H) half the time: the paper's layer
+                    g = H if rng.random() < 0.5 else divs[int(rng.integers(0, len(divs)))]
+                    spec[name] = {"group": g}
+        if rng.random() < p_on:
+            spec["norm"] = True
+        if rng.random() < p_on:
+            spec["depth_scale_layer"] = int(rng.integers(0, 30))
+        if rng.random() < p_on:
+            spec["gate"] = True
+        B = int(rng.integers(1, 3))
+        condition_rules(spec, rng)
+        kmax = max([spec[c]["q"] for c in ("kq_pre", "kq_post") if c in spec] +
+                   [spec[c]["k"] for c in ("kq_pre", "kq_post") if c in spec] + [1])
+        r = rng.random()
+        if r < 0.2:
+            T = int(rng.integers(1, max(kmax, 2) + 1))  # T no larger than the kernels
+        elif r < 0.3:
+            T = 16 * int(rng.integers(1, 9)) + int(rng.choice([-1, 1]))  # one off a tile boundary
+        else:
+            T = int(rng.integers(1, 201))
+        if spec.get("norm") and T == 1 and ("kq_post" in spec or "head_post" in spec):
+            T = int(rng.integers(2, max(kmax, 3) + 1))  # see condition_rules
+        with_dout = not (idx % 13 == 5)
+        f64 = idx in (3, 29)  # F64 input: the materialized op in float64 on the GPU
+        cases.append(dict(spec=spec, B=B, T=T, with_dout=with_dout, f64=f64, null_style=False, kind=kind))
+    return cases
+
+
 def rel_err(a, b):
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     return float(np.linalg.norm(a - b) / max(float(np.linalg.norm(b)), TINY))
 
 
-def run_case(mta, idx, case, seed, keep=None, verbose=False):
+def run_case(mta, idx, case, seed, keep=None, verbose=False, device="cpu"):
     """Returns (ok, line, details)."""
     spec = case["spec"]
     B, T = case["B"], case["T"]
@@ -169,7 +234,7 @@ def run_case(mta, idx, case, seed, keep=None, verbose=False):
         with open(spec_path, "w") as f:
             json.dump(spec_json, f)
         st.write(in_path, inputs)
-        cmd = [mta, "attn", "--spec", spec_path, "--in", in_path, "--out", out_path]
+        cmd = [mta, "attn", "--spec", spec_path, "--in", in_path, "--out", out_path, "--device", device]
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         except subprocess.TimeoutExpired:
@@ -196,11 +261,18 @@ def run_case(mta, idx, case, seed, keep=None, verbose=False):
     expected.update({n: g.numpy() for n, g in grads.items()})
     want_dtype = "F64" if case["f64"] else "F32"
     tols = tolerances(spec, ref_in, expected, case["f64"])
+    impl = (header.get("__metadata__") or {}).get("impl", "?")
+    fused = impl == "fused"
+    if fused:
+        tols = bf16_tolerances(spec, ref_in, expected, tols)
+    if device == "cuda":
+        summary += f" {impl}"
 
     header.pop("__metadata__", None)
     if set(got) != set(expected):
         details.append(f"tensor names: got {sorted(got)}, expected {sorted(expected)}")
     worst = 0.0
+    worst_ratio = 0.0  # fused: the largest error / e_bf
     for name in sorted(expected):
         if name not in got:
             continue
@@ -216,9 +288,14 @@ def run_case(mta, idx, case, seed, keep=None, verbose=False):
             continue
         e = rel_err(a, b)
         worst = max(worst, e)
-        tol, e32 = tols[name]
+        tol, e32 = tols[name][:2]
         base = TOL_F64 if case["f64"] else TOL_F32
         msg = f"{name}: rel err {e:.3e} (tol {tol:.1e}), |ref| {np.linalg.norm(b):.3e}, torch fp32 err {e32:.1e}"
+        if fused:
+            e_bf = tols[name][2]
+            worst_ratio = max(worst_ratio, e / max(e_bf, TINY))
+            msg += f", bf16-input err {e_bf:.1e}"
+            base = tol  # the bf16 tolerance is this tensor's own
         if tol > base:
             msg += " [ill-conditioned: tol widened]"
         if e > tol:
@@ -230,6 +307,8 @@ def run_case(mta, idx, case, seed, keep=None, verbose=False):
             details.append("  " + msg)
     failed = any(not x.startswith("  ") for x in details)
     line = f"{'FAIL' if failed else 'ok  '} {summary}: max rel err {worst:.2e}"
+    if fused:
+        line += f", max err / bf16-input err {worst_ratio:.1f}"
     return not failed, line, details
 
 
@@ -257,6 +336,25 @@ def tolerances(spec, ref_in, expected, f64):
     return out
 
 
+def bf16_tolerances(spec, ref_in, expected, tols):
+    """{tensor: (tol, e32, e_bf)} for the fused kernels' output. e_bf: the relative error of the float64
+    reference evaluated on q, k, v and dout rounded to bf16 (the parameters as given): the part of the
+    error that any implementation with bf16 inputs carries. The kernels round more than their inputs
+    (the softmax weights before P V, the gradients dS before dQ / dK, the logits to fp16 for the
+    convolutions), so they are held to FUSED_FACTOR x e_bf, floor TOL_FUSED_FLOOR, and never below the
+    fp32 conditioning tolerance (tols)."""
+    rounded = {n: (x.to(torch.bfloat16).to(torch.float64) if n in ("q", "k", "v", "dout") else x)
+               for n, x in ref_in.items()}
+    o, g = mt.forward_backward(spec, rounded, dtype=torch.float64)
+    rb = {"out": o.numpy(), **{n: t.numpy() for n, t in g.items()}}
+    out = {}
+    for name in expected:
+        e_bf = rel_err(rb[name], expected[name])
+        tol32, e32 = tols[name]
+        out[name] = (max(TOL_FUSED_FLOOR, FUSED_FACTOR * e_bf, tol32), e32, e_bf)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mta", required=True, help="path of the mta binary")
@@ -265,6 +363,8 @@ def main():
     ap.add_argument("--only", type=int, nargs="*", help="run only these case indices")
     ap.add_argument("--keep", help="keep each case's files under this folder")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every tensor's error")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="run `mta attn --device DEVICE` (cuda: the fused kernels' cases, bf16 tolerances)")
     ap.add_argument("--cond-factor", type=float, default=COND_FACTOR,
                     help="on ill-conditioned tensors, allowed multiple of torch's own fp32 error (default %(default)s)")
     args = ap.parse_args()
@@ -276,7 +376,8 @@ def main():
         return 1
     torch.set_num_threads(min(8, os.cpu_count() or 1))
 
-    cases = make_cases(max(args.cases, 1), args.seed)
+    n = max(args.cases, 1)
+    cases = make_cuda_cases(n, args.seed) if args.device == "cuda" else make_cases(n, args.seed)
     # coverage summary
     cov = {"kq_pre": 0, "head_pre": 0, "kq_post": 0, "head_post": 0, "norm": 0, "depth_scale_layer": 0, "gate": 0}
     pads, groups, small_T, no_dout, f64 = set(), set(), 0, 0, 0
@@ -301,7 +402,8 @@ def main():
     for idx, case in enumerate(cases):
         if args.only and idx not in args.only:
             continue
-        ok, line, details = run_case(mta, idx, case, args.seed, keep=args.keep, verbose=args.verbose)
+        ok, line, details = run_case(mta, idx, case, args.seed, keep=args.keep, verbose=args.verbose,
+                                     device=args.device)
         print(line)
         for dl in details:
             print("      " + dl)
