@@ -91,7 +91,9 @@ def head_mix(x, m):
     return torch.einsum("Gxy,bGyij->bGxij", m, xg).reshape(B, H, T, T2)
 
 
-def mta_attention(spec, q, k, v, params):
+def mta_attention(spec, q, k, v, params, core_round=None):
+    """core_round: optional function applied to the output of step 7 (the core) before the epilogue,
+    e.g. a rounding to bf16 as fused kernels with bf16 outputs do (check_attn.py's bf16 tolerances)."""
     B, H, T, D = q.shape
     assert H == spec["heads"] and D == spec["head_dim"], "q shape does not match the spec"
     assert k.shape == q.shape and v.shape == q.shape
@@ -109,6 +111,8 @@ def mta_attention(spec, q, k, v, params):
     if _on(spec, "head_post"):                                                 # 6.
         A = head_mix(A, params["head_post"])
     O = torch.matmul(A, v)                                                     # 7.
+    if core_round is not None:
+        O = core_round(O)
     if _on(spec, "norm"):                                                      # 8.
         O = O * torch.rsqrt(O.pow(2).mean(dim=-1, keepdim=True) + NORM_EPS) * params["norm"]
     if spec.get("depth_scale_layer") is not None:                              # 9.
@@ -125,7 +129,7 @@ def _as_tensor(x, dtype):
     return torch.from_numpy(np.asarray(x)).to(dtype).clone()
 
 
-def forward_backward(spec, tensors, dtype=None):
+def forward_backward(spec, tensors, dtype=None, core_round=None):
     """tensors: q, k, v, every enabled parameter and optionally dout (numpy arrays or torch tensors).
     Returns (out, grads) as detached torch tensors; grads is {} when dout is absent, else
     {grad_q, grad_k, grad_v, grad_<param> for every enabled param}. dtype defaults to q's dtype."""
@@ -135,7 +139,7 @@ def forward_backward(spec, tensors, dtype=None):
     names = ["q", "k", "v"] + list(param_shapes(spec))
     leaves = {n: _as_tensor(tensors[n], dtype).requires_grad_(True) for n in names}
     params = {n: leaves[n] for n in names[3:]}
-    out = mta_attention(spec, leaves["q"], leaves["k"], leaves["v"], params)
+    out = mta_attention(spec, leaves["q"], leaves["k"], leaves["v"], params, core_round=core_round)
     grads = {}
     if tensors.get("dout") is not None:
         dout = _as_tensor(tensors["dout"], dtype)
