@@ -89,6 +89,22 @@ def condition_rules(spec, rng):
         c["q"] = int(rng.integers(2, 7))
 
 
+def draw_epilogue(spec, rng, p_on):
+    """Norm, depth scaling and gate, each on with probability p_on."""
+    if rng.random() < p_on:
+        spec["norm"] = True
+    if rng.random() < p_on:
+        spec["depth_scale_layer"] = int(rng.integers(0, 30))
+    if rng.random() < p_on:
+        spec["gate"] = True
+
+
+def kernel_max(spec):
+    """The largest convolution kernel extent of the spec (1 without convolutions)."""
+    return max([spec[c]["q"] for c in ("kq_pre", "kq_post") if c in spec] +
+               [spec[c]["k"] for c in ("kq_pre", "kq_post") if c in spec] + [1])
+
+
 def make_cases(n, seed):
     """Deterministic list of case descriptions (spec, B, T, with_dout, f64, null_style)."""
     rng = np.random.default_rng(seed)
@@ -119,16 +135,10 @@ def make_cases(n, seed):
                     # cycle deterministically through the divisors so every group size appears
                     divs = divisors(H)
                     spec[name] = {"group": divs[(idx + (name == "head_post")) % len(divs)]}
-        if rng.random() < p_on:
-            spec["norm"] = True
-        if rng.random() < p_on:
-            spec["depth_scale_layer"] = int(rng.integers(0, 30))
-        if rng.random() < p_on:
-            spec["gate"] = True
+        draw_epilogue(spec, rng, p_on)
         B = int(rng.integers(1, 4))
         condition_rules(spec, rng)
-        kmax = max([spec[c]["q"] for c in ("kq_pre", "kq_post") if c in spec] +
-                   [spec[c]["k"] for c in ("kq_pre", "kq_post") if c in spec] + [1])
+        kmax = kernel_max(spec)
         r = rng.random()
         if r < 0.25:
             T = int(rng.integers(1, max(kmax, 2) + 1))  # T no larger than the kernels
@@ -168,16 +178,10 @@ def make_cuda_cases(n, seed):
                     # the dense mix (g = H) half the time: the paper's layer
                     g = H if rng.random() < 0.5 else divs[int(rng.integers(0, len(divs)))]
                     spec[name] = {"group": g}
-        if rng.random() < p_on:
-            spec["norm"] = True
-        if rng.random() < p_on:
-            spec["depth_scale_layer"] = int(rng.integers(0, 30))
-        if rng.random() < p_on:
-            spec["gate"] = True
+        draw_epilogue(spec, rng, p_on)
         B = int(rng.integers(1, 3))
         condition_rules(spec, rng)
-        kmax = max([spec[c]["q"] for c in ("kq_pre", "kq_post") if c in spec] +
-                   [spec[c]["k"] for c in ("kq_pre", "kq_post") if c in spec] + [1])
+        kmax = kernel_max(spec)
         r = rng.random()
         if r < 0.2:
             T = int(rng.integers(1, max(kmax, 2) + 1))  # T no larger than the kernels
