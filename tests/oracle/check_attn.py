@@ -25,13 +25,13 @@ runs `mta attn --device cuda` instead, on the cases an outside checker of issue 
 {1, 2, 4, 8, 12, 16} (most often 16), D 64 or 128 (the fused kernels' sizes; a few other D, which take
 the materialized op), cq 1..8, ck 1..15, every pad mode and group size, T 1..200 (not multiples of
 the 16-row tiles, and T no larger than the kernels; 2 cases in 40 T 500..1100), random
-non-identity weights and F32 inputs that are not bf16-exact. Each output says which path ran (`impl`): the materialized op computes in fp32 or
-fp64 and is held to the tolerances above; the fused kernels compute in bf16 and are held to
-"bf16 tolerance", defined per tensor from the same float64 reference (`bf16_tolerances`): the error
-that rounding q, k, v and dout, or the core's output, to bf16 alone causes (e_bf, what any
-implementation with bf16 inputs and outputs carries in),
-times FUSED_FACTOR, with a floor of TOL_FUSED_FLOOR and the fp32 conditioning rule on top. Each
-fused line prints the worst error / e_bf ratio, so a drift shows before it fails.
+non-identity weights and F32 inputs that are not bf16-exact. Each output says which path ran
+(`impl`): the materialized op computes in fp32 or fp64 and is held to the tolerances above; the fused
+kernels compute in bf16 and are held to "bf16 tolerance", defined per tensor from the same float64
+reference (`bf16_tolerances`): the error that rounding q, k, v and dout, or the core's output and its
+gradient, to bf16 alone causes (e_bf, the bf16 baseline: what any implementation with bf16 inputs and
+outputs carries in), times FUSED_FACTOR, with a floor of TOL_FUSED_FLOOR and the fp32 conditioning
+rule on top. Each fused line prints the worst error / e_bf ratio, so a drift shows before it fails.
 """
 import argparse
 import json
@@ -191,7 +191,7 @@ def make_cuda_cases(n, seed):
             T = int(rng.integers(1, 201))
         if spec.get("norm") and T == 1 and ("kq_post" in spec or "head_post" in spec):
             T = int(rng.integers(2, max(kmax, 3) + 1))  # see condition_rules
-        if idx % 40 in (32, 35):  # a long sequence (H 16 or 8): many key tiles per row, the dq / dk atomics over them
+        if idx % 40 in (32, 35):  # a long sequence (H 16 or 8): many key tiles, the dq / dk atomics
             T, B = int(rng.integers(500, 1101)), 1
         with_dout = not (idx % 13 == 5)
         f64 = idx in (3, 29)  # F64 input: the materialized op in float64 on the GPU
@@ -301,7 +301,7 @@ def run_case(mta, idx, case, seed, keep=None, verbose=False, device="cpu"):
         if fused:
             e_bf = tols[name][2]
             worst_ratio = max(worst_ratio, e / max(e_bf, TINY))
-            msg += f", bf16-input err {e_bf:.1e}"
+            msg += f", bf16 baseline err {e_bf:.1e}"
             base = tol  # the bf16 tolerance is this tensor's own
         if tol > base:
             msg += " [ill-conditioned: tol widened]"
@@ -315,7 +315,7 @@ def run_case(mta, idx, case, seed, keep=None, verbose=False, device="cpu"):
     failed = any(not x.startswith("  ") for x in details)
     line = f"{'FAIL' if failed else 'ok  '} {summary}: max rel err {worst:.2e}"
     if fused:
-        line += f", max err / bf16-input err {worst_ratio:.1f}"
+        line += f", max err / bf16 baseline err {worst_ratio:.1f}"
     return not failed, line, details
 
 
@@ -369,8 +369,8 @@ def bf16_tolerances(spec, ref_in, expected, tols):
     inputs and outputs carry in. The second matters for sums over every token that can cancel: the
     epilogue's weight gradients (grad_gate_b: 1-9% from the core's rounding alone on some random
     cases) and, behind a norm, whose gradient is nearly orthogonal to the core's output, the post-side
-    mixing weights' (grad_head_post). The kernels round more than that (the softmax weights before P V, the
-    gradients dS before dQ / dK, the logits to fp16 for the convolutions), so they are held to
+    mixing weights' (grad_head_post). The kernels round more than that (the softmax weights before
+    P V, the gradients dS before dQ / dK, the logits to fp16 for the convolutions), so they are held to
     FUSED_FACTOR x e_bf, floor TOL_FUSED_FLOOR, and never below the fp32 conditioning tolerance (tols)."""
     rounded = {n: (x.to(torch.bfloat16).to(torch.float64) if n in ("q", "k", "v", "dout") else x)
                for n, x in ref_in.items()}
