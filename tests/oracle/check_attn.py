@@ -375,7 +375,7 @@ def bf16_tolerances(spec, ref_in, expected, tols):
     rounded = {n: (x.to(torch.bfloat16).to(torch.float64) if n in ("q", "k", "v", "dout") else x)
                for n, x in ref_in.items()}
     runs = [mt.forward_backward(spec, rounded, dtype=torch.float64)]
-    if any(spec.get(n) not in (None, False) for n in ("norm", "depth_scale_layer", "gate")):
+    if any(mt._on(spec, n) for n in ("norm", "depth_scale_layer", "gate")):
         runs.append(mt.forward_backward(spec, ref_in, dtype=torch.float64, core_round=bf16_round))
     out = {}
     for name in expected:
