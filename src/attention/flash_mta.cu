@@ -210,16 +210,18 @@ __device__ __forceinline__ bool s0_extended(const bf16* sQ, const bf16* sK, __ha
 // The banded products of the convolutions, for 16 output rows and kNB blocks of 8 columns from block nb0,
 // in mma accumulator layout: acc = sum over a < cq of (the 16 rows of `in` from row0 + step a, 32 columns
 // from 8 (nb0 + m)) x band a (two k-steps of B fragments per lane, band[((a * 2 + ks) * 2 + half) * 32 +
-// lane]). Output block m takes its two k-steps from the A tiles at columns 8 m and 8 (m + 2), so the tile
-// at column 8 m serves block m (k-step 0) and block m - 2 (k-step 1): kNB + 2 ldmatrix per tap instead
-// of 2 kNB (the kernels are bound by shared-memory traffic), each block's sum in the order a, then
-// k-step. kF16: fp16 operands (S0, for the forward's C), else bf16 (dC, for dS0).
+// lane]). kF16: fp16 operands (S0, for the forward's C), else bf16 (dC, for dS0).
 // k-step 1's band rows 24 .. 31 are zero in both bands (build_band: tap index >= 17 in the forward, < 0
-// in the transposed one, as ck <= 15), so it runs as a k8 product on the A tile's first 8 columns:
-// 3 of the 4 k16 units per tap and block (session 13).
+// in the transposed one, as ck <= 15), so it runs as a k8 product (session 13). Block m then reads the
+// 8-column halves m, m + 1 (k-step 0) and m + 2 (k-step 1) of the tap's rows: a half is two registers
+// (a0, a1 of an A fragment), so one ldmatrix.x4 at an even half loads two of them, and the kNB + 2 halves
+// take (kNB + 2) / 2 loads per tap (session 20; before, an x4 per 16 columns at every half: kNB + 2,
+// each half loaded twice: the kernels are bound by shared-memory traffic). Each block's sum runs in the
+// order a, then k-step, as before: the results are bitwise unchanged.
 template <int kNB, bool kF16, int kStride>
 __device__ __forceinline__ void banded_rows(const bf16* in, int row0, int step, int nb0, const uint32_t* band,
                                             int cq, int lane, float (&acc)[kNB][4]) {
+  constexpr int kHalves = kNB + 2;
 #pragma unroll
   for (int j = 0; j < kNB; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
   for (int a = 0; a < cq; ++a) {
@@ -229,17 +231,29 @@ __device__ __forceinline__ void banded_rows(const bf16* in, int row0, int step, 
     for (int ks = 0; ks < 2; ++ks)
 #pragma unroll
       for (int half = 0; half < 2 - ks; ++half) b[ks][half] = band[((a * 2 + ks) * 2 + half) * 32 + lane];
+    uint32_t h[kHalves][2];
+    // Halves 2p and 2p + 1, then the blocks they complete (2p - 2 and 2p - 1), so that few are live.
 #pragma unroll
-    for (int m = 0; m < kNB + 2; ++m) {
-      uint32_t af[4];
-      ldmatrix_x4(af, in + a_offset(lane, r, (nb0 + m) * 8, kStride));
-      if (m < kNB) {
-        if constexpr (kF16) mma_f16(acc[m], af, b[0][0], b[0][1]);
-        else mma_bf16(acc[m], af, b[0][0], b[0][1]);
+    for (int p = 0; 2 * p < kHalves; ++p) {
+      const bf16* src = in + a_offset(lane, r, (nb0 + 2 * p) * 8, kStride);
+      if (2 * p + 1 < kHalves) {
+        uint32_t x[4];
+        ldmatrix_x4(x, src);
+        h[2 * p][0] = x[0], h[2 * p][1] = x[1], h[2 * p + 1][0] = x[2], h[2 * p + 1][1] = x[3];
+      } else {
+        ldmatrix_x2(h[2 * p], src);
       }
-      if (m >= 2) {
-        if constexpr (kF16) mma_f16_k8(acc[m - 2], af[0], af[1], b[1][0]);
-        else mma_bf16_k8(acc[m - 2], af[0], af[1], b[1][0]);
+#pragma unroll
+      for (int m = 2 * p - 2; m < 2 * p; ++m) {
+        if (m < 0 || m >= kNB) continue;
+        const uint32_t af[4] = {h[m][0], h[m][1], h[m + 1][0], h[m + 1][1]};
+        if constexpr (kF16) {
+          mma_f16(acc[m], af, b[0][0], b[0][1]);
+          mma_f16_k8(acc[m], h[m + 2][0], h[m + 2][1], b[1][0]);
+        } else {
+          mma_bf16(acc[m], af, b[0][0], b[0][1]);
+          mma_bf16_k8(acc[m], h[m + 2][0], h[m + 2][1], b[1][0]);
+        }
       }
     }
   }
@@ -582,7 +596,8 @@ __global__ void __launch_bounds__(Tr::kThreads)
 
     // 5. dS0 on the extended tile: sum_a (dC frame rows shifted by cq - 1 - a) x transposed Band_a,
     //    masked like S0 (future and outside the sequence -> 0). In half row bands (16 rows x 40
-    //    columns: 5 blocks of 8) through banded_rows, as conv_tile: 7 ldmatrix per tap and half band.
+    //    columns: 5 blocks of 8) through banded_rows, as conv_tile: 3 ldmatrix.x4 and one .x2 per tap and
+    //    half band.
     constexpr int kUnitRows = kRowsE / 16;
     constexpr int kHalfBlocks = kColsE / 16;  // 8-column blocks per half band (2 kHalfBlocks = kColsE / 8)
     static_assert(2 * kHalfBlocks * 8 == kColsE, "two half bands per row of units");

@@ -93,6 +93,15 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* 
                : "memory");
 }
 
+// Two 8 x 8 matrices: lanes 0 .. 15 give the row addresses (a_offset's first two: the registers a0, a1
+// of an A operand, its rows 0 .. 15 at one 8-column block).
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const bf16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_u32(p))
+               : "memory");
+}
+
 // Two 8 x 8 matrices, transposed: lanes 0 .. 15 give the row addresses (at_offset's first two: the
 // first 8 columns of a transposed A operand, i.e. the registers a0, a1 of the 16 x 8 x 8 forms below).
 __device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const bf16* p) {
