@@ -148,16 +148,32 @@ __device__ __forceinline__ bool build_band(uint32_t* sBand, const float* W, int 
 // outside the sequence were loaded as zeros, so only the causal mask is needed. Written as fp16 to sS
 // (the convolution's operand) and, when sSb is given, as bf16 to sSb (the weight gradient's operand).
 // Returns whether a value this thread wrote lies beyond fp16's range.
+// Units the previous tile already computed are not computed again (session 20; the values are the same
+// function of the global row and key, so the results are bitwise unchanged):
+//  * rb0 = 1: row block 0 is left to the caller (the backward walks query tiles down a key tile, and a
+//    tile's 16 halo rows are the previous tile's last 16 rows);
+//  * carry_col: unit column 0 is the previous key tile's last unit column (the forward walks key tiles
+//    along a query tile, and a tile's first 16 halo keys are the previous tile's last 16), copied in
+//    sS by the warp that then overwrites that column.
 template <class Tr>
 __device__ __forceinline__ bool s0_extended(const bf16* sQ, const bf16* sK, __half* sS, bf16* sSb, int m0, int n0,
-                                            int key_off, float scale, int warp, int lane) {
+                                            int key_off, float scale, int warp, int lane, int rb0 = 0,
+                                            bool carry_col = false) {
   constexpr int D = Tr::D, S = Tr::kStride, SS = Tr::kStrideS;
   constexpr int kUnitRows = Tr::kRowsE / 16, kUnitCols = Tr::kColsE / 16;
+  static_assert(Tr::kColsE - Tr::kBlockN == 16, "the carried unit column is the whole key halo");
   // Warps that take a whole row of units first (with more warps than rows, the others wait: the
   // backward's 8 warps at D = 128 over 5 rows of units).
-  constexpr int kWhole = kUnitRows < Tr::kWarps ? kUnitRows : Tr::kWarps;
+  const int rows = kUnitRows - rb0, whole = rows < Tr::kWarps ? rows : Tr::kWarps;
+  const int cb0 = carry_col ? 1 : 0, ncols = kUnitCols - cb0;
   const int g = lane >> 2, t = lane & 3;
   bool beyond = false;
+  // The previous key tile's last unit column of row block rb into column 0: one 16-byte chunk per lane.
+  auto carry = [&](int rb) {
+    __half* row = sS + (rb * 16 + (lane >> 1)) * SS + (lane & 1) * 8;
+    *reinterpret_cast<uint4*>(row) = *reinterpret_cast<const uint4*>(row + (kUnitCols - 1) * 16);
+    __syncwarp();  // every lane's read before the warp overwrites the last column
+  };
   auto store = [&](int rb, int cb, const float (&acc)[2][4]) {
 #pragma unroll
     for (int nn = 0; nn < 2; ++nn)
@@ -172,16 +188,17 @@ __device__ __forceinline__ bool s0_extended(const bf16* sQ, const bf16* sK, __ha
         beyond |= fabsf(s0) > kFp16Max || fabsf(s1) > kFp16Max;
       }
   };
-  // Row block `warp` whole, its Q fragments loaded once for the kUnitCols units (shared-memory
+  // Row block rb0 + warp whole, its Q fragments loaded once for the row's units (shared-memory
   // traffic: the products here are bound by it); then the remaining rows' units spread over the warps.
-  if (kWhole == Tr::kWarps || warp < kWhole) {
-    const int rb = warp;
+  if (warp < whole) {
+    const int rb = rb0 + warp;
+    if (carry_col) carry(rb);
     uint32_t qf[D / 16][4];
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(qf[kk], sQ + a_offset(lane, rb * 16, kk * 16, S));
     // Two units at a time: four independent accumulator chains instead of two (ncu, session 7: the
     // kernels' largest stall was waiting on the previous MMA of the same chain).
-    auto units = [&](auto nu_tag, int cb0) {
+    auto units = [&](auto nu_tag, int cb_first) {
       constexpr int NU = decltype(nu_tag)::value;
       float acc[NU][2][4] = {};
 #pragma unroll
@@ -189,17 +206,18 @@ __device__ __forceinline__ bool s0_extended(const bf16* sQ, const bf16* sK, __ha
 #pragma unroll
         for (int i = 0; i < NU; ++i) {
           uint32_t b[4];
-          ldmatrix_x4(b, sK + bnk_offset(lane, (cb0 + i) * 16, kk * 16, S));
+          ldmatrix_x4(b, sK + bnk_offset(lane, (cb_first + i) * 16, kk * 16, S));
           mma_bf16(acc[i][0], qf[kk], b[0], b[1]);
           mma_bf16(acc[i][1], qf[kk], b[2], b[3]);
         }
 #pragma unroll
-      for (int i = 0; i < NU; ++i) store(rb, cb0 + i, acc[i]);
+      for (int i = 0; i < NU; ++i) store(rb, cb_first + i, acc[i]);
     };
-    for_unit_pairs(0, 1, kUnitCols, units);
+    for_unit_pairs(cb0, 1, kUnitCols, units);
   }
-  for (int u = warp; u < (kUnitRows - kWhole) * kUnitCols; u += Tr::kWarps) {
-    const int rb = kWhole + u / kUnitCols, cb = u % kUnitCols;
+  for (int u = warp; u < (rows - whole) * ncols; u += Tr::kWarps) {
+    const int rb = rb0 + whole + u / ncols, cb = cb0 + u % ncols;
+    if (carry_col && cb == kUnitCols - 1) carry(rb);
     float acc[2][4];
     warp_gemm_abt<16, D, S>(acc, sQ + rb * 16 * S, sK + cb * 16 * S, lane);
     store(rb, cb, acc);
@@ -328,8 +346,9 @@ __global__ void __launch_bounds__(Tr::kThreads)
     const bf16* cK = sK + (nb & 1) * kColsE * S;
     const bf16* cV = sV + (nb & 1) * BN * S;
 
-    // 1. S0 on the extended tile (all warps).
-    beyond |= s0_extended<Tr>(sQ, cK, sS, nullptr, m0, n0, key_off, scale, warp, lane);
+    // 1. S0 on the extended tile (all warps); after the first key tile its first 16 keys are the
+    //    previous tile's last 16, carried over.
+    beyond |= s0_extended<Tr>(sQ, cK, sS, nullptr, m0, n0, key_off, scale, warp, lane, 0, nb > 0);
     __syncthreads();  // sS complete
     if (row_w >= T || n0 > row_w + 15) continue;  // padding rows only, or every key in the future
 
@@ -386,7 +405,9 @@ struct KqBwdTraits {
                                        static_cast<size_t>(kRowsF) * kStrideF + static_cast<size_t>(kBlockM) * kStrideP;
   static_assert(kRowGroups * 16 * 33 * 4 <= kBlockM * kStrideP * 2, "the dW scratch (4 warps) fits in sP");
   static constexpr size_t kFloats = (kDkInRegs ? 0 : static_cast<size_t>(kColsE) * D) + 2 * kBlockM;
-  static constexpr size_t kSmemBytes = kBf16Elems * 2 + kFloats * 4 + 2 * kBandWords * 4;
+  // S0's last 16 rows in fp16, kept for the next query tile (its halo rows; sS is overwritten by dS0).
+  static constexpr size_t kCarryBytes = static_cast<size_t>(kHalo) * kColsE * 2;
+  static constexpr size_t kSmemBytes = kBf16Elems * 2 + kFloats * 4 + 2 * kBandWords * 4 + kCarryBytes;
 };
 
 // D = 64: 4 warps, two CTAs per SM (~106 KB each). D = 128: ~184 KB, one CTA per SM, so 8 warps
@@ -452,6 +473,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
   float* sDelta = sLse + BM;
   uint32_t* sBandF = reinterpret_cast<uint32_t*>(sDelta + BM);
   uint32_t* sBandT = sBandF + kBandWords;
+  __half* sCarry = reinterpret_cast<__half*>(sBandT + kBandWords);  // [16][kColsE]: see step 3
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   // This warp's 16-row (and 16-key) group and its half of the keys (steps 2) or of D (step 3); 0 with 4 warps.
@@ -497,8 +519,23 @@ __global__ void __launch_bounds__(Tr::kThreads)
     cp_async_wait_all();
     __syncthreads();  // this tile's inputs landed; the previous tile is done with every buffer
 
-    // 1. S0 on the extended tile, as the forward pass computed it.
-    s0_extended<Tr>(sQ, sK, sS, sSb, m0, n0, key_off, scale, warp, lane);
+    // 1. S0 on the extended tile, as the forward pass computed it. After the first query tile, its 16
+    //    halo rows are the previous tile's last 16 (session 20): fp16 from sCarry (sS held dS0 since),
+    //    bf16 moved within sSb, by the warp that then overwrites the last row block (program order).
+    const bool carry = m0 > m_first;
+    constexpr int kCarrier = kRowsE / 16 - 2;  // with rb0 = 1, warp w computes row block w + 1
+    static_assert(kRowsE / 16 - 1 <= kWarps, "one warp per row block after the carried one");
+    if (carry && warp == kCarrier) {
+      constexpr int kChunks = kColsE / 8;  // 16-byte chunks per row (columns past kColsE stay zero)
+      for (int c = lane; c < kHalo * kChunks; c += 32) {
+        const int r = c / kChunks, col = (c % kChunks) * 8;
+        *reinterpret_cast<uint4*>(sS + r * SS + col) = *reinterpret_cast<const uint4*>(sCarry + r * kColsE + col);
+        *reinterpret_cast<uint4*>(sSb + r * SS + col) =
+            *reinterpret_cast<const uint4*>(sSb + (BM + r) * SS + col);
+      }
+      __syncwarp();
+    }
+    s0_extended<Tr>(sQ, sK, sS, sSb, m0, n0, key_off, scale, warp, lane, carry ? 1 : 0);
     __syncthreads();
 
     // 2. This warp's 16 query rows (and its half of the keys with 8 warps): C, then P, dP = dO V^T,
@@ -532,6 +569,16 @@ __global__ void __launch_bounds__(Tr::kThreads)
         *reinterpret_cast<uint32_t*>(sF + (kHalo + lrow) * FS + kHalo + lcol) = pack_bf16(dc[0], dc[1]);
       }
     __syncthreads();  // sP and the dC frame complete
+
+    // S0's last 16 rows (fp16) for the next tile's halo, before dS0 (step 5) overwrites sS.
+    if (has_next && warp == kCarrier) {
+      constexpr int kChunks = kColsE / 8;
+      for (int c = lane; c < kHalo * kChunks; c += 32) {
+        const int r = c / kChunks, col = (c % kChunks) * 8;
+        *reinterpret_cast<uint4*>(sCarry + r * kColsE + col) =
+            *reinterpret_cast<const uint4*>(sS + (BM + r) * SS + col);
+      }
+    }
 
     // 3. dV for this warp's 16 keys (and its half of D with 8 warps): P^T dO.
 #pragma unroll
