@@ -8,9 +8,10 @@ materialized op, `--impl materialized`), side by side in one run.
 
 B=2, H=16 by default. Configurations (docs/mta-semantics.md): kq-only (6x11 pre), toy (2x9 pre),
 paper LM (6x11 pre and post, g=16 pre and post, norm, gate), head-mix only (g=16 pre and post).
-For each: forward and backward times (CUDA events, median) and peak device memory; the ratios of the
-fused path to SDPA on the same shape are the figure of merit (goals: kq-only <= 2.5x, paper LM <= 6x,
-head-mix <= 2x forward+backward; memory <= 1.5x SDPA). The "mta path" column says which path ran;
+For each: forward and backward times (CUDA events over back-to-back calls, after at least 100 ms of
+warm-up calls) and peak device memory; the ratios of the fused path to SDPA on the same shape are the
+figure of merit (goals: kq-only <= 2.5x, paper LM <= 6x, head-mix <= 2x forward+backward; memory <= 1.5x
+SDPA). The "mta path" column says which path ran;
 where PyTorch's materialized path runs out of memory, its columns say OOM.
 """
 import argparse
@@ -19,6 +20,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 import torch.nn.functional as F
@@ -52,12 +54,25 @@ def goal_cell(name, time_ratio, mem_ratio):
     return f"{t} / {one(mem_ratio, MEMORY_GOAL)}"
 
 
+# With warm-up calls, they run for at least this long (each waited for), so that an idle GPU's clocks have
+# ramped up before the timed calls (session 20: with 2 warm-up calls, SDPA's backward at T = 2048, the
+# first op after an idle gap, read 0.21 to 0.54 ms from run to run). `mta bench attn` warms up the same way.
+WARM_MS = 100.0
+MAX_WARM_CALLS = 100000
+
+
 def cuda_ms(fn, reps, warmup):
     """Device time per call: `reps` calls back to back between two events, divided by reps. (Timing each
     call between its own events, as this did first, counted the host's launch gaps too: autograd's
-    ~0.1 ms per backward call made SDPA's 0.3 ms backward read anywhere from 0.27 to 0.54 ms.)"""
-    for _ in range(warmup):
+    ~0.1 ms per backward call made SDPA's 0.3 ms backward read anywhere from 0.27 to 0.54 ms.) Warm-up:
+    at least `warmup` calls and, when warmup > 0, at least WARM_MS of them."""
+    t0 = time.perf_counter()
+    i = 0
+    while i < warmup or (warmup > 0 and i < MAX_WARM_CALLS and (time.perf_counter() - t0) * 1e3 < WARM_MS):
         fn()
+        if i >= warmup:
+            torch.cuda.synchronize()  # the wall clock then follows the device
+        i += 1
     torch.cuda.synchronize()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()

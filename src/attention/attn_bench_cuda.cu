@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <stdexcept>
@@ -59,10 +60,25 @@ class Arena {
   size_t bytes_ = 0;
 };
 
+// With warm-up calls, they run for at least this long (each waited for), so that an idle GPU's clocks
+// have ramped up before the timed calls: an idle H200 reads ~345 MHz, and 2 warm-up calls of a short op
+// (~1 ms) left the first rows of a run at lower clocks (session 20: SDPA's backward at T = 2048 read
+// 0.21 to 0.54 ms from run to run with bench/attn_gpu.py's 2 calls, which warms up the same way now).
+constexpr double kWarmMs = 100.0;
+constexpr int kMaxWarmCalls = 100000;  // bounds the loop whatever the clock says
+
 // Device time per call: reps calls back to back between two events, divided by reps (bench/attn_gpu.py
-// times PyTorch the same way), so host launch gaps between calls do not count.
+// times PyTorch the same way), so host launch gaps between calls do not count. warmup = 0: no warm-up at
+// all (a profiler's single launch, gpu-ncu.sh).
 double mean_ms(const std::function<void()>& fn, int reps, int warmup) {
-  for (int i = 0; i < warmup; ++i) fn();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < warmup || (warmup > 0 && i < kMaxWarmCalls &&
+                                 std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
+                                         .count() < kWarmMs);
+       ++i) {
+    fn();
+    if (i >= warmup) MTA_CUDA_CHECK(cudaDeviceSynchronize());  // the wall clock then follows the device
+  }
   cudaEvent_t a, b;
   MTA_CUDA_CHECK(cudaEventCreate(&a));
   MTA_CUDA_CHECK(cudaEventCreate(&b));

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The attention-layer benches without a GPU: bench/attn_gpu.py's goals column (each issue-5 goal is
 reported met exactly when the ratio is at or below it, the toy config has no time goal; the script
-parses its arguments), and `mta bench attn --forward-only` on the CPU (fwd_ms timed, the backward's
+parses its arguments), its timer's warm-up (on a stand-in for torch.cuda), and `mta bench attn --forward-only` on the CPU (fwd_ms timed, the backward's
 fields null; without the flag both are numbers)."""
 import argparse
 import json
@@ -9,6 +9,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -37,6 +38,54 @@ def check_forward_only(mta):
         problems.append(f"without --forward-only: {both}")
     for p in problems:
         print("bench attn:", p)
+    return not problems
+
+
+class _FakeCuda:
+    """torch.cuda's timing surface on the CPU: events read the wall clock."""
+    class Event:
+        def __init__(self, enable_timing=True):
+            self.t = None
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, other):
+            return (other.t - self.t) * 1e3
+
+    @staticmethod
+    def synchronize():
+        pass
+
+
+def check_warmup():
+    """cuda_ms warms up for at least attn_gpu.WARM_MS (at least `warmup` calls) before the timed reps,
+    and not at all with warmup = 0."""
+    real = attn_gpu.torch
+    attn_gpu.torch = type("FakeTorch", (), {"cuda": _FakeCuda})
+    try:
+        calls = []
+
+        def op():
+            calls.append(1)
+            time.sleep(0.005)
+
+        ms = attn_gpu.cuda_ms(op, reps=3, warmup=2)
+        warm = len(calls) - 3
+        calls.clear()
+        attn_gpu.cuda_ms(op, reps=3, warmup=0)
+        cold = len(calls)
+    finally:
+        attn_gpu.torch = real
+    problems = []
+    if not (warm >= 2 and warm * 5.0 >= 0.8 * attn_gpu.WARM_MS and warm <= 2 + attn_gpu.WARM_MS / 5.0 + 5):
+        problems.append(f"warm-up of {warm} calls of 5 ms for WARM_MS = {attn_gpu.WARM_MS}")
+    if cold != 3:
+        problems.append(f"warmup = 0 made {cold} calls for 3 reps")
+    if not 4.0 <= ms <= 50.0:
+        problems.append(f"a 5 ms call timed at {ms} ms")
+    for p in problems:
+        print("cuda_ms:", p)
     return not problems
 
 
@@ -73,10 +122,12 @@ def main():
                 print(f"attn_gpu.py --mta {path}: rc {r.returncode}, stderr {err!r}")
                 return 1
     print("attn bench goals column: ok" if not bad else "attn bench goals column: FAILED")
+    warm_ok = check_warmup()
+    print("attn_gpu.cuda_ms warm-up: ok" if warm_ok else "attn_gpu.cuda_ms warm-up: FAILED")
     fwd_ok = check_forward_only(args.mta) if args.mta else True
     if args.mta:
         print("mta bench attn --forward-only: ok" if fwd_ok else "mta bench attn --forward-only: FAILED")
-    return 1 if bad or not fwd_ok else 0
+    return 1 if bad or not warm_ok or not fwd_ok else 0
 
 
 if __name__ == "__main__":
