@@ -11,8 +11,8 @@ paper LM (6x11 pre and post, g=16 pre and post, norm, gate), head-mix only (g=16
 For each: forward and backward times (CUDA events over back-to-back calls, after at least 100 ms of
 warm-up calls) and peak device memory; the ratios of the fused path to SDPA on the same shape are the
 figure of merit (goals: kq-only <= 2.5x, paper LM <= 6x, head-mix <= 2x forward+backward; memory <= 1.5x
-SDPA). The "mta path" column says which path ran;
-where PyTorch's materialized path runs out of memory, its columns say OOM.
+SDPA). The "mta path" column says which path ran; where PyTorch's materialized path runs out of
+memory, its columns say OOM.
 """
 import argparse
 import json
