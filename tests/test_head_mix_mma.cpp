@@ -1,5 +1,6 @@
-// The fragment mechanics of FlashMix's tensor-core head mixing (src/attention/head_mix_mma.cuh) and of
-// kernel Q's dS-tile products (flash_kq_layer_bwd.cu; KqLayerFragments),
+// The fragment mechanics of FlashMix's tensor-core head mixing (src/attention/head_mix_mma.cuh), of
+// kernel Q's dS-tile products (flash_kq_layer_bwd.cu; KqLayerFragments) and of the kq_pre kernels' banded
+// convolution loads (flash_mta.cu's banded_rows; KqPreFragments),
 // replayed on the CPU with the layout functions the kernels themselves call (head_mix_layout.h,
 // mma_layout.h): put_tile's bf16 writes and rounding remainders at in_offset, ldmatrix.x4 (plain and
 // .trans) from mix_a_offset / grad_a_offset / grad_b_offset / staged_grad_a_offset, the coefficient
@@ -424,6 +425,83 @@ TEST(KqLayerFragments, KernelQProductsMatchDirectSums) {
         ASSERT_NEAR(up[lane][e4], want_up, 1e-9) << "dq row above " << n << " column " << 16 * dn + m;
       }
     }
+  }
+}
+
+// flash_mta.cu's banded_rows (session 20): per tap a, the tap's 16 rows (row0 + step a ..) are read as
+// kNB + 2 eight-column halves H_m (the registers a0, a1 of an A fragment at column 8 (nb0 + m)), two per
+// ldmatrix.x4 at an even half and an .x2 for an odd last one; output block m is the k16 product of
+// (H_m, H_m+1) with k-step 0 of the banded operand, then the k8 product of H_m+2 with k-step 1 (the band
+// fragments as build_band lays them out: sBand[((a * 2 + ks) * 2 + half) * 32 + lane] holds rows
+// kk = 16 ks + 2t + 8 half (+1), column g). Replayed with a_offset for the kernels' three shapes (kNB 8:
+// conv_tile; 4: the 8-warp backward's halves of C; 5 from block 0 or 5: dS0's half bands, reading down)
+// against the direct convolution sum over the band's 24 rows.
+TEST(KqPreFragments, BandedRowsHalvesMatchDirectSums) {
+  constexpr int kCq = 6, kCk = 11, kRowsIn = 48;
+  struct Shape {
+    int nb_blocks, nb0, stride, row0, step;
+  };
+  const Shape shapes[] = {{8, 0, 88, 9, 1}, {4, 4, 88, 25, 1}, {5, 0, 104, 21, -1}, {5, 5, 104, 30, -1}};
+  std::mt19937 rng(2020);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  double w[kCq][kCk];
+  for (auto& row : w)
+    for (double& x : row) x = bf(u(rng));
+  // Band_a[kk][n] = W[a, kk - n] (the forward's; the transposed band only changes the values).
+  auto band = [&](int a, int kk, int n) { return kk - n >= 0 && kk - n < kCk ? w[a][kk - n] : 0.0; };
+  for (const Shape& sh : shapes) {
+    SCOPED_TRACE("kNB=" + std::to_string(sh.nb_blocks) + " nb0=" + std::to_string(sh.nb0));
+    const int halves = sh.nb_blocks + 2;
+    Bits in(kRowsIn * sh.stride, 0);
+    for (int r = 0; r < kRowsIn; ++r)
+      for (int c = 0; c < sh.stride; ++c) in.at(r * sh.stride + c) = mta::float_to_bf16_bits(u(rng));
+    auto at = [&](int r, int c) { return static_cast<double>(mta::bf16_bits_to_float(in.at(r * sh.stride + c))); };
+    std::vector<Acc> acc(sh.nb_blocks);
+    for (int a = 0; a < kCq; ++a) {
+      const int r = sh.row0 + sh.step * a;
+      BFrag b0{}, b1{};  // k-step 0 (both registers), k-step 1 (its first register: rows 16 .. 23)
+      for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane >> 2, t = lane & 3;
+        for (int half = 0; half < 2; ++half)
+          for (int e = 0; e < 2; ++e) {
+            b0[lane][half][e] = static_cast<float>(band(a, 2 * t + 8 * half + e, g));
+            if (half == 0) b1[lane][0][e] = static_cast<float>(band(a, 16 + 2 * t + e, g));
+          }
+      }
+      std::vector<Regs> h(halves);  // h[m][lane][0 .. 1]: H_m
+      for (int p = 0; 2 * p < halves; ++p) {
+        std::array<int, 32> addr{};
+        const bool x2 = 2 * p + 1 >= halves;  // .x2: lanes 0 .. 15 give the addresses
+        for (int lane = 0; lane < 32; ++lane)
+          addr[lane] = mma::a_offset(x2 ? lane & 15 : lane, r, (sh.nb0 + 2 * p) * 8, sh.stride);
+        const Regs x = ldmatrix_x4(in, addr, false);
+        for (int lane = 0; lane < 32; ++lane) {
+          h[2 * p][lane][0] = x[lane][0], h[2 * p][lane][1] = x[lane][1];
+          if (!x2) h[2 * p + 1][lane][0] = x[lane][2], h[2 * p + 1][lane][1] = x[lane][3];
+        }
+      }
+      for (int m = 0; m < sh.nb_blocks; ++m) {
+        Regs af{}, a8{};
+        for (int lane = 0; lane < 32; ++lane) {
+          af[lane] = {h[m][lane][0], h[m][lane][1], h[m + 1][lane][0], h[m + 1][lane][1]};
+          a8[lane][0] = h[m + 2][lane][0], a8[lane][1] = h[m + 2][lane][1];
+        }
+        mma_m16n8k16(acc[m], af, b0);
+        mma_m16n8k8(acc[m], a8, b1);
+      }
+    }
+    for (int m = 0; m < sh.nb_blocks; ++m)
+      for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane >> 2, t = lane & 3;
+        for (int e4 = 0; e4 < 4; ++e4) {
+          const int i = g + 8 * (e4 >> 1), n = 2 * t + (e4 & 1);
+          double want = 0;
+          for (int a = 0; a < kCq; ++a)
+            for (int kk = 0; kk < 24; ++kk)
+              want += at(sh.row0 + sh.step * a + i, 8 * (sh.nb0 + m) + kk) * band(a, kk, n);
+          ASSERT_NEAR(acc[m][lane][e4], want, 1e-9) << "block " << m << " row " << i << " column " << n;
+        }
+      }
   }
 }
 
