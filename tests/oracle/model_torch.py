@@ -165,17 +165,7 @@ def causal_softmax(q, k):
 
 def mta_attention_dropout(spec, q, k, v, params, p):
     """mta_torch.mta_attention with dropout on A3 (training); built from mta_torch's pieces."""
-    B, H, T, D = q.shape
-    fut = mt.future_mask(T, q.device)
-    S = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(D)
-    C = S
-    if mt._on(spec, "kq_pre"):
-        C = mt.kq_conv(S.masked_fill(fut, 0.0), params["kq_pre"], spec["kq_pre"])
-    if mt._on(spec, "head_pre"):
-        C = mt.head_mix(C, params["head_pre"])
-    A = torch.softmax(C.masked_fill(fut, float("-inf")), dim=-1)
-    if mt._on(spec, "kq_post"):
-        A = mt.kq_conv(A, params["kq_post"], spec["kq_post"]).masked_fill(fut, 0.0)
+    A, _ = mt.weights_before_head_post(spec, q, k, params)
     if mt._on(spec, "head_post"):
         A = mt.head_mix(A, params["head_post"])
     O = torch.matmul(F.dropout(A, p, True), v)

@@ -91,14 +91,11 @@ def head_mix(x, m):
     return torch.einsum("Gxy,bGyij->bGxij", m, xg).reshape(B, H, T, T2)
 
 
-def mta_attention(spec, q, k, v, params, core_round=None):
-    """core_round: optional function applied to the output of step 7 (the core) before the epilogue,
-    e.g. a rounding to bf16 as fused kernels with bf16 outputs do (check_attn.py's bf16 tolerances)."""
-    B, H, T, D = q.shape
-    assert H == spec["heads"] and D == spec["head_dim"], "q shape does not match the spec"
-    assert k.shape == q.shape and v.shape == q.shape
+def weights_before_head_post(spec, q, k, params):
+    """Steps 1-5: the attention weights after the softmax and kq_post (head_post's input), and the
+    future mask. Shared with model_torch's dropout variant and replay_bf16_sums.py."""
+    T, D = q.shape[-2], q.shape[-1]
     fut = future_mask(T, q.device)
-
     S = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(D)                  # 1. logits
     C = S
     if _on(spec, "kq_pre"):                                                    # 2.
@@ -108,6 +105,16 @@ def mta_attention(spec, q, k, v, params, core_round=None):
     A = torch.softmax(C.masked_fill(fut, float("-inf")), dim=-1)               # 4.
     if _on(spec, "kq_post"):                                                   # 5.
         A = kq_conv(A, params["kq_post"], spec["kq_post"]).masked_fill(fut, 0.0)
+    return A, fut
+
+
+def mta_attention(spec, q, k, v, params, core_round=None):
+    """core_round: optional function applied to the output of step 7 (the core) before the epilogue,
+    e.g. a rounding to bf16 as fused kernels with bf16 outputs do (check_attn.py's bf16 tolerances)."""
+    B, H, T, D = q.shape
+    assert H == spec["heads"] and D == spec["head_dim"], "q shape does not match the spec"
+    assert k.shape == q.shape and v.shape == q.shape
+    A, _ = weights_before_head_post(spec, q, k, params)                       # 1-5.
     if _on(spec, "head_post"):                                                 # 6.
         A = head_mix(A, params["head_post"])
     O = torch.matmul(A, v)                                                     # 7.

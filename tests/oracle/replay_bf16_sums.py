@@ -14,7 +14,6 @@ tolerance, 20250401:58, 20250401:115 and 77:133), on check_attn's inputs of that
 Prints each relative error against the exact float64 value. A diagnostic, not a test.
 """
 import argparse
-import math
 import os
 import sys
 
@@ -67,18 +66,7 @@ def core_gradient(spec, t):
 
 def head_post_input(spec, t):
     """A after softmax and kq_post (the head_post mix's input), steps 1-5 of mta_torch."""
-    q, k = t["q"], t["k"]
-    T, D = q.shape[-2], q.shape[-1]
-    fut = mt.future_mask(T)
-    C = q @ k.transpose(-1, -2) / math.sqrt(D)
-    if mt._on(spec, "kq_pre"):
-        C = mt.kq_conv(C.masked_fill(fut, 0.0), t["kq_pre"], spec["kq_pre"])
-    if mt._on(spec, "head_pre"):
-        C = mt.head_mix(C, t["head_pre"])
-    A = torch.softmax(C.masked_fill(fut, float("-inf")), dim=-1)
-    if mt._on(spec, "kq_post"):
-        A = mt.kq_conv(A, t["kq_post"], spec["kq_post"]).masked_fill(fut, 0.0)
-    return A, fut
+    return mt.weights_before_head_post(spec, t["q"], t["k"], t)
 
 
 def dmpost(A, dA3, g):
