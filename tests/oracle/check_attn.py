@@ -89,6 +89,14 @@ def condition_rules(spec, rng):
         c["q"] = int(rng.integers(2, 7))
 
 
+def conditioned_t(spec, T, kmax, rng):
+    """T redrawn from 2 .. max(kmax, 3) where T = 1 would be ill-conditioned under the norm (every row of
+    A3 a scalar with kq_post / head_post: see condition_rules); else T as drawn."""
+    if spec.get("norm") and T == 1 and ("kq_post" in spec or "head_post" in spec):
+        return int(rng.integers(2, max(kmax, 3) + 1))
+    return T
+
+
 def draw_epilogue(spec, rng, p_on):
     """Norm, depth scaling and gate, each on with probability p_on."""
     if rng.random() < p_on:
@@ -146,8 +154,7 @@ def make_cases(n, seed):
             T = 1
         else:
             T = int(rng.integers(1, 65))
-        if spec.get("norm") and T == 1 and ("kq_post" in spec or "head_post" in spec):
-            T = int(rng.integers(2, max(kmax, 3) + 1))  # see condition_rules
+        T = conditioned_t(spec, T, kmax, rng)
         with_dout = not (idx % 13 == 5)       # dout absent in a few cases
         f64 = idx in (3, 22, 41)              # F64 inputs
         null_style = rng.random() < 0.3       # disabled members written as null instead of absent
@@ -189,8 +196,7 @@ def make_cuda_cases(n, seed):
             T = 16 * int(rng.integers(1, 9)) + int(rng.choice([-1, 1]))  # one off a tile boundary
         else:
             T = int(rng.integers(1, 201))
-        if spec.get("norm") and T == 1 and ("kq_post" in spec or "head_post" in spec):
-            T = int(rng.integers(2, max(kmax, 3) + 1))  # see condition_rules
+        T = conditioned_t(spec, T, kmax, rng)
         if idx % 40 in (32, 35):  # a long sequence (H 16 or 8): many key tiles, the dq / dk atomics
             T, B = int(rng.integers(500, 1101)), 1
         with_dout = not (idx % 13 == 5)
