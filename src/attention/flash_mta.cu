@@ -182,11 +182,13 @@ __device__ __forceinline__ bool s0_extended(const bf16* sQ, const bf16* sK, __ha
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int lr = rb * 16 + g + 8 * r, lc = cb * 16 + nn * 8 + 2 * t;
-        float s0 = acc[nn][2 * r] * scale, s1 = acc[nn][2 * r + 1] * scale;
+        float s0, s1;
         if constexpr (decltype(masked_tag)::value) {
           const int ii = m0 - Tr::kHalo + lr, jj = n0 - key_off + lc;
           s0 = jj > ii ? 0.f : acc[nn][2 * r] * scale;
           s1 = jj + 1 > ii ? 0.f : acc[nn][2 * r + 1] * scale;
+        } else {
+          s0 = acc[nn][2 * r] * scale, s1 = acc[nn][2 * r + 1] * scale;
         }
         *reinterpret_cast<uint32_t*>(sS + lr * SS + lc) = pack_f16(s0, s1);
         if (sSb) *reinterpret_cast<uint32_t*>(sSb + lr * SS + lc) = pack_bf16(s0, s1);
