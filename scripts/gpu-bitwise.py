@@ -74,6 +74,11 @@ def main():
     if args.make_kq_pre:
         make_kq_pre_cases(args.cases, args.make_kq_pre, args.seed)
     exact = {n for n in args.exact.split(",") if n}
+    if not os.path.isdir(args.cases):
+        sys.exit(f"gpu-bitwise: no folder {args.cases} (give check_attn.py --keep's folder, or --make-kq-pre N)")
+    for b in (args.new, args.base):
+        if not (os.path.isfile(b) and os.access(b, os.X_OK)):
+            sys.exit(f"gpu-bitwise: no executable mta at {b}")
     cases = sorted(d for d in os.listdir(args.cases) if d.startswith("case"))
     if not cases:
         sys.exit(f"gpu-bitwise: no caseNNN folders in {args.cases}")

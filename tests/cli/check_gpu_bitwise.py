@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """scripts/gpu-bitwise.py on the CPU: the same binary on both sides passes (every tensor identical on
-generated kq_pre cases), and a base whose `out` is one ulp off in a single element is caught (exit 1,
-DIFFERS), so the check can fail."""
+generated kq_pre cases), a base whose `out` is one ulp off in a single element is caught (exit 1,
+DIFFERS), so the check can fail, and a missing folder or binary is one clear line."""
 import argparse
 import os
 import pathlib
@@ -54,6 +54,15 @@ def main():
         if p.returncode != 1 or "out DIFFERS" not in p.stdout or "3 cases, 3 failures" not in p.stdout:
             print(f"FAIL perturbed base not caught: rc {p.returncode}\n{p.stdout}{p.stderr}")
             ok = False
+        # Bad input: a missing folder or binary is one line naming it and a non-zero exit.
+        for extra, want in ((["--cases", os.path.join(d, "none")], "no folder"),
+                            (["--cases", cases, "--base", os.path.join(d, "no-mta")], "no executable mta")):
+            p = subprocess.run([sys.executable, str(SCRIPT), "--new", args.mta, "--base", args.mta, "--device", "cpu"]
+                               + extra, capture_output=True, text=True, timeout=60)
+            err = p.stderr.strip()
+            if p.returncode == 0 or want not in err or "\n" in err:
+                print(f"FAIL {extra}: rc {p.returncode}, stderr {err!r}")
+                ok = False
     print("gpu-bitwise checks: " + ("ok" if ok else "FAILED"))
     sys.exit(0 if ok else 1)
 
