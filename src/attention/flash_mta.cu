@@ -19,6 +19,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <stdexcept>
@@ -416,10 +417,18 @@ struct KqBwdTraits {
   static_assert((kColsE / 16) * (D / 16) % kWarps == 0, "dK units split evenly over the warps");
   // Aliases: dS0 (written in step 5) lives in sS (read last in step 2); the dW scratch (step 4) in sP
   // (read last in step 3, with a barrier between).
+  // The dW scratch: per warp 16 rows of M_a with a pitch of 40 floats, written as float2 (session 20: the
+  // pitch of 33 with scalar stores put 4 lanes on a bank, 4 wavefronts per store: ~85% of the kernel's
+  // 90M bank conflicts per launch, ncu). With 40, a half-warp's float2 stores fall on 16 distinct bank
+  // pairs, and the diagonal reads (lane c, row r: r * 40 + r + c) on distinct banks. 10 KB, 1 KB more
+  // than sP, so sP's region grows to hold it.
+  static constexpr int kScrPitch = 40;
+  static constexpr size_t kPBytes = std::max<size_t>(static_cast<size_t>(kBlockM) * kStrideP * 2,
+                                                     static_cast<size_t>(kRowGroups) * 16 * kScrPitch * 4);
   static constexpr size_t kBf16Elems = static_cast<size_t>(kColsE + kBlockN + kRowsE + kBlockM) * kStride +
                                        2 * static_cast<size_t>(kRowsE) * kStrideS +
-                                       static_cast<size_t>(kRowsF) * kStrideF + static_cast<size_t>(kBlockM) * kStrideP;
-  static_assert(kRowGroups * 16 * 33 * 4 <= kBlockM * kStrideP * 2, "the dW scratch (4 warps) fits in sP");
+                                       static_cast<size_t>(kRowsF) * kStrideF + kPBytes / 2;
+  static_assert(kPBytes % 16 == 0, "the regions after sP stay 16-byte aligned");
   static constexpr size_t kFloats = (kDkInRegs ? 0 : static_cast<size_t>(kColsE) * D) + 2 * kBlockM;
   // S0's last 16 rows in fp16, kept for the next query tile (its halo rows; sS is overwritten by dS0).
   static constexpr size_t kCarryBytes = static_cast<size_t>(kHalo) * kColsE * 2;
@@ -483,8 +492,9 @@ __global__ void __launch_bounds__(Tr::kThreads)
   bf16* sdS = reinterpret_cast<bf16*>(sS);                // dS0 extended, bf16 (in sS: see the traits)
   bf16* sF = sSb + kRowsE * SS;                           // the dC frame [kRowsF][FS]
   bf16* sP = sF + Tr::kRowsF * FS;                        // P [BM][SP]
-  float* sScr = reinterpret_cast<float*>(sP);             // [kWarps][16][33]: band extraction of dW (in sP)
-  float* sdK = reinterpret_cast<float*>(sP + BM * SP);    // [kColsE][D] unless kDkInRegs
+  float* sScr = reinterpret_cast<float*>(sP);  // [kRowGroups][16][kScrPitch]: band extraction of dW (in sP)
+  float* sdK = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(sP) + Tr::kPBytes);  // [kColsE][D]
+                                                                                               // unless kDkInRegs
   float* sLse = sdK + (Tr::kDkInRegs ? 0 : kColsE * D);   // lse of rows m0 ..
   float* sDelta = sLse + BM;
   uint32_t* sBandF = reinterpret_cast<uint32_t*>(sDelta + BM);
@@ -623,7 +633,8 @@ __global__ void __launch_bounds__(Tr::kThreads)
     //    dW[a, c] gets the band M[r][r + c].
     //    The dC^T fragments do not depend on a: loaded once per tile.
     if (kSplit == 1 || warp < Tr::kRowGroups) {
-      float* scr = sScr + warp * 16 * 33;
+      constexpr int kP = Tr::kScrPitch;
+      float* scr = sScr + warp * 16 * kP;
       uint32_t dct[BM / 16][4];
 #pragma unroll
       for (int ks = 0; ks < BM / 16; ++ks)
@@ -645,12 +656,14 @@ __global__ void __launch_bounds__(Tr::kThreads)
 #pragma unroll
         for (int nb = 0; nb < 4; ++nb)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) scr[(g + 8 * (e >> 1)) * 33 + 8 * nb + 2 * t + (e & 1)] = m[nb][e];
+          for (int h = 0; h < 2; ++h)
+            *reinterpret_cast<float2*>(scr + (g + 8 * h) * kP + 8 * nb + 2 * t) =
+                make_float2(m[nb][2 * h], m[nb][2 * h + 1]);
         __syncwarp();
         if (lane < ck) {
           float sum = 0.f;
 #pragma unroll
-          for (int r = 0; r < 16; ++r) sum += scr[r * 33 + r + lane];
+          for (int r = 0; r < 16; ++r) sum += scr[r * kP + r + lane];
           acc_dw[a] += sum;
         }
         __syncwarp();
