@@ -435,7 +435,7 @@ struct KqBwdTraits {
   static constexpr size_t kSmemBytes = kBf16Elems * 2 + kFloats * 4 + 2 * kBandWords * 4 + kCarryBytes;
 };
 
-// D = 64: 4 warps, two CTAs per SM (~108 KB each). D = 128: ~186 KB, one CTA per SM, so 8 warps
+// D = 64: 4 warps, two CTAs per SM (~109 KB each). D = 128: ~187 KB, one CTA per SM, so 8 warps
 // (session 11: with 4, each SM ran 4 warps).
 using KqBwd64 = KqBwdTraits<64, 4>;
 using KqBwd128 = KqBwdTraits<128, 8>;
