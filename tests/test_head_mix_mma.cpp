@@ -10,9 +10,11 @@
 // constant fails it on any machine (the GPU tests, tests/gpu/test_flash_mix.cpp, need an H200).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <numeric>
 #include <random>
 #include <string>
@@ -549,3 +551,97 @@ TEST(HeadMixLayout, ClusterSizes) {
 }
 
 }  // namespace
+
+namespace {
+
+// Shared-memory wavefronts of one warp-wide access of `width` 4-byte words per lane at word addresses
+// `word` (-1: lane inactive): the warp is served in phases (all 32 lanes for 4-byte accesses, half-warps
+// for 8-byte, quarter-warps for 16-byte), and a phase takes as many wavefronts as the most distinct
+// words that fall on one of the 32 banks (one word read by several lanes is one broadcast).
+int wavefronts(const std::array<int, 32>& word, int width) {
+  const int phase = 32 / width;
+  int total = 0;
+  for (int p0 = 0; p0 < 32; p0 += phase) {
+    std::array<std::vector<int>, 32> bank;
+    for (int lane = p0; lane < p0 + phase; ++lane) {
+      if (word[lane] < 0) continue;
+      for (int w = 0; w < width; ++w) {
+        const int a = word[lane] + w;
+        auto& b = bank[a % 32];
+        if (std::find(b.begin(), b.end(), a) == b.end()) b.push_back(a);
+      }
+    }
+    size_t most = 0;
+    for (const auto& b : bank) most = std::max(most, b.size());
+    total += static_cast<int>(most);
+  }
+  return total;
+}
+
+std::array<int, 32> per_lane(const std::function<int(int)>& f) {
+  std::array<int, 32> a{};
+  for (int lane = 0; lane < 32; ++lane) a[lane] = f(lane);
+  return a;
+}
+
+}  // namespace
+
+// MixOut's and the coefficient fragments' accesses at the kernels' lane mappings, each at its ideal
+// wavefront count (session 21: the kq layers' row-per-lane MixOut reads took 4x theirs, the fragment
+// reads 2x; ncu counted both among the kernels' largest bank-conflict excess).
+TEST(HeadMixLayout, MixOutAndFragmentAccessesAreConflictFree) {
+  auto g = [](int lane) { return lane >> 2; };
+  auto t = [](int lane) { return lane & 3; };
+  for (int x0 : {0, 2, 5}) {  // a warp's own head slot, or a cluster's local offsets
+    // mix_tiles_owned's result stores: lane (g, t) writes heads 8 nt + 2t (+1), row r, columns g, g + 8.
+    for (int nt = 0; nt < 2; ++nt)
+      for (int r = 0; r < kTile; ++r)
+        for (int d = 0; d < 2; ++d)
+          for (int c8 : {0, 8})
+            EXPECT_EQ(wavefronts(per_lane([&](int l) { return out_offset(8 * nt + 2 * t(l) + d, r, g(l) + c8); }), 1), 1)
+                << "result store nt " << nt << " row " << r;
+    // get_pair in the mma accumulator layout (FlashMix, kq-layer fwd): rows g + 8 r, columns 8 j + 2t.
+    for (int r = 0; r < 2; ++r)
+      for (int j = 0; j < 2; ++j)
+        EXPECT_EQ(wavefronts(per_lane([&](int l) { return out_offset(x0, g(l) + 8 * r, 8 * j + 2 * t(l)); }), 2), 2)
+            << "mma-layout pair r " << r << " j " << j;
+    // read_mixed / the float2 stores of A3, A2 (kq layers): lane (r, half) at row r, column 8 half + e.
+    for (int e = 0; e < 8; e += 2)
+      EXPECT_EQ(wavefronts(per_lane([&](int l) { return out_offset(x0, l & 15, 8 * (l >> 4) + e); }), 2), 2)
+          << "row-per-lane pair e " << e;
+    // Kernel P's transposed scalar reads (A3^T's A fragment): rows 2t (+1, +8, +9), columns g, g + 8.
+    // Two wavefronts (rows 2t and 2t + 4 share banks, as before the shift): once per key tile, left.
+    for (int dr : {0, 1, 8, 9})
+      for (int c8 : {0, 8})
+        EXPECT_EQ(wavefronts(per_lane([&](int l) { return out_offset(x0, 2 * t(l) + dr, g(l) + c8); }), 1), 2)
+            << "transposed read row +" << dr;
+  }
+  // A head's 256 values take distinct words inside its kXT, float2 pairs 8-byte aligned.
+  std::vector<bool> used(kXT, false);
+  for (int row = 0; row < kTile; ++row)
+    for (int col = 0; col < kTile; ++col) {
+      const int w = out_offset(0, row, col);
+      ASSERT_GE(w, 0);
+      ASSERT_LT(w, kXT);
+      EXPECT_FALSE(used[w]) << row << " " << col;
+      used[w] = true;
+      if (col % 2 == 0) EXPECT_EQ(w % 2, 0) << row << " " << col;
+    }
+  // The fragments: each kind's hi and lo blocks of 32 lanes x 4 words tile kFragWords without overlap
+  // (kind k within its own 1 KB), and a warp's 16-byte reads of either take the ideal 4 wavefronts.
+  std::vector<int> owner(kFragWords, -1);
+  for (int kind = 0; kind < 4; ++kind) {
+    for (int part = 0; part < 2; ++part) {
+      const auto words = per_lane([&](int l) { return frag_hi(kind, l) + part * kFragLo; });
+      EXPECT_EQ(wavefronts(words, 4), 4) << "fragment kind " << kind << " part " << part;
+      for (int lane = 0; lane < 32; ++lane)
+        for (int w = 0; w < 4; ++w) {
+          const int a = words[lane] + w;
+          ASSERT_GE(a, kind * 256);
+          ASSERT_LT(a, (kind + 1) * 256);
+          EXPECT_EQ(owner[a], -1) << "fragment word " << a << " written twice";
+          owner[a] = kind;
+        }
+    }
+  }
+}

@@ -30,7 +30,7 @@ namespace mta::cuda::headmix {
 using bf16 = __nv_bfloat16;
 
 // Per lane, the B fragments of the four kinds, hi and lo parts, into sFrag (kFragWords b32): word
-// 2 nt + reg (hi) and 4 + 2 nt + reg (lo) of lane i of kind k at sFrag[(k * 32 + i) * 8].
+// 2 nt + reg of lane i of kind k at sFrag[frag_hi(k, i) + 2 nt + reg] (hi), kFragLo words later (lo).
 // reps: the tiles per head in the mixing buffers (frag_coef). kinds < 4: only the first kinds (a
 // forward pass needs kPre, or kPre and kPost: kinds * 1 KB of sFrag).
 __device__ __forceinline__ void build_frags(uint32_t* sFrag, const float* mpre, int gpre, const float* mpost,
@@ -40,7 +40,7 @@ __device__ __forceinline__ void build_frags(uint32_t* sFrag, const float* mpre, 
     const float* m = (kind == kPre || kind == kPreT) ? mpre : mpost;
     const int gs = (kind == kPre || kind == kPreT) ? gpre : gpost;
     const bool adj = kind >= kPreT;
-    uint32_t* out = sFrag + i * 8;
+    uint32_t* out = sFrag + frag_hi(kind, lane);
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
@@ -54,7 +54,7 @@ __device__ __forceinline__ void build_frags(uint32_t* sFrag, const float* mpre, 
           hi[e] = __bfloat162float(__float2bfloat16(v[e]));
         }
         out[2 * nt + reg] = mma::pack_bf16(v[0], v[1]);
-        out[4 + 2 * nt + reg] = mma::pack_bf16(v[0] - hi[0], v[1] - hi[1]);
+        out[kFragLo + 2 * nt + reg] = mma::pack_bf16(v[0] - hi[0], v[1] - hi[1]);
       }
   }
 }
@@ -90,8 +90,8 @@ __device__ __forceinline__ void put_tile(bf16* hi, bf16* lo, int x, const float 
 template <bool kLo>
 __device__ __forceinline__ void mix_tiles_owned(const bf16* hi, const bf16* lo, const uint32_t* sFrag, int kind,
                                                 float* out, int h0, int L, int warps, int warp, int lane) {
-  const uint4* fp = reinterpret_cast<const uint4*>(sFrag + (kind * 32 + lane) * 8);
-  const uint4 fh = fp[0], fl = fp[1];
+  const uint4 fh = *reinterpret_cast<const uint4*>(sFrag + frag_hi(kind, lane));
+  const uint4 fl = *reinterpret_cast<const uint4*>(sFrag + frag_hi(kind, lane) + kFragLo);
   const uint32_t bh[4] = {fh.x, fh.y, fh.z, fh.w}, bl[4] = {fl.x, fl.y, fl.z, fl.w};
   const int g = lane >> 2, t = lane & 3;
   for (int r = warp; r < kTile; r += warps) {
