@@ -498,11 +498,11 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     __syncwarp();
     uint32_t at[4];
     {
-      auto o = [&](int row, int col) { return sOut[out_offset(warp, row, col)]; };
-      at[0] = pack_bf16(o(2 * t, g), o(2 * t + 1, g));
-      at[1] = pack_bf16(o(2 * t, g + 8), o(2 * t + 1, g + 8));
-      at[2] = pack_bf16(o(2 * t + 8, g), o(2 * t + 9, g));
-      at[3] = pack_bf16(o(2 * t + 8, g + 8), o(2 * t + 9, g + 8));
+      const float* o = sOut + out_offset(warp, 0, 0);
+      at[0] = pack_bf16(o[(2 * t) * kXS + g], o[(2 * t + 1) * kXS + g]);
+      at[1] = pack_bf16(o[(2 * t) * kXS + g + 8], o[(2 * t + 1) * kXS + g + 8]);
+      at[2] = pack_bf16(o[(2 * t + 8) * kXS + g], o[(2 * t + 9) * kXS + g]);
+      at[3] = pack_bf16(o[(2 * t + 8) * kXS + g + 8], o[(2 * t + 9) * kXS + g + 8]);
     }
 #pragma unroll
     for (int dn = 0; dn < D / 16; ++dn) {

@@ -12,7 +12,7 @@ constexpr int kMaxG = 16;             // heads per CTA: the k of one MMA
 constexpr int kPS = kTile + 8;        // bf16 per tile row in MixIn (16-byte aligned rows)
 constexpr int kYS = kTile * kPS + 8;  // bf16 per head in MixIn: 784 bytes = 16 (mod 128), so the 8
                                       // heads of one ldmatrix phase hit 8 distinct 16-byte bank groups
-constexpr int kXS = 24;               // fp32 per tile row in MixOut (rows shifted by out_row)
+constexpr int kXS = 24;               // fp32 per tile row in MixOut (half-warp float2 reads: no conflicts)
 constexpr int kXT = kTile * kXS + 4;  // fp32 per head in MixOut: 4 (mod 32), so an MMA's result
                                       // stores (8 positions x 4 head pairs) hit 32 distinct banks
 constexpr int kInElems = kMaxG * kYS;   // bf16 per MixIn buffer
@@ -46,19 +46,15 @@ MTA_HD int cluster_size(int G, int max_heads) {
   return (C - 1) * group_warps(G, C) < G ? C : 0;
 }
 
-// MixIn element of head x at tile position (row, col); MixOut element likewise, its rows shifted.
+// MixIn element of head x at tile position (row, col); MixOut element likewise.
 // MixOut is read two ways: in the mma accumulator layout (FlashMix: lane (g, t) at rows g, g + 8,
-// columns 2t, 2t + 8) and row per lane (the kq-layer kernels: lane (r, half) at row r, columns 8 half ..
-// 8 half + 7, as float2). With rows at r * kXS alone the second put rows r, r + 4, r + 8, r + 12 on one
-// bank pair (24 r mod 32 has period 4): 4-way conflicts, ncu's largest MixOut excess in kernels P and Q
-// and pass 2 (session 21). Rows 4q .. 4q + 3 start 2q words later (q < 4; the last row still ends inside
-// kXT): the row-per-lane reads then cover 16 distinct bank pairs, and the mma-layout reads (whose
-// half-warps stay within one q) and the result stores are unchanged. A row's shift is a per-lane
-// constant for both readers, so their column offsets stay immediates (an XOR swizzle of the column cost
-// the register-bound kernels 8-32 bytes of spills). tests/test_head_mix_mma.cpp counts the wavefronts.
-MTA_HD int out_row(int row) { return row * kXS + 2 * ((row >> 2) & 3); }
+// columns 2t, 2t + 8), conflict-free, and row per lane (the kq-layer kernels: lane (r, half) at row r,
+// columns 8 half .., as float2), where rows r, r + 4, r + 8, r + 12 share a bank pair (24 r mod 32 has
+// period 4): 4-way. Session 21 shifted rows 4q .. 4q + 3 by 2q words, which made those reads
+// conflict-free and the kq layers 2-6% slower (forward +7 to +9%; ptxas spilled 4-16 bytes more in
+// kernels P and Q): measured and reverted (bench/RESULTS.md).
 MTA_HD int in_offset(int x, int row, int col) { return x * kYS + row * kPS + col; }
-MTA_HD int out_offset(int x, int row, int col) { return x * kXT + out_row(row) + col; }
+MTA_HD int out_offset(int x, int row, int col) { return x * kXT + row * kXS + col; }
 
 // ldmatrix addresses of the products over tile row r (16 positions):
 //  * mixing, A = the tiles as [k = head][m = position] (.trans): Out[p, x] = sum_y In[p, y] B[y, x];
