@@ -65,6 +65,14 @@ size_t smem_bytes(int L, bool out, int qb = 1) {  // L: the CTA's heads; qb: que
 template <int D, int S>
 __device__ __forceinline__ void warp_load_rows(bf16* smem, const bf16* head, int r0, int T, int lane) {
   constexpr int kChunksPerRow = D / 8;
+  if (r0 + kTile <= T) {
+#pragma unroll
+    for (int c = lane; c < kTile * kChunksPerRow; c += 32) {
+      const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+      cp_async_16(smem + r * S + col, head + static_cast<size_t>(r0 + r) * D + col);
+    }
+    return;
+  }
 #pragma unroll
   for (int c = lane; c < kTile * kChunksPerRow; c += 32) {
     const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;

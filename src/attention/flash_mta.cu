@@ -82,6 +82,14 @@ __device__ __forceinline__ void load_rows_async(bf16* smem, int stride, const bf
                                                 int tid) {
   constexpr int kChunksPerRow = kD / 8;
   constexpr int kChunks = kRows * kChunksPerRow;
+  if (first_row >= 0 && first_row + kRows <= T) {
+#pragma unroll
+    for (int c = tid; c < kChunks; c += kThreads) {
+      const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+      cp_async_16(smem + r * stride + col, head_base + static_cast<size_t>(first_row + r) * kD + col);
+    }
+    return;
+  }
 #pragma unroll
   for (int c = tid; c < kChunks; c += kThreads) {
     const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8, gr = first_row + r;

@@ -40,6 +40,13 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int sr
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem), "r"(src_bytes)
                : "memory");
 }
+// The same copy without the source-size operand, for rows known to be in range: the row loaders take
+// it when a whole tile lies inside [0, T) (a warp-uniform test), the zero-filling form otherwise.
+// Session 21: ncu counted the zero-fill form's copies at 15-77% of the kernels' excess shared
+// wavefronts and their global sectors as uncoalesced, on rows that are contiguous 128-byte lines.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(smem)), "l"(gmem) : "memory");
+}
 // dst[0..1] += (x, y): one vector reduction on sm_90 (8-byte aligned dst), two scalar ones before.
 __device__ __forceinline__ void atomic_add2(float* dst, float x, float y) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
