@@ -107,14 +107,6 @@ constexpr size_t smem_bytes(int G) {
 template <int D, int S, int kRows>
 __device__ __forceinline__ void warp_load_rows_zero(bf16* smem, const bf16* head, int r0, int T, int lane) {
   constexpr int kChunksPerRow = D / 8;
-  if (r0 >= 0 && r0 + kRows <= T) {
-#pragma unroll
-    for (int c = lane; c < kRows * kChunksPerRow; c += 32) {
-      const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
-      cp_async_16(smem + r * S + col, head + static_cast<size_t>(r0 + r) * D + col);
-    }
-    return;
-  }
 #pragma unroll
   for (int c = lane; c < kRows * kChunksPerRow; c += 32) {
     const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8, row = r0 + r;

@@ -62,10 +62,12 @@ size_t smem_bytes(int L, bool out, int qb = 1) {  // L: the CTA's heads; qb: que
 
 // Rows r0 .. r0 + 15 of one head ([T][D] bf16 at `head`) into shared memory (row stride S) with one
 // warp's 32 lanes; rows at or past T are zero-filled (`head` is their dummy source: T >= 1).
-template <int D, int S>
+// kPlain: a tile wholly before T is copied with the plain cp.async form (the forward kernel: -2%,
+// session 21; the backward kernels spilled more with it and lost 1-8%, so they keep one form).
+template <int D, int S, bool kPlain = false>
 __device__ __forceinline__ void warp_load_rows(bf16* smem, const bf16* head, int r0, int T, int lane) {
   constexpr int kChunksPerRow = D / 8;
-  if (r0 + kTile <= T) {
+  if (kPlain && r0 + kTile <= T) {
 #pragma unroll
     for (int c = lane; c < kTile * kChunksPerRow; c += 32) {
       const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
@@ -161,7 +163,7 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 && kQB == 1 ? 32 * kMaxG : 
   uint32_t qa[kQB][D / 16][4];
 #pragma unroll
   for (int qt = 0; qt < kQB; ++qt) {
-    warp_load_rows<D, S>(myK, q, m0 + qt * kTile, T, lane);
+    warp_load_rows<D, S, true>(myK, q, m0 + qt * kTile, T, lane);
     cp_async_commit();
     cp_async_wait_all();
     __syncwarp();
@@ -184,8 +186,8 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 && kQB == 1 ? 32 * kMaxG : 
     }
 
   const int n_end = min(T, m0 + kRows);  // keys up to the CTA's last row
-  warp_load_rows<D, S>(myK, k, 0, T, lane);
-  if (kOut) warp_load_rows<D, S>(myV, v, 0, T, lane);
+  warp_load_rows<D, S, true>(myK, k, 0, T, lane);
+  if (kOut) warp_load_rows<D, S, true>(myV, v, 0, T, lane);
   cp_async_commit();
   for (int n0 = 0, stage = 0; n0 < n_end; n0 += kTile, stage ^= 1) {
     // The next block's tiles into the other stage (its last readers, this warp's MMAs of the previous
@@ -193,8 +195,8 @@ __global__ void __launch_bounds__(D == 64 && kC == 1 && kQB == 1 ? 32 * kMaxG : 
     bf16* tK = myK + stage * stage_step;
     bf16* tV = myV + stage * stage_step;
     if (n0 + kTile < n_end) {
-      warp_load_rows<D, S>(myK + (stage ^ 1) * stage_step, k, n0 + kTile, T, lane);
-      if (kOut) warp_load_rows<D, S>(myV + (stage ^ 1) * stage_step, v, n0 + kTile, T, lane);
+      warp_load_rows<D, S, true>(myK + (stage ^ 1) * stage_step, k, n0 + kTile, T, lane);
+      if (kOut) warp_load_rows<D, S, true>(myV + (stage ^ 1) * stage_step, v, n0 + kTile, T, lane);
       cp_async_commit();
       cp_async_wait_group<1>();
     } else {
