@@ -40,8 +40,9 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int sr
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem), "r"(src_bytes)
                : "memory");
 }
-// The same copy without the source-size operand, for rows known to be in range: the row loaders take
-// it when a whole tile lies inside [0, T) (a warp-uniform test), the zero-filling form otherwise.
+// The same copy without the source-size operand, for rows known to be in range: the forward kernels'
+// row loaders take it when a whole tile lies inside [0, T) (a warp-uniform test), the zero-filling
+// form otherwise (forward -2 to -3%; in the backward kernels it cost spills and up to 8%).
 // Session 21: ncu counted the zero-fill form's copies at 15-77% of the kernels' excess shared
 // wavefronts and their global sectors as uncoalesced, on rows that are contiguous 128-byte lines.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
