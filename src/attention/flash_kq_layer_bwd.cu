@@ -809,6 +809,17 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
   float* dw = s0w + kQS0Floats;                    // dA2: rows m0 .. m0 + 23
   float* dcw = dw + kQDFloats;                     // dC: rows m0 .. m0 + 15, then a row of zeros
   const float* dc_zero = dcw + kTile * Ring48::kPitch;
+  // The rows above the tile (dS0's rows m0 - 8 .., step 4) read rows < 0 of dC as zeros together with
+  // rows 0 .. a - 1 in one quarter-warp. Row 16 shares its 16-byte bank group with row 0 (16 x 52 floats
+  // = 0 mod 32), so every such float4 load took two wavefronts: 80 extra per warp and key tile, ~43M
+  // per launch at the 35M shape, about two thirds of what ncu counted on the stencils' loads in kernel
+  // Q (session 21). The same zeros read 4 floats later (row 16's columns 4 .. 51; the ring's columns
+  // end at 47, its padding stays zero) fall in row 5's group, which those loads never read at cq <= 6
+  // (rows 0 .. 4 at most): conflict-free (at cq 7 and 8, the last two taps' loads still conflict). The
+  // own rows' reads of rows >= 16 keep dc_zero (row 0's group is free there). Same zeros, so the same
+  // results.
+  const float* dc_zero_up = dc_zero + 4;
+  static_assert(kTile * Ring48::kPitch + 4 + Ring48::kSize <= kQCFloats, "dc_zero_up's 48 zeros stay in row 16");
   bf16* sTile = reinterpret_cast<bf16*>(dcw + kQCFloats);  // K, V, K of the block, then the dq rows
   bf16* sdS = sTile + kTile * S;                           // dS0 of the block [kDsRows][kDsPitch]
   bf16* sKept = sdS + kDsRows * kDsPitch;                  // D = 128: the Q rows, then the dO rows
@@ -939,7 +950,7 @@ __global__ void __launch_bounds__(16 * kMaxG, kCl ? 1 : 0)
     }
     {
       float du[8];
-      conv_half_live<true, kCq1, kCk1, Ring48>(dcw, myWpre, cq1, ck1, -kUpRows, x0, lane, du, dc_zero, kTile);
+      conv_half_live<true, kCq1, kCk1, Ring48>(dcw, myWpre, cq1, ck1, -kUpRows, x0, lane, du, dc_zero_up, kTile);
       const int up_row = m0 - kUpRows + r;  // lanes r < 8
       if (r < kUpRows) {
 #pragma unroll
