@@ -1,7 +1,8 @@
 // The tiling of the FlashMTA kq_pre kernels (src/attention/flash_mta.cu), replayed on the CPU in
 // float64 and compared with the reference op: the 16-row / 16-column halo tile, the 32 x 8 banded
 // matrices of the convolution and of its transpose, the zero-padded dC frame, the band diagonals that
-// give dW, the extended-tile dQ / dK products. Each loop below mirrors one stage of the kernels with
+// give dW, the extended-tile dQ / dK products (on the rows whose dS0 a tile completes, the dC rows
+// above carried from the previous tile). Each loop below mirrors one stage of the kernels with
 // the same index arithmetic (only the mma fragment mechanics, shared with the tested flash kernels,
 // are left out), so an indexing error in the design shows here, on any machine, before the GPU test.
 // Attention dropout is replayed the way the kernels apply it (after the row sums, through the mask).
@@ -99,11 +100,39 @@ void backward(const Head& h, const std::vector<double>& out, const std::vector<d
   std::vector<double> delta(T, 0.0);
   for (int i = 0; i < T; ++i)
     for (int d = 0; d < D; ++d) delta[i] += dout[i * D + d] * out[i * D + d];
+  // dS0 of extended rows [lr0, lr1) of the tile at (m0, n0) from the dC frame: frame rows shifted by
+  // cq - 1 - a times the transposed bands, masked; then dQ += dS0 K and dK += dS0^T Q.
+  auto ds0_rows = [&](const std::vector<double>& frame, int m0, int n0, int lr0, int lr1) {
+    for (int lr = lr0; lr < lr1; ++lr)
+      for (int lc = 0; lc < kColsE; ++lc) {
+        const int rb = lr / 16, row = lr % 16, cb = lc / 16, nn = (lc % 16) / 8, n = lc % 8;
+        const int ii = m0 - kHalo + lr, jj = n0 - h.o + lc;
+        if (!(ii >= 0 && ii < T && jj >= 0 && jj <= ii)) continue;
+        double g = 0;
+        for (int a = 0; a < h.cq; ++a)
+          for (int kk = 0; kk < kBandRows; ++kk)
+            g += frame[(rb * 16 + h.cq - 1 - a + row) * FS + cb * 16 + nn * 8 + kk] * band(h, a, kk, n, true);
+        for (int d = 0; d < D; ++d) {
+          dq[ii * D + d] += g * h.k[jj * D + d] * h.scale();
+          dk[jj * D + d] += g * h.q[ii * D + d] * h.scale();
+        }
+      }
+  };
+  // As the kernel since session 22: a tile completes the dS0 of its extended rows 0 .. 63 (the frame's
+  // 16 rows above hold the previous tile's last 16 rows of dC), its last 16 rows wait for the next
+  // tile, and the last tile's are done after the loop.
+  constexpr int kOwnRows = kRowsE - 16;
   for (int n0 = 0; n0 < T; n0 += BN) {
+    std::vector<double> frame(static_cast<size_t>(kRowsF) * FS, 0.0);
+    int m_last = 0;
     for (int m0 = (n0 / BM) * BM; m0 < T; m0 += BM) {
+      m_last = m0;
       const std::vector<double> sS = s0_tile(h, m0, n0);
       const std::vector<double> C = conv_tile(h, sS);
-      std::vector<double> frame(static_cast<size_t>(kRowsF) * FS, 0.0), P(BM * BN, 0.0);
+      std::vector<double> P(BM * BN, 0.0);
+      for (int r = 0; r < kHalo; ++r)  // the carried rows of dC; the tile's own rows are rewritten below
+        for (int c = 0; c < FS; ++c) frame[r * FS + c] = frame[(BM + r) * FS + c];
+      for (size_t i = static_cast<size_t>(kHalo) * FS; i < frame.size(); ++i) frame[i] = 0.0;
       for (int r = 0; r < BM; ++r)
         for (int n = 0; n < BN; ++n) {
           const int row = m0 + r, col = n0 + n;
@@ -129,30 +158,9 @@ void backward(const Head& h, const std::vector<double>& out, const std::vector<d
                      sS[(kHalo - (h.cq - 1) + a + i) * SS + 16 * w + rr + c];
               dW[a * h.ck + c] += m;
             }
-      // dS0 on the extended tile: frame rows shifted by cq - 1 - a times the transposed bands, masked.
-      std::vector<double> dS(static_cast<size_t>(kRowsE) * kColsE, 0.0);
-      for (int lr = 0; lr < kRowsE; ++lr)
-        for (int lc = 0; lc < kColsE; ++lc) {
-          const int rb = lr / 16, row = lr % 16, cb = lc / 16, nn = (lc % 16) / 8, n = lc % 8;
-          const int ii = m0 - kHalo + lr, jj = n0 - h.o + lc;
-          if (!(ii >= 0 && ii < T && jj >= 0 && jj <= ii)) continue;
-          double acc = 0;
-          for (int a = 0; a < h.cq; ++a)
-            for (int kk = 0; kk < kBandRows; ++kk)
-              acc += frame[(rb * 16 + h.cq - 1 - a + row) * FS + cb * 16 + nn * 8 + kk] * band(h, a, kk, n, true);
-          dS[lr * kColsE + lc] = acc;
-        }
-      for (int lr = 0; lr < kRowsE; ++lr)
-        for (int lc = 0; lc < kColsE; ++lc) {
-          const double g = dS[lr * kColsE + lc];
-          if (g == 0.0) continue;
-          const int ii = m0 - kHalo + lr, jj = n0 - h.o + lc;
-          for (int d = 0; d < D; ++d) {
-            dq[ii * D + d] += g * h.k[jj * D + d] * h.scale();
-            dk[jj * D + d] += g * h.q[ii * D + d] * h.scale();
-          }
-        }
+      ds0_rows(frame, m0, n0, 0, kOwnRows);
     }
+    ds0_rows(frame, m_last, n0, kOwnRows, kRowsE);
   }
 }
 

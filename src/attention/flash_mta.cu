@@ -440,9 +440,7 @@ struct KqBwdTraits {
                                        static_cast<size_t>(kRowsF) * kStrideF + kPBytes / 2;
   static_assert(kPBytes % 16 == 0, "the regions after sP stay 16-byte aligned");
   static constexpr size_t kFloats = (kDkInRegs ? 0 : static_cast<size_t>(kColsE) * D) + 2 * kBlockM;
-  // S0's last 16 rows in fp16, kept for the next query tile (its halo rows; sS is overwritten by dS0).
-  static constexpr size_t kCarryBytes = static_cast<size_t>(kHalo) * kColsE * 2;
-  static constexpr size_t kSmemBytes = kBf16Elems * 2 + kFloats * 4 + 2 * kBandWords * 4 + kCarryBytes;
+  static constexpr size_t kSmemBytes = kBf16Elems * 2 + kFloats * 4 + 2 * kBandWords * 4;
 };
 
 // D = 64: 4 warps, two CTAs per SM (~109 KB each). D = 128: ~187 KB, one CTA per SM, so 8 warps
@@ -509,7 +507,6 @@ __global__ void __launch_bounds__(Tr::kThreads)
   float* sDelta = sLse + BM;
   uint32_t* sBandF = reinterpret_cast<uint32_t*>(sDelta + BM);
   uint32_t* sBandT = sBandF + kBandWords;
-  __half* sCarry = reinterpret_cast<__half*>(sBandT + kBandWords);  // [16][kColsE]: see step 3
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   // This warp's 16-row (and 16-key) group and its half of the keys (steps 2) or of D (step 3); 0 with 4 warps.
@@ -542,6 +539,78 @@ __global__ void __launch_bounds__(Tr::kThreads)
 #pragma unroll
   for (int a = 0; a < kMaxCq; ++a) acc_dw[a] = 0.f;
 
+  // Steps 5-7 on a query tile cover the extended rows whose dS0 is complete (session 22): dS0 of row
+  // m0 - 16 + lr reads dC rows m0 - 16 + lr .. + cq - 1 (the transposed convolution looks down), so
+  // rows m0 - 16 .. m0 + 47 (lr < kOwnRows) have all of theirs once the frame's 16 rows above hold the
+  // previous tile's last 16 rows of dC (carried; zero for the first tile: no earlier query row sees
+  // these keys). The tile's last 16 rows wait for the next tile, where they are the rows above; the
+  // last tile's are done after the loop. Before, every tile computed all 80 rows, the top 16 and the
+  // bottom 16 each from half of their dC rows: 20% more dS0, dQ and dK products and dq atomics.
+  constexpr int kUnitRows = kRowsE / 16, kOwnBlocks = kUnitRows - 1, kOwnRows = 16 * kOwnBlocks;
+  constexpr int kHalfBlocks = kColsE / 16;  // 8-column blocks per half band (2 kHalfBlocks = kColsE / 8)
+  static_assert(2 * kHalfBlocks * 8 == kColsE, "two half bands per row of units");
+  static_assert(BM == kOwnRows, "a tile completes as many extended rows as it has own rows");
+  // 5. dS0 of half band v (row block v / 2, 16 rows x 40 columns: 5 blocks of 8) of the tile at m0:
+  //    sum_a (dC frame rows shifted by cq - 1 - a) x transposed Band_a, masked like S0 (future and
+  //    outside the sequence -> 0), through banded_rows as conv_tile: 3 ldmatrix.x4 and one .x2 per tap.
+  auto ds0_half_band = [&](int v, int m0) {
+    const int rb = v >> 1, m0b = (v & 1) * kHalfBlocks;  // row block, first 8-column block
+    float acc[kHalfBlocks][4];
+    // Tap a reads the frame rows from rb * 16 + cq - 1 - a (the transposed convolution looks down).
+    banded_rows<kHalfBlocks, false, FS>(sF, rb * 16 + cq - 1, -1, m0b, sBandT, cq, lane, acc);
+#pragma unroll
+    for (int jb = 0; jb < kHalfBlocks; ++jb)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int lr = rb * 16 + g + 8 * r, lc = (m0b + jb) * 8 + 2 * t;
+        const int ii = m0 - kHalo + lr, jj = n0 - key_off + lc;
+        const bool row_ok = ii >= 0 && ii < T;
+        const float d0 = (row_ok && jj >= 0 && jj <= ii) ? acc[jb][2 * r] : 0.f;
+        const float d1 = (row_ok && jj + 1 >= 0 && jj + 1 <= ii) ? acc[jb][2 * r + 1] : 0.f;
+        *reinterpret_cast<uint32_t*>(sdS + lr * SS + lc) = pack_bf16(d0, d1);
+      }
+  };
+  // 7. dK (extended keys) += dS0^T Q over kKs 16-row blocks of extended rows from row0, in registers
+  //    (D = 64) or shared memory. Warp w owns D's columns 16 w .. (kWarps = D / 16) for all 5 row
+  //    blocks of keys: each k-step's Q fragment is loaded once for the 5 products (the kernel is bound
+  //    by shared-memory traffic: ncu, session 11, L1/TEX 78-84% busy). The same units go to the same
+  //    warp in every iteration, so sdK needs no atomics.
+  static_assert(kWarps == D / 16, "one 16-column block of D per warp in the dK and dQ products");
+  static_assert(Tr::kDkUnits == kColsE / 16, "dK: the warp's units are the key row blocks");
+  auto dk_products = [&](auto kks, int row0) {
+    constexpr int kRb = kColsE / 16, kKs = decltype(kks)::value;
+    if constexpr (Tr::kDkInRegs) {  // straight into the kernel's accumulators
+      shared_b_products<kRb, kKs, true, SS, S>(acc_dk, sdS + row0 * SS, sQ + row0 * S, warp * 16, lane);
+    } else {
+      float acc[kRb][2][4] = {};
+      shared_b_products<kRb, kKs, true, SS, S>(acc, sdS + row0 * SS, sQ + row0 * S, warp * 16, lane);
+#pragma unroll
+      for (int rb = 0; rb < kRb; ++rb)
+#pragma unroll
+        for (int nn = 0; nn < 2; ++nn)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            sdK[(rb * 16 + g + 8 * (e >> 1)) * D + warp * 16 + nn * 8 + 2 * t + (e & 1)] += acc[rb][nn][e];
+    }
+  };
+  // 6. dQ of kRbQ 16-row blocks of extended rows from row0 += dS0 K, by fp32 atomics. Warp w owns D's
+  //    columns 16 w .., for all the row blocks: each k-step's K fragment is loaded once for them.
+  auto dq_products = [&](auto krb, int row0, int m0) {
+    constexpr int kRbQ = decltype(krb)::value;
+    float acc[kRbQ][2][4] = {};
+    shared_b_products<kRbQ, kColsE / 16, false, SS, S>(acc, sdS + row0 * SS, sK, warp * 16, lane);
+#pragma unroll
+    for (int rb = 0; rb < kRbQ; ++rb)
+#pragma unroll
+      for (int nn = 0; nn < 2; ++nn)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int row = m0 - kHalo + row0 + rb * 16 + g + 8 * r, col = warp * 16 + nn * 8 + 2 * t;
+          if (row >= 0 && row < T)
+            atomic_add2(dq_acc + static_cast<size_t>(row) * D + col, acc[rb][nn][2 * r], acc[rb][nn][2 * r + 1]);
+        }
+  };
+
   // The query tiles' inputs are copied one tile ahead: dO, lse and delta once step 3 has read them,
   // Q once step 7 has (see the barriers below), so the copies overlap steps 4-6.
   const int m_first = (n0 / BM) * BM;
@@ -556,8 +625,9 @@ __global__ void __launch_bounds__(Tr::kThreads)
     __syncthreads();  // this tile's inputs landed; the previous tile is done with every buffer
 
     // 1. S0 on the extended tile, as the forward pass computed it. After the first query tile, its 16
-    //    halo rows are the previous tile's last 16 (session 20): fp16 from sCarry (sS held dS0 since),
-    //    bf16 moved within sSb, by the warp that then overwrites the last row block (program order).
+    //    halo rows are the previous tile's last 16 (session 20), moved within sS (fp16; dS0 overwrote
+    //    rows 0 .. 63 of it only, session 22) and sSb (bf16) by the warp that then overwrites the last
+    //    row block (program order).
     const bool carry = m0 > m_first;
     constexpr int kCarrier = kRowsE / 16 - 2;  // with rb0 = 1, warp w computes row block w + 1
     static_assert(kRowsE / 16 - 1 <= kWarps, "one warp per row block after the carried one");
@@ -565,7 +635,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
       constexpr int kChunks = kColsE / 8;  // 16-byte chunks per row (columns past kColsE stay zero)
       for (int c = lane; c < kHalo * kChunks; c += 32) {
         const int r = c / kChunks, col = (c % kChunks) * 8;
-        *reinterpret_cast<uint4*>(sS + r * SS + col) = *reinterpret_cast<const uint4*>(sCarry + r * kColsE + col);
+        *reinterpret_cast<uint4*>(sS + r * SS + col) = *reinterpret_cast<const uint4*>(sS + (BM + r) * SS + col);
         *reinterpret_cast<uint4*>(sSb + r * SS + col) =
             *reinterpret_cast<const uint4*>(sSb + (BM + r) * SS + col);
       }
@@ -605,16 +675,6 @@ __global__ void __launch_bounds__(Tr::kThreads)
         *reinterpret_cast<uint32_t*>(sF + (kHalo + lrow) * FS + kHalo + lcol) = pack_bf16(dc[0], dc[1]);
       }
     __syncthreads();  // sP and the dC frame complete
-
-    // S0's last 16 rows (fp16) for the next tile's halo, before dS0 (step 5) overwrites sS.
-    if (has_next && warp == kCarrier) {
-      constexpr int kChunks = kColsE / 8;
-      for (int c = lane; c < kHalo * kChunks; c += 32) {
-        const int r = c / kChunks, col = (c % kChunks) * 8;
-        *reinterpret_cast<uint4*>(sCarry + r * kColsE + col) =
-            *reinterpret_cast<const uint4*>(sS + (BM + r) * SS + col);
-      }
-    }
 
     // 3. dV for this warp's 16 keys (and its half of D with 8 warps): P^T dO.
 #pragma unroll
@@ -680,56 +740,22 @@ __global__ void __launch_bounds__(Tr::kThreads)
       }
     }
 
-    // 5. dS0 on the extended tile: sum_a (dC frame rows shifted by cq - 1 - a) x transposed Band_a,
-    //    masked like S0 (future and outside the sequence -> 0). In half row bands (16 rows x 40
-    //    columns: 5 blocks of 8) through banded_rows, as conv_tile: 3 ldmatrix.x4 and one .x2 per tap and
-    //    half band.
-    constexpr int kUnitRows = kRowsE / 16;
-    constexpr int kHalfBlocks = kColsE / 16;  // 8-column blocks per half band (2 kHalfBlocks = kColsE / 8)
-    static_assert(2 * kHalfBlocks * 8 == kColsE, "two half bands per row of units");
-    // With 8 warps the last four, which skipped dW, take the first (larger) shares of the half bands.
-    for (int v = (warp + kWarps - Tr::kRowGroups) % kWarps; v < 2 * kUnitRows; v += kWarps) {
-      const int rb = v >> 1, m0b = (v & 1) * kHalfBlocks;  // row block, first 8-column block
-      float acc[kHalfBlocks][4];
-      // Tap a reads the frame rows from rb * 16 + cq - 1 - a (the transposed convolution looks down).
-      banded_rows<kHalfBlocks, false, FS>(sF, rb * 16 + cq - 1, -1, m0b, sBandT, cq, lane, acc);
-#pragma unroll
-      for (int jb = 0; jb < kHalfBlocks; ++jb)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int lr = rb * 16 + g + 8 * r, lc = (m0b + jb) * 8 + 2 * t;
-          const int ii = m0 - kHalo + lr, jj = n0 - key_off + lc;
-          const bool row_ok = ii >= 0 && ii < T;
-          const float d0 = (row_ok && jj >= 0 && jj <= ii) ? acc[jb][2 * r] : 0.f;
-          const float d1 = (row_ok && jj + 1 >= 0 && jj + 1 <= ii) ? acc[jb][2 * r + 1] : 0.f;
-          *reinterpret_cast<uint32_t*>(sdS + lr * SS + lc) = pack_bf16(d0, d1);
-        }
-    }
+    // 5. dS0 of the extended tile's first kOwnRows rows (m0 - 16 .. m0 + 47); see ds0_half_band.
+    for (int v = (warp + kWarps - Tr::kRowGroups) % kWarps; v < 2 * kOwnBlocks; v += kWarps) ds0_half_band(v, m0);
     __syncthreads();  // sdS complete
-
-    // 7. dK (extended keys) += dS0^T Q, in registers (D = 64) or shared memory. Warp w owns D's
-    //    columns 16 w .. (kWarps = D / 16) for all 5 row blocks of keys: each k-step's Q fragment is
-    //    loaded once for the 5 products (the kernel is bound by shared-memory traffic: ncu, session 11,
-    //    L1/TEX 78-84% busy). The same units go to the same warp in every iteration, so sdK needs no
-    //    atomics. Before dQ, so that sQ is free for the next tile's copy while the dQ atomics run.
-    static_assert(kWarps == D / 16, "one 16-column block of D per warp in the dK and dQ products");
-    static_assert(Tr::kDkUnits == kColsE / 16, "dK: the warp's units are the key row blocks");
-    {
-      constexpr int kRb = kColsE / 16;
-      if constexpr (Tr::kDkInRegs) {  // straight into the kernel's accumulators
-        shared_b_products<kRb, kRowsE / 16, true, SS, S>(acc_dk, sdS, sQ, warp * 16, lane);
-      } else {
-        float acc[kRb][2][4] = {};
-        shared_b_products<kRb, kRowsE / 16, true, SS, S>(acc, sdS, sQ, warp * 16, lane);
-#pragma unroll
-        for (int rb = 0; rb < kRb; ++rb)
-#pragma unroll
-          for (int nn = 0; nn < 2; ++nn)
-#pragma unroll
-            for (int e = 0; e < 4; ++e)
-              sdK[(rb * 16 + g + 8 * (e >> 1)) * D + warp * 16 + nn * 8 + 2 * t + (e & 1)] += acc[rb][nn][e];
+    // dC's last 16 rows become the frame's rows above for the next tile (its dS0 rows m0 + 48 ..
+    // m0 + 63 read them); step 5 has read the frame, the next tile's step 2 writes it after a barrier.
+    if (has_next) {
+      constexpr int kChunks = BN / 8;  // 16-byte chunks of a row of dC
+      for (int c = tid; c < kHalo * kChunks; c += kThreads) {
+        const int r = c / kChunks, col = kHalo + (c % kChunks) * 8;
+        *reinterpret_cast<uint4*>(sF + r * FS + col) = *reinterpret_cast<const uint4*>(sF + (BM + r) * FS + col);
       }
     }
+
+    // 7. dK (extended keys) += dS0^T Q, before dQ, so that sQ is free for the next tile's copy while
+    //    the dQ atomics run.
+    dk_products(std::integral_constant<int, kOwnBlocks>{}, 0);
     __syncthreads();  // every warp is done with sQ
     if (has_next) {
       load_rows_async<kRowsE, D, kThreads>(sQ, S, q, m0 + BM - kHalo, T, tid);
@@ -737,22 +763,19 @@ __global__ void __launch_bounds__(Tr::kThreads)
     }
 
     // 6. dQ (extended rows) += dS0 K, by atomics (they need no barrier after them: the next
-    //    iteration's first barrier orders them before sdS is overwritten). Warp w owns D's columns
-    //    16 w .., for all row blocks: each k-step's K fragment is loaded once for them.
-    {
-      float acc[kUnitRows][2][4] = {};
-      shared_b_products<kUnitRows, kColsE / 16, false, SS, S>(acc, sdS, sK, warp * 16, lane);
-#pragma unroll
-      for (int rb = 0; rb < kUnitRows; ++rb)
-#pragma unroll
-        for (int nn = 0; nn < 2; ++nn)
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int row = m0 - kHalo + rb * 16 + g + 8 * r, col = warp * 16 + nn * 8 + 2 * t;
-            if (row >= 0 && row < T)
-              atomic_add2(dq_acc + static_cast<size_t>(row) * D + col, acc[rb][nn][2 * r], acc[rb][nn][2 * r + 1]);
-          }
-    }
+    //    iteration's first barrier orders them before sdS is overwritten).
+    dq_products(std::integral_constant<int, kOwnBlocks>{}, 0, m0);
+  }
+
+  // The last tile's deferred rows m_last + 48 .. m_last + 63 (extended rows kOwnRows ..): nothing below
+  // them is left, so their dS0 is complete. sdS's rows 0 .. 63 are still read by the last dQ products,
+  // these rows are not; sQ still holds the last tile's rows (no copy followed it).
+  const int m_last = m_first + (T - 1 - m_first) / BM * BM;
+  if (m_last - kHalo + kOwnRows < T) {
+    for (int v = 2 * kOwnBlocks + warp; v < 2 * kUnitRows; v += kWarps) ds0_half_band(v, m_last);
+    __syncthreads();  // the deferred rows of sdS complete
+    dk_products(std::integral_constant<int, 1>{}, kOwnRows);
+    dq_products(std::integral_constant<int, 1>{}, kOwnRows, m_last);
   }
   __syncthreads();  // sdK complete
 
