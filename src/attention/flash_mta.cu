@@ -166,12 +166,7 @@ __device__ __forceinline__ bool build_band(uint32_t* sBand, const float* W, int 
 //  * carry_col: unit column 0 is the previous key tile's last unit column (the forward walks key tiles
 //    along a query tile, and a tile's first 16 halo keys are the previous tile's last 16), copied in
 //    sS by the warp that then overwrites that column.
-// kPairs (the backward at 8 warps, D = 128): with rb0 = 1 the 4 row blocks go to warp pairs (w, w + 4),
-// w taking units 0 .. kPairCut - 1 of row block 1 + w and w + 4 the others (session 22; before, warps
-// 0-3 took whole rows of 5 units while warps 4-7 waited: 80 MMAs on the longest share, now 48).
-template <class Tr>
-constexpr int kPairCut = (Tr::kColsE / 16 + 1) / 2;
-template <class Tr, bool kUnmaskedBelow = false, bool kPairs = false>
+template <class Tr, bool kUnmaskedBelow = false>
 __device__ __forceinline__ bool s0_extended(const bf16* sQ, const bf16* sK, __half* sS, bf16* sSb, int m0, int n0,
                                             int key_off, float scale, int warp, int lane, int rb0 = 0,
                                             bool carry_col = false) {
@@ -222,14 +217,8 @@ __device__ __forceinline__ bool s0_extended(const bf16* sQ, const bf16* sK, __ha
   };
   // Row block rb0 + warp whole, its Q fragments loaded once for the row's units (shared-memory
   // traffic: the products here are bound by it); then the remaining rows' units spread over the warps.
-  // With kPairs and rb0 = 1, half a row block per warp (above).
-  constexpr int kHalfWarps = Tr::kWarps / 2;
-  static_assert(!kPairs || (kUnitRows - 1 == kHalfWarps && !kUnmaskedBelow), "kPairs: the backward's 8 warps");
-  const bool pairs = kPairs && rb0 == 1;
-  if (pairs || warp < whole) {
-    const int rb = pairs ? rb0 + warp % kHalfWarps : rb0 + warp;
-    const int c_begin = pairs && warp >= kHalfWarps ? kPairCut<Tr> : cb0;
-    const int c_end = pairs && warp < kHalfWarps ? kPairCut<Tr> : kUnitCols;
+  if (warp < whole) {
+    const int rb = rb0 + warp;
     if (carry_col) carry(rb);
     uint32_t qf[D / 16][4];
 #pragma unroll
@@ -251,9 +240,9 @@ __device__ __forceinline__ bool s0_extended(const bf16* sQ, const bf16* sK, __ha
 #pragma unroll
       for (int i = 0; i < NU; ++i) store(rb, cb_first + i, acc[i]);
     };
-    for_unit_pairs(c_begin, 1, c_end, units);
+    for_unit_pairs(cb0, 1, kUnitCols, units);
   }
-  for (int u = warp; !pairs && u < (rows - whole) * ncols; u += Tr::kWarps) {
+  for (int u = warp; u < (rows - whole) * ncols; u += Tr::kWarps) {
     const int rb = rb0 + whole + u / ncols, cb = cb0 + u % ncols;
     if (carry_col && cb == kUnitCols - 1) carry(rb);
     float acc[2][4];
@@ -638,30 +627,21 @@ __global__ void __launch_bounds__(Tr::kThreads)
     // 1. S0 on the extended tile, as the forward pass computed it. After the first query tile, its 16
     //    halo rows are the previous tile's last 16 (session 20), moved within sS (fp16; dS0 overwrote
     //    rows 0 .. 63 of it only, session 22) and sSb (bf16) by the warp that then overwrites the last
-    //    row block (program order): with 8 warps, two of them (s0_extended's kPairs), each its columns.
+    //    row block (program order).
     const bool carry = m0 > m_first;
     constexpr int kCarrier = kRowsE / 16 - 2;  // with rb0 = 1, warp w computes row block w + 1
     static_assert(kRowsE / 16 - 1 <= kWarps, "one warp per row block after the carried one");
-    constexpr bool kPairs = kSplit == 2;
-    if (carry && warp % (kPairs ? kWarps / 2 : kWarps) == kCarrier) {
-      // The 16-byte chunks (8 columns) of the units this warp writes; columns past kColsE stay zero.
-      auto copy_halo = [&](auto c0_tag, auto n_tag) {
-        constexpr int c0 = decltype(c0_tag)::value, kChunks = decltype(n_tag)::value;
-        for (int c = lane; c < kHalo * kChunks; c += 32) {
-          const int r = c / kChunks, col = (c0 + c % kChunks) * 8;
-          *reinterpret_cast<uint4*>(sS + r * SS + col) = *reinterpret_cast<const uint4*>(sS + (BM + r) * SS + col);
-          *reinterpret_cast<uint4*>(sSb + r * SS + col) =
-              *reinterpret_cast<const uint4*>(sSb + (BM + r) * SS + col);
-        }
-      };
-      constexpr int kRowChunks = kColsE / 8, kCut = kPairs ? 2 * kPairCut<Tr> : kRowChunks;
-      if (!kPairs || warp < kWarps / 2)
-        copy_halo(std::integral_constant<int, 0>{}, std::integral_constant<int, kCut>{});
-      else
-        copy_halo(std::integral_constant<int, kCut>{}, std::integral_constant<int, kRowChunks - kCut>{});
+    if (carry && warp == kCarrier) {
+      constexpr int kChunks = kColsE / 8;  // 16-byte chunks per row (columns past kColsE stay zero)
+      for (int c = lane; c < kHalo * kChunks; c += 32) {
+        const int r = c / kChunks, col = (c % kChunks) * 8;
+        *reinterpret_cast<uint4*>(sS + r * SS + col) = *reinterpret_cast<const uint4*>(sS + (BM + r) * SS + col);
+        *reinterpret_cast<uint4*>(sSb + r * SS + col) =
+            *reinterpret_cast<const uint4*>(sSb + (BM + r) * SS + col);
+      }
       __syncwarp();
     }
-    s0_extended<Tr, false, kPairs>(sQ, sK, sS, sSb, m0, n0, key_off, scale, warp, lane, carry ? 1 : 0);
+    s0_extended<Tr>(sQ, sK, sS, sSb, m0, n0, key_off, scale, warp, lane, carry ? 1 : 0);
     __syncthreads();
 
     // 2. This warp's 16 query rows (and its half of the keys with 8 warps): C, then P, dP = dO V^T,
