@@ -740,8 +740,17 @@ __global__ void __launch_bounds__(Tr::kThreads)
       }
     }
 
-    // 5. dS0 of the extended tile's first kOwnRows rows (m0 - 16 .. m0 + 47); see ds0_half_band.
-    for (int v = (warp + kWarps - Tr::kRowGroups) % kWarps; v < 2 * kOwnBlocks; v += kWarps) ds0_half_band(v, m0);
+    // 5. dS0 of the extended tile's first kOwnRows rows (m0 - 16 .. m0 + 47); see ds0_half_band. With
+    //    8 warps the last four, which skipped dW, take all 8 half bands, two each: between the same
+    //    two barriers the first four do dW, which costs about two half bands (session 22: with one half
+    //    band each for all 8 warps, dW + one half band was the longest share).
+    if constexpr (kSplit == 1) {
+      for (int v = warp; v < 2 * kOwnBlocks; v += kWarps) ds0_half_band(v, m0);
+    } else {
+      static_assert(kSplit == 1 || 2 * kOwnBlocks == 2 * (kWarps - Tr::kRowGroups), "two half bands per warp");
+      if (warp >= Tr::kRowGroups)
+        for (int v = warp - Tr::kRowGroups; v < 2 * kOwnBlocks; v += kWarps - Tr::kRowGroups) ds0_half_band(v, m0);
+    }
     __syncthreads();  // sdS complete
     // dC's last 16 rows become the frame's rows above for the next tile (its dS0 rows m0 + 48 ..
     // m0 + 63 read them); step 5 has read the frame, the next tile's step 2 writes it after a barrier.
