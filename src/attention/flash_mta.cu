@@ -425,8 +425,9 @@ struct KqBwdTraits {
   static constexpr bool kDkInRegs = D == 64;
   static constexpr int kDkUnits = (kColsE / 16) * (D / 16) / kWarps;
   static_assert((kColsE / 16) * (D / 16) % kWarps == 0, "dK units split evenly over the warps");
-  // Aliases: dS0 (written in step 5) lives in sS (read last in step 2); the dW scratch (step 4) in sP
-  // (read last in step 3, with a barrier between).
+  // Aliases: dS0 (written in step 5) lives in sS (read last in step 2); step 5 writes rows 0 .. 63
+  // only, so rows 64 .. 79 keep S0's last 16 rows for the next tile's halo. The dW scratch (step 4) in
+  // sP (read last in step 3, with a barrier between).
   // The dW scratch: per warp 16 rows of M_a with a pitch of 40 floats, written as float2 (session 20: the
   // pitch of 33 with scalar stores put 4 lanes on a bank, 4 wavefronts per store: ~85% of the kernel's
   // 90M bank conflicts per launch, ncu). With 40, a half-warp's float2 stores fall on 16 distinct bank
@@ -443,7 +444,7 @@ struct KqBwdTraits {
   static constexpr size_t kSmemBytes = kBf16Elems * 2 + kFloats * 4 + 2 * kBandWords * 4;
 };
 
-// D = 64: 4 warps, two CTAs per SM (~109 KB each). D = 128: ~187 KB, one CTA per SM, so 8 warps
+// D = 64: 4 warps, two CTAs per SM (106,880 bytes each). D = 128: 184,704 bytes, one CTA per SM, so 8 warps
 // (session 11: with 4, each SM ran 4 warps).
 using KqBwd64 = KqBwdTraits<64, 4>;
 using KqBwd128 = KqBwdTraits<128, 8>;
@@ -475,7 +476,8 @@ __device__ __forceinline__ void shared_b_products(float (&acc)[kRb][2][4], const
 // Gradients of the kq_pre layer for one key tile (see docs/flash-mta.md, "Backward plan"). Per query
 // tile: recompute S0 (extended) and C exactly as the forward did, P = exp(C - lse), dP = dO V^T,
 // dC = P (dP - delta); dV += P^T dO; dW[a, c] += sum dC[i,j] S0[i-(cq-1)+a, j-o+c] (band diagonals of
-// dC^T S0_a); dS0 on the extended tile = transposed convolution of dC, masked; dQ (extended rows)
+// dC^T S0_a); dS0 = transposed convolution of dC, masked, on the extended rows whose dC rows are all
+// there (the previous tile's last 16 carried: steps 5-7 below); dQ (extended rows)
 // += dS0 K by fp32 atomics; dK (extended keys) += dS0^T Q in shared memory, added to the fp32
 // accumulator once at the end (the halo keys belong to neighbouring CTAs). dQ and dK still lack the
 // 1/sqrt(D) factor (applied when converting); dW and dV are complete.
@@ -747,7 +749,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
     if constexpr (kSplit == 1) {
       for (int v = warp; v < 2 * kOwnBlocks; v += kWarps) ds0_half_band(v, m0);
     } else {
-      static_assert(kSplit == 1 || 2 * kOwnBlocks == 2 * (kWarps - Tr::kRowGroups), "two half bands per warp");
+      static_assert(kOwnBlocks == kWarps - Tr::kRowGroups, "two half bands per warp that skips dW");
       if (warp >= Tr::kRowGroups)
         for (int v = warp - Tr::kRowGroups; v < 2 * kOwnBlocks; v += kWarps - Tr::kRowGroups) ds0_half_band(v, m0);
     }
